@@ -1,0 +1,5 @@
+import sys
+
+from wna16moe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The experts (kernel) class protocol: class-level capability checks plus weight preparation and apply.
+
+Every backend file in `experts/` defines one or more `Experts` subclasses. The oracle asks a class, never
+an instance, whether it can run a layer: each `supports_*` classmethod returns a `Check` (ok, reason).
+Modular experts take routed top-k ids and weights; monolithic experts take router logits and route inside
+the kernel.
+
+Dimension legend: T tokens, K top-k, E experts, H hidden, I intermediate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from wna16moe.config import (
+    Activation,
+    ActivationFormat,
+    MoEConfig,
+    MoEQuantConfig,
+    ParallelConfig,
+    RoutingConfig,
+)
+from wna16moe.device import DeviceInfo
+from wna16moe.quantized import QuantizedExperts
+from wna16moe.scheme import WeightScheme
+
+
+class Check(NamedTuple):
+    """Result of one capability check: `ok`, and when not ok, why."""
+
+    ok: bool
+    reason: str = ""
+
+
+OK = Check(True)
+
+
+def fail(reason: str) -> Check:
+    return Check(False, reason)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything about a layer that capability checks look at; holds no tensors."""
+
+    moe: MoEConfig
+    scheme: WeightScheme
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    activation_format: ActivationFormat = ActivationFormat.STANDARD
+    has_bias: bool = False
+    clamp_limit: float | None = None
+    router_logits_dtype: torch.dtype | None = None
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.moe.dtype
+
+
+class Experts:
+    """Base of every kernel class. Subclasses override the `supports_*` hooks they restrict."""
+
+    NAME: ClassVar[str] = "experts"
+    MONOLITHIC: ClassVar[bool] = False
+    ACTIVATION_FORMAT: ClassVar[ActivationFormat] = ActivationFormat.STANDARD
+    # False for declared-but-not-yet-written kernels: the oracle reports them unavailable, nothing runs them.
+    IMPLEMENTED: ClassVar[bool] = True
+
+    # ----- capability checks (class-level, never instantiate) -----
+    @classmethod
+    def supports_device(cls, device: DeviceInfo) -> Check:
+        return OK
+
+    @classmethod
+    def supports_scheme(cls, scheme: WeightScheme, act_dtype: torch.dtype) -> Check:
+        return OK
+
+    @classmethod
+    def supports_activation(cls, activation: Activation) -> Check:
+        return OK
+
+    @classmethod
+    def supports_routing(cls, routing: RoutingConfig, top_k: int, logits_dtype: torch.dtype | None) -> Check:
+        """Monolithic kernels route themselves and must override this; modular ones take routed ids."""
+        return OK
+
+    @classmethod
+    def supports_parallel(cls, parallel: ParallelConfig) -> Check:
+        return OK
+
+    @classmethod
+    def supports_shape(cls, spec: LayerSpec) -> Check:
+        return OK
+
+    @classmethod
+    def supports_extras(cls, has_bias: bool, clamp_limit: float | None, activation: Activation) -> Check:
+        """Expert bias and the SwiGLU clamp limit."""
+        return OK
+
+    @classmethod
+    def checks(cls, spec: LayerSpec, device: DeviceInfo) -> list[tuple[str, Check]]:
+        """Every capability check, in order, with its name."""
+        moe = spec.moe
+        implemented = OK if cls.IMPLEMENTED else fail("not implemented in this version")
+        fmt = (OK if spec.activation_format == cls.ACTIVATION_FORMAT else
+               fail(f"needs the {cls.ACTIVATION_FORMAT.value} activation format, the layer uses "
+                    f"{spec.activation_format.value}"))
+        return [
+            ("implemented", implemented),
+            ("device", cls.supports_device(device)),
+            ("scheme", cls.supports_scheme(spec.scheme, spec.act_dtype)),
+            ("activation", cls.supports_activation(moe.activation)),
+            ("routing", cls.supports_routing(moe.routing, moe.top_k, spec.router_logits_dtype)),
+            ("parallel", cls.supports_parallel(spec.parallel)),
+            ("format", fmt),
+            ("shape", cls.supports_shape(spec)),
+            ("extras", cls.supports_extras(spec.has_bias, spec.clamp_limit, moe.activation)),
+        ]
+
+    @classmethod
+    def is_supported(cls, spec: LayerSpec, device: DeviceInfo) -> Check:
+        """The first failing check as `(False, "<check>: <reason>")`, else `(True, "")`."""
+        for name, check in cls.checks(spec, device):
+            if not check.ok:
+                return fail(f"{name}: {check.reason}")
+        return OK
+
+    # ----- weights and compute -----
+    def __init__(self, spec: LayerSpec, quant: MoEQuantConfig, device: torch.device) -> None:
+        """Build the kernel for one layer, after its weights are final; allocate workspaces here."""
+        self.spec = spec
+        self.moe = spec.moe
+        self.scheme = spec.scheme
+        self.quant = quant
+        self.device = device
+
+    @classmethod
+    def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
+        """Pure converter from canonical experts to the tensors this kernel reads, on `device`."""
+        raise NotImplementedError
+
+    def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Modular experts: hidden_states [T, H], topk_weights [T, K] float32, topk_ids [T, K] int32 ->
+        [T, H] in hidden_states' dtype, the router-weighted sum of the chosen experts."""
+        raise NotImplementedError
+
+    def apply_monolithic(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                         weights: dict[str, torch.Tensor], correction_bias: torch.Tensor | None) -> torch.Tensor:
+        """Monolithic experts: route and compute in one call."""
+        raise NotImplementedError

@@ -1,0 +1,130 @@
+"""`WNA16MoE`: an nn.Module running one quantized MoE layer with the kernel the oracle picks.
+
+The layer owns its prepared weights (as buffers) and its own kernel instance, built once after the weights
+are final and never shared with another layer. `load_experts` refreshes the weights in place, so device
+pointers stay stable for CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wna16moe.config import (
+    ActivationFormat,
+    MoEConfig,
+    MoEQuantConfig,
+    ParallelConfig,
+    make_wna16_moe_quant_config,
+)
+from wna16moe.device import DeviceInfo
+from wna16moe.errors import InvalidInputError
+from wna16moe.experts.base import LayerSpec
+from wna16moe.formats import open_checkpoint
+from wna16moe.oracle import Backend, Selection, make_kernel, select_backend
+from wna16moe.quantized import QuantizedExperts
+from wna16moe.routing import route
+from wna16moe.scheme import WeightScheme
+
+
+class WNA16MoE(nn.Module):
+    """One MoE layer with int4/int8 experts: `forward(hidden_states [T, H], router_logits [T, E]) -> [T, H]`.
+
+    Parameters
+    ----------
+    experts : the layer's quantized experts (canonical form).
+    config : shapes, activation, routing and activation dtype (bfloat16 or float16).
+    device : where the layer runs (default: CUDA/XPU if present, else CPU).
+    backend : force a backend by name or `Backend` (default: $WNA16MOE_BACKEND, else the oracle's choice).
+    w13_bias, w2_bias : optional expert biases [E, 2I] and [E, H].
+    correction_bias : DeepSeek-V3 `e_score_correction_bias` [E] for routing.
+    gemm1_clamp_limit, gemm1_alpha, gemm1_beta : SwiGLU parameters.
+    """
+
+    def __init__(self, experts: QuantizedExperts, config: MoEConfig, *, device: torch.device | str | None = None,
+                 backend: Backend | str | None = None, parallel: ParallelConfig | None = None,
+                 w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+                 correction_bias: torch.Tensor | None = None, gemm1_clamp_limit: float | None = None,
+                 gemm1_alpha: float | None = None, gemm1_beta: float | None = None) -> None:
+        super().__init__()
+        _check_matches(experts, config)
+        info = DeviceInfo.current(device)
+        self.device_info = info
+        target = torch.device(device) if device is not None else info.torch_device
+        self.config = config
+        self.quant: MoEQuantConfig = make_wna16_moe_quant_config(
+            experts.w13.scales, experts.w2.scales,
+            -1 if experts.scheme.group_size is None else experts.scheme.group_size, experts.scheme.bits,
+            experts.w13.zeros, experts.w2.zeros,
+            None if w13_bias is None else w13_bias.to(target), None if w2_bias is None else w2_bias.to(target),
+            gemm1_clamp_limit=gemm1_clamp_limit, gemm1_alpha=gemm1_alpha, gemm1_beta=gemm1_beta,
+        )
+        spec = LayerSpec(config, experts.scheme, parallel or ParallelConfig(), ActivationFormat.STANDARD,
+                         has_bias=self.quant.has_bias, clamp_limit=gemm1_clamp_limit,
+                         router_logits_dtype=config.dtype)
+        self.selection: Selection = select_backend(spec, device=info, override=backend)
+        for name, tensor in self.selection.kernel.prepare_weights(experts, target).items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("correction_bias", None if correction_bias is None else correction_bias.to(target))
+        self.kernel = make_kernel(self.selection, self.quant, target)
+
+    @property
+    def scheme(self) -> WeightScheme:
+        return self.selection.spec.scheme
+
+    @property
+    def backend(self) -> Backend:
+        return self.selection.backend
+
+    def prepared_weights(self) -> dict[str, torch.Tensor]:
+        return {name: buf for name, buf in self.named_buffers() if name != "correction_bias" and buf is not None}
+
+    @torch.no_grad()
+    def load_experts(self, experts: QuantizedExperts) -> None:
+        """Replace the weights in place (same shapes and scheme): buffers keep their addresses, so captured
+        CUDA graphs stay valid and the kernel is not rebuilt."""
+        if experts.scheme != self.scheme:
+            raise InvalidInputError(f"new experts use scheme {experts.scheme}, the layer was built for {self.scheme}")
+        _check_matches(experts, self.config)
+        current = self.prepared_weights()
+        for name, tensor in self.selection.kernel.prepare_weights(experts, self.kernel.device).items():
+            if name not in current or current[name].shape != tensor.shape:
+                raise InvalidInputError(f"prepared tensor {name} changed shape; build a new layer instead")
+            current[name].copy_(tensor)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != cfg.hidden_size:
+            raise InvalidInputError(f"hidden_states must be [T, H={cfg.hidden_size}], got {list(hidden_states.shape)}")
+        if hidden_states.dtype != cfg.dtype:
+            raise InvalidInputError(f"hidden_states must be {cfg.dtype} (the layer's dtype), got {hidden_states.dtype}")
+        if router_logits.shape != (hidden_states.shape[0], cfg.num_experts):
+            raise InvalidInputError(f"router_logits must be [T={hidden_states.shape[0]}, E={cfg.num_experts}], got "
+                                    f"{list(router_logits.shape)}")
+        weights = self.prepared_weights()
+        if self.kernel.MONOLITHIC:
+            return self.kernel.apply_monolithic(hidden_states, router_logits, weights, self.correction_bias)
+        topk_weights, topk_ids = route(router_logits, cfg.routing, cfg.top_k, self.correction_bias)
+        return self.kernel.apply(hidden_states, topk_weights, topk_ids, weights)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, layer_idx: int, *, quantize_to: WeightScheme | str | None = None,
+                        **kwargs: object) -> WNA16MoE:
+        """Build layer `layer_idx` of a checkpoint (its experts and routing config)."""
+        ckpt = open_checkpoint(path, quantize_to=quantize_to)
+        return cls(ckpt.load_layer(layer_idx), ckpt.moe_config(), correction_bias=ckpt.correction_bias(layer_idx),
+                   **kwargs)  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"E={c.num_experts}, top_k={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
+                f"scheme={self.scheme.name}, backend={self.backend.value}")
+
+
+def _check_matches(experts: QuantizedExperts, config: MoEConfig) -> None:
+    got = (experts.num_experts, experts.hidden_size, experts.intermediate_size)
+    want = (config.num_experts, config.hidden_size, config.intermediate_size)
+    if got != want:
+        raise InvalidInputError(f"experts are (E, H, I) = {got} but the config says {want}")

@@ -1,0 +1,80 @@
+"""Routing: router logits [T, E] -> top-k weights [T, K] float32 and expert ids [T, K] int32.
+
+Plain torch, computed in float32. Who applies what: `routed_scaling_factor` is applied here, so a layer's
+output already includes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from wna16moe.config import RoutingConfig, RoutingMethod
+from wna16moe.errors import InvalidInputError
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = softmax(logits) over all experts; keep the k largest p (ties: lower id first); with
+    `renormalize`, divide them by their sum."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def sigmoid_topk(logits: torch.Tensor, top_k: int, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama-4 style: choose the k largest logits, weight each by sigmoid(logit); optionally renormalize."""
+    values, ids = torch.topk(logits.float(), top_k, dim=-1)
+    weights = torch.sigmoid(values)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def grouped_topk(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                 correction_bias: torch.Tensor | None = None, renormalize: bool = True,
+                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing.
+
+    s = sigmoid(logits); c = s + correction_bias (choice only). Experts form `n_group` equal groups; a
+    group's score is the sum of its two largest c. Only the `topk_group` best groups stay eligible; the k
+    largest eligible c are chosen. Weights are s (without bias) of the chosen experts, divided by their
+    sum if `renormalize`, then multiplied by `routed_scaling_factor`.
+    """
+    t, e = logits.shape
+    if e % n_group:
+        raise InvalidInputError(f"num_experts={e} is not a multiple of n_group={n_group}")
+    scores = torch.sigmoid(logits.float())
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    grouped = choice.view(t, n_group, e // n_group)
+    group_scores = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)  # [T, n_group]
+    best_groups = group_scores.topk(topk_group, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+    eligible = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, e)
+    masked = choice.masked_fill(~eligible, float("-inf"))
+    ids = masked.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+def route(logits: torch.Tensor, routing: RoutingConfig, top_k: int,
+          correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route with the method of `routing`; `correction_bias` [E] is used by DEEPSEEK_V3 only."""
+    if logits.dim() != 2:
+        raise InvalidInputError(f"router_logits must be [T, E], got {list(logits.shape)}")
+    if routing.method == RoutingMethod.SOFTMAX:
+        weights, ids = softmax_topk(logits, top_k, routing.renormalize)
+    elif routing.method == RoutingMethod.SIGMOID:
+        weights, ids = sigmoid_topk(logits, top_k, routing.renormalize)
+    elif routing.method == RoutingMethod.DEEPSEEK_V3:
+        if routing.has_correction_bias and correction_bias is None:
+            raise InvalidInputError("this routing config needs an e_score_correction_bias [E], got None")
+        return grouped_topk(logits, top_k, routing.n_group, routing.topk_group, correction_bias,
+                            routing.renormalize, routing.routed_scaling_factor)
+    else:
+        raise InvalidInputError(f"unknown routing method {routing.method!r}")
+    if routing.routed_scaling_factor != 1.0:
+        weights = weights * routing.routed_scaling_factor
+    return weights, ids
