@@ -1,0 +1,53 @@
+"""MoE shapes of popular models, by name, for `explain`, benchmarks and tests.
+
+Values are each model's routed-expert layer: E experts, top-k, H hidden, I per-expert intermediate, and the
+group size of its common W4A16 checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wna16moe.config import MoEConfig, RoutingConfig, RoutingMethod
+from wna16moe.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    group_size: int
+    routing: RoutingConfig = field(default_factory=lambda: RoutingConfig(RoutingMethod.SOFTMAX, renormalize=True))
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(self.num_experts, self.top_k, self.hidden_size, self.intermediate_size,
+                         routing=self.routing)
+
+
+_DEEPSEEK_ROUTING = RoutingConfig(RoutingMethod.DEEPSEEK_V3, renormalize=True, n_group=8, topk_group=4,
+                                  routed_scaling_factor=2.5, has_correction_bias=True)
+MODEL_SHAPES: dict[str, ModelShape] = {s.name: s for s in (
+    ModelShape("mixtral-8x7b", 8, 2, 4096, 14336, 128),
+    ModelShape("qwen3-30b-a3b", 128, 8, 2048, 768, 128),
+    ModelShape("qwen3-235b-a22b", 128, 8, 4096, 1536, 128),
+    ModelShape("deepseek-v3", 256, 8, 7168, 2048, 128, _DEEPSEEK_ROUTING),
+    ModelShape("kimi-k2", 384, 8, 7168, 2048, 32,
+               RoutingConfig(RoutingMethod.DEEPSEEK_V3, renormalize=True, n_group=1, topk_group=1,
+                             routed_scaling_factor=2.827, has_correction_bias=True)),
+    ModelShape("llama-4-scout", 16, 1, 5120, 8192, 128, RoutingConfig(RoutingMethod.SIGMOID)),
+    ModelShape("glm-4.5-air", 128, 8, 4096, 1408, 128,
+               RoutingConfig(RoutingMethod.DEEPSEEK_V3, renormalize=True, n_group=1, topk_group=1,
+                             routed_scaling_factor=1.0, has_correction_bias=True)),
+)}
+# Short aliases used by the benchmark (`mixtral`).
+MODEL_SHAPES["mixtral"] = MODEL_SHAPES["mixtral-8x7b"]
+
+
+def model_shape(name: str) -> ModelShape:
+    key = name.lower()
+    if key not in MODEL_SHAPES:
+        raise InvalidInputError(f"unknown model shape {name!r}; known: {', '.join(sorted(MODEL_SHAPES))}")
+    return MODEL_SHAPES[key]
