@@ -1,9 +1,12 @@
 """The oracle: which backend and kernel class runs a layer on a device, and why every other one does not.
 
 Walks the platform's priority list (PRIORITY below); within a backend, its kernel classes in order. The
-first class whose capability checks all pass wins. A user may force a backend by argument or by the
-environment variable WNA16MOE_BACKEND; if it cannot run, that is an error carrying the failing check,
-never a silent fallback.
+first class whose capability checks all pass wins. Checks are classmethods: nothing is instantiated to ask.
+A user may force a backend by argument or by the environment variable WNA16MOE_BACKEND; if it cannot run,
+that is an error carrying the failing checks, never a silent fallback.
+
+`explain` returns the verdict on every backend and kernel class (as data, and as a table); `select_backend`
+returns the winner with that report; `make_kernel` builds the winner for one layer.
 """
 
 from __future__ import annotations
@@ -12,18 +15,26 @@ import logging
 import os
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 
-from wna16moe.config import MoEQuantConfig
+from wna16moe.config import ActivationFormat, MoEConfig, MoEQuantConfig, ParallelConfig
 from wna16moe.device import DeviceInfo, Platform
 from wna16moe.errors import BackendError, InvalidInputError
-from wna16moe.experts.base import Check, Experts, LayerSpec
+from wna16moe.experts.base import Experts, LayerSpec, dtype_label
+from wna16moe.experts.cpu import CPUExperts
 from wna16moe.experts.emulation import EmulationExperts
+from wna16moe.experts.triton import TritonExperts
+from wna16moe.experts.flashinfer_trtllm import FlashInferTrtllmExperts
+from wna16moe.experts.marlin import BatchedMarlinExperts, MarlinExperts
+from wna16moe.experts.xpu import XPUExperts
+from wna16moe.scheme import WeightScheme
 
 logger = logging.getLogger("wna16moe")
 
-# Forces a backend by name (e.g. WNA16MOE_BACKEND=emulation); "auto" or unset lets the oracle choose.
+# Forces a backend by name (e.g. WNA16MOE_BACKEND=emulation) for every layer built without an explicit
+# override; "auto" or unset lets the oracle choose. Read at each selection, so tests can set it.
 BACKEND_ENV = "WNA16MOE_BACKEND"
 
 
@@ -38,15 +49,34 @@ class Backend(str, Enum):
     EMULATION = "emulation"
 
 
-# Kernel classes of each backend, tried in order.
-BACKEND_CLASSES: dict[Backend, tuple[type[Experts], ...]] = {
-    Backend.EMULATION: (EmulationExperts,),
-}
+# Kernel classes of each backend, tried in order; filled by `register_backend` below. A backend without an
+# entry (BATCHED_TRITON until its kernel lands) is reported "not implemented in this version".
+BACKEND_CLASSES: dict[Backend, tuple[type[Experts], ...]] = {}
 
 
 def register_backend(backend: Backend, classes: tuple[type[Experts], ...]) -> None:
-    """Declare the kernel classes of `backend` (each backend module calls this once at import)."""
-    BACKEND_CLASSES[backend] = classes
+    """Declare the kernel classes of `backend`, tried in the given order (replaces an earlier declaration).
+
+    Raises `InvalidInputError` unless every class is an `Experts` subclass whose NAME is the backend's name.
+    """
+    if not classes:
+        raise InvalidInputError(f"register_backend({backend.value!r}) needs at least one kernel class")
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, Experts)):
+            raise InvalidInputError(f"register_backend({backend.value!r}): {cls!r} is not an Experts subclass")
+        if backend.value != cls.NAME:
+            raise InvalidInputError(f"register_backend({backend.value!r}): {cls.__name__}.NAME is {cls.NAME!r}; "
+                                    f"expected {backend.value!r}")
+    BACKEND_CLASSES[backend] = tuple(classes)
+
+
+register_backend(Backend.FLASHINFER_TRTLLM, (FlashInferTrtllmExperts,))
+register_backend(Backend.MARLIN, (MarlinExperts,))
+register_backend(Backend.BATCHED_MARLIN, (BatchedMarlinExperts,))
+register_backend(Backend.TRITON, (TritonExperts,))
+register_backend(Backend.XPU, (XPUExperts,))
+register_backend(Backend.CPU, (CPUExperts,))
+register_backend(Backend.EMULATION, (EmulationExperts,))
 
 
 def platform_key(device: DeviceInfo) -> str:
@@ -59,30 +89,96 @@ def platform_key(device: DeviceInfo) -> str:
     return device.platform.value
 
 
-# Priority per platform: the first backend whose checks pass wins.
+# Priority per platform: the first backend whose checks pass wins. Each backend's own device check still
+# applies (e.g. FLASHINFER_TRTLLM needs the flashinfer package, MARLIN the Marlin op library), so a row
+# lists what may run there, fastest first. EMULATION, the reference, runs anywhere and closes every row.
+#   cuda_sm100: B200/B300 (sm_100/sm_103), where FlashInfer's fused MxInt4 kernel exists.
+#   cuda_sm80:  A100 to H200 (sm_80..sm_90).
+#   cuda_other: older (sm_70/75) and other families (sm_12x); MARLIN/TRITON device checks draw the line.
+#   rocm:       no Marlin build; TRITON is the fast path.
+#   xpu:        Intel's own kernel first, then TRITON (Intel's Triton backend).
+#   cpu:        the fused CPU kernel.
 PRIORITY: dict[str, tuple[Backend, ...]] = {
     "cuda_sm100": (Backend.FLASHINFER_TRTLLM, Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON,
                    Backend.BATCHED_TRITON, Backend.EMULATION),
     "cuda_sm80": (Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON, Backend.BATCHED_TRITON, Backend.EMULATION),
-    "cuda_other": (Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.EMULATION),
+    "cuda_other": (Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON, Backend.BATCHED_TRITON,
+                   Backend.EMULATION),
     "rocm": (Backend.TRITON, Backend.BATCHED_TRITON, Backend.EMULATION),
     "xpu": (Backend.XPU, Backend.TRITON, Backend.EMULATION),
     "cpu": (Backend.CPU, Backend.EMULATION),
 }
 
 
+class Verdict(str, Enum):
+    """CHOSEN: runs the layer. ELIGIBLE: every check passes, but another candidate was taken. REJECTED: a check
+    fails (the reason says which)."""
+
+    CHOSEN = "chosen"
+    ELIGIBLE = "eligible"
+    REJECTED = "rejected"
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One kernel class the oracle looked at, and its verdict."""
+    """One kernel class the oracle looked at (kernel None: the backend has no classes yet), and its verdict.
+
+    `failed` holds `(check, reason)` for every failing capability check; `reason` is the verdict in words.
+    """
 
     backend: Backend
     kernel: type[Experts] | None
-    chosen: bool
+    verdict: Verdict
     reason: str
+    failed: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def chosen(self) -> bool:
+        return self.verdict == Verdict.CHOSEN
 
     @property
     def kernel_name(self) -> str:
         return "-" if self.kernel is None else self.kernel.__name__
+
+
+@dataclass(frozen=True)
+class Report:
+    """The verdict on every backend and kernel class for one layer on one device, in priority order
+    (backends outside this platform's priority list come last)."""
+
+    spec: LayerSpec
+    device: DeviceInfo
+    platform: str
+    override: Backend | None
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.chosen), None)
+
+    def table(self) -> str:
+        """The candidates as an aligned text table: backend, kernel, verdict, reason."""
+        rows = [("backend", "kernel", "verdict", "reason")]
+        rows += [(c.backend.value, c.kernel_name, c.verdict.value, c.reason) for c in self.candidates]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form of the report."""
+        chosen = self.chosen
+        return {
+            "layer": describe_layer(self.spec),
+            "scheme": self.spec.scheme.name,
+            "device": {"name": self.device.name, "platform": self.device.platform.value,
+                       "compute_capability": self.device.compute_capability,
+                       "packages": sorted(self.device.packages)},
+            "priority": {"platform": self.platform, "order": [b.value for b in PRIORITY[self.platform]]},
+            "override": None if self.override is None else self.override.value,
+            "chosen": None if chosen is None else {"backend": chosen.backend.value, "kernel": chosen.kernel_name},
+            "candidates": [{"backend": c.backend.value, "kernel": c.kernel_name, "verdict": c.verdict.value,
+                            "reason": c.reason, "failed_checks": [{"check": n, "reason": r} for n, r in c.failed]}
+                           for c in self.candidates],
+        }
 
 
 @dataclass(frozen=True)
@@ -91,100 +187,200 @@ class Selection:
 
     backend: Backend
     kernel: type[Experts]
-    spec: LayerSpec
-    device: DeviceInfo
-    report: tuple[Candidate, ...]
+    report: Report
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.report.spec
+
+    @property
+    def device(self) -> DeviceInfo:
+        return self.report.device
 
     def table(self) -> str:
-        return format_report(self.report)
+        return self.report.table()
 
 
-def parse_backend(name: str) -> Backend:
+def parse_backend(name: str, setting: str = "backend") -> Backend | None:
+    """`Backend` for `name` (case-insensitive), None for "auto"; `setting` names the source in errors."""
+    key = name.strip().lower()
+    if key == "auto":
+        return None
     try:
-        return Backend(name.lower())
+        return Backend(key)
     except ValueError:
         valid = ", ".join(b.value for b in Backend)
-        raise InvalidInputError(f"unknown backend {name!r}; valid names: auto, {valid}") from None
+        raise InvalidInputError(f"{setting}={name!r} is not a backend; valid names: auto, {valid}") from None
 
 
-def _evaluate(backend: Backend, spec: LayerSpec, device: DeviceInfo) -> list[tuple[type[Experts] | None, Check]]:
+def layer_spec(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None = None, *,
+               parallel: ParallelConfig | None = None, activation_format: ActivationFormat | None = None,
+               has_bias: bool | None = None, clamp_limit: float | None = None,
+               router_logits_dtype: torch.dtype | None = None) -> LayerSpec:
+    """A `LayerSpec` from either a `LayerSpec` (alone) or a `MoEConfig` and a `WeightScheme` (or its name)
+    plus optional layer facts; unset facts take LayerSpec's defaults."""
+    extras = {"parallel": parallel, "activation_format": activation_format, "has_bias": has_bias,
+              "clamp_limit": clamp_limit, "router_logits_dtype": router_logits_dtype}
+    given = {k: v for k, v in extras.items() if v is not None}
+    if isinstance(layer, LayerSpec):
+        if scheme is not None or given:
+            raise InvalidInputError(f"pass either a LayerSpec alone or a MoEConfig with a scheme and keywords; got a "
+                                    f"LayerSpec plus {sorted(given) + (['scheme'] if scheme is not None else [])}")
+        return layer
+    if not isinstance(layer, MoEConfig):
+        raise InvalidInputError(f"expected a LayerSpec or a MoEConfig, got {type(layer).__name__}")
+    if scheme is None:
+        raise InvalidInputError("a MoEConfig needs a weight scheme: select_backend(moe_config, scheme, ...)")
+    if isinstance(scheme, str):
+        scheme = WeightScheme.from_name(scheme)
+    return LayerSpec(layer, scheme, **given)
+
+
+def describe_layer(spec: LayerSpec) -> str:
+    """One line naming everything the checks look at."""
+    moe, par, routing = spec.moe, spec.parallel, spec.moe.routing
+    shard = f" (I/tp={spec.intermediate_per_shard})" if par.tp_size > 1 else ""
+    route = routing.method.value + (" renormalized" if routing.renormalize else "")
+    extras = [f"bias={spec.has_bias}"] + ([f"clamp_limit={spec.clamp_limit}"] if spec.clamp_limit is not None else [])
+    return (f"E={moe.num_experts} top_k={moe.top_k} H={moe.hidden_size} I={moe.intermediate_size}{shard}, "
+            f"{spec.scheme.name}, {moe.activation.value}, {route}, {dtype_label(moe.dtype)} "
+            f"(router logits {dtype_label(spec.logits_dtype)}), tp={par.tp_size} ep={par.ep_size} dp={par.dp_size}, "
+            f"{spec.activation_format.value} format, {', '.join(extras)}")
+
+
+def describe_device(device: DeviceInfo) -> str:
+    arch = f" sm_{device.sm}" if device.sm is not None else ""
+    packages = ", ".join(sorted(device.packages)) or "none"
+    return f"{device.name} ({device.platform.value}{arch}; optional packages: {packages})"
+
+
+def _candidates(backend: Backend, spec: LayerSpec,
+                device: DeviceInfo) -> list[tuple[type[Experts] | None, list[tuple[str, str]]]]:
     classes = BACKEND_CLASSES.get(backend)
     if not classes:
-        return [(None, Check(False, "implemented: not implemented in this version"))]
-    return [(cls, cls.is_supported(spec, device)) for cls in classes]
+        return [(None, [("implemented", "not implemented in this version")])]
+    return [(cls, cls.failures(spec, device)) for cls in classes]
 
 
-def explain(spec: LayerSpec, device: DeviceInfo | None = None) -> tuple[Candidate, ...]:
-    """Every backend and kernel class in priority order, chosen or rejected with the reason.
-
-    Backends not in this platform's priority list are reported too, after the others.
-    """
-    device = device or DeviceInfo.current()
-    order = list(PRIORITY[platform_key(device)])
-    order += [b for b in Backend if b not in order]
-    in_priority = set(PRIORITY[platform_key(device)])
-    report: list[Candidate] = []
-    chosen = False
+def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None) -> Report:
+    platform = platform_key(device)
+    in_priority = PRIORITY[platform]
+    order = list(in_priority) + [b for b in Backend if b not in in_priority]
+    candidates: list[Candidate] = []
+    winner_found = False
     for backend in order:
-        for cls, check in _evaluate(backend, spec, device):
-            reason = check.reason
-            if backend not in in_priority:
-                reason = f"not in the {platform_key(device)} priority list" + (f"; {reason}" if reason else "")
-            win = check.ok and not chosen and backend in in_priority
-            if check.ok and not win and backend in in_priority:
-                reason = "a higher-priority kernel was chosen"
-            chosen = chosen or win
-            report.append(Candidate(backend, cls, win, "chosen" if win else reason))
-    return tuple(report)
+        for cls, failed in _candidates(backend, spec, device):
+            listed = backend in in_priority
+            wanted = backend == override if override is not None else listed
+            if failed:
+                reason = "; ".join(f"{name}: {why}" for name, why in failed)
+                if not listed and override != backend:
+                    reason = f"not in the {platform} priority list; {reason}"
+                candidates.append(Candidate(backend, cls, Verdict.REJECTED, reason, tuple(failed)))
+            elif wanted and not winner_found:
+                winner_found = True
+                why = "requested, and every check passes" if override is not None else (
+                    "first in priority order whose checks all pass")
+                candidates.append(Candidate(backend, cls, Verdict.CHOSEN, why))
+            else:
+                if override is not None:
+                    why = f"every check passes, but {override.value!r} was requested"
+                elif not listed:
+                    why = f"every check passes, but not in the {platform} priority list"
+                else:
+                    why = "every check passes, but a higher-priority kernel was chosen"
+                candidates.append(Candidate(backend, cls, Verdict.ELIGIBLE, why))
+    return Report(spec, device, platform, override, tuple(candidates))
 
 
-def select_backend(spec: LayerSpec, *, device: DeviceInfo | None = None,
-                   override: Backend | str | None = None) -> Selection:
-    """The backend and kernel class for `spec` on `device` (default: this machine).
+def explain(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None = None, *,
+            device: DeviceInfo | None = None, override: Backend | str | None = None,
+            parallel: ParallelConfig | None = None, activation_format: ActivationFormat | None = None,
+            has_bias: bool | None = None, clamp_limit: float | None = None,
+            router_logits_dtype: torch.dtype | None = None) -> Report:
+    """Every backend and kernel class in priority order, chosen, eligible or rejected with the reason.
 
-    `override` (or $WNA16MOE_BACKEND) forces a backend; if none of its classes can run the layer, a
-    `BackendError` names the failing check.
+    Takes a `LayerSpec`, or a `MoEConfig` and a scheme with the optional layer facts (see `layer_spec`).
+    `device` defaults to this machine. Unlike `select_backend` it never raises for a layer nothing can run
+    and does not read $WNA16MOE_BACKEND: with `override`, only that backend may be chosen, and a report
+    whose `chosen` is None says why it cannot.
     """
+    spec = layer_spec(layer, scheme, parallel=parallel, activation_format=activation_format, has_bias=has_bias,
+                      clamp_limit=clamp_limit, router_logits_dtype=router_logits_dtype)
+    forced = override if isinstance(override, Backend) or override is None else parse_backend(override, "override")
+    return _explain(spec, device or DeviceInfo.current(), forced)
+
+
+def select_backend(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None = None, *,
+                   device: DeviceInfo | None = None, override: Backend | str | None = None,
+                   parallel: ParallelConfig | None = None, activation_format: ActivationFormat | None = None,
+                   has_bias: bool | None = None, clamp_limit: float | None = None,
+                   router_logits_dtype: torch.dtype | None = None) -> Selection:
+    """The backend and kernel class for a layer on `device` (default: this machine).
+
+    Call as `select_backend(spec)` or `select_backend(moe_config, scheme, parallel=..., ...)`. `override`
+    (else $WNA16MOE_BACKEND; "auto" or unset lets the oracle choose) forces a backend: an unknown name is an
+    `InvalidInputError` listing the valid ones, and a backend that cannot run the layer is a `BackendError`
+    naming every failing check and the backends that could.
+    """
+    spec = layer_spec(layer, scheme, parallel=parallel, activation_format=activation_format, has_bias=has_bias,
+                      clamp_limit=clamp_limit, router_logits_dtype=router_logits_dtype)
     device = device or DeviceInfo.current()
-    if override is None:
-        override = os.environ.get(BACKEND_ENV) or None
-    report = explain(spec, device)
-    if override is not None and str(getattr(override, "value", override)).lower() != "auto":
-        forced = override if isinstance(override, Backend) else parse_backend(override)
-        results = _evaluate(forced, spec, device)
-        for cls, check in results:
-            if check.ok and cls is not None:
-                return Selection(forced, cls, spec, device, report)
-        reasons = "; ".join(f"{'-' if cls is None else cls.__name__}: {check.reason}" for cls, check in results)
-        raise BackendError(f"backend {forced.value!r} was requested but cannot run this layer "
-                           f"({spec.scheme.name}, {spec.moe.activation.value}) on {device.name}: {reasons}")
-    for candidate in report:
-        if candidate.chosen and candidate.kernel is not None:
-            _log_decision(candidate, spec, device)
-            return Selection(candidate.backend, candidate.kernel, spec, device, report)
-    raise BackendError(f"no backend can run this layer on {device.name}:\n{format_report(report)}")
+    setting = "override"
+    if override is None and os.environ.get(BACKEND_ENV):
+        override, setting = os.environ[BACKEND_ENV], BACKEND_ENV
+    forced = override if isinstance(override, Backend) or override is None else parse_backend(override, setting)
+    report = _explain(spec, device, forced)
+    chosen = report.chosen
+    if chosen is not None and chosen.kernel is not None:
+        _log_decision(report, chosen)
+        return Selection(chosen.backend, chosen.kernel, report)
+    if forced is None:
+        raise BackendError(f"no backend can run this layer ({describe_layer(spec)}) on {device.name}:\n"
+                           f"{report.table()}")
+    reasons = "; ".join(f"{c.kernel_name}: {c.reason}" for c in report.candidates if c.backend == forced)
+    able = sorted({c.backend.value for c in report.candidates if c.verdict == Verdict.ELIGIBLE})
+    raise BackendError(f"{setting}={forced.value!r} cannot run this layer ({describe_layer(spec)}) on {device.name}: "
+                       f"{reasons}. Backends that can: {', '.join(able) or 'none'}; use 'auto' to let the oracle "
+                       "choose")
 
 
-_logged: set[tuple[str, str, str]] = set()
+_logged: set[tuple[str, str, str, str, bool]] = set()
 
 
-def _log_decision(candidate: Candidate, spec: LayerSpec, device: DeviceInfo) -> None:
-    """Log a decision once per distinct (device, scheme, kernel), not once per layer."""
-    key = (device.name, spec.scheme.name, candidate.kernel_name)
+def _log_decision(report: Report, chosen: Candidate) -> None:
+    """Log a decision once per distinct (device, scheme, backend, kernel, forced), not once per layer."""
+    key = (report.device.name, report.spec.scheme.name, chosen.backend.value, chosen.kernel_name,
+           report.override is not None)
     if key not in _logged:
         _logged.add(key)
-        logger.info("wna16moe: %s on %s -> %s (%s)", spec.scheme.name, device.name, candidate.backend.value,
-                    candidate.kernel_name)
+        how = "requested" if report.override is not None else "auto"
+        logger.info("wna16moe: %s on %s -> %s (%s, %s)", report.spec.scheme.name, report.device.name,
+                    chosen.backend.value, chosen.kernel_name, how)
 
 
 def make_kernel(selection: Selection, quant: MoEQuantConfig, device: torch.device) -> Experts:
-    """Build the selected kernel for one layer (call after the layer's weights are final)."""
-    return selection.kernel(selection.spec, quant, device)
+    """Build the selected kernel for one layer (call once per layer, after its weights are final).
 
-
-def format_report(report: tuple[Candidate, ...]) -> str:
-    """The report as an aligned text table."""
-    rows = [("backend", "kernel", "verdict")]
-    rows += [(c.backend.value, c.kernel_name, c.reason) for c in report]
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows)
+    The MoE and parallel configs are the ones in `selection.spec`, which the capability checks saw, so a
+    kernel is never built for a layer it was not checked against. Every call returns a new object: layers
+    never share kernel state. Raises `InvalidInputError` when `quant` disagrees with the selected scheme
+    (bits, group size, zero points) or with the spec's bias and clamp limit.
+    """
+    spec = selection.spec
+    scheme = spec.scheme
+    group = -1 if scheme.group_size is None else scheme.group_size
+    mismatches = [
+        f"{name}: quant config has {got}, the selection was made for {want}"
+        for name, got, want in (
+            ("num_bits", quant.num_bits, scheme.bits),
+            ("group_size", quant.group_size, group),
+            ("zero points", quant.has_zero_points, scheme.zero_point),
+            ("bias", quant.has_bias, spec.has_bias),
+            ("gemm1_clamp_limit", quant.gemm1_clamp_limit, spec.clamp_limit),
+        ) if got != want
+    ]
+    if mismatches:
+        raise InvalidInputError(f"cannot build {selection.kernel.__name__} for {scheme.name}: {'; '.join(mismatches)}; "
+                                "select again with the layer's real facts")
+    return selection.kernel(spec, quant, device)

@@ -1,0 +1,306 @@
+"""Benchmark of whole MoE layers on the current GPU: `python -m wna16moe.bench` or `wna16moe bench`.
+
+Timed region: one layer forward from routed top-k ids/weights to the [T, H] output (alignment, both GEMMs,
+activation, top-k reduction, cast); routing itself is excluded. Times are `triton.testing.do_bench` medians
+after warm-up; do_bench flushes the L2 cache before every timed call, so weights are always read from HBM
+(stricter than rotating weight sets). For M <= 32 the forward is also captured in a CUDA graph and its replay
+timed. Routing is uniform random with distinct experts per token.
+
+Ceilings are measured in the same run: device-to-device copy bandwidth (bytes read + written) and the bf16
+matmul rate at 8192^3. Per (backend, shape, M): bytes that must be read = distinct experts touched x bytes per
+expert (packed weights + scales + zero points); FLOPs = 2 * M * k * 3 * H * I.
+
+Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, torch._grouped_mm twice,
+SiLU-and-mul, weighted sum), `emulation` (M <= 8), and the TRITON backend with its default configuration plus
+a small sweep of alternatives (`triton-best`). Before timing, each quantized backend's output is checked
+against a float32 dequantized reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wna16moe.config import MoEConfig, MoEQuantConfig, make_wna16_moe_quant_config
+from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.emulation import EmulationExperts
+from wna16moe.experts.triton import INTERMEDIATE_ALIGN, TritonConfig, TritonExperts
+from wna16moe.quantized import QuantizedExperts, QuantizedWeight
+from wna16moe.scheme import WeightScheme
+from wna16moe.shapes import model_shape
+
+DEFAULT_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2")
+DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
+GRAPH_MAX_TOKENS = 32
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    """Median microseconds of `fn` (do_bench: warm-up, L2 flushed before each call)."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+def _bench_graph(fn: Callable[[], object]) -> float | None:
+    """Median microseconds of a CUDA-graph replay of `fn`, or None if it cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return _bench(graph.replay)
+    except RuntimeError:
+        return None
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Copy bandwidth (GB/s, read + written) and bf16 matmul rate (TFLOP/s), measured now."""
+    n = 1 << 30  # 2 GiB of bf16
+    src, dst = torch.randn(2, n, dtype=torch.bfloat16, device="cuda")
+    copy_us = _bench(lambda: dst.copy_(src))
+    a, b = torch.randn(2, 8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_us = _bench(lambda: a @ b)
+    return {"copy_gbps": 2 * 2 * n / copy_us / 1e3, "matmul_tflops": 2 * 8192**3 / mm_us / 1e6}
+
+
+def random_experts(e: int, h: int, i: int, scheme: WeightScheme, device: torch.device) -> QuantizedExperts:
+    """Random codes and scales (never zeros: real data, real timings)."""
+
+    def weight(n: int, k: int) -> QuantizedWeight:
+        g = scheme.num_groups(k)
+        codes = torch.randint(0, scheme.max_code + 1, (e, n, k), dtype=torch.uint8, device=device)
+        scales = (torch.rand(e, n, g, device=device) * 0.01 + 0.005).to(scheme.scale_dtype)
+        zeros = (torch.randint(0, scheme.max_code + 1, (e, n, g), dtype=torch.uint8, device=device)
+                 if scheme.zero_point else None)
+        return QuantizedWeight(scheme, codes, scales, zeros)
+
+    return QuantizedExperts(weight(2 * i, h), weight(h, i))
+
+
+def expert_bytes(scheme: WeightScheme, h: int, i: int) -> int:
+    """Bytes one expert's weights occupy: packed codes + scales + zero points (w13 and w2)."""
+    elements = 3 * h * i
+    groups = 2 * i * scheme.num_groups(h) + h * scheme.num_groups(i)
+    scale_bytes = torch.finfo(scheme.scale_dtype).bits // 8
+    return elements * scheme.bits // 8 + groups * (scale_bytes + (1 if scheme.zero_point else 0))
+
+
+def random_routing(t: int, e: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.rand(t, e, device=device).argsort(dim=1)[:, :k].to(torch.int32)
+    weights = torch.softmax(torch.randn(t, k, device=device), dim=1)
+    return weights, ids
+
+
+def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+             topk_ids: torch.Tensor) -> torch.Tensor:
+    """Unquantized MoE peer: w13 [E, 2I, H], w2 [E, H, I] bf16; grouped matmuls over expert-sorted tokens."""
+    t, k = topk_ids.shape
+    e = w13.shape[0]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat)
+    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat,
+                                                                                              dtype=torch.int32))
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    a = x[order // k]
+    gate_up = torch._grouped_mm(a, w13.transpose(1, 2), offs=offsets)
+    i = w13.shape[1] // 2
+    h = torch.nn.functional.silu(gate_up[:, :i]) * gate_up[:, i:]
+    down = torch._grouped_mm(h, w2.transpose(1, 2), offs=offsets)
+    weighted = down.float() * topk_weights.reshape(-1)[order, None]
+    out = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, order // k, weighted)
+    return out.to(x.dtype)
+
+
+def _sweep_configs(base: TritonConfig, group_size: int | None, per_expert: float) -> list[TritonConfig]:
+    """A few alternatives around the default (tile sizes, warps, stages, split-K of GEMM2), by tokens/expert."""
+    max_k = 128 if group_size is None else min(128, group_size)
+    k64 = min(64, max_k)
+    if per_expert <= 16:
+        tiles = ((16, 64, max_k, 4, 4), (16, 128, max_k, 4, 4), (16, 32, max_k, 4, 5), (16, 64, max_k, 2, 5),
+                 (32, 64, k64, 4, 4))
+        splits = (2, 4)
+    elif per_expert <= 128:
+        tiles = ((32, 64, k64, 4, 4), (64, 64, k64, 4, 4), (64, 128, k64, 8, 3), (32, 128, k64, 4, 3))
+        splits = (2,)
+    else:
+        tiles = ((64, 128, k64, 8, 3), (128, 128, k64, 8, 3), (128, 64, k64, 4, 4), (64, 128, k64, 4, 4),
+                 (128, 128, min(32, k64), 8, 4))
+        splits = ()
+    candidates = [base] + [TritonConfig(bm, bn, bk, bn, bk, 1, w, st) for bm, bn, bk, w, st in tiles]
+    candidates += [replace(base, split_k2=split) for split in splits]
+    unique: list[TritonConfig] = []
+    for c in candidates:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bool, ceilings: dict[str, float],
+                log: Callable[[str], None]) -> list[dict[str, Any]]:
+    shape = model_shape(name)
+    device = torch.device("cuda")
+    scheme = WeightScheme.from_name(scheme_name or f"int4_g{shape.group_size}_sym")
+    cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
+    e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
+    experts = random_experts(e, h, i, scheme, device)
+    quant = _quant_config(experts)
+    spec = LayerSpec(cfg, scheme)
+    triton_kernel = TritonExperts(spec, quant, device)
+    weights = TritonExperts.prepare_weights(experts, device)
+    emulation = EmulationExperts(spec, quant, device)
+    emu_weights = EmulationExperts.prepare_weights(experts, device)
+    per_expert = expert_bytes(scheme, h, i)
+    rows: list[dict[str, Any]] = []
+
+    # Correctness first: the quantized path against the float32 dequantized reference.
+    x = torch.randn(32, h, dtype=torch.bfloat16, device=device)
+    tw, ids = random_routing(32, e, k, device)
+    ref = emulation.apply(x, tw, ids, emu_weights)
+    err = _rel_err(triton_kernel.apply(x, tw, ids, weights), ref)
+    log(f"{name} {scheme.name}: triton vs float32 reference, relative error {err:.2e}")
+    if not err < 1e-2:
+        raise RuntimeError(f"{name}: triton output is wrong (relative error {err:.3e})")
+
+    bf16_weights = None
+    try:
+        bf16_weights = (torch.randn(e, 2 * i, h, dtype=torch.bfloat16, device=device) * 0.02,
+                        torch.randn(e, h, i, dtype=torch.bfloat16, device=device) * 0.02)
+    except torch.OutOfMemoryError:
+        log(f"{name}: bf16 peer unavailable (out of memory)")
+    del experts
+    torch.cuda.empty_cache()
+
+    for m in tokens:
+        rows += _bench_tokens(name, m, scheme, cfg, triton_kernel, weights, emulation, emu_weights, bf16_weights,
+                              per_expert, sweep, ceilings, log)
+    return rows
+
+
+def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, triton_kernel: TritonExperts,
+                  weights: dict[str, torch.Tensor], emulation: EmulationExperts, emu_weights: dict[str, torch.Tensor],
+                  bf16_weights: tuple[torch.Tensor, torch.Tensor] | None, per_expert: int, sweep: bool,
+                  ceilings: dict[str, float], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every backend's row for one token count M."""
+    device = torch.device("cuda")
+    e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
+    rows: list[dict[str, Any]] = []
+    x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
+    tw, ids = random_routing(m, e, k, device)
+    touched = int(torch.unique(ids).numel())
+    flops = 2 * m * k * 3 * h * i
+
+    def row(backend: str, us: float, us_graph: float | None, nbytes: int, extra: dict[str, Any]) -> None:
+        best = min(v for v in (us, us_graph) if v is not None)
+        rows.append({
+            "backend": backend, "shape": name, "scheme": scheme.name, "M": m, "experts_touched": touched,
+            "us_eager": round(us, 2), "us_graph": None if us_graph is None else round(us_graph, 2),
+            "bytes": nbytes, "gbps": round(nbytes / best / 1e3, 1),
+            "pct_bw": round(100 * nbytes / best / 1e3 / ceilings["copy_gbps"], 1),
+            "tflops": round(flops / best / 1e6, 2),
+            "pct_mm": round(100 * flops / best / 1e6 / ceilings["matmul_tflops"], 1), **extra,
+        })
+        log(f"{backend:>12} {name:>14} M={m:<5} eager {us:9.1f} us  graph "
+            f"{'-' if us_graph is None else f'{us_graph:9.1f}'} us  {rows[-1]['pct_bw']:5.1f}% BW  "
+            f"{rows[-1]['tflops']:7.1f} TFLOP/s")
+
+    default = triton_kernel.config(m)
+    configs = _sweep_configs(default, scheme.group_size, m * k / e) if sweep else [default]
+    timings: list[tuple[float, TritonConfig]] = []
+    for c in configs:
+        try:
+            timings.append((_bench(lambda c=c: triton_kernel.apply(x, tw, ids, weights, c)), c))
+        except Exception as error:  # a config that does not compile or fit is skipped, with its reason
+            log(f"  config {c} failed: {type(error).__name__}: {str(error)[:120]}")
+    default_us = next(us for us, c in timings if c == default)
+    graph_us = (_bench_graph(lambda: triton_kernel.apply(x, tw, ids, weights, default))
+                if m <= GRAPH_MAX_TOKENS else None)
+    row("triton", default_us, graph_us, touched * per_expert, {"config": asdict(default)})
+    if sweep:
+        best_us, best = min(timings, key=lambda item: item[0])
+        best_graph = (_bench_graph(lambda: triton_kernel.apply(x, tw, ids, weights, best))
+                      if m <= GRAPH_MAX_TOKENS else None)
+        row("triton-best", best_us, best_graph, touched * per_expert, {"config": asdict(best)})
+    if bf16_weights is not None:
+        w13, w2 = bf16_weights
+        try:
+            us = _bench(lambda: bf16_moe(x, w13, w2, tw, ids))
+            g = _bench_graph(lambda: bf16_moe(x, w13, w2, tw, ids)) if m <= GRAPH_MAX_TOKENS else None
+            row("bf16", us, g, touched * 3 * h * i * 2, {})
+        except RuntimeError as error:
+            log(f"bf16 peer unavailable: {str(error)[:160]}")
+    if m <= 8:
+        row("emulation", _bench(lambda: emulation.apply(x, tw, ids, emu_weights)), None,
+            touched * per_expert, {})
+    return rows
+
+
+def _quant_config(experts: QuantizedExperts) -> MoEQuantConfig:
+    s = experts.scheme
+    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, s.group_size or -1, s.bits,
+                                       experts.w13.zeros, experts.w2.zeros)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wna16moe bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS))
+    parser.add_argument("--scheme", help="scheme name (default: int4 symmetric at the model's group size)")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative TRITON configurations")
+    parser.add_argument("--out", type=Path, help="JSON results file (default benchmarks/results/<card>-<date>.json)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("wna16moe bench needs a CUDA GPU")
+    import triton
+
+    card = torch.cuda.get_device_name()
+    date = datetime.date.today().isoformat()
+    ceilings = measure_ceilings()
+    print(f"{card}: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s",
+          flush=True)
+    result = {
+        "card": card, "date": date, "commit": _commit(), "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "intermediate_align": INTERMEDIATE_ALIGN, "ceilings": ceilings,
+        "command": "python -m wna16moe.bench " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": [],
+    }
+    out = args.out or Path("benchmarks/results") / f"{card.replace(' ', '_')}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.shapes:
+        result["rows"] += bench_shape(name, args.tokens, args.scheme, args.sweep, ceilings,
+                                      lambda s: print(s, flush=True))
+        torch.cuda.empty_cache()
+        out.write_text(json.dumps(result, indent=1))  # after every shape: a timeout keeps what was measured
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

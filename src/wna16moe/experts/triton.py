@@ -1,0 +1,234 @@
+"""TRITON: our own fused W4A16/W8A16 MoE kernels (kernels/moe_align.py, kernels/moe_gemm.py).
+
+Runs wherever Triton compiles for the GPU: NVIDIA sm80+, AMD (ROCm) and Intel XPU; on a CPU only under the
+Triton interpreter (TRITON_INTERPRET=1, for tests). Forward: align the routed pairs by expert, GEMM1 with the
+activation fused, GEMM2 with the router weights and the top-k reduction fused (atomic float32 adds), cast.
+
+Prepared layout (`prepare_weights`), I' = I padded to INTERMEDIATE_ALIGN, PACK = 32 // bits:
+    w13        [E, 2I', H / PACK] int32   gate rows [0, I'), up rows [I', 2I'); codes packed along H
+    w13_scales [E, G1, 2I']               scale dtype of the checkpoint, N contiguous for coalesced loads
+    w13_zeros  [E, G1, 2I'] uint8         zero-point schemes only
+    w13_perm   [E, H] int32               act-order only: H in group order; hidden columns are gathered by it
+    w2         [E, H, I' / PACK] int32, w2_scales [E, G2', H], w2_zeros, w2_perm [E, I'] likewise
+Padded rows of w13 have zero scales, so the padded intermediate columns are exactly 0 and add nothing in GEMM2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from wna16moe.config import Activation, MoEQuantConfig
+from wna16moe.device import DeviceInfo, Platform
+from wna16moe.errors import UnsupportedError
+from wna16moe.experts.base import OK, Check, Experts, LayerSpec, fail
+from wna16moe.formats.packing import pack_int32
+from wna16moe.quantized import QuantizedExperts, QuantizedWeight
+from wna16moe.scheme import WeightScheme
+
+NAME = "triton"
+# Intermediate padding unit: every GEMM1 N tile and GEMM2 K tile we launch divides it.
+INTERMEDIATE_ALIGN = 64
+# Triton's wgmma/mma paths need sm80+ on NVIDIA (bf16 tensor cores).
+MIN_CUDA_SM = 80
+SUPPORTED_GROUPS = (32, 64, 128, 256, None)
+_ACT_CODES = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.SWIGLU_OAI: 3}
+# Channel-wise scales: one "group" spanning any K (a power of two, so every block_k divides it).
+_CHANNEL_GROUP = 1 << 30
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Launch configuration of one forward: the M block shared by both GEMMs and each GEMM's tiles."""
+
+    block_m: int
+    block_n1: int
+    block_k1: int
+    block_n2: int
+    block_k2: int
+    split_k2: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+                   group_size: int | None) -> TritonConfig:
+    """Heuristic tiles by expected tokens per expert (a tuned table replaces this per device later)."""
+    per_expert = num_tokens * top_k / num_experts
+    max_k = 128 if group_size is None else min(128, group_size)
+    if per_expert <= 16:
+        return TritonConfig(16, 64, max_k, 64, max_k, num_warps=4, num_stages=4)
+    if per_expert <= 64:
+        return TritonConfig(32, 64, min(64, max_k), 64, min(64, max_k), num_warps=4, num_stages=4)
+    return TritonConfig(64, 128, min(64, max_k), 128, min(64, max_k), num_warps=8, num_stages=3)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _group_order(weight: QuantizedWeight, expert: int, name: str) -> torch.Tensor:
+    """Columns sorted by group; after sorting, groups must be contiguous runs of group_size columns."""
+    g_idx = weight.g_idx[expert].long()
+    order = torch.argsort(g_idx, stable=True)
+    expected = weight.scheme.group_of(g_idx.numel()).to(g_idx.device)
+    if not torch.equal(g_idx[order], expected):
+        raise UnsupportedError(f"{name} g_idx of expert {expert} does not split into groups of exactly "
+                               f"{weight.scheme.group_size} columns; the TRITON backend cannot run it")
+    return order
+
+
+def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, row_blocks: list[tuple[int, int]],
+                        device: torch.device, name: str) -> dict[str, torch.Tensor]:
+    """Pack one projection [E, N, K] into the kernel layout, expert by expert into preallocated buffers.
+
+    `row_blocks` maps source row ranges to destination row offsets (w13: gate and up halves, each padded).
+    Columns are padded to `cols_out`; act-order columns are put in group order.
+    """
+    s = weight.scheme
+    e, n, k = weight.shape
+    pack = 32 // s.bits
+    group = s.group_size or _CHANNEL_GROUP
+    groups_out = 1 if s.group_size is None else math.ceil(cols_out / group)
+    out = {
+        name: torch.zeros(e, rows_out, cols_out // pack, dtype=torch.int32, device=device),
+        f"{name}_scales": torch.zeros(e, groups_out, rows_out, dtype=s.scale_dtype, device=device),
+    }
+    if s.zero_point:
+        out[f"{name}_zeros"] = torch.zeros(e, groups_out, rows_out, dtype=torch.uint8, device=device)
+    if s.act_order:
+        out[f"{name}_perm"] = torch.arange(cols_out, dtype=torch.int32, device=device).repeat(e, 1)
+    for expert in range(e):
+        codes = weight.codes[expert].to(device)
+        if s.act_order:
+            order = _group_order(weight, expert, name).to(device)
+            codes = codes[:, order]
+            out[f"{name}_perm"][expert, :k] = order.to(torch.int32)
+        padded = torch.zeros(n, cols_out, dtype=torch.uint8, device=device)
+        padded[:, :k] = codes
+        packed = pack_int32(padded, s.bits, dim=1)
+        scales = weight.scales[expert].to(device).t()
+        zeros = None if weight.zeros is None else weight.zeros[expert].to(device).t()
+        for (src_begin, src_end), dst in row_blocks:
+            rows = slice(dst, dst + src_end - src_begin)
+            out[name][expert, rows] = packed[src_begin:src_end]
+            out[f"{name}_scales"][expert, : scales.shape[0], rows] = scales[:, src_begin:src_end]
+            if zeros is not None:
+                out[f"{name}_zeros"][expert, : zeros.shape[0], rows] = zeros[:, src_begin:src_end]
+    return out
+
+
+def prepare_triton_weights(experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pure converter from canonical experts to the TRITON layout (module docstring), on `device`.
+
+    Extra memory while converting: one expert's temporaries on top of the preallocated result.
+    """
+    s = experts.scheme
+    pack = 32 // s.bits
+    h, i = experts.hidden_size, experts.intermediate_size
+    if h % pack:
+        raise UnsupportedError(f"hidden size {h} must be a multiple of {pack} for {s.bits}-bit packing")
+    i_pad = _round_up(i, INTERMEDIATE_ALIGN)
+    out = _prepare_projection(experts.w13, 2 * i_pad, h, [((0, i), 0), ((i, 2 * i), i_pad)], device, "w13")
+    out.update(_prepare_projection(experts.w2, h, i_pad, [((0, h), 0)], device, "w2"))
+    return out
+
+
+class TritonExperts(Experts):
+    """Fused Triton grouped GEMMs with in-register dequantization."""
+
+    NAME = NAME
+    _PLATFORMS: ClassVar[tuple[Platform, ...]] = (Platform.CUDA, Platform.ROCM, Platform.XPU)
+
+    @classmethod
+    def supports_device(cls, device: DeviceInfo) -> Check:
+        if not device.has_package("triton"):
+            return fail("the triton package is not importable")
+        if device.platform == Platform.CPU:
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return OK  # the interpreter runs the kernels on CPU (tests)
+            return fail("Triton needs a GPU (CPU only under TRITON_INTERPRET=1)")
+        if device.platform == Platform.CUDA and (device.sm or 0) < MIN_CUDA_SM:
+            return fail(f"needs CUDA sm{MIN_CUDA_SM}+ for bf16 tensor cores, the device is sm{device.sm}")
+        return OK
+
+    @classmethod
+    def supports_scheme(cls, scheme: WeightScheme, act_dtype: torch.dtype) -> Check:
+        if scheme.group_size not in SUPPORTED_GROUPS:
+            return fail(f"group size {scheme.group_size} is not one of {SUPPORTED_GROUPS} (None = channel-wise)")
+        return OK
+
+    @classmethod
+    def supports_activation(cls, activation: Activation) -> Check:
+        return OK if activation in _ACT_CODES else fail(f"activation {activation.value} is not implemented")
+
+    @classmethod
+    def supports_shape(cls, spec: LayerSpec) -> Check:
+        pack = 32 // spec.scheme.bits
+        h = spec.moe.hidden_size
+        if h % pack:
+            return fail(f"hidden size {h} must be a multiple of {pack} ({spec.scheme.bits}-bit words)")
+        if spec.parallel.tp_size > 1 or spec.parallel.ep_size > 1:
+            return fail("tensor/expert parallel layers are not supported yet")
+        return OK
+
+    def __init__(self, spec: LayerSpec, quant: MoEQuantConfig, device: torch.device) -> None:
+        super().__init__(spec, quant, device)
+        moe = spec.moe
+        self.i_pad = _round_up(moe.intermediate_size, INTERMEDIATE_ALIGN)
+        self.w13_bias = None
+        if quant.w1_bias is not None:
+            i = moe.intermediate_size
+            bias = torch.zeros(moe.num_experts, 2 * self.i_pad, dtype=torch.float32, device=device)
+            bias[:, :i] = quant.w1_bias[:, :i].float()
+            bias[:, self.i_pad : self.i_pad + i] = quant.w1_bias[:, i:].float()
+            self.w13_bias = bias
+        self.w2_bias = None if quant.w2_bias is None else quant.w2_bias.float().to(device).contiguous()
+
+    @classmethod
+    def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
+        return prepare_triton_weights(experts, device)
+
+    def config(self, num_tokens: int) -> TritonConfig:
+        moe = self.moe
+        return default_config(num_tokens, moe.top_k, moe.num_experts, moe.hidden_size, self.i_pad,
+                              self.scheme.group_size)
+
+    def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              weights: dict[str, torch.Tensor], config: TritonConfig | None = None) -> torch.Tensor:
+        from wna16moe.kernels.moe_align import moe_align_block_size
+        from wna16moe.kernels.moe_gemm import moe_gemm
+
+        moe, scheme, quant = self.moe, self.scheme, self.quant
+        t = hidden_states.shape[0]
+        cfg = config or self.config(t)
+        group = scheme.group_size or _CHANNEL_GROUP
+        sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, moe.num_experts, cfg.block_m)
+        common = dict(bits=scheme.bits, group_size=group, top_k=moe.top_k, block_m=cfg.block_m,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        intermediate = torch.empty(t * moe.top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
+        moe_gemm(hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"),
+                 weights.get("w13_perm"), self.w13_bias, intermediate, None, sorted_ids, expert_ids, num_padded,
+                 gated=True, act=_ACT_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, 1.702),
+                 beta=_or(quant.gemm1_beta, 1.0), limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit),
+                 block_n=cfg.block_n1, block_k=cfg.block_k1, **common)
+        out = torch.zeros(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
+        moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
+                 self.w2_bias, out, topk_weights.reshape(-1).float(), sorted_ids, expert_ids, num_padded,
+                 gated=False, block_n=cfg.block_n2, block_k=cfg.block_k2, split_k=cfg.split_k2, **common)
+        return out.to(hidden_states.dtype)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _clamp_limit(activation: Activation, limit: float | None) -> float | None:
+    """SWIGLU_OAI clamps at 7.0 unless told otherwise (as activations.swiglu_oai); SILU only when given."""
+    if activation == Activation.SWIGLU_OAI:
+        return 7.0 if limit is None else limit
+    return limit if activation == Activation.SILU else None

@@ -1,0 +1,1 @@
+"""Raw Triton kernels and their launchers; no policy (backend choice, configs) lives here."""
