@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -12,8 +14,22 @@ from typing import Any
 import torch
 
 import wna16moe
+from wna16moe.config import ActivationFormat, MoEConfig, ParallelConfig
 from wna16moe.device import DeviceInfo
+from wna16moe.errors import InvalidInputError
+from wna16moe.experts.base import LayerSpec
 from wna16moe.formats import open_checkpoint
+from wna16moe.oracle import (
+    BACKEND_ENV,
+    PRIORITY,
+    Report,
+    describe_device,
+    describe_layer,
+    explain,
+    parse_backend,
+)
+from wna16moe.scheme import WeightScheme
+from wna16moe.shapes import MODEL_SHAPES, model_shape
 
 
 def _human(nbytes: float) -> str:
@@ -112,6 +128,61 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def explain_layer(args: argparse.Namespace) -> Report:
+    """The oracle's report for `wna16moe explain` arguments (a checkpoint PATH, or --shape with --scheme)."""
+    if (args.path is None) == (args.shape is None):
+        raise InvalidInputError("explain needs either a checkpoint PATH or --shape NAME (not both)")
+    moe: MoEConfig
+    if args.path is not None:
+        if args.scheme is not None:
+            raise InvalidInputError("--scheme applies to --shape; a checkpoint's scheme is read from it (use "
+                                    "--quantize-to for a dense checkpoint)")
+        ckpt = open_checkpoint(args.path, quantize_to=args.quantize_to)
+        moe, scheme = ckpt.moe_config(), ckpt.scheme
+    else:
+        if args.quantize_to is not None:
+            raise InvalidInputError("--quantize-to applies to a dense checkpoint PATH; use --scheme with --shape")
+        shape = model_shape(args.shape)
+        moe = shape.moe_config()
+        scheme = WeightScheme.from_name(args.scheme or f"int4_g{shape.group_size}_sym")
+    if args.dtype is not None:
+        moe = dataclasses.replace(moe, dtype=_DTYPES[args.dtype])
+    spec = LayerSpec(moe, scheme, ParallelConfig(tp_size=args.tp, ep_size=args.ep),
+                     ActivationFormat.BATCHED if args.batched else ActivationFormat.STANDARD)
+    device = DeviceInfo.named(args.device) if args.device else DeviceInfo.current()
+    if args.backend:
+        override = parse_backend(args.backend, "--backend")
+    else:
+        override = parse_backend(os.environ[BACKEND_ENV], BACKEND_ENV) if os.environ.get(BACKEND_ENV) else None
+    return explain(spec, device=device, override=override)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    report = explain_layer(args)
+    chosen = report.chosen
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0 if chosen else 1
+    order = " > ".join(b.value for b in PRIORITY[report.platform])
+    print(f"layer     {args.path or args.shape}: {describe_layer(report.spec)}")
+    print(f"device    {describe_device(report.device)}")
+    print(f"priority  {report.platform}: {order}")
+    if report.override is not None:
+        print(f"override  {report.override.value}")
+    print()
+    print(report.table())
+    print()
+    if chosen is None:
+        print(f"no kernel chosen: backend {report.override.value if report.override else 'auto'!r} cannot run "
+              "this layer (see its reasons above)")
+        return 1
+    print(f"chosen: {chosen.backend.value} ({chosen.kernel_name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wna16moe", description="Quantized (W4A16/W8A16) MoE layers and kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--quantize-to", help="scheme to quantize a dense checkpoint into, e.g. int4_g128_sym")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
+
+    exp = sub.add_parser("explain", help="which backend runs a layer on a device, and why every other one does not")
+    exp.add_argument("path", nargs="?", help="checkpoint directory: scheme and shapes are read from it")
+    exp.add_argument("--shape", help=f"a named model shape instead of a checkpoint: {', '.join(sorted(MODEL_SHAPES))}")
+    exp.add_argument("--scheme", help="weight scheme for --shape, e.g. int4_g128_sym (default: int4, symmetric, the "
+                                      "shape's usual group size)")
+    exp.add_argument("--quantize-to", help="scheme to quantize a dense checkpoint into, e.g. int4_g128_sym")
+    exp.add_argument("--device", help="a named device (h100, b200, cpu, xpu, ...; -bare: no optional packages); "
+                                      "default: this machine")
+    exp.add_argument("--tp", type=int, default=1, help="tensor-parallel size (I is split over it)")
+    exp.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    exp.add_argument("--batched", action="store_true", help="the batched activation format (low-latency all-to-all "
+                                                            "EP) instead of the standard one")
+    exp.add_argument("--dtype", choices=sorted(_DTYPES), help="activation dtype (default: the model's)")
+    exp.add_argument("--backend", help=f"explain a forced backend (default: ${BACKEND_ENV}, else auto)")
+    exp.add_argument("--json", action="store_true", help="print JSON")
+    exp.set_defaults(func=_cmd_explain)
     return parser
 
 

@@ -25,9 +25,9 @@ from wna16moe.errors import BackendError, InvalidInputError
 from wna16moe.experts.base import Experts, LayerSpec, dtype_label
 from wna16moe.experts.cpu import CPUExperts
 from wna16moe.experts.emulation import EmulationExperts
-from wna16moe.experts.triton import TritonExperts
 from wna16moe.experts.flashinfer_trtllm import FlashInferTrtllmExperts
 from wna16moe.experts.marlin import BatchedMarlinExperts, MarlinExperts
+from wna16moe.experts.triton import TritonExperts
 from wna16moe.experts.xpu import XPUExperts
 from wna16moe.scheme import WeightScheme
 
@@ -283,12 +283,12 @@ def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None) -> R
                     "first in priority order whose checks all pass")
                 candidates.append(Candidate(backend, cls, Verdict.CHOSEN, why))
             else:
-                if override is not None:
-                    why = f"every check passes, but {override.value!r} was requested"
-                elif not listed:
-                    why = f"every check passes, but not in the {platform} priority list"
-                else:
+                if wanted:  # an earlier class (of this backend, or of an earlier one in the list) won
                     why = "every check passes, but a higher-priority kernel was chosen"
+                elif override is not None:
+                    why = f"every check passes, but {override.value!r} was requested"
+                else:
+                    why = f"every check passes, but not in the {platform} priority list"
                 candidates.append(Candidate(backend, cls, Verdict.ELIGIBLE, why))
     return Report(spec, device, platform, override, tuple(candidates))
 

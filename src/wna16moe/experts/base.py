@@ -3,7 +3,10 @@
 Every backend file in `experts/` defines one or more `Experts` subclasses. The oracle asks a class, never
 an instance, whether it can run a layer: each `supports_*` classmethod returns a `Check` (ok, reason).
 Modular experts take routed top-k ids and weights; monolithic experts take router logits and route inside
-the kernel.
+the kernel, so they also declare the routing methods and router-logit dtypes they accept.
+
+A class with `IMPLEMENTED = False` is a declaration only (its kernel comes in a later version): the oracle
+reports it unavailable, and constructing it raises `NotImplementedError`, so nothing can run it.
 
 Dimension legend: T tokens, K top-k, E experts, H hidden, I intermediate.
 """
@@ -24,6 +27,7 @@ from wna16moe.config import (
     RoutingConfig,
 )
 from wna16moe.device import DeviceInfo
+from wna16moe.errors import InvalidInputError
 from wna16moe.quantized import QuantizedExperts
 from wna16moe.scheme import WeightScheme
 
@@ -42,6 +46,27 @@ def fail(reason: str) -> Check:
     return Check(False, reason)
 
 
+def group_label(group_size: int | None) -> str:
+    """A group size as reasons write it: `128`, or `channel-wise` for None."""
+    return "channel-wise" if group_size is None else str(group_size)
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    """`bfloat16` for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
+
+
+def labels(values: tuple[object, ...]) -> str:
+    """Allowed values for a reason: `bfloat16, float16`, with enum members by value and None as channel-wise."""
+    def one(value: object) -> str:
+        if value is None or isinstance(value, int):
+            return group_label(value)
+        if isinstance(value, torch.dtype):
+            return dtype_label(value)
+        return str(getattr(value, "value", value))
+    return ", ".join(one(v) for v in values)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """Everything about a layer that capability checks look at; holds no tensors."""
@@ -54,9 +79,25 @@ class LayerSpec:
     clamp_limit: float | None = None
     router_logits_dtype: torch.dtype | None = None
 
+    def __post_init__(self) -> None:
+        # Tensor parallelism splits every expert's intermediate dimension evenly; a remainder has no owner.
+        if self.moe.intermediate_size % self.parallel.tp_size:
+            raise InvalidInputError(f"intermediate_size={self.moe.intermediate_size} is not divisible by "
+                                    f"tp_size={self.parallel.tp_size}; use a tp_size that divides it, or EP")
+
     @property
     def act_dtype(self) -> torch.dtype:
         return self.moe.dtype
+
+    @property
+    def intermediate_per_shard(self) -> int:
+        """I / tp_size: the intermediate size each tensor-parallel rank holds (GEMM1's N/2, GEMM2's K)."""
+        return self.moe.intermediate_size // self.parallel.tp_size
+
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """Dtype of the router logits the layer passes; the activation dtype unless stated."""
+        return self.router_logits_dtype or self.moe.dtype
 
 
 class Experts:
@@ -83,7 +124,8 @@ class Experts:
 
     @classmethod
     def supports_routing(cls, routing: RoutingConfig, top_k: int, logits_dtype: torch.dtype | None) -> Check:
-        """Monolithic kernels route themselves and must override this; modular ones take routed ids."""
+        """Monolithic kernels route themselves and must override this (methods and logit dtypes they accept);
+        modular ones take routed ids, so routing never limits them."""
         return OK
 
     @classmethod
@@ -112,7 +154,7 @@ class Experts:
             ("device", cls.supports_device(device)),
             ("scheme", cls.supports_scheme(spec.scheme, spec.act_dtype)),
             ("activation", cls.supports_activation(moe.activation)),
-            ("routing", cls.supports_routing(moe.routing, moe.top_k, spec.router_logits_dtype)),
+            ("routing", cls.supports_routing(moe.routing, moe.top_k, spec.logits_dtype)),
             ("parallel", cls.supports_parallel(spec.parallel)),
             ("format", fmt),
             ("shape", cls.supports_shape(spec)),
@@ -120,16 +162,25 @@ class Experts:
         ]
 
     @classmethod
+    def failures(cls, spec: LayerSpec, device: DeviceInfo) -> list[tuple[str, str]]:
+        """`(check, reason)` of every failing check, in check order (empty when the class can run the layer).
+
+        All checks run even after one fails, so a declared-but-unimplemented kernel still tells what else
+        would stop it."""
+        return [(name, check.reason) for name, check in cls.checks(spec, device) if not check.ok]
+
+    @classmethod
     def is_supported(cls, spec: LayerSpec, device: DeviceInfo) -> Check:
-        """The first failing check as `(False, "<check>: <reason>")`, else `(True, "")`."""
-        for name, check in cls.checks(spec, device):
-            if not check.ok:
-                return fail(f"{name}: {check.reason}")
-        return OK
+        """`(True, "")`, or `(False, "<check>: <reason>; <check>: <reason>")` naming every failing check."""
+        failed = cls.failures(spec, device)
+        return fail("; ".join(f"{name}: {reason}" for name, reason in failed)) if failed else OK
 
     # ----- weights and compute -----
     def __init__(self, spec: LayerSpec, quant: MoEQuantConfig, device: torch.device) -> None:
         """Build the kernel for one layer, after its weights are final; allocate workspaces here."""
+        if not self.IMPLEMENTED:
+            raise NotImplementedError(f"{type(self).__name__} ({self.NAME}) is declared but not implemented in this "
+                                      "version; use backend 'auto' to let the oracle pick one that is")
         self.spec = spec
         self.moe = spec.moe
         self.scheme = spec.scheme
