@@ -69,14 +69,14 @@ def test_prepared_layout_dequantizes_to_the_canonical_weights(scheme_name: str) 
     experts = _experts(e, h, i, scheme, torch.device("cpu"))
     prepared = prepare_triton_weights(experts, torch.device("cpu"))
     i_pad = 64
-    assert prepared["w13"].shape == (e, 2 * i_pad, h * scheme.bits // 32)
-    codes = unpack_int32(prepared["w13"], scheme.bits, dim=2, size=h)  # [E, 2I', H]
+    assert prepared["w13"].shape == (e, h * scheme.bits // 32, 2 * i_pad)
+    codes = unpack_int32(prepared["w13"], scheme.bits, dim=1, size=h).transpose(1, 2)  # [E, 2I', H]
     gate_up = torch.cat([codes[:, :i], codes[:, i_pad:i_pad + i]], dim=1)
     assert torch.equal(gate_up, experts.w13.codes)
     scales = prepared["w13_scales"].transpose(1, 2)
     assert torch.equal(torch.cat([scales[:, :i], scales[:, i_pad:i_pad + i]], dim=1), experts.w13.scales)
     assert (scales[:, i:i_pad] == 0).all() and (scales[:, i_pad + i:] == 0).all()
-    w2_codes = unpack_int32(prepared["w2"], scheme.bits, dim=2, size=i_pad)
+    w2_codes = unpack_int32(prepared["w2"], scheme.bits, dim=1, size=i_pad).transpose(1, 2)
     assert torch.equal(w2_codes[..., :i], experts.w2.codes)
     if scheme.zero_point:
         zeros = prepared["w13_zeros"].transpose(1, 2)
@@ -90,7 +90,7 @@ def test_act_order_is_a_column_permutation() -> None:
     assert torch.equal(torch.sort(perm).values, torch.arange(256))
     g_idx = experts.w13.g_idx[0].long()
     assert torch.equal(g_idx[perm], torch.arange(256) // 32)  # groups are contiguous after the permutation
-    codes = unpack_int32(prepared["w13"], 4, dim=2, size=256)[0, :128]
+    codes = unpack_int32(prepared["w13"], 4, dim=1, size=256)[0, :, :128].t()
     assert torch.equal(codes, experts.w13.codes[0, :128][:, perm])
 
 
@@ -138,9 +138,12 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
 @pytest.mark.parametrize("config", [
     TritonConfig(16, 32, 32, 32, 32, split_k2=2),   # split-K in GEMM2 (atomic partial sums)
     TritonConfig(32, 64, 32, 64, 32, split_k2=1),   # larger M block than tokens per expert
+    TritonConfig(1, 32, 32, 32, 32, use_dot=False),  # CUDA-core path, one row per block
+    TritonConfig(4, 64, 32, 32, 32, split_k2=2, use_dot=False),  # CUDA-core path, several rows, split-K
 ])
-def test_configs_agree(config: TritonConfig) -> None:
-    experts = _experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
+@pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_g32_sym"])
+def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
+    experts = _experts(4, 128, 64, WeightScheme.from_name(scheme_name))
     out, ref = _run_both(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6, config=config)
     assert _rel(out, ref) < 1e-2
 

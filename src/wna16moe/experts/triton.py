@@ -5,12 +5,13 @@ Triton interpreter (TRITON_INTERPRET=1, for tests). Forward: align the routed pa
 activation fused, GEMM2 with the router weights and the top-k reduction fused (atomic float32 adds), cast.
 
 Prepared layout (`prepare_weights`), I' = I padded to INTERMEDIATE_ALIGN, PACK = 32 // bits:
-    w13        [E, 2I', H / PACK] int32   gate rows [0, I'), up rows [I', 2I'); codes packed along H
-    w13_scales [E, G1, 2I']               scale dtype of the checkpoint, N contiguous for coalesced loads
+    w13        [E, H / PACK, 2I'] int32   K-major: word r of column n holds h = PACK * r + slot; gate columns
+                                          [0, I'), up columns [I', 2I'); a tile is one coalesced load along N
+    w13_scales [E, G1, 2I']               scale dtype of the checkpoint, N contiguous like the words
     w13_zeros  [E, G1, 2I'] uint8         zero-point schemes only
     w13_perm   [E, H] int32               act-order only: H in group order; hidden columns are gathered by it
-    w2         [E, H, I' / PACK] int32, w2_scales [E, G2', H], w2_zeros, w2_perm [E, I'] likewise
-Padded rows of w13 have zero scales, so the padded intermediate columns are exactly 0 and add nothing in GEMM2.
+    w2         [E, I' / PACK, H] int32, w2_scales [E, G2', H], w2_zeros, w2_perm [E, I'] likewise
+Padded columns of w13 have zero scales, so the padded intermediate columns are exactly 0 and add nothing in GEMM2.
 """
 
 from __future__ import annotations
@@ -53,18 +54,30 @@ class TritonConfig:
     split_k2: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    # Tensor cores (block_m >= 16) or CUDA-core FMAs (decode: few rows per expert).
+    use_dot: bool = True
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                    group_size: int | None) -> TritonConfig:
-    """Heuristic tiles by expected tokens per expert (a tuned table replaces this per device later)."""
+    """Tiles by expected tokens per expert (H100 sweep of 2026-11-28; a tuned table replaces this later).
+
+    Few rows per expert (decode): the CUDA-core path with a block of about the rows an expert gets, so
+    weights are streamed once; then tensor cores with growing M blocks.
+    """
     per_expert = num_tokens * top_k / num_experts
     max_k = 128 if group_size is None else min(128, group_size)
+    k64 = min(64, max_k)
+    if per_expert <= 3:
+        block_m = 1 if per_expert <= 1.5 else 2
+        return TritonConfig(block_m, 64, max_k, 64, max_k, num_warps=4, num_stages=3, use_dot=False)
+    if per_expert <= 6:
+        return TritonConfig(4, 32, max_k, 32, max_k, num_warps=4, num_stages=3, use_dot=False)
     if per_expert <= 16:
-        return TritonConfig(16, 64, max_k, 64, max_k, num_warps=4, num_stages=4)
-    if per_expert <= 64:
-        return TritonConfig(32, 64, min(64, max_k), 64, min(64, max_k), num_warps=4, num_stages=4)
-    return TritonConfig(64, 128, min(64, max_k), 128, min(64, max_k), num_warps=8, num_stages=3)
+        return TritonConfig(16, 32, max_k, 32, max_k, num_warps=4, num_stages=5)
+    if per_expert <= 128:
+        return TritonConfig(64, 64, k64, 64, k64, num_warps=4, num_stages=4)
+    return TritonConfig(128, 64, k64, 64, k64, num_warps=4, num_stages=4)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -95,7 +108,7 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
     group = s.group_size or _CHANNEL_GROUP
     groups_out = 1 if s.group_size is None else math.ceil(cols_out / group)
     out = {
-        name: torch.zeros(e, rows_out, cols_out // pack, dtype=torch.int32, device=device),
+        name: torch.zeros(e, cols_out // pack, rows_out, dtype=torch.int32, device=device),
         f"{name}_scales": torch.zeros(e, groups_out, rows_out, dtype=s.scale_dtype, device=device),
     }
     if s.zero_point:
@@ -115,7 +128,7 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
         zeros = None if weight.zeros is None else weight.zeros[expert].to(device).t()
         for (src_begin, src_end), dst in row_blocks:
             rows = slice(dst, dst + src_end - src_begin)
-            out[name][expert, rows] = packed[src_begin:src_end]
+            out[name][expert, :, rows] = packed[src_begin:src_end].t()
             out[f"{name}_scales"][expert, : scales.shape[0], rows] = scales[:, src_begin:src_end]
             if zeros is not None:
                 out[f"{name}_zeros"][expert, : zeros.shape[0], rows] = zeros[:, src_begin:src_end]
@@ -209,7 +222,7 @@ class TritonExperts(Experts):
         group = scheme.group_size or _CHANNEL_GROUP
         sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, moe.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=moe.top_k, block_m=cfg.block_m,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      use_dot=cfg.use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         intermediate = torch.empty(t * moe.top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         moe_gemm(hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"),
                  weights.get("w13_perm"), self.w13_bias, intermediate, None, sorted_ids, expert_ids, num_padded,
