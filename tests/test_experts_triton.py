@@ -14,6 +14,7 @@ from triton_env import DEVICE, DTYPES, HAS_CUDA
 from wna16moe import (
     Activation,
     MoEConfig,
+    ParallelConfig,
     QuantizedExperts,
     WeightScheme,
     make_wna16_moe_quant_config,
@@ -22,8 +23,8 @@ from wna16moe import (
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
-from wna16moe.experts.triton import INTERMEDIATE_ALIGN, TritonConfig, TritonExperts, prepare_triton_weights
-from wna16moe.formats.packing import unpack_int32
+from wna16moe.experts.triton import TritonConfig, TritonExperts, prepare_triton_weights
+from wna16moe.kernels.layout import TILE_K, tile_deinterleave, tile_interleave
 from wna16moe.kernels.moe_align import moe_align_block_size
 from wna16moe.kernels.moe_gemm import moe_gemm
 from wna16moe.layer import WNA16MoE
@@ -69,14 +70,14 @@ def test_prepared_layout_dequantizes_to_the_canonical_weights(scheme_name: str) 
     experts = _experts(e, h, i, scheme, torch.device("cpu"))
     prepared = prepare_triton_weights(experts, torch.device("cpu"))
     i_pad = 64
-    assert prepared["w13"].shape == (e, h * scheme.bits // 32, 2 * i_pad)
-    codes = unpack_int32(prepared["w13"], scheme.bits, dim=1, size=h).transpose(1, 2)  # [E, 2I', H]
+    assert prepared["w13"].shape == (e, h * scheme.bits // 32, 2 * i_pad)  # H = 128: one K tile
+    codes = tile_deinterleave(prepared["w13"].transpose(1, 2), scheme.bits, h)  # [E, 2I', H]
     gate_up = torch.cat([codes[:, :i], codes[:, i_pad:i_pad + i]], dim=1)
     assert torch.equal(gate_up, experts.w13.codes)
     scales = prepared["w13_scales"].transpose(1, 2)
     assert torch.equal(torch.cat([scales[:, :i], scales[:, i_pad:i_pad + i]], dim=1), experts.w13.scales)
     assert (scales[:, i:i_pad] == 0).all() and (scales[:, i_pad + i:] == 0).all()
-    w2_codes = unpack_int32(prepared["w2"], scheme.bits, dim=1, size=i_pad).transpose(1, 2)
+    w2_codes = tile_deinterleave(prepared["w2"].transpose(1, 2), scheme.bits, i_pad)
     assert torch.equal(w2_codes[..., :i], experts.w2.codes)
     if scheme.zero_point:
         zeros = prepared["w13_zeros"].transpose(1, 2)
@@ -90,12 +91,21 @@ def test_act_order_is_a_column_permutation() -> None:
     assert torch.equal(torch.sort(perm).values, torch.arange(256))
     g_idx = experts.w13.g_idx[0].long()
     assert torch.equal(g_idx[perm], torch.arange(256) // 32)  # groups are contiguous after the permutation
-    codes = unpack_int32(prepared["w13"], 4, dim=1, size=256)[0, :, :128].t()
+    codes = tile_deinterleave(prepared["w13"][0, :, :128].t(), 4, 256)
     assert torch.equal(codes, experts.w13.codes[0, :128][:, perm])
 
 
-def test_intermediate_align_is_a_tile_multiple() -> None:
-    assert INTERMEDIATE_ALIGN % 64 == 0
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tile_interleave_round_trip_and_slot_order(bits: int) -> None:
+    kd = 300  # three tiles, the last one partial (zero-padded)
+    codes = torch.randint(0, 1 << bits, (5, kd), dtype=torch.uint8)
+    words = tile_interleave(codes, bits)
+    r = TILE_K * bits // 32
+    assert words.shape == (5, 3 * r)
+    assert torch.equal(tile_deinterleave(words, bits, kd), codes)
+    # slot j of word r in tile t holds kd = t * TILE_K + j * R + r
+    t, j, row = 1, 2, 3
+    assert int((words[0, t * r + row] >> (bits * j)) & ((1 << bits) - 1)) == int(codes[0, t * TILE_K + j * r + row])
 
 
 # ----- capabilities -----
@@ -108,8 +118,8 @@ def test_capabilities() -> None:
     assert not v100.ok and "sm80" in v100.reason
     bare = TritonExperts.is_supported(spec, DeviceInfo.named("h100-bare"))
     assert not bare.ok and "triton" in bare.reason
-    odd = LayerSpec(MoEConfig(8, 2, 260, 128), WeightScheme.from_name("int4_g32_sym"))
-    assert "multiple of 8" in TritonExperts.is_supported(odd, DeviceInfo.named("h100")).reason
+    tp = LayerSpec(MoEConfig(8, 2, 256, 128), WeightScheme.from_name("int4_g32_sym"), ParallelConfig(tp_size=2))
+    assert "parallel" in TritonExperts.is_supported(tp, DeviceInfo.named("h100")).reason
 
 
 # ----- kernels against EMULATION (interpreter on CPU, compiled on GPU) -----
@@ -136,10 +146,9 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
 
 
 @pytest.mark.parametrize("config", [
-    TritonConfig(16, 32, 32, 32, 32, split_k2=2),   # split-K in GEMM2 (atomic partial sums)
-    TritonConfig(32, 64, 32, 64, 32, split_k2=1),   # larger M block than tokens per expert
-    TritonConfig(1, 32, 32, 32, 32, use_dot=False),  # CUDA-core path, one row per block
-    TritonConfig(4, 64, 32, 32, 32, split_k2=2, use_dot=False),  # CUDA-core path, several rows, split-K
+    TritonConfig(16, 32, 32, split_k2=2),   # split-K in GEMM2 (atomic partial sums)
+    TritonConfig(32, 64, 16, split_k2=1),   # larger M block than tokens per expert, narrow GEMM2 tiles
+    TritonConfig(16, 128, 128, split_k2=3),  # N tiles wider than I' (masked), uneven split of 2 K tiles
 ])
 @pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_g32_sym"])
 def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
@@ -168,7 +177,7 @@ def test_gemm1_writes_every_routed_row() -> None:
     sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, e, 16)
     inter = torch.full((t * k, i), float("nan"), dtype=torch.float16, device=DEVICE)
     moe_gemm(x, w["w13"], w["w13_scales"], None, None, None, inter, None, sorted_ids, expert_ids, num_padded,
-             bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32, block_k=32)
+             bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32)
     assert torch.isfinite(inter).all()
 
 

@@ -127,24 +127,19 @@ def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
     return out.to(x.dtype)
 
 
-def _sweep_configs(base: TritonConfig, group_size: int | None, per_expert: float) -> list[TritonConfig]:
-    """Alternatives around the default (tiles, warps, stages, CUDA-core vs tensor-core, GEMM2 split-K)."""
-    max_k = 128 if group_size is None else min(128, group_size)
-    k64 = min(64, max_k)
-    fma = dict(use_dot=False, num_warps=4, num_stages=3)
-    candidates = [base, replace(base, split_k2=2)]
-    if per_expert <= 16:
-        candidates += [TritonConfig(bm, bn, max_k, bn, max_k, **fma)
-                       for bm, bn in ((1, 64), (2, 64), (4, 64), (1, 128), (2, 32), (4, 32), (8, 32))]
-        candidates += [TritonConfig(16, 32, max_k, 32, max_k, 1, 4, 5), TritonConfig(16, 64, max_k, 64, max_k, 1, 4, 4)]
-    elif per_expert <= 128:
-        candidates += [TritonConfig(16, 32, max_k, 32, max_k, 1, 4, 5), TritonConfig(32, 64, k64, 64, k64, 1, 4, 4),
-                       TritonConfig(64, 64, k64, 64, k64, 1, 4, 4), TritonConfig(64, 128, k64, 128, k64, 1, 8, 3),
-                       TritonConfig(8, 32, max_k, 32, max_k, **fma)]
+def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
+    """Alternatives around the default: M block, N tiles, warps, pipeline stages, GEMM2 split-K."""
+    if per_expert <= 20:
+        tiles = ((16, 32, 32, 4, 4), (16, 64, 64, 4, 3), (16, 64, 64, 4, 5), (16, 128, 128, 4, 4),
+                 (16, 128, 128, 8, 4), (16, 64, 128, 4, 4), (32, 64, 64, 4, 4))
+    elif per_expert <= 1024:
+        tiles = ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 128, 128, 8, 3), (64, 64, 64, 4, 3),
+                 (128, 64, 64, 4, 4))
     else:
-        candidates += [TritonConfig(bm, bn, bk, bn, bk, 1, warps, stages) for bm, bn, bk, warps, stages in (
-            (64, 64, k64, 4, 4), (128, 64, k64, 4, 4), (128, 128, k64, 8, 3), (128, 64, k64, 8, 4),
-            (64, 128, k64, 4, 4), (128, 128, min(32, k64), 8, 4))]
+        tiles = ((64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 64, 8, 4), (128, 128, 128, 4, 3),
+                 (64, 128, 128, 4, 4))
+    candidates = [base, replace(base, split_k2=2)]
+    candidates += [TritonConfig(bm, bn1, bn2, 1, warps, stages) for bm, bn1, bn2, warps, stages in tiles]
     unique: list[TritonConfig] = []
     for c in candidates:
         if c not in unique:

@@ -4,19 +4,19 @@ Runs wherever Triton compiles for the GPU: NVIDIA sm80+, AMD (ROCm) and Intel XP
 Triton interpreter (TRITON_INTERPRET=1, for tests). Forward: align the routed pairs by expert, GEMM1 with the
 activation fused, GEMM2 with the router weights and the top-k reduction fused (atomic float32 adds), cast.
 
-Prepared layout (`prepare_weights`), I' = I padded to INTERMEDIATE_ALIGN, PACK = 32 // bits:
-    w13        [E, H / PACK, 2I'] int32   K-major: word r of column n holds h = PACK * r + slot; gate columns
-                                          [0, I'), up columns [I', 2I'); a tile is one coalesced load along N
+Prepared layout (`prepare_weights`), I' = I padded to INTERMEDIATE_ALIGN, W(K) = ceil(K / 128) * 128 // PACK
+words, PACK = 32 // bits:
+    w13        [E, W(H), 2I'] int32       K-major, tile-interleaved (kernels/layout.py); gate columns [0, I'),
+                                          up columns [I', 2I'); a tile is one coalesced load along N
     w13_scales [E, G1, 2I']               scale dtype of the checkpoint, N contiguous like the words
     w13_zeros  [E, G1, 2I'] uint8         zero-point schemes only
     w13_perm   [E, H] int32               act-order only: H in group order; hidden columns are gathered by it
-    w2         [E, I' / PACK, H] int32, w2_scales [E, G2', H], w2_zeros, w2_perm [E, I'] likewise
+    w2         [E, W(I'), H] int32, w2_scales [E, G2', H], w2_zeros, w2_perm [E, I'] likewise
 Padded columns of w13 have zero scales, so the padded intermediate columns are exactly 0 and add nothing in GEMM2.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,7 +27,7 @@ from wna16moe.config import Activation, MoEQuantConfig
 from wna16moe.device import DeviceInfo, Platform
 from wna16moe.errors import UnsupportedError
 from wna16moe.experts.base import OK, Check, Experts, LayerSpec, fail
-from wna16moe.formats.packing import pack_int32
+from wna16moe.kernels.layout import TILE_K, tile_interleave, words_per_tile
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 
@@ -38,46 +38,30 @@ INTERMEDIATE_ALIGN = 64
 MIN_CUDA_SM = 80
 SUPPORTED_GROUPS = (32, 64, 128, 256, None)
 _ACT_CODES = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.SWIGLU_OAI: 3}
-# Channel-wise scales: one "group" spanning any K (a power of two, so every block_k divides it).
-_CHANNEL_GROUP = 1 << 30
 
 
 @dataclass(frozen=True)
 class TritonConfig:
-    """Launch configuration of one forward: the M block shared by both GEMMs and each GEMM's tiles."""
+    """Launch configuration of one forward: the M block shared by both GEMMs and each GEMM's N tile."""
 
     block_m: int
     block_n1: int
-    block_k1: int
     block_n2: int
-    block_k2: int
     split_k2: int = 1
     num_warps: int = 4
-    num_stages: int = 3
-    # Tensor cores (block_m >= 16) or CUDA-core FMAs (decode: few rows per expert).
-    use_dot: bool = True
+    num_stages: int = 4
 
 
-def default_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
-                   group_size: int | None) -> TritonConfig:
-    """Tiles by expected tokens per expert (H100 sweep of 2026-11-28; a tuned table replaces this later).
-
-    Few rows per expert (decode): the CUDA-core path with a block of about the rows an expert gets, so
-    weights are streamed once; then tensor cores with growing M blocks.
-    """
+def default_config(num_tokens: int, top_k: int, num_experts: int) -> TritonConfig:
+    """Tiles by expected tokens per expert (from the H100 sweeps in benchmarks/NOTES.md; a tuned table per
+    device and shape replaces this later): the smallest M block while experts see few rows (decode streams
+    each expert's weights once), larger blocks as the work turns compute-bound."""
     per_expert = num_tokens * top_k / num_experts
-    max_k = 128 if group_size is None else min(128, group_size)
-    k64 = min(64, max_k)
-    if per_expert <= 3:
-        block_m = 1 if per_expert <= 1.5 else 2
-        return TritonConfig(block_m, 64, max_k, 64, max_k, num_warps=4, num_stages=3, use_dot=False)
-    if per_expert <= 6:
-        return TritonConfig(4, 32, max_k, 32, max_k, num_warps=4, num_stages=3, use_dot=False)
-    if per_expert <= 16:
-        return TritonConfig(16, 32, max_k, 32, max_k, num_warps=4, num_stages=5)
-    if per_expert <= 128:
-        return TritonConfig(64, 64, k64, 64, k64, num_warps=4, num_stages=4)
-    return TritonConfig(128, 64, k64, 64, k64, num_warps=4, num_stages=4)
+    if per_expert <= 20:
+        return TritonConfig(16, 64, 64)
+    if per_expert <= 1024:
+        return TritonConfig(64, 64, 64)
+    return TritonConfig(128, 64, 64)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -104,11 +88,10 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
     """
     s = weight.scheme
     e, n, k = weight.shape
-    pack = 32 // s.bits
-    group = s.group_size or _CHANNEL_GROUP
-    groups_out = 1 if s.group_size is None else math.ceil(cols_out / group)
+    groups_out = s.num_groups(cols_out)
     out = {
-        name: torch.zeros(e, cols_out // pack, rows_out, dtype=torch.int32, device=device),
+        name: torch.zeros(e, words_per_tile(s.bits) * -(-cols_out // TILE_K), rows_out, dtype=torch.int32,
+                          device=device),
         f"{name}_scales": torch.zeros(e, groups_out, rows_out, dtype=s.scale_dtype, device=device),
     }
     if s.zero_point:
@@ -123,7 +106,7 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
             out[f"{name}_perm"][expert, :k] = order.to(torch.int32)
         padded = torch.zeros(n, cols_out, dtype=torch.uint8, device=device)
         padded[:, :k] = codes
-        packed = pack_int32(padded, s.bits, dim=1)
+        packed = tile_interleave(padded, s.bits)
         scales = weight.scales[expert].to(device).t()
         zeros = None if weight.zeros is None else weight.zeros[expert].to(device).t()
         for (src_begin, src_end), dst in row_blocks:
@@ -140,11 +123,7 @@ def prepare_triton_weights(experts: QuantizedExperts, device: torch.device) -> d
 
     Extra memory while converting: one expert's temporaries on top of the preallocated result.
     """
-    s = experts.scheme
-    pack = 32 // s.bits
     h, i = experts.hidden_size, experts.intermediate_size
-    if h % pack:
-        raise UnsupportedError(f"hidden size {h} must be a multiple of {pack} for {s.bits}-bit packing")
     i_pad = _round_up(i, INTERMEDIATE_ALIGN)
     out = _prepare_projection(experts.w13, 2 * i_pad, h, [((0, i), 0), ((i, 2 * i), i_pad)], device, "w13")
     out.update(_prepare_projection(experts.w2, h, i_pad, [((0, h), 0)], device, "w2"))
@@ -181,10 +160,6 @@ class TritonExperts(Experts):
 
     @classmethod
     def supports_shape(cls, spec: LayerSpec) -> Check:
-        pack = 32 // spec.scheme.bits
-        h = spec.moe.hidden_size
-        if h % pack:
-            return fail(f"hidden size {h} must be a multiple of {pack} ({spec.scheme.bits}-bit words)")
         if spec.parallel.tp_size > 1 or spec.parallel.ep_size > 1:
             return fail("tensor/expert parallel layers are not supported yet")
         return OK
@@ -207,9 +182,7 @@ class TritonExperts(Experts):
         return prepare_triton_weights(experts, device)
 
     def config(self, num_tokens: int) -> TritonConfig:
-        moe = self.moe
-        return default_config(num_tokens, moe.top_k, moe.num_experts, moe.hidden_size, self.i_pad,
-                              self.scheme.group_size)
+        return default_config(num_tokens, self.moe.top_k, self.moe.num_experts)
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor], config: TritonConfig | None = None) -> torch.Tensor:
@@ -219,20 +192,20 @@ class TritonExperts(Experts):
         moe, scheme, quant = self.moe, self.scheme, self.quant
         t = hidden_states.shape[0]
         cfg = config or self.config(t)
-        group = scheme.group_size or _CHANNEL_GROUP
+        group = scheme.group_size or -1
         sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, moe.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=moe.top_k, block_m=cfg.block_m,
-                      use_dot=cfg.use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         intermediate = torch.empty(t * moe.top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         moe_gemm(hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"),
                  weights.get("w13_perm"), self.w13_bias, intermediate, None, sorted_ids, expert_ids, num_padded,
                  gated=True, act=_ACT_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, 1.702),
                  beta=_or(quant.gemm1_beta, 1.0), limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit),
-                 block_n=cfg.block_n1, block_k=cfg.block_k1, **common)
+                 block_n=cfg.block_n1, **common)
         out = torch.zeros(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1).float(), sorted_ids, expert_ids, num_padded,
-                 gated=False, block_n=cfg.block_n2, block_k=cfg.block_k2, split_k=cfg.split_k2, **common)
+                 gated=False, block_n=cfg.block_n2, split_k=cfg.split_k2, **common)
         return out.to(hidden_states.dtype)
 
 
