@@ -212,7 +212,7 @@ def make_wna16_moe_quant_config(
         if zp.shape != scale.shape or zp.is_floating_point():
             raise InvalidInputError(f"{name} must be an integer tensor shaped like its scale {list(scale.shape)}, "
                                     f"got {list(zp.shape)} {zp.dtype}")
-        if zp.numel() and (zp.min() < 0 or zp.max() >= 1 << num_bits):
+        if zp.numel() and (int(zp.min()) < 0 or int(zp.max()) >= 1 << num_bits):
             raise InvalidInputError(f"{name} values must lie in [0, {1 << num_bits}) for {num_bits}-bit weights")
     for bias, shape, name in ((w1_bias, (e, two_i), "w1_bias"), (w2_bias, (e, h), "w2_bias")):
         if bias is not None:

@@ -12,19 +12,27 @@ from wna16moe.config import RoutingConfig, RoutingMethod
 from wna16moe.errors import InvalidInputError
 
 
+def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values along the last dim and their indices, ties broken towards the lower index
+    (`torch.topk` promises no order among equal values)."""
+    ordered, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    return ordered[..., :k], order[..., :k]
+
+
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """p = softmax(logits) over all experts; keep the k largest p (ties: lower id first); with
     `renormalize`, divide them by their sum."""
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+    weights, ids = _topk(probs, top_k)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, ids.to(torch.int32)
 
 
 def sigmoid_topk(logits: torch.Tensor, top_k: int, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama-4 style: choose the k largest logits, weight each by sigmoid(logit); optionally renormalize."""
-    values, ids = torch.topk(logits.float(), top_k, dim=-1)
+    """Llama-4 style: choose the k largest logits (ties: lower id first), weight each by sigmoid(logit);
+    optionally renormalize."""
+    values, ids = _topk(logits.float(), top_k)
     weights = torch.sigmoid(values)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -38,8 +46,9 @@ def grouped_topk(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int
 
     s = sigmoid(logits); c = s + correction_bias (choice only). Experts form `n_group` equal groups; a
     group's score is the sum of its two largest c. Only the `topk_group` best groups stay eligible; the k
-    largest eligible c are chosen. Weights are s (without bias) of the chosen experts, divided by their
-    sum if `renormalize`, then multiplied by `routed_scaling_factor`.
+    largest eligible c are chosen (ties, of groups and of experts: lower index first). Weights are s
+    (without bias) of the chosen experts, divided by their sum if `renormalize`, then multiplied by
+    `routed_scaling_factor`.
     """
     t, e = logits.shape
     if e % n_group:
@@ -48,11 +57,11 @@ def grouped_topk(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int
     choice = scores if correction_bias is None else scores + correction_bias.float()
     grouped = choice.view(t, n_group, e // n_group)
     group_scores = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)  # [T, n_group]
-    best_groups = group_scores.topk(topk_group, dim=-1).indices
+    best_groups = _topk(group_scores, topk_group)[1]
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
     eligible = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, e)
     masked = choice.masked_fill(~eligible, float("-inf"))
-    ids = masked.topk(top_k, dim=-1).indices
+    ids = _topk(masked, top_k)[1]
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

@@ -86,7 +86,7 @@ class WeightScheme:
     @classmethod
     def from_name(cls, name: str, scale_dtype: torch.dtype = torch.bfloat16) -> WeightScheme:
         """Inverse of `name`: `WeightScheme.from_name("int4_g128_sym")`."""
-        match = _NAME_PATTERN.match(name)
+        match = _NAME_PATTERN.fullmatch(name)
         if match is None:
             raise UnsupportedError(
                 f"scheme name {name!r} is not valid; expected int<bits>_<g<group>|ch>_<sym|zp>[_actorder], "

@@ -2,6 +2,7 @@
 
 from wna16moe.formats.checkpoint import (
     HF_NAMING,
+    MIXTRAL_LINEARIZED_NAMING,
     MIXTRAL_NAMING,
     Checkpoint,
     CheckpointFormat,
@@ -16,6 +17,7 @@ from wna16moe.formats.common import DictSource, Projection
 
 __all__ = [
     "HF_NAMING",
+    "MIXTRAL_LINEARIZED_NAMING",
     "MIXTRAL_NAMING",
     "Checkpoint",
     "CheckpointFormat",

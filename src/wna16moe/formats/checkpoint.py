@@ -1,9 +1,11 @@
 """Opening Hugging Face checkpoints: format detection, lazy (sharded) safetensors reading, expert naming,
 and the MoE configuration read from `config.json`.
 
-Expert tensors are accepted under either naming:
-    model.layers.{L}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.*        (Qwen, DeepSeek, GLM, ...)
-    model.layers.{L}.block_sparse_moe.experts.{e}.{w1,w3,w2}.*              (Mixtral)
+Expert tensors are accepted under any of these namings:
+    model.layers.{L}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.*                (Qwen, DeepSeek, GLM, ...)
+    model.layers.{L}.block_sparse_moe.experts.{e}.{w1,w3,w2}.*                      (Mixtral)
+    model.layers.{L}.block_sparse_moe.experts.{e}.{gate_proj,up_proj,down_proj}.*   (Mixtral, linearized by
+                                                                                     llm-compressor)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from wna16moe.config import Activation, MoEConfig, RoutingConfig, RoutingMethod
 from wna16moe.errors import CheckpointError, UnsupportedError
@@ -57,9 +59,11 @@ class ExpertNaming:
 
 HF_NAMING = ExpertNaming("mlp", "gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMING = ExpertNaming("block_sparse_moe", "w1", "w3", "w2")
+# llm-compressor's linearize_moe saves Mixtral experts under block_sparse_moe with the HF projection names.
+MIXTRAL_LINEARIZED_NAMING = ExpertNaming("block_sparse_moe", "gate_proj", "up_proj", "down_proj")
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\."
                          r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.")
-_NAMINGS = {n.block: n for n in (HF_NAMING, MIXTRAL_NAMING)}
+_NAMINGS = {(n.block, n.gate): n for n in (HF_NAMING, MIXTRAL_NAMING, MIXTRAL_LINEARIZED_NAMING)}
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -161,6 +165,24 @@ def _fill(buffers: dict[str, torch.Tensor | None], expert: int, rows: slice, pro
         buffers["g_idx"][expert] = projection.g_idx
 
 
+def _read_json(file: Path, checkpoint: str) -> dict[str, Any]:
+    """A JSON object from `file`, or a `CheckpointError` naming the checkpoint and the file."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(checkpoint, file.name, f"is not readable JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(checkpoint, file.name, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _open_safetensors(file: Path, checkpoint: str) -> Any:
+    try:
+        return safe_open(file, "pt")
+    except (SafetensorError, OSError) as error:  # truncated or corrupt header
+        raise CheckpointError(checkpoint, file.name, f"is not a readable safetensors file: {error}") from error
+
+
 class SafetensorsSource:
     """Lazy reader of a (possibly sharded) safetensors checkpoint: one tensor at a time, never the model."""
 
@@ -168,13 +190,15 @@ class SafetensorsSource:
         self.name = str(directory)
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index, self.name).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(self.name, index.name, "has no 'weight_map' object")
             self._file_of = {key: directory / file for key, file in weight_map.items()}
         else:
             single = directory / "model.safetensors"
             if not single.exists():
                 raise CheckpointError(self.name, "model.safetensors", "missing (and no model.safetensors.index.json)")
-            with safe_open(single, "pt") as f:
+            with _open_safetensors(single, self.name) as f:
                 self._file_of = dict.fromkeys(f.keys(), single)
         self._handles: dict[Path, Any] = {}
 
@@ -191,11 +215,15 @@ class SafetensorsSource:
         if file not in self._handles:
             if not file.exists():
                 raise CheckpointError(self.name, key, f"its shard {file.name} is missing")
-            self._handles[file] = safe_open(file, "pt")
+            self._handles[file] = _open_safetensors(file, self.name)
         return self._handles[file]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        handle = self._handle(key)
+        try:
+            return handle.get_tensor(key)
+        except SafetensorError as error:  # the index names a shard that lacks the tensor
+            raise CheckpointError(self.name, key, f"cannot be read from {self._file_of[key].name}: {error}") from error
 
     def tensor_nbytes(self, key: str) -> int:
         """Bytes of one stored tensor, from its header (nothing is read)."""
@@ -214,7 +242,7 @@ class Checkpoint:
         config_file = self.path / "config.json"
         if not config_file.exists():
             raise CheckpointError(str(self.path), "config.json", "missing")
-        self.config: dict[str, Any] = json.loads(config_file.read_text())
+        self.config: dict[str, Any] = _read_json(config_file, str(self.path))
         self.source = SafetensorsSource(self.path)
         self._layers = self._index_layers()
         if not self._layers:
@@ -231,11 +259,14 @@ class Checkpoint:
             match = _EXPERT_KEY.match(key)
             if match is None:
                 continue
-            layer, naming = int(match[1]), _NAMINGS[match[2]]
+            style = MIXTRAL_NAMING.gate if match[4] in ("w1", "w3", "w2") else HF_NAMING.gate
+            layer, naming = int(match[1]), _NAMINGS.get((match[2], style))
+            if naming is None:
+                raise CheckpointError(self.name, key, f"{match[2]} experts named {match[4]} follow no known naming")
             known = layers.setdefault(layer, (naming, set()))
             if known[0] != naming:
-                raise CheckpointError(self.name, key, f"layer {layer} mixes expert namings {known[0].block} and "
-                                                      f"{naming.block}")
+                raise CheckpointError(self.name, key, f"layer {layer} mixes expert namings {known[0].block}.*."
+                                                      f"{known[0].gate} and {naming.block}.*.{naming.gate}")
             known[1].add(int(match[3]))
         return layers
 
@@ -243,7 +274,7 @@ class Checkpoint:
         qcfg = self.config.get("quantization_config")
         legacy = self.path / "quantize_config.json"
         if qcfg is None and legacy.exists():
-            qcfg = json.loads(legacy.read_text())
+            qcfg = _read_json(legacy, self.name)
         return qcfg
 
     def _detect_format(self, quantize_to: WeightScheme | str | None) -> tuple[CheckpointFormat, WeightScheme]:
@@ -261,16 +292,19 @@ class Checkpoint:
         if quantize_to is not None:
             raise UnsupportedError(f"{self.name} is already quantized; quantize_to applies to dense checkpoints only")
         method = qcfg.get("quant_method")
-        if method == compressed_tensors.QUANT_METHOD:
-            dtype = self.source.get(compressed_tensors.scale_key(gate_prefix)).dtype
-            return CheckpointFormat.COMPRESSED_TENSORS, compressed_tensors.scheme_from_config(
-                qcfg, gate_prefix.rstrip("."), dtype)
-        if method == gptq.QUANT_METHOD:
-            dtype = self.source.get(gptq.scale_key(gate_prefix)).dtype
-            return CheckpointFormat(gptq.checkpoint_format(qcfg)), gptq.scheme_from_config(qcfg, dtype)
-        if method == awq.QUANT_METHOD:
-            dtype = self.source.get(awq.scale_key(gate_prefix)).dtype
-            return CheckpointFormat.AWQ, awq.scheme_from_config(qcfg, dtype)
+        try:
+            if method == compressed_tensors.QUANT_METHOD:
+                dtype = self.source.get(compressed_tensors.scale_key(gate_prefix)).dtype
+                return CheckpointFormat.COMPRESSED_TENSORS, compressed_tensors.scheme_from_config(
+                    qcfg, gate_prefix.rstrip("."), dtype)
+            if method == gptq.QUANT_METHOD:
+                dtype = self.source.get(gptq.scale_key(gate_prefix)).dtype
+                return CheckpointFormat(gptq.checkpoint_format(qcfg)), gptq.scheme_from_config(qcfg, dtype)
+            if method == awq.QUANT_METHOD:
+                dtype = self.source.get(awq.scale_key(gate_prefix)).dtype
+                return CheckpointFormat.AWQ, awq.scheme_from_config(qcfg, dtype)
+        except UnsupportedError as error:  # name the checkpoint whose quantization_config is at fault
+            raise UnsupportedError(f"{self.name}: quantization_config ({method}): {error}") from error
         raise UnsupportedError(f"{self.name}: quant_method {method!r} is not supported; expected one of "
                                f"{compressed_tensors.QUANT_METHOD!r}, {gptq.QUANT_METHOD!r}, {awq.QUANT_METHOD!r}")
 
@@ -309,7 +343,16 @@ class Checkpoint:
     def correction_bias(self, layer: int) -> torch.Tensor | None:
         """DeepSeek-V3's `e_score_correction_bias` [E] of `layer`, or None when the checkpoint has none."""
         key = self._naming(layer).correction_bias_key(layer)
-        return self.source.get(key) if self.source.has(key) else None
+        if not self.source.has(key):
+            return None
+        bias = self.source.get(key)
+        num_experts = self.moe_config().num_experts
+        if tuple(bias.shape) != (num_experts,) or not bias.is_floating_point():
+            raise CheckpointError(self.name, key, f"expected a float [{num_experts}] correction bias, got "
+                                                  f"{list(bias.shape)} {bias.dtype}")
+        if not torch.isfinite(bias).all():
+            raise CheckpointError(self.name, key, "holds NaN or infinite values")
+        return bias
 
     def moe_config(self) -> MoEConfig:
         """E, top-k, H, I, activation, routing and dtype, read from `config.json`."""

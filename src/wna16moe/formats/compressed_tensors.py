@@ -61,6 +61,9 @@ def scheme_from_config(config: dict[str, Any], module_name: str, scale_dtype: to
         strategy = weights.get("strategy")
         if strategy == "group":
             group_size = weights.get("group_size")
+            if group_size is None:  # channel-wise comes from the strategy only, never from a missing size
+                raise UnsupportedError(f"weights strategy 'group' (config group {group_name}) needs a group_size, "
+                                       "got none")
         elif strategy == "channel":
             group_size = None
         else:

@@ -28,6 +28,8 @@ import triton.language as tl
 from wna16moe.kernels.layout import TILE_K
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = 0, 1, 2, 3
+# Kernels may read module globals only when they are constexpr objects.
+_TILE_K = tl.constexpr(TILE_K)
 
 
 @triton.jit
@@ -51,11 +53,11 @@ def _activation(gate, up, alpha, beta, limit, ACT: tl.constexpr, HAS_LIMIT: tl.c
 def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
               GROUP_IN_TILE: tl.constexpr):
-    """acc + a[:, tile] @ dequant(words): one TILE_K tile, group by group, slot by slot."""
+    """acc + a[:, tile] @ dequant(words): one _TILE_K tile, group by group, slot by slot."""
     PACK: tl.constexpr = 32 // BITS
-    R: tl.constexpr = TILE_K // PACK
+    R: tl.constexpr = _TILE_K // PACK
     SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R
-    for g in tl.static_range(TILE_K // GROUP_IN_TILE):
+    for g in tl.static_range(_TILE_K // GROUP_IN_TILE):
         group_start = k + g * GROUP_IN_TILE
         group = group_start // group_size
         # A group past the end of KD (last, partial tile) has no scale row to read.
@@ -85,7 +87,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
 def _moe_gemm_kernel(
     a_ptr,  # (A_rows, KD) activations: hidden_states [T, H] (GATED) or intermediate [P, I]
     a_perm_ptr,  # (E, KD) int32 act-order column permutation of A per expert (HAS_PERM)
-    w_ptr,  # (E, ceil(KD / TILE_K) * R, N_total) int32 packed codes, K-major, tile-interleaved
+    w_ptr,  # (E, ceil(KD / _TILE_K) * R, N_total) int32 packed codes, K-major, tile-interleaved
     s_ptr,  # (E, G, N_total) scales
     z_ptr,  # (E, G, N_total) uint8 zero points (HAS_ZP)
     bias_ptr,  # (E, N_total) float32 (HAS_BIAS)
@@ -122,7 +124,7 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
-    R: tl.constexpr = TILE_K // PACK
+    R: tl.constexpr = _TILE_K // PACK
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     pid_n = pid // num_m_blocks
@@ -139,10 +141,10 @@ def _moe_gemm_kernel(
         a_rows = rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    tiles = tl.cdiv(KD, TILE_K)
+    tiles = tl.cdiv(KD, _TILE_K)
     tiles_per_split = tl.cdiv(tiles, SPLIT_K)
-    k_begin = pid_k * tiles_per_split * TILE_K
-    k_end = tl.minimum(KD, k_begin + tiles_per_split * TILE_K)
+    k_begin = pid_k * tiles_per_split * _TILE_K
+    k_end = tl.minimum(KD, k_begin + tiles_per_split * _TILE_K)
 
     a_row_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
     perm_ptr = a_perm_ptr + expert * KD
@@ -151,7 +153,7 @@ def _moe_gemm_kernel(
     z_ptrs = z_ptr + expert * stride_se + offs_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(k_begin, k_end, TILE_K):
+    for k in range(k_begin, k_end, _TILE_K):
         tile_ptrs = w_ptrs + (k // PACK) * stride_wk
         words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
         acc = _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
