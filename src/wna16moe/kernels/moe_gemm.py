@@ -68,8 +68,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
         else:
             z = 1 << (BITS - 1)
         partial = tl.zeros(acc.shape, dtype=tl.float32)
-        for i in tl.static_range(SLOTS_PER_GROUP):
-            j: tl.constexpr = g * SLOTS_PER_GROUP + i
+        for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
             offs = k + j * R + tl.arange(0, R)
             k_mask = offs < k_end
             if HAS_PERM:
