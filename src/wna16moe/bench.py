@@ -220,7 +220,7 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
             f"{rows[-1]['tflops']:7.1f} TFLOP/s")
 
     default = triton_kernel.config(m)
-    configs = _sweep_configs(default, scheme.group_size, m * k / e) if sweep else [default]
+    configs = _sweep_configs(default, m * k / e) if sweep else [default]
     timings: list[tuple[float, TritonConfig]] = []
     for c in configs:
         try:
