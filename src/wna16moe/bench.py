@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -257,11 +258,12 @@ def _quant_config(experts: QuantizedExperts) -> MoEQuantConfig:
 
 
 def _commit() -> str:
+    """The commit measured: git's HEAD, else $WNA16MOE_COMMIT (a copied tree without .git)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("WNA16MOE_COMMIT", "unknown")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,10 +58,12 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> TritonConfi
     each expert's weights once), larger blocks as the work turns compute-bound."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert <= 20:
-        return TritonConfig(16, 64, 64)
+        return TritonConfig(16, 64, 64, num_warps=4, num_stages=4)
+    if per_expert <= 100:
+        return TritonConfig(32, 64, 64, num_warps=4, num_stages=4)
     if per_expert <= 1024:
-        return TritonConfig(64, 64, 64)
-    return TritonConfig(128, 64, 64)
+        return TritonConfig(64, 64, 64, num_warps=4, num_stages=3)
+    return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
 
 
 def _round_up(x: int, multiple: int) -> int:
