@@ -209,10 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--backend", help=f"explain a forced backend (default: ${BACKEND_ENV}, else auto)")
     exp.add_argument("--json", action="store_true", help="print JSON")
     exp.set_defaults(func=_cmd_explain)
+
+    # Listed for --help only: main() hands every argument after "bench" to wna16moe.bench unparsed.
+    sub.add_parser("bench", help="benchmark whole MoE layers on this GPU (the options of python -m wna16moe.bench)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from wna16moe.bench import main as bench_main  # imports triton: only when asked for
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,56 @@
+"""Compile the Triton kernels for NVIDIA targets without a GPU and print PTX facts as JSON.
+
+Run as a script (by tests/test_kernels_compile.py) in a process without TRITON_INTERPRET: triton decides at
+decoration time whether a kernel is interpreted, and the other CPU tests interpret them.
+"""
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from wna16moe.kernels.moe_align import _moe_align_kernel
+from wna16moe.kernels.moe_gemm import _moe_gemm_kernel
+
+GEMM_SIGNATURE = {
+    "a_ptr": "*bf16", "a_perm_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "bias_ptr": "*fp32",
+    "out_ptr": "*bf16", "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+    "num_padded_ptr": "*i32", "N": "i32", "KD": "i32", "P": "i32", "num_m_blocks": "i32", "stride_am": "i32",
+    "stride_we": "i32", "stride_wk": "i32", "stride_se": "i32", "stride_sg": "i32", "stride_om": "i32",
+    "group_size": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32",
+}
+PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync")
+
+
+def facts(ptx: str) -> dict[str, int]:
+    return {name: ptx.count(name) for name in PTX_FACTS}
+
+
+def compile_gemm(case: dict) -> dict[str, int]:
+    gated = case["gated"]
+    consts = dict(TOP_K=8, GATED=gated, ACT=3 if gated else 0, HAS_LIMIT=gated, BITS=case["bits"],
+                  HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_IN_TILE=case["group_in_tile"],
+                  SPLIT_K=1 if gated else 2, BLOCK_M=case["block_m"], BLOCK_N=case["block_n"])
+    signature = dict(GEMM_SIGNATURE, out_ptr="*bf16" if gated else "*fp32")
+    signature.update(dict.fromkeys(consts, "constexpr"))
+    kernel = triton.compile(ASTSource(_moe_gemm_kernel, signature, constexprs=consts),
+                            target=GPUTarget("cuda", case["sm"], 32),
+                            options={"num_warps": case["warps"], "num_stages": 4})
+    return facts(kernel.asm["ptx"])
+
+
+def compile_align() -> dict[str, int]:
+    signature = {"topk_ids_ptr": "*i32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+                 "num_padded_ptr": "*i32", "rank_ptr": "*i32", "P": "i32", "max_padded": "i32", "max_blocks": "i32"}
+    consts = dict(E_POW2=512, BLOCK_M=16, CHUNK=16)
+    signature.update(dict.fromkeys(consts, "constexpr"))
+    kernel = triton.compile(ASTSource(_moe_align_kernel, signature, constexprs=consts),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return facts(kernel.asm["ptx"])
+
+
+if __name__ == "__main__":
+    cases = json.loads(sys.argv[1])
+    print(json.dumps({"gemm": [compile_gemm(c) for c in cases], "align": compile_align()}))
