@@ -67,6 +67,23 @@ def labels(values: tuple[object, ...]) -> str:
     return ", ".join(one(v) for v in values)
 
 
+def check_member(value: object, allowed: tuple[object, ...], what: str) -> Check:
+    """OK if `value` is one of `allowed`, else the reason naming both (`what`: "group_size", ...)."""
+    if value in allowed:
+        return OK
+    expected = labels(allowed) if len(allowed) == 1 else f"one of {labels(allowed)}"
+    return fail(f"{what} {labels((value,))} is not supported; expected {expected}")
+
+
+def check_whole_groups(spec: LayerSpec) -> Check:
+    """H and I per shard must hold whole groups (kernels whose scales have no partial last group)."""
+    group = spec.scheme.group_size
+    h, i = spec.moe.hidden_size, spec.intermediate_per_shard
+    if group is not None and (h % group or i % group):
+        return fail(f"H and I/tp must be multiples of group_size {group}, got H={h}, I/tp={i}")
+    return OK
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """Everything about a layer that capability checks look at; holds no tensors."""

@@ -15,7 +15,17 @@ import torch
 
 from wna16moe.config import Activation, ParallelConfig, RoutingConfig, RoutingMethod
 from wna16moe.device import DeviceInfo, Platform
-from wna16moe.experts.base import OK, Check, Experts, LayerSpec, dtype_label, fail, labels
+from wna16moe.experts.base import (
+    OK,
+    Check,
+    Experts,
+    LayerSpec,
+    check_member,
+    check_whole_groups,
+    dtype_label,
+    fail,
+    labels,
+)
 from wna16moe.scheme import WeightScheme
 
 NAME = "cpu"
@@ -50,9 +60,7 @@ class CPUExperts(Experts):
             return fail(f"int{scheme.bits} weights are not supported; expected int4")
         if scheme.act_order:
             return fail("act-order (g_idx) is not supported: the CPU kernel's blocked repack assumes groups in order")
-        if act_dtype not in ACT_DTYPES:
-            return fail(f"activation dtype {dtype_label(act_dtype)} is not supported; expected {labels(ACT_DTYPES)}")
-        return OK
+        return check_member(act_dtype, ACT_DTYPES, "activation dtype")
 
     @classmethod
     def supports_activation(cls, activation: Activation) -> Check:
@@ -78,12 +86,8 @@ class CPUExperts(Experts):
 
     @classmethod
     def supports_shape(cls, spec: LayerSpec) -> Check:
-        group = spec.scheme.group_size
-        h, i = spec.moe.hidden_size, spec.intermediate_per_shard
         # The blocked (VNNI) repack works on whole groups along each GEMM's K.
-        if group is not None and (h % group or i % group):
-            return fail(f"H and I/tp must be multiples of group_size {group}, got H={h}, I/tp={i}")
-        return OK
+        return check_whole_groups(spec)
 
     @classmethod
     def supports_extras(cls, has_bias: bool, clamp_limit: float | None, activation: Activation) -> Check:

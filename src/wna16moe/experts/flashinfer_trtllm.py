@@ -20,7 +20,16 @@ import torch
 
 from wna16moe.config import Activation, ParallelConfig, RoutingConfig, RoutingMethod
 from wna16moe.device import DeviceInfo, Platform
-from wna16moe.experts.base import OK, Check, Experts, LayerSpec, dtype_label, fail, labels
+from wna16moe.experts.base import (
+    OK,
+    Check,
+    Experts,
+    LayerSpec,
+    check_member,
+    dtype_label,
+    fail,
+    labels,
+)
 from wna16moe.scheme import WeightScheme
 
 NAME = "flashinfer_trtllm"
@@ -74,9 +83,7 @@ class FlashInferTrtllmExperts(Experts):
         if scheme.bits != BITS or scheme.group_size != GROUP_SIZE or scheme.zero_point or scheme.act_order:
             return fail(f"weight scheme {scheme.name} is not supported; the kernel reads only {wanted} (int4, "
                         f"symmetric, group_size {GROUP_SIZE}, no act-order)")
-        if act_dtype not in ACT_DTYPES:
-            return fail(f"activation dtype {dtype_label(act_dtype)} is not supported; expected {labels(ACT_DTYPES)}")
-        return OK
+        return check_member(act_dtype, ACT_DTYPES, "activation dtype")
 
     @classmethod
     def supports_activation(cls, activation: Activation) -> Check:

@@ -20,7 +20,15 @@ import torch
 
 from wna16moe.config import Activation, ActivationFormat
 from wna16moe.device import MARLIN_LIBRARY_ENV, MARLIN_PROVIDER, DeviceInfo, Platform
-from wna16moe.experts.base import OK, Check, Experts, LayerSpec, dtype_label, fail, group_label, labels
+from wna16moe.experts.base import (
+    OK,
+    Check,
+    Experts,
+    LayerSpec,
+    check_member,
+    fail,
+    labels,
+)
 from wna16moe.scheme import WeightScheme
 
 NAME = "marlin"
@@ -76,12 +84,9 @@ class MarlinExperts(Experts):
         if (scheme.bits, scheme.zero_point) not in WEIGHT_TYPES:
             return fail(f"int{scheme.bits} with zero points is not supported (Marlin has no uint8 + zero-point type); "
                         "expected int4 symmetric, int4 with zero points or int8 symmetric")
-        if scheme.group_size not in GROUP_SIZES:
-            return fail(f"group_size {group_label(scheme.group_size)} is not supported; expected one of "
-                        f"{labels(GROUP_SIZES)}")
-        if act_dtype not in ACT_DTYPES:
-            return fail(f"activation dtype {dtype_label(act_dtype)} is not supported; expected {labels(ACT_DTYPES)}")
-        return OK
+        if not (group := check_member(scheme.group_size, GROUP_SIZES, "group_size")).ok:
+            return group
+        return check_member(act_dtype, ACT_DTYPES, "activation dtype")
 
     @classmethod
     def supports_activation(cls, activation: Activation) -> Check:

@@ -10,7 +10,16 @@ import torch
 
 from wna16moe.config import Activation
 from wna16moe.device import DeviceInfo, Platform
-from wna16moe.experts.base import OK, Check, Experts, LayerSpec, dtype_label, fail, group_label, labels
+from wna16moe.experts.base import (
+    OK,
+    Check,
+    Experts,
+    LayerSpec,
+    check_member,
+    check_whole_groups,
+    fail,
+    labels,
+)
 from wna16moe.scheme import WeightScheme
 
 NAME = "xpu"
@@ -50,12 +59,9 @@ class XPUExperts(Experts):
             return fail("zero points are not supported; the XPU kernel reads symmetric int4 only")
         if scheme.act_order:
             return fail("act-order (g_idx) is not supported by the XPU kernel")
-        if scheme.group_size not in GROUP_SIZES:
-            return fail(f"group_size {group_label(scheme.group_size)} is not supported; expected one of "
-                        f"{labels(GROUP_SIZES)}")
-        if act_dtype not in ACT_DTYPES:
-            return fail(f"activation dtype {dtype_label(act_dtype)} is not supported; expected {labels(ACT_DTYPES)}")
-        return OK
+        if not (group := check_member(scheme.group_size, GROUP_SIZES, "group_size")).ok:
+            return group
+        return check_member(act_dtype, ACT_DTYPES, "activation dtype")
 
     @classmethod
     def supports_activation(cls, activation: Activation) -> Check:
@@ -65,12 +71,8 @@ class XPUExperts(Experts):
 
     @classmethod
     def supports_shape(cls, spec: LayerSpec) -> Check:
-        group = spec.scheme.group_size
-        h, i = spec.moe.hidden_size, spec.intermediate_per_shard
         # Scales are [.., K // group_size]: a partial last group has no scale.
-        if group is not None and (h % group or i % group):
-            return fail(f"H and I/tp must be multiples of group_size {group}, got H={h}, I/tp={i}")
-        return OK
+        return check_whole_groups(spec)
 
     @classmethod
     def supports_extras(cls, has_bias: bool, clamp_limit: float | None, activation: Activation) -> Check:
