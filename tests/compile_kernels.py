@@ -32,6 +32,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
     gated = case["gated"]
     consts = dict(TOP_K=8, GATED=gated, ACT=3 if gated else 0, HAS_LIMIT=gated, BITS=case["bits"],
                   HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_IN_TILE=case["group_in_tile"],
+                  SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, BLOCK_M=case["block_m"], BLOCK_N=case["block_n"])
     signature = dict(GEMM_SIGNATURE, out_ptr="*bf16" if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))

@@ -149,6 +149,7 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
     TritonConfig(16, 32, 32, split_k2=2),   # split-K in GEMM2 (atomic partial sums)
     TritonConfig(32, 64, 16, split_k2=1),   # larger M block than tokens per expert, narrow GEMM2 tiles
     TritonConfig(16, 128, 128, split_k2=3),  # N tiles wider than I' (masked), uneven split of 2 K tiles
+    TritonConfig(64, 64, 64),  # BLOCK_M above the group size: scales applied to the weights
 ])
 @pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_g32_sym"])
 def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:

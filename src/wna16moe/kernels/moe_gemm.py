@@ -52,8 +52,12 @@ def _activation(gate, up, alpha, beta, limit, ACT: tl.constexpr, HAS_LIMIT: tl.c
 @triton.jit
 def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
-              GROUP_IN_TILE: tl.constexpr):
-    """acc + a[:, tile] @ dequant(words): one _TILE_K tile, group by group, slot by slot."""
+              GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr):
+    """acc + a[:, tile] @ dequant(words): one _TILE_K tile, group by group, slot by slot.
+
+    The scale multiplies either each group's [BLOCK_M, BLOCK_N] partial sum (cheap while BLOCK_M is small)
+    or, with SCALE_WEIGHTS, the [R, BLOCK_N] dequantized weights (cheaper once BLOCK_M exceeds the group).
+    """
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
     SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R
@@ -67,7 +71,10 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
             z = tl.load(z_ptrs + group * stride_sg, mask=g_mask, other=0).to(tl.int32)[None, :]
         else:
             z = 1 << (BITS - 1)
-        partial = tl.zeros(acc.shape, dtype=tl.float32)
+        if SCALE_WEIGHTS:
+            partial = acc
+        else:
+            partial = tl.zeros(acc.shape, dtype=tl.float32)
         for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
             offs = k + j * R + tl.arange(0, R)
             k_mask = offs < k_end
@@ -76,9 +83,16 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
             else:
                 cols = offs
             a = tl.load(a_row_ptrs + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
+            q = ((words >> (BITS * j)) & ((1 << BITS) - 1)) - z
+            if SCALE_WEIGHTS:
+                w = (q.to(tl.float32) * s[None, :]).to(a.dtype)
+            else:
+                w = q.to(a.dtype)
             partial = tl.dot(a, w, partial)
-        acc += partial * s[None, :]
+        if SCALE_WEIGHTS:
+            acc = partial
+        else:
+            acc += partial * s[None, :]
     return acc
 
 
@@ -118,6 +132,7 @@ def _moe_gemm_kernel(
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GROUP_IN_TILE: tl.constexpr,
+    SCALE_WEIGHTS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -156,11 +171,11 @@ def _moe_gemm_kernel(
         tile_ptrs = w_ptrs + (k // PACK) * stride_wk
         words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
         acc = _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
-                        stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE)
+                        stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS)
         if GATED:
             words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
             acc_up = _tile_dot(acc_up, words_up, a_row_ptrs, row_mask, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask, k,
-                               k_end, group_size, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE)
+                               k_end, group_size, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS)
 
     out_mask = row_mask[:, None] & n_mask[None, :]
     if GATED:
@@ -249,6 +264,8 @@ def moe_gemm(
         group_size, alpha, beta, 0.0 if limit is None else limit,
         TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
         HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_IN_TILE=min(group_size, TILE_K),
+        # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
+        SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     return out
