@@ -52,14 +52,15 @@ class TritonConfig:
     num_stages: int = 4
 
 
-def default_config(num_tokens: int, top_k: int, num_experts: int) -> TritonConfig:
+def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None) -> TritonConfig:
     """Tiles by expected tokens per expert (from the H100 sweeps in benchmarks/NOTES.md; a tuned table per
     device and shape replaces this later): the smallest M block while experts see few rows (decode streams
-    each expert's weights once), larger blocks as the work turns compute-bound."""
+    each expert's weights once), larger blocks as the work turns compute-bound. Small groups (32) prefer M
+    blocks above the group size, where the kernel scales weights instead of partial sums."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert <= 20:
         return TritonConfig(16, 64, 64, num_warps=4, num_stages=4)
-    if per_expert <= 100:
+    if per_expert <= 100 and (group_size is None or group_size >= 64):
         return TritonConfig(32, 64, 64, num_warps=4, num_stages=4)
     if per_expert <= 1024:
         return TritonConfig(64, 64, 64, num_warps=4, num_stages=3)
@@ -184,7 +185,7 @@ class TritonExperts(Experts):
         return prepare_triton_weights(experts, device)
 
     def config(self, num_tokens: int) -> TritonConfig:
-        return default_config(num_tokens, self.moe.top_k, self.moe.num_experts)
+        return default_config(num_tokens, self.moe.top_k, self.moe.num_experts, self.scheme.group_size)
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor], config: TritonConfig | None = None) -> torch.Tensor:
