@@ -138,3 +138,8 @@ def test_corrupted_weight(fixture_copy: FixtureCopy, edit: TensorEdit, message: 
 def test_quantize_to_rejects(path: Path, quantize_to: str | None, message: str) -> None:
     with pytest.raises(UnsupportedError, match=message):
         open_checkpoint(path, quantize_to=quantize_to).load_layer(0)
+
+
+def test_act_order_target_is_rejected_at_open() -> None:
+    with pytest.raises(UnsupportedError, match="act-order"):
+        open_checkpoint("tests/data/qwen3moe-bf16", quantize_to="int4_g32_sym_actorder")

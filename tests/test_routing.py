@@ -184,3 +184,15 @@ def test_route_rejects(logits: torch.Tensor, routing: RoutingConfig, bias: torch
 def test_grouped_topk_rejects_uneven_groups() -> None:
     with pytest.raises(InvalidInputError, match="not a multiple of n_group=3"):
         grouped_topk(torch.randn(2, 16), 2, 3, 1)
+
+
+@pytest.mark.parametrize("top_k", [0, 9])
+def test_route_rejects_top_k_outside_the_experts(top_k: int) -> None:
+    with pytest.raises(InvalidInputError, match=f"top_k={top_k}"):
+        route(torch.randn(3, 8), RoutingConfig(), top_k)
+
+
+def test_route_rejects_a_misshapen_correction_bias() -> None:
+    config = RoutingConfig(RoutingMethod.DEEPSEEK_V3, n_group=2, topk_group=1, has_correction_bias=True)
+    with pytest.raises(InvalidInputError, match="correction_bias"):
+        route(torch.randn(3, 8), config, 2, torch.randn(7))

@@ -127,3 +127,14 @@ def test_with_scale_dtype_keeps_everything_else() -> None:
     other = scheme.with_scale_dtype(torch.float16)
     assert other.scale_dtype == torch.float16
     assert dataclasses.replace(other, scale_dtype=torch.bfloat16) == scheme
+
+
+def test_bool_is_not_a_group_size() -> None:
+    with pytest.raises(UnsupportedError, match="group_size=True"):
+        WeightScheme(4, True)
+
+
+@pytest.mark.parametrize("name", ["int4_g0128_sym", "int04_g128_sym"])
+def test_names_are_canonical(name: str) -> None:
+    with pytest.raises(UnsupportedError, match="not valid"):
+        WeightScheme.from_name(name)

@@ -96,6 +96,8 @@ def _print_checkpoint(info: dict[str, Any]) -> None:
     if r["method"] == "deepseek_v3":
         routing += f", n_group {r['n_group']}, topk_group {r['topk_group']}, scale {r['routed_scaling_factor']}"
     ratio = info["expert_bytes_bf16"] / max(info["expert_bytes_on_disk"], 1)
+    # A dense checkpoint is quantized on load: its disk size says nothing about the quantized size.
+    size_note = "quantized on load" if info["format"] == "dense" else f"{ratio:.2f}x smaller"
     lines = [
         ("checkpoint", info["path"]),
         ("format", info["format"]),
@@ -108,7 +110,7 @@ def _print_checkpoint(info: dict[str, Any]) -> None:
         ("dtype", info["dtype"]),
         ("on disk", _human(info["bytes_on_disk"])),
         ("expert bytes", f"{_human(info['expert_bytes_on_disk'])} on disk vs {_human(info['expert_bytes_bf16'])} "
-                    f"in bf16 ({ratio:.2f}x smaller)"),
+                    f"in bf16 ({size_note})"),
     ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:

@@ -73,6 +73,11 @@ def route(logits: torch.Tensor, routing: RoutingConfig, top_k: int,
     """Route with the method of `routing`; `correction_bias` [E] is used by DEEPSEEK_V3 only."""
     if logits.dim() != 2:
         raise InvalidInputError(f"router_logits must be [T, E], got {list(logits.shape)}")
+    num_experts = logits.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise InvalidInputError(f"top_k={top_k} must lie in [1, E={num_experts}]")
+    if correction_bias is not None and tuple(correction_bias.shape) != (num_experts,):
+        raise InvalidInputError(f"correction_bias must be [E={num_experts}], got {list(correction_bias.shape)}")
     if routing.method == RoutingMethod.SOFTMAX:
         weights, ids = softmax_topk(logits, top_k, routing.renormalize)
     elif routing.method == RoutingMethod.SIGMOID:

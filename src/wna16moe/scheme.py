@@ -12,7 +12,7 @@ from wna16moe.errors import UnsupportedError
 
 SUPPORTED_BITS = (4, 8)
 SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_NAME_PATTERN = re.compile(r"^int(?P<bits>\d+)_(?:g(?P<group>\d+)|ch)_(?P<zp>sym|zp)(?P<act>_actorder)?$")
+_NAME_PATTERN = re.compile(r"int(?P<bits>0|[1-9]\d*)_(?:g(?P<group>0|[1-9]\d*)|ch)_(?P<zp>sym|zp)(?P<act>_actorder)?")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ class WeightScheme:
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise UnsupportedError(f"bits={self.bits} is not supported; expected one of {SUPPORTED_BITS}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+        # bool is an int subclass: group_size=True must not pass as 1.
+        if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                                            or self.group_size <= 0):
             raise UnsupportedError(
                 f"group_size={self.group_size!r} is not supported; expected a positive int or None (channel-wise)"
             )

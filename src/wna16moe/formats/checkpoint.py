@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from wna16moe.config import Activation, MoEConfig, RoutingConfig, RoutingMethod
-from wna16moe.errors import CheckpointError, UnsupportedError
+from wna16moe.errors import CheckpointError, InvalidInputError, UnsupportedError
 from wna16moe.formats import awq, compressed_tensors, dense, gptq
 from wna16moe.formats.common import Projection, TensorSource
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
@@ -228,7 +228,10 @@ class SafetensorsSource:
     def tensor_nbytes(self, key: str) -> int:
         """Bytes of one stored tensor, from its header (nothing is read)."""
         sliced = self._handle(key).get_slice(key)
-        return math.prod(sliced.get_shape()) * _DTYPE_BYTES[sliced.get_dtype()]
+        dtype = sliced.get_dtype()
+        if dtype not in _DTYPE_BYTES:
+            raise CheckpointError(self.name, key, f"has safetensors dtype {dtype}, which this reader does not size")
+        return math.prod(sliced.get_shape()) * _DTYPE_BYTES[dtype]
 
     def nbytes(self) -> int:
         return sum(file.stat().st_size for file in set(self._file_of.values()))
@@ -288,6 +291,9 @@ class Checkpoint:
                                        "quantize_to=WeightScheme(...) or a scheme name such as 'int4_g128_sym' to "
                                        "quantize it on load")
             scheme = WeightScheme.from_name(quantize_to) if isinstance(quantize_to, str) else quantize_to
+            if scheme.act_order:
+                raise UnsupportedError(f"quantize_to={scheme.name}: round-to-nearest cannot produce act-order (g_idx) "
+                                       "weights; choose a scheme without _actorder")
             return CheckpointFormat.DENSE, scheme
         if quantize_to is not None:
             raise UnsupportedError(f"{self.name} is already quantized; quantize_to applies to dense checkpoints only")
@@ -382,7 +388,18 @@ _GROUPED_ROUTING_MODELS = ("deepseek_v3", "kimi_k2", "glm4_moe")
 
 
 def moe_config_from_hf(config: dict[str, Any], name: str = "config.json") -> MoEConfig:
-    """Build a `MoEConfig` from a Hugging Face model config (Qwen-MoE, Mixtral, DeepSeek-V3, GLM-4.5, ...)."""
+    """Build a `MoEConfig` from a Hugging Face model config (Qwen-MoE, Mixtral, DeepSeek-V3, GLM-4.5, ...).
+
+    Inconsistent values (top-k above E, experts not divisible into groups, ...) raise a `CheckpointError`
+    naming the config.
+    """
+    try:
+        return _moe_config_from_hf(config, name)
+    except InvalidInputError as error:
+        raise CheckpointError(name, "config.json", str(error)) from error
+
+
+def _moe_config_from_hf(config: dict[str, Any], name: str) -> MoEConfig:
     text = config.get("text_config", config)
 
     def need(*keys: str) -> Any:
