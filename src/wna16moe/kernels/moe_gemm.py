@@ -53,13 +53,46 @@ def _activation(gate, up, alpha, beta, limit, ACT: tl.constexpr, HAS_LIMIT: tl.c
 def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
               GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr):
-    """acc + a[:, tile] @ dequant(words): one _TILE_K tile, group by group, slot by slot.
+    """acc + a[:, tile] @ dequant(words) for one _TILE_K tile.
 
-    The scale multiplies either each group's [BLOCK_M, BLOCK_N] partial sum (cheap while BLOCK_M is small)
-    or, with SCALE_WEIGHTS, the [R, BLOCK_N] dequantized weights (cheaper once BLOCK_M exceeds the group).
+    One scale per column over the tile (a group of _TILE_K or more), or SCALE_WEIGHTS: all slots are unpacked
+    into one [_TILE_K, BLOCK_N] operand (slot-major order is the natural K order of the tile) and a single dot
+    covers the tile. Otherwise (groups smaller than the tile, small BLOCK_M) each group's slots get their own
+    dots and the scale multiplies the group's [BLOCK_M, BLOCK_N] partial sum.
     """
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
+    # One dot per tile pays off at BLOCK_M 64 (wgmma); per-slot dots are faster with mma.sync (BLOCK_M 16, decode)
+    # and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
+    if SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64):
+        offs = k + tl.arange(0, _TILE_K)
+        k_mask = offs < k_end
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + offs, mask=k_mask, other=0)
+        else:
+            cols = offs
+        a = tl.load(a_row_ptrs + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        BLOCK_N: tl.constexpr = words.shape[1]
+        NG: tl.constexpr = _TILE_K // GROUP_IN_TILE
+        shifts = tl.arange(0, PACK) * BITS
+        q = (words[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)  # [PACK, R, BLOCK_N]
+        q = tl.reshape(q, (NG, GROUP_IN_TILE, BLOCK_N))  # the tile's groups, in K order
+        # One scale and zero row per group of the tile (rows past KD are masked).
+        group_rows = k + tl.arange(0, NG) * GROUP_IN_TILE
+        g_ptrs = (group_rows // group_size)[:, None] * stride_sg
+        g_mask = n_mask[None, :] & (group_rows < k_end)[:, None]
+        if HAS_ZP:
+            z = tl.load(z_ptrs[None, :] + g_ptrs, mask=g_mask, other=0).to(tl.int32)[:, None, :]
+        else:
+            z = 1 << (BITS - 1)
+        s = tl.load(s_ptrs[None, :] + g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+        if SCALE_WEIGHTS:
+            w = tl.reshape((q - z).to(tl.float32) * s[:, None, :], (_TILE_K, BLOCK_N)).to(a.dtype)
+            acc = tl.dot(a, w, acc)
+        else:  # a single group: scale the tile's sum
+            w = tl.reshape(q - z, (_TILE_K, BLOCK_N)).to(a.dtype)
+            acc += tl.dot(a, w) * tl.reshape(s, (BLOCK_N,))[None, :]
+        return acc
     SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R
     for g in tl.static_range(_TILE_K // GROUP_IN_TILE):
         group_start = k + g * GROUP_IN_TILE
@@ -71,10 +104,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
             z = tl.load(z_ptrs + group * stride_sg, mask=g_mask, other=0).to(tl.int32)[None, :]
         else:
             z = 1 << (BITS - 1)
-        if SCALE_WEIGHTS:
-            partial = acc
-        else:
-            partial = tl.zeros(acc.shape, dtype=tl.float32)
+        partial = tl.zeros(acc.shape, dtype=tl.float32)
         for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
             offs = k + j * R + tl.arange(0, R)
             k_mask = offs < k_end
@@ -83,16 +113,9 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
             else:
                 cols = offs
             a = tl.load(a_row_ptrs + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            q = ((words >> (BITS * j)) & ((1 << BITS) - 1)) - z
-            if SCALE_WEIGHTS:
-                w = (q.to(tl.float32) * s[None, :]).to(a.dtype)
-            else:
-                w = q.to(a.dtype)
+            w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
             partial = tl.dot(a, w, partial)
-        if SCALE_WEIGHTS:
-            acc = partial
-        else:
-            acc += partial * s[None, :]
+        acc += partial * s[None, :]
     return acc
 
 
