@@ -1,0 +1,303 @@
+"""The modules the quantizer puts into a transformers model: `PackedExperts` for a layer's routed experts
+and `WNA16Linear` for a quantized dense projection.
+
+Both keep the checkpoint's own tensors as their parameters (the experts' per-expert tensors merged along a
+leading expert dim), so `save_pretrained` writes the checkpoint back bit for bit. After loading,
+`finalize` reads them into canonical form with the format readers (every check the readers make runs once,
+here) and builds what the forward needs:
+
+- `PackedExperts`: the layer's kernel, chosen by the oracle and built for this layer only. Its prepared
+  weights are kept as non-persistent buffers, except for EMULATION, whose prepared weights would be the
+  canonical codes (one byte per weight): it reads them from the checkpoint tensors at each forward instead,
+  so the layer holds the packed size only.
+- `WNA16Linear`: the canonical codes, scales, zero points and group index (non-persistent buffers);
+  the forward dequantizes them to float32 and multiplies, with no host synchronization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wna16moe.config import ActivationFormat, MoEConfig, ParallelConfig, make_wna16_moe_quant_config
+from wna16moe.device import DeviceInfo
+from wna16moe.errors import BackendError, CheckpointError
+from wna16moe.experts.base import Experts, LayerSpec
+from wna16moe.formats.checkpoint import CheckpointFormat, ExpertNaming, read_experts, read_projection
+from wna16moe.formats.common import DictSource
+from wna16moe.hf.layout import TensorInfo
+from wna16moe.hf.ops import register_runtime
+from wna16moe.oracle import Backend, Report, Selection, Verdict, make_kernel, select_backend
+from wna16moe.quantized import QuantizedExperts
+from wna16moe.scheme import WeightScheme
+
+# Marker HF puts on every tensor it assigned from the checkpoint (core_model_loading.set_param_for_module).
+_LOADED_FLAG = "_is_hf_initialized"
+
+
+def _check_loaded(module: nn.Module, module_name: str, checkpoint: str, sources: dict[str, str]) -> None:
+    """Raise a `CheckpointError` naming the first parameter no checkpoint tensor was loaded into.
+
+    `sources` maps each parameter name to the checkpoint tensor(s) it comes from, for the message."""
+    for name, param in module.named_parameters(recurse=False):
+        if param.is_meta or not getattr(param, _LOADED_FLAG, False):
+            raise CheckpointError(checkpoint, f"{module_name}.{name}",
+                                  f"was not filled from the checkpoint (it merges {sources.get(name, name)}); "
+                                  "its memory is uninitialized, refusing to use it")
+
+
+@dataclass(frozen=True)
+class ExpertsPlan:
+    """How one layer's experts are stored in the checkpoint and held by `PackedExperts`.
+
+    `gate_up` and `down` give, per stored name (suffix), the per-expert tensor of one gate (= up) and one
+    down projection; `row_dim` the dim along which a gate and an up tensor concatenate.
+    """
+
+    module_name: str
+    checkpoint: str
+    layer: int
+    naming: ExpertNaming
+    fmt: CheckpointFormat
+    scheme: WeightScheme
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    gate_up: dict[str, TensorInfo]
+    down: dict[str, TensorInfo]
+    row_dim: dict[str, int]
+
+    def param_shapes(self) -> dict[str, TensorInfo]:
+        """The merged parameters: `w13_<suffix>` [E, gate ++ up] and `w2_<suffix>` [E, ...]."""
+        out = {}
+        for suffix, info in self.gate_up.items():
+            shape = list(info.shape)
+            shape[self.row_dim[suffix]] *= 2
+            out[f"w13_{suffix}"] = TensorInfo((self.num_experts, *shape), info.dtype)
+        for suffix, info in self.down.items():
+            out[f"w2_{suffix}"] = TensorInfo((self.num_experts, *info.shape), info.dtype)
+        return out
+
+    def sources(self) -> dict[str, str]:
+        """Checkpoint tensors (as a pattern over experts) behind each merged parameter."""
+        def pattern(projection: str, suffix: str) -> str:
+            return self.naming.projection_prefix(self.layer, 0, projection).replace(".0.", ".*.") + suffix
+
+        out = {f"w13_{s}": f"{pattern(self.naming.gate, s)} and {pattern(self.naming.up, s)}" for s in self.gate_up}
+        out.update({f"w2_{s}": pattern(self.naming.down, s) for s in self.down})
+        return out
+
+    def read(self, params: dict[str, torch.Tensor]) -> QuantizedExperts:
+        """Canonical experts from the merged parameters, through the format's reader (views, no copies, until
+        the reader unpacks)."""
+        views: dict[str, torch.Tensor] = {}
+        for expert in range(self.num_experts):
+            for projection, half in ((self.naming.gate, 0), (self.naming.up, 1)):
+                prefix = self.naming.projection_prefix(self.layer, expert, projection)
+                for suffix in self.gate_up:
+                    merged = params[f"w13_{suffix}"][expert]
+                    dim = self.row_dim[suffix]
+                    size = merged.shape[dim] // 2
+                    views[prefix + suffix] = merged.narrow(dim, half * size, size)
+            prefix = self.naming.projection_prefix(self.layer, expert, self.naming.down)
+            for suffix in self.down:
+                views[prefix + suffix] = params[f"w2_{suffix}"][expert]
+        source = DictSource(views, f"{self.checkpoint} (as loaded into {self.module_name})")
+        return read_experts(source, self.fmt, self.scheme, self.layer, self.naming, self.num_experts,
+                            self.hidden_size, self.intermediate_size)
+
+
+def select_modular(spec: LayerSpec, device: DeviceInfo, backend: Backend | None) -> Selection:
+    """The oracle's choice for an experts module that receives routed ids (HF routes before the experts).
+
+    A monolithic kernel routes inside itself and cannot run behind HF's router; when the oracle picks one,
+    the next candidate in priority order whose checks all pass is taken instead."""
+    selection = select_backend(spec, device=device, override=backend)
+    if not selection.kernel.MONOLITHIC:
+        return selection
+    for candidate in selection.report.candidates:
+        if candidate.verdict == Verdict.ELIGIBLE and candidate.kernel is not None and not candidate.kernel.MONOLITHIC:
+            return select_backend(spec, device=device, override=candidate.backend)
+    raise BackendError(f"{selection.backend.value} routes inside its kernel, which HF's experts modules cannot use, "
+                       f"and no other backend can run this layer:\n{selection.report.table()}")
+
+
+class _ExpertsRuntime:
+    """One layer's kernel and how to feed it; registered with the custom op, owned by its module."""
+
+    def __init__(self, plan: ExpertsPlan, kernel: Experts, names: list[str], reads_per_call: bool) -> None:
+        self.plan = plan
+        self.kernel = kernel
+        self.names = names
+        self.reads_per_call = reads_per_call
+        # EMULATION computes in float32 whatever the input dtype; other kernels take the layer's dtype.
+        self.any_dtype = reads_per_call
+
+    def apply(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              tensors: list[torch.Tensor]) -> torch.Tensor:
+        kernel = self.kernel
+        if hidden_states.device != kernel.device:
+            raise BackendError(f"{self.plan.module_name}: its {kernel.NAME} kernel was built for {kernel.device}, "
+                               f"but hidden_states are on {hidden_states.device}; load the model where it runs "
+                               "(device_map=...) instead of moving it after loading")
+        named = dict(zip(self.names, tensors, strict=True))
+        weights = kernel.prepare_weights(self.plan.read(named), kernel.device) if self.reads_per_call else named
+        x = hidden_states if self.any_dtype else hidden_states.to(kernel.moe.dtype)
+        return kernel.apply(x, topk_weights, topk_ids, weights).to(hidden_states.dtype)
+
+
+class PackedExperts(nn.Module):
+    """A layer's quantized routed experts in the checkpoint's own packing, in place of HF's `*Experts`.
+
+    `forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]`, the signature HF's
+    sparse MoE blocks call. Parameters are created on the meta device (they are filled by the loader).
+    """
+
+    def __init__(self, plan: ExpertsPlan) -> None:
+        super().__init__()
+        self.plan = plan
+        self.num_experts = plan.num_experts
+        for name, info in plan.param_shapes().items():
+            self.register_parameter(name, nn.Parameter(torch.empty(info.shape, dtype=info.dtype, device="meta"),
+                                                       requires_grad=False))
+        self.selection: Selection | None = None
+        self._runtime: _ExpertsRuntime | None = None
+        self._handle: int | None = None
+        self._op_names: list[str] = []
+
+    @property
+    def report(self) -> Report:
+        """The oracle's verdict on every backend for this layer (after loading)."""
+        if self.selection is None:
+            raise BackendError(f"{self.plan.module_name} has no kernel yet: it is built after the weights load")
+        return self.selection.report
+
+    def canonical(self) -> QuantizedExperts:
+        """The layer's experts in canonical form, read from its checkpoint tensors."""
+        return self.plan.read(dict(self.named_parameters(recurse=False)))
+
+    def spec(self, config: MoEConfig, dtype: torch.dtype) -> LayerSpec:
+        """The facts the oracle checks, for activations of `dtype` (float32 models are checked as bfloat16)."""
+        moe = MoEConfig(self.plan.num_experts, config.top_k, self.plan.hidden_size, self.plan.intermediate_size,
+                        config.activation, config.routing,
+                        dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        return LayerSpec(moe, self.plan.scheme, ParallelConfig(), ActivationFormat.STANDARD)
+
+    @torch.no_grad()
+    def finalize(self, config: MoEConfig, dtype: torch.dtype, backend: Backend | None) -> None:
+        """Check every parameter was loaded, choose and build this layer's kernel, register it with the op."""
+        plan = self.plan
+        _check_loaded(self, plan.module_name, plan.checkpoint, plan.sources())
+        experts = self.canonical()
+        device = next(iter(self.parameters())).device
+        spec = self.spec(config, dtype)
+        selection = select_modular(spec, DeviceInfo.current(device), backend)
+        group = -1 if plan.scheme.group_size is None else plan.scheme.group_size
+        quant = make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, group, plan.scheme.bits,
+                                            experts.w13.zeros, experts.w2.zeros)
+        kernel = make_kernel(selection, quant, device)
+        reads_per_call = selection.backend == Backend.EMULATION
+        if reads_per_call:
+            names = [name for name, _ in self.named_parameters(recurse=False)]
+        else:
+            names = []
+            for name, tensor in kernel.prepare_weights(experts, device).items():
+                self.register_buffer(f"kernel_{name}", tensor, persistent=False)
+                names.append(f"kernel_{name}")
+        self.selection = selection
+        self._runtime = _ExpertsRuntime(plan, kernel, names, reads_per_call)
+        self._handle = register_runtime(self._runtime)
+        self._op_names = names
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self._handle is None:
+            raise BackendError(f"{self.plan.module_name} has no kernel: it is built by the wna16moe quantizer after "
+                               "from_pretrained loads the weights")
+        # Ids outside [0, E) (expert-parallel sentinels) contribute nothing.
+        valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
+        ids = torch.where(valid, top_k_index, 0).to(torch.int32)
+        weights = torch.where(valid, top_k_weights.float(), 0.0)
+        tensors = [getattr(self, name) for name in self._op_names]
+        return torch.ops.wna16moe.hf_experts(hidden_states, ids, weights, tensors, self._handle)
+
+    def extra_repr(self) -> str:
+        p = self.plan
+        backend = "-" if self.selection is None else self.selection.backend.value
+        return (f"E={p.num_experts}, H={p.hidden_size}, I={p.intermediate_size}, {p.fmt.value} {p.scheme.name}, "
+                f"backend={backend}")
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one dense projection is stored in the checkpoint (`prefix` ends with a dot)."""
+
+    module_name: str
+    checkpoint: str
+    prefix: str
+    fmt: CheckpointFormat
+    scheme: WeightScheme
+    in_features: int
+    out_features: int
+    stored: dict[str, TensorInfo]
+
+
+class WNA16Linear(nn.Module):
+    """A quantized `nn.Linear` holding the checkpoint's tensors under their checkpoint names.
+
+    Parameters
+    ----------
+    plan : the stored tensors of this projection.
+    bias : the original layer's bias (meta), or None.
+    """
+
+    def __init__(self, plan: LinearPlan, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.plan = plan
+        self.in_features = plan.in_features
+        self.out_features = plan.out_features
+        for suffix, info in plan.stored.items():
+            self.register_parameter(suffix, nn.Parameter(torch.empty(info.shape, dtype=info.dtype, device="meta"),
+                                                         requires_grad=False))
+        self.bias = None if bias is None else nn.Parameter(torch.empty_like(bias, device="meta"), requires_grad=False)
+        self._ready = False
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Check every tensor was loaded and read it into canonical form (the reader's checks run here)."""
+        plan = self.plan
+        _check_loaded(self, plan.module_name, plan.checkpoint,
+                      {name: plan.prefix + name for name, _ in self.named_parameters(recurse=False)})
+        source = DictSource({plan.prefix + s: getattr(self, s) for s in plan.stored},
+                            f"{plan.checkpoint} (as loaded into {plan.module_name})")
+        projection = read_projection(plan.fmt, source, plan.prefix, plan.scheme,
+                                     (plan.out_features, plan.in_features))
+        group = projection.g_idx.long() if projection.g_idx is not None else plan.scheme.group_of(plan.in_features)
+        device = projection.codes.device
+        # Prefixed: the checkpoint's own names (GPTQ `scales`) are parameters of this module.
+        self.register_buffer("canonical_codes", projection.codes, persistent=False)
+        self.register_buffer("canonical_scales", projection.scales, persistent=False)
+        self.register_buffer("canonical_zeros", projection.zeros, persistent=False)
+        self.register_buffer("canonical_group", group.to(device), persistent=False)
+        self._ready = True
+
+    def dequantized(self) -> torch.Tensor:
+        """float32 [out_features, in_features]: (code - zero) * scale of each element's group."""
+        group = self.canonical_group
+        scale = self.canonical_scales.float().index_select(1, group)
+        if self.canonical_zeros is None:
+            return (self.canonical_codes.float() - self.plan.scheme.symmetric_zero) * scale
+        return (self.canonical_codes.float() - self.canonical_zeros.float().index_select(1, group)) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready:
+            raise BackendError(f"{self.plan.module_name} is not ready: it is finalized by the wna16moe quantizer "
+                               "after from_pretrained loads the weights")
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(x.float(), self.dequantized(), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.plan.fmt.value} {self.plan.scheme.name}")
