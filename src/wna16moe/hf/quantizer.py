@@ -21,7 +21,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+from transformers.core_model_loading import (
+    Concatenate,
+    ConversionOps,
+    MergeModulelist,
+    SplitModulelist,
+    WeightConverter,
+)
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -102,6 +108,7 @@ class WNA16Quantizer(HfQuantizer):
         self.format: CheckpointFormat | None = None
         self.experts_plans: dict[str, ExpertsPlan] = {}
         self.linear_plans: dict[str, LinearPlan] = {}
+        self.float_dtypes: dict[str, torch.dtype] = {}
 
     # ----- the hooks transformers calls -----
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -135,6 +142,9 @@ class WNA16Quantizer(HfQuantizer):
                 model.set_submodule(name, WNA16Linear(plan, module.bias))
                 self.linear_plans[name] = plan
                 claimed.add(plan.prefix)
+        self.float_dtypes = {name: param.dtype for name, param in model.named_parameters()
+                             if param.is_floating_point() and not isinstance(
+                                 model.get_submodule(name.rpartition(".")[0]), (PackedExperts, WNA16Linear))}
         marker = "." + scale_suffix(self.format)
         for key in index.keys():  # noqa: SIM118 (not a dict)
             if key.endswith(marker) and key[: -len(marker)] + "." not in claimed:
@@ -156,15 +166,16 @@ class WNA16Quantizer(HfQuantizer):
                     ours.append(WeightConverter(
                         [f"{block}.*.{plan.naming.gate}.{suffix}", f"{block}.*.{plan.naming.up}.{suffix}"],
                         f"{block}.w13_{suffix}",
-                        [MergeModulelist(dim=0), Concatenate(dim=plan.row_dim[suffix] + 1)]))
+                        [_MergeExperts(dim=0), Concatenate(dim=plan.row_dim[suffix] + 1)]))
             for suffix in plan.down:
                 if (block, f"w2_{suffix}") not in seen:
                     seen.add((block, f"w2_{suffix}"))
                     ours.append(WeightConverter([f"{block}.*.{plan.naming.down}.{suffix}"], f"{block}.w2_{suffix}",
-                                                [MergeModulelist(dim=0)]))
+                                                [_MergeExperts(dim=0)]))
         return ours + list(weight_conversions)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        self._restore_float_dtypes(model)
         text_config = model.config.get_text_config()
         moe: MoEConfig | None = None
         dtype = model.dtype
@@ -190,6 +201,20 @@ class WNA16Quantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+    @torch.no_grad()
+    def _restore_float_dtypes(self, model: nn.Module) -> None:
+        """Give every float parameter outside our modules the dtype the model was built with.
+
+        transformers 5.17 keeps the checkpoint's dtype for every renamed key of a pre-quantized checkpoint
+        (Mixtral's `block_sparse_moe.gate` -> `mlp.gate` stays bfloat16 in a float32 model); 5.23 casts them.
+        Parameters the model keeps in float32 on purpose (`_keep_in_fp32_modules*`) are left alone."""
+        kept = [*(getattr(model, "_keep_in_fp32_modules", None) or []),
+                *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])]
+        for name, param in model.named_parameters():
+            dtype = self.float_dtypes.get(name)
+            if dtype is not None and param.dtype != dtype and not any(k in name for k in kept):
+                param.data = param.data.to(dtype)
 
     # ----- planning -----
     def _experts_plan(self, name: str, module: nn.Module, index: CheckpointIndex,
@@ -230,6 +255,36 @@ class WNA16Quantizer(HfQuantizer):
         if module.bias is not None and not index.has(prefix + "bias"):
             raise CheckpointError(index.name, prefix + "bias", f"missing, but {name} has a bias")
         return LinearPlan(name, index.name, prefix, fmt, scheme, module.in_features, module.out_features, stored)
+
+
+class _MergeExperts(MergeModulelist):
+    """Stacks the per-expert tensors; saving reverses it with `_SplitExperts`."""
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _SplitExperts(self.dim)
+
+
+class _SplitExperts(SplitModulelist):
+    """Unstacks a merged tensor into one tensor per expert, removing only the expert dim.
+
+    transformers 5.17's `SplitModulelist` squeezes every size-1 dim, which turns a channel-wise
+    `down_proj.weight_scale` [H, 1] into [H] on save; 5.23 squeezes the split dim only, as this does."""
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str],
+                **kwargs: Any) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for source_pattern, tensors in input_dict.items():
+            tensor = tensors[0] if isinstance(tensors, list) else tensors
+            pieces = torch.unbind(tensor, dim=self.dim)
+            targets = self.get_target_patterns(input_dict, source_pattern, target_patterns, len(pieces))
+            out.update(zip(targets, pieces, strict=True))
+        return out
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _MergeExperts(self.dim)
 
 
 def _find_naming(index: CheckpointIndex, layer: int) -> ExpertNaming | None:
