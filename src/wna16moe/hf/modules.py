@@ -38,7 +38,8 @@ _LOADED_FLAG = "_is_hf_initialized"
 
 
 def _check_loaded(module: nn.Module, module_name: str, checkpoint: str, sources: dict[str, str]) -> None:
-    """Raise a `CheckpointError` naming the first parameter no checkpoint tensor was loaded into.
+    """Raise a `CheckpointError` naming the first parameter no checkpoint tensor was loaded into (and
+    freeze the others).
 
     `sources` maps each parameter name to the checkpoint tensor(s) it comes from, for the message."""
     for name, param in module.named_parameters(recurse=False):
@@ -46,6 +47,7 @@ def _check_loaded(module: nn.Module, module_name: str, checkpoint: str, sources:
             raise CheckpointError(checkpoint, f"{module_name}.{name}",
                                   f"was not filled from the checkpoint (it merges {sources.get(name, name)}); "
                                   "its memory is uninitialized, refusing to use it")
+        param.requires_grad_(False)  # the loader makes float tensors trainable; quantized layers are not
 
 
 @dataclass(frozen=True)
