@@ -87,12 +87,11 @@ def test_explain_checkpoint_on_b200(capsys: pytest.CaptureFixture[str]) -> None:
                     "renormalization is not supported; the kernel's Renormalize routing always renormalizes the "
                     "top-k weights; shape: H and I/tp must be multiples of 256 (whole 256-element K blocks in the "
                     "kernel's weight layout), got H=256, I/tp=128")
-    assert rows["marlin", "MarlinExperts"] == ("rejected", "implemented: not implemented in this version")
+    assert rows["marlin", "MarlinExperts"] == ("chosen", "first in priority order whose checks all pass")
     assert rows["batched_marlin", "BatchedMarlinExperts"][1].endswith(
         "format: needs the batched activation format, the layer uses standard")
-    chosen = [key for key, (verdict, _) in rows.items() if verdict == "chosen"]
-    assert len(chosen) == 1 and chosen[0][0] in ("triton", "emulation")
-    assert out.rstrip().endswith(f"chosen: {chosen[0][0]} ({chosen[0][1]})")
+    assert [key for key, (verdict, _) in rows.items() if verdict == "chosen"] == [("marlin", "MarlinExperts")]
+    assert out.rstrip().endswith("chosen: marlin (MarlinExperts)")
 
 
 def test_explain_named_shape_with_tp(capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,9 +104,9 @@ def test_explain_named_shape_with_tp(capsys: pytest.CaptureFixture[str]) -> None
     assert set(rows) == expected_candidates()
     verdict, reason = rows["marlin", "MarlinExperts"]
     assert verdict == "rejected"
-    assert reason == ("implemented: not implemented in this version; shape: I/tp=192 is not a multiple of group_size "
-                      "128: a quantization group would straddle the TP shard, which padding to a multiple of "
-                      "lcm(64, 128)=128 cannot fix; use a tp_size that keeps I/tp a multiple of 128")
+    assert reason == ("shape: I/tp=192 is not a multiple of group_size 128: a quantization group would straddle the "
+                      "TP shard, which padding to a multiple of lcm(64, 128)=128 cannot fix; use a tp_size that keeps "
+                      "I/tp a multiple of 128")
     assert rows["flashinfer_trtllm", "FlashInferTrtllmExperts"][1].startswith("not in the cuda_sm80 priority list")
 
 
@@ -142,8 +141,8 @@ def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
                               "packages": []}
     assert {(c["backend"], c["kernel"]) for c in data["candidates"]} == expected_candidates()
     marlin = next(c for c in data["candidates"] if c["backend"] == "marlin")
-    assert [f["check"] for f in marlin["failed_checks"]] == ["implemented", "device"]
-    assert "the Marlin MoE op library (pseudo-package 'marlin') is missing" in marlin["failed_checks"][1]["reason"]
+    assert marlin["failed_checks"] == [{"check": "device", "reason": "no Marlin op provider found (install vllm or set "
+                                                                     "WNA16MOE_MARLIN_LIB)"}]
     assert data["chosen"]["backend"] in ("triton", "emulation")
 
 

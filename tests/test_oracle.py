@@ -32,7 +32,7 @@ from wna16moe.errors import BackendError, InvalidInputError
 from wna16moe.experts.base import OK, Check, Experts, LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.flashinfer_trtllm import FlashInferTrtllmExperts
-from wna16moe.experts.marlin import MarlinExperts
+from wna16moe.experts.marlin import BatchedMarlinExperts
 from wna16moe.layer import WNA16MoE
 from wna16moe.oracle import (
     BACKEND_CLASSES,
@@ -55,6 +55,8 @@ FIXTURE = Path(__file__).parent / "data" / "qwen3moe-w4a16-g32-sym"
 TINY = MoEConfig(8, 2, 256, 128)
 # Where TRITON may win (its own checks decide), the oracle falls back to EMULATION.
 FAST: set[Backend | None] = {Backend.TRITON, Backend.EMULATION}
+# Where MARLIN's checks pass on a device with the Marlin library, it is first in line (after FlashInfer on SM10x).
+MARLIN_WINS: set[Backend | None] = {Backend.MARLIN}
 # EMULATION runs the standard format only: a batched layer has no kernel until a batched one exists.
 BATCHED: set[Backend | None] = {Backend.BATCHED_TRITON, None}
 FI, MARLIN, BMARLIN, CPU, XPU = (Backend.FLASHINFER_TRTLLM, Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.CPU,
@@ -96,111 +98,111 @@ class Case:
 CASES = [
     # ----- FLASHINFER_TRTLLM on SM10x -----
     Case("b200 kimi-k2 g32: FlashInfer's declaration accepts it; only the missing kernel stops it", "b200",
-         spec("kimi-k2", "int4_g32_sym"), FAST,
-         {FI: NOT_IMPL, MARLIN: NOT_IMPL, BMARLIN: NOT_IMPL | BATCHED_FMT}),
+         spec("kimi-k2", "int4_g32_sym"), MARLIN_WINS,
+         {FI: NOT_IMPL, BMARLIN: NOT_IMPL | BATCHED_FMT}),
     Case("b300 (sm_103) deepseek-v3 g32 with fp32 router logits (allowed for DeepSeekV3)", "b300",
-         spec("deepseek-v3", "int4_g32_sym", logits=torch.float32), FAST, {FI: NOT_IMPL, MARLIN: NOT_IMPL}),
+         spec("deepseek-v3", "int4_g32_sym", logits=torch.float32), MARLIN_WINS, {FI: NOT_IMPL}),
     Case("b200 llama-4-scout g32: sigmoid top-1 is Llama-4 routing", "b200",
-         spec("llama-4-scout", "int4_g32_sym"), FAST, {FI: NOT_IMPL}),
+         spec("llama-4-scout", "int4_g32_sym"), MARLIN_WINS, {FI: NOT_IMPL}),
     Case("b200 qwen3-30b g32: softmax renormalized is Renormalize routing", "b200",
-         spec("qwen3-30b-a3b", "int4_g32_sym"), FAST, {FI: NOT_IMPL}),
+         spec("qwen3-30b-a3b", "int4_g32_sym"), MARLIN_WINS, {FI: NOT_IMPL}),
     Case("b200 g128: FlashInfer reads group 32 only, Marlin takes it", "b200",
-         spec("kimi-k2", "int4_g128_sym"), FAST,
+         spec("kimi-k2", "int4_g128_sym"), MARLIN_WINS,
          {FI: NOT_IMPL | {"scheme": "weight scheme int4_g128_sym is not supported; the kernel reads only "
-                                    "int4_g32_sym"},
-          MARLIN: NOT_IMPL}),
-    Case("b200 zero points", "b200", spec("kimi-k2", "int4_g32_zp"), FAST,
-         {FI: NOT_IMPL | {"scheme": "weight scheme int4_g32_zp is not supported"}, MARLIN: NOT_IMPL}),
+                                    "int4_g32_sym"}}),
+    Case("b200 zero points", "b200", spec("kimi-k2", "int4_g32_zp"), MARLIN_WINS,
+         {FI: NOT_IMPL | {"scheme": "weight scheme int4_g32_zp is not supported"}}),
     Case("b200 fp16 activations (and so fp16 router logits): FlashInfer is bf16 only", "b200",
-         spec("kimi-k2", "int4_g32_sym", dtype=torch.float16), FAST,
+         spec("kimi-k2", "int4_g32_sym", dtype=torch.float16), MARLIN_WINS,
          {FI: NOT_IMPL | {"scheme": "activation dtype float16 is not supported; expected bfloat16",
                           "routing": "router logits dtype float16 is not supported with deepseek_v3 routing; "
-                                     "expected bfloat16, float32"},
-          MARLIN: NOT_IMPL}),
+                                     "expected bfloat16, float32"}}),
     Case("b200 SwiGLU-OAI is not aliased to the kernel's plain SiLU", "b200",
-         spec("kimi-k2", "int4_g32_sym", activation=Activation.SWIGLU_OAI), FAST,
+         spec("kimi-k2", "int4_g32_sym", activation=Activation.SWIGLU_OAI), MARLIN_WINS,
          {FI: NOT_IMPL | {"activation": "activation swiglu_oai is not supported: the kernel computes plain "
-                                        "silu(gate) * up"},
-          MARLIN: NOT_IMPL}),
-    Case("b200 GELU", "b200", spec("kimi-k2", "int4_g32_sym", activation=Activation.GELU), FAST,
-         {FI: NOT_IMPL | {"activation": "activation gelu is not supported; expected silu"}, MARLIN: NOT_IMPL}),
-    Case("b200 EP: no expert map in the fused kernel, Marlin has one", "b200", spec("kimi-k2", "int4_g32_sym", ep=2),
-         FAST, {FI: NOT_IMPL | {"parallel": "expert parallelism (ep_size=2) is not supported"}, MARLIN: NOT_IMPL}),
-    Case("b200 expert bias", "b200", spec("kimi-k2", "int4_g32_sym", bias=True), FAST,
-         {FI: NOT_IMPL | {"extras": "expert bias is not supported"}, MARLIN: NOT_IMPL}),
+                                        "silu(gate) * up"}}),
+    Case("b200 GELU", "b200", spec("kimi-k2", "int4_g32_sym", activation=Activation.GELU), MARLIN_WINS,
+         {FI: NOT_IMPL | {"activation": "activation gelu is not supported; expected silu"}}),
+    Case("b200 EP: no expert map in the fused kernel, nor in MARLIN's apply yet", "b200",
+         spec("kimi-k2", "int4_g32_sym", ep=2), FAST,
+         {FI: NOT_IMPL | {"parallel": "expert parallelism (ep_size=2) is not supported"},
+          MARLIN: {"parallel": "expert parallelism (ep_size=2) is not supported"}}),
+    Case("b200 expert bias", "b200", spec("kimi-k2", "int4_g32_sym", bias=True), MARLIN_WINS,
+         {FI: NOT_IMPL | {"extras": "expert bias is not supported"}}),
     Case("b200 SiLU with a clamp limit: FlashInfer would drop it, Marlin applies it", "b200",
-         spec("kimi-k2", "int4_g32_sym", clamp=7.0), FAST,
-         {FI: NOT_IMPL | {"extras": "the SwiGLU clamp limit (7.0) is not supported"}, MARLIN: NOT_IMPL}),
+         spec("kimi-k2", "int4_g32_sym", clamp=7.0), MARLIN_WINS,
+         {FI: NOT_IMPL | {"extras": "the SwiGLU clamp limit (7.0) is not supported"}}),
     Case("b200 fp32 logits with softmax routing", "b200",
-         spec("qwen3-30b-a3b", "int4_g32_sym", logits=torch.float32), FAST,
+         spec("qwen3-30b-a3b", "int4_g32_sym", logits=torch.float32), MARLIN_WINS,
          {FI: NOT_IMPL | {"routing": "router logits dtype float32 is not supported with softmax routing; expected "
                                      "bfloat16"}}),
     Case("b200 softmax without renormalization (the tiny fixture) and H, I below 256", "b200",
-         spec(TINY, "int4_g32_sym"), FAST,
+         spec(TINY, "int4_g32_sym"), MARLIN_WINS,
          {FI: NOT_IMPL | {"routing": "softmax routing without renormalization is not supported",
-                          "shape": "got H=256, I/tp=128"},
-          MARLIN: NOT_IMPL}),
+                          "shape": "got H=256, I/tp=128"}}),
     Case("b200 sigmoid with top_k 2 is not Llama-4 routing", "b200",
-         spec("llama-4-scout", "int4_g32_sym", top_k=2), FAST,
+         spec("llama-4-scout", "int4_g32_sym", top_k=2), MARLIN_WINS,
          {FI: NOT_IMPL | {"routing": "sigmoid routing is supported only as Llama-4 routing (top_k=1, no "
                                      "renormalization), got top_k=2"}}),
     Case("b200 deepseek-v3 routing without renormalization", "b200",
          spec("kimi-k2", "int4_g32_sym",
               routing=RoutingConfig(RoutingMethod.DEEPSEEK_V3, renormalize=False, routed_scaling_factor=2.827)),
-         FAST, {FI: NOT_IMPL | {"routing": "deepseek_v3 routing without renormalization is not supported"}}),
+         MARLIN_WINS, {FI: NOT_IMPL | {"routing": "deepseek_v3 routing without renormalization is not supported"}}),
     Case("b200 routed_scaling_factor outside DeepSeekV3 routing", "b200",
          spec("qwen3-30b-a3b", "int4_g32_sym",
               routing=RoutingConfig(RoutingMethod.SOFTMAX, renormalize=True, routed_scaling_factor=2.0)),
-         FAST, {FI: NOT_IMPL | {"routing": "routed_scaling_factor=2.0 is supported only with deepseek_v3 routing"}}),
-    Case("b200 tp=16 leaves I/tp=128 < 256", "b200", spec("kimi-k2", "int4_g32_sym", tp=16), FAST,
-         {FI: NOT_IMPL | {"shape": "H and I/tp must be multiples of 256"}, MARLIN: NOT_IMPL}),
+         MARLIN_WINS,
+         {FI: NOT_IMPL | {"routing": "routed_scaling_factor=2.0 is supported only with deepseek_v3 routing"}}),
+    Case("b200 tp=16 leaves I/tp=128 < 256", "b200", spec("kimi-k2", "int4_g32_sym", tp=16), MARLIN_WINS,
+         {FI: NOT_IMPL | {"shape": "H and I/tp must be multiples of 256"}}),
     Case("b200 without flashinfer and the Marlin library", "b200-bare", spec("kimi-k2", "int4_g32_sym"), FAST,
          {FI: NOT_IMPL | {"device": "needs the flashinfer package"},
-          MARLIN: NOT_IMPL | {"device": "the Marlin MoE op library (pseudo-package 'marlin') is missing"}}),
-    Case("rtx5090 (sm_120) is not the SM10x family", "rtx5090", spec("kimi-k2", "int4_g32_sym"), FAST,
-         {FI: NOT_IMPL | {"device": "needs compute capability sm_100 or sm_103 (the SM10x family), got sm_120"},
-          MARLIN: NOT_IMPL}),
+          MARLIN: {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}}),
+    Case("rtx5090 (sm_120) is not the SM10x family", "rtx5090", spec("kimi-k2", "int4_g32_sym"), MARLIN_WINS,
+         {FI: NOT_IMPL | {"device": "needs compute capability sm_100 or sm_103 (the SM10x family), got sm_120"}}),
     # ----- MARLIN / BATCHED_MARLIN on sm_80..90 and older -----
-    Case("h100 mixtral int4 g128", "h100", spec("mixtral", "int4_g128_sym"), FAST,
-         {MARLIN: NOT_IMPL, BMARLIN: NOT_IMPL | BATCHED_FMT,
+    Case("h100 mixtral int4 g128", "h100", spec("mixtral", "int4_g128_sym"), MARLIN_WINS,
+         {BMARLIN: NOT_IMPL | BATCHED_FMT,
           FI: NOT_IMPL | {"device": "got sm_90", "scheme": "int4_g128_sym is not supported"}}),
-    Case("h100 int4 with zero points", "h100", spec(TINY, "int4_g128_zp"), FAST, {MARLIN: NOT_IMPL}),
-    Case("h100 int8 symmetric channel-wise", "h100", spec(TINY, "int8_ch_sym"), FAST, {MARLIN: NOT_IMPL}),
+    Case("h100 int4 with zero points", "h100", spec(TINY, "int4_g128_zp"), MARLIN_WINS),
+    Case("h100 int8 symmetric channel-wise", "h100", spec(TINY, "int8_ch_sym"), MARLIN_WINS),
     Case("h100 int8 with zero points: no uint8+zp type in Marlin", "h100", spec(TINY, "int8_g128_zp"), FAST,
-         {MARLIN: NOT_IMPL | {"scheme": "int8 with zero points is not supported"}}),
+         {MARLIN: {"scheme": "int8 with zero points is not supported"}}),
     Case("h100 act-order", "h100", spec(TINY, "int4_g32_sym_actorder"), FAST,
-         {MARLIN: NOT_IMPL | {"scheme": "act-order (g_idx) is not supported"}}),
+         {MARLIN: {"scheme": "act-order (g_idx) is not supported"}}),
     Case("h100 group 256", "h100", spec("mixtral", "int4_g256_sym"), FAST,
-         {MARLIN: NOT_IMPL | {"scheme": "group_size 256 is not supported; expected one of channel-wise, 32, 64, "
+         {MARLIN: {"scheme": "group_size 256 is not supported; expected one of channel-wise, 32, 64, "
                                         "128"}}),
     Case("h100 qwen3-30b tp=4 g128: I/tp=192 would split a group", "h100", spec("qwen3-30b-a3b", "int4_g128_sym", tp=4),
-         FAST, {MARLIN: NOT_IMPL | {"shape": "I/tp=192 is not a multiple of group_size 128"}}),
-    Case("h100 qwen3-30b tp=4 g64: I/tp=192 fits", "h100", spec("qwen3-30b-a3b", "int4_g64_sym", tp=4), FAST,
-         {MARLIN: NOT_IMPL}),
+         FAST, {MARLIN: {"shape": "I/tp=192 is not a multiple of group_size 128"}}),
+    Case("h100 qwen3-30b tp=4 g64: I/tp=192 fits", "h100", spec("qwen3-30b-a3b", "int4_g64_sym", tp=4),
+         MARLIN_WINS),
     Case("h100 I/tp=352 with g32: padded to 384, no group split", "h100",
-         spec(MoEConfig(8, 2, 1024, 704), "int4_g32_sym", tp=2), FAST, {MARLIN: NOT_IMPL}),
+         spec(MoEConfig(8, 2, 1024, 704), "int4_g32_sym", tp=2), MARLIN_WINS),
     Case("h100 H=2880 is not a multiple of 128", "h100",
          spec(MoEConfig(32, 4, 2880, 2880, Activation.SWIGLU_OAI), "int4_g32_sym"), FAST,
-         {MARLIN: NOT_IMPL | {"shape": "H=2880 is not a multiple of 128"}}),
+         {MARLIN: {"shape": "H=2880 is not a multiple of 128"}}),
     Case("h100 batched format: only BATCHED_MARLIN matches", "h100", spec("mixtral", "int4_g128_sym", batched=True),
-         BATCHED, {MARLIN: NOT_IMPL | {"format": "needs the standard activation format, the layer uses batched"},
+         BATCHED, {MARLIN: {"format": "needs the standard activation format, the layer uses batched"},
                 BMARLIN: NOT_IMPL}),
     Case("h100 batched GELU has no masked activation", "h100",
          spec("mixtral", "int4_g128_sym", batched=True, activation=Activation.GELU), BATCHED,
          {BMARLIN: NOT_IMPL | {"activation": "activation gelu is not supported with the batched format"},
-          MARLIN: NOT_IMPL | {"format": "needs the standard activation format"}}),
+          MARLIN: {"format": "needs the standard activation format"}}),
     Case("h100 GELU with a clamp limit", "h100", spec(TINY, "int4_g32_sym", activation=Activation.GELU, clamp=7.0),
-         FAST, {MARLIN: NOT_IMPL | {"extras": "the SwiGLU clamp limit is supported only with silu, swiglu_oai, got "
+         FAST, {MARLIN: {"extras": "the SwiGLU clamp limit is supported only with silu, swiglu_oai, got "
                                               "gelu"}}),
-    Case("h100 with bias and EP: Marlin has both", "h100", spec("mixtral", "int4_g128_sym", bias=True, ep=8), FAST,
-         {MARLIN: NOT_IMPL}),
+    Case("h100 with bias and EP: MARLIN takes the bias, not EP yet", "h100",
+         spec("mixtral", "int4_g128_sym", bias=True, ep=8), FAST,
+         {MARLIN: {"parallel": "expert parallelism (ep_size=8) is not supported"}}),
     Case("h100 without the Marlin library", "h100-bare", spec("mixtral", "int4_g128_sym"), FAST,
-         {MARLIN: NOT_IMPL | {"device": "the Marlin MoE op library (pseudo-package 'marlin') is missing"}}),
-    Case("t4 (sm_75) is Marlin's oldest", "t4", spec("mixtral", "int4_g128_sym"), FAST, {MARLIN: NOT_IMPL}),
+         {MARLIN: {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}}),
+    Case("t4 (sm_75) is Marlin's oldest (float16 only)", "t4", spec("mixtral", "int4_g128_sym", dtype=torch.float16),
+         MARLIN_WINS),
     Case("v100 (sm_70) is too old for Marlin", "v100", spec("mixtral", "int4_g128_sym"), FAST,
-         {MARLIN: NOT_IMPL | {"device": "needs compute capability sm_75 or newer, got sm_70"}}),
+         {MARLIN: {"device": "needs compute capability sm_75 or newer, got sm_70"}}),
     Case("mi300x: no Marlin on ROCm", "mi300x", spec("mixtral", "int4_g128_sym"), FAST,
-         {MARLIN: NOT_IMPL | {"device": "Marlin has no ROCm, XPU or CPU build"}}),
+         {MARLIN: {"device": "Marlin has no ROCm, XPU or CPU build"}}),
     # ----- CPU -----
     Case("cpu fixture int4 g32", "cpu", spec(TINY, "int4_g32_sym"), {Backend.EMULATION}, {CPU: NOT_IMPL}),
     Case("cpu int4 zero points", "cpu", spec(TINY, "int4_g128_zp"), {Backend.EMULATION}, {CPU: NOT_IMPL}),
@@ -281,8 +283,7 @@ def test_report_invariants(device: str) -> None:
 def test_backends_outside_the_priority_list_say_so() -> None:
     report = explain(spec(TINY, "int4_g32_sym"), device=DeviceInfo.named("cpu"))
     marlin = next(c for c in report.candidates if c.backend == MARLIN)
-    assert marlin.reason.startswith("not in the cpu priority list; implemented: not implemented in this version; "
-                                    "device: needs a CUDA device (sm_75+), got CPU (cpu)")
+    assert marlin.reason.startswith("not in the cpu priority list; device: needs a CUDA device (sm_75+), got CPU (cpu)")
     emulation = next(c for c in report.candidates if c.backend == Backend.EMULATION)
     assert emulation.verdict == Verdict.CHOSEN
     assert emulation.reason == "first in priority order whose checks all pass"
@@ -303,7 +304,7 @@ def test_declared_kernels_cannot_run() -> None:
     """A class with IMPLEMENTED=False fails "implemented" first, and building it raises."""
     layer = spec("kimi-k2", "int4_g32_sym")
     declared = [cls for classes in BACKEND_CLASSES.values() for cls in classes if not cls.IMPLEMENTED]
-    assert {FlashInferTrtllmExperts, MarlinExperts} <= set(declared)
+    assert {FlashInferTrtllmExperts, BatchedMarlinExperts} <= set(declared)
     quant = _quant_for(TINY, WeightScheme(4, 32))
     for cls in declared:
         assert cls.failures(layer, DeviceInfo.named("b200"))[0] == ("implemented", "not implemented in this version")
@@ -314,7 +315,7 @@ def test_declared_kernels_cannot_run() -> None:
 def test_priority_with_implemented_declarations(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once a declared kernel exists, the priority table picks it: FlashInfer before Marlin on SM10x, Marlin
     first on sm_80..90, never where its device check fails."""
-    monkeypatch.setattr(MarlinExperts, "IMPLEMENTED", True)
+    monkeypatch.setattr(BatchedMarlinExperts, "IMPLEMENTED", True)
     assert select_backend(spec("mixtral", "int4_g128_sym"), device=DeviceInfo.named("h100")).backend == MARLIN
     assert select_backend(spec("mixtral", "int4_g128_sym", batched=True), device=DeviceInfo.named("h100")).backend \
         == BMARLIN
@@ -456,8 +457,7 @@ def test_override_wrong_device() -> None:
 
 
 def test_override_incompatible_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Marlin pretends to exist, so the scheme is the only thing in the way.
-    monkeypatch.setattr(MarlinExperts, "IMPLEMENTED", True)
+    # On an H100 with the Marlin library the scheme is the only thing in Marlin's way.
     monkeypatch.setenv(BACKEND_ENV, "Marlin")
     with pytest.raises(BackendError) as err:
         select_backend(spec(TINY, "int8_g128_zp"), device=DeviceInfo.named("h100"))
@@ -553,8 +553,8 @@ def test_make_kernel_rejects_a_different_quant_config(scheme: WeightScheme, bias
 
 def test_make_kernel_refuses_a_declared_kernel() -> None:
     report = explain(spec(TINY, "int4_g32_sym"), device=DeviceInfo.named("h100"))
-    forged = Selection(MARLIN, MarlinExperts, report)
-    with pytest.raises(NotImplementedError, match="MarlinExperts"):
+    forged = Selection(BMARLIN, BatchedMarlinExperts, report)
+    with pytest.raises(NotImplementedError, match="BatchedMarlinExperts"):
         make_kernel(forged, _quant_for(TINY, WeightScheme(4, 32)), torch.device("cpu"))
 
 

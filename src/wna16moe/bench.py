@@ -11,9 +11,11 @@ matmul rate at 8192^3. Per (backend, shape, M): bytes that must be read = distin
 expert (packed weights + scales + zero points); FLOPs = 2 * M * k * 3 * H * I.
 
 Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, torch._grouped_mm twice,
-SiLU-and-mul, weighted sum), `emulation` (M <= 8), and the TRITON backend with its default configuration plus
-a small sweep of alternatives (`triton-best`). Before timing, each quantized backend's output is checked
-against a float32 dequantized reference.
+SiLU-and-mul, weighted sum), `emulation` (M <= 8), the TRITON backend with its default configuration plus
+a small sweep of alternatives (`triton-best`), and `marlin` (vLLM's Marlin MoE op over our repack) when a
+Marlin op provider is found and MARLIN's checks pass (its warm-up, which JIT-compiles on Hopper, runs before
+any timing). Before timing, each quantized backend's output is checked against a float32 dequantized
+reference; a wrong MARLIN result drops that peer with the error logged.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from typing import Any
 import torch
 
 from wna16moe.config import MoEConfig, MoEQuantConfig, make_wna16_moe_quant_config
+from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
+from wna16moe.experts.marlin import MarlinExperts
 from wna16moe.experts.triton import INTERMEDIATE_ALIGN, TritonConfig, TritonExperts
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
@@ -177,6 +181,7 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bo
     log(f"{name} {scheme.name}: triton vs float32 reference, relative error {err:.2e}")
     if not err < 1e-2:
         raise RuntimeError(f"{name}: triton output is wrong (relative error {err:.3e})")
+    marlin = _marlin_peer(name, spec, quant, experts, emulation, emu_weights, log)
 
     bf16_weights = None
     try:
@@ -190,7 +195,54 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bo
     for m in tokens:
         rows += _bench_tokens(name, m, scheme, cfg, triton_kernel, weights, emulation, emu_weights, bf16_weights,
                               per_expert, sweep, ceilings, log)
+        if marlin is not None:
+            rows.append(_bench_marlin(name, m, scheme, cfg, *marlin, per_expert, ceilings, log))
     return rows
+
+
+def _marlin_peer(name: str, spec: LayerSpec, quant: MoEQuantConfig, experts: QuantizedExperts,
+                 emulation: EmulationExperts, emu_weights: dict[str, torch.Tensor], log: Callable[[str], None]
+                 ) -> tuple[MarlinExperts, dict[str, torch.Tensor]] | None:
+    """The MARLIN kernel and its weights when this machine can run it and it matches the float32 reference
+    (building it warms the kernels up); None otherwise, with the reason logged."""
+    check = MarlinExperts.is_supported(spec, DeviceInfo.current())
+    if not check.ok:
+        log(f"{name}: marlin peer unavailable: {check.reason}")
+        return None
+    device = torch.device("cuda")
+    kernel = MarlinExperts(spec, quant, device)
+    weights = MarlinExperts.prepare_weights(experts, device)
+    x = torch.randn(32, spec.moe.hidden_size, dtype=torch.bfloat16, device=device)
+    tw, ids = random_routing(32, spec.moe.num_experts, spec.moe.top_k, device)
+    err = _rel_err(kernel.apply(x, tw, ids, weights), emulation.apply(x, tw, ids, emu_weights))
+    log(f"{name} {spec.scheme.name}: marlin vs float32 reference, relative error {err:.2e}")
+    if not err < 1e-2:
+        log(f"{name}: marlin output is wrong (relative error {err:.3e}); marlin peer dropped")
+        return None
+    return kernel, weights
+
+
+def _bench_marlin(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, kernel: MarlinExperts,
+                  weights: dict[str, torch.Tensor], per_expert: int, ceilings: dict[str, float],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """The `marlin` row for one token count M (the same fields as the other backends' rows)."""
+    device = torch.device("cuda")
+    e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
+    x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
+    tw, ids = random_routing(m, e, k, device)
+    touched = int(torch.unique(ids).numel())
+    us = _bench(lambda: kernel.apply(x, tw, ids, weights))
+    us_graph = _bench_graph(lambda: kernel.apply(x, tw, ids, weights)) if m <= GRAPH_MAX_TOKENS else None
+    best = min(v for v in (us, us_graph) if v is not None)
+    nbytes, flops = touched * per_expert, 2 * m * k * 3 * h * i
+    row = {"backend": "marlin", "shape": name, "scheme": scheme.name, "M": m, "experts_touched": touched,
+           "us_eager": round(us, 2), "us_graph": None if us_graph is None else round(us_graph, 2), "bytes": nbytes,
+           "gbps": round(nbytes / best / 1e3, 1), "pct_bw": round(100 * nbytes / best / 1e3 / ceilings["copy_gbps"], 1),
+           "tflops": round(flops / best / 1e6, 2),
+           "pct_mm": round(100 * flops / best / 1e6 / ceilings["matmul_tflops"], 1)}
+    log(f"{'marlin':>12} {name:>14} M={m:<5} eager {us:9.1f} us  graph "
+        f"{'-' if us_graph is None else f'{us_graph:9.1f}'} us  {row['pct_bw']:5.1f}% BW  {row['tflops']:7.1f} TFLOP/s")
+    return row
 
 
 def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, triton_kernel: TritonExperts,

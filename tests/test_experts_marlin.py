@@ -1,0 +1,439 @@
+"""MARLIN backend: provider discovery, capability checks and the oracle's decisions (CPU), and the kernel
+against EMULATION (GPU, marker gpu).
+
+CPU: simulated devices (`DeviceInfo.named`) and a machine without a provider; the layout converters have
+their own file, tests/test_marlin_layout.py.
+
+GPU (marker gpu; skipped without CUDA or without a Marlin op provider): MARLIN against EMULATION for int4
+symmetric g32 / g128 / channel-wise, int4 zero-point g128 and int8 g128, at M = 1 ... 8192 in bf16 and fp16,
+with CUDA-graph capture and replay (M = 1 included), every block size, biases and activations, and real
+checkpoints through the layer; relative Frobenius error below 1e-2.
+
+How to get the provider for a GPU run (vLLM's Marlin MoE op library; never committed, never a dependency):
+
+    .venv/bin/pip download vllm==0.33.0 --no-deps -d build/vllm-wheel        # build/ is git-ignored
+    unzip -o -j build/vllm-wheel/vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl \
+        vllm/_moe_C_stable_libtorch.abi3.so -d build/marlin                 # 45.7 MB, the only file needed
+    rm -r build/vllm-wheel
+
+then carry `build/marlin` to the GPU machine (the device tool's `carry=["build/marlin"]`) and run there, in
+the environment of the earlier GPU runs (torch 2.11.0+cu130, triton 3.6.0; the library needs torch >= 2.11
+built for CUDA 13):
+
+    export WNA16MOE_MARLIN_LIB=$PWD/build/marlin/_moe_C_stable_libtorch.abi3.so
+    export CUDA_CACHE_MAXSIZE=4294967296   # keep the JIT-compiled sm_80 PTX between processes (Hopper)
+    python -m pytest -m gpu -q tests/test_experts_marlin.py
+
+On Hopper the first kernel of each (weight type, dtype) JIT-compiles vLLM's sm_80 PTX for tens of seconds
+(logged as a warm-up when the kernel is built); a first run may need most of a 10-minute command.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from triton_env import DEVICE, HAS_CUDA
+
+from wna16moe import Activation, MoEConfig, ParallelConfig, QuantizedExperts, WeightScheme, open_checkpoint
+from wna16moe.config import ActivationFormat, make_wna16_moe_quant_config
+from wna16moe.device import MARLIN_LIBRARY_ENV, DeviceInfo, Platform, find_marlin_library
+from wna16moe.errors import BackendError, InvalidInputError
+from wna16moe.experts import marlin
+from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.emulation import EmulationExperts
+from wna16moe.experts.marlin import (
+    NO_PROVIDER,
+    BatchedMarlinExperts,
+    MarlinExperts,
+    block_size_for,
+    marlin_moe_forward,
+    padded_w13_bias,
+)
+from wna16moe.experts.marlin_layout import (
+    scalar_type_id,
+    unpack_weight,
+    unpack_zero_points,
+    unpermute_scales,
+    weight_type,
+)
+from wna16moe.layer import WNA16MoE
+from wna16moe.oracle import Backend, explain, select_backend
+from wna16moe.routing import softmax_topk
+from wna16moe.shapes import model_shape
+
+DATA = Path(__file__).parent / "data"
+TINY = MoEConfig(8, 2, 256, 128)
+HAS_PROVIDER = HAS_CUDA and find_marlin_library() is not None
+NEEDS_PROVIDER = pytest.mark.skipif(not HAS_PROVIDER, reason=f"needs CUDA and a Marlin op provider ({NO_PROVIDER})")
+
+
+def _spec(shape: str | MoEConfig, scheme: str, *, tp: int = 1, ep: int = 1, batched: bool = False,
+          **changes: object) -> LayerSpec:
+    base = shape if isinstance(shape, MoEConfig) else model_shape(shape).moe_config()
+    return LayerSpec(replace(base, **changes), WeightScheme.from_name(scheme), ParallelConfig(tp_size=tp, ep_size=ep),
+                     ActivationFormat.BATCHED if batched else ActivationFormat.STANDARD)
+
+
+def _marlin_failures(layer: LayerSpec, device: DeviceInfo) -> dict[str, str]:
+    report = explain(layer, device=device)
+    (candidate,) = [c for c in report.candidates if c.backend == Backend.MARLIN]
+    return dict(candidate.failed)
+
+
+# ----- oracle decisions on simulated devices ---------------------------------------------------------------
+
+CHOSEN = [
+    # device, layer -- MARLIN wins: every scheme, group size and activation the kernel takes
+    ("h100", _spec("mixtral", "int4_g128_sym")),
+    ("h100", _spec("qwen3-30b-a3b", "int4_g128_zp")),
+    ("h100", _spec("deepseek-v3", "int8_g128_sym")),
+    ("h100", _spec(TINY, "int4_ch_sym")),
+    ("h100", _spec(TINY, "int4_ch_zp", dtype=torch.float16)),
+    ("h100", _spec(TINY, "int8_ch_sym", activation=Activation.GELU_TANH)),
+    ("a100", _spec("kimi-k2", "int4_g32_sym")),
+    ("h200", _spec(MoEConfig(32, 4, 2944, 2912, Activation.SWIGLU_OAI), "int4_g32_sym")),  # I padded 2912 -> 2944
+    ("h100", _spec(MoEConfig(8, 2, 1024, 704), "int4_g32_sym", tp=2)),  # I/tp=352 padded to 384
+    ("t4", _spec("mixtral", "int4_g128_sym", dtype=torch.float16)),
+    ("b200", _spec("kimi-k2", "int4_g128_sym")),  # FlashInfer reads g32 only
+    ("rtx5090", _spec("qwen3-30b-a3b", "int4_g32_sym")),
+]
+
+
+@pytest.mark.parametrize(("device", "layer"), CHOSEN,
+                         ids=[f"{d}-{s.scheme.name}-H{s.moe.hidden_size}" for d, s in CHOSEN])
+def test_marlin_is_chosen(device: str, layer: LayerSpec) -> None:
+    report = explain(layer, device=DeviceInfo.named(device))
+    assert report.chosen is not None and report.chosen.backend == Backend.MARLIN, report.table()
+    assert select_backend(layer, device=DeviceInfo.named(device)).kernel is MarlinExperts
+
+
+REJECTED = [
+    # device, layer, {check: text in its reason}
+    ("h100-bare", _spec("mixtral", "int4_g128_sym"), {"device": NO_PROVIDER}),
+    ("t4", _spec("mixtral", "int4_g128_sym"),
+     {"device": "bfloat16 activations need sm_80+ (vLLM builds Marlin's sm_75 kernels for float16 only)"}),
+    ("v100", _spec("mixtral", "int4_g128_sym", dtype=torch.float16),
+     {"device": "needs compute capability sm_75 or newer, got sm_70"}),
+    ("mi300x", _spec("mixtral", "int4_g128_sym"), {"device": "Marlin has no ROCm, XPU or CPU build"}),
+    ("cpu", _spec(TINY, "int4_g32_sym"), {"device": "needs a CUDA device (sm_75+), got CPU (cpu)"}),
+    ("h100", _spec(TINY, "int4_g32_sym_actorder"), {"scheme": "act-order (g_idx) is not supported"}),
+    ("h100", _spec(TINY, "int8_g32_zp"), {"scheme": "int8 with zero points is not supported"}),
+    ("h100", _spec("mixtral", "int4_g256_sym"),
+     {"scheme": "group_size 256 is not supported; expected one of channel-wise, 32, 64, 128"}),
+    ("h100", _spec(MoEConfig(32, 4, 2880, 2880), "int4_g32_sym"), {"shape": "H=2880 is not a multiple of 128"}),
+    ("h100", _spec("qwen3-30b-a3b", "int4_g128_sym", tp=4),
+     {"shape": "I/tp=192 is not a multiple of group_size 128"}),
+    ("h100", _spec("mixtral", "int4_g128_sym", ep=2),
+     {"parallel": "expert parallelism (ep_size=2) is not supported yet"}),
+    ("h100", _spec("mixtral", "int4_g128_sym", batched=True),
+     {"format": "needs the standard activation format, the layer uses batched"}),
+    # every failing check is reported, not only the first
+    ("v100", _spec(MoEConfig(8, 2, 200, 64), "int8_g64_zp"),
+     {"device": "sm_70", "scheme": "int8 with zero points", "shape": "H=200"}),
+]
+
+
+@pytest.mark.parametrize(("device", "layer", "expected"), REJECTED,
+                         ids=[f"{d}-{next(iter(e))}-{s.scheme.name}" for d, s, e in REJECTED])
+def test_marlin_is_rejected_with_reasons(device: str, layer: LayerSpec, expected: dict[str, str]) -> None:
+    failed = _marlin_failures(layer, DeviceInfo.named(device))
+    assert set(failed) == set(expected), failed
+    for check, text in expected.items():
+        assert text in failed[check], (check, failed[check])
+
+
+def test_no_provider_reason_is_exact() -> None:
+    failed = _marlin_failures(_spec("mixtral", "int4_g128_sym"), DeviceInfo.named("h100-bare"))
+    assert failed == {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}
+
+
+def test_provider_without_triton() -> None:
+    device = DeviceInfo(Platform.CUDA, "NVIDIA H100 80GB HBM3", (9, 0), packages=frozenset({"marlin"}))
+    failed = _marlin_failures(_spec("mixtral", "int4_g128_sym"), device)
+    assert failed == {"device": "the triton package is not importable (MARLIN aligns tokens with wna16moe's Triton "
+                                "kernel)"}
+
+
+def test_batched_marlin_stays_declared() -> None:
+    layer = _spec("mixtral", "int4_g128_sym", batched=True, ep=2)
+    failures = dict(BatchedMarlinExperts.failures(layer, DeviceInfo.named("h100")))
+    assert failures == {"implemented": "not implemented in this version"}  # EP itself is fine in this format
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "block"), [
+    (1, 8, 128, 8), (32, 2, 8, 16), (96, 2, 8, 32), (144, 2, 8, 48), (192, 2, 8, 64), (8192, 8, 128, 64)])
+def test_block_size_rule(tokens: int, top_k: int, experts: int, block: int) -> None:
+    # vLLM's rule: the first of 8, 16, 32, 48, 64 whose expected rows per expert fill it below 90%.
+    assert block_size_for(tokens, top_k, experts) == block
+
+
+# ----- provider discovery and loading ---------------------------------------------------------------------
+
+def test_library_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    library = tmp_path / "libmarlin.so"
+    monkeypatch.setenv(MARLIN_LIBRARY_ENV, str(library))
+    assert find_marlin_library() is None  # named but missing
+    library.write_bytes(b"")
+    assert find_marlin_library() == str(library)
+
+
+def test_library_inside_an_installed_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found without importing vllm: a package directory with the library file is enough.
+    package = tmp_path / "vllm"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('vllm must not be imported')\n")
+    monkeypatch.delenv(MARLIN_LIBRARY_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert find_marlin_library() is None
+    (package / "_moe_C_stable_libtorch.abi3.so").write_bytes(b"")
+    assert find_marlin_library() == str(package / "_moe_C_stable_libtorch.abi3.so")
+
+
+def _quant(experts: QuantizedExperts, **kwargs: object):
+    s = experts.scheme
+    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, s.group_size or -1, s.bits,
+                                       experts.w13.zeros, experts.w2.zeros, **kwargs)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _tiny_experts(scheme: str = "int4_g32_sym", e: int = 8, h: int = 256, i: int = 128,
+                  device: torch.device | str = "cpu") -> QuantizedExperts:
+    """Random float weights quantized by round-to-nearest (fresh each call)."""
+    return QuantizedExperts.quantize(torch.randn(e, 2 * i, h, device=device) * 0.1,
+                                     torch.randn(e, h, i, device=device) * 0.1, WeightScheme.from_name(scheme))
+
+
+@pytest.mark.skipif(HAS_PROVIDER, reason="this machine has a provider")
+def test_building_without_a_provider_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(MARLIN_LIBRARY_ENV, raising=False)
+    monkeypatch.setattr(marlin, "find_marlin_library", lambda: None)
+    experts = _tiny_experts()
+    with pytest.raises(BackendError, match=r"^no Marlin op provider found \(install vllm or set "
+                                           r"WNA16MOE_MARLIN_LIB\)$"):
+        MarlinExperts(LayerSpec(TINY, experts.scheme), _quant(experts), torch.device("cuda"))
+
+
+@pytest.mark.skipif(HAS_PROVIDER, reason="this machine has a provider")
+def test_a_library_that_does_not_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    junk = tmp_path / "_moe_C_stable_libtorch.abi3.so"
+    junk.write_text("not a shared object")
+    monkeypatch.setenv(MARLIN_LIBRARY_ENV, str(junk))
+    experts = _tiny_experts()
+    with pytest.raises(BackendError, match=f"the Marlin op library {junk} does not load: .*torch >= 2.11"):
+        MarlinExperts(LayerSpec(TINY, experts.scheme), _quant(experts), torch.device("cuda"))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_forcing_marlin_here_names_the_device_check() -> None:
+    with pytest.raises(BackendError, match="MarlinExperts: device: needs a CUDA device"):
+        WNA16MoE(_tiny_experts(), TINY, device="cpu", backend="marlin")
+
+
+# ----- the forward's glue on CPU, through a float32 stand-in for the op -------------------------------------
+
+# vLLM 0.33 scalar_types.<name>.id -> (bits, zero points).
+TYPE_IDS = {1125899907892224: (4, False), 1125899906843648: (4, True), 1125899923621888: (8, False)}
+
+
+def reference_marlin_gemm(a: torch.Tensor, c: torch.Tensor, b_q_weight: torch.Tensor, b_bias: torch.Tensor | None,
+                          b_scales: torch.Tensor, a_scales: torch.Tensor | None, global_scale: torch.Tensor | None,
+                          b_zeros: torch.Tensor | None, workspace: torch.Tensor, sorted_ids: torch.Tensor,
+                          expert_ids: torch.Tensor, num_padded: torch.Tensor, topk_weights: torch.Tensor,
+                          block: int, top_k: int, mul_topk_weights: bool, type_id: int, size_m: int, size_n: int,
+                          size_k: int, use_atomic_add: bool, use_fp32_reduce: bool, is_zp_float: bool,
+                          thread_k: int, thread_n: int, blocks_per_sm: int) -> torch.Tensor:
+    """moe_wna16_marlin_gemm as vLLM's fused_marlin_moe uses it, in float32: for each valid row r
+    (r < size_m * top_k) of each used block, c[r] = a[r // top_k] @ W[expert]^T, times topk_weights.flat[r]
+    when mul_topk_weights; W decoded from the Marlin layout by the inverse converters. Checks the arguments
+    the way the op does (ops.cu)."""
+    bits, zero_point = TYPE_IDS[type_id]
+    assert a.shape == (size_m, size_k) and a.is_contiguous() and a.dtype in (torch.bfloat16, torch.float16)
+    assert c.shape == (size_m * top_k, size_n) and c.dtype == a.dtype
+    assert b_q_weight.shape[1] * 16 == size_k and b_q_weight.shape[2] // 16 * (32 // bits) == size_n
+    assert b_scales.dtype == a.dtype and b_scales.shape[2] == size_n and size_k % b_scales.shape[1] == 0
+    assert (b_zeros is not None) == zero_point and b_bias is None and a_scales is None and global_scale is None
+    assert workspace.dtype == torch.int32 and topk_weights.dtype == torch.float32 and block in marlin.BLOCK_SIZES
+    assert (use_atomic_add, use_fp32_reduce, is_zp_float, thread_k, thread_n, blocks_per_sm) == (
+        False, True, False, -1, -1, -1)
+    group = size_k // b_scales.shape[1]
+    decoded: dict[int, torch.Tensor] = {}
+    for blk in range(int(num_padded) // block):
+        expert = int(expert_ids[blk])
+        if expert not in decoded:
+            codes = unpack_weight(b_q_weight[expert], bits, size_n, size_k).float()
+            scales = unpermute_scales(b_scales[expert]).float().repeat_interleave(group, dim=1)
+            zeros = (unpack_zero_points(b_zeros[expert], bits, size_n).float().repeat_interleave(group, dim=1)
+                     if zero_point else 2.0 ** (bits - 1))
+            decoded[expert] = (codes - zeros) * scales
+        for row in sorted_ids[blk * block:(blk + 1) * block].tolist():
+            if row < size_m * top_k:
+                out = a[row // top_k].float() @ decoded[expert].t()
+                c[row] = out * topk_weights.reshape(-1)[row] if mul_topk_weights else out
+    return c
+
+
+BF16, FP16 = torch.bfloat16, torch.float16
+GLUE_CASES = [
+    # scheme, activation, E, H, I, T, top-k, bias, clamp, dtype, block sizes -- what it exercises
+    ("int4_g32_sym", Activation.SILU, 4, 128, 96, 5, 2, False, None, BF16, (8, 64)),  # I padded 96 -> 128 per half
+    ("int4_g128_zp", Activation.GELU, 4, 256, 128, 3, 2, True, None, FP16, (8,)),     # zero points, biases
+    ("int4_ch_sym", Activation.SWIGLU_OAI, 3, 128, 40, 6, 3, True, 7.0, BF16, (16,)), # channel-wise, 40 -> 64
+    ("int8_g64_sym", Activation.GELU_TANH, 4, 128, 64, 1, 4, False, None, FP16, (8,)),  # int8, T = 1, top-k = E
+    ("int4_g64_sym", Activation.SILU, 6, 128, 64, 9, 1, True, 0.5, FP16, (48,)),   # top-k 1, SiLU clamp
+]
+
+
+@pytest.mark.parametrize(("scheme", "act", "e", "h", "i", "t", "k", "bias", "clamp", "dtype", "blocks"), GLUE_CASES,
+                         ids=[c[0] for c in GLUE_CASES])
+def test_forward_glue_against_emulation(scheme: str, act: Activation, e: int, h: int, i: int, t: int, k: int,
+                                        bias: bool, clamp: float | None, dtype: torch.dtype,
+                                        blocks: tuple[int, ...]) -> None:
+    # Alignment, padding, per-half biases, activation, router weights and the top-k sum, with the op replaced
+    # by the stand-in above: everything MARLIN does around the kernel, against EMULATION.
+    experts = _tiny_experts(scheme, e, h, i)
+    biases = dict(w1_bias=torch.randn(e, 2 * i), w2_bias=torch.randn(e, h)) if bias else {}
+    quant = _quant(experts, gemm1_clamp_limit=clamp, **biases)
+    spec = LayerSpec(MoEConfig(e, k, h, i, activation=act, dtype=dtype), experts.scheme, has_bias=bias,
+                     clamp_limit=clamp)
+    x = torch.randn(t, h, dtype=dtype)
+    tw, ids = softmax_topk(torch.randn(t, e), k, renormalize=True)
+    ref = EmulationExperts(spec, quant, torch.device("cpu")).apply(x, tw, ids,
+                                                                   EmulationExperts.prepare_weights(experts, "cpu"))
+    w13_bias = padded_w13_bias(biases["w1_bias"], experts.scheme.group_size) if bias else None
+    weights = MarlinExperts.prepare_weights(experts, torch.device("cpu"))
+    type_id = scalar_type_id(weight_type(experts.scheme))
+    for block in blocks:
+        out = marlin_moe_forward(reference_marlin_gemm, torch.zeros(4, dtype=torch.int32), type_id, x, tw, ids, weights,
+                                 block, act, quant, w13_bias, None if not bias else biases["w2_bias"])
+        assert out.dtype == dtype and out.shape == (t, h)
+        assert _rel(out, ref) < 1e-2, block
+
+
+def test_forward_rejects_a_block_size_the_op_does_not_take() -> None:
+    experts = _tiny_experts("int4_g64_sym", 2, 128, 64)
+    weights = MarlinExperts.prepare_weights(experts, torch.device("cpu"))
+    with pytest.raises(InvalidInputError, match=r"block_size=24 is not one the Marlin op takes"):
+        marlin_moe_forward(reference_marlin_gemm, torch.zeros(4, dtype=torch.int32), 0, torch.zeros(1, 128),
+                           torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32), weights, 24, Activation.SILU,
+                           _quant(experts), None, None)
+
+
+# ----- GPU: the kernel against EMULATION --------------------------------------------------------------------
+
+GPU_SHAPES = [
+    # name, E, top-k, H, I, scheme
+    ("qwen3-30b-a3b int4 g128 sym", 128, 8, 2048, 768, "int4_g128_sym"),
+    ("qwen3-30b-a3b int4 g128 zp", 128, 8, 2048, 768, "int4_g128_zp"),
+    ("kimi-k2 (E=16) int4 g32 sym", 16, 8, 7168, 2048, "int4_g32_sym"),
+    ("deepseek-v3 (E=16) int8 g128", 16, 8, 7168, 2048, "int8_g128_sym"),
+    ("mixtral (E=8) int4 channel-wise", 8, 2, 4096, 14336, "int4_ch_sym"),
+    ("I padded 352 -> 384, int4 g32 sym", 16, 4, 1024, 352, "int4_g32_sym"),
+    ("I padded 352 -> 384, int4 g32 zp", 16, 4, 1024, 352, "int4_g32_zp"),
+]
+GPU_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
+
+
+def _routing(t: int, e: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+
+
+@pytest.mark.gpu
+@NEEDS_PROVIDER
+@pytest.mark.parametrize(("name", "e", "k", "h", "i", "scheme"), GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
+def test_gpu_marlin_matches_emulation(name: str, e: int, k: int, h: int, i: int, scheme: str) -> None:
+    experts = _tiny_experts(scheme, e, h, i, DEVICE)  # bf16 scales: fp16 runs convert them per forward
+    weights = MarlinExperts.prepare_weights(experts, DEVICE)
+    emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
+    for dtype in (torch.bfloat16, torch.float16):
+        spec = LayerSpec(MoEConfig(e, k, h, i, dtype=dtype), experts.scheme)
+        kernel = MarlinExperts(spec, _quant(experts), DEVICE)
+        emulation = EmulationExperts(spec, _quant(experts), DEVICE)
+        for t in GPU_TOKENS:
+            x = torch.randn(t, h, dtype=dtype, device=DEVICE)
+            tw, ids = _routing(t, e, k)
+            out = kernel.apply(x, tw, ids, weights)
+            assert out.dtype == dtype and out.shape == (t, h) and torch.isfinite(out).all()
+            assert _rel(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, (name, dtype, t)
+            # CUDA graph: capture once, replay on fresh inputs copied into the captured buffers.
+            static = [x.clone(), tw.clone(), ids.clone()]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = kernel.apply(*static, weights)
+            x2 = torch.randn(t, h, dtype=dtype, device=DEVICE)
+            tw2, ids2 = _routing(t, e, k)
+            for buf, new in zip(static, (x2, tw2, ids2), strict=True):
+                buf.copy_(new)
+            graph.replay()
+            assert _rel(captured, emulation.apply(x2, tw2, ids2, emu_weights)) < 1e-2, (name, dtype, t, "graph")
+
+
+@pytest.mark.gpu
+@NEEDS_PROVIDER
+@pytest.mark.parametrize("block", marlin.BLOCK_SIZES)
+def test_gpu_every_block_size(block: int) -> None:
+    e, k, h, i, t = 16, 4, 1024, 512, 40
+    experts = _tiny_experts("int4_g64_zp", e, h, i, DEVICE)
+    spec = LayerSpec(MoEConfig(e, k, h, i, dtype=torch.bfloat16), experts.scheme)
+    kernel = MarlinExperts(spec, _quant(experts), DEVICE)
+    x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
+    tw, ids = _routing(t, e, k)
+    ref = EmulationExperts(spec, _quant(experts), DEVICE).apply(x, tw, ids,
+                                                                 EmulationExperts.prepare_weights(experts, DEVICE))
+    out = kernel.apply(x, tw, ids, MarlinExperts.prepare_weights(experts, DEVICE), block_size=block)
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@NEEDS_PROVIDER
+@pytest.mark.parametrize(("activation", "clamp"), [(Activation.SILU, 0.5), (Activation.GELU, None),
+                                                   (Activation.GELU_TANH, None), (Activation.SWIGLU_OAI, 7.0)])
+def test_gpu_bias_and_activations(activation: Activation, clamp: float | None) -> None:
+    e, k, h, i, t = 8, 2, 512, 160, 33  # I padded 160 -> 192: the w13 bias is padded per half too
+    experts = _tiny_experts("int4_g32_sym", e, h, i, DEVICE)
+    quant = _quant(experts, w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
+                   gemm1_clamp_limit=clamp)
+    spec = LayerSpec(MoEConfig(e, k, h, i, activation=activation, dtype=torch.float16), experts.scheme,
+                     has_bias=True, clamp_limit=clamp)
+    x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
+    tw, ids = _routing(t, e, k)
+    ref = EmulationExperts(spec, quant, DEVICE).apply(x, tw, ids, EmulationExperts.prepare_weights(experts, DEVICE))
+    out = MarlinExperts(spec, quant, DEVICE).apply(x, tw, ids, MarlinExperts.prepare_weights(experts, DEVICE))
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@NEEDS_PROVIDER
+@pytest.mark.parametrize("fixture", ["qwen3moe-w4a16-g32-sym", "qwen3moe-w4a16-g128-asym", "qwen3moe-w8a16-g128-sym",
+                                     "qwen3moe-awq-gemm-w4-g32"])
+def test_gpu_layer_on_fixtures(fixture: str) -> None:
+    ckpt = open_checkpoint(DATA / fixture)
+    experts = ckpt.load_layer(1)
+    cfg = replace(ckpt.moe_config(), dtype=torch.bfloat16)
+    ref = WNA16MoE(experts, cfg, device=DEVICE, backend="emulation")
+    layer = WNA16MoE(experts, cfg, device=DEVICE)  # the oracle's own choice on this machine
+    assert layer.backend == Backend.MARLIN
+    x = torch.randn(9, cfg.hidden_size, dtype=torch.bfloat16, device=DEVICE)
+    logits = x.float() @ ckpt.router_weight(1).float().to(DEVICE).t()
+    assert _rel(layer(x, logits), ref(x, logits)) < 1e-2
+
+
+@pytest.mark.gpu
+@NEEDS_PROVIDER
+def test_gpu_warm_up_is_logged_once_per_scheme(caplog: pytest.LogCaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(marlin, "_warmed", set())
+    experts = _tiny_experts("int8_g128_sym", device=DEVICE)
+    spec = LayerSpec(replace(TINY, dtype=torch.float16), experts.scheme)
+    with caplog.at_level(logging.INFO, logger="wna16moe"):
+        MarlinExperts(spec, _quant(experts), DEVICE)
+        MarlinExperts(spec, _quant(experts), DEVICE)
+    messages = [r.getMessage() for r in caplog.records if "warming up the Marlin MoE kernels" in r.getMessage()]
+    assert len(messages) == 1 and "int8_g128_sym (uint8b128, float16)" in messages[0]
+    assert "CUDA_CACHE_MAXSIZE" in messages[0]
