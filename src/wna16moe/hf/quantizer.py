@@ -159,7 +159,12 @@ class WNA16Quantizer(HfQuantizer):
         ours: list[WeightConverter] = []
         seen: set[tuple[str, str]] = set()
         for name, plan in self.experts_plans.items():
-            block = in_layer_path(name)
+            # `mlp.experts.*.gate_proj.X`, as the model's own converters write it. Where the model renames the
+            # checkpoint's block (Mixtral: `block_sparse_moe` -> `mlp`), the pattern starts at `.experts`, as
+            # Mixtral's converters do: 5.17 renames before it reverses converters on save, so a pattern that
+            # names the block would lose the key's prefix.
+            stored_as = plan.naming.projection_prefix(plan.layer, 0, plan.naming.gate).rsplit(".", 3)[0]
+            block = in_layer_path(name) if stored_as == name else "." + name.rpartition(".")[2]
             for suffix in plan.gate_up:
                 if (block, f"w13_{suffix}") not in seen:
                     seen.add((block, f"w13_{suffix}"))
