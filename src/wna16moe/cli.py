@@ -1,4 +1,5 @@
-"""Command line: `wna16moe info [PATH]`, `wna16moe explain ...`."""
+"""Command line: `wna16moe info [PATH]`, `wna16moe explain ...`, `wna16moe bench ...`, and with transformers
+installed `wna16moe generate PATH ...` and `wna16moe check PATH`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -185,6 +187,52 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hf_run() -> Any:
+    """`wna16moe.hf.run`, or an `InvalidInputError` telling how to install transformers."""
+    try:
+        from wna16moe.hf import run
+    except ImportError as error:
+        raise InvalidInputError(str(error)) from error
+    return run
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    run = _hf_run()
+    ids = None if args.prompt_ids is None else [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+    start = time.perf_counter()
+    model = run.load_model(args.path, args.backend, args.device, _DTYPES[args.dtype])
+    load_seconds = time.perf_counter() - start
+    result = run.generate(model, args.path, args.prompt, ids, args.max_new_tokens, args.cache)
+    if args.json:
+        print(json.dumps({"load_seconds": load_seconds, **run.generation_report(result)}, indent=2))
+        return 0
+    print(result.text if result.text is not None else " ".join(map(str, result.new_ids)))
+    print()
+    print(f"tokens    {len(result.new_ids)} new after {result.prompt_tokens} prompt tokens in {result.seconds:.2f} s: "
+          f"{result.tokens_per_second:.1f} tokens/s ({args.cache} cache; load {load_seconds:.1f} s)")
+    print(f"memory    model {_human(result.model_bytes)}; experts {_human(result.experts_bytes)} (bf16 would be "
+          f"{_human(result.experts_bf16_bytes)}); {result.peak_kind} {_human(result.peak_bytes)}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    run = _hf_run()
+    model = run.load_model(args.path, args.backend, args.device, _DTYPES[args.dtype])
+    results = run.check_model(model, tokens=args.tokens, seed=args.seed, tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    elif not results:
+        print("no backend other than emulation can run these layers on this machine: nothing to compare")
+    else:
+        rows = [("layer", "backend", "kernel", "max |err|", "rel err", "")]
+        rows += [(r.layer, r.backend, r.kernel, f"{r.max_abs_error:.3g}", f"{r.relative_error:.3g}",
+                  "ok" if r.ok else f"MISMATCH (> {args.tolerance:g})") for r in results]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[5])
+    return 0 if all(r.ok for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wna16moe", description="Quantized (W4A16/W8A16) MoE layers and kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,9 +260,37 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--json", action="store_true", help="print JSON")
     exp.set_defaults(func=_cmd_explain)
 
+    gen = sub.add_parser("generate", help="load a checkpoint with transformers through wna16moe and generate "
+                                          "greedily; prints tokens/s and memory (needs wna16moe[hf])")
+    gen.add_argument("path", help="checkpoint directory (compressed-tensors, GPTQ or AWQ)")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text prompt (the checkpoint's tokenizer encodes it)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. '1 2 3' (checkpoints without a tokenizer)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache (default static)")
+    _add_load_options(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    chk = sub.add_parser("check", help="run every backend this machine has on the model's real experts layers and "
+                                       "compare each with EMULATION (needs wna16moe[hf])")
+    chk.add_argument("path", help="checkpoint directory (compressed-tensors, GPTQ or AWQ)")
+    chk.add_argument("--tokens", type=int, default=32, help="random hidden states per layer (default 32)")
+    chk.add_argument("--seed", type=int, default=0)
+    chk.add_argument("--tolerance", type=float, default=2e-2, help="largest relative error that passes")
+    _add_load_options(chk)
+    chk.set_defaults(func=_cmd_check)
+
     # Listed for --help only: main() hands every argument after "bench" to wna16moe.bench unparsed.
     sub.add_parser("bench", help="benchmark whole MoE layers on this GPU (the options of python -m wna16moe.bench)")
     return parser
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="auto", help="experts backend: auto (the oracle, or "
+                                                          f"${BACKEND_ENV}) or a name such as emulation, triton")
+    parser.add_argument("--device", help="where the model runs (default: the accelerator, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="activation dtype")
+    parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

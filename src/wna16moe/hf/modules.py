@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wna16moe.config import ActivationFormat, MoEConfig, ParallelConfig, make_wna16_moe_quant_config
+from wna16moe.config import ActivationFormat, MoEConfig, MoEQuantConfig, ParallelConfig, make_wna16_moe_quant_config
 from wna16moe.device import DeviceInfo
 from wna16moe.errors import BackendError, CheckpointError
 from wna16moe.experts.base import Experts, LayerSpec
@@ -126,10 +126,20 @@ def select_modular(spec: LayerSpec, device: DeviceInfo, backend: Backend | None)
                        f"and no other backend can run this layer:\n{selection.report.table()}")
 
 
+def quant_config(experts: QuantizedExperts) -> MoEQuantConfig:
+    """The kernel-facing quantization parameters of canonical experts (no bias, no SwiGLU clamp)."""
+    scheme = experts.scheme
+    group = -1 if scheme.group_size is None else scheme.group_size
+    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, group, scheme.bits, experts.w13.zeros,
+                                       experts.w2.zeros)
+
+
 class _ExpertsRuntime:
     """One layer's kernel and how to feed it; registered with the custom op, owned by its module."""
 
     def __init__(self, plan: ExpertsPlan, kernel: Experts, names: list[str], reads_per_call: bool) -> None:
+        """`names`: what the op's tensors are called, in order: the merged checkpoint parameters when
+        `reads_per_call` (EMULATION), else the kernel's prepared weights."""
         self.plan = plan
         self.kernel = kernel
         self.names = names
@@ -196,22 +206,20 @@ class PackedExperts(nn.Module):
         device = next(iter(self.parameters())).device
         spec = self.spec(config, dtype)
         selection = select_modular(spec, DeviceInfo.current(device), backend)
-        group = -1 if plan.scheme.group_size is None else plan.scheme.group_size
-        quant = make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, group, plan.scheme.bits,
-                                            experts.w13.zeros, experts.w2.zeros)
-        kernel = make_kernel(selection, quant, device)
+        kernel = make_kernel(selection, quant_config(experts), device)
         reads_per_call = selection.backend == Backend.EMULATION
         if reads_per_call:
             names = [name for name, _ in self.named_parameters(recurse=False)]
+            self._op_names = names
         else:
-            names = []
-            for name, tensor in kernel.prepare_weights(experts, device).items():
+            prepared = kernel.prepare_weights(experts, device)
+            names = list(prepared)
+            for name, tensor in prepared.items():
                 self.register_buffer(f"kernel_{name}", tensor, persistent=False)
-                names.append(f"kernel_{name}")
+            self._op_names = [f"kernel_{name}" for name in names]
         self.selection = selection
         self._runtime = _ExpertsRuntime(plan, kernel, names, reads_per_call)
         self._handle = register_runtime(self._runtime)
-        self._op_names = names
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
