@@ -1,6 +1,6 @@
 """moe_align_block_size: the routed pairs grouped by expert, padded to BLOCK_M, checked against its
-invariants (every pair exactly once, each block one expert, blocks in expert order) and against the torch
-path; on the GPU also under CUDA-graph capture."""
+invariants (every pair exactly once, each block one expert, blocks in expert order; pairs of expert -1, owned
+by another EP rank, left out) and against the torch path; on the GPU also under CUDA-graph capture."""
 
 import pytest
 import torch
@@ -18,11 +18,12 @@ def _check(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, ex
     flat = ids.reshape(-1).cpu()
     p = flat.numel()
     sorted_ids, expert_ids, used = sorted_ids.cpu(), expert_ids.cpu(), int(num_padded.item())
-    counts = torch.bincount(flat.long(), minlength=e)
+    kept = torch.nonzero(flat >= 0).squeeze(1).to(torch.int32)  # pairs of this rank's experts
+    counts = torch.bincount(flat[kept].long(), minlength=e)
     assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
     assert sorted_ids.numel() == max_padded_rows(p, e, block_m) and used <= sorted_ids.numel()
     real = sorted_ids[sorted_ids < p]
-    assert torch.equal(torch.sort(real).values, torch.arange(p, dtype=torch.int32))  # each pair once
+    assert torch.equal(torch.sort(real).values, kept)  # each kept pair once, no -1 pair
     assert (sorted_ids[used:] == p).all()
     blocks = used // block_m
     assert (expert_ids[blocks:] == -1).all()
@@ -48,6 +49,27 @@ def test_align_invariants(t: int, e: int, k: int, block_m: int) -> None:
     torch_path = _align_torch(ids.reshape(-1), e, block_m, max_padded_rows(t * k, e, block_m))
     for a, b in zip(result, torch_path, strict=True):
         assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize(("t", "e", "k", "block_m", "remote"), [
+    (6, 8, 2, 16, 0.5),    # half the pairs on other EP ranks
+    (1, 4, 2, 16, 1.0),    # M = 1, no local pair at all: nothing to run
+    (40, 16, 4, 32, 0.8),  # few local pairs among many
+])
+def test_remote_pairs_are_left_out(t: int, e: int, k: int, block_m: int, remote: float) -> None:
+    ids = _routing(t, e, k)
+    ids[torch.rand(t, k, device=DEVICE) < remote] = -1
+    result = moe_align_block_size(ids, e, block_m)
+    _check(ids, e, block_m, *result)
+    torch_path = _align_torch(ids.reshape(-1), e, block_m, max_padded_rows(t * k, e, block_m))
+    for a, b in zip(result, torch_path, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_torch_path_leaves_out_remote_pairs() -> None:
+    ids = _routing(700, 64, 8)  # 5600 pairs: the torch path
+    ids[:, ::3] = -1
+    _check(ids, 64, 32, *moe_align_block_size(ids, 64, 32))
 
 
 def test_all_tokens_to_one_expert() -> None:

@@ -2,12 +2,15 @@
 
 Legend: T tokens, K top-k, P = T * K routed pairs, E experts, M = BLOCK_M.
 
+A pair whose expert id is -1 (an expert another EP rank owns, after the expert map) is left out: it appears
+in no row, and its pair index is never written.
+
 Outputs (fixed sizes, so the whole step is CUDA-graph capturable, no host sync):
     sorted_ids   [max_padded] int32  pair index p (token p // K, slot p % K) of each row; P marks padding
     expert_ids   [max_blocks] int32  expert of each M-row block; -1 past the used blocks
     num_padded   [1] int32           rows in use (a multiple of M)
 with max_padded = P + min(E, P) * (M - 1) and max_blocks = max_padded // M: at most min(E, P) experts are
-non-empty and each wastes fewer than M rows.
+non-empty and each wastes fewer than M rows (left-out pairs only lower the count).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 @triton.jit
 def _moe_align_kernel(
-    topk_ids_ptr,  # (P,) int32 expert of each routed pair
+    topk_ids_ptr,  # (P,) int32 expert of each routed pair, -1: left out
     sorted_ids_ptr,  # (max_padded,) int32 out
     expert_ids_ptr,  # (max_blocks,) int32 out
     num_padded_ptr,  # (1,) int32 out
@@ -74,30 +77,35 @@ def _moe_align_kernel(
         onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
         base = tl.sum(onehot * starts[None, :], axis=1)
         rank = tl.load(rank_ptr + offs, mask=mask, other=0)
-        tl.store(sorted_ids_ptr + base + rank, offs.to(tl.int32), mask=mask)
+        # A -1 pair matches no expert (its base and rank are 0): it must not be written over row 0.
+        tl.store(sorted_ids_ptr + base + rank, offs.to(tl.int32), mask=mask & (ids >= 0))
 
 
 def _align_torch(ids: torch.Tensor, num_experts: int, block_m: int, max_padded: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same result from torch ops (sort based), for many pairs; still no host sync."""
     p = ids.numel()
-    ids64 = ids.long()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, ids64, torch.ones_like(ids64))
+    valid = ids >= 0
+    # Left-out (-1) pairs sort after every expert and are written to a scratch row past max_padded.
+    key = torch.where(valid, ids.long(), num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    order = torch.argsort(ids64, stable=True)
-    expert_of_sorted = ids64[order]
-    first_sorted = torch.cumsum(counts, 0) - counts
+    starts = torch.cat([ends - padded, ends.new_full((1,), max_padded)])
+    order = torch.argsort(key, stable=True)
+    expert_of_sorted = key[order]
+    first_sorted = torch.cat([torch.cumsum(counts, 0) - counts, counts.sum().view(1)])
     rank = torch.arange(p, device=ids.device) - first_sorted[expert_of_sorted]
-    sorted_ids = torch.full((max_padded,), p, dtype=torch.int32, device=ids.device)
-    sorted_ids[starts[expert_of_sorted] + rank] = order.to(torch.int32)
+    rows = torch.where(expert_of_sorted < num_experts, starts[expert_of_sorted] + rank, max_padded)
+    sorted_ids = torch.full((max_padded + 1,), p, dtype=torch.int32, device=ids.device)
+    sorted_ids[rows] = order.to(torch.int32)
     first_rows = torch.arange(0, max_padded, block_m, device=ids.device)
     total = ends[-1:]
     expert_ids = torch.searchsorted(ends, first_rows, right=True)
     expert_ids = torch.where(first_rows < total, expert_ids, -1).to(torch.int32)
-    return sorted_ids, expert_ids, total.to(torch.int32)
+    return sorted_ids[:max_padded], expert_ids, total.to(torch.int32)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
@@ -106,7 +114,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
 
     Parameters
     ----------
-    topk_ids : [T, K] int32 expert ids (every id in [0, num_experts)).
+    topk_ids : [T, K] int32 expert ids in [0, num_experts), or -1 for a pair to leave out.
     num_experts : E.
     block_m : rows per GEMM block.
 
