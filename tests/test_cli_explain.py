@@ -62,17 +62,13 @@ def test_explain_checkpoint_on_cpu(capsys: pytest.CaptureFixture[str], fixture: 
     assert "priority  cpu: cpu > emulation" in out
     rows = table_rows(out)
     assert set(rows) == expected_candidates()
-    assert rows["emulation", "EmulationExperts"] == ("chosen", "first in priority order whose checks all pass")
-    cpu_verdict, cpu_reason = rows["cpu", "CPUExperts"]
-    assert cpu_verdict == "rejected" and cpu_reason.startswith("implemented: not implemented in this version")
-    if scheme.startswith("int8"):
-        assert "scheme: int8 weights are not supported; expected int4" in cpu_reason
-    if scheme.endswith("actorder"):
-        assert "scheme: act-order (g_idx) is not supported" in cpu_reason
+    assert rows["cpu", "CPUExperts"] == ("chosen", "first in priority order whose checks all pass")
+    assert rows["emulation", "EmulationExperts"] == ("eligible",
+                                                     "every check passes, but a higher-priority kernel was chosen")
     for (backend, _), (verdict, reason) in rows.items():
         if backend not in ("cpu", "emulation"):
             assert verdict == "rejected" and reason.startswith("not in the cpu priority list; ")
-    assert out.rstrip().endswith("chosen: emulation (EmulationExperts)")
+    assert out.rstrip().endswith("chosen: cpu (CPUExperts)")
 
 
 def test_explain_checkpoint_on_b200(capsys: pytest.CaptureFixture[str]) -> None:

@@ -204,20 +204,18 @@ CASES = [
     Case("mi300x: no Marlin on ROCm", "mi300x", spec("mixtral", "int4_g128_sym"), FAST,
          {MARLIN: {"device": "Marlin has no ROCm, XPU or CPU build"}}),
     # ----- CPU -----
-    Case("cpu fixture int4 g32", "cpu", spec(TINY, "int4_g32_sym"), {Backend.EMULATION}, {CPU: NOT_IMPL}),
-    Case("cpu int4 zero points", "cpu", spec(TINY, "int4_g128_zp"), {Backend.EMULATION}, {CPU: NOT_IMPL}),
-    Case("cpu int8", "cpu", spec(TINY, "int8_g128_sym"), {Backend.EMULATION},
-         {CPU: NOT_IMPL | {"scheme": "int8 weights are not supported; expected int4"}}),
-    Case("cpu act-order", "cpu", spec(TINY, "int4_g32_sym_actorder"), {Backend.EMULATION},
-         {CPU: NOT_IMPL | {"scheme": "act-order (g_idx) is not supported"}}),
-    Case("cpu deepseek routing", "cpu", spec("deepseek-v3", "int4_g128_sym"), {Backend.EMULATION},
-         {CPU: NOT_IMPL | {"routing": "routing method deepseek_v3 is not supported; expected softmax"}}),
-    Case("cpu EP", "cpu", spec(TINY, "int4_g32_sym", ep=2), {Backend.EMULATION},
-         {CPU: NOT_IMPL | {"parallel": "expert parallelism (ep_size=2) is not supported"}}),
+    Case("cpu fixture int4 g32", "cpu", spec(TINY, "int4_g32_sym"), {CPU}),
+    Case("cpu int4 zero points", "cpu", spec(TINY, "int4_g128_zp"), {CPU}),
+    Case("cpu int8", "cpu", spec(TINY, "int8_g128_sym"), {CPU}),
+    Case("cpu act-order", "cpu", spec(TINY, "int4_g32_sym_actorder"), {CPU}),
+    Case("cpu deepseek routing: the layer routes, the CPU kernels are modular", "cpu",
+         spec("deepseek-v3", "int4_g128_sym"), {CPU}),
+    Case("cpu EP: remote experts (-1) are skipped", "cpu", spec(TINY, "int4_g32_sym", ep=2), {CPU}),
     Case("cpu GELU and a clamp limit", "cpu", spec(TINY, "int4_g32_sym", activation=Activation.GELU, clamp=5.0),
          {Backend.EMULATION},
-         {CPU: NOT_IMPL | {"activation": "activation gelu is not supported; expected silu",
-                           "extras": "the SwiGLU clamp limit (5.0) is not supported"}}),
+         {CPU: {"extras": "the SwiGLU clamp limit is supported only with silu, swiglu_oai, got gelu"}}),
+    Case("cpu fp16 activations", "cpu", spec(TINY, "int4_g32_sym", dtype=torch.float16), {Backend.EMULATION},
+         {CPU: {"scheme": "activation dtype float16 is not supported; expected bfloat16"}}),
     # ----- XPU -----
     Case("xpu int4 g32", "xpu", spec(TINY, "int4_g32_sym"), FAST, {XPU: NOT_IMPL}),
     Case("xpu zero points", "xpu", spec(TINY, "int4_g128_zp"), FAST,
@@ -284,9 +282,9 @@ def test_backends_outside_the_priority_list_say_so() -> None:
     report = explain(spec(TINY, "int4_g32_sym"), device=DeviceInfo.named("cpu"))
     marlin = next(c for c in report.candidates if c.backend == MARLIN)
     assert marlin.reason.startswith("not in the cpu priority list; device: needs a CUDA device (sm_75+), got CPU (cpu)")
-    emulation = next(c for c in report.candidates if c.backend == Backend.EMULATION)
-    assert emulation.verdict == Verdict.CHOSEN
-    assert emulation.reason == "first in priority order whose checks all pass"
+    cpu = next(c for c in report.candidates if c.backend == CPU)
+    assert cpu.verdict == Verdict.CHOSEN
+    assert cpu.reason == "first in priority order whose checks all pass"
 
 
 def test_unregistered_backends_are_not_implemented() -> None:
@@ -359,7 +357,7 @@ def test_registered_backend_takes_its_priority_slot(monkeypatch: pytest.MonkeyPa
     assert verdicts["EmulationExperts"][1] == "every check passes, but 'triton' was requested"
     # Not in the CPU priority list: eligible or not, it is never chosen there.
     cpu = explain(spec(TINY, "int4_g32_sym"), device=DeviceInfo.named("cpu"))
-    assert cpu.chosen is not None and cpu.chosen.backend == Backend.EMULATION
+    assert cpu.chosen is not None and cpu.chosen.backend == CPU
 
 
 @pytest.mark.parametrize(("classes", "message"), [
@@ -496,12 +494,13 @@ def test_report_table_and_dict() -> None:
     lines = report.table().splitlines()
     assert lines[0].split() == ["backend", "kernel", "verdict", "reason"]
     assert len(lines) == 1 + len(report.candidates)
-    assert lines[1].split()[:3] == ["cpu", "CPUExperts", "rejected"]
+    assert lines[1].split()[:3] == ["cpu", "CPUExperts", "chosen"]
     data = report.as_dict()
-    assert data["chosen"] == {"backend": "emulation", "kernel": "EmulationExperts"}
+    assert data["chosen"] == {"backend": "cpu", "kernel": "CPUExperts"}
     assert data["priority"] == {"platform": "cpu", "order": ["cpu", "emulation"]}
-    first = data["candidates"][0]
-    assert first["failed_checks"] == [{"check": "implemented", "reason": "not implemented in this version"}]
+    assert data["candidates"][0]["failed_checks"] == []
+    xpu = next(c for c in data["candidates"] if c["backend"] == "xpu")
+    assert xpu["failed_checks"][0] == {"check": "implemented", "reason": "not implemented in this version"}
 
 
 def test_decision_logged_once_per_distinct_decision(monkeypatch: pytest.MonkeyPatch,
@@ -513,8 +512,8 @@ def test_decision_logged_once_per_distinct_decision(monkeypatch: pytest.MonkeyPa
             select_backend(spec(TINY, "int4_g32_sym"), device=device)
         select_backend(spec(TINY, "int8_g128_sym"), device=device)  # another scheme: another decision
     messages = [r.getMessage() for r in caplog.records if r.name == "wna16moe"]
-    assert messages == ["wna16moe: int4_g32_sym on CPU -> emulation (EmulationExperts, auto)",
-                        "wna16moe: int8_g128_sym on CPU -> emulation (EmulationExperts, auto)"]
+    assert messages == ["wna16moe: int4_g32_sym on CPU -> cpu (CPUExperts, auto)",
+                        "wna16moe: int8_g128_sym on CPU -> cpu (CPUExperts, auto)"]
 
 
 # ----- kernels ---------------------------------------------------------------------------------------------
@@ -547,7 +546,7 @@ def test_make_kernel_builds_a_new_kernel_each_call() -> None:
 ])
 def test_make_kernel_rejects_a_different_quant_config(scheme: WeightScheme, bias: bool, message: str) -> None:
     selection = select_backend(spec(TINY, "int4_g32_sym"), device=DeviceInfo.named("cpu"))
-    with pytest.raises(InvalidInputError, match=f"cannot build EmulationExperts for int4_g32_sym: {message}"):
+    with pytest.raises(InvalidInputError, match=f"cannot build CPUExperts for int4_g32_sym: {message}"):
         make_kernel(selection, _quant_for(TINY, scheme, bias), torch.device("cpu"))
 
 
@@ -565,4 +564,4 @@ def test_two_layers_never_share_a_kernel() -> None:
     kernels = [first.kernel, second.kernel, same_layer_again.kernel]
     assert len({id(k) for k in kernels}) == 3
     assert len({id(k.quant) for k in kernels}) == 3
-    assert first.backend == Backend.EMULATION and first.kernel.quant is first.quant
+    assert first.backend == CPU and first.kernel.quant is first.quant

@@ -21,6 +21,9 @@ OPTIONAL_PACKAGES = ("triton", "flashinfer", "vllm_xpu_kernels")
 # Pseudo-package present when a Marlin MoE op library is found (see `find_marlin_library`).
 MARLIN_PROVIDER = "marlin"
 MARLIN_LIBRARY_ENV = "WNA16MOE_MARLIN_LIB"
+# Pseudo-package present when the installed Triton has Intel's XPU backend (`triton.backends.intel`, shipped
+# by Intel's Triton build); found without importing triton (see `has_triton_xpu_backend`).
+TRITON_XPU_PROVIDER = "triton_xpu"
 _MARLIN_LIBRARY = "_moe_C_stable_libtorch.abi3.so"
 
 
@@ -99,7 +102,7 @@ NAMED_DEVICES: dict[str, DeviceInfo] = {
     "rtx5090": DeviceInfo(Platform.CUDA, "NVIDIA GeForce RTX 5090", (12, 0), 32 * _GIB, _ALL),
     "mi300x": DeviceInfo(Platform.ROCM, "AMD Instinct MI300X", (9, 4), 192 * _GIB, frozenset({"triton"})),
     "xpu": DeviceInfo(Platform.XPU, "Intel Data Center GPU Max 1550", None, 128 * _GIB,
-                      frozenset({"triton", "vllm_xpu_kernels"})),
+                      frozenset({"triton", TRITON_XPU_PROVIDER, "vllm_xpu_kernels"})),
     "cpu": DeviceInfo(Platform.CPU, "CPU", None, 0, frozenset()),
 }
 
@@ -109,6 +112,8 @@ def _current(device_type: str, index: int | None) -> DeviceInfo:
     packages = {p for p in OPTIONAL_PACKAGES if importlib.util.find_spec(p) is not None}
     if find_marlin_library() is not None:
         packages.add(MARLIN_PROVIDER)
+    if has_triton_xpu_backend():
+        packages.add(TRITON_XPU_PROVIDER)
     packages = frozenset(packages)
     if device_type == "cuda":
         props = torch.cuda.get_device_properties(index or 0)
@@ -134,3 +139,13 @@ def find_marlin_library() -> str | None:
         if os.path.isfile(candidate):
             return candidate
     return None
+
+
+def has_triton_xpu_backend() -> bool:
+    """True when the importable `triton` package carries Intel's XPU backend (a `backends/intel` folder, which
+    Triton's backend discovery loads as `triton.backends.intel`); checked without importing triton."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(os.path.isdir(os.path.join(location, "backends", "intel"))
+               for location in spec.submodule_search_locations)

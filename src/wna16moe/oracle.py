@@ -97,7 +97,7 @@ def platform_key(device: DeviceInfo) -> str:
 #   cuda_other: older (sm_70/75) and other families (sm_12x); MARLIN/TRITON device checks draw the line.
 #   rocm:       no Marlin build; TRITON is the fast path.
 #   xpu:        Intel's own kernel first, then TRITON (Intel's Triton backend).
-#   cpu:        the fused CPU kernel.
+#   cpu:        PyTorch's packed int4/int8 CPU matmuls per expert (experts/cpu.py).
 PRIORITY: dict[str, tuple[Backend, ...]] = {
     "cuda_sm100": (Backend.FLASHINFER_TRTLLM, Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON,
                    Backend.BATCHED_TRITON, Backend.EMULATION),

@@ -1,17 +1,49 @@
 """FLASHINFER_TRTLLM: FlashInfer's TRT-LLM MxInt4 fused MoE, which routes and runs both GEMMs in one call.
 
-Monolithic: it takes router logits [T, E], not routed ids. "MxInt4" here means int4 weights with one bfloat16
-scale per 32 input elements (not e8m0 scales). This version declares the kernel's capabilities only: the
-oracle reports it unavailable ("not implemented in this version") and constructing it raises.
+Monolithic: `flashinfer.fused_moe.trtllm_mxint4_block_scale_moe` takes router logits [T, E] and bf16 hidden
+states and does routing, GEMM1 + SwiGLU, GEMM2 and the weighted top-k sum in one kernel, on SM10x only.
+"MxInt4" here means symmetric int4 weights with one bfloat16 scale per 32 input elements (not e8m0 scales).
 
-Decisions that differ from vLLM's wrapper (see the checks below):
-  * SWIGLU_OAI is rejected. The wrapper passes no alpha/beta/limit, so the kernel computes plain
-    silu(gate) * up; accepting SWIGLU_OAI would silently drop its alpha, `up + beta` and clamp.
-  * bfloat16 activations are a capability check here, not an assertion at the first forward.
-  * Expert parallelism is rejected: the kernel addresses local experts by a contiguous offset
-    (ep_rank * E_local) and takes no expert map, and this library does not model that placement yet.
-  * H and I/tp must be multiples of 256 (the weight layout needs whole 256-element K blocks); vLLM does
-    not check this before preparing the weights.
+Not enabled (IMPLEMENTED = False): the converter and `apply_monolithic` are written against FlashInfer
+0.7.2's source (signature of trtllm_mxint4_block_scale_moe, its layout helpers) and everything that runs
+on a CPU is tested, but the kernel has never run: there is no SM100 GPU here (our H100s are sm_90, where
+FlashInfer ships no MxInt4 cubins). The oracle must not choose an unvalidated kernel ahead of validated
+ones, so it reports this one "not implemented in this version" until a B200 run checks it against
+EMULATION; then flip IMPLEMENTED.
+
+Prepared layout (`prepare_weights`; E experts, H hidden, I = I/tp, Kb = K / 256):
+    w13        [E, H/256, 2I, 128] uint8   BlockMajorK bytes of the gate/up projection
+    w13_scale  [E, 2I, H/32] bf16          its scales, rows shuffled like the weights, 128x4-swizzled
+    w2         [E, I/256, H, 128] uint8, w2_scale [E, H, I/32] bf16 likewise (no gate/up interleave)
+built per expert from canonical codes q (w = (q - 8) * s) in these steps:
+    1. signed nibbles: v = q - 8 in two's complement, (q - 8) & 0xF == q ^ 8; byte j of a row holds input
+       2j in its low nibble and 2j + 1 in its high nibble.
+    2. w13 rows [gate; up] -> [up; gate] (FlashInfer's w3/w1 order), then the gated-activation interleave:
+       row 2i <- up_i, row 2i + 1 <- gate_i.
+    3. epilogue shuffle (epilogue_tile_m = 128): in every block of 32 rows, source row t goes to row
+       8 * (t % 4) + t // 4 (FlashInfer's srcToDstBlk32RowMap); w2 gets this step only.
+    4. scales: the same row permutation, then the 128x4 swizzle (`block_scale_interleave`): scale (r, c) of
+       an [R, C] matrix lands at (c % 4) + (c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4
+       + (r // 128) * 128 * C (R % 128 == 0 and C % 4 == 0 here, so nothing is padded).
+    5. BlockMajorK: the byte matrix [N, K/2] becomes [K/256, N, 128]: 128-byte K blocks outermost.
+`flashinfer_to_canonical` inverts all of it.
+
+Decisions (see the checks below):
+  * Routed scaling: the kernel applies it. `wna16moe.routing` multiplies the router weights by
+    routed_scaling_factor, so a layer's output includes it; the kernel's DeepSeekV3 routing does the same
+    when given the factor, so apply passes it (vLLM passes None and scales outside). Other routing methods
+    have no scaling step, so a factor other than 1 rejects them.
+  * SWIGLU_OAI is rejected: apply passes no alpha/beta/limit, so the kernel computes plain silu(gate) * up;
+    accepting SWIGLU_OAI would silently drop its alpha, `up + beta` and clamp.
+  * bfloat16 activations are a capability check, not an assertion at the first forward. Scales of other
+    dtypes are rounded to bfloat16 by the converter (relative 2**-8, the size of the bf16 rounding of
+    the dequantized weights the MMA reads).
+  * Expert parallelism is rejected: the kernel addresses local experts by a contiguous offset and takes no
+    expert map; apply passes local_expert_offset 0 and every expert as local.
+  * H and I/tp must be multiples of 256 (whole 256-element K blocks); vLLM does not check this before
+    preparing the weights.
+  * Tiles: the kernel's launcher picks its token tile (8 to 128) with FlashInfer's autotuner over
+    tune_max_num_tokens (TUNE_MAX_NUM_TOKENS); the API takes no tile argument.
 """
 
 from __future__ import annotations
@@ -20,6 +52,7 @@ import torch
 
 from wna16moe.config import Activation, ParallelConfig, RoutingConfig, RoutingMethod
 from wna16moe.device import DeviceInfo, Platform
+from wna16moe.errors import InvalidInputError, UnsupportedError
 from wna16moe.experts.base import (
     OK,
     Check,
@@ -30,6 +63,7 @@ from wna16moe.experts.base import (
     fail,
     labels,
 )
+from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 
 NAME = "flashinfer_trtllm"
@@ -42,6 +76,7 @@ REQUIRED_PACKAGES = ("flashinfer",)
 # The one weight format the kernel reads: int4, symmetric, one bf16 scale per 32 inputs.
 BITS = 4
 GROUP_SIZE = 32
+SCALE_DTYPE = torch.bfloat16
 # The kernel takes bf16 activations only (vLLM asserts it inside the wrapper).
 ACT_DTYPES = (torch.bfloat16,)
 # Plain silu(gate) * up is all the kernel computes (no alpha, beta or clamp are passed).
@@ -49,12 +84,178 @@ ACTIVATIONS = (Activation.SILU,)
 # Weights are stored BlockMajorK: K split into 128-byte blocks of 256 int4 values, for both GEMMs
 # (GEMM1's K is H, GEMM2's K is I/tp).
 K_BLOCK = 256
+K_BLOCK_BYTES = K_BLOCK // 2
+# Epilogue shuffle: epilogue_tile_m = 128 permutes rows within blocks of 32.
+SHUFFLE_BLOCK = 32
+# Scale swizzle tiles: 128 rows (as 4 x 32) by 4 columns.
+SF_TILE_ROWS, SF_TILE_SUB_ROWS, SF_TILE_COLS = 128, 32, 4
 # Router-logit dtypes per routing method: bf16 for all; DeepSeek-V3 routing also reads fp32 logits.
 LOGITS_DTYPES: dict[RoutingMethod, tuple[torch.dtype, ...]] = {
     RoutingMethod.SOFTMAX: (torch.bfloat16,),
     RoutingMethod.SIGMOID: (torch.bfloat16,),
     RoutingMethod.DEEPSEEK_V3: (torch.bfloat16, torch.float32),
 }
+# FlashInfer's RoutingMethodType values for the routing each of our methods is accepted as (supports_routing):
+# Renormalize (TopK -> Softmax, the same weights as softmax -> top-k -> renormalize), DeepSeekV3, Llama4.
+ROUTING_METHOD_TYPES: dict[RoutingMethod, int] = {
+    RoutingMethod.SOFTMAX: 1,
+    RoutingMethod.DEEPSEEK_V3: 2,
+    RoutingMethod.SIGMOID: 3,
+}
+# Largest token count FlashInfer's autotuner tunes the kernel's tiles for (vLLM's value).
+TUNE_MAX_NUM_TOKENS = 8192
+
+
+# ----- layout: row permutations ------------------------------------------------------------------------------
+
+def shuffle_destination(row: torch.Tensor) -> torch.Tensor:
+    """Epilogue shuffle: where source row `row` goes; within each 32-row block t -> 8 * (t % 4) + t // 4."""
+    t = row % SHUFFLE_BLOCK
+    return row - t + 8 * (t % 4) + t // 4
+
+
+def shuffle_source(row: torch.Tensor) -> torch.Tensor:
+    """Inverse of `shuffle_destination`: the source row that lands on `row` (d -> 4 * (d % 8) + d // 8)."""
+    d = row % SHUFFLE_BLOCK
+    return row - d + 4 * (d % 8) + d // 8
+
+
+def gemm1_row_sources(rows: int) -> torch.Tensor:
+    """int64 [2I]: the canonical w13 row ([gate; up], gate rows first) stored at each row of the kernel's w13.
+
+    Row j after the gated interleave holds up_{j//2} (j even) or gate_{j//2} (j odd); the epilogue shuffle
+    then puts row j at shuffle_destination(j).
+    """
+    if rows % (2 * SHUFFLE_BLOCK):
+        raise InvalidInputError(f"w13 needs a multiple of {2 * SHUFFLE_BLOCK} rows (2I), got {rows}")
+    interleaved = shuffle_source(torch.arange(rows))
+    half = rows // 2
+    return torch.where(interleaved % 2 == 0, half + interleaved // 2, interleaved // 2)
+
+
+def gemm2_row_sources(rows: int) -> torch.Tensor:
+    """int64 [H]: the canonical w2 row stored at each row of the kernel's w2 (the epilogue shuffle only)."""
+    if rows % SHUFFLE_BLOCK:
+        raise InvalidInputError(f"w2 needs a multiple of {SHUFFLE_BLOCK} rows (H), got {rows}")
+    return shuffle_source(torch.arange(rows))
+
+
+# ----- layout: bytes and scales ------------------------------------------------------------------------------
+
+def pack_signed_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K] unsigned codes (w = (q - 8) * s) -> uint8 [..., K/2] two's-complement nibbles, input 2j
+    in the low nibble of byte j."""
+    signed = codes ^ 8  # (q - 8) & 0xF
+    return signed[..., 0::2] | (signed[..., 1::2] << 4)
+
+
+def unpack_signed_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_signed_nibbles`: uint8 [..., K/2] -> unsigned codes uint8 [..., K]."""
+    low, high = packed & 0xF, packed >> 4
+    return (torch.stack([low, high], dim=-1) ^ 8).flatten(-2)
+
+
+def to_block_major_k(rows: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] bytes -> [K/256, N, 128]: 128-byte K blocks outermost (BlockMajorK)."""
+    n, kb = rows.shape
+    return rows.view(n, kb // K_BLOCK_BYTES, K_BLOCK_BYTES).transpose(0, 1)
+
+
+def from_block_major_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_block_major_k`: [K/256, N, 128] -> [N, K/2]."""
+    nb, n, width = blocks.shape
+    return blocks.transpose(0, 1).reshape(n, nb * width)
+
+
+def _check_swizzle_shape(scales: torch.Tensor) -> tuple[int, int]:
+    rows, cols = scales.shape
+    if rows % SF_TILE_ROWS or cols % SF_TILE_COLS:
+        raise InvalidInputError(f"scales [R, C] need R % {SF_TILE_ROWS} == 0 and C % {SF_TILE_COLS} == 0 for the "
+                                f"unpadded swizzle, got {list(scales.shape)}")
+    return rows, cols
+
+
+def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
+    """[R, C] scales -> the same shape holding FlashInfer's 128x4 swizzled order (R % 128 == 0, C % 4 == 0).
+
+    Row r = 128 * rt + 32 * r1 + r0 and column c = 4 * ct + c0 go to flat position
+    ((((rt * C/4 + ct) * 32 + r0) * 4 + r1) * 4 + c0).
+    """
+    rows, cols = _check_swizzle_shape(scales)
+    tiles = scales.reshape(rows // SF_TILE_ROWS, SF_TILE_ROWS // SF_TILE_SUB_ROWS, SF_TILE_SUB_ROWS,
+                           cols // SF_TILE_COLS, SF_TILE_COLS)  # (rt, r1, r0, ct, c0)
+    return tiles.permute(0, 3, 2, 1, 4).reshape(rows, cols)
+
+
+def unswizzle_scales(swizzled: torch.Tensor) -> torch.Tensor:
+    """Inverse of `swizzle_scales`: [R, C] in swizzled order -> [R, C] row-major scales."""
+    rows, cols = _check_swizzle_shape(swizzled)
+    tiles = swizzled.reshape(rows // SF_TILE_ROWS, cols // SF_TILE_COLS, SF_TILE_SUB_ROWS,
+                             SF_TILE_ROWS // SF_TILE_SUB_ROWS, SF_TILE_COLS)  # (rt, ct, r0, r1, c0)
+    return tiles.permute(0, 3, 2, 1, 4).reshape(rows, cols)
+
+
+# ----- converter and its inverse ----------------------------------------------------------------------------
+
+def _prepare_projection(weight: QuantizedWeight, sources: torch.Tensor, name: str,
+                        device: torch.device) -> dict[str, torch.Tensor]:
+    e, n, k = weight.shape
+    out = {
+        name: torch.empty(e, k // K_BLOCK, n, K_BLOCK_BYTES, dtype=torch.uint8, device=device),
+        f"{name}_scale": torch.empty(e, n, k // GROUP_SIZE, dtype=SCALE_DTYPE, device=device),
+    }
+    sources = sources.to(device)
+    for expert in range(e):
+        codes = weight.codes[expert].to(device).index_select(0, sources)
+        out[name][expert] = to_block_major_k(pack_signed_nibbles(codes))
+        scales = weight.scales[expert].to(device, SCALE_DTYPE).index_select(0, sources)
+        out[f"{name}_scale"][expert] = swizzle_scales(scales)
+    return out
+
+
+def check_layout(experts_scheme: WeightScheme, hidden_size: int, intermediate_size: int) -> None:
+    """Raise unless the kernel's layout can hold these experts (int4_g32_sym, H and I multiples of 256)."""
+    s = experts_scheme
+    if s.bits != BITS or s.group_size != GROUP_SIZE or s.zero_point or s.act_order:
+        raise UnsupportedError(f"the FlashInfer MxInt4 layout holds int{BITS}_g{GROUP_SIZE}_sym weights only, got "
+                               f"{s.name}")
+    if hidden_size % K_BLOCK or intermediate_size % K_BLOCK:
+        raise UnsupportedError(f"the FlashInfer MxInt4 layout needs H and I to be multiples of {K_BLOCK}, got "
+                               f"H={hidden_size}, I={intermediate_size}")
+
+
+def prepare_flashinfer_weights(experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pure converter from canonical experts to the MxInt4 layout (module docstring), on `device`.
+
+    Expert by expert into preallocated tensors: extra memory is one expert's permuted codes and scales.
+    Raises `UnsupportedError` for schemes and shapes the layout cannot hold.
+    """
+    h, i = experts.hidden_size, experts.intermediate_size
+    check_layout(experts.scheme, h, i)
+    out = _prepare_projection(experts.w13, gemm1_row_sources(2 * i), "w13", device)
+    out.update(_prepare_projection(experts.w2, gemm2_row_sources(h), "w2", device))
+    return out
+
+
+def _canonical_projection(blocks: torch.Tensor, scales: torch.Tensor, sources: torch.Tensor) -> QuantizedWeight:
+    e, _, n, _ = blocks.shape
+    codes = torch.empty(e, n, blocks.shape[1] * K_BLOCK, dtype=torch.uint8, device=blocks.device)
+    canonical_scales = torch.empty(scales.shape, dtype=SCALE_DTYPE, device=scales.device)
+    sources = sources.to(blocks.device)
+    for expert in range(e):
+        codes[expert, sources] = unpack_signed_nibbles(from_block_major_k(blocks[expert]))
+        canonical_scales[expert, sources] = unswizzle_scales(scales[expert])
+    return QuantizedWeight(WeightScheme(BITS, GROUP_SIZE, scale_dtype=SCALE_DTYPE), codes, canonical_scales)
+
+
+def flashinfer_to_canonical(prepared: dict[str, torch.Tensor]) -> QuantizedExperts:
+    """Inverse of `prepare_flashinfer_weights`: canonical experts (bf16 scales) from the four prepared tensors."""
+    for key in ("w13", "w13_scale", "w2", "w2_scale"):
+        if key not in prepared:
+            raise InvalidInputError(f"prepared FlashInfer weights lack {key!r}; got {sorted(prepared)}")
+    w13 = _canonical_projection(prepared["w13"], prepared["w13_scale"], gemm1_row_sources(prepared["w13"].shape[2]))
+    w2 = _canonical_projection(prepared["w2"], prepared["w2_scale"], gemm2_row_sources(prepared["w2"].shape[2]))
+    return QuantizedExperts(w13, w2)
 
 
 class FlashInferTrtllmExperts(Experts):
@@ -62,6 +263,7 @@ class FlashInferTrtllmExperts(Experts):
 
     NAME = NAME
     MONOLITHIC = True
+    # Written, never run: no SM100 GPU to validate it on (module docstring).
     IMPLEMENTED = False
 
     @classmethod
@@ -142,3 +344,41 @@ class FlashInferTrtllmExperts(Experts):
             return fail(f"the SwiGLU clamp limit ({clamp_limit}) is not supported: the kernel computes unclamped "
                         "silu(gate) * up")
         return OK
+
+    @classmethod
+    def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
+        return prepare_flashinfer_weights(experts, device)
+
+    def apply_monolithic(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                         weights: dict[str, torch.Tensor], correction_bias: torch.Tensor | None) -> torch.Tensor:
+        """hidden_states [T, H] bf16, router_logits [T, E] (bf16; fp32 too with DeepSeekV3), correction_bias [E]
+        (DeepSeekV3; passed as bf16, as vLLM does) -> [T, H] bf16: routing, both GEMMs, SwiGLU and the
+        weighted top-k sum (including routed_scaling_factor) in one FlashInfer call."""
+        from flashinfer.fused_moe import trtllm_mxint4_block_scale_moe
+
+        moe, routing = self.moe, self.moe.routing
+        deepseek = routing.method == RoutingMethod.DEEPSEEK_V3
+        outputs = trtllm_mxint4_block_scale_moe(
+            routing_logits=router_logits,
+            routing_bias=None if correction_bias is None else correction_bias.to(torch.bfloat16),
+            hidden_states=hidden_states,
+            gemm1_weights=weights["w13"],
+            gemm1_weights_scale=weights["w13_scale"],
+            gemm1_alpha=None,
+            gemm1_beta=None,
+            gemm1_clamp_limit=None,
+            gemm2_weights=weights["w2"],
+            gemm2_weights_scale=weights["w2_scale"],
+            num_experts=moe.num_experts,
+            top_k=moe.top_k,
+            n_group=routing.n_group if deepseek else None,
+            topk_group=routing.topk_group if deepseek else None,
+            intermediate_size=self.spec.intermediate_per_shard,
+            # supports_parallel rejects EP: this rank holds every expert.
+            local_expert_offset=0,
+            local_num_experts=moe.num_experts,
+            routed_scaling_factor=routing.routed_scaling_factor if deepseek else None,
+            routing_method_type=ROUTING_METHOD_TYPES[routing.method],
+            tune_max_num_tokens=TUNE_MAX_NUM_TOKENS,
+        )
+        return outputs[0]

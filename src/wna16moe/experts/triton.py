@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from wna16moe.config import Activation, MoEQuantConfig
-from wna16moe.device import DeviceInfo, Platform
+from wna16moe.device import TRITON_XPU_PROVIDER, DeviceInfo, Platform
 from wna16moe.errors import UnsupportedError
 from wna16moe.experts.base import OK, Check, Experts, LayerSpec, fail
 from wna16moe.kernels.layout import TILE_K, tile_interleave, words_per_tile
@@ -149,6 +149,9 @@ class TritonExperts(Experts):
             return fail("Triton needs a GPU (CPU only under TRITON_INTERPRET=1)")
         if device.platform == Platform.CUDA and (device.sm or 0) < MIN_CUDA_SM:
             return fail(f"needs CUDA sm{MIN_CUDA_SM}+ for bf16 tensor cores, the device is sm{device.sm}")
+        if device.platform == Platform.XPU and not device.has_package(TRITON_XPU_PROVIDER):
+            return fail("the installed Triton has no Intel XPU backend (triton.backends.intel, from Intel's "
+                        "Triton build)")
         return OK
 
     @classmethod

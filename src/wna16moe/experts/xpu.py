@@ -2,6 +2,12 @@
 
 Modular, STANDARD format only. This version declares its capabilities only: the oracle reports it
 unavailable ("not implemented in this version") and constructing it raises.
+
+Intel GPUs run today through the TRITON backend: our Triton kernels on torch.xpu, where the installed
+Triton carries Intel's XPU backend (`triton.backends.intel`; DeviceInfo's pseudo-package "triton_xpu").
+The oracle's "xpu" row tries this class first, then TRITON, then EMULATION: once the native kernel lands
+and is measured, it takes over where its checks pass. Nothing here has run on an XPU; the oracle tests
+cover selection and rejections with named devices.
 """
 
 from __future__ import annotations
