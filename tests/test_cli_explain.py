@@ -93,7 +93,7 @@ def test_explain_checkpoint_on_b200(capsys: pytest.CaptureFixture[str]) -> None:
 def test_explain_named_shape_with_tp(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--shape", "qwen3-30b-a3b", "--scheme", "int4_g128_sym", "--device", "h100",
                        "--tp", "4")
-    assert code == 0
+    assert code == 1 and "no kernel chosen" in out  # I/tp=192 splits a g128 group in every kernel
     assert "layer     qwen3-30b-a3b: E=128 top_k=8 H=2048 I=768 (I/tp=192), int4_g128_sym, silu, softmax " \
            "renormalized, bfloat16" in out and "tp=4 ep=1 dp=1, standard format" in out
     rows = table_rows(out)
@@ -104,6 +104,10 @@ def test_explain_named_shape_with_tp(capsys: pytest.CaptureFixture[str]) -> None
                       "TP shard, which padding to a multiple of lcm(64, 128)=128 cannot fix; use a tp_size that keeps "
                       "I/tp a multiple of 128")
     assert rows["flashinfer_trtllm", "FlashInferTrtllmExperts"][1].startswith("not in the cuda_sm80 priority list")
+    assert rows["emulation", "EmulationExperts"] == ("rejected", (
+        "shape: I/tp=192 (intermediate_size=768, tp_size=4) is not a multiple of group_size 128: a quantization "
+        "group would straddle two TP shards; use a tp_size that keeps I/tp a multiple of 128, or expert "
+        "parallelism (ep_size) instead of tensor parallelism"))
 
 
 def test_explain_default_scheme_dtype_and_ep(capsys: pytest.CaptureFixture[str]) -> None:

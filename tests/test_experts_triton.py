@@ -118,8 +118,12 @@ def test_capabilities() -> None:
     assert not v100.ok and "sm80" in v100.reason
     bare = TritonExperts.is_supported(spec, DeviceInfo.named("h100-bare"))
     assert not bare.ok and "triton" in bare.reason
-    tp = LayerSpec(MoEConfig(8, 2, 256, 128), WeightScheme.from_name("int4_g32_sym"), ParallelConfig(tp_size=2))
-    assert "parallel" in TritonExperts.is_supported(tp, DeviceInfo.named("h100")).reason
+    tp_ep = LayerSpec(MoEConfig(8, 2, 256, 128), WeightScheme.from_name("int4_g32_sym"),
+                      ParallelConfig(tp_size=4, ep_size=2))  # I/tp = 32: whole groups; EP through the expert map
+    assert TritonExperts.is_supported(tp_ep, DeviceInfo.named("h100")).ok
+    split = LayerSpec(MoEConfig(8, 2, 256, 128), WeightScheme.from_name("int4_g64_sym"), ParallelConfig(tp_size=4))
+    assert "shape: I/tp=32 (intermediate_size=128, tp_size=4) is not a multiple of group_size 64" in \
+        TritonExperts.is_supported(split, DeviceInfo.named("h100")).reason
 
 
 # ----- kernels against EMULATION (interpreter on CPU, compiled on GPU) -----

@@ -289,7 +289,7 @@ def test_construction_rejects_mismatched_experts() -> None:
     experts = random_experts(WeightScheme(4, 32), E, H, I)
     with pytest.raises(InvalidInputError, match=r"experts are \(E, H, I\) = \(8, 64, 32\)"):
         WNA16MoE(experts, MoEConfig(E, K, H, 2 * I), device="cpu")
-    with pytest.raises(InvalidInputError, match="w1_bias"):
+    with pytest.raises(InvalidInputError, match=r"w13_bias must be \[E=8, 64\]"):
         WNA16MoE(experts, MoEConfig(E, K, H, I), device="cpu", w13_bias=torch.randn(E, I))
 
 

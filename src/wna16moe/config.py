@@ -103,7 +103,17 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor / expert / data parallel sizes and this process's ranks."""
+    """Tensor / expert / data parallel sizes, this process's ranks, and the EP activation format.
+
+    A layer runs on `world_size = tp_size * ep_size` ranks, `rank = ep_rank * tp_size + tp_rank` (TP innermost).
+    Experts are split over the EP ranks in contiguous ranges (`local_experts`); each expert's intermediate
+    dimension I is split over the TP ranks. TP ranks always hold the same tokens. EP ranks hold the same tokens
+    when dp_size is 1; with data-parallel attention (dp_size == ep_size, dp_rank == ep_rank) each EP rank and
+    its TP group hold their own tokens, which an all-to-all sends to the experts' owners.
+
+    `batched`: the experts read the BATCHED activation format ([E_local, max_tokens, H], what low-latency
+    all-to-all dispatchers deliver) instead of the STANDARD one ([T, H] plus top-k ids).
+    """
 
     tp_size: int = 1
     tp_rank: int = 0
@@ -111,6 +121,7 @@ class ParallelConfig:
     ep_rank: int = 0
     dp_size: int = 1
     dp_rank: int = 0
+    batched: bool = False
 
     def __post_init__(self) -> None:
         for kind in ("tp", "ep", "dp"):
@@ -121,6 +132,35 @@ class ParallelConfig:
     @property
     def use_ep(self) -> bool:
         return self.ep_size > 1
+
+    @property
+    def world_size(self) -> int:
+        """Ranks one layer runs on: tp_size * ep_size."""
+        return self.tp_size * self.ep_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among the layer's ranks: ep_rank * tp_size + tp_rank."""
+        return self.ep_rank * self.tp_size + self.tp_rank
+
+    @property
+    def activation_format(self) -> ActivationFormat:
+        return ActivationFormat.BATCHED if self.batched else ActivationFormat.STANDARD
+
+    def local_experts(self, num_experts: int) -> range:
+        """Global ids of the experts this EP rank owns: a contiguous range, the first E % ep_size ranks one
+        expert more. Raises `InvalidInputError` when some rank would own none (num_experts < ep_size)."""
+        return expert_range(num_experts, self.ep_size, self.ep_rank)
+
+
+def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
+    """The contiguous range of global expert ids EP rank `ep_rank` of `ep_size` owns (see ParallelConfig)."""
+    if num_experts < ep_size:
+        raise InvalidInputError(f"num_experts={num_experts} is fewer than ep_size={ep_size}: every EP rank needs at "
+                                "least one expert; use a smaller ep_size")
+    base, extra = divmod(num_experts, ep_size)
+    start = ep_rank * base + min(ep_rank, extra)
+    return range(start, start + base + (ep_rank < extra))
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,6 +3,10 @@
 The layer owns its prepared weights (as buffers) and its own kernel instance, built once after the weights
 are final and never shared with another layer. `load_experts` refreshes the weights in place, so device
 pointers stay stable for CUDA graphs.
+
+Parallel layers (`parallel=ParallelConfig(...)`, see `wna16moe.distributed`): the layer keeps this rank's
+experts and TP shard only, and its forward runs prepare (dispatch) -> experts -> finalize (combine, reduce),
+so every rank's output is the whole layer's output for the tokens it holds.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ from wna16moe.config import (
     make_wna16_moe_quant_config,
 )
 from wna16moe.device import DeviceInfo
-from wna16moe.errors import InvalidInputError
+from wna16moe.distributed import (
+    MoEGroups,
+    NoParallel,
+    PrepareFinalize,
+    make_prepare_finalize,
+    shard_biases,
+    shard_experts,
+)
+from wna16moe.errors import InvalidInputError, UnsupportedError
 from wna16moe.experts.base import LayerSpec
 from wna16moe.formats import open_checkpoint
 from wna16moe.oracle import Backend, Selection, make_kernel, select_backend
@@ -34,41 +46,56 @@ class WNA16MoE(nn.Module):
 
     Parameters
     ----------
-    experts : the layer's quantized experts (canonical form).
-    config : shapes, activation, routing and activation dtype (bfloat16 or float16).
+    experts : the layer's quantized experts (canonical form, full I): all E of them, or under expert
+        parallelism just this rank's range (`Checkpoint.load_layer(layer, parallel.local_experts(E))`).
+    config : shapes, activation, routing and activation dtype (bfloat16 or float16), global (unsharded).
     device : where the layer runs (default: CUDA/XPU if present, else CPU).
     backend : force a backend by name or `Backend` (default: $WNA16MOE_BACKEND, else the oracle's choice).
-    w13_bias, w2_bias : optional expert biases [E, 2I] and [E, H].
+    parallel : this rank's tensor / expert / data parallel config (default: one rank). Its activation format
+        (`batched`) decides which kernels qualify.
+    groups : the process groups (`MoEGroups.create(parallel)`, collective: create once, pass to every layer);
+        default: created here.
+    w13_bias, w2_bias : optional expert biases [E, 2I] and [E, H] (global).
     correction_bias : DeepSeek-V3 `e_score_correction_bias` [E] for routing.
     gemm1_clamp_limit, gemm1_alpha, gemm1_beta : SwiGLU parameters.
     """
 
     def __init__(self, experts: QuantizedExperts, config: MoEConfig, *, device: torch.device | str | None = None,
                  backend: Backend | str | None = None, parallel: ParallelConfig | None = None,
-                 w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
-                 correction_bias: torch.Tensor | None = None, gemm1_clamp_limit: float | None = None,
-                 gemm1_alpha: float | None = None, gemm1_beta: float | None = None) -> None:
+                 groups: MoEGroups | None = None, w13_bias: torch.Tensor | None = None,
+                 w2_bias: torch.Tensor | None = None, correction_bias: torch.Tensor | None = None,
+                 gemm1_clamp_limit: float | None = None, gemm1_alpha: float | None = None,
+                 gemm1_beta: float | None = None) -> None:
         super().__init__()
-        _check_matches(experts, config)
+        parallel = parallel or ParallelConfig()
+        _check_matches(experts, config, parallel)
         info = DeviceInfo.current(device)
         self.device_info = info
         target = torch.device(device) if device is not None else info.torch_device
         self.config = config
+        self.parallel = parallel
+        spec = LayerSpec(config, experts.scheme, parallel, has_bias=w13_bias is not None or w2_bias is not None,
+                         clamp_limit=gemm1_clamp_limit, router_logits_dtype=config.dtype)
+        self.selection: Selection = select_backend(spec, device=info, override=backend)
+        local = shard_experts(experts, parallel, config.num_experts)
+        w13_bias, w2_bias = shard_biases(w13_bias, w2_bias, experts, parallel, config.num_experts)
         self.quant: MoEQuantConfig = make_wna16_moe_quant_config(
-            experts.w13.scales, experts.w2.scales,
-            -1 if experts.scheme.group_size is None else experts.scheme.group_size, experts.scheme.bits,
-            experts.w13.zeros, experts.w2.zeros,
+            local.w13.scales, local.w2.scales,
+            -1 if local.scheme.group_size is None else local.scheme.group_size, local.scheme.bits,
+            local.w13.zeros, local.w2.zeros,
             None if w13_bias is None else w13_bias.to(target), None if w2_bias is None else w2_bias.to(target),
             gemm1_clamp_limit=gemm1_clamp_limit, gemm1_alpha=gemm1_alpha, gemm1_beta=gemm1_beta,
         )
-        spec = LayerSpec(config, experts.scheme, parallel or ParallelConfig(), ActivationFormat.STANDARD,
-                         has_bias=self.quant.has_bias, clamp_limit=gemm1_clamp_limit,
-                         router_logits_dtype=config.dtype)
-        self.selection: Selection = select_backend(spec, device=info, override=backend)
-        for name, tensor in self.selection.kernel.prepare_weights(experts, target).items():
+        for name, tensor in self.selection.kernel.prepare_weights(local, target).items():
             self.register_buffer(name, tensor)
         self.register_buffer("correction_bias", None if correction_bias is None else correction_bias.to(target))
         self.kernel = make_kernel(self.selection, self.quant, target)
+        self.prepare_finalize: PrepareFinalize = make_prepare_finalize(
+            parallel, config.num_experts, groups or MoEGroups.create(parallel), target)
+        if self.kernel.MONOLITHIC and not isinstance(self.prepare_finalize, NoParallel):
+            raise UnsupportedError(f"{type(self.kernel).__name__} routes inside the kernel and cannot run behind the "
+                                   f"{type(self.prepare_finalize).__name__} dispatch (dp_size={parallel.dp_size}, "
+                                   f"batched={parallel.batched})")
 
     @property
     def scheme(self) -> WeightScheme:
@@ -83,13 +110,15 @@ class WNA16MoE(nn.Module):
 
     @torch.no_grad()
     def load_experts(self, experts: QuantizedExperts) -> None:
-        """Replace the weights in place (same shapes and scheme): buffers keep their addresses, so captured
-        CUDA graphs stay valid and the kernel is not rebuilt."""
+        """Replace the weights in place (same shapes and scheme; all experts or this EP rank's, as at
+        construction): buffers keep their addresses, so captured CUDA graphs stay valid and the kernel is not
+        rebuilt."""
         if experts.scheme != self.scheme:
             raise InvalidInputError(f"new experts use scheme {experts.scheme}, the layer was built for {self.scheme}")
-        _check_matches(experts, self.config)
+        _check_matches(experts, self.config, self.parallel)
+        local = shard_experts(experts, self.parallel, self.config.num_experts)
         current = self.prepared_weights()
-        for name, tensor in self.selection.kernel.prepare_weights(experts, self.kernel.device).items():
+        for name, tensor in self.selection.kernel.prepare_weights(local, self.kernel.device).items():
             if name not in current or current[name].shape != tensor.shape:
                 raise InvalidInputError(f"prepared tensor {name} changed shape; build a new layer instead")
             current[name].copy_(tensor)
@@ -105,26 +134,43 @@ class WNA16MoE(nn.Module):
                                     f"{list(router_logits.shape)}")
         weights = self.prepared_weights()
         if self.kernel.MONOLITHIC:
-            return self.kernel.apply_monolithic(hidden_states, router_logits, weights, self.correction_bias)
+            out = self.kernel.apply_monolithic(hidden_states, router_logits, weights, self.correction_bias)
+            return self.prepare_finalize.reduce(out)  # type: ignore[attr-defined]  # NoParallel (checked at init)
         topk_weights, topk_ids = route(router_logits, cfg.routing, cfg.top_k, self.correction_bias)
-        return self.kernel.apply(hidden_states, topk_weights, topk_ids, weights)
+        expert_input = self.prepare_finalize.prepare(hidden_states, topk_weights, topk_ids)
+        if expert_input.empty:  # no token reached this rank's experts; finalize still communicates
+            output = torch.zeros_like(expert_input.hidden)
+        elif self.kernel.ACTIVATION_FORMAT == ActivationFormat.BATCHED:
+            output = self.kernel.apply_batched(expert_input.hidden, expert_input.num_tokens, weights)
+        else:
+            output = self.kernel.apply(expert_input.hidden, expert_input.topk_weights, expert_input.topk_ids, weights)
+        return self.prepare_finalize.finalize(output, expert_input)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, layer_idx: int, *, quantize_to: WeightScheme | str | None = None,
-                        **kwargs: object) -> WNA16MoE:
-        """Build layer `layer_idx` of a checkpoint (its experts and routing config)."""
+                        parallel: ParallelConfig | None = None, **kwargs: object) -> WNA16MoE:
+        """Build layer `layer_idx` of a checkpoint (its experts and routing config). Under expert parallelism
+        only this rank's experts are read."""
         ckpt = open_checkpoint(path, quantize_to=quantize_to)
-        return cls(ckpt.load_layer(layer_idx), ckpt.moe_config(), correction_bias=ckpt.correction_bias(layer_idx),
+        config = ckpt.moe_config()
+        experts = ckpt.load_layer(layer_idx, None if parallel is None else parallel.local_experts(config.num_experts))
+        return cls(experts, config, parallel=parallel, correction_bias=ckpt.correction_bias(layer_idx),
                    **kwargs)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         c = self.config
+        p = self.parallel
+        parallel = f", tp={p.tp_size} ep={p.ep_size} dp={p.dp_size}" if p.world_size > 1 or p.batched else ""
         return (f"E={c.num_experts}, top_k={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
-                f"scheme={self.scheme.name}, backend={self.backend.value}")
+                f"scheme={self.scheme.name}, backend={self.backend.value}{parallel}")
 
 
-def _check_matches(experts: QuantizedExperts, config: MoEConfig) -> None:
-    got = (experts.num_experts, experts.hidden_size, experts.intermediate_size)
-    want = (config.num_experts, config.hidden_size, config.intermediate_size)
-    if got != want:
-        raise InvalidInputError(f"experts are (E, H, I) = {got} but the config says {want}")
+def _check_matches(experts: QuantizedExperts, config: MoEConfig, parallel: ParallelConfig) -> None:
+    """Experts match the config: same H and I, and all E experts or this EP rank's range."""
+    local = len(parallel.local_experts(config.num_experts))
+    got = (experts.hidden_size, experts.intermediate_size)
+    want = (config.hidden_size, config.intermediate_size)
+    if got != want or experts.num_experts not in (config.num_experts, local):
+        expected = f"E={config.num_experts}" + (f" (or this EP rank's {local})" if local != config.num_experts else "")
+        raise InvalidInputError(f"experts are (E, H, I) = {(experts.num_experts, *got)} but the config says "
+                                f"{expected}, (H, I) = {want}")

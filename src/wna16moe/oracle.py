@@ -27,7 +27,7 @@ from wna16moe.experts.cpu import CPUExperts
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.flashinfer_trtllm import FlashInferTrtllmExperts
 from wna16moe.experts.marlin import BatchedMarlinExperts, MarlinExperts
-from wna16moe.experts.triton import TritonExperts
+from wna16moe.experts.triton import BatchedTritonExperts, TritonExperts
 from wna16moe.experts.xpu import XPUExperts
 from wna16moe.scheme import WeightScheme
 
@@ -50,7 +50,7 @@ class Backend(str, Enum):
 
 
 # Kernel classes of each backend, tried in order; filled by `register_backend` below. A backend without an
-# entry (BATCHED_TRITON until its kernel lands) is reported "not implemented in this version".
+# entry is reported "not implemented in this version".
 BACKEND_CLASSES: dict[Backend, tuple[type[Experts], ...]] = {}
 
 
@@ -74,6 +74,7 @@ register_backend(Backend.FLASHINFER_TRTLLM, (FlashInferTrtllmExperts,))
 register_backend(Backend.MARLIN, (MarlinExperts,))
 register_backend(Backend.BATCHED_MARLIN, (BatchedMarlinExperts,))
 register_backend(Backend.TRITON, (TritonExperts,))
+register_backend(Backend.BATCHED_TRITON, (BatchedTritonExperts,))
 register_backend(Backend.XPU, (XPUExperts,))
 register_backend(Backend.CPU, (CPUExperts,))
 register_backend(Backend.EMULATION, (EmulationExperts,))
@@ -96,7 +97,7 @@ def platform_key(device: DeviceInfo) -> str:
 #   cuda_sm80:  A100 to H200 (sm_80..sm_90).
 #   cuda_other: older (sm_70/75) and other families (sm_12x); MARLIN/TRITON device checks draw the line.
 #   rocm:       no Marlin build; TRITON is the fast path.
-#   xpu:        Intel's own kernel first, then TRITON (Intel's Triton backend).
+#   xpu:        Intel's own kernel first, then TRITON and BATCHED_TRITON (Intel's Triton backend).
 #   cpu:        PyTorch's packed int4/int8 CPU matmuls per expert (experts/cpu.py).
 PRIORITY: dict[str, tuple[Backend, ...]] = {
     "cuda_sm100": (Backend.FLASHINFER_TRTLLM, Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON,
@@ -105,7 +106,7 @@ PRIORITY: dict[str, tuple[Backend, ...]] = {
     "cuda_other": (Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON, Backend.BATCHED_TRITON,
                    Backend.EMULATION),
     "rocm": (Backend.TRITON, Backend.BATCHED_TRITON, Backend.EMULATION),
-    "xpu": (Backend.XPU, Backend.TRITON, Backend.EMULATION),
+    "xpu": (Backend.XPU, Backend.TRITON, Backend.BATCHED_TRITON, Backend.EMULATION),
     "cpu": (Backend.CPU, Backend.EMULATION),
 }
 
@@ -218,7 +219,8 @@ def layer_spec(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None =
                has_bias: bool | None = None, clamp_limit: float | None = None,
                router_logits_dtype: torch.dtype | None = None) -> LayerSpec:
     """A `LayerSpec` from either a `LayerSpec` (alone) or a `MoEConfig` and a `WeightScheme` (or its name)
-    plus optional layer facts; unset facts take LayerSpec's defaults."""
+    plus optional layer facts; unset facts take LayerSpec's defaults (the activation format: the one the
+    parallel config implies)."""
     extras = {"parallel": parallel, "activation_format": activation_format, "has_bias": has_bias,
               "clamp_limit": clamp_limit, "router_logits_dtype": router_logits_dtype}
     given = {k: v for k, v in extras.items() if v is not None}

@@ -75,6 +75,25 @@ def check_member(value: object, allowed: tuple[object, ...], what: str) -> Check
     return fail(f"{what} {labels((value,))} is not supported; expected {expected}")
 
 
+def tp_group_split(intermediate_size: int, tp_size: int, group_size: int | None) -> str | None:
+    """Why tensor parallelism cannot shard I without splitting a quantization group, or None when it can.
+
+    Each TP rank holds I/tp of w2's input columns with their own scale groups, so I/tp must hold whole groups.
+    """
+    shard = intermediate_size // tp_size
+    if tp_size == 1 or group_size is None or shard % group_size == 0:
+        return None
+    return (f"I/tp={shard} (intermediate_size={intermediate_size}, tp_size={tp_size}) is not a multiple of "
+            f"group_size {group_size}: a quantization group would straddle two TP shards; use a tp_size that keeps "
+            f"I/tp a multiple of {group_size}, or expert parallelism (ep_size) instead of tensor parallelism")
+
+
+def check_tp_groups(spec: LayerSpec) -> Check:
+    """OK when every TP shard of I holds whole quantization groups (see `tp_group_split`)."""
+    reason = tp_group_split(spec.moe.intermediate_size, spec.parallel.tp_size, spec.scheme.group_size)
+    return OK if reason is None else fail(reason)
+
+
 def check_whole_groups(spec: LayerSpec) -> Check:
     """H and I per shard must hold whole groups (kernels whose scales have no partial last group)."""
     group = spec.scheme.group_size
@@ -86,12 +105,16 @@ def check_whole_groups(spec: LayerSpec) -> Check:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Everything about a layer that capability checks look at; holds no tensors."""
+    """Everything about a layer that capability checks look at; holds no tensors.
+
+    `activation_format` defaults to the one the parallel config implies (`ParallelConfig.activation_format`);
+    it may be given as BATCHED for a single-rank layer, never as STANDARD for a batched parallel config.
+    """
 
     moe: MoEConfig
     scheme: WeightScheme
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    activation_format: ActivationFormat = ActivationFormat.STANDARD
+    activation_format: ActivationFormat | None = None  # resolved in __post_init__, never None afterwards
     has_bias: bool = False
     clamp_limit: float | None = None
     router_logits_dtype: torch.dtype | None = None
@@ -101,6 +124,12 @@ class LayerSpec:
         if self.moe.intermediate_size % self.parallel.tp_size:
             raise InvalidInputError(f"intermediate_size={self.moe.intermediate_size} is not divisible by "
                                     f"tp_size={self.parallel.tp_size}; use a tp_size that divides it, or EP")
+        self.parallel.local_experts(self.moe.num_experts)  # raises when an EP rank would own no expert
+        if self.activation_format is None:
+            object.__setattr__(self, "activation_format", self.parallel.activation_format)
+        elif self.parallel.batched and self.activation_format != ActivationFormat.BATCHED:
+            raise InvalidInputError(f"activation_format={self.activation_format.value} contradicts the parallel "
+                                    "config (batched=True implies the batched format)")
 
     @property
     def act_dtype(self) -> torch.dtype:
@@ -110,6 +139,11 @@ class LayerSpec:
     def intermediate_per_shard(self) -> int:
         """I / tp_size: the intermediate size each tensor-parallel rank holds (GEMM1's N/2, GEMM2's K)."""
         return self.moe.intermediate_size // self.parallel.tp_size
+
+    @property
+    def local_num_experts(self) -> int:
+        """Experts this EP rank holds (all of them without EP): the kernels' E."""
+        return len(self.parallel.local_experts(self.moe.num_experts))
 
     @property
     def logits_dtype(self) -> torch.dtype:
@@ -123,6 +157,10 @@ class Experts:
     NAME: ClassVar[str] = "experts"
     MONOLITHIC: ClassVar[bool] = False
     ACTIVATION_FORMAT: ClassVar[ActivationFormat] = ActivationFormat.STANDARD
+    # Standard-format kernels under EP get local expert ids with -1 for experts other ranks own (the expert
+    # map applied by the prepare step); True when `apply` skips those pairs. Batched kernels see local
+    # experts only and need no map.
+    SUPPORTS_EXPERT_MAP: ClassVar[bool] = False
     # False for declared-but-not-yet-written kernels: the oracle reports them unavailable, nothing runs them.
     IMPLEMENTED: ClassVar[bool] = True
 
@@ -147,6 +185,10 @@ class Experts:
 
     @classmethod
     def supports_parallel(cls, parallel: ParallelConfig) -> Check:
+        """By default: any TP; EP when the kernel reads the batched format or takes an expert map."""
+        if parallel.use_ep and cls.ACTIVATION_FORMAT == ActivationFormat.STANDARD and not cls.SUPPORTS_EXPERT_MAP:
+            return fail(f"expert parallelism (ep_size={parallel.ep_size}) in the standard format needs an expert "
+                        "map (remote experts as -1), which this kernel does not take")
         return OK
 
     @classmethod
@@ -211,8 +253,17 @@ class Experts:
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Modular experts: hidden_states [T, H], topk_weights [T, K] float32, topk_ids [T, K] int32 ->
-        [T, H] in hidden_states' dtype, the router-weighted sum of the chosen experts."""
+        """Modular experts: hidden_states [T, H], topk_weights [T, K] float32, topk_ids [T, K] int32 local
+        expert ids (-1: an expert another EP rank owns, skipped; only with SUPPORTS_EXPERT_MAP) -> [T, H] in
+        hidden_states' dtype, the router-weighted sum of the chosen experts (0 for a token with none)."""
+        raise NotImplementedError
+
+    def apply_batched(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor,
+                      weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Batched experts: hidden_states [E_local, max_tokens, H], the first num_tokens[e] rows of expert e
+        valid (num_tokens [E_local] int32) -> [E_local, max_tokens, H] in hidden_states' dtype, each valid row
+        through its expert, unweighted (the prepare/finalize step applies router weights); rows past
+        num_tokens[e] are zero."""
         raise NotImplementedError
 
     def apply_monolithic(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,

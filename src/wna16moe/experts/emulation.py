@@ -1,7 +1,8 @@
 """EMULATION: the reference backend. Dequantizes each routed expert to float32 and runs it with torch.
 
 Runs on any device. Every other backend is tested against it. Slow by design: weights stay quantized in
-memory and are dequantized per forward, expert by expert.
+memory and are dequantized per forward, expert by expert. Standard format only; takes an expert map (pairs
+with local expert id -1 are skipped), so it runs every TP and EP layer whose TP shards hold whole groups.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from wna16moe.activations import apply_activation
-from wna16moe.experts.base import Experts
+from wna16moe.experts.base import Check, Experts, LayerSpec, check_tp_groups
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 
@@ -38,6 +39,11 @@ class EmulationExperts(Experts):
     """Dequantize + float32 matmul, for every scheme, activation and device."""
 
     NAME = NAME
+    SUPPORTS_EXPERT_MAP = True
+
+    @classmethod
+    def supports_shape(cls, spec: LayerSpec) -> Check:
+        return check_tp_groups(spec)
 
     @classmethod
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
@@ -52,7 +58,7 @@ class EmulationExperts(Experts):
         x = hidden_states.float()
         out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
         for expert in torch.unique(topk_ids).tolist():  # host sync: the reference may sync
-            if expert < 0:
+            if expert < 0:  # owned by another EP rank
                 continue
             token, slot = torch.nonzero(topk_ids == expert, as_tuple=True)
             gate_up = x[token] @ w13.dequantize(expert).t()

@@ -1,8 +1,13 @@
-"""TRITON: our own fused W4A16/W8A16 MoE kernels (kernels/moe_align.py, kernels/moe_gemm.py).
+"""TRITON and BATCHED_TRITON: our own fused W4A16/W8A16 MoE kernels (kernels/moe_align.py, kernels/moe_gemm.py).
 
 Runs wherever Triton compiles for the GPU: NVIDIA sm80+, AMD (ROCm) and Intel XPU; on a CPU only under the
 Triton interpreter (TRITON_INTERPRET=1, for tests). Forward: align the routed pairs by expert, GEMM1 with the
 activation fused, GEMM2 with the router weights and the top-k reduction fused (atomic float32 adds), cast.
+
+Parallel layers: the kernels hold this rank's experts (E_local) and its TP shard of I (I/tp); pairs whose
+local expert id is -1 (owned by another EP rank) are left out by the alignment. BATCHED_TRITON reads the
+batched format [E_local, max_tokens, H]: the same grouped GEMMs over the flattened rows, where row j of
+expert e is a top-1 pair of expert e when j < num_tokens[e] and left out (-1) otherwise, with unit weights.
 
 Prepared layout (`prepare_weights`), I' = I padded to INTERMEDIATE_ALIGN, W(K) = ceil(K / 128) * 128 // PACK
 words, PACK = 32 // bits:
@@ -23,15 +28,16 @@ from typing import ClassVar
 
 import torch
 
-from wna16moe.config import Activation, MoEQuantConfig
+from wna16moe.config import Activation, ActivationFormat, MoEQuantConfig
 from wna16moe.device import TRITON_XPU_PROVIDER, DeviceInfo, Platform
 from wna16moe.errors import UnsupportedError
-from wna16moe.experts.base import OK, Check, Experts, LayerSpec, fail
+from wna16moe.experts.base import OK, Check, Experts, LayerSpec, check_tp_groups, fail
 from wna16moe.kernels.layout import TILE_K, tile_interleave, words_per_tile
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 
 NAME = "triton"
+BATCHED_NAME = "batched_triton"
 # Intermediate padding unit: every GEMM1 N tile and GEMM2 K tile we launch divides it.
 INTERMEDIATE_ALIGN = 64
 # Triton's wgmma/mma paths need sm80+ on NVIDIA (bf16 tensor cores).
@@ -137,6 +143,7 @@ class TritonExperts(Experts):
     """Fused Triton grouped GEMMs with in-register dequantization."""
 
     NAME = NAME
+    SUPPORTS_EXPERT_MAP = True
     _PLATFORMS: ClassVar[tuple[Platform, ...]] = (Platform.CUDA, Platform.ROCM, Platform.XPU)
 
     @classmethod
@@ -166,18 +173,17 @@ class TritonExperts(Experts):
 
     @classmethod
     def supports_shape(cls, spec: LayerSpec) -> Check:
-        if spec.parallel.tp_size > 1 or spec.parallel.ep_size > 1:
-            return fail("tensor/expert parallel layers are not supported yet")
-        return OK
+        # Any I/tp is padded to INTERMEDIATE_ALIGN; a TP shard must still hold whole groups.
+        return check_tp_groups(spec)
 
     def __init__(self, spec: LayerSpec, quant: MoEQuantConfig, device: torch.device) -> None:
         super().__init__(spec, quant, device)
-        moe = spec.moe
-        self.i_pad = _round_up(moe.intermediate_size, INTERMEDIATE_ALIGN)
+        i = spec.intermediate_per_shard
+        self.num_experts = spec.local_num_experts
+        self.i_pad = _round_up(i, INTERMEDIATE_ALIGN)
         self.w13_bias = None
         if quant.w1_bias is not None:
-            i = moe.intermediate_size
-            bias = torch.zeros(moe.num_experts, 2 * self.i_pad, dtype=torch.float32, device=device)
+            bias = torch.zeros(self.num_experts, 2 * self.i_pad, dtype=torch.float32, device=device)
             bias[:, :i] = quant.w1_bias[:, :i].float()
             bias[:, self.i_pad : self.i_pad + i] = quant.w1_bias[:, i:].float()
             self.w13_bias = bias
@@ -188,21 +194,26 @@ class TritonExperts(Experts):
         return prepare_triton_weights(experts, device)
 
     def config(self, num_tokens: int) -> TritonConfig:
-        return default_config(num_tokens, self.moe.top_k, self.moe.num_experts, self.scheme.group_size)
+        return default_config(num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size)
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor], config: TritonConfig | None = None) -> torch.Tensor:
+        return self._forward(hidden_states, topk_weights, topk_ids, weights,
+                             config or self.config(hidden_states.shape[0]))
+
+    def _forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:
+        """Both GEMMs over the pairs of topk_ids [T, K'] (local ids, -1 left out) -> [T, H]."""
         from wna16moe.kernels.moe_align import moe_align_block_size
         from wna16moe.kernels.moe_gemm import moe_gemm
 
         moe, scheme, quant = self.moe, self.scheme, self.quant
-        t = hidden_states.shape[0]
-        cfg = config or self.config(t)
+        t, top_k = topk_ids.shape
         group = scheme.group_size or -1
-        sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, moe.num_experts, cfg.block_m)
-        common = dict(bits=scheme.bits, group_size=group, top_k=moe.top_k, block_m=cfg.block_m,
+        sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
+        common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        intermediate = torch.empty(t * moe.top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
+        intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         moe_gemm(hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"),
                  weights.get("w13_perm"), self.w13_bias, intermediate, None, sorted_ids, expert_ids, num_padded,
                  gated=True, act=_ACT_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, 1.702),
@@ -213,6 +224,24 @@ class TritonExperts(Experts):
                  self.w2_bias, out, topk_weights.reshape(-1).float(), sorted_ids, expert_ids, num_padded,
                  gated=False, block_n=cfg.block_n2, split_k=cfg.split_k2, **common)
         return out.to(hidden_states.dtype)
+
+
+class BatchedTritonExperts(TritonExperts):
+    """The TRITON kernels on the batched format [E_local, max_tokens, H] (see the module docstring)."""
+
+    NAME = BATCHED_NAME
+    ACTIVATION_FORMAT = ActivationFormat.BATCHED
+
+    def apply_batched(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor, weights: dict[str, torch.Tensor],
+                      config: TritonConfig | None = None) -> torch.Tensor:
+        e, m, h = hidden_states.shape
+        row = torch.arange(m, device=hidden_states.device)
+        expert = torch.arange(e, dtype=torch.int32, device=hidden_states.device)
+        ids = torch.where(row[None, :] < num_tokens.to(hidden_states.device)[:, None], expert[:, None], -1)
+        ones = torch.ones(e * m, 1, dtype=torch.float32, device=hidden_states.device)
+        cfg = config or default_config(e * m, 1, e, self.scheme.group_size)
+        out = self._forward(hidden_states.reshape(e * m, h), ones, ids.reshape(e * m, 1).to(torch.int32), weights, cfg)
+        return out.view(e, m, h)
 
 
 def _or(value: float | None, default: float) -> float:

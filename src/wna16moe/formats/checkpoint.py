@@ -104,14 +104,22 @@ def quantization_config(fmt: CheckpointFormat, scheme: WeightScheme, ignore: lis
 
 
 def read_experts(source: TensorSource, fmt: CheckpointFormat, scheme: WeightScheme, layer: int,
-                 naming: ExpertNaming, num_experts: int, hidden_size: int, intermediate_size: int
-                 ) -> QuantizedExperts:
-    """Read one layer's experts, expert by expert, into preallocated canonical buffers."""
-    e, h, i = num_experts, hidden_size, intermediate_size
+                 naming: ExpertNaming, num_experts: int, hidden_size: int, intermediate_size: int,
+                 expert_ids: range | None = None) -> QuantizedExperts:
+    """Read one layer's experts, expert by expert, into preallocated canonical buffers.
+
+    `expert_ids`: the contiguous range of global experts to read (an expert-parallel rank's own, see
+    `ParallelConfig.local_experts`); expert j of the result is `expert_ids[j]`. Other experts' tensors are
+    not read. Default: all `num_experts`.
+    """
+    ids = range(num_experts) if expert_ids is None else expert_ids
+    if ids.step != 1 or not 0 <= ids.start < ids.stop <= num_experts:
+        raise InvalidInputError(f"expert_ids={ids} must be a non-empty contiguous range within [0, {num_experts})")
+    e, h, i = len(ids), hidden_size, intermediate_size
     g13, g2 = scheme.num_groups(h), scheme.num_groups(i)
     w13 = _empty_weight(scheme, e, 2 * i, h, g13)
     w2 = _empty_weight(scheme, e, h, i, g2)
-    for expert in range(e):
+    for slot, expert in enumerate(ids):
         gate_prefix = naming.projection_prefix(layer, expert, naming.gate)
         up_prefix = naming.projection_prefix(layer, expert, naming.up)
         gate = read_projection(fmt, source, gate_prefix, scheme, (i, h))
@@ -120,9 +128,9 @@ def read_experts(source: TensorSource, fmt: CheckpointFormat, scheme: WeightSche
         if scheme.act_order and not torch.equal(gate.g_idx, up.g_idx):
             raise CheckpointError(source.name, f"{gate_prefix}g_idx / {up_prefix}g_idx",
                                   "gate and up projections have different act-order g_idx; the fused w13 needs one")
-        _fill(w13, expert, slice(0, i), gate)
-        _fill(w13, expert, slice(i, 2 * i), up)
-        _fill(w2, expert, slice(0, h), down)
+        _fill(w13, slot, slice(0, i), gate)
+        _fill(w13, slot, slice(i, 2 * i), up)
+        _fill(w2, slot, slice(0, h), down)
     return QuantizedExperts(QuantizedWeight(scheme, **w13), QuantizedWeight(scheme, **w2))
 
 
@@ -330,11 +338,12 @@ class Checkpoint:
                                   f"config says {expected} experts; missing experts {missing}, unexpected {extra}")
         return naming
 
-    def load_layer(self, layer: int) -> QuantizedExperts:
-        """The quantized experts of MoE layer `layer` (only this layer is read)."""
+    def load_layer(self, layer: int, experts: range | None = None) -> QuantizedExperts:
+        """The quantized experts of MoE layer `layer` (only this layer is read); with `experts`, a contiguous
+        range of global expert ids (an EP rank's `ParallelConfig.local_experts`), only those."""
         cfg = self.moe_config()
         return read_experts(self.source, self.format, self.scheme, layer, self._naming(layer), cfg.num_experts,
-                            cfg.hidden_size, cfg.intermediate_size)
+                            cfg.hidden_size, cfg.intermediate_size, experts)
 
     def router_weight(self, layer: int) -> torch.Tensor:
         """The router (gate) weight of `layer`: [E, H]."""
