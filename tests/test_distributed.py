@@ -10,6 +10,9 @@ checkpoints with only the rank's experts.
 
 GPU (marker gpu, 2 CUDA devices): the same through NCCL on real-sized layers in bfloat16. NCCL's NVLink
 multicast stays off (NCCL_NVLS_ENABLE=0, set unless the environment already sets it).
+
+The spawned runs are shared by the tests, so their data comes from one seed per module ($WNA16MOE_TEST_SEED
+when set), named in every failure message; the per-test seed conftest reports does not drive them.
 """
 
 from __future__ import annotations

@@ -346,3 +346,10 @@ def test_single_rank_batched_layer_matches_emulation() -> None:
     out, ref = layer(x, logits).float(), reference(x, logits).float()
     assert float((out - ref).norm() / ref.norm()) < 1e-2
 
+
+def test_bench_hands_parallel_runs_to_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wna16moe.bench import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match="--tp 2 x --ep 2 needs 4 ranks: run under torchrun --nproc-per-node 4"):
+        main(["--tp", "2", "--ep", "2", "--dp"])

@@ -325,7 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheme", help="scheme name (default: int4 symmetric at the model's group size)")
     parser.add_argument("--sweep", action="store_true", help="also time alternative TRITON configurations")
     parser.add_argument("--out", type=Path, help="JSON results file (default benchmarks/results/<card>-<date>.json)")
+    parallel = parser.add_argument_group("parallel layers, under torchrun (wna16moe.bench_parallel)")
+    parallel.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parallel.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    parallel.add_argument("--dp", action="store_true", help="each EP rank routes its own tokens (all-to-all)")
+    parallel.add_argument("--batched", action="store_true", help="the batched activation format")
+    parallel.add_argument("--backend", help="force a backend for the parallel layer (default: the oracle's)")
     args = parser.parse_args(argv)
+    if args.tp * args.ep > 1 or args.batched:
+        from wna16moe.bench_parallel import run
+
+        return run(args, "python -m wna16moe.bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     if not torch.cuda.is_available():
         raise SystemExit("wna16moe bench needs a CUDA GPU")
     import triton

@@ -1,0 +1,133 @@
+"""Benchmark of tensor / expert parallel MoE layers under torchrun (NCCL), one GPU per rank:
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 -m wna16moe.bench --ep 4 --dp --shapes qwen3-30b-a3b
+
+(`wna16moe.bench` hands --tp/--ep/--dp/--batched runs here.) World size = tp * ep. Every rank builds the same
+random layer of each model shape (a fixed seed) and keeps its shard; with --dp each rank routes its own M
+tokens (data-parallel attention: all-to-all dispatch), without it all ranks share the same M tokens (expert map
+and all-reduce); --batched uses the batched activation format (BATCHED_TRITON).
+
+Timed region: the layer's forward from router logits: routing, prepare (dispatch), experts, finalize
+(combine, all-reduce). Every rank runs the same number of iterations (warm-up, then timed ones between
+barriers, CUDA events around each forward); reported per M: the median over iterations of the slowest rank's
+time. Before timing, each rank's output for 32 tokens is checked against a single-GPU EMULATION of the whole
+layer. Rank 0 prints the rows and writes them as JSON.
+
+NVLink multicast (NVLS) stays off: NCCL_NVLS_ENABLE=0 is set here unless the environment sets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from wna16moe.bench import _commit, random_experts
+from wna16moe.distributed import MoEGroups, parallel_config
+from wna16moe.layer import WNA16MoE
+from wna16moe.scheme import WeightScheme
+from wna16moe.shapes import model_shape
+
+WARMUP, ITERATIONS = 5, 30
+CHECK_TOKENS = 32
+
+
+def _timed(forward: Any) -> float:
+    """Median over ITERATIONS of the slowest rank's forward time, microseconds (every rank calls this)."""
+    for _ in range(WARMUP):
+        forward()
+    times = []
+    for _ in range(ITERATIONS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        dist.barrier()
+        start.record()
+        forward()
+        end.record()
+        torch.cuda.synchronize()
+        slowest = torch.tensor([start.elapsed_time(end) * 1e3], device="cuda")
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        times.append(float(slowest))
+    return statistics.median(times)
+
+
+def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: Any) -> list[dict[str, Any]]:
+    parallel = parallel_config(args.tp, args.ep, data_parallel=args.dp, batched=args.batched)
+    shape = model_shape(name)
+    cfg = shape.moe_config()
+    scheme = WeightScheme.from_name(args.scheme or f"int4_g{shape.group_size}_sym")
+    device = torch.device("cuda")
+    torch.manual_seed(0)  # the same layer on every rank
+    experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
+    backend = args.backend or ("batched_triton" if args.batched else None)
+    layer = WNA16MoE(experts, cfg, device=device, backend=backend, parallel=parallel, groups=groups)
+    log(f"{name} {scheme.name} tp={args.tp} ep={args.ep} dp={parallel.dp_size} batched={args.batched}: "
+        f"{layer.backend.value} ({type(layer.kernel).__name__})")
+
+    # Each rank's own tokens with --dp, else the same tokens everywhere (seeded alike).
+    torch.manual_seed(1 + (parallel.ep_rank if args.dp else 0))
+    x = torch.randn(CHECK_TOKENS, cfg.hidden_size, dtype=cfg.dtype, device=device)
+    logits = torch.randn(CHECK_TOKENS, cfg.num_experts, device=device)
+    out = layer(x, logits).float()
+    reference = WNA16MoE(experts, cfg, device=device, backend="emulation")(x, logits).float()
+    error = float((out - reference).norm() / reference.norm())
+    worst = torch.tensor([error], device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    log(f"  output vs single-GPU EMULATION: largest relative error over ranks {float(worst):.2e}")
+    if not float(worst) < 1e-2:
+        raise RuntimeError(f"{name}: the parallel layer's output is wrong (relative error {float(worst):.3e})")
+    del experts
+    torch.cuda.empty_cache()
+
+    rows = []
+    for m in args.tokens:
+        x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
+        logits = torch.randn(m, cfg.num_experts, device=device)
+        us = _timed(lambda x=x, logits=logits: layer(x, logits))
+        rows.append({"shape": name, "scheme": scheme.name, "backend": layer.backend.value, "tp": args.tp,
+                     "ep": args.ep, "dp": parallel.dp_size, "batched": args.batched, "M_per_rank": m,
+                     "us": round(us, 2)})
+        log(f"  M={m:<6} {us:10.1f} us")
+    return rows
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """Benchmark the parallel layers `args` (parsed by `wna16moe.bench.main`) describes; returns the exit code."""
+    world = args.tp * args.ep
+    if int(os.environ.get("WORLD_SIZE", "1")) != world:
+        raise SystemExit(f"--tp {args.tp} x --ep {args.ep} needs {world} ranks: run under torchrun --nproc-per-node "
+                         f"{world} (WORLD_SIZE is {os.environ.get('WORLD_SIZE', 'unset')})")
+    if not torch.cuda.is_available():
+        raise SystemExit("the parallel benchmark needs one CUDA GPU per rank")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+
+    def log(text: str) -> None:
+        if rank == 0:
+            print(text, flush=True)
+
+    try:
+        groups = MoEGroups.create(parallel_config(args.tp, args.ep, data_parallel=args.dp, batched=args.batched))
+        card = torch.cuda.get_device_name()
+        date = datetime.date.today().isoformat()
+        result: dict[str, Any] = {"card": card, "gpus": world, "date": date, "commit": _commit(),
+                                  "torch": torch.__version__, "nccl_nvls_enable": os.environ["NCCL_NVLS_ENABLE"],
+                                  "command": command, "rows": []}
+        out = args.out or Path("benchmarks/results") / f"parallel-{card.replace(' ', '_')}-{date}.json"
+        for name in args.shapes:
+            result["rows"] += _bench_shape(name, args, groups, log)
+            if rank == 0:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1))
+        log(f"wrote {out}")
+    finally:
+        dist.destroy_process_group()
+    return 0
