@@ -260,7 +260,7 @@ def test_explain_names_every_layer_and_backend() -> None:
         assert layer.backend in (Backend.CPU, Backend.EMULATION)
         assert all(c.verdict == Verdict.REJECTED and c.reason for c in candidates[:chosen])
         rejected = {c.backend for c in candidates if c.verdict == Verdict.REJECTED}
-        assert Backend.TRITON in rejected and all(c.reason for c in candidates)
+        assert Backend.MARLIN in rejected and all(c.reason for c in candidates)
     text = str(explanation)
     assert "model.layers.1.mlp.experts" in text and "emulation" in text and "rejected" in text
     assert len(explanation.dense_layers) == 8
@@ -268,8 +268,8 @@ def test_explain_names_every_layer_and_backend() -> None:
 
 
 def test_forced_backend_that_cannot_run_is_an_error() -> None:
-    with pytest.raises(BackendError, match="triton"):
-        load(CT_W4_G32_SYM, backend="triton")
+    with pytest.raises(BackendError, match="marlin"):
+        load(CT_W4_G32_SYM, backend="marlin")  # needs CUDA
     model = load(CT_W4_G32_SYM)
     assert hf.explain(model).layers[0].report.override == Backend.EMULATION
 

@@ -18,7 +18,7 @@ from wna16moe.errors import InvalidInputError
 from wna16moe.experts.base import LayerSpec
 from wna16moe.hf.api import loading
 from wna16moe.hf.modules import PackedExperts, quant_config
-from wna16moe.oracle import Backend, Verdict, make_kernel, select_backend
+from wna16moe.oracle import PRIORITY, Backend, Verdict, make_kernel, select_backend
 from wna16moe.quantized import QuantizedExperts
 
 
@@ -137,8 +137,9 @@ def _apply(backend: Backend, spec: LayerSpec, device: DeviceInfo, experts: Quant
 
 @torch.no_grad()
 def check_model(model: nn.Module, tokens: int = 32, seed: int = 0, tolerance: float = 2e-2) -> list[CheckResult]:
-    """Every backend that can run each experts layer here, against EMULATION on random hidden states routed
-    by the layer's router. A backend passes when its relative (Frobenius) error is below `tolerance`."""
+    """Every backend of this platform's priority list that can run each experts layer, against EMULATION on
+    random hidden states routed by the layer's router. A backend passes when its relative (Frobenius) error
+    is below `tolerance`."""
     generator = torch.Generator().manual_seed(seed)
     results = []
     for name, module in model.named_modules():
@@ -153,9 +154,13 @@ def check_model(model: nn.Module, tokens: int = 32, seed: int = 0, tolerance: fl
         ids, weights = ids.to(torch.int32), weights.float()
 
         reference = _apply(Backend.EMULATION, spec, info, experts, hidden, weights, ids)
-        others = [c for c in module.report.candidates
+        # What the oracle would consider here: this platform's priority list (not, say, TRITON on a CPU
+        # under TRITON_INTERPRET), modular kernels whose checks all pass.
+        report = module.report
+        others = [c for c in report.candidates
                   if c.verdict in (Verdict.CHOSEN, Verdict.ELIGIBLE) and c.kernel is not None
-                  and not c.kernel.MONOLITHIC and c.backend != Backend.EMULATION]
+                  and not c.kernel.MONOLITHIC and c.backend != Backend.EMULATION
+                  and c.backend in PRIORITY[report.platform]]
         for candidate in {c.backend: c for c in others}.values():
             out = _apply(candidate.backend, spec, info, experts, hidden, weights, ids)
             error = (out - reference).double()
