@@ -273,8 +273,9 @@ TINY = MoEConfig(8, 2, 256, 128)
                "H=272, I/tp=128"}),
     (LayerSpec(MoEConfig(8, 2, 200, 100), WeightScheme.from_name("int8_g16_zp_actorder")), {}),
     (LayerSpec(MoEConfig(8, 2, 256, 192), WeightScheme.from_name("int8_g64_sym"), ParallelConfig(tp_size=2)),
-     {"shape": "I/tp=96 (tp_size=2) is not a multiple of group_size 64: a quantization group would straddle two TP "
-               "shards"}),
+     {"shape": "I/tp=96 (intermediate_size=192, tp_size=2) is not a multiple of group_size 64: a quantization "
+               "group would straddle two TP shards; use a tp_size that keeps I/tp a multiple of 64, or expert "
+               "parallelism (ep_size) instead of tensor parallelism"}),
     (LayerSpec(MoEConfig(8, 2, 256, 128, Activation.GELU), WeightScheme.from_name("int4_g32_sym"), clamp_limit=5.0),
      {"extras": "the SwiGLU clamp limit is supported only with silu, swiglu_oai, got gelu"}),
     (LayerSpec(MoEConfig(8, 2, 256, 128, Activation.SWIGLU_OAI), WeightScheme.from_name("int4_g32_sym"),

@@ -6,7 +6,8 @@ Timed region: one `apply` from routed top-k ids/weights to the [T, H] output (ro
 alike; the median is reported. Routing is uniform random with distinct experts per token; weights are
 random codes and scales of the scheme. Before timing, the CPU backend's output is checked against
 EMULATION (relative Frobenius error below 1e-2). The JSON records the CPU model (/proc/cpuinfo), torch's
-CPU capability and thread count, the date and the commit.
+CPU capability and thread count, the load average before and after (other processes on the same cores slow
+both backends), the date and the commit.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{result['cpu']} ({result['cpu_capability']}, {result['threads']} threads), {args.shape} {scheme.name}",
           flush=True)
+    result["load_average_before"] = [round(v, 2) for v in os.getloadavg()]  # other processes share the cores
     result["rows"] = bench_layer(config, scheme, args.tokens, args.reps, lambda s: print(s, flush=True))
+    result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     out = args.out or Path("benchmarks/results") / f"cpu-{args.shape}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

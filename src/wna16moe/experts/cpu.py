@@ -8,7 +8,9 @@ EMULATION.
 
 Forward, for each expert with routed tokens: gather its tokens [m, H] (act-order: and their columns in group
 order), GEMM1 -> [m, 2I] bf16, bias and activation in float32, round to bf16, GEMM2 -> [m, H] bf16, bias,
-times the router weights, summed per token in float32, cast to the activation dtype.
+times the router weights, summed per token in float32, cast to the activation dtype. Each expert runs two
+small parallel regions: on cores that other busy processes share, one intra-op thread is faster (each region
+would wait for a descheduled thread; BENCHMARKS.md).
 
 GEMMs by scheme:
     int4 (groups 32, 64, 128, 256, or channel-wise): `aten._weight_int4pack_mm_for_cpu(x [m, K] bf16,
@@ -49,7 +51,17 @@ from wna16moe.activations import apply_activation
 from wna16moe.config import Activation, MoEQuantConfig
 from wna16moe.device import DeviceInfo, Platform
 from wna16moe.errors import InvalidInputError, UnsupportedError
-from wna16moe.experts.base import OK, Check, Experts, LayerSpec, check_member, check_whole_groups, fail, labels
+from wna16moe.experts.base import (
+    OK,
+    Check,
+    Experts,
+    LayerSpec,
+    check_member,
+    check_tp_groups,
+    check_whole_groups,
+    fail,
+    labels,
+)
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 
@@ -235,15 +247,13 @@ class CPUExperts(Experts):
     @classmethod
     def supports_shape(cls, spec: LayerSpec) -> Check:
         scheme = spec.scheme
-        h, i, tp = spec.moe.hidden_size, spec.intermediate_per_shard, spec.parallel.tp_size
+        if not (split := check_tp_groups(spec)).ok:
+            return split
         if scheme.bits == 8:
-            # The int8 paths take any K and a partial last group, but a TP shard of I must not cut a group.
-            if tp > 1 and scheme.group_size is not None and i % scheme.group_size:
-                return fail(f"I/tp={i} (tp_size={tp}) is not a multiple of group_size {scheme.group_size}: a "
-                            "quantization group would straddle two TP shards")
-            return OK
+            return OK  # the int8 paths take any K and a partial last group
         if scheme.group_size is not None:
             return check_whole_groups(spec)
+        h, i = spec.moe.hidden_size, spec.intermediate_per_shard
         if int4_kernel_group(h, None) is None or int4_kernel_group(i, None) is None:
             return fail(f"channel-wise int4 needs H and I/tp to be multiples of {INT4_GROUPS[0]} (the int4 kernel's "
                         f"smallest group), got H={h}, I/tp={i}")
