@@ -21,6 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from wna16moe.formats import awq, compressed_tensors, gptq, open_checkpoint
 from wna16moe.formats.checkpoint import (
+    HF_NAMING,
+    MIXTRAL_NAMING,
     Checkpoint,
     CheckpointFormat,
     quantization_config,
@@ -36,7 +38,7 @@ _EXPERT_PARAM = re.compile(r"^(?P<block>.*\.layers\.(?P<layer>\d+)\.mlp)\.expert
 
 
 def _scheme_of(ckpt: Checkpoint, module: str, scale_dtype: torch.dtype) -> WeightScheme:
-    qcfg = ckpt._quantization_config()
+    qcfg = ckpt.config["quantization_config"]
     if ckpt.format == CheckpointFormat.COMPRESSED_TENSORS:
         return compressed_tensors.scheme_from_config(qcfg, module, scale_dtype)
     if ckpt.format == CheckpointFormat.AWQ:
@@ -140,8 +142,9 @@ def write_tiny_quantized(directory: Path, arch: str, fmt: CheckpointFormat, sche
     dense = open_checkpoint(source, quantize_to=scheme)
     tensors = load_file(source / "model.safetensors")
     out = {key: value for key, value in tensors.items() if ".experts." not in key}
+    naming = MIXTRAL_NAMING if arch == "mixtral" else HF_NAMING  # how transformers saves the experts
     for layer in dense.moe_layer_indices():
-        out.update(write_experts(dense.load_layer(layer), fmt, layer, dense._naming(layer)))
+        out.update(write_experts(dense.load_layer(layer), fmt, layer, naming))
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name != "lm_head":
             weight = out.pop(f"{name}.weight").float()

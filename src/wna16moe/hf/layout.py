@@ -89,10 +89,6 @@ class CheckpointIndex:
     def keys(self) -> Iterable[str]:
         return self._info.keys()
 
-    def nbytes(self, key: str) -> int:
-        info = self.info(key)
-        return torch.Size(info.shape).numel() * torch.empty((), dtype=info.dtype).element_size()
-
 
 def checkpoint_format(qcfg: dict[str, Any]) -> CheckpointFormat:
     """The format of a checkpoint from its `quantization_config`."""

@@ -116,9 +116,6 @@ class WNA16Quantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise UnsupportedError("wna16moe.hf cannot offload layers to disk (device_map has 'disk')")
 
-    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return dtype
-
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
         source = getattr(self.quantization_config, "source", None)
