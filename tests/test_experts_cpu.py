@@ -3,6 +3,7 @@ reference on every scheme it supports, the oracle's CPU table, and the CPU bench
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -50,6 +51,16 @@ KERNEL_RTOL = 1e-2
 @pytest.fixture(autouse=True)
 def _no_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BACKEND_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: these tiny layers run many small parallel regions, which stall for scheduler ticks
+    on CPUs shared with other processes (BENCHMARKS.md); the kernels are the same at any thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _quant(experts: QuantizedExperts, **kwargs: object):

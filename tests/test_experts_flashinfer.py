@@ -68,15 +68,16 @@ def _gated_then_shuffled(rows: list[Any], gated: bool) -> list[Any]:
 
 
 def _expected_bytes(codes: torch.Tensor, gated: bool) -> torch.Tensor:
-    """Canonical codes [N, K] -> [K/256, N, 128] bytes: rows permuted, signed nibbles, 128-byte K blocks."""
+    """Canonical codes [N, K] -> [K/256, N, 128] bytes: rows permuted, signed nibbles (two's complement of
+    q - 8, input 2j low), 128-byte K blocks."""
     n, k = codes.shape
     rows = _gated_then_shuffled([codes[r] for r in range(n)], gated)
     out = torch.empty(k // 256, n, 128, dtype=torch.uint8)
     for r, row in enumerate(rows):
-        signed = [(int(q) - 8) & 0xF for q in row]
-        packed = [signed[2 * j] | (signed[2 * j + 1] << 4) for j in range(k // 2)]
-        for j, byte in enumerate(packed):
-            out[j // 128, r, j % 128] = byte
+        signed = torch.remainder(row.to(torch.int16) - 8, 16)
+        packed = (signed[0::2] + 16 * signed[1::2]).to(torch.uint8)
+        for block in range(k // 256):
+            out[block, r] = packed[128 * block:128 * (block + 1)]
     return out
 
 
@@ -236,13 +237,13 @@ def _kernel(config: MoEConfig, tp: int = 1) -> tuple[FlashInferTrtllmExperts, di
 ])
 def test_apply_passes_the_routing_and_layer(fake_flashinfer: list[dict[str, Any]], routing: RoutingConfig, top_k: int,
                                             logits_dtype: torch.dtype, expected: dict[str, Any]) -> None:
-    config = MoEConfig(16, top_k, 256, 512, routing=routing)
+    config = MoEConfig(8, top_k, 256, 512, routing=routing)
     kernel, weights = _kernel(config, tp=2)
     assert FlashInferTrtllmExperts.is_supported(
         LayerSpec(config, SCHEME, router_logits_dtype=logits_dtype), DeviceInfo.named("b200")).ok
     x = torch.randn(3, 256).to(torch.bfloat16)
-    logits = torch.randn(3, 16).to(logits_dtype)
-    bias = torch.randn(16) if routing.has_correction_bias else None
+    logits = torch.randn(3, 8).to(logits_dtype)
+    bias = torch.randn(8) if routing.has_correction_bias else None
     out = kernel.apply_monolithic(x, logits, weights, bias)
     assert torch.equal(out, torch.full_like(x, 3.0))
     (call,) = fake_flashinfer
@@ -255,8 +256,8 @@ def test_apply_passes_the_routing_and_layer(fake_flashinfer: list[dict[str, Any]
     for name, key in (("gemm1_weights", "w13"), ("gemm1_weights_scale", "w13_scale"), ("gemm2_weights", "w2"),
                       ("gemm2_weights_scale", "w2_scale")):
         assert call[name] is weights[key]
-    assert (call["num_experts"], call["top_k"], call["intermediate_size"]) == (16, top_k, 256)  # I / tp
-    assert (call["local_expert_offset"], call["local_num_experts"]) == (0, 16)
+    assert (call["num_experts"], call["top_k"], call["intermediate_size"]) == (8, top_k, 256)  # I / tp
+    assert (call["local_expert_offset"], call["local_num_experts"]) == (0, 8)
     assert (call["gemm1_alpha"], call["gemm1_beta"], call["gemm1_clamp_limit"]) == (None, None, None)
     assert call["tune_max_num_tokens"] == 8192 and call["do_finalize"] is True
 
