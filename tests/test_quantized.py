@@ -192,3 +192,16 @@ def test_experts_quantize() -> None:
 def relative_error_ok(approx: torch.Tensor, exact: torch.Tensor) -> bool:
     """int8 g16 RTN of Gaussian weights keeps the relative Frobenius error near 0.4%."""
     return float((approx - exact).norm() / exact.norm()) < 0.01
+
+
+def test_group_order_sorts_columns_into_whole_groups() -> None:
+    scheme = WeightScheme(4, 4, act_order=True)
+    g_idx = torch.tensor([[1, 0, 1, 0, 0, 1, 0, 1]], dtype=torch.int32)
+    codes = torch.randint(0, 16, (1, 2, 8), dtype=torch.uint8)
+    weight = QuantizedWeight(scheme, codes, torch.rand(1, 2, 2).to(torch.bfloat16) + 0.1, g_idx=g_idx)
+    order = weight.group_order(0, "w2", "a test")
+    assert torch.equal(g_idx[0, order], torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.int32))
+    uneven = QuantizedWeight(scheme, codes, weight.scales, g_idx=torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1]],
+                                                                               dtype=torch.int32))
+    with pytest.raises(UnsupportedError, match=r"w2 g_idx of expert 0 .* a test cannot run it"):
+        uneven.group_order(0, "w2", "a test")

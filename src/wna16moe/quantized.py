@@ -64,6 +64,17 @@ class QuantizedWeight:
             return self.g_idx[expert].long()
         return self.scheme.group_of(self.codes.shape[2]).to(self.codes.device)
 
+    def group_order(self, expert: int, name: str, consumer: str) -> torch.Tensor:
+        """Act-order: the input columns of `expert` sorted by group (int64 [K]), for kernels that need each
+        group as a contiguous run of group_size columns; raises `UnsupportedError` naming the weight (`name`)
+        and the `consumer` when the groups are not exactly that after sorting."""
+        g_idx = self.g_idx[expert].long()
+        order = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[order], self.scheme.group_of(g_idx.numel()).to(g_idx.device)):
+            raise UnsupportedError(f"{name} g_idx of expert {expert} does not split into groups of exactly "
+                                   f"{self.scheme.group_size} columns; {consumer} cannot run it")
+        return order
+
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         """float32 [E, N, K] weights, or [N, K] for one `expert`: `(q - z) * scale` per group."""
         if expert is None:

@@ -98,22 +98,12 @@ def uses_int8pack(scheme: WeightScheme) -> bool:
     return scheme.bits == 8 and scheme.group_size is None and scheme.symmetric
 
 
-def _group_order(weight: QuantizedWeight, expert: int, name: str) -> torch.Tensor:
-    """Act-order: input columns sorted by group, which must then be contiguous runs of group_size columns."""
-    g_idx = weight.g_idx[expert].long()
-    order = torch.argsort(g_idx, stable=True)
-    if not torch.equal(g_idx[order], weight.scheme.group_of(g_idx.numel()).to(g_idx.device)):
-        raise UnsupportedError(f"{name} g_idx of expert {expert} does not split into groups of exactly "
-                               f"{weight.scheme.group_size} columns; the CPU backend cannot run it")
-    return order
-
-
 def _expert_codes(weight: QuantizedWeight, expert: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Codes [N, K] of one expert with columns in group order, and that order (None without act-order)."""
     codes = weight.codes[expert]
     if weight.g_idx is None:
         return codes, None
-    order = _group_order(weight, expert, name).to(codes.device)
+    order = weight.group_order(expert, name, "the CPU backend").to(codes.device)
     return codes[:, order], order
 
 

@@ -30,7 +30,6 @@ import torch
 
 from wna16moe.config import Activation, ActivationFormat, MoEQuantConfig
 from wna16moe.device import TRITON_XPU_PROVIDER, DeviceInfo, Platform
-from wna16moe.errors import UnsupportedError
 from wna16moe.experts.base import OK, Check, Experts, LayerSpec, check_tp_groups, fail
 from wna16moe.kernels.layout import TILE_K, tile_interleave, words_per_tile
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
@@ -77,17 +76,6 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _group_order(weight: QuantizedWeight, expert: int, name: str) -> torch.Tensor:
-    """Columns sorted by group; after sorting, groups must be contiguous runs of group_size columns."""
-    g_idx = weight.g_idx[expert].long()
-    order = torch.argsort(g_idx, stable=True)
-    expected = weight.scheme.group_of(g_idx.numel()).to(g_idx.device)
-    if not torch.equal(g_idx[order], expected):
-        raise UnsupportedError(f"{name} g_idx of expert {expert} does not split into groups of exactly "
-                               f"{weight.scheme.group_size} columns; the TRITON backend cannot run it")
-    return order
-
-
 def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, row_blocks: list[tuple[int, int]],
                         device: torch.device, name: str) -> dict[str, torch.Tensor]:
     """Pack one projection [E, N, K] into the kernel layout, expert by expert into preallocated buffers.
@@ -110,7 +98,7 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
     for expert in range(e):
         codes = weight.codes[expert].to(device)
         if s.act_order:
-            order = _group_order(weight, expert, name).to(device)
+            order = weight.group_order(expert, name, "the TRITON backend").to(device)
             codes = codes[:, order]
             out[f"{name}_perm"][expert, :k] = order.to(torch.int32)
         padded = torch.zeros(n, cols_out, dtype=torch.uint8, device=device)
