@@ -76,7 +76,7 @@ def reference_output(experts: QuantizedExperts, x: torch.Tensor, routing: Routin
 
 def assert_output(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert got.dtype == dtype and got.shape == want.shape
-    assert float(want.abs().max()) > 0.05  # a real signal, not zeros
+    assert float(want.abs().max()) > 0.01  # a real signal, not zeros (T = 1 outputs reach ~0.05 in 1 of 300 draws)
     torch.testing.assert_close(got.double(), want, rtol=RTOL[dtype], atol=1e-3 * float(want.abs().max()))
 
 
