@@ -193,15 +193,17 @@ def test_quantized_tensors_the_config_ignores_are_an_error(fixture_copy: Fixture
         load(path)
 
 
-def test_static_cache_generate_matches_dynamic_and_reference(references: dict) -> None:
+def test_static_cache_generate_matches_the_reference(references: dict) -> None:
+    """Each step's logits under the static cache equal the reference's over the generated sequence (logits,
+    not tokens: a near-tie may pick a different token in two correct runs)."""
     model = load(GPTQ_W4_G32_DESCACT)
     ids = random_ids(1, 6)
-    static = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    dynamic = model.generate(ids, max_new_tokens=6, do_sample=False)
-    assert static.shape == (1, 12) and torch.equal(static, dynamic)
-    with torch.no_grad():  # teacher-forced: the reference scores the generated sequence the same way
-        torch.testing.assert_close(model(static).logits, reference(references, GPTQ_W4_G32_DESCACT)(static).logits,
-                                   rtol=1e-4, atol=1e-5)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                         output_logits=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 12)
+    with torch.no_grad():
+        want = reference(references, GPTQ_W4_G32_DESCACT)(out.sequences).logits[0, 5:11]
+    torch.testing.assert_close(torch.cat(out.logits), want, rtol=1e-4, atol=1e-5)
 
 
 def test_fullgraph_compile_with_static_cache() -> None:
@@ -209,13 +211,12 @@ def test_fullgraph_compile_with_static_cache() -> None:
     (The EMULATION body synchronizes with the host; the op hides it from the compiler.)"""
     model = load(CT_W4_G32_SYM)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    ids = random_ids(1, 7)
+    ids, step = random_ids(1, 7), random_ids(1, 1)
 
     def run(m: torch.nn.Module) -> list[torch.Tensor]:
         cache = StaticCache(config=model.config, max_cache_len=12)
         with torch.no_grad():
             prefill = m(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(7)).logits
-            step = prefill[:, -1:].argmax(-1)
             decode = m(step, past_key_values=cache, use_cache=True, cache_position=torch.tensor([7])).logits
         return [prefill, decode]
 
