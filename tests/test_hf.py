@@ -198,7 +198,7 @@ def test_static_cache_generate_matches_the_reference(references: dict) -> None:
     not tokens: a near-tie may pick a different token in two correct runs)."""
     model = load(GPTQ_W4_G32_DESCACT)
     ids = random_ids(1, 6)
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+    out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="static",
                          output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 12)
     with torch.no_grad():

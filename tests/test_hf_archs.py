@@ -78,7 +78,7 @@ def test_static_cache_generate(checkpoint: tuple[str, Path]) -> None:
     _, path = checkpoint
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
-    out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static",
                          output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 9)
     with torch.no_grad():

@@ -24,7 +24,7 @@ def test_generate_prints_tokens_per_second_and_memory(capsys: pytest.CaptureFixt
     code = main(["generate", str(AWQ_W4_G32), "--prompt-ids", " ".join(map(str, prompt)), "--max-new-tokens", "4",
                  "--backend", "emulation", "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert code == 0 and report["prompt_tokens"] == 5 and len(report["new_ids"]) == 4
+    assert code == 0 and report["prompt_tokens"] == 5 and 1 <= len(report["new_ids"]) <= 4  # may stop at EOS
     assert report["tokens_per_second"] > 0 and report["peak_bytes"] > 0
     # EMULATION keeps only the checkpoint's packed experts: well under their bf16 size
     assert 0 < report["experts_bytes"] < report["experts_bf16_bytes"] / 3
@@ -41,7 +41,7 @@ def test_generate_with_a_text_prompt(fixture_copy: FixtureCopy, capsys: pytest.C
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
     assert main(["generate", str(path), "--prompt", "w1 w7 w42", "--max-new-tokens", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["prompt_tokens"] == 3 and len(report["new_ids"]) == 3 and isinstance(report["text"], str)
+    assert report["prompt_tokens"] == 3 and 1 <= len(report["new_ids"]) <= 3 and isinstance(report["text"], str)
 
 
 def test_generate_without_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch,
