@@ -94,6 +94,13 @@ def check_tp_groups(spec: LayerSpec) -> Check:
     return OK if reason is None else fail(reason)
 
 
+def check_clamp(clamp_limit: float | None, activation: Activation, allowed: tuple[Activation, ...]) -> Check:
+    """A SwiGLU clamp limit is OK only with the activations a kernel clamps (it must never be dropped)."""
+    if clamp_limit is not None and activation not in allowed:
+        return fail(f"the SwiGLU clamp limit is supported only with {labels(allowed)}, got {activation.value}")
+    return OK
+
+
 def check_whole_groups(spec: LayerSpec) -> Check:
     """H and I per shard must hold whole groups (kernels whose scales have no partial last group)."""
     group = spec.scheme.group_size

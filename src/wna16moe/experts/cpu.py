@@ -56,6 +56,7 @@ from wna16moe.experts.base import (
     Check,
     Experts,
     LayerSpec,
+    check_clamp,
     check_member,
     check_tp_groups,
     check_whole_groups,
@@ -251,10 +252,7 @@ class CPUExperts(Experts):
 
     @classmethod
     def supports_extras(cls, has_bias: bool, clamp_limit: float | None, activation: Activation) -> Check:
-        if clamp_limit is not None and activation not in CLAMP_ACTIVATIONS:
-            return fail(f"the SwiGLU clamp limit is supported only with {labels(CLAMP_ACTIVATIONS)}, got "
-                        f"{activation.value}")
-        return OK
+        return check_clamp(clamp_limit, activation, CLAMP_ACTIVATIONS)
 
     def __init__(self, spec: LayerSpec, quant: MoEQuantConfig, device: torch.device) -> None:
         super().__init__(spec, quant, device)

@@ -21,6 +21,7 @@ from wna16moe.experts.base import (
     Check,
     Experts,
     LayerSpec,
+    check_clamp,
     check_member,
     check_whole_groups,
     fail,
@@ -82,7 +83,4 @@ class XPUExperts(Experts):
 
     @classmethod
     def supports_extras(cls, has_bias: bool, clamp_limit: float | None, activation: Activation) -> Check:
-        if clamp_limit is not None and activation not in CLAMP_ACTIVATIONS:
-            return fail(f"the SwiGLU clamp limit is supported only with {labels(CLAMP_ACTIVATIONS)}, got "
-                        f"{activation.value}")
-        return OK
+        return check_clamp(clamp_limit, activation, CLAMP_ACTIVATIONS)

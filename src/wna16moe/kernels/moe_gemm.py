@@ -50,6 +50,16 @@ def _activation(gate, up, alpha, beta, limit, ACT: tl.constexpr, HAS_LIMIT: tl.c
 
 
 @triton.jit
+def _load_a(a_row_ptrs, row_mask, perm_ptr, offs, k_mask, HAS_PERM: tl.constexpr):
+    """Activation columns `offs` of the block's rows (through the act-order permutation when HAS_PERM)."""
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + offs, mask=k_mask, other=0)
+    else:
+        cols = offs
+    return tl.load(a_row_ptrs + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
               GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr):
@@ -67,11 +77,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
     if SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64):
         offs = k + tl.arange(0, _TILE_K)
         k_mask = offs < k_end
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + offs, mask=k_mask, other=0)
-        else:
-            cols = offs
-        a = tl.load(a_row_ptrs + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, k_mask, HAS_PERM)
         BLOCK_N: tl.constexpr = words.shape[1]
         NG: tl.constexpr = _TILE_K // GROUP_IN_TILE
         shifts = tl.arange(0, PACK) * BITS
@@ -107,12 +113,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
         partial = tl.zeros(acc.shape, dtype=tl.float32)
         for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
             offs = k + j * R + tl.arange(0, R)
-            k_mask = offs < k_end
-            if HAS_PERM:
-                cols = tl.load(perm_ptr + offs, mask=k_mask, other=0)
-            else:
-                cols = offs
-            a = tl.load(a_row_ptrs + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
             w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
             partial = tl.dot(a, w, partial)
         acc += partial * s[None, :]
