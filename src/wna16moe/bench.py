@@ -14,8 +14,9 @@ Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, tor
 SiLU-and-mul, weighted sum), `emulation` (M <= 8), the TRITON backend with its default configuration plus
 a small sweep of alternatives (`triton-best`), and `marlin` (vLLM's Marlin MoE op over our repack) when a
 Marlin op provider is found and MARLIN's checks pass (its warm-up, which JIT-compiles on Hopper, runs before
-any timing). Before timing, each quantized backend's output is checked against a float32 dequantized
-reference; a wrong MARLIN result drops that peer with the error logged.
+any timing). Before timing, outputs are checked against a float32 dequantized reference: TRITON's at every M
+with the configuration that is timed (a wrong result stops the run), MARLIN's once per shape (a wrong result
+drops that peer with the error logged).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bo
     device = torch.device("cuda")
     scheme = WeightScheme.from_name(scheme_name or f"int4_g{shape.group_size}_sym")
     cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
-    e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     experts = random_experts(e, h, i, scheme, device)
     quant = _quant_config(experts)
     spec = LayerSpec(cfg, scheme)
@@ -173,14 +174,6 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bo
     per_expert = expert_bytes(scheme, h, i)
     rows: list[dict[str, Any]] = []
 
-    # Correctness first: the quantized path against the float32 dequantized reference.
-    x = torch.randn(32, h, dtype=torch.bfloat16, device=device)
-    tw, ids = random_routing(32, e, k, device)
-    ref = emulation.apply(x, tw, ids, emu_weights)
-    err = _rel_err(triton_kernel.apply(x, tw, ids, weights), ref)
-    log(f"{name} {scheme.name}: triton vs float32 reference, relative error {err:.2e}")
-    if not err < 1e-2:
-        raise RuntimeError(f"{name}: triton output is wrong (relative error {err:.3e})")
     marlin = _marlin_peer(name, spec, quant, experts, emulation, emu_weights, log)
 
     bf16_weights = None
@@ -273,6 +266,11 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
             f"{rows[-1]['tflops']:7.1f} TFLOP/s")
 
     default = triton_kernel.config(m)
+    # Correctness first, at this M and with the configuration timed: against the float32 dequantized reference.
+    err = _rel_err(triton_kernel.apply(x, tw, ids, weights, default), emulation.apply(x, tw, ids, emu_weights))
+    log(f"{name} {scheme.name} M={m}: triton vs float32 reference, relative error {err:.2e}")
+    if not err < 1e-2:
+        raise RuntimeError(f"{name} M={m}: triton output is wrong (relative error {err:.3e})")
     configs = _sweep_configs(default, m * k / e) if sweep else [default]
     timings: list[tuple[float, TritonConfig]] = []
     for c in configs:
