@@ -21,7 +21,8 @@ GEMM_SIGNATURE = {
     "stride_we": "i32", "stride_wk": "i32", "stride_se": "i32", "stride_sg": "i32", "stride_om": "i32",
     "group_size": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32",
 }
-PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync")
+PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "cvt.rn.bf16.s32", "cvt.rn.f16.s32",
+             "lop3.b32", "prmt.b32")
 
 
 def facts(ptx: str) -> dict[str, int]:
@@ -33,8 +34,10 @@ def compile_gemm(case: dict) -> dict[str, int]:
     consts = dict(TOP_K=8, GATED=gated, ACT=3 if gated else 0, HAS_LIMIT=gated, BITS=case["bits"],
                   HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_IN_TILE=case["group_in_tile"],
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
-                  SPLIT_K=1 if gated else 2, BLOCK_M=case["block_m"], BLOCK_N=case["block_n"])
-    signature = dict(GEMM_SIGNATURE, out_ptr="*bf16" if gated else "*fp32")
+                  SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
+                  BLOCK_N=case["block_n"])
+    act = "*" + case.get("dtype", "bf16")
+    signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=act if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))
     kernel = triton.compile(ASTSource(_moe_gemm_kernel, signature, constexprs=consts),
                             target=GPUTarget("cuda", case["sm"], 32),

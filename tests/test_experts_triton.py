@@ -244,3 +244,20 @@ def test_gpu_real_shapes(name: str, e: int, k: int, h: int, i: int, scheme_name:
                 buf.copy_(new)
             graph.replay()
             assert _rel(captured, emulation.apply(x2, tw2, ids2, emu_weights)) < 1e-2, (name, dtype, t, "graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("ptx_dequant", [True, False], ids=["ptx-dequant", "plain-dequant"])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g64_zp", "int8_g128_zp",
+                                         "int4_g32_sym"])
+def test_gpu_both_dequant_paths(scheme_name: str, ptx_dequant: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PTX dequantization (CUDA) and the plain path (ROCm, XPU) both against EMULATION on the GPU."""
+    import wna16moe.experts.triton as triton_experts
+
+    monkeypatch.setattr(triton_experts, "_ptx_dequant", lambda device: ptx_dequant)
+    experts = _experts(32, 1024, 512, WeightScheme.from_name(scheme_name))
+    for dtype in (torch.bfloat16, torch.float16):
+        for t in (1, 64, 1024):
+            out, ref = _run_both(experts, MoEConfig(32, 4, 1024, 512, dtype=dtype), t)
+            assert _rel(out, ref) < 1e-2, (scheme_name, dtype, t)

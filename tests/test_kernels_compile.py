@@ -27,6 +27,16 @@ CASES = [
     # Ampere
     dict(sm=80, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=64, block_n=64, warps=4,
          mma="mma.sync"),
+    # PTX dequantization (kernels/dequant.py), through ptxas: decode int4 bf16, fp16 int8 with zero points,
+    # the single-dot path at BLOCK_M 64 with int8 bf16, and Ampere
+    dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
+         mma="mma.sync", fast=True),
+    dict(sm=90, gated=False, bits=8, zp=True, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
+         mma="mma.sync", fast=True, dtype="fp16"),
+    dict(sm=90, gated=True, bits=8, zp=False, perm=False, group_in_tile=128, block_m=64, block_n=64, warps=4,
+         mma="wgmma.mma_async", fast=True),
+    dict(sm=80, gated=False, bits=4, zp=True, perm=True, group_in_tile=128, block_m=16, block_n=64, warps=4,
+         mma="mma.sync", fast=True, dtype="fp16"),
 ]
 
 
@@ -40,12 +50,19 @@ def compiled() -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"sm{c['sm']}-{c['mma']}-bm{c['block_m']}" for c in CASES])
+CASE_IDS = [f"sm{c['sm']}-{c['mma']}-bm{c['block_m']}" + ("-fast" if c.get("fast") else "") for c in CASES]
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
 def test_gemm_compiles(compiled: dict, index: int) -> None:
     facts = compiled["gemm"][index]
     assert facts[CASES[index]["mma"]] > 0
     assert facts["cp.async"] > 0  # weight tiles are software-pipelined
     assert facts[".local"] == 0  # no spills to local memory
+    if CASES[index].get("fast"):
+        converts = facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"]
+        # The codes become floats by exponent tricks, not by quarter-rate int -> float conversions.
+        assert converts == 0 and facts["lop3.b32"] + facts["prmt.b32"] > 0
 
 
 def test_align_compiles(compiled: dict) -> None:

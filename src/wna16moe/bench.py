@@ -136,16 +136,22 @@ def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     """Alternatives around the default: M block, N tiles, warps, pipeline stages, GEMM2 split-K."""
     if per_expert <= 20:
-        tiles = ((16, 32, 32, 4, 4), (16, 64, 64, 4, 3), (16, 64, 64, 4, 5), (16, 128, 128, 4, 4),
-                 (16, 128, 128, 8, 4), (16, 64, 128, 4, 4), (32, 64, 64, 4, 4))
+        tiles = ((16, 32, 32, 4, 4), (16, 64, 64, 4, 3), (16, 64, 64, 4, 6), (16, 128, 128, 4, 4),
+                 (16, 64, 128, 4, 4), (16, 128, 64, 8, 4))
+        splits = (1, 2, 4, 8)
     elif per_expert <= 1024:
         tiles = ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 128, 128, 8, 3), (64, 64, 64, 4, 3),
-                 (128, 64, 64, 4, 4))
+                 (128, 64, 64, 4, 4), (32, 128, 128, 4, 4))
+        splits = (1, 2)
     else:
         tiles = ((64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 64, 8, 4), (128, 128, 128, 4, 3),
-                 (64, 128, 128, 4, 4))
-    candidates = [base, replace(base, split_k2=2)]
+                 (64, 128, 128, 4, 4), (128, 256, 128, 8, 3))
+        splits = (1,)
+    candidates = [base] + [replace(base, split_k2=s) for s in splits]
     candidates += [TritonConfig(bm, bn1, bn2, 1, warps, stages) for bm, bn1, bn2, warps, stages in tiles]
+    if per_expert <= 20:
+        candidates += [TritonConfig(16, bn1, bn2, s, warps, stages) for bm, bn1, bn2, warps, stages in tiles[:2]
+                       for s in splits[1:]]
     unique: list[TritonConfig] = []
     for c in candidates:
         if c not in unique:

@@ -34,6 +34,7 @@ from wna16moe.experts.base import OK, Check, Experts, LayerSpec, check_tp_groups
 from wna16moe.kernels.layout import TILE_K, tile_interleave, words_per_tile
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
+from wna16moe.tuning import ShapeKey, tuned_config
 
 NAME = "triton"
 BATCHED_NAME = "batched_triton"
@@ -57,14 +58,26 @@ class TritonConfig:
     num_stages: int = 4
 
 
-def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None) -> TritonConfig:
-    """Tiles by expected tokens per expert (from the H100 sweeps in benchmarks/NOTES.md; a tuned table per
-    device and shape replaces this later): the smallest M block while experts see few rows (decode streams
-    each expert's weights once), larger blocks as the work turns compute-bound. Small groups (32) prefer M
-    blocks above the group size, where the kernel scales weights instead of partial sums."""
+def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
+                   hidden_size: int | None = None, intermediate_size: int | None = None,
+                   num_sms: int | None = None) -> TritonConfig:
+    """Tiles by expected tokens per expert (from the H100 sweeps in benchmarks/NOTES.md), for layers the
+    shipped table (`wna16moe.tuning`) does not cover: the smallest M block while experts see few rows (decode
+    streams each expert's weights once), larger blocks as the work turns compute-bound. Small groups (32)
+    prefer M blocks above the group size, where the kernel scales weights instead of partial sums.
+
+    At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
+    few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split over up to 8x the SM count.
+    """
     per_expert = num_tokens * top_k / num_experts
     if per_expert <= 20:
-        return TritonConfig(16, 64, 64, num_warps=4, num_stages=4)
+        split = 1
+        if hidden_size and intermediate_size and num_sms:
+            programs = min(num_experts, num_tokens * top_k) * -(-hidden_size // 64)
+            k_tiles = -(-intermediate_size // TILE_K)
+            split = max(1, min(8 * num_sms // programs, k_tiles // 4))
+            split = 1 << (split.bit_length() - 1)  # a power of two
+        return TritonConfig(16, 64, 64, split_k2=split, num_warps=4, num_stages=4)
     if per_expert <= 100 and (group_size is None or group_size >= 64):
         return TritonConfig(32, 64, 64, num_warps=4, num_stages=4)
     if per_expert <= 1024:
@@ -176,13 +189,25 @@ class TritonExperts(Experts):
             bias[:, self.i_pad : self.i_pad + i] = quant.w1_bias[:, i:].float()
             self.w13_bias = bias
         self.w2_bias = None if quant.w2_bias is None else quant.w2_bias.float().to(device).contiguous()
+        # The shipped table is keyed by card; other devices (ROCm, XPU, the interpreter) use default_config.
+        self._card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._card else None
+        self._shape_key = ShapeKey(self.scheme.bits, self.scheme.group_size, spec.moe.hidden_size, i,
+                                   self.num_experts, spec.moe.top_k)
+        self._configs: dict[int, TritonConfig] = {}
 
     @classmethod
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
         return prepare_triton_weights(experts, device)
 
     def config(self, num_tokens: int) -> TritonConfig:
-        return default_config(num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size)
+        """The shipped tuned configuration for this card and shape, else `default_config`."""
+        if num_tokens not in self._configs:
+            tuned = tuned_config(self._card, self._shape_key, num_tokens) if self._card is not None else None
+            self._configs[num_tokens] = TritonConfig(**tuned) if tuned else default_config(
+                num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size, self.moe.hidden_size,
+                self.i_pad, self._num_sms)
+        return self._configs[num_tokens]
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor], config: TritonConfig | None = None) -> torch.Tensor:
@@ -200,7 +225,8 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      fast_dequant=_ptx_dequant(hidden_states.device), num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         moe_gemm(hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"),
                  weights.get("w13_perm"), self.w13_bias, intermediate, None, sorted_ids, expert_ids, num_padded,
@@ -230,6 +256,11 @@ class BatchedTritonExperts(TritonExperts):
         cfg = config or default_config(e * m, 1, e, self.scheme.group_size)
         out = self._forward(hidden_states.reshape(e * m, h), ones, ids.reshape(e * m, 1).to(torch.int32), weights, cfg)
         return out.view(e, m, h)
+
+
+def _ptx_dequant(device: torch.device) -> bool:
+    """The PTX dequantization (kernels/dequant.py) runs on NVIDIA GPUs, not under the interpreter."""
+    return device.type == "cuda" and torch.version.cuda is not None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _or(value: float | None, default: float) -> float:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from wna16moe.kernels.dequant import dequant_offset, dequant_slots
 from wna16moe.kernels.layout import TILE_K
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = 0, 1, 2, 3
@@ -60,18 +61,43 @@ def _load_a(a_row_ptrs, row_mask, perm_ptr, offs, k_mask, HAS_PERM: tl.constexpr
 
 
 @triton.jit
+def _stack_slots(slots, PACK: tl.constexpr):
+    """The slots [R, BLOCK_N] of a tile stacked in K order into [PACK * R, BLOCK_N] (slot-major)."""
+    if PACK == 8:
+        x = tl.join(tl.join(tl.join(slots[0], slots[1]), tl.join(slots[2], slots[3])),
+                    tl.join(tl.join(slots[4], slots[5]), tl.join(slots[6], slots[7])))  # [R, N, c, b, a]: 4a+2b+c
+        x = tl.permute(x, (4, 3, 2, 0, 1))
+    else:
+        x = tl.join(tl.join(slots[0], slots[1]), tl.join(slots[2], slots[3]))  # [R, N, c, b]: slot 2b + c
+        x = tl.permute(x, (3, 2, 0, 1))
+    return tl.reshape(x, (PACK * slots[0].shape[0], slots[0].shape[1]))
+
+
+@triton.jit
 def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
-              GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr):
+              GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, FAST_DEQUANT: tl.constexpr):
     """acc + a[:, tile] @ dequant(words) for one _TILE_K tile.
 
     One scale per column over the tile (a group of _TILE_K or more), or SCALE_WEIGHTS: all slots are unpacked
     into one [_TILE_K, BLOCK_N] operand (slot-major order is the natural K order of the tile) and a single dot
     covers the tile. Otherwise (groups smaller than the tile, small BLOCK_M) each group's slots get their own
     dots and the scale multiplies the group's [BLOCK_M, BLOCK_N] partial sum.
+
+    FAST_DEQUANT: integer weights come from `dequant_slots` (PTX exponent tricks) where one zero point covers
+    the tile (symmetric weights, or a group of a whole tile); the shift-and-convert path otherwise.
     """
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
+    DTYPE: tl.constexpr = a_row_ptrs.dtype.element_ty
+    USE_ASM: tl.constexpr = FAST_DEQUANT and not SCALE_WEIGHTS and (not HAS_ZP or GROUP_IN_TILE == _TILE_K)
+    if USE_ASM:
+        if HAS_ZP:
+            z_tile = tl.load(z_ptrs + (k // group_size) * stride_sg, mask=n_mask & (k < k_end), other=0)
+            offset = dequant_offset(z_tile, BITS, DTYPE)[None, :]
+        else:
+            offset = dequant_offset(tl.full([1, words.shape[1]], 1 << (BITS - 1), tl.int32), BITS, DTYPE)
+        slots = dequant_slots(words, offset, BITS, DTYPE)
     # One dot per tile pays off at BLOCK_M 64 (wgmma); per-slot dots are faster with mma.sync (BLOCK_M 16, decode)
     # and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
     if SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64):
@@ -96,7 +122,10 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
             w = tl.reshape((q - z).to(tl.float32) * s[:, None, :], (_TILE_K, BLOCK_N)).to(a.dtype)
             acc = tl.dot(a, w, acc)
         else:  # a single group: scale the tile's sum
-            w = tl.reshape(q - z, (_TILE_K, BLOCK_N)).to(a.dtype)
+            if USE_ASM:
+                w = _stack_slots(slots, PACK)
+            else:
+                w = tl.reshape(q - z, (_TILE_K, BLOCK_N)).to(a.dtype)
             acc += tl.dot(a, w) * tl.reshape(s, (BLOCK_N,))[None, :]
         return acc
     SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R
@@ -114,7 +143,10 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
         for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
             offs = k + j * R + tl.arange(0, R)
             a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
-            w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
+            if USE_ASM:
+                w = slots[j]
+            else:
+                w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
             partial = tl.dot(a, w, partial)
         acc += partial * s[None, :]
     return acc
@@ -158,6 +190,7 @@ def _moe_gemm_kernel(
     GROUP_IN_TILE: tl.constexpr,
     SCALE_WEIGHTS: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    FAST_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -195,11 +228,12 @@ def _moe_gemm_kernel(
         tile_ptrs = w_ptrs + (k // PACK) * stride_wk
         words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
         acc = _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
-                        stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS)
+                        stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT)
         if GATED:
             words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
             acc_up = _tile_dot(acc_up, words_up, a_row_ptrs, row_mask, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask, k,
-                               k_end, group_size, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS)
+                               k_end, group_size, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS,
+                               FAST_DEQUANT)
 
     out_mask = row_mask[:, None] & n_mask[None, :]
     if GATED:
@@ -244,6 +278,7 @@ def moe_gemm(
     block_m: int,
     block_n: int,
     split_k: int = 1,
+    fast_dequant: bool = False,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -260,6 +295,7 @@ def moe_gemm(
     out : GEMM1 [P, N] in a's dtype; GEMM2 [T, N] float32, pre-filled (accumulated into).
     topk_weights : [P] float32 router weights (GEMM2).
     group_size : elements per group, a multiple of R (16 for int4, 32 for int8), or -1 for channel-wise.
+    fast_dequant : dequantize with NVIDIA PTX (kernels/dequant.py); CUDA only, not under the interpreter.
     """
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
@@ -290,7 +326,8 @@ def moe_gemm(
         HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_IN_TILE=min(group_size, TILE_K),
         # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
         SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
-        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

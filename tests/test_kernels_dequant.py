@@ -1,0 +1,45 @@
+"""PTX dequantization (kernels/dequant.py) against integer arithmetic in torch, bit for bit, on the GPU.
+
+CPU CI compiles it through ptxas (tests/test_kernels_compile.py); the interpreter cannot run PTX.
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton_env import HAS_CUDA
+
+from wna16moe.kernels.dequant import dequant_offset, dequant_slots
+
+R, BLOCK_N = 16, 64
+
+
+@triton.jit
+def _slots_kernel(words_ptr, zeros_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr, N_: tl.constexpr):
+    rows = tl.arange(0, R_)[:, None]
+    cols = tl.arange(0, N_)[None, :]
+    words = tl.load(words_ptr + rows * N_ + cols)
+    offset = dequant_offset(tl.load(zeros_ptr + cols).to(tl.int32), BITS, out_ptr.dtype.element_ty)
+    slots = dequant_slots(words, offset, BITS, out_ptr.dtype.element_ty)
+    for j in tl.static_range(32 // BITS):
+        tl.store(out_ptr + j * R_ * N_ + rows * N_ + cols, slots[j])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_slots_equal_integer_codes(bits: int, dtype: torch.dtype, zero_point: bool) -> None:
+    pack, mask = 32 // bits, (1 << bits) - 1
+    words = torch.randint(-(2**31), 2**31, (R, BLOCK_N), dtype=torch.int64).to(torch.int32).cuda()
+    if zero_point:
+        zeros = torch.randint(0, mask + 1, (BLOCK_N,), dtype=torch.uint8).cuda()
+    else:
+        zeros = torch.full((BLOCK_N,), 1 << (bits - 1), dtype=torch.uint8).cuda()
+    out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=dtype).cuda()
+    _slots_kernel[(1,)](words, zeros, out, BITS=bits, R_=R, N_=BLOCK_N)
+    shifts = (torch.arange(pack, device="cuda") * bits).view(pack, 1, 1)
+    codes = (words.long()[None] >> shifts) & mask
+    expected = (codes - zeros.long()[None, None, :]).to(dtype)
+    assert torch.equal(out, expected)
