@@ -79,7 +79,7 @@ def test_explain_checkpoint_on_b200(capsys: pytest.CaptureFixture[str]) -> None:
     rows = table_rows(out)
     assert set(rows) == expected_candidates()
     assert rows["flashinfer_trtllm", "FlashInferTrtllmExperts"] == (
-        "rejected", "implemented: not implemented in this version; routing: softmax routing without "
+        "rejected", "routing: softmax routing without "
                     "renormalization is not supported; the kernel's Renormalize routing always renormalizes the "
                     "top-k weights; shape: H and I/tp must be multiples of 256 (whole 256-element K blocks in the "
                     "kernel's weight layout), got H=256, I/tp=128")

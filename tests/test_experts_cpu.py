@@ -246,6 +246,57 @@ def test_forward_skips_remote_experts_and_rejects_bad_input() -> None:
         kernel.apply(x, topk_weights, torch.full((3, 2), 4, dtype=torch.int32), weights)
 
 
+# ----- intra-op threads ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("work", "grain", "limit", "threads"), [
+    (10, 100, 2, 1),   # less than one grain: one thread
+    (0, 100, 4, 1),
+    (250, 100, 4, 2),  # whole grains only
+    (10**9, 100, 4, 4),  # never more than the caller's
+    (10, 0, 3, 3),     # grain 0: every call gets all of them
+])
+def test_team_size(work: int, grain: int, limit: int, threads: int) -> None:
+    assert cpu.team_size(work, grain, limit) == threads
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    if cpu._omp_set_num_threads() is None:
+        pytest.skip("torch does not run its intra-op work on OpenMP here: the team size is left alone")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_team_size_follows_the_work_and_is_restored(two_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small experts run on one intra-op thread, large ones (here: any, with GEMM_GRAIN 1) on the caller's two;
+    the output is the same bits either way, and the caller's setting is back afterwards, also after an error."""
+    scheme = WeightScheme(4, 32)
+    experts = random_experts(scheme, 4, 256, 128)
+    kernel = CPUExperts(LayerSpec(MoEConfig(4, 2, 256, 128), scheme), _quant(experts), CPU_DEVICE)
+    weights = CPUExperts.prepare_weights(experts, CPU_DEVICE)
+    seen: list[int] = []
+    expert = CPUExperts._expert
+
+    def recording(self: CPUExperts, *args: object) -> None:
+        seen.append(torch.get_num_threads())
+        expert(self, *args)
+
+    monkeypatch.setattr(CPUExperts, "_expert", recording)
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    topk_weights, topk_ids = softmax_topk(torch.randn(5, 4), 2, renormalize=True)
+    small = kernel.apply(x, topk_weights, topk_ids, weights)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    seen.clear()
+    monkeypatch.setattr(cpu, "GEMM_GRAIN", 1)
+    large = kernel.apply(x, topk_weights, topk_ids, weights)
+    assert set(seen) == {2} and torch.equal(small, large)
+    with pytest.raises(InvalidInputError, match="topk_ids holds expert 4"):
+        kernel.apply(x, topk_weights, torch.full_like(topk_ids, 4), weights)
+    assert torch.get_num_threads() == 2
+
+
 FIXTURES = [(CT_W4_G32_SYM, 0, None), (CT_W4_G128_ASYM, 1, None), (CT_W8_G128_SYM, 0, None),
             (GPTQ_W4_G32_DESCACT, 1, None), (AWQ_W4_G32, 0, None), (SOURCE, 1, "int4_g64_sym")]
 

@@ -1,6 +1,7 @@
 """FLASHINFER_TRTLLM: the MxInt4 weight converter against index arithmetic written here from the documented
-layout (and against FlashInfer's own pure-torch helpers where flashinfer imports), its inverse, the arguments
-apply passes to FlashInfer's API, and what the oracle says on SM100 and elsewhere.
+layout (and against FlashInfer's own pure-torch helpers where flashinfer imports), its inverse,
+and the arguments apply passes to FlashInfer's API. The oracle, `explain` and the self-check against
+EMULATION: test_experts_flashinfer_trtllm.py.
 
 The kernel itself needs an SM100 GPU, which CI and our H100s are not: nothing here runs it.
 """
@@ -23,7 +24,6 @@ from wna16moe import (
     RoutingMethod,
     UnsupportedError,
     WeightScheme,
-    cli,
     make_wna16_moe_quant_config,
 )
 from wna16moe.device import DeviceInfo
@@ -36,8 +36,7 @@ from wna16moe.experts.flashinfer_trtllm import (
     swizzle_scales,
     unswizzle_scales,
 )
-from wna16moe.oracle import BACKEND_ENV, Backend, Verdict, explain
-from wna16moe.shapes import model_shape
+from wna16moe.oracle import BACKEND_ENV
 
 SCHEME = WeightScheme(4, 32)
 # FlashInfer's srcToDstBlk32RowMap as documented: source row t of a 32-row block goes to row MAP32[t].
@@ -214,7 +213,6 @@ def fake_flashinfer(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     package.fused_moe = fused_moe  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "flashinfer", package)
     monkeypatch.setitem(sys.modules, "flashinfer.fused_moe", fused_moe)
-    monkeypatch.setattr(FlashInferTrtllmExperts, "IMPLEMENTED", True)
     return calls
 
 
@@ -222,8 +220,9 @@ def _kernel(config: MoEConfig, tp: int = 1) -> tuple[FlashInferTrtllmExperts, di
     experts = random_experts(SCHEME, config.num_experts, config.hidden_size, config.intermediate_size // tp)
     quant = make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, 32, 4)
     spec = LayerSpec(config, SCHEME, ParallelConfig(tp_size=tp))
-    return (FlashInferTrtllmExperts(spec, quant, torch.device("cpu")),
-            FlashInferTrtllmExperts.prepare_weights(experts, torch.device("cpu")))
+    kernel = FlashInferTrtllmExperts(spec, quant, torch.device("cpu"))
+    kernel.checked = True  # the self-check is tested in test_experts_flashinfer_trtllm.py; here only the call
+    return kernel, FlashInferTrtllmExperts.prepare_weights(experts, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(("routing", "top_k", "logits_dtype", "expected"), [
@@ -260,38 +259,3 @@ def test_apply_passes_the_routing_and_layer(fake_flashinfer: list[dict[str, Any]
     assert (call["local_expert_offset"], call["local_num_experts"]) == (0, 8)
     assert (call["gemm1_alpha"], call["gemm1_beta"], call["gemm1_clamp_limit"]) == (None, None, None)
     assert call["tune_max_num_tokens"] == 8192 and call["do_finalize"] is True
-
-
-def test_declared_but_not_enabled() -> None:
-    quant = make_wna16_moe_quant_config(torch.ones(1, 512, 8), torch.ones(1, 256, 8), 32, 4)
-    with pytest.raises(NotImplementedError, match=r"FlashInferTrtllmExperts .* declared but not implemented"):
-        FlashInferTrtllmExperts(LayerSpec(MoEConfig(1, 1, 256, 256), SCHEME), quant, torch.device("cpu"))
-
-
-# ----- the oracle ---------------------------------------------------------------------------------------------
-
-def _fi(report: Any) -> Any:
-    return next(c for c in report.candidates if c.backend == Backend.FLASHINFER_TRTLLM)
-
-
-def test_oracle_on_sm100_and_elsewhere() -> None:
-    kimi = model_shape("kimi-k2").moe_config()
-    on_b200 = _fi(explain(kimi, "int4_g32_sym", device=DeviceInfo.named("b200")))
-    assert (on_b200.verdict, on_b200.reason) == (Verdict.REJECTED, "implemented: not implemented in this version")
-    g128 = _fi(explain(kimi, "int4_g128_sym", device=DeviceInfo.named("b200")))
-    assert dict(g128.failed)["scheme"].startswith("weight scheme int4_g128_sym is not supported; the kernel reads "
-                                                  "only int4_g32_sym")
-    on_h100 = _fi(explain(kimi, "int4_g32_sym", device=DeviceInfo.named("h100")))
-    assert on_h100.reason.startswith("not in the cuda_sm80 priority list")
-    assert dict(on_h100.failed)["device"] == ("needs compute capability sm_100 or sm_103 (the SM10x family), got "
-                                              "sm_90 (NVIDIA H100 80GB HBM3)")
-
-
-def test_explain_cli_on_b200(capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["explain", "--shape", "kimi-k2", "--scheme", "int4_g32_sym", "--device", "b200"])
-    out = capsys.readouterr().out
-    assert code == 0
-    row = next(line for line in out.splitlines() if line.startswith("flashinfer_trtllm"))
-    assert row.split(maxsplit=3) == ["flashinfer_trtllm", "FlashInferTrtllmExperts", "rejected",
-                                     "implemented: not implemented in this version"]
-    assert "chosen: flashinfer_trtllm" not in out

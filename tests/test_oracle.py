@@ -97,73 +97,72 @@ class Case:
 
 CASES = [
     # ----- FLASHINFER_TRTLLM on SM10x -----
-    Case("b200 kimi-k2 g32: FlashInfer's declaration accepts it; only the missing kernel stops it", "b200",
-         spec("kimi-k2", "int4_g32_sym"), MARLIN_WINS,
-         {FI: NOT_IMPL, BMARLIN: NOT_IMPL | BATCHED_FMT}),
+    Case("b200 kimi-k2 g32: FlashInfer's kernel takes it", "b200",
+         spec("kimi-k2", "int4_g32_sym"), {FI}, {BMARLIN: NOT_IMPL | BATCHED_FMT}),
     Case("b300 (sm_103) deepseek-v3 g32 with fp32 router logits (allowed for DeepSeekV3)", "b300",
-         spec("deepseek-v3", "int4_g32_sym", logits=torch.float32), MARLIN_WINS, {FI: NOT_IMPL}),
+         spec("deepseek-v3", "int4_g32_sym", logits=torch.float32), {FI}),
     Case("b200 llama-4-scout g32: sigmoid top-1 is Llama-4 routing", "b200",
-         spec("llama-4-scout", "int4_g32_sym"), MARLIN_WINS, {FI: NOT_IMPL}),
+         spec("llama-4-scout", "int4_g32_sym"), {FI}),
     Case("b200 qwen3-30b g32: softmax renormalized is Renormalize routing", "b200",
-         spec("qwen3-30b-a3b", "int4_g32_sym"), MARLIN_WINS, {FI: NOT_IMPL}),
+         spec("qwen3-30b-a3b", "int4_g32_sym"), {FI}),
     Case("b200 g128: FlashInfer reads group 32 only, Marlin takes it", "b200",
          spec("kimi-k2", "int4_g128_sym"), MARLIN_WINS,
-         {FI: NOT_IMPL | {"scheme": "weight scheme int4_g128_sym is not supported; the kernel reads only "
+         {FI: {"scheme": "weight scheme int4_g128_sym is not supported; the kernel reads only "
                                     "int4_g32_sym"}}),
     Case("b200 zero points", "b200", spec("kimi-k2", "int4_g32_zp"), MARLIN_WINS,
-         {FI: NOT_IMPL | {"scheme": "weight scheme int4_g32_zp is not supported"}}),
+         {FI: {"scheme": "weight scheme int4_g32_zp is not supported"}}),
     Case("b200 fp16 activations (and so fp16 router logits): FlashInfer is bf16 only", "b200",
          spec("kimi-k2", "int4_g32_sym", dtype=torch.float16), MARLIN_WINS,
-         {FI: NOT_IMPL | {"scheme": "activation dtype float16 is not supported; expected bfloat16",
+         {FI: {"scheme": "activation dtype float16 is not supported; expected bfloat16",
                           "routing": "router logits dtype float16 is not supported with deepseek_v3 routing; "
                                      "expected bfloat16, float32"}}),
     Case("b200 SwiGLU-OAI is not aliased to the kernel's plain SiLU", "b200",
          spec("kimi-k2", "int4_g32_sym", activation=Activation.SWIGLU_OAI), MARLIN_WINS,
-         {FI: NOT_IMPL | {"activation": "activation swiglu_oai is not supported: the kernel computes plain "
+         {FI: {"activation": "activation swiglu_oai is not supported: the kernel computes plain "
                                         "silu(gate) * up"}}),
     Case("b200 GELU", "b200", spec("kimi-k2", "int4_g32_sym", activation=Activation.GELU), MARLIN_WINS,
-         {FI: NOT_IMPL | {"activation": "activation gelu is not supported; expected silu"}}),
+         {FI: {"activation": "activation gelu is not supported; expected silu"}}),
     Case("b200 EP: no expert map in the fused kernel, nor in MARLIN's apply yet", "b200",
          spec("kimi-k2", "int4_g32_sym", ep=2), FAST,
-         {FI: NOT_IMPL | {"parallel": "expert parallelism (ep_size=2) is not supported"},
+         {FI: {"parallel": "expert parallelism (ep_size=2) is not supported"},
           MARLIN: {"parallel": "expert parallelism (ep_size=2) is not supported"}}),
     Case("b200 expert bias", "b200", spec("kimi-k2", "int4_g32_sym", bias=True), MARLIN_WINS,
-         {FI: NOT_IMPL | {"extras": "expert bias is not supported"}}),
+         {FI: {"extras": "expert bias is not supported"}}),
     Case("b200 SiLU with a clamp limit: FlashInfer would drop it, Marlin applies it", "b200",
          spec("kimi-k2", "int4_g32_sym", clamp=7.0), MARLIN_WINS,
-         {FI: NOT_IMPL | {"extras": "the SwiGLU clamp limit (7.0) is not supported"}}),
+         {FI: {"extras": "the SwiGLU clamp limit (7.0) is not supported"}}),
     Case("b200 fp32 logits with softmax routing", "b200",
          spec("qwen3-30b-a3b", "int4_g32_sym", logits=torch.float32), MARLIN_WINS,
-         {FI: NOT_IMPL | {"routing": "router logits dtype float32 is not supported with softmax routing; expected "
+         {FI: {"routing": "router logits dtype float32 is not supported with softmax routing; expected "
                                      "bfloat16"}}),
     Case("b200 softmax without renormalization (the tiny fixture) and H, I below 256", "b200",
          spec(TINY, "int4_g32_sym"), MARLIN_WINS,
-         {FI: NOT_IMPL | {"routing": "softmax routing without renormalization is not supported",
+         {FI: {"routing": "softmax routing without renormalization is not supported",
                           "shape": "got H=256, I/tp=128"}}),
     Case("b200 sigmoid with top_k 2 is not Llama-4 routing", "b200",
          spec("llama-4-scout", "int4_g32_sym", top_k=2), MARLIN_WINS,
-         {FI: NOT_IMPL | {"routing": "sigmoid routing is supported only as Llama-4 routing (top_k=1, no "
+         {FI: {"routing": "sigmoid routing is supported only as Llama-4 routing (top_k=1, no "
                                      "renormalization), got top_k=2"}}),
     Case("b200 deepseek-v3 routing without renormalization", "b200",
          spec("kimi-k2", "int4_g32_sym",
               routing=RoutingConfig(RoutingMethod.DEEPSEEK_V3, renormalize=False, routed_scaling_factor=2.827)),
-         MARLIN_WINS, {FI: NOT_IMPL | {"routing": "deepseek_v3 routing without renormalization is not supported"}}),
+         MARLIN_WINS, {FI: {"routing": "deepseek_v3 routing without renormalization is not supported"}}),
     Case("b200 routed_scaling_factor outside DeepSeekV3 routing", "b200",
          spec("qwen3-30b-a3b", "int4_g32_sym",
               routing=RoutingConfig(RoutingMethod.SOFTMAX, renormalize=True, routed_scaling_factor=2.0)),
          MARLIN_WINS,
-         {FI: NOT_IMPL | {"routing": "routed_scaling_factor=2.0 is supported only with deepseek_v3 routing"}}),
+         {FI: {"routing": "routed_scaling_factor=2.0 is supported only with deepseek_v3 routing"}}),
     Case("b200 tp=16 leaves I/tp=128 < 256", "b200", spec("kimi-k2", "int4_g32_sym", tp=16), MARLIN_WINS,
-         {FI: NOT_IMPL | {"shape": "H and I/tp must be multiples of 256"}}),
+         {FI: {"shape": "H and I/tp must be multiples of 256"}}),
     Case("b200 without flashinfer and the Marlin library", "b200-bare", spec("kimi-k2", "int4_g32_sym"), FAST,
-         {FI: NOT_IMPL | {"device": "needs the flashinfer package"},
+         {FI: {"device": "needs the flashinfer package"},
           MARLIN: {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}}),
     Case("rtx5090 (sm_120) is not the SM10x family", "rtx5090", spec("kimi-k2", "int4_g32_sym"), MARLIN_WINS,
-         {FI: NOT_IMPL | {"device": "needs compute capability sm_100 or sm_103 (the SM10x family), got sm_120"}}),
+         {FI: {"device": "needs compute capability sm_100 or sm_103 (the SM10x family), got sm_120"}}),
     # ----- MARLIN / BATCHED_MARLIN on sm_80..90 and older -----
     Case("h100 mixtral int4 g128", "h100", spec("mixtral", "int4_g128_sym"), MARLIN_WINS,
          {BMARLIN: NOT_IMPL | BATCHED_FMT,
-          FI: NOT_IMPL | {"device": "got sm_90", "scheme": "int4_g128_sym is not supported"}}),
+          FI: {"device": "got sm_90", "scheme": "int4_g128_sym is not supported"}}),
     Case("h100 int4 with zero points", "h100", spec(TINY, "int4_g128_zp"), MARLIN_WINS),
     Case("h100 int8 symmetric channel-wise", "h100", spec(TINY, "int8_ch_sym"), MARLIN_WINS),
     Case("h100 int8 with zero points: no uint8+zp type in Marlin", "h100", spec(TINY, "int8_g128_zp"), FAST,
@@ -304,7 +303,7 @@ def test_declared_kernels_cannot_run() -> None:
     """A class with IMPLEMENTED=False fails "implemented" first, and building it raises."""
     layer = spec("kimi-k2", "int4_g32_sym")
     declared = [cls for classes in BACKEND_CLASSES.values() for cls in classes if not cls.IMPLEMENTED]
-    assert {FlashInferTrtllmExperts, BatchedMarlinExperts} <= set(declared)
+    assert BatchedMarlinExperts in declared and FlashInferTrtllmExperts not in declared
     quant = _quant_for(TINY, WeightScheme(4, 32))
     for cls in declared:
         assert cls.failures(layer, DeviceInfo.named("b200"))[0] == ("implemented", "not implemented in this version")
@@ -320,8 +319,6 @@ def test_priority_with_implemented_declarations(monkeypatch: pytest.MonkeyPatch)
     assert select_backend(spec("mixtral", "int4_g128_sym", batched=True), device=DeviceInfo.named("h100")).backend \
         == BMARLIN
     assert select_backend(spec("mixtral", "int4_g128_sym"), device=DeviceInfo.named("h100-bare")).backend in FAST
-    assert select_backend(spec("kimi-k2", "int4_g32_sym"), device=DeviceInfo.named("b200")).backend == MARLIN
-    monkeypatch.setattr(FlashInferTrtllmExperts, "IMPLEMENTED", True)
     report = explain(spec("kimi-k2", "int4_g32_sym"), device=DeviceInfo.named("b200"))
     assert report.chosen is not None and report.chosen.backend == FI
     marlin = next(c for c in report.candidates if c.backend == MARLIN)
@@ -468,10 +465,10 @@ def test_override_incompatible_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_override_not_implemented() -> None:
-    with pytest.raises(BackendError, match=r"override='flashinfer_trtllm' cannot run .* FlashInferTrtllmExperts: "
+    with pytest.raises(BackendError, match=r"override='batched_marlin' cannot run .* BatchedMarlinExperts: "
                                            r"implemented: not implemented in this version"):
-        select_backend(spec("kimi-k2", "int4_g32_sym"), device=DeviceInfo.named("b200"),
-                       override=Backend.FLASHINFER_TRTLLM)
+        select_backend(spec("kimi-k2", "int4_g32_sym", batched=True), device=DeviceInfo.named("b200"),
+                       override=Backend.BATCHED_MARLIN)
 
 
 def test_override_that_can_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,9 @@ Timed region: one `apply` from routed top-k ids/weights to the [T, H] output (ro
 alike; the median is reported. Routing is uniform random with distinct experts per token; weights are
 random codes and scales of the scheme. Before timing, the CPU backend's output is checked against
 EMULATION (relative Frobenius error below 1e-2). The JSON records the CPU model (/proc/cpuinfo), torch's
-CPU capability and thread count, the load average before and after (other processes on the same cores slow
-both backends), the date and the commit.
+CPU capability and thread count, the CPU backend's GEMM_GRAIN (`--gemm-grain 0`: one parallel region per
+GEMM at every size, PyTorch's own behaviour), the load average before and after (other processes on the same
+cores slow both backends), the date and the commit.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from wna16moe.bench import random_experts, random_routing
 from wna16moe.config import MoEConfig, make_wna16_moe_quant_config
+from wna16moe.experts import cpu as cpu_backend
 from wna16moe.experts.base import LayerSpec
 from wna16moe.experts.cpu import CPUExperts
 from wna16moe.experts.emulation import EmulationExperts
@@ -115,17 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS))
     parser.add_argument("--reps", type=int, default=7, help="timed calls per backend and M (median reported)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--gemm-grain", type=int, help="the CPU backend's multiply-adds per intra-op thread "
+                        f"(default {cpu_backend.GEMM_GRAIN}; 0: every GEMM on all threads)")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/cpu-<shape>-<date>.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gemm_grain is not None:
+        cpu_backend.GEMM_GRAIN = args.gemm_grain
     shape = model_shape(args.shape)
     scheme = WeightScheme.from_name(args.scheme or f"int4_g{shape.group_size}_sym")
     config = replace(shape.moe_config(), dtype=torch.bfloat16)
     date = datetime.date.today().isoformat()
     result: dict[str, Any] = {
         "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(), "date": date, "commit": commit_id(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "gemm_grain": cpu_backend.GEMM_GRAIN, "date": date, "commit": commit_id(),
+        "torch": torch.__version__,
         "python": platform.python_version(), "shape": args.shape, "scheme": scheme.name, "reps": args.reps,
         "command": "python -m wna16moe.bench_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

@@ -96,6 +96,7 @@ class WNA16MoE(nn.Module):
             raise UnsupportedError(f"{type(self.kernel).__name__} routes inside the kernel and cannot run behind the "
                                    f"{type(self.prepare_finalize).__name__} dispatch (dp_size={parallel.dp_size}, "
                                    f"batched={parallel.batched})")
+        self.kernel.self_check(self.prepared_weights(), self.correction_bias)
 
     @property
     def scheme(self) -> WeightScheme:

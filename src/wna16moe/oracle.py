@@ -283,6 +283,8 @@ def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None) -> R
                 winner_found = True
                 why = "requested, and every check passes" if override is not None else (
                     "first in priority order whose checks all pass")
+                if cls.CAVEAT:
+                    why = f"{why}; {cls.CAVEAT}"
                 candidates.append(Candidate(backend, cls, Verdict.CHOSEN, why))
             else:
                 if wanted:  # an earlier class (of this backend, or of an earlier one in the list) won

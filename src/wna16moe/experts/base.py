@@ -170,6 +170,9 @@ class Experts:
     SUPPORTS_EXPERT_MAP: ClassVar[bool] = False
     # False for declared-but-not-yet-written kernels: the oracle reports them unavailable, nothing runs them.
     IMPLEMENTED: ClassVar[bool] = True
+    # What `explain` appends to the verdict of a kernel that passes every check (e.g. that it has not been run
+    # on hardware); empty for none.
+    CAVEAT: ClassVar[str] = ""
 
     # ----- capability checks (class-level, never instantiate) -----
     @classmethod
@@ -257,6 +260,10 @@ class Experts:
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
         """Pure converter from canonical experts to the tensors this kernel reads, on `device`."""
         raise NotImplementedError
+
+    def self_check(self, weights: dict[str, torch.Tensor], correction_bias: torch.Tensor | None) -> None:
+        """Called by the layer once its kernel and prepared weights exist: a kernel that cannot be tested in CI
+        compares itself with EMULATION here and raises if they disagree. Default: nothing."""
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor]) -> torch.Tensor:

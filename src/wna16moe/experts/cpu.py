@@ -6,11 +6,19 @@ biases work too. Pairs whose expert id is -1 (an expert another EP rank owns) ar
 activations only: PyTorch's float16 (and float32) paths of these kernels are scalar fallbacks, slower than
 EMULATION.
 
-Forward, for each expert with routed tokens: gather its tokens [m, H] (act-order: and their columns in group
-order), GEMM1 -> [m, 2I] bf16, bias and activation in float32, round to bf16, GEMM2 -> [m, H] bf16, bias,
-times the router weights, summed per token in float32, cast to the activation dtype. Each expert runs two
-small parallel regions: on cores that other busy processes share, one intra-op thread is faster (each region
-would wait for a descheduled thread; BENCHMARKS.md).
+Forward: the routed (token, expert) pairs sorted by expert and their inputs gathered once; for each expert
+with tokens, its rows [m, H] (act-order: columns in group order), GEMM1 -> [m, 2I] bf16, bias and activation
+in float32, round to bf16, GEMM2 -> [m, H] bf16, bias, times the router weights into a float32 buffer; one
+index_add sums the buffer per token (in expert order), cast to the activation dtype.
+
+Threads: PyTorch's int4 kernel opens an OpenMP parallel region at every call, and an expert's GEMM at decode
+sizes takes 0.1-1 ms, less than one region can cost on cores other processes share (a spinning join waiting
+for a descheduled thread: ~22 ms measured here). So the calling thread's OpenMP team is sized per expert by
+its work, one thread per GEMM_GRAIN multiply-adds (per GLUE_GRAIN elements for the gather and sum), at most
+torch.get_num_threads(), and restored afterwards: on qwen3-30b-a3b an expert gets a second thread from 28
+routed tokens, so decode-sized batches run single-threaded and large ones use the caller's threads.
+GEMM_GRAIN = 0 gives every GEMM all of them (PyTorch's own behaviour), for machines whose cores nothing else
+uses. Without OpenMP the team is left as it is.
 
 GEMMs by scheme:
     int4 (groups 32, 64, 128, 256, or channel-wise): `aten._weight_int4pack_mm_for_cpu(x [m, K] bf16,
@@ -44,6 +52,10 @@ forward the bf16 GEMM outputs and intermediate add about 4e-3 relative (Frobeniu
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -212,6 +224,66 @@ def dequant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, z
     return out
 
 
+# ----- intra-op threads --------------------------------------------------------------------------------------
+# PyTorch's int4 CPU kernel makes every call an OpenMP parallel region, however small (grain size 0). At
+# M <= 32 an expert's GEMM takes 0.1-1 ms, and on cores that other processes also use, each region's join
+# waits for a descheduled thread while the others spin: measured here at ~22 ms a region with two busy
+# processes on the two cores, 350 ms for a one-token qwen3-30b-a3b forward that takes 2-3 ms without them
+# (BENCHMARKS.md). So this backend gives its work a grain size: the calling thread's OpenMP team shrinks to
+# one thread per GEMM_GRAIN multiply-adds of an expert (per GLUE_GRAIN elements of the gather and sum), at most
+# torch.get_num_threads(), and is restored afterwards. Other threads are not affected.
+
+# Multiply-adds per intra-op thread for an expert's GEMMs: 2**26 take ~1.7 ms on one core here, far more than
+# a region costs on idle cores and a fraction of what it can cost on busy ones. 0 restores one region per GEMM
+# at every size (PyTorch's own behaviour), for machines whose cores nothing else uses.
+GEMM_GRAIN = 1 << 26
+# Elements per intra-op thread for the gather of the routed inputs and the per-token sum (~1 ms of copying).
+GLUE_GRAIN = 1 << 22
+# The int8 dequantizing path converts the whole expert at every call: it costs about as much as this many
+# more token rows of multiply-adds (measured: 3.4 ms for a 1536 x 2048 int8 g128 expert on one core).
+DEQUANT_ROWS = 64
+
+
+@functools.cache
+def _omp_set_num_threads() -> Callable[[int], object] | None:
+    """The OpenMP runtime's `omp_set_num_threads` (it sets the calling thread's team size only), or None where
+    torch does not run its intra-op work on OpenMP or the symbol is not visible (then the team size is left as
+    the caller set it)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        # torch loads its OpenMP runtime with global symbols (libtorch_global_deps), so the process finds it.
+        return ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def team_size(work: int, grain: int, limit: int) -> int:
+    """Intra-op threads for `work` units at `grain` units per thread: 1 to `limit` (grain 0: `limit`)."""
+    if grain <= 0:
+        return limit
+    return max(1, min(limit, work // grain))
+
+
+class IntraOpThreads:
+    """Sets the OpenMP team size of the calling thread (`set(n)`), and `restore()`s the caller's setting."""
+
+    def __init__(self) -> None:
+        # torch fixes a thread's team size at its first parallel op: reading it here does that now, so it
+        # cannot later undo what `set` does.
+        self.limit = torch.get_num_threads()
+        self._set = _omp_set_num_threads() if self.limit > 1 else None
+        self._current = self.limit
+
+    def set(self, n: int) -> None:
+        if self._set is not None and n != self._current:
+            self._set(n)
+            self._current = n
+
+    def restore(self) -> None:
+        self.set(self.limit)
+
+
 class CPUExperts(Experts):
     """PyTorch's packed int4 / int8 CPU matmuls per expert: int4 and int8, symmetric or zero points, act-order,
     every activation, bias and clamp; bfloat16 activations."""
@@ -262,6 +334,10 @@ class CPUExperts(Experts):
             self.groups = {"w13": int4_kernel_group(h, group), "w2": int4_kernel_group(i, group)}
         else:
             self.groups = {"w13": group or h, "w2": group or i}
+        # Multiply-adds per token row of an expert (both GEMMs), and the extra rows' worth the int8 dequantizing
+        # path spends converting weights, for the team size of each expert.
+        self.macs_per_row = 3 * h * i  # w13: 2I x H, w2: H x I
+        self.dequant_rows = DEQUANT_ROWS if self.scheme.bits == 8 and not uses_int8pack(self.scheme) else 0
         self.w13_bias = None if quant.w1_bias is None else quant.w1_bias.to(device, torch.float32)
         self.w2_bias = None if quant.w2_bias is None else quant.w2_bias.to(device, torch.float32)
 
@@ -284,17 +360,21 @@ class CPUExperts(Experts):
         return dequant_matmul(x, weights[name][expert], weights[f"{name}_scales"][expert],
                               None if zeros is None else zeros[expert], self.groups[name])
 
-    def _expert(self, x: torch.Tensor, expert: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One expert on its tokens x [m, H] bf16 -> float32 [m, H] (before the router weights)."""
+    def _expert(self, x: torch.Tensor, expert: int, weights: dict[str, torch.Tensor], router: torch.Tensor,
+                out: torch.Tensor) -> None:
+        """One expert on its tokens x [m, H] bf16: writes its output times the router weights [m, 1] float32
+        into out [m, H] float32."""
         q = self.quant
-        gate_up = self._gemm(x, weights, "w13", expert).float()
+        gate_up = self._gemm(x, weights, "w13", expert)
         if self.w13_bias is not None:
-            gate_up = gate_up + self.w13_bias[expert]
+            gate_up = gate_up.float() + self.w13_bias[expert]
+        # The activation computes in float32 and returns its input's dtype: from bf16 GEMM output straight to
+        # the bf16 intermediate, the same single rounding as converting its float32 result.
         act = apply_activation(gate_up, self.moe.activation, q.gemm1_alpha, q.gemm1_beta, q.gemm1_clamp_limit)
-        down = self._gemm(act.to(COMPUTE_DTYPE), weights, "w2", expert).float()
+        down = self._gemm(act.to(COMPUTE_DTYPE), weights, "w2", expert)
         if self.w2_bias is not None:
-            down = down + self.w2_bias[expert]
-        return down
+            down = down.float() + self.w2_bias[expert]
+        torch.mul(down, router, out=out)  # bf16 * float32 computes in float32
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -304,22 +384,35 @@ class CPUExperts(Experts):
                                     f"{hidden_states.dtype}")
         num_experts = weights["w13"].shape[0]
         top_k = topk_ids.shape[1]
-        flat = topk_ids.reshape(-1).long()
-        pairs = torch.nonzero(flat >= 0).squeeze(1)
-        ids = flat[pairs]
-        if ids.numel() and int(ids.max()) >= num_experts:
-            raise InvalidInputError(f"topk_ids holds expert {int(ids.max())}, but the layer has {num_experts} experts")
-        order = torch.argsort(ids, stable=True)
-        pairs = pairs[order]
-        tokens = pairs // top_k
-        router = topk_weights.reshape(-1)[pairs].float().unsqueeze(1)
-        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-        start = 0
-        for expert, count in enumerate(torch.bincount(ids, minlength=num_experts).tolist()):
-            if count:
-                rows = slice(start, start + count)
-                token = tokens[rows]
-                out.index_add_(0, token, self._expert(hidden_states.index_select(0, token), expert, weights)
-                               * router[rows])
-                start += count
-        return out.to(hidden_states.dtype)
+        threads = IntraOpThreads()
+        try:
+            # Every op here is small at decode sizes: even the routing bookkeeping would otherwise open regions.
+            threads.set(team_size(topk_ids.numel() * hidden_states.shape[1], GLUE_GRAIN, threads.limit))
+            flat = topk_ids.reshape(-1).long()
+            pairs = torch.nonzero(flat >= 0).squeeze(1)
+            ids = flat[pairs]
+            if ids.numel() and int(ids.max()) >= num_experts:
+                raise InvalidInputError(f"topk_ids holds expert {int(ids.max())}, but the layer has {num_experts} "
+                                        "experts")
+            pairs = pairs[torch.argsort(ids, stable=True)]
+            tokens = pairs // top_k
+            with torch.no_grad():
+                # Pairs in expert order: one gather of the inputs, each expert writes its rows of `down`, and one
+                # index_add sums them per token (in expert order, as a per-expert accumulation would).
+                x = hidden_states.index_select(0, tokens)
+                router = topk_weights.reshape(-1)[pairs].float().unsqueeze(1)
+                down = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+                start = 0
+                for expert, count in enumerate(torch.bincount(ids, minlength=num_experts).tolist()):
+                    if count:
+                        rows = slice(start, start + count)
+                        threads.set(team_size((count + self.dequant_rows) * self.macs_per_row, GEMM_GRAIN,
+                                              threads.limit))
+                        self._expert(x[rows], expert, weights, router[rows], down[rows])
+                        start += count
+                threads.set(team_size(down.numel(), GLUE_GRAIN, threads.limit))
+                out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+                out.index_add_(0, tokens, down)
+                return out.to(hidden_states.dtype)
+        finally:
+            threads.restore()

@@ -4,12 +4,16 @@ Monolithic: `flashinfer.fused_moe.trtllm_mxint4_block_scale_moe` takes router lo
 states and does routing, GEMM1 + SwiGLU, GEMM2 and the weighted top-k sum in one kernel, on SM10x only.
 "MxInt4" here means symmetric int4 weights with one bfloat16 scale per 32 input elements (not e8m0 scales).
 
-Not enabled (IMPLEMENTED = False): the converter and `apply_monolithic` are written against FlashInfer
-0.7.2's source (signature of trtllm_mxint4_block_scale_moe, its layout helpers) and everything that runs
-on a CPU is tested, but the kernel has never run: there is no SM100 GPU here (our H100s are sm_90, where
-FlashInfer ships no MxInt4 cubins). The oracle must not choose an unvalidated kernel ahead of validated
-ones, so it reports this one "not implemented in this version" until a B200 run checks it against
-EMULATION; then flip IMPLEMENTED.
+Status: NOT RUN ON HARDWARE BY US. The converter and `apply_monolithic` are written against FlashInfer
+0.7.2's source (signature of trtllm_mxint4_block_scale_moe, its layout helpers) and everything that runs on
+a CPU is tested, but the kernel itself has never run here: there is no SM100 GPU (our H100s are sm_90, where
+FlashInfer ships no MxInt4 cubins). The oracle chooses it on SM10x with flashinfer installed (it says so, with
+this caveat, in `explain`), so it guards itself: the first time a configuration (device, layer spec) is
+built in a process, `self_check` runs the real monolithic call on a few tokens through the layer's own
+weights and compares it with EMULATION run on the same weights (read back through `flashinfer_to_canonical`);
+a relative error above SELF_CHECK_RTOL raises a BackendError naming the error and telling the user to force
+another backend with WNA16MOE_BACKEND. WNA16MoE calls it at construction; `apply_monolithic` calls it first
+if nothing has, so no caller gets unchecked output.
 
 Prepared layout (`prepare_weights`; E experts, H hidden, I = I/tp, Kb = K / 256):
     w13        [E, H/256, 2I, 128] uint8   BlockMajorK bytes of the gate/up projection
@@ -48,11 +52,13 @@ Decisions (see the checks below):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
-from wna16moe.config import Activation, ParallelConfig, RoutingConfig, RoutingMethod
+from wna16moe.config import Activation, MoEQuantConfig, ParallelConfig, RoutingConfig, RoutingMethod
 from wna16moe.device import DeviceInfo, Platform
-from wna16moe.errors import InvalidInputError, UnsupportedError
+from wna16moe.errors import BackendError, InvalidInputError, UnsupportedError
 from wna16moe.experts.base import (
     OK,
     Check,
@@ -63,7 +69,9 @@ from wna16moe.experts.base import (
     fail,
     labels,
 )
+from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
+from wna16moe.routing import route
 from wna16moe.scheme import WeightScheme
 
 NAME = "flashinfer_trtllm"
@@ -104,6 +112,20 @@ ROUTING_METHOD_TYPES: dict[RoutingMethod, int] = {
 }
 # Largest token count FlashInfer's autotuner tunes the kernel's tiles for (vLLM's value).
 TUNE_MAX_NUM_TOKENS = 8192
+# What `explain` adds to this kernel's verdict when it passes every check.
+CAVEAT = ("caveat: never run on SM100 hardware by wna16moe's developers; each configuration is checked against "
+          "EMULATION on a few tokens when its first layer is built, and refuses to run if they disagree")
+# Self-check: tokens compared, the candidate tokens they are drawn from (those whose routing has no near-tie),
+# the logit perturbation a kept token's expert choice must survive, and the largest relative (Frobenius) error
+# accepted. The kernel reads bf16 activations and weights and writes a bf16 intermediate, like the CPU and
+# Triton backends (about 4e-3 against EMULATION); a layout or convention mistake gives errors near 1.
+SELF_CHECK_TOKENS = 4
+SELF_CHECK_CANDIDATES = 64
+SELF_CHECK_MARGIN = 0.05
+SELF_CHECK_RTOL = 3e-2
+SELF_CHECK_SEED = 0
+# (device, layer spec) -> None (passed) or the failure message, for this process.
+_SELF_CHECKS: dict[tuple[str, LayerSpec], str | None] = {}
 
 
 # ----- layout: row permutations ------------------------------------------------------------------------------
@@ -237,34 +259,75 @@ def prepare_flashinfer_weights(experts: QuantizedExperts, device: torch.device) 
     return out
 
 
-def _canonical_projection(blocks: torch.Tensor, scales: torch.Tensor, sources: torch.Tensor) -> QuantizedWeight:
-    e, _, n, _ = blocks.shape
-    codes = torch.empty(e, n, blocks.shape[1] * K_BLOCK, dtype=torch.uint8, device=blocks.device)
-    canonical_scales = torch.empty(scales.shape, dtype=SCALE_DTYPE, device=scales.device)
+def _canonical_projection(blocks: torch.Tensor, scales: torch.Tensor, sources: torch.Tensor,
+                          experts: Sequence[int]) -> QuantizedWeight:
+    _, kb, n, _ = blocks.shape
+    codes = torch.empty(len(experts), n, kb * K_BLOCK, dtype=torch.uint8, device=blocks.device)
+    canonical_scales = torch.empty(len(experts), *scales.shape[1:], dtype=SCALE_DTYPE, device=scales.device)
     sources = sources.to(blocks.device)
-    for expert in range(e):
-        codes[expert, sources] = unpack_signed_nibbles(from_block_major_k(blocks[expert]))
-        canonical_scales[expert, sources] = unswizzle_scales(scales[expert])
+    for out, expert in enumerate(experts):
+        codes[out, sources] = unpack_signed_nibbles(from_block_major_k(blocks[expert]))
+        canonical_scales[out, sources] = unswizzle_scales(scales[expert])
     return QuantizedWeight(WeightScheme(BITS, GROUP_SIZE, scale_dtype=SCALE_DTYPE), codes, canonical_scales)
 
 
-def flashinfer_to_canonical(prepared: dict[str, torch.Tensor]) -> QuantizedExperts:
-    """Inverse of `prepare_flashinfer_weights`: canonical experts (bf16 scales) from the four prepared tensors."""
+def flashinfer_to_canonical(prepared: dict[str, torch.Tensor],
+                            experts: Sequence[int] | None = None) -> QuantizedExperts:
+    """Inverse of `prepare_flashinfer_weights`: canonical experts (bf16 scales) from the four prepared tensors;
+    all of them, or only `experts` (in that order, so a check reads back one expert without the whole layer)."""
     for key in ("w13", "w13_scale", "w2", "w2_scale"):
         if key not in prepared:
             raise InvalidInputError(f"prepared FlashInfer weights lack {key!r}; got {sorted(prepared)}")
-    w13 = _canonical_projection(prepared["w13"], prepared["w13_scale"], gemm1_row_sources(prepared["w13"].shape[2]))
-    w2 = _canonical_projection(prepared["w2"], prepared["w2_scale"], gemm2_row_sources(prepared["w2"].shape[2]))
+    chosen = list(range(prepared["w13"].shape[0])) if experts is None else list(experts)
+    w13 = _canonical_projection(prepared["w13"], prepared["w13_scale"], gemm1_row_sources(prepared["w13"].shape[2]),
+                                chosen)
+    w2 = _canonical_projection(prepared["w2"], prepared["w2_scale"], gemm2_row_sources(prepared["w2"].shape[2]),
+                               chosen)
     return QuantizedExperts(w13, w2)
 
 
+# ----- the self-check -----------------------------------------------------------------------------------------
+
+def kernel_function() -> Callable[..., list[torch.Tensor]]:
+    """FlashInfer's `trtllm_mxint4_block_scale_moe` (imported at first use: flashinfer probes the GPU on import)."""
+    from flashinfer.fused_moe import trtllm_mxint4_block_scale_moe
+
+    return trtllm_mxint4_block_scale_moe
+
+
+def untied_router_logits(routing: RoutingConfig, top_k: int, num_experts: int, correction_bias: torch.Tensor | None,
+                         dtype: torch.dtype, tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """Router logits [tokens, E] (CPU, `dtype`) whose chosen experts stay the same when every logit moves by up to
+    about SELF_CHECK_MARGIN and when the correction bias is rounded to bf16 (as the kernel receives it), so the
+    kernel's routing and `wna16moe.routing` cannot split on a near-tie, which would read as a false alarm.
+
+    Drawn from SELF_CHECK_CANDIDATES random rows; if fewer rows than `tokens` qualify, the first candidates
+    make up the rest (a split then fails the check loudly rather than passing it quietly).
+    """
+    candidates = (torch.randn(SELF_CHECK_CANDIDATES, num_experts, generator=generator) * 2).to(dtype)
+    base = candidates.float()
+    bias = None if correction_bias is None else correction_bias.detach().float().cpu()
+    variants = [(base, bias)] + ([(base, bias.to(torch.bfloat16).float())] if bias is not None else [])
+    for _ in range(2):
+        noise = torch.randn(base.shape, generator=generator) * SELF_CHECK_MARGIN
+        variants += [(base + noise, bias), (base - noise, bias)]
+    chosen = [route(logits, routing, top_k, b)[1].sort(dim=1).values for logits, b in variants]
+    stable = torch.stack([ids == chosen[0] for ids in chosen]).all(dim=0).all(dim=1)
+    rows = torch.cat([stable.nonzero().squeeze(1), (~stable).nonzero().squeeze(1)])[:tokens]
+    return candidates[rows]
+
+
 class FlashInferTrtllmExperts(Experts):
-    """FlashInfer TRT-LLM MxInt4 MoE: int4 g32 symmetric, bf16, SiLU, fused routing (declared only)."""
+    """FlashInfer TRT-LLM MxInt4 MoE: int4 g32 symmetric, bf16, SiLU, fused routing. Never run on hardware by
+    us: it checks itself against EMULATION before its first output (`self_check`, module docstring)."""
 
     NAME = NAME
     MONOLITHIC = True
-    # Written, never run: no SM100 GPU to validate it on (module docstring).
-    IMPLEMENTED = False
+    CAVEAT = CAVEAT
+
+    def __init__(self, spec: LayerSpec, quant: MoEQuantConfig, device: torch.device) -> None:
+        super().__init__(spec, quant, device)
+        self.checked = False  # set by a passing self_check
 
     @classmethod
     def supports_device(cls, device: DeviceInfo) -> Check:
@@ -353,12 +416,17 @@ class FlashInferTrtllmExperts(Experts):
                          weights: dict[str, torch.Tensor], correction_bias: torch.Tensor | None) -> torch.Tensor:
         """hidden_states [T, H] bf16, router_logits [T, E] (bf16; fp32 too with DeepSeekV3), correction_bias [E]
         (DeepSeekV3; passed as bf16, as vLLM does) -> [T, H] bf16: routing, both GEMMs, SwiGLU and the
-        weighted top-k sum (including routed_scaling_factor) in one FlashInfer call."""
-        from flashinfer.fused_moe import trtllm_mxint4_block_scale_moe
+        weighted top-k sum (including routed_scaling_factor) in one FlashInfer call. Runs `self_check` first
+        if nothing has yet."""
+        if not self.checked:
+            self.self_check(weights, correction_bias)
+        return self._call(hidden_states, router_logits, weights, correction_bias)
 
+    def _call(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, weights: dict[str, torch.Tensor],
+              correction_bias: torch.Tensor | None) -> torch.Tensor:
         moe, routing = self.moe, self.moe.routing
         deepseek = routing.method == RoutingMethod.DEEPSEEK_V3
-        outputs = trtllm_mxint4_block_scale_moe(
+        outputs = kernel_function()(
             routing_logits=router_logits,
             routing_bias=None if correction_bias is None else correction_bias.to(torch.bfloat16),
             hidden_states=hidden_states,
@@ -382,3 +450,59 @@ class FlashInferTrtllmExperts(Experts):
             tune_max_num_tokens=TUNE_MAX_NUM_TOKENS,
         )
         return outputs[0]
+
+    def self_check(self, weights: dict[str, torch.Tensor], correction_bias: torch.Tensor | None) -> None:
+        """Compare the kernel with EMULATION on SELF_CHECK_TOKENS tokens through these prepared weights, once per
+        process for each (device, layer spec); raise `BackendError` (then at every later call for that
+        configuration) when the relative error exceeds SELF_CHECK_RTOL.
+
+        The tokens and router logits (chosen free of routing near-ties) come from a private generator, so the
+        caller's random state is untouched. The reference routes with `wna16moe.routing` and runs EMULATION on
+        each chosen expert read back through `flashinfer_to_canonical`, one expert at a time (bounded memory).
+        """
+        key = (str(weights["w13"].device), self.spec)
+        if key not in _SELF_CHECKS:
+            _SELF_CHECKS[key] = self._self_check_failure(weights, correction_bias)
+        failure = _SELF_CHECKS[key]
+        if failure is not None:
+            raise BackendError(failure)
+        self.checked = True
+
+    def _self_check_failure(self, weights: dict[str, torch.Tensor], correction_bias: torch.Tensor | None) -> str | None:
+        """None when the kernel agrees with EMULATION, else the message of the error to raise."""
+        moe = self.moe
+        device = weights["w13"].device
+        generator = torch.Generator().manual_seed(SELF_CHECK_SEED)
+        hidden = torch.randn(SELF_CHECK_TOKENS, moe.hidden_size, generator=generator).to(device, torch.bfloat16)
+        logits = untied_router_logits(moe.routing, moe.top_k, moe.num_experts, correction_bias, self.spec.logits_dtype,
+                                      SELF_CHECK_TOKENS, generator).to(device)
+        with torch.no_grad():
+            out = self._call(hidden, logits, weights, correction_bias).float()
+            want = self._reference(hidden, logits, weights, correction_bias)
+        err = float((out - want).norm() / want.norm().clamp_min(torch.finfo(torch.float32).tiny))
+        if err <= SELF_CHECK_RTOL:  # False for NaN
+            return None
+        return (f"{NAME} (FlashInfer's trtllm_mxint4_block_scale_moe) failed its self-check on {device}: on "
+                f"{SELF_CHECK_TOKENS} tokens through this layer's weights (E={moe.num_experts} top_k={moe.top_k} "
+                f"H={moe.hidden_size} I/tp={self.spec.intermediate_per_shard}, {moe.routing.method.value} routing) "
+                f"its output differs from EMULATION's by a relative error of {err:.3g} (at most {SELF_CHECK_RTOL:g} "
+                "expected). This backend has never been run on hardware by wna16moe's developers, so its weight "
+                "layout or call is likely wrong for this FlashInfer build; its outputs are not used. Force another "
+                "backend with WNA16MOE_BACKEND (e.g. WNA16MOE_BACKEND=marlin or WNA16MOE_BACKEND=triton), and "
+                "please report this error")
+
+    def _reference(self, hidden: torch.Tensor, logits: torch.Tensor, weights: dict[str, torch.Tensor],
+                   correction_bias: torch.Tensor | None) -> torch.Tensor:
+        """float32 [T, H]: `wna16moe.routing` and EMULATION on each routed expert of the prepared weights."""
+        topk_weights, topk_ids = route(logits, self.moe.routing, self.moe.top_k, correction_bias)
+        # Canonical weights read back from the prepared layout carry bf16 scales (what the kernel reads).
+        emulation = EmulationExperts(LayerSpec(self.moe, WeightScheme(BITS, GROUP_SIZE, scale_dtype=SCALE_DTYPE),
+                                               self.spec.parallel), self.quant, hidden.device)
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        for expert in torch.unique(topk_ids).tolist():
+            token, slot = torch.nonzero(topk_ids == expert, as_tuple=True)
+            one = EmulationExperts.prepare_weights(flashinfer_to_canonical(weights, [expert]), hidden.device)
+            local = torch.zeros(token.numel(), 1, dtype=torch.int32, device=hidden.device)
+            out.index_add_(0, token, emulation.apply(hidden[token].float(), topk_weights[token, slot].unsqueeze(1),
+                                                     local, one))
+        return out
