@@ -8,7 +8,8 @@ tokens (data-parallel attention: all-to-all dispatch), without it all ranks shar
 and all-reduce); --batched uses the batched activation format (BATCHED_TRITON).
 
 Timed region: the layer's forward from router logits: routing, prepare (dispatch), experts, finalize
-(combine, all-reduce). Every rank runs the same number of iterations (warm-up, then timed ones between
+(combine, all-reduce); each row also splits it into those stages (CUDA events between them, the slowest
+rank's time per stage). Every rank runs the same number of iterations (warm-up, then timed ones between
 barriers, CUDA events around each forward); reported per M: the median over iterations of the slowest rank's
 time. Before timing, each rank's output for 32 tokens is checked against a single-GPU EMULATION of the whole
 layer. Rank 0 prints the rows and writes them as JSON.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -30,8 +32,10 @@ import torch
 import torch.distributed as dist
 
 from wna16moe.bench import _commit, random_experts
+from wna16moe.config import ActivationFormat
 from wna16moe.distributed import MoEGroups, parallel_config
 from wna16moe.layer import WNA16MoE
+from wna16moe.routing import route
 from wna16moe.scheme import WeightScheme
 from wna16moe.shapes import model_shape
 
@@ -55,6 +59,45 @@ def _timed(forward: Any) -> float:
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         times.append(float(slowest))
     return statistics.median(times)
+
+
+STAGES = ("route", "dispatch", "experts", "combine")
+
+
+def _staged_forward(layer: WNA16MoE, x: torch.Tensor, logits: torch.Tensor) -> list[torch.cuda.Event]:
+    """`layer(x, logits)` (modular kernels) with a CUDA event after each of STAGES (and one before)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(len(STAGES) + 1)]
+    events[0].record()
+    topk_weights, topk_ids = route(logits, layer.config.routing, layer.config.top_k, layer.correction_bias)
+    events[1].record()
+    expert_input = layer.prepare_finalize.prepare(x, topk_weights, topk_ids)
+    events[2].record()
+    weights = layer.prepared_weights()
+    if expert_input.empty:
+        output = torch.zeros_like(expert_input.hidden)
+    elif layer.kernel.ACTIVATION_FORMAT == ActivationFormat.BATCHED:
+        output = layer.kernel.apply_batched(expert_input.hidden, expert_input.num_tokens, weights)
+    else:
+        output = layer.kernel.apply(expert_input.hidden, expert_input.topk_weights, expert_input.topk_ids, weights)
+    events[3].record()
+    layer.prepare_finalize.finalize(output, expert_input)
+    events[4].record()
+    return events
+
+
+def _stage_times(layer: WNA16MoE, x: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Median over ITERATIONS of the slowest rank's time in each stage, microseconds."""
+    for _ in range(WARMUP):
+        _staged_forward(layer, x, logits)
+    samples = []
+    for _ in range(ITERATIONS):
+        dist.barrier()
+        events = _staged_forward(layer, x, logits)
+        torch.cuda.synchronize()
+        stages = torch.tensor([a.elapsed_time(b) * 1e3 for a, b in itertools.pairwise(events)], device="cuda")
+        dist.all_reduce(stages, op=dist.ReduceOp.MAX)
+        samples.append(stages.tolist())
+    return {name: round(statistics.median(s[i] for s in samples), 2) for i, name in enumerate(STAGES)}
 
 
 def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: Any) -> list[dict[str, Any]]:
@@ -90,10 +133,12 @@ def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: An
         x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
         logits = torch.randn(m, cfg.num_experts, device=device)
         us = _timed(lambda x=x, logits=logits: layer(x, logits))
+        stages = _stage_times(layer, x, logits)
         rows.append({"shape": name, "scheme": scheme.name, "backend": layer.backend.value, "tp": args.tp,
                      "ep": args.ep, "dp": parallel.dp_size, "batched": args.batched, "M_per_rank": m,
-                     "us": round(us, 2)})
-        log(f"  M={m:<6} {us:10.1f} us")
+                     "us": round(us, 2), "tokens_per_s": round(m * parallel.dp_size / us * 1e6),
+                     "stages_us": stages})
+        log(f"  M={m:<6} {us:10.1f} us  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     return rows
 
 
