@@ -108,8 +108,11 @@ def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: An
     device = torch.device("cuda")
     torch.manual_seed(0)  # the same layer on every rank
     experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
+    # DeepSeek-style routing adds a per-expert score correction bias (the same on every rank).
+    bias = torch.rand(cfg.num_experts, device=device) * 0.1 if cfg.routing.has_correction_bias else None
     backend = args.backend or ("batched_triton" if args.batched else None)
-    layer = WNA16MoE(experts, cfg, device=device, backend=backend, parallel=parallel, groups=groups)
+    layer = WNA16MoE(experts, cfg, device=device, backend=backend, parallel=parallel, groups=groups,
+                     correction_bias=bias)
     log(f"{name} {scheme.name} tp={args.tp} ep={args.ep} dp={parallel.dp_size} batched={args.batched}: "
         f"{layer.backend.value} ({type(layer.kernel).__name__})")
 
@@ -118,7 +121,7 @@ def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: An
     x = torch.randn(CHECK_TOKENS, cfg.hidden_size, dtype=cfg.dtype, device=device)
     logits = torch.randn(CHECK_TOKENS, cfg.num_experts, device=device)
     out = layer(x, logits).float()
-    reference = WNA16MoE(experts, cfg, device=device, backend="emulation")(x, logits).float()
+    reference = WNA16MoE(experts, cfg, device=device, backend="emulation", correction_bias=bias)(x, logits).float()
     error = float((out - reference).norm() / reference.norm())
     worst = torch.tensor([error], device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
