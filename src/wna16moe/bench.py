@@ -314,12 +314,14 @@ def _quant_config(experts: QuantizedExperts) -> MoEQuantConfig:
 
 
 def _commit() -> str:
-    """The commit measured: git's HEAD, else $WNA16MOE_COMMIT (a copied tree without .git)."""
+    """The commit measured: $WNA16MOE_COMMIT when set (a copied tree whose .git may be stale), else git's HEAD."""
+    if os.environ.get("WNA16MOE_COMMIT"):
+        return os.environ["WNA16MOE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("WNA16MOE_COMMIT", "unknown")
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

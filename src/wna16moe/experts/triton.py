@@ -61,10 +61,11 @@ class TritonConfig:
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
                    hidden_size: int | None = None, intermediate_size: int | None = None,
                    num_sms: int | None = None) -> TritonConfig:
-    """Tiles by expected tokens per expert (from the H100 sweeps in benchmarks/NOTES.md), for layers the
-    shipped table (`wna16moe.tuning`) does not cover: the smallest M block while experts see few rows (decode
-    streams each expert's weights once), larger blocks as the work turns compute-bound. Small groups (32)
-    prefer M blocks above the group size, where the kernel scales weights instead of partial sums.
+    """Tiles by expected tokens per expert, for layers the shipped table (`wna16moe.tuning`) does not cover:
+    the configurations that won most often in the H100 sweep of benchmarks/NOTES.md (v5). The smallest M block
+    while experts see few rows (decode streams each expert's weights once), larger blocks as the work turns
+    compute-bound. Small groups (32) prefer M blocks above the group size, where the kernel scales weights
+    instead of partial sums.
 
     At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
     few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split over up to 8x the SM count.
@@ -78,10 +79,15 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
             split = max(1, min(8 * num_sms // programs, k_tiles // 4))
             split = 1 << (split.bit_length() - 1)  # a power of two
         return TritonConfig(16, 64, 64, split_k2=split, num_warps=4, num_stages=4)
-    if per_expert <= 100 and (group_size is None or group_size >= 64):
-        return TritonConfig(32, 64, 64, num_warps=4, num_stages=4)
+    if group_size is not None and group_size < 64:
+        # Small groups: M blocks of 64 scale the weights once instead of every group's partial sums.
+        if per_expert <= 100:
+            return TritonConfig(16, 64, 64, num_warps=4, num_stages=3)
+        if per_expert <= 1024:
+            return TritonConfig(64, 64, 64, num_warps=4, num_stages=3)
+        return TritonConfig(64, 128, 128, num_warps=8, num_stages=3)
     if per_expert <= 1024:
-        return TritonConfig(64, 64, 64, num_warps=4, num_stages=3)
+        return TritonConfig(32, 128, 128, num_warps=4, num_stages=4)
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
 
 
