@@ -19,7 +19,7 @@ GEMM_SIGNATURE = {
     "out_ptr": "*bf16", "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
     "num_padded_ptr": "*i32", "N": "i32", "KD": "i32", "P": "i32", "num_m_blocks": "i32", "stride_am": "i32",
     "stride_we": "i32", "stride_wk": "i32", "stride_se": "i32", "stride_sg": "i32", "stride_om": "i32",
-    "group_size": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32",
+    "alpha": "fp32", "beta": "fp32", "limit": "fp32",
 }
 PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "cvt.rn.bf16.s32", "cvt.rn.f16.s32",
              "lop3.b32", "prmt.b32")
@@ -32,7 +32,8 @@ def facts(ptx: str) -> dict[str, int]:
 def compile_gemm(case: dict) -> dict[str, int]:
     gated = case["gated"]
     consts = dict(TOP_K=8, GATED=gated, ACT=3 if gated else 0, HAS_LIMIT=gated, BITS=case["bits"],
-                  HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_IN_TILE=case["group_in_tile"],
+                  HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_SIZE=case["group_in_tile"],
+                  GROUP_IN_TILE=case["group_in_tile"],
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"])

@@ -28,14 +28,19 @@ CASES = [
     dict(sm=80, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=64, block_n=64, warps=4,
          mma="mma.sync"),
     # PTX dequantization (kernels/dequant.py), through ptxas: decode int4 bf16, fp16 int8 with zero points,
-    # the single-dot path at BLOCK_M 64 with int8 bf16, and Ampere
+    # int8 bf16 at BLOCK_M 128 (wgmma per slot), and Ampere
     dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
          mma="mma.sync", fast=True),
     dict(sm=90, gated=False, bits=8, zp=True, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
          mma="mma.sync", fast=True, dtype="fp16"),
-    dict(sm=90, gated=True, bits=8, zp=False, perm=False, group_in_tile=128, block_m=64, block_n=64, warps=4,
+    dict(sm=90, gated=True, bits=8, zp=False, perm=False, group_in_tile=128, block_m=128, block_n=128, warps=8,
          mma="wgmma.mma_async", fast=True),
     dict(sm=80, gated=False, bits=4, zp=True, perm=True, group_in_tile=128, block_m=16, block_n=64, warps=4,
+         mma="mma.sync", fast=True, dtype="fp16"),
+    # groups smaller than the tile: weights scaled in the asm (int4 g32 bf16, int8 g64 fp16 with zero points)
+    dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=32, block_m=16, block_n=64, warps=4,
+         mma="mma.sync", fast=True),
+    dict(sm=80, gated=False, bits=8, zp=True, perm=False, group_in_tile=64, block_m=32, block_n=64, warps=4,
          mma="mma.sync", fast=True, dtype="fp16"),
 ]
 

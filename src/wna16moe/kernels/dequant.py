@@ -7,11 +7,15 @@ multiply-add subtracts the power plus the zero point:
     int4, bf16:  0x4300 | q = 128 + q        int4, fp16:  0x6400 | q = 1024 + q
     int8, fp16:  0x6400 | q = 1024 + q       int8, bf16:  0x4B000000 | q = 2^23 + q in float32, minus the
                                                           offset in float32, high half taken (exact: small ints)
-Every result is an exact small integer, so these equal `(q - z).to(dtype)`.
+Every result is an exact small integer, so these equal `(q - z).to(dtype)`. The scaled form then multiplies
+by the scale in the activation dtype (one rounding, as a bf16/fp16 dequantization does): groups smaller than
+the 128-deep tile then need no per-group partial sums.
 
 One asm instance takes two words of the same slot position (`pack=2`: two neighbouring elements of a
-thread) and returns every slot of both as packed pairs, one output tensor per slot. The interpreter cannot
-run PTX: callers use the plain shift-and-convert path there and on other GPUs.
+thread) and returns every slot of both as packed pairs, one output tensor per slot. The tile's slots are
+cut into four quarters of 32 reduction rows (groups are at least 32 deep, so a quarter lies in one group):
+the scaled form takes one offset and one scale per quarter. The interpreter cannot run PTX: callers use the
+plain shift-and-convert path there and on other GPUs.
 """
 
 from __future__ import annotations
@@ -19,57 +23,75 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+QUARTERS = 4
 _ONE = {"bf16": "0x3F803F80", "f16": "0x3C003C00"}
 _MAGIC16 = {"bf16": "0x43004300", "f16": "0x64006400"}
 _LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
 
 
-def dequant_asm(bits: int, dtype: str) -> tuple[str, str]:
-    """PTX and constraints for `dequant_slots`: outputs $0.. one packed pair per slot; inputs the two words and
-    the negative offset pair (one packed register, or two float32 for int8 + bf16)."""
+def dequant_asm(bits: int, dtype: str, scaled: bool) -> tuple[str, str]:
+    """PTX and constraints of `dequant_slots` / `dequant_slots_scaled` for `bits` and `dtype` ("bf16", "f16").
+
+    Outputs $0..: one packed pair per slot. Inputs: the two words; the negative offset (one for the tile, or
+    one per quarter when scaled: a packed pair, or two float32 for int8 + bf16); when scaled, one packed scale
+    pair per quarter.
+    """
     slots = 32 // bits
-    lines = [".reg .b32 lo, hi, t, one, fa, fb, ex;", f"mov.b32 one, {_ONE.get(dtype, _ONE['bf16'])};",
-             "mov.b32 ex, 0x4B000000;"]
+    offsets = QUARTERS if scaled else 1
+    wide_offset = bits == 8 and dtype == "bf16"  # float32 offsets: two registers each
+    regs_per_offset = 2 if wide_offset else 1
+    first_offset = slots + 2
+    first_scale = first_offset + offsets * regs_per_offset
+
+    def offset_reg(slot: int, half: int) -> str:
+        quarter = slot * offsets // slots
+        return f"${first_offset + quarter * regs_per_offset + half}"
+
+    lines = [".reg .b32 lo, hi, t, one, fa, fb, ex, nz;", f"mov.b32 one, {_ONE[dtype]};",
+             "mov.b32 ex, 0x4B000000;", "mov.b32 nz, 0x80008000;"]
     wa, wb = f"${slots}", f"${slots + 1}"
-    if bits == 8 and dtype == "bf16":
-        off_a, off_b = f"${slots + 2}", f"${slots + 3}"
+    if wide_offset:
         for j in range(slots):
             # Byte j of each word under the float32 exponent of 2^23, offset removed in float32 (exact).
             lines += [f"prmt.b32 fa, {wa}, ex, 0x765{j};", f"prmt.b32 fb, {wb}, ex, 0x765{j};",
-                      f"add.f32 fa, fa, {off_a};", f"add.f32 fb, fb, {off_b};",
+                      f"add.f32 fa, fa, {offset_reg(j, 0)};", f"add.f32 fb, fb, {offset_reg(j, 1)};",
                       f"prmt.b32 ${j}, fa, fb, 0x7632;"]
-        inputs = "r,r,r,r"
-    else:
-        off = f"${slots + 2}"
-        magic = _MAGIC16[dtype]
-        if bits == 4:
-            # lo holds the low 16 bits of both words (slots 0-3), hi the high 16 bits (slots 4-7).
-            lines += [f"prmt.b32 lo, {wa}, {wb}, 0x5410;", f"prmt.b32 hi, {wa}, {wb}, 0x7632;"]
-            for j in range(slots):
-                src, shift = ("lo", 4 * j) if j < 4 else ("hi", 4 * (j - 4))
-                if shift:
-                    lines.append(f"shr.u32 t, {src}, {shift};")
-                    src = "t"
-                lines += [f"lop3.b32 ${j}, {src}, 0x000F000F, {magic}, {_LOP_AND_OR};",
-                          f"fma.rn.{dtype}x2 ${j}, ${j}, one, {off};"]
-        else:  # int8, fp16: byte j of both words into the two halves
-            for j in range(slots):
-                lines += [f"prmt.b32 t, {wa}, {wb}, 0x{4 + j}{4 + j}{j}{j};",
-                          f"lop3.b32 ${j}, t, 0x00FF00FF, {magic}, {_LOP_AND_OR};",
-                          f"fma.rn.{dtype}x2 ${j}, ${j}, one, {off};"]
-        inputs = "r,r,r"
-    return "{\n" + "\n".join(lines) + "\n}", ",".join(["=r"] * slots) + "," + inputs
+    elif bits == 4:
+        # lo holds the low 16 bits of both words (slots 0-3), hi the high 16 bits (slots 4-7).
+        lines += [f"prmt.b32 lo, {wa}, {wb}, 0x5410;", f"prmt.b32 hi, {wa}, {wb}, 0x7632;"]
+        for j in range(slots):
+            src, shift = ("lo", 4 * j) if j < 4 else ("hi", 4 * (j - 4))
+            if shift:
+                lines.append(f"shr.u32 t, {src}, {shift};")
+                src = "t"
+            lines += [f"lop3.b32 ${j}, {src}, 0x000F000F, {_MAGIC16[dtype]}, {_LOP_AND_OR};",
+                      f"fma.rn.{dtype}x2 ${j}, ${j}, one, {offset_reg(j, 0)};"]
+    else:  # int8, fp16: byte j of both words into the two halves
+        for j in range(slots):
+            lines += [f"prmt.b32 t, {wa}, {wb}, 0x{4 + j}{4 + j}{j}{j};",
+                      f"lop3.b32 ${j}, t, 0x00FF00FF, {_MAGIC16[dtype]}, {_LOP_AND_OR};",
+                      f"fma.rn.{dtype}x2 ${j}, ${j}, one, {offset_reg(j, 0)};"]
+    if scaled:
+        # fma with -0.0 is the multiply sm_80 has for bf16x2 (mul.bf16x2 needs sm_90).
+        lines += [f"fma.rn.{dtype}x2 ${j}, ${j}, ${first_scale + j * QUARTERS // slots}, nz;" for j in range(slots)]
+    inputs = ["r"] * (2 + offsets * regs_per_offset + (QUARTERS if scaled else 0))
+    return "{\n" + "\n".join(lines) + "\n}", ",".join(["=r"] * slots + inputs)
 
 
-_ASM_BITS_DTYPE = {(bits, dtype): dequant_asm(bits, dtype) for bits in (4, 8) for dtype in ("bf16", "f16")}
-# Kernels read module globals only as constexprs: one per variant.
-_I4_BF16 = tl.constexpr(_ASM_BITS_DTYPE[4, "bf16"][0])
-_I4_F16 = tl.constexpr(_ASM_BITS_DTYPE[4, "f16"][0])
-_I8_BF16 = tl.constexpr(_ASM_BITS_DTYPE[8, "bf16"][0])
-_I8_F16 = tl.constexpr(_ASM_BITS_DTYPE[8, "f16"][0])
-_C4 = tl.constexpr(_ASM_BITS_DTYPE[4, "bf16"][1])
-_C8_BF16 = tl.constexpr(_ASM_BITS_DTYPE[8, "bf16"][1])
-_C8_F16 = tl.constexpr(_ASM_BITS_DTYPE[8, "f16"][1])
+def _variants(scaled: bool) -> dict[tuple[int, str], tuple[str, str]]:
+    return {(bits, dtype): dequant_asm(bits, dtype, scaled) for bits in (4, 8) for dtype in ("bf16", "f16")}
+
+
+_PLAIN, _SCALED = _variants(False), _variants(True)
+# Kernels read module globals only as constexprs: one per variant (asm text, constraints).
+_I4_BF16, _I4_BF16_C = tl.constexpr(_PLAIN[4, "bf16"][0]), tl.constexpr(_PLAIN[4, "bf16"][1])
+_I4_F16, _I4_F16_C = tl.constexpr(_PLAIN[4, "f16"][0]), tl.constexpr(_PLAIN[4, "f16"][1])
+_I8_BF16, _I8_BF16_C = tl.constexpr(_PLAIN[8, "bf16"][0]), tl.constexpr(_PLAIN[8, "bf16"][1])
+_I8_F16, _I8_F16_C = tl.constexpr(_PLAIN[8, "f16"][0]), tl.constexpr(_PLAIN[8, "f16"][1])
+_S4_BF16, _S4_BF16_C = tl.constexpr(_SCALED[4, "bf16"][0]), tl.constexpr(_SCALED[4, "bf16"][1])
+_S4_F16, _S4_F16_C = tl.constexpr(_SCALED[4, "f16"][0]), tl.constexpr(_SCALED[4, "f16"][1])
+_S8_BF16, _S8_BF16_C = tl.constexpr(_SCALED[8, "bf16"][0]), tl.constexpr(_SCALED[8, "bf16"][1])
+_S8_F16, _S8_F16_C = tl.constexpr(_SCALED[8, "f16"][0]), tl.constexpr(_SCALED[8, "f16"][1])
 _BF16X8 = tl.constexpr((tl.bfloat16,) * 8)
 _F16X8 = tl.constexpr((tl.float16,) * 8)
 _BF16X4 = tl.constexpr((tl.bfloat16,) * 4)
@@ -79,9 +101,9 @@ _F16X4 = tl.constexpr((tl.float16,) * 4)
 @triton.jit
 def dequant_offset(z, BITS: tl.constexpr, DTYPE: tl.constexpr):
     """The negative offset the asm adds: -(magic + z), in the dtype its subtraction runs in."""
-    if BITS == 8 and tl.bfloat16 == DTYPE:
+    if BITS == 8 and DTYPE == tl.bfloat16:
         offset = -(8388608.0 + z.to(tl.float32))
-    elif tl.bfloat16 == DTYPE:
+    elif DTYPE == tl.bfloat16:
         offset = -(128.0 + z.to(tl.float32)).to(tl.bfloat16)
     else:
         offset = -(1024.0 + z.to(tl.float32)).to(tl.float16)
@@ -94,14 +116,33 @@ def dequant_slots(words, offset, BITS: tl.constexpr, DTYPE: tl.constexpr):
 
     `offset` comes from `dequant_offset`, broadcastable to `words`.
     """
-    offset = tl.broadcast_to(offset, words.shape)
+    args = [words, tl.broadcast_to(offset, words.shape)]
     if BITS == 4:
-        if tl.bfloat16 == DTYPE:
-            slots = tl.inline_asm_elementwise(_I4_BF16, _C4, [words, offset], _BF16X8, True, 2)
+        if DTYPE == tl.bfloat16:
+            slots = tl.inline_asm_elementwise(_I4_BF16, _I4_BF16_C, args, _BF16X8, True, 2)
         else:
-            slots = tl.inline_asm_elementwise(_I4_F16, _C4, [words, offset], _F16X8, True, 2)
-    elif tl.bfloat16 == DTYPE:
-        slots = tl.inline_asm_elementwise(_I8_BF16, _C8_BF16, [words, offset], _BF16X4, True, 2)
+            slots = tl.inline_asm_elementwise(_I4_F16, _I4_F16_C, args, _F16X8, True, 2)
+    elif DTYPE == tl.bfloat16:
+        slots = tl.inline_asm_elementwise(_I8_BF16, _I8_BF16_C, args, _BF16X4, True, 2)
     else:
-        slots = tl.inline_asm_elementwise(_I8_F16, _C8_F16, [words, offset], _F16X4, True, 2)
+        slots = tl.inline_asm_elementwise(_I8_F16, _I8_F16_C, args, _F16X4, True, 2)
+    return slots
+
+
+@triton.jit
+def dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Every slot of `words` as DTYPE: (q_j - z) * s, rounded once; o_i / s_i: the offset (`dequant_offset`)
+    and the scale (DTYPE) of quarter i of the tile, each broadcastable to `words`."""
+    args = [words, tl.broadcast_to(o0, words.shape), tl.broadcast_to(o1, words.shape),
+            tl.broadcast_to(o2, words.shape), tl.broadcast_to(o3, words.shape), tl.broadcast_to(s0, words.shape),
+            tl.broadcast_to(s1, words.shape), tl.broadcast_to(s2, words.shape), tl.broadcast_to(s3, words.shape)]
+    if BITS == 4:
+        if DTYPE == tl.bfloat16:
+            slots = tl.inline_asm_elementwise(_S4_BF16, _S4_BF16_C, args, _BF16X8, True, 2)
+        else:
+            slots = tl.inline_asm_elementwise(_S4_F16, _S4_F16_C, args, _F16X8, True, 2)
+    elif DTYPE == tl.bfloat16:
+        slots = tl.inline_asm_elementwise(_S8_BF16, _S8_BF16_C, args, _BF16X4, True, 2)
+    else:
+        slots = tl.inline_asm_elementwise(_S8_F16, _S8_F16_C, args, _F16X4, True, 2)
     return slots

@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from wna16moe.kernels.dequant import dequant_offset, dequant_slots
+from wna16moe.kernels.dequant import QUARTERS, dequant_offset, dequant_slots, dequant_slots_scaled
 from wna16moe.kernels.layout import TILE_K
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = 0, 1, 2, 3
 # Kernels may read module globals only when they are constexpr objects.
 _TILE_K = tl.constexpr(TILE_K)
+_QUARTERS = tl.constexpr(QUARTERS)
 
 
 @triton.jit
@@ -61,16 +62,18 @@ def _load_a(a_row_ptrs, row_mask, perm_ptr, offs, k_mask, HAS_PERM: tl.constexpr
 
 
 @triton.jit
-def _stack_slots(slots, PACK: tl.constexpr):
-    """The slots [R, BLOCK_N] of a tile stacked in K order into [PACK * R, BLOCK_N] (slot-major)."""
-    if PACK == 8:
-        x = tl.join(tl.join(tl.join(slots[0], slots[1]), tl.join(slots[2], slots[3])),
-                    tl.join(tl.join(slots[4], slots[5]), tl.join(slots[6], slots[7])))  # [R, N, c, b, a]: 4a+2b+c
-        x = tl.permute(x, (4, 3, 2, 0, 1))
+def _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride_sg, BITS: tl.constexpr,
+                          HAS_ZP: tl.constexpr, DTYPE: tl.constexpr):
+    """The `dequant_slots_scaled` operands of the tile quarter starting at reduction row `row`: its group's
+    negative offset and scale in DTYPE, [1, BLOCK_N] (zero scale past KD)."""
+    group = row // group_size
+    mask = n_mask & (row < k_end)
+    scale = tl.load(s_ptrs + group * stride_sg, mask=mask, other=0.0).to(DTYPE)
+    if HAS_ZP:
+        z = tl.load(z_ptrs + group * stride_sg, mask=mask, other=0).to(tl.int32)
     else:
-        x = tl.join(tl.join(slots[0], slots[1]), tl.join(slots[2], slots[3]))  # [R, N, c, b]: slot 2b + c
-        x = tl.permute(x, (3, 2, 0, 1))
-    return tl.reshape(x, (PACK * slots[0].shape[0], slots[0].shape[1]))
+        z = tl.full(scale.shape, 1 << (BITS - 1), tl.int32)
+    return dequant_offset(z, BITS, DTYPE)[None, :], scale[None, :]
 
 
 @triton.jit
@@ -79,27 +82,19 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
               GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, FAST_DEQUANT: tl.constexpr):
     """acc + a[:, tile] @ dequant(words) for one _TILE_K tile.
 
-    One scale per column over the tile (a group of _TILE_K or more), or SCALE_WEIGHTS: all slots are unpacked
-    into one [_TILE_K, BLOCK_N] operand (slot-major order is the natural K order of the tile) and a single dot
-    covers the tile. Otherwise (groups smaller than the tile, small BLOCK_M) each group's slots get their own
-    dots and the scale multiplies the group's [BLOCK_M, BLOCK_N] partial sum.
-
-    FAST_DEQUANT: integer weights come from `dequant_slots` (PTX exponent tricks) where one zero point covers
-    the tile (symmetric weights, or a group of a whole tile); the shift-and-convert path otherwise.
+    SCALE_WEIGHTS (and BLOCK_M 64 with a group of a whole tile): all slots are unpacked into one
+    [_TILE_K, BLOCK_N] operand (slot-major order is the natural K order of the tile) and a single dot covers
+    the tile. Otherwise each slot is its own dot of depth R:
+      - FAST_DEQUANT (NVIDIA): slots from `kernels/dequant.py`; with one group per tile, integer weights and
+        the scale multiplies the tile's sum; with smaller groups, weights scaled in the asm, so every slot
+        accumulates straight into acc.
+      - plain: shift, mask, subtract the zero point, convert; each group's slots summed, then scaled.
     """
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
     DTYPE: tl.constexpr = a_row_ptrs.dtype.element_ty
-    USE_ASM: tl.constexpr = FAST_DEQUANT and not SCALE_WEIGHTS and (not HAS_ZP or GROUP_IN_TILE == _TILE_K)
-    if USE_ASM:
-        if HAS_ZP:
-            z_tile = tl.load(z_ptrs + (k // group_size) * stride_sg, mask=n_mask & (k < k_end), other=0)
-            offset = dequant_offset(z_tile, BITS, DTYPE)[None, :]
-        else:
-            offset = dequant_offset(tl.full([1, words.shape[1]], 1 << (BITS - 1), tl.int32), BITS, DTYPE)
-        slots = dequant_slots(words, offset, BITS, DTYPE)
-    # One dot per tile pays off at BLOCK_M 64 (wgmma); per-slot dots are faster with mma.sync (BLOCK_M 16, decode)
-    # and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
+    # One dot per tile pays off at BLOCK_M 64 (wgmma) in the plain path; per-slot dots are faster with mma.sync
+    # (BLOCK_M 16, decode) and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
     if SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64):
         offs = k + tl.arange(0, _TILE_K)
         k_mask = offs < k_end
@@ -122,33 +117,55 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
             w = tl.reshape((q - z).to(tl.float32) * s[:, None, :], (_TILE_K, BLOCK_N)).to(a.dtype)
             acc = tl.dot(a, w, acc)
         else:  # a single group: scale the tile's sum
-            if USE_ASM:
-                w = _stack_slots(slots, PACK)
-            else:
-                w = tl.reshape(q - z, (_TILE_K, BLOCK_N)).to(a.dtype)
+            w = tl.reshape(q - z, (_TILE_K, BLOCK_N)).to(a.dtype)
             acc += tl.dot(a, w) * tl.reshape(s, (BLOCK_N,))[None, :]
-        return acc
-    SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R
-    for g in tl.static_range(_TILE_K // GROUP_IN_TILE):
-        group_start = k + g * GROUP_IN_TILE
-        group = group_start // group_size
-        # A group past the end of KD (last, partial tile) has no scale row to read.
-        g_mask = n_mask & (group_start < k_end)
-        s = tl.load(s_ptrs + group * stride_sg, mask=g_mask, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            z = tl.load(z_ptrs + group * stride_sg, mask=g_mask, other=0).to(tl.int32)[None, :]
-        else:
-            z = 1 << (BITS - 1)
-        partial = tl.zeros(acc.shape, dtype=tl.float32)
-        for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
+    elif FAST_DEQUANT and GROUP_IN_TILE < _TILE_K:
+        QUARTER: tl.constexpr = _TILE_K // _QUARTERS
+        o0, s0 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, BITS, HAS_ZP, DTYPE)
+        o1, s1 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + QUARTER, k_end, group_size, stride_sg, BITS,
+                                       HAS_ZP, DTYPE)
+        o2, s2 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + 2 * QUARTER, k_end, group_size, stride_sg, BITS,
+                                       HAS_ZP, DTYPE)
+        o3, s3 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + 3 * QUARTER, k_end, group_size, stride_sg, BITS,
+                                       HAS_ZP, DTYPE)
+        slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, DTYPE)
+        for j in tl.static_range(PACK):
             offs = k + j * R + tl.arange(0, R)
             a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
-            if USE_ASM:
-                w = slots[j]
-            else:
-                w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
-            partial = tl.dot(a, w, partial)
+            acc = tl.dot(a, slots[j], acc)
+    elif FAST_DEQUANT:  # one group covers the tile
+        mask = n_mask & (k < k_end)
+        s = tl.load(s_ptrs + (k // group_size) * stride_sg, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZP:
+            z = tl.load(z_ptrs + (k // group_size) * stride_sg, mask=mask, other=0).to(tl.int32)
+        else:
+            z = tl.full(s.shape, 1 << (BITS - 1), tl.int32)
+        slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE)
+        partial = tl.zeros(acc.shape, dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            offs = k + j * R + tl.arange(0, R)
+            a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
+            partial = tl.dot(a, slots[j], partial)
         acc += partial * s[None, :]
+    else:
+        SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R
+        for g in tl.static_range(_TILE_K // GROUP_IN_TILE):
+            group_start = k + g * GROUP_IN_TILE
+            group = group_start // group_size
+            # A group past the end of KD (last, partial tile) has no scale row to read.
+            g_mask = n_mask & (group_start < k_end)
+            s = tl.load(s_ptrs + group * stride_sg, mask=g_mask, other=0.0).to(tl.float32)
+            if HAS_ZP:
+                z = tl.load(z_ptrs + group * stride_sg, mask=g_mask, other=0).to(tl.int32)[None, :]
+            else:
+                z = 1 << (BITS - 1)
+            partial = tl.zeros(acc.shape, dtype=tl.float32)
+            for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
+                offs = k + j * R + tl.arange(0, R)
+                a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
+                w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
+                partial = tl.dot(a, w, partial)
+            acc += partial * s[None, :]
     return acc
 
 
@@ -175,7 +192,6 @@ def _moe_gemm_kernel(
     stride_se,
     stride_sg,
     stride_om,
-    group_size,
     alpha,
     beta,
     limit,
@@ -187,6 +203,7 @@ def _moe_gemm_kernel(
     HAS_ZP: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
     GROUP_IN_TILE: tl.constexpr,
     SCALE_WEIGHTS: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -227,12 +244,12 @@ def _moe_gemm_kernel(
     for k in range(k_begin, k_end, _TILE_K):
         tile_ptrs = w_ptrs + (k // PACK) * stride_wk
         words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
-        acc = _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
+        acc = _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, GROUP_SIZE,
                         stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT)
         if GATED:
             words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
             acc_up = _tile_dot(acc_up, words_up, a_row_ptrs, row_mask, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask, k,
-                               k_end, group_size, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS,
+                               k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS,
                                FAST_DEQUANT)
 
     out_mask = row_mask[:, None] & n_mask[None, :]
@@ -321,9 +338,10 @@ def moe_gemm(
         sorted_ids, expert_ids, num_padded,
         n, kd, num_pairs, num_m_blocks,
         a.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
-        group_size, alpha, beta, 0.0 if limit is None else limit,
+        alpha, beta, 0.0 if limit is None else limit,
         TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
-        HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_IN_TILE=min(group_size, TILE_K),
+        HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
+        GROUP_IN_TILE=min(group_size, TILE_K),
         # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
         SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
         SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
