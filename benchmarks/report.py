@@ -3,8 +3,8 @@
     python benchmarks/report.py benchmarks/results/H100-2026-11-28.json --plot benchmarks/H100-2026-11-28.png
 
 Per row: the best of eager and CUDA-graph time, % of the measured copy bandwidth and matmul rate, and
-xFloor = time / max(bytes / copy rate, FLOPs / matmul rate). Peers measured in the same run (bf16 torch
-grouped GEMM) give the same-run ratio; `--reference` adds vLLM's Marlin and Triton MoE from
+xFloor = time / max(bytes / copy rate, FLOPs / matmul rate). Peers measured in the same run (MARLIN, bf16
+torch grouped GEMM) give same-run ratios (peer time / ours); `--reference` adds vLLM's Triton MoE from
 shared/reference/measured_h100_peers.md (a separate run on another H100, labelled as such).
 """
 
@@ -42,32 +42,33 @@ def read_reference(path: Path) -> dict[tuple[str, str, int], float]:
     return out
 
 
+SAME_RUN_PEERS = ("marlin", "bf16")
+
+
 def markdown(result: dict, backend: str, reference: dict | None) -> str:
     ceilings = result["ceilings"]
     rows = [r for r in result["rows"] if r["backend"] == backend]
-    peers = {(r["shape"], r["M"]): r for r in result["rows"] if r["backend"] == "bf16"}
+    peers = {(r["backend"], r["shape"], r["M"]): r for r in result["rows"] if r["backend"] in SAME_RUN_PEERS}
+    present = [p for p in SAME_RUN_PEERS if any(key[0] == p for key in peers)]
     lines = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         lines += [f"### {shape}", ""]
-        head = "| M | experts | µs (eager) | µs (graph) | %BW | TFLOP/s | %MM | xFloor | bf16 µs | vs bf16 |"
-        sep = "|---|---|---|---|---|---|---|---|---|---|"
+        head = "| M | experts | µs (eager) | µs (graph) | %BW | TFLOP/s | %MM | xFloor |"
+        head += "".join(f" {p} µs | vs {p} |" for p in present)
         if reference is not None:
-            head += " vs vLLM-Triton (ref) | vs Marlin (ref) |"
-            sep += "---|---|"
-        lines += [head, sep]
+            head += " vs vLLM-Triton (ref) |"
+        lines += [head, "|" + "---|" * head.count(" |")]
         for r in (r for r in rows if r["shape"] == shape):
             t = best_us(r)
-            peer = peers.get((shape, r["M"]))
             graph = "-" if r["us_graph"] is None else f"{r['us_graph']:.1f}"
             cells = [str(r["M"]), str(r["experts_touched"]), f"{r['us_eager']:.1f}", graph, f"{r['pct_bw']:.1f}",
-                     f"{r['tflops']:.1f}", f"{r['pct_mm']:.1f}", f"{t / floor_us(r, ceilings):.2f}",
-                     "-" if peer is None else f"{best_us(peer):.1f}",
-                     "-" if peer is None else f"{best_us(peer) / t:.2f}x"]
+                     f"{r['tflops']:.1f}", f"{r['pct_mm']:.1f}", f"{t / floor_us(r, ceilings):.2f}"]
+            for p in present:
+                peer = peers.get((p, shape, r["M"]))
+                cells += ["-", "-"] if peer is None else [f"{best_us(peer):.1f}", f"{best_us(peer) / t:.2f}x"]
             if reference is not None:
-                key = SHAPE_NAMES.get(shape, shape)
-                for peer_name in ("vllm-triton", "marlin"):
-                    ref = reference.get((peer_name, key, r["M"]))
-                    cells.append("-" if ref is None else f"{ref / t:.2f}x")
+                ref = reference.get(("vllm-triton", SHAPE_NAMES.get(shape, shape), r["M"]))
+                cells.append("-" if ref is None else f"{ref / t:.2f}x")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -112,7 +113,7 @@ def main() -> None:
     reference = read_reference(args.reference) if args.reference else None
     print(markdown(result, args.backend, reference))
     if args.plot:
-        plot(result, [args.backend, "bf16"], args.plot)
+        plot(result, [args.backend, *SAME_RUN_PEERS], args.plot)
 
 
 if __name__ == "__main__":
