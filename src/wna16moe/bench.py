@@ -10,14 +10,14 @@ Ceilings are measured in the same run: device-to-device copy bandwidth (bytes re
 matmul rate at 8192^3. Per (backend, shape, M): bytes that must be read = distinct experts touched x bytes per
 expert (packed weights + scales + zero points); FLOPs = 2 * M * k * 3 * H * I.
 
-Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, torch._grouped_mm twice, SiLU-
-and-mul, weighted sum), `emulation` (M <= 8), the TRITON backend with its default configuration plus a small
-sweep of alternatives (`triton-best`: the fastest eager configuration, or at M <= 32 the fastest CUDA-graph
-replay of the three fastest eager ones; `python -m wna16moe.tuning` ships them), and `marlin` (vLLM's Marlin
-MoE op over our repack) when a Marlin op provider is found and MARLIN's checks pass (its warm-up, which JIT-
-compiles on Hopper, runs before any timing). Before timing, outputs are checked against a float32 dequantized
-reference: TRITON's at every M with the configuration that is timed (a wrong result stops the run), MARLIN's
-once per shape (a wrong result drops that peer with the error logged).
+Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, torch._grouped_mm twice,
+SiLU-and-mul, weighted sum), `emulation` (M <= 8), the TRITON backend with its default configuration plus a
+small sweep of alternatives (`triton-best`: the fastest eager configuration, or at M <= 32 the fastest
+CUDA-graph replay of the three fastest eager ones; `python -m wna16moe.tuning` ships them), and `marlin`
+(vLLM's Marlin MoE op over our repack) when a Marlin op provider is found and MARLIN's checks pass (its
+warm-up, which JIT-compiles on Hopper, runs before any timing). Before timing, outputs are checked against a
+float32 dequantized reference: TRITON's at every M with the configuration that is timed (a wrong result stops
+the run), MARLIN's once per shape (a wrong result drops that peer with the error logged).
 """
 
 from __future__ import annotations
