@@ -125,11 +125,12 @@ def test_explain_batched(capsys: pytest.CaptureFixture[str]) -> None:
     rows = table_rows(out)
     assert rows["marlin", "MarlinExperts"][1].endswith(
         "format: needs the standard activation format, the layer uses batched")
-    assert rows["batched_marlin", "BatchedMarlinExperts"] == ("rejected", "implemented: not implemented in this "
-                                                                          "version")
-    # EMULATION runs the standard format only; until a batched kernel exists nothing is chosen.
-    if not any(verdict == "chosen" for verdict, _ in rows.values()):
-        assert code == 1 and "no kernel chosen" in out
+    verdict, reason = rows["batched_marlin", "BatchedMarlinExperts"]
+    assert verdict == "chosen" and reason.startswith("first in priority order whose checks all pass; caveat: not yet "
+                                                     "run on a GPU")
+    assert rows["emulation", "EmulationExperts"][1] == ("format: needs the standard activation format, the layer "
+                                                        "uses batched")
+    assert code == 0 and out.rstrip().endswith("chosen: batched_marlin (BatchedMarlinExperts)")
 
 
 def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:

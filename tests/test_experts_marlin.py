@@ -1,13 +1,16 @@
-"""MARLIN backend: provider discovery, capability checks and the oracle's decisions (CPU), and the kernel
-against EMULATION (GPU, marker gpu).
+"""MARLIN and BATCHED_MARLIN: provider discovery, capability checks and the oracle's decisions (CPU), the
+forward's glue against EMULATION through a CPU stand-in for the op, and the kernel against EMULATION (GPU,
+marker gpu).
 
 CPU: simulated devices (`DeviceInfo.named`) and a machine without a provider; the layout converters have
-their own file, tests/test_marlin_layout.py.
+their own file, tests/test_marlin_layout.py. The glue tests run `marlin_moe_forward` and
+`BatchedMarlinExperts.apply_batched` with `reference_marlin_gemm` in place of the op.
 
 GPU (marker gpu; skipped without CUDA or without a Marlin op provider): MARLIN against EMULATION for int4
 symmetric g32 / g128 / channel-wise, int4 zero-point g128 and int8 g128, at M = 1 ... 8192 in bf16 and fp16,
 with CUDA-graph capture and replay (M = 1 included), every block size, biases and activations, and real
-checkpoints through the layer; relative Frobenius error below 1e-2.
+checkpoints through the layer; BATCHED_MARLIN on uneven per-expert token counts (empty and full experts, NaN
+padding rows), with biases, and a single-rank batched layer; relative Frobenius error below 1e-2.
 
 How to get the provider for a GPU run (vLLM's Marlin MoE op library; never committed, never a dependency):
 
@@ -39,11 +42,11 @@ import torch
 from triton_env import DEVICE, HAS_CUDA
 
 from wna16moe import Activation, MoEConfig, ParallelConfig, QuantizedExperts, WeightScheme, open_checkpoint
-from wna16moe.config import ActivationFormat, make_wna16_moe_quant_config
+from wna16moe.config import ActivationFormat, MoEQuantConfig, make_wna16_moe_quant_config
 from wna16moe.device import MARLIN_LIBRARY_ENV, DeviceInfo, Platform, find_marlin_library
 from wna16moe.errors import BackendError, InvalidInputError
 from wna16moe.experts import marlin
-from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.base import Experts, LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.marlin import (
     NO_PROVIDER,
@@ -158,10 +161,37 @@ def test_provider_without_triton() -> None:
                                 "kernel)"}
 
 
-def test_batched_marlin_stays_declared() -> None:
-    layer = _spec("mixtral", "int4_g128_sym", batched=True, ep=2)
-    failures = dict(BatchedMarlinExperts.failures(layer, DeviceInfo.named("h100")))
-    assert failures == {"implemented": "not implemented in this version"}  # EP itself is fine in this format
+def test_batched_marlin_is_chosen_for_the_batched_format() -> None:
+    # Implemented now: every check passes under EP in this format (local experts only, no expert map), on
+    # sm_80+ with the provider; BATCHED_MARLIN precedes BATCHED_TRITON in PRIORITY.
+    for shape, scheme, ep in (("mixtral", "int4_g128_sym", 2), ("qwen3-30b-a3b", "int4_g64_zp", 4),
+                              ("deepseek-v3", "int8_g128_sym", 8)):
+        layer = _spec(shape, scheme, batched=True, ep=ep)
+        for device in ("h100", "a100", "h200"):
+            assert BatchedMarlinExperts.failures(layer, DeviceInfo.named(device)) == [], (shape, device)
+            report = explain(layer, device=DeviceInfo.named(device))
+            assert report.chosen is not None and report.chosen.backend == Backend.BATCHED_MARLIN, report.table()
+            assert report.chosen.reason.endswith(BatchedMarlinExperts.CAVEAT)
+            assert select_backend(layer, device=DeviceInfo.named(device)).kernel is BatchedMarlinExperts
+    assert BatchedMarlinExperts.ACTIVATION_FORMAT == ActivationFormat.BATCHED
+    # every activation MARLIN takes: the activation runs in torch on the flattened rows, no masking needed
+    gelu = _spec("mixtral", "int4_g128_sym", batched=True, activation=Activation.GELU)
+    assert select_backend(gelu, device=DeviceInfo.named("h100")).backend == Backend.BATCHED_MARLIN
+
+
+@pytest.mark.parametrize(("device", "layer", "expected"), [
+    ("h100-bare", _spec("mixtral", "int4_g128_sym", batched=True, ep=2), {"device": NO_PROVIDER}),
+    ("mi300x", _spec("mixtral", "int4_g128_sym", batched=True), {"device": "Marlin has no ROCm, XPU or CPU build"}),
+    ("t4", _spec("mixtral", "int4_g128_sym", batched=True), {"device": "bfloat16 activations need sm_80+"}),
+    ("h100", _spec("mixtral", "int4_g128_sym"), {"format": "needs the batched activation format, the layer uses "
+                                                           "standard"}),
+    ("h100", _spec(TINY, "int4_g32_sym_actorder", batched=True), {"scheme": "act-order (g_idx) is not supported"}),
+])
+def test_batched_marlin_is_rejected_with_reasons(device: str, layer: LayerSpec, expected: dict[str, str]) -> None:
+    failed = dict(BatchedMarlinExperts.failures(layer, DeviceInfo.named(device)))
+    assert set(failed) == set(expected), failed
+    for check, text in expected.items():
+        assert text in failed[check], (check, failed[check])
 
 
 @pytest.mark.parametrize(("tokens", "top_k", "experts", "block"), [
@@ -325,6 +355,123 @@ def test_forward_rejects_a_block_size_the_op_does_not_take() -> None:
                            _quant(experts), None, None)
 
 
+def test_forward_glue_skips_left_out_pairs() -> None:
+    # skip_negative: -1 pairs (left out by the alignment, as under an expert map) add exactly 0, biases included;
+    # a token with no pair left gets 0. EMULATION skips -1 pairs too.
+    e, h, i, t, k = 4, 128, 64, 7, 3
+    experts = _tiny_experts("int4_g64_zp", e, h, i)
+    biases = dict(w1_bias=torch.randn(e, 2 * i), w2_bias=torch.randn(e, h))
+    quant = _quant(experts, **biases)
+    spec = LayerSpec(MoEConfig(e, k, h, i, dtype=FP16), experts.scheme, has_bias=True)
+    x = torch.randn(t, h, dtype=FP16)
+    tw, ids = softmax_topk(torch.randn(t, e), k, renormalize=True)
+    ids[torch.rand(t, k) < 0.4] = -1
+    ids[2] = -1
+    ref = EmulationExperts(spec, quant, torch.device("cpu")).apply(x, tw, ids,
+                                                                   EmulationExperts.prepare_weights(experts, "cpu"))
+    out = marlin_moe_forward(reference_marlin_gemm, torch.zeros(4, dtype=torch.int32),
+                             scalar_type_id(weight_type(experts.scheme)), x, tw, ids,
+                             MarlinExperts.prepare_weights(experts, torch.device("cpu")), 8, Activation.SILU, quant,
+                             padded_w13_bias(biases["w1_bias"], experts.scheme.group_size), biases["w2_bias"],
+                             skip_negative=True)
+    assert torch.equal(out[2], torch.zeros(h, dtype=FP16))
+    assert _rel(out, ref) < 1e-2
+
+
+def _cpu_kernel(cls: type[MarlinExperts], spec: LayerSpec, quant: MoEQuantConfig) -> MarlinExperts:
+    """`cls` built on the CPU around the stand-in op: the attributes `MarlinExperts.__init__` sets, without
+    CUDA, a provider or the warm-up (the base __init__ still refuses a declared-only class)."""
+    kernel = cls.__new__(cls)
+    Experts.__init__(kernel, spec, quant, torch.device("cpu"))
+    kernel.gemm_op = reference_marlin_gemm
+    kernel.workspace = torch.zeros(4, dtype=torch.int32)
+    kernel.type_name = weight_type(spec.scheme)
+    kernel.type_id = scalar_type_id(kernel.type_name)
+    kernel.w13_bias = None if quant.w1_bias is None else padded_w13_bias(quant.w1_bias, spec.scheme.group_size)
+    kernel.w2_bias = None if quant.w2_bias is None else quant.w2_bias.float().contiguous()
+    return kernel
+
+
+def _poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every floating-point torch.empty NaN-filled (until the monkeypatch context ends): a buffer row the
+    op never writes then shows up instead of passing as the zeros fresh CPU memory often holds."""
+    real = torch.empty
+
+    def empty(*args: object, **kwargs: object) -> torch.Tensor:
+        out = real(*args, **kwargs)  # type: ignore[call-overload]
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+BATCHED_GLUE_CASES = [
+    # scheme, activation, E_local, H, I, max_tokens, num_tokens, bias, clamp, dtype, block sizes (None: vLLM's rule)
+    ("int4_g32_sym", Activation.SILU, 4, 128, 96, 5, (3, 0, 5, 1), False, None, BF16, (None, 8, 64)),  # expert 2 full
+    ("int4_g128_zp", Activation.GELU, 3, 256, 128, 7, (0, 7, 2), True, None, FP16, (None, 16)),  # zero points, biases
+    ("int8_g64_sym", Activation.SWIGLU_OAI, 5, 128, 64, 4, (1, 1, 0, 4, 2), True, 7.0, BF16, (None, 32)),  # int8
+    ("int4_ch_sym", Activation.GELU_TANH, 2, 128, 40, 6, (6, 0), False, None, FP16, (None, 48)),  # channel-wise
+    ("int4_g64_sym", Activation.SILU, 6, 128, 64, 3, (0, 0, 2, 0, 3, 0), True, 0.5, FP16, (None,)),  # mostly empty
+    ("int4_g32_zp", Activation.SILU, 3, 128, 64, 1, (0, 1, 0), False, None, BF16, (None,)),  # one token in all
+]
+
+
+@pytest.mark.parametrize(("scheme", "act", "e", "h", "i", "m", "counts", "bias", "clamp", "dtype", "blocks"),
+                         BATCHED_GLUE_CASES, ids=[f"{c[0]}-{c[1].value}" for c in BATCHED_GLUE_CASES])
+def test_batched_apply_glue_against_emulation(monkeypatch: pytest.MonkeyPatch, scheme: str, act: Activation, e: int,
+                                              h: int, i: int, m: int, counts: tuple[int, ...], bias: bool,
+                                              clamp: float | None, dtype: torch.dtype,
+                                              blocks: tuple[int | None, ...]) -> None:
+    # BatchedMarlinExperts.apply_batched with the op replaced by the stand-in: each valid row through its expert
+    # (unweighted, biases included) as EMULATION computes it; padding rows exactly 0 although their input rows
+    # are NaN and every buffer the forward allocates with torch.empty starts as NaN.
+    experts = _tiny_experts(scheme, e, h, i)
+    biases = dict(w1_bias=torch.randn(e, 2 * i), w2_bias=torch.randn(e, h)) if bias else {}
+    quant = _quant(experts, gemm1_clamp_limit=clamp, **biases)
+    moe = MoEConfig(e, 2, h, i, activation=act, dtype=dtype)
+    num_tokens = torch.tensor(counts, dtype=torch.int32)
+    x = torch.full((e, m, h), float("nan"), dtype=dtype)  # rows past num_tokens are garbage
+    for expert, n in enumerate(counts):
+        x[expert, :n] = torch.randn(n, h, dtype=dtype)
+    rows = torch.cat([x[expert, :n] for expert, n in enumerate(counts)])
+    row_ids = torch.cat([torch.full((n, 1), expert, dtype=torch.int32) for expert, n in enumerate(counts)])
+    emulation = EmulationExperts(LayerSpec(moe, experts.scheme, has_bias=bias, clamp_limit=clamp), quant,
+                                 torch.device("cpu"))
+    ref = emulation.apply(rows, torch.ones(rows.shape[0], 1), row_ids,
+                          EmulationExperts.prepare_weights(experts, "cpu"))
+    spec = LayerSpec(moe, experts.scheme, ParallelConfig(ep_size=2, batched=True), has_bias=bias, clamp_limit=clamp)
+    kernel = _cpu_kernel(BatchedMarlinExperts, spec, quant)
+    weights = BatchedMarlinExperts.prepare_weights(experts, torch.device("cpu"))
+    for block in blocks:
+        with monkeypatch.context() as patch:
+            _poisoned_empty(patch)
+            out = kernel.apply_batched(x, num_tokens, weights, block_size=block)
+        assert out.dtype == dtype and out.shape == (e, m, h)
+        for expert, n in enumerate(counts):
+            assert torch.equal(out[expert, n:], torch.zeros(m - n, h, dtype=dtype)), (block, expert)
+        valid = torch.cat([out[expert, :n] for expert, n in enumerate(counts)])
+        assert _rel(valid, ref) < 1e-2, block
+
+
+def test_batched_padding_needs_the_zeroed_output() -> None:
+    # The poisoning above catches what skip_negative fixes: without it, GEMM2 leaves the rows of the left-out
+    # (padding) pairs unwritten, and they come out as whatever torch.empty held.
+    e, h, i, m = 3, 128, 64, 4
+    experts = _tiny_experts("int4_g64_sym", e, h, i)
+    ids, ones = marlin.batched_pairs(torch.tensor([2, 0, 4], dtype=torch.int32), m, torch.device("cpu"))
+    assert ids.view(e, m).tolist() == [[0, 0, -1, -1], [-1, -1, -1, -1], [2, 2, 2, 2]]
+    x = torch.randn(e * m, h, dtype=FP16)
+    weights = MarlinExperts.prepare_weights(experts, torch.device("cpu"))
+    with pytest.MonkeyPatch.context() as patch:
+        _poisoned_empty(patch)
+        for skip in (False, True):
+            out = marlin_moe_forward(reference_marlin_gemm, torch.zeros(4, dtype=torch.int32),
+                                     scalar_type_id(weight_type(experts.scheme)), x, ones, ids, weights, 8,
+                                     Activation.SILU, _quant(experts), None, None, skip_negative=skip).view(e, m, h)
+            padding = torch.cat([out[0, 2:], out[1]])
+            assert torch.isfinite(out[0, :2]).all() and torch.isfinite(out[2]).all()
+            assert (torch.equal(padding, torch.zeros_like(padding)) if skip else torch.isnan(padding).all())
+
+
 # ----- GPU: the kernel against EMULATION --------------------------------------------------------------------
 
 GPU_SHAPES = [
@@ -437,3 +584,93 @@ def test_gpu_warm_up_is_logged_once_per_scheme(caplog: pytest.LogCaptureFixture,
     messages = [r.getMessage() for r in caplog.records if "warming up the Marlin MoE kernels" in r.getMessage()]
     assert len(messages) == 1 and "int8_g128_sym (uint8b128, float16)" in messages[0]
     assert "CUDA_CACHE_MAXSIZE" in messages[0]
+
+
+# vLLM-sized local expert counts under EP, with uneven per-expert token counts: empty experts, one full
+# (max_tokens), and decode-sized to prefill-sized buffers.
+GPU_BATCHED_SHAPES = [
+    # name, E_local, H, I, scheme
+    ("qwen3-30b-a3b EP=8 (E_local=16) int4 g128 sym", 16, 2048, 768, "int4_g128_sym"),
+    ("kimi-k2 EP=16 (E_local=24) int4 g32 sym", 24, 7168, 2048, "int4_g32_sym"),
+    ("deepseek-v3 EP=16 (E_local=16) int8 g128", 16, 7168, 2048, "int8_g128_sym"),
+    ("I padded 352 -> 384, int4 g32 zp", 8, 1024, 352, "int4_g32_zp"),
+]
+GPU_MAX_TOKENS = (1, 7, 64, 512)
+
+
+def _uneven_counts(e: int, m: int) -> torch.Tensor:
+    """num_tokens [e] int32 in [0, m]: expert 0 empty, expert 1 full, the rest random."""
+    counts = torch.randint(0, m + 1, (e,), dtype=torch.int32)
+    counts[0], counts[1] = 0, m
+    return counts
+
+
+@pytest.mark.gpu
+@NEEDS_PROVIDER
+@pytest.mark.parametrize(("name", "e", "h", "i", "scheme"), GPU_BATCHED_SHAPES, ids=[s[0] for s in GPU_BATCHED_SHAPES])
+def test_gpu_batched_marlin_matches_emulation(name: str, e: int, h: int, i: int, scheme: str) -> None:
+    experts = _tiny_experts(scheme, e, h, i, DEVICE)
+    weights = BatchedMarlinExperts.prepare_weights(experts, DEVICE)
+    emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
+    for dtype in (torch.bfloat16, torch.float16):
+        moe = MoEConfig(e, 2, h, i, dtype=dtype)
+        kernel = BatchedMarlinExperts(LayerSpec(moe, experts.scheme, ParallelConfig(batched=True)), _quant(experts),
+                                      DEVICE)
+        emulation = EmulationExperts(LayerSpec(moe, experts.scheme), _quant(experts), DEVICE)
+        for m in GPU_MAX_TOKENS:
+            counts = _uneven_counts(e, m)
+            x = torch.full((e, m, h), float("nan"), dtype=dtype, device=DEVICE)  # padding rows are garbage
+            for expert, n in enumerate(counts.tolist()):
+                x[expert, :n] = torch.randn(n, h, dtype=dtype, device=DEVICE)
+            out = kernel.apply_batched(x, counts.to(DEVICE), weights)
+            assert out.dtype == dtype and out.shape == (e, m, h)
+            rows = torch.cat([x[expert, :n] for expert, n in enumerate(counts.tolist())])
+            ids = torch.cat([torch.full((n, 1), expert, dtype=torch.int32, device=DEVICE)
+                             for expert, n in enumerate(counts.tolist())])
+            ref = emulation.apply(rows, torch.ones(rows.shape[0], 1, device=DEVICE), ids, emu_weights)
+            for expert, n in enumerate(counts.tolist()):
+                assert torch.equal(out[expert, n:], torch.zeros_like(out[expert, n:])), (name, dtype, m, expert)
+            valid = torch.cat([out[expert, :n] for expert, n in enumerate(counts.tolist())])
+            assert torch.isfinite(valid).all() and _rel(valid, ref) < 1e-2, (name, dtype, m)
+
+
+@pytest.mark.gpu
+@NEEDS_PROVIDER
+def test_gpu_batched_marlin_with_biases() -> None:
+    e, h, i, m = 8, 512, 160, 9  # I padded 160 -> 192
+    experts = _tiny_experts("int4_g32_sym", e, h, i, DEVICE)
+    quant = _quant(experts, w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
+                   gemm1_clamp_limit=7.0)
+    moe = MoEConfig(e, 2, h, i, activation=Activation.SWIGLU_OAI, dtype=torch.bfloat16)
+    kernel = BatchedMarlinExperts(LayerSpec(moe, experts.scheme, ParallelConfig(batched=True), has_bias=True,
+                                            clamp_limit=7.0), quant, DEVICE)
+    counts = _uneven_counts(e, m)
+    x = torch.full((e, m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    for expert, n in enumerate(counts.tolist()):
+        x[expert, :n] = torch.randn(n, h, dtype=torch.bfloat16, device=DEVICE)
+    out = kernel.apply_batched(x, counts.to(DEVICE), BatchedMarlinExperts.prepare_weights(experts, DEVICE))
+    emulation = EmulationExperts(LayerSpec(moe, experts.scheme, has_bias=True, clamp_limit=7.0), quant, DEVICE)
+    emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
+    for expert, n in enumerate(counts.tolist()):
+        assert torch.equal(out[expert, n:], torch.zeros_like(out[expert, n:]))
+        if n:
+            ids = torch.full((n, 1), expert, dtype=torch.int32, device=DEVICE)
+            ref = emulation.apply(x[expert, :n], torch.ones(n, 1, device=DEVICE), ids, emu_weights)
+            assert _rel(out[expert, :n], ref) < 1e-2, expert
+
+
+@pytest.mark.gpu
+@NEEDS_PROVIDER
+def test_gpu_single_rank_batched_layer_picks_batched_marlin() -> None:
+    # ParallelConfig(batched=True) on one rank: Batched(NoParallel) around the oracle's choice, BATCHED_MARLIN.
+    ckpt = open_checkpoint(DATA / "qwen3moe-w4a16-g32-sym")
+    experts = ckpt.load_layer(1)
+    cfg = replace(ckpt.moe_config(), dtype=torch.bfloat16)
+    layer = WNA16MoE(experts, cfg, device=DEVICE, parallel=ParallelConfig(batched=True))
+    assert layer.backend == Backend.BATCHED_MARLIN
+    reference = WNA16MoE(experts, cfg, device=DEVICE, backend="emulation")
+    for t in (1, 9, 300):
+        x = torch.randn(t, cfg.hidden_size, dtype=torch.bfloat16, device=DEVICE)
+        logits = x.float() @ ckpt.router_weight(1).float().to(DEVICE).t()
+        logits[: t // 2, 3] += 10.0  # skew: half the tokens pick expert 3 first
+        assert _rel(layer(x, logits), reference(x, logits)) < 1e-2, t

@@ -33,6 +33,7 @@ from wna16moe.experts.base import OK, Check, Experts, LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.flashinfer_trtllm import FlashInferTrtllmExperts
 from wna16moe.experts.marlin import BatchedMarlinExperts
+from wna16moe.experts.xpu import XPUExperts
 from wna16moe.layer import WNA16MoE
 from wna16moe.oracle import (
     BACKEND_CLASSES,
@@ -57,7 +58,8 @@ TINY = MoEConfig(8, 2, 256, 128)
 FAST: set[Backend | None] = {Backend.TRITON, Backend.EMULATION}
 # Where MARLIN's checks pass on a device with the Marlin library, it is first in line (after FlashInfer on SM10x).
 MARLIN_WINS: set[Backend | None] = {Backend.MARLIN}
-# EMULATION runs the standard format only: a batched layer has no kernel until a batched one exists.
+# Where BATCHED_MARLIN cannot run, a batched layer goes to BATCHED_TRITON when its checks pass, else to nothing:
+# EMULATION runs the standard format only.
 BATCHED: set[Backend | None] = {Backend.BATCHED_TRITON, None}
 FI, MARLIN, BMARLIN, CPU, XPU = (Backend.FLASHINFER_TRTLLM, Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.CPU,
                                  Backend.XPU)
@@ -98,7 +100,7 @@ class Case:
 CASES = [
     # ----- FLASHINFER_TRTLLM on SM10x -----
     Case("b200 kimi-k2 g32: FlashInfer's kernel takes it", "b200",
-         spec("kimi-k2", "int4_g32_sym"), {FI}, {BMARLIN: NOT_IMPL | BATCHED_FMT}),
+         spec("kimi-k2", "int4_g32_sym"), {FI}, {BMARLIN: BATCHED_FMT}),
     Case("b300 (sm_103) deepseek-v3 g32 with fp32 router logits (allowed for DeepSeekV3)", "b300",
          spec("deepseek-v3", "int4_g32_sym", logits=torch.float32), {FI}),
     Case("b200 llama-4-scout g32: sigmoid top-1 is Llama-4 routing", "b200",
@@ -161,7 +163,7 @@ CASES = [
          {FI: {"device": "needs compute capability sm_100 or sm_103 (the SM10x family), got sm_120"}}),
     # ----- MARLIN / BATCHED_MARLIN on sm_80..90 and older -----
     Case("h100 mixtral int4 g128", "h100", spec("mixtral", "int4_g128_sym"), MARLIN_WINS,
-         {BMARLIN: NOT_IMPL | BATCHED_FMT,
+         {BMARLIN: BATCHED_FMT,
           FI: {"device": "got sm_90", "scheme": "int4_g128_sym is not supported"}}),
     Case("h100 int4 with zero points", "h100", spec(TINY, "int4_g128_zp"), MARLIN_WINS),
     Case("h100 int8 symmetric channel-wise", "h100", spec(TINY, "int8_ch_sym"), MARLIN_WINS),
@@ -183,13 +185,20 @@ CASES = [
     Case("h100 H=2880 is not a multiple of 128", "h100",
          spec(MoEConfig(32, 4, 2880, 2880, Activation.SWIGLU_OAI), "int4_g32_sym"), FAST,
          {MARLIN: {"shape": "H=2880 is not a multiple of 128"}}),
-    Case("h100 batched format: only BATCHED_MARLIN matches", "h100", spec("mixtral", "int4_g128_sym", batched=True),
-         BATCHED, {MARLIN: {"format": "needs the standard activation format, the layer uses batched"},
-                BMARLIN: NOT_IMPL}),
-    Case("h100 batched GELU has no masked activation", "h100",
-         spec("mixtral", "int4_g128_sym", batched=True, activation=Activation.GELU), BATCHED,
-         {BMARLIN: NOT_IMPL | {"activation": "activation gelu is not supported with the batched format"},
-          MARLIN: {"format": "needs the standard activation format"}}),
+    Case("h100 batched format: BATCHED_MARLIN, ahead of BATCHED_TRITON", "h100",
+         spec("mixtral", "int4_g128_sym", batched=True), {BMARLIN},
+         {MARLIN: {"format": "needs the standard activation format, the layer uses batched"}}),
+    Case("h100 batched EP=8: local experts only, no expert map needed", "h100",
+         spec("deepseek-v3", "int4_g128_sym", batched=True, ep=8), {BMARLIN},
+         {MARLIN: {"format": "needs the standard activation format",
+                   "parallel": "expert parallelism (ep_size=8) is not supported"}}),
+    Case("h100 batched GELU: the activation runs in torch on the flattened rows, no masking needed", "h100",
+         spec("mixtral", "int4_g128_sym", batched=True, activation=Activation.GELU), {BMARLIN},
+         {MARLIN: {"format": "needs the standard activation format"}}),
+    Case("h100 batched without the Marlin library", "h100-bare", spec("mixtral", "int4_g128_sym", batched=True),
+         BATCHED, {BMARLIN: {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}}),
+    Case("a100 batched int8 channel-wise with bias", "a100",
+         spec(TINY, "int8_ch_sym", batched=True, bias=True), {BMARLIN}),
     Case("h100 GELU with a clamp limit", "h100", spec(TINY, "int4_g32_sym", activation=Activation.GELU, clamp=7.0),
          FAST, {MARLIN: {"extras": "the SwiGLU clamp limit is supported only with silu, swiglu_oai, got "
                                               "gelu"}}),
@@ -303,7 +312,8 @@ def test_declared_kernels_cannot_run() -> None:
     """A class with IMPLEMENTED=False fails "implemented" first, and building it raises."""
     layer = spec("kimi-k2", "int4_g32_sym")
     declared = [cls for classes in BACKEND_CLASSES.values() for cls in classes if not cls.IMPLEMENTED]
-    assert BatchedMarlinExperts in declared and FlashInferTrtllmExperts not in declared
+    assert XPUExperts in declared
+    assert BatchedMarlinExperts not in declared and FlashInferTrtllmExperts not in declared
     quant = _quant_for(TINY, WeightScheme(4, 32))
     for cls in declared:
         assert cls.failures(layer, DeviceInfo.named("b200"))[0] == ("implemented", "not implemented in this version")
@@ -311,10 +321,9 @@ def test_declared_kernels_cannot_run() -> None:
             cls(layer, quant, torch.device("cpu"))
 
 
-def test_priority_with_implemented_declarations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once a declared kernel exists, the priority table picks it: FlashInfer before Marlin on SM10x, Marlin
+def test_priority_of_the_marlin_kernels() -> None:
+    """The priority table: FlashInfer before Marlin on SM10x, Marlin (BATCHED_MARLIN for the batched format)
     first on sm_80..90, never where its device check fails."""
-    monkeypatch.setattr(BatchedMarlinExperts, "IMPLEMENTED", True)
     assert select_backend(spec("mixtral", "int4_g128_sym"), device=DeviceInfo.named("h100")).backend == MARLIN
     assert select_backend(spec("mixtral", "int4_g128_sym", batched=True), device=DeviceInfo.named("h100")).backend \
         == BMARLIN
@@ -465,9 +474,18 @@ def test_override_incompatible_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_override_not_implemented() -> None:
-    with pytest.raises(BackendError, match=r"override='batched_marlin' cannot run .* BatchedMarlinExperts: "
-                                           r"implemented: not implemented in this version"):
-        select_backend(spec("kimi-k2", "int4_g32_sym", batched=True), device=DeviceInfo.named("b200"),
+    with pytest.raises(BackendError, match=r"override='xpu' cannot run .* XPUExperts: "
+                                           r"implemented: not implemented in this version\. Backends that can"):
+        select_backend(spec(TINY, "int4_g32_sym"), device=DeviceInfo.named("xpu"), override=Backend.XPU)
+
+
+def test_override_batched_marlin() -> None:
+    selection = select_backend(spec("kimi-k2", "int4_g32_sym", batched=True), device=DeviceInfo.named("b200"),
+                               override=Backend.BATCHED_MARLIN)
+    assert (selection.backend, selection.kernel) == (BMARLIN, BatchedMarlinExperts)
+    with pytest.raises(BackendError, match=r"override='batched_marlin' cannot run .* BatchedMarlinExperts: format: "
+                                           r"needs the batched activation format, the layer uses standard"):
+        select_backend(spec("kimi-k2", "int4_g32_sym"), device=DeviceInfo.named("b200"),
                        override=Backend.BATCHED_MARLIN)
 
 
@@ -551,8 +569,8 @@ def test_make_kernel_rejects_a_different_quant_config(scheme: WeightScheme, bias
 
 def test_make_kernel_refuses_a_declared_kernel() -> None:
     report = explain(spec(TINY, "int4_g32_sym"), device=DeviceInfo.named("h100"))
-    forged = Selection(BMARLIN, BatchedMarlinExperts, report)
-    with pytest.raises(NotImplementedError, match="BatchedMarlinExperts"):
+    forged = Selection(XPU, XPUExperts, report)
+    with pytest.raises(NotImplementedError, match="XPUExperts"):
         make_kernel(forged, _quant_for(TINY, WeightScheme(4, 32)), torch.device("cpu"))
 
 

@@ -1,9 +1,9 @@
 """MARLIN and BATCHED_MARLIN: vLLM's Marlin MoE GEMM (`moe_wna16_marlin_gemm`) over our own weight repack.
 
 Modular: they take routed top-k ids and weights. `MarlinExperts` reads the STANDARD activation format
-([T, H] plus top-k ids) and runs; `BatchedMarlinExperts` reads the BATCHED one ([E_local, max_tokens, H],
-low-latency all-to-all expert parallelism) and is declared only (the batched format comes with expert
-parallelism). A layer needs exactly one of the two formats, so at most one of them passes.
+([T, H] plus top-k ids); `BatchedMarlinExperts` reads the BATCHED one ([E_local, max_tokens, H] plus
+num_tokens [E_local], what the batched expert-parallel dispatch delivers). A layer needs exactly one of the
+two formats, so at most one of them passes.
 
 Provider. The op comes from an installed Marlin MoE op library: vLLM's `vllm/_moe_C_stable_libtorch.abi3.so`
 (stable libtorch ABI, CUDA 13, torch >= 2.11; ops under `torch.ops._moe_C`) inside an installed `vllm`
@@ -23,6 +23,11 @@ Forward (`apply`), the steps of vLLM's `fused_marlin_moe` with our own glue:
     3. the gated activation in torch, [T*K, 2I'] -> [T*K, I'];
     4. GEMM2 [T*K, I'] x w2 -> [T*K, H], the router weight of each pair multiplied in by the op;
     5. sum over the top-k slots -> [T, H] (plus the router-weighted w2 bias in torch).
+BATCHED_MARLIN runs the same forward over the flattened [E_local * max_tokens, H] rows as top-1 pairs: row j
+of expert e is a pair of expert e with router weight 1 when j < num_tokens[e], else a left-out pair (-1).
+The alignment leaves -1 pairs out of every block, so the op never reads their input rows (garbage in the
+batched buffer) nor writes their output rows; GEMM2's output is zeroed first (as vLLM's fused_marlin_moe does
+under an expert map), so those rows come out exactly 0 and compute is spent on valid rows only.
 Biases are added in torch rather than passed to the op: the op's bias layout and where GEMM2 adds its
 bias relative to the router weight could not be checked without a GPU, and torch gets both right.
 The op's lock workspace (one int32 per thread block, at most 4 blocks per SM) is allocated at
@@ -95,9 +100,6 @@ ACT_DTYPES = (torch.bfloat16, torch.float16)
 H_MULTIPLE = 128
 # The activation runs between the two GEMMs in torch, so every gated activation works.
 ACTIVATIONS = (Activation.SILU, Activation.GELU, Activation.GELU_TANH, Activation.SWIGLU_OAI)
-# The batched format needs "masked" activations (per-expert valid-token counts); only these two are known to
-# have one, the others are rejected rather than assumed.
-BATCHED_ACTIVATIONS = (Activation.SILU, Activation.SWIGLU_OAI)
 # Activations whose clamp limit the Marlin path applies.
 CLAMP_ACTIVATIONS = (Activation.SILU, Activation.SWIGLU_OAI)
 
@@ -310,7 +312,7 @@ class _SharedArgs(NamedTuple):
 def marlin_moe_forward(gemm: Callable[..., Any], workspace: torch.Tensor, type_id: int, hidden_states: torch.Tensor,
                        topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict[str, torch.Tensor],
                        block: int, activation: Activation, quant: MoEQuantConfig, w13_bias: torch.Tensor | None,
-                       w2_bias: torch.Tensor | None) -> torch.Tensor:
+                       w2_bias: torch.Tensor | None, *, skip_negative: bool = False) -> torch.Tensor:
     """One MoE forward through `gemm` (`moe_wna16_marlin_gemm`, or a stand-in with its signature).
 
     Parameters
@@ -320,15 +322,19 @@ def marlin_moe_forward(gemm: Callable[..., Any], workspace: torch.Tensor, type_i
     type_id : `scalar_type_id` of the weight type.
     hidden_states : [T, H] bf16/fp16.
     topk_weights : [T, K] router weights (any float dtype; used as float32).
-    topk_ids : [T, K] int expert ids in [0, E).
+    topk_ids : [T, K] int expert ids in [0, E); with `skip_negative`, also -1 for a pair to leave out.
     weights : `prepare_marlin_weights` output; I' is read from w2 ([E, I'/16, ...]).
     block : moe_block_size, one of BLOCK_SIZES.
     activation, quant : the gated activation and its parameters (gemm1_alpha, gemm1_beta, gemm1_clamp_limit).
     w13_bias : [E, 2I'] float32 (gate and up halves padded like w13) or None; w2_bias : [E, H] float32 or None.
+    skip_negative : True when topk_ids may hold -1. The alignment leaves those pairs out, so the op neither
+        reads their input rows nor writes their output rows: GEMM2's output starts zeroed (a memset the
+        standard path skips) and the biases are looked up with -1 clamped to 0 and masked out, so a -1 pair
+        adds exactly 0 whatever its input row holds.
 
     Returns
     -------
-    [T, H] in hidden_states' dtype.
+    [T, H] in hidden_states' dtype; a token whose pairs are all -1 gets 0.
     """
     from wna16moe.kernels.moe_align import moe_align_block_size
 
@@ -348,15 +354,21 @@ def marlin_moe_forward(gemm: Callable[..., Any], workspace: torch.Tensor, type_i
     _gemm(gemm, hidden_states.contiguous(), gate_up, weights, "w13", shared, top_k=k, mul_topk_weights=False,
           size_m=t, size_n=2 * i_pad, size_k=h)
     flat_ids = topk_ids.reshape(-1).long()
+    routing = shared.topk_weights
+    if skip_negative:
+        valid = topk_ids >= 0
+        flat_ids = flat_ids.clamp(min=0)  # a -1 pair's GEMM1 row is never read by GEMM2: any bias row will do
+        routing = torch.where(valid, routing, 0.0)
     if w13_bias is not None:
         gate_up = (gate_up.float() + w13_bias.index_select(0, flat_ids)).to(dtype)
     act = apply_activation(gate_up, activation, quant.gemm1_alpha, quant.gemm1_beta, quant.gemm1_clamp_limit)
-    down = torch.empty(t * k, h, dtype=dtype, device=hidden_states.device)
+    # The op writes only the rows of aligned pairs: left-out pairs' rows must already hold the 0 they add.
+    down = (torch.zeros if skip_negative else torch.empty)(t * k, h, dtype=dtype, device=hidden_states.device)
     _gemm(gemm, act.contiguous(), down, weights, "w2", shared, top_k=1, mul_topk_weights=True, size_m=t * k,
           size_n=h, size_k=i_pad)
     out = down.view(t, k, h).sum(dim=1)
     if w2_bias is not None:
-        routed = shared.topk_weights.unsqueeze(-1) * w2_bias.index_select(0, flat_ids).view(t, k, h)
+        routed = routing.unsqueeze(-1) * w2_bias.index_select(0, flat_ids).view(t, k, h)
         out = (out.float() + routed.sum(dim=1)).to(dtype)
     return out
 
@@ -391,16 +403,46 @@ def _tiny_experts(scheme: WeightScheme) -> QuantizedExperts:
     return QuantizedExperts(weight(2 * i, h), weight(h, i))
 
 
+def batched_pairs(num_tokens: torch.Tensor, max_tokens: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched format as top-1 pairs over its flattened [E_local * max_tokens] rows: ids [E * M, 1] int32,
+    row j of expert e -> e when j < num_tokens[e], else -1 (left out); router weights [E * M, 1] float32, 1."""
+    e = num_tokens.shape[0]
+    row = torch.arange(max_tokens, device=device)
+    expert = torch.arange(e, dtype=torch.int32, device=device)
+    ids = torch.where(row[None, :] < num_tokens.to(device)[:, None], expert[:, None], -1)
+    return ids.reshape(e * max_tokens, 1).to(torch.int32), torch.ones(e * max_tokens, 1, dtype=torch.float32,
+                                                                      device=device)
+
+
 class BatchedMarlinExperts(MarlinExperts):
-    """Marlin MoE, BATCHED format [E_local, max_tokens, H]: as `MarlinExperts`, masked activations only
-    (declared only: the batched format belongs to expert parallelism)."""
+    """Marlin MoE, BATCHED format [E_local, max_tokens, H]: as `MarlinExperts` (schemes, activations, biases),
+    over the flattened rows as top-1 pairs with padding rows left out (module docstring)."""
 
     NAME = BATCHED_NAME
-    IMPLEMENTED = False
     ACTIVATION_FORMAT = ActivationFormat.BATCHED
-    ACTIVATIONS = BATCHED_ACTIVATIONS
+    CAVEAT = ("caveat: not yet run on a GPU by wna16moe's developers; it calls the op MARLIN calls, and its batched "
+              "glue is tested on CPU against EMULATION through a stand-in for the op")
 
     @classmethod
     def supports_parallel(cls, parallel: ParallelConfig) -> Check:
         """The batched format is what expert-parallel dispatch delivers: local experts only, no expert map."""
         return OK
+
+    def apply_batched(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor, weights: dict[str, torch.Tensor],
+                      block_size: int | None = None) -> torch.Tensor:
+        """hidden_states [E_local, max_tokens, H] (bf16/fp16), the first num_tokens[e] rows of expert e valid
+        (num_tokens [E_local] int) -> [E_local, max_tokens, H], each valid row through its expert unweighted,
+        rows past num_tokens[e] exactly 0 whatever they held. `block_size` overrides vLLM's rule (applied with
+        max_tokens rows per expert: the counts stay on the device)."""
+        e, m, h = hidden_states.shape
+        # MarlinExperts.apply takes no -1 ids (its bias lookups would index -1, and GEMM2 leaves a left-out
+        # pair's row unwritten, i.e. garbage), hence skip_negative. Leaving padding rows out as -1 rather than
+        # running them with router weight 0 costs no GEMM work and keeps their garbage input (NaN * 0 = NaN)
+        # out of the output.
+        ids, ones = batched_pairs(num_tokens, m, hidden_states.device)
+        block = block_size or block_size_for(e * m, 1, e)
+        out = marlin_moe_forward(self.gemm_op, self.workspace, self.type_id, hidden_states.reshape(e * m, h), ones,
+                                 ids, weights, block, self.moe.activation, self.quant, self.w13_bias, self.w2_bias,
+                                 skip_negative=True)
+        return out.view(e, m, h)
