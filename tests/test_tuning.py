@@ -6,25 +6,33 @@ from pathlib import Path
 import pytest
 
 from wna16moe import tuning
+from wna16moe.device import DeviceInfo
 from wna16moe.experts.triton import TritonConfig, default_config
-from wna16moe.tuning import ShapeKey, build_table, tuned_config
+from wna16moe.oracle import explain
+from wna16moe.shapes import model_shape
+from wna16moe.tuning import ShapeKey, build_table, triton_vs_marlin, tuned_config
 
 KEY = ShapeKey(4, 128, 4096, 14336, 8, 2)
+QWEN = ShapeKey(4, 128, 2048, 768, 128, 8)
 
 
-def _row(backend: str, m: int, block_m: int) -> dict:
+def _row(backend: str, m: int, block_m: int, us: float = 100.0, shape: str = "mixtral") -> dict:
     config = {"block_m": block_m, "block_n1": 64, "block_n2": 64, "split_k2": 1, "num_warps": 4, "num_stages": 3}
-    return {"backend": backend, "shape": "mixtral", "M": m, "config": config}
+    return {"backend": backend, "shape": shape, "scheme": "int4_g128_sym", "M": m, "config": config, "us_eager": us,
+            "us_graph": None}
 
 
 @pytest.fixture
 def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    results = {"card": "Card X", "commit": "abc", "date": "2026-11-28",
+    # mixtral: MARLIN 2x faster at both measured M; qwen3: TRITON 1.5x faster.
+    results = {"card": "NVIDIA H100 80GB HBM3", "commit": "abc", "date": "2026-11-28",
                "rows": [_row("triton", 1, 99), _row("triton-best", 1, 16), _row("triton-best", 128, 32),
-                        _row("triton-best", 8192, 128), _row("bf16", 8192, 0)]}
-    built = build_table(results, {"mixtral": KEY})
+                        _row("triton-best", 8192, 128), _row("bf16", 8192, 0), _row("marlin", 1, 0, 50.0),
+                        _row("marlin", 8192, 0, 50.0), _row("triton-best", 1, 16, 100.0, "qwen3-30b-a3b"),
+                        _row("marlin", 1, 0, 150.0, "qwen3-30b-a3b")]}
+    built = build_table(results, {"mixtral": KEY, "qwen3-30b-a3b": QWEN})
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"cards": {built["card"]: built["entries"]}}))
+    path.write_text(json.dumps({"cards": {built["card"]: built["entries"]}, "speed": {built["card"]: built["speed"]}}))
     monkeypatch.setattr(tuning, "TABLE_PATH", path)
     tuning._load.cache_clear()
     yield path
@@ -32,7 +40,7 @@ def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_build_keeps_only_the_best_rows(table: Path) -> None:
-    entries = json.loads(table.read_text())["cards"]["Card X"][KEY.as_text()]
+    entries = json.loads(table.read_text())["cards"]["NVIDIA H100 80GB HBM3"][KEY.as_text()]
     assert sorted(entries, key=int) == ["1", "128", "8192"]
     assert entries["1"]["block_m"] == 16  # the triton-best row, not the default's
 
@@ -40,17 +48,18 @@ def test_build_keeps_only_the_best_rows(table: Path) -> None:
 @pytest.mark.parametrize(("tokens", "block_m"), [(1, 16), (4, 16), (12, 32), (100, 32), (1000, 32), (3000, 128),
                                                  (100000, 128)])
 def test_lookup_takes_the_nearest_measured_m(table: Path, tokens: int, block_m: int) -> None:
-    assert tuned_config("Card X", KEY, tokens)["block_m"] == block_m
+    assert tuned_config("NVIDIA H100 80GB HBM3", KEY, tokens)["block_m"] == block_m
 
 
 def test_unknown_card_or_shape_has_no_entry(table: Path) -> None:
     assert tuned_config("Card Y", KEY, 1) is None
-    assert tuned_config("Card X", ShapeKey(4, 32, 4096, 14336, 8, 2), 1) is None
+    assert triton_vs_marlin("Card Y", KEY, "int4_g128_sym") is None
+    assert tuned_config("NVIDIA H100 80GB HBM3", ShapeKey(4, 32, 4096, 14336, 8, 2), 1) is None
 
 
 def test_shipped_table_is_valid() -> None:
     tuning._load.cache_clear()
-    cards = tuning._load()
+    cards = tuning._load()["cards"]
     for shapes in cards.values():
         for by_m in shapes.values():
             for cfg in by_m.values():
@@ -64,3 +73,28 @@ def test_default_config_splits_gemm2_when_few_programs() -> None:
     # deepseek-v3 at M = 1: 8 experts x 112 tiles already fill the GPU
     assert default_config(1, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).split_k2 == 1
     assert default_config(1, 2, 8, 128).split_k2 == 1  # no device facts: no split
+
+
+def test_speed_is_the_geometric_mean_of_same_run_times(table: Path) -> None:
+    speedup, tokens = triton_vs_marlin("NVIDIA H100 80GB HBM3", KEY, "int4_g128_sym")
+    assert speedup == pytest.approx(0.5) and tokens == [1, 8192]  # only M where both were timed
+    assert triton_vs_marlin("NVIDIA H100 80GB HBM3", QWEN, "int4_g128_sym")[0] == pytest.approx(1.5)
+    assert triton_vs_marlin("NVIDIA H100 80GB HBM3", QWEN, "int4_g128_zp") is None  # only the measured scheme
+
+
+@pytest.mark.parametrize(("shape", "winner", "other"), [("qwen3-30b-a3b", "triton", "marlin"),
+                                                         ("mixtral", "marlin", "triton")])
+def test_oracle_prefers_the_measured_faster_backend(table: Path, shape: str, winner: str, other: str) -> None:
+    report = explain(model_shape(shape).moe_config(), "int4_g128_sym", device=DeviceInfo.named("h100"))
+    verdicts = {c.backend.value: c for c in report.candidates}
+    assert report.chosen.backend.value == winner
+    assert f"{winner} measured" in verdicts[winner].reason and f"faster than {other}" in verdicts[winner].reason
+    assert verdicts[other].verdict.value == "eligible" and "measured" in verdicts[other].reason
+
+
+def test_oracle_keeps_the_priority_without_measurements(table: Path) -> None:
+    # deepseek-v3 is not in this table, nor is any card but the H100: the priority list decides, silently.
+    report = explain(model_shape("deepseek-v3").moe_config(), "int4_g128_sym", device=DeviceInfo.named("h100"))
+    assert report.chosen.backend.value == "marlin" and "measured" not in report.chosen.reason
+    a100 = explain(model_shape("qwen3-30b-a3b").moe_config(), "int4_g128_sym", device=DeviceInfo.named("a100"))
+    assert a100.chosen.backend.value == "marlin" and "measured" not in a100.chosen.reason

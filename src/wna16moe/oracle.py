@@ -1,7 +1,9 @@
 """The oracle: which backend and kernel class runs a layer on a device, and why every other one does not.
 
 Walks the platform's priority list (PRIORITY below); within a backend, its kernel classes in order. The
-first class whose capability checks all pass wins. Checks are classmethods: nothing is instantiated to ask.
+first class whose capability checks all pass wins. Where the shipped measurements (`wna16moe.tuning`) timed
+TRITON and MARLIN in one run on this card, layer shape and scheme, the faster of the two takes the earlier
+of their two slots, and the report says so. Checks are classmethods: nothing is instantiated to ask.
 A user may force a backend by argument or by the environment variable WNA16MOE_BACKEND; if it cannot run,
 that is an error carrying the failing checks, never a silent fallback.
 
@@ -30,6 +32,7 @@ from wna16moe.experts.marlin import BatchedMarlinExperts, MarlinExperts
 from wna16moe.experts.triton import BatchedTritonExperts, TritonExperts
 from wna16moe.experts.xpu import XPUExperts
 from wna16moe.scheme import WeightScheme
+from wna16moe.tuning import ShapeKey, triton_vs_marlin
 
 logger = logging.getLogger("wna16moe")
 
@@ -264,12 +267,43 @@ def _candidates(backend: Backend, spec: LayerSpec,
     return [(cls, cls.failures(spec, device)) for cls in classes]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """TRITON and MARLIN timed in one run on this card and layer shape (the shipped table, `wna16moe.tuning`)."""
+
+    faster: Backend
+    slower: Backend
+    ratio: float  # slower's time / faster's time, geometric mean over `tokens`
+    tokens: list[int]
+
+    def text(self) -> str:
+        return (f"{self.faster.value} measured {self.ratio:.2f}x faster than {self.slower.value} on this card and "
+                f"shape (geometric mean over M = {', '.join(map(str, self.tokens))}; wna16moe/tuned_triton.json)")
+
+
+def _measured(spec: LayerSpec, device: DeviceInfo) -> Measured | None:
+    """The shipped same-run comparison of TRITON and MARLIN for this layer on this card, if any."""
+    if device.platform != Platform.CUDA:
+        return None
+    found = triton_vs_marlin(device.name, ShapeKey.of(spec), spec.scheme.name)
+    if found is None:
+        return None
+    speedup, tokens = found
+    if speedup >= 1.0:
+        return Measured(Backend.TRITON, Backend.MARLIN, speedup, tokens)
+    return Measured(Backend.MARLIN, Backend.TRITON, 1.0 / speedup, tokens)
+
+
 def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None) -> Report:
     platform = platform_key(device)
     in_priority = PRIORITY[platform]
     order = list(in_priority) + [b for b in Backend if b not in in_priority]
+    measured = _measured(spec, device) if {Backend.MARLIN, Backend.TRITON} <= set(in_priority) else None
+    if measured is not None:  # the faster of the two takes the earlier of their two slots
+        first, second = sorted((order.index(Backend.MARLIN), order.index(Backend.TRITON)))
+        order[first], order[second] = measured.faster, measured.slower
     candidates: list[Candidate] = []
-    winner_found = False
+    winner: Backend | None = None
     for backend in order:
         for cls, failed in _candidates(backend, spec, device):
             listed = backend in in_priority
@@ -279,15 +313,19 @@ def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None) -> R
                 if not listed and override != backend:
                     reason = f"not in the {platform} priority list; {reason}"
                 candidates.append(Candidate(backend, cls, Verdict.REJECTED, reason, tuple(failed)))
-            elif wanted and not winner_found:
-                winner_found = True
+            elif wanted and winner is None:
+                winner = backend
                 why = "requested, and every check passes" if override is not None else (
                     "first in priority order whose checks all pass")
+                if override is None and measured is not None and backend == measured.faster:
+                    why = f"{why}; {measured.text()}"
                 if cls.CAVEAT:
                     why = f"{why}; {cls.CAVEAT}"
                 candidates.append(Candidate(backend, cls, Verdict.CHOSEN, why))
             else:
-                if wanted:  # an earlier class (of this backend, or of an earlier one in the list) won
+                if wanted and measured is not None and backend == measured.slower and winner == measured.faster:
+                    why = f"every check passes, but {measured.text()}"
+                elif wanted:  # an earlier class (of this backend, or of an earlier one in the list) won
                     why = "every check passes, but a higher-priority kernel was chosen"
                 elif override is not None:
                     why = f"every check passes, but {override.value!r} was requested"

@@ -7,6 +7,10 @@ The table (`tuned_triton.json` beside this file) is built from a `wna16moe bench
 For each measured row it keeps the fastest configuration the sweep timed (`triton-best`). Nothing is tuned
 at import or at the first call: a layer whose card and shape are in the table uses the entry of the
 nearest measured M (in log scale); any other layer uses `experts.triton.default_config`.
+
+Where the sweep also timed MARLIN (the same run), the table keeps both times per M ("speed", keyed by shape
+and exact scheme): the oracle then puts the faster of TRITON and MARLIN first for that card, shape and
+scheme (geometric mean over the measured M), and says so in `explain`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wna16moe.experts.base import LayerSpec
 
 TABLE_PATH = Path(__file__).with_name("tuned_triton.json")
 
@@ -33,6 +40,12 @@ class ShapeKey:
     num_experts: int  # local to the EP rank
     top_k: int
 
+    @classmethod
+    def of(cls, spec: LayerSpec) -> ShapeKey:
+        """The key of a layer: its scheme and the problem size of this rank's kernels."""
+        return cls(spec.scheme.bits, spec.scheme.group_size, spec.moe.hidden_size, spec.intermediate_per_shard,
+                   spec.local_num_experts, spec.moe.top_k)
+
     def as_text(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
         return (f"int{self.bits}_{group} H={self.hidden_size} I={self.intermediate_size} E={self.num_experts} "
@@ -40,33 +53,52 @@ class ShapeKey:
 
 
 @cache
-def _load() -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
-    """card -> shape text -> M -> config fields."""
-    if not TABLE_PATH.exists():
-        return {}
-    raw = json.loads(TABLE_PATH.read_text())
-    return {card: {shape: {int(m): cfg for m, cfg in by_m.items()} for shape, by_m in shapes.items()}
-            for card, shapes in raw["cards"].items()}
+def _load() -> dict[str, Any]:
+    """The table file: {"cards": card -> shape text -> M -> config, "speed": card -> shape text -> M ->
+    {"triton_us", "marlin_us"}}."""
+    return json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
 
 
 def tuned_config(card: str, key: ShapeKey, num_tokens: int) -> dict[str, Any] | None:
     """The shipped configuration fields for this card and shape at the measured M nearest `num_tokens`."""
-    by_m = _load().get(card, {}).get(key.as_text())
+    by_m = _load().get("cards", {}).get(card, {}).get(key.as_text())
     if not by_m:
         return None
     target = math.log2(max(num_tokens, 1))
-    nearest = min(by_m, key=lambda m: (abs(math.log2(m) - target), m))
+    nearest = min(by_m, key=lambda m: (abs(math.log2(int(m)) - target), int(m)))
     return by_m[nearest]
+
+
+def triton_vs_marlin(card: str, key: ShapeKey, scheme_name: str) -> tuple[float, list[int]] | None:
+    """Geometric mean over the measured M of MARLIN's time / TRITON's time (above 1: TRITON is faster) on
+    this card, shape and exact scheme, with those M; None where the shipped table has no same-run
+    measurement."""
+    by_m = _load().get("speed", {}).get(card, {}).get(f"{key.as_text()} {scheme_name}")
+    if not by_m:
+        return None
+    ratios = [math.log(t["marlin_us"] / t["triton_us"]) for t in by_m.values()]
+    return math.exp(sum(ratios) / len(ratios)), sorted(int(m) for m in by_m)
 
 
 def build_table(results: dict[str, Any], shape_keys: dict[str, ShapeKey]) -> dict[str, Any]:
     """The table for one sweep results file (rows of backend `triton-best`), keyed by its card."""
     entries: dict[str, dict[str, dict[str, Any]]] = {}
+    best: dict[tuple[str, str, int], float] = {}
     for row in results["rows"]:
-        if row["backend"] != "triton-best" or row["shape"] not in shape_keys:
+        if row["shape"] not in shape_keys:
             continue
-        entries.setdefault(shape_keys[row["shape"]].as_text(), {})[str(row["M"])] = row["config"]
-    return {"card": results["card"], "commit": results["commit"], "date": results["date"], "entries": entries}
+        times = [t for t in (row["us_eager"], row.get("us_graph")) if t is not None]
+        best[row["backend"], row["shape"], row["M"]] = min(times)
+        if row["backend"] == "triton-best":
+            entries.setdefault(shape_keys[row["shape"]].as_text(), {})[str(row["M"])] = row["config"]
+    speed: dict[str, dict[str, dict[str, float]]] = {}
+    for (backend, shape, m), marlin_us in best.items():
+        if backend == "marlin" and ("triton-best", shape, m) in best:
+            scheme = next(r["scheme"] for r in results["rows"] if r["shape"] == shape)
+            speed.setdefault(f"{shape_keys[shape].as_text()} {scheme}", {})[str(m)] = {
+                "triton_us": best["triton-best", shape, m], "marlin_us": marlin_us}
+    return {"card": results["card"], "commit": results["commit"], "date": results["date"], "entries": entries,
+            "speed": speed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                           shape.intermediate_size, shape.num_experts, shape.top_k)
         built = build_table(results, keys)
         table["cards"].setdefault(built["card"], {}).update(built["entries"])
+        table.setdefault("speed", {}).setdefault(built["card"], {}).update(built["speed"])
         table.setdefault("sources", []).append(f"{path.name} (commit {built['commit']}, {built['date']})")
     TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {TABLE_PATH}")

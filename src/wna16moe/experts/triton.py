@@ -198,8 +198,7 @@ class TritonExperts(Experts):
         # The shipped table is keyed by card; other devices (ROCm, XPU, the interpreter) use default_config.
         self._card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._card else None
-        self._shape_key = ShapeKey(self.scheme.bits, self.scheme.group_size, spec.moe.hidden_size, i,
-                                   self.num_experts, spec.moe.top_k)
+        self._shape_key = ShapeKey.of(spec)
         self._configs: dict[int, TritonConfig] = {}
 
     @classmethod
