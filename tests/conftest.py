@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+# First, before any test module (or transformers, which imports triton) is imported: without a GPU the Triton
+# kernels run in the interpreter, and triton must see TRITON_INTERPRET=1 before it is first imported.
+import triton_env  # noqa: F401
 from hypothesis import HealthCheck, settings
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
