@@ -250,6 +250,54 @@ def test_experts_ignore_out_of_range_ids() -> None:
     assert not torch.equal(full[0], masked[0]) and torch.equal(full[1:], masked[1:])
 
 
+@pytest.mark.parametrize("expert_map", [True, False], ids=["skip", "zero_weight"])
+def test_any_out_of_range_id_contributes_nothing(expert_map: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-1, E and ids far outside [0, E) all drop their pair: skipped (-1) by kernels that take an expert map,
+    else sent to expert 0 with router weight 0 (forced here on EMULATION, which takes one)."""
+    from wna16moe.experts.emulation import EmulationExperts
+
+    monkeypatch.setattr(EmulationExperts, "SUPPORTS_EXPERT_MAP", expert_map)
+    model = load(CT_W8_G128_SYM)
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    assert (experts._valid_table is None) == expert_map
+    hidden = torch.randn(4, HIDDEN)
+    ids = torch.tensor([[0, 3], [5, 1], [2, 7], [6, 4]])
+    weights = torch.rand(4, 2)
+    drop = torch.tensor([[False, True], [True, False], [False, False], [False, True]])
+    with torch.no_grad():
+        alone = experts(hidden, ids, torch.where(drop, 0.0, weights))
+        for sentinel in (-1, NUM_EXPERTS, NUM_EXPERTS + 1, 1000, -7):
+            got = experts(hidden, torch.where(drop, sentinel, ids), weights)
+            torch.testing.assert_close(got, alone, msg=f"sentinel {sentinel}")
+
+
+def test_eager_forward_skips_the_op_and_matches_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain eager forward calls the layer's runtime directly (the op's dispatch is host time), with the
+    op's result bit for bit; inputs requiring grad and meta inputs still go through the op."""
+    from wna16moe.hf import modules
+
+    model = load(CT_W4_G128_ASYM)
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    hidden = torch.randn(5, HIDDEN)
+    ids = torch.stack([torch.randperm(NUM_EXPERTS)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2)
+    tensors = [getattr(experts, name) for name in experts._op_names]
+    op_calls = []
+    apply = modules._ExpertsRuntime.apply
+    monkeypatch.setattr(modules._ExpertsRuntime, "apply", lambda self, *args: op_calls.append(1) or apply(self, *args))
+    with torch.no_grad():
+        direct = experts(hidden, ids, weights)
+        assert not op_calls
+        via_op = torch.ops.wna16moe.hf_experts(hidden, ids.to(torch.int32), weights, tensors, experts._handle)
+        assert len(op_calls) == 1
+    assert torch.equal(direct, via_op)
+    with torch.enable_grad():
+        assert torch.equal(experts(hidden.requires_grad_(), ids, weights), direct)
+    assert len(op_calls) == 2
+    meta = experts(hidden.detach().to("meta"), ids.to("meta"), weights.to("meta"))  # the op's fake kernel
+    assert meta.device.type == "meta" and meta.shape == hidden.shape and len(op_calls) == 2
+
+
 def test_explain_names_every_layer_and_backend() -> None:
     model = load(CT_W4_G32_SYM, torch.bfloat16, backend="auto")
     explanation = hf.explain(model)

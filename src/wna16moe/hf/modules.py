@@ -9,7 +9,9 @@ here) and builds what the forward needs:
 - `PackedExperts`: the layer's kernel, chosen by the oracle and built for this layer only. Its prepared
   weights are kept as non-persistent buffers, except for EMULATION, whose prepared weights would be the
   canonical codes (one byte per weight): it reads them from the checkpoint tensors at each forward instead,
-  so the layer holds the packed size only.
+  so the layer holds the packed size only. The forward turns HF's routing into the kernel's (three small
+  ops, no host synchronization) and calls the kernel directly when running eagerly, through the custom op
+  `wna16moe::hf_experts` (`wna16moe.hf.ops`) under torch.compile and tracing.
 - `WNA16Linear`: the canonical codes, scales, zero points and group index (non-persistent buffers);
   the forward dequantizes them to float32 and multiplies, with no host synchronization.
 """
@@ -142,22 +144,46 @@ class _ExpertsRuntime:
         `reads_per_call` (EMULATION), else the kernel's prepared weights."""
         self.plan = plan
         self.kernel = kernel
+        self.device = kernel.device
         self.names = names
         self.reads_per_call = reads_per_call
         # EMULATION computes in float32 whatever the input dtype; other kernels take the layer's dtype.
-        self.any_dtype = reads_per_call
+        self.dtype: torch.dtype | None = None if reads_per_call else kernel.moe.dtype
 
     def apply(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
               tensors: list[torch.Tensor]) -> torch.Tensor:
-        kernel = self.kernel
-        if hidden_states.device != kernel.device:
+        """The custom op's body: `tensors` in the order of `names`."""
+        if hidden_states.device != self.device:
+            kernel = self.kernel
             raise BackendError(f"{self.plan.module_name}: its {kernel.NAME} kernel was built for {kernel.device}, "
                                f"but hidden_states are on {hidden_states.device}; load the model where it runs "
                                "(device_map=...) instead of moving it after loading")
-        named = dict(zip(self.names, tensors, strict=True))
+        return self.run(hidden_states, topk_ids, topk_weights, dict(zip(self.names, tensors, strict=True)))
+
+    def run(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+            named: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The kernel on `hidden_states` (on the kernel's device, not checked here) -> [T, H] in its dtype."""
+        kernel = self.kernel
         weights = kernel.prepare_weights(self.plan.read(named), kernel.device) if self.reads_per_call else named
-        x = hidden_states if self.any_dtype else hidden_states.to(kernel.moe.dtype)
-        return kernel.apply(x, topk_weights, topk_ids, weights).to(hidden_states.dtype)
+        dtype = hidden_states.dtype
+        x = hidden_states if self.dtype is None or dtype == self.dtype else hidden_states.to(self.dtype)
+        out = kernel.apply(x, topk_weights, topk_ids, weights)
+        return out if out.dtype == dtype else out.to(dtype)
+
+
+def _direct_call(hidden_states: torch.Tensor, device: torch.device) -> bool:
+    """True when the experts forward may call its runtime directly instead of through the custom op: plain
+    eager execution on real tensors of the kernel's device, with nothing to record for autograd.
+
+    The op's dispatch (autograd and backend kernels in Python, a dynamo-disable wrapper, the aliasing check)
+    costs several small torch ops' worth of host time per layer; it buys nothing outside tracing and
+    compilation, which still see the op (dynamo reads `is_compiling` first and never evaluates the rest).
+    Anything else (fake, meta or subclass tensors, tracing or torch-function modes, inputs requiring grad,
+    a device other than the kernel's) takes the op path, which behaves as before."""
+    return (not torch.compiler.is_compiling() and type(hidden_states) is torch.Tensor
+            and hidden_states.device == device and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled()
+            and not (hidden_states.requires_grad and torch.is_grad_enabled()))
 
 
 class PackedExperts(nn.Module):
@@ -178,6 +204,12 @@ class PackedExperts(nn.Module):
         self._runtime: _ExpertsRuntime | None = None
         self._handle: int | None = None
         self._op_names: list[str] = []
+        # (kernel name, module attribute) of the op's tensors, and whether they are parameters (else buffers).
+        self._op_keys: tuple[tuple[str, str], ...] = ()
+        self._op_params = False
+        # Routed id -> kernel id, indexed by the id clamped to [-1, E] (-1 wraps to the last entry, like E).
+        self._id_table: torch.Tensor | None = None
+        self._valid_table: torch.Tensor | None = None
 
     @property
     def report(self) -> Report:
@@ -217,21 +249,45 @@ class PackedExperts(nn.Module):
             for name, tensor in prepared.items():
                 self.register_buffer(f"kernel_{name}", tensor, persistent=False)
             self._op_names = [f"kernel_{name}" for name in names]
+        self._op_keys = tuple(zip(names, self._op_names, strict=True))
+        self._op_params = reads_per_call
+        # Ids outside [0, E) (expert-parallel sentinels) must contribute nothing: kernels that take an expert
+        # map skip -1; the others get expert 0 with router weight 0.
+        e = plan.num_experts
+        skips = kernel.SUPPORTS_EXPERT_MAP
+        self._id_table = torch.tensor([*range(e), -1 if skips else 0], dtype=torch.int32, device=device)
+        self._valid_table = None if skips else torch.tensor([True] * e + [False], device=device)
         self.selection = selection
         self._runtime = _ExpertsRuntime(plan, kernel, names, reads_per_call)
         self._handle = register_runtime(self._runtime)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self._handle is None:
+        runtime = self._runtime
+        if runtime is None:
             raise BackendError(f"{self.plan.module_name} has no kernel: it is built by the wna16moe quantizer after "
                                "from_pretrained loads the weights")
-        # Ids outside [0, E) (expert-parallel sentinels) contribute nothing.
-        valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
-        ids = torch.where(valid, top_k_index, 0).to(torch.int32)
-        weights = torch.where(valid, top_k_weights.float(), 0.0)
+        ids, weights = self._route(top_k_index, top_k_weights)
+        if _direct_call(hidden_states, runtime.device):
+            store = self._parameters if self._op_params else self._buffers
+            return runtime.run(hidden_states, ids, weights, {name: store[key] for name, key in self._op_keys})
         tensors = [getattr(self, name) for name in self._op_names]
         return torch.ops.wna16moe.hf_experts(hidden_states, ids, weights, tensors, self._handle)
+
+    def _route(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's routed ids [T, K] (any integer dtype) and weights -> the kernel's int32 ids and float32 weights,
+        ids outside [0, E) made harmless: -1 for kernels that skip it, else expert 0 with weight 0.
+
+        Three small ops at decode (clamp, table lookup, float), with no host synchronization."""
+        table = self._id_table
+        if table.device != top_k_index.device:  # a misplaced (the runtime says so) or meta call
+            table = table.to(top_k_index.device)
+        clamped = top_k_index.clamp(-1, self.num_experts)
+        ids = torch.take(table, clamped)
+        weights = top_k_weights.float()
+        if self._valid_table is not None:
+            weights = torch.where(torch.take(self._valid_table.to(table.device), clamped), weights, 0.0)
+        return ids, weights
 
     def extra_repr(self) -> str:
         p = self.plan

@@ -46,11 +46,13 @@ def _runtime(handle: int) -> ExpertsRuntime:
 @torch.library.custom_op("wna16moe::hf_experts", mutates_args=())
 def experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
             tensors: list[torch.Tensor], handle: int) -> torch.Tensor:
-    """Routed experts of one layer: hidden_states [T, H], topk_ids [T, K] int32, topk_weights [T, K] float32,
-    the layer's weight tensors, the layer's runtime handle -> [T, H] in hidden_states' dtype.
+    """Routed experts of one layer: hidden_states [T, H], topk_ids [T, K] int32 (-1: a pair to skip, given only
+    to kernels that take an expert map), topk_weights [T, K] float32, the layer's weight tensors, the layer's
+    runtime handle -> [T, H] in hidden_states' dtype.
 
     The body runs the layer's kernel eagerly; what it does inside (the EMULATION reference synchronizes with
-    the host) is invisible to the compiler."""
+    the host) is invisible to the compiler. Plain eager forwards skip the op and call the runtime directly
+    (`wna16moe.hf.modules`): its dispatch costs host time and gives them nothing."""
     return _runtime(handle).apply(hidden_states, topk_ids, topk_weights, tensors)
 
 
