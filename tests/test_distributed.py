@@ -4,8 +4,8 @@ single-process EMULATION layer on the same weights and tokens.
 CPU: gloo, 2 and 4 ranks (one spawn per world size runs that size's scenarios in order; each test checks one
 scenario), TRITON and BATCHED_TRITON through the interpreter in float16 (its bfloat16 dot is wrong), EMULATION
 in bfloat16. Scenarios cover TP (all-reduce), EP with shared tokens (expert map + all-reduce), EP with
-data-parallel tokens (all-to-all, standard and batched), TP x EP, act-order under TP, biases, uneven expert
-ranges, ranks that receive no token, skewed routing, M = 1, an idle data-parallel rank, and layers read from
+data-parallel tokens (all-to-all, standard with counts or fixed buffers, and batched), TP x EP, act-order under
+TP, biases, uneven expert ranges, ranks that receive no token, skewed routing, M = 1, an idle data-parallel rank, and layers read from
 checkpoints with only the rank's experts.
 
 GPU (marker gpu, 2 CUDA devices): the same through NCCL on real-sized layers in bfloat16. NCCL's NVLink
@@ -69,6 +69,7 @@ class Scenario:
     bias: bool = False
     local_only: bool = False
     checkpoint: Path | None = None
+    capacity: int | None = None  # ParallelConfig.max_tokens_per_rank: the fixed-buffer all-to-all
 
     @property
     def world(self) -> int:
@@ -87,6 +88,10 @@ SCENARIOS = [
     Scenario("ep2-a2a-skewed-m1-idle-rank", ep=2, data_parallel=True, tokens=(1, 0), routing="skewed",
              intermediate=64),
     Scenario("ep2-a2a-checkpoint", ep=2, data_parallel=True, tokens=(3, 4), checkpoint=CT_W4_G32_SYM),
+    Scenario("ep2-fixed-a2a-triton", ep=2, data_parallel=True, backend="triton", dtype=FP16, tokens=(5, 3),
+             capacity=8, intermediate=64),
+    Scenario("ep2-fixed-a2a-skewed-m1-idle-rank", ep=2, data_parallel=True, tokens=(1, 0), routing="skewed",
+             capacity=1, intermediate=64),
     Scenario("ep2-batched", ep=2, data_parallel=True, batched=True, backend="batched_triton", dtype=FP16,
              tokens=(6, 4), bias=True, intermediate=64),
     Scenario("ep2-batched-empty-rank", ep=2, data_parallel=True, batched=True, backend="batched_triton", dtype=FP16,
@@ -104,6 +109,10 @@ SCENARIOS = [
              checkpoint=GPTQ_W4_G32_DESCACT),
     Scenario("ep4-a2a-uneven-experts", ep=4, data_parallel=True, tokens=(3, 1, 0, 4), num_experts=6,
              local_only=True, intermediate=64),
+    Scenario("tp2xep2-fixed-a2a-triton-bias", tp=2, ep=2, data_parallel=True, backend="triton", dtype=FP16,
+             tokens=(5, 2), capacity=5, bias=True),
+    Scenario("ep4-fixed-a2a-uneven-experts-empty-rank", ep=4, data_parallel=True, tokens=(3, 1, 0, 4), num_experts=6,
+             routing="first-rank", capacity=4, intermediate=64),
     Scenario("ep4-batched-first-rank", ep=4, data_parallel=True, batched=True, backend="batched_triton", dtype=FP16,
              tokens=(2, 2, 2, 2), routing="first-rank", intermediate=64),
 ]
@@ -156,7 +165,8 @@ def _worker(rank: int, world: int, scenarios: list[Scenario], inputs: list[dict[
     results: dict[str, Any] = {}
     for sc, data in zip(scenarios, inputs, strict=True):
         try:
-            parallel = parallel_config(sc.tp, sc.ep, data_parallel=sc.data_parallel, batched=sc.batched)
+            parallel = parallel_config(sc.tp, sc.ep, data_parallel=sc.data_parallel, batched=sc.batched,
+                                       max_tokens_per_rank=sc.capacity)
             if sc.local_only:
                 data = dict(data, experts=select_experts(data["experts"],
                                                          parallel.local_experts(sc.num_experts)))
@@ -224,7 +234,8 @@ def test_parallel_layer_matches_emulation(cpu_runs: tuple, scenario: Scenario) -
 def test_scenarios_reach_every_path() -> None:
     """The scenario list keeps covering what the module docstring promises."""
     names = " ".join(sc.name for sc in SCENARIOS)
-    for feature in ("tp2", "tp4", "ep2-a2a", "ep2-batched", "tp2xep2-a2a", "tp2xep2-batched", "shared-tokens",
+    for feature in ("tp2", "tp4", "ep2-a2a", "ep2-fixed-a2a", "ep2-batched", "tp2xep2-a2a", "tp2xep2-fixed-a2a",
+                    "tp2xep2-batched", "shared-tokens",
                     "empty-rank", "skewed", "m1", "idle-rank", "actorder", "uneven", "checkpoint", "bias"):
         assert feature in names, feature
     assert {sc.world for sc in SCENARIOS} == {2, 4}
@@ -238,6 +249,8 @@ GPU_SCENARIOS = [
     Scenario("gpu-tp2-triton", tp=2, backend="triton", scheme="int4_g128_sym", tokens=(64,), **GPU_SHAPE),
     Scenario("gpu-ep2-a2a-triton", ep=2, data_parallel=True, backend="triton", scheme="int4_g128_zp",
              tokens=(48, 1), local_only=True, **GPU_SHAPE),
+    Scenario("gpu-ep2-fixed-a2a-triton", ep=2, data_parallel=True, backend="triton", tokens=(3, 8), capacity=8,
+             **GPU_SHAPE),
     Scenario("gpu-ep2-a2a-empty-rank", ep=2, data_parallel=True, backend="triton", tokens=(8, 16),
              routing="first-rank", **GPU_SHAPE),
     Scenario("gpu-ep2-batched", ep=2, data_parallel=True, batched=True, backend="batched_triton",

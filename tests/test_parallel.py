@@ -28,6 +28,7 @@ from wna16moe.distributed import (
     AllToAll,
     Batched,
     ExpertPlacement,
+    FixedAllToAll,
     MoEGroups,
     NoParallel,
     make_prepare_finalize,
@@ -293,6 +294,26 @@ def test_prepare_finalize_choice() -> None:
         make_prepare_finalize(ParallelConfig(ep_size=2, ep_rank=1, dp_size=2, dp_rank=0), E, groups, CPU)
     with pytest.raises(InvalidInputError, match=r"needs torch\.distributed initialized"):
         MoEGroups.create(ParallelConfig(tp_size=2))
+    fixed = make_prepare_finalize(ParallelConfig(ep_size=2, dp_size=2, max_tokens_per_rank=4), E, groups, CPU)
+    assert type(fixed) is FixedAllToAll and fixed.capacity == 4
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(ep_size=2, dp_size=2, max_tokens_per_rank=0), "max_tokens_per_rank=0 must be at least 1"),
+    (dict(ep_size=2, max_tokens_per_rank=8), "dp_size=1"),
+    (dict(ep_size=2, dp_size=2, batched=True, max_tokens_per_rank=8), "batched=True"),
+])
+def test_max_tokens_per_rank_is_validated(kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        ParallelConfig(**kwargs)
+
+
+def test_fixed_all_to_all_refuses_more_tokens_than_its_capacity() -> None:
+    """Checked before any collective, so a rank with too many tokens fails alone with the setting's name."""
+    fixed = FixedAllToAll(ExpertPlacement(E, 2, 0), None, None, CPU, capacity=3)
+    weights, ids = softmax_topk(torch.randn(4, E), 2, renormalize=True)
+    with pytest.raises(InvalidInputError, match=r"4 tokens on this rank exceed ParallelConfig\.max_tokens_per_rank=3"):
+        fixed.prepare(torch.randn(4, HIDDEN), weights, ids)
 
 
 # ----- kernels: remote experts and the batched format ----------------------------------------------------------

@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parallel.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     parallel.add_argument("--dp", action="store_true", help="each EP rank routes its own tokens (all-to-all)")
     parallel.add_argument("--batched", action="store_true", help="the batched activation format")
+    parallel.add_argument("--max-tokens-per-rank", type=int,
+                          help="with --dp: fixed-buffer all-to-all of this many tokens per rank (graph-capturable)")
     parallel.add_argument("--backend", help="force a backend for the parallel layer (default: the oracle's)")
     args = parser.parse_args(argv)
     if args.tp * args.ep > 1 or args.batched:

@@ -7,12 +7,13 @@ random layer of each model shape (a fixed seed) and keeps its shard; with --dp e
 tokens (data-parallel attention: all-to-all dispatch), without it all ranks share the same M tokens (expert map
 and all-reduce); --batched uses the batched activation format (BATCHED_TRITON).
 
-Timed region: the layer's forward from router logits: routing, prepare (dispatch), experts, finalize
-(combine, all-reduce); each row also splits it into those stages (CUDA events between them, the slowest
-rank's time per stage). Every rank runs the same number of iterations (warm-up, then timed ones between
-barriers, CUDA events around each forward); reported per M: the median over iterations of the slowest rank's
-time. Before timing, each rank's output for 32 tokens is checked against a single-GPU EMULATION of the whole
-layer. Rank 0 prints the rows and writes them as JSON.
+Timed region: the layer's forward from router logits: routing, prepare (dispatch), experts, finalize (combine,
+all-reduce); each row also splits it into those stages (CUDA events between them, the slowest rank's time per
+stage). With --max-tokens-per-rank (and --dp) the all-to-all uses fixed buffers of that many tokens (no host
+synchronization), and the whole forward is also timed as a CUDA-graph replay. Every rank runs the same number
+of iterations (warm-up, then timed ones between barriers, CUDA events around each forward); reported per M:
+the median over iterations of the slowest rank's time. Before timing, each rank's output for 32 tokens is
+checked against a single-GPU EMULATION of the whole layer. Rank 0 prints the rows and writes them as JSON.
 
 NVLink multicast (NVLS) stays off: NCCL_NVLS_ENABLE=0 is set here unless the environment sets it.
 """
@@ -61,6 +62,20 @@ def _timed(forward: Any) -> float:
     return statistics.median(times)
 
 
+def _graph_timed(forward: Any) -> float:
+    """`_timed` of a CUDA-graph replay of `forward`, captured on every rank at once (NCCL calls included)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return _timed(graph.replay)
+
+
 STAGES = ("route", "dispatch", "experts", "combine")
 
 
@@ -101,7 +116,8 @@ def _stage_times(layer: WNA16MoE, x: torch.Tensor, logits: torch.Tensor) -> dict
 
 
 def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: Any) -> list[dict[str, Any]]:
-    parallel = parallel_config(args.tp, args.ep, data_parallel=args.dp, batched=args.batched)
+    parallel = parallel_config(args.tp, args.ep, data_parallel=args.dp, batched=args.batched,
+                               max_tokens_per_rank=args.max_tokens_per_rank)
     shape = model_shape(name)
     cfg = shape.moe_config()
     scheme = WeightScheme.from_name(args.scheme or f"int4_g{shape.group_size}_sym")
@@ -118,8 +134,9 @@ def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: An
 
     # Each rank's own tokens with --dp, else the same tokens everywhere (seeded alike).
     torch.manual_seed(1 + (parallel.ep_rank if args.dp else 0))
-    x = torch.randn(CHECK_TOKENS, cfg.hidden_size, dtype=cfg.dtype, device=device)
-    logits = torch.randn(CHECK_TOKENS, cfg.num_experts, device=device)
+    check_tokens = min(CHECK_TOKENS, parallel.max_tokens_per_rank or CHECK_TOKENS)
+    x = torch.randn(check_tokens, cfg.hidden_size, dtype=cfg.dtype, device=device)
+    logits = torch.randn(check_tokens, cfg.num_experts, device=device)
     out = layer(x, logits).float()
     reference = WNA16MoE(experts, cfg, device=device, backend="emulation", correction_bias=bias)(x, logits).float()
     error = float((out - reference).norm() / reference.norm())
@@ -133,15 +150,23 @@ def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: An
 
     rows = []
     for m in args.tokens:
+        if parallel.max_tokens_per_rank is not None and m > parallel.max_tokens_per_rank:
+            log(f"  M={m}: skipped, above --max-tokens-per-rank {parallel.max_tokens_per_rank}")
+            continue
         x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
         logits = torch.randn(m, cfg.num_experts, device=device)
         us = _timed(lambda x=x, logits=logits: layer(x, logits))
         stages = _stage_times(layer, x, logits)
+        # The fixed-buffer all-to-all has no host synchronization: the whole forward replays as one graph.
+        graph_us = _graph_timed(lambda x=x, logits=logits: layer(x, logits)) if parallel.max_tokens_per_rank else None
         rows.append({"shape": name, "scheme": scheme.name, "backend": layer.backend.value, "tp": args.tp,
-                     "ep": args.ep, "dp": parallel.dp_size, "batched": args.batched, "M_per_rank": m,
-                     "us": round(us, 2), "tokens_per_s": round(m * parallel.dp_size / us * 1e6),
+                     "ep": args.ep, "dp": parallel.dp_size, "batched": args.batched,
+                     "max_tokens_per_rank": parallel.max_tokens_per_rank, "M_per_rank": m, "us": round(us, 2),
+                     "us_graph": None if graph_us is None else round(graph_us, 2),
+                     "tokens_per_s": round(m * parallel.dp_size / min(us, graph_us or us) * 1e6),
                      "stages_us": stages})
-        log(f"  M={m:<6} {us:10.1f} us  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+        graph = "" if graph_us is None else f" (graph {graph_us:.1f} us)"
+        log(f"  M={m:<6} {us:10.1f} us{graph}  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     return rows
 
 
@@ -163,7 +188,8 @@ def run(args: argparse.Namespace, command: str) -> int:
             print(text, flush=True)
 
     try:
-        groups = MoEGroups.create(parallel_config(args.tp, args.ep, data_parallel=args.dp, batched=args.batched))
+        groups = MoEGroups.create(parallel_config(args.tp, args.ep, data_parallel=args.dp, batched=args.batched,
+                                                  max_tokens_per_rank=args.max_tokens_per_rank))
         card = torch.cuda.get_device_name()
         date = datetime.date.today().isoformat()
         result: dict[str, Any] = {"card": card, "gpus": world, "date": date, "commit": _commit(),

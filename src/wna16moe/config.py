@@ -113,6 +113,11 @@ class ParallelConfig:
 
     `batched`: the experts read the BATCHED activation format ([E_local, max_tokens, H], what low-latency
     all-to-all dispatchers deliver) instead of the STANDARD one ([T, H] plus top-k ids).
+
+    `max_tokens_per_rank` (data-parallel EP, standard format): the all-to-all exchanges fixed buffers of this
+    many tokens per rank instead of exchanging counts first, so it needs no host synchronization and can be
+    captured in a CUDA graph (`distributed.FixedAllToAll`); every rank must set the same value, and a forward
+    with more tokens on a rank raises.
     """
 
     tp_size: int = 1
@@ -122,12 +127,19 @@ class ParallelConfig:
     dp_size: int = 1
     dp_rank: int = 0
     batched: bool = False
+    max_tokens_per_rank: int | None = None
 
     def __post_init__(self) -> None:
         for kind in ("tp", "ep", "dp"):
             size, rank = getattr(self, f"{kind}_size"), getattr(self, f"{kind}_rank")
             if size < 1 or not 0 <= rank < size:
                 raise InvalidInputError(f"{kind}_rank={rank} must lie in [0, {kind}_size={size})")
+        if self.max_tokens_per_rank is not None:
+            if self.max_tokens_per_rank < 1:
+                raise InvalidInputError(f"max_tokens_per_rank={self.max_tokens_per_rank} must be at least 1")
+            if self.dp_size == 1 or self.batched:
+                raise InvalidInputError("max_tokens_per_rank sizes the data-parallel all-to-all of the standard "
+                                        f"format; this config has dp_size={self.dp_size}, batched={self.batched}")
 
     @property
     def use_ep(self) -> bool:

@@ -21,9 +21,13 @@ Prepare/finalize, one interface (`make_prepare_finalize` picks from the parallel
                 copied per local expert into [E_local, max_tokens, H], the batched kernel runs them
                 unweighted, and finalize weights each row by its router weight and sums it back per token.
 
+    FixedAllToAll  AllToAll with fixed-size buffers of `ParallelConfig.max_tokens_per_rank` tokens per rank:
+                each rank sends every EP rank all its (padded) tokens with only that rank's ids, so no
+                counts are exchanged.
+
 The prepare step of AllToAll and Batched reads counts on the host (all_to_all_single takes split sizes as
 Python lists; the batched buffer is sized by the busiest expert), so those paths cannot be captured in a CUDA
-graph; NoParallel and AllReduce need no host synchronization.
+graph; NoParallel, AllReduce and FixedAllToAll need no host synchronization.
 
 NCCL on machines whose GPUs others share: keep NVLink multicast (NVLS) off, NCCL_NVLS_ENABLE=0; the GPU tests
 and `wna16moe.bench_parallel` set it unless the environment already does.
@@ -231,15 +235,16 @@ class MoEGroups:
         return cls(group, tp=tp_groups[parallel.ep_rank], ep=ep_groups[parallel.tp_rank])
 
 
-def parallel_config(tp_size: int = 1, ep_size: int = 1, *, data_parallel: bool = False,
-                    batched: bool = False) -> ParallelConfig:
+def parallel_config(tp_size: int = 1, ep_size: int = 1, *, data_parallel: bool = False, batched: bool = False,
+                    max_tokens_per_rank: int | None = None) -> ParallelConfig:
     """This process's `ParallelConfig` from its rank in the default process group (rank = ep_rank * tp_size +
     tp_rank). `data_parallel`: each EP rank holds its own tokens (dp_size = ep_size, dp_rank = ep_rank)."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     ep_rank, tp_rank = divmod(rank, tp_size)
     dp_size = ep_size if data_parallel else 1
     return ParallelConfig(tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank, dp_size=dp_size,
-                          dp_rank=ep_rank if data_parallel else 0, batched=batched)
+                          dp_rank=ep_rank if data_parallel else 0, batched=batched,
+                          max_tokens_per_rank=max_tokens_per_rank)
 
 
 # ----- prepare / finalize -----------------------------------------------------------------------------------
@@ -373,6 +378,56 @@ class AllToAll(PrepareFinalize):
         return out
 
 
+class FixedAllToAll(AllToAll):
+    """AllToAll with fixed-size buffers (`ParallelConfig.max_tokens_per_rank` = C): no host synchronization.
+
+    Every rank sends every EP rank C rows: its tokens (padded to C), each with the top-k ids that rank owns
+    (-1 for the others and for padding) and the router weights; a row none of whose pairs a rank owns costs
+    that rank's kernel nothing (alignment drops -1 pairs). The experts' outputs return the same way, and a
+    token's partial sums are the sum over the EP ranks of its row. Shapes depend only on C, so the step can be
+    captured in a CUDA graph; the price is ep_size * C rows on the wire per rank, which suits decode.
+    """
+
+    def __init__(self, placement: ExpertPlacement, ep_group: Any, tp_group: Any, device: torch.device,
+                 capacity: int) -> None:
+        super().__init__(placement, ep_group, tp_group, device)
+        self.capacity = capacity
+
+    def prepare(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> ExpertInput:
+        t, cap, ep = hidden.shape[0], self.capacity, self.placement.ep_size
+        if t > cap:
+            raise InvalidInputError(f"{t} tokens on this rank exceed ParallelConfig.max_tokens_per_rank={cap}")
+        padded = hidden.new_zeros(cap, hidden.shape[1])
+        padded[:t] = hidden
+        ids = torch.full((cap, topk_ids.shape[1]), -1, dtype=torch.int64, device=hidden.device)
+        ids[:t] = topk_ids.long()
+        weights = torch.zeros(cap, topk_ids.shape[1], dtype=torch.float32, device=hidden.device)
+        weights[:t] = topk_weights.float()
+        destination = torch.arange(ep, device=hidden.device).view(ep, 1, 1)
+        owned = (ids >= 0) & (self.owners[ids.clamp(min=0)] == destination)  # [ep, C, K]
+        # Global ids (those the destination owns, else -1) and weights travel in one float32 buffer (ids
+        # bit-cast): one collective instead of two.
+        sent_ids = torch.where(owned, ids, -1).to(torch.int32)
+        meta = torch.cat([weights.expand(ep, cap, -1), sent_ids.view(torch.float32)], dim=-1)
+        recv_hidden = torch.empty(ep * cap, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        dist.all_to_all_single(recv_hidden, padded.repeat(ep, 1), group=self.ep_group)
+        recv_meta = torch.empty(ep * cap, meta.shape[-1], dtype=torch.float32, device=hidden.device)
+        dist.all_to_all_single(recv_meta, meta.reshape(ep * cap, -1), group=self.ep_group)
+        k = topk_ids.shape[1]
+        recv_ids = recv_meta[:, k:].contiguous().view(torch.int32).long()
+        local_ids = torch.where(recv_ids >= 0, self.expert_map[recv_ids.clamp(min=0)], -1).to(torch.int32)
+        return ExpertInput(recv_hidden, recv_meta[:, :k].contiguous(), local_ids, state=t)
+
+    def finalize(self, output: torch.Tensor, expert_input: ExpertInput) -> torch.Tensor:
+        ep, cap = self.placement.ep_size, self.capacity
+        back = torch.empty_like(output)
+        dist.all_to_all_single(back, output.contiguous(), group=self.ep_group)
+        out = back.view(ep, cap, -1).float().sum(0)[: expert_input.state].to(output.dtype)
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
+
+
 @dataclass(frozen=True)
 class _Expansion:
     """Batched bookkeeping: the standard input, and for every valid pair its (expert, row) in the buffer."""
@@ -434,7 +489,10 @@ def make_prepare_finalize(parallel: ParallelConfig, num_experts: int, groups: Mo
                                    f"{parallel.ep_size}, ep_rank={parallel.ep_rank}: data-parallel tokens need expert "
                                    "parallelism with ep_size == dp_size and dp_rank == ep_rank (each EP rank and its "
                                    "TP group serve their own tokens); use dp_size=1 when every rank holds all tokens")
-        inner = AllToAll(placement, groups.ep, groups.tp, device)
+        if parallel.max_tokens_per_rank is not None:
+            inner = FixedAllToAll(placement, groups.ep, groups.tp, device, parallel.max_tokens_per_rank)
+        else:
+            inner = AllToAll(placement, groups.ep, groups.tp, device)
     elif parallel.world_size > 1:
         inner = AllReduce(placement, groups.world, device)
     else:
