@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from wna16moe.bench import _commit, random_experts
+from wna16moe.bench import _commit, capture_graph, random_experts
 from wna16moe.config import ActivationFormat
 from wna16moe.distributed import MoEGroups, parallel_config
 from wna16moe.layer import WNA16MoE
@@ -64,16 +64,7 @@ def _timed(forward: Any) -> float:
 
 def _graph_timed(forward: Any) -> float:
     """`_timed` of a CUDA-graph replay of `forward`, captured on every rank at once (NCCL calls included)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(WARMUP):
-            forward()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
-    return _timed(graph.replay)
+    return _timed(capture_graph(forward, WARMUP).replay)
 
 
 STAGES = ("route", "dispatch", "experts", "combine")
