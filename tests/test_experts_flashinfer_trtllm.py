@@ -249,7 +249,7 @@ def test_self_check_rejects_a_wrong_kernel(wrong: str, monkeypatch: pytest.Monke
     config, experts, bias = _layer_parts(*ROUTINGS["deepseek_v3"])
     kernel, weights = _kernel(config, experts)
     message = (r"flashinfer_trtllm \(FlashInfer's trtllm_mxint4_block_scale_moe\) failed its self-check on cpu: .* "
-               r"relative error of (nan|\d\.\d+(e[+-]\d+)?) \(at most 0.03 expected\)\. This backend has never been "
+               r"relative error of (nan|\d\.\d+(e[+-]\d+)?) \(at most 0.03 expected\), .* This backend has never been "
                r"run on hardware .* WNA16MOE_BACKEND")
     with pytest.raises(BackendError, match=message):
         kernel.apply_monolithic(torch.randn(2, 256).to(torch.bfloat16), torch.randn(2, 16).to(torch.bfloat16),
@@ -259,6 +259,20 @@ def test_self_check_rejects_a_wrong_kernel(wrong: str, monkeypatch: pytest.Monke
     with pytest.raises(BackendError, match=message):  # the verdict is kept for the configuration
         again.self_check(weights, bias)
     assert calls.count == 1
+
+
+def test_self_check_reports_a_failing_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_cubin(**kwargs: Any) -> list[torch.Tensor]:
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    Calls(monkeypatch, no_cubin)
+    config, experts, bias = _layer_parts(*ROUTINGS["deepseek_v3"])
+    kernel, weights = _kernel(config, experts)
+    message = r"failed its self-check on cpu: the call on 4 tokens .* raised RuntimeError: no kernel image .* " \
+              r"WNA16MOE_BACKEND=marlin"
+    with pytest.raises(BackendError, match=message):
+        kernel.self_check(weights, bias)
+    assert not kernel.checked
 
 
 def test_apply_checks_first_then_calls(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,9 +11,9 @@ FlashInfer ships no MxInt4 cubins). The oracle chooses it on SM10x with flashinf
 this caveat, in `explain`), so it guards itself: the first time a configuration (device, layer spec) is
 built in a process, `self_check` runs the real monolithic call on a few tokens through the layer's own
 weights and compares it with EMULATION run on the same weights (read back through `flashinfer_to_canonical`);
-a relative error above SELF_CHECK_RTOL raises a BackendError naming the error and telling the user to force
-another backend with WNA16MOE_BACKEND. WNA16MoE calls it at construction; `apply_monolithic` calls it first
-if nothing has, so no caller gets unchecked output.
+a relative error above SELF_CHECK_RTOL (or an exception from the call itself) raises a BackendError naming the
+error and telling the user to force another backend with WNA16MOE_BACKEND. WNA16MoE calls it at construction;
+`apply_monolithic` calls it first if nothing has, so no caller gets unchecked output.
 
 Prepared layout (`prepare_weights`; E experts, H hidden, I = I/tp, Kb = K / 256):
     w13        [E, H/256, 2I, 128] uint8   BlockMajorK bytes of the gate/up projection
@@ -476,20 +476,24 @@ class FlashInferTrtllmExperts(Experts):
         hidden = torch.randn(SELF_CHECK_TOKENS, moe.hidden_size, generator=generator).to(device, torch.bfloat16)
         logits = untied_router_logits(moe.routing, moe.top_k, moe.num_experts, correction_bias, self.spec.logits_dtype,
                                       SELF_CHECK_TOKENS, generator).to(device)
+        layer = (f"{SELF_CHECK_TOKENS} tokens through this layer's weights (E={moe.num_experts} top_k={moe.top_k} "
+                 f"H={moe.hidden_size} I/tp={self.spec.intermediate_per_shard}, {moe.routing.method.value} routing)")
+        advice = ("This backend has never been run on hardware by wna16moe's developers; its outputs are not used. "
+                  "Force another backend with WNA16MOE_BACKEND (e.g. WNA16MOE_BACKEND=marlin or "
+                  "WNA16MOE_BACKEND=triton), and please report this error")
         with torch.no_grad():
-            out = self._call(hidden, logits, weights, correction_bias).float()
+            try:
+                out = self._call(hidden, logits, weights, correction_bias).float()
+            except Exception as error:  # FlashInfer's own failure (no cubin for this GPU, a rejected argument, ...)
+                return (f"{NAME} (FlashInfer's trtllm_mxint4_block_scale_moe) failed its self-check on {device}: "
+                        f"the call on {layer} raised {type(error).__name__}: {error}. {advice}")
             want = self._reference(hidden, logits, weights, correction_bias)
         err = float((out - want).norm() / want.norm().clamp_min(torch.finfo(torch.float32).tiny))
         if err <= SELF_CHECK_RTOL:  # False for NaN
             return None
-        return (f"{NAME} (FlashInfer's trtllm_mxint4_block_scale_moe) failed its self-check on {device}: on "
-                f"{SELF_CHECK_TOKENS} tokens through this layer's weights (E={moe.num_experts} top_k={moe.top_k} "
-                f"H={moe.hidden_size} I/tp={self.spec.intermediate_per_shard}, {moe.routing.method.value} routing) "
+        return (f"{NAME} (FlashInfer's trtllm_mxint4_block_scale_moe) failed its self-check on {device}: on {layer} "
                 f"its output differs from EMULATION's by a relative error of {err:.3g} (at most {SELF_CHECK_RTOL:g} "
-                "expected). This backend has never been run on hardware by wna16moe's developers, so its weight "
-                "layout or call is likely wrong for this FlashInfer build; its outputs are not used. Force another "
-                "backend with WNA16MOE_BACKEND (e.g. WNA16MOE_BACKEND=marlin or WNA16MOE_BACKEND=triton), and "
-                "please report this error")
+                f"expected), so its weight layout or call is likely wrong for this FlashInfer build. {advice}")
 
     def _reference(self, hidden: torch.Tensor, logits: torch.Tensor, weights: dict[str, torch.Tensor],
                    correction_bias: torch.Tensor | None) -> torch.Tensor:
