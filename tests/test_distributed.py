@@ -4,9 +4,9 @@ single-process EMULATION layer on the same weights and tokens.
 CPU: gloo, 2 and 4 ranks (one spawn per world size runs that size's scenarios in order; each test checks one
 scenario), TRITON and BATCHED_TRITON through the interpreter in float16 (its bfloat16 dot is wrong), EMULATION
 in bfloat16. Scenarios cover TP (all-reduce), EP with shared tokens (expert map + all-reduce), EP with
-data-parallel tokens (all-to-all, standard with counts or fixed buffers, and batched), TP x EP, act-order under
-TP, biases, uneven expert ranges, ranks that receive no token, skewed routing, M = 1, an idle data-parallel rank, and layers read from
-checkpoints with only the rank's experts.
+data-parallel tokens (all-to-all, standard with counts or fixed buffers, and batched), TP x EP, act-order
+under TP, biases, uneven expert ranges, ranks that receive no token, skewed routing, M = 1, an idle
+data-parallel rank, and layers read from checkpoints with only the rank's experts.
 
 GPU (marker gpu, 2 CUDA devices): the same through NCCL on real-sized layers in bfloat16. NCCL's NVLink
 multicast stays off (NCCL_NVLS_ENABLE=0, set unless the environment already sets it).
