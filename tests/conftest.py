@@ -279,3 +279,16 @@ def assert_round_trip(experts: QuantizedExperts, fmt: CheckpointFormat, layer: i
             if b is not None:
                 assert a.dtype == b.dtype and torch.equal(a, b)
     return tensors
+
+
+def table_rows(out: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """(backend, kernel) -> (verdict, reason) from the table `wna16moe explain` prints."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["backend", "kernel", "verdict"])
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        backend, kernel, verdict, reason = line.split(maxsplit=3)
+        rows[backend, kernel] = (verdict, reason)
+    return rows

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import table_rows
 
 from wna16moe import cli
 from wna16moe.oracle import BACKEND_CLASSES, BACKEND_ENV, Backend
@@ -33,17 +34,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def table_rows(out: str) -> dict[tuple[str, str], tuple[str, str]]:
-    """(backend, kernel) -> (verdict, reason) from the printed table."""
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["backend", "kernel", "verdict"])
-    rows = {}
-    for line in lines[start + 1:]:
-        if not line.strip():
-            break
-        backend, kernel, verdict, reason = line.split(maxsplit=3)
-        rows[backend, kernel] = (verdict, reason)
-    return rows
 
 
 def expected_candidates() -> set[tuple[str, str]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import random_experts, relative_error
+from conftest import random_experts, relative_error, table_rows
 
 from wna16moe import (
     BackendError,
@@ -99,17 +99,6 @@ def test_oracle_on_simulated_devices(case: Case) -> None:
         assert CAVEAT in candidate.reason
 
 
-def _explain_rows(out: str) -> dict[str, tuple[str, str]]:
-    """backend -> (verdict, reason) from the table `wna16moe explain` prints."""
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["backend", "kernel", "verdict"])
-    rows = {}
-    for line in lines[start + 1:]:
-        if not line.strip():
-            break
-        backend, _, verdict, reason = line.split(maxsplit=3)
-        rows[backend] = (verdict, reason)
-    return rows
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -118,7 +107,7 @@ def test_explain_cli_on_simulated_devices(case: Case, capsys: pytest.CaptureFixt
     argv += ["--dtype", "fp16"] if case.fp16 else []
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    verdict, reason = _explain_rows(out)["flashinfer_trtllm"]
+    verdict, reason = table_rows(out)["flashinfer_trtllm", "FlashInferTrtllmExperts"]
     assert verdict == case.verdict.value
     for check, text in case.failed.items():
         assert f"{check}: " in reason and text in reason
