@@ -154,6 +154,8 @@ class MarlinExperts(Experts):
 
     NAME = NAME
     ACTIVATIONS: ClassVar[tuple[Activation, ...]] = ACTIVATIONS
+    CAVEAT = ("caveat: on a GPU (H100, vLLM 0.33.0's op library) checked against the float32 reference for int4 "
+              "symmetric bf16 layers only so far; zero points, int8, channel-wise and fp16 are tested on CPU")
 
     @classmethod
     def supports_device(cls, device: DeviceInfo) -> Check:
