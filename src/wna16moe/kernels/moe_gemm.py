@@ -11,7 +11,9 @@ Weight layout, K-major and tile-interleaved: w[e, t * R + r, n] is one int32 wor
 is one coalesced [R, BLOCK_N] load, and slot j of all its words is the contiguous sub-block
 [j * R, (j + 1) * R) of the tile: unpacking is a shift and a mask per element, with no interleave, and each
 sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Sub-blocks never straddle a
-quantization group (groups are multiples of R), so the scale multiplies each group's partial sum.
+quantization group (groups are multiples of R), so the scale multiplies each group's partial sum. On NVIDIA
+GPUs (FAST_DEQUANT) the slots come from `kernels/dequant.py` instead: exponent tricks in PTX rather than
+quarter-rate int -> float conversions, with the scale folded into the weights for groups smaller than a tile.
 
 GEMM1 (GATED): a = hidden_states [T, H]; the program computes a gate tile (columns n) and the matching up
 tile (columns n + N) and writes act(gate, up) to intermediate [P, N] in the activation dtype.
