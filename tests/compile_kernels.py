@@ -1,11 +1,18 @@
-"""Compile the Triton kernels for NVIDIA targets without a GPU and print PTX facts as JSON.
+"""Compile the Triton kernels for NVIDIA targets without a GPU and print PTX and SASS facts as JSON.
 
 Run as a script (by tests/test_kernels_compile.py) in a process without TRITON_INTERPRET: triton decides at
-decoration time whether a kernel is interpreted, and the other CPU tests interpret them.
+decoration time whether a kernel is interpreted, and the other CPU tests interpret them. Pointers, sizes and
+strides are specialized as divisible by 16, as at run time on real shapes. SASS comes from the ptxas and
+nvdisasm that ship in the triton wheel; the GEMM's main loop is its longest backward branch.
 """
 
+import collections
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -25,8 +32,34 @@ PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "c
              "lop3.b32", "prmt.b32")
 
 
+DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "KD", "stride_am", "stride_we", "stride_wk",
+                   "stride_se", "stride_sg", "stride_om")
+
+
 def facts(ptx: str) -> dict[str, int]:
     return {name: ptx.count(name) for name in PTX_FACTS}
+
+
+def main_loop(cubin: bytes) -> dict[str, int]:
+    """Instructions in the longest loop of the SASS (per thread, one iteration), and its opcode counts."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    labels: dict[str, int] = {}
+    instructions: list[str] = []
+    for line in text.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[label.group(1)] = len(instructions)
+        elif instruction := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
+            instructions.append(instruction.group(1))
+    loops = [(labels[m.group(1)], i) for i, ins in enumerate(instructions)
+             if (m := re.search(r"BRA.*`\((\.L_x_\d+)\)", ins)) and labels.get(m.group(1), i) < i]
+    begin, end = max(loops, key=lambda span: span[1] - span[0])
+    opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0]
+                                  for ins in instructions[begin : end + 1])
+    return {"loop_instructions": end + 1 - begin, "loop_I2F": opcodes["I2F"]}
 
 
 def compile_gemm(case: dict) -> dict[str, int]:
@@ -40,10 +73,12 @@ def compile_gemm(case: dict) -> dict[str, int]:
     act = "*" + case.get("dtype", "bf16")
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=act if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))
-    kernel = triton.compile(ASTSource(_moe_gemm_kernel, signature, constexprs=consts),
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
+    kernel = triton.compile(ASTSource(_moe_gemm_kernel, signature, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", case["sm"], 32),
                             options={"num_warps": case["warps"], "num_stages": 4})
-    return facts(kernel.asm["ptx"])
+    return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"])
 
 
 def compile_align() -> dict[str, int]:

@@ -3,7 +3,9 @@
 The interpreter used by the other CPU tests runs kernels as Python and accepts code the compiler rejects
 (module globals, loop-local constexprs). This compiles them through to PTX (tests/compile_kernels.py, in a
 process without TRITON_INTERPRET) and checks what the matrix products became, that weight loads are
-pipelined (cp.async) and that nothing spills to local memory.
+pipelined (cp.async) and that nothing spills to local memory; for the PTX-dequantization cases, that the main
+loop's SASS has no per-weight int -> float conversion and stays within an instruction budget (a performance
+regression that CPU CI can see).
 """
 
 import json
@@ -30,18 +32,18 @@ CASES = [
     # PTX dequantization (kernels/dequant.py), through ptxas: decode int4 bf16, fp16 int8 with zero points,
     # int8 bf16 at BLOCK_M 128 (wgmma per slot), and Ampere
     dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
-         mma="mma.sync", fast=True),
+         mma="mma.sync", fast=True, loop_budget=470),
     dict(sm=90, gated=False, bits=8, zp=True, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
-         mma="mma.sync", fast=True, dtype="fp16"),
+         mma="mma.sync", fast=True, dtype="fp16", loop_budget=370),
     dict(sm=90, gated=True, bits=8, zp=False, perm=False, group_in_tile=128, block_m=128, block_n=128, warps=8,
-         mma="wgmma.mma_async", fast=True),
+         mma="wgmma.mma_async", fast=True, loop_budget=1240),
     dict(sm=80, gated=False, bits=4, zp=True, perm=True, group_in_tile=128, block_m=16, block_n=64, warps=4,
-         mma="mma.sync", fast=True, dtype="fp16"),
+         mma="mma.sync", fast=True, dtype="fp16", loop_budget=500),
     # groups smaller than the tile: weights scaled in the asm (int4 g32 bf16, int8 g64 fp16 with zero points)
     dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=32, block_m=16, block_n=64, warps=4,
-         mma="mma.sync", fast=True),
+         mma="mma.sync", fast=True, loop_budget=590),
     dict(sm=80, gated=False, bits=8, zp=True, perm=False, group_in_tile=64, block_m=32, block_n=64, warps=4,
-         mma="mma.sync", fast=True, dtype="fp16"),
+         mma="mma.sync", fast=True, dtype="fp16", loop_budget=520),
 ]
 
 
@@ -66,8 +68,13 @@ def test_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts[".local"] == 0  # no spills to local memory
     if CASES[index].get("fast"):
         converts = facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"]
-        # The codes become floats by exponent tricks, not by quarter-rate int -> float conversions.
+        # The codes become floats by exponent tricks, not by quarter-rate int -> float conversions (I2F): what
+        # is left in the loop converts zero points, one per column and group, not one per weight.
         assert converts == 0 and facts["lop3.b32"] + facts["prmt.b32"] > 0
+        assert facts["loop_I2F"] <= 8, facts
+        # Instructions per thread in one K tile of the main loop (SASS): the budget is the count measured when
+        # the loop last got faster (benchmarks/NOTES.md v5/v6) plus ~10%; growing past it needs a reason there.
+        assert facts["loop_instructions"] <= CASES[index]["loop_budget"], facts
 
 
 def test_align_compiles(compiled: dict) -> None:
