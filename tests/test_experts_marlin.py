@@ -46,7 +46,7 @@ from wna16moe.config import ActivationFormat, MoEQuantConfig, make_wna16_moe_qua
 from wna16moe.device import MARLIN_LIBRARY_ENV, DeviceInfo, Platform, find_marlin_library
 from wna16moe.errors import BackendError, InvalidInputError
 from wna16moe.experts import marlin
-from wna16moe.experts.base import Experts, LayerSpec
+from wna16moe.experts.base import Experts, LayerSpec, batched_pairs
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.marlin import (
     NO_PROVIDER,
@@ -457,7 +457,7 @@ def test_batched_padding_needs_the_zeroed_output() -> None:
     # (padding) pairs unwritten, and they come out as whatever torch.empty held.
     e, h, i, m = 3, 128, 64, 4
     experts = _tiny_experts("int4_g64_sym", e, h, i)
-    ids, ones = marlin.batched_pairs(torch.tensor([2, 0, 4], dtype=torch.int32), m, torch.device("cpu"))
+    ids, ones = batched_pairs(torch.tensor([2, 0, 4], dtype=torch.int32), m, torch.device("cpu"))
     assert ids.view(e, m).tolist() == [[0, 0, -1, -1], [-1, -1, -1, -1], [2, 2, 2, 2]]
     x = torch.randn(e * m, h, dtype=FP16)
     weights = MarlinExperts.prepare_weights(experts, torch.device("cpu"))

@@ -57,6 +57,7 @@ from wna16moe.experts.base import (
     Check,
     Experts,
     LayerSpec,
+    batched_pairs,
     check_clamp,
     check_member,
     dtype_label,
@@ -403,18 +404,6 @@ def _tiny_experts(scheme: WeightScheme) -> QuantizedExperts:
                                torch.ones(1, n, g, dtype=scheme.scale_dtype), zeros)
 
     return QuantizedExperts(weight(2 * i, h), weight(h, i))
-
-
-def batched_pairs(num_tokens: torch.Tensor, max_tokens: int, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batched format as top-1 pairs over its flattened [E_local * max_tokens] rows: ids [E * M, 1] int32,
-    row j of expert e -> e when j < num_tokens[e], else -1 (left out); router weights [E * M, 1] float32, 1."""
-    e = num_tokens.shape[0]
-    row = torch.arange(max_tokens, device=device)
-    expert = torch.arange(e, dtype=torch.int32, device=device)
-    ids = torch.where(row[None, :] < num_tokens.to(device)[:, None], expert[:, None], -1)
-    return ids.reshape(e * max_tokens, 1).to(torch.int32), torch.ones(e * max_tokens, 1, dtype=torch.float32,
-                                                                      device=device)
 
 
 class BatchedMarlinExperts(MarlinExperts):

@@ -30,7 +30,7 @@ import torch
 
 from wna16moe.config import Activation, ActivationFormat, MoEQuantConfig
 from wna16moe.device import TRITON_XPU_PROVIDER, DeviceInfo, Platform
-from wna16moe.experts.base import OK, Check, Experts, LayerSpec, check_tp_groups, fail
+from wna16moe.experts.base import OK, Check, Experts, LayerSpec, batched_pairs, check_tp_groups, fail
 from wna16moe.kernels.layout import TILE_K, tile_interleave, words_per_tile
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
@@ -254,12 +254,9 @@ class BatchedTritonExperts(TritonExperts):
     def apply_batched(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor, weights: dict[str, torch.Tensor],
                       config: TritonConfig | None = None) -> torch.Tensor:
         e, m, h = hidden_states.shape
-        row = torch.arange(m, device=hidden_states.device)
-        expert = torch.arange(e, dtype=torch.int32, device=hidden_states.device)
-        ids = torch.where(row[None, :] < num_tokens.to(hidden_states.device)[:, None], expert[:, None], -1)
-        ones = torch.ones(e * m, 1, dtype=torch.float32, device=hidden_states.device)
+        ids, ones = batched_pairs(num_tokens, m, hidden_states.device)
         cfg = config or default_config(e * m, 1, e, self.scheme.group_size)
-        out = self._forward(hidden_states.reshape(e * m, h), ones, ids.reshape(e * m, 1).to(torch.int32), weights, cfg)
+        out = self._forward(hidden_states.reshape(e * m, h), ones, ids, weights, cfg)
         return out.view(e, m, h)
 
 
