@@ -247,6 +247,9 @@ def test_load_experts_refreshes_in_place() -> None:
 
     assert {name: t.data_ptr() for name, t in layer.prepared_weights().items()} == pointers
     assert layer.kernel is kernel  # not rebuilt
+    for have, want in ((layer.quant.w1_scale, second.w13.scales), (layer.quant.w2_zp, second.w2.zeros)):
+        assert torch.equal(have, want)  # the quant config describes the new weights
+    assert layer.kernel.quant is layer.quant
     after = layer(x, logits)
     assert not torch.allclose(before, after)
     assert_output(after, reference_output(second, x, routing, silu_and_mul_ref), torch.bfloat16)

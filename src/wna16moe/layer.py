@@ -11,6 +11,7 @@ so every rank's output is the whole layer's output for the tokens it holds.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -119,10 +120,16 @@ class WNA16MoE(nn.Module):
         _check_matches(experts, self.config, self.parallel)
         local = shard_experts(experts, self.parallel, self.config.num_experts)
         current = self.prepared_weights()
-        for name, tensor in self.selection.kernel.prepare_weights(local, self.kernel.device).items():
+        prepared = self.selection.kernel.prepare_weights(local, self.kernel.device)
+        for name, tensor in prepared.items():
             if name not in current or current[name].shape != tensor.shape:
                 raise InvalidInputError(f"prepared tensor {name} changed shape; build a new layer instead")
+        for name, tensor in prepared.items():
             current[name].copy_(tensor)
+        # The quant config describes the weights the layer holds (biases and SwiGLU parameters stay).
+        self.quant = replace(self.quant, w1_scale=local.w13.scales, w2_scale=local.w2.scales, w1_zp=local.w13.zeros,
+                             w2_zp=local.w2.zeros)
+        self.kernel.quant = self.quant
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         cfg = self.config
