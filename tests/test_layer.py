@@ -41,10 +41,13 @@ from wna16moe import (
     RoutingMethod,
     WeightScheme,
     open_checkpoint,
+    oracle,
 )
+from wna16moe.errors import BackendError
+from wna16moe.experts.cpu import CPUExperts
 from wna16moe.formats import CheckpointFormat, quantization_config, write_experts
 from wna16moe.layer import WNA16MoE
-from wna16moe.oracle import BACKEND_ENV
+from wna16moe.oracle import BACKEND_ENV, Backend
 from wna16moe.quantized import QuantizedExperts
 
 E, K, H, I = 8, 2, 64, 32  # noqa: E741 (I is the intermediate size)
@@ -302,3 +305,34 @@ def test_deepseek_layer_needs_its_correction_bias() -> None:
                      device="cpu")
     with pytest.raises(InvalidInputError, match="e_score_correction_bias"):
         layer(torch.randn(2, H).bfloat16(), torch.randn(2, 16))
+
+
+# ----- a chosen kernel that cannot be built here -------------------------------------------------------------
+
+class _CPUWithoutItsLibrary(CPUExperts):
+    """The CPU backend as if its op library failed to load on this machine."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise BackendError("the op library /opt/lib.so does not load: undefined symbol")
+
+
+def test_a_kernel_that_cannot_be_built_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+                                                  ) -> None:
+    monkeypatch.delenv(BACKEND_ENV)  # the oracle chooses here (this module's fixture forces EMULATION)
+    monkeypatch.setattr(oracle, "BACKEND_CLASSES", dict(oracle.BACKEND_CLASSES))
+    oracle.register_backend(Backend.CPU, (_CPUWithoutItsLibrary,))
+    experts = random_experts(WeightScheme(4, 32), E, H, I)
+    config = MoEConfig(E, K, H, I)  # bf16: the CPU backend's checks pass, so it is chosen first
+    with caplog.at_level("WARNING", logger="wna16moe"):
+        layer = WNA16MoE(experts, config, device="cpu")
+    assert layer.backend == Backend.EMULATION
+    cpu = next(c for c in layer.selection.report.candidates if c.backend == Backend.CPU)
+    assert cpu.verdict.value == "rejected"
+    assert cpu.reason == "build: passed its checks but could not be built here: the op library /opt/lib.so does not " \
+                         "load: undefined symbol"
+    assert "cpu could not be built here" in caplog.text
+    x = torch.randn(3, H).to(torch.bfloat16)
+    assert torch.isfinite(layer(x, torch.randn(3, E))).all()
+    # Requested, it is an error: never a silent substitute.
+    with pytest.raises(BackendError, match="does not load"):
+        WNA16MoE(experts, config, device="cpu", backend="cpu")

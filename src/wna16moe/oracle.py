@@ -294,7 +294,8 @@ def _measured(spec: LayerSpec, device: DeviceInfo) -> Measured | None:
     return Measured(Backend.MARLIN, Backend.TRITON, 1.0 / speedup, tokens)
 
 
-def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None) -> Report:
+def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None,
+             unbuildable: dict[Backend, str] | None = None) -> Report:
     platform = platform_key(device)
     in_priority = PRIORITY[platform]
     order = list(in_priority) + [b for b in Backend if b not in in_priority]
@@ -306,6 +307,8 @@ def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None) -> R
     winner: Backend | None = None
     for backend in order:
         for cls, failed in _candidates(backend, spec, device):
+            if unbuildable and backend in unbuildable and not failed:
+                failed = [("build", f"passed its checks but could not be built here: {unbuildable[backend]}")]
             listed = backend in in_priority
             wanted = backend == override if override is not None else listed
             if failed:
@@ -357,13 +360,15 @@ def select_backend(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | No
                    device: DeviceInfo | None = None, override: Backend | str | None = None,
                    parallel: ParallelConfig | None = None, activation_format: ActivationFormat | None = None,
                    has_bias: bool | None = None, clamp_limit: float | None = None,
-                   router_logits_dtype: torch.dtype | None = None) -> Selection:
+                   router_logits_dtype: torch.dtype | None = None,
+                   unbuildable: dict[Backend, str] | None = None) -> Selection:
     """The backend and kernel class for a layer on `device` (default: this machine).
 
     Call as `select_backend(spec)` or `select_backend(moe_config, scheme, parallel=..., ...)`. `override`
     (else $WNA16MOE_BACKEND; "auto" or unset lets the oracle choose) forces a backend: an unknown name is an
     `InvalidInputError` listing the valid ones, and a backend that cannot run the layer is a `BackendError`
-    naming every failing check and the backends that could.
+    naming every failing check and the backends that could. `unbuildable`: backends whose kernel failed to
+    build on this machine (e.g. a Marlin library that does not load), with the error; they are rejected with it.
     """
     spec = layer_spec(layer, scheme, parallel=parallel, activation_format=activation_format, has_bias=has_bias,
                       clamp_limit=clamp_limit, router_logits_dtype=router_logits_dtype)
@@ -372,7 +377,7 @@ def select_backend(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | No
     if override is None and os.environ.get(BACKEND_ENV):
         override, setting = os.environ[BACKEND_ENV], BACKEND_ENV
     forced = override if isinstance(override, Backend) or override is None else parse_backend(override, setting)
-    report = _explain(spec, device, forced)
+    report = _explain(spec, device, forced, unbuildable)
     chosen = report.chosen
     if chosen is not None and chosen.kernel is not None:
         _log_decision(report, chosen)

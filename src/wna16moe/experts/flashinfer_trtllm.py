@@ -12,7 +12,8 @@ this caveat, in `explain`), so it guards itself: the first time a configuration 
 built in a process, `self_check` runs the real monolithic call on a few tokens through the layer's own
 weights and compares it with EMULATION run on the same weights (read back through `flashinfer_to_canonical`);
 a relative error above SELF_CHECK_RTOL (or an exception from the call itself) raises a BackendError naming the
-error and telling the user to force another backend with WNA16MOE_BACKEND. WNA16MoE calls it at construction;
+error and telling the user to force another backend with WNA16MOE_BACKEND. WNA16MoE calls it at construction
+(and, unless this backend was requested, builds the layer on the oracle's next choice instead);
 `apply_monolithic` calls it first if nothing has, so no caller gets unchecked output.
 
 Prepared layout (`prepare_weights`; E experts, H hidden, I = I/tp, Kb = K / 256):
