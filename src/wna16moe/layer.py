@@ -11,7 +11,6 @@ so every rank's output is the whole layer's output for the tokens it holds.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,15 +33,13 @@ from wna16moe.distributed import (
     shard_biases,
     shard_experts,
 )
-from wna16moe.errors import BackendError, InvalidInputError, UnsupportedError
-from wna16moe.experts.base import LayerSpec
+from wna16moe.errors import InvalidInputError, UnsupportedError
+from wna16moe.experts.base import Experts, LayerSpec
 from wna16moe.formats import open_checkpoint
-from wna16moe.oracle import Backend, Selection, make_kernel, select_backend
+from wna16moe.oracle import Backend, Selection, build_with_fallback, make_kernel, select_backend
 from wna16moe.quantized import QuantizedExperts
 from wna16moe.routing import route
 from wna16moe.scheme import WeightScheme
-
-logger = logging.getLogger("wna16moe")
 
 
 class WNA16MoE(nn.Module):
@@ -80,7 +77,6 @@ class WNA16MoE(nn.Module):
         self.parallel = parallel
         spec = LayerSpec(config, experts.scheme, parallel, has_bias=w13_bias is not None or w2_bias is not None,
                          clamp_limit=gemm1_clamp_limit, router_logits_dtype=config.dtype)
-        selection = select_backend(spec, device=info, override=backend)
         local = shard_experts(experts, parallel, config.num_experts)
         w13_bias, w2_bias = shard_biases(w13_bias, w2_bias, experts, parallel, config.num_experts)
         self.quant: MoEQuantConfig = make_wna16_moe_quant_config(
@@ -93,26 +89,21 @@ class WNA16MoE(nn.Module):
         self.register_buffer("correction_bias", None if correction_bias is None else correction_bias.to(target))
         self.prepare_finalize: PrepareFinalize = make_prepare_finalize(
             parallel, config.num_experts, groups or MoEGroups.create(parallel), target)
-        # A chosen kernel can still fail to build on this machine (a Marlin library that does not load, a
-        # FlashInfer kernel failing its self-check): unless it was requested, the oracle chooses again without it.
-        unbuildable: dict[Backend, str] = {}
-        while True:
-            try:
-                weights = selection.kernel.prepare_weights(local, target)
-                kernel = make_kernel(selection, self.quant, target)
-                if kernel.MONOLITHIC and not isinstance(self.prepare_finalize, NoParallel):
-                    raise UnsupportedError(f"{type(kernel).__name__} routes inside the kernel and cannot run behind "
-                                           f"the {type(self.prepare_finalize).__name__} dispatch (dp_size="
-                                           f"{parallel.dp_size}, batched={parallel.batched})")
-                kernel.self_check(weights, self.correction_bias)
-                break
-            except BackendError as error:
-                if selection.report.override is not None:
-                    raise
-                unbuildable[selection.backend] = str(error)
-                logger.warning("wna16moe: %s could not be built here (%s); choosing again without it",
-                               selection.backend.value, error)
-                selection = select_backend(spec, device=info, override=backend, unbuildable=unbuildable)
+
+        # A chosen kernel can still fail to build here (a Marlin library that does not load, a FlashInfer
+        # self-check): unless it was requested, the oracle chooses again without it.
+        def build(selection: Selection) -> tuple[dict[str, torch.Tensor], Experts]:
+            weights = selection.kernel.prepare_weights(local, target)
+            kernel = make_kernel(selection, self.quant, target)
+            if kernel.MONOLITHIC and not isinstance(self.prepare_finalize, NoParallel):
+                raise UnsupportedError(f"{type(kernel).__name__} routes inside the kernel and cannot run behind the "
+                                       f"{type(self.prepare_finalize).__name__} dispatch (dp_size={parallel.dp_size}, "
+                                       f"batched={parallel.batched})")
+            kernel.self_check(weights, self.correction_bias)
+            return weights, kernel
+
+        selection, (weights, kernel) = build_with_fallback(
+            lambda unbuildable: select_backend(spec, device=info, override=backend, unbuildable=unbuildable), build)
         self.selection: Selection = selection
         self.kernel = kernel
         for name, tensor in weights.items():

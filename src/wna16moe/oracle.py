@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,6 +36,7 @@ from wna16moe.scheme import WeightScheme
 from wna16moe.tuning import ShapeKey, triton_vs_marlin
 
 logger = logging.getLogger("wna16moe")
+BuiltT = TypeVar("BuiltT")
 
 # Forces a backend by name (e.g. WNA16MOE_BACKEND=emulation) for every layer built without an explicit
 # override; "auto" or unset lets the oracle choose. Read at each selection, so tests can set it.
@@ -404,6 +406,25 @@ def _log_decision(report: Report, chosen: Candidate) -> None:
         how = "requested" if report.override is not None else "auto"
         logger.info("wna16moe: %s on %s -> %s (%s, %s)", report.spec.scheme.name, report.device.name,
                     chosen.backend.value, chosen.kernel_name, how)
+
+
+def build_with_fallback(select: Callable[[dict[Backend, str]], Selection],
+                        build: Callable[[Selection], BuiltT]) -> tuple[Selection, BuiltT]:
+    """`build(select({}))`; when the chosen kernel cannot be built on this machine (`build` raises
+    `BackendError`: a Marlin library that does not load, a failed self-check) and was not requested, select
+    again with it marked unbuildable (rejected with its error in the report), and so on. A requested backend's
+    error propagates: it is never silently replaced."""
+    unbuildable: dict[Backend, str] = {}
+    while True:
+        selection = select(unbuildable)
+        try:
+            return selection, build(selection)
+        except BackendError as error:
+            if selection.report.override is not None:
+                raise
+            unbuildable[selection.backend] = str(error)
+            logger.warning("wna16moe: %s could not be built here (%s); choosing again without it",
+                           selection.backend.value, error)
 
 
 def make_kernel(selection: Selection, quant: MoEQuantConfig, device: torch.device) -> Experts:

@@ -31,7 +31,7 @@ from wna16moe.formats.checkpoint import CheckpointFormat, ExpertNaming, read_exp
 from wna16moe.formats.common import DictSource
 from wna16moe.hf.layout import TensorInfo
 from wna16moe.hf.ops import register_runtime
-from wna16moe.oracle import Backend, Report, Selection, Verdict, make_kernel, select_backend
+from wna16moe.oracle import Backend, Report, Selection, Verdict, build_with_fallback, make_kernel, select_backend
 from wna16moe.quantized import QuantizedExperts
 from wna16moe.scheme import WeightScheme
 
@@ -113,17 +113,19 @@ class ExpertsPlan:
                             self.hidden_size, self.intermediate_size)
 
 
-def select_modular(spec: LayerSpec, device: DeviceInfo, backend: Backend | None) -> Selection:
+def select_modular(spec: LayerSpec, device: DeviceInfo, backend: Backend | None,
+                   unbuildable: dict[Backend, str] | None = None) -> Selection:
     """The oracle's choice for an experts module that receives routed ids (HF routes before the experts).
 
     A monolithic kernel routes inside itself and cannot run behind HF's router; when the oracle picks one,
-    the next candidate in priority order whose checks all pass is taken instead."""
-    selection = select_backend(spec, device=device, override=backend)
+    the next candidate in priority order whose checks all pass is taken instead. `unbuildable`: as in
+    `select_backend`."""
+    selection = select_backend(spec, device=device, override=backend, unbuildable=unbuildable)
     if not selection.kernel.MONOLITHIC:
         return selection
     for candidate in selection.report.candidates:
         if candidate.verdict == Verdict.ELIGIBLE and candidate.kernel is not None and not candidate.kernel.MONOLITHIC:
-            return select_backend(spec, device=device, override=candidate.backend)
+            return select_backend(spec, device=device, override=candidate.backend, unbuildable=unbuildable)
     raise BackendError(f"{selection.backend.value} routes inside its kernel, which HF's experts modules cannot use, "
                        f"and no other backend can run this layer:\n{selection.report.table()}")
 
@@ -237,8 +239,9 @@ class PackedExperts(nn.Module):
         experts = self.canonical()
         device = next(iter(self.parameters())).device
         spec = self.spec(config, dtype)
-        selection = select_modular(spec, DeviceInfo.current(device), backend)
-        kernel = make_kernel(selection, quant_config(experts), device)
+        info = DeviceInfo.current(device)
+        selection, kernel = build_with_fallback(lambda unbuildable: select_modular(spec, info, backend, unbuildable),
+                                                lambda chosen: make_kernel(chosen, quant_config(experts), device))
         reads_per_call = selection.backend == Backend.EMULATION
         if reads_per_call:
             names = [name for name, _ in self.named_parameters(recurse=False)]
