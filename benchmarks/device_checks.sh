@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements of a device session, in the order they pay off, each bounded in time and
+# logged to $OUT (at most 8 files come back from the device tool). Run from the repository root:
+#
+#   benchmarks/device_checks.sh tests    # one GPU: TRITON and MARLIN GPU tests (~9 min at most)
+#   benchmarks/device_checks.sh sweep    # one GPU: the benchmark sweep with MARLIN and bf16 (~9 min at most)
+#   benchmarks/device_checks.sh multi    # two GPUs: NCCL tests, EP=2 with counted and fixed-buffer all-to-all
+#
+# One device call runs at most 10 minutes, hence one mode per call.
+#
+# MARLIN needs vLLM's op library (carry it, ~44 MiB; build/ is git-ignored):
+#   pip download vllm==0.33.0 --no-deps -d build/vllm-wheel
+#   unzip -o -j build/vllm-wheel/vllm-0.33.0-*.whl vllm/_moe_C_stable_libtorch.abi3.so -d build/marlin
+# Its kernels are sm_80 PTX that the driver JIT-compiles on Hopper (minutes for the whole test file): the
+# compute cache is written to $OUT/nvcache.tgz (it comes back only under 16 MB); carry it back as
+# build/nvcache.tgz to skip that next time.
+# Each step's limit is in seconds; a step that runs out is reported and the next one still runs.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD/tests" PYTHONUNBUFFERED=1
+export WNA16MOE_COMMIT=${WNA16MOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export CUDA_CACHE_MAXSIZE=4294967296 CUDA_CACHE_PATH=/tmp/nvcache
+if [ -f build/nvcache.tgz ]; then mkdir -p "$CUDA_CACHE_PATH" && tar -xzf build/nvcache.tgz -C "$CUDA_CACHE_PATH"; fi
+if [ -f build/marlin/_moe_C_stable_libtorch.abi3.so ]; then
+    export WNA16MOE_MARLIN_LIB="$PWD/build/marlin/_moe_C_stable_libtorch.abi3.so"
+fi
+start=$(date +%s)
+
+step() {  # step NAME LIMIT COMMAND...: run COMMAND with a time limit, log to $OUT/NAME.log, print the tail
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc ($(( $(date +%s) - start )) s since start)"
+    grep -E "passed|failed|error|FAILED|wrote" "$OUT/$name.log" | tail -4
+}
+
+case "${1:-tests}" in
+tests)
+    nvidia-smi -L
+    step triton-tests 240 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_kernels_dequant.py \
+        tests/test_experts_triton.py
+    step marlin-tests 300 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_marlin.py
+    tar -czf "$OUT/nvcache.tgz" -C "$CUDA_CACHE_PATH" . 2>/dev/null
+    ;;
+sweep)
+    nvidia-smi -L
+    step bench-sweep 560 python3 -m wna16moe.bench --sweep --out "$OUT/sweep.json"
+    ;;
+multi)
+    nvidia-smi -L
+    step nccl-tests 180 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_distributed.py
+    step ep2-counted 150 torchrun --nproc-per-node 2 -m wna16moe.bench --ep 2 --dp --shapes deepseek-v3 kimi-k2 \
+        --tokens 1 8 32 128 512 2048 --out "$OUT/ep2-counted.json"
+    step ep2-fixed 150 torchrun --nproc-per-node 2 -m wna16moe.bench --ep 2 --dp --max-tokens-per-rank 32 \
+        --shapes deepseek-v3 kimi-k2 --tokens 1 8 32 --out "$OUT/ep2-fixed.json"
+    step one-gpu 150 python3 -m wna16moe.bench --shapes deepseek-v3 kimi-k2 --tokens 2 16 64 256 1024 4096 \
+        --out "$OUT/one-gpu.json"
+    ;;
+*)
+    echo "usage: $0 tests|sweep|multi" >&2
+    exit 2
+    ;;
+esac
