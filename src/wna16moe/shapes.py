@@ -46,8 +46,29 @@ MODEL_SHAPES: dict[str, ModelShape] = {s.name: s for s in (
 MODEL_SHAPES["mixtral"] = MODEL_SHAPES["mixtral-8x7b"]
 
 
+_CUSTOM_FIELDS = {"H": "hidden_size", "I": "intermediate_size", "E": "num_experts", "k": "top_k", "g": "group_size"}
+
+
 def model_shape(name: str) -> ModelShape:
+    """A named shape (`MODEL_SHAPES`), or a custom one written `H=4096,I=1408,E=64,k=6[,g=128]` (softmax
+    routing with renormalization; group size 128 unless given), e.g. for `wna16moe bench --shapes`."""
     key = name.lower()
-    if key not in MODEL_SHAPES:
-        raise InvalidInputError(f"unknown model shape {name!r}; known: {', '.join(sorted(MODEL_SHAPES))}")
-    return MODEL_SHAPES[key]
+    if key in MODEL_SHAPES:
+        return MODEL_SHAPES[key]
+    if "=" not in name:
+        raise InvalidInputError(f"unknown model shape {name!r}; known: {', '.join(sorted(MODEL_SHAPES))}, or a custom "
+                                "shape written H=...,I=...,E=...,k=...[,g=...]")
+    values: dict[str, int] = {"group_size": 128}
+    for part in name.split(","):
+        field, _, value = part.partition("=")
+        if field.strip() not in _CUSTOM_FIELDS or not value.strip().isdigit() or int(value) < 1:
+            raise InvalidInputError(f"custom shape {name!r}: {part!r} is not one of H=, I=, E=, k=, g= with a "
+                                    "positive integer")
+        values[_CUSTOM_FIELDS[field.strip()]] = int(value)
+    missing = [f for f, attr in _CUSTOM_FIELDS.items() if attr not in values]
+    if missing:
+        raise InvalidInputError(f"custom shape {name!r} lacks {', '.join(missing)}")
+    if values["top_k"] > values["num_experts"]:
+        raise InvalidInputError(f"custom shape {name!r}: k={values['top_k']} exceeds E={values['num_experts']}")
+    return ModelShape(name, values["num_experts"], values["top_k"], values["hidden_size"], values["intermediate_size"],
+                      values["group_size"])
