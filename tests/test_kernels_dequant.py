@@ -1,15 +1,17 @@
 """PTX dequantization (kernels/dequant.py) against integer arithmetic in torch, bit for bit, on the GPU.
 
-CPU CI compiles it through ptxas (tests/test_kernels_compile.py); the interpreter cannot run PTX.
+CPU CI compiles it through ptxas (tests/test_kernels_compile.py) and runs the generated PTX through an emulator
+of its few instructions (tests/ptx_emulator.py); the Triton interpreter cannot run PTX.
 """
 
 import pytest
 import torch
 import triton
 import triton.language as tl
+from ptx_emulator import run
 from triton_env import HAS_CUDA
 
-from wna16moe.kernels.dequant import QUARTERS, dequant_offset, dequant_slots, dequant_slots_scaled
+from wna16moe.kernels.dequant import QUARTERS, dequant_asm, dequant_offset, dequant_slots, dequant_slots_scaled
 
 R, BLOCK_N = 16, 64
 
@@ -83,3 +85,50 @@ def test_scaled_slots_round_once(bits: int, dtype: torch.dtype) -> None:
     quarter = torch.arange(pack, device="cuda") * QUARTERS // pack  # the quarter of each slot
     exact = (codes - zeros.long()[quarter][:, None, :]).float() * scales.float()[quarter][:, None, :]
     assert torch.equal(out, exact.to(dtype))
+
+
+# ----- CPU: the generated PTX through an emulator of the instructions it uses (tests/ptx_emulator.py) -----
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool) -> None:
+    """One asm instance on two words (a pair of neighbouring elements), every slot against integer arithmetic,
+    bit for bit, with random codes, zero points per quarter and scales: catches a wrong selector, mask, shift,
+    magic constant or operand index in `dequant_asm` without a GPU."""
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    slots, mask = 32 // bits, (1 << bits) - 1
+    asm, constraints = dequant_asm(bits, dtype, scaled)
+    num_outputs = constraints.count("=r")
+    quarters = QUARTERS if scaled else 1
+    for _ in range(20):
+        words = [int(w) for w in torch.randint(0, 2**32, (2,), dtype=torch.int64)]
+        zeros = torch.randint(0, mask + 1, (quarters, 2))
+        scales = (torch.rand(quarters, 2) * 0.02 + 0.001).to(torch_dtype)
+        operands = [0] * num_outputs + words
+        for q in range(quarters):
+            if bits == 8 and dtype == "bf16":  # float32 offsets, one register per element
+                operands += [_float_bits(-(8388608.0 + float(z))) for z in zeros[q]]
+            else:
+                magic = 128.0 if dtype == "bf16" else 1024.0
+                operands.append(_pack_pair(-(magic + zeros[q].double()), torch_dtype))
+        if scaled:
+            operands += [_pack_pair(scales[q].double(), torch_dtype) for q in range(quarters)]
+        assert len(operands) == len(constraints.split(","))
+        result = run(asm, operands)
+        for j in range(slots):
+            q = j * quarters // slots
+            codes = torch.tensor([(w >> (bits * j)) & mask for w in words], dtype=torch.float64)
+            expected = codes - zeros[q].double()
+            if scaled:
+                expected = expected * scales[q].double()
+            assert result[j] == _pack_pair(expected, torch_dtype), (j, words, zeros[q].tolist())
+
+
+def _pack_pair(values: torch.Tensor, dtype: torch.dtype) -> int:
+    bits = values.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    return int(bits[0]) | (int(bits[1]) << 16)
+
+
+def _float_bits(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32)[0]) & 0xFFFFFFFF
