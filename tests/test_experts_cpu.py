@@ -30,7 +30,6 @@ from wna16moe import (
     QuantizedExperts,
     UnsupportedError,
     WeightScheme,
-    make_wna16_moe_quant_config,
     open_checkpoint,
 )
 from wna16moe.bench_cpu import bench_layer, cpu_model
@@ -61,12 +60,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _quant(experts: QuantizedExperts, **kwargs: object):
-    s = experts.scheme
-    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, s.group_size or -1, s.bits,
-                                       experts.w13.zeros, experts.w2.zeros, **kwargs)
 
 
 def _kernel_weights(prepared: dict[str, torch.Tensor], name: str, expert: int, k: int, group: int) -> torch.Tensor:
@@ -179,7 +172,7 @@ def _forward_case(scheme: WeightScheme, h: int, i: int, activation: Activation =
     experts = QuantizedExperts.quantize(torch.randn(e, 2 * i, h) * 0.1, torch.randn(e, h, i) * 0.1, scheme) \
         if not scheme.act_order else random_experts(scheme, e, h, i)
     biases = {"w1_bias": torch.randn(e, 2 * i) * 0.1, "w2_bias": torch.randn(e, h) * 0.1} if bias else {}
-    quant = _quant(experts, **biases, **quant_kwargs)
+    quant = experts.quant_config(**biases, **quant_kwargs)
     spec = LayerSpec(MoEConfig(e, k, h, i, activation), scheme, has_bias=bias,
                      clamp_limit=quant_kwargs.get("gemm1_clamp_limit"))
     assert CPUExperts.is_supported(spec, DeviceInfo.named("cpu")).ok
@@ -232,7 +225,7 @@ def test_forward_skips_remote_experts_and_rejects_bad_input() -> None:
     scheme = WeightScheme(4, 32)
     experts = random_experts(scheme, 4, 64, 32)
     spec = LayerSpec(MoEConfig(4, 2, 64, 32), scheme)
-    kernel = CPUExperts(spec, _quant(experts), CPU_DEVICE)
+    kernel = CPUExperts(spec, experts.quant_config(), CPU_DEVICE)
     weights = CPUExperts.prepare_weights(experts, CPU_DEVICE)
     x = torch.randn(3, 64).to(torch.bfloat16)
     topk_weights = torch.rand(3, 2)
@@ -274,7 +267,7 @@ def test_team_size_follows_the_work_and_is_restored(two_threads: None, monkeypat
     the output is the same bits either way, and the caller's setting is back afterwards, also after an error."""
     scheme = WeightScheme(4, 32)
     experts = random_experts(scheme, 4, 256, 128)
-    kernel = CPUExperts(LayerSpec(MoEConfig(4, 2, 256, 128), scheme), _quant(experts), CPU_DEVICE)
+    kernel = CPUExperts(LayerSpec(MoEConfig(4, 2, 256, 128), scheme), experts.quant_config(), CPU_DEVICE)
     weights = CPUExperts.prepare_weights(experts, CPU_DEVICE)
     seen: list[int] = []
     expert = CPUExperts._expert

@@ -42,7 +42,7 @@ import torch
 from triton_env import DEVICE, HAS_CUDA
 
 from wna16moe import Activation, MoEConfig, ParallelConfig, QuantizedExperts, WeightScheme, open_checkpoint
-from wna16moe.config import ActivationFormat, MoEQuantConfig, make_wna16_moe_quant_config
+from wna16moe.config import ActivationFormat, MoEQuantConfig
 from wna16moe.device import MARLIN_LIBRARY_ENV, DeviceInfo, Platform, find_marlin_library
 from wna16moe.errors import BackendError, InvalidInputError
 from wna16moe.experts import marlin
@@ -223,12 +223,6 @@ def test_library_inside_an_installed_vllm(tmp_path: Path, monkeypatch: pytest.Mo
     assert find_marlin_library() == str(package / "_moe_C_stable_libtorch.abi3.so")
 
 
-def _quant(experts: QuantizedExperts, **kwargs: object):
-    s = experts.scheme
-    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, s.group_size or -1, s.bits,
-                                       experts.w13.zeros, experts.w2.zeros, **kwargs)
-
-
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -247,7 +241,7 @@ def test_building_without_a_provider_raises(monkeypatch: pytest.MonkeyPatch) -> 
     experts = _tiny_experts()
     with pytest.raises(BackendError, match=r"^no Marlin op provider found \(install vllm or set "
                                            r"WNA16MOE_MARLIN_LIB\)$"):
-        MarlinExperts(LayerSpec(TINY, experts.scheme), _quant(experts), torch.device("cuda"))
+        MarlinExperts(LayerSpec(TINY, experts.scheme), experts.quant_config(), torch.device("cuda"))
 
 
 @pytest.mark.skipif(HAS_PROVIDER, reason="this machine has a provider")
@@ -257,7 +251,7 @@ def test_a_library_that_does_not_load(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv(MARLIN_LIBRARY_ENV, str(junk))
     experts = _tiny_experts()
     with pytest.raises(BackendError, match=f"the Marlin op library {junk} does not load: .*torch >= 2.11"):
-        MarlinExperts(LayerSpec(TINY, experts.scheme), _quant(experts), torch.device("cuda"))
+        MarlinExperts(LayerSpec(TINY, experts.scheme), experts.quant_config(), torch.device("cuda"))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
@@ -329,7 +323,7 @@ def test_forward_glue_against_emulation(scheme: str, act: Activation, e: int, h:
     # by the stand-in above: everything MARLIN does around the kernel, against EMULATION.
     experts = _tiny_experts(scheme, e, h, i)
     biases = dict(w1_bias=torch.randn(e, 2 * i), w2_bias=torch.randn(e, h)) if bias else {}
-    quant = _quant(experts, gemm1_clamp_limit=clamp, **biases)
+    quant = experts.quant_config(gemm1_clamp_limit=clamp, **biases)
     spec = LayerSpec(MoEConfig(e, k, h, i, activation=act, dtype=dtype), experts.scheme, has_bias=bias,
                      clamp_limit=clamp)
     x = torch.randn(t, h, dtype=dtype)
@@ -352,7 +346,7 @@ def test_forward_rejects_a_block_size_the_op_does_not_take() -> None:
     with pytest.raises(InvalidInputError, match=r"block_size=24 is not one the Marlin op takes"):
         marlin_moe_forward(reference_marlin_gemm, torch.zeros(4, dtype=torch.int32), 0, torch.zeros(1, 128),
                            torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32), weights, 24, Activation.SILU,
-                           _quant(experts), None, None)
+                           experts.quant_config(), None, None)
 
 
 def test_forward_glue_skips_left_out_pairs() -> None:
@@ -361,7 +355,7 @@ def test_forward_glue_skips_left_out_pairs() -> None:
     e, h, i, t, k = 4, 128, 64, 7, 3
     experts = _tiny_experts("int4_g64_zp", e, h, i)
     biases = dict(w1_bias=torch.randn(e, 2 * i), w2_bias=torch.randn(e, h))
-    quant = _quant(experts, **biases)
+    quant = experts.quant_config(**biases)
     spec = LayerSpec(MoEConfig(e, k, h, i, dtype=FP16), experts.scheme, has_bias=True)
     x = torch.randn(t, h, dtype=FP16)
     tw, ids = softmax_topk(torch.randn(t, e), k, renormalize=True)
@@ -426,7 +420,7 @@ def test_batched_apply_glue_against_emulation(monkeypatch: pytest.MonkeyPatch, s
     # are NaN and every buffer the forward allocates with torch.empty starts as NaN.
     experts = _tiny_experts(scheme, e, h, i)
     biases = dict(w1_bias=torch.randn(e, 2 * i), w2_bias=torch.randn(e, h)) if bias else {}
-    quant = _quant(experts, gemm1_clamp_limit=clamp, **biases)
+    quant = experts.quant_config(gemm1_clamp_limit=clamp, **biases)
     moe = MoEConfig(e, 2, h, i, activation=act, dtype=dtype)
     num_tokens = torch.tensor(counts, dtype=torch.int32)
     x = torch.full((e, m, h), float("nan"), dtype=dtype)  # rows past num_tokens are garbage
@@ -466,7 +460,8 @@ def test_batched_padding_needs_the_zeroed_output() -> None:
         for skip in (False, True):
             out = marlin_moe_forward(reference_marlin_gemm, torch.zeros(4, dtype=torch.int32),
                                      scalar_type_id(weight_type(experts.scheme)), x, ones, ids, weights, 8,
-                                     Activation.SILU, _quant(experts), None, None, skip_negative=skip).view(e, m, h)
+                                     Activation.SILU, experts.quant_config(), None, None,
+                                     skip_negative=skip).view(e, m, h)
             padding = torch.cat([out[0, 2:], out[1]])
             assert torch.isfinite(out[0, :2]).all() and torch.isfinite(out[2]).all()
             assert (torch.equal(padding, torch.zeros_like(padding)) if skip else torch.isnan(padding).all())
@@ -500,8 +495,8 @@ def test_gpu_marlin_matches_emulation(name: str, e: int, k: int, h: int, i: int,
     emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
     for dtype in (torch.bfloat16, torch.float16):
         spec = LayerSpec(MoEConfig(e, k, h, i, dtype=dtype), experts.scheme)
-        kernel = MarlinExperts(spec, _quant(experts), DEVICE)
-        emulation = EmulationExperts(spec, _quant(experts), DEVICE)
+        kernel = MarlinExperts(spec, experts.quant_config(), DEVICE)
+        emulation = EmulationExperts(spec, experts.quant_config(), DEVICE)
         for t in GPU_TOKENS:
             x = torch.randn(t, h, dtype=dtype, device=DEVICE)
             tw, ids = _routing(t, e, k)
@@ -528,10 +523,10 @@ def test_gpu_every_block_size(block: int) -> None:
     e, k, h, i, t = 16, 4, 1024, 512, 40
     experts = _tiny_experts("int4_g64_zp", e, h, i, DEVICE)
     spec = LayerSpec(MoEConfig(e, k, h, i, dtype=torch.bfloat16), experts.scheme)
-    kernel = MarlinExperts(spec, _quant(experts), DEVICE)
+    kernel = MarlinExperts(spec, experts.quant_config(), DEVICE)
     x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
     tw, ids = _routing(t, e, k)
-    ref = EmulationExperts(spec, _quant(experts), DEVICE).apply(x, tw, ids,
+    ref = EmulationExperts(spec, experts.quant_config(), DEVICE).apply(x, tw, ids,
                                                                  EmulationExperts.prepare_weights(experts, DEVICE))
     out = kernel.apply(x, tw, ids, MarlinExperts.prepare_weights(experts, DEVICE), block_size=block)
     assert _rel(out, ref) < 1e-2
@@ -544,7 +539,7 @@ def test_gpu_every_block_size(block: int) -> None:
 def test_gpu_bias_and_activations(activation: Activation, clamp: float | None) -> None:
     e, k, h, i, t = 8, 2, 512, 160, 33  # I padded 160 -> 192: the w13 bias is padded per half too
     experts = _tiny_experts("int4_g32_sym", e, h, i, DEVICE)
-    quant = _quant(experts, w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
+    quant = experts.quant_config(w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
                    gemm1_clamp_limit=clamp)
     spec = LayerSpec(MoEConfig(e, k, h, i, activation=activation, dtype=torch.float16), experts.scheme,
                      has_bias=True, clamp_limit=clamp)
@@ -579,8 +574,8 @@ def test_gpu_warm_up_is_logged_once_per_scheme(caplog: pytest.LogCaptureFixture,
     experts = _tiny_experts("int8_g128_sym", device=DEVICE)
     spec = LayerSpec(replace(TINY, dtype=torch.float16), experts.scheme)
     with caplog.at_level(logging.INFO, logger="wna16moe"):
-        MarlinExperts(spec, _quant(experts), DEVICE)
-        MarlinExperts(spec, _quant(experts), DEVICE)
+        MarlinExperts(spec, experts.quant_config(), DEVICE)
+        MarlinExperts(spec, experts.quant_config(), DEVICE)
     messages = [r.getMessage() for r in caplog.records if "warming up the Marlin MoE kernels" in r.getMessage()]
     assert len(messages) == 1 and "int8_g128_sym (uint8b128, float16)" in messages[0]
     assert "CUDA_CACHE_MAXSIZE" in messages[0]
@@ -614,9 +609,9 @@ def test_gpu_batched_marlin_matches_emulation(name: str, e: int, h: int, i: int,
     emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
     for dtype in (torch.bfloat16, torch.float16):
         moe = MoEConfig(e, 2, h, i, dtype=dtype)
-        kernel = BatchedMarlinExperts(LayerSpec(moe, experts.scheme, ParallelConfig(batched=True)), _quant(experts),
-                                      DEVICE)
-        emulation = EmulationExperts(LayerSpec(moe, experts.scheme), _quant(experts), DEVICE)
+        kernel = BatchedMarlinExperts(LayerSpec(moe, experts.scheme, ParallelConfig(batched=True)),
+                                      experts.quant_config(), DEVICE)
+        emulation = EmulationExperts(LayerSpec(moe, experts.scheme), experts.quant_config(), DEVICE)
         for m in GPU_MAX_TOKENS:
             counts = _uneven_counts(e, m)
             x = torch.full((e, m, h), float("nan"), dtype=dtype, device=DEVICE)  # padding rows are garbage
@@ -639,7 +634,7 @@ def test_gpu_batched_marlin_matches_emulation(name: str, e: int, h: int, i: int,
 def test_gpu_batched_marlin_with_biases() -> None:
     e, h, i, m = 8, 512, 160, 9  # I padded 160 -> 192
     experts = _tiny_experts("int4_g32_sym", e, h, i, DEVICE)
-    quant = _quant(experts, w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
+    quant = experts.quant_config(w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
                    gemm1_clamp_limit=7.0)
     moe = MoEConfig(e, 2, h, i, activation=Activation.SWIGLU_OAI, dtype=torch.bfloat16)
     kernel = BatchedMarlinExperts(LayerSpec(moe, experts.scheme, ParallelConfig(batched=True), has_bias=True,

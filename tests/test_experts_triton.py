@@ -17,7 +17,6 @@ from wna16moe import (
     ParallelConfig,
     QuantizedExperts,
     WeightScheme,
-    make_wna16_moe_quant_config,
     open_checkpoint,
 )
 from wna16moe.device import DeviceInfo
@@ -37,12 +36,6 @@ def _experts(e: int, h: int, i: int, scheme: WeightScheme, device: torch.device 
                                      torch.randn(e, h, i, device=device) * 0.1, scheme)
 
 
-def _quant(experts: QuantizedExperts, **kwargs: object):
-    s = experts.scheme
-    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, s.group_size or -1, s.bits,
-                                       experts.w13.zeros, experts.w2.zeros, **kwargs)
-
-
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -50,7 +43,7 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _run_both(experts: QuantizedExperts, cfg: MoEConfig, t: int, *, config: TritonConfig | None = None,
               **quant_kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
     spec = LayerSpec(cfg, experts.scheme)
-    quant = _quant(experts, **quant_kwargs)
+    quant = experts.quant_config(**quant_kwargs)
     x = torch.randn(t, cfg.hidden_size, dtype=cfg.dtype, device=DEVICE)
     weights, ids = softmax_topk(torch.randn(t, cfg.num_experts, device=DEVICE), cfg.top_k, renormalize=True)
     ref = EmulationExperts(spec, quant, DEVICE).apply(x, weights, ids, EmulationExperts.prepare_weights(experts,
@@ -222,7 +215,7 @@ def test_gpu_real_shapes(name: str, e: int, k: int, h: int, i: int, scheme_name:
     for dtype in (torch.bfloat16, torch.float16):
         cfg = MoEConfig(e, k, h, i, dtype=dtype)
         spec = LayerSpec(cfg, experts.scheme)
-        quant = _quant(experts)
+        quant = experts.quant_config()
         kernel = TritonExperts(spec, quant, DEVICE)
         weights = TritonExperts.prepare_weights(experts, DEVICE)
         emulation = EmulationExperts(spec, quant, DEVICE)

@@ -19,7 +19,6 @@ from wna16moe import (
     ParallelConfig,
     UnsupportedError,
     WeightScheme,
-    make_wna16_moe_quant_config,
     open_checkpoint,
 )
 from wna16moe.config import expert_range
@@ -51,18 +50,13 @@ E, K, H, I = 8, 2, 64, 128  # noqa: E741 (I is the intermediate size)
 CPU = torch.device("cpu")
 
 
-def _quant(experts: QuantizedExperts, w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None):
-    s = experts.scheme
-    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, s.group_size or -1, s.bits,
-                                       experts.w13.zeros, experts.w2.zeros, w13_bias, w2_bias)
-
-
 def _emulate(experts: QuantizedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
              w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None) -> torch.Tensor:
     """EMULATION on canonical experts (any E, I): [T, H] float32."""
     cfg = MoEConfig(experts.num_experts, ids.shape[1], experts.hidden_size, experts.intermediate_size,
                     dtype=x.dtype)
-    kernel = EmulationExperts(LayerSpec(cfg, experts.scheme), _quant(experts, w13_bias, w2_bias), x.device)
+    quant = experts.quant_config(w1_bias=w13_bias, w2_bias=w2_bias)
+    kernel = EmulationExperts(LayerSpec(cfg, experts.scheme), quant, x.device)
     return kernel.apply(x, weights, ids, EmulationExperts.prepare_weights(experts, x.device)).float()
 
 
@@ -326,7 +320,7 @@ def test_triton_skips_remote_experts(scheme_name: str) -> None:
     weights, ids = softmax_topk(torch.randn(9, 4), 3, renormalize=True)
     ids[torch.rand(9, 3) < 0.4] = -1  # pairs whose expert another EP rank owns
     ids[4] = -1  # a token with no local expert at all
-    kernel = TritonExperts(LayerSpec(cfg, experts.scheme), _quant(experts), DEVICE)
+    kernel = TritonExperts(LayerSpec(cfg, experts.scheme), experts.quant_config(), DEVICE)
     out = kernel.apply(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), kernel.prepare_weights(experts, DEVICE))
     ref = _emulate(experts, x, weights, ids)
     assert torch.equal(out[4].cpu(), torch.zeros(H, dtype=torch.float16))
@@ -339,7 +333,7 @@ def test_batched_triton_matches_each_expert() -> None:
     cfg = MoEConfig(e, 2, H, 64, dtype=torch.float16)
     bias = torch.randn(e, H)
     kernel = BatchedTritonExperts(LayerSpec(cfg, experts.scheme, activation_format=ActivationFormat.BATCHED),
-                                  _quant(experts, w2_bias=bias), DEVICE)
+                                  experts.quant_config(w2_bias=bias), DEVICE)
     num_tokens = torch.tensor([3, 0, 5, 1], dtype=torch.int32)
     x = torch.full((e, m, H), float("nan"), dtype=torch.float16)  # rows past num_tokens are garbage
     for expert, n in enumerate(num_tokens.tolist()):

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from wna16moe.config import MoEConfig, MoEQuantConfig, make_wna16_moe_quant_config
+from wna16moe.config import MoEConfig, MoEQuantConfig
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
@@ -177,7 +177,7 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bo
     cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
     e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     experts = random_experts(e, h, i, scheme, device)
-    quant = _quant_config(experts)
+    quant = experts.quant_config()
     spec = LayerSpec(cfg, scheme)
     triton_kernel = TritonExperts(spec, quant, device)
     weights = TritonExperts.prepare_weights(experts, device)
@@ -317,12 +317,6 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
         row("emulation", _bench(lambda: emulation.apply(x, tw, ids, emu_weights)), None,
             touched * per_expert, {})
     return rows
-
-
-def _quant_config(experts: QuantizedExperts) -> MoEQuantConfig:
-    s = experts.scheme
-    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, s.group_size or -1, s.bits,
-                                       experts.w13.zeros, experts.w2.zeros)
 
 
 def _commit() -> str:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from wna16moe.bench import random_experts, random_routing
-from wna16moe.config import MoEConfig, make_wna16_moe_quant_config
+from wna16moe.config import MoEConfig
 from wna16moe.experts import cpu as cpu_backend
 from wna16moe.experts.base import LayerSpec
 from wna16moe.experts.cpu import CPUExperts
@@ -81,8 +81,7 @@ def bench_layer(config: MoEConfig, scheme: WeightScheme, tokens: list[int], reps
     device = torch.device("cpu")
     e, k, h, i = config.num_experts, config.top_k, config.hidden_size, config.intermediate_size
     experts = random_experts(e, h, i, scheme, device)
-    quant = make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, scheme.group_size or -1, scheme.bits,
-                                        experts.w13.zeros, experts.w2.zeros)
+    quant = experts.quant_config()
     spec = LayerSpec(config, scheme)
     start = time.perf_counter()
     cpu, cpu_weights = CPUExperts(spec, quant, device), CPUExperts.prepare_weights(experts, device)

@@ -22,7 +22,6 @@ from wna16moe.config import (
     MoEConfig,
     MoEQuantConfig,
     ParallelConfig,
-    make_wna16_moe_quant_config,
 )
 from wna16moe.device import DeviceInfo
 from wna16moe.distributed import (
@@ -79,13 +78,10 @@ class WNA16MoE(nn.Module):
                          clamp_limit=gemm1_clamp_limit, router_logits_dtype=config.dtype)
         local = shard_experts(experts, parallel, config.num_experts)
         w13_bias, w2_bias = shard_biases(w13_bias, w2_bias, experts, parallel, config.num_experts)
-        self.quant: MoEQuantConfig = make_wna16_moe_quant_config(
-            local.w13.scales, local.w2.scales,
-            -1 if local.scheme.group_size is None else local.scheme.group_size, local.scheme.bits,
-            local.w13.zeros, local.w2.zeros,
-            None if w13_bias is None else w13_bias.to(target), None if w2_bias is None else w2_bias.to(target),
-            gemm1_clamp_limit=gemm1_clamp_limit, gemm1_alpha=gemm1_alpha, gemm1_beta=gemm1_beta,
-        )
+        self.quant: MoEQuantConfig = local.quant_config(
+            w1_bias=None if w13_bias is None else w13_bias.to(target),
+            w2_bias=None if w2_bias is None else w2_bias.to(target),
+            gemm1_clamp_limit=gemm1_clamp_limit, gemm1_alpha=gemm1_alpha, gemm1_beta=gemm1_beta)
         self.register_buffer("correction_bias", None if correction_bias is None else correction_bias.to(target))
         self.prepare_finalize: PrepareFinalize = make_prepare_finalize(
             parallel, config.num_experts, groups or MoEGroups.create(parallel), target)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from wna16moe.config import MoEQuantConfig, make_wna16_moe_quant_config
 from wna16moe.errors import InvalidInputError, UnsupportedError
 from wna16moe.scheme import WeightScheme
 
@@ -131,6 +133,13 @@ class QuantizedExperts:
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (w13 [E, 2I, H], w2 [E, H, I])."""
         return self.w13.dequantize(), self.w2.dequantize()
+
+    def quant_config(self, **extras: Any) -> MoEQuantConfig:
+        """The kernels' `MoEQuantConfig` of these weights (scales, zero points, group size, bits), plus `extras`
+        for `make_wna16_moe_quant_config` (biases, activation global scales, SwiGLU parameters)."""
+        group = -1 if self.scheme.group_size is None else self.scheme.group_size
+        return make_wna16_moe_quant_config(self.w13.scales, self.w2.scales, group, self.scheme.bits, self.w13.zeros,
+                                           self.w2.zeros, **extras)
 
     def to(self, device: torch.device | str) -> QuantizedExperts:
         return QuantizedExperts(self.w13.to(device), self.w2.to(device))

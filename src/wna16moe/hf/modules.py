@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wna16moe.config import ActivationFormat, MoEConfig, MoEQuantConfig, ParallelConfig, make_wna16_moe_quant_config
+from wna16moe.config import ActivationFormat, MoEConfig, ParallelConfig
 from wna16moe.device import DeviceInfo
 from wna16moe.errors import BackendError, CheckpointError
 from wna16moe.experts.base import Experts, LayerSpec
@@ -130,14 +130,6 @@ def select_modular(spec: LayerSpec, device: DeviceInfo, backend: Backend | None,
                        f"and no other backend can run this layer:\n{selection.report.table()}")
 
 
-def quant_config(experts: QuantizedExperts) -> MoEQuantConfig:
-    """The kernel-facing quantization parameters of canonical experts (no bias, no SwiGLU clamp)."""
-    scheme = experts.scheme
-    group = -1 if scheme.group_size is None else scheme.group_size
-    return make_wna16_moe_quant_config(experts.w13.scales, experts.w2.scales, group, scheme.bits, experts.w13.zeros,
-                                       experts.w2.zeros)
-
-
 class _ExpertsRuntime:
     """One layer's kernel and how to feed it; registered with the custom op, owned by its module."""
 
@@ -241,7 +233,7 @@ class PackedExperts(nn.Module):
         spec = self.spec(config, dtype)
         info = DeviceInfo.current(device)
         selection, kernel = build_with_fallback(lambda unbuildable: select_modular(spec, info, backend, unbuildable),
-                                                lambda chosen: make_kernel(chosen, quant_config(experts), device))
+                                                lambda chosen: make_kernel(chosen, experts.quant_config(), device))
         reads_per_call = selection.backend == Backend.EMULATION
         if reads_per_call:
             names = [name for name, _ in self.named_parameters(recurse=False)]

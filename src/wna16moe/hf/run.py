@@ -17,7 +17,7 @@ from wna16moe.device import DeviceInfo
 from wna16moe.errors import InvalidInputError
 from wna16moe.experts.base import LayerSpec
 from wna16moe.hf.api import loading
-from wna16moe.hf.modules import PackedExperts, quant_config
+from wna16moe.hf.modules import PackedExperts
 from wna16moe.oracle import PRIORITY, Backend, Verdict, make_kernel, select_backend
 from wna16moe.quantized import QuantizedExperts
 
@@ -131,7 +131,7 @@ def _routing(model: nn.Module, name: str, hidden: torch.Tensor, top_k: int,
 def _apply(backend: Backend, spec: LayerSpec, device: DeviceInfo, experts: QuantizedExperts, hidden: torch.Tensor,
            weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """float32 output of a fresh `backend` kernel for the layer, built from its canonical experts."""
-    kernel = make_kernel(select_backend(spec, device=device, override=backend), quant_config(experts), hidden.device)
+    kernel = make_kernel(select_backend(spec, device=device, override=backend), experts.quant_config(), hidden.device)
     return kernel.apply(hidden, weights, ids, kernel.prepare_weights(experts, hidden.device)).float()
 
 
