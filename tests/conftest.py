@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, settings
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from wna16moe.experts.base import relative_error  # noqa: F401 (the tests' measure, re-exported)
 from wna16moe.formats import HF_NAMING, CheckpointFormat, DictSource, ExpertNaming, read_experts, write_experts
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
@@ -132,11 +133,6 @@ def step_ref(weight: QuantizedWeight) -> torch.Tensor:
     """float64 [E, N, K]: the quantization step (its group's scale) of every element."""
     return torch.stack([weight.scales[e].double()[:, group_index_ref(weight, e)]
                         for e in range(weight.codes.shape[0])])
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative Frobenius error ||a - b|| / ||b||."""
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 # ----- random canonical experts -----------------------------------------------------------------------------

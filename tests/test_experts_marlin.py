@@ -46,7 +46,7 @@ from wna16moe.config import ActivationFormat, MoEQuantConfig
 from wna16moe.device import MARLIN_LIBRARY_ENV, DeviceInfo, Platform, find_marlin_library
 from wna16moe.errors import BackendError, InvalidInputError
 from wna16moe.experts import marlin
-from wna16moe.experts.base import Experts, LayerSpec, batched_pairs
+from wna16moe.experts.base import Experts, LayerSpec, batched_pairs, relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.marlin import (
     NO_PROVIDER,
@@ -223,10 +223,6 @@ def test_library_inside_an_installed_vllm(tmp_path: Path, monkeypatch: pytest.Mo
     assert find_marlin_library() == str(package / "_moe_C_stable_libtorch.abi3.so")
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def _tiny_experts(scheme: str = "int4_g32_sym", e: int = 8, h: int = 256, i: int = 128,
                   device: torch.device | str = "cpu") -> QuantizedExperts:
     """Random float weights quantized by round-to-nearest (fresh each call)."""
@@ -337,7 +333,7 @@ def test_forward_glue_against_emulation(scheme: str, act: Activation, e: int, h:
         out = marlin_moe_forward(reference_marlin_gemm, torch.zeros(4, dtype=torch.int32), type_id, x, tw, ids, weights,
                                  block, act, quant, w13_bias, None if not bias else biases["w2_bias"])
         assert out.dtype == dtype and out.shape == (t, h)
-        assert _rel(out, ref) < 1e-2, block
+        assert relative_error(out, ref) < 1e-2, block
 
 
 def test_forward_rejects_a_block_size_the_op_does_not_take() -> None:
@@ -369,7 +365,7 @@ def test_forward_glue_skips_left_out_pairs() -> None:
                              padded_w13_bias(biases["w1_bias"], experts.scheme.group_size), biases["w2_bias"],
                              skip_negative=True)
     assert torch.equal(out[2], torch.zeros(h, dtype=FP16))
-    assert _rel(out, ref) < 1e-2
+    assert relative_error(out, ref) < 1e-2
 
 
 def _cpu_kernel(cls: type[MarlinExperts], spec: LayerSpec, quant: MoEQuantConfig) -> MarlinExperts:
@@ -443,7 +439,7 @@ def test_batched_apply_glue_against_emulation(monkeypatch: pytest.MonkeyPatch, s
         for expert, n in enumerate(counts):
             assert torch.equal(out[expert, n:], torch.zeros(m - n, h, dtype=dtype)), (block, expert)
         valid = torch.cat([out[expert, :n] for expert, n in enumerate(counts)])
-        assert _rel(valid, ref) < 1e-2, block
+        assert relative_error(valid, ref) < 1e-2, block
 
 
 def test_batched_padding_needs_the_zeroed_output() -> None:
@@ -502,7 +498,7 @@ def test_gpu_marlin_matches_emulation(name: str, e: int, k: int, h: int, i: int,
             tw, ids = _routing(t, e, k)
             out = kernel.apply(x, tw, ids, weights)
             assert out.dtype == dtype and out.shape == (t, h) and torch.isfinite(out).all()
-            assert _rel(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, (name, dtype, t)
+            assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, (name, dtype, t)
             # CUDA graph: capture once, replay on fresh inputs copied into the captured buffers.
             static = [x.clone(), tw.clone(), ids.clone()]
             graph = torch.cuda.CUDAGraph()
@@ -513,7 +509,8 @@ def test_gpu_marlin_matches_emulation(name: str, e: int, k: int, h: int, i: int,
             for buf, new in zip(static, (x2, tw2, ids2), strict=True):
                 buf.copy_(new)
             graph.replay()
-            assert _rel(captured, emulation.apply(x2, tw2, ids2, emu_weights)) < 1e-2, (name, dtype, t, "graph")
+            expected = emulation.apply(x2, tw2, ids2, emu_weights)
+            assert relative_error(captured, expected) < 1e-2, (name, dtype, t, "graph")
 
 
 @pytest.mark.gpu
@@ -529,7 +526,7 @@ def test_gpu_every_block_size(block: int) -> None:
     ref = EmulationExperts(spec, experts.quant_config(), DEVICE).apply(x, tw, ids,
                                                                  EmulationExperts.prepare_weights(experts, DEVICE))
     out = kernel.apply(x, tw, ids, MarlinExperts.prepare_weights(experts, DEVICE), block_size=block)
-    assert _rel(out, ref) < 1e-2
+    assert relative_error(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
@@ -547,7 +544,7 @@ def test_gpu_bias_and_activations(activation: Activation, clamp: float | None) -
     tw, ids = _routing(t, e, k)
     ref = EmulationExperts(spec, quant, DEVICE).apply(x, tw, ids, EmulationExperts.prepare_weights(experts, DEVICE))
     out = MarlinExperts(spec, quant, DEVICE).apply(x, tw, ids, MarlinExperts.prepare_weights(experts, DEVICE))
-    assert _rel(out, ref) < 1e-2
+    assert relative_error(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
@@ -563,7 +560,7 @@ def test_gpu_layer_on_fixtures(fixture: str) -> None:
     assert layer.backend == Backend.MARLIN
     x = torch.randn(9, cfg.hidden_size, dtype=torch.bfloat16, device=DEVICE)
     logits = x.float() @ ckpt.router_weight(1).float().to(DEVICE).t()
-    assert _rel(layer(x, logits), ref(x, logits)) < 1e-2
+    assert relative_error(layer(x, logits), ref(x, logits)) < 1e-2
 
 
 @pytest.mark.gpu
@@ -626,7 +623,7 @@ def test_gpu_batched_marlin_matches_emulation(name: str, e: int, h: int, i: int,
             for expert, n in enumerate(counts.tolist()):
                 assert torch.equal(out[expert, n:], torch.zeros_like(out[expert, n:])), (name, dtype, m, expert)
             valid = torch.cat([out[expert, :n] for expert, n in enumerate(counts.tolist())])
-            assert torch.isfinite(valid).all() and _rel(valid, ref) < 1e-2, (name, dtype, m)
+            assert torch.isfinite(valid).all() and relative_error(valid, ref) < 1e-2, (name, dtype, m)
 
 
 @pytest.mark.gpu
@@ -651,7 +648,7 @@ def test_gpu_batched_marlin_with_biases() -> None:
         if n:
             ids = torch.full((n, 1), expert, dtype=torch.int32, device=DEVICE)
             ref = emulation.apply(x[expert, :n], torch.ones(n, 1, device=DEVICE), ids, emu_weights)
-            assert _rel(out[expert, :n], ref) < 1e-2, expert
+            assert relative_error(out[expert, :n], ref) < 1e-2, expert
 
 
 @pytest.mark.gpu
@@ -668,4 +665,4 @@ def test_gpu_single_rank_batched_layer_picks_batched_marlin() -> None:
         x = torch.randn(t, cfg.hidden_size, dtype=torch.bfloat16, device=DEVICE)
         logits = x.float() @ ckpt.router_weight(1).float().to(DEVICE).t()
         logits[: t // 2, 3] += 10.0  # skew: half the tokens pick expert 3 first
-        assert _rel(layer(x, logits), reference(x, logits)) < 1e-2, t
+        assert relative_error(layer(x, logits), reference(x, logits)) < 1e-2, t

@@ -20,7 +20,7 @@ from wna16moe import (
     open_checkpoint,
 )
 from wna16moe.device import DeviceInfo
-from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import TritonConfig, TritonExperts, prepare_triton_weights
 from wna16moe.kernels.layout import TILE_K, tile_deinterleave, tile_interleave
@@ -34,10 +34,6 @@ def _experts(e: int, h: int, i: int, scheme: WeightScheme, device: torch.device 
     """Random float weights quantized by round-to-nearest (fresh each call)."""
     return QuantizedExperts.quantize(torch.randn(e, 2 * i, h, device=device) * 0.1,
                                      torch.randn(e, h, i, device=device) * 0.1, scheme)
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _run_both(experts: QuantizedExperts, cfg: MoEConfig, t: int, *, config: TritonConfig | None = None,
@@ -139,7 +135,7 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
     experts = _experts(e, h, i, WeightScheme.from_name(scheme_name))
     out, ref = _run_both(experts, MoEConfig(e, k, h, i, activation=act, dtype=dtype), t)
     assert torch.isfinite(out).all()
-    assert _rel(out, ref) < 1e-2
+    assert relative_error(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("config", [
@@ -152,7 +148,7 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
 def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
     experts = _experts(4, 128, 64, WeightScheme.from_name(scheme_name))
     out, ref = _run_both(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6, config=config)
-    assert _rel(out, ref) < 1e-2
+    assert relative_error(out, ref) < 1e-2
 
 
 def test_bias_and_clamp() -> None:
@@ -161,7 +157,7 @@ def test_bias_and_clamp() -> None:
     out, ref = _run_both(experts, MoEConfig(e, 2, h, i, dtype=torch.float16), 5,
                          w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
                          gemm1_clamp_limit=0.5)
-    assert _rel(out, ref) < 1e-2
+    assert relative_error(out, ref) < 1e-2
 
 
 def test_gemm1_writes_every_routed_row() -> None:
@@ -193,7 +189,7 @@ def test_layer_on_fixtures(fixture: str) -> None:
     assert layer.backend.value == "triton"
     x = torch.randn(9, h, dtype=torch.float16, device=DEVICE)
     logits = x.float() @ ckpt.router_weight(1).float().to(DEVICE).t()
-    assert _rel(layer(x, logits), ref(x, logits)) < 1e-2
+    assert relative_error(layer(x, logits), ref(x, logits)) < 1e-2
 
 
 # ----- GPU: real shapes, every M, bf16, CUDA graphs -----
@@ -225,7 +221,7 @@ def test_gpu_real_shapes(name: str, e: int, k: int, h: int, i: int, scheme_name:
             tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
             ref = emulation.apply(x, tw, ids, emu_weights)
             out = kernel.apply(x, tw, ids, weights)
-            assert _rel(out, ref) < 1e-2, (name, dtype, t)
+            assert relative_error(out, ref) < 1e-2, (name, dtype, t)
             # CUDA graph: capture once, replay on fresh inputs written into the captured buffers.
             static = [x.clone(), tw.clone(), ids.clone()]
             graph = torch.cuda.CUDAGraph()
@@ -236,7 +232,8 @@ def test_gpu_real_shapes(name: str, e: int, k: int, h: int, i: int, scheme_name:
             for buf, new in zip(static, (x2, tw2, ids2), strict=True):
                 buf.copy_(new)
             graph.replay()
-            assert _rel(captured, emulation.apply(x2, tw2, ids2, emu_weights)) < 1e-2, (name, dtype, t, "graph")
+            expected = emulation.apply(x2, tw2, ids2, emu_weights)
+            assert relative_error(captured, expected) < 1e-2, (name, dtype, t, "graph")
 
 
 @pytest.mark.gpu
@@ -253,4 +250,4 @@ def test_gpu_both_dequant_paths(scheme_name: str, ptx_dequant: bool, monkeypatch
     for dtype in (torch.bfloat16, torch.float16):
         for t in (1, 64, 1024):
             out, ref = _run_both(experts, MoEConfig(32, 4, 1024, 512, dtype=dtype), t)
-            assert _rel(out, ref) < 1e-2, (scheme_name, dtype, t)
+            assert relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)

@@ -38,7 +38,7 @@ import torch
 
 from wna16moe.config import MoEConfig, MoEQuantConfig
 from wna16moe.device import DeviceInfo
-from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.marlin import MarlinExperts
 from wna16moe.experts.triton import INTERMEDIATE_ALIGN, TritonConfig, TritonExperts
@@ -165,10 +165,6 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     return unique
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bool, ceilings: dict[str, float],
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
     shape = model_shape(name)
@@ -219,7 +215,7 @@ def _marlin_peer(name: str, spec: LayerSpec, quant: MoEQuantConfig, experts: Qua
     weights = MarlinExperts.prepare_weights(experts, device)
     x = torch.randn(32, spec.moe.hidden_size, dtype=torch.bfloat16, device=device)
     tw, ids = random_routing(32, spec.moe.num_experts, spec.moe.top_k, device)
-    err = _rel_err(kernel.apply(x, tw, ids, weights), emulation.apply(x, tw, ids, emu_weights))
+    err = relative_error(kernel.apply(x, tw, ids, weights), emulation.apply(x, tw, ids, emu_weights))
     log(f"{name} {spec.scheme.name}: marlin vs float32 reference, relative error {err:.2e}")
     if not err < 1e-2:
         log(f"{name}: marlin output is wrong (relative error {err:.3e}); marlin peer dropped")
@@ -279,7 +275,7 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
 
     default = triton_kernel.config(m)
     # Correctness first, at this M and with the configuration timed: against the float32 dequantized reference.
-    err = _rel_err(triton_kernel.apply(x, tw, ids, weights, default), emulation.apply(x, tw, ids, emu_weights))
+    err = relative_error(triton_kernel.apply(x, tw, ids, weights, default), emulation.apply(x, tw, ids, emu_weights))
     log(f"{name} {scheme.name} M={m}: triton vs float32 reference, relative error {err:.2e}")
     if not err < 1e-2:
         raise RuntimeError(f"{name} M={m}: triton output is wrong (relative error {err:.3e})")

@@ -33,7 +33,7 @@ import torch
 from wna16moe.bench import random_experts, random_routing
 from wna16moe.config import MoEConfig
 from wna16moe.experts import cpu as cpu_backend
-from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.cpu import CPUExperts
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.scheme import WeightScheme
@@ -65,10 +65,6 @@ def commit_id() -> str:
         return os.environ.get("WNA16MOE_COMMIT", "unknown")
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
 def _time_ms(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -93,7 +89,7 @@ def bench_layer(config: MoEConfig, scheme: WeightScheme, tokens: list[int], reps
         topk_weights, topk_ids = random_routing(m, e, k, device)
         run_cpu = partial(cpu.apply, x, topk_weights, topk_ids, cpu_weights)
         run_emulation = partial(emulation.apply, x, topk_weights, topk_ids, emu_weights)
-        err = _rel_err(run_cpu(), run_emulation())  # also the warm-up
+        err = relative_error(run_cpu(), run_emulation())  # also the warm-up
         if not err < MAX_REL_ERR:
             raise RuntimeError(f"M={m}: the CPU backend's output is wrong (relative error {err:.3e} vs EMULATION)")
         cpu_ms, emu_ms = [], []

@@ -60,6 +60,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from transformers.generation.streamers import BaseStreamer
 
 from wna16moe.bench_cpu import commit_id
+from wna16moe.experts.base import relative_error
 from wna16moe.formats import HF_NAMING, CheckpointFormat, quantization_config, write_experts
 from wna16moe.hf.modules import PackedExperts, WNA16Linear
 from wna16moe.hf.run import load_model, module_bytes
@@ -436,10 +437,6 @@ def forward_logits(model: nn.Module, sequence: torch.Tensor, positions: slice) -
     return model(sequence.to(device)).logits[0, positions].float().cpu()
 
 
-def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
 @torch.no_grad()
 def check_model(model: nn.Module, sequence: torch.Tensor, positions: slice, reference: torch.Tensor,
                 blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
@@ -447,12 +444,12 @@ def check_model(model: nn.Module, sequence: torch.Tensor, positions: slice, refe
     input, and the logits over `sequence`, with the share of positions whose argmax is the reference's greedy
     token (the token that follows in `sequence`)."""
     device = next(model.parameters()).device
-    moe = [_relative(layer.mlp(inp.to(device)).cpu(), out) for layer, (inp, out) in zip(
+    moe = [relative_error(layer.mlp(inp.to(device)).cpu(), out) for layer, (inp, out) in zip(
         model.model.layers, blocks, strict=True)]
     logits = forward_logits(model, sequence, positions)
     targets = sequence[0, positions.start + 1:]
     agree = (logits[: len(targets)].argmax(-1) == targets).float().mean().item() if len(targets) else 1.0
-    logits_err = _relative(logits, reference)
+    logits_err = relative_error(logits, reference)
     return {"moe_rel_err_max": float(f"{max(moe):.3e}"), "moe_rel_err_per_layer": [float(f"{e:.3e}") for e in moe],
             "moe_tolerance": MOE_TOLERANCE, "positions": logits.shape[0], "logits_rel_err": float(f"{logits_err:.3e}"),
             "logits_max_abs_err": float(f"{(logits - reference).abs().max().item():.3e}"),

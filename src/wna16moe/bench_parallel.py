@@ -35,6 +35,7 @@ import torch.distributed as dist
 from wna16moe.bench import _commit, capture_graph, random_experts
 from wna16moe.config import ActivationFormat
 from wna16moe.distributed import MoEGroups, parallel_config
+from wna16moe.experts.base import relative_error
 from wna16moe.layer import WNA16MoE
 from wna16moe.routing import route
 from wna16moe.scheme import WeightScheme
@@ -130,7 +131,7 @@ def _bench_shape(name: str, args: argparse.Namespace, groups: MoEGroups, log: An
     logits = torch.randn(check_tokens, cfg.num_experts, device=device)
     out = layer(x, logits).float()
     reference = WNA16MoE(experts, cfg, device=device, backend="emulation", correction_bias=bias)(x, logits).float()
-    error = float((out - reference).norm() / reference.norm())
+    error = relative_error(out, reference)
     worst = torch.tensor([error], device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     log(f"  output vs single-GPU EMULATION: largest relative error over ranks {float(worst):.2e}")

@@ -296,3 +296,10 @@ def batched_pairs(num_tokens: torch.Tensor, max_tokens: int, device: torch.devic
     ids = torch.where(row[None, :] < num_tokens.to(device)[:, None], expert[:, None], -1)
     return ids.reshape(e * max_tokens, 1).to(torch.int32), torch.ones(e * max_tokens, 1, dtype=torch.float32,
                                                                       device=device)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| (Frobenius, in float64): the measure every check against EMULATION uses. NaN
+    anywhere gives NaN, which fails every `error < tolerance` test."""
+    ref64 = ref.double()
+    return float((out.double() - ref64).norm() / ref64.norm().clamp_min(1e-30))

@@ -69,6 +69,7 @@ from wna16moe.experts.base import (
     dtype_label,
     fail,
     labels,
+    relative_error,
 )
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
@@ -489,7 +490,7 @@ class FlashInferTrtllmExperts(Experts):
                 return (f"{NAME} (FlashInfer's trtllm_mxint4_block_scale_moe) failed its self-check on {device}: "
                         f"the call on {layer} raised {type(error).__name__}: {error}. {advice}")
             want = self._reference(hidden, logits, weights, correction_bias)
-        err = float((out - want).norm() / want.norm().clamp_min(torch.finfo(torch.float32).tiny))
+        err = relative_error(out, want)
         if err <= SELF_CHECK_RTOL:  # False for NaN
             return None
         return (f"{NAME} (FlashInfer's trtllm_mxint4_block_scale_moe) failed its self-check on {device}: on {layer} "

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wna16moe.device import DeviceInfo
 from wna16moe.errors import InvalidInputError
-from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.hf.api import loading
 from wna16moe.hf.modules import PackedExperts
 from wna16moe.oracle import PRIORITY, Backend, Verdict, make_kernel, select_backend
@@ -164,7 +164,7 @@ def check_model(model: nn.Module, tokens: int = 32, seed: int = 0, tolerance: fl
         for candidate in {c.backend: c for c in others}.values():
             out = _apply(candidate.backend, spec, info, experts, hidden, weights, ids)
             error = (out - reference).double()
-            relative = float(error.norm() / reference.double().norm().clamp_min(1e-30))
+            relative = relative_error(out, reference)
             results.append(CheckResult(name, candidate.backend.value, candidate.kernel_name,
                                        float(error.abs().max()), relative, relative < tolerance))
     return results
