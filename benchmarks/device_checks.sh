@@ -5,6 +5,7 @@
 #   benchmarks/device_checks.sh tests    # one GPU: TRITON and MARLIN GPU tests (~9 min at most)
 #   benchmarks/device_checks.sh sweep    # one GPU: the benchmark sweep with MARLIN and bf16 (~9 min at most)
 #   benchmarks/device_checks.sh multi    # two GPUs: NCCL tests, EP=2 with counted and fixed-buffer all-to-all
+#   benchmarks/device_checks.sh pair     # two GPUs: 'tests' with MARLIN on one GPU, TRITON on the other, then 'multi'
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -37,20 +38,20 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND with a time limit, log to $O
     grep -E "passed|failed|error|FAILED|wrote" "$OUT/$name.log" | tail -4
 }
 
-case "${1:-tests}" in
-tests)
-    nvidia-smi -L
-    step triton-tests 240 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_kernels_dequant.py \
+triton_tests() {
+    step triton-tests "$1" python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_kernels_dequant.py \
         tests/test_experts_triton.py
-    step marlin-tests 300 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_marlin.py
+}
+
+marlin_tests() {  # the tests no earlier device run reached first, then the sweep over shapes and M
+    step marlin-tests-a "$1" python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_marlin.py \
+        -k "not matches_emulation or batched"
+    step marlin-tests-b "$1" python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_marlin.py \
+        -k "matches_emulation and not batched"
     tar -czf "$OUT/nvcache.tgz" -C "$CUDA_CACHE_PATH" . 2>/dev/null
-    ;;
-sweep)
-    nvidia-smi -L
-    step bench-sweep 560 python3 -m wna16moe.bench --sweep --out "$OUT/sweep.json"
-    ;;
-multi)
-    nvidia-smi -L
+}
+
+multi() {
     step nccl-tests 180 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_distributed.py
     step ep2-counted 150 torchrun --nproc-per-node 2 -m wna16moe.bench --ep 2 --dp --shapes deepseek-v3 kimi-k2 \
         --tokens 1 8 32 128 512 2048 --out "$OUT/ep2-counted.json"
@@ -58,9 +59,34 @@ multi)
         --shapes deepseek-v3 kimi-k2 --tokens 1 8 32 --out "$OUT/ep2-fixed.json"
     step one-gpu 150 python3 -m wna16moe.bench --shapes deepseek-v3 kimi-k2 --tokens 2 16 64 256 1024 4096 \
         --out "$OUT/one-gpu.json"
+}
+
+case "${1:-tests}" in
+tests)
+    nvidia-smi -L
+    triton_tests 240
+    marlin_tests 150
+    ;;
+pair)
+    nvidia-smi -L
+    (export CUDA_VISIBLE_DEVICES=0; marlin_tests 130) &
+    (export CUDA_VISIBLE_DEVICES=1; triton_tests 260) &
+    wait
+    step nccl-tests 130 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_distributed.py
+    step ep2-fixed 100 torchrun --nproc-per-node 2 -m wna16moe.bench --ep 2 --dp --max-tokens-per-rank 32 \
+        --shapes deepseek-v3 kimi-k2 --tokens 1 8 32 --out "$OUT/ep2-fixed.json"
+    step one-gpu 70 python3 -m wna16moe.bench --shapes deepseek-v3 kimi-k2 --tokens 2 16 64 --out "$OUT/one-gpu.json"
+    ;;
+sweep)
+    nvidia-smi -L
+    step bench-sweep 560 python3 -m wna16moe.bench --sweep --out "$OUT/sweep.json"
+    ;;
+multi)
+    nvidia-smi -L
+    multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi" >&2
+    echo "usage: $0 tests|sweep|multi|pair" >&2
     exit 2
     ;;
 esac
