@@ -59,7 +59,8 @@ def main_loop(cubin: bytes) -> dict[str, int]:
     begin, end = max(loops, key=lambda span: span[1] - span[0])
     opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0]
                                   for ins in instructions[begin : end + 1])
-    return {"loop_instructions": end + 1 - begin, "loop_I2F": opcodes["I2F"]}
+    return {"loop_instructions": end + 1 - begin, "loop_I2F": opcodes["I2F"], "loop_STS": opcodes["STS"],
+            "loop_STL": opcodes["STL"]}
 
 
 def compile_gemm(case: dict) -> dict[str, int]:
@@ -69,7 +70,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   GROUP_IN_TILE=case["group_in_tile"],
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
-                  BLOCK_N=case["block_n"])
+                  BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False))
     act = "*" + case.get("dtype", "bf16")
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=act if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))
@@ -77,7 +78,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     kernel = triton.compile(ASTSource(_moe_gemm_kernel, signature, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", case["sm"], 32),
-                            options={"num_warps": case["warps"], "num_stages": 4})
+                            options={"num_warps": case["warps"], "num_stages": case.get("stages", 4)})
     return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"])
 
 

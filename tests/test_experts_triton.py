@@ -251,3 +251,23 @@ def test_gpu_both_dequant_paths(scheme_name: str, ptx_dequant: bool, monkeypatch
         for t in (1, 64, 1024):
             out, ref = _run_both(experts, MoEConfig(32, 4, 1024, 512, dtype=dtype), t)
             assert relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("config", [
+    TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True),  # two warpgroups, wgmma
+    TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True),
+    TritonConfig(128, 64, 64, num_warps=4, num_stages=3, swap_ab=True),
+    TritonConfig(16, 64, 64, split_k2=2, swap_ab=True),  # decode-sized M block, split GEMM2
+], ids=["bm128-bn128-w8", "bm64-bn128-w4", "bm128-bn64-w4", "bm16-bn64-split2"])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int8_g128_zp",
+                                         "int4_ch_sym", "int8_g64_sym"])
+def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
+    """Swap-AB (weights as the MMA's A operand, scaled in the dequantization) against EMULATION."""
+    e, h, i = 16, 1152, 384
+    experts = _experts(e, h, i, WeightScheme.from_name(scheme_name))
+    for dtype in (torch.bfloat16, torch.float16):
+        for t in (1, 40, 700):
+            out, ref = _run_both(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config=config)
+            assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)

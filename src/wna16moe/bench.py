@@ -16,7 +16,7 @@ small sweep of alternatives (`triton-best`: the fastest eager configuration, or 
 CUDA-graph replay of the three fastest eager ones; `python -m wna16moe.tuning` ships them), and `marlin`
 (vLLM's Marlin MoE op over our repack) when a Marlin op provider is found and MARLIN's checks pass (its
 warm-up, which JIT-compiles on Hopper, runs before any timing). Before timing, outputs are checked against a
-float32 dequantized reference: TRITON's at every M with the configuration that is timed (a wrong result stops
+float32 dequantized reference: TRITON's at every M with every configuration that is timed (a wrong result stops
 the run), MARLIN's once per shape (a wrong result drops that peer with the error logged).
 """
 
@@ -140,7 +140,8 @@ def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 
 def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
-    """Alternatives around the default: M block, N tiles, warps, pipeline stages, GEMM2 split-K."""
+    """Alternatives around the default: M block, N tiles, warps, pipeline stages, GEMM2 split-K, swap-AB."""
+    swapped: tuple[tuple[int, int, int, int, int], ...] = ()
     if per_expert <= 20:
         tiles = ((16, 32, 32, 4, 4), (16, 64, 64, 4, 3), (16, 64, 64, 4, 6), (16, 128, 128, 4, 4),
                  (16, 64, 128, 4, 4), (16, 128, 64, 8, 4))
@@ -148,13 +149,16 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     elif per_expert <= 1024:
         tiles = ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 128, 128, 8, 3), (64, 64, 64, 4, 3),
                  (128, 64, 64, 4, 4), (32, 128, 128, 4, 4))
+        swapped = ((64, 64, 64, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3))
         splits = (1, 2)
     else:
-        tiles = ((64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 64, 8, 4), (128, 128, 128, 4, 3),
-                 (64, 128, 128, 4, 4), (128, 256, 128, 8, 3))
+        tiles = ((64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
+        swapped = ((64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3))
         splits = (1,)
     candidates = [base] + [replace(base, split_k2=s) for s in splits]
     candidates += [TritonConfig(bm, bn1, bn2, 1, warps, stages) for bm, bn1, bn2, warps, stages in tiles]
+    candidates += [TritonConfig(bm, bn1, bn2, 1, warps, stages, swap_ab=True)
+                   for bm, bn1, bn2, warps, stages in swapped]
     if per_expert <= 20:
         candidates += [TritonConfig(16, bn1, bn2, s, warps, stages) for bm, bn1, bn2, warps, stages in tiles[:2]
                        for s in splits[1:]]
@@ -274,18 +278,21 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
             f"{rows[-1]['tflops']:7.1f} TFLOP/s")
 
     default = triton_kernel.config(m)
-    # Correctness first, at this M and with the configuration timed: against the float32 dequantized reference.
-    err = relative_error(triton_kernel.apply(x, tw, ids, weights, default), emulation.apply(x, tw, ids, emu_weights))
-    log(f"{name} {scheme.name} M={m}: triton vs float32 reference, relative error {err:.2e}")
-    if not err < 1e-2:
-        raise RuntimeError(f"{name} M={m}: triton output is wrong (relative error {err:.3e})")
+    reference = emulation.apply(x, tw, ids, emu_weights)
     configs = _sweep_configs(default, m * k / e) if sweep else [default]
     timings: list[tuple[float, TritonConfig]] = []
     for c in configs:
         try:
+            # Correctness first, at this M and with the configuration timed: against the float32 reference.
+            err = relative_error(triton_kernel.apply(x, tw, ids, weights, c), reference)
             timings.append((_bench(lambda c=c: triton_kernel.apply(x, tw, ids, weights, c)), c))
         except Exception as error:  # a config that does not compile or fit is skipped, with its reason
             log(f"  config {c} failed: {type(error).__name__}: {str(error)[:120]}")
+            continue
+        if c == default:
+            log(f"{name} {scheme.name} M={m}: triton vs float32 reference, relative error {err:.2e}")
+        if not err < 1e-2:
+            raise RuntimeError(f"{name} M={m}: triton output with {c} is wrong (relative error {err:.3e})")
     default_us = next(us for us, c in timings if c == default)
     graph_us = (_bench_graph(lambda: triton_kernel.apply(x, tw, ids, weights, default))
                 if m <= GRAPH_MAX_TOKENS else None)

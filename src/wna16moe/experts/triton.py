@@ -48,7 +48,12 @@ _ACT_CODES = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, A
 
 @dataclass(frozen=True)
 class TritonConfig:
-    """Launch configuration of one forward: the M block shared by both GEMMs and each GEMM's N tile."""
+    """Launch configuration of one forward: the M block shared by both GEMMs and each GEMM's N tile.
+
+    `swap_ab` computes each tile as (W^T a^T)^T in the PTX dequantization path: the dequantized weights are
+    the MMA's A operand, which Hopper's wgmma reads from registers, instead of B, which it reads from shared
+    memory (kernels/moe_gemm.py). It pays where wgmma runs (M blocks of 64 and more).
+    """
 
     block_m: int
     block_n1: int
@@ -56,6 +61,7 @@ class TritonConfig:
     split_k2: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    swap_ab: bool = False
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -230,8 +236,8 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
-                      fast_dequant=_ptx_dequant(hidden_states.device), num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages)
+                      fast_dequant=_ptx_dequant(hidden_states.device), swap_ab=cfg.swap_ab,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         moe_gemm(hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"),
                  weights.get("w13_perm"), self.w13_bias, intermediate, None, sorted_ids, expert_ids, num_padded,

@@ -81,15 +81,18 @@ def _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride
 @triton.jit
 def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
-              GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, FAST_DEQUANT: tl.constexpr):
+              GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, FAST_DEQUANT: tl.constexpr,
+              SWAP_AB: tl.constexpr):
     """acc + a[:, tile] @ dequant(words) for one _TILE_K tile.
 
     SCALE_WEIGHTS (and BLOCK_M 64 with a group of a whole tile): all slots are unpacked into one
     [_TILE_K, BLOCK_N] operand (slot-major order is the natural K order of the tile) and a single dot covers
     the tile. Otherwise each slot is its own dot of depth R:
       - FAST_DEQUANT (NVIDIA): slots from `kernels/dequant.py`; with one group per tile, integer weights and
-        the scale multiplies the tile's sum; with smaller groups, weights scaled in the asm, so every slot
-        accumulates straight into acc.
+        the scale multiplies the tile's sum; with smaller groups (or SWAP_AB), weights scaled in the asm, so
+        every slot accumulates straight into acc.
+    SWAP_AB: acc is [BLOCK_N, BLOCK_M] and each slot is dot(slot^T, a^T): the dequantized weights are the A
+    operand, which wgmma (Hopper) takes from registers; as B they would be stored to shared memory first.
       - plain: shift, mask, subtract the zero point, convert; each group's slots summed, then scaled.
     """
     PACK: tl.constexpr = 32 // BITS
@@ -97,7 +100,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
     DTYPE: tl.constexpr = a_row_ptrs.dtype.element_ty
     # One dot per tile pays off at BLOCK_M 64 (wgmma) in the plain path; per-slot dots are faster with mma.sync
     # (BLOCK_M 16, decode) and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
-    if SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64):
+    if not SWAP_AB and (SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64)):
         offs = k + tl.arange(0, _TILE_K)
         k_mask = offs < k_end
         a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, k_mask, HAS_PERM)
@@ -121,20 +124,26 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
         else:  # a single group: scale the tile's sum
             w = tl.reshape(q - z, (_TILE_K, BLOCK_N)).to(a.dtype)
             acc += tl.dot(a, w) * tl.reshape(s, (BLOCK_N,))[None, :]
-    elif FAST_DEQUANT and GROUP_IN_TILE < _TILE_K:
+    elif FAST_DEQUANT and (GROUP_IN_TILE < _TILE_K or SWAP_AB):
         QUARTER: tl.constexpr = _TILE_K // _QUARTERS
         o0, s0 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, BITS, HAS_ZP, DTYPE)
-        o1, s1 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + QUARTER, k_end, group_size, stride_sg, BITS,
-                                       HAS_ZP, DTYPE)
-        o2, s2 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + 2 * QUARTER, k_end, group_size, stride_sg, BITS,
-                                       HAS_ZP, DTYPE)
-        o3, s3 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + 3 * QUARTER, k_end, group_size, stride_sg, BITS,
-                                       HAS_ZP, DTYPE)
+        if GROUP_IN_TILE < _TILE_K:
+            o1, s1 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + QUARTER, k_end, group_size, stride_sg, BITS,
+                                           HAS_ZP, DTYPE)
+            o2, s2 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + 2 * QUARTER, k_end, group_size, stride_sg,
+                                           BITS, HAS_ZP, DTYPE)
+            o3, s3 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + 3 * QUARTER, k_end, group_size, stride_sg,
+                                           BITS, HAS_ZP, DTYPE)
+        else:  # one group for the whole tile
+            o1, s1, o2, s2, o3, s3 = o0, s0, o0, s0, o0, s0
         slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, DTYPE)
         for j in tl.static_range(PACK):
             offs = k + j * R + tl.arange(0, R)
             a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
-            acc = tl.dot(a, slots[j], acc)
+            if SWAP_AB:
+                acc = tl.dot(tl.trans(slots[j]), tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, slots[j], acc)
     elif FAST_DEQUANT:  # one group covers the tile
         mask = n_mask & (k < k_end)
         s = tl.load(s_ptrs + (k // group_size) * stride_sg, mask=mask, other=0.0).to(tl.float32)
@@ -212,6 +221,7 @@ def _moe_gemm_kernel(
     FAST_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
@@ -241,18 +251,25 @@ def _moe_gemm_kernel(
     w_ptrs = w_ptr + expert * stride_we + tl.arange(0, R)[:, None] * stride_wk + offs_n[None, :]
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_begin, k_end, _TILE_K):
         tile_ptrs = w_ptrs + (k // PACK) * stride_wk
         words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
         acc = _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, GROUP_SIZE,
-                        stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT)
+                        stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB)
         if GATED:
             words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
             acc_up = _tile_dot(acc_up, words_up, a_row_ptrs, row_mask, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask, k,
                                k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS,
-                               FAST_DEQUANT)
+                               FAST_DEQUANT, SWAP_AB)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
 
     out_mask = row_mask[:, None] & n_mask[None, :]
     if GATED:
@@ -298,6 +315,7 @@ def moe_gemm(
     block_n: int,
     split_k: int = 1,
     fast_dequant: bool = False,
+    swap_ab: bool = False,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -315,6 +333,8 @@ def moe_gemm(
     topk_weights : [P] float32 router weights (GEMM2).
     group_size : elements per group, a multiple of R (16 for int4, 32 for int8), or -1 for channel-wise.
     fast_dequant : dequantize with NVIDIA PTX (kernels/dequant.py); CUDA only, not under the interpreter.
+    swap_ab : with fast_dequant, multiply as (W^T a^T)^T, the weights scaled in the dequantization (no effect on
+        the plain path).
     """
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
@@ -346,8 +366,8 @@ def moe_gemm(
         GROUP_IN_TILE=min(group_size, TILE_K),
         # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
         SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
-        SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        num_stages=num_stages,
+        SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n,
+        SWAP_AB=swap_ab and fast_dequant, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
