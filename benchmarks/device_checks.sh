@@ -6,6 +6,8 @@
 #   benchmarks/device_checks.sh sweep    # one GPU: the benchmark sweep with MARLIN and bf16 (~9 min at most)
 #   benchmarks/device_checks.sh multi    # two GPUs: NCCL tests, EP=2 with counted and fixed-buffer all-to-all
 #   benchmarks/device_checks.sh pair     # two GPUs: 'tests' with MARLIN on one GPU, TRITON on the other, then 'multi'
+#   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over two, TRITON tests and a kernel profile
+#                                        # on the third, MARLIN's GPU tests as parallel processes on the fourth
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -77,6 +79,31 @@ pair)
         --shapes deepseek-v3 kimi-k2 --tokens 1 8 32 --out "$OUT/ep2-fixed.json"
     step one-gpu 70 python3 -m wna16moe.bench --shapes deepseek-v3 kimi-k2 --tokens 2 16 64 --out "$OUT/one-gpu.json"
     ;;
+quad)
+    nvidia-smi -L
+    sweep_on() {  # sweep_on GPU NAME SHAPES...
+        local gpu=$1 name=$2
+        shift 2
+        CUDA_VISIBLE_DEVICES=$gpu step "$name" 560 python3 -m wna16moe.bench --sweep --shapes "$@" \
+            --out "$OUT/$name.json"
+    }
+    sweep_on 0 sweep-a mixtral qwen3-30b-a3b &
+    sweep_on 1 sweep-b deepseek-v3 &
+    sweep_on 2 sweep-c kimi-k2 &
+    (export CUDA_VISIBLE_DEVICES=3
+     step profile 90 python3 benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 kimi-k2 --tokens 1 8
+     triton_tests 400 &
+     # Marlin's PTX is JIT-compiled per kernel on first use, on the CPU: one process per test spreads that.
+     python3 -m pytest -m gpu -p no:cacheprovider --collect-only tests/test_experts_marlin.py 2>/dev/null \
+         | grep '::' > "$OUT/marlin-ids.txt"
+     xargs -P 16 -I{} sh -c 'timeout 420 python3 -m pytest -p no:cacheprovider -rfE "{}" 2>&1 | tail -2 \
+         | sed "s|^|{} :: |"' < "$OUT/marlin-ids.txt" > "$OUT/marlin-tests.log"
+     echo "== marlin-tests: $(grep -c ' passed' "$OUT/marlin-tests.log") passed," \
+         "$(grep -c -E 'failed|error' "$OUT/marlin-tests.log") with failures or errors, of $(wc -l < "$OUT/marlin-ids.txt")"
+     wait) &
+    wait
+    (cd "$OUT" && tar -czf logs.tgz ./*.log marlin-ids.txt && rm -f ./*.log marlin-ids.txt)
+    ;;
 sweep)
     nvidia-smi -L
     step bench-sweep 560 python3 -m wna16moe.bench --sweep --out "$OUT/sweep.json"
@@ -86,7 +113,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad" >&2
     exit 2
     ;;
 esac

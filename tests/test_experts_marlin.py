@@ -484,33 +484,34 @@ def _routing(t: int, e: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.gpu
 @NEEDS_PROVIDER
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("name", "e", "k", "h", "i", "scheme"), GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
-def test_gpu_marlin_matches_emulation(name: str, e: int, k: int, h: int, i: int, scheme: str) -> None:
+def test_gpu_marlin_matches_emulation(name: str, e: int, k: int, h: int, i: int, scheme: str,
+                                      dtype: torch.dtype) -> None:
     experts = _tiny_experts(scheme, e, h, i, DEVICE)  # bf16 scales: fp16 runs convert them per forward
     weights = MarlinExperts.prepare_weights(experts, DEVICE)
     emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
-    for dtype in (torch.bfloat16, torch.float16):
-        spec = LayerSpec(MoEConfig(e, k, h, i, dtype=dtype), experts.scheme)
-        kernel = MarlinExperts(spec, experts.quant_config(), DEVICE)
-        emulation = EmulationExperts(spec, experts.quant_config(), DEVICE)
-        for t in GPU_TOKENS:
-            x = torch.randn(t, h, dtype=dtype, device=DEVICE)
-            tw, ids = _routing(t, e, k)
-            out = kernel.apply(x, tw, ids, weights)
-            assert out.dtype == dtype and out.shape == (t, h) and torch.isfinite(out).all()
-            assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, (name, dtype, t)
-            # CUDA graph: capture once, replay on fresh inputs copied into the captured buffers.
-            static = [x.clone(), tw.clone(), ids.clone()]
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                captured = kernel.apply(*static, weights)
-            x2 = torch.randn(t, h, dtype=dtype, device=DEVICE)
-            tw2, ids2 = _routing(t, e, k)
-            for buf, new in zip(static, (x2, tw2, ids2), strict=True):
-                buf.copy_(new)
-            graph.replay()
-            expected = emulation.apply(x2, tw2, ids2, emu_weights)
-            assert relative_error(captured, expected) < 1e-2, (name, dtype, t, "graph")
+    spec = LayerSpec(MoEConfig(e, k, h, i, dtype=dtype), experts.scheme)
+    kernel = MarlinExperts(spec, experts.quant_config(), DEVICE)
+    emulation = EmulationExperts(spec, experts.quant_config(), DEVICE)
+    for t in GPU_TOKENS:
+        x = torch.randn(t, h, dtype=dtype, device=DEVICE)
+        tw, ids = _routing(t, e, k)
+        out = kernel.apply(x, tw, ids, weights)
+        assert out.dtype == dtype and out.shape == (t, h) and torch.isfinite(out).all()
+        assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, (name, dtype, t)
+        # CUDA graph: capture once, replay on fresh inputs copied into the captured buffers.
+        static = [x.clone(), tw.clone(), ids.clone()]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = kernel.apply(*static, weights)
+        x2 = torch.randn(t, h, dtype=dtype, device=DEVICE)
+        tw2, ids2 = _routing(t, e, k)
+        for buf, new in zip(static, (x2, tw2, ids2), strict=True):
+            buf.copy_(new)
+        graph.replay()
+        expected = emulation.apply(x2, tw2, ids2, emu_weights)
+        assert relative_error(captured, expected) < 1e-2, (name, dtype, t, "graph")
 
 
 @pytest.mark.gpu

@@ -85,7 +85,7 @@ def build_table(results: dict[str, Any], shape_keys: dict[str, ShapeKey]) -> dic
     entries: dict[str, dict[str, dict[str, Any]]] = {}
     best: dict[tuple[str, str, int], float] = {}
     for row in results["rows"]:
-        if row["shape"] not in shape_keys:
+        if row["shape"] not in shape_keys or "us_eager" not in row:  # untimed rows (`triton-wrong`)
             continue
         times = [t for t in (row["us_eager"], row.get("us_graph")) if t is not None]
         best[row["backend"], row["shape"], row["M"]] = min(times)

@@ -54,22 +54,33 @@ def _activation(gate, up, alpha, beta, limit, ACT: tl.constexpr, HAS_LIMIT: tl.c
 
 
 @triton.jit
-def _load_a(a_row_ptrs, row_mask, perm_ptr, offs, k_mask, HAS_PERM: tl.constexpr):
-    """Activation columns `offs` of the block's rows (through the act-order permutation when HAS_PERM)."""
+def _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activation columns `offs` of the block's rows (through the act-order permutation when HAS_PERM).
+
+    Every row pointer is valid (padding rows point at a real row; their results are never stored), so only
+    columns past KD need a mask, and none when KD is a whole number of tiles (EVEN_K).
+    """
+    if EVEN_K:
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + offs)
+        else:
+            cols = offs
+        return tl.load(a_row_ptrs + cols[None, :])
+    k_mask = offs < k_end
     if HAS_PERM:
         cols = tl.load(perm_ptr + offs, mask=k_mask, other=0)
     else:
         cols = offs
-    return tl.load(a_row_ptrs + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    return tl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
 
 
 @triton.jit
 def _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride_sg, BITS: tl.constexpr,
-                          HAS_ZP: tl.constexpr, DTYPE: tl.constexpr):
+                          HAS_ZP: tl.constexpr, DTYPE: tl.constexpr, EVEN_K: tl.constexpr):
     """The `dequant_slots_scaled` operands of the tile quarter starting at reduction row `row`: its group's
     negative offset and scale in DTYPE, [1, BLOCK_N] (zero scale past KD)."""
     group = row // group_size
-    mask = n_mask & (row < k_end)
+    mask = n_mask if EVEN_K else n_mask & (row < k_end)
     scale = tl.load(s_ptrs + group * stride_sg, mask=mask, other=0.0).to(DTYPE)
     if HAS_ZP:
         z = tl.load(z_ptrs + group * stride_sg, mask=mask, other=0).to(tl.int32)
@@ -79,10 +90,10 @@ def _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride
 
 
 @triton.jit
-def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
+def _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
               GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, FAST_DEQUANT: tl.constexpr,
-              SWAP_AB: tl.constexpr):
+              SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr):
     """acc + a[:, tile] @ dequant(words) for one _TILE_K tile.
 
     SCALE_WEIGHTS (and BLOCK_M 64 with a group of a whole tile): all slots are unpacked into one
@@ -102,8 +113,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
     # (BLOCK_M 16, decode) and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
     if not SWAP_AB and (SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64)):
         offs = k + tl.arange(0, _TILE_K)
-        k_mask = offs < k_end
-        a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, k_mask, HAS_PERM)
+        a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
         BLOCK_N: tl.constexpr = words.shape[1]
         NG: tl.constexpr = _TILE_K // GROUP_IN_TILE
         shifts = tl.arange(0, PACK) * BITS
@@ -126,26 +136,27 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
             acc += tl.dot(a, w) * tl.reshape(s, (BLOCK_N,))[None, :]
     elif FAST_DEQUANT and (GROUP_IN_TILE < _TILE_K or SWAP_AB):
         QUARTER: tl.constexpr = _TILE_K // _QUARTERS
-        o0, s0 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, BITS, HAS_ZP, DTYPE)
+        o0, s0 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, BITS, HAS_ZP,
+                                       DTYPE, EVEN_K)
         if GROUP_IN_TILE < _TILE_K:
             o1, s1 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + QUARTER, k_end, group_size, stride_sg, BITS,
-                                           HAS_ZP, DTYPE)
+                                           HAS_ZP, DTYPE, EVEN_K)
             o2, s2 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + 2 * QUARTER, k_end, group_size, stride_sg,
-                                           BITS, HAS_ZP, DTYPE)
+                                           BITS, HAS_ZP, DTYPE, EVEN_K)
             o3, s3 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k + 3 * QUARTER, k_end, group_size, stride_sg,
-                                           BITS, HAS_ZP, DTYPE)
+                                           BITS, HAS_ZP, DTYPE, EVEN_K)
         else:  # one group for the whole tile
             o1, s1, o2, s2, o3, s3 = o0, s0, o0, s0, o0, s0
         slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, DTYPE)
         for j in tl.static_range(PACK):
             offs = k + j * R + tl.arange(0, R)
-            a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
+            a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
             if SWAP_AB:
                 acc = tl.dot(tl.trans(slots[j]), tl.trans(a), acc)
             else:
                 acc = tl.dot(a, slots[j], acc)
     elif FAST_DEQUANT:  # one group covers the tile
-        mask = n_mask & (k < k_end)
+        mask = n_mask if EVEN_K else n_mask & (k < k_end)
         s = tl.load(s_ptrs + (k // group_size) * stride_sg, mask=mask, other=0.0).to(tl.float32)
         if HAS_ZP:
             z = tl.load(z_ptrs + (k // group_size) * stride_sg, mask=mask, other=0).to(tl.int32)
@@ -155,7 +166,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
         partial = tl.zeros(acc.shape, dtype=tl.float32)
         for j in tl.static_range(PACK):
             offs = k + j * R + tl.arange(0, R)
-            a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
+            a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
             partial = tl.dot(a, slots[j], partial)
         acc += partial * s[None, :]
     else:
@@ -173,7 +184,7 @@ def _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask
             partial = tl.zeros(acc.shape, dtype=tl.float32)
             for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
                 offs = k + j * R + tl.arange(0, R)
-                a = _load_a(a_row_ptrs, row_mask, perm_ptr, offs, offs < k_end, HAS_PERM)
+                a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
                 w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
                 partial = tl.dot(a, w, partial)
             acc += partial * s[None, :]
@@ -222,6 +233,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
@@ -235,10 +247,12 @@ def _moe_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.load(sorted_ids_ptr + offs_m)
     row_mask = rows < P
+    # Padding rows (P) read pair 0's activations instead of masking every load; their results are dropped.
+    safe_rows = tl.where(row_mask, rows, 0)
     if GATED:
-        a_rows = rows // TOP_K
+        a_rows = safe_rows // TOP_K
     else:
-        a_rows = rows
+        a_rows = safe_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     tiles = tl.cdiv(KD, _TILE_K)
@@ -260,13 +274,13 @@ def _moe_gemm_kernel(
     for k in range(k_begin, k_end, _TILE_K):
         tile_ptrs = w_ptrs + (k // PACK) * stride_wk
         words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
-        acc = _tile_dot(acc, words, a_row_ptrs, row_mask, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, GROUP_SIZE,
-                        stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB)
+        acc = _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, GROUP_SIZE, stride_sg,
+                        BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
         if GATED:
             words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
-            acc_up = _tile_dot(acc_up, words_up, a_row_ptrs, row_mask, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask, k,
-                               k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS,
-                               FAST_DEQUANT, SWAP_AB)
+            acc_up = _tile_dot(acc_up, words_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask, k, k_end,
+                               GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS,
+                               FAST_DEQUANT, SWAP_AB, EVEN_K)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -367,7 +381,7 @@ def moe_gemm(
         # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
         SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
         SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n,
-        SWAP_AB=swap_ab and fast_dequant, num_warps=num_warps, num_stages=num_stages,
+        SWAP_AB=swap_ab and fast_dequant, EVEN_K=kd % TILE_K == 0, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -1,0 +1,66 @@
+"""Where one TRITON layer forward spends its GPU time: every kernel's mean duration (torch.profiler, CUPTI).
+
+    python benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 --tokens 1 8
+
+The L2 is flushed between forwards (as in `wna16moe.bench`), so the GEMMs read their weights from HBM. Each
+kernel's bytes floor is not split out: compare a GEMM's time with the layer's floor in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from dataclasses import replace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from wna16moe.bench import random_experts, random_routing
+from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.triton import TritonExperts
+from wna16moe.scheme import WeightScheme
+from wna16moe.shapes import model_shape
+
+
+def profile_shape(name: str, m: int, repeats: int = 20) -> None:
+    shape = model_shape(name)
+    device = torch.device("cuda")
+    scheme = WeightScheme.from_name(f"int4_g{shape.group_size}_sym")
+    cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
+    experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
+    kernel = TritonExperts(LayerSpec(cfg, scheme), experts.quant_config(), device)
+    weights = TritonExperts.prepare_weights(experts, device)
+    x = torch.randn(m, cfg.hidden_size, dtype=torch.bfloat16, device=device)
+    tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    for _ in range(3):
+        kernel.apply(x, tw, ids, weights)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            flush.zero_()
+            kernel.apply(x, tw, ids, weights)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        # The int8 fill is the L2 flush, not the layer.
+        if event.device_type == torch.autograd.DeviceType.CUDA and "FillFunctor<signed char>" not in event.name:
+            totals[event.name] += event.device_time_total
+    print(f"{name} M={m} config {kernel.config(m)}")
+    for kernel_name, us in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"  {us / repeats:9.2f} us  {kernel_name[:110]}")
+    print(f"  {sum(totals.values()) / repeats:9.2f} us  total")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8])
+    args = parser.parse_args()
+    for name in args.shapes:
+        for m in args.tokens:
+            profile_shape(name, m)
+
+
+if __name__ == "__main__":
+    main()
