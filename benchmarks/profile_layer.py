@@ -1,4 +1,5 @@
-"""Where one TRITON layer forward spends its GPU time: every kernel's mean duration (torch.profiler, CUPTI).
+"""Where one TRITON layer forward spends its GPU time: every kernel's mean duration (torch.profiler, CUPTI);
+"#2 _moe_gemm_kernel" is the second launch of that kernel in a forward (GEMM2).
 
     python benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 --tokens 1 8
 
@@ -42,10 +43,14 @@ def profile_shape(name: str, m: int, repeats: int = 20) -> None:
             kernel.apply(x, tw, ids, weights)
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
-    for event in prof.events():
-        # The int8 fill is the L2 flush, not the layer.
-        if event.device_type == torch.autograd.DeviceType.CUDA and "FillFunctor<signed char>" not in event.name:
-            totals[event.name] += event.device_time_total
+    seen: dict[str, int] = defaultdict(int)  # launches of each kernel so far in this forward
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for event in sorted(kernels, key=lambda e: e.time_range.start):
+        if "FillFunctor<signed char>" in event.name:  # the L2 flush: a new forward starts
+            seen.clear()
+            continue
+        seen[event.name] += 1
+        totals[f"#{seen[event.name]} {event.name}"] += event.device_time_total
     print(f"{name} M={m} config {kernel.config(m)}")
     for kernel_name, us in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"  {us / repeats:9.2f} us  {kernel_name[:110]}")

@@ -24,7 +24,8 @@ from wna16moe.kernels.moe_gemm import _moe_gemm_kernel
 GEMM_SIGNATURE = {
     "a_ptr": "*bf16", "a_perm_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "bias_ptr": "*fp32",
     "out_ptr": "*bf16", "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-    "num_padded_ptr": "*i32", "N": "i32", "KD": "i32", "P": "i32", "num_m_blocks": "i32", "stride_am": "i32",
+    "num_padded_ptr": "*i32", "zero_ptr": "*fp32", "zero_numel": "i32", "N": "i32", "KD": "i32", "P": "i32",
+    "num_m_blocks": "i32", "stride_am": "i32",
     "stride_we": "i32", "stride_wk": "i32", "stride_se": "i32", "stride_sg": "i32", "stride_om": "i32",
     "alpha": "fp32", "beta": "fp32", "limit": "fp32",
 }
@@ -70,7 +71,8 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   GROUP_IN_TILE=case["group_in_tile"],
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
-                  BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True))
+                  BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
+                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"])
     act = "*" + case.get("dtype", "bf16")
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=act if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))

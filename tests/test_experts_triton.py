@@ -125,6 +125,7 @@ CASES = [
     ("int8_ch_sym", Activation.SWIGLU_OAI, 6, 64, 64, 7, 3),     # channel-wise int8, clamped SwiGLU
     ("int8_g32_zp", Activation.SILU, 4, 64, 32, 4, 4),           # int8 zero points, top-k = E
     ("int4_ch_zp", Activation.SILU, 3, 64, 64, 1, 1),            # T = 1, top-k = 1
+    ("int4_g64_zp", Activation.GELU, 8, 128, 64, 1, 4),          # T = 1: one block per pair, no alignment
 ]
 
 
@@ -143,6 +144,8 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
     TritonConfig(32, 64, 16, split_k2=1),   # larger M block than tokens per expert, narrow GEMM2 tiles
     TritonConfig(16, 128, 128, split_k2=3),  # N tiles wider than I' (masked), uneven split of 2 K tiles
     TritonConfig(64, 64, 64),  # BLOCK_M above the group size: scales applied to the weights
+    TritonConfig(16, 32, 32, split_k1=2),  # GEMM1 partial sums, then the activation pass
+    TritonConfig(16, 64, 64, split_k1=3, split_k2=2),  # uneven split: one program gets no K tile
 ])
 @pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_g32_sym"])
 def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
@@ -151,12 +154,15 @@ def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
     assert relative_error(out, ref) < 1e-2
 
 
-def test_bias_and_clamp() -> None:
-    e, h, i = 4, 64, 64
+@pytest.mark.parametrize("config", [None, TritonConfig(16, 32, 32, split_k1=2, split_k2=2)],
+                         ids=["default", "split-k"])
+@pytest.mark.parametrize("activation", [Activation.SILU, Activation.SWIGLU_OAI])
+def test_bias_and_clamp(activation: Activation, config: TritonConfig | None) -> None:
+    e, h, i = 4, 256, 64
     experts = _experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
-    out, ref = _run_both(experts, MoEConfig(e, 2, h, i, dtype=torch.float16), 5,
-                         w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
-                         gemm1_clamp_limit=0.5)
+    out, ref = _run_both(experts, MoEConfig(e, 2, h, i, activation=activation, dtype=torch.float16), 5,
+                         config=config, w1_bias=torch.randn(e, 2 * i, device=DEVICE),
+                         w2_bias=torch.randn(e, h, device=DEVICE), gemm1_clamp_limit=0.5)
     assert relative_error(out, ref) < 1e-2
 
 
@@ -173,6 +179,24 @@ def test_gemm1_writes_every_routed_row() -> None:
     moe_gemm(x, w["w13"], w["w13_scales"], None, None, None, inter, None, sorted_ids, expert_ids, num_padded,
              bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32)
     assert torch.isfinite(inter).all()
+
+
+@pytest.mark.parametrize("pair_blocks", [False, True], ids=["aligned", "one-block-per-pair"])
+@pytest.mark.parametrize("numel", [1, 3000, 70_001])  # fewer elements than programs; more than a 1024-wide store
+def test_gemm1_clears_gemm2_output(numel: int, pair_blocks: bool) -> None:
+    # GEMM2's accumulator, poisoned: GEMM1's programs (idle ones included) must zero all of it and nothing more.
+    e, h, i, k = 4, 64, 64, 2
+    t = 1 if pair_blocks else 5
+    experts = _experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
+    w = prepare_triton_weights(experts, DEVICE)
+    _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
+    blocks = (None, ids.reshape(-1), None) if pair_blocks else moe_align_block_size(ids, e, 16)
+    target = torch.full((numel + 1,), float("nan"), device=DEVICE)
+    inter = torch.empty(t * k, i, dtype=torch.float16, device=DEVICE)
+    moe_gemm(torch.randn(t, h, dtype=torch.float16, device=DEVICE), w["w13"], w["w13_scales"], None, None, None,
+             inter, None, *blocks, bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32,
+             zero_out=target[:numel])
+    assert torch.equal(target[:numel], torch.zeros(numel, device=DEVICE)) and torch.isnan(target[numel])
 
 
 @pytest.mark.parametrize("fixture", ["qwen3moe-gptq-w4-g32-descact", "qwen3moe-awq-gemm-w4-g32",

@@ -39,7 +39,7 @@ from wna16moe.distributed import (
 )
 from wna16moe.experts.base import OK, Experts, LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
-from wna16moe.experts.triton import BatchedTritonExperts, TritonExperts
+from wna16moe.experts.triton import BatchedTritonExperts, TritonConfig, TritonExperts
 from wna16moe.layer import WNA16MoE
 from wna16moe.oracle import Backend, select_backend
 from wna16moe.quantized import QuantizedExperts
@@ -312,8 +312,9 @@ def test_fixed_all_to_all_refuses_more_tokens_than_its_capacity() -> None:
 
 # ----- kernels: remote experts and the batched format ----------------------------------------------------------
 
+@pytest.mark.parametrize("config", [None, TritonConfig(16, 32, 32, split_k1=2, split_k2=2)], ids=["default", "split-k"])
 @pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_ch_sym"])
-def test_triton_skips_remote_experts(scheme_name: str) -> None:
+def test_triton_skips_remote_experts(scheme_name: str, config: TritonConfig | None) -> None:
     experts = random_experts(WeightScheme.from_name(scheme_name), 4, H, 64)
     cfg = MoEConfig(4, 3, H, 64, dtype=torch.float16)
     x = torch.randn(9, H, dtype=torch.float16)
@@ -321,9 +322,23 @@ def test_triton_skips_remote_experts(scheme_name: str) -> None:
     ids[torch.rand(9, 3) < 0.4] = -1  # pairs whose expert another EP rank owns
     ids[4] = -1  # a token with no local expert at all
     kernel = TritonExperts(LayerSpec(cfg, experts.scheme), experts.quant_config(), DEVICE)
-    out = kernel.apply(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), kernel.prepare_weights(experts, DEVICE))
+    out = kernel.apply(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), kernel.prepare_weights(experts, DEVICE),
+                       config)
     ref = _emulate(experts, x, weights, ids)
     assert torch.equal(out[4].cpu(), torch.zeros(H, dtype=torch.float16))
+    assert float((out.float().cpu() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_triton_skips_remote_experts_of_one_token() -> None:
+    # One token: one block per pair, no alignment; a remote pair's block does nothing.
+    experts = random_experts(WeightScheme.from_name("int4_g32_zp"), 4, H, 64)
+    kernel = TritonExperts(LayerSpec(MoEConfig(4, 3, H, 64, dtype=torch.float16), experts.scheme),
+                           experts.quant_config(), DEVICE)
+    x = torch.randn(1, H, dtype=torch.float16)
+    weights, ids = softmax_topk(torch.randn(1, 4), 3, renormalize=True)
+    ids[0, 1] = -1
+    out = kernel.apply(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE), kernel.prepare_weights(experts, DEVICE))
+    ref = _emulate(experts, x, weights, ids)
     assert float((out.float().cpu() - ref).norm() / ref.norm()) < 1e-2
 
 

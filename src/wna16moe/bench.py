@@ -141,7 +141,7 @@ def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 
 def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
-    """Alternatives around the default: M block, N tiles, warps, pipeline stages, GEMM2 split-K, swap-AB."""
+    """Alternatives around the default: M block, N tiles, warps, pipeline stages, split-K, swap-AB."""
     swapped: tuple[tuple[int, int, int, int, int], ...] = ()
     if per_expert <= 20:
         tiles = ((16, 32, 32, 4, 4), (16, 64, 64, 4, 3), (16, 64, 64, 4, 6), (16, 128, 128, 4, 4),
@@ -163,6 +163,9 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     if per_expert <= 20:
         candidates += [TritonConfig(16, bn1, bn2, s, warps, stages) for bm, bn1, bn2, warps, stages in tiles[:2]
                        for s in splits[1:]]
+        # GEMM1 split over K (partial sums + activation pass), with the default's GEMM2 and with 8 warps.
+        candidates += [replace(base, split_k1=s) for s in (1, 2, 4, 8)]
+        candidates += [replace(base, split_k1=s, num_warps=8) for s in (1, 2, 4)]
     unique: list[TritonConfig] = []
     for c in candidates:
         if c not in unique:

@@ -48,7 +48,10 @@ _ACT_CODES = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, A
 
 @dataclass(frozen=True)
 class TritonConfig:
-    """Launch configuration of one forward: the M block shared by both GEMMs and each GEMM's N tile.
+    """Launch configuration of one forward: the M block shared by both GEMMs, each GEMM's N tile and K split.
+
+    `split_k1` > 1 splits GEMM1's reduction over that many programs, which write float32 partial sums that a
+    small activation pass finishes (kernels/activation.py): at decode, when experts x N tiles leave SMs idle.
 
     `swap_ab` computes each tile as (W^T a^T)^T in the PTX dequantization path: the dequantized weights are
     the MMA's A operand, which Hopper's wgmma reads from registers, instead of B, which it reads from shared
@@ -59,6 +62,7 @@ class TritonConfig:
     block_n1: int
     block_n2: int
     split_k2: int = 1
+    split_k1: int = 1
     num_warps: int = 4
     num_stages: int = 4
     swap_ab: bool = False
@@ -66,35 +70,47 @@ class TritonConfig:
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
                    hidden_size: int | None = None, intermediate_size: int | None = None,
-                   num_sms: int | None = None) -> TritonConfig:
+                   num_sms: int | None = None, wgmma: bool = False) -> TritonConfig:
     """Tiles by expected tokens per expert, for layers the shipped table (`wna16moe.tuning`) does not cover:
-    the configurations that won most often in the H100 sweep of benchmarks/NOTES.md (v5). The smallest M block
-    while experts see few rows (decode streams each expert's weights once), larger blocks as the work turns
-    compute-bound. Small groups (32) prefer M blocks above the group size, where the kernel scales weights
-    instead of partial sums.
+    the configurations that won most often in the sweeps of benchmarks/NOTES.md (H100 v5, H200 v7). The
+    smallest M block while experts see few rows (decode streams each expert's weights once), larger blocks as
+    the work turns compute-bound, swap-AB where wgmma runs them (`wgmma`: Hopper). Small groups (32) prefer M
+    blocks above the group size, where the kernel scales weights instead of partial sums.
 
-    At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
-    few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split over up to 8x the SM count.
+    At decode few experts x N tiles leave SMs idle, and one program's serial K loop is latency-bound: each
+    GEMM's K is split until about 4 programs per SM (GEMM1 up to 4 tiles per split, GEMM2 8x the SMs as
+    before), given the layer's sizes and `num_sms`.
     """
     per_expert = num_tokens * top_k / num_experts
     if per_expert <= 20:
-        split = 1
+        split1 = split2 = 1
         if hidden_size and intermediate_size and num_sms:
-            programs = min(num_experts, num_tokens * top_k) * -(-hidden_size // 64)
-            k_tiles = -(-intermediate_size // TILE_K)
-            split = max(1, min(8 * num_sms // programs, k_tiles // 4))
-            split = 1 << (split.bit_length() - 1)  # a power of two
-        return TritonConfig(16, 64, 64, split_k2=split, num_warps=4, num_stages=4)
+            experts = min(num_experts, num_tokens * top_k)
+            split1 = _split(4 * num_sms, experts * -(-intermediate_size // 64), -(-hidden_size // TILE_K))
+            split2 = _split(8 * num_sms, experts * -(-hidden_size // 64), -(-intermediate_size // TILE_K))
+        return TritonConfig(16, 64, 64, split_k2=split2, split_k1=split1, num_warps=4, num_stages=4)
     if group_size is not None and group_size < 64:
         # Small groups: M blocks of 64 scale the weights once instead of every group's partial sums.
         if per_expert <= 100:
             return TritonConfig(16, 64, 64, num_warps=4, num_stages=3)
         if per_expert <= 1024:
             return TritonConfig(64, 64, 64, num_warps=4, num_stages=3)
+        if wgmma:
+            return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
         return TritonConfig(64, 128, 128, num_warps=8, num_stages=3)
+    if wgmma and per_expert >= 256:
+        return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
+    if wgmma and per_expert >= 64:
+        return TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True)
     if per_expert <= 1024:
         return TritonConfig(32, 128, 128, num_warps=4, num_stages=4)
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
+
+
+def _split(target_programs: int, programs: int, k_tiles: int) -> int:
+    """The power-of-two K split that brings `programs` towards `target_programs`, at least 4 K tiles each."""
+    split = max(1, min(target_programs // programs, k_tiles // 4))
+    return 1 << (split.bit_length() - 1)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -204,6 +220,7 @@ class TritonExperts(Experts):
         # The shipped table is keyed by card; other devices (ROCm, XPU, the interpreter) use default_config.
         self._card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._card else None
+        self._wgmma = self._card is not None and torch.cuda.get_device_capability(device)[0] == 9
         self._shape_key = ShapeKey.of(spec)
         self._configs: dict[int, TritonConfig] = {}
 
@@ -217,7 +234,7 @@ class TritonExperts(Experts):
             tuned = tuned_config(self._card, self._shape_key, num_tokens) if self._card is not None else None
             self._configs[num_tokens] = TritonConfig(**tuned) if tuned else default_config(
                 num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size, self.moe.hidden_size,
-                self.i_pad, self._num_sms)
+                self.i_pad, self._num_sms, self._wgmma)
         return self._configs[num_tokens]
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -228,26 +245,40 @@ class TritonExperts(Experts):
     def _forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:
         """Both GEMMs over the pairs of topk_ids [T, K'] (local ids, -1 left out) -> [T, H]."""
+        from wna16moe.kernels.activation import split_k_activation
         from wna16moe.kernels.moe_align import moe_align_block_size
         from wna16moe.kernels.moe_gemm import moe_gemm
 
         moe, scheme, quant = self.moe, self.scheme, self.quant
         t, top_k = topk_ids.shape
         group = scheme.group_size or -1
-        sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
+        if t == 1:  # one block per pair, straight from the ids: no alignment launch
+            blocks = (None, topk_ids.reshape(-1), None)
+        else:
+            blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       fast_dequant=_ptx_dequant(hidden_states.device), swap_ab=cfg.swap_ab,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
-        moe_gemm(hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"),
-                 weights.get("w13_perm"), self.w13_bias, intermediate, None, sorted_ids, expert_ids, num_padded,
-                 gated=True, act=_ACT_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, 1.702),
-                 beta=_or(quant.gemm1_beta, 1.0), limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit),
-                 block_n=cfg.block_n1, **common)
-        out = torch.zeros(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
+        # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
+        out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
+        activation = dict(act=_ACT_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, 1.702),
+                          beta=_or(quant.gemm1_beta, 1.0),
+                          limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
+        w13 = (hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"), weights.get("w13_perm"),
+               self.w13_bias)
+        if cfg.split_k1 > 1:
+            partials = torch.empty(cfg.split_k1, t * top_k, 2 * self.i_pad, dtype=torch.float32,
+                                   device=hidden_states.device)
+            moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
+                     zero_out=out, **common)
+            split_k_activation(partials, topk_ids, self.w13_bias, intermediate, **activation)
+        else:
+            moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out,
+                     **activation, **common)
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
-                 self.w2_bias, out, topk_weights.reshape(-1).float(), sorted_ids, expert_ids, num_padded,
-                 gated=False, block_n=cfg.block_n2, split_k=cfg.split_k2, **common)
+                 self.w2_bias, out, topk_weights.reshape(-1).float(), *blocks, gated=False, block_n=cfg.block_n2,
+                 split_k=cfg.split_k2, **common)
         return out.to(hidden_states.dtype)
 
 

@@ -4,7 +4,8 @@ Legend: T tokens, K top-k, P = T * K routed pairs, E experts, N output features,
 GEMM1, I for GEMM2), G groups, PACK = 32 // bits codes per int32 word, TILE_K = 128 reduction elements per
 tile, R = TILE_K // PACK words per tile column.
 
-Rows are the pairs of `moe_align_block_size`, one expert per BLOCK_M block.
+Rows are the pairs of `moe_align_block_size`, one expert per BLOCK_M block (or, for one token, one pair per
+block straight from topk_ids: PAIR_BLOCKS).
 
 Weight layout, K-major and tile-interleaved: w[e, t * R + r, n] is one int32 word of column n; its slot j
 (bits [j * bits, (j + 1) * bits)) holds the code of reduction index kd = t * TILE_K + j * R + r. So a tile
@@ -16,7 +17,8 @@ GPUs (FAST_DEQUANT) the slots come from `kernels/dequant.py` instead: exponent t
 quarter-rate int -> float conversions, with the scale folded into the weights for groups smaller than a tile.
 
 GEMM1 (GATED): a = hidden_states [T, H]; the program computes a gate tile (columns n) and the matching up
-tile (columns n + N) and writes act(gate, up) to intermediate [P, N] in the activation dtype.
+tile (columns n + N) and writes act(gate, up) to intermediate [P, N] in the activation dtype. Split over K
+(decode), it writes float32 partial sums [SPLIT_K, P, 2N] instead, for `activation.split_k_activation`.
 GEMM2: a = intermediate [P, I]; the program multiplies by the pair's router weight and atomically adds into
 out [T, N] float32, which reduces the top-k contributions of each token (summation order is not fixed).
 """
@@ -27,30 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
+from wna16moe.kernels.activation import ACT_SILU, gated_activation
 from wna16moe.kernels.dequant import QUARTERS, dequant_offset, dequant_slots, dequant_slots_scaled
 from wna16moe.kernels.layout import TILE_K
 
-ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = 0, 1, 2, 3
 # Kernels may read module globals only when they are constexpr objects.
 _TILE_K = tl.constexpr(TILE_K)
 _QUARTERS = tl.constexpr(QUARTERS)
-
-
-@triton.jit
-def _activation(gate, up, alpha, beta, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    if HAS_LIMIT:
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-    if ACT == 0:  # SiLU
-        out = gate * tl.sigmoid(gate) * up
-    elif ACT == 1:  # exact GELU
-        out = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)) * up
-    elif ACT == 2:  # tanh GELU; tanh(x) = 2 * sigmoid(2x) - 1
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        out = 0.5 * gate * (2.0 * tl.sigmoid(2.0 * inner)) * up
-    else:  # gpt-oss SwiGLU
-        out = gate * tl.sigmoid(alpha * gate) * (up + beta)
-    return out
 
 
 @triton.jit
@@ -201,9 +186,11 @@ def _moe_gemm_kernel(
     bias_ptr,  # (E, N_total) float32 (HAS_BIAS)
     out_ptr,  # GATED: (P, N) activation dtype; else (T, N) float32, accumulated atomically
     topk_w_ptr,  # (P,) float32 router weights (not GATED)
-    sorted_ids_ptr,  # (max_padded,) int32 pair of each row, P for padding
-    expert_ids_ptr,  # (max_blocks,) int32 expert of each BLOCK_M block
-    num_padded_ptr,  # (1,) int32 rows in use
+    sorted_ids_ptr,  # (max_padded,) int32 pair of each row, P for padding (not PAIR_BLOCKS)
+    expert_ids_ptr,  # (max_blocks,) int32 expert of each BLOCK_M block; PAIR_BLOCKS: (P,) of each pair, -1 left out
+    num_padded_ptr,  # (1,) int32 rows in use (not PAIR_BLOCKS)
+    zero_ptr,  # (zero_numel,) float32 to fill with zeros (ZERO_OUT)
+    zero_numel,
     N,
     KD,
     P,
@@ -234,6 +221,8 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     SWAP_AB: tl.constexpr,
     EVEN_K: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr,
+    ZERO_OUT: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
@@ -241,11 +230,24 @@ def _moe_gemm_kernel(
     pid_m = pid % num_m_blocks
     pid_n = pid // num_m_blocks
     pid_k = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_ids_ptr + offs_m)
+    if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
+        programs = tl.num_programs(0) * tl.num_programs(1)
+        share = tl.cdiv(zero_numel, programs)
+        first = (pid_k * tl.num_programs(0) + pid) * share
+        for start in range(first, tl.minimum(first + share, zero_numel), 1024):
+            offs = start + tl.arange(0, 1024)
+            tl.store(zero_ptr + offs, tl.zeros([1024], dtype=tl.float32), mask=offs < tl.minimum(first + share,
+                                                                                                 zero_numel))
+    if PAIR_BLOCKS:  # block b holds pair b alone: no alignment pass (one token: its pairs' experts differ)
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if expert < 0:
+            return
+        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, P)
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_mask = rows < P
     # Padding rows (P) read pair 0's activations instead of masking every load; their results are dropped.
     safe_rows = tl.where(row_mask, rows, 0)
@@ -286,11 +288,16 @@ def _moe_gemm_kernel(
         acc_up = tl.trans(acc_up)
 
     out_mask = row_mask[:, None] & n_mask[None, :]
-    if GATED:
+    if GATED and SPLIT_K > 1:  # float32 partial sums [SPLIT_K, P, 2N]; kernels/activation.py finishes them
+        part_rows = pid_k.to(tl.int64) * P + rows.to(tl.int64)
+        part_ptrs = out_ptr + part_rows[:, None] * stride_om + offs_n[None, :]
+        tl.store(part_ptrs, acc, mask=out_mask)
+        tl.store(part_ptrs + N, acc_up, mask=out_mask)
+    elif GATED:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert * 2 * N + offs_n, mask=n_mask, other=0.0)[None, :]
             acc_up += tl.load(bias_ptr + expert * 2 * N + N + offs_n, mask=n_mask, other=0.0)[None, :]
-        h = _activation(acc, acc_up, alpha, beta, limit, ACT, HAS_LIMIT)
+        h = gated_activation(acc, acc_up, alpha, beta, limit, ACT, HAS_LIMIT)
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -313,9 +320,9 @@ def moe_gemm(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     topk_weights: torch.Tensor | None,
-    sorted_ids: torch.Tensor,
+    sorted_ids: torch.Tensor | None,
     expert_ids: torch.Tensor,
-    num_padded: torch.Tensor,
+    num_padded: torch.Tensor | None,
     *,
     bits: int,
     group_size: int,
@@ -330,6 +337,7 @@ def moe_gemm(
     split_k: int = 1,
     fast_dequant: bool = False,
     swap_ab: bool = False,
+    zero_out: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -343,12 +351,17 @@ def moe_gemm(
     scales : [E, G, N_total]; zeros : [E, G, N_total] uint8 or None (symmetric: zero 2**(bits - 1)).
     a_perm : [E, KD] int32 act-order column order of `a`, or None.
     bias : [E, N_total] float32 or None.
-    out : GEMM1 [P, N] in a's dtype; GEMM2 [T, N] float32, pre-filled (accumulated into).
+    out : GEMM1 [P, N] in a's dtype, or with split_k > 1 [split_k, P, 2N] float32 partial sums; GEMM2 [T, N]
+        float32, pre-filled (accumulated into).
     topk_weights : [P] float32 router weights (GEMM2).
+    sorted_ids, expert_ids, num_padded : the blocks of `moe_align_block_size`; or sorted_ids and num_padded None
+        and expert_ids [P] the expert of each pair (-1: left out), one block per pair (no alignment pass; for
+        one token, whose pairs never share an expert).
     group_size : elements per group, a multiple of R (16 for int4, 32 for int8), or -1 for channel-wise.
     fast_dequant : dequantize with NVIDIA PTX (kernels/dequant.py); CUDA only, not under the interpreter.
     swap_ab : with fast_dequant, multiply as (W^T a^T)^T, the weights scaled in the dequantization (no effect on
         the plain path).
+    zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
     """
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
@@ -360,20 +373,30 @@ def moe_gemm(
         group_size = 1 << 30  # one group spanning every K
     elif group_size % r:
         raise ValueError(f"group_size={group_size} must be a multiple of {r} for {bits}-bit tiles")
-    if gated and split_k != 1:
-        raise ValueError("the gated GEMM1 cannot split K: its activation needs the full sum")
+    partials = gated and split_k > 1
+    if partials and (out.dim() != 3 or out.shape[0] != split_k or out.shape[2] != n_total
+                     or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"a K-split GEMM1 writes float32 partial sums [{split_k}, P, {n_total}], got "
+                         f"{out.dtype} {list(out.shape)}")
     if zeros is not None and (zeros.shape != scales.shape or zeros.stride() != scales.stride()):
         raise ValueError(f"zeros {list(zeros.shape)} must match scales {list(scales.shape)} in shape and strides")
     # P: GEMM1 writes one row per routed pair, GEMM2 reads one.
-    num_pairs = out.shape[0] if gated else a.shape[0]
+    num_pairs = (out.shape[1] if partials else out.shape[0]) if gated else a.shape[0]
     num_m_blocks = expert_ids.shape[0]
+    pair_blocks = sorted_ids is None
+    if pair_blocks and expert_ids.shape != (num_pairs,):
+        raise ValueError(f"one block per pair needs the expert of each of the {num_pairs} pairs, got "
+                         f"{list(expert_ids.shape)}")
+    if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
+        raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
     _moe_gemm_kernel[grid](
         a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
-        sorted_ids, expert_ids, num_padded,
+        expert_ids if pair_blocks else sorted_ids, expert_ids, expert_ids if pair_blocks else num_padded,
+        zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),
         n, kd, num_pairs, num_m_blocks,
-        a.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
+        a.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), out.stride(-2),
         alpha, beta, 0.0 if limit is None else limit,
         TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
         HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
@@ -381,7 +404,8 @@ def moe_gemm(
         # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
         SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
         SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n,
-        SWAP_AB=swap_ab and fast_dequant, EVEN_K=kd % TILE_K == 0, num_warps=num_warps, num_stages=num_stages,
+        SWAP_AB=swap_ab and fast_dequant, EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks,
+        ZERO_OUT=zero_out is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
