@@ -6,8 +6,8 @@
 #   benchmarks/device_checks.sh sweep    # one GPU: the benchmark sweep with MARLIN and bf16 (~9 min at most)
 #   benchmarks/device_checks.sh multi    # two GPUs: NCCL tests, EP=2 with counted and fixed-buffer all-to-all
 #   benchmarks/device_checks.sh pair     # two GPUs: 'tests' with MARLIN on one GPU, TRITON on the other, then 'multi'
-#   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over two, TRITON tests and a kernel profile
-#                                        # on the third, MARLIN's GPU tests as parallel processes on the fourth
+#   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over three; a kernel profile, the W8A16
+#                                        # bench, TRITON's and MARLIN's GPU tests (parallel processes) on the fourth
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -91,8 +91,10 @@ quad)
     sweep_on 1 sweep-b deepseek-v3 &
     sweep_on 2 sweep-c kimi-k2 &
     (export CUDA_VISIBLE_DEVICES=3
-     step profile 90 python3 benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 kimi-k2 --tokens 1 8
-     triton_tests 400 &
+     step profile 60 python3 benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 kimi-k2 --tokens 1 8
+     step w8a16 120 python3 -m wna16moe.bench --scheme int8_g128_sym --shapes mixtral deepseek-v3 \
+         --out "$OUT/w8a16.json"
+     triton_tests 360 &
      # Marlin's PTX is JIT-compiled per kernel on first use, on the CPU: one process per test spreads that.
      python3 -m pytest -m gpu -p no:cacheprovider --collect-only tests/test_experts_marlin.py 2>/dev/null \
          | grep '::' > "$OUT/marlin-ids.txt"
