@@ -9,7 +9,6 @@ import pytest
 from conftest import table_rows
 
 from wna16moe import cli
-from wna16moe.experts.marlin import MarlinExperts
 from wna16moe.oracle import BACKEND_CLASSES, BACKEND_ENV, Backend
 
 DATA = Path(__file__).parent / "data"
@@ -74,8 +73,7 @@ def test_explain_checkpoint_on_b200(capsys: pytest.CaptureFixture[str]) -> None:
                     "renormalization is not supported; the kernel's Renormalize routing always renormalizes the "
                     "top-k weights; shape: H and I/tp must be multiples of 256 (whole 256-element K blocks in the "
                     "kernel's weight layout), got H=256, I/tp=128")
-    assert rows["marlin", "MarlinExperts"] == ("chosen", "first in priority order whose checks all pass; "
-                                                         f"{MarlinExperts.CAVEAT}")
+    assert rows["marlin", "MarlinExperts"] == ("chosen", "first in priority order whose checks all pass")
     assert rows["batched_marlin", "BatchedMarlinExperts"][1].endswith(
         "format: needs the batched activation format, the layer uses standard")
     assert [key for key, (verdict, _) in rows.items() if verdict == "chosen"] == [("marlin", "MarlinExperts")]
@@ -118,8 +116,7 @@ def test_explain_batched(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["marlin", "MarlinExperts"][1].endswith(
         "format: needs the standard activation format, the layer uses batched")
     verdict, reason = rows["batched_marlin", "BatchedMarlinExperts"]
-    assert verdict == "chosen" and reason.startswith("first in priority order whose checks all pass; caveat: not yet "
-                                                     "run on a GPU")
+    assert verdict == "chosen" and reason == "first in priority order whose checks all pass"
     assert rows["emulation", "EmulationExperts"][1] == ("format: needs the standard activation format, the layer "
                                                         "uses batched")
     assert code == 0 and out.rstrip().endswith("chosen: batched_marlin (BatchedMarlinExperts)")

@@ -155,8 +155,6 @@ class MarlinExperts(Experts):
 
     NAME = NAME
     ACTIVATIONS: ClassVar[tuple[Activation, ...]] = ACTIVATIONS
-    CAVEAT = ("caveat: on a GPU (H100, vLLM 0.33.0's op library) checked against the float32 reference for int4 "
-              "symmetric bf16 layers only so far; zero points, int8, channel-wise and fp16 are tested on CPU")
 
     @classmethod
     def supports_device(cls, device: DeviceInfo) -> Check:
@@ -412,8 +410,6 @@ class BatchedMarlinExperts(MarlinExperts):
 
     NAME = BATCHED_NAME
     ACTIVATION_FORMAT = ActivationFormat.BATCHED
-    CAVEAT = ("caveat: not yet run on a GPU by wna16moe's developers; it calls the op MARLIN calls, and its batched "
-              "glue is tested on CPU against EMULATION through a stand-in for the op")
 
     @classmethod
     def supports_parallel(cls, parallel: ParallelConfig) -> Check:
