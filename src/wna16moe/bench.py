@@ -157,12 +157,13 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
         swapped = ((64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3))
         splits = (1,)
     candidates = [base] + [replace(base, split_k2=s) for s in splits]
-    candidates += [TritonConfig(bm, bn1, bn2, 1, warps, stages) for bm, bn1, bn2, warps, stages in tiles]
-    candidates += [TritonConfig(bm, bn1, bn2, 1, warps, stages, swap_ab=True)
+    candidates += [TritonConfig(bm, bn1, bn2, num_warps=warps, num_stages=stages)
+                   for bm, bn1, bn2, warps, stages in tiles]
+    candidates += [TritonConfig(bm, bn1, bn2, num_warps=warps, num_stages=stages, swap_ab=True)
                    for bm, bn1, bn2, warps, stages in swapped]
     if per_expert <= 20:
-        candidates += [TritonConfig(16, bn1, bn2, s, warps, stages) for bm, bn1, bn2, warps, stages in tiles[:2]
-                       for s in splits[1:]]
+        candidates += [TritonConfig(16, bn1, bn2, split_k2=s, num_warps=warps, num_stages=stages)
+                       for bm, bn1, bn2, warps, stages in tiles[:2] for s in splits[1:]]
         # GEMM1 split over K (partial sums + activation pass), with the default's GEMM2 and with 8 warps.
         candidates += [replace(base, split_k1=s) for s in (1, 2, 4, 8)]
         candidates += [replace(base, split_k1=s, num_warps=8) for s in (1, 2, 4)]

@@ -62,10 +62,10 @@ class TritonConfig:
     block_n1: int
     block_n2: int
     split_k2: int = 1
-    split_k1: int = 1
     num_warps: int = 4
     num_stages: int = 4
     swap_ab: bool = False
+    split_k1: int = 1
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
