@@ -106,6 +106,20 @@ quad)
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log marlin-ids.txt && rm -f ./*.log marlin-ids.txt)
     ;;
+final)  # four GPUs, short: the sweep split over three, the last of TRITON's GPU tests on the fourth
+    nvidia-smi -L
+    for spec in "0 sweep-a mixtral qwen3-30b-a3b" "1 sweep-b deepseek-v3" "2 sweep-c kimi-k2"; do
+        set -- $spec
+        gpu=$1 name=$2
+        shift 2
+        CUDA_VISIBLE_DEVICES=$gpu step "$name" 230 python3 -m wna16moe.bench --sweep --shapes "$@" \
+            --out "$OUT/$name.json" &
+    done
+    CUDA_VISIBLE_DEVICES=3 step triton-tests 200 python3 -m pytest -m gpu -p no:cacheprovider -rfE \
+        tests/test_experts_triton.py -k "swap_ab and (int4_ch_sym or int8_g64_sym or int4_g128_sym)" &
+    wait
+    (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+    ;;
 sweep)
     nvidia-smi -L
     step bench-sweep 560 python3 -m wna16moe.bench --sweep --out "$OUT/sweep.json"
@@ -115,7 +129,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final" >&2
     exit 2
     ;;
 esac
