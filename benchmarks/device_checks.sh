@@ -106,17 +106,16 @@ quad)
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log marlin-ids.txt && rm -f ./*.log marlin-ids.txt)
     ;;
-final)  # four GPUs, short: the sweep split over three, the last of TRITON's GPU tests on the fourth
+final)  # four GPUs, short: the sweep on all four, the last of TRITON's GPU tests first on the fourth
     nvidia-smi -L
-    for spec in "0 sweep-a mixtral qwen3-30b-a3b" "1 sweep-b deepseek-v3" "2 sweep-c kimi-k2"; do
+    for spec in "0 sweep-a mixtral" "1 sweep-b deepseek-v3" "2 sweep-c kimi-k2"; do
         set -- $spec
-        gpu=$1 name=$2
-        shift 2
-        CUDA_VISIBLE_DEVICES=$gpu step "$name" 230 python3 -m wna16moe.bench --sweep --shapes "$@" \
-            --out "$OUT/$name.json" &
+        CUDA_VISIBLE_DEVICES=$1 step "$2" 230 python3 -m wna16moe.bench --sweep --shapes "$3" --out "$OUT/$2.json" &
     done
-    CUDA_VISIBLE_DEVICES=3 step triton-tests 200 python3 -m pytest -m gpu -p no:cacheprovider -rfE \
-        tests/test_experts_triton.py -k "swap_ab and (int4_ch_sym or int8_g64_sym or int4_g128_sym)" &
+    (export CUDA_VISIBLE_DEVICES=3
+     step triton-tests 110 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_triton.py \
+         -k "swap_ab and (int4_ch_sym or int8_g64_sym or int4_g128_sym)"
+     step sweep-d 120 python3 -m wna16moe.bench --sweep --shapes qwen3-30b-a3b --out "$OUT/sweep-d.json") &
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
     ;;
