@@ -45,6 +45,17 @@ def test_build_keeps_only_the_best_rows(table: Path) -> None:
     assert entries["1"]["block_m"] == 16  # the triton-best row, not the default's
 
 
+def test_build_keeps_the_default_where_it_replays_faster() -> None:
+    # Older sweeps ranked small M by eager time: a default that replays faster as a graph is kept instead.
+    best, default = _row("triton-best", 1, 16, 80.0), _row("triton", 1, 32, 90.0)
+    best["us_graph"], default["us_graph"] = 70.0, 60.0
+    marlin = _row("marlin", 1, 0, 120.0)
+    built = build_table({"card": "C", "commit": "abc", "date": "d", "rows": [best, default, marlin]},
+                        {"mixtral": KEY})
+    assert built["entries"][KEY.as_text()]["1"]["block_m"] == 32
+    assert built["speed"][f"{KEY.as_text()} int4_g128_sym"]["1"] == {"triton_us": 60.0, "marlin_us": 120.0}
+
+
 @pytest.mark.parametrize(("tokens", "block_m"), [(1, 16), (4, 16), (12, 32), (100, 32), (1000, 32), (3000, 128),
                                                  (100000, 128)])
 def test_lookup_takes_the_nearest_measured_m(table: Path, tokens: int, block_m: int) -> None:

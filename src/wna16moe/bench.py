@@ -13,7 +13,7 @@ expert (packed weights + scales + zero points); FLOPs = 2 * M * k * 3 * H * I.
 Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, torch._grouped_mm twice,
 SiLU-and-mul, weighted sum), `emulation` (M <= 8), the TRITON backend with its default configuration plus a
 small sweep of alternatives (`triton-best`: the fastest eager configuration, or at M <= 32 the fastest
-CUDA-graph replay of the three fastest eager ones; `python -m wna16moe.tuning` ships them), and `marlin`
+CUDA-graph replay of the three fastest eager ones and the default; `python -m wna16moe.tuning` ships them), and `marlin`
 (vLLM's Marlin MoE op over our repack) when a Marlin op provider is found and MARLIN's checks pass (its
 warm-up, which JIT-compiles on Hopper, runs before any timing). Before timing, outputs are checked against a
 float32 dequantized reference: TRITON's at every M with every configuration that is timed (a wrong default
@@ -313,9 +313,12 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
         best_us, best = min(timings, key=lambda item: item[0])
         best_graph = None
         if m <= GRAPH_MAX_TOKENS:
-            # Serving replays graphs at small M: the three fastest eager configurations, ranked by replay time.
+            # Serving replays graphs at small M: the three fastest eager configurations and the default, ranked
+            # by replay time.
+            finalists = sorted(timings, key=lambda item: item[0])[:3]
+            finalists += [(us, c) for us, c in timings if c == default and (us, c) not in finalists]
             replays = [(_bench_graph(lambda c=c: triton_kernel.apply(x, tw, ids, weights, c)), us, c)
-                       for us, c in sorted(timings, key=lambda item: item[0])[:3]]
+                       for us, c in finalists]
             replays = [item for item in replays if item[0] is not None]
             if replays:
                 best_graph, best_us, best = min(replays, key=lambda item: item[0])
