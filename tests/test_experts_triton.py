@@ -9,6 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from triton_env import DEVICE, DTYPES, HAS_CUDA
 
 from wna16moe import (
@@ -25,7 +27,7 @@ from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import TritonConfig, TritonExperts, prepare_triton_weights
 from wna16moe.kernels.layout import TILE_K, tile_deinterleave, tile_interleave
 from wna16moe.kernels.moe_align import moe_align_block_size
-from wna16moe.kernels.moe_gemm import moe_gemm
+from wna16moe.kernels.moe_gemm import _tile_from_slots, moe_gemm
 from wna16moe.layer import WNA16MoE
 from wna16moe.routing import softmax_topk
 
@@ -296,3 +298,27 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
         for t in (1, 40, 700):
             out, ref = _run_both(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config=config)
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
+
+
+@triton.jit
+def _tile_from_slots_probe(out_ptr, R: tl.constexpr, N: tl.constexpr, PACK: tl.constexpr):
+    r = tl.arange(0, R)[:, None]
+    n = tl.arange(0, N)[None, :]
+    # Slot j holds tile row j * R + r; each element encodes (row, column).
+    if PACK == 8:
+        slots = tuple((j * R + r) * 1000 + n for j in tl.static_range(8))
+    else:
+        slots = tuple((j * R + r) * 1000 + n for j in tl.static_range(4))
+    tile = _tile_from_slots(slots, PACK)
+    tl.store(out_ptr + tl.arange(0, PACK * R)[:, None] * N + n, tile)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tile_from_slots_is_slot_major(bits: int) -> None:
+    # The swap-AB path joins the slots into one 128-deep operand: row k of the tile must be slot k // R, row k % R.
+    pack, n = 32 // bits, 16
+    r = TILE_K // pack
+    out = torch.empty(TILE_K, n, dtype=torch.int32, device=DEVICE)
+    _tile_from_slots_probe[(1,)](out, R=r, N=n, PACK=pack)
+    expected = torch.arange(TILE_K, device=DEVICE)[:, None] * 1000 + torch.arange(n, device=DEVICE)[None, :]
+    assert torch.equal(out, expected.to(torch.int32))

@@ -75,6 +75,22 @@ def _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride
 
 
 @triton.jit
+def _tile_from_slots(slots, PACK: tl.constexpr):
+    """The [_TILE_K, BLOCK_N] tile from its PACK slot tensors [R, BLOCK_N] (slot j holds rows j * R + r):
+    joined in registers, slot-major."""
+    R: tl.constexpr = slots[0].shape[0]
+    BLOCK_N: tl.constexpr = slots[0].shape[1]
+    if PACK == 8:
+        low = tl.join(tl.join(slots[0], slots[1]), tl.join(slots[2], slots[3]))
+        high = tl.join(tl.join(slots[4], slots[5]), tl.join(slots[6], slots[7]))
+        # [R, BLOCK_N, 2, 2, 2]: slot j = s + 2p + 4q at indices (s, p, q)
+        tile = tl.permute(tl.join(low, high), (4, 3, 2, 0, 1))
+    else:
+        tile = tl.permute(tl.join(tl.join(slots[0], slots[1]), tl.join(slots[2], slots[3])), (3, 2, 0, 1))
+    return tl.reshape(tile, (PACK * R, BLOCK_N))
+
+
+@triton.jit
 def _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
               GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, FAST_DEQUANT: tl.constexpr,
@@ -133,12 +149,13 @@ def _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end
         else:  # one group for the whole tile
             o1, s1, o2, s2, o3, s3 = o0, s0, o0, s0, o0, s0
         slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, DTYPE)
-        for j in tl.static_range(PACK):
-            offs = k + j * R + tl.arange(0, R)
-            a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
-            if SWAP_AB:
-                acc = tl.dot(tl.trans(slots[j]), tl.trans(a), acc)
-            else:
+        if SWAP_AB:  # one dot per tile: wgmma can then keep several of its K steps in flight
+            a = _load_a(a_row_ptrs, perm_ptr, k + tl.arange(0, _TILE_K), k_end, HAS_PERM, EVEN_K)
+            acc = tl.dot(tl.trans(_tile_from_slots(slots, PACK)), tl.trans(a), acc)
+        else:
+            for j in tl.static_range(PACK):
+                offs = k + j * R + tl.arange(0, R)
+                a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
                 acc = tl.dot(a, slots[j], acc)
     elif FAST_DEQUANT:  # one group covers the tile
         mask = n_mask if EVEN_K else n_mask & (k < k_end)
