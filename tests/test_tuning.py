@@ -86,14 +86,6 @@ def test_default_config_splits_gemm2_when_few_programs() -> None:
     assert default_config(1, 2, 8, 128).split_k2 == 1  # no device facts: no split
 
 
-def test_default_config_splits_gemm1_when_few_programs() -> None:
-    # qwen3-30b-a3b at M = 1: 8 experts x 12 N tiles of GEMM1 -> split H's 16 tiles 4 ways (4 tiles each)
-    assert default_config(1, 8, 128, 128, hidden_size=2048, intermediate_size=768, num_sms=132).split_k1 == 4
-    # mixtral at M = 1: 2 experts x 224 tiles fill the SMs; at M = 64 the rows per expert do
-    assert default_config(1, 2, 8, 128, hidden_size=4096, intermediate_size=14336, num_sms=132).split_k1 == 1
-    assert default_config(64, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).split_k1 == 1
-
-
 def test_default_config_swaps_ab_only_with_wgmma() -> None:
     # deepseek-v3 prefill (256 rows per expert): two warpgroups of swap-AB on Hopper
     hopper = default_config(8192, 8, 256, 128, wgmma=True)

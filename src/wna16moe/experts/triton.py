@@ -77,18 +77,19 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     the work turns compute-bound, swap-AB where wgmma runs them (`wgmma`: Hopper). Small groups (32) prefer M
     blocks above the group size, where the kernel scales weights instead of partial sums.
 
-    At decode few experts x N tiles leave SMs idle, and one program's serial K loop is latency-bound: each
-    GEMM's K is split until about 4 programs per SM (GEMM1 up to 4 tiles per split, GEMM2 8x the SMs as
-    before), given the layer's sizes and `num_sms`.
+    At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
+    few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split over up to 8x the SM count.
+    GEMM1 is not split by default: its K split (`split_k1`) never won at M = 1 in the H200 sweep (NOTES.md v8).
     """
     per_expert = num_tokens * top_k / num_experts
     if per_expert <= 20:
-        split1 = split2 = 1
+        split = 1
         if hidden_size and intermediate_size and num_sms:
-            experts = min(num_experts, num_tokens * top_k)
-            split1 = _split(4 * num_sms, experts * -(-intermediate_size // 64), -(-hidden_size // TILE_K))
-            split2 = _split(8 * num_sms, experts * -(-hidden_size // 64), -(-intermediate_size // TILE_K))
-        return TritonConfig(16, 64, 64, split_k2=split2, split_k1=split1, num_warps=4, num_stages=4)
+            programs = min(num_experts, num_tokens * top_k) * -(-hidden_size // 64)
+            k_tiles = -(-intermediate_size // TILE_K)
+            split = max(1, min(8 * num_sms // programs, k_tiles // 4))
+            split = 1 << (split.bit_length() - 1)  # a power of two
+        return TritonConfig(16, 64, 64, split_k2=split, num_warps=4, num_stages=4)
     if group_size is not None and group_size < 64:
         # Small groups: M blocks of 64 scale the weights once instead of every group's partial sums.
         if per_expert <= 100:
@@ -105,12 +106,6 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     if per_expert <= 1024:
         return TritonConfig(32, 128, 128, num_warps=4, num_stages=4)
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
-
-
-def _split(target_programs: int, programs: int, k_tiles: int) -> int:
-    """The power-of-two K split that brings `programs` towards `target_programs`, at least 4 K tiles each."""
-    split = max(1, min(target_programs // programs, k_tiles // 4))
-    return 1 << (split.bit_length() - 1)
 
 
 def _round_up(x: int, multiple: int) -> int:
