@@ -74,7 +74,31 @@ def test_shipped_table_is_valid() -> None:
     for shapes in cards.values():
         for by_m in shapes.values():
             for cfg in by_m.values():
-                TritonConfig(**cfg)  # every entry is a complete configuration
+                assert _launchable(TritonConfig(**cfg))  # every entry is a complete, launchable configuration
+
+
+def _launchable(cfg: TritonConfig) -> bool:
+    """What the kernels take: power-of-two tiles and warps, tl.dot's 16-row minimum, a few pipeline stages."""
+    def pow2(x: int) -> bool:
+        return x > 0 and x & (x - 1) == 0
+
+    return (cfg.block_m >= 16 and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_warps))
+            and cfg.num_warps in (4, 8) and 2 <= cfg.num_stages <= 6 and cfg.split_k1 in (1, 2, 4, 8)
+            and cfg.split_k2 in (1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 128, 512, 2048, 8192])
+@pytest.mark.parametrize("shape", ["mixtral", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2"])
+def test_sweep_candidates_are_launchable(shape: str, tokens: int) -> None:
+    # A field added to TritonConfig once shifted positional candidates (warps into split_k1, stages into warps).
+    from wna16moe.bench import _sweep_configs
+
+    s = model_shape(shape)
+    base = default_config(tokens, s.top_k, s.num_experts, s.group_size, s.hidden_size, s.intermediate_size, 132,
+                          wgmma=True)
+    candidates = _sweep_configs(base, tokens * s.top_k / s.num_experts)
+    assert candidates[0] == base and len(set(candidates)) == len(candidates)
+    assert all(_launchable(c) for c in candidates), [c for c in candidates if not _launchable(c)]
 
 
 def test_default_config_splits_gemm2_when_few_programs() -> None:

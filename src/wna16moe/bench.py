@@ -3,7 +3,7 @@
 Timed region: one layer forward from routed top-k ids/weights to the [T, H] output (alignment, both GEMMs,
 activation, top-k reduction, cast); routing itself is excluded. Times are `triton.testing.do_bench` medians
 after warm-up; do_bench flushes the L2 cache before every timed call, so weights are always read from HBM
-(stricter than rotating weight sets). For M <= 32 the forward is also captured in a CUDA graph and its replay
+(stricter than rotating weight sets). For M <= 512 the forward is also captured in a CUDA graph and its replay
 timed. Routing is uniform random with distinct experts per token.
 
 Ceilings are measured in the same run: device-to-device copy bandwidth (bytes read + written) and the bf16
@@ -12,7 +12,7 @@ expert (packed weights + scales + zero points); FLOPs = 2 * M * k * 3 * H * I.
 
 Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, torch._grouped_mm twice,
 SiLU-and-mul, weighted sum), `emulation` (M <= 8), the TRITON backend with its default configuration plus a
-small sweep of alternatives (`triton-best`: the fastest eager configuration, or at M <= 32 the fastest
+small sweep of alternatives (`triton-best`: the fastest eager configuration, or at M <= 512 the fastest
 CUDA-graph replay of the three fastest eager ones and the default; `python -m wna16moe.tuning` ships them), and `marlin`
 (vLLM's Marlin MoE op over our repack) when a Marlin op provider is found and MARLIN's checks pass (its
 warm-up, which JIT-compiles on Hopper, runs before any timing). Before timing, outputs are checked against a
@@ -49,7 +49,8 @@ from wna16moe.shapes import model_shape
 
 DEFAULT_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2")
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
-GRAPH_MAX_TOKENS = 32
+# Serving replays CUDA graphs up to a few hundred tokens; graph times also keep host load out of the rows.
+GRAPH_MAX_TOKENS = 512
 
 
 def _bench(fn: Callable[[], object]) -> float:
