@@ -14,13 +14,16 @@ is one coalesced [R, BLOCK_N] load, and slot j of all its words is the contiguou
 sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Sub-blocks never straddle a
 quantization group (groups are multiples of R), so the scale multiplies each group's partial sum. On NVIDIA
 GPUs (FAST_DEQUANT) the slots come from `kernels/dequant.py` instead: exponent tricks in PTX rather than
-quarter-rate int -> float conversions, with the scale folded into the weights for groups smaller than a tile.
+quarter-rate int -> float conversions, with the scale folded into the weights for groups smaller than a tile;
+with SWAP_AB the program computes the transposed tile (weights as the MMA's register operand, see _tile_dot).
+When KD is a whole number of tiles (EVEN_K) no load along K is masked.
 
 GEMM1 (GATED): a = hidden_states [T, H]; the program computes a gate tile (columns n) and the matching up
 tile (columns n + N) and writes act(gate, up) to intermediate [P, N] in the activation dtype. Split over K
 (decode), it writes float32 partial sums [SPLIT_K, P, 2N] instead, for `activation.split_k_activation`.
 GEMM2: a = intermediate [P, I]; the program multiplies by the pair's router weight and atomically adds into
 out [T, N] float32, which reduces the top-k contributions of each token (summation order is not fixed).
+GEMM1's programs clear that accumulator beforehand (ZERO_OUT), so a forward needs no separate fill.
 """
 
 from __future__ import annotations
@@ -97,15 +100,17 @@ def _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end
               SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr):
     """acc + a[:, tile] @ dequant(words) for one _TILE_K tile.
 
-    SCALE_WEIGHTS (and BLOCK_M 64 with a group of a whole tile): all slots are unpacked into one
+    Plain path, SCALE_WEIGHTS (or BLOCK_M 64 with a group of a whole tile): all slots are unpacked into one
     [_TILE_K, BLOCK_N] operand (slot-major order is the natural K order of the tile) and a single dot covers
     the tile. Otherwise each slot is its own dot of depth R:
       - FAST_DEQUANT (NVIDIA): slots from `kernels/dequant.py`; with one group per tile, integer weights and
         the scale multiplies the tile's sum; with smaller groups (or SWAP_AB), weights scaled in the asm, so
         every slot accumulates straight into acc.
-    SWAP_AB: acc is [BLOCK_N, BLOCK_M] and each slot is dot(slot^T, a^T): the dequantized weights are the A
-    operand, which wgmma (Hopper) takes from registers; as B they would be stored to shared memory first.
       - plain: shift, mask, subtract the zero point, convert; each group's slots summed, then scaled.
+    SWAP_AB (FAST_DEQUANT): acc is [BLOCK_N, BLOCK_M] and the tile is one dot(W^T, a^T) with the slots joined
+    in registers (`_tile_from_slots`): the dequantized weights are the A operand, which wgmma (Hopper) reads
+    from registers (as B they would be stored to shared memory first), and one dot per tile lets wgmma keep
+    its K steps in flight.
     """
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
