@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from triton_env import DEVICE, HAS_CUDA
+from triton_env import DEVICE, HAS_CUDA, replay_on_fresh_inputs
 
 from wna16moe import Activation, MoEConfig, ParallelConfig, QuantizedExperts, WeightScheme, open_checkpoint
 from wna16moe.config import ActivationFormat, MoEQuantConfig
@@ -500,16 +500,9 @@ def test_gpu_marlin_matches_emulation(name: str, e: int, k: int, h: int, i: int,
         out = kernel.apply(x, tw, ids, weights)
         assert out.dtype == dtype and out.shape == (t, h) and torch.isfinite(out).all()
         assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, (name, dtype, t)
-        # CUDA graph: capture once, replay on fresh inputs copied into the captured buffers.
-        static = [x.clone(), tw.clone(), ids.clone()]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = kernel.apply(*static, weights)
         x2 = torch.randn(t, h, dtype=dtype, device=DEVICE)
         tw2, ids2 = _routing(t, e, k)
-        for buf, new in zip(static, (x2, tw2, ids2), strict=True):
-            buf.copy_(new)
-        graph.replay()
+        captured = replay_on_fresh_inputs(kernel.apply, (x, tw, ids), (x2, tw2, ids2), weights)
         expected = emulation.apply(x2, tw2, ids2, emu_weights)
         assert relative_error(captured, expected) < 1e-2, (name, dtype, t, "graph")
 

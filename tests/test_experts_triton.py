@@ -11,7 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from triton_env import DEVICE, DTYPES, HAS_CUDA
+from triton_env import DEVICE, DTYPES, HAS_CUDA, replay_on_fresh_inputs
 
 from wna16moe import (
     Activation,
@@ -248,16 +248,9 @@ def test_gpu_real_shapes(name: str, e: int, k: int, h: int, i: int, scheme_name:
             ref = emulation.apply(x, tw, ids, emu_weights)
             out = kernel.apply(x, tw, ids, weights)
             assert relative_error(out, ref) < 1e-2, (name, dtype, t)
-            # CUDA graph: capture once, replay on fresh inputs written into the captured buffers.
-            static = [x.clone(), tw.clone(), ids.clone()]
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                captured = kernel.apply(*static, weights)
             x2 = torch.randn(t, h, dtype=dtype, device=DEVICE)
             tw2, ids2 = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
-            for buf, new in zip(static, (x2, tw2, ids2), strict=True):
-                buf.copy_(new)
-            graph.replay()
+            captured = replay_on_fresh_inputs(kernel.apply, (x, tw, ids), (x2, tw2, ids2), weights)
             expected = emulation.apply(x2, tw2, ids2, emu_weights)
             assert relative_error(captured, expected) < 1e-2, (name, dtype, t, "graph")
 
