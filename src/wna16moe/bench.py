@@ -13,7 +13,7 @@ expert (packed weights + scales + zero points); FLOPs = 2 * M * k * 3 * H * I.
 Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, torch._grouped_mm twice,
 SiLU-and-mul, weighted sum), `emulation` (M <= 8), the TRITON backend with its default configuration plus a
 small sweep of alternatives (`triton-best`: the fastest eager configuration, or at M <= 512 the fastest
-CUDA-graph replay of the three fastest eager ones and the default; `python -m wna16moe.tuning` ships them), and `marlin`
+CUDA-graph replay; `python -m wna16moe.tuning` ships them), and `marlin`
 (vLLM's Marlin MoE op over our repack) when a Marlin op provider is found and MARLIN's checks pass (its
 warm-up, which JIT-compiles on Hopper, runs before any timing). Before timing, outputs are checked against a
 float32 dequantized reference: TRITON's at every M with every configuration that is timed (a wrong default
@@ -32,6 +32,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -261,10 +262,10 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
                   bf16_weights: tuple[torch.Tensor, torch.Tensor] | None, per_expert: int, sweep: bool,
                   ceilings: dict[str, float], log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every backend's row for one token count M."""
-    device = torch.device("cuda")
+    device = weights["w13"].device
     e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
     rows: list[dict[str, Any]] = []
-    x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
+    x = torch.randn(m, h, dtype=cfg.dtype, device=device)
     tw, ids = random_routing(m, e, k, device)
     touched = int(torch.unique(ids).numel())
     flops = 2 * m * k * 3 * h * i
@@ -286,12 +287,12 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
     default = triton_kernel.config(m)
     reference = emulation.apply(x, tw, ids, emu_weights)
     configs = _sweep_configs(default, m * k / e) if sweep else [default]
-    timings: list[tuple[float, TritonConfig]] = []
+    graphs = m <= GRAPH_MAX_TOKENS
+    timings: list[tuple[float, float | None, TritonConfig]] = []  # eager µs, graph µs, configuration
     for c in configs:
         try:
             # Correctness first, at this M and with the configuration timed: against the float32 reference.
             err = relative_error(triton_kernel.apply(x, tw, ids, weights, c), reference)
-            timings.append((_bench(lambda c=c: triton_kernel.apply(x, tw, ids, weights, c)), c))
         except Exception as error:  # a config that does not compile or fit is skipped, with its reason
             log(f"  config {c} failed: {type(error).__name__}: {str(error)[:120]}")
             continue
@@ -305,24 +306,15 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
             log(f"  config {c} is WRONG: relative error {err:.3e}")
             rows.append({"backend": "triton-wrong", "shape": name, "scheme": scheme.name, "M": m,
                          "config": asdict(c), "relative_error": err})
-            timings.pop()
-    default_us = next(us for us, c in timings if c == default)
-    graph_us = (_bench_graph(lambda: triton_kernel.apply(x, tw, ids, weights, default))
-                if m <= GRAPH_MAX_TOKENS else None)
-    row("triton", default_us, graph_us, touched * per_expert, {"config": asdict(default)})
+            continue
+        apply = partial(triton_kernel.apply, x, tw, ids, weights, c)
+        # Where serving replays graphs, every candidate is ranked by its replay: eager times at small M are
+        # host time, and would penalise configurations with one more launch.
+        timings.append((_bench(apply), _bench_graph(apply) if graphs else None, c))
+    default_us, default_graph = next((us, g) for us, g, c in timings if c == default)
+    row("triton", default_us, default_graph, touched * per_expert, {"config": asdict(default)})
     if sweep:
-        best_us, best = min(timings, key=lambda item: item[0])
-        best_graph = None
-        if m <= GRAPH_MAX_TOKENS:
-            # Serving replays graphs at small M: the three fastest eager configurations and the default, ranked
-            # by replay time.
-            finalists = sorted(timings, key=lambda item: item[0])[:3]
-            finalists += [(us, c) for us, c in timings if c == default and (us, c) not in finalists]
-            replays = [(_bench_graph(lambda c=c: triton_kernel.apply(x, tw, ids, weights, c)), us, c)
-                       for us, c in finalists]
-            replays = [item for item in replays if item[0] is not None]
-            if replays:
-                best_graph, best_us, best = min(replays, key=lambda item: item[0])
+        best_us, best_graph, best = min(timings, key=lambda item: item[1] if item[1] is not None else item[0])
         row("triton-best", best_us, best_graph, touched * per_expert, {"config": asdict(best)})
     if bf16_weights is not None:
         w13, w2 = bf16_weights

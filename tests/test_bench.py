@@ -1,0 +1,68 @@
+"""The benchmark's sweep logic on the CPU (kernels interpreted, timers replaced): what it checks, times, ranks.
+
+The timings themselves need a GPU (`python -m wna16moe.bench`); here the timers return made-up times so that
+the choice of `triton-best` is known, and one configuration is made to compute garbage.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+from triton_env import DEVICE
+
+from wna16moe import MoEConfig, QuantizedExperts, WeightScheme, bench
+from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.emulation import EmulationExperts
+from wna16moe.experts.triton import TritonConfig, TritonExperts
+
+E, K, H, INTER = 4, 2, 128, 64
+
+
+def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wrong: TritonConfig | None = None
+           ) -> list[dict]:
+    """Rows of `_bench_tokens` for a tiny layer; a configuration's made-up times come from `eager` / `graph`
+    (default 100 / 90 µs)."""
+    scheme = WeightScheme.from_name("int4_g32_sym")
+    experts = QuantizedExperts.quantize(torch.randn(E, 2 * INTER, H) * 0.1, torch.randn(E, H, INTER) * 0.1, scheme)
+    cfg = MoEConfig(E, K, H, INTER, dtype=torch.float16)
+    spec = LayerSpec(cfg, scheme)
+    kernel = TritonExperts(spec, experts.quant_config(), DEVICE)
+    emulation = EmulationExperts(spec, experts.quant_config(), DEVICE)
+    if wrong is not None:
+        apply = kernel.apply
+        monkeypatch.setattr(kernel, "apply", lambda *args: apply(*args) * (3.0 if args[-1] == wrong else 1.0))
+
+    def config_of(fn: object) -> TritonConfig | None:
+        return fn.args[-1] if isinstance(fn, partial) else None
+
+    monkeypatch.setattr(bench, "_bench", lambda fn: eager.get(config_of(fn), 100.0))
+    monkeypatch.setattr(bench, "_bench_graph", lambda fn: graph.get(config_of(fn), 90.0))
+    return bench._bench_tokens("tiny", m, scheme, cfg, kernel, TritonExperts.prepare_weights(experts, DEVICE),
+                               emulation, EmulationExperts.prepare_weights(experts, DEVICE), None, 1000, True,
+                               {"copy_gbps": 1000.0, "matmul_tflops": 100.0}, lambda line: None)
+
+
+def test_small_m_ranks_every_candidate_by_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The slowest eager candidate replays fastest: it must win (eager time at small M is host time).
+    split = TritonConfig(16, 64, 64, split_k1=2)
+    rows = _sweep(monkeypatch, 2, eager={split: 500.0}, graph={split: 20.0})
+    best = next(r for r in rows if r["backend"] == "triton-best")
+    assert TritonConfig(**best["config"]) == split and best["us_graph"] == 20.0 and best["us_eager"] == 500.0
+    assert next(r for r in rows if r["backend"] == "triton")["us_graph"] == 90.0
+
+
+def test_a_wrong_candidate_is_listed_and_never_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    wrong = TritonConfig(16, 64, 64, split_k1=2)
+    rows = _sweep(monkeypatch, 2, eager={wrong: 1.0}, graph={wrong: 1.0}, wrong=wrong)
+    listed = [r for r in rows if r["backend"] == "triton-wrong"]
+    assert [TritonConfig(**r["config"]) for r in listed] == [wrong] and listed[0]["relative_error"] > 1e-2
+    assert TritonConfig(**next(r for r in rows if r["backend"] == "triton-best")["config"]) != wrong
+
+
+def test_a_wrong_default_stops_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    scheme = WeightScheme.from_name("int4_g32_sym")
+    experts = QuantizedExperts.quantize(torch.randn(E, 2 * INTER, H), torch.randn(E, H, INTER), scheme)
+    default = TritonExperts(LayerSpec(MoEConfig(E, K, H, INTER, dtype=torch.float16), scheme), experts.quant_config(),
+                            DEVICE).config(2)
+    with pytest.raises(RuntimeError, match="triton output is wrong"):
+        _sweep(monkeypatch, 2, eager={}, graph={}, wrong=default)
