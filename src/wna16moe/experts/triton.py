@@ -79,7 +79,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 
     At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
     few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split over up to 8x the SM count.
-    GEMM1 is not split by default: its K split (`split_k1`) never won at M = 1 in the H200 sweep (NOTES.md v8).
+    GEMM1 is not split by default: no sweep has yet ranked its K split (`split_k1`) fairly (NOTES.md v8).
     """
     per_expert = num_tokens * top_k / num_experts
     if per_expert <= 20:
