@@ -152,11 +152,13 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     elif per_expert <= 1024:
         tiles = ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 128, 128, 8, 3), (64, 64, 64, 4, 3),
                  (128, 64, 64, 4, 4), (32, 128, 128, 4, 4))
-        swapped = ((64, 64, 64, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3))
+        swapped = ((64, 64, 64, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3))
         splits = (1, 2)
     else:
         tiles = ((64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
-        swapped = ((64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3))
+        # (With 8 warps only the 256 x 64 tile keeps several wgmma in flight in the SASS; NOTES.md v10.)
+        swapped = ((64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+                   (256, 64, 64, 8, 3))
         splits = (1,)
     candidates = [base] + [replace(base, split_k2=s) for s in splits]
     candidates += [TritonConfig(bm, bn1, bn2, num_warps=warps, num_stages=stages)
