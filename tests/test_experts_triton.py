@@ -279,7 +279,8 @@ def test_gpu_both_dequant_paths(scheme_name: str, ptx_dequant: bool, monkeypatch
     TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True),
     TritonConfig(128, 64, 64, num_warps=4, num_stages=3, swap_ab=True),
     TritonConfig(16, 64, 64, split_k2=2, swap_ab=True),  # decode-sized M block, split GEMM2
-], ids=["bm128-bn128-w8", "bm64-bn128-w4", "bm128-bn64-w4", "bm16-bn64-split2"])
+    TritonConfig(256, 64, 64, num_warps=8, num_stages=3, swap_ab=True),  # two warpgroups along the tokens
+], ids=["bm128-bn128-w8", "bm64-bn128-w4", "bm128-bn64-w4", "bm16-bn64-split2", "bm256-bn64-w8"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int8_g128_zp",
                                          "int4_ch_sym", "int8_g64_sym"])
 def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
