@@ -63,18 +63,33 @@ def _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM: tl.constexpr, EVEN_K: t
 
 
 @triton.jit
+def _group_row(ptrs, n_mask, row, k_end, group_size, stride_sg, CLAMP: tl.constexpr):
+    """Columns n of the scale (or zero-point) row of the group holding reduction row `row`, [BLOCK_N]. With
+    CLAMP a row past the split reads the split's last group (a load ahead of the loop's end, or a tile quarter
+    past KD: never used, its activations are zero)."""
+    if CLAMP:
+        row = tl.minimum(row, k_end - 1)
+    return tl.load(ptrs + (row // group_size) * stride_sg, mask=n_mask, other=0)
+
+
+@triton.jit
+def _zero_points(z_row, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
+    """int32 zero points from a group's zero-point row; the symmetric midpoint without zero points."""
+    if HAS_ZP:
+        z = z_row.to(tl.int32)
+    else:
+        z = tl.full(z_row.shape, 1 << (BITS - 1), tl.int32)
+    return z
+
+
+@triton.jit
 def _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride_sg, BITS: tl.constexpr,
                           HAS_ZP: tl.constexpr, DTYPE: tl.constexpr, EVEN_K: tl.constexpr):
     """The `dequant_slots_scaled` operands of the tile quarter starting at reduction row `row`: its group's
-    negative offset and scale in DTYPE, [1, BLOCK_N] (zero scale past KD)."""
-    group = row // group_size
-    mask = n_mask if EVEN_K else n_mask & (row < k_end)
-    scale = tl.load(s_ptrs + group * stride_sg, mask=mask, other=0.0).to(DTYPE)
-    if HAS_ZP:
-        z = tl.load(z_ptrs + group * stride_sg, mask=mask, other=0).to(tl.int32)
-    else:
-        z = tl.full(scale.shape, 1 << (BITS - 1), tl.int32)
-    return dequant_offset(z, BITS, DTYPE)[None, :], scale[None, :]
+    negative offset and scale in DTYPE, [1, BLOCK_N]."""
+    s_row = _group_row(s_ptrs, n_mask, row, k_end, group_size, stride_sg, not EVEN_K)
+    z_row = _group_row(z_ptrs, n_mask, row, k_end, group_size, stride_sg, not EVEN_K) if HAS_ZP else s_row
+    return dequant_offset(_zero_points(z_row, BITS, HAS_ZP), BITS, DTYPE)[None, :], s_row.to(DTYPE)[None, :]
 
 
 @triton.jit
@@ -94,11 +109,14 @@ def _tile_from_slots(slots, PACK: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
+def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, group_size,
               stride_sg, BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr,
               GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, FAST_DEQUANT: tl.constexpr,
               SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr):
     """acc + a[:, tile] @ dequant(words) for one _TILE_K tile.
+
+    Where the kernel loads them ahead (ROWS_AHEAD) `s_row` and `z_row` [BLOCK_N] are the tile's scale and
+    zero-point rows; otherwise the groups' rows are read here.
 
     Plain path, SCALE_WEIGHTS (or BLOCK_M 64 with a group of a whole tile): all slots are unpacked into one
     [_TILE_K, BLOCK_N] operand (slot-major order is the natural K order of the tile) and a single dot covers
@@ -129,17 +147,17 @@ def _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end
         group_rows = k + tl.arange(0, NG) * GROUP_IN_TILE
         g_ptrs = (group_rows // group_size)[:, None] * stride_sg
         g_mask = n_mask[None, :] & (group_rows < k_end)[:, None]
-        if HAS_ZP:
-            z = tl.load(z_ptrs[None, :] + g_ptrs, mask=g_mask, other=0).to(tl.int32)[:, None, :]
-        else:
-            z = 1 << (BITS - 1)
-        s = tl.load(s_ptrs[None, :] + g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
         if SCALE_WEIGHTS:
+            if HAS_ZP:
+                z = tl.load(z_ptrs[None, :] + g_ptrs, mask=g_mask, other=0).to(tl.int32)[:, None, :]
+            else:
+                z = 1 << (BITS - 1)
+            s = tl.load(s_ptrs[None, :] + g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
             w = tl.reshape((q - z).to(tl.float32) * s[:, None, :], (_TILE_K, BLOCK_N)).to(a.dtype)
             acc = tl.dot(a, w, acc)
         else:  # a single group: scale the tile's sum
-            w = tl.reshape(q - z, (_TILE_K, BLOCK_N)).to(a.dtype)
-            acc += tl.dot(a, w) * tl.reshape(s, (BLOCK_N,))[None, :]
+            w = tl.reshape(q - _zero_points(z_row, BITS, HAS_ZP)[None, None, :], (_TILE_K, BLOCK_N)).to(a.dtype)
+            acc += tl.dot(a, w) * s_row.to(tl.float32)[None, :]
     elif FAST_DEQUANT and (GROUP_IN_TILE < _TILE_K or SWAP_AB):
         QUARTER: tl.constexpr = _TILE_K // _QUARTERS
         o0, s0 = _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, BITS, HAS_ZP,
@@ -163,19 +181,14 @@ def _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end
                 a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
                 acc = tl.dot(a, slots[j], acc)
     elif FAST_DEQUANT:  # one group covers the tile
-        mask = n_mask if EVEN_K else n_mask & (k < k_end)
-        s = tl.load(s_ptrs + (k // group_size) * stride_sg, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            z = tl.load(z_ptrs + (k // group_size) * stride_sg, mask=mask, other=0).to(tl.int32)
-        else:
-            z = tl.full(s.shape, 1 << (BITS - 1), tl.int32)
+        z = _zero_points(z_row, BITS, HAS_ZP)
         slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE)
         partial = tl.zeros(acc.shape, dtype=tl.float32)
         for j in tl.static_range(PACK):
             offs = k + j * R + tl.arange(0, R)
             a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
             partial = tl.dot(a, slots[j], partial)
-        acc += partial * s[None, :]
+        acc += partial * s_row.to(tl.float32)[None, :]
     else:
         SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R
         for g in tl.static_range(_TILE_K // GROUP_IN_TILE):
@@ -183,11 +196,15 @@ def _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end
             group = group_start // group_size
             # A group past the end of KD (last, partial tile) has no scale row to read.
             g_mask = n_mask & (group_start < k_end)
-            s = tl.load(s_ptrs + group * stride_sg, mask=g_mask, other=0.0).to(tl.float32)
-            if HAS_ZP:
-                z = tl.load(z_ptrs + group * stride_sg, mask=g_mask, other=0).to(tl.int32)[None, :]
+            if GROUP_IN_TILE == _TILE_K:
+                s = s_row.to(tl.float32)
+                z = _zero_points(z_row, BITS, HAS_ZP)[None, :]
             else:
-                z = 1 << (BITS - 1)
+                s = tl.load(s_ptrs + group * stride_sg, mask=g_mask, other=0.0).to(tl.float32)
+                if HAS_ZP:
+                    z = tl.load(z_ptrs + group * stride_sg, mask=g_mask, other=0).to(tl.int32)[None, :]
+                else:
+                    z = 1 << (BITS - 1)
             partial = tl.zeros(acc.shape, dtype=tl.float32)
             for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
                 offs = k + j * R + tl.arange(0, R)
@@ -295,16 +312,41 @@ def _moe_gemm_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # One group per tile, its sum scaled after the dot: the tile's scale and zero-point rows are loaded one tile
+    # ahead, into registers. Triton's pipeliner prefetches through shared memory only the loads that feed a dot,
+    # and a scale row that multiplies the dot's result (or a byte-wide zero-point row) loaded in its own
+    # iteration stalled every tile for a memory round trip (decode; benchmarks/NOTES.md v12). Two tiles ahead
+    # makes Triton 3.6 drop the loop's pipelining. (SWAP_AB scales in the dequantization: pipelined as is.)
+    ROWS_AHEAD: tl.constexpr = GROUP_IN_TILE == _TILE_K and not SCALE_WEIGHTS and not SWAP_AB
+    if ROWS_AHEAD:
+        s_next = _group_row(s_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
+        s_up_next = _group_row(s_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
+        z_next, z_up_next = s_next, s_up_next  # (no zero points: unused)
+        if HAS_ZP:
+            z_next = _group_row(z_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
+            z_up_next = _group_row(z_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
     for k in range(k_begin, k_end, _TILE_K):
+        if ROWS_AHEAD:
+            s_row, s_up, z_row, z_up = s_next, s_up_next, z_next, z_up_next
+            s_next = _group_row(s_ptrs, n_mask, k + _TILE_K, k_end, GROUP_SIZE, stride_sg, True)
+            if GATED:
+                s_up_next = _group_row(s_ptrs + N, n_mask, k + _TILE_K, k_end, GROUP_SIZE, stride_sg, True)
+            if HAS_ZP:
+                z_next = _group_row(z_ptrs, n_mask, k + _TILE_K, k_end, GROUP_SIZE, stride_sg, True)
+                if GATED:
+                    z_up_next = _group_row(z_ptrs + N, n_mask, k + _TILE_K, k_end, GROUP_SIZE, stride_sg, True)
+        else:  # rows read per group inside _tile_dot
+            s_row, s_up, z_row, z_up = n_mask, n_mask, n_mask, n_mask
         tile_ptrs = w_ptrs + (k // PACK) * stride_wk
         words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
-        acc = _tile_dot(acc, words, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end, GROUP_SIZE, stride_sg,
-                        BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
+        acc = _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end,
+                        GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT,
+                        SWAP_AB, EVEN_K)
         if GATED:
             words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
-            acc_up = _tile_dot(acc_up, words_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask, k, k_end,
-                               GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS,
-                               FAST_DEQUANT, SWAP_AB, EVEN_K)
+            acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
+                               k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
+                               SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
