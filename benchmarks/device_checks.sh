@@ -8,6 +8,8 @@
 #   benchmarks/device_checks.sh pair     # two GPUs: 'tests' with MARLIN on one GPU, TRITON on the other, then 'multi'
 #   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over three; a kernel profile, the W8A16
 #                                        # bench, TRITON's and MARLIN's GPU tests (parallel processes) on the fourth
+#   benchmarks/device_checks.sh ab       # four GPUs: the bench of up to three source trees build/ab/*/src side by
+#                                        # side (A/B of kernel versions), TRITON's GPU tests on the fourth
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -53,6 +55,17 @@ marlin_tests() {  # the tests no earlier device run reached first, then the swee
     tar -czf "$OUT/nvcache.tgz" -C "$CUDA_CACHE_PATH" . 2>/dev/null
 }
 
+parallel_tests() {  # parallel_tests NAME LIMIT FILES...: one pytest process per GPU test, $PARALLEL (8) at a time
+    local name=$1 limit=$2
+    shift 2
+    python3 -m pytest -m gpu -p no:cacheprovider --collect-only -q "$@" 2>/dev/null | grep '::' > "$OUT/$name-ids.txt"
+    xargs -P "${PARALLEL:-8}" -I{} sh -c "timeout $limit python3 -m pytest -p no:cacheprovider -rfE '{}' 2>&1 | tail -2 \
+        | sed 's|^|{} :: |'" < "$OUT/$name-ids.txt" > "$OUT/$name.log"
+    echo "== $name: $(grep -c ' passed' "$OUT/$name.log") passed," \
+        "$(grep -c -E 'failed|error' "$OUT/$name.log") with failures or errors, of $(wc -l < "$OUT/$name-ids.txt")"
+    grep -E 'failed|error' "$OUT/$name.log" | head -5
+}
+
 multi() {
     step nccl-tests 180 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_distributed.py
     step ep2-counted 150 torchrun --nproc-per-node 2 -m wna16moe.bench --ep 2 --dp --shapes deepseek-v3 kimi-k2 \
@@ -96,15 +109,10 @@ quad)
          --out "$OUT/w8a16.json"
      triton_tests 360 &
      # Marlin's PTX is JIT-compiled per kernel on first use, on the CPU: one process per test spreads that.
-     python3 -m pytest -m gpu -p no:cacheprovider --collect-only tests/test_experts_marlin.py 2>/dev/null \
-         | grep '::' > "$OUT/marlin-ids.txt"
-     xargs -P 16 -I{} sh -c 'timeout 420 python3 -m pytest -p no:cacheprovider -rfE "{}" 2>&1 | tail -2 \
-         | sed "s|^|{} :: |"' < "$OUT/marlin-ids.txt" > "$OUT/marlin-tests.log"
-     echo "== marlin-tests: $(grep -c ' passed' "$OUT/marlin-tests.log") passed," \
-         "$(grep -c -E 'failed|error' "$OUT/marlin-tests.log") with failures or errors, of $(wc -l < "$OUT/marlin-ids.txt")"
+     PARALLEL=16 parallel_tests marlin-tests 420 tests/test_experts_marlin.py
      wait) &
     wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log marlin-ids.txt && rm -f ./*.log marlin-ids.txt)
+    (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;
 final)  # four GPUs, short: the sweep on all four, the last of TRITON's GPU tests first on the fourth
     nvidia-smi -L
@@ -118,6 +126,22 @@ final)  # four GPUs, short: the sweep on all four, the last of TRITON's GPU test
      step sweep-d 120 python3 -m wna16moe.bench --sweep --shapes qwen3-30b-a3b --out "$OUT/sweep-d.json") &
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+    ;;
+ab)  # up to three GPUs: the bench of each tree build/ab/<name>/src side by side; TRITON's GPU tests on the last
+    nvidia-smi -L
+    gpu=0
+    for tree in build/ab/*/; do
+        name=$(basename "$tree")
+        (export CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH="$PWD/$tree/src:$PWD/tests" \
+             WNA16MOE_COMMIT=$(cat "$tree/COMMIT" 2>/dev/null || echo "$name")
+         step "ab-$name" 400 python3 -m wna16moe.bench --shapes ${AB_SHAPES:-mixtral qwen3-30b-a3b deepseek-v3 kimi-k2} \
+             --tokens ${AB_TOKENS:-1 8 32 128 512} --out "$OUT/ab-$name.json") &
+        gpu=$((gpu + 1))
+    done
+    (export CUDA_VISIBLE_DEVICES=$gpu; parallel_tests triton-tests 400 tests/test_kernels_dequant.py \
+         tests/test_experts_triton.py) &
+    wait
+    (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;
 sweep)
     nvidia-smi -L

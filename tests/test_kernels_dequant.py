@@ -11,7 +11,15 @@ import triton.language as tl
 from ptx_emulator import run
 from triton_env import HAS_CUDA
 
-from wna16moe.kernels.dequant import QUARTERS, dequant_asm, dequant_offset, dequant_slots, dequant_slots_scaled
+from wna16moe.kernels.dequant import (
+    QUARTERS,
+    RAW_VARIANTS,
+    dequant_asm,
+    dequant_offset,
+    dequant_slots,
+    dequant_slots_raw,
+    dequant_slots_scaled,
+)
 
 R, BLOCK_N = 16, 64
 
@@ -87,6 +95,29 @@ def test_scaled_slots_round_once(bits: int, dtype: torch.dtype) -> None:
     assert torch.equal(out, exact.to(dtype))
 
 
+@triton.jit
+def _raw_kernel(words_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr, N_: tl.constexpr):
+    rows = tl.arange(0, R_)[:, None]
+    cols = tl.arange(0, N_)[None, :]
+    slots = dequant_slots_raw(tl.load(words_ptr + rows * N_ + cols), BITS, out_ptr.dtype.element_ty)
+    for j in tl.static_range(32 // BITS):
+        tl.store(out_ptr + j * R_ * N_ + rows * N_ + cols, slots[j])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("bits", "dtype"), RAW_VARIANTS)
+def test_raw_slots_are_magic_plus_codes(bits: int, dtype: str) -> None:
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    pack, mask = 32 // bits, (1 << bits) - 1
+    words = torch.randint(-(2**31), 2**31, (R, BLOCK_N), dtype=torch.int64).to(torch.int32).cuda()
+    out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=torch_dtype).cuda()
+    _raw_kernel[(1,)](words, out, BITS=bits, R_=R, N_=BLOCK_N)
+    shifts = (torch.arange(pack, device="cuda") * bits).view(pack, 1, 1)
+    codes = (words.long()[None] >> shifts) & mask
+    assert torch.equal(out, (codes + (128 if dtype == "bf16" else 1024)).to(torch_dtype))
+
+
 # ----- CPU: the generated PTX through an emulator of the instructions it uses (tests/ptx_emulator.py) -----
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -123,6 +154,25 @@ def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool) -
             if scaled:
                 expected = expected * scales[q].double()
             assert result[j] == _pack_pair(expected, torch_dtype), (j, words, zeros[q].tolist())
+
+
+@pytest.mark.parametrize(("bits", "dtype"), RAW_VARIANTS)
+def test_raw_ptx_is_magic_plus_the_code(bits: int, dtype: str) -> None:
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    asm, constraints = dequant_asm(bits, dtype, scaled=False, offset=False)
+    assert constraints.count("=r") == 32 // bits and len(constraints.split(",")) == 32 // bits + 2
+    magic = 128.0 if dtype == "bf16" else 1024.0
+    for _ in range(20):
+        words = [int(w) for w in torch.randint(0, 2**32, (2,), dtype=torch.int64)]
+        result = run(asm, [0] * (32 // bits) + words)
+        for j in range(32 // bits):
+            codes = torch.tensor([(w >> (bits * j)) & ((1 << bits) - 1) for w in words], dtype=torch.float64)
+            assert result[j] == _pack_pair(codes + magic, torch_dtype), (j, words)
+
+
+def test_int8_bf16_has_no_raw_form() -> None:
+    with pytest.raises(ValueError, match="int8 bf16"):
+        dequant_asm(8, "bf16", scaled=False, offset=False)
 
 
 def _pack_pair(values: torch.Tensor, dtype: torch.dtype) -> int:

@@ -24,20 +24,27 @@ import triton
 import triton.language as tl
 
 QUARTERS = 4
+# (bits, dtype) whose codes can come out as magic + q exactly (`dequant_slots_raw`): bf16 and fp16 hold
+# 128 + q / 1024 + q for int4, fp16 1024 + q for int8.
+RAW_VARIANTS = ((4, "bf16"), (4, "f16"), (8, "f16"))
 _ONE = {"bf16": "0x3F803F80", "f16": "0x3C003C00"}
 _MAGIC16 = {"bf16": "0x43004300", "f16": "0x64006400"}
 _LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
 
 
-def dequant_asm(bits: int, dtype: str, scaled: bool) -> tuple[str, str]:
-    """PTX and constraints of `dequant_slots` / `dequant_slots_scaled` for `bits` and `dtype` ("bf16", "f16").
+def dequant_asm(bits: int, dtype: str, scaled: bool, offset: bool = True) -> tuple[str, str]:
+    """PTX and constraints of `dequant_slots` / `dequant_slots_scaled` / `dequant_slots_raw` for `bits` and
+    `dtype` ("bf16", "f16").
 
     Outputs $0..: one packed pair per slot. Inputs: the two words; the negative offset (one for the tile, or
     one per quarter when scaled: a packed pair, or two float32 for int8 + bf16); when scaled, one packed scale
-    pair per quarter.
+    pair per quarter. Without `offset` (raw) the slots are magic + q: no offset input, no subtraction (not for
+    int8 + bf16, whose magic 2^23 has no bf16 form).
     """
+    if not offset and (scaled or (bits == 8 and dtype == "bf16")):
+        raise ValueError(f"no raw (offset-free) dequantization for int{bits} {dtype}{' scaled' if scaled else ''}")
     slots = 32 // bits
-    offsets = QUARTERS if scaled else 1
+    offsets = (QUARTERS if scaled else 1) if offset else 0
     wide_offset = bits == 8 and dtype == "bf16"  # float32 offsets: two registers each
     regs_per_offset = 2 if wide_offset else 1
     first_offset = slots + 2
@@ -64,13 +71,15 @@ def dequant_asm(bits: int, dtype: str, scaled: bool) -> tuple[str, str]:
             if shift:
                 lines.append(f"shr.u32 t, {src}, {shift};")
                 src = "t"
-            lines += [f"lop3.b32 ${j}, {src}, 0x000F000F, {_MAGIC16[dtype]}, {_LOP_AND_OR};",
-                      f"fma.rn.{dtype}x2 ${j}, ${j}, one, {offset_reg(j, 0)};"]
+            lines.append(f"lop3.b32 ${j}, {src}, 0x000F000F, {_MAGIC16[dtype]}, {_LOP_AND_OR};")
+            if offset:
+                lines.append(f"fma.rn.{dtype}x2 ${j}, ${j}, one, {offset_reg(j, 0)};")
     else:  # int8, fp16: byte j of both words into the two halves
         for j in range(slots):
             lines += [f"prmt.b32 t, {wa}, {wb}, 0x{4 + j}{4 + j}{j}{j};",
-                      f"lop3.b32 ${j}, t, 0x00FF00FF, {_MAGIC16[dtype]}, {_LOP_AND_OR};",
-                      f"fma.rn.{dtype}x2 ${j}, ${j}, one, {offset_reg(j, 0)};"]
+                      f"lop3.b32 ${j}, t, 0x00FF00FF, {_MAGIC16[dtype]}, {_LOP_AND_OR};"]
+            if offset:
+                lines.append(f"fma.rn.{dtype}x2 ${j}, ${j}, one, {offset_reg(j, 0)};")
     if scaled:
         # fma with -0.0 is the multiply sm_80 has for bf16x2 (mul.bf16x2 needs sm_90).
         lines += [f"fma.rn.{dtype}x2 ${j}, ${j}, ${first_scale + j * QUARTERS // slots}, nz;" for j in range(slots)]
@@ -83,6 +92,7 @@ def _variants(scaled: bool) -> dict[tuple[int, str], tuple[str, str]]:
 
 
 _PLAIN, _SCALED = _variants(False), _variants(True)
+_RAW = {(bits, dtype): dequant_asm(bits, dtype, False, offset=False) for bits, dtype in RAW_VARIANTS}
 # Kernels read module globals only as constexprs: one per variant (asm text, constraints).
 _I4_BF16, _I4_BF16_C = tl.constexpr(_PLAIN[4, "bf16"][0]), tl.constexpr(_PLAIN[4, "bf16"][1])
 _I4_F16, _I4_F16_C = tl.constexpr(_PLAIN[4, "f16"][0]), tl.constexpr(_PLAIN[4, "f16"][1])
@@ -92,6 +102,9 @@ _S4_BF16, _S4_BF16_C = tl.constexpr(_SCALED[4, "bf16"][0]), tl.constexpr(_SCALED
 _S4_F16, _S4_F16_C = tl.constexpr(_SCALED[4, "f16"][0]), tl.constexpr(_SCALED[4, "f16"][1])
 _S8_BF16, _S8_BF16_C = tl.constexpr(_SCALED[8, "bf16"][0]), tl.constexpr(_SCALED[8, "bf16"][1])
 _S8_F16, _S8_F16_C = tl.constexpr(_SCALED[8, "f16"][0]), tl.constexpr(_SCALED[8, "f16"][1])
+_R4_BF16, _R4_BF16_C = tl.constexpr(_RAW[4, "bf16"][0]), tl.constexpr(_RAW[4, "bf16"][1])
+_R4_F16, _R4_F16_C = tl.constexpr(_RAW[4, "f16"][0]), tl.constexpr(_RAW[4, "f16"][1])
+_R8_F16, _R8_F16_C = tl.constexpr(_RAW[8, "f16"][0]), tl.constexpr(_RAW[8, "f16"][1])
 _BF16X8 = tl.constexpr((tl.bfloat16,) * 8)
 _F16X8 = tl.constexpr((tl.float16,) * 8)
 _BF16X4 = tl.constexpr((tl.bfloat16,) * 4)
@@ -145,4 +158,25 @@ def dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS: tl.constex
         slots = tl.inline_asm_elementwise(_S8_BF16, _S8_BF16_C, args, _BF16X4, True, 2)
     else:
         slots = tl.inline_asm_elementwise(_S8_F16, _S8_F16_C, args, _F16X4, True, 2)
+    return slots
+
+
+@triton.jit
+def dequant_magic(DTYPE: tl.constexpr):
+    """The power of two that `dequant_slots_raw` adds to every code."""
+    return 128.0 if DTYPE == tl.bfloat16 else 1024.0
+
+
+@triton.jit
+def dequant_slots_raw(words, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Every slot of `words` as DTYPE: magic + q_j (`dequant_magic`), exact, with no subtraction; the caller
+    removes magic + z from the products (one row sum of the activations per tile). Not for int8 + bf16."""
+    tl.static_assert(not (BITS == 8 and DTYPE == tl.bfloat16), "int8 codes have no raw bf16 form")
+    if BITS == 4:
+        if DTYPE == tl.bfloat16:
+            slots = tl.inline_asm_elementwise(_R4_BF16, _R4_BF16_C, [words], _BF16X8, True, 2)
+        else:
+            slots = tl.inline_asm_elementwise(_R4_F16, _R4_F16_C, [words], _F16X8, True, 2)
+    else:
+        slots = tl.inline_asm_elementwise(_R8_F16, _R8_F16_C, [words], _F16X4, True, 2)
     return slots

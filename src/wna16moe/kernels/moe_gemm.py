@@ -33,7 +33,14 @@ import triton
 import triton.language as tl
 
 from wna16moe.kernels.activation import ACT_SILU, gated_activation
-from wna16moe.kernels.dequant import QUARTERS, dequant_offset, dequant_slots, dequant_slots_scaled
+from wna16moe.kernels.dequant import (
+    QUARTERS,
+    dequant_magic,
+    dequant_offset,
+    dequant_slots,
+    dequant_slots_raw,
+    dequant_slots_scaled,
+)
 from wna16moe.kernels.layout import TILE_K
 
 # Kernels may read module globals only when they are constexpr objects.
@@ -182,12 +189,26 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
                 acc = tl.dot(a, slots[j], acc)
     elif FAST_DEQUANT:  # one group covers the tile
         z = _zero_points(z_row, BITS, HAS_ZP)
-        slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE)
         partial = tl.zeros(acc.shape, dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            offs = k + j * R + tl.arange(0, R)
-            a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
-            partial = tl.dot(a, slots[j], partial)
+        if BITS == 8 and DTYPE == tl.bfloat16:  # the offset is removed inside the dequantization
+            slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE)
+            for j in tl.static_range(PACK):
+                offs = k + j * R + tl.arange(0, R)
+                a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
+                partial = tl.dot(a, slots[j], partial)
+        else:
+            # The slots are magic + q, exactly: sum_k a (magic + q) - (magic + z) sum_k a = sum_k a (q - z), with
+            # the activations' row sums from one more dot per slot against ones (shared by GEMM1's gate and up
+            # tiles): one MMA per slot instead of one packed subtraction per two weights.
+            slots = dequant_slots_raw(words, BITS, DTYPE)
+            row_sums = tl.zeros(acc.shape, dtype=tl.float32)
+            ones = tl.full((R, words.shape[1]), 1.0, DTYPE)
+            for j in tl.static_range(PACK):
+                offs = k + j * R + tl.arange(0, R)
+                a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
+                partial = tl.dot(a, slots[j], partial)
+                row_sums = tl.dot(a, ones, row_sums)
+            partial -= row_sums * (dequant_magic(DTYPE) + z.to(tl.float32))[None, :]
         acc += partial * s_row.to(tl.float32)[None, :]
     else:
         SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R
