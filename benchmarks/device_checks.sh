@@ -8,8 +8,8 @@
 #   benchmarks/device_checks.sh pair     # two GPUs: 'tests' with MARLIN on one GPU, TRITON on the other, then 'multi'
 #   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over three; a kernel profile, the W8A16
 #                                        # bench, TRITON's and MARLIN's GPU tests (parallel processes) on the fourth
-#   benchmarks/device_checks.sh ab       # four GPUs: the bench of up to three source trees build/ab/*/src side by
-#                                        # side (A/B of kernel versions), TRITON's GPU tests on the fourth
+#   benchmarks/device_checks.sh ab       # four GPUs: the bench of source trees build/ab/*/src (A/B of kernel
+#                                        # versions), each on three GPUs in turn; TRITON's GPU tests on the fourth
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -58,7 +58,7 @@ marlin_tests() {  # the tests no earlier device run reached first, then the swee
 parallel_tests() {  # parallel_tests NAME LIMIT FILES...: one pytest process per GPU test, $PARALLEL (8) at a time
     local name=$1 limit=$2
     shift 2
-    python3 -m pytest -m gpu -p no:cacheprovider --collect-only -q "$@" 2>/dev/null | grep '::' > "$OUT/$name-ids.txt"
+    python3 -m pytest -m gpu -p no:cacheprovider --collect-only "$@" 2>/dev/null | grep '::' > "$OUT/$name-ids.txt"
     xargs -P "${PARALLEL:-8}" -I{} sh -c "timeout $limit python3 -m pytest -p no:cacheprovider -rfE '{}' 2>&1 | tail -2 \
         | sed 's|^|{} :: |'" < "$OUT/$name-ids.txt" > "$OUT/$name.log"
     echo "== $name: $(grep -c ' passed' "$OUT/$name.log") passed," \
@@ -127,19 +127,23 @@ final)  # four GPUs, short: the sweep on all four, the last of TRITON's GPU test
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
     ;;
-ab)  # up to three GPUs: the bench of each tree build/ab/<name>/src side by side; TRITON's GPU tests on the last
+ab)  # three GPUs: the bench of each tree build/ab/<name>/src, once on every GPU (rotated, so that a GPU's own
+     # speed cancels out); TRITON's GPU tests on the fourth
     nvidia-smi -L
-    gpu=0
-    for tree in build/ab/*/; do
-        name=$(basename "$tree")
-        (export CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH="$PWD/$tree/src:$PWD/tests" \
-             WNA16MOE_COMMIT=$(cat "$tree/COMMIT" 2>/dev/null || echo "$name")
-         step "ab-$name" 400 python3 -m wna16moe.bench --shapes ${AB_SHAPES:-mixtral qwen3-30b-a3b deepseek-v3 kimi-k2} \
-             --tokens ${AB_TOKENS:-1 8 32 128 512} --out "$OUT/ab-$name.json") &
-        gpu=$((gpu + 1))
+    trees=(build/ab/*/)
+    for gpu in 0 1 2; do
+        (for round in 0 1 2; do
+            tree=${trees[$(( (gpu + round) % ${#trees[@]} ))]}
+            name=$(basename "$tree")
+            CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH="$PWD/$tree/src:$PWD/tests" \
+                WNA16MOE_COMMIT=$(cat "$tree/COMMIT" 2>/dev/null || echo "$name") \
+                step "ab-$name-gpu$gpu" 200 python3 -m wna16moe.bench \
+                --shapes ${AB_SHAPES:-mixtral qwen3-30b-a3b deepseek-v3 kimi-k2} --tokens ${AB_TOKENS:-1 8 32 128} \
+                --out "$OUT/ab-$name-gpu$gpu.json"
+        done) &
     done
-    (export CUDA_VISIBLE_DEVICES=$gpu; parallel_tests triton-tests 400 tests/test_kernels_dequant.py \
-         tests/test_experts_triton.py) &
+    (export CUDA_VISIBLE_DEVICES=3; parallel_tests triton-tests 400 tests/test_kernels_dequant.py \
+         tests/test_experts_triton.py tests/test_bench.py) &
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;

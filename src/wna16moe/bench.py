@@ -1,10 +1,12 @@
 """Benchmark of whole MoE layers on the current GPU: `python -m wna16moe.bench` or `wna16moe bench`.
 
 Timed region: one layer forward from routed top-k ids/weights to the [T, H] output (alignment, both GEMMs,
-activation, top-k reduction, cast); routing itself is excluded. Times are `triton.testing.do_bench` medians
-after warm-up; do_bench flushes the L2 cache before every timed call, so weights are always read from HBM
-(stricter than rotating weight sets). For M <= 512 the forward is also captured in a CUDA graph and its replay
-timed. Routing is uniform random with distinct experts per token.
+activation, top-k reduction, cast); routing itself is excluded. Times are medians of CUDA-event timings after
+warm-up, each call right after an L2 flush that reads a buffer of 5x the L2 size: weights always come from HBM,
+and the L2 holds only clean lines, so the timed call writes back nothing of the flush's (a flush by zeroing, as
+`triton.testing.do_bench` does, leaves the L2 dirty and billed up to ~20% extra to a decode step; benchmarks/NOTES.md
+v12). For M <= 512 the forward is also captured in a CUDA graph and its replay timed. Routing is uniform random
+with distinct experts per token.
 
 Ceilings are measured in the same run: device-to-device copy bandwidth (bytes read + written) and the bf16
 matmul rate at 8192^3. Per (backend, shape, M): bytes that must be read = distinct experts touched x bytes per
@@ -28,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -54,11 +57,39 @@ DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 GRAPH_MAX_TOKENS = 512
 
 
-def _bench(fn: Callable[[], object]) -> float:
-    """Median microseconds of `fn` (do_bench: warm-up, L2 flushed before each call)."""
-    import triton
+_FLUSH_BUFFERS: dict[torch.device, torch.Tensor] = {}
 
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+def _flush_l2() -> None:
+    """Evict the L2 by reading (not writing) a buffer of 5x its size: it is left holding clean lines."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _FLUSH_BUFFERS:
+        l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+        _FLUSH_BUFFERS[device] = torch.ones(5 * l2_bytes // 4, dtype=torch.int32, device=device)
+    _FLUSH_BUFFERS[device].max()
+
+
+def _bench(fn: Callable[[], object], warmup: int = 10, budget_ms: float = 60.0) -> float:
+    """Median microseconds of `fn`: CUDA events around each call, each after `_flush_l2`, after warm-up; as many
+    calls as fit in about `budget_ms` (10 to 1000)."""
+    for _ in range(warmup):
+        _flush_l2()
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    calls = max(10, min(1000, int(budget_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    for begin, finish in events:
+        _flush_l2()
+        begin.record()
+        fn()
+        finish.record()
+    torch.cuda.synchronize()
+    return statistics.median(begin.elapsed_time(finish) for begin, finish in events) * 1e3
 
 
 def capture_graph(fn: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAGraph:
