@@ -114,16 +114,12 @@ quad)
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;
-final)  # four GPUs, short: the sweep on all four, the last of TRITON's GPU tests first on the fourth
+final)  # four GPUs, short: the sweep, one shape per GPU
     nvidia-smi -L
-    for spec in "0 sweep-a mixtral" "1 sweep-b deepseek-v3" "2 sweep-c kimi-k2"; do
+    for spec in "0 sweep-a mixtral" "1 sweep-b deepseek-v3" "2 sweep-c kimi-k2" "3 sweep-d qwen3-30b-a3b"; do
         set -- $spec
-        CUDA_VISIBLE_DEVICES=$1 step "$2" 230 python3 -m wna16moe.bench --sweep --shapes "$3" --out "$OUT/$2.json" &
+        CUDA_VISIBLE_DEVICES=$1 step "$2" 300 python3 -m wna16moe.bench --sweep --shapes "$3" --out "$OUT/$2.json" &
     done
-    (export CUDA_VISIBLE_DEVICES=3
-     step triton-tests 110 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_triton.py \
-         -k "swap_ab and (int4_ch_sym or int8_g64_sym or int4_g128_sym)"
-     step sweep-d 120 python3 -m wna16moe.bench --sweep --shapes qwen3-30b-a3b --out "$OUT/sweep-d.json") &
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
     ;;
