@@ -110,6 +110,14 @@ def test_default_config_splits_gemm2_when_few_programs() -> None:
     assert default_config(1, 2, 8, 128).split_k2 == 1  # no device facts: no split
 
 
+def test_default_config_splits_gemm1_for_one_token() -> None:
+    """One token: GEMM1's K in two, in four when its programs would not fill the SMs; never for more tokens."""
+    assert default_config(1, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).split_k1 == 2
+    assert default_config(1, 8, 128, 128, hidden_size=2048, intermediate_size=768, num_sms=132).split_k1 == 4
+    assert default_config(2, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).split_k1 == 1
+    assert default_config(1, 8, 256, 128).split_k1 == 1  # no device facts: no split
+
+
 def test_default_config_swaps_ab_only_with_wgmma() -> None:
     # deepseek-v3 prefill (256 rows per expert): two warpgroups of swap-AB on Hopper
     hopper = default_config(8192, 8, 256, 128, wgmma=True)

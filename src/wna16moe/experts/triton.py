@@ -78,18 +78,22 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     blocks above the group size, where the kernel scales weights instead of partial sums.
 
     At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
-    few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split over up to 8x the SM count.
-    GEMM1 is not split by default: no sweep has yet ranked its K split (`split_k1`) fairly (NOTES.md v8).
+    few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split over up to 8x the SM count. For
+    one token GEMM1's K is split in two, in four where its programs are fewer than the SMs (qwen3-30b-a3b:
+    8 pairs x 12 tiles): it won at M = 1 in the graph-ranked H200 sweep (NOTES.md v12), by 5-18%.
     """
     per_expert = num_tokens * top_k / num_experts
     if per_expert <= 20:
-        split = 1
+        split, split1 = 1, 1
         if hidden_size and intermediate_size and num_sms:
             programs = min(num_experts, num_tokens * top_k) * -(-hidden_size // 64)
             k_tiles = -(-intermediate_size // TILE_K)
             split = max(1, min(8 * num_sms // programs, k_tiles // 4))
             split = 1 << (split.bit_length() - 1)  # a power of two
-        return TritonConfig(16, 64, 64, split_k2=split, num_warps=4, num_stages=4)
+            gemm1_programs = top_k * -(-intermediate_size // 64)
+            if num_tokens == 1 and hidden_size >= 8 * TILE_K:
+                split1 = 4 if gemm1_programs < num_sms else 2
+        return TritonConfig(16, 64, 64, split_k2=split, num_warps=4, num_stages=4, split_k1=split1)
     if group_size is not None and group_size < 64:
         # Small groups: M blocks of 64 scale the weights once instead of every group's partial sums.
         if per_expert <= 100:
