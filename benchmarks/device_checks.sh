@@ -8,8 +8,8 @@
 #   benchmarks/device_checks.sh pair     # two GPUs: 'tests' with MARLIN on one GPU, TRITON on the other, then 'multi'
 #   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over three; a kernel profile, the W8A16
 #                                        # bench, TRITON's and MARLIN's GPU tests (parallel processes) on the fourth
-#   benchmarks/device_checks.sh ab       # four GPUs: the bench of source trees build/ab/*/src (A/B of kernel
-#                                        # versions), each on three GPUs in turn; TRITON's GPU tests on the fourth
+#   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
+#                                        # turns on every GPU but the last; TRITON's GPU tests on the last
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -123,22 +123,24 @@ final)  # four GPUs, short: the sweep, one shape per GPU
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
     ;;
-ab)  # three GPUs: the bench of each tree build/ab/<name>/src, once on every GPU (rotated, so that a GPU's own
-     # speed cancels out); TRITON's GPU tests on the fourth
+ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, trees rotated over $AB_ROUNDS (3)
+     # rounds so that a GPU's own speed cancels out; TRITON's GPU tests on the last GPU
     nvidia-smi -L
     trees=(build/ab/*/)
-    for gpu in 0 1 2; do
-        (for round in 0 1 2; do
+    gpus=$(nvidia-smi -L | wc -l)
+    bench_gpus=$(( gpus > 1 ? gpus - 1 : 1 ))
+    for gpu in $(seq 0 $(( bench_gpus - 1 ))); do
+        (for round in $(seq 0 $(( ${AB_ROUNDS:-3} - 1 ))); do
             tree=${trees[$(( (gpu + round) % ${#trees[@]} ))]}
             name=$(basename "$tree")
             CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH="$PWD/$tree/src:$PWD/tests" \
                 WNA16MOE_COMMIT=$(cat "$tree/COMMIT" 2>/dev/null || echo "$name") \
-                step "ab-$name-gpu$gpu" 200 python3 -m wna16moe.bench \
+                step "ab-$name-gpu$gpu-r$round" 200 python3 -m wna16moe.bench \
                 --shapes ${AB_SHAPES:-mixtral qwen3-30b-a3b deepseek-v3 kimi-k2} --tokens ${AB_TOKENS:-1 8 32 128} \
-                --out "$OUT/ab-$name-gpu$gpu.json"
+                --out "$OUT/ab-$name-gpu$gpu-r$round.json"
         done) &
     done
-    (export CUDA_VISIBLE_DEVICES=3; parallel_tests triton-tests 400 tests/test_kernels_dequant.py \
+    (export CUDA_VISIBLE_DEVICES=$(( gpus - 1 )); parallel_tests triton-tests 400 tests/test_kernels_dequant.py \
          tests/test_experts_triton.py tests/test_bench.py) &
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
