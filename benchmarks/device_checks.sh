@@ -8,6 +8,7 @@
 #   benchmarks/device_checks.sh pair     # two GPUs: 'tests' with MARLIN on one GPU, TRITON on the other, then 'multi'
 #   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over three; a kernel profile, the W8A16
 #                                        # bench, TRITON's and MARLIN's GPU tests (parallel processes) on the fourth
+#   benchmarks/device_checks.sh probe    # two GPUs: read ceiling by size, kernel profile; the W8A16 bench
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
 #
@@ -144,6 +145,16 @@ ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, tre
          tests/test_experts_triton.py tests/test_bench.py) &
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
+    ;;
+probe)  # two GPUs: the read ceiling by size and a kernel profile on one, the W8A16 bench on the other
+    nvidia-smi -L
+    (export CUDA_VISIBLE_DEVICES=0
+     step read-bandwidth 120 python3 benchmarks/read_bandwidth.py
+     step profile 150 python3 benchmarks/profile_layer.py --shapes qwen3-30b-a3b mixtral deepseek-v3 kimi-k2 \
+         --tokens 1 8 128) &
+    CUDA_VISIBLE_DEVICES=1 step w8a16 400 python3 -m wna16moe.bench --scheme int8_g128_sym \
+        --shapes mixtral deepseek-v3 --out "$OUT/w8a16.json" &
+    wait
     ;;
 sweep)
     nvidia-smi -L

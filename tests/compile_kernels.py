@@ -72,7 +72,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
-                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"], K_UNROLL=case.get("unroll", 1))
+                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"])
     act = "*" + case.get("dtype", "bf16")
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=act if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))

@@ -128,8 +128,8 @@ CASES = [
     ("int8_g32_zp", Activation.SILU, 4, 64, 32, 4, 4),           # int8 zero points, top-k = E
     ("int4_ch_zp", Activation.SILU, 3, 64, 64, 1, 1),            # T = 1, top-k = 1
     ("int4_g64_zp", Activation.GELU, 8, 128, 64, 1, 4),          # T = 1: one block per pair, no alignment
-    ("int4_g128_zp", Activation.SILU, 4, 256, 256, 6, 2),        # two K tiles per iteration, rows loaded ahead
-    ("int8_g128_sym", Activation.SILU, 4, 512, 256, 3, 2),       # int8, two iterations of two K tiles
+    ("int4_g128_zp", Activation.SILU, 4, 256, 256, 6, 2),        # rows loaded a tile ahead, with zero points
+    ("int8_g128_sym", Activation.SILU, 4, 512, 256, 3, 2),       # int8, four K tiles per GEMM1 program
 ]
 
 

@@ -40,9 +40,6 @@ CASES = [
          stages=3, mma="wgmma.mma_async", fast=True, loop_budget=1240, spills=True),
     dict(sm=80, gated=False, bits=4, zp=True, perm=True, group_in_tile=128, block_m=16, block_n=64, warps=4,
          mma="mma.sync", fast=True, dtype="fp16", loop_budget=340),
-    # two tiles per loop iteration (K_UNROLL): the budget is for both
-    dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
-         mma="mma.sync", fast=True, unroll=2, loop_budget=720),
     # groups smaller than the tile: weights scaled in the asm (int4 g32 bf16, int8 g64 fp16 with zero points)
     dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=32, block_m=16, block_n=64, warps=4,
          mma="mma.sync", fast=True, loop_budget=500),

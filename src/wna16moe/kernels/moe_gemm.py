@@ -80,21 +80,6 @@ def _group_row(ptrs, n_mask, row, k_end, group_size, stride_sg, CLAMP: tl.conste
 
 
 @triton.jit
-def _tile_rows(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride_sg, N, GATED: tl.constexpr,
-               HAS_ZP: tl.constexpr):
-    """The scale and zero-point rows of the tile starting at reduction row `row`: (scale, up-half scale at
-    columns n + N, zero point, up-half zero point); what a layer lacks (up half, zero points) repeats the
-    scale row, unused."""
-    s_row = _group_row(s_ptrs, n_mask, row, k_end, group_size, stride_sg, True)
-    s_up = _group_row(s_ptrs + N, n_mask, row, k_end, group_size, stride_sg, True) if GATED else s_row
-    z_row, z_up = s_row, s_up
-    if HAS_ZP:
-        z_row = _group_row(z_ptrs, n_mask, row, k_end, group_size, stride_sg, True)
-        z_up = _group_row(z_ptrs + N, n_mask, row, k_end, group_size, stride_sg, True) if GATED else z_row
-    return s_row, s_up, z_row, z_up
-
-
-@triton.jit
 def _zero_points(z_row, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
     """int32 zero points from a group's zero-point row; the symmetric midpoint without zero points."""
     if HAS_ZP:
@@ -298,7 +283,6 @@ def _moe_gemm_kernel(
     EVEN_K: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr,
     ZERO_OUT: tl.constexpr,
-    K_UNROLL: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
@@ -349,44 +333,41 @@ def _moe_gemm_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # One group per tile, its sum scaled after the dot: the tiles' scale and zero-point rows are loaded one loop
-    # iteration ahead, into registers. Triton's pipeliner prefetches through shared memory only the loads that
-    # feed a dot, and a scale row that multiplies the dot's result (or a byte-wide zero-point row) loaded in its
-    # own iteration stalled every tile for a memory round trip (SASS; benchmarks/NOTES.md v12). Rows used two
-    # iterations after their load make Triton 3.6 drop the loop's pipelining. (SWAP_AB scales in the
-    # dequantization: pipelined as is.)
+    # One group per tile, its sum scaled after the dot: the tile's scale and zero-point rows are loaded one tile
+    # ahead, into registers. Triton's pipeliner prefetches through shared memory only the loads that feed a dot,
+    # and a scale row that multiplies the dot's result (or a byte-wide zero-point row) loaded in its own
+    # iteration stalled every tile for a memory round trip (decode; benchmarks/NOTES.md v12). Two tiles ahead
+    # makes Triton 3.6 drop the loop's pipelining. (SWAP_AB scales in the dequantization: pipelined as is.)
     ROWS_AHEAD: tl.constexpr = GROUP_IN_TILE == _TILE_K and not SCALE_WEIGHTS and not SWAP_AB
     if ROWS_AHEAD:
-        rows0 = _tile_rows(s_ptrs, z_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, N, GATED, HAS_ZP)
-        rows1 = _tile_rows(s_ptrs, z_ptrs, n_mask, k_begin + _TILE_K, k_end, GROUP_SIZE, stride_sg, N, GATED, HAS_ZP)
-    else:  # rows read per group inside _tile_dot
-        rows0 = (n_mask, n_mask, n_mask, n_mask)
-        rows1 = rows0
-    # K_UNROLL tiles per iteration halve the loop's bookkeeping (addresses, barriers) per weight.
-    for k in range(k_begin, k_end, K_UNROLL * _TILE_K):
-        for u in tl.static_range(K_UNROLL):
-            kk = k + u * _TILE_K
-            if u == 0:
-                this_rows = rows0
-                if ROWS_AHEAD:
-                    rows0 = _tile_rows(s_ptrs, z_ptrs, n_mask, kk + K_UNROLL * _TILE_K, k_end, GROUP_SIZE,
-                                       stride_sg, N, GATED, HAS_ZP)
-            else:
-                this_rows = rows1
-                if ROWS_AHEAD:
-                    rows1 = _tile_rows(s_ptrs, z_ptrs, n_mask, kk + K_UNROLL * _TILE_K, k_end, GROUP_SIZE,
-                                       stride_sg, N, GATED, HAS_ZP)
-            s_row, s_up, z_row, z_up = this_rows
-            tile_ptrs = w_ptrs + (kk // PACK) * stride_wk
-            words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
-            acc = _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, kk, k_end,
-                            GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS,
-                            FAST_DEQUANT, SWAP_AB, EVEN_K)
+        s_next = _group_row(s_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
+        s_up_next = _group_row(s_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
+        z_next, z_up_next = s_next, s_up_next  # (no zero points: unused)
+        if HAS_ZP:
+            z_next = _group_row(z_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
+            z_up_next = _group_row(z_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
+    for k in range(k_begin, k_end, _TILE_K):
+        if ROWS_AHEAD:
+            s_row, s_up, z_row, z_up = s_next, s_up_next, z_next, z_up_next
+            s_next = _group_row(s_ptrs, n_mask, k + _TILE_K, k_end, GROUP_SIZE, stride_sg, True)
             if GATED:
-                words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
-                acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N,
-                                   n_mask, kk, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
-                                   SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
+                s_up_next = _group_row(s_ptrs + N, n_mask, k + _TILE_K, k_end, GROUP_SIZE, stride_sg, True)
+            if HAS_ZP:
+                z_next = _group_row(z_ptrs, n_mask, k + _TILE_K, k_end, GROUP_SIZE, stride_sg, True)
+                if GATED:
+                    z_up_next = _group_row(z_ptrs + N, n_mask, k + _TILE_K, k_end, GROUP_SIZE, stride_sg, True)
+        else:  # rows read per group inside _tile_dot
+            s_row, s_up, z_row, z_up = n_mask, n_mask, n_mask, n_mask
+        tile_ptrs = w_ptrs + (k // PACK) * stride_wk
+        words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
+        acc = _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end,
+                        GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT,
+                        SWAP_AB, EVEN_K)
+        if GATED:
+            words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
+            acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
+                               k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
+                               SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
@@ -509,11 +490,7 @@ def moe_gemm(
         SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
         SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n,
         SWAP_AB=swap_ab and fast_dequant, EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks,
-        ZERO_OUT=zero_out is not None,
-        # Two tiles per loop iteration (-6 to -9% SASS per tile at decode) where every K split holds an even
-        # number of them and the doubled pipeline stages fit in shared memory (M blocks up to 32, no swap-AB).
-        K_UNROLL=2 if kd % (2 * TILE_K * split_k) == 0 and block_m <= 32 and not swap_ab else 1,
-        num_warps=num_warps, num_stages=num_stages,
+        ZERO_OUT=zero_out is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
