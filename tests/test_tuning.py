@@ -56,6 +56,21 @@ def test_build_keeps_the_default_where_it_replays_faster() -> None:
     assert built["speed"][f"{KEY.as_text()} int4_g128_sym"]["1"] == {"triton_us": 60.0, "marlin_us": 120.0}
 
 
+def test_a_later_sweep_replaces_only_its_token_counts(table: Path, tmp_path: Path) -> None:
+    before = json.loads(table.read_text())["cards"]["NVIDIA H100 80GB HBM3"][KEY.as_text()]
+    results = {"card": "NVIDIA H100 80GB HBM3", "commit": "def", "date": "2026-11-29",
+               "rows": [_row("triton-best", 1, 64), _row("marlin", 1, 0, 50.0)]}
+    sweep = tmp_path / "decode-sweep.json"
+    sweep.write_text(json.dumps(results))
+    assert tuning.main([str(sweep)]) == 0
+    after = json.loads(table.read_text())
+    entries = after["cards"]["NVIDIA H100 80GB HBM3"][KEY.as_text()]
+    assert entries["1"]["block_m"] == 64 and before["1"]["block_m"] == 16  # replaced
+    assert entries["8192"] == before["8192"] and entries["128"] == before["128"]  # kept
+    assert set(after["speed"]["NVIDIA H100 80GB HBM3"][f"{KEY.as_text()} int4_g128_sym"]) == {"1", "8192"}
+    assert after["sources"] == ["decode-sweep.json (commit def, 2026-11-29)"]
+
+
 @pytest.mark.parametrize(("tokens", "block_m"), [(1, 16), (4, 16), (12, 32), (100, 32), (1000, 32), (3000, 128),
                                                  (100000, 128)])
 def test_lookup_takes_the_nearest_measured_m(table: Path, tokens: int, block_m: int) -> None:

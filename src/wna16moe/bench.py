@@ -177,8 +177,11 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     """Alternatives around the default: M block, N tiles, warps, pipeline stages, split-K, swap-AB."""
     swapped: tuple[tuple[int, int, int, int, int], ...] = ()
     if per_expert <= 20:
+        # (GEMM2 has half GEMM1's weights per program at the same BLOCK_N: wider GEMM2 tiles amortise the
+        # loop's bookkeeping, at the cost of registers and programs per SM.)
         tiles = ((16, 32, 32, 4, 4), (16, 64, 64, 4, 3), (16, 64, 64, 4, 6), (16, 128, 128, 4, 4),
-                 (16, 64, 128, 4, 4), (16, 128, 64, 8, 4))
+                 (16, 64, 128, 4, 4), (16, 128, 64, 8, 4), (16, 64, 128, 4, 3), (16, 64, 256, 4, 3),
+                 (16, 64, 256, 8, 3), (16, 128, 256, 8, 3))
         splits = (1, 2, 4, 8)
     elif per_expert <= 1024:
         tiles = ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 128, 128, 8, 3), (64, 64, 64, 4, 3),

@@ -126,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
             keys[row["shape"]] = ShapeKey(scheme.bits, scheme.group_size, shape.hidden_size,
                                           shape.intermediate_size, shape.num_experts, shape.top_k)
         built = build_table(results, keys)
-        table["cards"].setdefault(built["card"], {}).update(built["entries"])
-        table.setdefault("speed", {}).setdefault(built["card"], {}).update(built["speed"])
+        # Per M: a sweep of some token counts replaces those entries and keeps the others.
+        for section, new_entries in (("cards", built["entries"]), ("speed", built["speed"])):
+            card_entries = table.setdefault(section, {}).setdefault(built["card"], {})
+            for shape_text, by_m in new_entries.items():
+                card_entries.setdefault(shape_text, {}).update(by_m)
         table.setdefault("sources", []).append(f"{path.name} (commit {built['commit']}, {built['date']})")
     TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {TABLE_PATH}")
