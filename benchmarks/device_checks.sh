@@ -8,6 +8,7 @@
 #   benchmarks/device_checks.sh pair     # two GPUs: 'tests' with MARLIN on one GPU, TRITON on the other, then 'multi'
 #   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over three; a kernel profile, the W8A16
 #                                        # bench, TRITON's and MARLIN's GPU tests (parallel processes) on the fourth
+#   benchmarks/device_checks.sh decode   # two GPUs: the decode sweep (M <= 512), the W8A16 bench
 #   benchmarks/device_checks.sh probe    # two GPUs: read ceiling by size, kernel profile; the W8A16 bench
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
@@ -145,6 +146,20 @@ ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, tre
          tests/test_experts_triton.py tests/test_bench.py) &
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
+    ;;
+decode)  # two GPUs: the decode sweep (M <= 512) of two shapes each, then the W8A16 bench of one shape each
+    nvidia-smi -L
+    for spec in "0 decode-a mixtral deepseek-v3" "1 decode-b kimi-k2 qwen3-30b-a3b"; do
+        set -- $spec
+        (export CUDA_VISIBLE_DEVICES=$1
+         step "$2" 420 python3 -m wna16moe.bench --sweep --shapes "$3" "$4" --tokens 1 8 32 128 512 \
+             --out "$OUT/$2.json"
+         [ "$1" = 0 ] && shape=mixtral || shape=deepseek-v3
+         step "w8a16-$1" 120 python3 -m wna16moe.bench --scheme int8_g128_sym --shapes $shape \
+             --out "$OUT/w8a16-$1.json") &
+    done
+    wait
+    (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
     ;;
 probe)  # two GPUs: the read ceiling by size and a kernel profile on one, the W8A16 bench on the other
     nvidia-smi -L
