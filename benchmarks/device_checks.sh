@@ -156,7 +156,9 @@ decode)  # two GPUs: the decode sweep (M <= 512) of two shapes each, then the W8
              --out "$OUT/$2.json"
          [ "$1" = 0 ] && shape=mixtral || shape=deepseek-v3
          step "w8a16-$1" 120 python3 -m wna16moe.bench --scheme int8_g128_sym --shapes $shape \
-             --out "$OUT/w8a16-$1.json") &
+             --out "$OUT/w8a16-$1.json"
+         [ "$1" = 1 ] && step swap-int8-tests 120 python3 -m pytest -m gpu -p no:cacheprovider -rfE \
+             tests/test_experts_triton.py -k "swap_ab and int8") &
     done
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
