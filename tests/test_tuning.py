@@ -133,6 +133,12 @@ def test_default_config_splits_gemm1_for_one_token() -> None:
     assert default_config(1, 8, 256, 128).split_k1 == 1  # no device facts: no split
 
 
+def test_default_config_widens_gemm2_for_small_groups_at_decode() -> None:
+    kimi = default_config(8, 8, 384, 32, hidden_size=7168, intermediate_size=2048, num_sms=132)
+    assert (kimi.block_m, kimi.block_n1, kimi.block_n2) == (16, 64, 256)
+    assert default_config(8, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).block_n2 == 64
+
+
 def test_default_config_swaps_ab_only_with_wgmma() -> None:
     # deepseek-v3 prefill (256 rows per expert): two warpgroups of swap-AB on Hopper
     hopper = default_config(8192, 8, 256, 128, wgmma=True)

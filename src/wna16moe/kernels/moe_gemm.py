@@ -189,12 +189,13 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
         else:  # one group for the whole tile
             o1, s1, o2, s2, o3, s3 = o0, s0, o0, s0, o0, s0
         slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, DTYPE)
-        if SWAP_AB and PACK == 8:  # one dot per tile: wgmma can then keep several of its K steps in flight
+        if SWAP_AB and (PACK == 8 or acc.shape[1] > 128):  # one dot per tile: wgmma keeps its K steps in flight
             a = _load_a(a_row_ptrs, perm_ptr, k + tl.arange(0, _TILE_K), k_end, HAS_PERM, EVEN_K)
             acc = tl.dot(tl.trans(_tile_from_slots(slots, PACK)), tl.trans(a), acc)
         elif SWAP_AB:
-            # int8: the joined tile spills at BLOCK_M 64 x BLOCK_N 128 (SASS: 46 STL per tile against 12 per slot;
-            # W8A16 1.4-1.6x slower at M = 512-2048 than with per-slot dots, H200 v8 vs v12 runs): one dot per slot.
+            # int8 up to BLOCK_M 128: the joined tile spills at BLOCK_M 64 x BLOCK_N 128 (SASS: 46 STL per tile
+            # against 12 per slot; W8A16 1.4-1.6x slower at M = 512-2048 than per slot, H200); one dot per slot.
+            # (At BLOCK_M 256 per-slot operands overflow shared memory.)
             for j in tl.static_range(PACK):
                 a = _load_a(a_row_ptrs, perm_ptr, k + j * R + tl.arange(0, R), k_end, HAS_PERM, EVEN_K)
                 acc = tl.dot(tl.trans(slots[j]), tl.trans(a), acc)
