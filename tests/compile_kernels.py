@@ -30,7 +30,7 @@ GEMM_SIGNATURE = {
     "alpha": "fp32", "beta": "fp32", "limit": "fp32",
 }
 PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "cvt.rn.bf16.s32", "cvt.rn.f16.s32",
-             "lop3.b32", "prmt.b32", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "prefetch.global.L2")
+             "lop3.b32", "prmt.b32")
 
 
 DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "KD", "stride_am", "stride_we", "stride_wk",
@@ -72,7 +72,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
-                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"], PDL=case.get("pdl", False))
+                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"])
     act = "*" + case.get("dtype", "bf16")
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=act if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))

@@ -224,8 +224,6 @@ class TritonExperts(Experts):
         self._card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._card else None
         self._wgmma = self._card is not None and torch.cuda.get_device_capability(device)[0] == 9
-        # Programmatic dependent launch (sm90+): GEMM2 starts and prefetches its weights while GEMM1 finishes.
-        self._pdl = _ptx_dequant(device) and torch.cuda.get_device_capability(device)[0] >= 9
         self._shape_key = ShapeKey.of(spec)
         self._configs: dict[int, TritonConfig] = {}
 
@@ -262,7 +260,7 @@ class TritonExperts(Experts):
         else:
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
-                      fast_dequant=_ptx_dequant(hidden_states.device), swap_ab=cfg.swap_ab, pdl=self._pdl,
+                      fast_dequant=_ptx_dequant(hidden_states.device), swap_ab=cfg.swap_ab,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
@@ -277,7 +275,7 @@ class TritonExperts(Experts):
                                    device=hidden_states.device)
             moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
                      zero_out=out, **common)
-            split_k_activation(partials, topk_ids, self.w13_bias, intermediate, pdl=self._pdl, **activation)
+            split_k_activation(partials, topk_ids, self.w13_bias, intermediate, **activation)
         else:
             moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out,
                      **activation, **common)

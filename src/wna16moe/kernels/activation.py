@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = 0, 1, 2, 3
 
@@ -54,11 +53,7 @@ def _split_k_activation_kernel(
     HAS_LIMIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if PDL:  # launched before GEMM1 has finished: let GEMM2 launch too, then wait for GEMM1's partial sums
-        gdc_launch_dependents()
-        gdc_wait()
     pair = tl.program_id(0)
     expert = tl.load(expert_ptr + pair)
     if expert < 0:
@@ -81,11 +76,10 @@ def _split_k_activation_kernel(
 
 def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                        *, act: int = ACT_SILU, alpha: float = 1.0, beta: float = 0.0,
-                       limit: float | None = None, pdl: bool = False) -> torch.Tensor:
+                       limit: float | None = None) -> torch.Tensor:
     """out [P, N] = act of the summed GEMM1 partials [S, P, 2N] (see the module docstring).
 
-    topk_ids: [T, K] or [P] expert of each pair (-1: left out); bias: [E, 2N] float32 or None; pdl: launched
-    programmatically dependent on GEMM1 (CUDA sm90+, see `moe_gemm`).
+    topk_ids: [T, K] or [P] expert of each pair (-1: left out); bias: [E, 2N] float32 or None.
     """
     splits, num_pairs, two_n = partials.shape
     n = two_n // 2
@@ -102,6 +96,5 @@ def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: tor
     _split_k_activation_kernel[(num_pairs, triton.cdiv(n, block))](
         partials, ids.to(torch.int32), bias if bias is not None else partials, out, n, num_pairs, out.stride(0),
         alpha, beta, 0.0 if limit is None else limit,
-        SPLITS=splits, ACT=act, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl,
-        launch_pdl=pdl, num_warps=4)
+        SPLITS=splits, ACT=act, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return out

@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from wna16moe.kernels.activation import ACT_SILU, gated_activation
 from wna16moe.kernels.dequant import (
@@ -47,15 +46,6 @@ from wna16moe.kernels.layout import TILE_K
 # Kernels may read module globals only when they are constexpr objects.
 _TILE_K = tl.constexpr(TILE_K)
 _QUARTERS = tl.constexpr(QUARTERS)
-# K tiles of its weights a GEMM2 program pulls into L2 while the kernel before it finishes (PDL).
-_PREFETCH_TILES = tl.constexpr(4)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask the L2 for the lines at `ptrs` (`prefetch.global.L2`: a hint, nothing is written)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -300,7 +290,6 @@ def _moe_gemm_kernel(
     EVEN_K: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr,
     ZERO_OUT: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
@@ -308,8 +297,6 @@ def _moe_gemm_kernel(
     pid_m = pid % num_m_blocks
     pid_n = pid // num_m_blocks
     pid_k = tl.program_id(1)
-    if PDL:  # programmatic dependent launch (Hopper+): the next kernel may start launching its programs
-        gdc_launch_dependents()
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
         programs = tl.num_programs(0) * tl.num_programs(1)
         share = tl.cdiv(zero_numel, programs)
@@ -347,17 +334,6 @@ def _moe_gemm_kernel(
     w_ptrs = w_ptr + expert * stride_we + tl.arange(0, R)[:, None] * stride_wk + offs_n[None, :]
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
-    if PDL and not GATED:
-        # Launched before GEMM1 (or the activation pass) has finished: its weights do not depend on it, so
-        # the first tiles go to L2 now (one prefetch per 128-byte line); the activations and the accumulator
-        # GEMM1 cleared are touched only after the wait.
-        LINES: tl.constexpr = (BLOCK_N + 31) // 32
-        line_cols = tl.minimum(pid_n * BLOCK_N + tl.arange(0, LINES) * 32, N - 1)
-        line_ptrs = w_ptr + expert * stride_we + tl.arange(0, R)[:, None] * stride_wk + line_cols[None, :]
-        for t in tl.static_range(_PREFETCH_TILES):
-            if k_begin + t * _TILE_K < k_end:
-                _prefetch_l2(line_ptrs + ((k_begin + t * _TILE_K) // PACK) * stride_wk)
-        gdc_wait()
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -454,7 +430,6 @@ def moe_gemm(
     fast_dequant: bool = False,
     swap_ab: bool = False,
     zero_out: torch.Tensor | None = None,
-    pdl: bool = False,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -479,8 +454,6 @@ def moe_gemm(
     swap_ab : with fast_dequant, multiply as (W^T a^T)^T, the weights scaled in the dequantization (no effect on
         the plain path).
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
-    pdl : programmatic dependent launch (CUDA sm90+): every program lets the next kernel launch early; GEMM2
-        is itself launched early, prefetches its first weight tiles into L2, then waits for the kernel before.
     """
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
@@ -524,8 +497,7 @@ def moe_gemm(
         SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
         SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n,
         SWAP_AB=swap_ab and fast_dequant, EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks,
-        ZERO_OUT=zero_out is not None, PDL=pdl, launch_pdl=pdl and not gated, num_warps=num_warps,
-        num_stages=num_stages,
+        ZERO_OUT=zero_out is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
