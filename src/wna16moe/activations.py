@@ -14,6 +14,8 @@ from wna16moe.errors import InvalidInputError
 
 SWIGLU_OAI_ALPHA = 1.702
 SWIGLU_OAI_LIMIT = 7.0
+# The code of each activation in the Triton kernels' ACT argument (`kernels/activation.py`).
+KERNEL_CODES = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.SWIGLU_OAI: 3}
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

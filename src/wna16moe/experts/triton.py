@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from wna16moe.activations import KERNEL_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
 from wna16moe.config import Activation, ActivationFormat, MoEQuantConfig
 from wna16moe.device import TRITON_XPU_PROVIDER, DeviceInfo, Platform
 from wna16moe.experts.base import OK, Check, Experts, LayerSpec, batched_pairs, check_tp_groups, fail
@@ -43,7 +44,6 @@ INTERMEDIATE_ALIGN = 64
 # Triton's wgmma/mma paths need sm80+ on NVIDIA (bf16 tensor cores).
 MIN_CUDA_SM = 80
 SUPPORTED_GROUPS = (32, 64, 128, 256, None)
-_ACT_CODES = {Activation.SILU: 0, Activation.GELU: 1, Activation.GELU_TANH: 2, Activation.SWIGLU_OAI: 3}
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ class TritonExperts(Experts):
 
     @classmethod
     def supports_activation(cls, activation: Activation) -> Check:
-        return OK if activation in _ACT_CODES else fail(f"activation {activation.value} is not implemented")
+        return OK if activation in KERNEL_CODES else fail(f"activation {activation.value} is not implemented")
 
     @classmethod
     def supports_shape(cls, spec: LayerSpec) -> Check:
@@ -265,7 +265,7 @@ class TritonExperts(Experts):
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
-        activation = dict(act=_ACT_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, 1.702),
+        activation = dict(act=KERNEL_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, SWIGLU_OAI_ALPHA),
                           beta=_or(quant.gemm1_beta, 1.0),
                           limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
         w13 = (hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"), weights.get("w13_perm"),
@@ -310,7 +310,8 @@ def _or(value: float | None, default: float) -> float:
 
 
 def _clamp_limit(activation: Activation, limit: float | None) -> float | None:
-    """SWIGLU_OAI clamps at 7.0 unless told otherwise (as activations.swiglu_oai); SILU only when given."""
+    """SWIGLU_OAI clamps at SWIGLU_OAI_LIMIT unless told otherwise (as activations.swiglu_oai); SILU only when
+    given."""
     if activation == Activation.SWIGLU_OAI:
-        return 7.0 if limit is None else limit
+        return SWIGLU_OAI_LIMIT if limit is None else limit
     return limit if activation == Activation.SILU else None

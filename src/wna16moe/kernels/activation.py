@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = 0, 1, 2, 3
+from wna16moe.activations import KERNEL_CODES
+from wna16moe.config import Activation
+
+ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = (
+    KERNEL_CODES[a] for a in (Activation.SILU, Activation.GELU, Activation.GELU_TANH, Activation.SWIGLU_OAI))
+# Kernels may read module globals only when they are constexpr objects.
+_SILU, _GELU, _GELU_TANH = tl.constexpr(ACT_SILU), tl.constexpr(ACT_GELU), tl.constexpr(ACT_GELU_TANH)
 
 
 @triton.jit
@@ -24,11 +30,11 @@ def gated_activation(gate, up, alpha, beta, limit, ACT: tl.constexpr, HAS_LIMIT:
     if HAS_LIMIT:
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
-    if ACT == 0:  # SiLU
+    if ACT == _SILU:
         out = gate * tl.sigmoid(gate) * up
-    elif ACT == 1:  # exact GELU
+    elif ACT == _GELU:  # exact
         out = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)) * up
-    elif ACT == 2:  # tanh GELU; tanh(x) = 2 * sigmoid(2x) - 1
+    elif ACT == _GELU_TANH:  # tanh(x) = 2 * sigmoid(2x) - 1
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         out = 0.5 * gate * (2.0 * tl.sigmoid(2.0 * inner)) * up
     else:  # gpt-oss SwiGLU
