@@ -5,6 +5,7 @@ The timings themselves need a GPU (`python -m wna16moe.bench`); here the timers 
 the choice of `triton-best` is known, and one configuration is made to compute garbage.
 """
 
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -17,6 +18,13 @@ from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import TritonConfig, TritonExperts
 
 E, K, H, INTER = 4, 2, 128, 64
+
+
+def _split_gemm1(m: int) -> TritonConfig:
+    """The sweep's candidate that splits GEMM1's K in two around the tiny layer's base configuration."""
+    spec = LayerSpec(MoEConfig(E, K, H, INTER, dtype=torch.float16), WeightScheme.from_name("int4_g32_sym"))
+    experts = QuantizedExperts.quantize(torch.randn(E, 2 * INTER, H), torch.randn(E, H, INTER), spec.scheme)
+    return replace(TritonExperts(spec, experts.quant_config(), DEVICE).config(m), split_k1=2)
 
 
 def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wrong: TritonConfig | None = None
@@ -45,7 +53,7 @@ def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wr
 
 def test_small_m_ranks_every_candidate_by_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:
     # The slowest eager candidate replays fastest: it must win (eager time at small M is host time).
-    split = TritonConfig(16, 64, 64, split_k1=2)
+    split = _split_gemm1(2)
     rows = _sweep(monkeypatch, 2, eager={split: 500.0}, graph={split: 20.0})
     best = next(r for r in rows if r["backend"] == "triton-best")
     assert TritonConfig(**best["config"]) == split and best["us_graph"] == 20.0 and best["us_eager"] == 500.0
@@ -53,7 +61,7 @@ def test_small_m_ranks_every_candidate_by_graph_replay(monkeypatch: pytest.Monke
 
 
 def test_a_wrong_candidate_is_listed_and_never_timed(monkeypatch: pytest.MonkeyPatch) -> None:
-    wrong = TritonConfig(16, 64, 64, split_k1=2)
+    wrong = _split_gemm1(2)
     rows = _sweep(monkeypatch, 2, eager={wrong: 1.0}, graph={wrong: 1.0}, wrong=wrong)
     listed = [r for r in rows if r["backend"] == "triton-wrong"]
     assert [TritonConfig(**r["config"]) for r in listed] == [wrong] and listed[0]["relative_error"] > 1e-2
