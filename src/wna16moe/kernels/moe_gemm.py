@@ -346,13 +346,13 @@ def _moe_gemm_kernel(
     # iteration stalled every tile for a memory round trip (decode; benchmarks/NOTES.md v12). Two tiles ahead
     # makes Triton 3.6 drop the loop's pipelining. (SWAP_AB scales in the dequantization: pipelined as is.)
     ROWS_AHEAD: tl.constexpr = GROUP_IN_TILE == _TILE_K and not SCALE_WEIGHTS and not SWAP_AB
-    if ROWS_AHEAD:
+    if ROWS_AHEAD:  # (what a layer lacks, the up half or zero points, repeats a row it has: unused)
         s_next = _group_row(s_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
-        s_up_next = _group_row(s_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
-        z_next, z_up_next = s_next, s_up_next  # (no zero points: unused)
+        s_up_next = _group_row(s_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True) if GATED else s_next
+        z_next, z_up_next = s_next, s_up_next
         if HAS_ZP:
             z_next = _group_row(z_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
-            z_up_next = _group_row(z_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
+            z_up_next = _group_row(z_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True) if GATED else z_next
     for k in range(k_begin, k_end, _TILE_K):
         if ROWS_AHEAD:
             s_row, s_up, z_row, z_up = s_next, s_up_next, z_next, z_up_next
