@@ -2,8 +2,8 @@
 
     python benchmarks/report.py benchmarks/results/H100-2026-11-28.json --plot benchmarks/H100-2026-11-28.png
 
-Several files (one run split over GPUs, one shape each) are read together, each row against its own file's
-ceilings. `--backend served` takes, per shape and M, the faster of the sweep's pick and the default as CUDA
+Several files (one run split over GPUs, one shape each; or a later sweep of some M) are read together, each
+row against its own file's ceilings; where files overlap in shape and M, the last file's rows stand. `--backend served` takes, per shape and M, the faster of the sweep's pick and the default as CUDA
 graphs replay them where timed (what `wna16moe.tuning` ships).
 
 Per row: the best of eager and CUDA-graph time, % of the measured copy bandwidth and matmul rate, and
@@ -55,8 +55,11 @@ SAME_RUN_PEERS = ("marlin", "bf16")
 
 
 def merge(results: list[dict]) -> dict:
-    """One result from several files: each row carries its file's ceilings."""
-    rows = [dict(r, ceilings=res["ceilings"]) for res in results for r in res["rows"] if "us_eager" in r]
+    """One result from several files: each row carries its file's ceilings. Where files overlap in (shape, M),
+    the last file's rows stand (as `wna16moe.tuning` merges sweeps), so every table row is from one run."""
+    owner = {(r["shape"], r["M"]): index for index, res in enumerate(results) for r in res["rows"]}
+    rows = [dict(r, ceilings=res["ceilings"]) for index, res in enumerate(results) for r in res["rows"]
+            if "us_eager" in r and owner[r["shape"], r["M"]] == index]
     return dict(results[0], rows=rows, commit=", ".join(dict.fromkeys(res["commit"] for res in results)))
 
 
@@ -68,7 +71,7 @@ def backend_rows(result: dict, backend: str) -> list[dict]:
         key = (r["shape"], r["M"])
         if r["backend"] in ("triton", "triton-best") and (key not in best or served_us(r) < served_us(best[key])):
             best[key] = r
-    return list(best.values())
+    return sorted(best.values(), key=lambda r: r["M"])
 
 
 def markdown(result: dict, backend: str, reference: dict | None) -> str:
