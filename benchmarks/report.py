@@ -3,8 +3,9 @@
     python benchmarks/report.py benchmarks/results/H100-2026-11-28.json --plot benchmarks/H100-2026-11-28.png
 
 Several files (one run split over GPUs, one shape each; or a later sweep of some M) are read together, each
-row against its own file's ceilings; where files overlap in shape and M, the last file's rows stand. `--backend served` takes, per shape and M, the faster of the sweep's pick and the default as CUDA
-graphs replay them where timed (what `wna16moe.tuning` ships).
+row against its own file's ceilings; where files overlap in shape and M, the last file's rows stand.
+`--backend served` takes, per shape and M, the faster of the sweep's pick and the default as CUDA graphs
+replay them where timed (what `wna16moe.tuning` ships).
 
 Per row: the best of eager and CUDA-graph time, % of the measured copy bandwidth and matmul rate, and
 xFloor = time / max(bytes / copy rate, FLOPs / matmul rate). Peers measured in the same run (MARLIN, bf16

@@ -94,8 +94,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
             if num_tokens == 1 and hidden_size >= 8 * TILE_K:
                 split1 = 4 if gemm1_programs < num_sms else 2
         if group_size is not None and group_size < 64:
-            # Small groups scale every weight pair: GEMM2 tiles 256 wide spread that over fewer, longer programs
-            # (kimi-k2 at M = 8-512: 5-20% faster than 64 wide, H200 v14 sweep).
+            # Small groups scale every weight pair: 256-wide GEMM2 tiles amortise the loop's fixed part over more
+            # weights (kimi-k2 at M = 8-512: 0.72-0.82x -> 0.83-0.99x MARLIN, H200 v12 vs v14 sweeps).
             return TritonConfig(16, 64, 256, split_k2=split, num_warps=4, num_stages=3, split_k1=split1)
         return TritonConfig(16, 64, 64, split_k2=split, num_warps=4, num_stages=4, split_k1=split1)
     if group_size is not None and group_size < 64:
