@@ -80,7 +80,8 @@ def compile_gemm(case: dict) -> dict[str, int]:
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     kernel = triton.compile(ASTSource(_moe_gemm_kernel, signature, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", case["sm"], 32),
-                            options={"num_warps": case["warps"], "num_stages": case.get("stages", 4)})
+                            options={"num_warps": case["warps"], "num_stages": case.get("stages", 4),
+                                     **({"maxnreg": case["maxnreg"]} if "maxnreg" in case else {})})
     return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"])
 
 

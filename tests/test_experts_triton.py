@@ -150,6 +150,7 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
     TritonConfig(64, 64, 64),  # BLOCK_M above the group size: scales applied to the weights
     TritonConfig(16, 32, 32, split_k1=2),  # GEMM1 partial sums, then the activation pass
     TritonConfig(16, 64, 64, split_k1=3, split_k2=2),  # uneven split: one program gets no K tile
+    TritonConfig(16, 64, 128, max_registers=96),  # registers capped (ptxas .maxnreg on a GPU)
 ])
 @pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_g32_sym"])
 def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:

@@ -40,6 +40,9 @@ CASES = [
          stages=3, mma="wgmma.mma_async", fast=True, loop_budget=1240, spills=True),
     dict(sm=80, gated=False, bits=4, zp=True, perm=True, group_in_tile=128, block_m=16, block_n=64, warps=4,
          mma="mma.sync", fast=True, dtype="fp16", loop_budget=340),
+    # decode GEMM2 128 wide with registers capped at 96 (one more program per SM): no spills in the loop
+    dict(sm=90, gated=False, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=128, warps=4,
+         mma="mma.sync", fast=True, maxnreg=96, loop_budget=395),
     # groups smaller than the tile: weights scaled in the asm (int4 g32 bf16, int8 g64 fp16 with zero points)
     dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=32, block_m=16, block_n=64, warps=4,
          mma="mma.sync", fast=True, loop_budget=500),

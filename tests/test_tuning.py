@@ -1,6 +1,7 @@
 """The shipped TRITON configuration table: building it from a sweep, looking entries up, and its contents."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def _launchable(cfg: TritonConfig) -> bool:
 
     return (cfg.block_m >= 16 and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_warps))
             and cfg.num_warps in (4, 8) and 2 <= cfg.num_stages <= 6 and cfg.split_k1 in (1, 2, 4, 8)
-            and cfg.split_k2 in (1, 2, 4, 8))
+            and cfg.split_k2 in (1, 2, 4, 8) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 128, 512, 2048, 8192])
@@ -114,6 +115,16 @@ def test_sweep_candidates_are_launchable(shape: str, tokens: int) -> None:
     candidates = _sweep_configs(base, tokens * s.top_k / s.num_experts)
     assert candidates[0] == base and len(set(candidates)) == len(candidates)
     assert all(_launchable(c) for c in candidates), [c for c in candidates if not _launchable(c)]
+
+
+def test_decode_sweep_caps_registers_of_wide_gemm2_tiles() -> None:
+    from wna16moe.bench import _sweep_configs
+
+    base = default_config(8, 8, 256, 128, 7168, 2048, 132, wgmma=True)
+    capped = [c for c in _sweep_configs(base, 8 * 8 / 256) if c.max_registers is not None]
+    capped_base = replace(base, max_registers=96)
+    assert capped_base in capped and all(c.block_n2 >= 128 or c == capped_base for c in capped)
+    assert not any(c.max_registers for c in _sweep_configs(default_config(8192, 8, 256, 128), 256.0))
 
 
 def test_default_config_splits_gemm2_when_few_programs() -> None:

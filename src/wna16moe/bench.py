@@ -205,6 +205,10 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
         # GEMM1 split over K (partial sums + activation pass), with the default's GEMM2 and with 8 warps.
         candidates += [replace(base, split_k1=s) for s in (1, 2, 4, 8)]
         candidates += [replace(base, split_k1=s, num_warps=8) for s in (1, 2, 4)]
+        # Registers capped at 96: one more program per SM where a GEMM would take more (GEMM2 at 128 wide).
+        candidates += [replace(c, max_registers=96) for c in candidates[:1]
+                       + [TritonConfig(16, bn1, bn2, num_warps=4, num_stages=stages)
+                          for _, bn1, bn2, warps, stages in tiles if bn2 >= 128 and warps == 4]]
     unique: list[TritonConfig] = []
     for c in candidates:
         if c not in unique:

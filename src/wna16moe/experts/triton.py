@@ -56,6 +56,10 @@ class TritonConfig:
     `swap_ab` computes each tile as (W^T a^T)^T in the PTX dequantization path: the dequantized weights are
     the MMA's A operand, which Hopper's wgmma reads from registers, instead of B, which it reads from shared
     memory (kernels/moe_gemm.py). It pays where wgmma runs (M blocks of 64 and more).
+
+    `max_registers` caps the registers per thread (ptxas `.maxnreg`; None: the compiler's choice): at decode
+    more programs then fit on an SM (GEMM2 at BLOCK_N 128 takes 128 registers, 4 programs of 4 warps per SM;
+    capped at 96 the loop does not spill and 5 fit; SASS, NOTES.md "Open leads").
     """
 
     block_m: int
@@ -66,6 +70,7 @@ class TritonConfig:
     num_stages: int = 4
     swap_ab: bool = False
     split_k1: int = 1
+    max_registers: int | None = None
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -261,7 +266,7 @@ class TritonExperts(Experts):
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       fast_dequant=_ptx_dequant(hidden_states.device), swap_ab=cfg.swap_ab,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, max_registers=cfg.max_registers)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)

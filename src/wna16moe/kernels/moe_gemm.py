@@ -432,6 +432,7 @@ def moe_gemm(
     zero_out: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts).
 
@@ -454,6 +455,7 @@ def moe_gemm(
     swap_ab : with fast_dequant, multiply as (W^T a^T)^T, the weights scaled in the dequantization (no effect on
         the plain path).
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
+    max_registers : a cap on registers per thread (ptxas .maxnreg), or None for the compiler's choice.
     """
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
@@ -498,6 +500,7 @@ def moe_gemm(
         SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n,
         SWAP_AB=swap_ab and fast_dequant, EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks,
         ZERO_OUT=zero_out is not None, num_warps=num_warps, num_stages=num_stages,
+        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     return out
 
