@@ -24,6 +24,18 @@ from wna16moe.kernels.dequant import (
 R, BLOCK_N = 16, 64
 
 
+def _random_words() -> torch.Tensor:
+    """[R, BLOCK_N] packed words with every bit pattern possible, on the GPU."""
+    return torch.randint(-(2**31), 2**31, (R, BLOCK_N), dtype=torch.int64).to(torch.int32).cuda()
+
+
+def _codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes of every slot of `words`, [32 // bits, R, BLOCK_N] int64: slot j holds bits [j * bits, ...)."""
+    pack = 32 // bits
+    shifts = (torch.arange(pack, device=words.device) * bits).view(pack, 1, 1)
+    return (words.long()[None] >> shifts) & ((1 << bits) - 1)
+
+
 @triton.jit
 def _slots_kernel(words_ptr, zeros_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr, N_: tl.constexpr):
     rows = tl.arange(0, R_)[:, None]
@@ -42,15 +54,14 @@ def _slots_kernel(words_ptr, zeros_ptr, out_ptr, BITS: tl.constexpr, R_: tl.cons
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_slots_equal_integer_codes(bits: int, dtype: torch.dtype, zero_point: bool) -> None:
     pack, mask = 32 // bits, (1 << bits) - 1
-    words = torch.randint(-(2**31), 2**31, (R, BLOCK_N), dtype=torch.int64).to(torch.int32).cuda()
+    words = _random_words()
     if zero_point:
         zeros = torch.randint(0, mask + 1, (BLOCK_N,), dtype=torch.uint8).cuda()
     else:
         zeros = torch.full((BLOCK_N,), 1 << (bits - 1), dtype=torch.uint8).cuda()
     out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=dtype).cuda()
     _slots_kernel[(1,)](words, zeros, out, BITS=bits, R_=R, N_=BLOCK_N)
-    shifts = (torch.arange(pack, device="cuda") * bits).view(pack, 1, 1)
-    codes = (words.long()[None] >> shifts) & mask
+    codes = _codes(words, bits)
     expected = (codes - zeros.long()[None, None, :]).to(dtype)
     assert torch.equal(out, expected)
 
@@ -83,13 +94,12 @@ def test_scaled_slots_round_once(bits: int, dtype: torch.dtype) -> None:
     """(q - z) * s with one offset and scale per quarter of the slots: (q - z) * s is exact in float32, so the
     asm's single rounding to dtype matches torch's float32 product rounded once."""
     pack, mask = 32 // bits, (1 << bits) - 1
-    words = torch.randint(-(2**31), 2**31, (R, BLOCK_N), dtype=torch.int64).to(torch.int32).cuda()
+    words = _random_words()
     zeros = torch.randint(0, mask + 1, (QUARTERS, BLOCK_N), dtype=torch.uint8).cuda()
     scales = (torch.rand(QUARTERS, BLOCK_N) * 0.02 + 0.001).to(dtype).cuda()
     out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=dtype).cuda()
     _scaled_kernel[(1,)](words, zeros, scales, out, BITS=bits, R_=R, N_=BLOCK_N)
-    shifts = (torch.arange(pack, device="cuda") * bits).view(pack, 1, 1)
-    codes = (words.long()[None] >> shifts) & mask
+    codes = _codes(words, bits)
     quarter = torch.arange(pack, device="cuda") * QUARTERS // pack  # the quarter of each slot
     exact = (codes - zeros.long()[quarter][:, None, :]).float() * scales.float()[quarter][:, None, :]
     assert torch.equal(out, exact.to(dtype))
@@ -109,12 +119,11 @@ def _raw_kernel(words_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr, N_: tl
 @pytest.mark.parametrize(("bits", "dtype"), RAW_VARIANTS)
 def test_raw_slots_are_magic_plus_codes(bits: int, dtype: str) -> None:
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
-    pack, mask = 32 // bits, (1 << bits) - 1
-    words = torch.randint(-(2**31), 2**31, (R, BLOCK_N), dtype=torch.int64).to(torch.int32).cuda()
+    pack = 32 // bits
+    words = _random_words()
     out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=torch_dtype).cuda()
     _raw_kernel[(1,)](words, out, BITS=bits, R_=R, N_=BLOCK_N)
-    shifts = (torch.arange(pack, device="cuda") * bits).view(pack, 1, 1)
-    codes = (words.long()[None] >> shifts) & mask
+    codes = _codes(words, bits)
     assert torch.equal(out, (codes + (128 if dtype == "bf16" else 1024)).to(torch_dtype))
 
 

@@ -93,22 +93,28 @@ def _variants(scaled: bool) -> dict[tuple[int, str], tuple[str, str]]:
 
 _PLAIN, _SCALED = _variants(False), _variants(True)
 _RAW = {(bits, dtype): dequant_asm(bits, dtype, False, offset=False) for bits, dtype in RAW_VARIANTS}
-# Kernels read module globals only as constexprs: one per variant (asm text, constraints).
-_I4_BF16, _I4_BF16_C = tl.constexpr(_PLAIN[4, "bf16"][0]), tl.constexpr(_PLAIN[4, "bf16"][1])
-_I4_F16, _I4_F16_C = tl.constexpr(_PLAIN[4, "f16"][0]), tl.constexpr(_PLAIN[4, "f16"][1])
-_I8_BF16, _I8_BF16_C = tl.constexpr(_PLAIN[8, "bf16"][0]), tl.constexpr(_PLAIN[8, "bf16"][1])
-_I8_F16, _I8_F16_C = tl.constexpr(_PLAIN[8, "f16"][0]), tl.constexpr(_PLAIN[8, "f16"][1])
-_S4_BF16, _S4_BF16_C = tl.constexpr(_SCALED[4, "bf16"][0]), tl.constexpr(_SCALED[4, "bf16"][1])
-_S4_F16, _S4_F16_C = tl.constexpr(_SCALED[4, "f16"][0]), tl.constexpr(_SCALED[4, "f16"][1])
-_S8_BF16, _S8_BF16_C = tl.constexpr(_SCALED[8, "bf16"][0]), tl.constexpr(_SCALED[8, "bf16"][1])
-_S8_F16, _S8_F16_C = tl.constexpr(_SCALED[8, "f16"][0]), tl.constexpr(_SCALED[8, "f16"][1])
-_R4_BF16, _R4_BF16_C = tl.constexpr(_RAW[4, "bf16"][0]), tl.constexpr(_RAW[4, "bf16"][1])
-_R4_F16, _R4_F16_C = tl.constexpr(_RAW[4, "f16"][0]), tl.constexpr(_RAW[4, "f16"][1])
-_R8_F16, _R8_F16_C = tl.constexpr(_RAW[8, "f16"][0]), tl.constexpr(_RAW[8, "f16"][1])
-_BF16X8 = tl.constexpr((tl.bfloat16,) * 8)
-_F16X8 = tl.constexpr((tl.float16,) * 8)
-_BF16X4 = tl.constexpr((tl.bfloat16,) * 4)
-_F16X4 = tl.constexpr((tl.float16,) * 4)
+# Kernels read module globals only as constexprs. Each table holds one entry per variant in _ORDER (the raw
+# table has no int8 bf16).
+_ORDER = ((4, "bf16"), (4, "f16"), (8, "bf16"), (8, "f16"))
+
+
+def _tables(variants: dict[tuple[int, str], tuple[str, str]]) -> tuple[tl.constexpr, tl.constexpr]:
+    """(asm texts, constraints) of `variants` in `_ORDER`, as constexpr tuples."""
+    entries = [variants.get(key, ("", "")) for key in _ORDER]
+    return tl.constexpr(tuple(e[0] for e in entries)), tl.constexpr(tuple(e[1] for e in entries))
+
+
+_PLAIN_ASM, _PLAIN_CONSTRAINTS = _tables(_PLAIN)
+_SCALED_ASM, _SCALED_CONSTRAINTS = _tables(_SCALED)
+_RAW_ASM, _RAW_CONSTRAINTS = _tables(_RAW)
+_OUT_TYPES = tl.constexpr(((tl.bfloat16,) * 8, (tl.float16,) * 8, (tl.bfloat16,) * 4, (tl.float16,) * 4))
+
+
+@triton.jit
+def _run_variant(args, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """The asm of (BITS, DTYPE) from one table, on `args`, two elements per instance: one tensor per slot."""
+    VARIANT: tl.constexpr = (0 if BITS == 4 else 2) + (0 if DTYPE == tl.bfloat16 else 1)  # index in _ORDER
+    return tl.inline_asm_elementwise(ASM[VARIANT], CONSTRAINTS[VARIANT], args, _OUT_TYPES[VARIANT], True, 2)
 
 
 @triton.jit
@@ -130,16 +136,7 @@ def dequant_slots(words, offset, BITS: tl.constexpr, DTYPE: tl.constexpr):
     `offset` comes from `dequant_offset`, broadcastable to `words`.
     """
     args = [words, tl.broadcast_to(offset, words.shape)]
-    if BITS == 4:
-        if DTYPE == tl.bfloat16:
-            slots = tl.inline_asm_elementwise(_I4_BF16, _I4_BF16_C, args, _BF16X8, True, 2)
-        else:
-            slots = tl.inline_asm_elementwise(_I4_F16, _I4_F16_C, args, _F16X8, True, 2)
-    elif DTYPE == tl.bfloat16:
-        slots = tl.inline_asm_elementwise(_I8_BF16, _I8_BF16_C, args, _BF16X4, True, 2)
-    else:
-        slots = tl.inline_asm_elementwise(_I8_F16, _I8_F16_C, args, _F16X4, True, 2)
-    return slots
+    return _run_variant(args, _PLAIN_ASM, _PLAIN_CONSTRAINTS, BITS, DTYPE)
 
 
 @triton.jit
@@ -149,16 +146,7 @@ def dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS: tl.constex
     args = [words, tl.broadcast_to(o0, words.shape), tl.broadcast_to(o1, words.shape),
             tl.broadcast_to(o2, words.shape), tl.broadcast_to(o3, words.shape), tl.broadcast_to(s0, words.shape),
             tl.broadcast_to(s1, words.shape), tl.broadcast_to(s2, words.shape), tl.broadcast_to(s3, words.shape)]
-    if BITS == 4:
-        if DTYPE == tl.bfloat16:
-            slots = tl.inline_asm_elementwise(_S4_BF16, _S4_BF16_C, args, _BF16X8, True, 2)
-        else:
-            slots = tl.inline_asm_elementwise(_S4_F16, _S4_F16_C, args, _F16X8, True, 2)
-    elif DTYPE == tl.bfloat16:
-        slots = tl.inline_asm_elementwise(_S8_BF16, _S8_BF16_C, args, _BF16X4, True, 2)
-    else:
-        slots = tl.inline_asm_elementwise(_S8_F16, _S8_F16_C, args, _F16X4, True, 2)
-    return slots
+    return _run_variant(args, _SCALED_ASM, _SCALED_CONSTRAINTS, BITS, DTYPE)
 
 
 @triton.jit
@@ -172,11 +160,4 @@ def dequant_slots_raw(words, BITS: tl.constexpr, DTYPE: tl.constexpr):
     """Every slot of `words` as DTYPE: magic + q_j (`dequant_magic`), exact, with no subtraction; the caller
     removes magic + z from the products (one row sum of the activations per tile). Not for int8 + bf16."""
     tl.static_assert(not (BITS == 8 and DTYPE == tl.bfloat16), "int8 codes have no raw bf16 form")
-    if BITS == 4:
-        if DTYPE == tl.bfloat16:
-            slots = tl.inline_asm_elementwise(_R4_BF16, _R4_BF16_C, [words], _BF16X8, True, 2)
-        else:
-            slots = tl.inline_asm_elementwise(_R4_F16, _R4_F16_C, [words], _F16X8, True, 2)
-    else:
-        slots = tl.inline_asm_elementwise(_R8_F16, _R8_F16_C, [words], _F16X4, True, 2)
-    return slots
+    return _run_variant([words], _RAW_ASM, _RAW_CONSTRAINTS, BITS, DTYPE)
