@@ -12,6 +12,7 @@
 #   benchmarks/device_checks.sh probe    # two GPUs: read ceiling by size, kernel profile; the W8A16 bench
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
+#   benchmarks/device_checks.sh ab-sweep # four GPUs: the A/B on one, the decode sweep on two, tests + profile
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -66,6 +67,26 @@ parallel_tests() {  # parallel_tests NAME LIMIT FILES...: one pytest process per
     echo "== $name: $(grep -c ' passed' "$OUT/$name.log") passed," \
         "$(grep -c -E 'failed|error' "$OUT/$name.log") with failures or errors, of $(wc -l < "$OUT/$name-ids.txt")"
     grep -E 'failed|error' "$OUT/$name.log" | head -5
+}
+
+ab_rounds() {  # ab_rounds GPU OFFSET: the bench of the trees build/ab/<name>/src on GPU, one per round over
+    # $AB_ROUNDS (3) rounds, starting at tree OFFSET (GPUs started at different offsets rotate the trees)
+    local gpu=$1 offset=$2 trees=(build/ab/*/)
+    for round in $(seq 0 $(( ${AB_ROUNDS:-3} - 1 ))); do
+        local tree=${trees[$(( (offset + round) % ${#trees[@]} ))]}
+        local name
+        name=$(basename "$tree")
+        CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH="$PWD/$tree/src:$PWD/tests" \
+            WNA16MOE_COMMIT=$(cat "$tree/COMMIT" 2>/dev/null || echo "$name") \
+            step "ab-$name-gpu$gpu-r$round" 200 python3 -m wna16moe.bench \
+            --shapes ${AB_SHAPES:-mixtral qwen3-30b-a3b deepseek-v3 kimi-k2} --tokens ${AB_TOKENS:-1 8 32 128} \
+            --out "$OUT/ab-$name-gpu$gpu-r$round.json"
+    done
+}
+
+tree_tests() {  # TRITON's GPU tests (one process each) of $TEST_TREE (src/ and tests/; default: the working tree)
+    (cd "${TEST_TREE:-.}" && export PYTHONPATH="$PWD/src:$PWD/tests" && parallel_tests triton-tests 400 \
+         tests/test_kernels_dequant.py tests/test_experts_triton.py tests/test_bench.py)
 }
 
 multi() {
@@ -128,22 +149,29 @@ final)  # four GPUs, short: the sweep, one shape per GPU
 ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, trees rotated over $AB_ROUNDS (3)
      # rounds so that a GPU's own speed cancels out; TRITON's GPU tests on the last GPU
     nvidia-smi -L
-    trees=(build/ab/*/)
     gpus=$(nvidia-smi -L | wc -l)
     bench_gpus=$(( gpus > 1 ? gpus - 1 : 1 ))
     for gpu in $(seq 0 $(( bench_gpus - 1 ))); do
-        (for round in $(seq 0 $(( ${AB_ROUNDS:-3} - 1 ))); do
-            tree=${trees[$(( (gpu + round) % ${#trees[@]} ))]}
-            name=$(basename "$tree")
-            CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH="$PWD/$tree/src:$PWD/tests" \
-                WNA16MOE_COMMIT=$(cat "$tree/COMMIT" 2>/dev/null || echo "$name") \
-                step "ab-$name-gpu$gpu-r$round" 200 python3 -m wna16moe.bench \
-                --shapes ${AB_SHAPES:-mixtral qwen3-30b-a3b deepseek-v3 kimi-k2} --tokens ${AB_TOKENS:-1 8 32 128} \
-                --out "$OUT/ab-$name-gpu$gpu-r$round.json"
-        done) &
+        ab_rounds "$gpu" "$gpu" &
     done
-    (export CUDA_VISIBLE_DEVICES=$(( gpus - 1 )); parallel_tests triton-tests 400 tests/test_kernels_dequant.py \
-         tests/test_experts_triton.py tests/test_bench.py) &
+    (export CUDA_VISIBLE_DEVICES=$(( gpus - 1 )); tree_tests) &
+    wait
+    (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
+    ;;
+ab-sweep)  # four GPUs: the A/B of 'ab' on GPU 0 (trees alternating), the decode sweep of $SWEEP_TREE (default:
+           # the working tree) on GPUs 1 and 2, TRITON's GPU tests of $TEST_TREE and a profile on GPU 3
+    nvidia-smi -L
+    ab_rounds 0 0 &
+    sweep_tree=${SWEEP_TREE:-.}
+    for spec in "1 decode-a mixtral deepseek-v3" "2 decode-b kimi-k2 qwen3-30b-a3b"; do
+        set -- $spec
+        CUDA_VISIBLE_DEVICES=$1 PYTHONPATH="$PWD/$sweep_tree/src:$PWD/tests" step "$2" 480 python3 -m wna16moe.bench \
+            --sweep --shapes "$3" "$4" --tokens 1 8 32 128 512 --out "$OUT/$2.json" &
+    done
+    (export CUDA_VISIBLE_DEVICES=3
+     tree_tests
+     PYTHONPATH="$PWD/$sweep_tree/src:$PWD/tests" step profile 120 python3 benchmarks/profile_layer.py \
+         --shapes qwen3-30b-a3b kimi-k2 --tokens 128 512 2048) &
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;
@@ -182,7 +210,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|decode|probe" >&2
     exit 2
     ;;
 esac
