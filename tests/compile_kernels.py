@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from wna16moe.kernels.moe_align import _moe_align_kernel
+from wna16moe.kernels.moe_align import _align_one_program, _place_kernel
 from wna16moe.kernels.moe_gemm import _moe_gemm_kernel
 
 GEMM_SIGNATURE = {
@@ -85,14 +85,19 @@ def compile_gemm(case: dict) -> dict[str, int]:
     return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"])
 
 
-def compile_align() -> dict[str, int]:
-    signature = {"topk_ids_ptr": "*i32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-                 "num_padded_ptr": "*i32", "rank_ptr": "*i32", "P": "i32", "max_padded": "i32", "max_blocks": "i32"}
-    consts = dict(E_POW2=512, BLOCK_M=16, CHUNK=16)
-    signature.update(dict.fromkeys(consts, "constexpr"))
-    kernel = triton.compile(ASTSource(_moe_align_kernel, signature, constexprs=consts),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    return facts(kernel.asm["ptx"])
+def compile_align() -> dict[str, dict[str, int]]:
+    """Both alignment paths: the one program (atomics, then barriers between phases) and the grid's placing."""
+    pointers = dict.fromkeys(("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "rank_ptr",
+                              "counts_ptr"), "*i32")
+    consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=16, CHUNK=1024, BLOCK_CHUNK=64)
+    facts_by_kernel = {}
+    for name, kernel in (("one_program", _align_one_program), ("place", _place_kernel)):
+        signature = dict(pointers, P="i32", max_blocks="i32") | dict.fromkeys(consts, "constexpr")
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        ptx = compiled.asm["ptx"]
+        facts_by_kernel[name] = facts(ptx) | {"atom": ptx.count("atom.global"), "red": ptx.count("red.global")}
+    return facts_by_kernel
 
 
 if __name__ == "__main__":

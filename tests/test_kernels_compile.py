@@ -91,4 +91,6 @@ def test_gemm_compiles(compiled: dict, index: int) -> None:
 
 
 def test_align_compiles(compiled: dict) -> None:
-    assert compiled["align"]["bar.sync"] > 0  # the barrier between the kernel's phases survived
+    one_program = compiled["align"]["one_program"]
+    assert one_program["bar.sync"] > 0  # the barriers between the kernel's phases survived
+    assert one_program["atom"] > 0  # ranks (and the counters' clear and read) by atomics returning values

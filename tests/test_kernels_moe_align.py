@@ -1,12 +1,55 @@
 """moe_align_block_size: the routed pairs grouped by expert, padded to BLOCK_M, checked against its
 invariants (every pair exactly once, each block one expert, blocks in expert order; pairs of expert -1, owned
-by another EP rank, left out) and against the torch path; on the GPU also under CUDA-graph capture."""
+by another EP rank, left out) and against a sort in torch (the order of an expert's pairs within its rows
+aside); both the one-program and the grid paths; on the GPU also under CUDA-graph capture."""
 
 import pytest
 import torch
 from triton_env import DEVICE, HAS_CUDA
 
-from wna16moe.kernels.moe_align import _align_torch, max_padded_rows, moe_align_block_size
+from wna16moe.kernels import moe_align
+from wna16moe.kernels.moe_align import max_padded_rows, moe_align_block_size
+
+PATHS = ["one_program", "grid"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run each test through both kernels: the pair threshold moved so that every size takes the one chosen."""
+    monkeypatch.setattr(moe_align, "SINGLE_PROGRAM_MAX_PAIRS", 1 << 30 if request.param == "one_program" else 0)
+    return request.param
+
+
+def _align_sorted(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The reference: a stable sort by expert, padded per expert (pairs of expert -1 dropped)."""
+    flat = ids.reshape(-1).cpu().long()
+    p = flat.numel()
+    sorted_ids, expert_ids = [], []
+    for expert in range(num_experts):
+        pairs = torch.nonzero(flat == expert).squeeze(1).tolist()
+        padded = -(-len(pairs) // block_m) * block_m
+        sorted_ids += pairs + [p] * (padded - len(pairs))
+        expert_ids += [expert] * (padded // block_m)
+    used = len(sorted_ids)
+    max_padded = max_padded_rows(p, num_experts, block_m)
+    sorted_ids += [p] * (max_padded - used)
+    expert_ids += [-1] * (max_padded // block_m - len(expert_ids))
+    return torch.tensor(sorted_ids, dtype=torch.int32), torch.tensor(expert_ids, dtype=torch.int32), used
+
+
+def _matches_sort(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
+                  num_padded: torch.Tensor) -> None:
+    """Equal to the reference once each expert's rows are sorted (pairs take rows in no fixed order)."""
+    want_rows, want_experts, used = _align_sorted(ids, e, block_m)
+    assert int(num_padded.item()) == used
+    assert torch.equal(expert_ids.cpu(), want_experts)
+    got = sorted_ids.cpu().clone()
+    for start in range(0, used, block_m):
+        expert = int(want_experts[start // block_m])
+        if start == 0 or int(want_experts[start // block_m - 1]) != expert:
+            end = start + block_m * int((want_experts == expert).sum())
+            got[start:end] = torch.sort(got[start:end]).values
+    assert torch.equal(got, want_rows)
 
 
 def _routing(t: int, e: int, k: int) -> torch.Tensor:
@@ -35,6 +78,21 @@ def _check(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, ex
         assert (flat[rows.long()] == expert_ids[b]).all()
 
 
+def _poisoned_align(ids: torch.Tensor, e: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_align_block_size with its output buffers filled with garbage first (the kernels must write every
+    element): torch.empty is patched to hand out poisoned tensors during the call."""
+    real_empty = torch.empty
+
+    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
+        return real_empty(*args, **kwargs).fill_(-7)
+
+    torch.empty = poisoned
+    try:
+        return moe_align_block_size(ids, e, block_m)
+    finally:
+        torch.empty = real_empty
+
+
 @pytest.mark.parametrize(("t", "e", "k", "block_m"), [
     (1, 8, 2, 16),      # M = 1: one block per chosen expert
     (5, 8, 2, 16),      # few tokens, several per expert
@@ -42,13 +100,11 @@ def _check(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, ex
     (7, 384, 8, 64),    # E not a power of two, large blocks
     (100, 16, 4, 32),   # every expert spans several blocks
 ])
-def test_align_invariants(t: int, e: int, k: int, block_m: int) -> None:
+def test_align_invariants(t: int, e: int, k: int, block_m: int, path: str) -> None:
     ids = _routing(t, e, k)
-    result = moe_align_block_size(ids, e, block_m)
+    result = _poisoned_align(ids, e, block_m)
     _check(ids, e, block_m, *result)
-    torch_path = _align_torch(ids.reshape(-1), e, block_m, max_padded_rows(t * k, e, block_m))
-    for a, b in zip(result, torch_path, strict=True):
-        assert torch.equal(a.cpu(), b.cpu())
+    _matches_sort(ids, e, block_m, *result)
 
 
 @pytest.mark.parametrize(("t", "e", "k", "block_m", "remote"), [
@@ -56,30 +112,29 @@ def test_align_invariants(t: int, e: int, k: int, block_m: int) -> None:
     (1, 4, 2, 16, 1.0),    # M = 1, no local pair at all: nothing to run
     (40, 16, 4, 32, 0.8),  # few local pairs among many
 ])
-def test_remote_pairs_are_left_out(t: int, e: int, k: int, block_m: int, remote: float) -> None:
+def test_remote_pairs_are_left_out(t: int, e: int, k: int, block_m: int, remote: float, path: str) -> None:
     ids = _routing(t, e, k)
     ids[torch.rand(t, k, device=DEVICE) < remote] = -1
-    result = moe_align_block_size(ids, e, block_m)
+    result = _poisoned_align(ids, e, block_m)
     _check(ids, e, block_m, *result)
-    torch_path = _align_torch(ids.reshape(-1), e, block_m, max_padded_rows(t * k, e, block_m))
-    for a, b in zip(result, torch_path, strict=True):
-        assert torch.equal(a.cpu(), b.cpu())
+    _matches_sort(ids, e, block_m, *result)
 
 
-def test_torch_path_leaves_out_remote_pairs() -> None:
-    ids = _routing(700, 64, 8)  # 5600 pairs: the torch path
-    ids[:, ::3] = -1
-    _check(ids, 64, 32, *moe_align_block_size(ids, 64, 32))
-
-
-def test_all_tokens_to_one_expert() -> None:
+def test_all_tokens_to_one_expert(path: str) -> None:
     ids = torch.full((20, 1), 3, dtype=torch.int32, device=DEVICE)
-    _check(ids, 8, 16, *moe_align_block_size(ids, 8, 16))
+    _check(ids, 8, 16, *_poisoned_align(ids, 8, 16))
 
 
-def test_torch_path_for_many_pairs() -> None:
-    ids = _routing(700, 64, 8)  # 5600 pairs: above the one-program threshold
-    _check(ids, 64, 64, *moe_align_block_size(ids, 64, 64))
+def test_many_pairs_over_several_chunks(path: str) -> None:
+    ids = _routing(700, 64, 8)  # 5600 pairs: several chunks of pairs and of blocks, the grid path by default
+    ids[:, ::3] = -1
+    result = _poisoned_align(ids, 64, 32)
+    _check(ids, 64, 32, *result)
+    _matches_sort(ids, 64, 32, *result)
+
+
+def test_default_threshold_picks_both_paths() -> None:
+    assert 0 < moe_align.SINGLE_PROGRAM_MAX_PAIRS < 700 * 8
 
 
 @pytest.mark.gpu

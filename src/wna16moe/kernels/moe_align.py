@@ -11,6 +11,11 @@ Outputs (fixed sizes, so the whole step is CUDA-graph capturable, no host sync):
     num_padded   [1] int32           rows in use (a multiple of M)
 with max_padded = P + min(E, P) * (M - 1) and max_blocks = max_padded // M: at most min(E, P) experts are
 non-empty and each wastes fewer than M rows (left-out pairs only lower the count).
+
+Each pair takes the next row of its expert from an atomic counter per expert (O(P) work), so the order of an
+expert's pairs within its rows is not fixed; nothing depends on it (each row of a GEMM is computed alone).
+Up to SINGLE_PROGRAM_MAX_PAIRS pairs one program does everything (one launch); above, a grid of programs
+counts and then places the pairs (a clear of the counters and two launches).
 """
 
 from __future__ import annotations
@@ -19,93 +24,101 @@ import torch
 import triton
 import triton.language as tl
 
-# Pairs above which the one-program kernel is slower than sorting with torch (measured on H100 later).
-SINGLE_PROGRAM_MAX_PAIRS = 4096
+SINGLE_PROGRAM_MAX_PAIRS = 2048
+_CHUNK = 1024  # pairs per program (grid) or per loop step (one program)
+_BLOCK_CHUNK = 64  # M blocks per program or loop step
+
+
+@triton.jit
+def _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, offs, P):
+    """Each kept pair takes the next row of its expert (counts_ptr: one int32 counter per expert)."""
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < P, other=-1)
+    keep = ids >= 0
+    rank = tl.atomic_add(counts_ptr + ids, 1, mask=keep, sem="relaxed", scope="gpu")
+    tl.store(rank_ptr + offs, rank, mask=keep)
+
+
+@triton.jit
+def _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, offs, P):
+    """Each kept pair's index goes to its expert's first row plus its rank."""
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < P, other=-1)
+    keep = ids >= 0
+    rank = tl.load(rank_ptr + offs, mask=keep, other=0)
+    row = tl.gather(starts, tl.maximum(ids, 0), axis=0) + rank
+    tl.store(sorted_ids_ptr + row, offs.to(tl.int32), mask=keep)
+
+
+@triton.jit
+def _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, blocks, P, max_blocks, E_POW2: tl.constexpr,
+                 LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The expert of each block in `blocks` (-1 past the used rows), and P in the block's rows no pair takes."""
+    first_row = blocks * BLOCK_M
+    total = tl.max(ends, axis=0)
+    # The block's expert: how many experts' padded ranges end at or before its first row (a binary search
+    # over the non-decreasing `ends`).
+    expert = tl.zeros_like(blocks)
+    for step in tl.static_range(LOG2_E):
+        probe = expert + (E_POW2 >> (step + 1))
+        expert = tl.where(tl.gather(ends, probe - 1, axis=0) <= first_row, probe, expert)
+    used = first_row < total
+    in_range = blocks < max_blocks
+    tl.store(expert_ids_ptr + blocks, tl.where(used, expert, -1), mask=in_range)
+    # Past the used rows the search ends at an expert whose pairs all lie before: every row is padding there.
+    pairs_end = tl.gather(starts + counts, expert, axis=0)  # the row after the expert's last pair
+    rows = first_row[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_ids_ptr + rows, tl.zeros_like(rows) + P, mask=(rows >= pairs_end[:, None]) & in_range[:, None])
+
+
+@triton.jit
+def _block_ranges(counts, BLOCK_M: tl.constexpr):
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    return ends - padded, ends
+
+
+@triton.jit
+def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P,
+                       max_blocks, E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                       CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+    experts = tl.arange(0, E_POW2)
+    # The counters live in L2 and are only touched by atomics, so the phases need only the CTA barriers.
+    tl.atomic_xchg(counts_ptr + experts, tl.zeros_like(experts), sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+    for start in range(0, P, CHUNK):
+        _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, start + tl.arange(0, CHUNK), P)
+    tl.debug_barrier()
+    counts = tl.atomic_add(counts_ptr + experts, tl.zeros_like(experts), sem="relaxed", scope="gpu")
+    starts, ends = _block_ranges(counts, BLOCK_M)
+    tl.store(num_padded_ptr, tl.max(ends, axis=0))
+    for start in range(0, P, CHUNK):
+        _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, start + tl.arange(0, CHUNK), P)
+    for start in range(0, max_blocks, BLOCK_CHUNK):
+        _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, start + tl.arange(0, BLOCK_CHUNK), P,
+                     max_blocks, E_POW2, LOG2_E, BLOCK_M)
+
+
+@triton.jit
+def _count_kernel(topk_ids_ptr, rank_ptr, counts_ptr, P, CHUNK: tl.constexpr):
+    _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, tl.program_id(0) * CHUNK + tl.arange(0, CHUNK), P)
+
+
+@triton.jit
+def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P, max_blocks,
+                  E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK_CHUNK: tl.constexpr):
+    """Program i places the pairs of chunk i and fills the blocks of block chunk i (the counts are final)."""
+    pid = tl.program_id(0)
+    counts = tl.load(counts_ptr + tl.arange(0, E_POW2))
+    starts, ends = _block_ranges(counts, BLOCK_M)
+    if pid == 0:
+        tl.store(num_padded_ptr, tl.max(ends, axis=0))
+    _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, pid * CHUNK + tl.arange(0, CHUNK), P)
+    _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, pid * BLOCK_CHUNK + tl.arange(0, BLOCK_CHUNK),
+                 P, max_blocks, E_POW2, LOG2_E, BLOCK_M)
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
-
-
-@triton.jit
-def _moe_align_kernel(
-    topk_ids_ptr,  # (P,) int32 expert of each routed pair, -1: left out
-    sorted_ids_ptr,  # (max_padded,) int32 out
-    expert_ids_ptr,  # (max_blocks,) int32 out
-    num_padded_ptr,  # (1,) int32 out
-    rank_ptr,  # (P,) int32 scratch: rank of each pair among the pairs of its expert
-    P,
-    max_padded,
-    max_blocks,
-    E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    experts = tl.arange(0, E_POW2)
-    counts = tl.zeros([E_POW2], dtype=tl.int32)
-    # Pass 1: rank of each pair within its expert, in pair order (stable).
-    for start in range(0, P, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        mask = offs < P
-        ids = tl.load(topk_ids_ptr + offs, mask=mask, other=-1)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E]
-        earlier = tl.cumsum(onehot, axis=0) - onehot
-        rank = tl.sum((earlier + counts[None, :]) * onehot, axis=1)
-        tl.store(rank_ptr + offs, rank, mask=mask)
-        counts += tl.sum(onehot, axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    total = tl.sum(padded, axis=0)
-    tl.store(num_padded_ptr, total)
-    for start in range(0, max_padded, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        tl.store(sorted_ids_ptr + offs, tl.zeros([CHUNK], dtype=tl.int32) + P, mask=offs < max_padded)
-    for start in range(0, max_blocks, CHUNK):
-        blocks = start + tl.arange(0, CHUNK)
-        first_row = blocks * BLOCK_M
-        # The block's expert is the first whose padded range ends after the block's first row.
-        expert = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
-        expert = tl.where(first_row < total, expert, -1)
-        tl.store(expert_ids_ptr + blocks, expert, mask=blocks < max_blocks)
-    # Pass 2 reads ranks written by other threads and overwrites the padding fill: order the phases.
-    tl.debug_barrier()
-    for start in range(0, P, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        mask = offs < P
-        ids = tl.load(topk_ids_ptr + offs, mask=mask, other=-1)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-        base = tl.sum(onehot * starts[None, :], axis=1)
-        rank = tl.load(rank_ptr + offs, mask=mask, other=0)
-        # A -1 pair matches no expert (its base and rank are 0): it must not be written over row 0.
-        tl.store(sorted_ids_ptr + base + rank, offs.to(tl.int32), mask=mask & (ids >= 0))
-
-
-def _align_torch(ids: torch.Tensor, num_experts: int, block_m: int, max_padded: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same result from torch ops (sort based), for many pairs; still no host sync."""
-    p = ids.numel()
-    valid = ids >= 0
-    # Left-out (-1) pairs sort after every expert and are written to a scratch row past max_padded.
-    key = torch.where(valid, ids.long(), num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:num_experts]
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    starts = torch.cat([ends - padded, ends.new_full((1,), max_padded)])
-    order = torch.argsort(key, stable=True)
-    expert_of_sorted = key[order]
-    first_sorted = torch.cat([torch.cumsum(counts, 0) - counts, counts.sum().view(1)])
-    rank = torch.arange(p, device=ids.device) - first_sorted[expert_of_sorted]
-    rows = torch.where(expert_of_sorted < num_experts, starts[expert_of_sorted] + rank, max_padded)
-    sorted_ids = torch.full((max_padded + 1,), p, dtype=torch.int32, device=ids.device)
-    sorted_ids[rows] = order.to(torch.int32)
-    first_rows = torch.arange(0, max_padded, block_m, device=ids.device)
-    total = ends[-1:]
-    expert_ids = torch.searchsorted(ends, first_rows, right=True)
-    expert_ids = torch.where(first_rows < total, expert_ids, -1).to(torch.int32)
-    return sorted_ids[:max_padded], expert_ids, total.to(torch.int32)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
@@ -128,14 +141,22 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
         ids = ids.to(torch.int32)
     p = ids.numel()
     max_padded = max_padded_rows(p, num_experts, block_m)
-    if p > SINGLE_PROGRAM_MAX_PAIRS:
-        return _align_torch(ids, num_experts, block_m, max_padded)
-    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=ids.device)
-    expert_ids = torch.empty(max_padded // block_m, dtype=torch.int32, device=ids.device)
-    num_padded = torch.empty(1, dtype=torch.int32, device=ids.device)
-    rank = torch.empty(max(p, 1), dtype=torch.int32, device=ids.device)
+    max_blocks = max_padded // block_m
+    device = ids.device
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    rank = torch.empty(max(p, 1), dtype=torch.int32, device=device)
     e_pow2 = triton.next_power_of_2(num_experts)
-    chunk = max(1, min(triton.next_power_of_2(max(p, 1)), 8192 // e_pow2))
-    _moe_align_kernel[(1,)](ids, sorted_ids, expert_ids, num_padded, rank, p, max_padded, max_padded // block_m,
-                            E_POW2=e_pow2, BLOCK_M=block_m, CHUNK=chunk, num_warps=4)
+    shape = dict(E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m, CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK)
+    if p <= SINGLE_PROGRAM_MAX_PAIRS:
+        counts = torch.empty(e_pow2, dtype=torch.int32, device=device)
+        _align_one_program[(1,)](ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks, **shape,
+                                 num_warps=4)
+    else:
+        counts = torch.zeros(e_pow2, dtype=torch.int32, device=device)
+        _count_kernel[(triton.cdiv(p, _CHUNK),)](ids, rank, counts, p, CHUNK=_CHUNK, num_warps=4)
+        programs = max(triton.cdiv(p, _CHUNK), triton.cdiv(max_blocks, _BLOCK_CHUNK))
+        _place_kernel[(programs,)](ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks, **shape,
+                                   num_warps=4)
     return sorted_ids, expert_ids, num_padded
