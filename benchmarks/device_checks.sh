@@ -137,14 +137,22 @@ quad)
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;
-final)  # four GPUs, short: the sweep, one shape per GPU
+final)  # four GPUs: the sweep, one shape per GPU; then TRITON's and the alignment's GPU tests and a profile
     nvidia-smi -L
     for spec in "0 sweep-a mixtral" "1 sweep-b deepseek-v3" "2 sweep-c kimi-k2" "3 sweep-d qwen3-30b-a3b"; do
         set -- $spec
         CUDA_VISIBLE_DEVICES=$1 step "$2" 300 python3 -m wna16moe.bench --sweep --shapes "$3" --out "$OUT/$2.json" &
     done
     wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+    # then the checks: TRITON's GPU tests, the alignment's (and its timing), a kernel profile
+    (export CUDA_VISIBLE_DEVICES=0; tree_tests) &
+    (export CUDA_VISIBLE_DEVICES=1
+     step align-tests 90 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_kernels_moe_align.py
+     step bench-align 120 python3 benchmarks/bench_align.py --out "$OUT/align.json") &
+    CUDA_VISIBLE_DEVICES=2 step profile 200 python3 benchmarks/profile_layer.py \
+        --shapes qwen3-30b-a3b kimi-k2 mixtral --tokens 8 128 512 2048 &
+    wait
+    (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;
 ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, trees rotated over $AB_ROUNDS (3)
      # rounds so that a GPU's own speed cancels out; TRITON's GPU tests on the last GPU

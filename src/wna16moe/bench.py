@@ -20,7 +20,8 @@ CUDA-graph replay; `python -m wna16moe.tuning` ships them), and `marlin`
 warm-up, which JIT-compiles on Hopper, runs before any timing). Before timing, outputs are checked against a
 float32 dequantized reference: TRITON's at every M with every configuration that is timed (a wrong default
 stops the run; a wrong alternative is left untimed and listed as `triton-wrong`), MARLIN's once per shape (a
-wrong result drops that peer with the error logged).
+wrong result drops that peer with the error logged) and then at every M (a wrong one is listed as
+`marlin-wrong`, untimed).
 """
 
 from __future__ import annotations
@@ -248,7 +249,8 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bo
         rows += _bench_tokens(name, m, scheme, cfg, triton_kernel, weights, emulation, emu_weights, bf16_weights,
                               per_expert, sweep, ceilings, log)
         if marlin is not None:
-            rows.append(_bench_marlin(name, m, scheme, cfg, *marlin, per_expert, ceilings, log))
+            rows.append(_bench_marlin(name, m, scheme, cfg, *marlin, emulation, emu_weights, per_expert, ceilings,
+                                      log))
     return rows
 
 
@@ -275,14 +277,19 @@ def _marlin_peer(name: str, spec: LayerSpec, quant: MoEQuantConfig, experts: Qua
 
 
 def _bench_marlin(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, kernel: MarlinExperts,
-                  weights: dict[str, torch.Tensor], per_expert: int, ceilings: dict[str, float],
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    """The `marlin` row for one token count M (the same fields as the other backends' rows)."""
+                  weights: dict[str, torch.Tensor], emulation: EmulationExperts, emu_weights: dict[str, torch.Tensor],
+                  per_expert: int, ceilings: dict[str, float], log: Callable[[str], None]) -> dict[str, Any]:
+    """The `marlin` row for one token count M (the same fields as the other backends' rows), after checking
+    the output at this M against the float32 reference (a wrong output gives a `marlin-wrong` row instead)."""
     device = torch.device("cuda")
     e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
     x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
     tw, ids = random_routing(m, e, k, device)
     touched = int(torch.unique(ids).numel())
+    err = relative_error(kernel.apply(x, tw, ids, weights), emulation.apply(x, tw, ids, emu_weights))
+    if not err < 1e-2:
+        log(f"{name} M={m}: marlin output is WRONG (relative error {err:.3e}); not timed")
+        return {"backend": "marlin-wrong", "shape": name, "scheme": scheme.name, "M": m, "relative_error": err}
     us = _bench(lambda: kernel.apply(x, tw, ids, weights))
     us_graph = _bench_graph(lambda: kernel.apply(x, tw, ids, weights)) if m <= GRAPH_MAX_TOKENS else None
     best = min(v for v in (us, us_graph) if v is not None)

@@ -1,0 +1,64 @@
+"""Time `moe_align_block_size` alone, both paths (one program; grid of count + place), per pair count and
+expert count, as CUDA-graph replays (what decode serving runs): where the one-program path stops paying.
+
+    python benchmarks/bench_align.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from wna16moe.bench import random_routing
+from wna16moe.kernels import moe_align
+
+CASES = [  # (tokens, experts, top_k, block_m) of the bench shapes' routings
+    (8, 128, 8, 16), (128, 128, 8, 16), (256, 128, 8, 16), (512, 128, 8, 32), (2048, 128, 8, 128),
+    (8, 384, 8, 16), (128, 384, 8, 16), (256, 384, 8, 16), (512, 384, 8, 16), (2048, 384, 8, 64),
+    (8192, 8, 2, 128), (8192, 256, 8, 128),
+]
+REPLAYS = 50
+
+
+def time_path(ids: torch.Tensor, experts: int, block_m: int, one_program: bool) -> float:
+    """µs per alignment, from a graph of REPLAYS alignments replayed after a warm-up."""
+    moe_align.SINGLE_PROGRAM_MAX_PAIRS = 1 << 30 if one_program else 0
+    moe_align.moe_align_block_size(ids, experts, block_m)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPLAYS):
+            moe_align.moe_align_block_size(ids, experts, block_m)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / REPLAYS)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    default = moe_align.SINGLE_PROGRAM_MAX_PAIRS
+    rows = []
+    for tokens, experts, top_k, block_m in CASES:
+        _, ids = random_routing(tokens, experts, top_k, torch.device("cuda"))
+        one, grid = (time_path(ids, experts, block_m, flag) for flag in (True, False))
+        rows.append({"pairs": tokens * top_k, "experts": experts, "block_m": block_m, "one_program_us": round(one, 2),
+                     "grid_us": round(grid, 2)})
+        print(f"pairs {tokens * top_k:6} experts {experts:4} block_m {block_m:4}: one program {one:7.2f} us, "
+              f"grid {grid:7.2f} us (default threshold {default})", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
