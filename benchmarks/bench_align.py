@@ -7,11 +7,13 @@ expert count, as CUDA-graph replays (what decode serving runs): where the one-pr
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 import torch
+import triton
 
-from wna16moe.bench import random_routing
+from wna16moe.bench import _commit, random_routing
 from wna16moe.kernels import moe_align
 
 CASES = [  # (tokens, experts, top_k, block_m) of the bench shapes' routings
@@ -24,7 +26,7 @@ REPLAYS = 50
 
 def time_path(ids: torch.Tensor, experts: int, block_m: int, one_program: bool) -> float:
     """µs per alignment, from a graph of REPLAYS alignments replayed after a warm-up."""
-    moe_align.SINGLE_PROGRAM_MAX_PAIRS = 1 << 30 if one_program else 0
+    moe_align.one_program = lambda pairs, experts: one_program
     moe_align.moe_align_block_size(ids, experts, block_m)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -46,18 +48,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    default = moe_align.SINGLE_PROGRAM_MAX_PAIRS
+    default = moe_align.one_program
     rows = []
     for tokens, experts, top_k, block_m in CASES:
         _, ids = random_routing(tokens, experts, top_k, torch.device("cuda"))
+        chosen = "one program" if default(tokens * top_k, triton.next_power_of_2(experts)) else "grid"
         one, grid = (time_path(ids, experts, block_m, flag) for flag in (True, False))
         rows.append({"pairs": tokens * top_k, "experts": experts, "block_m": block_m, "one_program_us": round(one, 2),
-                     "grid_us": round(grid, 2)})
+                     "grid_us": round(grid, 2), "chosen": chosen})
         print(f"pairs {tokens * top_k:6} experts {experts:4} block_m {block_m:4}: one program {one:7.2f} us, "
-              f"grid {grid:7.2f} us (default threshold {default})", flush=True)
+              f"grid {grid:7.2f} us (chosen: {chosen})", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                       "commit": _commit(), "replays_per_graph": REPLAYS, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

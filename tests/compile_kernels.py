@@ -89,7 +89,7 @@ def compile_align() -> dict[str, dict[str, int]]:
     """Both alignment paths: the one program (atomics, then barriers between phases) and the grid's placing."""
     pointers = dict.fromkeys(("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "rank_ptr",
                               "counts_ptr"), "*i32")
-    consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=16, CHUNK=1024, BLOCK_CHUNK=64)
+    consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64)
     facts_by_kernel = {}
     for name, kernel in (("one_program", _align_one_program), ("place", _place_kernel)):
         signature = dict(pointers, P="i32", max_blocks="i32") | dict.fromkeys(consts, "constexpr")

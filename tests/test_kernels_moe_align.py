@@ -15,8 +15,8 @@ PATHS = ["one_program", "grid"]
 
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run each test through both kernels: the pair threshold moved so that every size takes the one chosen."""
-    monkeypatch.setattr(moe_align, "SINGLE_PROGRAM_MAX_PAIRS", 1 << 30 if request.param == "one_program" else 0)
+    """Run each test through both kernels, whatever the sizes."""
+    monkeypatch.setattr(moe_align, "one_program", lambda pairs, experts: request.param == "one_program")
     return request.param
 
 
@@ -99,6 +99,7 @@ def _poisoned_align(ids: torch.Tensor, e: int, block_m: int) -> tuple[torch.Tens
     (33, 128, 8, 16),   # many experts, most empty
     (7, 384, 8, 64),    # E not a power of two, large blocks
     (100, 16, 4, 32),   # every expert spans several blocks
+    (60, 16, 4, 48),    # MARLIN's 48-row blocks (not a power of two)
 ])
 def test_align_invariants(t: int, e: int, k: int, block_m: int, path: str) -> None:
     ids = _routing(t, e, k)
@@ -133,8 +134,9 @@ def test_many_pairs_over_several_chunks(path: str) -> None:
     _matches_sort(ids, 64, 32, *result)
 
 
-def test_default_threshold_picks_both_paths() -> None:
-    assert 0 < moe_align.SINGLE_PROGRAM_MAX_PAIRS < 700 * 8
+def test_default_choice_of_path() -> None:
+    assert moe_align.one_program(64, 512) and moe_align.one_program(1024, 128)
+    assert not moe_align.one_program(1024, 512) and not moe_align.one_program(4096, 8)
 
 
 @pytest.mark.gpu

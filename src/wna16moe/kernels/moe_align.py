@@ -14,8 +14,8 @@ non-empty and each wastes fewer than M rows (left-out pairs only lower the count
 
 Each pair takes the next row of its expert from an atomic counter per expert (O(P) work), so the order of an
 expert's pairs within its rows is not fixed; nothing depends on it (each row of a GEMM is computed alone).
-Up to SINGLE_PROGRAM_MAX_PAIRS pairs one program does everything (one launch); above, a grid of programs
-counts and then places the pairs (a clear of the counters and two launches).
+For few pairs one program does everything (one launch); above, a grid of programs counts and then places
+the pairs (a clear of the counters and two launches).
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-SINGLE_PROGRAM_MAX_PAIRS = 2048
+# One program while pairs <= 1024 and pairs x experts <= 2^17: as graph replays on the H200 it took 2.7 / 4.8 µs
+# at 64 / 1024 pairs of 128 experts against the grid's 4.1 / 6.1, but 8.3 µs at 1024 pairs of 384 experts
+# against 6.1, and 12-198 µs from 4096 pairs up against 6-16 (its block fill grows with the experts, its
+# loops with the pairs; benchmarks/bench_align.py, NOTES.md v17).
+SINGLE_PROGRAM_MAX_PAIRS = 1024
+SINGLE_PROGRAM_MAX_WORK = 1 << 17
 _CHUNK = 1024  # pairs per program (grid) or per loop step (one program)
 _BLOCK_CHUNK = 64  # M blocks per program or loop step
 
@@ -50,7 +55,7 @@ def _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, offs, P):
 
 @triton.jit
 def _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, blocks, P, max_blocks, E_POW2: tl.constexpr,
-                 LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr):
+                 LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_POW2: tl.constexpr):
     """The expert of each block in `blocks` (-1 past the used rows), and P in the block's rows no pair takes."""
     first_row = blocks * BLOCK_M
     total = tl.max(ends, axis=0)
@@ -65,8 +70,10 @@ def _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, blocks, P
     tl.store(expert_ids_ptr + blocks, tl.where(used, expert, -1), mask=in_range)
     # Past the used rows the search ends at an expert whose pairs all lie before: every row is padding there.
     pairs_end = tl.gather(starts + counts, expert, axis=0)  # the row after the expert's last pair
-    rows = first_row[:, None] + tl.arange(0, BLOCK_M)[None, :]
-    tl.store(sorted_ids_ptr + rows, tl.zeros_like(rows) + P, mask=(rows >= pairs_end[:, None]) & in_range[:, None])
+    offs = tl.arange(0, BLOCK_M_POW2)  # (MARLIN's blocks may be 48 rows)
+    rows = first_row[:, None] + offs[None, :]
+    padding = (rows >= pairs_end[:, None]) & in_range[:, None] & (offs < BLOCK_M)[None, :]
+    tl.store(sorted_ids_ptr + rows, tl.zeros_like(rows) + P, mask=padding)
 
 
 @triton.jit
@@ -79,7 +86,7 @@ def _block_ranges(counts, BLOCK_M: tl.constexpr):
 @triton.jit
 def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P,
                        max_blocks, E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                       CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+                       BLOCK_M_POW2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
     experts = tl.arange(0, E_POW2)
     # The counters live in L2 and are only touched by atomics, so the phases need only the CTA barriers.
     tl.atomic_xchg(counts_ptr + experts, tl.zeros_like(experts), sem="relaxed", scope="gpu")
@@ -94,7 +101,7 @@ def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_
         _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, start + tl.arange(0, CHUNK), P)
     for start in range(0, max_blocks, BLOCK_CHUNK):
         _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, start + tl.arange(0, BLOCK_CHUNK), P,
-                     max_blocks, E_POW2, LOG2_E, BLOCK_M)
+                     max_blocks, E_POW2, LOG2_E, BLOCK_M, BLOCK_M_POW2)
 
 
 @triton.jit
@@ -104,8 +111,8 @@ def _count_kernel(topk_ids_ptr, rank_ptr, counts_ptr, P, CHUNK: tl.constexpr):
 
 @triton.jit
 def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P, max_blocks,
-                  E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-                  BLOCK_CHUNK: tl.constexpr):
+                  E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_POW2: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
     """Program i places the pairs of chunk i and fills the blocks of block chunk i (the counts are final)."""
     pid = tl.program_id(0)
     counts = tl.load(counts_ptr + tl.arange(0, E_POW2))
@@ -114,7 +121,12 @@ def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, 
         tl.store(num_padded_ptr, tl.max(ends, axis=0))
     _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, pid * CHUNK + tl.arange(0, CHUNK), P)
     _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, pid * BLOCK_CHUNK + tl.arange(0, BLOCK_CHUNK),
-                 P, max_blocks, E_POW2, LOG2_E, BLOCK_M)
+                 P, max_blocks, E_POW2, LOG2_E, BLOCK_M, BLOCK_M_POW2)
+
+
+def one_program(num_pairs: int, experts_pow2: int) -> bool:
+    """Whether one program aligns `num_pairs` pairs over `experts_pow2` (a power of two) experts."""
+    return num_pairs <= SINGLE_PROGRAM_MAX_PAIRS and num_pairs * experts_pow2 <= SINGLE_PROGRAM_MAX_WORK
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -148,8 +160,9 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
     rank = torch.empty(max(p, 1), dtype=torch.int32, device=device)
     e_pow2 = triton.next_power_of_2(num_experts)
-    shape = dict(E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m, CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK)
-    if p <= SINGLE_PROGRAM_MAX_PAIRS:
+    shape = dict(E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
+                 BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK)
+    if one_program(p, e_pow2):
         counts = torch.empty(e_pow2, dtype=torch.int32, device=device)
         _align_one_program[(1,)](ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks, **shape,
                                  num_warps=4)
