@@ -9,6 +9,7 @@
 #   benchmarks/device_checks.sh quad     # four GPUs: the sweep split over three; a kernel profile, the W8A16
 #                                        # bench, TRITON's and MARLIN's GPU tests (parallel processes) on the fourth
 #   benchmarks/device_checks.sh decode   # two GPUs: the decode sweep (M <= 512), the W8A16 bench
+#   benchmarks/device_checks.sh w8a16-sweep # four GPUs: the W8A16 sweep, one shape per GPU
 #   benchmarks/device_checks.sh probe    # two GPUs: read ceiling by size, kernel profile; the W8A16 bench
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
@@ -183,6 +184,16 @@ ab-sweep)  # four GPUs: the A/B of 'ab' on GPU 0 (trees alternating), the decode
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;
+w8a16-sweep)  # four GPUs: the W8A16 (int8, group 128) sweep, one shape per GPU
+    nvidia-smi -L
+    for spec in "0 w8a16-a mixtral" "1 w8a16-b deepseek-v3" "2 w8a16-c kimi-k2" "3 w8a16-d qwen3-30b-a3b"; do
+        set -- $spec
+        CUDA_VISIBLE_DEVICES=$1 step "$2" 420 python3 -m wna16moe.bench --sweep --scheme int8_g128_sym --shapes "$3" \
+            --out "$OUT/$2.json" &
+    done
+    wait
+    (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+    ;;
 decode)  # two GPUs: the decode sweep (M <= 512) of two shapes each, then the W8A16 bench of one shape each
     nvidia-smi -L
     for spec in "0 decode-a mixtral deepseek-v3" "1 decode-b kimi-k2 qwen3-30b-a3b"; do
@@ -218,7 +229,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|decode|probe" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|w8a16-sweep|decode|probe" >&2
     exit 2
     ;;
 esac
