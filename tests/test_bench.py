@@ -27,10 +27,10 @@ def _split_gemm1(m: int) -> TritonConfig:
     return replace(TritonExperts(spec, experts.quant_config(), DEVICE).config(m), split_k1=2)
 
 
-def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wrong: TritonConfig | None = None
-           ) -> list[dict]:
+def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wrong: TritonConfig | None = None,
+           marlin: object | None = None) -> list[dict]:
     """Rows of `_bench_tokens` for a tiny layer; a configuration's made-up times come from `eager` / `graph`
-    (default 100 / 90 µs)."""
+    (default 100 / 90 µs); `marlin`: a stand-in MARLIN kernel (its `apply` gets no configuration)."""
     scheme = WeightScheme.from_name("int4_g32_sym")
     experts = QuantizedExperts.quantize(torch.randn(E, 2 * INTER, H) * 0.1, torch.randn(E, H, INTER) * 0.1, scheme)
     cfg = MoEConfig(E, K, H, INTER, dtype=torch.float16)
@@ -47,8 +47,44 @@ def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wr
     monkeypatch.setattr(bench, "_bench", lambda fn: eager.get(config_of(fn), 100.0))
     monkeypatch.setattr(bench, "_bench_graph", lambda fn: graph.get(config_of(fn), 90.0))
     return bench._bench_tokens("tiny", m, scheme, cfg, kernel, TritonExperts.prepare_weights(experts, DEVICE),
-                               emulation, EmulationExperts.prepare_weights(experts, DEVICE), None, 1000, True,
+                               emulation, EmulationExperts.prepare_weights(experts, DEVICE), None,
+                               None if marlin is None else (marlin, {}), 1000, True,
                                {"copy_gbps": 1000.0, "matmul_tflops": 100.0}, lambda line: None)
+
+
+class _Marlin:
+    """A MARLIN stand-in: the float32 reference (from the emulation backend), times `factor`; it records the
+    tokens and routing it was given."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor, self.calls = factor, []
+
+    def apply(self, x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, weights: dict) -> torch.Tensor:
+        self.calls.append((x, tw, ids))
+        return self.reference * self.factor
+
+
+@pytest.mark.parametrize("factor", [1.0, 3.0])
+def test_marlin_peer_runs_on_the_same_routing_and_is_checked(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
+    marlin = _Marlin(factor)
+    references = []
+    real_apply = EmulationExperts.apply
+
+    def remember(self: EmulationExperts, *args: torch.Tensor) -> torch.Tensor:
+        references.append(args)
+        marlin.reference = real_apply(self, *args)
+        return marlin.reference
+
+    monkeypatch.setattr(EmulationExperts, "apply", remember)
+    rows = _sweep(monkeypatch, 4, eager={}, graph={}, marlin=marlin)
+    # MARLIN got the tokens and routing of the reference TRITON was checked against.
+    for given, checked in zip(marlin.calls[0], references[0][:3], strict=True):
+        assert given is checked
+    backends = {r["backend"] for r in rows}
+    if factor == 1.0:
+        assert "marlin" in backends and "marlin-wrong" not in backends
+    else:  # a wrong output is listed, untimed
+        assert "marlin-wrong" in backends and "marlin" not in backends
 
 
 def test_small_m_ranks_every_candidate_by_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:

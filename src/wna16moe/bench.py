@@ -247,10 +247,7 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bo
 
     for m in tokens:
         rows += _bench_tokens(name, m, scheme, cfg, triton_kernel, weights, emulation, emu_weights, bf16_weights,
-                              per_expert, sweep, ceilings, log)
-        if marlin is not None:
-            rows.append(_bench_marlin(name, m, scheme, cfg, *marlin, emulation, emu_weights, per_expert, ceilings,
-                                      log))
+                              marlin, per_expert, sweep, ceilings, log)
     return rows
 
 
@@ -276,17 +273,17 @@ def _marlin_peer(name: str, spec: LayerSpec, quant: MoEQuantConfig, experts: Qua
     return kernel, weights
 
 
-def _bench_marlin(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, kernel: MarlinExperts,
-                  weights: dict[str, torch.Tensor], emulation: EmulationExperts, emu_weights: dict[str, torch.Tensor],
-                  per_expert: int, ceilings: dict[str, float], log: Callable[[str], None]) -> dict[str, Any]:
-    """The `marlin` row for one token count M (the same fields as the other backends' rows), after checking
-    the output at this M against the float32 reference (a wrong output gives a `marlin-wrong` row instead)."""
-    device = torch.device("cuda")
-    e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
-    x = torch.randn(m, h, dtype=torch.bfloat16, device=device)
-    tw, ids = random_routing(m, e, k, device)
+def _bench_marlin(name: str, scheme: WeightScheme, cfg: MoEConfig, kernel: MarlinExperts,
+                  weights: dict[str, torch.Tensor], x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor,
+                  reference: torch.Tensor, per_expert: int, ceilings: dict[str, float], log: Callable[[str], None]
+                  ) -> dict[str, Any]:
+    """The `marlin` row for the tokens `x` routed by (tw, ids), as TRITON's (the same fields as the other
+    backends' rows), after checking the output against the float32 `reference` (a wrong output gives a
+    `marlin-wrong` row instead)."""
+    m = x.shape[0]
+    k, h, i = cfg.top_k, cfg.hidden_size, cfg.intermediate_size
     touched = int(torch.unique(ids).numel())
-    err = relative_error(kernel.apply(x, tw, ids, weights), emulation.apply(x, tw, ids, emu_weights))
+    err = relative_error(kernel.apply(x, tw, ids, weights), reference)
     if not err < 1e-2:
         log(f"{name} M={m}: marlin output is WRONG (relative error {err:.3e}); not timed")
         return {"backend": "marlin-wrong", "shape": name, "scheme": scheme.name, "M": m, "relative_error": err}
@@ -306,9 +303,11 @@ def _bench_marlin(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, kerne
 
 def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, triton_kernel: TritonExperts,
                   weights: dict[str, torch.Tensor], emulation: EmulationExperts, emu_weights: dict[str, torch.Tensor],
-                  bf16_weights: tuple[torch.Tensor, torch.Tensor] | None, per_expert: int, sweep: bool,
+                  bf16_weights: tuple[torch.Tensor, torch.Tensor] | None,
+                  marlin: tuple[MarlinExperts, dict[str, torch.Tensor]] | None, per_expert: int, sweep: bool,
                   ceilings: dict[str, float], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every backend's row for one token count M."""
+    """Every backend's row for one token count M, all on the same tokens and routing (at M = 512 on mixtral
+    whether an expert gets 128 or 129 pairs decides between one and two blocks of 128 rows)."""
     device = weights["w13"].device
     e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
     rows: list[dict[str, Any]] = []
@@ -374,6 +373,8 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
     if m <= 8:
         row("emulation", _bench(lambda: emulation.apply(x, tw, ids, emu_weights)), None,
             touched * per_expert, {})
+    if marlin is not None:
+        rows.append(_bench_marlin(name, scheme, cfg, *marlin, x, tw, ids, reference, per_expert, ceilings, log))
     return rows
 
 
