@@ -1,0 +1,57 @@
+"""One TRITON and one MARLIN layer forward per (shape, M), for Nsight Compute: warm-up first, then the profiled
+forwards between cudaProfilerStart/Stop. Run under ncu, for example:
+
+    ncu --clock-control none --profile-from-start off --kernel-name regex:'_moe_gemm_kernel|[Mm]arlin' \\
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \\
+        --section LaunchStats --section MemoryWorkloadAnalysis \\
+        python benchmarks/ncu_layer.py deepseek-v3:32 kimi-k2:128
+
+(MARLIN needs WNA16MOE_MARLIN_LIB, as for the bench; without it only TRITON runs.)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+
+from wna16moe.bench import random_experts, random_routing
+from wna16moe.device import DeviceInfo
+from wna16moe.experts.base import LayerSpec
+from wna16moe.experts.marlin import MarlinExperts
+from wna16moe.experts.triton import TritonExperts
+from wna16moe.scheme import WeightScheme
+from wna16moe.shapes import model_shape
+
+
+def main(cases: list[str]) -> None:
+    device = torch.device("cuda")
+    for case in cases:
+        name, m = case.split(":")
+        shape = model_shape(name)
+        scheme = WeightScheme.from_name(f"int4_g{shape.group_size}_sym")
+        cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
+        spec = LayerSpec(cfg, scheme)
+        experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
+        x = torch.randn(int(m), cfg.hidden_size, dtype=torch.bfloat16, device=device)
+        tw, ids = random_routing(int(m), cfg.num_experts, cfg.top_k, device)
+        quant = experts.quant_config()
+        backends = [(TritonExperts(spec, quant, device), TritonExperts.prepare_weights(experts, device))]
+        if MarlinExperts.is_supported(spec, DeviceInfo.current()).ok:
+            backends.append((MarlinExperts(spec, quant, device), MarlinExperts.prepare_weights(experts, device)))
+        for kernel, weights in backends:
+            for _ in range(3):
+                kernel.apply(x, tw, ids, weights)
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStart()
+            kernel.apply(x, tw, ids, weights)
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+            print(f"{case} {type(kernel).__name__} profiled", flush=True)
+        del experts, backends
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
