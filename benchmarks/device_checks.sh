@@ -10,6 +10,7 @@
 #                                        # bench, TRITON's and MARLIN's GPU tests (parallel processes) on the fourth
 #   benchmarks/device_checks.sh decode   # two GPUs: the decode sweep (M <= 512), the W8A16 bench
 #   benchmarks/device_checks.sh w8a16-sweep # four GPUs: the W8A16 sweep, one shape per GPU
+#   benchmarks/device_checks.sh confirm  # four GPUs: the shipped table as served, int4 and W8A16, one shape per GPU
 #   benchmarks/device_checks.sh probe    # two GPUs: read ceiling by size, kernel profile; the W8A16 bench
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
@@ -184,6 +185,18 @@ ab-sweep)  # four GPUs: the A/B of 'ab' on GPU 0 (trees alternating), the decode
     wait
     (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
     ;;
+confirm)  # four GPUs: the shipped table as served (no sweep), int4 then W8A16, one shape per GPU
+    nvidia-smi -L
+    for spec in "0 a mixtral" "1 b deepseek-v3" "2 c kimi-k2" "3 d qwen3-30b-a3b"; do
+        set -- $spec
+        (export CUDA_VISIBLE_DEVICES=$1
+         step "served-$2" 200 python3 -m wna16moe.bench --shapes "$3" --out "$OUT/served-$2.json"
+         step "served-w8a16-$2" 200 python3 -m wna16moe.bench --scheme int8_g128_sym --shapes "$3" \
+             --out "$OUT/served-w8a16-$2.json") &
+    done
+    wait
+    (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+    ;;
 w8a16-sweep)  # four GPUs: the W8A16 (int8, group 128) sweep, one shape per GPU
     nvidia-smi -L
     for spec in "0 w8a16-a mixtral" "1 w8a16-b deepseek-v3" "2 w8a16-c kimi-k2" "3 w8a16-d qwen3-30b-a3b"; do
@@ -229,7 +242,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|w8a16-sweep|decode|probe" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|confirm|w8a16-sweep|decode|probe" >&2
     exit 2
     ;;
 esac
