@@ -1,0 +1,71 @@
+"""Time a few named TRITON configurations against the shipped one on chosen shapes and M (graph replays after the
+bench's L2 flush), each checked against the float32 reference first: a quick A/B of launch parameters that the
+sweep does not cover.
+
+    python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 --variant num_warps=2 \
+        --variant num_warps=2,block_n1=32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, replace
+from functools import partial
+
+import torch
+
+from wna16moe.bench import _bench_graph, _commit, random_experts, random_routing
+from wna16moe.experts.base import LayerSpec, relative_error
+from wna16moe.experts.emulation import EmulationExperts
+from wna16moe.experts.triton import TritonExperts
+from wna16moe.scheme import WeightScheme
+from wna16moe.shapes import model_shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
+    parser.add_argument("--variant", action="append", default=[], help="field=value[,field=value...]")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows = []
+    for case in args.cases:
+        name, ms = case.split(":")
+        shape = model_shape(name)
+        scheme = WeightScheme.from_name(f"int4_g{shape.group_size}_sym")
+        cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
+        spec = LayerSpec(cfg, scheme)
+        experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
+        kernel = TritonExperts(spec, experts.quant_config(), device)
+        weights = TritonExperts.prepare_weights(experts, device)
+        emulation = EmulationExperts(spec, experts.quant_config(), device)
+        emu_weights = EmulationExperts.prepare_weights(experts, device)
+        del experts
+        for m in map(int, ms.split(",")):
+            x = torch.randn(m, cfg.hidden_size, dtype=torch.bfloat16, device=device)
+            tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
+            reference = emulation.apply(x, tw, ids, emu_weights)
+            shipped = kernel.config(m)
+            variants = [shipped] + [replace(shipped, **{k: int(v) for k, v in (p.split("=") for p in var.split(","))})
+                                    for var in args.variant]
+            for rnd in range(2):  # two rounds, so that a drift over time shows
+                for c in variants:
+                    try:
+                        err = relative_error(kernel.apply(x, tw, ids, weights, c), reference)
+                    except Exception as error:  # a variant that does not compile is reported
+                        print(f"{name} M={m} {c}: failed {type(error).__name__}", flush=True)
+                        continue
+                    us = _bench_graph(partial(kernel.apply, x, tw, ids, weights, c))
+                    rows.append({"shape": name, "M": m, "round": rnd, "config": asdict(c), "us_graph": us,
+                                 "relative_error": err, "shipped": c == shipped})
+                    print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
+                          f"{asdict(c)}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "commit": _commit(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
