@@ -9,6 +9,7 @@ sweep does not cover.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 from dataclasses import asdict, replace
 from functools import partial
@@ -64,7 +65,8 @@ def main() -> None:
                           f"{asdict(c)}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "commit": _commit(), "rows": rows}, f, indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                       "commit": _commit(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
