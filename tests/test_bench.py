@@ -126,3 +126,22 @@ def test_bench_times_gpu_work() -> None:
     assert 100 < gbps < 20000, gbps
     assert torch.equal(dst, src)
     assert len(bench._FLUSH_BUFFERS) == 1
+
+
+def test_tokens_and_routing_are_fixed_per_shape_and_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run times the same routing for a (shape, M), another M draws another."""
+    real_apply = EmulationExperts.apply
+    drawn = []
+    for m in (4, 4, 6):
+        marlin = _Marlin(1.0)
+
+        def reference(self: EmulationExperts, *args: torch.Tensor, marlin: _Marlin = marlin) -> torch.Tensor:
+            marlin.reference = real_apply(self, *args)
+            return marlin.reference
+
+        monkeypatch.setattr(EmulationExperts, "apply", reference)
+        _sweep(monkeypatch, m, eager={}, graph={}, marlin=marlin)
+        drawn.append(marlin.calls[0])
+    for first, again in zip(drawn[0], drawn[1], strict=True):
+        assert torch.equal(first, again)
+    assert not torch.equal(drawn[0][0][:1], drawn[2][0][:1])

@@ -6,7 +6,9 @@ warm-up, each call right after an L2 flush that reads a buffer of 5x the L2 size
 and the L2 holds only clean lines, so the timed call writes back nothing of the flush's (a flush by zeroing, as
 `triton.testing.do_bench` does, leaves the L2 dirty and billed up to ~20% extra to a decode step; benchmarks/NOTES.md
 v12). For M <= 512 the forward is also captured in a CUDA graph and its replay timed. Routing is uniform random
-with distinct experts per token.
+with distinct experts per token, drawn (with the tokens) from a seed fixed per shape and M: every backend and
+every run times the same routing (at mixtral M = 512 one draw can give an expert two blocks of 128 rows where
+another gives one).
 
 Ceilings are measured in the same run: device-to-device copy bandwidth (bytes read + written) and the bf16
 matmul rate at 8192^3. Per (backend, shape, M): bytes that must be read = distinct experts touched x bytes per
@@ -34,6 +36,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
@@ -311,6 +314,7 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
     device = weights["w13"].device
     e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
     rows: list[dict[str, Any]] = []
+    torch.manual_seed(zlib.crc32(f"{name} {m}".encode()))
     x = torch.randn(m, h, dtype=cfg.dtype, device=device)
     tw, ids = random_routing(m, e, k, device)
     touched = int(torch.unique(ids).numel())
