@@ -12,28 +12,21 @@ forwards between cudaProfilerStart/Stop. Run under ncu, for example:
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 
 import torch
 
-from wna16moe.bench import random_experts, random_routing
+from wna16moe.bench import random_layer, random_routing
 from wna16moe.device import DeviceInfo
-from wna16moe.experts.base import LayerSpec
 from wna16moe.experts.marlin import MarlinExperts
 from wna16moe.experts.triton import TritonExperts
-from wna16moe.scheme import WeightScheme
-from wna16moe.shapes import model_shape
 
 
 def main(cases: list[str]) -> None:
     device = torch.device("cuda")
     for case in cases:
         name, m = case.split(":")
-        shape = model_shape(name)
-        scheme = WeightScheme.from_name(f"int4_g{shape.group_size}_sym")
-        cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
-        spec = LayerSpec(cfg, scheme)
-        experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
+        spec, experts = random_layer(name, device)
+        cfg = spec.moe
         x = torch.randn(int(m), cfg.hidden_size, dtype=torch.bfloat16, device=device)
         tw, ids = random_routing(int(m), cfg.num_experts, cfg.top_k, device)
         quant = experts.quant_config()

@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from wna16moe.bench import _flush_l2, random_experts, random_routing
-from wna16moe.experts.base import LayerSpec
+from wna16moe.bench import _flush_l2, random_layer, random_routing
 from wna16moe.experts.triton import TritonExperts
-from wna16moe.scheme import WeightScheme
-from wna16moe.shapes import model_shape
 
 
 def profile_shape(name: str, m: int, repeats: int = 20) -> None:
-    shape = model_shape(name)
     device = torch.device("cuda")
-    scheme = WeightScheme.from_name(f"int4_g{shape.group_size}_sym")
-    cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
-    experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
-    kernel = TritonExperts(LayerSpec(cfg, scheme), experts.quant_config(), device)
+    spec, experts = random_layer(name, device)
+    cfg = spec.moe
+    kernel = TritonExperts(spec, experts.quant_config(), device)
     weights = TritonExperts.prepare_weights(experts, device)
     x = torch.randn(m, cfg.hidden_size, dtype=torch.bfloat16, device=device)
     tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)

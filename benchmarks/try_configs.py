@@ -16,12 +16,10 @@ from functools import partial
 
 import torch
 
-from wna16moe.bench import _bench_graph, _commit, random_experts, random_routing
-from wna16moe.experts.base import LayerSpec, relative_error
+from wna16moe.bench import _bench_graph, _commit, random_layer, random_routing
+from wna16moe.experts.base import relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import TritonExperts
-from wna16moe.scheme import WeightScheme
-from wna16moe.shapes import model_shape
 
 
 def main() -> None:
@@ -34,11 +32,8 @@ def main() -> None:
     rows = []
     for case in args.cases:
         name, ms = case.split(":")
-        shape = model_shape(name)
-        scheme = WeightScheme.from_name(f"int4_g{shape.group_size}_sym")
-        cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
-        spec = LayerSpec(cfg, scheme)
-        experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
+        spec, experts = random_layer(name, device)
+        cfg = spec.moe
         kernel = TritonExperts(spec, experts.quant_config(), device)
         weights = TritonExperts.prepare_weights(experts, device)
         emulation = EmulationExperts(spec, experts.quant_config(), device)

@@ -145,3 +145,20 @@ def test_tokens_and_routing_are_fixed_per_shape_and_m(monkeypatch: pytest.Monkey
     for first, again in zip(drawn[0], drawn[1], strict=True):
         assert torch.equal(first, again)
     assert not torch.equal(drawn[0][0][:1], drawn[2][0][:1])
+
+
+@pytest.mark.parametrize(("name", "scheme_name", "scheme_wanted"), [
+    ("kimi-k2", None, "int4_g32_sym"),  # the model's own group size
+    ("qwen3-30b-a3b", "int8_g128_sym", "int8_g128_sym"),
+])
+def test_random_layer_of_a_model_shape(name: str, scheme_name: str | None, scheme_wanted: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small stand-in shapes keep the random experts cheap; the layer must follow whatever the shape says.
+    from wna16moe import shapes
+    real = shapes.model_shape(name)
+    monkeypatch.setattr(bench, "model_shape", lambda _: replace(real, hidden_size=128, intermediate_size=128,
+                                                                num_experts=8))
+    spec, experts = bench.random_layer(name, torch.device("cpu"), scheme_name)
+    assert spec.scheme == WeightScheme.from_name(scheme_wanted) and spec.moe.dtype == torch.bfloat16
+    assert (spec.moe.num_experts, spec.moe.hidden_size, spec.moe.intermediate_size) == (8, 128, 128)
+    assert experts.w13.codes.shape == (8, 256, 128) and experts.w2.codes.shape == (8, 128, 128)

@@ -142,6 +142,17 @@ def random_experts(e: int, h: int, i: int, scheme: WeightScheme, device: torch.d
     return QuantizedExperts(weight(2 * i, h), weight(h, i))
 
 
+def random_layer(name: str, device: torch.device, scheme_name: str | None = None
+                 ) -> tuple[LayerSpec, QuantizedExperts]:
+    """A model shape's layer in bf16 with random experts, quantized as `scheme_name` or by default int4
+    symmetric at the model's group size."""
+    shape = model_shape(name)
+    scheme = WeightScheme.from_name(scheme_name or f"int4_g{shape.group_size}_sym")
+    cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
+    experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
+    return LayerSpec(cfg, scheme), experts
+
+
 def expert_bytes(scheme: WeightScheme, h: int, i: int) -> int:
     """Bytes one expert's weights occupy: packed codes + scales + zero points (w13 and w2)."""
     elements = 3 * h * i
@@ -222,14 +233,11 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
 
 def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bool, ceilings: dict[str, float],
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
-    shape = model_shape(name)
     device = torch.device("cuda")
-    scheme = WeightScheme.from_name(scheme_name or f"int4_g{shape.group_size}_sym")
-    cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
+    spec, experts = random_layer(name, device, scheme_name)
+    scheme, cfg = spec.scheme, spec.moe
     e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-    experts = random_experts(e, h, i, scheme, device)
     quant = experts.quant_config()
-    spec = LayerSpec(cfg, scheme)
     triton_kernel = TritonExperts(spec, quant, device)
     weights = TritonExperts.prepare_weights(experts, device)
     emulation = EmulationExperts(spec, quant, device)
