@@ -42,7 +42,8 @@ def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wr
         monkeypatch.setattr(kernel, "apply", lambda *args: apply(*args) * (3.0 if args[-1] == wrong else 1.0))
 
     def config_of(fn: object) -> TritonConfig | None:
-        return fn.args[-1] if isinstance(fn, partial) else None
+        last = fn.args[-1] if isinstance(fn, partial) else None
+        return last if isinstance(last, TritonConfig) else None
 
     monkeypatch.setattr(bench, "_bench", lambda fn: eager.get(config_of(fn), 100.0))
     monkeypatch.setattr(bench, "_bench_graph", lambda fn: graph.get(config_of(fn), 90.0))

@@ -284,34 +284,6 @@ def _marlin_peer(name: str, spec: LayerSpec, quant: MoEQuantConfig, experts: Qua
     return kernel, weights
 
 
-def _bench_marlin(name: str, scheme: WeightScheme, cfg: MoEConfig, kernel: MarlinExperts,
-                  weights: dict[str, torch.Tensor], x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor,
-                  reference: torch.Tensor, per_expert: int, ceilings: dict[str, float], log: Callable[[str], None]
-                  ) -> dict[str, Any]:
-    """The `marlin` row for the tokens `x` routed by (tw, ids), as TRITON's (the same fields as the other
-    backends' rows), after checking the output against the float32 `reference` (a wrong output gives a
-    `marlin-wrong` row instead)."""
-    m = x.shape[0]
-    k, h, i = cfg.top_k, cfg.hidden_size, cfg.intermediate_size
-    touched = int(torch.unique(ids).numel())
-    err = relative_error(kernel.apply(x, tw, ids, weights), reference)
-    if not err < 1e-2:
-        log(f"{name} M={m}: marlin output is WRONG (relative error {err:.3e}); not timed")
-        return {"backend": "marlin-wrong", "shape": name, "scheme": scheme.name, "M": m, "relative_error": err}
-    us = _bench(lambda: kernel.apply(x, tw, ids, weights))
-    us_graph = _bench_graph(lambda: kernel.apply(x, tw, ids, weights)) if m <= GRAPH_MAX_TOKENS else None
-    best = min(v for v in (us, us_graph) if v is not None)
-    nbytes, flops = touched * per_expert, 2 * m * k * 3 * h * i
-    row = {"backend": "marlin", "shape": name, "scheme": scheme.name, "M": m, "experts_touched": touched,
-           "us_eager": round(us, 2), "us_graph": None if us_graph is None else round(us_graph, 2), "bytes": nbytes,
-           "gbps": round(nbytes / best / 1e3, 1), "pct_bw": round(100 * nbytes / best / 1e3 / ceilings["copy_gbps"], 1),
-           "tflops": round(flops / best / 1e6, 2),
-           "pct_mm": round(100 * flops / best / 1e6 / ceilings["matmul_tflops"], 1)}
-    log(f"{'marlin':>12} {name:>14} M={m:<5} eager {us:9.1f} us  graph "
-        f"{'-' if us_graph is None else f'{us_graph:9.1f}'} us  {row['pct_bw']:5.1f}% BW  {row['tflops']:7.1f} TFLOP/s")
-    return row
-
-
 def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, triton_kernel: TritonExperts,
                   weights: dict[str, torch.Tensor], emulation: EmulationExperts, emu_weights: dict[str, torch.Tensor],
                   bf16_weights: tuple[torch.Tensor, torch.Tensor] | None,
@@ -386,7 +358,15 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
         row("emulation", _bench(lambda: emulation.apply(x, tw, ids, emu_weights)), None,
             touched * per_expert, {})
     if marlin is not None:
-        rows.append(_bench_marlin(name, scheme, cfg, *marlin, x, tw, ids, reference, per_expert, ceilings, log))
+        marlin_kernel, marlin_weights = marlin
+        err = relative_error(marlin_kernel.apply(x, tw, ids, marlin_weights), reference)
+        if err < 1e-2:
+            apply = partial(marlin_kernel.apply, x, tw, ids, marlin_weights)
+            row("marlin", _bench(apply), _bench_graph(apply) if graphs else None, touched * per_expert, {})
+        else:
+            log(f"{name} M={m}: marlin output is WRONG (relative error {err:.3e}); not timed")
+            rows.append({"backend": "marlin-wrong", "shape": name, "scheme": scheme.name, "M": m,
+                         "relative_error": err})
     return rows
 
 
