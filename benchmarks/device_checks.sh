@@ -195,7 +195,8 @@ confirm)  # four GPUs: the shipped table as served (no sweep), int4 then W8A16, 
              --out "$OUT/served-w8a16-$2.json") &
     done
     wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+    # (at most 8 files come back: the W8A16 results travel in the tarball with the logs)
+    (cd "$OUT" && tar -czf logs.tgz ./*.log ./served-w8a16-*.json && rm -f ./*.log ./served-w8a16-*.json)
     ;;
 w8a16-sweep)  # four GPUs: the W8A16 (int8, group 128) sweep, one shape per GPU
     nvidia-smi -L
