@@ -1,5 +1,6 @@
 """Time `moe_align_block_size` alone, both paths (one program; grid of count + place), per pair count and
 expert count, as CUDA-graph replays (what decode serving runs): where the one-program path stops paying.
+(The H200 v17 results came from an earlier version that timed five bare replays instead of `bench._bench`.)
 
     python benchmarks/bench_align.py [--out results.json]
 """
@@ -13,7 +14,7 @@ import json
 import torch
 import triton
 
-from wna16moe.bench import _commit, random_routing
+from wna16moe.bench import _bench, _commit, capture_graph, random_routing
 from wna16moe.kernels import moe_align
 
 CASES = [  # (tokens, experts, top_k, block_m) of the bench shapes' routings
@@ -25,23 +26,14 @@ REPLAYS = 50
 
 
 def time_path(ids: torch.Tensor, experts: int, block_m: int, one_program: bool) -> float:
-    """µs per alignment, from a graph of REPLAYS alignments replayed after a warm-up."""
+    """µs per alignment: the bench's timing of a CUDA graph of REPLAYS alignments."""
     moe_align.one_program = lambda pairs, experts: one_program
-    moe_align.moe_align_block_size(ids, experts, block_m)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def aligns() -> None:
         for _ in range(REPLAYS):
             moe_align.moe_align_block_size(ids, experts, block_m)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / REPLAYS)
-    return sorted(times)[len(times) // 2]
+
+    return _bench(capture_graph(aligns).replay) / REPLAYS
 
 
 def main() -> None:

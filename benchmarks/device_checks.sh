@@ -91,6 +91,25 @@ tree_tests() {  # TRITON's GPU tests (one process each) of $TEST_TREE (src/ and 
          tests/test_kernels_dequant.py tests/test_experts_triton.py tests/test_bench.py)
 }
 
+pack_logs() {  # pack_logs [GLOBS...]: the logs, test ids and GLOBS (in $OUT) into one tarball: at most 8 files
+    # come back from a device call
+    # shellcheck disable=SC2068  # (the globs expand in $OUT)
+    (cd "$OUT" && shopt -s nullglob && set -- ./*.log ./*-ids.txt $@ && [ $# -gt 0 ] && tar -czf logs.tgz "$@" \
+        && rm -f "$@")
+}
+
+SHAPES=(mixtral deepseek-v3 kimi-k2 qwen3-30b-a3b)
+per_shape() {  # per_shape NAME LIMIT BENCH_ARGS...: the bench of SHAPES[i] on GPU i, all four at once, each
+    # to $OUT/NAME-<shape>.json
+    local name=$1 limit=$2 gpu
+    shift 2
+    for gpu in 0 1 2 3; do
+        CUDA_VISIBLE_DEVICES=$gpu step "$name-${SHAPES[$gpu]}" "$limit" python3 -m wna16moe.bench \
+            --shapes "${SHAPES[$gpu]}" "$@" --out "$OUT/$name-${SHAPES[$gpu]}.json" &
+    done
+    wait
+}
+
 multi() {
     step nccl-tests 180 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_distributed.py
     step ep2-counted 150 torchrun --nproc-per-node 2 -m wna16moe.bench --ep 2 --dp --shapes deepseek-v3 kimi-k2 \
@@ -137,15 +156,11 @@ quad)
      PARALLEL=16 parallel_tests marlin-tests 420 tests/test_experts_marlin.py
      wait) &
     wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
+    pack_logs
     ;;
 final)  # four GPUs: the sweep, one shape per GPU; then TRITON's and the alignment's GPU tests and a profile
     nvidia-smi -L
-    for spec in "0 sweep-a mixtral" "1 sweep-b deepseek-v3" "2 sweep-c kimi-k2" "3 sweep-d qwen3-30b-a3b"; do
-        set -- $spec
-        CUDA_VISIBLE_DEVICES=$1 step "$2" 300 python3 -m wna16moe.bench --sweep --shapes "$3" --out "$OUT/$2.json" &
-    done
-    wait
+    per_shape sweep 300 --sweep
     # then the checks: TRITON's GPU tests, the alignment's (and its timing), a kernel profile
     (export CUDA_VISIBLE_DEVICES=0; tree_tests) &
     (export CUDA_VISIBLE_DEVICES=1
@@ -154,7 +169,7 @@ final)  # four GPUs: the sweep, one shape per GPU; then TRITON's and the alignme
     CUDA_VISIBLE_DEVICES=2 step profile 200 python3 benchmarks/profile_layer.py \
         --shapes qwen3-30b-a3b kimi-k2 mixtral --tokens 8 128 512 2048 &
     wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
+    pack_logs
     ;;
 ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, trees rotated over $AB_ROUNDS (3)
      # rounds so that a GPU's own speed cancels out; TRITON's GPU tests on the last GPU
@@ -166,7 +181,7 @@ ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, tre
     done
     (export CUDA_VISIBLE_DEVICES=$(( gpus - 1 )); tree_tests) &
     wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
+    pack_logs
     ;;
 ab-sweep)  # four GPUs: the A/B of 'ab' on GPU 0 (trees alternating), the decode sweep of $SWEEP_TREE (default:
            # the working tree) on GPUs 1 and 2, TRITON's GPU tests of $TEST_TREE and a profile on GPU 3
@@ -183,30 +198,18 @@ ab-sweep)  # four GPUs: the A/B of 'ab' on GPU 0 (trees alternating), the decode
      PYTHONPATH="$PWD/$sweep_tree/src:$PWD/tests" step profile 120 python3 benchmarks/profile_layer.py \
          --shapes qwen3-30b-a3b kimi-k2 --tokens 128 512 2048) &
     wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log ./*-ids.txt && rm -f ./*.log ./*-ids.txt)
+    pack_logs
     ;;
 confirm)  # four GPUs: the shipped table as served (no sweep), int4 then W8A16, one shape per GPU
     nvidia-smi -L
-    for spec in "0 a mixtral" "1 b deepseek-v3" "2 c kimi-k2" "3 d qwen3-30b-a3b"; do
-        set -- $spec
-        (export CUDA_VISIBLE_DEVICES=$1
-         step "served-$2" 200 python3 -m wna16moe.bench --shapes "$3" --out "$OUT/served-$2.json"
-         step "served-w8a16-$2" 200 python3 -m wna16moe.bench --scheme int8_g128_sym --shapes "$3" \
-             --out "$OUT/served-w8a16-$2.json") &
-    done
-    wait
-    # (at most 8 files come back: the W8A16 results travel in the tarball with the logs)
-    (cd "$OUT" && tar -czf logs.tgz ./*.log ./served-w8a16-*.json && rm -f ./*.log ./served-w8a16-*.json)
+    per_shape served 200
+    per_shape served-w8a16 200 --scheme int8_g128_sym
+    pack_logs './served-w8a16-*.json'  # (nine files would not all come back)
     ;;
 w8a16-sweep)  # four GPUs: the W8A16 (int8, group 128) sweep, one shape per GPU
     nvidia-smi -L
-    for spec in "0 w8a16-a mixtral" "1 w8a16-b deepseek-v3" "2 w8a16-c kimi-k2" "3 w8a16-d qwen3-30b-a3b"; do
-        set -- $spec
-        CUDA_VISIBLE_DEVICES=$1 step "$2" 420 python3 -m wna16moe.bench --sweep --scheme int8_g128_sym --shapes "$3" \
-            --out "$OUT/$2.json" &
-    done
-    wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+    per_shape w8a16-sweep 420 --sweep --scheme int8_g128_sym
+    pack_logs
     ;;
 decode)  # two GPUs: the decode sweep (M <= 512) of two shapes each, then the W8A16 bench of one shape each
     nvidia-smi -L
@@ -222,7 +225,7 @@ decode)  # two GPUs: the decode sweep (M <= 512) of two shapes each, then the W8
              tests/test_experts_triton.py -k "swap_ab and int8") &
     done
     wait
-    (cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+    pack_logs
     ;;
 probe)  # two GPUs: the read ceiling by size and a kernel profile on one, the W8A16 bench on the other
     nvidia-smi -L
