@@ -15,6 +15,8 @@
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
 #   benchmarks/device_checks.sh ab-sweep # four GPUs: the A/B on one, the decode sweep on two, tests + profile
+#   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one; then the
+#                                        # swap-AB tests of $TEST_TREE and its prefill variants ($TRY_VARIANT)
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -237,6 +239,16 @@ probe)  # two GPUs: the read ceiling by size and a kernel profile on one, the W8
         --shapes mixtral deepseek-v3 --out "$OUT/w8a16.json" &
     wait
     ;;
+chain)  # one GPU: is a forward's time in the bench its time among other layers? Then $TEST_TREE's swap-AB
+        # tests and `try_configs.py` of its prefill with $TRY_VARIANT against the shipped configuration
+    nvidia-smi -L
+    step chain 300 python3 benchmarks/back_to_back.py --out "$OUT/chain.json"
+    tree=$PWD/${TEST_TREE:-.}
+    (cd "$tree" && export PYTHONPATH="$PWD/src:$PWD/tests" \
+     && step swap-tests 120 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_triton.py -k swap_ab \
+     && step prefill-try 150 python3 "$OLDPWD/benchmarks/try_configs.py" deepseek-v3:2048,8192 qwen3-30b-a3b:8192 \
+         --variant "${TRY_VARIANT:-block_n1=64}" --out "$OUT/prefill-try.json")
+    ;;
 sweep)
     nvidia-smi -L
     step bench-sweep 560 python3 -m wna16moe.bench --sweep --out "$OUT/sweep.json"
@@ -246,7 +258,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|confirm|w8a16-sweep|decode|probe" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|chain|confirm|w8a16-sweep|decode|probe" >&2
     exit 2
     ;;
 esac

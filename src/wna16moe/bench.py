@@ -72,11 +72,12 @@ def _flush_l2() -> None:
     _FLUSH_BUFFERS[device].max()
 
 
-def _bench(fn: Callable[[], object], warmup: int = 10, budget_ms: float = 60.0) -> float:
-    """Median microseconds of `fn`: CUDA events around each call, each after `_flush_l2`, after warm-up; as many
-    calls as fit in about `budget_ms` (10 to 1000)."""
+def _bench(fn: Callable[[], object], warmup: int = 10, budget_ms: float = 60.0, flush: bool = True) -> float:
+    """Median microseconds of `fn`: CUDA events around each call, each after `_flush_l2` (unless not `flush`),
+    after warm-up; as many calls as fit in about `budget_ms` (10 to 1000)."""
     for _ in range(warmup):
-        _flush_l2()
+        if flush:
+            _flush_l2()
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -87,7 +88,8 @@ def _bench(fn: Callable[[], object], warmup: int = 10, budget_ms: float = 60.0) 
     calls = max(10, min(1000, int(budget_ms / max(start.elapsed_time(end) / 5, 1e-3))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
     for begin, finish in events:
-        _flush_l2()
+        if flush:
+            _flush_l2()
         begin.record()
         fn()
         finish.record()

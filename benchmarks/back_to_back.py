@@ -1,0 +1,113 @@
+"""Is a layer's time in the bench its time inside a model? The bench times one forward (a graph replay) right
+after an L2 flush; a model's decode graph runs layer after layer. Per shape and M, for TRITON and MARLIN:
+
+    single  one forward after the flush: the bench's number
+    chain   R forwards on R copies of the layer's weights in one graph, after the flush, divided by R
+    stream  that graph replayed back to back without a flush (each copy is evicted by the others), divided by R
+
+and the same three for a plain read of S MB (torch's max over int32), so that a cost of each kernel can be told
+from one of being the first kernel after the flush.
+
+    python benchmarks/back_to_back.py --shapes deepseek-v3 qwen3-30b-a3b --tokens 1 8 --out chain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import zlib
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from wna16moe.bench import _bench, _commit, capture_graph, expert_bytes, random_layer, random_routing
+from wna16moe.device import DeviceInfo
+from wna16moe.experts.base import relative_error
+from wna16moe.experts.marlin import MarlinExperts
+from wna16moe.experts.triton import TritonExperts
+
+MIN_CHAIN_BYTES = 512 << 20  # a chain reads at least 10x the L2 before a copy comes round again
+MAX_CHAIN_COPIES = 16
+
+
+def chain_times(forwards: list[Callable[[], object]]) -> dict[str, float]:
+    """The three timings of the module docstring, in µs per forward."""
+
+    def chained() -> None:
+        for forward in forwards:
+            forward()
+
+    graph = capture_graph(chained)
+    return {"single": _bench(capture_graph(forwards[0]).replay), "chain": _bench(graph.replay) / len(forwards),
+            "stream": _bench(graph.replay, flush=False) / len(forwards)}
+
+
+def copies(weights: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    return [weights] + [{name: t.clone() for name, t in weights.items()} for _ in range(count - 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3", "mixtral", "kimi-k2"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--reads-mb", nargs="+", type=int, default=[16, 64, 128, 256])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows: list[dict[str, object]] = []
+
+    def report(row: dict[str, object]) -> None:
+        rows.append(row)
+        label = row["shape"] if row["kind"] == "layer" else f"read {row['bytes'] >> 20} MB"
+        print(f"{row['backend']:>7} {label:>16} M={row.get('M', '-')!s:<4} R={row['copies']:<3} single "
+              f"{row['single']:8.1f}  chain {row['chain']:8.1f}  stream {row['stream']:8.1f} us", flush=True)
+
+    for mb in args.reads_mb:
+        count = max(2, min(MAX_CHAIN_COPIES, math.ceil(MIN_CHAIN_BYTES / (mb << 20))))
+        buffers = [torch.ones((mb << 20) // 4, dtype=torch.int32, device=device) for _ in range(count)]
+        report({"kind": "read", "backend": "max", "shape": None, "bytes": mb << 20, "copies": count,
+                **chain_times([b.max for b in buffers])})
+        del buffers
+
+    for name in args.shapes:
+        spec, experts = random_layer(name, device)
+        cfg = spec.moe
+        per_expert = expert_bytes(spec.scheme, cfg.hidden_size, cfg.intermediate_size)
+        layer_bytes = cfg.num_experts * per_expert
+        count = max(2, min(MAX_CHAIN_COPIES, math.ceil(MIN_CHAIN_BYTES / (cfg.top_k * per_expert)),
+                           (24 << 30) // layer_bytes))
+        backends: dict[str, tuple[Callable[..., torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
+        triton = TritonExperts(spec, experts.quant_config(), device)
+        backends["triton"] = triton.apply, copies(TritonExperts.prepare_weights(experts, device), count)
+        if MarlinExperts.is_supported(spec, DeviceInfo.current()).ok:
+            marlin = MarlinExperts(spec, experts.quant_config(), device)
+            backends["marlin"] = marlin.apply, copies(MarlinExperts.prepare_weights(experts, device), count)
+        del experts
+        for m in args.tokens:
+            torch.manual_seed(zlib.crc32(f"{name} {m}".encode()))
+            x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
+            tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
+            outputs = {b: apply(x, tw, ids, sets[-1]) for b, (apply, sets) in backends.items()}
+            if "marlin" in outputs:  # two independent kernels agree, on the last copy: the copies are whole
+                err = relative_error(outputs["triton"], outputs["marlin"])
+                if not err < 2e-2:
+                    raise RuntimeError(f"{name} M={m}: triton and marlin disagree (relative error {err:.2e})")
+            touched = int(torch.unique(ids).numel())
+            for backend, (apply, sets) in backends.items():
+                report({"kind": "layer", "backend": backend, "shape": name, "M": m, "copies": count,
+                        "bytes": touched * per_expert,
+                        **chain_times([partial(apply, x, tw, ids, w) for w in sets])})
+        del backends
+        torch.cuda.empty_cache()
+
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                       "commit": _commit(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
