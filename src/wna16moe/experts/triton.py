@@ -285,7 +285,7 @@ class TritonExperts(Experts):
             moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out,
                      **activation, **common)
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
-                 self.w2_bias, out, topk_weights.reshape(-1).float(), *blocks, gated=False, block_n=cfg.block_n2,
+                 self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, **common)
         return out.to(hidden_states.dtype)
 

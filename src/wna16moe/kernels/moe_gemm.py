@@ -252,7 +252,7 @@ def _moe_gemm_kernel(
     z_ptr,  # (E, G, N_total) uint8 zero points (HAS_ZP)
     bias_ptr,  # (E, N_total) float32 (HAS_BIAS)
     out_ptr,  # GATED: (P, N) activation dtype; else (T, N) float32, accumulated atomically
-    topk_w_ptr,  # (P,) float32 router weights (not GATED)
+    topk_w_ptr,  # (P,) router weights, any float dtype (not GATED)
     sorted_ids_ptr,  # (max_padded,) int32 pair of each row, P for padding (not PAIR_BLOCKS)
     expert_ids_ptr,  # (max_blocks,) int32 expert of each BLOCK_M block; PAIR_BLOCKS: (P,) of each pair, -1 left out
     num_padded_ptr,  # (1,) int32 rows in use (not PAIR_BLOCKS)
@@ -396,7 +396,7 @@ def _moe_gemm_kernel(
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(bias_ptr + expert * N + offs_n, mask=n_mask, other=0.0)[None, :]
-        router_w = tl.load(topk_w_ptr + rows, mask=row_mask, other=0.0)
+        router_w = tl.load(topk_w_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * router_w[:, None]
         tokens = rows // TOP_K
         out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -446,7 +446,7 @@ def moe_gemm(
     bias : [E, N_total] float32 or None.
     out : GEMM1 [P, N] in a's dtype, or with split_k > 1 [split_k, P, 2N] float32 partial sums; GEMM2 [T, N]
         float32, pre-filled (accumulated into).
-    topk_weights : [P] float32 router weights (GEMM2).
+    topk_weights : [P] router weights (GEMM2), float32, bfloat16 or float16 (read as float32).
     sorted_ids, expert_ids, num_padded : the blocks of `moe_align_block_size`; or sorted_ids and num_padded None
         and expert_ids [P] the expert of each pair (-1: left out), one block per pair (no alignment pass; for
         one token, whose pairs never share an expert).
