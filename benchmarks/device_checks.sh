@@ -232,7 +232,7 @@ decode)  # two GPUs: the decode sweep (M <= 512) of two shapes each, then the W8
 probe)  # two GPUs: the read ceiling by size and a kernel profile on one, the W8A16 bench on the other
     nvidia-smi -L
     (export CUDA_VISIBLE_DEVICES=0
-     step read-bandwidth 120 python3 benchmarks/read_bandwidth.py
+     step read-bandwidth 120 python3 benchmarks/read_bandwidth.py --out "$OUT/reads.json"
      step profile 150 python3 benchmarks/profile_layer.py --shapes qwen3-30b-a3b mixtral deepseek-v3 kimi-k2 \
          --tokens 1 8 128) &
     CUDA_VISIBLE_DEVICES=1 step w8a16 400 python3 -m wna16moe.bench --scheme int8_g128_sym \
