@@ -1,0 +1,83 @@
+"""A/B of two versions of `kernels/moe_gemm.py` in one process: the working tree's and a base version from a
+file, on the same layer, tokens and routing, the versions alternating within each round (graph replays after
+the bench's L2 flush). The GPU's drift over time and the routing drop out of the ratio; each version's output
+is checked against the float32 reference first. The shipped configuration is used for both.
+
+    git show <ref>:src/wna16moe/kernels/moe_gemm.py > build/base_moe_gemm.py
+    python benchmarks/ab_kernel.py build/base_moe_gemm.py deepseek-v3:1,8,32 qwen3-30b-a3b:1,8 --out ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import statistics
+import zlib
+from functools import partial
+
+import torch
+
+import wna16moe.experts.triton as triton_backend
+from wna16moe.bench import _bench_graph, _commit, random_layer, random_routing
+from wna16moe.experts.base import relative_error
+from wna16moe.experts.emulation import EmulationExperts
+from wna16moe.experts.triton import TritonExperts
+
+
+def load_base(path: str) -> object:
+    spec = importlib.util.spec_from_file_location("wna16moe.kernels._moe_gemm_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.moe_gemm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", help="the base version's moe_gemm.py")
+    parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    versions = {"base": load_base(args.base), "new": triton_backend.moe_gemm}
+    device = torch.device("cuda")
+    rows: list[dict[str, object]] = []
+    for case in args.cases:
+        name, ms = case.split(":")
+        spec, experts = random_layer(name, device)
+        cfg = spec.moe
+        kernel = TritonExperts(spec, experts.quant_config(), device)
+        weights = TritonExperts.prepare_weights(experts, device)
+        emulation = EmulationExperts(spec, experts.quant_config(), device)
+        emu_weights = EmulationExperts.prepare_weights(experts, device)
+        del experts
+        for m in map(int, ms.split(",")):
+            torch.manual_seed(zlib.crc32(f"{name} {m}".encode()))
+            x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
+            tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
+            reference = emulation.apply(x, tw, ids, emu_weights)
+            times: dict[str, list[float]] = {v: [] for v in versions}
+            for rnd in range(args.rounds):
+                for version, fn in versions.items():
+                    triton_backend.moe_gemm = fn
+                    if rnd == 0:
+                        err = relative_error(kernel.apply(x, tw, ids, weights), reference)
+                        if not err < 1e-2:
+                            raise RuntimeError(f"{name} M={m} {version}: relative error {err:.2e}")
+                    us = _bench_graph(partial(kernel.apply, x, tw, ids, weights))
+                    times[version].append(us)
+                    rows.append({"shape": name, "M": m, "round": rnd, "version": version, "us_graph": us})
+            base, new = (statistics.median(times[v]) for v in versions)
+            spread = {v: [round(t, 1) for t in ts] for v, ts in times.items()}
+            print(f"{name:>14} M={m:<4} base {base:9.1f} us  new {new:9.1f} us  base/new {base / new:5.3f}  "
+                  f"{spread}", flush=True)
+        triton_backend.moe_gemm = versions["new"]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                       "commit": _commit(), "base": args.base, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
