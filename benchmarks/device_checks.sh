@@ -15,6 +15,8 @@
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
 #   benchmarks/device_checks.sh ab-sweep # four GPUs: the A/B on one, the decode sweep on two, tests + profile
+#   benchmarks/device_checks.sh ab-kernel # one GPU: benchmarks/ab_kernel.py (build/base_moe_gemm.py against the
+#                                        # working tree, $AB_CASES), then TRITON's GPU tests
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one; then the
 #                                        # swap-AB tests of $TEST_TREE and its prefill variants ($TRY_VARIANT)
 #
@@ -239,6 +241,14 @@ probe)  # two GPUs: the read ceiling by size and a kernel profile on one, the W8
         --shapes mixtral deepseek-v3 --out "$OUT/w8a16.json" &
     wait
     ;;
+ab-kernel)  # one GPU: the working tree's moe_gemm.py against build/base_moe_gemm.py in one process, then the tests
+    nvidia-smi -L
+    step ab-kernel "${AB_LIMIT:-200}" python3 benchmarks/ab_kernel.py build/base_moe_gemm.py \
+        ${AB_CASES:-deepseek-v3:1,8,32,128 mixtral:1,8,32 kimi-k2:1,8,32 qwen3-30b-a3b:1,8,32,128} --out "$OUT/ab-kernel.json"
+    grep base/new "$OUT/ab-kernel.log"
+    tree_tests
+    pack_logs
+    ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers? Then $TEST_TREE's swap-AB
         # tests and `try_configs.py` of its prefill with $TRY_VARIANT against the shipped configuration
     nvidia-smi -L
@@ -258,7 +268,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|chain|confirm|w8a16-sweep|decode|probe" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|chain|confirm|w8a16-sweep|decode|probe" >&2
     exit 2
     ;;
 esac
