@@ -74,7 +74,11 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
                   PAIR_BLOCKS=False, ZERO_OUT=case["gated"])
     act = "*" + case.get("dtype", "bf16")
-    signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=act if gated else "*fp32")
+    # Absent tensors are passed as others, as `moe_gemm` does (the activations for the permutation, the scales
+    # for zero points and router weights): dead code must type-check with those too.
+    signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=act if gated else "*fp32",
+                     a_perm_ptr="*i32" if case["perm"] else act, z_ptr="*u8" if case["zp"] else act,
+                     topk_w_ptr=act if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
