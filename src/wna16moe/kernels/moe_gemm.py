@@ -49,34 +49,24 @@ _QUARTERS = tl.constexpr(QUARTERS)
 
 
 @triton.jit
-def _load_a(a_row_ptrs, perm_ptr, k, START: tl.constexpr, WIDTH: tl.constexpr, k_end, HAS_PERM: tl.constexpr,
-            EVEN_K: tl.constexpr):
-    """Activation columns k + START + [0, WIDTH) of the block's rows (through the act-order permutation when
-    HAS_PERM).
+def _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activation columns `offs` of the block's rows (through the act-order permutation when HAS_PERM).
 
     Every row pointer is valid (padding rows point at a real row; their results are never stored), so only
-    columns past KD need a mask, and none when KD is a whole number of tiles (EVEN_K). There, without a
-    permutation, the row pointers move by k first: START then folds into the loads' immediate offsets (SASS:
-    three address instructions fewer per load, 355 -> 331 per decode tile).
+    columns past KD need a mask, and none when KD is a whole number of tiles (EVEN_K).
     """
-    # One return, branches on constexprs only: Triton type-checks the statements after a taken early return,
-    # and without a permutation perm_ptr is the activations' pointer (loading from it makes a float tensor).
-    if EVEN_K and not HAS_PERM:
-        a = tl.load((a_row_ptrs + k) + (tl.arange(0, WIDTH) + START)[None, :])
-    else:
-        offs = tl.arange(0, WIDTH) + START + k
-        k_mask = offs < k_end
-        if HAS_PERM and EVEN_K:
+    if EVEN_K:
+        if HAS_PERM:
             cols = tl.load(perm_ptr + offs)
-        elif HAS_PERM:
-            cols = tl.load(perm_ptr + offs, mask=k_mask, other=0)
         else:
             cols = offs
-        if EVEN_K:
-            a = tl.load(a_row_ptrs + cols[None, :])
-        else:
-            a = tl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
-    return a
+        return tl.load(a_row_ptrs + cols[None, :])
+    k_mask = offs < k_end
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + offs, mask=k_mask, other=0)
+    else:
+        cols = offs
+    return tl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -153,7 +143,8 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
     # One dot per tile pays off at BLOCK_M 64 (wgmma) in the plain path; per-slot dots are faster with mma.sync
     # (BLOCK_M 16, decode) and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
     if not SWAP_AB and (SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64)):
-        a = _load_a(a_row_ptrs, perm_ptr, k, 0, _TILE_K, k_end, HAS_PERM, EVEN_K)
+        offs = k + tl.arange(0, _TILE_K)
+        a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
         BLOCK_N: tl.constexpr = words.shape[1]
         NG: tl.constexpr = _TILE_K // GROUP_IN_TILE
         shifts = tl.arange(0, PACK) * BITS
@@ -189,18 +180,19 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
             o1, s1, o2, s2, o3, s3 = o0, s0, o0, s0, o0, s0
         slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, DTYPE)
         if SWAP_AB and (PACK == 8 or acc.shape[1] > 128):  # one dot per tile: wgmma keeps its K steps in flight
-            a = _load_a(a_row_ptrs, perm_ptr, k, 0, _TILE_K, k_end, HAS_PERM, EVEN_K)
+            a = _load_a(a_row_ptrs, perm_ptr, k + tl.arange(0, _TILE_K), k_end, HAS_PERM, EVEN_K)
             acc = tl.dot(tl.trans(_tile_from_slots(slots, PACK)), tl.trans(a), acc)
         elif SWAP_AB:
             # int8 up to BLOCK_M 128: the joined tile spills at BLOCK_M 64 x BLOCK_N 128 (SASS: 46 STL per tile
             # against 12 per slot; W8A16 1.4-1.6x slower at M = 512-2048 than per slot, H200); one dot per slot.
             # (At BLOCK_M 256 per-slot operands overflow shared memory.)
             for j in tl.static_range(PACK):
-                a = _load_a(a_row_ptrs, perm_ptr, k, j * R, R, k_end, HAS_PERM, EVEN_K)
+                a = _load_a(a_row_ptrs, perm_ptr, k + j * R + tl.arange(0, R), k_end, HAS_PERM, EVEN_K)
                 acc = tl.dot(tl.trans(slots[j]), tl.trans(a), acc)
         else:
             for j in tl.static_range(PACK):
-                a = _load_a(a_row_ptrs, perm_ptr, k, j * R, R, k_end, HAS_PERM, EVEN_K)
+                offs = k + j * R + tl.arange(0, R)
+                a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
                 acc = tl.dot(a, slots[j], acc)
     elif FAST_DEQUANT:  # one group covers the tile
         z = _zero_points(z_row, BITS, HAS_ZP)
@@ -208,7 +200,8 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
         if BITS == 8 and DTYPE == tl.bfloat16:  # the offset is removed inside the dequantization
             slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE)
             for j in tl.static_range(PACK):
-                a = _load_a(a_row_ptrs, perm_ptr, k, j * R, R, k_end, HAS_PERM, EVEN_K)
+                offs = k + j * R + tl.arange(0, R)
+                a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
                 partial = tl.dot(a, slots[j], partial)
         else:
             # The slots are magic + q, exactly: sum_k a (magic + q) - (magic + z) sum_k a = sum_k a (q - z), with
@@ -218,7 +211,8 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
             row_sums = tl.zeros(acc.shape, dtype=tl.float32)
             ones = tl.full((R, words.shape[1]), 1.0, DTYPE)
             for j in tl.static_range(PACK):
-                a = _load_a(a_row_ptrs, perm_ptr, k, j * R, R, k_end, HAS_PERM, EVEN_K)
+                offs = k + j * R + tl.arange(0, R)
+                a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
                 partial = tl.dot(a, slots[j], partial)
                 row_sums = tl.dot(a, ones, row_sums)
             partial -= row_sums * (dequant_magic(DTYPE) + z.to(tl.float32))[None, :]
@@ -241,7 +235,8 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
                     z = 1 << (BITS - 1)
             partial = tl.zeros(acc.shape, dtype=tl.float32)
             for j in tl.static_range(g * SLOTS_PER_GROUP, (g + 1) * SLOTS_PER_GROUP):
-                a = _load_a(a_row_ptrs, perm_ptr, k, j * R, R, k_end, HAS_PERM, EVEN_K)
+                offs = k + j * R + tl.arange(0, R)
+                a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
                 w = (((words >> (BITS * j)) & ((1 << BITS) - 1)) - z).to(a.dtype)
                 partial = tl.dot(a, w, partial)
             acc += partial * s[None, :]
