@@ -218,6 +218,9 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     if per_expert <= 20:
         candidates += [TritonConfig(16, bn1, bn2, split_k2=s, num_warps=warps, num_stages=stages)
                        for bm, bn1, bn2, warps, stages in tiles[:2] for s in splits[1:]]
+        # GEMM2 wider and split further with the default's GEMM1 (mixtral, whose GEMM2 is 14336 deep over few
+        # experts: 128 x 16 and 256 x 8 were 10-12% faster than any of the above at M = 1-32; NOTES.md v22).
+        candidates += [replace(base, block_n2=bn, split_k2=s) for bn in (128, 256) for s in (1, 2, 4, 8, 16)]
         # GEMM1 split over K (partial sums + activation pass), with the default's GEMM2 and with 8 warps.
         candidates += [replace(base, split_k1=s) for s in (1, 2, 4, 8)]
         candidates += [replace(base, split_k1=s, num_warps=8) for s in (1, 2, 4)]
