@@ -10,9 +10,7 @@ is checked against the float32 reference first. The shipped configuration is use
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
 import statistics
 import zlib
 from functools import partial
@@ -20,10 +18,8 @@ from functools import partial
 import torch
 
 import wna16moe.kernels.moe_gemm as gemm_module
-from wna16moe.bench import _bench_graph, _commit, random_layer, random_routing
+from wna16moe.bench import _bench_graph, random_layer, random_routing, triton_and_reference, write_results
 from wna16moe.experts.base import relative_error
-from wna16moe.experts.emulation import EmulationExperts
-from wna16moe.experts.triton import TritonExperts
 
 
 def load_base(path: str) -> object:
@@ -47,10 +43,7 @@ def main() -> None:
         name, ms = case.split(":")
         spec, experts = random_layer(name, device)
         cfg = spec.moe
-        kernel = TritonExperts(spec, experts.quant_config(), device)
-        weights = TritonExperts.prepare_weights(experts, device)
-        emulation = EmulationExperts(spec, experts.quant_config(), device)
-        emu_weights = EmulationExperts.prepare_weights(experts, device)
+        kernel, weights, emulation, emu_weights = triton_and_reference(spec, experts, device)
         del experts
         for m in map(int, ms.split(",")):
             torch.manual_seed(zlib.crc32(f"{name} {m}".encode()))
@@ -73,10 +66,7 @@ def main() -> None:
             print(f"{name:>14} M={m:<4} base {base:9.1f} us  new {new:9.1f} us  base/new {base / new:5.3f}  "
                   f"{spread}", flush=True)
         gemm_module.moe_gemm = versions["new"]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                       "commit": _commit(), "base": args.base, "rows": rows}, f, indent=1)
+    write_results(args.out, rows, base=args.base)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from one of being the first kernel after the flush.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import zlib
 from collections.abc import Callable
@@ -23,7 +21,7 @@ from functools import partial
 
 import torch
 
-from wna16moe.bench import _bench, _commit, capture_graph, expert_bytes, random_layer, random_routing
+from wna16moe.bench import _bench, capture_graph, expert_bytes, random_layer, random_routing, write_results
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import relative_error
 from wna16moe.experts.marlin import MarlinExperts
@@ -103,10 +101,7 @@ def main() -> None:
         del backends
         torch.cuda.empty_cache()
 
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                       "commit": _commit(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_results(args.out, rows, torch=torch.__version__)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ expert count, as CUDA-graph replays (what decode serving runs): where the one-pr
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 
 import torch
 import triton
 
-from wna16moe.bench import _bench, _commit, capture_graph, random_routing
+from wna16moe.bench import _bench, capture_graph, random_routing, write_results
 from wna16moe.kernels import moe_align
 
 CASES = [  # (tokens, experts, top_k, block_m) of the bench shapes' routings
@@ -50,10 +48,7 @@ def main() -> None:
                      "grid_us": round(grid, 2), "chosen": chosen})
         print(f"pairs {tokens * top_k:6} experts {experts:4} block_m {block_m:4}: one program {one:7.2f} us, "
               f"grid {grid:7.2f} us (chosen: {chosen})", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                       "commit": _commit(), "replays_per_graph": REPLAYS, "rows": rows}, f, indent=1)
+    write_results(args.out, rows, replays_per_graph=REPLAYS)
 
 
 if __name__ == "__main__":

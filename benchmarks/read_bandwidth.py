@@ -13,8 +13,6 @@ and that graph back to back without a flush (stream).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 
 import torch
@@ -22,7 +20,7 @@ import triton
 import triton.language as tl
 from back_to_back import MAX_CHAIN_COPIES, MIN_CHAIN_BYTES, chain_times
 
-from wna16moe.bench import _commit
+from wna16moe.bench import write_results
 
 
 @triton.jit
@@ -67,10 +65,7 @@ def main() -> None:
             print(f"{mb:>5} MB {name:>24}  {times['single']:8.1f} {times['chain']:8.1f} {times['stream']:8.1f} us  "
                   f"{(mb << 20) / min(times.values()) / 1e3:6.0f} GB/s", flush=True)
         del buffers
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                       "commit": _commit(), "rows": rows}, f, indent=1)
+    write_results(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,13 @@ sweep does not cover.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from dataclasses import asdict, replace
 from functools import partial
 
 import torch
 
-from wna16moe.bench import _bench_graph, _commit, random_layer, random_routing
+from wna16moe.bench import _bench_graph, random_layer, random_routing, triton_and_reference, write_results
 from wna16moe.experts.base import relative_error
-from wna16moe.experts.emulation import EmulationExperts
-from wna16moe.experts.triton import TritonExperts
 
 
 def main() -> None:
@@ -34,10 +30,7 @@ def main() -> None:
         name, ms = case.split(":")
         spec, experts = random_layer(name, device)
         cfg = spec.moe
-        kernel = TritonExperts(spec, experts.quant_config(), device)
-        weights = TritonExperts.prepare_weights(experts, device)
-        emulation = EmulationExperts(spec, experts.quant_config(), device)
-        emu_weights = EmulationExperts.prepare_weights(experts, device)
+        kernel, weights, emulation, emu_weights = triton_and_reference(spec, experts, device)
         del experts
         for m in map(int, ms.split(",")):
             x = torch.randn(m, cfg.hidden_size, dtype=torch.bfloat16, device=device)
@@ -58,10 +51,7 @@ def main() -> None:
                                  "relative_error": err, "shipped": c == shipped})
                     print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
                           f"{asdict(c)}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                       "commit": _commit(), "rows": rows}, f, indent=1)
+    write_results(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -242,10 +242,7 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bo
     scheme, cfg = spec.scheme, spec.moe
     e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     quant = experts.quant_config()
-    triton_kernel = TritonExperts(spec, quant, device)
-    weights = TritonExperts.prepare_weights(experts, device)
-    emulation = EmulationExperts(spec, quant, device)
-    emu_weights = EmulationExperts.prepare_weights(experts, device)
+    triton_kernel, weights, emulation, emu_weights = triton_and_reference(spec, experts, device)
     per_expert = expert_bytes(scheme, h, i)
     rows: list[dict[str, Any]] = []
 
@@ -363,6 +360,21 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
             rows.append({"backend": "marlin-wrong", "shape": name, "scheme": scheme.name, "M": m,
                          "relative_error": err})
     return rows
+
+
+def write_results(path: str | None, rows: list[dict[str, Any]], **extra: object) -> None:
+    """A benchmark script's results as JSON at `path` (nothing if None): card, date, commit, `extra`, rows."""
+    if path:
+        header = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": _commit()}
+        Path(path).write_text(json.dumps({**header, **extra, "rows": rows}, indent=1))
+
+
+def triton_and_reference(spec: LayerSpec, experts: QuantizedExperts, device: torch.device
+                         ) -> tuple[TritonExperts, dict[str, torch.Tensor], EmulationExperts, dict[str, torch.Tensor]]:
+    """TRITON's kernel and prepared weights for a layer, and EMULATION's (the float32 reference) alike."""
+    quant = experts.quant_config()
+    return (TritonExperts(spec, quant, device), TritonExperts.prepare_weights(experts, device),
+            EmulationExperts(spec, quant, device), EmulationExperts.prepare_weights(experts, device))
 
 
 def _commit() -> str:
