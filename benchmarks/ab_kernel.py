@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import zlib
 from functools import partial
 
 import torch
 
 import wna16moe.kernels.moe_gemm as gemm_module
-from wna16moe.bench import _bench_graph, random_layer, random_routing, triton_and_reference, write_results
+from wna16moe.bench import _bench_graph, layer_cases, write_results
 from wna16moe.experts.base import relative_error
 
 
@@ -39,33 +38,23 @@ def main() -> None:
     versions = {"base": load_base(args.base), "new": gemm_module.moe_gemm}
     device = torch.device("cuda")
     rows: list[dict[str, object]] = []
-    for case in args.cases:
-        name, ms = case.split(":")
-        spec, experts = random_layer(name, device)
-        cfg = spec.moe
-        kernel, weights, emulation, emu_weights = triton_and_reference(spec, experts, device)
-        del experts
-        for m in map(int, ms.split(",")):
-            torch.manual_seed(zlib.crc32(f"{name} {m}".encode()))
-            x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
-            tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
-            reference = emulation.apply(x, tw, ids, emu_weights)
-            times: dict[str, list[float]] = {v: [] for v in versions}
-            for rnd in range(args.rounds):
-                for version, fn in versions.items():
-                    gemm_module.moe_gemm = fn  # TRITON's forward imports it from the module at each call
-                    if rnd == 0:
-                        err = relative_error(kernel.apply(x, tw, ids, weights), reference)
-                        if not err < 1e-2:
-                            raise RuntimeError(f"{name} M={m} {version}: relative error {err:.2e}")
-                    us = _bench_graph(partial(kernel.apply, x, tw, ids, weights))
-                    times[version].append(us)
-                    rows.append({"shape": name, "M": m, "round": rnd, "version": version, "us_graph": us})
-            base, new = (statistics.median(times[v]) for v in versions)
-            spread = {v: [round(t, 1) for t in ts] for v, ts in times.items()}
-            print(f"{name:>14} M={m:<4} base {base:9.1f} us  new {new:9.1f} us  base/new {base / new:5.3f}  "
-                  f"{spread}", flush=True)
-        gemm_module.moe_gemm = versions["new"]
+    for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device):
+        times: dict[str, list[float]] = {v: [] for v in versions}
+        for rnd in range(args.rounds):
+            for version, fn in versions.items():
+                gemm_module.moe_gemm = fn  # TRITON's forward imports it from the module at each call
+                if rnd == 0:
+                    err = relative_error(kernel.apply(x, tw, ids, weights), reference)
+                    if not err < 1e-2:
+                        raise RuntimeError(f"{name} M={m} {version}: relative error {err:.2e}")
+                us = _bench_graph(partial(kernel.apply, x, tw, ids, weights))
+                times[version].append(us)
+                rows.append({"shape": name, "M": m, "round": rnd, "version": version, "us_graph": us})
+        base, new = (statistics.median(times[v]) for v in versions)
+        spread = {v: [round(t, 1) for t in ts] for v, ts in times.items()}
+        print(f"{name:>14} M={m:<4} base {base:9.1f} us  new {new:9.1f} us  base/new {base / new:5.3f}  "
+              f"{spread}", flush=True)
+    gemm_module.moe_gemm = versions["new"]
     write_results(args.out, rows, base=args.base)
 
 

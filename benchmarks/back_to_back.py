@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import zlib
 from collections.abc import Callable
 from functools import partial
 
 import torch
 
-from wna16moe.bench import _bench, capture_graph, expert_bytes, random_layer, random_routing, write_results
+from wna16moe.bench import _bench, capture_graph, expert_bytes, layer_inputs, random_layer, write_results
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import relative_error
 from wna16moe.experts.marlin import MarlinExperts
@@ -85,9 +84,7 @@ def main() -> None:
             backends["marlin"] = marlin.apply, copies(MarlinExperts.prepare_weights(experts, device), count)
         del experts
         for m in args.tokens:
-            torch.manual_seed(zlib.crc32(f"{name} {m}".encode()))
-            x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
-            tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
+            x, tw, ids = layer_inputs(name, m, cfg, device)
             outputs = {b: apply(x, tw, ids, sets[-1]) for b, (apply, sets) in backends.items()}
             if "marlin" in outputs:  # two independent kernels agree, on the last copy: the copies are whole
                 err = relative_error(outputs["triton"], outputs["marlin"])

@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from wna16moe.bench import _bench_graph, random_layer, random_routing, triton_and_reference, write_results
+from wna16moe.bench import _bench_graph, layer_cases, write_results
 from wna16moe.experts.base import relative_error
 
 
@@ -26,31 +26,22 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
-    for case in args.cases:
-        name, ms = case.split(":")
-        spec, experts = random_layer(name, device)
-        cfg = spec.moe
-        kernel, weights, emulation, emu_weights = triton_and_reference(spec, experts, device)
-        del experts
-        for m in map(int, ms.split(",")):
-            x = torch.randn(m, cfg.hidden_size, dtype=torch.bfloat16, device=device)
-            tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
-            reference = emulation.apply(x, tw, ids, emu_weights)
-            shipped = kernel.config(m)
-            variants = [shipped] + [replace(shipped, **{k: int(v) for k, v in (p.split("=") for p in var.split(","))})
-                                    for var in args.variant]
-            for rnd in range(2):  # two rounds, so that a drift over time shows
-                for c in variants:
-                    try:
-                        err = relative_error(kernel.apply(x, tw, ids, weights, c), reference)
-                    except Exception as error:  # a variant that does not compile is reported
-                        print(f"{name} M={m} {c}: failed {type(error).__name__}", flush=True)
-                        continue
-                    us = _bench_graph(partial(kernel.apply, x, tw, ids, weights, c))
-                    rows.append({"shape": name, "M": m, "round": rnd, "config": asdict(c), "us_graph": us,
-                                 "relative_error": err, "shipped": c == shipped})
-                    print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
-                          f"{asdict(c)}", flush=True)
+    for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device):
+        shipped = kernel.config(m)
+        variants = [shipped] + [replace(shipped, **{k: int(v) for k, v in (p.split("=") for p in var.split(","))})
+                                for var in args.variant]
+        for rnd in range(2):  # two rounds, so that a drift over time shows
+            for c in variants:
+                try:
+                    err = relative_error(kernel.apply(x, tw, ids, weights, c), reference)
+                except Exception as error:  # a variant that does not compile is reported
+                    print(f"{name} M={m} {c}: failed {type(error).__name__}", flush=True)
+                    continue
+                us = _bench_graph(partial(kernel.apply, x, tw, ids, weights, c))
+                rows.append({"shape": name, "M": m, "round": rnd, "config": asdict(c), "us_graph": us,
+                             "relative_error": err, "shipped": c == shipped})
+                print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
+                      f"{asdict(c)}", flush=True)
     write_results(args.out, rows)
 
 

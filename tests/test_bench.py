@@ -163,3 +163,17 @@ def test_random_layer_of_a_model_shape(name: str, scheme_name: str | None, schem
     assert spec.scheme == WeightScheme.from_name(scheme_wanted) and spec.moe.dtype == torch.bfloat16
     assert (spec.moe.num_experts, spec.moe.hidden_size, spec.moe.intermediate_size) == (8, 128, 128)
     assert experts.w13.codes.shape == (8, 256, 128) and experts.w2.codes.shape == (8, 128, 128)
+
+
+def test_layer_cases_draw_the_same_inputs_per_shape_and_m() -> None:
+    # The scripts' cases (try_configs, ab_kernel): a layer per shape, and per M the bench's seeded tokens and
+    # routing with the float32 reference; drawn again, the same (runs compare routing for routing).
+    case = [f"H={H},I={INTER},E={E},k={K},g=32:1,3"]
+    first, again = (list(bench.layer_cases(case, DEVICE)) for _ in range(2))
+    assert [(name, m) for name, m, *_ in first] == [(case[0].split(":")[0], 1), (case[0].split(":")[0], 3)]
+    for (_, m, kernel, weights, inputs, reference), (*_, inputs_again, _) in zip(first, again, strict=True):
+        x, topk_weights, topk_ids = inputs
+        assert x.shape == (m, H) and topk_weights.shape == topk_ids.shape == (m, K) and reference.shape == (m, H)
+        assert all(torch.equal(a, b) for a, b in zip(inputs, inputs_again, strict=True))
+        assert torch.isfinite(reference).all() and reference.abs().sum() > 0
+        assert isinstance(kernel, TritonExperts) and weights["w13"].dtype == torch.int32

@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -152,6 +152,30 @@ def random_layer(name: str, device: torch.device, scheme_name: str | None = None
     cfg = replace(shape.moe_config(), dtype=torch.bfloat16)
     experts = random_experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, scheme, device)
     return LayerSpec(cfg, scheme), experts
+
+
+def layer_inputs(name: str, m: int, cfg: MoEConfig, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens [m, H], router weights and ids for shape `name` at M = m, drawn from a seed fixed per (name, m):
+    every backend and every run sees the same routing (at M = 512 on mixtral whether an expert gets 128 or 129
+    pairs decides between one and two blocks of 128 rows)."""
+    torch.manual_seed(zlib.crc32(f"{name} {m}".encode()))
+    x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
+    return x, *random_routing(m, cfg.num_experts, cfg.top_k, device)
+
+
+def layer_cases(cases: list[str], device: torch.device) -> Iterator[
+        tuple[str, int, TritonExperts, dict[str, torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor]]:
+    """For each "shape:M[,M...]" of a benchmark script: the shape's random layer as TRITON runs it, and per M
+    (name, M, kernel, weights, (x, topk_weights, topk_ids) from `layer_inputs`, the float32 reference output)."""
+    for case in cases:
+        name, ms = case.split(":")
+        spec, experts = random_layer(name, device)
+        kernel, weights, emulation, emu_weights = triton_and_reference(spec, experts, device)
+        del experts
+        for m in map(int, ms.split(",")):
+            inputs = layer_inputs(name, m, spec.moe, device)
+            yield name, m, kernel, weights, inputs, emulation.apply(*inputs, emu_weights)
 
 
 def expert_bytes(scheme: WeightScheme, h: int, i: int) -> int:
@@ -280,14 +304,11 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
                   bf16_weights: tuple[torch.Tensor, torch.Tensor] | None,
                   marlin: tuple[MarlinExperts, dict[str, torch.Tensor]] | None, per_expert: int, sweep: bool,
                   ceilings: dict[str, float], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every backend's row for one token count M, all on the same tokens and routing (at M = 512 on mixtral
-    whether an expert gets 128 or 129 pairs decides between one and two blocks of 128 rows)."""
+    """Every backend's row for one token count M, all on the same tokens and routing (`layer_inputs`)."""
     device = weights["w13"].device
     e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
     rows: list[dict[str, Any]] = []
-    torch.manual_seed(zlib.crc32(f"{name} {m}".encode()))
-    x = torch.randn(m, h, dtype=cfg.dtype, device=device)
-    tw, ids = random_routing(m, e, k, device)
+    x, tw, ids = layer_inputs(name, m, cfg, device)
     touched = int(torch.unique(ids).numel())
     flops = 2 * m * k * 3 * h * i
 
