@@ -2,7 +2,7 @@
 bench's L2 flush), each checked against the float32 reference first: a quick A/B of launch parameters that the
 sweep does not cover.
 
-    python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 --variant num_warps=2 \
+    python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 [--scheme int8_g128_sym] --variant num_warps=2 \
         --variant num_warps=2,block_n1=32
 """
 
@@ -22,11 +22,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
     parser.add_argument("--variant", action="append", default=[], help="field=value[,field=value...]")
+    parser.add_argument("--scheme", help="weight scheme (default: int4 symmetric at the model's group size)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
-    for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device):
+    for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
         shipped = kernel.config(m)
         variants = [shipped] + [replace(shipped, **{k: int(v) for k, v in (p.split("=") for p in var.split(","))})
                                 for var in args.variant]

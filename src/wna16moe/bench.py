@@ -164,13 +164,14 @@ def layer_inputs(name: str, m: int, cfg: MoEConfig, device: torch.device
     return x, *random_routing(m, cfg.num_experts, cfg.top_k, device)
 
 
-def layer_cases(cases: list[str], device: torch.device) -> Iterator[
+def layer_cases(cases: list[str], device: torch.device, scheme_name: str | None = None) -> Iterator[
         tuple[str, int, TritonExperts, dict[str, torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor]]:
     """For each "shape:M[,M...]" of a benchmark script: the shape's random layer as TRITON runs it, and per M
-    (name, M, kernel, weights, (x, topk_weights, topk_ids) from `layer_inputs`, the float32 reference output)."""
+    (name, M, kernel, weights, (x, topk_weights, topk_ids) from `layer_inputs`, the float32 reference output);
+    quantized as `scheme_name` (default: `random_layer`'s)."""
     for case in cases:
         name, ms = case.split(":")
-        spec, experts = random_layer(name, device)
+        spec, experts = random_layer(name, device, scheme_name)
         kernel, weights, emulation, emu_weights = triton_and_reference(spec, experts, device)
         del experts
         for m in map(int, ms.split(",")):
