@@ -1,6 +1,6 @@
 """Time a few named TRITON configurations against the shipped one on chosen shapes and M (graph replays after the
 bench's L2 flush), each checked against the float32 reference first: a quick A/B of launch parameters that the
-sweep does not cover.
+sweep does not cover. `python -m wna16moe.tuning --trials RESULTS.json` ships a variant that won every round.
 
     python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 [--scheme int8_g128_sym] --variant num_warps=2 \
         --variant num_warps=2,block_n1=32
@@ -39,8 +39,8 @@ def main() -> None:
                     print(f"{name} M={m} {c}: failed {type(error).__name__}", flush=True)
                     continue
                 us = _bench_graph(partial(kernel.apply, x, tw, ids, weights, c))
-                rows.append({"shape": name, "M": m, "round": rnd, "config": asdict(c), "us_graph": us,
-                             "relative_error": err, "shipped": c == shipped})
+                rows.append({"shape": name, "scheme": kernel.spec.scheme.name, "M": m, "round": rnd,
+                             "config": asdict(c), "us_graph": us, "relative_error": err, "shipped": c == shipped})
                 print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
                       f"{asdict(c)}", flush=True)
     write_results(args.out, rows)

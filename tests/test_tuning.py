@@ -100,7 +100,7 @@ def _launchable(cfg: TritonConfig) -> bool:
 
     return (cfg.block_m >= 16 and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_warps))
             and cfg.num_warps in (4, 8) and 2 <= cfg.num_stages <= 6 and cfg.split_k1 in (1, 2, 4, 8)
-            and cfg.split_k2 in (1, 2, 4, 8) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))
+            and cfg.split_k2 in (1, 2, 4, 8, 16) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 128, 512, 2048, 8192])
@@ -181,3 +181,38 @@ def test_oracle_keeps_the_priority_without_measurements(table: Path) -> None:
     assert report.chosen.backend.value == "marlin" and "measured" not in report.chosen.reason
     a100 = explain(model_shape("qwen3-30b-a3b").moe_config(), "int4_g128_sym", device=DeviceInfo.named("a100"))
     assert a100.chosen.backend.value == "marlin" and "measured" not in a100.chosen.reason
+
+
+def _trial(m: int, block_n2: int, us: tuple[float, float], shipped: bool = False) -> list[dict]:
+    config = {"block_m": 16, "block_n1": 64, "block_n2": block_n2, "split_k2": 1, "num_warps": 4, "num_stages": 3}
+    return [{"shape": "mixtral", "scheme": "int4_g128_sym", "M": m, "round": r, "config": config, "us_graph": t,
+             "shipped": shipped} for r, t in enumerate(us)]
+
+
+def test_trials_replace_an_entry_only_where_a_variant_wins_every_round() -> None:
+    rows = (_trial(1, 64, (100.0, 100.0), shipped=True) + _trial(1, 128, (90.0, 91.0))
+            + _trial(1, 256, (85.0, 89.0))  # the lowest median of the two that won both rounds
+            + _trial(8, 64, (100.0, 100.0), shipped=True) + _trial(8, 128, (80.0, 99.0))  # wins one round only
+            + _trial(32, 64, (100.0, 100.0), shipped=True) + _trial(32, 128, (99.0, 99.0)))  # by less than 2%
+    entries: dict = {}
+    replaced = tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY})
+    assert replaced == [("mixtral", 1)]
+    assert entries[KEY.as_text()] == {"1": rows[4]["config"]}
+
+
+def test_trials_measure_against_the_current_entry_where_it_was_timed() -> None:
+    # The entry already holds the 128-wide tile, timed again in this file: 256 must beat it, not the shipped one.
+    rows = _trial(1, 64, (100.0, 100.0), shipped=True) + _trial(1, 128, (80.0, 80.0)) + _trial(1, 256, (79.0, 79.0))
+    entries = {KEY.as_text(): {"1": rows[2]["config"]}}
+    assert tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY}) == []
+    assert entries[KEY.as_text()]["1"]["block_n2"] == 128
+
+
+def test_trials_file_updates_the_table(table: Path, tmp_path: Path) -> None:
+    trials = tmp_path / "try.json"
+    trials.write_text(json.dumps({"card": "NVIDIA H100 80GB HBM3", "commit": "t1", "date": "2026-11-28",
+                                  "rows": _trial(1, 64, (100.0, 100.0), shipped=True) + _trial(1, 256, (80.0, 81.0))}))
+    assert tuning.main(["--trials", str(trials)]) == 0
+    after = json.loads(table.read_text())
+    assert after["cards"]["NVIDIA H100 80GB HBM3"][KEY.as_text()]["1"]["block_n2"] == 256
+    assert after["sources"] == ["try.json (trials, commit t1, 2026-11-28): mixtral M = 1"]

@@ -4,7 +4,11 @@ The table (`tuned_triton.json` beside this file) is built from a `wna16moe bench
 
     python -m wna16moe.tuning benchmarks/results/<card>-<date>-sweep.json   # rewrites the shipped table
 
-For each measured row it keeps the fastest configuration the sweep timed (`triton-best`). Nothing is tuned
+For each measured row it keeps the fastest configuration the sweep timed (`triton-best`). Variants outside the
+sweep's grid, timed against the shipped configuration by `benchmarks/try_configs.py`, replace an entry only
+where they were faster in every round (`apply_trials`):
+
+    python -m wna16moe.tuning --trials benchmarks/results/<card>-<date>-try.json Nothing is tuned
 at import or at the first call: a layer whose card and shape are in the table uses the entry of the
 nearest measured M (in log scale); any other layer uses `experts.triton.default_config`.
 
@@ -109,22 +113,72 @@ def build_table(results: dict[str, Any], shape_keys: dict[str, ShapeKey]) -> dic
             "speed": speed}
 
 
-def main(argv: list[str] | None = None) -> int:
+MIN_TRIAL_GAIN = 0.02  # a trial's variant must beat the incumbent by this much in every round
+
+
+def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any],
+                 shape_keys: dict[str, ShapeKey], min_gain: float = MIN_TRIAL_GAIN) -> list[tuple[str, int]]:
+    """Update one card's `entries` from a `benchmarks/try_configs.py` results file (rows: shape, M, round,
+    config, us_graph, shipped). Per (shape, M) the incumbent is the entry in `entries` where the file timed
+    it, else the file's shipped configuration; a configuration faster than the incumbent in every round by at
+    least `min_gain` replaces it, the lowest median of those. Returns the (shape, M) replaced."""
+    times: dict[tuple[str, int], list[tuple[dict[str, Any], dict[int, float], bool]]] = {}
+    for row in results["rows"]:
+        if row.get("us_graph") is None:
+            continue
+        timed = times.setdefault((row["shape"], row["M"]), [])
+        found = next((t for t in timed if t[0] == row["config"]), None)
+        if found is None:
+            found = (row["config"], {}, row["shipped"])
+            timed.append(found)
+        found[1][row["round"]] = row["us_graph"]
+    replaced = []
+    for (shape, m), timed in times.items():
+        by_m = entries.setdefault(shape_keys[shape].as_text(), {})
+        incumbent = next((t for t in timed if t[0] == by_m.get(str(m))), None)
+        incumbent = incumbent or next(t for t in timed if t[2])
+        faster = [t for t in timed if t[1].keys() == incumbent[1].keys()
+                  and all(t[1][r] < incumbent[1][r] * (1 - min_gain) for r in incumbent[1])]
+        if faster:
+            best = min(faster, key=lambda t: sorted(t[1].values())[len(t[1]) // 2])
+            by_m[str(m)] = best[0]
+            replaced.append((shape, m))
+    return replaced
+
+
+def _shape_keys(rows: list[dict[str, Any]]) -> dict[str, ShapeKey]:
+    """The table key of every shape in results rows; rows without a scheme (early `try_configs.py` files)
+    were measured with `bench.random_layer`'s default, int4 symmetric at the model's group size."""
     from wna16moe.scheme import WeightScheme
     from wna16moe.shapes import model_shape
 
-    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
+    keys = {}
+    for row in rows:
+        shape = model_shape(row["shape"])
+        scheme = WeightScheme.from_name(row.get("scheme") or f"int4_g{shape.group_size}_sym")
+        keys[row["shape"]] = ShapeKey(scheme.bits, scheme.group_size, shape.hidden_size,
+                                      shape.intermediate_size, shape.num_experts, shape.top_k)
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(argv if argv is not None else sys.argv[1:])
+    trials = bool(args) and args[0] == "--trials"
+    paths = [Path(p) for p in args[trials:]]
     if not paths:
-        raise SystemExit("usage: python -m wna16moe.tuning RESULTS.json [...]  (from `wna16moe bench --sweep`)")
+        raise SystemExit("usage: python -m wna16moe.tuning RESULTS.json [...]  (from `wna16moe bench --sweep`)\n"
+                         "       python -m wna16moe.tuning --trials TRIALS.json [...]  (benchmarks/try_configs.py)")
     table: dict[str, Any] = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {"cards": {}}
     for path in paths:
         results = json.loads(path.read_text())
-        keys = {}
-        for row in results["rows"]:
-            shape = model_shape(row["shape"])
-            scheme = WeightScheme.from_name(row["scheme"])
-            keys[row["shape"]] = ShapeKey(scheme.bits, scheme.group_size, shape.hidden_size,
-                                          shape.intermediate_size, shape.num_experts, shape.top_k)
+        keys = _shape_keys(results["rows"])
+        if trials:
+            card_entries = table.setdefault("cards", {}).setdefault(results["card"], {})
+            replaced = apply_trials(card_entries, results, keys)
+            table.setdefault("sources", []).append(
+                f"{path.name} (trials, commit {results['commit']}, {results['date']}): "
+                + (", ".join(f"{shape} M = {m}" for shape, m in replaced) or "nothing replaced"))
+            continue
         built = build_table(results, keys)
         # Per M: a sweep of some token counts replaces those entries and keeps the others.
         for section, new_entries in (("cards", built["entries"]), ("speed", built["speed"])):
