@@ -29,7 +29,9 @@ def main() -> None:
     rows = []
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
         shipped = kernel.config(m)
-        variants = [shipped] + [replace(shipped, **{k: int(v) for k, v in (p.split("=") for p in var.split(","))})
+        # ("none" unsets a field: max_registers=none)
+        variants = [shipped] + [replace(shipped, **{k: None if v == "none" else int(v)
+                                                    for k, v in (p.split("=") for p in var.split(","))})
                                 for var in args.variant]
         for rnd in range(2):  # two rounds, so that a drift over time shows
             for c in variants:
