@@ -17,6 +17,8 @@
 #   benchmarks/device_checks.sh ab-sweep # four GPUs: the A/B on one, the decode sweep on two, tests + profile
 #   benchmarks/device_checks.sh ab-kernel # one GPU: benchmarks/ab_kernel.py (build/base_moe_gemm.py against the
 #                                        # working tree, $AB_CASES), then TRITON's GPU tests
+#   benchmarks/device_checks.sh search   # four GPUs: bench --search (coordinate search) at decode, one shape
+#                                        # per GPU ($SEARCH_TOKENS, default 1 8 32 128)
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one; then the
 #                                        # swap-AB tests of $TEST_TREE and its prefill variants ($TRY_VARIANT)
 #
@@ -249,6 +251,11 @@ ab-kernel)  # one GPU: the working tree's moe_gemm.py against build/base_moe_gem
     tree_tests
     pack_logs
     ;;
+search)  # four GPUs: the coordinate search (bench --search) of each shape at decode; then tuning takes the rows
+    nvidia-smi -L
+    per_shape search 560 --search --tokens ${SEARCH_TOKENS:-1 8 32 128}
+    pack_logs
+    ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers? Then $TEST_TREE's swap-AB
         # tests and `try_configs.py` of its prefill with $TRY_VARIANT against the shipped configuration
     nvidia-smi -L
@@ -268,7 +275,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|chain|confirm|w8a16-sweep|decode|probe" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|chain|confirm|w8a16-sweep|decode|probe" >&2
     exit 2
     ;;
 esac

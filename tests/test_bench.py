@@ -5,6 +5,7 @@ The timings themselves need a GPU (`python -m wna16moe.bench`); here the timers 
 the choice of `triton-best` is known, and one configuration is made to compute garbage.
 """
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
@@ -28,9 +29,10 @@ def _split_gemm1(m: int) -> TritonConfig:
 
 
 def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wrong: TritonConfig | None = None,
-           marlin: object | None = None) -> list[dict]:
+           marlin: object | None = None, sweep: str = "grid") -> list[dict]:
     """Rows of `_bench_tokens` for a tiny layer; a configuration's made-up times come from `eager` / `graph`
-    (default 100 / 90 µs); `marlin`: a stand-in MARLIN kernel (its `apply` gets no configuration)."""
+    (default 100 / 90 µs; or callables of the configuration); `marlin`: a stand-in MARLIN kernel (its `apply`
+    gets no configuration); `sweep`: "grid" or "search"."""
     scheme = WeightScheme.from_name("int4_g32_sym")
     experts = QuantizedExperts.quantize(torch.randn(E, 2 * INTER, H) * 0.1, torch.randn(E, H, INTER) * 0.1, scheme)
     cfg = MoEConfig(E, K, H, INTER, dtype=torch.float16)
@@ -45,11 +47,14 @@ def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wr
         last = fn.args[-1] if isinstance(fn, partial) else None
         return last if isinstance(last, TritonConfig) else None
 
-    monkeypatch.setattr(bench, "_bench", lambda fn: eager.get(config_of(fn), 100.0))
-    monkeypatch.setattr(bench, "_bench_graph", lambda fn: graph.get(config_of(fn), 90.0))
+    def timer(times: dict | Callable, default_us: float) -> Callable:
+        return lambda fn: times(config_of(fn)) if callable(times) else times.get(config_of(fn), default_us)
+
+    monkeypatch.setattr(bench, "_bench", timer(eager, 100.0))
+    monkeypatch.setattr(bench, "_bench_graph", timer(graph, 90.0))
     return bench._bench_tokens("tiny", m, scheme, cfg, kernel, TritonExperts.prepare_weights(experts, DEVICE),
                                emulation, EmulationExperts.prepare_weights(experts, DEVICE), None,
-                               None if marlin is None else (marlin, {}), 1000, True,
+                               None if marlin is None else (marlin, {}), 1000, sweep,
                                {"copy_gbps": 1000.0, "matmul_tflops": 100.0}, lambda line: None)
 
 
@@ -177,3 +182,39 @@ def test_layer_cases_draw_the_same_inputs_per_shape_and_m() -> None:
         assert all(torch.equal(a, b) for a, b in zip(inputs, inputs_again, strict=True))
         assert torch.isfinite(reference).all() and reference.abs().sum() > 0
         assert isinstance(kernel, TritonExperts) and weights["w13"].dtype == torch.int32
+
+
+def test_coordinate_search_finds_a_joint_move_and_measures_each_configuration_once() -> None:
+    # The fastest GEMM2 needs two fields at once (128 wide AND split 16): neither alone helps, as on mixtral.
+    start = TritonConfig(16, 64, 64, split_k2=2)
+    measured = []
+
+    def cost(c: TritonConfig) -> float:
+        measured.append(c)
+        joint = 0.7 if (c.block_n2, c.split_k2) == (128, 16) else 1.0
+        return 100.0 * joint * (1.2 if c.block_n1 == 32 else 1.0) * (0.99 if c.num_stages == 5 else 1.0)
+
+    best = bench.coordinate_search(cost, start, bench._search_groups(1.0))
+    assert (best.block_n2, best.split_k2) == (128, 16)
+    assert best.block_n1 == 64 and best.num_stages == start.num_stages  # 1% is below the search's 2% bar
+    assert len(measured) == len(set(measured))
+
+
+def test_coordinate_search_skips_configurations_that_fail() -> None:
+    start = TritonConfig(16, 64, 64)
+    best = bench.coordinate_search(lambda c: None if c.block_n2 == 256 else (50.0 if c.block_n2 == 128 else 100.0),
+                                   start, bench._search_groups(1.0))
+    assert best.block_n2 == 128
+    with pytest.raises(RuntimeError, match="could not be measured"):
+        bench.coordinate_search(lambda c: None, start, bench._search_groups(1.0))
+
+
+def test_search_mode_ships_the_fastest_configuration_it_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Graph replays made up so that the 128-wide GEMM2 split 4 is fastest: the search must reach and report it.
+    def graph(c: TritonConfig | None) -> float:
+        return 40.0 if c is not None and (c.block_n2, c.split_k2) == (128, 4) else 90.0
+
+    rows = _sweep(monkeypatch, 2, eager={}, graph=graph, sweep="search")
+    best = TritonConfig(**next(r for r in rows if r["backend"] == "triton-best")["config"])
+    assert (best.block_n2, best.split_k2) == (128, 4)
+    assert next(r for r in rows if r["backend"] == "triton-best")["us_graph"] == 40.0

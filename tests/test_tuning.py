@@ -117,6 +117,19 @@ def test_sweep_candidates_are_launchable(shape: str, tokens: int) -> None:
     assert all(_launchable(c) for c in candidates), [c for c in candidates if not _launchable(c)]
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 128, 512, 2048, 8192])
+@pytest.mark.parametrize("shape", ["mixtral", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2"])
+def test_search_moves_are_launchable(shape: str, tokens: int) -> None:
+    from wna16moe.bench import _search_groups
+
+    s = model_shape(shape)
+    base = default_config(tokens, s.top_k, s.num_experts, s.group_size, s.hidden_size, s.intermediate_size, 132,
+                          wgmma=True)
+    moved = [replace(base, **fields) for group in _search_groups(tokens * s.top_k / s.num_experts)
+             for fields in group]
+    assert moved and all(_launchable(c) for c in moved), [c for c in moved if not _launchable(c)]
+
+
 def test_decode_sweep_caps_registers_of_wide_gemm2_tiles() -> None:
     from wna16moe.bench import _sweep_configs
 

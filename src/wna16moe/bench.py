@@ -16,8 +16,9 @@ expert (packed weights + scales + zero points); FLOPs = 2 * M * k * 3 * H * I.
 
 Peers in the same run: `bf16` (unquantized weights: tokens sorted by expert, torch._grouped_mm twice,
 SiLU-and-mul, weighted sum), `emulation` (M <= 8), the TRITON backend with its default configuration plus a
-small sweep of alternatives (`triton-best`: the fastest eager configuration, or at M <= 512 the fastest
-CUDA-graph replay; `python -m wna16moe.tuning` ships them), and `marlin`
+sweep of alternatives (`--sweep`: a fixed grid; `--search`: a coordinate search from the default, see
+`coordinate_search`; `triton-best`: the fastest eager configuration, or at M <= 512 the fastest CUDA-graph
+replay; `python -m wna16moe.tuning` ships them), and `marlin`
 (vLLM's Marlin MoE op over our repack) when a Marlin op provider is found (its check at each M, which
 JIT-compiles its kernels on Hopper, runs before its timing). Before timing, outputs are checked against a
 float32 dequantized reference: TRITON's at every M with every configuration that is timed (a wrong default
@@ -260,7 +261,59 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     return unique
 
 
-def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: bool, ceilings: dict[str, float],
+MIN_SEARCH_GAIN = 0.02  # a move must be this much faster: the search does not chase noise
+
+
+def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
+    """The coordinate search's moves: groups of field settings tried together. Fields that interact are one
+    group (a GEMM's tile width and its split; v22: mixtral's best GEMM2 was a joint move, 64 x 2 -> 128 x 16)."""
+    if per_expert <= 20:  # decode: 16-row blocks, wide tiles, splits over K
+        gemm2 = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
+        gemm1 = [{"block_n1": bn, "split_k1": s, "max_registers": r}
+                 for bn in (32, 64, 128) for s in (1, 2, 4) for r in (None, 96)]
+        pipeline = [{"num_stages": st} for st in (2, 3, 4, 5)]
+        return [gemm2, gemm1, pipeline]
+    tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
+              "split_k1": 1, "max_registers": None}
+             for bm, bn1, bn2, w, st, swap in ((32, 64, 64, 4, 4, False), (64, 64, 64, 4, 3, False),
+                                               (32, 128, 128, 4, 4, False), (64, 64, 64, 4, 4, True),
+                                               (64, 128, 128, 4, 3, True), (128, 128, 128, 8, 3, True),
+                                               (128, 64, 64, 4, 3, True), (128, 128, 64, 8, 3, True),
+                                               (256, 64, 64, 8, 3, True))]
+    gemm2 = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4)]
+    return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)]]
+
+
+def coordinate_search(measure: Callable[[TritonConfig], float | None], start: TritonConfig,
+                      groups: list[list[dict[str, Any]]], min_gain: float = MIN_SEARCH_GAIN,
+                      passes: int = 2) -> TritonConfig:
+    """The fastest configuration found from `start` by moving one group of fields at a time (`_search_groups`),
+    keeping a move only when `measure` (µs; None: it failed or was wrong) beats the best so far by `min_gain`;
+    up to `passes` passes over the groups, stopping when one changes nothing. Each configuration is measured
+    once."""
+    seen: dict[TritonConfig, float | None] = {}
+
+    def timed(config: TritonConfig) -> float | None:
+        if config not in seen:
+            seen[config] = measure(config)
+        return seen[config]
+
+    best, best_us = start, timed(start)
+    if best_us is None:
+        raise RuntimeError(f"the search's start {start} could not be measured")
+    for _ in range(passes):
+        moved = False
+        for group in groups:
+            for fields in group:
+                us = timed(replace(best, **fields))
+                if us is not None and us < best_us * (1 - min_gain):
+                    best, best_us, moved = replace(best, **fields), us, True
+        if not moved:
+            break
+    return best
+
+
+def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: str, ceilings: dict[str, float],
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
     device = torch.device("cuda")
     spec, experts = random_layer(name, device, scheme_name)
@@ -300,10 +353,15 @@ def _marlin_peer(name: str, spec: LayerSpec, quant: MoEQuantConfig, experts: Qua
     return MarlinExperts(spec, quant, device), MarlinExperts.prepare_weights(experts, device)
 
 
+def _rank_us(timing: tuple[float, float | None, TritonConfig]) -> float:
+    """A candidate's rank: its graph replay where timed, else its eager time."""
+    return timing[1] if timing[1] is not None else timing[0]
+
+
 def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, triton_kernel: TritonExperts,
                   weights: dict[str, torch.Tensor], emulation: EmulationExperts, emu_weights: dict[str, torch.Tensor],
                   bf16_weights: tuple[torch.Tensor, torch.Tensor] | None,
-                  marlin: tuple[MarlinExperts, dict[str, torch.Tensor]] | None, per_expert: int, sweep: bool,
+                  marlin: tuple[MarlinExperts, dict[str, torch.Tensor]] | None, per_expert: int, sweep: str,
                   ceilings: dict[str, float], log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every backend's row for one token count M, all on the same tokens and routing (`layer_inputs`)."""
     device = weights["w13"].device
@@ -329,16 +387,17 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
 
     default = triton_kernel.config(m)
     reference = emulation.apply(x, tw, ids, emu_weights)
-    configs = _sweep_configs(default, m * k / e) if sweep else [default]
     graphs = m <= GRAPH_MAX_TOKENS
     timings: list[tuple[float, float | None, TritonConfig]] = []  # eager µs, graph µs, configuration
-    for c in configs:
+
+    def measure(c: TritonConfig) -> float | None:
+        """Check `c` against the reference, time it, and return its rank time (None: failed or wrong)."""
         try:
             # Correctness first, at this M and with the configuration timed: against the float32 reference.
             err = relative_error(triton_kernel.apply(x, tw, ids, weights, c), reference)
         except Exception as error:  # a config that does not compile or fit is skipped, with its reason
             log(f"  config {c} failed: {type(error).__name__}: {str(error)[:120]}")
-            continue
+            return None
         if c == default:
             log(f"{name} {scheme.name} M={m}: triton vs float32 reference, relative error {err:.2e}")
         if not err < 1e-2:
@@ -349,15 +408,22 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
             log(f"  config {c} is WRONG: relative error {err:.3e}")
             rows.append({"backend": "triton-wrong", "shape": name, "scheme": scheme.name, "M": m,
                          "config": asdict(c), "relative_error": err})
-            continue
+            return None
         apply = partial(triton_kernel.apply, x, tw, ids, weights, c)
         # Where serving replays graphs, every candidate is ranked by its replay: eager times at small M are
         # host time, and would penalise configurations with one more launch.
         timings.append((_bench(apply), _bench_graph(apply) if graphs else None, c))
+        return _rank_us(timings[-1])
+
+    if sweep == "search":
+        coordinate_search(measure, default, _search_groups(m * k / e))
+    else:
+        for c in _sweep_configs(default, m * k / e) if sweep == "grid" else [default]:
+            measure(c)
     default_us, default_graph = next((us, g) for us, g, c in timings if c == default)
     row("triton", default_us, default_graph, touched * per_expert, {"config": asdict(default)})
     if sweep:
-        best_us, best_graph, best = min(timings, key=lambda item: item[1] if item[1] is not None else item[0])
+        best_us, best_graph, best = min(timings, key=_rank_us)
         row("triton-best", best_us, best_graph, touched * per_expert, {"config": asdict(best)})
     if bf16_weights is not None:
         w13, w2 = bf16_weights
@@ -415,7 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS))
     parser.add_argument("--scheme", help="scheme name (default: int4 symmetric at the model's group size)")
-    parser.add_argument("--sweep", action="store_true", help="also time alternative TRITON configurations")
+    sweep = parser.add_mutually_exclusive_group()
+    sweep.add_argument("--sweep", action="store_const", const="grid", default="",
+                       help="also time a fixed grid of alternative TRITON configurations")
+    sweep.add_argument("--search", action="store_const", const="search", dest="sweep",
+                       help="also search TRITON configurations from the default (coordinate_search)")
     parser.add_argument("--out", type=Path, help="JSON results file (default benchmarks/results/<card>-<date>.json)")
     parallel = parser.add_argument_group("parallel layers, under torchrun (wna16moe.bench_parallel)")
     parallel.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
