@@ -103,30 +103,35 @@ def _launchable(cfg: TritonConfig) -> bool:
             and cfg.split_k2 in (1, 2, 4, 8, 16) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))
 
 
-@pytest.mark.parametrize("tokens", [1, 8, 128, 512, 2048, 8192])
-@pytest.mark.parametrize("shape", ["mixtral", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2"])
+def _default_for(shape: str, tokens: int) -> tuple[TritonConfig, float]:
+    """The default configuration of a model shape at `tokens` on a 132-SM Hopper, and its pairs per expert."""
+    s = model_shape(shape)
+    return (default_config(tokens, s.top_k, s.num_experts, s.group_size, s.hidden_size, s.intermediate_size, 132,
+                           wgmma=True), tokens * s.top_k / s.num_experts)
+
+
+ALL_SHAPES_AND_M = pytest.mark.parametrize(("shape", "tokens"), [
+    (shape, tokens) for shape in ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2")
+    for tokens in (1, 8, 128, 512, 2048, 8192)])
+
+
+@ALL_SHAPES_AND_M
 def test_sweep_candidates_are_launchable(shape: str, tokens: int) -> None:
     # A field added to TritonConfig once shifted positional candidates (warps into split_k1, stages into warps).
     from wna16moe.bench import _sweep_configs
 
-    s = model_shape(shape)
-    base = default_config(tokens, s.top_k, s.num_experts, s.group_size, s.hidden_size, s.intermediate_size, 132,
-                          wgmma=True)
-    candidates = _sweep_configs(base, tokens * s.top_k / s.num_experts)
+    base, per_expert = _default_for(shape, tokens)
+    candidates = _sweep_configs(base, per_expert)
     assert candidates[0] == base and len(set(candidates)) == len(candidates)
     assert all(_launchable(c) for c in candidates), [c for c in candidates if not _launchable(c)]
 
 
-@pytest.mark.parametrize("tokens", [1, 8, 128, 512, 2048, 8192])
-@pytest.mark.parametrize("shape", ["mixtral", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2"])
+@ALL_SHAPES_AND_M
 def test_search_moves_are_launchable(shape: str, tokens: int) -> None:
     from wna16moe.bench import _search_groups
 
-    s = model_shape(shape)
-    base = default_config(tokens, s.top_k, s.num_experts, s.group_size, s.hidden_size, s.intermediate_size, 132,
-                          wgmma=True)
-    moved = [replace(base, **fields) for group in _search_groups(tokens * s.top_k / s.num_experts)
-             for fields in group]
+    base, per_expert = _default_for(shape, tokens)
+    moved = [replace(base, **fields) for group in _search_groups(per_expert) for fields in group]
     assert moved and all(_launchable(c) for c in moved), [c for c in moved if not _launchable(c)]
 
 
