@@ -215,6 +215,10 @@ def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
     return out.to(x.dtype)
 
 
+# At decode, GEMM2's tile width and K split move together (v22: mixtral's best was 64 x 2 -> 128 x 16).
+_DECODE_GEMM2_MOVES = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
+
+
 def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     """Alternatives around the default: M block, N tiles, warps, pipeline stages, split-K, swap-AB."""
     swapped: tuple[tuple[int, int, int, int, int], ...] = ()
@@ -244,9 +248,9 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     if per_expert <= 20:
         candidates += [TritonConfig(16, bn1, bn2, split_k2=s, num_warps=warps, num_stages=stages)
                        for bm, bn1, bn2, warps, stages in tiles[:2] for s in splits[1:]]
-        # GEMM2 wider and split further with the default's GEMM1 (mixtral, whose GEMM2 is 14336 deep over few
-        # experts: 128 x 16 and 256 x 8 were 10-12% faster than any of the above at M = 1-32; NOTES.md v22).
-        candidates += [replace(base, block_n2=bn, split_k2=s) for bn in (128, 256) for s in (1, 2, 4, 8, 16)]
+        # GEMM2's width x split with the default's GEMM1, the search's moves (mixtral, whose GEMM2 is 14336 deep
+        # over few experts: 128 x 16 and 256 x 8 were 10-12% faster than any of the above at M = 1-32; v22).
+        candidates += [replace(base, **fields) for fields in _DECODE_GEMM2_MOVES]
         # GEMM1 split over K (partial sums + activation pass), with the default's GEMM2 and with 8 warps.
         candidates += [replace(base, split_k1=s) for s in (1, 2, 4, 8)]
         candidates += [replace(base, split_k1=s, num_warps=8) for s in (1, 2, 4)]
@@ -268,11 +272,10 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     """The coordinate search's moves: groups of field settings tried together. Fields that interact are one
     group (a GEMM's tile width and its split; v22: mixtral's best GEMM2 was a joint move, 64 x 2 -> 128 x 16)."""
     if per_expert <= 20:  # decode: 16-row blocks, wide tiles, splits over K
-        gemm2 = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
         gemm1 = [{"block_n1": bn, "split_k1": s, "max_registers": r}
                  for bn in (32, 64, 128) for s in (1, 2, 4) for r in (None, 96)]
         pipeline = [{"num_stages": st} for st in (2, 3, 4, 5)]
-        return [gemm2, gemm1, pipeline]
+        return [_DECODE_GEMM2_MOVES, gemm1, pipeline]
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
               "split_k1": 1, "max_registers": None}
              for bm, bn1, bn2, w, st, swap in ((32, 64, 64, 4, 4, False), (64, 64, 64, 4, 3, False),
@@ -305,9 +308,10 @@ def coordinate_search(measure: Callable[[TritonConfig], float | None], start: Tr
         moved = False
         for group in groups:
             for fields in group:
-                us = timed(replace(best, **fields))
+                candidate = replace(best, **fields)
+                us = timed(candidate)
                 if us is not None and us < best_us * (1 - min_gain):
-                    best, best_us, moved = replace(best, **fields), us, True
+                    best, best_us, moved = candidate, us, True
         if not moved:
             break
     return best

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -122,26 +123,29 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any],
     config, us_graph, shipped). Per (shape, M) the incumbent is the entry in `entries` where the file timed
     it, else the file's shipped configuration; a configuration faster than the incumbent in every round by at
     least `min_gain` replaces it, the lowest median of those. Returns the (shape, M) replaced."""
-    times: dict[tuple[str, int], list[tuple[dict[str, Any], dict[int, float], bool]]] = {}
+    rounds: dict[tuple[str, int], dict[str, dict[int, float]]] = {}  # (shape, M) -> config -> round -> µs
+    configs: dict[str, dict[str, Any]] = {}
+    shipped: dict[tuple[str, int], str] = {}
     for row in results["rows"]:
         if row.get("us_graph") is None:
             continue
-        timed = times.setdefault((row["shape"], row["M"]), [])
-        found = next((t for t in timed if t[0] == row["config"]), None)
-        if found is None:
-            found = (row["config"], {}, row["shipped"])
-            timed.append(found)
-        found[1][row["round"]] = row["us_graph"]
+        name = json.dumps(row["config"], sort_keys=True)
+        configs[name] = row["config"]
+        rounds.setdefault((row["shape"], row["M"]), {}).setdefault(name, {})[row["round"]] = row["us_graph"]
+        if row["shipped"]:
+            shipped[row["shape"], row["M"]] = name
     replaced = []
-    for (shape, m), timed in times.items():
+    for (shape, m), by_config in rounds.items():
         by_m = entries.setdefault(shape_keys[shape].as_text(), {})
-        incumbent = next((t for t in timed if t[0] == by_m.get(str(m))), None)
-        incumbent = incumbent or next(t for t in timed if t[2])
-        faster = [t for t in timed if t[1].keys() == incumbent[1].keys()
-                  and all(t[1][r] < incumbent[1][r] * (1 - min_gain) for r in incumbent[1])]
+        incumbent = json.dumps(by_m.get(str(m)), sort_keys=True)
+        incumbent = incumbent if incumbent in by_config else shipped.get((shape, m))
+        if incumbent is None:  # neither the entry nor the shipped configuration was timed
+            continue
+        base = by_config[incumbent]
+        faster = [name for name, us in by_config.items()
+                  if us.keys() == base.keys() and all(us[r] < base[r] * (1 - min_gain) for r in base)]
         if faster:
-            best = min(faster, key=lambda t: sorted(t[1].values())[len(t[1]) // 2])
-            by_m[str(m)] = best[0]
+            by_m[str(m)] = configs[min(faster, key=lambda name: statistics.median(by_config[name].values()))]
             replaced.append((shape, m))
     return replaced
 
