@@ -5,8 +5,7 @@ after an L2 flush; a model's decode graph runs layer after layer. Per shape and 
     chain   R forwards on R copies of the layer's weights in one graph, after the flush, divided by R
     stream  that graph replayed back to back without a flush (each copy is evicted by the others), divided by R
 
-and the same three for a plain read of S MB (torch's max over int32), so that a cost of each kernel can be told
-from one of being the first kernel after the flush.
+(`read_bandwidth.py` times plain reads the same three ways.)
 
     python benchmarks/back_to_back.py --shapes deepseek-v3 qwen3-30b-a3b --tokens 1 8 --out chain.json
 """
@@ -30,6 +29,12 @@ MIN_CHAIN_BYTES = 512 << 20  # a chain reads at least 10x the L2 before a copy c
 MAX_CHAIN_COPIES = 16
 
 
+def chain_copies(bytes_per_call: int, bytes_per_copy: int, memory: int = 24 << 30) -> int:
+    """Copies in a chain: enough that MIN_CHAIN_BYTES pass between two calls on one copy, 2 to
+    MAX_CHAIN_COPIES, within `memory`."""
+    return max(2, min(MAX_CHAIN_COPIES, math.ceil(MIN_CHAIN_BYTES / bytes_per_call), memory // bytes_per_copy))
+
+
 def chain_times(forwards: list[Callable[[], object]]) -> dict[str, float]:
     """The three timings of the module docstring, in µs per forward."""
 
@@ -50,7 +55,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3", "mixtral", "kimi-k2"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--reads-mb", nargs="+", type=int, default=[16, 64, 128, 256])
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -58,24 +62,14 @@ def main() -> None:
 
     def report(row: dict[str, object]) -> None:
         rows.append(row)
-        label = row["shape"] if row["kind"] == "layer" else f"read {row['bytes'] >> 20} MB"
-        print(f"{row['backend']:>7} {label:>16} M={row.get('M', '-')!s:<4} R={row['copies']:<3} single "
+        print(f"{row['backend']:>7} {row['shape']:>16} M={row['M']:<4} R={row['copies']:<3} single "
               f"{row['single']:8.1f}  chain {row['chain']:8.1f}  stream {row['stream']:8.1f} us", flush=True)
-
-    for mb in args.reads_mb:
-        count = max(2, min(MAX_CHAIN_COPIES, math.ceil(MIN_CHAIN_BYTES / (mb << 20))))
-        buffers = [torch.ones((mb << 20) // 4, dtype=torch.int32, device=device) for _ in range(count)]
-        report({"kind": "read", "backend": "max", "shape": None, "bytes": mb << 20, "copies": count,
-                **chain_times([b.max for b in buffers])})
-        del buffers
 
     for name in args.shapes:
         spec, experts = random_layer(name, device)
         cfg = spec.moe
         per_expert = expert_bytes(spec.scheme, cfg.hidden_size, cfg.intermediate_size)
-        layer_bytes = cfg.num_experts * per_expert
-        count = max(2, min(MAX_CHAIN_COPIES, math.ceil(MIN_CHAIN_BYTES / (cfg.top_k * per_expert)),
-                           (24 << 30) // layer_bytes))
+        count = chain_copies(cfg.top_k * per_expert, cfg.num_experts * per_expert)
         backends: dict[str, tuple[Callable[..., torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
         triton = TritonExperts(spec, experts.quant_config(), device)
         backends["triton"] = triton.apply, copies(TritonExperts.prepare_weights(experts, device), count)
@@ -92,7 +86,7 @@ def main() -> None:
                     raise RuntimeError(f"{name} M={m}: triton and marlin disagree (relative error {err:.2e})")
             touched = int(torch.unique(ids).numel())
             for backend, (apply, sets) in backends.items():
-                report({"kind": "layer", "backend": backend, "shape": name, "M": m, "copies": count,
+                report({"backend": backend, "shape": name, "M": m, "copies": count,
                         "bytes": touched * per_expert,
                         **chain_times([partial(apply, x, tw, ids, w) for w in sets])})
         del backends

@@ -13,12 +13,11 @@ and that graph back to back without a flush (stream).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import triton
 import triton.language as tl
-from back_to_back import MAX_CHAIN_COPIES, MIN_CHAIN_BYTES, chain_times
+from back_to_back import chain_copies, chain_times
 
 from wna16moe.bench import write_results
 
@@ -53,7 +52,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: µs per read (single / chain / stream) and GB/s of the best")
     rows = []
     for mb in args.sizes_mb:
-        count = max(2, min(MAX_CHAIN_COPIES, math.ceil(MIN_CHAIN_BYTES / (mb << 20))))
+        count = chain_copies(mb << 20, mb << 20)
         buffers = [torch.randint(0, 1 << 30, ((mb << 20) // 4,), dtype=torch.int32, device="cuda")
                    for _ in range(count)]
         truth = buffers[0].max()
