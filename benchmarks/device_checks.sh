@@ -19,8 +19,7 @@
 #                                        # working tree, $AB_CASES), then TRITON's GPU tests
 #   benchmarks/device_checks.sh search   # four GPUs: bench --search (coordinate search) at decode, one shape
 #                                        # per GPU ($SEARCH_TOKENS, default 1 8 32 128)
-#   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one; then the
-#                                        # swap-AB tests of $TEST_TREE and its prefill variants ($TRY_VARIANT)
+#   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -256,15 +255,9 @@ search)  # four GPUs: the coordinate search (bench --search) of each shape at de
     per_shape search 560 --search --tokens ${SEARCH_TOKENS:-1 8 32 128}
     pack_logs
     ;;
-chain)  # one GPU: is a forward's time in the bench its time among other layers? Then $TEST_TREE's swap-AB
-        # tests and `try_configs.py` of its prefill with $TRY_VARIANT against the shipped configuration
+chain)  # one GPU: is a forward's time in the bench its time among other layers?
     nvidia-smi -L
     step chain 300 python3 benchmarks/back_to_back.py --out "$OUT/chain.json"
-    tree=$PWD/${TEST_TREE:-.}
-    (cd "$tree" && export PYTHONPATH="$PWD/src:$PWD/tests" \
-     && step swap-tests 120 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_triton.py -k swap_ab \
-     && step prefill-try 150 python3 "$OLDPWD/benchmarks/try_configs.py" deepseek-v3:2048,8192 qwen3-30b-a3b:8192 \
-         --variant "${TRY_VARIANT:-block_n1=64}" --out "$OUT/prefill-try.json")
     ;;
 sweep)
     nvidia-smi -L
