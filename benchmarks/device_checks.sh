@@ -20,12 +20,17 @@
 #   benchmarks/device_checks.sh search   # four GPUs: bench --search (coordinate search) at decode, one shape
 #                                        # per GPU ($SEARCH_TOKENS, default 1 8 32 128)
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
+#   benchmarks/device_checks.sh peer     # two GPUs: vLLM's Triton WNA16 kernel against the shipped table
+#                                        # (benchmarks/vllm_triton_peer.py) on one; bench --search of
+#                                        # $SEARCH_SHAPES at each of $SEARCH_TOKENS (default kimi-k2, 8 32) on the other
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
 # MARLIN needs vLLM's op library (carry it, ~44 MiB; build/ is git-ignored):
 #   pip download vllm==0.33.0 --no-deps -d build/vllm-wheel
 #   unzip -o -j build/vllm-wheel/vllm-0.33.0-*.whl vllm/_moe_C_stable_libtorch.abi3.so -d build/marlin
+# vLLM's Triton WNA16 kernel (the 'peer' mode) is read from its fused_moe.py (carry build/vllm_triton):
+#   unzip -o -j build/vllm-wheel/vllm-0.33.0-*.whl vllm/model_executor/layers/fused_moe/fused_moe.py -d build/vllm_triton
 # Its kernels are sm_80 PTX that the driver JIT-compiles on Hopper (minutes for the whole test file): the
 # compute cache is written to $OUT/nvcache.tgz (it comes back only under 16 MB); carry it back as
 # build/nvcache.tgz to skip that next time.
@@ -253,6 +258,20 @@ ab-kernel)  # one GPU: the working tree's moe_gemm.py against build/base_moe_gem
 search)  # four GPUs: the coordinate search (bench --search) of each shape at decode; then tuning takes the rows
     nvidia-smi -L
     per_shape search 560 --search --tokens ${SEARCH_TOKENS:-1 8 32 128}
+    pack_logs
+    ;;
+peer)  # two GPUs: vLLM's Triton WNA16 kernel and the shipped TRITON table, same tokens and routing; the search
+    nvidia-smi -L
+    every_m=1,8,32,128,512,2048,8192
+    CUDA_VISIBLE_DEVICES=0 step vllm-triton 560 python3 benchmarks/vllm_triton_peer.py \
+        --source build/vllm_triton/fused_moe.py kimi-k2:$every_m qwen3-30b-a3b:$every_m deepseek-v3:$every_m \
+        mixtral:$every_m --out "$OUT/vllm-triton.json" &
+    (export CUDA_VISIBLE_DEVICES=1
+     for m in ${SEARCH_TOKENS:-8 32}; do  # one process per M: a timeout keeps the M before it
+         step "search-$m" 270 python3 -m wna16moe.bench --search --shapes ${SEARCH_SHAPES:-kimi-k2} --tokens "$m" \
+             --out "$OUT/search-$m.json"
+     done) &
+    wait
     pack_logs
     ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers?

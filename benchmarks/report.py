@@ -9,8 +9,9 @@ replay them where timed (what `wna16moe.tuning` ships).
 
 Per row: the best of eager and CUDA-graph time, % of the measured copy bandwidth and matmul rate, and
 xFloor = time / max(bytes / copy rate, FLOPs / matmul rate). Peers measured in the same run (MARLIN, bf16
-torch grouped GEMM) give same-run ratios (peer time / ours); `--reference` adds vLLM's Triton MoE from
-shared/reference/measured_h100_peers.md (a separate run on another H100, labelled as such).
+torch grouped GEMM, vLLM's Triton WNA16 kernel from `vllm_triton_peer.py`) give same-run ratios (peer time /
+ours); `--reference` adds vLLM's Triton MoE from shared/reference/measured_h100_peers.md (a separate run on
+another H100, labelled as such).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def read_reference(path: Path) -> dict[tuple[str, str, int], float]:
     return out
 
 
-SAME_RUN_PEERS = ("marlin", "bf16")
+SAME_RUN_PEERS = ("marlin", "bf16", "vllm-triton")
 
 
 def merge(results: list[dict]) -> dict:

@@ -345,6 +345,26 @@ def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: st
     return rows
 
 
+def timing_row(backend: str, name: str, scheme: WeightScheme, m: int, touched: int, us: float, us_graph: float | None,
+               nbytes: int, flops: int, ceilings: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
+    """One results row: eager and graph µs, and from the better of them the rates and % of the ceilings."""
+    best = min(v for v in (us, us_graph) if v is not None)
+    return {
+        "backend": backend, "shape": name, "scheme": scheme.name, "M": m, "experts_touched": touched,
+        "us_eager": round(us, 2), "us_graph": None if us_graph is None else round(us_graph, 2),
+        "bytes": nbytes, "gbps": round(nbytes / best / 1e3, 1),
+        "pct_bw": round(100 * nbytes / best / 1e3 / ceilings["copy_gbps"], 1),
+        "tflops": round(flops / best / 1e6, 2),
+        "pct_mm": round(100 * flops / best / 1e6 / ceilings["matmul_tflops"], 1), **extra,
+    }
+
+
+def format_row(row: dict[str, Any]) -> str:
+    graph = "-" if row["us_graph"] is None else f"{row['us_graph']:9.1f}"
+    return (f"{row['backend']:>12} {row['shape']:>14} M={row['M']:<5} eager {row['us_eager']:9.1f} us  graph "
+            f"{graph} us  {row['pct_bw']:5.1f}% BW  {row['tflops']:7.1f} TFLOP/s")
+
+
 def _marlin_peer(name: str, spec: LayerSpec, quant: MoEQuantConfig, experts: QuantizedExperts,
                  log: Callable[[str], None]) -> tuple[MarlinExperts, dict[str, torch.Tensor]] | None:
     """The MARLIN kernel and its weights when this machine can run it (its output is checked at every M, in
@@ -376,18 +396,8 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
     flops = 2 * m * k * 3 * h * i
 
     def row(backend: str, us: float, us_graph: float | None, nbytes: int, extra: dict[str, Any]) -> None:
-        best = min(v for v in (us, us_graph) if v is not None)
-        rows.append({
-            "backend": backend, "shape": name, "scheme": scheme.name, "M": m, "experts_touched": touched,
-            "us_eager": round(us, 2), "us_graph": None if us_graph is None else round(us_graph, 2),
-            "bytes": nbytes, "gbps": round(nbytes / best / 1e3, 1),
-            "pct_bw": round(100 * nbytes / best / 1e3 / ceilings["copy_gbps"], 1),
-            "tflops": round(flops / best / 1e6, 2),
-            "pct_mm": round(100 * flops / best / 1e6 / ceilings["matmul_tflops"], 1), **extra,
-        })
-        log(f"{backend:>12} {name:>14} M={m:<5} eager {us:9.1f} us  graph "
-            f"{'-' if us_graph is None else f'{us_graph:9.1f}'} us  {rows[-1]['pct_bw']:5.1f}% BW  "
-            f"{rows[-1]['tflops']:7.1f} TFLOP/s")
+        rows.append(timing_row(backend, name, scheme, m, touched, us, us_graph, nbytes, flops, ceilings, extra))
+        log(format_row(rows[-1]))
 
     default = triton_kernel.config(m)
     reference = emulation.apply(x, tw, ids, emu_weights)
