@@ -17,8 +17,9 @@
 #   benchmarks/device_checks.sh ab-sweep # four GPUs: the A/B on one, the decode sweep on two, tests + profile
 #   benchmarks/device_checks.sh ab-kernel # one GPU: benchmarks/ab_kernel.py (build/base_moe_gemm.py against the
 #                                        # working tree, $AB_CASES), then TRITON's GPU tests
-#   benchmarks/device_checks.sh search   # four GPUs: bench --search (coordinate search) at decode, one shape
-#                                        # per GPU ($SEARCH_TOKENS, default 1 8 32 128)
+#   benchmarks/device_checks.sh search   # every GPU: bench --search (coordinate search), one process per shape
+#                                        # and M; $SEARCH_CASES: "shape:M,M shape:M | shape:M ..." ('|' between
+#                                        # GPUs; default: the four shapes at M = 1 8 32 128, one per GPU)
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
 #   benchmarks/device_checks.sh peer     # two GPUs: vLLM's Triton WNA16 kernel against the shipped table
 #                                        # (benchmarks/vllm_triton_peer.py) on one; bench --search of
@@ -255,10 +256,22 @@ ab-kernel)  # one GPU: the working tree's moe_gemm.py against build/base_moe_gem
     tree_tests
     pack_logs
     ;;
-search)  # four GPUs: the coordinate search (bench --search) of each shape at decode; then tuning takes the rows
+search)  # every GPU: the coordinate search (bench --search) per shape and M; then tuning takes the rows
     nvidia-smi -L
-    per_shape search 560 --search --tokens ${SEARCH_TOKENS:-1 8 32 128}
-    pack_logs
+    IFS='|' read -ra per_gpu <<< "${SEARCH_CASES:-mixtral:1,8,32,128 | deepseek-v3:1,8,32,128 | kimi-k2:1,8,32,128 | qwen3-30b-a3b:1,8,32,128}"
+    for gpu in "${!per_gpu[@]}"; do
+        (export CUDA_VISIBLE_DEVICES=$gpu
+         for case in ${per_gpu[$gpu]}; do
+             shape=${case%%:*} ms=${case#*:}
+             for m in ${ms//,/ }; do
+                 [ $(( $(date +%s) - start )) -lt "${DEADLINE:-540}" ] || continue  # leave time to pack
+                 step "search-$shape-$m" 200 python3 -m wna16moe.bench --search --shapes "$shape" --tokens "$m" \
+                     --out "$OUT/search-$shape-$m.json"
+             done
+         done) &
+    done
+    wait
+    pack_logs './search-*.json'
     ;;
 peer)  # two GPUs: vLLM's Triton WNA16 kernel and the shipped TRITON table, same tokens and routing; the search
     nvidia-smi -L

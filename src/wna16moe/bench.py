@@ -317,6 +317,26 @@ def coordinate_search(measure: Callable[[TritonConfig], float | None], start: Tr
     return best
 
 
+SEARCH_CONFIRM_ROUNDS = 2
+
+
+def _stays_ahead(measure: Callable[[TritonConfig], float | None], pick: TritonConfig, incumbent: TritonConfig,
+                 rounds: int, min_gain: float = MIN_SEARCH_GAIN) -> bool:
+    """Whether `pick` beats `incumbent` by `min_gain` in each of `rounds` fresh alternating timings (a run's
+    times of one configuration drift by several %: one lucky timing must not decide)."""
+    for _ in range(rounds):
+        incumbent_us, pick_us = measure(incumbent), measure(pick)
+        if incumbent_us is None or pick_us is None or not pick_us < incumbent_us * (1 - min_gain):
+            return False
+    return True
+
+
+def _config_change(base: TritonConfig, config: TritonConfig) -> str:
+    """The fields of `config` that differ from `base`, as field=value (for logs)."""
+    changed = {k: v for k, v in asdict(config).items() if asdict(base)[k] != v}
+    return " ".join(f"{k}={v}" for k, v in changed.items()) or "(default)"
+
+
 def bench_shape(name: str, tokens: list[int], scheme_name: str | None, sweep: str, ceilings: dict[str, float],
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
     device = torch.device("cuda")
@@ -427,17 +447,23 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
         # Where serving replays graphs, every candidate is ranked by its replay: eager times at small M are
         # host time, and would penalise configurations with one more launch.
         timings.append((_bench(apply), _bench_graph(apply) if graphs else None, c))
+        if sweep == "search":
+            log(f"  {_rank_us(timings[-1]):9.1f} us  {_config_change(default, c)}")
         return _rank_us(timings[-1])
 
     if sweep == "search":
         # The search's own pick: a candidate faster by less than its bar is noise, not a better configuration.
+        # Each candidate was timed once; the pick ships only if it stays ahead of the default in fresh rounds.
         found = coordinate_search(measure, default, _search_groups(m * k / e))
-        best_timing = next(t for t in timings if t[2] == found)
+        if found != default and not _stays_ahead(measure, found, default, SEARCH_CONFIRM_ROUNDS):
+            log(f"  the search's pick {_config_change(default, found)} fell behind when timed again: default kept")
+            found = default
+        best_timing = [t for t in timings if t[2] == found][-1]  # (the latest of its timings)
     else:
         for c in _sweep_configs(default, m * k / e) if sweep == "grid" else [default]:
             measure(c)
         best_timing = min(timings, key=_rank_us)
-    default_us, default_graph = next((us, g) for us, g, c in timings if c == default)
+    default_us, default_graph = [(us, g) for us, g, c in timings if c == default][-1]
     row("triton", default_us, default_graph, touched * per_expert, {"config": asdict(default)})
     if sweep:
         best_us, best_graph, best = best_timing
