@@ -19,7 +19,8 @@
 #                                        # working tree, $AB_CASES), then TRITON's GPU tests
 #   benchmarks/device_checks.sh search   # every GPU: bench --search (coordinate search), one process per shape
 #                                        # and M; $SEARCH_CASES: "shape:M,M shape:M | shape:M ..." ('|' between
-#                                        # GPUs; default: the four shapes at M = 1 8 32 128, one per GPU)
+#                                        # GPUs; default: the four shapes at M = 1 8 32 128, one per GPU);
+#                                        # $SEARCH_SCHEME: a weight scheme (default: the bench's)
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
 #   benchmarks/device_checks.sh peer     # two GPUs: vLLM's Triton WNA16 kernel against the shipped table
 #                                        # (benchmarks/vllm_triton_peer.py) on one; bench --search of
@@ -266,7 +267,7 @@ search)  # every GPU: the coordinate search (bench --search) per shape and M; th
              for m in ${ms//,/ }; do
                  [ $(( $(date +%s) - start )) -lt "${DEADLINE:-540}" ] || continue  # leave time to pack
                  step "search-$shape-$m" 200 python3 -m wna16moe.bench --search --shapes "$shape" --tokens "$m" \
-                     --out "$OUT/search-$shape-$m.json"
+                     ${SEARCH_SCHEME:+--scheme "$SEARCH_SCHEME"} --out "$OUT/search-$shape-$m.json"
              done
          done) &
     done
