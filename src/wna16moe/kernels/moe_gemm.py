@@ -353,15 +353,6 @@ def _moe_gemm_kernel(
         if HAS_ZP:
             z_next = _group_row(z_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True)
             z_up_next = _group_row(z_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, True) if GATED else z_next
-    # SWAP_AB (wgmma): the up columns in a loop of their own. In one loop with the gate's, ptxas serializes both
-    # wgmma chains (C7515, "non wgmma instructions defining accumulator registers"); apart, each chain keeps its
-    # MMAs in flight, at the price of loading every activation tile twice.
-    if GATED and SWAP_AB:
-        for k in range(k_begin, k_end, _TILE_K):
-            words_up = tl.load(w_ptrs + (k // PACK) * stride_wk + N, mask=n_mask[None, :], other=0)
-            acc_up = _tile_dot(acc_up, words_up, n_mask, n_mask, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
-                               k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
-                               SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
     for k in range(k_begin, k_end, _TILE_K):
         if ROWS_AHEAD:
             s_row, s_up, z_row, z_up = s_next, s_up_next, z_next, z_up_next
@@ -379,7 +370,7 @@ def _moe_gemm_kernel(
         acc = _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end,
                         GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT,
                         SWAP_AB, EVEN_K)
-        if GATED and not SWAP_AB:
+        if GATED:
             words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
             acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
                                k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
