@@ -376,3 +376,25 @@ def test_bench_layer_on_a_tiny_layer() -> None:
         assert row["speedup"] == pytest.approx(row["emulation_ms"] / row["cpu_ms"], rel=0.05, abs=0.01)
     assert lines[0].startswith("CPU weights prepared in") and "M=3" in lines[-1]
     assert cpu_model()
+
+
+@pytest.mark.parametrize("backend", [CPUExperts, EmulationExperts])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_weights_in_a_narrow_float_dtype(backend: type, dtype: torch.dtype) -> None:
+    # Routers often return bf16/fp16 weights (`Experts.apply` takes any float dtype): the result is the one for
+    # the same values in float32, not a cast's truncation or an error.
+    e, k, h, i, t = 6, 2, 128, 64, 7
+    scheme = WeightScheme.from_name("int4_g32_sym")
+    experts = QuantizedExperts.quantize(torch.randn(e, 2 * i, h) * 0.1, torch.randn(e, h, i) * 0.1, scheme)
+    spec = LayerSpec(MoEConfig(e, k, h, i), scheme)
+    kernel = backend(spec, experts.quant_config(), CPU_DEVICE)
+    weights = backend.prepare_weights(experts, CPU_DEVICE)
+    x = torch.randn(t, h).to(torch.bfloat16)
+    topk_weights, topk_ids = softmax_topk(torch.randn(t, e), k, renormalize=True)
+    narrow = topk_weights.to(dtype)
+    out = kernel.apply(x, narrow, topk_ids, weights)
+    assert out.dtype == x.dtype and torch.isfinite(out).all()
+    assert torch.equal(out, kernel.apply(x, narrow.float(), topk_ids, weights))
+    want = moe_forward_ref(x, dequantize_ref(experts.w13), dequantize_ref(experts.w2), narrow.float(), topk_ids,
+                           silu_and_mul_ref, None, None)
+    assert relative_error(out, want) < KERNEL_RTOL

@@ -267,9 +267,10 @@ class Experts:
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Modular experts: hidden_states [T, H], topk_weights [T, K] float32, topk_ids [T, K] int32 local
-        expert ids (-1: an expert another EP rank owns, skipped; only with SUPPORTS_EXPERT_MAP) -> [T, H] in
-        hidden_states' dtype, the router-weighted sum of the chosen experts (0 for a token with none)."""
+        """Modular experts: hidden_states [T, H], topk_weights [T, K] in a float dtype (float32, bfloat16 or
+        float16, as the router returned them; every backend computes with them as float32), topk_ids [T, K]
+        int32 local expert ids (-1: an expert another EP rank owns, skipped; only with SUPPORTS_EXPERT_MAP) ->
+        [T, H] in hidden_states' dtype, the router-weighted sum of the chosen experts (0 for a token with none)."""
         raise NotImplementedError
 
     def apply_batched(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor,
