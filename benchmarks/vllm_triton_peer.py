@@ -164,5 +164,6 @@ def main() -> None:
             print(f"{name} M={m}: vllm-triton / triton = {theirs / ours:.2f}x", flush=True)
         write_results(args.out, rows, ceilings=ceilings)  # after every shape: a timeout keeps what was measured
 
+
 if __name__ == "__main__":
     main()
