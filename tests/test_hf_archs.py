@@ -78,8 +78,10 @@ def test_static_cache_generate(checkpoint: tuple[str, Path]) -> None:
     _, path = checkpoint
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
-    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static",
-                         output_logits=True, return_dict_in_generate=True)
+    # (An explicit mask: without one, generate masks prompt tokens equal to the pad id.)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                         do_sample=False, cache_implementation="static", output_logits=True,
+                         return_dict_in_generate=True)
     assert out.sequences.shape == (1, 9)
     with torch.no_grad():
         full = model(out.sequences, use_cache=False).logits[0, 4:8]

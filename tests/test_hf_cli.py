@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from wna16moe import oracle
 from wna16moe.cli import main
 from wna16moe.experts.emulation import EmulationExperts
+from wna16moe.hf import run
 from wna16moe.oracle import Backend
 
 
@@ -31,6 +32,21 @@ def test_generate_prints_tokens_per_second_and_memory(capsys: pytest.CaptureFixt
     assert main(["generate", str(AWQ_W4_G32), "--prompt-ids", "1 2 3", "--max-new-tokens", "2"]) == 0
     text = capsys.readouterr().out
     assert "tokens/s" in text and "memory" in text and "bf16 would be" in text
+
+
+def test_generate_attends_to_a_prompt_token_equal_to_the_pad_id() -> None:
+    # The fixtures' pad id (511) is an ordinary token inside a prompt: it must be attended like any other
+    # (transformers' generate masks it unless given a mask). Reference: greedy steps of cache-free forwards.
+    model = run.load_model(AWQ_W4_G32, backend="emulation", device="cpu", dtype=torch.float32)
+    pad = model.generation_config.pad_token_id
+    assert pad is not None
+    prompt = [7, pad, 300, 42, pad]
+    got = run.generate(model, AWQ_W4_G32, None, prompt, max_new_tokens=3).new_ids
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(len(got)):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert got and got == ids[0, len(prompt):].tolist()
 
 
 def test_generate_with_a_text_prompt(fixture_copy: FixtureCopy, capsys: pytest.CaptureFixture[str]) -> None:

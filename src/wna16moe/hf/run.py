@@ -90,7 +90,10 @@ def generate(model: nn.Module, path: str | Path, prompt: str | None, prompt_ids:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, cache_implementation=cache)
+    # One unpadded prompt: every position is attended. Without a mask, generate would mask the prompt's tokens
+    # that equal the pad token id (often a real token, e.g. end-of-text) and compute the wrong continuation.
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         cache_implementation=cache)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
