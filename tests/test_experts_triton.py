@@ -171,14 +171,15 @@ def test_bias_and_clamp(activation: Activation, config: TritonConfig | None) -> 
     assert relative_error(out, ref) < 1e-2
 
 
-def test_router_weights_in_the_activation_dtype() -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_router_weights_in_the_activation_dtype(dtype: torch.dtype) -> None:
     # Routers often return fp16/bf16 weights: GEMM2 reads them as they are (no cast launch), as float32.
     e, h, i, t = 4, 128, 64, 5
     experts = _experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
-    spec = LayerSpec(MoEConfig(e, 2, h, i, dtype=torch.float16), experts.scheme)
-    x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
+    spec = LayerSpec(MoEConfig(e, 2, h, i, dtype=dtype), experts.scheme)
+    x = torch.randn(t, h, dtype=dtype, device=DEVICE)
     weights, ids = softmax_topk(torch.randn(t, e, device=DEVICE), 2, renormalize=True)
-    weights = weights.half()
+    weights = weights.to(dtype)
     ref = EmulationExperts(spec, experts.quant_config(), DEVICE).apply(
         x, weights.float(), ids, EmulationExperts.prepare_weights(experts, DEVICE))
     out = TritonExperts(spec, experts.quant_config(), DEVICE).apply(
