@@ -22,9 +22,8 @@
 #                                        # GPUs; default: the four shapes at M = 1 8 32 128, one per GPU);
 #                                        # $SEARCH_SCHEME: a weight scheme (default: the bench's)
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
-#   benchmarks/device_checks.sh peer     # two GPUs: vLLM's Triton WNA16 kernel against the shipped table
-#                                        # (benchmarks/vllm_triton_peer.py) on one; bench --search of
-#                                        # $SEARCH_SHAPES at each of $SEARCH_TOKENS (default kimi-k2, 8 32) on the other
+#   benchmarks/device_checks.sh peer     # one GPU: vLLM's Triton WNA16 kernel against the shipped table
+#                                        # (benchmarks/vllm_triton_peer.py), every shape and M
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -274,19 +273,11 @@ search)  # every GPU: the coordinate search (bench --search) per shape and M; th
     wait
     pack_logs './search-*.json'
     ;;
-peer)  # two GPUs: vLLM's Triton WNA16 kernel and the shipped TRITON table, same tokens and routing; the search
+peer)  # one GPU: vLLM's Triton WNA16 kernel and the shipped TRITON table, same tokens and routing
     nvidia-smi -L
     every_m=1,8,32,128,512,2048,8192
-    CUDA_VISIBLE_DEVICES=0 step vllm-triton 560 python3 benchmarks/vllm_triton_peer.py \
-        --source build/vllm_triton/fused_moe.py kimi-k2:$every_m qwen3-30b-a3b:$every_m deepseek-v3:$every_m \
-        mixtral:$every_m --out "$OUT/vllm-triton.json" &
-    (export CUDA_VISIBLE_DEVICES=1
-     for m in ${SEARCH_TOKENS:-8 32}; do  # one process per M: a timeout keeps the M before it
-         step "search-$m" 270 python3 -m wna16moe.bench --search --shapes ${SEARCH_SHAPES:-kimi-k2} --tokens "$m" \
-             --out "$OUT/search-$m.json"
-     done) &
-    wait
-    pack_logs
+    step vllm-triton 560 python3 benchmarks/vllm_triton_peer.py --source build/vllm_triton/fused_moe.py \
+        kimi-k2:$every_m qwen3-30b-a3b:$every_m deepseek-v3:$every_m mixtral:$every_m --out "$OUT/vllm-triton.json"
     ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers?
     nvidia-smi -L

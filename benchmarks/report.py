@@ -22,12 +22,10 @@ import math
 import re
 from pathlib import Path
 
+from wna16moe.bench import best_us
+
 # Our shape names -> the section names of measured_h100_peers.md.
 SHAPE_NAMES = {"qwen3-30b-a3b": "qwen3_30b_a3b", "deepseek-v3": "deepseek_v3", "kimi-k2": "kimi_k2"}
-
-
-def best_us(row: dict) -> float:
-    return min(v for v in (row["us_eager"], row["us_graph"]) if v is not None)
 
 
 def served_us(row: dict) -> float:

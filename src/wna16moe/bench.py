@@ -379,6 +379,11 @@ def timing_row(backend: str, name: str, scheme: WeightScheme, m: int, touched: i
     }
 
 
+def best_us(row: dict[str, Any]) -> float:
+    """A results row's time: the better of its eager and graph times."""
+    return min(v for v in (row["us_eager"], row["us_graph"]) if v is not None)
+
+
 def format_row(row: dict[str, Any]) -> str:
     graph = "-" if row["us_graph"] is None else f"{row['us_graph']:9.1f}"
     return (f"{row['backend']:>12} {row['shape']:>14} M={row['M']:<5} eager {row['us_eager']:9.1f} us  graph "
