@@ -21,6 +21,7 @@
 #                                        # and M; $SEARCH_CASES: "shape:M,M shape:M | shape:M ..." ('|' between
 #                                        # GPUs; default: the four shapes at M = 1 8 32 128, one per GPU);
 #                                        # $SEARCH_SCHEME: a weight scheme (default: the bench's)
+#   benchmarks/device_checks.sh gluon    # two GPUs: the Gluon decode kernel's tests; try_configs with its variants
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
 #   benchmarks/device_checks.sh peer     # one GPU: vLLM's Triton WNA16 kernel against the shipped table
 #                                        # (benchmarks/vllm_triton_peer.py), every shape and M
@@ -279,6 +280,20 @@ peer)  # one GPU: vLLM's Triton WNA16 kernel and the shipped TRITON table, same 
     step vllm-triton 560 python3 benchmarks/vllm_triton_peer.py --source build/vllm_triton/fused_moe.py \
         kimi-k2:$every_m qwen3-30b-a3b:$every_m deepseek-v3:$every_m mixtral:$every_m --out "$OUT/vllm-triton.json"
     ;;
+gluon)  # two GPUs: the Gluon decode kernel's GPU tests on one; on the other, try_configs with its variants
+    # ($GLUON_CASES, default the four shapes at M = 1 8 32 128; $GLUON_VARIANTS, space-separated)
+    nvidia-smi -L
+    (export CUDA_VISIBLE_DEVICES=0; parallel_tests decode-tests 300 tests/test_kernels_moe_gemm_decode.py) &
+    variants=()
+    for v in ${GLUON_VARIANTS:-decode=1,block_m=8,block_n1=64,block_n2=128 decode=1,block_m=8,block_n1=128,block_n2=128}; do
+        variants+=(--variant "$v")
+    done
+    CUDA_VISIBLE_DEVICES=1 step gluon-try 480 python3 benchmarks/try_configs.py \
+        ${GLUON_CASES:-mixtral:1,8,32,128 deepseek-v3:1,8,32,128 kimi-k2:1,8,32,128 qwen3-30b-a3b:1,8,32,128} \
+        "${variants[@]}" --out "$OUT/gluon-try.json"
+    wait
+    pack_logs
+    ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers?
     nvidia-smi -L
     step chain 300 python3 benchmarks/back_to_back.py --out "$OUT/chain.json"
@@ -292,7 +307,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|chain|confirm|w8a16-sweep|decode|probe" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|gluon|chain|confirm|w8a16-sweep|decode|probe|peer" >&2
     exit 2
     ;;
 esac

@@ -23,7 +23,7 @@ Padded columns of w13 have zero scales, so the padded intermediate columns are e
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -60,6 +60,11 @@ class TritonConfig:
     `max_registers` caps the registers per thread (ptxas `.maxnreg`; None: the compiler's choice): at decode
     more programs then fit on an SM (GEMM2 at BLOCK_N 128 takes 128 registers, 4 programs of 4 warps per SM;
     capped at 96 the loop does not spill and 5 fit; SASS, NOTES.md "Open leads").
+
+    `decode` runs both GEMMs on `kernels/moe_gemm_decode.py` (Gluon, mma.sync with the weights as A and
+    blocks of `block_m` = 8 or 16 rows as N) where the PTX dequantization runs (NVIDIA); elsewhere the same
+    tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. `num_stages` and `swap_ab` do not
+    apply to it.
     """
 
     block_m: int
@@ -71,6 +76,7 @@ class TritonConfig:
     swap_ab: bool = False
     split_k1: int = 1
     max_registers: int | None = None
+    decode: bool = False
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -256,17 +262,25 @@ class TritonExperts(Experts):
         from wna16moe.kernels.activation import split_k_activation
         from wna16moe.kernels.moe_align import moe_align_block_size
         from wna16moe.kernels.moe_gemm import moe_gemm
+        from wna16moe.kernels.moe_gemm_decode import moe_gemm_decode
 
         moe, scheme, quant = self.moe, self.scheme, self.quant
         t, top_k = topk_ids.shape
         group = scheme.group_size or -1
+        ptx = _ptx_dequant(hidden_states.device)
+        if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
+            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16))
         if t == 1:  # one block per pair, straight from the ids: no alignment launch
             blocks = (None, topk_ids.reshape(-1), None)
         else:
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
-        common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
-                      fast_dequant=_ptx_dequant(hidden_states.device), swap_ab=cfg.swap_ab,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, max_registers=cfg.max_registers)
+        common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m, num_warps=cfg.num_warps,
+                      max_registers=cfg.max_registers)
+        if cfg.decode:
+            gemm = moe_gemm_decode
+        else:
+            gemm = moe_gemm
+            common.update(fast_dequant=ptx, swap_ab=cfg.swap_ab, num_stages=cfg.num_stages)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
@@ -278,15 +292,15 @@ class TritonExperts(Experts):
         if cfg.split_k1 > 1:
             partials = torch.empty(cfg.split_k1, t * top_k, 2 * self.i_pad, dtype=torch.float32,
                                    device=hidden_states.device)
-            moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
-                     zero_out=out, **common)
+            gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
+                 zero_out=out, **common)
             split_k_activation(partials, topk_ids, self.w13_bias, intermediate, **activation)
         else:
-            moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out,
-                     **activation, **common)
-        moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
-                 self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
-                 split_k=cfg.split_k2, **common)
+            gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
+                 **common)
+        gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
+             self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
+             split_k=cfg.split_k2, **common)
         return out.to(hidden_states.dtype)
 
 

@@ -1,0 +1,308 @@
+"""Grouped MoE GEMM for a few rows per expert (decode), in Gluon: register layouts chosen, not inferred.
+
+Same operands, outputs and fusions as `kernels/moe_gemm.py` (read its docstring for the layouts, GEMM1's
+activation or K-split partial sums, GEMM2's atomic top-k reduction), computed as out^T = W^T a^T with
+mma.sync m16n8k16: the dequantized weights are the A operand (16 output features x 16 reduction rows), the
+block's BLOCK_M rows (8 or 16) its N. One mma then covers 256 weights however few of the 8 rows are real
+(the `moe_gemm` decode tile wastes 15 of 16 rows at one token and needs twice the mmas).
+
+Why Gluon: in the tile-interleaved layout, slot j of word row r holds reduction index j * R + r. Loaded
+from global memory straight into the A-operand register layout of a [BLOCK_N, R] tile (no shared memory:
+at decode each weight is read once), a thread holds word rows r and r + 1 of one column as neighbouring
+registers, so the pair the dequantization asm returns for slot j, (j * R + r, j * R + r + 1), is exactly
+the packed pair an mma register holds, and slot j of the tile is the A operand of reduction rows
+[j * R, (j + 1) * R) as it comes out of the asm. Triton's `tl.dot` picks its own operand layouts, which made
+the other kernel stage weights through shared memory and shuffle halves (benchmarks/NOTES.md v20).
+
+Dequantization is the offset-free form (`dequant_slots_raw`: magic + q exactly); each group's partial sums
+are corrected with the activations' sums over the group, from one more mma against ones, and scaled:
+acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no raw form and
+subtracts the offset in the asm (`dequant_slots`). The next tile's words, scale and zero-point rows and
+activations are loaded one tile ahead, into registers.
+
+NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests run on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from wna16moe.kernels.activation import ACT_SILU, gated_activation
+from wna16moe.kernels.dequant import dequant_magic, dequant_offset, dequant_slots, dequant_slots_raw
+from wna16moe.kernels.layout import TILE_K
+
+_TILE_K = gl.constexpr(TILE_K)
+# Rows of a block: the N of mma.sync is 8; two of them for 16.
+BLOCK_MS = (8, 16)
+
+
+@gluon.jit
+def _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE: gl.constexpr,
+                HAS_ZP: gl.constexpr):
+    """The scale rows (float32) and zero-point rows (int32; None without zero points) of the groups of the
+    tile at reduction row k, one [BLOCK_N] tensor per group. Rows past k_end read the last group (never
+    used: their activations are zero)."""
+    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
+    s_rows = ()
+    z_rows = ()
+    for g in gl.static_range(NG):
+        group = gl.minimum(k + g * GROUP_IN_TILE, k_end - 1) // group_size
+        s_rows = s_rows + (gl.load(s_ptrs + group * stride_sg, mask=n_mask, other=0.0).to(gl.float32),)
+        if HAS_ZP:
+            z_rows = z_rows + (gl.load(z_ptrs + group * stride_sg, mask=n_mask, other=0).to(gl.int32),)
+    return s_rows, z_rows
+
+
+@gluon.jit
+def _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R: gl.constexpr, PACK: gl.constexpr,
+                     HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr):
+    """The B operands of the tile at reduction row k: one [R, BLOCK_M] tensor per slot (rows j * R + r)."""
+    tiles = ()
+    for j in gl.static_range(PACK):
+        offs = k + j * R + offs_r
+        if EVEN_K:
+            cols = gl.load(perm_ptr + offs) if HAS_PERM else offs
+            tiles = tiles + (gl.load(a_row_ptrs + cols[:, None]),)
+        else:
+            k_mask = offs < k_end
+            cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
+            tiles = tiles + (gl.load(a_row_ptrs + cols[:, None], mask=k_mask[:, None], other=0.0),)
+    return tiles
+
+
+@gluon.jit
+def _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, shared_sums, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
+              GROUP_IN_TILE: gl.constexpr, RAW: gl.constexpr, SUMS_IN: gl.constexpr):
+    """acc + W^T a^T over one tile, group by group (module docstring); returns it with the activations' sums
+    over each group, computed here unless SUMS_IN (then `shared_sums`: GEMM1's up half reuses the gate's).
+
+    The slots hold q + m exactly, m = magic (RAW) or -2^(bits - 1) (the asm subtracts the midpoint), so a
+    group's sum is part - (m + z) * sum(a), and without zero points in the second form the term is zero.
+    """
+    PACK: gl.constexpr = 32 // BITS
+    R: gl.constexpr = _TILE_K // PACK
+    SLOTS_PER_GROUP: gl.constexpr = GROUP_IN_TILE // R
+    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
+    DTYPE: gl.constexpr = b_tiles[0].dtype
+    MID: gl.constexpr = 1 << (BITS - 1)
+    NEED_SUMS: gl.constexpr = RAW or HAS_ZP
+    if RAW:
+        slots = dequant_slots_raw(words, BITS, DTYPE)
+        m = dequant_magic(DTYPE)
+    else:
+        slots = dequant_slots(words, dequant_offset(gl.full_like(words, MID), BITS, DTYPE), BITS, DTYPE)
+        m = -MID
+    sums = ()
+    for g in gl.static_range(NG):
+        part = gl.zeros_like(acc)
+        group_sum = gl.zeros_like(acc)
+        for jj in gl.static_range(SLOTS_PER_GROUP):
+            part = mma_v2(slots[g * SLOTS_PER_GROUP + jj], b_tiles[g * SLOTS_PER_GROUP + jj], part)
+            if NEED_SUMS and not SUMS_IN:
+                group_sum = mma_v2(ones, b_tiles[g * SLOTS_PER_GROUP + jj], group_sum)
+        if NEED_SUMS:
+            if SUMS_IN:
+                group_sum = shared_sums[g]
+            else:
+                sums = sums + (group_sum,)
+            if HAS_ZP:
+                part = part - (z_rows[g].to(gl.float32) + m)[:, None] * group_sum
+            else:
+                part = part - (m + MID) * group_sum
+        acc = acc + s_rows[g][:, None] * part
+    return acc, sums
+
+
+@gluon.jit
+def _moe_gemm_decode_kernel(
+    a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
+    num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+    stride_sg, stride_om, alpha, beta, limit,
+    TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
+    HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
+    GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr, NUM_WARPS: gl.constexpr,
+):
+    PACK: gl.constexpr = 32 // BITS
+    R: gl.constexpr = _TILE_K // PACK
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
+    DTYPE: gl.constexpr = a_ptr.dtype.element_ty
+    RAW: gl.constexpr = not (BITS == 8 and DTYPE == gl.bfloat16)
+
+    pid = gl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_n = pid // num_m_blocks
+    pid_k = gl.program_id(1)
+    if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
+        programs = gl.num_programs(0) * gl.num_programs(1)
+        share = gl.cdiv(zero_numel, programs)
+        first = (pid_k * gl.num_programs(0) + pid) * share
+        last = gl.minimum(first + share, zero_numel)
+        for start in range(first, last, 4 * 32 * NUM_WARPS):
+            offs = start + gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT)
+            gl.store(zero_ptr + offs, gl.zeros([4 * 32 * NUM_WARPS], gl.float32, FLAT), mask=offs < last)
+
+    # The block's rows, once for the activation loads (B operand) and once for the epilogue (accumulator).
+    m_b = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B_OP))
+    m_acc = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+    if PAIR_BLOCKS:  # block b holds pair b alone (one token: its pairs' experts differ)
+        expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
+        if expert < 0:
+            return
+        rows_b = gl.where(m_b == 0, pid_m, P)
+        rows = gl.where(m_acc == 0, pid_m, P)
+    else:
+        if pid_m * BLOCK_M >= gl.load(num_padded_ptr):
+            return
+        expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
+        rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_b)
+        rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_acc)
+    # Padding rows (P) read pair 0's activations instead of masking every load; their results are dropped.
+    a_rows = gl.where(rows_b < P, rows_b, 0)
+    if GATED:
+        a_rows = a_rows // TOP_K
+    a_row_ptrs = a_ptr + a_rows.to(gl.int64)[None, :] * stride_am
+    perm_ptr = a_perm_ptr + expert * KD
+
+    tiles = gl.cdiv(KD, _TILE_K)
+    tiles_per_split = gl.cdiv(tiles, SPLIT_K)
+    k_begin = pid_k * tiles_per_split * _TILE_K
+    k_end = gl.minimum(KD, k_begin + tiles_per_split * _TILE_K)
+
+    offs_n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))
+    w_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(0, A_OP))[None, :] * stride_wk
+              + offs_n_w[:, None])
+    w_mask = (offs_n_w < N)[:, None]
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    n_mask = offs_n < N
+    s_ptrs = s_ptr + expert * stride_se + offs_n
+    z_ptrs = z_ptr + expert * stride_se + offs_n
+    offs_r = gl.arange(0, R, layout=gl.SliceLayout(1, B_OP))
+    ones = gl.full([BLOCK_N, R], 1.0, DTYPE, A_OP)
+
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    acc_up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    # One tile ahead, into registers: words, scale and zero-point rows, activations.
+    words = gl.load(w_ptrs + (k_begin // PACK) * stride_wk, mask=w_mask, other=0)
+    s_rows, z_rows = _group_rows(s_ptrs, z_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, GROUP_IN_TILE, HAS_ZP)
+    if GATED:
+        words_up = gl.load(w_ptrs + (k_begin // PACK) * stride_wk + N, mask=w_mask, other=0)
+        s_up, z_up = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, GROUP_IN_TILE,
+                                 HAS_ZP)
+    else:
+        words_up, s_up, z_up = words, s_rows, z_rows
+    b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_begin, k_end, R, PACK, HAS_PERM, EVEN_K)
+    for k in range(k_begin, k_end, _TILE_K):
+        # The last iteration loads the split's first tile again (in bounds; unused).
+        k_next = gl.where(k + _TILE_K < k_end, k + _TILE_K, k_begin)
+        words_next = gl.load(w_ptrs + (k_next // PACK) * stride_wk, mask=w_mask, other=0)
+        s_next, z_next = _group_rows(s_ptrs, z_ptrs, n_mask, k_next, k_end, GROUP_SIZE, stride_sg, GROUP_IN_TILE,
+                                     HAS_ZP)
+        if GATED:
+            words_up_next = gl.load(w_ptrs + (k_next // PACK) * stride_wk + N, mask=w_mask, other=0)
+            s_up_next, z_up_next = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k_next, k_end, GROUP_SIZE, stride_sg,
+                                               GROUP_IN_TILE, HAS_ZP)
+        b_next = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_next, k_end, R, PACK, HAS_PERM, EVEN_K)
+
+        acc, sums = _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, (), BITS, HAS_ZP, GROUP_IN_TILE, RAW, False)
+        if GATED:
+            acc_up, sums = _tile_mma(acc_up, words_up, b_tiles, ones, s_up, z_up, sums, BITS, HAS_ZP, GROUP_IN_TILE,
+                                     RAW, True)
+            words_up, s_up, z_up = words_up_next, s_up_next, z_up_next
+        words, s_rows, z_rows, b_tiles = words_next, s_next, z_next, b_next
+
+    row_mask = rows < P
+    out_mask = n_mask[:, None] & row_mask[None, :]
+    if GATED and SPLIT_K > 1:  # float32 partial sums [SPLIT_K, P, 2N]; kernels/activation.py finishes them
+        part_rows = pid_k.to(gl.int64) * P + rows.to(gl.int64)
+        part_ptrs = out_ptr + part_rows[None, :] * stride_om + offs_n[:, None]
+        gl.store(part_ptrs, acc, mask=out_mask)
+        gl.store(part_ptrs + N, acc_up, mask=out_mask)
+    elif GATED:
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + expert * 2 * N + offs_n, mask=n_mask, other=0.0)[:, None]
+            acc_up += gl.load(bias_ptr + expert * 2 * N + N + offs_n, mask=n_mask, other=0.0)[:, None]
+        h = gated_activation(acc, acc_up, alpha, beta, limit, ACT, HAS_LIMIT)
+        out_ptrs = out_ptr + rows.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
+        gl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += gl.load(bias_ptr + expert * N + offs_n, mask=n_mask, other=0.0)[:, None]
+        router_w = gl.load(topk_w_ptr + rows, mask=row_mask, other=0.0).to(gl.float32)
+        acc = acc * router_w[None, :]
+        tokens = rows // TOP_K
+        out_ptrs = out_ptr + tokens.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
+        gl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+
+
+def moe_gemm_decode(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    a_perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    sorted_ids: torch.Tensor | None,
+    expert_ids: torch.Tensor,
+    num_padded: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+    top_k: int,
+    gated: bool,
+    act: int = ACT_SILU,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    limit: float | None = None,
+    block_m: int,
+    block_n: int,
+    split_k: int = 1,
+    zero_out: torch.Tensor | None = None,
+    num_warps: int = 4,
+    max_registers: int | None = None,
+) -> torch.Tensor:
+    """`kernels.moe_gemm.moe_gemm`'s contract (operands, outputs, blocks) on NVIDIA GPUs, for blocks of
+    `block_m` in BLOCK_MS rows; `block_n` output features per program (per half for GEMM1), a multiple of
+    16 x num_warps (each warp owns whole 16-feature MMA tiles)."""
+    n_total = w.shape[2]
+    n = n_total // 2 if gated else n_total
+    kd = a.shape[1]
+    r = TILE_K * bits // 32
+    if block_m not in BLOCK_MS:
+        raise ValueError(f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}")
+    if block_n % (16 * num_warps):
+        raise ValueError(f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}")
+    if group_size == -1:
+        group_size = 1 << 30  # one group spanning every K
+    elif group_size % r:
+        raise ValueError(f"group_size={group_size} must be a multiple of {r} for {bits}-bit tiles")
+    partials = gated and split_k > 1
+    num_pairs = (out.shape[1] if partials else out.shape[0]) if gated else a.shape[0]
+    num_m_blocks = expert_ids.shape[0]
+    pair_blocks = sorted_ids is None
+    grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
+    _moe_gemm_decode_kernel[grid](
+        a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
+        bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
+        expert_ids if pair_blocks else sorted_ids, expert_ids, expert_ids if pair_blocks else num_padded,
+        zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),
+        n, kd, num_pairs, num_m_blocks,
+        a.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), out.stride(-2),
+        alpha, beta, 0.0 if limit is None else limit,
+        TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
+        HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
+        GROUP_IN_TILE=min(group_size, TILE_K), SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
+        EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks, ZERO_OUT=zero_out is not None, NUM_WARPS=num_warps,
+        num_warps=num_warps, **({} if max_registers is None else {"maxnreg": max_registers}),
+    )
+    return out
