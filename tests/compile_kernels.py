@@ -17,9 +17,11 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 from wna16moe.kernels.moe_align import _align_one_program, _place_kernel
 from wna16moe.kernels.moe_gemm import _moe_gemm_kernel
+from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel
 
 GEMM_SIGNATURE = {
     "a_ptr": "*bf16", "a_perm_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "bias_ptr": "*fp32",
@@ -89,6 +91,27 @@ def compile_gemm(case: dict) -> dict[str, int]:
     return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"])
 
 
+def compile_decode_gemm(case: dict) -> dict[str, int]:
+    """The Gluon decode GEMM (kernels/moe_gemm_decode.py) for sm_90: PTX facts, its main loop, shared memory."""
+    gated = case["gated"]
+    group = case["group"]
+    consts = dict(TOP_K=8, GATED=gated, ACT=3 if gated else 0, HAS_LIMIT=gated, BITS=case["bits"],
+                  HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_SIZE=group,
+                  GROUP_IN_TILE=min(group, 128), SPLIT_K=case.get("split_k", 1), BLOCK_M=case["block_m"],
+                  BLOCK_N=case["block_n"], EVEN_K=True, PAIR_BLOCKS=case["pair"], ZERO_OUT=gated,
+                  NUM_WARPS=case["warps"])
+    act = "*" + case.get("dtype", "bf16")
+    out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
+    signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,
+                     z_ptr="*u8" if case["zp"] else act, topk_w_ptr=act if gated else "*fp32")
+    signature.update(dict.fromkeys(consts, "constexpr"))
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
+    kernel = triton.compile(GluonASTSource(_moe_gemm_decode_kernel, signature, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", case.get("sm", 90), 32), options={"num_warps": case["warps"]})
+    return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"]) | {"shared": kernel.metadata.shared}
+
+
 def compile_align() -> dict[str, dict[str, int]]:
     """Both alignment paths: the one program (atomics, then barriers between phases) and the grid's placing."""
     pointers = dict.fromkeys(("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "rank_ptr",
@@ -106,4 +129,5 @@ def compile_align() -> dict[str, dict[str, int]]:
 
 if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
-    print(json.dumps({"gemm": [compile_gemm(c) for c in cases], "align": compile_align()}))
+    print(json.dumps({"gemm": [compile_gemm(c) for c in cases["gemm"]],
+                      "decode": [compile_decode_gemm(c) for c in cases["decode"]], "align": compile_align()}))

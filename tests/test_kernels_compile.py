@@ -56,11 +56,37 @@ CASES = [
 ]
 
 
+# The Gluon decode GEMM (kernels/moe_gemm_decode.py): loop budgets as for CASES (its first version + ~10%), per K
+# tile: its main loop holds two.
+DECODE_CASES = [
+    # one token per block (M = 1), GEMM1 int4 g128 bf16, and the K-split GEMM1 with zero points
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
+         loop_budget=305),
+    dict(gated=True, bits=4, zp=True, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True, split_k=2,
+         loop_budget=340),
+    # GEMM2, aligned blocks of 16, 128 wide; g32 groups; act-order; int8 (bf16: the offset in the asm; fp16: raw)
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=16, block_n=128, warps=4, pair=False,
+         loop_budget=390),
+    dict(gated=False, bits=4, zp=False, perm=False, group=32, block_m=8, block_n=64, warps=4, pair=False,
+         loop_budget=260),
+    dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=8, block_n=64, warps=4, pair=False,
+         loop_budget=340),
+    dict(gated=False, bits=8, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=False,
+         loop_budget=380),
+    dict(gated=True, bits=8, zp=True, perm=False, group=64, block_m=8, block_n=64, warps=4, pair=True,
+         dtype="fp16", loop_budget=440),
+    # Ampere
+    dict(sm=80, gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
+         loop_budget=315),
+]
+
+
 @pytest.fixture(scope="module")
 def compiled() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("compile_kernels.py")
-    done = subprocess.run([sys.executable, str(script), json.dumps(CASES)], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, str(script), json.dumps({"gemm": CASES, "decode": DECODE_CASES})], env=env,
+                          capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
@@ -88,6 +114,17 @@ def test_gemm_compiles(compiled: dict, index: int) -> None:
         # Instructions per thread in one K tile of the main loop (SASS): the budget is the count measured when
         # the loop last got faster (benchmarks/NOTES.md v5-v12) plus ~10%; growing past it needs a reason there.
         assert facts["loop_instructions"] <= CASES[index]["loop_budget"], facts
+
+
+@pytest.mark.parametrize("index", range(len(DECODE_CASES)))
+def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
+    facts = compiled["decode"][index]
+    assert facts["mma.sync"] > 0
+    # Weights go from global memory straight into the MMA's registers: no shared memory, no barrier.
+    assert facts["shared"] == 0 and facts["cp.async"] == 0 and facts["bar.sync"] == 0, facts
+    assert facts[".local"] == 0 and facts["loop_STL"] == 0, facts
+    assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
+    assert facts["loop_instructions"] / 2 <= DECODE_CASES[index]["loop_budget"], facts
 
 
 def test_align_compiles(compiled: dict) -> None:

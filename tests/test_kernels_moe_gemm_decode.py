@@ -1,17 +1,20 @@
 """kernels/moe_gemm_decode.py: the Gluon decode GEMMs inside the TRITON backend, against EMULATION.
 
-GPU (marker gpu): every scheme family (int4/int8, groups 32-128 and channel-wise, zero points, act-order),
+GPU (marker gpu): every scheme family (int4/int8, groups 32-128 and channel-wise, zero points; act-order and AWQ
+from the checkpoint fixtures),
 both activation dtypes, blocks of 8 and 16 rows, K splits in both GEMMs, one token (a block per pair) and
 aligned blocks, bias and clamp, a CUDA-graph replay. CPU: the argument checks, and a `decode` configuration
 running on `moe_gemm` under the interpreter (Gluon has none). Compilation for sm_90 is checked on the CPU in
 test_kernels_compile.py.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from triton_env import DEVICE, DTYPES, HAS_CUDA, replay_on_fresh_inputs
 
-from wna16moe import Activation, MoEConfig, QuantizedExperts, WeightScheme
+from wna16moe import Activation, MoEConfig, QuantizedExperts, WeightScheme, open_checkpoint
 from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import TritonConfig, TritonExperts
@@ -73,8 +76,7 @@ DECODE_CONFIGS = [
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split", "bm8-wide", "bm16-w2"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_g64_zp",
-                                         "int4_ch_sym", "int8_g128_sym", "int8_g128_zp", "int8_g64_sym",
-                                         "int4_g128_sym_actorder"])
+                                         "int4_ch_sym", "int8_g128_sym", "int8_g128_zp", "int8_g64_sym"])
 def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
     """H is not a whole number of 128-deep tiles where the groups allow it (the masked last tile of GEMM1)."""
     e, h, i = 16, 1152 if "g128" in scheme_name else 1088, 384
@@ -83,6 +85,20 @@ def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) ->
         for t in (1, 3, 40, 300):
             out, ref = _run_both(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config)
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fixture", ["qwen3moe-gptq-w4-g32-descact", "qwen3moe-awq-gemm-w4-g32"])
+def test_gpu_decode_on_checkpoints(fixture: str) -> None:
+    """Real checkpoints: GPTQ act-order (activation columns gathered by the permutation), AWQ zero points."""
+    ckpt = open_checkpoint(f"tests/data/{fixture}")
+    experts = ckpt.load_layer(1)
+    for dtype in DTYPES:
+        for config in DECODE_CONFIGS[:2]:
+            for t in (1, 5, 40):
+                out, ref = _run_both(experts, replace(ckpt.moe_config(), dtype=dtype), t, config)
+                assert relative_error(out, ref) < 1e-2, (dtype, config, t)
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ Dequantization is the offset-free form (`dequant_slots_raw`: magic + q exactly);
 are corrected with the activations' sums over the group, from one more mma against ones, and scaled:
 acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no raw form and
 subtracts the offset in the asm (`dequant_slots`). The next tile's words, scale and zero-point rows and
-activations are loaded one tile ahead, into registers.
+activations are loaded one tile ahead, into registers (two tiles per loop iteration).
 
 NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests run on a GPU.
 """
@@ -118,6 +118,41 @@ def _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, shared_sums, BITS: gl.c
 
 
 @gluon.jit
+def _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_begin, k_end, N, stride_wk,
+               group_size, stride_sg, BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr,
+               GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, EVEN_K: gl.constexpr):
+    """Everything the tile at reduction row k needs, into registers: (words, scale rows, zero-point rows) of
+    the gate (or only) half and of the up half (GEMM1; else the first again), and the activation tiles. Past
+    k_end it loads the split's first tile again (in bounds; unused)."""
+    PACK: gl.constexpr = 32 // BITS
+    R: gl.constexpr = _TILE_K // PACK
+    k = gl.where(k < k_end, k, k_begin)
+    words = gl.load(w_ptrs + (k // PACK) * stride_wk, mask=w_mask, other=0)
+    s_rows, z_rows = _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE, HAS_ZP)
+    half = (words, s_rows, z_rows)
+    if GATED:
+        words_up = gl.load(w_ptrs + (k // PACK) * stride_wk + N, mask=w_mask, other=0)
+        s_up, z_up = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE,
+                                 HAS_ZP)
+        up = (words_up, s_up, z_up)
+    else:
+        up = half
+    return half, up, _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R, PACK, HAS_PERM, EVEN_K)
+
+
+@gluon.jit
+def _tile_step(acc, acc_up, tile, ones, BITS: gl.constexpr, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
+               RAW: gl.constexpr, GATED: gl.constexpr):
+    """Both accumulators past one tile loaded by `_load_tile`."""
+    half, up, b_tiles = tile
+    acc, sums = _tile_mma(acc, half[0], b_tiles, ones, half[1], half[2], (), BITS, HAS_ZP, GROUP_IN_TILE, RAW, False)
+    if GATED:
+        acc_up, sums = _tile_mma(acc_up, up[0], b_tiles, ones, up[1], up[2], sums, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
+                                 True)
+    return acc, acc_up
+
+
+@gluon.jit
 def _moe_gemm_decode_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
@@ -189,34 +224,21 @@ def _moe_gemm_decode_kernel(
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     acc_up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    # One tile ahead, into registers: words, scale and zero-point rows, activations.
-    words = gl.load(w_ptrs + (k_begin // PACK) * stride_wk, mask=w_mask, other=0)
-    s_rows, z_rows = _group_rows(s_ptrs, z_ptrs, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, GROUP_IN_TILE, HAS_ZP)
-    if GATED:
-        words_up = gl.load(w_ptrs + (k_begin // PACK) * stride_wk + N, mask=w_mask, other=0)
-        s_up, z_up = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k_begin, k_end, GROUP_SIZE, stride_sg, GROUP_IN_TILE,
-                                 HAS_ZP)
-    else:
-        words_up, s_up, z_up = words, s_rows, z_rows
-    b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_begin, k_end, R, PACK, HAS_PERM, EVEN_K)
-    for k in range(k_begin, k_end, _TILE_K):
-        # The last iteration loads the split's first tile again (in bounds; unused).
-        k_next = gl.where(k + _TILE_K < k_end, k + _TILE_K, k_begin)
-        words_next = gl.load(w_ptrs + (k_next // PACK) * stride_wk, mask=w_mask, other=0)
-        s_next, z_next = _group_rows(s_ptrs, z_ptrs, n_mask, k_next, k_end, GROUP_SIZE, stride_sg, GROUP_IN_TILE,
-                                     HAS_ZP)
-        if GATED:
-            words_up_next = gl.load(w_ptrs + (k_next // PACK) * stride_wk + N, mask=w_mask, other=0)
-            s_up_next, z_up_next = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k_next, k_end, GROUP_SIZE, stride_sg,
-                                               GROUP_IN_TILE, HAS_ZP)
-        b_next = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_next, k_end, R, PACK, HAS_PERM, EVEN_K)
-
-        acc, sums = _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, (), BITS, HAS_ZP, GROUP_IN_TILE, RAW, False)
-        if GATED:
-            acc_up, sums = _tile_mma(acc_up, words_up, b_tiles, ones, s_up, z_up, sums, BITS, HAS_ZP, GROUP_IN_TILE,
-                                     RAW, True)
-            words_up, s_up, z_up = words_up_next, s_up_next, z_up_next
-        words, s_rows, z_rows, b_tiles = words_next, s_next, z_next, b_next
+    # Tiles are loaded into registers one tile ahead, two tiles per iteration: each tile's registers are free
+    # again when the next-but-one is loaded into them (one tile per iteration copies every prefetched register).
+    k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
+    tile = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_begin, k_end, N,
+                      stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
+    for k in range(k_begin, k_end, 2 * k_step):
+        other = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k + k_step, k_begin,
+                           k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED,
+                           EVEN_K)
+        acc, acc_up = _tile_step(acc, acc_up, tile, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW, GATED)
+        tile = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k + 2 * k_step,
+                          k_begin, k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
+                          GATED, EVEN_K)
+        if k + k_step < k_end:
+            acc, acc_up = _tile_step(acc, acc_up, other, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW, GATED)
 
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
