@@ -65,16 +65,18 @@ def test_decode_config_runs_on_moe_gemm_without_ptx() -> None:
 
 
 DECODE_CONFIGS = [
-    TritonConfig(8, 64, 64, decode=True),
-    TritonConfig(16, 128, 128, split_k1=2, split_k2=3, decode=True),  # uneven split: one program gets no K tile
-    TritonConfig(8, 64, 256, split_k2=2, num_warps=4, decode=True),  # N tiles wider than I' (masked)
-    TritonConfig(16, 32, 64, num_warps=2, max_registers=96, decode=True),
+    TritonConfig(8, 64, 64, decode=True),  # words through a 4-deep cp.async ring
+    TritonConfig(16, 128, 128, split_k1=2, split_k2=3, num_stages=1, decode=True),  # into registers; uneven split
+    TritonConfig(8, 64, 256, split_k2=2, num_stages=2, decode=True),  # N tiles wider than I' (masked)
+    TritonConfig(16, 32, 64, num_warps=2, max_registers=96, num_stages=3, decode=True),
+    TritonConfig(8, 64, 128, num_stages=1, decode=True),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split", "bm8-wide", "bm16-w2"])
+@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split-regs", "bm8-wide-2stages",
+                                                     "bm16-w2-3stages", "bm8-regs"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_g64_zp",
                                          "int4_ch_sym", "int8_g128_sym", "int8_g128_zp", "int8_g64_sym"])
 def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) -> None:

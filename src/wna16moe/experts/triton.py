@@ -63,8 +63,9 @@ class TritonConfig:
 
     `decode` runs both GEMMs on `kernels/moe_gemm_decode.py` (Gluon, mma.sync with the weights as A and
     blocks of `block_m` = 8 or 16 rows as N) where the PTX dequantization runs (NVIDIA); elsewhere the same
-    tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. `num_stages` and `swap_ab` do not
-    apply to it.
+    tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. There `num_stages` > 1 is the depth of
+    the shared-memory ring the weights come through, 1 loads them into registers one tile ahead; `swap_ab`
+    does not apply.
     """
 
     block_m: int
@@ -275,12 +276,12 @@ class TritonExperts(Experts):
         else:
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                      max_registers=cfg.max_registers)
+                      num_stages=cfg.num_stages, max_registers=cfg.max_registers)
         if cfg.decode:
             gemm = moe_gemm_decode
         else:
             gemm = moe_gemm
-            common.update(fast_dequant=ptx, swap_ab=cfg.swap_ab, num_stages=cfg.num_stages)
+            common.update(fast_dequant=ptx, swap_ab=cfg.swap_ab)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)

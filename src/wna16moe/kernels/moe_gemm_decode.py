@@ -29,7 +29,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from wna16moe.kernels.activation import ACT_SILU, gated_activation
 from wna16moe.kernels.dequant import dequant_magic, dequant_offset, dequant_slots, dequant_slots_raw
@@ -118,37 +118,61 @@ def _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, shared_sums, BITS: gl.c
 
 
 @gluon.jit
-def _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_begin, k_end, N, stride_wk,
-               group_size, stride_sg, BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr,
-               GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, EVEN_K: gl.constexpr):
-    """Everything the tile at reduction row k needs, into registers: (words, scale rows, zero-point rows) of
-    the gate (or only) half and of the up half (GEMM1; else the first again), and the activation tiles. Past
-    k_end it loads the split's first tile again (in bounds; unused)."""
+def _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_end, N, group_size, stride_sg,
+               BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
+               GATED: gl.constexpr, EVEN_K: gl.constexpr):
+    """What the tile at reduction row k needs besides its words: the scale and zero-point rows of the gate (or
+    only) half and of the up half (GEMM1; else the first again), and the activation tiles."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
-    k = gl.where(k < k_end, k, k_begin)
-    words = gl.load(w_ptrs + (k // PACK) * stride_wk, mask=w_mask, other=0)
-    s_rows, z_rows = _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE, HAS_ZP)
-    half = (words, s_rows, z_rows)
+    scales = _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE, HAS_ZP)
     if GATED:
-        words_up = gl.load(w_ptrs + (k // PACK) * stride_wk + N, mask=w_mask, other=0)
-        s_up, z_up = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE,
-                                 HAS_ZP)
-        up = (words_up, s_up, z_up)
+        scales_up = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE, HAS_ZP)
     else:
-        up = half
-    return half, up, _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R, PACK, HAS_PERM, EVEN_K)
+        scales_up = scales
+    return scales, scales_up, _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R, PACK, HAS_PERM, EVEN_K)
 
 
 @gluon.jit
-def _tile_step(acc, acc_up, tile, ones, BITS: gl.constexpr, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
-               RAW: gl.constexpr, GATED: gl.constexpr):
-    """Both accumulators past one tile loaded by `_load_tile`."""
-    half, up, b_tiles = tile
-    acc, sums = _tile_mma(acc, half[0], b_tiles, ones, half[1], half[2], (), BITS, HAS_ZP, GROUP_IN_TILE, RAW, False)
+def _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_begin, k_end, N, stride_wk,
+               group_size, stride_sg, BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr,
+               GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, EVEN_K: gl.constexpr):
+    """Everything the tile at reduction row k needs, into registers: its words (gate and up halves; else the
+    words twice) and `_load_side`. Past k_end it loads the split's first tile again (in bounds; unused)."""
+    PACK: gl.constexpr = 32 // BITS
+    k = gl.where(k < k_end, k, k_begin)
+    words = gl.load(w_ptrs + (k // PACK) * stride_wk, mask=w_mask, other=0)
+    words_up = gl.load(w_ptrs + (k // PACK) * stride_wk + N, mask=w_mask, other=0) if GATED else words
+    side = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_end, N, group_size, stride_sg, BITS,
+                      HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
+    return words, words_up, side
+
+
+@gluon.jit
+def _copy_words(smem, slot, w_ptrs, w_mask, k, k_begin, k_end, N, stride_wk, PACK: gl.constexpr,
+                GATED: gl.constexpr):
+    """cp.async of the words of the tile at reduction row k (past k_end: the split's first tile, unused) into
+    pipeline slot `slot` of `smem` (gate then up), as one commit group."""
+    k = gl.where(k < k_end, k, k_begin)
     if GATED:
-        acc_up, sums = _tile_mma(acc_up, up[0], b_tiles, ones, up[1], up[2], sums, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
-                                 True)
+        async_copy.async_copy_global_to_shared(smem.index(2 * slot), w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
+        async_copy.async_copy_global_to_shared(smem.index(2 * slot + 1), w_ptrs + (k // PACK) * stride_wk + N,
+                                               mask=w_mask)
+    else:
+        async_copy.async_copy_global_to_shared(smem.index(slot), w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _tile_step(acc, acc_up, words, words_up, side, ones, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
+               GROUP_IN_TILE: gl.constexpr, RAW: gl.constexpr, GATED: gl.constexpr):
+    """Both accumulators past one tile: its words and `_load_side`."""
+    scales, scales_up, b_tiles = side
+    acc, sums = _tile_mma(acc, words, b_tiles, ones, scales[0], scales[1], (), BITS, HAS_ZP, GROUP_IN_TILE, RAW,
+                          False)
+    if GATED:
+        acc_up, sums = _tile_mma(acc_up, words_up, b_tiles, ones, scales_up[0], scales_up[1], sums, BITS, HAS_ZP,
+                                 GROUP_IN_TILE, RAW, True)
     return acc, acc_up
 
 
@@ -161,6 +185,7 @@ def _moe_gemm_decode_kernel(
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr, NUM_WARPS: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
@@ -224,21 +249,59 @@ def _moe_gemm_decode_kernel(
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     acc_up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    # Tiles are loaded into registers one tile ahead, two tiles per iteration: each tile's registers are free
-    # again when the next-but-one is loaded into them (one tile per iteration copies every prefetched register).
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
-    tile = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_begin, k_end, N,
-                      stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
-    for k in range(k_begin, k_end, 2 * k_step):
-        other = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k + k_step, k_begin,
-                           k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED,
-                           EVEN_K)
-        acc, acc_up = _tile_step(acc, acc_up, tile, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW, GATED)
-        tile = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k + 2 * k_step,
-                          k_begin, k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
-                          GATED, EVEN_K)
-        if k + k_step < k_end:
-            acc, acc_up = _tile_step(acc, acc_up, other, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW, GATED)
+    if STAGES > 1:
+        # Words through a STAGES-deep cp.async ring in shared memory (bytes in flight without registers); the
+        # scale rows and activations one tile ahead in registers.
+        HALVES: gl.constexpr = 2 if GATED else 1
+        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
+                                              [NUM_WARPS, 1], [1, 0])
+        # 8-word groups XOR-swizzled by row pair: a thread reads rows 2q + c (+ 8) of 8 neighbouring columns, so
+        # one load touches rows c, 2 + c, 4 + c, 6 + c: four distinct bank groups.
+        SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0])
+        smem = gl.allocate_shared_memory(gl.int32, [STAGES * HALVES, R, BLOCK_N], SMEM)
+        offs_n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
+        c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
+                  + offs_n_c[None, :])
+        c_mask = (offs_n_c < N)[None, :]
+        for s in gl.static_range(STAGES - 1):
+            _copy_words(smem, s, c_ptrs, c_mask, k_begin + s * k_step, k_begin, k_end, N, stride_wk, PACK, GATED)
+        side = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_end, N, GROUP_SIZE,
+                          stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
+        slot = 0
+        for k in range(k_begin, k_end, k_step):
+            async_copy.wait_group(STAGES - 2)
+            gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
+            _copy_words(smem, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, k + (STAGES - 1) * k_step, k_begin,
+                        k_end, N, stride_wk, PACK, GATED)
+            k_next = gl.where(k + k_step < k_end, k + k_step, k_begin)
+            side_next = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_next, k_end, N,
+                                   GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
+            # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
+            words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
+            words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
+            acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
+                                     GATED)
+            side = side_next
+            slot = (slot + 1) % STAGES
+    else:
+        # Tiles into registers one tile ahead, two tiles per iteration: each tile's registers are free again
+        # when the next-but-one is loaded into them (one tile per iteration copies every prefetched register).
+        tile = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_begin,
+                          k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED,
+                          EVEN_K)
+        for k in range(k_begin, k_end, 2 * k_step):
+            other = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k + k_step,
+                               k_begin, k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM,
+                               GROUP_IN_TILE, GATED, EVEN_K)
+            acc, acc_up = _tile_step(acc, acc_up, tile[0], tile[1], tile[2], ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
+                                     GATED)
+            tile = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k + 2 * k_step,
+                              k_begin, k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM,
+                              GROUP_IN_TILE, GATED, EVEN_K)
+            if k + k_step < k_end:
+                acc, acc_up = _tile_step(acc, acc_up, other[0], other[1], other[2], ones, BITS, HAS_ZP, GROUP_IN_TILE,
+                                         RAW, GATED)
 
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
@@ -291,17 +354,21 @@ def moe_gemm_decode(
     split_k: int = 1,
     zero_out: torch.Tensor | None = None,
     num_warps: int = 4,
+    num_stages: int = 1,
     max_registers: int | None = None,
 ) -> torch.Tensor:
     """`kernels.moe_gemm.moe_gemm`'s contract (operands, outputs, blocks) on NVIDIA GPUs, for blocks of
     `block_m` in BLOCK_MS rows; `block_n` output features per program (per half for GEMM1), a multiple of
-    16 x num_warps (each warp owns whole 16-feature MMA tiles)."""
+    16 x num_warps (each warp owns whole 16-feature MMA tiles). `num_stages` > 1: the words come through a
+    cp.async ring of that many tiles in shared memory; 1: straight into registers, one tile ahead."""
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
     kd = a.shape[1]
     r = TILE_K * bits // 32
     if block_m not in BLOCK_MS:
         raise ValueError(f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}")
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be at least 1, got {num_stages}")
     if block_n % (16 * num_warps):
         raise ValueError(f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}")
     if group_size == -1:
@@ -325,6 +392,7 @@ def moe_gemm_decode(
         HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
         GROUP_IN_TILE=min(group_size, TILE_K), SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
         EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks, ZERO_OUT=zero_out is not None, NUM_WARPS=num_warps,
+        STAGES=num_stages,
         num_warps=num_warps, **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     return out
