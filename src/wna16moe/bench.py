@@ -271,11 +271,16 @@ MIN_SEARCH_GAIN = 0.02  # a move must be this much faster: the search does not c
 def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     """The coordinate search's moves: groups of field settings tried together. Fields that interact are one
     group (a GEMM's tile width and its split; v22: mixtral's best GEMM2 was a joint move, 64 x 2 -> 128 x 16)."""
-    if per_expert <= 20:  # decode: 16-row blocks, wide tiles, splits over K
+    if per_expert <= 20:  # decode: small blocks, wide tiles, splits over K
         gemm1 = [{"block_n1": bn, "split_k1": s, "max_registers": r}
                  for bn in (32, 64, 128) for s in (1, 2, 4) for r in (None, 96)]
-        pipeline = [{"num_stages": st} for st in (2, 3, 4, 5)]
-        return [_DECODE_GEMM2_MOVES, gemm1, pipeline]
+        pipeline = [{"num_stages": st} for st in (1, 2, 3, 4, 5)]  # (1: the decode kernel's register path)
+        # The Gluon decode kernel (kernels/moe_gemm_decode.py) at the two tilings that led the v26 trials; the
+        # later groups tune it (or the Triton kernel) from there. Its 8-row blocks pay where experts see <= 8.
+        kernel = [{"decode": True, "block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": 4,
+                   "num_stages": st, "max_registers": None}
+                  for bm in ((8, 16) if per_expert > 4 else (8,)) for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
+        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline]
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
               "split_k1": 1, "max_registers": None}
              for bm, bn1, bn2, w, st, swap in ((32, 64, 64, 4, 4, False), (64, 64, 64, 4, 3, False),

@@ -43,17 +43,17 @@ BLOCK_MS = (8, 16)
 @gluon.jit
 def _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE: gl.constexpr,
                 HAS_ZP: gl.constexpr):
-    """The scale rows (float32) and zero-point rows (int32; None without zero points) of the groups of the
-    tile at reduction row k, one [BLOCK_N] tensor per group. Rows past k_end read the last group (never
-    used: their activations are zero)."""
+    """The scale rows and zero-point rows (an empty tuple without zero points) of the groups of the tile at
+    reduction row k, one [BLOCK_N] tensor per group, as stored (converted where used: fewer registers while
+    they wait a tile). Rows past k_end read the last group (never used: their activations are zero)."""
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     s_rows = ()
     z_rows = ()
     for g in gl.static_range(NG):
         group = gl.minimum(k + g * GROUP_IN_TILE, k_end - 1) // group_size
-        s_rows = s_rows + (gl.load(s_ptrs + group * stride_sg, mask=n_mask, other=0.0).to(gl.float32),)
+        s_rows = s_rows + (gl.load(s_ptrs + group * stride_sg, mask=n_mask, other=0.0),)
         if HAS_ZP:
-            z_rows = z_rows + (gl.load(z_ptrs + group * stride_sg, mask=n_mask, other=0).to(gl.int32),)
+            z_rows = z_rows + (gl.load(z_ptrs + group * stride_sg, mask=n_mask, other=0),)
     return s_rows, z_rows
 
 
@@ -113,7 +113,7 @@ def _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, shared_sums, BITS: gl.c
                 part = part - (z_rows[g].to(gl.float32) + m)[:, None] * group_sum
             else:
                 part = part - (m + MID) * group_sum
-        acc = acc + s_rows[g][:, None] * part
+        acc = acc + s_rows[g].to(gl.float32)[:, None] * part
     return acc, sums
 
 
