@@ -9,6 +9,7 @@ import pytest
 from wna16moe import tuning
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.triton import TritonConfig, default_config
+from wna16moe.kernels.moe_gemm_decode import BLOCK_MS
 from wna16moe.oracle import explain
 from wna16moe.shapes import model_shape
 from wna16moe.tuning import ShapeKey, build_table, triton_vs_marlin, tuned_config
@@ -94,12 +95,18 @@ def test_shipped_table_is_valid() -> None:
 
 
 def _launchable(cfg: TritonConfig) -> bool:
-    """What the kernels take: power-of-two tiles and warps, tl.dot's 16-row minimum, a few pipeline stages."""
+    """What the kernels take: power-of-two tiles and warps, a few pipeline stages; tl.dot's 16-row minimum, or
+    for the decode kernel 8- or 16-row blocks and whole 16-feature MMA tiles per warp."""
     def pow2(x: int) -> bool:
         return x > 0 and x & (x - 1) == 0
 
-    return (cfg.block_m >= 16 and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_warps))
-            and cfg.num_warps in (4, 8) and 2 <= cfg.num_stages <= 6 and cfg.split_k1 in (1, 2, 4, 8)
+    if cfg.decode:
+        mma_tiles = 16 * cfg.num_warps
+        blocks = cfg.block_m in BLOCK_MS and cfg.block_n1 % mma_tiles == cfg.block_n2 % mma_tiles == 0
+    else:
+        blocks = cfg.block_m >= 16
+    return (blocks and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_warps))
+            and cfg.num_warps in (4, 8) and 1 <= cfg.num_stages <= 6 and cfg.split_k1 in (1, 2, 4, 8)
             and cfg.split_k2 in (1, 2, 4, 8, 16) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))
 
 

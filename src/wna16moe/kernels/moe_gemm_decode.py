@@ -6,19 +6,23 @@ mma.sync m16n8k16: the dequantized weights are the A operand (16 output features
 block's BLOCK_M rows (8 or 16) its N. One mma then covers 256 weights however few of the 8 rows are real
 (the `moe_gemm` decode tile wastes 15 of 16 rows at one token and needs twice the mmas).
 
-Why Gluon: in the tile-interleaved layout, slot j of word row r holds reduction index j * R + r. Loaded
-from global memory straight into the A-operand register layout of a [BLOCK_N, R] tile (no shared memory:
-at decode each weight is read once), a thread holds word rows r and r + 1 of one column as neighbouring
-registers, so the pair the dequantization asm returns for slot j, (j * R + r, j * R + r + 1), is exactly
-the packed pair an mma register holds, and slot j of the tile is the A operand of reduction rows
-[j * R, (j + 1) * R) as it comes out of the asm. Triton's `tl.dot` picks its own operand layouts, which made
-the other kernel stage weights through shared memory and shuffle halves (benchmarks/NOTES.md v20).
+Why Gluon: in the tile-interleaved layout, slot j of word row r holds reduction index j * R + r. Loaded into
+the A-operand register layout of a [BLOCK_N, R] tile, a thread holds word rows r and r + 1 of one column as
+neighbouring registers, so the pair the dequantization asm returns for slot j, (j * R + r, j * R + r + 1), is
+exactly the packed pair an mma register holds, and slot j of the tile is the A operand of reduction rows
+[j * R, (j + 1) * R) as it comes out of the asm: the weights keep the layout `moe_gemm` reads. Triton's
+`tl.dot` picks its own operand layouts and its M blocks start at 16 rows.
 
 Dequantization is the offset-free form (`dequant_slots_raw`: magic + q exactly); each group's partial sums
 are corrected with the activations' sums over the group, from one more mma against ones, and scaled:
 acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no raw form and
-subtracts the offset in the asm (`dequant_slots`). The next tile's words, scale and zero-point rows and
-activations are loaded one tile ahead, into registers (two tiles per loop iteration).
+subtracts the offset in the asm (`dequant_slots`).
+
+Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come either through a
+STAGES-deep cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free) or,
+with STAGES = 1, straight into registers one tile ahead (two tiles per loop iteration, so that no prefetched
+register is copied). Scale and zero-point rows and the activation tiles are loaded one tile ahead into
+registers either way.
 
 NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests run on a GPU.
 """
