@@ -101,7 +101,8 @@ ab_rounds() {  # ab_rounds GPU OFFSET: the bench of the trees build/ab/<name>/sr
 
 tree_tests() {  # TRITON's GPU tests (one process each) of $TEST_TREE (src/ and tests/; default: the working tree)
     (cd "${TEST_TREE:-.}" && export PYTHONPATH="$PWD/src:$PWD/tests" && parallel_tests triton-tests 400 \
-         tests/test_kernels_dequant.py tests/test_experts_triton.py tests/test_bench.py)
+         tests/test_kernels_dequant.py tests/test_experts_triton.py tests/test_kernels_moe_gemm_decode.py \
+         tests/test_bench.py)
 }
 
 pack_logs() {  # pack_logs [GLOBS...]: the logs, test ids and GLOBS (in $OUT) into one tarball: at most 8 files
