@@ -99,7 +99,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_SIZE=group,
                   GROUP_IN_TILE=min(group, 128), SPLIT_K=case.get("split_k", 1), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], EVEN_K=True, PAIR_BLOCKS=case["pair"], ZERO_OUT=gated,
-                  NUM_WARPS=case["warps"], STAGES=case.get("stages", 1))
+                  NUM_WARPS=case["warps"], STAGES=case.get("stages", 3))
     act = "*" + case.get("dtype", "bf16")
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,

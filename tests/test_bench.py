@@ -212,9 +212,9 @@ def test_coordinate_search_skips_configurations_that_fail() -> None:
 def test_coordinate_search_offers_the_decode_kernel_at_decode() -> None:
     # Where the Gluon decode kernel is faster, the search moves to it and tunes on from there.
     start = TritonConfig(16, 64, 64)
-    best = bench.coordinate_search(lambda c: (60.0 if c.decode else 100.0) * (0.9 if c.num_stages == 1 else 1.0),
+    best = bench.coordinate_search(lambda c: (60.0 if c.decode else 100.0) * (0.9 if c.num_stages == 2 else 1.0),
                                    start, bench._search_groups(1.0))
-    assert best.decode and best.block_m == 8 and best.num_stages == 1
+    assert best.decode and best.block_m == 8 and best.num_stages == 2
     assert any(f.get("block_m") == 16 for f in bench._search_groups(6.0)[0])  # 16-row blocks once experts see > 4
     assert not any(f.get("decode") for group in bench._search_groups(200.0) for f in group)  # not past decode
 

@@ -1,11 +1,10 @@
 """kernels/moe_gemm_decode.py: the Gluon decode GEMMs inside the TRITON backend, against EMULATION.
 
 GPU (marker gpu): every scheme family (int4/int8, groups 32-128 and channel-wise, zero points; act-order and AWQ
-from the checkpoint fixtures),
-both activation dtypes, blocks of 8 and 16 rows, K splits in both GEMMs, one token (a block per pair) and
-aligned blocks, bias and clamp, a CUDA-graph replay. CPU: the argument checks, and a `decode` configuration
-running on `moe_gemm` under the interpreter (Gluon has none). Compilation for sm_90 is checked on the CPU in
-test_kernels_compile.py.
+from the checkpoint fixtures), both activation dtypes, blocks of 8 and 16 rows, ring depths 2-5, K splits in
+both GEMMs, one token (a block per pair) and aligned blocks, bias and clamp, a CUDA-graph replay. CPU: the
+argument checks, and a `decode` configuration running on `moe_gemm` under the interpreter (Gluon has none).
+Compilation for sm_90 and sm_80 is checked on the CPU in test_kernels_compile.py.
 """
 
 from dataclasses import replace
@@ -52,6 +51,8 @@ def test_arguments_are_checked() -> None:
         moe_gemm_decode(*args, block_m=32, block_n=64, **common)
     with pytest.raises(ValueError, match="block_n"):
         moe_gemm_decode(*args, block_m=8, block_n=48, **common)
+    with pytest.raises(ValueError, match="num_stages"):
+        moe_gemm_decode(*args, block_m=8, block_n=64, num_stages=1, **common)
     with pytest.raises(ValueError, match="group_size"):
         moe_gemm_decode(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False)
 
@@ -65,18 +66,18 @@ def test_decode_config_runs_on_moe_gemm_without_ptx() -> None:
 
 
 DECODE_CONFIGS = [
-    TritonConfig(8, 64, 64, decode=True),  # words through a 4-deep cp.async ring
-    TritonConfig(16, 128, 128, split_k1=2, split_k2=3, num_stages=1, decode=True),  # into registers; uneven split
+    TritonConfig(8, 64, 64, decode=True),  # a 4-deep cp.async ring
+    TritonConfig(16, 128, 128, split_k1=2, split_k2=3, num_stages=3, decode=True),  # uneven split: an idle program
     TritonConfig(8, 64, 256, split_k2=2, num_stages=2, decode=True),  # N tiles wider than I' (masked)
     TritonConfig(16, 32, 64, num_warps=2, max_registers=96, num_stages=3, decode=True),
-    TritonConfig(8, 64, 128, num_stages=1, decode=True),
+    TritonConfig(8, 128, 128, num_stages=5, decode=True),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split-regs", "bm8-wide-2stages",
-                                                     "bm16-w2-3stages", "bm8-regs"])
+@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split", "bm8-wide-2stages", "bm16-w2",
+                                                     "bm8-5stages"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_g64_zp",
                                          "int4_ch_sym", "int8_g128_sym", "int8_g128_zp", "int8_g64_sym"])
 def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) -> None:

@@ -106,7 +106,7 @@ def _launchable(cfg: TritonConfig) -> bool:
     else:
         blocks = cfg.block_m >= 16
     return (blocks and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_warps))
-            and cfg.num_warps in (4, 8) and 1 <= cfg.num_stages <= 6 and cfg.split_k1 in (1, 2, 4, 8)
+            and cfg.num_warps in (4, 8) and 2 <= cfg.num_stages <= 6 and cfg.split_k1 in (1, 2, 4, 8)
             and cfg.split_k2 in (1, 2, 4, 8, 16) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))
 
 

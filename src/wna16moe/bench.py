@@ -274,7 +274,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     if per_expert <= 20:  # decode: small blocks, wide tiles, splits over K
         gemm1 = [{"block_n1": bn, "split_k1": s, "max_registers": r}
                  for bn in (32, 64, 128) for s in (1, 2, 4) for r in (None, 96)]
-        pipeline = [{"num_stages": st} for st in (1, 2, 3, 4, 5)]  # (1: the decode kernel's register path)
+        pipeline = [{"num_stages": st} for st in (2, 3, 4, 5)]
         # The Gluon decode kernel (kernels/moe_gemm_decode.py) at the two tilings that led the v26 trials; the
         # later groups tune it (or the Triton kernel) from there. Its 8-row blocks pay where experts see <= 8.
         kernel = [{"decode": True, "block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": 4,

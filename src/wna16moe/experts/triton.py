@@ -63,9 +63,8 @@ class TritonConfig:
 
     `decode` runs both GEMMs on `kernels/moe_gemm_decode.py` (Gluon, mma.sync with the weights as A and
     blocks of `block_m` = 8 or 16 rows as N) where the PTX dequantization runs (NVIDIA); elsewhere the same
-    tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. There `num_stages` > 1 is the depth of
-    the shared-memory ring the weights come through, 1 loads them into registers one tile ahead; `swap_ab`
-    does not apply.
+    tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. There `num_stages` (>= 2) is the depth of
+    the shared-memory ring the weights come through; `swap_ab` does not apply.
     """
 
     block_m: int

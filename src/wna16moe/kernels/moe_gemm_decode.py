@@ -18,11 +18,10 @@ are corrected with the activations' sums over the group, from one more mma again
 acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no raw form and
 subtracts the offset in the asm (`dequant_slots`).
 
-Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come either through a
-STAGES-deep cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free) or,
-with STAGES = 1, straight into registers one tile ahead (two tiles per loop iteration, so that no prefetched
-register is copied). Scale and zero-point rows and the activation tiles are loaded one tile ahead into
-registers either way.
+Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come through a STAGES-deep
+cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
+into registers one tile ahead they were slower), and the scale and zero-point rows and the activation tiles
+one tile ahead in registers.
 
 NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests run on a GPU.
 """
@@ -138,21 +137,6 @@ def _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_end, N
 
 
 @gluon.jit
-def _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_begin, k_end, N, stride_wk,
-               group_size, stride_sg, BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr,
-               GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, EVEN_K: gl.constexpr):
-    """Everything the tile at reduction row k needs, into registers: its words (gate and up halves; else the
-    words twice) and `_load_side`. Past k_end it loads the split's first tile again (in bounds; unused)."""
-    PACK: gl.constexpr = 32 // BITS
-    k = gl.where(k < k_end, k, k_begin)
-    words = gl.load(w_ptrs + (k // PACK) * stride_wk, mask=w_mask, other=0)
-    words_up = gl.load(w_ptrs + (k // PACK) * stride_wk + N, mask=w_mask, other=0) if GATED else words
-    side = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_end, N, group_size, stride_sg, BITS,
-                      HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
-    return words, words_up, side
-
-
-@gluon.jit
 def _copy_words(smem, slot, w_ptrs, w_mask, k, k_begin, k_end, N, stride_wk, PACK: gl.constexpr,
                 GATED: gl.constexpr):
     """cp.async of the words of the tile at reduction row k (past k_end: the split's first tile, unused) into
@@ -240,10 +224,6 @@ def _moe_gemm_decode_kernel(
     k_begin = pid_k * tiles_per_split * _TILE_K
     k_end = gl.minimum(KD, k_begin + tiles_per_split * _TILE_K)
 
-    offs_n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))
-    w_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(0, A_OP))[None, :] * stride_wk
-              + offs_n_w[:, None])
-    w_mask = (offs_n_w < N)[:, None]
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     n_mask = offs_n < N
     s_ptrs = s_ptr + expert * stride_se + offs_n
@@ -254,58 +234,39 @@ def _moe_gemm_decode_kernel(
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     acc_up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
-    if STAGES > 1:
-        # Words through a STAGES-deep cp.async ring in shared memory (bytes in flight without registers); the
-        # scale rows and activations one tile ahead in registers.
-        HALVES: gl.constexpr = 2 if GATED else 1
-        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
-                                              [NUM_WARPS, 1], [1, 0])
-        # 8-word groups XOR-swizzled by row pair: a thread reads rows 2q + c (+ 8) of 8 neighbouring columns, so
-        # one load touches rows c, 2 + c, 4 + c, 6 + c: four distinct bank groups.
-        SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0])
-        smem = gl.allocate_shared_memory(gl.int32, [STAGES * HALVES, R, BLOCK_N], SMEM)
-        offs_n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
-        c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
-                  + offs_n_c[None, :])
-        c_mask = (offs_n_c < N)[None, :]
-        for s in gl.static_range(STAGES - 1):
-            _copy_words(smem, s, c_ptrs, c_mask, k_begin + s * k_step, k_begin, k_end, N, stride_wk, PACK, GATED)
-        side = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_end, N, GROUP_SIZE,
-                          stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
-        slot = 0
-        for k in range(k_begin, k_end, k_step):
-            async_copy.wait_group(STAGES - 2)
-            gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
-            _copy_words(smem, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, k + (STAGES - 1) * k_step, k_begin,
-                        k_end, N, stride_wk, PACK, GATED)
-            k_next = gl.where(k + k_step < k_end, k + k_step, k_begin)
-            side_next = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_next, k_end, N,
-                                   GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
-            # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
-            words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
-            words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
-            acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
-                                     GATED)
-            side = side_next
-            slot = (slot + 1) % STAGES
-    else:
-        # Tiles into registers one tile ahead, two tiles per iteration: each tile's registers are free again
-        # when the next-but-one is loaded into them (one tile per iteration copies every prefetched register).
-        tile = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_begin,
-                          k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED,
-                          EVEN_K)
-        for k in range(k_begin, k_end, 2 * k_step):
-            other = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k + k_step,
-                               k_begin, k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM,
-                               GROUP_IN_TILE, GATED, EVEN_K)
-            acc, acc_up = _tile_step(acc, acc_up, tile[0], tile[1], tile[2], ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
-                                     GATED)
-            tile = _load_tile(w_ptrs, w_mask, s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k + 2 * k_step,
-                              k_begin, k_end, N, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM,
-                              GROUP_IN_TILE, GATED, EVEN_K)
-            if k + k_step < k_end:
-                acc, acc_up = _tile_step(acc, acc_up, other[0], other[1], other[2], ones, BITS, HAS_ZP, GROUP_IN_TILE,
-                                         RAW, GATED)
+    # Words through a STAGES-deep cp.async ring in shared memory (bytes in flight without registers); the
+    # scale rows and activations one tile ahead in registers (loaded when used instead, they lost at M = 1).
+    HALVES: gl.constexpr = 2 if GATED else 1
+    COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
+                                          [NUM_WARPS, 1], [1, 0])
+    # 8-word groups XOR-swizzled by row pair: a thread reads rows 2q + c (+ 8) of 8 neighbouring columns, so
+    # one load touches rows c, 2 + c, 4 + c, 6 + c: four distinct bank groups.
+    SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0])
+    smem = gl.allocate_shared_memory(gl.int32, [STAGES * HALVES, R, BLOCK_N], SMEM)
+    offs_n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
+    c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
+              + offs_n_c[None, :])
+    c_mask = (offs_n_c < N)[None, :]
+    for s in gl.static_range(STAGES - 1):
+        _copy_words(smem, s, c_ptrs, c_mask, k_begin + s * k_step, k_begin, k_end, N, stride_wk, PACK, GATED)
+    side = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_end, N, GROUP_SIZE,
+                      stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
+    slot = 0
+    for k in range(k_begin, k_end, k_step):
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
+        _copy_words(smem, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, k + (STAGES - 1) * k_step, k_begin,
+                    k_end, N, stride_wk, PACK, GATED)
+        k_next = gl.where(k + k_step < k_end, k + k_step, k_begin)
+        side_next = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_next, k_end, N,
+                               GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
+        # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
+        words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
+        words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
+        acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
+                                 GATED)
+        side = side_next
+        slot = (slot + 1) % STAGES
 
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
@@ -358,21 +319,21 @@ def moe_gemm_decode(
     split_k: int = 1,
     zero_out: torch.Tensor | None = None,
     num_warps: int = 4,
-    num_stages: int = 1,
+    num_stages: int = 3,
     max_registers: int | None = None,
 ) -> torch.Tensor:
     """`kernels.moe_gemm.moe_gemm`'s contract (operands, outputs, blocks) on NVIDIA GPUs, for blocks of
     `block_m` in BLOCK_MS rows; `block_n` output features per program (per half for GEMM1), a multiple of
-    16 x num_warps (each warp owns whole 16-feature MMA tiles). `num_stages` > 1: the words come through a
-    cp.async ring of that many tiles in shared memory; 1: straight into registers, one tile ahead."""
+    16 x num_warps (each warp owns whole 16-feature MMA tiles). The words come through a cp.async ring of
+    `num_stages` (>= 2) tiles in shared memory."""
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
     kd = a.shape[1]
     r = TILE_K * bits // 32
     if block_m not in BLOCK_MS:
         raise ValueError(f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}")
-    if num_stages < 1:
-        raise ValueError(f"num_stages must be at least 1, got {num_stages}")
+    if num_stages < 2:
+        raise ValueError(f"num_stages must be at least 2 (the depth of the cp.async ring), got {num_stages}")
     if block_n % (16 * num_warps):
         raise ValueError(f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}")
     if group_size == -1:
