@@ -11,13 +11,20 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from triton_env import DEVICE, DTYPES, HAS_CUDA, replay_on_fresh_inputs
+from triton_env import (
+    DEVICE,
+    DTYPES,
+    HAS_CUDA,
+    random_experts,
+    replay_on_fresh_inputs,
+    triton_and_emulation,
+    triton_beside_emulation,
+)
 
 from wna16moe import (
     Activation,
     MoEConfig,
     ParallelConfig,
-    QuantizedExperts,
     WeightScheme,
     open_checkpoint,
 )
@@ -31,26 +38,6 @@ from wna16moe.kernels.moe_gemm import _tile_from_slots, moe_gemm
 from wna16moe.layer import WNA16MoE
 from wna16moe.routing import softmax_topk
 
-
-def _experts(e: int, h: int, i: int, scheme: WeightScheme, device: torch.device = DEVICE) -> QuantizedExperts:
-    """Random float weights quantized by round-to-nearest (fresh each call)."""
-    return QuantizedExperts.quantize(torch.randn(e, 2 * i, h, device=device) * 0.1,
-                                     torch.randn(e, h, i, device=device) * 0.1, scheme)
-
-
-def _run_both(experts: QuantizedExperts, cfg: MoEConfig, t: int, *, config: TritonConfig | None = None,
-              **quant_kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = LayerSpec(cfg, experts.scheme)
-    quant = experts.quant_config(**quant_kwargs)
-    x = torch.randn(t, cfg.hidden_size, dtype=cfg.dtype, device=DEVICE)
-    weights, ids = softmax_topk(torch.randn(t, cfg.num_experts, device=DEVICE), cfg.top_k, renormalize=True)
-    ref = EmulationExperts(spec, quant, DEVICE).apply(x, weights, ids, EmulationExperts.prepare_weights(experts,
-                                                                                                      DEVICE))
-    kernel = TritonExperts(spec, quant, DEVICE)
-    out = kernel.apply(x, weights, ids, TritonExperts.prepare_weights(experts, DEVICE), config)
-    return out, ref
-
-
 # ----- converter -----
 
 @pytest.mark.parametrize("scheme_name", ["int4_g32_sym", "int4_g64_zp", "int8_g128_sym", "int8_ch_zp"])
@@ -58,7 +45,7 @@ def test_prepared_layout_dequantizes_to_the_canonical_weights(scheme_name: str) 
     # I = 40 is padded to 64: the padded rows must carry zero scales.
     scheme = WeightScheme.from_name(scheme_name)
     e, h, i = 3, 128, 40
-    experts = _experts(e, h, i, scheme, torch.device("cpu"))
+    experts = random_experts(e, h, i, scheme, torch.device("cpu"))
     prepared = prepare_triton_weights(experts, torch.device("cpu"))
     i_pad = 64
     assert prepared["w13"].shape == (e, h * scheme.bits // 32, 2 * i_pad)  # H = 128: one K tile
@@ -137,8 +124,8 @@ CASES = [
 @pytest.mark.parametrize(("scheme_name", "act", "e", "h", "i", "t", "k"), CASES)
 def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: int, i: int, t: int, k: int,
                                   dtype: torch.dtype) -> None:
-    experts = _experts(e, h, i, WeightScheme.from_name(scheme_name))
-    out, ref = _run_both(experts, MoEConfig(e, k, h, i, activation=act, dtype=dtype), t)
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
+    out, ref = triton_and_emulation(experts, MoEConfig(e, k, h, i, activation=act, dtype=dtype), t)
     assert torch.isfinite(out).all()
     assert relative_error(out, ref) < 1e-2
 
@@ -154,8 +141,8 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
 ])
 @pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_g32_sym"])
 def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
-    experts = _experts(4, 128, 64, WeightScheme.from_name(scheme_name))
-    out, ref = _run_both(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6, config=config)
+    experts = random_experts(4, 128, 64, WeightScheme.from_name(scheme_name))
+    out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6, config=config)
     assert relative_error(out, ref) < 1e-2
 
 
@@ -164,10 +151,10 @@ def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
 @pytest.mark.parametrize("activation", [Activation.SILU, Activation.SWIGLU_OAI])
 def test_bias_and_clamp(activation: Activation, config: TritonConfig | None) -> None:
     e, h, i = 4, 256, 64
-    experts = _experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
-    out, ref = _run_both(experts, MoEConfig(e, 2, h, i, activation=activation, dtype=torch.float16), 5,
-                         config=config, w1_bias=torch.randn(e, 2 * i, device=DEVICE),
-                         w2_bias=torch.randn(e, h, device=DEVICE), gemm1_clamp_limit=0.5)
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
+    out, ref = triton_and_emulation(experts, MoEConfig(e, 2, h, i, activation=activation, dtype=torch.float16), 5,
+                                    config=config, w1_bias=torch.randn(e, 2 * i, device=DEVICE),
+                                    w2_bias=torch.randn(e, h, device=DEVICE), gemm1_clamp_limit=0.5)
     assert relative_error(out, ref) < 1e-2
 
 
@@ -175,7 +162,7 @@ def test_bias_and_clamp(activation: Activation, config: TritonConfig | None) -> 
 def test_router_weights_in_the_activation_dtype(dtype: torch.dtype) -> None:
     # Routers often return fp16/bf16 weights: GEMM2 reads them as they are (no cast launch), as float32.
     e, h, i, t = 4, 128, 64, 5
-    experts = _experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
     spec = LayerSpec(MoEConfig(e, 2, h, i, dtype=dtype), experts.scheme)
     x = torch.randn(t, h, dtype=dtype, device=DEVICE)
     weights, ids = softmax_topk(torch.randn(t, e, device=DEVICE), 2, renormalize=True)
@@ -191,7 +178,7 @@ def test_gemm1_writes_every_routed_row() -> None:
     # Poison the intermediate with NaN: every routed pair's row must be overwritten by GEMM1.
     scheme = WeightScheme.from_name("int4_g32_sym")
     e, h, i, t, k = 4, 64, 64, 6, 2
-    experts = _experts(e, h, i, scheme)
+    experts = random_experts(e, h, i, scheme)
     w = prepare_triton_weights(experts, DEVICE)
     x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
     _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
@@ -208,7 +195,7 @@ def test_gemm1_clears_gemm2_output(numel: int, pair_blocks: bool) -> None:
     # GEMM2's accumulator, poisoned: GEMM1's programs (idle ones included) must zero all of it and nothing more.
     e, h, i, k = 4, 64, 64, 2
     t = 1 if pair_blocks else 5
-    experts = _experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
     w = prepare_triton_weights(experts, DEVICE)
     _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
     blocks = (None, ids.reshape(-1), None) if pair_blocks else moe_align_block_size(ids, e, 16)
@@ -252,15 +239,9 @@ GPU_SHAPES = [
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(("name", "e", "k", "h", "i", "scheme_name"), GPU_SHAPES)
 def test_gpu_real_shapes(name: str, e: int, k: int, h: int, i: int, scheme_name: str) -> None:
-    experts = _experts(e, h, i, WeightScheme.from_name(scheme_name))
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     for dtype in (torch.bfloat16, torch.float16):
-        cfg = MoEConfig(e, k, h, i, dtype=dtype)
-        spec = LayerSpec(cfg, experts.scheme)
-        quant = experts.quant_config()
-        kernel = TritonExperts(spec, quant, DEVICE)
-        weights = TritonExperts.prepare_weights(experts, DEVICE)
-        emulation = EmulationExperts(spec, quant, DEVICE)
-        emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
+        kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i, dtype=dtype))
         for t in (1, 8, 32, 128, 512, 2048, 8192):
             x = torch.randn(t, h, dtype=dtype, device=DEVICE)
             tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
@@ -284,10 +265,10 @@ def test_gpu_both_dequant_paths(scheme_name: str, ptx_dequant: bool, monkeypatch
     import wna16moe.experts.triton as triton_experts
 
     monkeypatch.setattr(triton_experts, "_ptx_dequant", lambda device: ptx_dequant)
-    experts = _experts(32, 1024, 512, WeightScheme.from_name(scheme_name))
+    experts = random_experts(32, 1024, 512, WeightScheme.from_name(scheme_name))
     for dtype in (torch.bfloat16, torch.float16):
         for t in (1, 64, 1024):
-            out, ref = _run_both(experts, MoEConfig(32, 4, 1024, 512, dtype=dtype), t)
+            out, ref = triton_and_emulation(experts, MoEConfig(32, 4, 1024, 512, dtype=dtype), t)
             assert relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
 
 
@@ -306,10 +287,10 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
     """Swap-AB (weights as the MMA's A operand, scaled in the dequantization) against EMULATION; H is not a
     whole number of 128-deep tiles where the groups allow it (the masked last tile of GEMM1)."""
     e, h, i = 16, 1152 if "g128" in scheme_name else 1088, 384
-    experts = _experts(e, h, i, WeightScheme.from_name(scheme_name))
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     for dtype in (torch.bfloat16, torch.float16):
         for t in (1, 40, 700):
-            out, ref = _run_both(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config=config)
+            out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config=config)
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
 
 

@@ -7,37 +7,26 @@ argument checks, and a `decode` configuration running on `moe_gemm` under the in
 Compilation for sm_90 and sm_80 is checked on the CPU in test_kernels_compile.py.
 """
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 import torch
-from triton_env import DEVICE, DTYPES, HAS_CUDA, replay_on_fresh_inputs
+from triton_env import (
+    DEVICE,
+    DTYPES,
+    HAS_CUDA,
+    random_experts,
+    replay_on_fresh_inputs,
+    triton_and_emulation,
+    triton_beside_emulation,
+)
 
-from wna16moe import Activation, MoEConfig, QuantizedExperts, WeightScheme, open_checkpoint
-from wna16moe.experts.base import LayerSpec, relative_error
-from wna16moe.experts.emulation import EmulationExperts
-from wna16moe.experts.triton import TritonConfig, TritonExperts
-from wna16moe.kernels.moe_gemm_decode import moe_gemm_decode
+from wna16moe import Activation, MoEConfig, WeightScheme, open_checkpoint
+from wna16moe.experts.base import relative_error
+from wna16moe.experts.triton import TritonConfig
+from wna16moe.kernels.moe_gemm import moe_gemm
 from wna16moe.routing import softmax_topk
-
-
-def _experts(e: int, h: int, i: int, scheme_name: str) -> QuantizedExperts:
-    """Random float weights quantized by round-to-nearest (fresh each call)."""
-    return QuantizedExperts.quantize(torch.randn(e, 2 * i, h, device=DEVICE) * 0.1,
-                                     torch.randn(e, h, i, device=DEVICE) * 0.1, WeightScheme.from_name(scheme_name))
-
-
-def _run_both(experts: QuantizedExperts, cfg: MoEConfig, t: int, config: TritonConfig,
-              **quant_kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = LayerSpec(cfg, experts.scheme)
-    quant = experts.quant_config(**quant_kwargs)
-    x = torch.randn(t, cfg.hidden_size, dtype=cfg.dtype, device=DEVICE)
-    weights, ids = softmax_topk(torch.randn(t, cfg.num_experts, device=DEVICE), cfg.top_k, renormalize=True)
-    ref = EmulationExperts(spec, quant, DEVICE).apply(x, weights, ids, EmulationExperts.prepare_weights(experts,
-                                                                                                      DEVICE))
-    out = TritonExperts(spec, quant, DEVICE).apply(x, weights, ids, TritonExperts.prepare_weights(experts, DEVICE),
-                                                   config)
-    return out, ref
 
 
 def test_arguments_are_checked() -> None:
@@ -46,21 +35,55 @@ def test_arguments_are_checked() -> None:
     scales = torch.ones(1, 1, 128, dtype=torch.float16)
     out = torch.zeros(2, 128)
     args = (a, w, scales, None, None, None, out, torch.ones(2), None, torch.zeros(2, dtype=torch.int32), None)
-    common = dict(bits=4, group_size=128, top_k=1, gated=False)
+    common = dict(bits=4, group_size=128, top_k=1, gated=False, decode=True)
     with pytest.raises(ValueError, match="block_m"):
-        moe_gemm_decode(*args, block_m=32, block_n=64, **common)
+        moe_gemm(*args, block_m=32, block_n=64, **common)
     with pytest.raises(ValueError, match="block_n"):
-        moe_gemm_decode(*args, block_m=8, block_n=48, **common)
+        moe_gemm(*args, block_m=8, block_n=48, **common)
     with pytest.raises(ValueError, match="num_stages"):
-        moe_gemm_decode(*args, block_m=8, block_n=64, num_stages=1, **common)
+        moe_gemm(*args, block_m=8, block_n=64, num_stages=1, **common)
     with pytest.raises(ValueError, match="group_size"):
-        moe_gemm_decode(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False)
+        moe_gemm(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False, decode=True)
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["moe_gemm-kernel", "decode-kernel"])
+def test_launch_binds_every_kernel_parameter(decode: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both kernels go through one launcher: each must get every one of its parameters and only those (a
+    missing or extra constexpr fails only when the GPU compiles it), and the decode kernel its ring depth."""
+    import wna16moe.kernels.moe_gemm as launcher
+
+    name = "_moe_gemm_decode_kernel" if decode else "_moe_gemm_kernel"
+    kernel = getattr(launcher, name)
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid: tuple[int, int]) -> Callable[..., None]:  # kernel[grid](...)
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(launcher, name, Recorder())
+    a = torch.randn(3, 256, dtype=torch.float16)
+    w = torch.zeros(4, 2 * 16, 2 * 64, dtype=torch.int32)
+    scales = torch.ones(4, 2, 2 * 64, dtype=torch.float16)
+    out = torch.empty(3 * 2, 64, dtype=torch.float16)
+    ids = torch.tensor([0, 1, 2, 3, 1, 0], dtype=torch.int32)
+    moe_gemm(a, w, scales, None, None, None, out, None, None, ids, None, bits=4, group_size=128, top_k=2, gated=True,
+             block_m=8 if decode else 16, block_n=64, decode=decode, zero_out=torch.empty(3, 256),
+             max_registers=128)
+    (grid, args, kwargs), = launches
+    options = {"num_warps", "num_stages", "maxnreg"}
+    bound = list(kernel.arg_names[: len(args)]) + [k for k in kwargs if k not in options]
+    assert sorted(bound) == sorted(kernel.arg_names) and len(bound) == len(kernel.arg_names)
+    assert grid == (6 * 1, 1) and kwargs["maxnreg"] == 128 and kwargs["num_warps"] == 4
+    if decode:
+        assert kwargs["STAGES"] == 3 and kwargs["NUM_WARPS"] == 4 and "num_stages" not in kwargs
+    else:
+        assert kwargs["num_stages"] == 3
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the fallback of interpreter runs")
 def test_decode_config_runs_on_moe_gemm_without_ptx() -> None:
-    experts = _experts(4, 128, 64, "int4_g32_zp")
-    out, ref = _run_both(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6,
+    experts = random_experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
+    out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6,
                          TritonConfig(8, 64, 64, decode=True))
     assert relative_error(out, ref) < 1e-2
 
@@ -83,10 +106,10 @@ DECODE_CONFIGS = [
 def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
     """H is not a whole number of 128-deep tiles where the groups allow it (the masked last tile of GEMM1)."""
     e, h, i = 16, 1152 if "g128" in scheme_name else 1088, 384
-    experts = _experts(e, h, i, scheme_name)
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     for dtype in DTYPES:
         for t in (1, 3, 40, 300):
-            out, ref = _run_both(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config)
+            out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config)
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
 
 
@@ -100,7 +123,7 @@ def test_gpu_decode_on_checkpoints(fixture: str) -> None:
     for dtype in DTYPES:
         for config in DECODE_CONFIGS[:2]:
             for t in (1, 5, 40):
-                out, ref = _run_both(experts, replace(ckpt.moe_config(), dtype=dtype), t, config)
+                out, ref = triton_and_emulation(experts, replace(ckpt.moe_config(), dtype=dtype), t, config)
                 assert relative_error(out, ref) < 1e-2, (dtype, config, t)
 
 
@@ -109,12 +132,12 @@ def test_gpu_decode_on_checkpoints(fixture: str) -> None:
 @pytest.mark.parametrize("activation", [Activation.SILU, Activation.SWIGLU_OAI, Activation.GELU])
 def test_gpu_decode_bias_and_clamp(activation: Activation) -> None:
     e, h, i = 8, 512, 192
-    experts = _experts(e, h, i, "int4_g32_sym")
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
     for config in DECODE_CONFIGS[:2]:
         for t in (1, 9):
-            out, ref = _run_both(experts, MoEConfig(e, 2, h, i, activation=activation, dtype=torch.bfloat16), t,
-                                 config, w1_bias=torch.randn(e, 2 * i, device=DEVICE),
-                                 w2_bias=torch.randn(e, h, device=DEVICE), gemm1_clamp_limit=0.5)
+            cfg = MoEConfig(e, 2, h, i, activation=activation, dtype=torch.bfloat16)
+            out, ref = triton_and_emulation(experts, cfg, t, config, w1_bias=torch.randn(e, 2 * i, device=DEVICE),
+                                            w2_bias=torch.randn(e, h, device=DEVICE), gemm1_clamp_limit=0.5)
             assert relative_error(out, ref) < 1e-2, (activation, config, t)
 
 
@@ -123,14 +146,9 @@ def test_gpu_decode_bias_and_clamp(activation: Activation) -> None:
 @pytest.mark.parametrize("t", [1, 24])
 def test_gpu_decode_under_a_cuda_graph(t: int) -> None:
     e, k, h, i = 32, 4, 2048, 768
-    experts = _experts(e, h, i, "int4_g128_zp")
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
     cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
-    spec = LayerSpec(cfg, experts.scheme)
-    quant = experts.quant_config()
-    kernel = TritonExperts(spec, quant, DEVICE)
-    weights = TritonExperts.prepare_weights(experts, DEVICE)
-    emulation = EmulationExperts(spec, quant, DEVICE)
-    emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg)
     config = TritonConfig(8, 64, 128, split_k1=2 if t == 1 else 1, split_k2=2, decode=True)
 
     def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -262,7 +262,6 @@ class TritonExperts(Experts):
         from wna16moe.kernels.activation import split_k_activation
         from wna16moe.kernels.moe_align import moe_align_block_size
         from wna16moe.kernels.moe_gemm import moe_gemm
-        from wna16moe.kernels.moe_gemm_decode import moe_gemm_decode
 
         moe, scheme, quant = self.moe, self.scheme, self.quant
         t, top_k = topk_ids.shape
@@ -275,12 +274,8 @@ class TritonExperts(Experts):
         else:
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, max_registers=cfg.max_registers)
-        if cfg.decode:
-            gemm = moe_gemm_decode
-        else:
-            gemm = moe_gemm
-            common.update(fast_dequant=ptx, swap_ab=cfg.swap_ab)
+                      num_stages=cfg.num_stages, max_registers=cfg.max_registers, decode=cfg.decode,
+                      fast_dequant=ptx, swap_ab=cfg.swap_ab)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
@@ -292,15 +287,15 @@ class TritonExperts(Experts):
         if cfg.split_k1 > 1:
             partials = torch.empty(cfg.split_k1, t * top_k, 2 * self.i_pad, dtype=torch.float32,
                                    device=hidden_states.device)
-            gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
-                 zero_out=out, **common)
+            moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
+                     zero_out=out, **common)
             split_k_activation(partials, topk_ids, self.w13_bias, intermediate, **activation)
         else:
-            gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
-                 **common)
-        gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
-             self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
-             split_k=cfg.split_k2, **common)
+            moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
+                     **common)
+        moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
+                 self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
+                 split_k=cfg.split_k2, **common)
         return out.to(hidden_states.dtype)
 
 

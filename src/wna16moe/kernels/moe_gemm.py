@@ -42,6 +42,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_scaled,
 )
 from wna16moe.kernels.layout import TILE_K
+from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, _moe_gemm_decode_kernel
 
 # Kernels may read module globals only when they are constexpr objects.
 _TILE_K = tl.constexpr(TILE_K)
@@ -403,6 +404,11 @@ def _moe_gemm_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
 
 
+def _group_in_tile(group_size: int) -> int:
+    """Reduction rows of one quantization group inside a TILE_K tile (group_size -1: channel-wise)."""
+    return TILE_K if group_size == -1 else min(group_size, TILE_K)
+
+
 def moe_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -429,12 +435,14 @@ def moe_gemm(
     split_k: int = 1,
     fast_dequant: bool = False,
     swap_ab: bool = False,
+    decode: bool = False,
     zero_out: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
     max_registers: int | None = None,
 ) -> torch.Tensor:
-    """Launch one grouped GEMM (see the module docstring for the math and layouts).
+    """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
+    with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
 
     Parameters
     ----------
@@ -454,18 +462,34 @@ def moe_gemm(
     fast_dequant : dequantize with NVIDIA PTX (kernels/dequant.py); CUDA only, not under the interpreter.
     swap_ab : with fast_dequant, multiply as (W^T a^T)^T, the weights scaled in the dequantization (no effect on
         the plain path).
+    decode : the Gluon decode kernel (NVIDIA sm80+, not under the interpreter): block_m one of BLOCK_MS,
+        block_n a multiple of 16 x num_warps, num_stages >= 2 the depth of its cp.async ring; fast_dequant and
+        swap_ab do not apply.
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
     max_registers : a cap on registers per thread (ptxas .maxnreg), or None for the compiler's choice.
     """
+    registers = {} if max_registers is None else {"maxnreg": max_registers}
+    if decode:
+        if block_m not in BLOCK_MS:
+            raise ValueError(f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}")
+        if num_stages < 2:
+            raise ValueError(f"num_stages must be at least 2 (the depth of the cp.async ring), got {num_stages}")
+        if block_n % (16 * num_warps):
+            raise ValueError(f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}")
+        kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages)
+        options = dict(num_warps=num_warps, **registers)
+    else:
+        if block_m < 16:
+            raise ValueError(f"tl.dot needs block_m >= 16, got {block_m}")
+        # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
+        kernel, constexprs = _moe_gemm_kernel, dict(SCALE_WEIGHTS=block_m > _group_in_tile(group_size),
+                                                    FAST_DEQUANT=fast_dequant, SWAP_AB=swap_ab and fast_dequant)
+        options = dict(num_warps=num_warps, num_stages=num_stages, **registers)
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
     kd = a.shape[1]
     r = TILE_K * bits // 32
-    if block_m < 16:
-        raise ValueError(f"tl.dot needs block_m >= 16, got {block_m}")
-    if group_size == -1:
-        group_size = 1 << 30  # one group spanning every K
-    elif group_size % r:
+    if group_size != -1 and group_size % r:
         raise ValueError(f"group_size={group_size} must be a multiple of {r} for {bits}-bit tiles")
     partials = gated and split_k > 1
     if partials and (out.dim() != 3 or out.shape[0] != split_k or out.shape[2] != n_total
@@ -484,7 +508,7 @@ def moe_gemm(
     if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
         raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
-    _moe_gemm_kernel[grid](
+    kernel[grid](
         a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
         expert_ids if pair_blocks else sorted_ids, expert_ids, expert_ids if pair_blocks else num_padded,
@@ -493,14 +517,10 @@ def moe_gemm(
         a.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), out.stride(-2),
         alpha, beta, 0.0 if limit is None else limit,
         TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
-        HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
-        GROUP_IN_TILE=min(group_size, TILE_K),
-        # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
-        SCALE_WEIGHTS=block_m > min(group_size, TILE_K),
-        SPLIT_K=split_k, FAST_DEQUANT=fast_dequant, BLOCK_M=block_m, BLOCK_N=block_n,
-        SWAP_AB=swap_ab and fast_dequant, EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks,
-        ZERO_OUT=zero_out is not None, num_warps=num_warps, num_stages=num_stages,
-        **({} if max_registers is None else {"maxnreg": max_registers}),
+        HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None,
+        GROUP_SIZE=1 << 30 if group_size == -1 else group_size,  # channel-wise: one group spanning every K
+        GROUP_IN_TILE=_group_in_tile(group_size), SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
+        EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks, ZERO_OUT=zero_out is not None, **constexprs, **options,
     )
     return out
 

@@ -1,7 +1,8 @@
 """Grouped MoE GEMM for a few rows per expert (decode), in Gluon: register layouts chosen, not inferred.
 
-Same operands, outputs and fusions as `kernels/moe_gemm.py` (read its docstring for the layouts, GEMM1's
-activation or K-split partial sums, GEMM2's atomic top-k reduction), computed as out^T = W^T a^T with
+Same operands, outputs and fusions as `kernels/moe_gemm.py`, whose `moe_gemm(..., decode=True)` launches it
+(read its docstring for the layouts, GEMM1's activation or K-split partial sums, GEMM2's atomic top-k
+reduction), computed as out^T = W^T a^T with
 mma.sync m16n8k16: the dequantized weights are the A operand (16 output features x 16 reduction rows), the
 block's BLOCK_M rows (8 or 16) its N. One mma then covers 256 weights however few of the 8 rows are real
 (the `moe_gemm` decode tile wastes 15 of 16 rows at one token and needs twice the mmas).
@@ -28,13 +29,11 @@ NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests r
 
 from __future__ import annotations
 
-import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from wna16moe.kernels.activation import ACT_SILU, gated_activation
+from wna16moe.kernels.activation import gated_activation
 from wna16moe.kernels.dequant import dequant_magic, dequant_offset, dequant_slots, dequant_slots_raw
 from wna16moe.kernels.layout import TILE_K
 
@@ -291,73 +290,3 @@ def _moe_gemm_decode_kernel(
         tokens = rows // TOP_K
         out_ptrs = out_ptr + tokens.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
         gl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-
-
-def moe_gemm_decode(
-    a: torch.Tensor,
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    a_perm: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    out: torch.Tensor,
-    topk_weights: torch.Tensor | None,
-    sorted_ids: torch.Tensor | None,
-    expert_ids: torch.Tensor,
-    num_padded: torch.Tensor | None,
-    *,
-    bits: int,
-    group_size: int,
-    top_k: int,
-    gated: bool,
-    act: int = ACT_SILU,
-    alpha: float = 1.0,
-    beta: float = 0.0,
-    limit: float | None = None,
-    block_m: int,
-    block_n: int,
-    split_k: int = 1,
-    zero_out: torch.Tensor | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
-    max_registers: int | None = None,
-) -> torch.Tensor:
-    """`kernels.moe_gemm.moe_gemm`'s contract (operands, outputs, blocks) on NVIDIA GPUs, for blocks of
-    `block_m` in BLOCK_MS rows; `block_n` output features per program (per half for GEMM1), a multiple of
-    16 x num_warps (each warp owns whole 16-feature MMA tiles). The words come through a cp.async ring of
-    `num_stages` (>= 2) tiles in shared memory."""
-    n_total = w.shape[2]
-    n = n_total // 2 if gated else n_total
-    kd = a.shape[1]
-    r = TILE_K * bits // 32
-    if block_m not in BLOCK_MS:
-        raise ValueError(f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}")
-    if num_stages < 2:
-        raise ValueError(f"num_stages must be at least 2 (the depth of the cp.async ring), got {num_stages}")
-    if block_n % (16 * num_warps):
-        raise ValueError(f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}")
-    if group_size == -1:
-        group_size = 1 << 30  # one group spanning every K
-    elif group_size % r:
-        raise ValueError(f"group_size={group_size} must be a multiple of {r} for {bits}-bit tiles")
-    partials = gated and split_k > 1
-    num_pairs = (out.shape[1] if partials else out.shape[0]) if gated else a.shape[0]
-    num_m_blocks = expert_ids.shape[0]
-    pair_blocks = sorted_ids is None
-    grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
-    _moe_gemm_decode_kernel[grid](
-        a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
-        bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
-        expert_ids if pair_blocks else sorted_ids, expert_ids, expert_ids if pair_blocks else num_padded,
-        zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),
-        n, kd, num_pairs, num_m_blocks,
-        a.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), out.stride(-2),
-        alpha, beta, 0.0 if limit is None else limit,
-        TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
-        HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None, GROUP_SIZE=group_size,
-        GROUP_IN_TILE=min(group_size, TILE_K), SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
-        EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks, ZERO_OUT=zero_out is not None, NUM_WARPS=num_warps,
-        STAGES=num_stages,
-        num_warps=num_warps, **({} if max_registers is None else {"maxnreg": max_registers}),
-    )
-    return out
