@@ -43,6 +43,7 @@ from wna16moe.kernels.dequant import (
 )
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, _moe_gemm_decode_kernel
+from wna16moe.kernels.zero_share import zero_program_share
 
 # Kernels may read module globals only when they are constexpr objects.
 _TILE_K = tl.constexpr(TILE_K)
@@ -299,13 +300,7 @@ def _moe_gemm_kernel(
     pid_n = pid // num_m_blocks
     pid_k = tl.program_id(1)
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
-        programs = tl.num_programs(0) * tl.num_programs(1)
-        share = tl.cdiv(zero_numel, programs)
-        first = (pid_k * tl.num_programs(0) + pid) * share
-        for start in range(first, tl.minimum(first + share, zero_numel), 1024):
-            offs = start + tl.arange(0, 1024)
-            tl.store(zero_ptr + offs, tl.zeros([1024], dtype=tl.float32), mask=offs < tl.minimum(first + share,
-                                                                                                 zero_numel))
+        zero_program_share(zero_ptr, zero_numel, tl.arange(0, 1024))
     if PAIR_BLOCKS:  # block b holds pair b alone: no alignment pass (one token: its pairs' experts differ)
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         if expert < 0:

@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from wna16moe.kernels.activation import gated_activation
 from wna16moe.kernels.dequant import dequant_magic, dequant_offset, dequant_slots, dequant_slots_raw
 from wna16moe.kernels.layout import TILE_K
+from wna16moe.kernels.zero_share import zero_program_share
 
 _TILE_K = gl.constexpr(TILE_K)
 # Rows of a block: the N of mma.sync is 8; two of them for 16.
@@ -188,13 +189,7 @@ def _moe_gemm_decode_kernel(
     pid_n = pid // num_m_blocks
     pid_k = gl.program_id(1)
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
-        programs = gl.num_programs(0) * gl.num_programs(1)
-        share = gl.cdiv(zero_numel, programs)
-        first = (pid_k * gl.num_programs(0) + pid) * share
-        last = gl.minimum(first + share, zero_numel)
-        for start in range(first, last, 4 * 32 * NUM_WARPS):
-            offs = start + gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT)
-            gl.store(zero_ptr + offs, gl.zeros([4 * 32 * NUM_WARPS], gl.float32, FLAT), mask=offs < last)
+        zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
     # The block's rows, once for the activation loads (B operand) and once for the epilogue (accumulator).
     m_b = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B_OP))
