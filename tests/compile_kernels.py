@@ -63,7 +63,7 @@ def main_loop(cubin: bytes) -> dict[str, int]:
     opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0]
                                   for ins in instructions[begin : end + 1])
     return {"loop_instructions": end + 1 - begin, "loop_I2F": opcodes["I2F"], "loop_STS": opcodes["STS"],
-            "loop_STL": opcodes["STL"]}
+            "loop_STL": opcodes["STL"], "loop_HMMA": opcodes["HMMA"], "loop_LDSM": opcodes["LDSM"]}
 
 
 def compile_gemm(case: dict) -> dict[str, int]:

@@ -79,6 +79,20 @@ DECODE_CASES = [
          loop_budget=410),
     dict(gated=True, bits=8, zp=True, perm=False, group=64, block_m=8, block_n=64, warps=4, pair=True, dtype="fp16",
          loop_budget=475),
+    # Wide blocks (activations through shared memory, weights scaled in the asm): GEMM1 32 rows; GEMM2 64 rows
+    # 128 wide; g32 with zero points; act-order (the gathered columns stored from registers); 8 warps; int8
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
+         loop_budget=450),
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=64, block_n=128, warps=4, pair=False,
+         loop_budget=535),
+    dict(gated=True, bits=4, zp=True, perm=False, group=32, block_m=64, block_n=64, warps=4, pair=False,
+         loop_budget=740),
+    dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=32, block_n=64, warps=4, pair=False,
+         loop_budget=390),
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=64, block_n=128, warps=8, pair=False,
+         loop_budget=535),
+    dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
+         loop_budget=715),
     # Ampere
     dict(sm=80, gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
          loop_budget=330),
@@ -129,6 +143,11 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts[".local"] == 0 and facts["loop_STL"] == 0, facts
     assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
     assert facts["loop_instructions"] <= case["loop_budget"], facts
+    if not case["pair"]:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)
+        halves = 2 if case["gated"] else 1
+        assert facts["loop_HMMA"] >= halves * 8 * case["block_m"] // 8 * case["block_n"] // (16 * case["warps"]), facts
+    if case["block_m"] >= 32:  # wide blocks read the activations from shared memory as MMA operands
+        assert facts["loop_LDSM"] > 0, facts
 
 
 def test_align_compiles(compiled: dict) -> None:

@@ -1,8 +1,9 @@
 """kernels/moe_gemm_decode.py: the Gluon decode GEMMs inside the TRITON backend, against EMULATION.
 
 GPU (marker gpu): every scheme family (int4/int8, groups 32-128 and channel-wise, zero points; act-order and AWQ
-from the checkpoint fixtures), both activation dtypes, blocks of 8 and 16 rows, ring depths 2-5, K splits in
-both GEMMs, one token (a block per pair) and aligned blocks, bias and clamp, a CUDA-graph replay. CPU: the
+from the checkpoint fixtures), both activation dtypes, blocks of 8 and 16 rows and wide blocks of 32 and 64
+(activations through shared memory, weights scaled in the asm), ring depths 2-5, K splits in both GEMMs, one
+token (a block per pair) and aligned blocks, bias and clamp, a CUDA-graph replay. CPU: the
 argument checks, and a `decode` configuration running on `moe_gemm` under the interpreter (Gluon has none).
 Compilation for sm_90 and sm_80 is checked on the CPU in test_kernels_compile.py.
 """
@@ -37,7 +38,7 @@ def test_arguments_are_checked() -> None:
     args = (a, w, scales, None, None, None, out, torch.ones(2), None, torch.zeros(2, dtype=torch.int32), None)
     common = dict(bits=4, group_size=128, top_k=1, gated=False, decode=True)
     with pytest.raises(ValueError, match="block_m"):
-        moe_gemm(*args, block_m=32, block_n=64, **common)
+        moe_gemm(*args, block_m=24, block_n=64, **common)
     with pytest.raises(ValueError, match="block_n"):
         moe_gemm(*args, block_m=8, block_n=48, **common)
     with pytest.raises(ValueError, match="num_stages"):
@@ -91,16 +92,19 @@ def test_decode_config_runs_on_moe_gemm_without_ptx() -> None:
 DECODE_CONFIGS = [
     TritonConfig(8, 64, 64, decode=True),  # a 4-deep cp.async ring
     TritonConfig(16, 128, 128, split_k1=2, split_k2=3, num_stages=3, decode=True),  # uneven split: an idle program
+    TritonConfig(32, 64, 128, split_k2=2, num_stages=3, decode=True),  # wide blocks
     TritonConfig(8, 64, 256, split_k2=2, num_stages=2, decode=True),  # N tiles wider than I' (masked)
     TritonConfig(16, 32, 64, num_warps=2, max_registers=96, num_stages=3, decode=True),
     TritonConfig(8, 128, 128, num_stages=5, decode=True),
+    TritonConfig(64, 64, 64, split_k1=2, num_stages=2, decode=True),
+    TritonConfig(64, 128, 256, num_warps=8, num_stages=4, decode=True),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split", "bm8-wide-2stages", "bm16-w2",
-                                                     "bm8-5stages"])
+@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split", "bm32", "bm8-wide-2stages",
+                                                     "bm16-w2", "bm8-5stages", "bm64-split", "bm64-w8"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_g64_zp",
                                          "int4_ch_sym", "int8_g128_sym", "int8_g128_zp", "int8_g64_sym"])
 def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
@@ -121,8 +125,8 @@ def test_gpu_decode_on_checkpoints(fixture: str) -> None:
     ckpt = open_checkpoint(f"tests/data/{fixture}")
     experts = ckpt.load_layer(1)
     for dtype in DTYPES:
-        for config in DECODE_CONFIGS[:2]:
-            for t in (1, 5, 40):
+        for config in DECODE_CONFIGS[:3] + DECODE_CONFIGS[-1:]:
+            for t in (1, 5, 40, 200):
                 out, ref = triton_and_emulation(experts, replace(ckpt.moe_config(), dtype=dtype), t, config)
                 assert relative_error(out, ref) < 1e-2, (dtype, config, t)
 
@@ -133,8 +137,8 @@ def test_gpu_decode_on_checkpoints(fixture: str) -> None:
 def test_gpu_decode_bias_and_clamp(activation: Activation) -> None:
     e, h, i = 8, 512, 192
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
-    for config in DECODE_CONFIGS[:2]:
-        for t in (1, 9):
+    for config in DECODE_CONFIGS[:3]:
+        for t in (1, 9, 70):
             cfg = MoEConfig(e, 2, h, i, activation=activation, dtype=torch.bfloat16)
             out, ref = triton_and_emulation(experts, cfg, t, config, w1_bias=torch.randn(e, 2 * i, device=DEVICE),
                                             w2_bias=torch.randn(e, h, device=DEVICE), gemm1_clamp_limit=0.5)
@@ -143,13 +147,13 @@ def test_gpu_decode_bias_and_clamp(activation: Activation) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("t", [1, 24])
+@pytest.mark.parametrize("t", [1, 24, 400])
 def test_gpu_decode_under_a_cuda_graph(t: int) -> None:
     e, k, h, i = 32, 4, 2048, 768
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
     cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg)
-    config = TritonConfig(8, 64, 128, split_k1=2 if t == 1 else 1, split_k2=2, decode=True)
+    config = TritonConfig(8 if t < 100 else 32, 64, 128, split_k1=2 if t == 1 else 1, split_k2=2, decode=True)
 
     def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)

@@ -34,13 +34,25 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from wna16moe.kernels.activation import gated_activation
-from wna16moe.kernels.dequant import dequant_magic, dequant_offset, dequant_slots, dequant_slots_raw
+from wna16moe.kernels.dequant import (
+    QUARTERS,
+    dequant_magic,
+    dequant_offset,
+    dequant_slots,
+    dequant_slots_raw,
+    dequant_slots_scaled,
+)
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.zero_share import zero_program_share
 
 _TILE_K = gl.constexpr(TILE_K)
-# Rows of a block: the N of mma.sync is 8; two of them for 16.
-BLOCK_MS = (8, 16)
+_QUARTERS = gl.constexpr(QUARTERS)
+# Rows of a block: the N of mma.sync is 8; 16 and more are several of them.
+BLOCK_MS = (8, 16, 32, 64)
+# From this many rows on a block is wide: the activations come through shared memory (in registers, every
+# warp would hold the whole [TILE_K, BLOCK_M] tile) and the weights are scaled in the asm (mma issue, not
+# dequantization, is then the cost: one chain of mmas, no group sums).
+_WIDE_M = gl.constexpr(32)
 
 
 @gluon.jit
@@ -61,19 +73,35 @@ def _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_I
 
 
 @gluon.jit
+def _load_columns(a_row_ptrs, perm_ptr, offs, k_end, AXIS: gl.constexpr, HAS_PERM: gl.constexpr,
+                  EVEN_K: gl.constexpr):
+    """Activation columns `offs` (along AXIS of the tile; through the act-order permutation when HAS_PERM)
+    of the rows `a_row_ptrs` (along the other axis), zero past k_end."""
+    if EVEN_K:
+        cols = gl.load(perm_ptr + offs) if HAS_PERM else offs
+        tile = gl.load(a_row_ptrs + gl.expand_dims(cols, AXIS))
+    else:
+        k_mask = offs < k_end
+        cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
+        tile = gl.load(a_row_ptrs + gl.expand_dims(cols, AXIS), mask=gl.expand_dims(k_mask, AXIS), other=0.0)
+    return tile
+
+
+@gluon.jit
 def _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R: gl.constexpr, PACK: gl.constexpr,
-                     HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr):
-    """The B operands of the tile at reduction row k: one [R, BLOCK_M] tensor per slot (rows j * R + r)."""
-    tiles = ()
-    for j in gl.static_range(PACK):
-        offs = k + j * R + offs_r
-        if EVEN_K:
-            cols = gl.load(perm_ptr + offs) if HAS_PERM else offs
-            tiles = tiles + (gl.load(a_row_ptrs + cols[:, None]),)
-        else:
-            k_mask = offs < k_end
-            cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
-            tiles = tiles + (gl.load(a_row_ptrs + cols[:, None], mask=k_mask[:, None], other=0.0),)
+                     HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr, WIDE: gl.constexpr):
+    """The activations of the tile at reduction row k: one [R, BLOCK_M] B operand per slot (rows j * R + r).
+    For a wide block (`offs_r` then spans TILE_K) the whole [BLOCK_M, TILE_K] tile, to be stored in shared
+    memory, where an act-order permutation gathers its columns; else none (`_copy_tile` copies it)."""
+    if WIDE:
+        if HAS_PERM:
+            tiles = _load_columns(a_row_ptrs, perm_ptr, k + offs_r, k_end, 0, HAS_PERM, EVEN_K)
+        else:  # copied into shared memory with the words
+            tiles = ()
+    else:
+        tiles = ()
+        for j in gl.static_range(PACK):
+            tiles = tiles + (_load_columns(a_row_ptrs, perm_ptr, k + j * R + offs_r, k_end, 1, HAS_PERM, EVEN_K),)
     return tiles
 
 
@@ -121,11 +149,51 @@ def _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, shared_sums, BITS: gl.c
 
 
 @gluon.jit
+def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
+                  DTYPE: gl.constexpr):
+    """Every slot of `words` as (q - z) * s in DTYPE, each quarter of the tile with its group's scale and zero
+    point (the rows in the words' layout)."""
+    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
+    MID: gl.constexpr = 1 << (BITS - 1)
+    offsets = ()
+    scales = ()
+    for q in gl.static_range(_QUARTERS):
+        z = z_rows[q * NG // _QUARTERS].to(gl.int32) if HAS_ZP else gl.full_like(s_rows[0], MID, dtype=gl.int32)
+        offsets = offsets + (dequant_offset(z, BITS, DTYPE)[:, None],)
+        scales = scales + (s_rows[q * NG // _QUARTERS].to(DTYPE)[:, None],)
+    return dequant_slots_scaled(words, offsets[0], offsets[1], offsets[2], offsets[3], scales[0], scales[1],
+                                scales[2], scales[3], BITS, DTYPE)
+
+
+@gluon.jit
+def _tile_step_scaled(acc, acc_up, words, words_up, side, a_tile, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
+                      GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, WIDE: gl.constexpr, DTYPE: gl.constexpr,
+                      B_OP: gl.constexpr):
+    """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
+    activation operand (from `side`, or for a wide block read from `a_tile` in shared memory) used by both."""
+    PACK: gl.constexpr = 32 // BITS
+    R: gl.constexpr = _TILE_K // PACK
+    scales, scales_up, b_tiles = side
+    slots = _scaled_slots(words, scales[0], scales[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
+    if GATED:
+        slots_up = _scaled_slots(words_up, scales_up[0], scales_up[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
+    for j in gl.static_range(PACK):
+        if WIDE:
+            b = a_tile.slice(j * R, R, dim=1).permute([1, 0]).load(B_OP)
+        else:
+            b = b_tiles[j]
+        acc = mma_v2(slots[j], b, acc)
+        if GATED:
+            acc_up = mma_v2(slots_up[j], b, acc_up)
+    return acc, acc_up
+
+
+@gluon.jit
 def _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_end, N, group_size, stride_sg,
                BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
-               GATED: gl.constexpr, EVEN_K: gl.constexpr):
+               GATED: gl.constexpr, EVEN_K: gl.constexpr, WIDE: gl.constexpr):
     """What the tile at reduction row k needs besides its words: the scale and zero-point rows of the gate (or
-    only) half and of the up half (GEMM1; else the first again), and the activation tiles."""
+    only) half and of the up half (GEMM1; else the first again), and the activations (`_activation_tile`)."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     scales = _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE, HAS_ZP)
@@ -133,15 +201,23 @@ def _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_end, N
         scales_up = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE, HAS_ZP)
     else:
         scales_up = scales
-    return scales, scales_up, _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R, PACK, HAS_PERM, EVEN_K)
+    return scales, scales_up, _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R, PACK, HAS_PERM, EVEN_K,
+                                               WIDE)
 
 
 @gluon.jit
-def _copy_words(smem, slot, w_ptrs, w_mask, k, k_begin, k_end, N, stride_wk, PACK: gl.constexpr,
-                GATED: gl.constexpr):
+def _copy_tile(smem, a_ring, slot, w_ptrs, w_mask, a_row_ptrs, offs_k, k, k_begin, k_end, N, stride_wk,
+               PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr):
     """cp.async of the words of the tile at reduction row k (past k_end: the split's first tile, unused) into
-    pipeline slot `slot` of `smem` (gate then up), as one commit group."""
+    pipeline slot `slot` of `smem` (gate then up), and with COPY_A its activations [BLOCK_M, TILE_K] into the
+    same slot of `a_ring` (zero-filled past k_end), as one commit group."""
     k = gl.where(k < k_end, k, k_begin)
+    if COPY_A:
+        if EVEN_K:
+            async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :])
+        else:
+            async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :],
+                                                   mask=(k + offs_k < k_end)[None, :])
     if GATED:
         async_copy.async_copy_global_to_shared(smem.index(2 * slot), w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
         async_copy.async_copy_global_to_shared(smem.index(2 * slot + 1), w_ptrs + (k // PACK) * stride_wk + N,
@@ -182,7 +258,11 @@ def _moe_gemm_decode_kernel(
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
+    WIDE: gl.constexpr = BLOCK_M >= _WIDE_M
+    SCALED: gl.constexpr = WIDE
     RAW: gl.constexpr = not (BITS == 8 and DTYPE == gl.bfloat16)
+    # A wide block's activation tile [BLOCK_M, TILE_K], 16 bytes per thread and load.
+    A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
 
     pid = gl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -191,8 +271,12 @@ def _moe_gemm_decode_kernel(
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
-    # The block's rows, once for the activation loads (B operand) and once for the epilogue (accumulator).
-    m_b = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B_OP))
+    # The block's rows, once for the activation loads (B operand, or rows of the wide tile) and once for the
+    # epilogue (accumulator).
+    if WIDE:
+        m_b = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, A_LOAD))
+    else:
+        m_b = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B_OP))
     m_acc = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     if PAIR_BLOCKS:  # block b holds pair b alone (one token: its pairs' experts differ)
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
@@ -210,7 +294,10 @@ def _moe_gemm_decode_kernel(
     a_rows = gl.where(rows_b < P, rows_b, 0)
     if GATED:
         a_rows = a_rows // TOP_K
-    a_row_ptrs = a_ptr + a_rows.to(gl.int64)[None, :] * stride_am
+    if WIDE:
+        a_row_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * stride_am
+    else:
+        a_row_ptrs = a_ptr + a_rows.to(gl.int64)[None, :] * stride_am
     perm_ptr = a_perm_ptr + expert * KD
 
     tiles = gl.cdiv(KD, _TILE_K)
@@ -220,9 +307,17 @@ def _moe_gemm_decode_kernel(
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     n_mask = offs_n < N
-    s_ptrs = s_ptr + expert * stride_se + offs_n
-    z_ptrs = z_ptr + expert * stride_se + offs_n
-    offs_r = gl.arange(0, R, layout=gl.SliceLayout(1, B_OP))
+    if SCALED:  # the scale rows feed the asm, in the words' layout
+        offs_n_s = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))
+    else:  # the scale rows multiply partial sums, in the accumulator's layout
+        offs_n_s = offs_n
+    s_mask = offs_n_s < N
+    s_ptrs = s_ptr + expert * stride_se + offs_n_s
+    z_ptrs = z_ptr + expert * stride_se + offs_n_s
+    if WIDE:
+        offs_r = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
+    else:
+        offs_r = gl.arange(0, R, layout=gl.SliceLayout(1, B_OP))
     ones = gl.full([BLOCK_N, R], 1.0, DTYPE, A_OP)
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -241,24 +336,38 @@ def _moe_gemm_decode_kernel(
     c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
               + offs_n_c[None, :])
     c_mask = (offs_n_c < N)[None, :]
+    # A wide block's activation tiles [BLOCK_M, TILE_K] in a ring of their own, slot for slot with the words.
+    # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
+    A_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+    a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if WIDE else 1, BLOCK_M if WIDE else 1, _TILE_K], A_SMEM)
+    COPY_A: gl.constexpr = WIDE and not HAS_PERM
     for s in gl.static_range(STAGES - 1):
-        _copy_words(smem, s, c_ptrs, c_mask, k_begin + s * k_step, k_begin, k_end, N, stride_wk, PACK, GATED)
-    side = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_end, N, GROUP_SIZE,
-                      stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
+        _copy_tile(smem, a_ring, s, c_ptrs, c_mask, a_row_ptrs, offs_r, k_begin + s * k_step, k_begin, k_end, N,
+                   stride_wk, PACK, GATED, COPY_A, EVEN_K)
+    side = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_end, N, GROUP_SIZE,
+                      stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
+    if WIDE and HAS_PERM:  # gathered columns: through registers, stored one tile ahead (after the barrier)
+        a_ring.index(0).store(side[2])
     slot = 0
     for k in range(k_begin, k_end, k_step):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
-        _copy_words(smem, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, k + (STAGES - 1) * k_step, k_begin,
-                    k_end, N, stride_wk, PACK, GATED)
+        _copy_tile(smem, a_ring, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, a_row_ptrs, offs_r,
+                   k + (STAGES - 1) * k_step, k_begin, k_end, N, stride_wk, PACK, GATED, COPY_A, EVEN_K)
         k_next = gl.where(k + k_step < k_end, k + k_step, k_begin)
-        side_next = _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k_next, k_end, N,
-                               GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K)
+        side_next = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_next, k_end, N,
+                               GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
         # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
         words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
         words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
-        acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
-                                 GATED)
+        if SCALED:
+            acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, side, a_ring.index(slot), BITS, HAS_ZP,
+                                            GROUP_IN_TILE, GATED, WIDE, DTYPE, B_OP)
+        else:
+            acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
+                                     GATED)
+        if WIDE and HAS_PERM:  # (its slot's last reader finished before this iteration's barrier)
+            a_ring.index((slot + 1) % STAGES).store(side_next[2])
         side = side_next
         slot = (slot + 1) % STAGES
 
