@@ -21,8 +21,9 @@
 #                                        # and M; $SEARCH_CASES: "shape:M,M shape:M | shape:M ..." ('|' between
 #                                        # GPUs; default: the four shapes at M = 1 8 32 128, one per GPU);
 #                                        # $SEARCH_SCHEME: a weight scheme (default: the bench's)
-#   benchmarks/device_checks.sh gluon    # two GPUs: the Gluon decode kernel's tests; the read-pattern probe and
-#                                        # try_configs with its variants
+#   benchmarks/device_checks.sh gluon    # two GPUs: the Gluon decode kernel's tests (and TRITON's with
+#                                        # $GLUON_TRITON_TESTS set); try_configs with its variants (and the
+#                                        # read-pattern probe with $READ_PATTERN set)
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
 #   benchmarks/device_checks.sh peer     # one GPU: vLLM's Triton WNA16 kernel against the shipped table
 #                                        # (benchmarks/vllm_triton_peer.py), every shape and M
@@ -285,12 +286,15 @@ peer)  # one GPU: vLLM's Triton WNA16 kernel and the shipped TRITON table, same 
 gluon)  # two GPUs: the Gluon decode kernel's GPU tests on one; on the other, try_configs with its variants
     # ($GLUON_CASES, default the four shapes at M = 1 8 32 128; $GLUON_VARIANTS, space-separated)
     nvidia-smi -L
-    (export CUDA_VISIBLE_DEVICES=0; parallel_tests decode-tests 300 tests/test_kernels_moe_gemm_decode.py) &
+    (export CUDA_VISIBLE_DEVICES=0; parallel_tests decode-tests 300 tests/test_kernels_moe_gemm_decode.py
+     [ -n "${GLUON_TRITON_TESTS:-}" ] && triton_tests 240) &
     variants=()
     for v in ${GLUON_VARIANTS:-decode=1,block_m=8,block_n1=64,block_n2=128 decode=1,block_m=8,block_n1=128,block_n2=128}; do
         variants+=(--variant "$v")
     done
-    CUDA_VISIBLE_DEVICES=1 step read-pattern 120 python3 benchmarks/read_pattern.py --out "$OUT/read-pattern.json"
+    if [ -n "${READ_PATTERN:-}" ]; then
+        CUDA_VISIBLE_DEVICES=1 step read-pattern 120 python3 benchmarks/read_pattern.py --out "$OUT/read-pattern.json"
+    fi
     CUDA_VISIBLE_DEVICES=1 step gluon-try 420 python3 benchmarks/try_configs.py \
         ${GLUON_CASES:-mixtral:1,8,32,128 deepseek-v3:1,8,32,128 kimi-k2:1,8,32,128 qwen3-30b-a3b:1,8,32,128} \
         "${variants[@]}" --out "$OUT/gluon-try.json"
