@@ -24,6 +24,8 @@
 #   benchmarks/device_checks.sh gluon    # two GPUs: the Gluon decode kernel's tests (and TRITON's with
 #                                        # $GLUON_TRITON_TESTS set); try_configs with its variants (and the
 #                                        # read-pattern probe with $READ_PATTERN set)
+#   benchmarks/device_checks.sh ab-try   # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS) in this tree and in
+#                                        # each build/ab/<name>/src, alternating
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
 #   benchmarks/device_checks.sh peer     # one GPU: vLLM's Triton WNA16 kernel against the shipped table
 #                                        # (benchmarks/vllm_triton_peer.py), every shape and M
@@ -301,6 +303,18 @@ gluon)  # two GPUs: the Gluon decode kernel's GPU tests on one; on the other, tr
     wait
     pack_logs
     ;;
+ab-try)  # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS as for gluon) in this tree, then in each tree
+    # build/ab/<name>/src, then this tree again: a kernel change A/B'd on configurations the table may not hold
+    variants=()
+    for v in ${TRY_VARIANTS:-}; do
+        variants+=(--variant "$v")
+    done
+    for tree in . build/ab/*/ .; do
+        name=$(basename "$(cd "$tree" && pwd)")
+        PYTHONPATH="$PWD/$tree/src:$PWD/tests" step "try-$name-$(date +%s)" 240 python3 benchmarks/try_configs.py \
+            $TRY_CASES "${variants[@]}" --out "$OUT/try-$name-$(date +%s).json"
+    done
+    ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers?
     nvidia-smi -L
     step chain 300 python3 benchmarks/back_to_back.py --out "$OUT/chain.json"
@@ -314,7 +328,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|gluon|chain|confirm|w8a16-sweep|decode|probe|peer" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|gluon|ab-try|chain|confirm|w8a16-sweep|decode|probe|peer" >&2
     exit 2
     ;;
 esac

@@ -6,14 +6,18 @@ forwards between cudaProfilerStart/Stop. Run under ncu, for example:
         --section LaunchStats --section MemoryWorkloadAnalysis \\
         python benchmarks/ncu_layer.py deepseek-v3:32 kimi-k2:128
 
-(MARLIN needs WNA16MOE_MARLIN_LIB, as for the bench; without it only TRITON runs.)
+(MARLIN needs WNA16MOE_MARLIN_LIB, as for the bench; without it only TRITON runs.) TRITON runs its shipped
+configuration, or with $NCU_CONFIG ("field=value,...", as try_configs.py's --variant) that one changed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import replace
 
 import torch
+from try_configs import _field
 
 from wna16moe.bench import random_layer, random_routing
 from wna16moe.device import DeviceInfo
@@ -34,11 +38,15 @@ def main(cases: list[str]) -> None:
         if MarlinExperts.is_supported(spec, DeviceInfo.current()).ok:
             backends.append((MarlinExperts(spec, quant, device), MarlinExperts.prepare_weights(experts, device)))
         for kernel, weights in backends:
+            args = (x, tw, ids, weights)
+            if isinstance(kernel, TritonExperts) and os.environ.get("NCU_CONFIG"):
+                fields = dict(_field(*p.split("=")) for p in os.environ["NCU_CONFIG"].split(","))
+                args += (replace(kernel.config(int(m)), **fields),)
             for _ in range(3):
-                kernel.apply(x, tw, ids, weights)
+                kernel.apply(*args)
             torch.cuda.synchronize()
             torch.cuda.cudart().cudaProfilerStart()
-            kernel.apply(x, tw, ids, weights)
+            kernel.apply(*args)
             torch.cuda.synchronize()
             torch.cuda.cudart().cudaProfilerStop()
             print(f"{case} {type(kernel).__name__} profiled", flush=True)

@@ -16,6 +16,14 @@ import torch
 
 from wna16moe.bench import _bench_graph, layer_cases, write_results
 from wna16moe.experts.base import relative_error
+from wna16moe.experts.triton import TritonConfig
+
+
+def _field(name: str, text: str) -> tuple[str, int | bool | None]:
+    """One `--variant` setting: "none" unsets a field (max_registers=none); flags take 0 or 1."""
+    if text == "none":
+        return name, None
+    return name, bool(int(text)) if isinstance(getattr(TritonConfig, name, None), bool) else int(text)
 
 
 def main() -> None:
@@ -29,9 +37,7 @@ def main() -> None:
     rows = []
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
         shipped = kernel.config(m)
-        # ("none" unsets a field: max_registers=none)
-        variants = [shipped] + [replace(shipped, **{k: None if v == "none" else int(v)
-                                                    for k, v in (p.split("=") for p in var.split(","))})
+        variants = [shipped] + [replace(shipped, **dict(_field(*p.split("=")) for p in var.split(",")))
                                 for var in args.variant]
         for rnd in range(2):  # two rounds, so that a drift over time shows
             for c in variants:

@@ -62,8 +62,8 @@ class TritonConfig:
     capped at 96 the loop does not spill and 5 fit; SASS, NOTES.md "Open leads").
 
     `decode` runs both GEMMs on `kernels/moe_gemm_decode.py` (Gluon, mma.sync with the weights as A and
-    blocks of `block_m` = 8 or 16 rows as N) where the PTX dequantization runs (NVIDIA); elsewhere the same
-    tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. There `num_stages` (>= 2) is the depth of
+    blocks of `block_m` = 8, 16, 32 or 64 rows as N) where the PTX dequantization runs (NVIDIA); elsewhere the
+    same tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. There `num_stages` (>= 2) is the depth of
     the shared-memory ring the weights come through; `swap_ab` does not apply.
     """
 

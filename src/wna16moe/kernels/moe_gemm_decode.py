@@ -1,10 +1,10 @@
-"""Grouped MoE GEMM for a few rows per expert (decode), in Gluon: register layouts chosen, not inferred.
+"""Grouped MoE GEMM for few rows per expert (decode and mid M), in Gluon: register layouts chosen, not inferred.
 
 Same operands, outputs and fusions as `kernels/moe_gemm.py`, whose `moe_gemm(..., decode=True)` launches it
 (read its docstring for the layouts, GEMM1's activation or K-split partial sums, GEMM2's atomic top-k
 reduction), computed as out^T = W^T a^T with
 mma.sync m16n8k16: the dequantized weights are the A operand (16 output features x 16 reduction rows), the
-block's BLOCK_M rows (8 or 16) its N. One mma then covers 256 weights however few of the 8 rows are real
+block's BLOCK_M rows (8 to 64) its N. One mma then covers 256 weights however few of the 8 rows are real
 (the `moe_gemm` decode tile wastes 15 of 16 rows at one token and needs twice the mmas).
 
 Why Gluon: in the tile-interleaved layout, slot j of word row r holds reduction index j * R + r. Loaded into
@@ -14,15 +14,20 @@ exactly the packed pair an mma register holds, and slot j of the tile is the A o
 [j * R, (j + 1) * R) as it comes out of the asm: the weights keep the layout `moe_gemm` reads. Triton's
 `tl.dot` picks its own operand layouts and its M blocks start at 16 rows.
 
-Dequantization is the offset-free form (`dequant_slots_raw`: magic + q exactly); each group's partial sums
-are corrected with the activations' sums over the group, from one more mma against ones, and scaled:
-acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no raw form and
-subtracts the offset in the asm (`dequant_slots`).
+Blocks of 8 and 16 rows dequantize in the offset-free form (`dequant_slots_raw`: magic + q exactly); each
+group's partial sums are corrected with the activations' sums over the group, from one more mma against ones,
+and scaled: acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no
+raw form and subtracts the offset in the asm (`dequant_slots`). Wide blocks (32 and 64 rows), where mma issue
+outweighs dequantization, take the weights scaled in the asm instead (`dequant_slots_scaled`): one chain of
+mmas, no group sums.
 
 Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come through a STAGES-deep
 cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
 into registers one tile ahead they were slower), and the scale and zero-point rows and the activation tiles
-one tile ahead in registers.
+one tile ahead in registers. A wide block's activation tile would take every warp's registers (each warp
+multiplies all of the block's rows), so it comes through a ring of its own, slot for slot with the words, and
+is read as MMA operands with ldmatrix; act-order columns, gathered element by element, are stored into that
+ring from registers one tile ahead.
 
 NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests run on a GPU.
 """
