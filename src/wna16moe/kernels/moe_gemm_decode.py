@@ -18,8 +18,9 @@ Blocks of 8 and 16 rows dequantize in the offset-free form (`dequant_slots_raw`:
 group's partial sums are corrected with the activations' sums over the group, from one more mma against ones,
 and scaled: acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no
 raw form and subtracts the offset in the asm (`dequant_slots`). Wide blocks (32 and 64 rows), where mma issue
-outweighs dequantization, take the weights scaled in the asm instead (`dequant_slots_scaled`): one chain of
-mmas, no group sums.
+outweighs dequantization, and groups of 32 (corrections and scale rows per group, four per tile) take the
+weights scaled in the asm instead (`dequant_slots_scaled`): one chain of mmas, no group sums (kimi-k2 at
+M = 8-128: 4-12% faster; benchmarks/NOTES.md v27).
 
 Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come through a STAGES-deep
 cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
@@ -55,8 +56,7 @@ _QUARTERS = gl.constexpr(QUARTERS)
 # Rows of a block: the N of mma.sync is 8; 16 and more are several of them.
 BLOCK_MS = (8, 16, 32, 64)
 # From this many rows on a block is wide: the activations come through shared memory (in registers, every
-# warp would hold the whole [TILE_K, BLOCK_M] tile) and the weights are scaled in the asm (mma issue, not
-# dequantization, is then the cost: one chain of mmas, no group sums).
+# warp would hold the whole [TILE_K, BLOCK_M] tile) and the weights are scaled in the asm (module docstring).
 _WIDE_M = gl.constexpr(32)
 
 
@@ -211,12 +211,12 @@ def _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_end, N
 
 
 @gluon.jit
-def _copy_tile(smem, a_ring, slot, w_ptrs, w_mask, a_row_ptrs, offs_k, k, k_begin, k_end, N, stride_wk,
+def _copy_tile(smem, a_ring, slot, w_ptrs, w_mask, a_row_ptrs, offs_k, k, k_first, k_end, N, stride_wk,
                PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr):
-    """cp.async of the words of the tile at reduction row k (past k_end: the split's first tile, unused) into
+    """cp.async of the words of the tile at reduction row k (past k_end: the tile at k_first, unused) into
     pipeline slot `slot` of `smem` (gate then up), and with COPY_A its activations [BLOCK_M, TILE_K] into the
     same slot of `a_ring` (zero-filled past k_end), as one commit group."""
-    k = gl.where(k < k_end, k, k_begin)
+    k = gl.where(k < k_end, k, k_first)
     if COPY_A:
         if EVEN_K:
             async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :])
@@ -264,7 +264,7 @@ def _moe_gemm_decode_kernel(
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
     WIDE: gl.constexpr = BLOCK_M >= _WIDE_M
-    SCALED: gl.constexpr = WIDE
+    SCALED: gl.constexpr = WIDE or GROUP_IN_TILE <= 32  # (measured at 32; 64 is not)
     RAW: gl.constexpr = not (BITS == 8 and DTYPE == gl.bfloat16)
     # A wide block's activation tile [BLOCK_M, TILE_K], 16 bytes per thread and load.
     A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
@@ -309,6 +309,10 @@ def _moe_gemm_decode_kernel(
     tiles_per_split = gl.cdiv(tiles, SPLIT_K)
     k_begin = pid_k * tiles_per_split * _TILE_K
     k_end = gl.minimum(KD, k_begin + tiles_per_split * _TILE_K)
+    # What the loads ahead of the loop fall back on: the split's first tile, or for an idle split (past KD: its
+    # loop is empty) the last one, so that they stay in bounds (a gathered column index read past the
+    # permutation's end would send the activation loads anywhere).
+    k_first = gl.minimum(k_begin, (tiles - 1) * _TILE_K)
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     n_mask = offs_n < N
@@ -347,9 +351,9 @@ def _moe_gemm_decode_kernel(
     a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if WIDE else 1, BLOCK_M if WIDE else 1, _TILE_K], A_SMEM)
     COPY_A: gl.constexpr = WIDE and not HAS_PERM
     for s in gl.static_range(STAGES - 1):
-        _copy_tile(smem, a_ring, s, c_ptrs, c_mask, a_row_ptrs, offs_r, k_begin + s * k_step, k_begin, k_end, N,
+        _copy_tile(smem, a_ring, s, c_ptrs, c_mask, a_row_ptrs, offs_r, k_begin + s * k_step, k_first, k_end, N,
                    stride_wk, PACK, GATED, COPY_A, EVEN_K)
-    side = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_begin, k_end, N, GROUP_SIZE,
+    side = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_first, k_end, N, GROUP_SIZE,
                       stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
     if WIDE and HAS_PERM:  # gathered columns: through registers, stored one tile ahead (after the barrier)
         a_ring.index(0).store(side[2])
@@ -358,8 +362,8 @@ def _moe_gemm_decode_kernel(
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
         _copy_tile(smem, a_ring, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, a_row_ptrs, offs_r,
-                   k + (STAGES - 1) * k_step, k_begin, k_end, N, stride_wk, PACK, GATED, COPY_A, EVEN_K)
-        k_next = gl.where(k + k_step < k_end, k + k_step, k_begin)
+                   k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk, PACK, GATED, COPY_A, EVEN_K)
+        k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
         side_next = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_next, k_end, N,
                                GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
         # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
