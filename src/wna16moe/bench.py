@@ -277,17 +277,19 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         pipeline = [{"num_stages": st} for st in (2, 3, 4, 5)]
         # The Gluon decode kernel (kernels/moe_gemm_decode.py) at the two tilings that led the v26 trials; the
         # later groups tune it (or the Triton kernel) from there. Its 8-row blocks pay where experts see <= 8.
+        block_ms = (8, 16, 32) if per_expert > 8 else (8, 16) if per_expert > 4 else (8,)
         kernel = [{"decode": True, "block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": 4,
                    "num_stages": st, "max_registers": None}
-                  for bm in ((8, 16) if per_expert > 4 else (8,)) for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
+                  for bm in block_ms for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
         return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline]
+    # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27)
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
-              "split_k1": 1, "max_registers": None}
-             for bm, bn1, bn2, w, st, swap in ((32, 64, 64, 4, 4, False), (64, 64, 64, 4, 3, False),
-                                               (32, 128, 128, 4, 4, False), (64, 64, 64, 4, 4, True),
-                                               (64, 128, 128, 4, 3, True), (128, 128, 128, 8, 3, True),
-                                               (128, 64, 64, 4, 3, True), (128, 128, 64, 8, 3, True),
-                                               (256, 64, 64, 8, 3, True))]
+              "split_k1": 1, "max_registers": None, "decode": decode}
+             for bm, bn1, bn2, w, st, swap, decode in (
+                 (32, 64, 64, 4, 4, False, False), (64, 64, 64, 4, 3, False, False), (32, 128, 128, 4, 4, False, False),
+                 (64, 64, 64, 4, 4, True, False), (64, 128, 128, 4, 3, True, False), (128, 128, 128, 8, 3, True, False),
+                 (128, 64, 64, 4, 3, True, False), (128, 128, 64, 8, 3, True, False), (256, 64, 64, 8, 3, True, False),
+                 (32, 64, 128, 4, 3, False, True))]
     gemm2 = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4)]
     return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)]]
 
