@@ -63,9 +63,9 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND with a time limit, log to $O
     grep -E "passed|failed|error|FAILED|wrote" "$OUT/$name.log" | tail -4
 }
 
-triton_tests() {
-    step triton-tests "$1" python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_kernels_dequant.py \
-        tests/test_experts_triton.py
+triton_tests() {  # triton_tests LIMIT: TRITON's GPU tests, one process each (LIMIT seconds per test; in one
+    # process they ran past 330 s once the table held decode-kernel entries to compile, v27)
+    parallel_tests triton-tests "$1" tests/test_kernels_dequant.py tests/test_experts_triton.py
 }
 
 marlin_tests() {  # the tests no earlier device run reached first, then the sweep over shapes and M
