@@ -19,8 +19,8 @@ group's partial sums are corrected with the activations' sums over the group, fr
 and scaled: acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no
 raw form and subtracts the offset in the asm (`dequant_slots`). Wide blocks (32 and 64 rows), where mma issue
 outweighs dequantization, and groups of 32 (corrections and scale rows per group, four per tile) take the
-weights scaled in the asm instead (`dequant_slots_scaled`): one chain of mmas, no group sums (kimi-k2 at
-M = 8-128: 4-12% faster; benchmarks/NOTES.md v27).
+weights scaled in the asm instead (`dequant_slots_scaled`): one chain of mmas, no group sums (kimi-k2, same
+tiles: 7-13% faster at M = 8-128, 8% slower at one token, where the table keeps `moe_gemm`; NOTES.md v27).
 
 Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come through a STAGES-deep
 cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
