@@ -82,10 +82,11 @@ def test_launch_binds_every_kernel_parameter(decode: bool, monkeypatch: pytest.M
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the fallback of interpreter runs")
-def test_decode_config_runs_on_moe_gemm_without_ptx() -> None:
+@pytest.mark.parametrize("block_m", [8, 32])
+def test_decode_config_runs_on_moe_gemm_without_ptx(block_m: int) -> None:
     experts = random_experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
     out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6,
-                         TritonConfig(8, 64, 64, decode=True))
+                                    TritonConfig(block_m, 64, 64, decode=True))
     assert relative_error(out, ref) < 1e-2
 
 
