@@ -17,7 +17,7 @@ import sys
 from dataclasses import replace
 
 import torch
-from try_configs import _field
+from try_configs import parse_variant
 
 from wna16moe.bench import random_layer, random_routing
 from wna16moe.device import DeviceInfo
@@ -40,8 +40,7 @@ def main(cases: list[str]) -> None:
         for kernel, weights in backends:
             args = (x, tw, ids, weights)
             if isinstance(kernel, TritonExperts) and os.environ.get("NCU_CONFIG"):
-                fields = dict(_field(*p.split("=")) for p in os.environ["NCU_CONFIG"].split(","))
-                args += (replace(kernel.config(int(m)), **fields),)
+                args += (replace(kernel.config(int(m)), **parse_variant(os.environ["NCU_CONFIG"])),)
             for _ in range(3):
                 kernel.apply(*args)
             torch.cuda.synchronize()

@@ -19,11 +19,14 @@ from wna16moe.experts.base import relative_error
 from wna16moe.experts.triton import TritonConfig
 
 
-def _field(name: str, text: str) -> tuple[str, int | bool | None]:
-    """One `--variant` setting: "none" unsets a field (max_registers=none); flags take 0 or 1."""
-    if text == "none":
-        return name, None
-    return name, bool(int(text)) if isinstance(getattr(TritonConfig, name, None), bool) else int(text)
+def parse_variant(text: str) -> dict[str, int | bool | None]:
+    """TritonConfig fields from "field=value,...": "none" unsets a field (max_registers=none); flags take 0 or 1."""
+    fields: dict[str, int | bool | None] = {}
+    for setting in text.split(","):
+        name, value = setting.split("=")
+        flag = isinstance(getattr(TritonConfig, name, None), bool)
+        fields[name] = None if value == "none" else bool(int(value)) if flag else int(value)
+    return fields
 
 
 def main() -> None:
@@ -37,8 +40,7 @@ def main() -> None:
     rows = []
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
         shipped = kernel.config(m)
-        variants = [shipped] + [replace(shipped, **dict(_field(*p.split("=")) for p in var.split(",")))
-                                for var in args.variant]
+        variants = [shipped] + [replace(shipped, **parse_variant(var)) for var in args.variant]
         for rnd in range(2):  # two rounds, so that a drift over time shows
             for c in variants:
                 try:
