@@ -28,7 +28,10 @@ into registers one tile ahead they were slower), and the scale and zero-point ro
 one tile ahead in registers. A wide block's activation tile would take every warp's registers (each warp
 multiplies all of the block's rows), so it comes through a ring of its own, slot for slot with the words, and
 is read as MMA operands with ldmatrix; act-order columns, gathered element by element, are stored into that
-ring from registers one tile ahead.
+ring from registers one tile ahead. A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest
+that hold its real ones (padding rows come last): the loop is compiled once per row count and the program
+picks one at run time, so an expert's last, mostly padded block costs the mmas of its real rows (32-row
+blocks at M = 512: deepseek-v3 and qwen3-30b-a3b 8-11% faster than before; NOTES.md v27).
 
 NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests run on a GPU.
 """
@@ -248,15 +251,16 @@ def _tile_step(acc, acc_up, words, words_up, side, ones, BITS: gl.constexpr, HAS
 @gluon.jit
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
-    num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit,
+    num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om,
+    alpha, beta, limit,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr, NUM_WARPS: gl.constexpr,
-    STAGES: gl.constexpr, ROWS: gl.constexpr,
+    EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
+    ROWS: gl.constexpr,
 ):
-    """The program's block (`_moe_gemm_decode_kernel`) over its first ROWS rows (of BLOCK_M)."""
+    """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
+    BLOCK_M-row block."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
@@ -426,31 +430,31 @@ def _moe_gemm_decode_kernel(
             live = gl.sum((ids < P).to(gl.int32), axis=0)
             if live <= 8:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, ZERO_OUT, NUM_WARPS, STAGES, 8)
+                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
+                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 8)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, ZERO_OUT, NUM_WARPS, STAGES, 16)
+                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
+                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 16)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, ZERO_OUT, NUM_WARPS, STAGES, 32)
+                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
+                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 32)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, ZERO_OUT, NUM_WARPS, STAGES, 64)
+                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
+                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 64)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
-                    HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                    PAIR_BLOCKS, ZERO_OUT, NUM_WARPS, STAGES, BLOCK_M)
+                    expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+                    stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                    HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS,
+                    STAGES, BLOCK_M)
