@@ -148,6 +148,10 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         assert facts["loop_HMMA"] >= halves * 8 * case["block_m"] // 8 * case["block_n"] // (16 * case["warps"]), facts
     if case["block_m"] >= 32:  # wide blocks read the activations from shared memory as MMA operands
         assert facts["loop_LDSM"] > 0, facts
+        # and hold one loop per row count they can shrink to (8, 16, ... BLOCK_M), each with all its mmas
+        rows = [8 << i for i in range(case["block_m"].bit_length() - 3)]
+        per_8_rows = (2 if case["gated"] else 1) * 8 * case["block_n"] // (16 * case["warps"])
+        assert facts["mma.sync"] == sum(per_8_rows * r // 8 for r in rows), (rows, facts)
 
 
 def test_align_compiles(compiled: dict) -> None:

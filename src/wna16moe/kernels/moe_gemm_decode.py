@@ -28,7 +28,10 @@ into registers one tile ahead they were slower), and the scale and zero-point ro
 one tile ahead in registers. A wide block's activation tile would take every warp's registers (each warp
 multiplies all of the block's rows), so it comes through a ring of its own, slot for slot with the words, and
 is read as MMA operands with ldmatrix; act-order columns, gathered element by element, are stored into that
-ring from registers one tile ahead.
+ring from registers one tile ahead. A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest
+that hold its real ones (padding rows come last): the loop is compiled once per row count and the program
+picks one at run time, so an expert's last, mostly padded block costs the mmas of its real rows (32-row
+blocks at M = 512: deepseek-v3 and qwen3-30b-a3b 8-11% faster than before; NOTES.md v27).
 
 NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests run on a GPU.
 """
@@ -246,43 +249,42 @@ def _tile_step(acc, acc_up, words, words_up, side, ones, BITS: gl.constexpr, HAS
 
 
 @gluon.jit
-def _moe_gemm_decode_kernel(
+def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
-    num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit,
+    num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om,
+    alpha, beta, limit,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr, NUM_WARPS: gl.constexpr,
-    STAGES: gl.constexpr,
+    EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
+    ROWS: gl.constexpr,
 ):
+    """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
+    BLOCK_M-row block."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
-    WIDE: gl.constexpr = BLOCK_M >= _WIDE_M
+    WIDE: gl.constexpr = BLOCK_M >= _WIDE_M  # (a wide block stays wide when it multiplies fewer rows)
     SCALED: gl.constexpr = WIDE or GROUP_IN_TILE <= 32  # (measured at 32; 64 is not)
     RAW: gl.constexpr = not (BITS == 8 and DTYPE == gl.bfloat16)
-    # A wide block's activation tile [BLOCK_M, TILE_K], 16 bytes per thread and load.
+    # A wide block's activation tile [ROWS, TILE_K], 16 bytes per thread and load.
     A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
 
     pid = gl.program_id(0)
     pid_m = pid % num_m_blocks
     pid_n = pid // num_m_blocks
     pid_k = gl.program_id(1)
-    if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
-        zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
     # The block's rows, once for the activation loads (B operand, or rows of the wide tile) and once for the
     # epilogue (accumulator).
     if WIDE:
-        m_b = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, A_LOAD))
+        m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
     else:
-        m_b = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B_OP))
-    m_acc = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(0, B_OP))
+    m_acc = gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA))
     if PAIR_BLOCKS:  # block b holds pair b alone (one token: its pairs' experts differ)
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
         if expert < 0:
@@ -329,8 +331,8 @@ def _moe_gemm_decode_kernel(
         offs_r = gl.arange(0, R, layout=gl.SliceLayout(1, B_OP))
     ones = gl.full([BLOCK_N, R], 1.0, DTYPE, A_OP)
 
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    acc_up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    acc = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
+    acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
     # Words through a STAGES-deep cp.async ring in shared memory (bytes in flight without registers); the
     # scale rows and activations one tile ahead in registers (loaded when used instead, they lost at M = 1).
@@ -345,10 +347,10 @@ def _moe_gemm_decode_kernel(
     c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
               + offs_n_c[None, :])
     c_mask = (offs_n_c < N)[None, :]
-    # A wide block's activation tiles [BLOCK_M, TILE_K] in a ring of their own, slot for slot with the words.
+    # A wide block's activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
     A_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if WIDE else 1, BLOCK_M if WIDE else 1, _TILE_K], A_SMEM)
+    a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if WIDE else 1, ROWS if WIDE else 1, _TILE_K], A_SMEM)
     COPY_A: gl.constexpr = WIDE and not HAS_PERM
     for s in gl.static_range(STAGES - 1):
         _copy_tile(smem, a_ring, s, c_ptrs, c_mask, a_row_ptrs, offs_r, k_begin + s * k_step, k_first, k_end, N,
@@ -403,3 +405,56 @@ def _moe_gemm_decode_kernel(
         tokens = rows // TOP_K
         out_ptrs = out_ptr + tokens.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
         gl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+
+
+@gluon.jit
+def _moe_gemm_decode_kernel(
+    a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
+    num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+    stride_sg, stride_om, alpha, beta, limit,
+    TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
+    HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
+    GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr, NUM_WARPS: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
+    if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
+        zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
+    if BLOCK_M >= _WIDE_M and not PAIR_BLOCKS:
+        # A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest that hold its real ones
+        # (padding rows are sorted last): an expert's last block is mostly padding at mid M.
+        pid_m = gl.program_id(0) % num_m_blocks
+        if pid_m * BLOCK_M < gl.load(num_padded_ptr):
+            ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
+            live = gl.sum((ids < P).to(gl.int32), axis=0)
+            if live <= 8:
+                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
+                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 8)
+            elif live <= 16:
+                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
+                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 16)
+            elif live <= 32 or BLOCK_M == 32:
+                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
+                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 32)
+            else:
+                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
+                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 64)
+    else:
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+                    stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                    HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS,
+                    STAGES, BLOCK_M)
