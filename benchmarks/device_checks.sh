@@ -24,6 +24,7 @@
 #   benchmarks/device_checks.sh gluon    # two GPUs: the Gluon decode kernel's tests (and TRITON's with
 #                                        # $GLUON_TRITON_TESTS set); try_configs with its variants (and the
 #                                        # read-pattern probe with $READ_PATTERN set)
+#   benchmarks/device_checks.sh ab-env   # two GPUs: TRITON's GPU tests; try_configs under each $AB_ENV setting
 #   benchmarks/device_checks.sh ab-try   # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS) in this tree and in
 #                                        # each build/ab/<name>/src, alternating
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
@@ -303,6 +304,21 @@ gluon)  # two GPUs: the Gluon decode kernel's GPU tests on one; on the other, tr
     wait
     pack_logs
     ;;
+ab-env)  # two GPUs: TRITON's GPU tests ($TEST_FILES, one process each) on one; on the other, try_configs of the
+    # shipped table ($TRY_CASES) under each setting of $AB_ENV ("NAME=value ..."), alternating over two rounds
+    nvidia-smi -L
+    (export CUDA_VISIBLE_DEVICES=0; parallel_tests tests 300 ${TEST_FILES:-tests/test_kernels_moe_gemm_decode.py \
+        tests/test_kernels_dequant.py tests/test_experts_triton.py}) &
+    for round in 0 1; do
+        for setting in $AB_ENV; do
+            name="try-${setting//=/-}-r$round"  # (no '=' in the names of files that come back)
+            (export "$setting" CUDA_VISIBLE_DEVICES=1
+             step "$name" 240 python3 benchmarks/try_configs.py $TRY_CASES --out "$OUT/$name.json")
+        done
+    done
+    wait
+    pack_logs
+    ;;
 ab-try)  # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS as for gluon) in this tree, then in each tree
     # build/ab/<name>/src, then this tree again: a kernel change A/B'd on configurations the table may not hold
     variants=()
@@ -328,7 +344,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|gluon|ab-try|chain|confirm|w8a16-sweep|decode|probe|peer" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|gluon|ab-env|ab-try|chain|confirm|w8a16-sweep|decode|probe|peer" >&2
     exit 2
     ;;
 esac

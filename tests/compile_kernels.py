@@ -40,7 +40,13 @@ DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "KD", "st
 
 
 def facts(ptx: str) -> dict[str, int]:
-    return {name: ptx.count(name) for name in PTX_FACTS}
+    """Counts of PTX_FACTS, and where a programmatic dependent waits: the cp.async and global loads before the
+    (first) griddepcontrol.wait, -1 without one."""
+    counts = {name: ptx.count(name) for name in PTX_FACTS}
+    wait = ptx.find("griddepcontrol.wait")
+    before = ptx[:wait]
+    return counts | {"copies_before_wait": -1 if wait < 0 else before.count("cp.async.cg"),
+                     "loads_before_wait": -1 if wait < 0 else before.count("ld.global")}
 
 
 def main_loop(cubin: bytes) -> dict[str, int]:
@@ -74,7 +80,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
-                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"])
+                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"], PDL=case.get("pdl", False))
     act = "*" + case.get("dtype", "bf16")
     # Absent tensors are passed as others, as `moe_gemm` does (the activations for the permutation, the scales
     # for zero points and router weights): dead code must type-check with those too.
@@ -99,7 +105,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_SIZE=group,
                   GROUP_IN_TILE=min(group, 128), SPLIT_K=case.get("split_k", 1), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], EVEN_K=True, PAIR_BLOCKS=case["pair"], ZERO_OUT=gated,
-                  NUM_WARPS=case["warps"], STAGES=case.get("stages", 3))
+                  NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", False))
     act = "*" + case.get("dtype", "bf16")
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,
@@ -116,7 +122,7 @@ def compile_align() -> dict[str, dict[str, int]]:
     """Both alignment paths: the one program (atomics, then barriers between phases) and the grid's placing."""
     pointers = dict.fromkeys(("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "rank_ptr",
                               "counts_ptr"), "*i32")
-    consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64)
+    consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64, PDL=True)
     facts_by_kernel = {}
     for name, kernel in (("one_program", _align_one_program), ("place", _place_kernel)):
         signature = dict(pointers, P="i32", max_blocks="i32") | dict.fromkeys(consts, "constexpr")

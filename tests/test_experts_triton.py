@@ -316,3 +316,35 @@ def test_tile_from_slots_is_slot_major(bits: int) -> None:
     _tile_from_slots_probe[(1,)](out, R=r, N=n, PACK=pack)
     expected = torch.arange(TILE_K, device=DEVICE)[:, None] * 1000 + torch.arange(n, device=DEVICE)[None, :]
     assert torch.equal(out, expected.to(torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("t", [1, 32, 512])
+def test_gpu_chained_forwards_under_a_cuda_graph(t: int) -> None:
+    """Forwards back to back, each routing on the last one's output, as layers of a model: with programmatic
+    dependent launch (kernels/grid_dependence.py) a kernel that read or wrote too early, or a buffer reused
+    while the kernel before still used it, shows here as a step that departs from the reference."""
+    e, k, h, i, steps = 32, 4, 2048, 768, 6
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
+    cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg)
+    router = torch.randn(h, e, device=DEVICE) / h**0.5
+
+    def step(x: torch.Tensor, apply) -> torch.Tensor:
+        tw, ids = softmax_topk(x.float() @ router, k, renormalize=True)
+        out = apply(x, tw, ids)
+        return (out.float() / out.float().norm(dim=1, keepdim=True).clamp_min(1e-6) * h**0.5).to(x.dtype)
+
+    x0 = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)
+    static = x0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = [static]
+        for _ in range(steps):
+            outputs.append(step(outputs[-1], lambda *a: kernel.apply(*a, weights)))
+    static.copy_(torch.randn(t, h, dtype=cfg.dtype, device=DEVICE))
+    graph.replay()
+    for n in range(steps):  # each step against the reference on the same input
+        expected = step(outputs[n], lambda *a: emulation.apply(*a, emu_weights))
+        assert relative_error(outputs[n + 1], expected) < 2e-2, (t, n)

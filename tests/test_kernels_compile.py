@@ -53,6 +53,9 @@ CASES = [
          stages=3, mma="wgmma.mma_async", fast=True, swap=True, loop_budget=550),
     dict(sm=90, gated=True, bits=4, zp=True, perm=False, group_in_tile=32, block_m=128, block_n=128, warps=8,
          stages=3, mma="wgmma.mma_async", fast=True, swap=True, loop_budget=700),
+    # launched as a programmatic dependent: it waits before its first load
+    dict(sm=90, gated=False, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
+         mma="mma.sync", fast=True, loop_budget=390, pdl=True),
 ]
 
 
@@ -96,6 +99,14 @@ DECODE_CASES = [
     # Ampere
     dict(sm=80, gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
          loop_budget=330),
+    # Programmatic dependent launch (kernels/grid_dependence.py): GEMM2 copies its first weight tiles before it
+    # waits; GEMM1, and a wide GEMM2 block (its activations come with the first words), wait first.
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=16, block_n=256, warps=4, pair=False,
+         loop_budget=705, pdl=True, prefetch=True),
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
+         loop_budget=335, pdl=True, prefetch=False),
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
+         loop_budget=450, pdl=True, prefetch=False),
 ]
 
 
@@ -119,6 +130,9 @@ def test_gemm_compiles(compiled: dict, index: int) -> None:
     facts = compiled["gemm"][index]
     assert facts[CASES[index]["mma"]] > 0
     assert facts["cp.async"] > 0  # weight tiles are software-pipelined
+    # A programmatic dependent reads nothing before it waits; without the flag there is no wait.
+    assert (facts["loads_before_wait"], facts["copies_before_wait"]) == ((0, 0) if CASES[index].get("pdl")
+                                                                         else (-1, -1)), facts
     assert facts[".local"] == 0  # no spills to local memory
     if CASES[index].get("swap"):
         assert facts["loop_STS"] == 0, facts  # the dequantized weights stay in registers
@@ -143,6 +157,12 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts[".local"] == 0 and facts["loop_STL"] == 0, facts
     assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
     assert facts["loop_instructions"] <= case["loop_budget"], facts
+    if not case.get("pdl"):
+        assert facts["copies_before_wait"] == -1, facts
+    elif case["prefetch"]:  # GEMM2's first weight tiles are in flight before it waits
+        assert facts["copies_before_wait"] > 0, facts
+    else:  # nothing read before the wait
+        assert (facts["loads_before_wait"], facts["copies_before_wait"]) == (0, 0), facts
     if not case["pair"]:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)
         halves = 2 if case["gated"] else 1
         assert facts["loop_HMMA"] >= halves * 8 * case["block_m"] // 8 * case["block_n"] // (16 * case["warps"]), facts
@@ -158,3 +178,5 @@ def test_align_compiles(compiled: dict) -> None:
     one_program = compiled["align"]["one_program"]
     assert one_program["bar.sync"] > 0  # the barriers between the kernel's phases survived
     assert one_program["atom"] > 0  # ranks (and the counters' clear and read) by atomics returning values
+    for kernel in ("one_program", "place"):  # as programmatic dependents: they wait before they read the ids
+        assert compiled["align"][kernel]["loads_before_wait"] == 0, compiled["align"]

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from wna16moe.activations import KERNEL_CODES
 from wna16moe.config import Activation
+from wna16moe.kernels.grid_dependence import await_prior_grids, chained_launch, launch_options
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = (
     KERNEL_CODES[a] for a in (Activation.SILU, Activation.GELU, Activation.GELU_TANH, Activation.SWIGLU_OAI))
@@ -59,7 +60,10 @@ def _split_k_activation_kernel(
     HAS_LIMIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        await_prior_grids()
     pair = tl.program_id(0)
     expert = tl.load(expert_ptr + pair)
     if expert < 0:
@@ -99,8 +103,10 @@ def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: tor
     if num_pairs == 0:
         return out
     block = min(1024, triton.next_power_of_2(n))
+    pdl = chained_launch(partials.device)
     _split_k_activation_kernel[(num_pairs, triton.cdiv(n, block))](
         partials, ids.to(torch.int32), bias if bias is not None else partials, out, n, num_pairs, out.stride(0),
         alpha, beta, 0.0 if limit is None else limit,
-        SPLITS=splits, ACT=act, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+        SPLITS=splits, ACT=act, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl,
+        num_warps=4, **launch_options(pdl))
     return out

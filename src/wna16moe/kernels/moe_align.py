@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from wna16moe.kernels.grid_dependence import await_prior_grids, chained_launch, launch_options
+
 # One program while pairs <= 1024 and pairs x experts <= 2^17: as graph replays on the H200 it took 2.7 / 4.8 µs
 # at 64 / 1024 pairs of 128 experts against the grid's 4.1 / 6.1, but 8.3 µs at 1024 pairs of 384 experts
 # against 6.1, and 12-198 µs from 4096 pairs up against 6-16 (its block fill grows with the experts, its
@@ -86,7 +88,10 @@ def _block_ranges(counts, BLOCK_M: tl.constexpr):
 @triton.jit
 def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P,
                        max_blocks, E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_M_POW2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+                       BLOCK_M_POW2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr,
+                       PDL: tl.constexpr):
+    if PDL:  # (kernels/grid_dependence.py)
+        await_prior_grids()
     experts = tl.arange(0, E_POW2)
     # The counters live in L2 and are only touched by atomics, so the phases need only the CTA barriers.
     tl.atomic_xchg(counts_ptr + experts, tl.zeros_like(experts), sem="relaxed", scope="gpu")
@@ -105,15 +110,19 @@ def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_
 
 
 @triton.jit
-def _count_kernel(topk_ids_ptr, rank_ptr, counts_ptr, P, CHUNK: tl.constexpr):
+def _count_kernel(topk_ids_ptr, rank_ptr, counts_ptr, P, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        await_prior_grids()
     _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, tl.program_id(0) * CHUNK + tl.arange(0, CHUNK), P)
 
 
 @triton.jit
 def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P, max_blocks,
                   E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_POW2: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+                  CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program i places the pairs of chunk i and fills the blocks of block chunk i (the counts are final)."""
+    if PDL:
+        await_prior_grids()
     pid = tl.program_id(0)
     counts = tl.load(counts_ptr + tl.arange(0, E_POW2))
     starts, ends = _block_ranges(counts, BLOCK_M)
@@ -162,14 +171,16 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
     e_pow2 = triton.next_power_of_2(num_experts)
     shape = dict(E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
                  BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK)
+    pdl = chained_launch(device)
     if one_program(p, e_pow2):
         counts = torch.empty(e_pow2, dtype=torch.int32, device=device)
         _align_one_program[(1,)](ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks, **shape,
-                                 num_warps=4)
+                                 PDL=pdl, num_warps=4, **launch_options(pdl))
     else:
         counts = torch.zeros(e_pow2, dtype=torch.int32, device=device)
-        _count_kernel[(triton.cdiv(p, _CHUNK),)](ids, rank, counts, p, CHUNK=_CHUNK, num_warps=4)
+        _count_kernel[(triton.cdiv(p, _CHUNK),)](ids, rank, counts, p, CHUNK=_CHUNK, PDL=pdl, num_warps=4,
+                                                 **launch_options(pdl))
         programs = max(triton.cdiv(p, _CHUNK), triton.cdiv(max_blocks, _BLOCK_CHUNK))
         _place_kernel[(programs,)](ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks, **shape,
-                                   num_warps=4)
+                                   PDL=pdl, num_warps=4, **launch_options(pdl))
     return sorted_ids, expert_ids, num_padded

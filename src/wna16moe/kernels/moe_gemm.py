@@ -41,6 +41,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_raw,
     dequant_slots_scaled,
 )
+from wna16moe.kernels.grid_dependence import await_prior_grids, chained_launch, launch_options
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, _moe_gemm_decode_kernel
 from wna16moe.kernels.zero_share import zero_program_share
@@ -292,7 +293,10 @@ def _moe_gemm_kernel(
     EVEN_K: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr,
     ZERO_OUT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched as a programmatic dependent: nothing is read or written before the previous grid ends
+        await_prior_grids()
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
     pid = tl.program_id(0)
@@ -503,6 +507,7 @@ def moe_gemm(
     if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
         raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
+    pdl = chained_launch(a.device)
     kernel[grid](
         a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
@@ -515,7 +520,8 @@ def moe_gemm(
         HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None,
         GROUP_SIZE=1 << 30 if group_size == -1 else group_size,  # channel-wise: one group spanning every K
         GROUP_IN_TILE=_group_in_tile(group_size), SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
-        EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks, ZERO_OUT=zero_out is not None, **constexprs, **options,
+        EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks, ZERO_OUT=zero_out is not None, PDL=pdl, **constexprs,
+        **options, **launch_options(pdl),
     )
     return out
 

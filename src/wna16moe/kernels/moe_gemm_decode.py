@@ -51,6 +51,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_raw,
     dequant_slots_scaled,
 )
+from wna16moe.kernels.grid_dependence import await_prior_grids
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.zero_share import zero_program_share
 
@@ -257,7 +258,7 @@ def _block_gemm(
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
-    ROWS: gl.constexpr,
+    ROWS: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -355,6 +356,8 @@ def _block_gemm(
     for s in gl.static_range(STAGES - 1):
         _copy_tile(smem, a_ring, s, c_ptrs, c_mask, a_row_ptrs, offs_r, k_begin + s * k_step, k_first, k_end, N,
                    stride_wk, PACK, GATED, COPY_A, EVEN_K)
+    if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
+        await_prior_grids()
     side = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_first, k_end, N, GROUP_SIZE,
                       stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
     if WIDE and HAS_PERM:  # gathered columns: through registers, stored one tile ahead (after the barrier)
@@ -416,9 +419,15 @@ def _moe_gemm_decode_kernel(
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr, NUM_WARPS: gl.constexpr,
-    STAGES: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
+    # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
+    # waits: its blocks were final before GEMM1 ran. GEMM1 reads the previous grid's output (the blocks, the
+    # hidden states) and a wide block copies activations with its first weights: those wait first.
+    PREFETCH: gl.constexpr = PDL and not GATED and not (BLOCK_M >= _WIDE_M and not HAS_PERM)
+    if PDL and not PREFETCH:
+        await_prior_grids()
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
     if BLOCK_M >= _WIDE_M and not PAIR_BLOCKS:
@@ -433,28 +442,28 @@ def _moe_gemm_decode_kernel(
                             expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
                             stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                             HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 8)
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PREFETCH)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
                             stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                             HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 16)
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PREFETCH)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
                             stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                             HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 32)
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PREFETCH)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
                             stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                             HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 64)
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PREFETCH)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                     stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                     HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS,
-                    STAGES, BLOCK_M)
+                    STAGES, BLOCK_M, PREFETCH)

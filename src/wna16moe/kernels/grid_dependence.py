@@ -1,0 +1,45 @@
+"""Programmatic dependent launch (Hopper and later): a grid launched with `launch_pdl=True` may start while the
+grid before it still runs, so one kernel's launch and first loads overlap the previous kernel's tail.
+
+The rule every such kernel follows: before `await_prior_grids` it reads only what was final before the
+previous kernel started (weights; for GEMM2, the blocks and router ids made before GEMM1) and writes nothing
+(a buffer it writes may be memory the previous kernel still reads: the caching allocator reuses it in stream
+order). Each kernel lets its own dependents launch only after its wait, so that a dependent's early reads see
+every kernel up to the one before its predecessor complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def await_prior_grids():
+    """Wait until the previous grid has finished and its writes are visible, then let the next grid launch
+    (a no-op for a grid launched without the attribute)."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def chained_launch(device: torch.device) -> bool:
+    """Whether kernels on `device` launch as programmatic dependents: CUDA sm90+ (the PTX does not exist
+    before), not the interpreter; WNA16MOE_PDL=0 turns it off (for A/B runs)."""
+    if device.type != "cuda" or torch.version.cuda is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return os.environ.get("WNA16MOE_PDL") != "0" and _hopper_or_later(index)
+
+
+def launch_options(pdl: bool) -> dict[str, bool]:
+    """The launch keyword for a kernel that waits with `await_prior_grids` when PDL is set."""
+    return {"launch_pdl": True} if pdl else {}
