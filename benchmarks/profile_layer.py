@@ -1,11 +1,14 @@
-"""Where one TRITON layer forward spends its GPU time: every kernel's mean duration (torch.profiler, CUPTI);
-"#2 _moe_gemm_kernel" is the second launch of that kernel in a forward (GEMM2).
+"""Where one TRITON layer forward spends its GPU time: every kernel's mean start and end (µs from the forward's
+first kernel) and duration (torch.profiler, CUPTI); "#2 _moe_gemm_kernel" is the second launch of that kernel
+in a forward (GEMM2). Starts before the previous kernel's end are overlaps (programmatic dependent launch,
+kernels/grid_dependence.py); gaps between an end and the next start are launch latency.
 
-    python benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 --tokens 1 8
+    python benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 --tokens 1 8 [--graph]
 
 The L2 is flushed between forwards by reading (`wna16moe.bench._flush_l2`, as the bench does), so the GEMMs read
-their weights from HBM; a one-byte fill marks where each forward starts. Each
-kernel's bytes floor is not split out: compare a GEMM's time with the layer's floor in BENCHMARKS.md.
+their weights from HBM; a one-byte fill marks where each forward starts. With --graph the forward is a CUDA
+graph replay (as the bench times M <= 512). Each kernel's bytes floor is not split out: compare a GEMM's time
+with the layer's floor in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from wna16moe.bench import _flush_l2, random_layer, random_routing
+from wna16moe.bench import _flush_l2, capture_graph, random_layer, random_routing
 from wna16moe.experts.triton import TritonExperts
 
 
-def profile_shape(name: str, m: int, repeats: int = 20) -> None:
+def profile_shape(name: str, m: int, graph: bool, repeats: int = 20) -> None:
     device = torch.device("cuda")
     spec, experts = random_layer(name, device)
     cfg = spec.moe
@@ -29,40 +32,49 @@ def profile_shape(name: str, m: int, repeats: int = 20) -> None:
     x = torch.randn(m, cfg.hidden_size, dtype=torch.bfloat16, device=device)
     tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
     marker = torch.empty(1, dtype=torch.int8, device=device)
+    forward = capture_graph(lambda: kernel.apply(x, tw, ids, weights)).replay if graph else (
+        lambda: kernel.apply(x, tw, ids, weights))
     for _ in range(3):
-        kernel.apply(x, tw, ids, weights)
+        forward()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
             _flush_l2()
             marker.zero_()
-            kernel.apply(x, tw, ids, weights)
+            forward()
         torch.cuda.synchronize()
-    totals: dict[str, float] = defaultdict(float)
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)  # per kernel: (start, end) from the first
     seen: dict[str, int] = defaultdict(int)  # launches of each kernel so far in this forward
+    first = None
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     for event in sorted(kernels, key=lambda e: e.time_range.start):
         if "FillFunctor<signed char>" in event.name:  # the marker: a new forward starts
             seen.clear()
+            first = None
             continue
         if event.name.startswith("void at::native::reduce_kernel"):  # the L2 flush (a read)
             continue
         seen[event.name] += 1
-        totals[f"#{seen[event.name]} {event.name}"] += event.device_time_total
-    print(f"{name} M={m} config {kernel.config(m)}")
-    for kernel_name, us in sorted(totals.items(), key=lambda item: -item[1]):
-        print(f"  {us / repeats:9.2f} us  {kernel_name[:110]}")
-    print(f"  {sum(totals.values()) / repeats:9.2f} us  total")
+        first = event.time_range.start if first is None else first
+        spans[f"#{seen[event.name]} {event.name}"].append((event.time_range.start - first,
+                                                           event.time_range.end - first))
+    print(f"{name} M={m} {'graph' if graph else 'eager'} config {kernel.config(m)}")
+    print("      start        end   duration")
+    for kernel_name, times in sorted(spans.items(), key=lambda item: sum(s for s, _ in item[1])):
+        start = sum(s for s, _ in times) / len(times)
+        end = sum(e for _, e in times) / len(times)
+        print(f"  {start:9.2f} {end:10.2f} {end - start:10.2f} us  {kernel_name[:100]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--graph", action="store_true", help="time CUDA graph replays of the forward")
     args = parser.parse_args()
     for name in args.shapes:
         for m in args.tokens:
-            profile_shape(name, m)
+            profile_shape(name, m, args.graph)
 
 
 if __name__ == "__main__":

@@ -321,10 +321,10 @@ def test_tile_from_slots_is_slot_major(bits: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("t", [1, 32, 512])
-def test_gpu_chained_forwards_under_a_cuda_graph(t: int) -> None:
-    """Forwards back to back, each routing on the last one's output, as layers of a model: with programmatic
-    dependent launch (kernels/grid_dependence.py) a kernel that read or wrote too early, or a buffer reused
-    while the kernel before still used it, shows here as a step that departs from the reference."""
+def test_gpu_chained_forwards(t: int) -> None:
+    """Forwards back to back, each routing on the last one's output, as layers of a model, eagerly and as one
+    CUDA graph: with programmatic dependent launch (kernels/grid_dependence.py) a kernel that read or wrote too
+    early, or a buffer reused while the kernel before still used it, shows as a step off the reference."""
     e, k, h, i, steps = 32, 4, 2048, 768, 6
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
     cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
@@ -333,18 +333,25 @@ def test_gpu_chained_forwards_under_a_cuda_graph(t: int) -> None:
 
     def step(x: torch.Tensor, apply) -> torch.Tensor:
         tw, ids = softmax_topk(x.float() @ router, k, renormalize=True)
-        out = apply(x, tw, ids)
-        return (out.float() / out.float().norm(dim=1, keepdim=True).clamp_min(1e-6) * h**0.5).to(x.dtype)
+        out = apply(x, tw, ids).float()
+        return (out / out.norm(dim=1, keepdim=True).clamp_min(1e-6) * h**0.5).to(x.dtype)
 
-    x0 = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)
-    static = x0.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = [static]
+    def chain(x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = [x]
         for _ in range(steps):
             outputs.append(step(outputs[-1], lambda *a: kernel.apply(*a, weights)))
+        return outputs
+
+    def check(outputs: list[torch.Tensor], how: str) -> None:
+        for n in range(steps):  # each step against the reference on the same input
+            expected = step(outputs[n], lambda *a: emulation.apply(*a, emu_weights))
+            assert relative_error(outputs[n + 1], expected) < 2e-2, (t, n, how)
+
+    check(chain(torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)), "eager")  # (compiles before the capture)
+    static = torch.empty(t, h, dtype=cfg.dtype, device=DEVICE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain(static)
     static.copy_(torch.randn(t, h, dtype=cfg.dtype, device=DEVICE))
     graph.replay()
-    for n in range(steps):  # each step against the reference on the same input
-        expected = step(outputs[n], lambda *a: emulation.apply(*a, emu_weights))
-        assert relative_error(outputs[n + 1], expected) < 2e-2, (t, n)
+    check(captured, "graph")

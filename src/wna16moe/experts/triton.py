@@ -65,6 +65,9 @@ class TritonConfig:
     blocks of `block_m` = 8, 16, 32 or 64 rows as N) where the PTX dequantization runs (NVIDIA); elsewhere the
     same tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. There `num_stages` (>= 2) is the depth of
     the shared-memory ring the weights come through; `swap_ab` does not apply.
+
+    `pdl` launches each kernel of the forward as a programmatic dependent of the one before, on Hopper and
+    later (kernels/grid_dependence.py): a launch and GEMM2's first weight loads overlap the previous kernel.
     """
 
     block_m: int
@@ -77,6 +80,7 @@ class TritonConfig:
     split_k1: int = 1
     max_registers: int | None = None
     decode: bool = False
+    pdl: bool = True
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -260,6 +264,7 @@ class TritonExperts(Experts):
                  weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:
         """Both GEMMs over the pairs of topk_ids [T, K'] (local ids, -1 left out) -> [T, H]."""
         from wna16moe.kernels.activation import split_k_activation
+        from wna16moe.kernels.grid_dependence import chained_launch
         from wna16moe.kernels.moe_align import moe_align_block_size
         from wna16moe.kernels.moe_gemm import moe_gemm
 
@@ -269,13 +274,14 @@ class TritonExperts(Experts):
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16))
+        pdl = cfg.pdl and chained_launch(hidden_states.device)
         if t == 1:  # one block per pair, straight from the ids: no alignment launch
             blocks = (None, topk_ids.reshape(-1), None)
         else:
-            blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m)
+            blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, pdl)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages, max_registers=cfg.max_registers, decode=cfg.decode,
-                      fast_dequant=ptx, swap_ab=cfg.swap_ab)
+                      fast_dequant=ptx, swap_ab=cfg.swap_ab, pdl=pdl)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
@@ -289,7 +295,7 @@ class TritonExperts(Experts):
                                    device=hidden_states.device)
             moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
                      zero_out=out, **common)
-            split_k_activation(partials, topk_ids, self.w13_bias, intermediate, **activation)
+            split_k_activation(partials, topk_ids, self.w13_bias, intermediate, pdl=pdl, **activation)
         else:
             moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
                      **common)

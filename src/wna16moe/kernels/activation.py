@@ -18,7 +18,7 @@ import triton.language as tl
 
 from wna16moe.activations import KERNEL_CODES
 from wna16moe.config import Activation
-from wna16moe.kernels.grid_dependence import await_prior_grids, chained_launch, launch_options
+from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = (
     KERNEL_CODES[a] for a in (Activation.SILU, Activation.GELU, Activation.GELU_TANH, Activation.SWIGLU_OAI))
@@ -86,10 +86,11 @@ def _split_k_activation_kernel(
 
 def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                        *, act: int = ACT_SILU, alpha: float = 1.0, beta: float = 0.0,
-                       limit: float | None = None) -> torch.Tensor:
+                       limit: float | None = None, pdl: bool = False) -> torch.Tensor:
     """out [P, N] = act of the summed GEMM1 partials [S, P, 2N] (see the module docstring).
 
-    topk_ids: [T, K] or [P] expert of each pair (-1: left out); bias: [E, 2N] float32 or None.
+    topk_ids: [T, K] or [P] expert of each pair (-1: left out); bias: [E, 2N] float32 or None; pdl: launch as a
+    programmatic dependent of the kernel before (CUDA sm90+ only; kernels/grid_dependence.py).
     """
     splits, num_pairs, two_n = partials.shape
     n = two_n // 2
@@ -103,7 +104,6 @@ def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: tor
     if num_pairs == 0:
         return out
     block = min(1024, triton.next_power_of_2(n))
-    pdl = chained_launch(partials.device)
     _split_k_activation_kernel[(num_pairs, triton.cdiv(n, block))](
         partials, ids.to(torch.int32), bias if bias is not None else partials, out, n, num_pairs, out.stride(0),
         alpha, beta, 0.0 if limit is None else limit,

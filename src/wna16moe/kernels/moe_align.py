@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wna16moe.kernels.grid_dependence import await_prior_grids, chained_launch, launch_options
+from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
 
 # One program while pairs <= 1024 and pairs x experts <= 2^17: as graph replays on the H200 it took 2.7 / 4.8 µs
 # at 64 / 1024 pairs of 128 experts against the grid's 4.1 / 6.1, but 8.3 µs at 1024 pairs of 384 experts
@@ -142,7 +142,7 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group routed pairs by expert, padded to `block_m` rows per expert.
 
@@ -151,6 +151,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
     topk_ids : [T, K] int32 expert ids in [0, num_experts), or -1 for a pair to leave out.
     num_experts : E.
     block_m : rows per GEMM block.
+    pdl : launch as programmatic dependents (CUDA sm90+ only; kernels/grid_dependence.py).
 
     Returns
     -------
@@ -171,7 +172,6 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
     e_pow2 = triton.next_power_of_2(num_experts)
     shape = dict(E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
                  BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK)
-    pdl = chained_launch(device)
     if one_program(p, e_pow2):
         counts = torch.empty(e_pow2, dtype=torch.int32, device=device)
         _align_one_program[(1,)](ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks, **shape,

@@ -41,7 +41,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_raw,
     dequant_slots_scaled,
 )
-from wna16moe.kernels.grid_dependence import await_prior_grids, chained_launch, launch_options
+from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, _moe_gemm_decode_kernel
 from wna16moe.kernels.zero_share import zero_program_share
@@ -436,6 +436,7 @@ def moe_gemm(
     swap_ab: bool = False,
     decode: bool = False,
     zero_out: torch.Tensor | None = None,
+    pdl: bool = False,
     num_warps: int = 4,
     num_stages: int = 3,
     max_registers: int | None = None,
@@ -465,6 +466,7 @@ def moe_gemm(
         block_n a multiple of 16 x num_warps, num_stages >= 2 the depth of its cp.async ring; fast_dequant and
         swap_ab do not apply.
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
+    pdl : launch as a programmatic dependent of the kernel before (CUDA sm90+ only; kernels/grid_dependence.py).
     max_registers : a cap on registers per thread (ptxas .maxnreg), or None for the compiler's choice.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
@@ -507,7 +509,6 @@ def moe_gemm(
     if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
         raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
-    pdl = chained_launch(a.device)
     kernel[grid](
         a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
