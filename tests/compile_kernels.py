@@ -40,13 +40,18 @@ DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "KD", "st
 
 
 def facts(ptx: str) -> dict[str, int]:
-    """Counts of PTX_FACTS, and where a programmatic dependent waits: the cp.async and global loads before the
-    (first) griddepcontrol.wait, -1 without one."""
+    """Counts of PTX_FACTS; where a programmatic dependent waits (the cp.async and global loads before the first
+    griddepcontrol.wait, -1 without one) and releases its dependents (after the wait; the MMAs after it)."""
     counts = {name: ptx.count(name) for name in PTX_FACTS}
     wait = ptx.find("griddepcontrol.wait")
     before = ptx[:wait]
+    release = ptx.find("griddepcontrol.launch_dependents")
+    after_release = ptx[release:]
     return counts | {"copies_before_wait": -1 if wait < 0 else before.count("cp.async.cg"),
-                     "loads_before_wait": -1 if wait < 0 else before.count("ld.global")}
+                     "loads_before_wait": -1 if wait < 0 else before.count("ld.global"),
+                     "release_after_wait": release > wait >= 0,
+                     "mma_after_release": -1 if release < 0 else after_release.count("mma.sync")
+                     + after_release.count("wgmma.mma_async")}
 
 
 def main_loop(cubin: bytes) -> dict[str, int]:

@@ -130,9 +130,13 @@ def test_gemm_compiles(compiled: dict, index: int) -> None:
     facts = compiled["gemm"][index]
     assert facts[CASES[index]["mma"]] > 0
     assert facts["cp.async"] > 0  # weight tiles are software-pipelined
-    # A programmatic dependent reads nothing before it waits; without the flag there is no wait.
-    assert (facts["loads_before_wait"], facts["copies_before_wait"]) == ((0, 0) if CASES[index].get("pdl")
-                                                                         else (-1, -1)), facts
+    # A programmatic dependent reads nothing before it waits, and lets the next kernel launch once its loop is
+    # done; without the flag there is neither.
+    if CASES[index].get("pdl"):
+        assert (facts["loads_before_wait"], facts["copies_before_wait"]) == (0, 0), facts
+        assert facts["release_after_wait"] and facts["mma_after_release"] == 0, facts
+    else:
+        assert (facts["copies_before_wait"], facts["mma_after_release"]) == (-1, -1), facts
     assert facts[".local"] == 0  # no spills to local memory
     if CASES[index].get("swap"):
         assert facts["loop_STS"] == 0, facts  # the dequantized weights stay in registers
@@ -158,11 +162,15 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
     assert facts["loop_instructions"] <= case["loop_budget"], facts
     if not case.get("pdl"):
-        assert facts["copies_before_wait"] == -1, facts
-    elif case["prefetch"]:  # GEMM2's first weight tiles are in flight before it waits
-        assert facts["copies_before_wait"] > 0, facts
-    else:  # nothing read before the wait
-        assert (facts["loads_before_wait"], facts["copies_before_wait"]) == (0, 0), facts
+        assert (facts["copies_before_wait"], facts["mma_after_release"]) == (-1, -1), facts
+    else:
+        if case["prefetch"]:  # GEMM2's first weight tiles are in flight before it waits
+            assert facts["copies_before_wait"] > 0, facts
+        else:  # nothing read before the wait
+            assert (facts["loads_before_wait"], facts["copies_before_wait"]) == (0, 0), facts
+        assert facts["release_after_wait"], facts
+        if case["block_m"] < 32:  # (a wide block holds a loop per row count, each releasing after its own)
+            assert facts["mma_after_release"] == 0, facts
     if not case["pair"]:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)
         halves = 2 if case["gated"] else 1
         assert facts["loop_HMMA"] >= halves * 8 * case["block_m"] // 8 * case["block_n"] // (16 * case["warps"]), facts

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from wna16moe.activations import KERNEL_CODES
 from wna16moe.config import Activation
-from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
+from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, release_dependents
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = (
     KERNEL_CODES[a] for a in (Activation.SILU, Activation.GELU, Activation.GELU_TANH, Activation.SWIGLU_OAI))
@@ -80,6 +80,8 @@ def _split_k_activation_kernel(
         bias = bias_ptr + expert.to(tl.int64) * 2 * N + cols
         gate += tl.load(bias, mask=mask, other=0.0)
         up += tl.load(bias + N, mask=mask, other=0.0)
+    if PDL:
+        release_dependents()
     h = gated_activation(gate, up, alpha, beta, limit, ACT, HAS_LIMIT)
     tl.store(out_ptr + pair.to(tl.int64) * stride_om + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
 

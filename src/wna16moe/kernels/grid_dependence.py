@@ -4,8 +4,10 @@ grid before it still runs, so one kernel's launch and first loads overlap the pr
 The rule every such kernel follows: before `await_prior_grids` it reads only what was final before the
 previous kernel started (weights; for GEMM2, the blocks and router ids made before GEMM1) and writes nothing
 (a buffer it writes may be memory the previous kernel still reads: the caching allocator reuses it in stream
-order). Each kernel lets its own dependents launch only after its wait, so that a dependent's early reads see
-every kernel up to the one before its predecessor complete.
+order). It lets its own dependents launch (`release_dependents`) only after its wait, so that a dependent's
+early reads see every kernel up to the one before its predecessor complete; and only once its main loop is
+done: dependents released at the start sat beside the running kernel and slowed it (mixtral M = 8: GEMM1
+125 -> 147 µs; benchmarks/NOTES.md v28).
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ import triton.language as tl
 
 @triton.jit
 def await_prior_grids():
-    """Wait until the previous grid has finished and its writes are visible, then let the next grid launch
-    (a no-op for a grid launched without the attribute)."""
+    """Wait until the previous grid has finished and its writes are visible (a no-op for a grid launched
+    without the attribute)."""
     tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def release_dependents():
+    """Let the next grid launch once every program of this one has called this (or exited)."""
     tl.extra.cuda.gdc_launch_dependents()
 
 

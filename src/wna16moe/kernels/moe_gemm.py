@@ -41,7 +41,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_raw,
     dequant_slots_scaled,
 )
-from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
+from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, release_dependents
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, _moe_gemm_decode_kernel
 from wna16moe.kernels.zero_share import zero_program_share
@@ -375,6 +375,8 @@ def _moe_gemm_kernel(
             acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
                                k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
                                SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
+    if PDL:
+        release_dependents()
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)

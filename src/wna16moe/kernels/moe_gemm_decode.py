@@ -51,7 +51,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_raw,
     dequant_slots_scaled,
 )
-from wna16moe.kernels.grid_dependence import await_prior_grids
+from wna16moe.kernels.grid_dependence import await_prior_grids, release_dependents
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.zero_share import zero_program_share
 
@@ -258,7 +258,7 @@ def _block_gemm(
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
-    ROWS: gl.constexpr, PREFETCH: gl.constexpr,
+    ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -384,6 +384,8 @@ def _block_gemm(
             a_ring.index((slot + 1) % STAGES).store(side_next[2])
         side = side_next
         slot = (slot + 1) % STAGES
+    if PDL:
+        release_dependents()
 
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
@@ -442,28 +444,28 @@ def _moe_gemm_decode_kernel(
                             expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
                             stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                             HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PREFETCH)
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
                             stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                             HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PREFETCH)
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
                             stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                             HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PREFETCH)
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
                             stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                             HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PREFETCH)
+                            PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                     stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                     HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS,
-                    STAGES, BLOCK_M, PREFETCH)
+                    STAGES, BLOCK_M, PDL, PREFETCH)
