@@ -25,6 +25,7 @@
 #                                        # $GLUON_TRITON_TESTS set); try_configs with its variants (and the
 #                                        # read-pattern probe with $READ_PATTERN set)
 #   benchmarks/device_checks.sh ab-env   # two GPUs: TRITON's GPU tests; try_configs under each $AB_ENV setting
+#   benchmarks/device_checks.sh ship     # two GPUs: tests and the W8A16 bench; try_configs, --trials, int4 served
 #   benchmarks/device_checks.sh ab-try   # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS) in this tree and in
 #                                        # each build/ab/<name>/src, alternating
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
@@ -319,6 +320,29 @@ ab-env)  # two GPUs: TRITON's GPU tests ($TEST_FILES, one process each) on one; 
     wait
     pack_logs
     ;;
+ship)  # two GPUs: TRITON's GPU tests, then the W8A16 bench of $W8_SHAPES, on one; on the other try_configs
+    # ($TRY_CASES, $TRY_VARIANTS), `tuning --trials` on its result, and the table as served (int4, with MARLIN),
+    # one file per shape; the table comes back as tuned_triton.json
+    nvidia-smi -L
+    (export CUDA_VISIBLE_DEVICES=0; parallel_tests tests 300 tests/test_kernels_grid_dependence.py \
+         tests/test_kernels_moe_gemm_decode.py tests/test_kernels_dequant.py tests/test_experts_triton.py \
+         tests/test_kernels_moe_align.py
+     step served-w8 "${W8_LIMIT:-150}" python3 -m wna16moe.bench --shapes ${W8_SHAPES:-deepseek-v3 qwen3-30b-a3b} \
+         --scheme int8_g128_sym --out "$OUT/served-w8.json") &
+    variants=()
+    for v in ${TRY_VARIANTS:-}; do
+        variants+=(--variant "$v")
+    done
+    export CUDA_VISIBLE_DEVICES=1
+    step try 200 python3 benchmarks/try_configs.py $TRY_CASES "${variants[@]}" --out "$OUT/try.json"
+    step trials 30 python3 -m wna16moe.tuning --trials "$OUT/try.json"
+    cp src/wna16moe/tuned_triton.json "$OUT/"
+    for shape in "${SHAPES[@]}"; do
+        step "served-$shape" 150 python3 -m wna16moe.bench --shapes "$shape" --out "$OUT/served-$shape.json"
+    done
+    wait
+    pack_logs
+    ;;
 ab-try)  # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS as for gluon) in this tree, then in each tree
     # build/ab/<name>/src, then this tree again: a kernel change A/B'd on configurations the table may not hold
     variants=()
@@ -344,7 +368,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|gluon|ab-env|ab-try|chain|confirm|w8a16-sweep|decode|probe|peer" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|gluon|ab-env|ship|ab-try|chain|confirm|w8a16-sweep|decode|probe|peer" >&2
     exit 2
     ;;
 esac

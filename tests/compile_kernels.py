@@ -85,7 +85,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
-                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"], PDL=case.get("pdl", False))
+                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"], PDL=case.get("pdl", 0))
     act = "*" + case.get("dtype", "bf16")
     # Absent tensors are passed as others, as `moe_gemm` does (the activations for the permutation, the scales
     # for zero points and router weights): dead code must type-check with those too.
@@ -110,7 +110,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_SIZE=group,
                   GROUP_IN_TILE=min(group, 128), SPLIT_K=case.get("split_k", 1), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], EVEN_K=True, PAIR_BLOCKS=case["pair"], ZERO_OUT=gated,
-                  NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", False))
+                  NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0))
     act = "*" + case.get("dtype", "bf16")
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,
@@ -127,7 +127,7 @@ def compile_align() -> dict[str, dict[str, int]]:
     """Both alignment paths: the one program (atomics, then barriers between phases) and the grid's placing."""
     pointers = dict.fromkeys(("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "rank_ptr",
                               "counts_ptr"), "*i32")
-    consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64, PDL=True)
+    consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64, PDL=1)
     facts_by_kernel = {}
     for name, kernel in (("one_program", _align_one_program), ("place", _place_kernel)):
         signature = dict(pointers, P="i32", max_blocks="i32") | dict.fromkeys(consts, "constexpr")

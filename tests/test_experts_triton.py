@@ -31,7 +31,13 @@ from wna16moe import (
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.emulation import EmulationExperts
-from wna16moe.experts.triton import TritonConfig, TritonExperts, prepare_triton_weights
+from wna16moe.experts.triton import (
+    RELEASE_AFTER_LOOP,
+    RELEASE_AT_WAIT,
+    TritonConfig,
+    TritonExperts,
+    prepare_triton_weights,
+)
 from wna16moe.kernels.layout import TILE_K, tile_deinterleave, tile_interleave
 from wna16moe.kernels.moe_align import moe_align_block_size
 from wna16moe.kernels.moe_gemm import _tile_from_slots, moe_gemm
@@ -320,8 +326,9 @@ def test_tile_from_slots_is_slot_major(bits: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("pdl", [RELEASE_AFTER_LOOP, RELEASE_AT_WAIT], ids=["release-after-loop", "release-at-wait"])
 @pytest.mark.parametrize("t", [1, 32, 512])
-def test_gpu_chained_forwards(t: int) -> None:
+def test_gpu_chained_forwards(t: int, pdl: int) -> None:
     """Forwards back to back, each routing on the last one's output, as layers of a model, eagerly and as one
     CUDA graph: with programmatic dependent launch (kernels/grid_dependence.py) a kernel that read or wrote too
     early, or a buffer reused while the kernel before still used it, shows as a step off the reference."""
@@ -336,10 +343,12 @@ def test_gpu_chained_forwards(t: int) -> None:
         out = apply(x, tw, ids).float()
         return (out / out.norm(dim=1, keepdim=True).clamp_min(1e-6) * h**0.5).to(x.dtype)
 
+    config = replace(kernel.config(t), pdl=pdl)
+
     def chain(x: torch.Tensor) -> list[torch.Tensor]:
         outputs = [x]
         for _ in range(steps):
-            outputs.append(step(outputs[-1], lambda *a: kernel.apply(*a, weights)))
+            outputs.append(step(outputs[-1], lambda *a: kernel.apply(*a, weights, config)))
         return outputs
 
     def check(outputs: list[torch.Tensor], how: str) -> None:

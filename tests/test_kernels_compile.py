@@ -53,9 +53,12 @@ CASES = [
          stages=3, mma="wgmma.mma_async", fast=True, swap=True, loop_budget=550),
     dict(sm=90, gated=True, bits=4, zp=True, perm=False, group_in_tile=32, block_m=128, block_n=128, warps=8,
          stages=3, mma="wgmma.mma_async", fast=True, swap=True, loop_budget=700),
-    # launched as a programmatic dependent: it waits before its first load
+    # launched as a programmatic dependent: it waits before its first load; it lets the next kernel launch
+    # after its loop (pdl 1) or right after its wait (2)
     dict(sm=90, gated=False, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
-         mma="mma.sync", fast=True, loop_budget=390, pdl=True),
+         mma="mma.sync", fast=True, loop_budget=390, pdl=1),
+    dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
+         mma="mma.sync", fast=True, loop_budget=390, pdl=2),
 ]
 
 
@@ -101,12 +104,17 @@ DECODE_CASES = [
          loop_budget=330),
     # Programmatic dependent launch (kernels/grid_dependence.py): GEMM2 copies its first weight tiles before it
     # waits; GEMM1, and a wide GEMM2 block (its activations come with the first words), wait first.
+    # It lets the next kernel launch after its loop (pdl 1) or right after its wait (2).
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=16, block_n=256, warps=4, pair=False,
-         loop_budget=705, pdl=True, prefetch=True),
+         loop_budget=705, pdl=1, prefetch=True),
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=False,
+         loop_budget=705, pdl=2, prefetch=True),
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
-         loop_budget=335, pdl=True, prefetch=False),
+         loop_budget=335, pdl=1, prefetch=False),
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
+         loop_budget=335, pdl=2, prefetch=False),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
-         loop_budget=450, pdl=True, prefetch=False),
+         loop_budget=450, pdl=1, prefetch=False),
 ]
 
 
@@ -134,7 +142,8 @@ def test_gemm_compiles(compiled: dict, index: int) -> None:
     # done; without the flag there is neither.
     if CASES[index].get("pdl"):
         assert (facts["loads_before_wait"], facts["copies_before_wait"]) == (0, 0), facts
-        assert facts["release_after_wait"] and facts["mma_after_release"] == 0, facts
+        assert facts["release_after_wait"], facts
+        assert (facts["mma_after_release"] == 0) == (CASES[index]["pdl"] == 1), facts
     else:
         assert (facts["copies_before_wait"], facts["mma_after_release"]) == (-1, -1), facts
     assert facts[".local"] == 0  # no spills to local memory
@@ -170,7 +179,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
             assert (facts["loads_before_wait"], facts["copies_before_wait"]) == (0, 0), facts
         assert facts["release_after_wait"], facts
         if case["block_m"] < 32:  # (a wide block holds a loop per row count, each releasing after its own)
-            assert facts["mma_after_release"] == 0, facts
+            assert (facts["mma_after_release"] == 0) == (case["pdl"] == 1), facts
     if not case["pair"]:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)
         halves = 2 if case["gated"] else 1
         assert facts["loop_HMMA"] >= halves * 8 * case["block_m"] // 8 * case["block_n"] // (16 * case["warps"]), facts

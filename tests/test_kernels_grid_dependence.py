@@ -11,7 +11,7 @@ from wna16moe.kernels.grid_dependence import chained_launch, launch_options
 
 def test_not_off_cuda() -> None:
     assert not chained_launch(torch.device("cpu"))
-    assert launch_options(False) == {} and launch_options(True) == {"launch_pdl": True}
+    assert launch_options(0) == {} and launch_options(1) == launch_options(2) == {"launch_pdl": True}
 
 
 @pytest.mark.gpu

@@ -46,6 +46,10 @@ MIN_CUDA_SM = 80
 SUPPORTED_GROUPS = (32, 64, 128, 256, None)
 
 
+# TritonConfig.pdl (kernels/grid_dependence.py): plain launches, or where each kernel lets the next one launch.
+PDL_OFF, RELEASE_AFTER_LOOP, RELEASE_AT_WAIT = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class TritonConfig:
     """Launch configuration of one forward: the M block shared by both GEMMs, each GEMM's N tile and K split.
@@ -68,6 +72,8 @@ class TritonConfig:
 
     `pdl` launches each kernel of the forward as a programmatic dependent of the one before, on Hopper and
     later (kernels/grid_dependence.py): a launch and GEMM2's first weight loads overlap the previous kernel.
+    Each kernel lets the next one launch once its main loop is done (RELEASE_AFTER_LOOP) or as soon as it
+    has waited for the one before (RELEASE_AT_WAIT); PDL_OFF: plain launches.
     """
 
     block_m: int
@@ -80,7 +86,7 @@ class TritonConfig:
     split_k1: int = 1
     max_registers: int | None = None
     decode: bool = False
-    pdl: bool = True
+    pdl: int = RELEASE_AFTER_LOOP
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -274,7 +280,7 @@ class TritonExperts(Experts):
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16))
-        pdl = cfg.pdl and chained_launch(hidden_states.device)
+        pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         if t == 1:  # one block per pair, straight from the ids: no alignment launch
             blocks = (None, topk_ids.reshape(-1), None)
         else:

@@ -64,6 +64,8 @@ def _split_k_activation_kernel(
 ):
     if PDL:
         await_prior_grids()
+        if PDL == 2:  # RELEASE_AT_WAIT (kernels/grid_dependence.py)
+            release_dependents()
     pair = tl.program_id(0)
     expert = tl.load(expert_ptr + pair)
     if expert < 0:
@@ -80,7 +82,7 @@ def _split_k_activation_kernel(
         bias = bias_ptr + expert.to(tl.int64) * 2 * N + cols
         gate += tl.load(bias, mask=mask, other=0.0)
         up += tl.load(bias + N, mask=mask, other=0.0)
-    if PDL:
+    if PDL == 1:  # RELEASE_AFTER_LOOP
         release_dependents()
     h = gated_activation(gate, up, alpha, beta, limit, ACT, HAS_LIMIT)
     tl.store(out_ptr + pair.to(tl.int64) * stride_om + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
@@ -88,11 +90,11 @@ def _split_k_activation_kernel(
 
 def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                        *, act: int = ACT_SILU, alpha: float = 1.0, beta: float = 0.0,
-                       limit: float | None = None, pdl: bool = False) -> torch.Tensor:
+                       limit: float | None = None, pdl: int = 0) -> torch.Tensor:
     """out [P, N] = act of the summed GEMM1 partials [S, P, 2N] (see the module docstring).
 
-    topk_ids: [T, K] or [P] expert of each pair (-1: left out); bias: [E, 2N] float32 or None; pdl: launch as a
-    programmatic dependent of the kernel before (CUDA sm90+ only; kernels/grid_dependence.py).
+    topk_ids: [T, K] or [P] expert of each pair (-1: left out); bias: [E, 2N] float32 or None; pdl: as for
+    `moe_gemm` (kernels/grid_dependence.py).
     """
     splits, num_pairs, two_n = partials.shape
     n = two_n // 2

@@ -5,9 +5,13 @@ The rule every such kernel follows: before `await_prior_grids` it reads only wha
 previous kernel started (weights; for GEMM2, the blocks and router ids made before GEMM1) and writes nothing
 (a buffer it writes may be memory the previous kernel still reads: the caching allocator reuses it in stream
 order). It lets its own dependents launch (`release_dependents`) only after its wait, so that a dependent's
-early reads see every kernel up to the one before its predecessor complete; and only once its main loop is
-done: dependents released at the start sat beside the running kernel and slowed it (mixtral M = 8: GEMM1
-125 -> 147 µs; benchmarks/NOTES.md v28).
+early reads see every kernel up to the one before its predecessor complete.
+
+Where it releases them is a launch setting (`TritonConfig.pdl`, the kernels' PDL): 1 once its main loop is
+done, 2 right after its wait (0: a plain launch, no wait). Released at the wait, the next kernel's launch
+and first loads hide best (qwen3-30b-a3b M = 1: 23.2 -> 21.8 µs), but at mixtral M = 1 and 8 the dependents
+waiting beside the running kernel slowed the forward (M = 1: 66.3 -> 69.7 µs; after the loop 64.5;
+benchmarks/NOTES.md v28).
 """
 
 from __future__ import annotations
@@ -47,6 +51,6 @@ def chained_launch(device: torch.device) -> bool:
     return os.environ.get("WNA16MOE_PDL") != "0" and _hopper_or_later(index)
 
 
-def launch_options(pdl: bool) -> dict[str, bool]:
-    """The launch keyword for a kernel that waits with `await_prior_grids` when PDL is set."""
+def launch_options(pdl: int) -> dict[str, bool]:
+    """The launch keyword for a kernel that waits with `await_prior_grids` unless `pdl` is 0."""
     return {"launch_pdl": True} if pdl else {}

@@ -142,7 +142,7 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group routed pairs by expert, padded to `block_m` rows per expert.
 
@@ -151,7 +151,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     topk_ids : [T, K] int32 expert ids in [0, num_experts), or -1 for a pair to leave out.
     num_experts : E.
     block_m : rows per GEMM block.
-    pdl : launch as programmatic dependents (CUDA sm90+ only; kernels/grid_dependence.py).
+    pdl : launch as programmatic dependents, not 0 (CUDA sm90+ only; kernels/grid_dependence.py; they release
+        the next kernel as they exit).
 
     Returns
     -------

@@ -297,6 +297,8 @@ def _moe_gemm_kernel(
 ):
     if PDL:  # launched as a programmatic dependent: nothing is read or written before the previous grid ends
         await_prior_grids()
+        if PDL == 2:  # RELEASE_AT_WAIT (kernels/grid_dependence.py)
+            release_dependents()
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
     pid = tl.program_id(0)
@@ -375,7 +377,7 @@ def _moe_gemm_kernel(
             acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
                                k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
                                SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
-    if PDL:
+    if PDL == 1:  # RELEASE_AFTER_LOOP
         release_dependents()
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -438,7 +440,7 @@ def moe_gemm(
     swap_ab: bool = False,
     decode: bool = False,
     zero_out: torch.Tensor | None = None,
-    pdl: bool = False,
+    pdl: int = 0,
     num_warps: int = 4,
     num_stages: int = 3,
     max_registers: int | None = None,
@@ -468,7 +470,8 @@ def moe_gemm(
         block_n a multiple of 16 x num_warps, num_stages >= 2 the depth of its cp.async ring; fast_dequant and
         swap_ab do not apply.
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
-    pdl : launch as a programmatic dependent of the kernel before (CUDA sm90+ only; kernels/grid_dependence.py).
+    pdl : launch as a programmatic dependent of the kernel before, releasing the next one after the loop (1) or
+        at the wait (2); 0: a plain launch (CUDA sm90+ only; kernels/grid_dependence.py).
     max_registers : a cap on registers per thread (ptxas .maxnreg), or None for the compiler's choice.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}

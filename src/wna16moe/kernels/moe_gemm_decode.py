@@ -358,6 +358,8 @@ def _block_gemm(
                    stride_wk, PACK, GATED, COPY_A, EVEN_K)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         await_prior_grids()
+        if PDL == 2:  # RELEASE_AT_WAIT (kernels/grid_dependence.py)
+            release_dependents()
     side = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_first, k_end, N, GROUP_SIZE,
                       stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
     if WIDE and HAS_PERM:  # gathered columns: through registers, stored one tile ahead (after the barrier)
@@ -384,7 +386,7 @@ def _block_gemm(
             a_ring.index((slot + 1) % STAGES).store(side_next[2])
         side = side_next
         slot = (slot + 1) % STAGES
-    if PDL:
+    if PDL == 1:  # RELEASE_AFTER_LOOP
         release_dependents()
 
     row_mask = rows < P
@@ -430,6 +432,8 @@ def _moe_gemm_decode_kernel(
     PREFETCH: gl.constexpr = PDL and not GATED and not (BLOCK_M >= _WIDE_M and not HAS_PERM)
     if PDL and not PREFETCH:
         await_prior_grids()
+        if PDL == 2:
+            release_dependents()
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
     if BLOCK_M >= _WIDE_M and not PAIR_BLOCKS:
