@@ -16,7 +16,7 @@ from triton_env import DEVICE
 from wna16moe import MoEConfig, QuantizedExperts, WeightScheme, bench
 from wna16moe.experts.base import LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
-from wna16moe.experts.triton import TritonConfig, TritonExperts
+from wna16moe.experts.triton import PDL_OFF, RELEASE_AFTER_LOOP, RELEASE_AT_WAIT, TritonConfig, TritonExperts
 
 E, K, H, INTER = 4, 2, 128, 64
 
@@ -220,6 +220,15 @@ def test_coordinate_search_offers_the_decode_kernel_at_decode() -> None:
     # past decode only its wide blocks, as one tiling among the Triton kernel's
     mid = [f for group in bench._search_groups(200.0) for f in group if f.get("decode")]
     assert [f["block_m"] for f in mid] == [32]
+
+
+def test_coordinate_search_tries_where_kernels_release_the_next_at_decode() -> None:
+    start = TritonConfig(8, 128, 256, decode=True)
+    best = bench.coordinate_search(lambda c: 50.0 if c.pdl == RELEASE_AT_WAIT else 60.0, start,
+                                   bench._search_groups(1.0))
+    assert best.pdl == RELEASE_AT_WAIT and start.pdl == RELEASE_AFTER_LOOP
+    assert bench.coordinate_search(lambda c: 50.0 if c.pdl == PDL_OFF else 60.0, start,
+                                   bench._search_groups(1.0)).pdl == PDL_OFF
 
 
 def test_search_mode_ships_the_fastest_configuration_it_measured(monkeypatch: pytest.MonkeyPatch) -> None:

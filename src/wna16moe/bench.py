@@ -50,7 +50,7 @@ from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.marlin import MarlinExperts
-from wna16moe.experts.triton import INTERMEDIATE_ALIGN, TritonConfig, TritonExperts
+from wna16moe.experts.triton import INTERMEDIATE_ALIGN, PDL_OFF, RELEASE_AT_WAIT, TritonConfig, TritonExperts
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 from wna16moe.shapes import model_shape
@@ -281,7 +281,10 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         kernel = [{"decode": True, "block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": 4,
                    "num_stages": st, "max_registers": None}
                   for bm in block_ms for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
-        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline]
+        # Where each kernel lets the next one launch (kernels/grid_dependence.py; v28: released at the wait,
+        # qwen3-30b-a3b M = 1 gained 6% and mixtral M = 1 lost 5%), or plain launches.
+        release = [{"pdl": p} for p in (RELEASE_AT_WAIT, PDL_OFF)]
+        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27)
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
               "split_k1": 1, "max_registers": None, "decode": decode}
