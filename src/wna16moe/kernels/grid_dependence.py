@@ -10,7 +10,7 @@ early reads see every kernel up to the one before its predecessor complete.
 Where it releases them is a launch setting (`TritonConfig.pdl`, the kernels' PDL): 1 once its main loop is
 done, 2 right after its wait (0: a plain launch, no wait). Released at the wait, the next kernel's launch
 and first loads hide best (qwen3-30b-a3b M = 1: 23.2 -> 21.8 µs), but at mixtral M = 1 and 8 the dependents
-waiting beside the running kernel slowed the forward (M = 1: 66.3 -> 69.7 µs; after the loop 64.5;
+waiting beside the running kernel slowed the forward (M = 1: 66.3 -> 69.7 µs; after the loop 64.6;
 benchmarks/NOTES.md v28).
 """
 
