@@ -18,7 +18,7 @@ import triton.language as tl
 
 from wna16moe.activations import KERNEL_CODES
 from wna16moe.config import Activation
-from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, release_dependents
+from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = (
     KERNEL_CODES[a] for a in (Activation.SILU, Activation.GELU, Activation.GELU_TANH, Activation.SWIGLU_OAI))
@@ -62,10 +62,7 @@ def _split_k_activation_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        await_prior_grids()
-        if PDL == 2:  # RELEASE_AT_WAIT (kernels/grid_dependence.py)
-            release_dependents()
+    enter_dependent(PDL)  # (kernels/grid_dependence.py)
     pair = tl.program_id(0)
     expert = tl.load(expert_ptr + pair)
     if expert < 0:
@@ -82,8 +79,7 @@ def _split_k_activation_kernel(
         bias = bias_ptr + expert.to(tl.int64) * 2 * N + cols
         gate += tl.load(bias, mask=mask, other=0.0)
         up += tl.load(bias + N, mask=mask, other=0.0)
-    if PDL == 1:  # RELEASE_AFTER_LOOP
-        release_dependents()
+    leave_main_loop(PDL)
     h = gated_activation(gate, up, alpha, beta, limit, ACT, HAS_LIMIT)
     tl.store(out_ptr + pair.to(tl.int64) * stride_om + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -37,6 +37,23 @@ def release_dependents():
     tl.extra.cuda.gdc_launch_dependents()
 
 
+@triton.jit
+def enter_dependent(PDL: tl.constexpr):
+    """Where a kernel launched with PDL (1 or 2) may first touch what earlier kernels wrote: wait for them,
+    and with 2 (release at the wait) let the next kernel launch."""
+    if PDL:
+        await_prior_grids()
+        if PDL == 2:
+            release_dependents()
+
+
+@triton.jit
+def leave_main_loop(PDL: tl.constexpr):
+    """After a kernel's main loop: with PDL 1 (release after the loop) let the next kernel launch."""
+    if PDL == 1:
+        release_dependents()
+
+
 @functools.cache
 def _hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9

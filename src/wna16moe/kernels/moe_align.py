@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
+from wna16moe.kernels.grid_dependence import enter_dependent, launch_options
 
 # One program while pairs <= 1024 and pairs x experts <= 2^17: as graph replays on the H200 it took 2.7 / 4.8 µs
 # at 64 / 1024 pairs of 128 experts against the grid's 4.1 / 6.1, but 8.3 µs at 1024 pairs of 384 experts
@@ -90,8 +90,7 @@ def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_
                        max_blocks, E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_M_POW2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr,
                        PDL: tl.constexpr):
-    if PDL:  # (kernels/grid_dependence.py)
-        await_prior_grids()
+    enter_dependent(PDL)  # (kernels/grid_dependence.py; with PDL 1 the next kernel launches as this one exits)
     experts = tl.arange(0, E_POW2)
     # The counters live in L2 and are only touched by atomics, so the phases need only the CTA barriers.
     tl.atomic_xchg(counts_ptr + experts, tl.zeros_like(experts), sem="relaxed", scope="gpu")
@@ -111,8 +110,7 @@ def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_
 
 @triton.jit
 def _count_kernel(topk_ids_ptr, rank_ptr, counts_ptr, P, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        await_prior_grids()
+    enter_dependent(PDL)
     _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, tl.program_id(0) * CHUNK + tl.arange(0, CHUNK), P)
 
 
@@ -121,8 +119,7 @@ def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, 
                   E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_POW2: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program i places the pairs of chunk i and fills the blocks of block chunk i (the counts are final)."""
-    if PDL:
-        await_prior_grids()
+    enter_dependent(PDL)
     pid = tl.program_id(0)
     counts = tl.load(counts_ptr + tl.arange(0, E_POW2))
     starts, ends = _block_ranges(counts, BLOCK_M)

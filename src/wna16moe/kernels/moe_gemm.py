@@ -41,7 +41,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_raw,
     dequant_slots_scaled,
 )
-from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, release_dependents
+from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, _moe_gemm_decode_kernel
 from wna16moe.kernels.zero_share import zero_program_share
@@ -295,10 +295,7 @@ def _moe_gemm_kernel(
     ZERO_OUT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:  # launched as a programmatic dependent: nothing is read or written before the previous grid ends
-        await_prior_grids()
-        if PDL == 2:  # RELEASE_AT_WAIT (kernels/grid_dependence.py)
-            release_dependents()
+    enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
     pid = tl.program_id(0)
@@ -377,8 +374,7 @@ def _moe_gemm_kernel(
             acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
                                k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
                                SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
-    if PDL == 1:  # RELEASE_AFTER_LOOP
-        release_dependents()
+    leave_main_loop(PDL)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)

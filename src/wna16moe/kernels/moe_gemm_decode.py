@@ -51,7 +51,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_raw,
     dequant_slots_scaled,
 )
-from wna16moe.kernels.grid_dependence import await_prior_grids, release_dependents
+from wna16moe.kernels.grid_dependence import enter_dependent, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.zero_share import zero_program_share
 
@@ -357,9 +357,7 @@ def _block_gemm(
         _copy_tile(smem, a_ring, s, c_ptrs, c_mask, a_row_ptrs, offs_r, k_begin + s * k_step, k_first, k_end, N,
                    stride_wk, PACK, GATED, COPY_A, EVEN_K)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
-        await_prior_grids()
-        if PDL == 2:  # RELEASE_AT_WAIT (kernels/grid_dependence.py)
-            release_dependents()
+        enter_dependent(PDL)
     side = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_first, k_end, N, GROUP_SIZE,
                       stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
     if WIDE and HAS_PERM:  # gathered columns: through registers, stored one tile ahead (after the barrier)
@@ -386,8 +384,7 @@ def _block_gemm(
             a_ring.index((slot + 1) % STAGES).store(side_next[2])
         side = side_next
         slot = (slot + 1) % STAGES
-    if PDL == 1:  # RELEASE_AFTER_LOOP
-        release_dependents()
+    leave_main_loop(PDL)
 
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
@@ -430,10 +427,8 @@ def _moe_gemm_decode_kernel(
     # waits: its blocks were final before GEMM1 ran. GEMM1 reads the previous grid's output (the blocks, the
     # hidden states) and a wide block copies activations with its first weights: those wait first.
     PREFETCH: gl.constexpr = PDL and not GATED and not (BLOCK_M >= _WIDE_M and not HAS_PERM)
-    if PDL and not PREFETCH:
-        await_prior_grids()
-        if PDL == 2:
-            release_dependents()
+    if not PREFETCH:
+        enter_dependent(PDL)
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
     if BLOCK_M >= _WIDE_M and not PAIR_BLOCKS:
