@@ -270,6 +270,7 @@ class TritonExperts(Experts):
                  weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:
         """Both GEMMs over the pairs of topk_ids [T, K'] (local ids, -1 left out) -> [T, H]."""
         from wna16moe.kernels.activation import split_k_activation
+        from wna16moe.kernels.cast import cast
         from wna16moe.kernels.grid_dependence import chained_launch
         from wna16moe.kernels.moe_align import moe_align_block_size
         from wna16moe.kernels.moe_gemm import moe_gemm
@@ -308,7 +309,8 @@ class TritonExperts(Experts):
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, **common)
-        return out.to(hidden_states.dtype)
+        # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
+        return cast(out, hidden_states.dtype, pdl) if pdl else out.to(hidden_states.dtype)
 
 
 class BatchedTritonExperts(TritonExperts):
