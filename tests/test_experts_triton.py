@@ -152,6 +152,32 @@ def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
     assert relative_error(out, ref) < 1e-2
 
 
+SHRINK_CONFIGS = [TritonConfig(64, 64, 64, shrink=2), TritonConfig(64, 32, 64, split_k2=2, shrink=1)]
+if HAS_CUDA:  # the prefill tiles (wgmma), swapped and not
+    SHRINK_CONFIGS += [TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True, shrink=2),
+                       TritonConfig(128, 64, 128, num_warps=4, num_stages=3, swap_ab=True, shrink=1),
+                       TritonConfig(64, 128, 128, num_warps=4, num_stages=3, shrink=2)]
+
+
+@pytest.mark.parametrize("config", SHRINK_CONFIGS, ids=lambda c: f"bm{c.block_m}-shrink{c.shrink}-swap{c.swap_ab:d}")
+@pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_g128_sym"])
+def test_blocks_shrink_to_their_rows(config: TritonConfig, scheme_name: str) -> None:
+    """Blocks whose real rows fit in a half or a quarter of the block multiply only those (`shrink`): experts
+    routed a whole block and a quarter more plus one row, half a block and one row, half, a quarter, nothing,
+    and all but one row of a block; every routed row must come out as EMULATION's."""
+    e, h, i, bm = 7, 256, 128, config.block_m
+    counts = [bm + bm // 4 + 1, bm // 2 + 1, bm // 2, bm // 4, 0, bm - 1, 3]
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, 1, h, i))
+    for dtype in DTYPES:
+        ids = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
+        ids = ids[torch.randperm(len(ids))][:, None].to(DEVICE)
+        x = torch.randn(len(ids), h, dtype=dtype, device=DEVICE)
+        tw = torch.rand(len(ids), 1, device=DEVICE) + 0.5
+        out = kernel.apply(x, tw, ids, weights, config)
+        assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, dtype
+
+
 @pytest.mark.parametrize("config", [None, TritonConfig(16, 32, 32, split_k1=2, split_k2=2)],
                          ids=["default", "split-k"])
 @pytest.mark.parametrize("activation", [Activation.SILU, Activation.SWIGLU_OAI])

@@ -53,6 +53,9 @@ CASES = [
          stages=3, mma="wgmma.mma_async", fast=True, swap=True, loop_budget=550),
     dict(sm=90, gated=True, bits=4, zp=True, perm=False, group_in_tile=32, block_m=128, block_n=128, warps=8,
          stages=3, mma="wgmma.mma_async", fast=True, swap=True, loop_budget=700),
+    # a block that multiplies only its first 64 or 32 rows when its real rows fit (one loop per size)
+    dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=128, block_n=128, warps=8,
+         stages=3, mma="wgmma.mma_async", fast=True, swap=True, loop_budget=550, shrink=2),
     # launched as a programmatic dependent: it waits before its first load; it lets the next kernel launch
     # after its loop (pdl 1) or right after its wait (2)
     dict(sm=90, gated=False, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
@@ -130,7 +133,7 @@ def compiled() -> dict:
 
 
 CASE_IDS = [f"sm{c['sm']}-{c['mma']}-bm{c['block_m']}" + ("-fast" if c.get("fast") else "")
-            + ("-swap" if c.get("swap") else "") for c in CASES]
+            + ("-swap" if c.get("swap") else "") + (f"-shrink{c['shrink']}" if c.get("shrink") else "") for c in CASES]
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
@@ -149,6 +152,10 @@ def test_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts[".local"] == 0  # no spills to local memory
     if CASES[index].get("swap"):
         assert facts["loop_STS"] == 0, facts  # the dequantized weights stay in registers
+    if CASES[index].get("shrink"):  # as many MMAs per loop as its twin without shrink, in shrink + 1 loops
+        twin = CASES.index({k: v for k, v in CASES[index].items() if k != "shrink"})
+        mma = CASES[index]["mma"]
+        assert facts[mma] == (CASES[index]["shrink"] + 1) * compiled["gemm"][twin][mma], facts
     if CASES[index].get("fast"):
         converts = facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"]
         # The codes become floats by exponent tricks, not by quarter-rate int -> float conversions (I2F): what

@@ -74,6 +74,10 @@ class TritonConfig:
     later (kernels/grid_dependence.py): a launch and GEMM2's first weight loads overlap the previous kernel.
     Each kernel lets the next one launch once its main loop is done (RELEASE_AFTER_LOOP) or as soon as it
     has waited for the one before (RELEASE_AT_WAIT); PDL_OFF: plain launches.
+
+    `shrink` (1 or 2; not with `decode`, whose wide blocks always shrink) lets an M block of `kernels/moe_gemm.py`
+    multiply only its first block_m / 2 or block_m / 4 rows when its real rows fit there: an expert's last
+    block is mostly padding at prefill (deepseek-v3 at M = 2048: 64 +- 8 rows per expert in blocks of 128).
     """
 
     block_m: int
@@ -87,6 +91,7 @@ class TritonConfig:
     max_registers: int | None = None
     decode: bool = False
     pdl: int = RELEASE_AFTER_LOOP
+    shrink: int = 0
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -280,7 +285,7 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
-            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16))
+            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), shrink=0)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         if t == 1:  # one block per pair, straight from the ids: no alignment launch
             blocks = (None, topk_ids.reshape(-1), None)
@@ -288,7 +293,7 @@ class TritonExperts(Experts):
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, pdl)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages, max_registers=cfg.max_registers, decode=cfg.decode,
-                      fast_dequant=ptx, swap_ab=cfg.swap_ab, pdl=pdl)
+                      fast_dequant=ptx, swap_ab=cfg.swap_ab, pdl=pdl, shrink=cfg.shrink)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)

@@ -247,73 +247,25 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
 
 
 @triton.jit
-def _moe_gemm_kernel(
-    a_ptr,  # (A_rows, KD) activations: hidden_states [T, H] (GATED) or intermediate [P, I]
-    a_perm_ptr,  # (E, KD) int32 act-order column permutation of A per expert (HAS_PERM)
-    w_ptr,  # (E, ceil(KD / _TILE_K) * R, N_total) int32 packed codes, K-major, tile-interleaved
-    s_ptr,  # (E, G, N_total) scales
-    z_ptr,  # (E, G, N_total) uint8 zero points (HAS_ZP)
-    bias_ptr,  # (E, N_total) float32 (HAS_BIAS)
-    out_ptr,  # GATED: (P, N) activation dtype; else (T, N) float32, accumulated atomically
-    topk_w_ptr,  # (P,) router weights, any float dtype (not GATED)
-    sorted_ids_ptr,  # (max_padded,) int32 pair of each row, P for padding (not PAIR_BLOCKS)
-    expert_ids_ptr,  # (max_blocks,) int32 expert of each BLOCK_M block; PAIR_BLOCKS: (P,) of each pair, -1 left out
-    num_padded_ptr,  # (1,) int32 rows in use (not PAIR_BLOCKS)
-    zero_ptr,  # (zero_numel,) float32 to fill with zeros (ZERO_OUT)
-    zero_numel,
-    N,
-    KD,
-    P,
-    num_m_blocks,
-    stride_am,
-    stride_we,
-    stride_wk,
-    stride_se,
-    stride_sg,
-    stride_om,
-    alpha,
-    beta,
-    limit,
-    TOP_K: tl.constexpr,
-    GATED: tl.constexpr,
-    ACT: tl.constexpr,
-    HAS_LIMIT: tl.constexpr,
-    BITS: tl.constexpr,
-    HAS_ZP: tl.constexpr,
-    HAS_PERM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    GROUP_IN_TILE: tl.constexpr,
-    SCALE_WEIGHTS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    FAST_DEQUANT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SWAP_AB: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    PAIR_BLOCKS: tl.constexpr,
-    ZERO_OUT: tl.constexpr,
-    PDL: tl.constexpr,
+def _gemm_block(
+    a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, expert, N, KD, P,
+    num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit,
+    TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr, BITS: tl.constexpr,
+    HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, SPLIT_K: tl.constexpr, FAST_DEQUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr,
 ):
-    enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
+    """Block pid_m of `expert` (rows pid_m * BLOCK_M onward; one pair with PAIR_BLOCKS), its first ROWS rows
+    only: both the main loop and the epilogue of the kernel below."""
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_n = pid // num_m_blocks
+    pid_n = tl.program_id(0) // num_m_blocks
     pid_k = tl.program_id(1)
-    if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
-        zero_program_share(zero_ptr, zero_numel, tl.arange(0, 1024))
     if PAIR_BLOCKS:  # block b holds pair b alone: no alignment pass (one token: its pairs' experts differ)
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        if expert < 0:
-            return
-        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, P)
+        rows = tl.where(tl.arange(0, ROWS) == 0, pid_m, P)
     else:
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-            return
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, ROWS))
     row_mask = rows < P
     # Padding rows (P) read pair 0's activations instead of masking every load; their results are dropped.
     safe_rows = tl.where(row_mask, rows, 0)
@@ -334,11 +286,11 @@ def _moe_gemm_kernel(
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
     if SWAP_AB:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     # One group per tile, its sum scaled after the dot: the tile's scale and zero-point rows are loaded one tile
     # ahead, into registers. Triton's pipeliner prefetches through shared memory only the loads that feed a dot,
     # and a scale row that multiplies the dot's result (or a byte-wide zero-point row) loaded in its own
@@ -403,6 +355,100 @@ def _moe_gemm_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
 
 
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr,  # (A_rows, KD) activations: hidden_states [T, H] (GATED) or intermediate [P, I]
+    a_perm_ptr,  # (E, KD) int32 act-order column permutation of A per expert (HAS_PERM)
+    w_ptr,  # (E, ceil(KD / _TILE_K) * R, N_total) int32 packed codes, K-major, tile-interleaved
+    s_ptr,  # (E, G, N_total) scales
+    z_ptr,  # (E, G, N_total) uint8 zero points (HAS_ZP)
+    bias_ptr,  # (E, N_total) float32 (HAS_BIAS)
+    out_ptr,  # GATED: (P, N) activation dtype; else (T, N) float32, accumulated atomically
+    topk_w_ptr,  # (P,) router weights, any float dtype (not GATED)
+    sorted_ids_ptr,  # (max_padded,) int32 pair of each row, P for padding (not PAIR_BLOCKS)
+    expert_ids_ptr,  # (max_blocks,) int32 expert of each BLOCK_M block; PAIR_BLOCKS: (P,) of each pair, -1 left out
+    num_padded_ptr,  # (1,) int32 rows in use (not PAIR_BLOCKS)
+    zero_ptr,  # (zero_numel,) float32 to fill with zeros (ZERO_OUT)
+    zero_numel,
+    N,
+    KD,
+    P,
+    num_m_blocks,
+    stride_am,
+    stride_we,
+    stride_wk,
+    stride_se,
+    stride_sg,
+    stride_om,
+    alpha,
+    beta,
+    limit,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
+    BITS: tl.constexpr,
+    HAS_ZP: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_IN_TILE: tl.constexpr,
+    SCALE_WEIGHTS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    FAST_DEQUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr,
+    ZERO_OUT: tl.constexpr,
+    PDL: tl.constexpr,
+    SHRINK: tl.constexpr,
+):
+    enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
+    pid_m = tl.program_id(0) % num_m_blocks
+    if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
+        zero_program_share(zero_ptr, zero_numel, tl.arange(0, 1024))
+    if PAIR_BLOCKS:
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if expert < 0:
+            return
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if SHRINK and not PAIR_BLOCKS:
+        # The block multiplies only its first BLOCK_M / 2 (or / 4, SHRINK 2) rows when they hold all its real
+        # ones (padding rows are sorted last): an expert's last block is often mostly padding.
+        live = tl.sum((tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) < P).to(tl.int32))
+        if SHRINK > 1 and live <= BLOCK_M // 4:
+            _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
+                        expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
+                        stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
+                        BLOCK_N, SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M // 4)
+        elif live <= BLOCK_M // 2:
+            _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
+                        expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
+                        stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
+                        BLOCK_N, SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M // 2)
+        else:
+            _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
+                        expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
+                        stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
+                        BLOCK_N, SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M)
+    else:
+        _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
+                    expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
+                    stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                    HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
+                    BLOCK_N, SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M)
+
+
 def _group_in_tile(group_size: int) -> int:
     """Reduction rows of one quantization group inside a TILE_K tile (group_size -1: channel-wise)."""
     return TILE_K if group_size == -1 else min(group_size, TILE_K)
@@ -437,6 +483,7 @@ def moe_gemm(
     decode: bool = False,
     zero_out: torch.Tensor | None = None,
     pdl: int = 0,
+    shrink: int = 0,
     num_warps: int = 4,
     num_stages: int = 3,
     max_registers: int | None = None,
@@ -468,6 +515,9 @@ def moe_gemm(
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
     pdl : launch as a programmatic dependent of the kernel before, releasing the next one after the loop (1) or
         at the wait (2); 0: a plain launch (CUDA sm90+ only; kernels/grid_dependence.py).
+    shrink : this module's kernel only: a block whose real rows fit in block_m / 2 (shrink 1) or block_m / 4
+        (shrink 2; the smaller that fits) multiplies only those rows, each size compiled as its own loop
+        (an expert's last block is often mostly padding). The decode kernel's wide blocks always do so.
     max_registers : a cap on registers per thread (ptxas .maxnreg), or None for the compiler's choice.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
@@ -481,11 +531,13 @@ def moe_gemm(
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages)
         options = dict(num_warps=num_warps, **registers)
     else:
-        if block_m < 16:
-            raise ValueError(f"tl.dot needs block_m >= 16, got {block_m}")
+        if shrink not in (0, 1, 2) or block_m >> shrink < 16:
+            raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
+                             f"shrink={shrink}")
         # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
         kernel, constexprs = _moe_gemm_kernel, dict(SCALE_WEIGHTS=block_m > _group_in_tile(group_size),
-                                                    FAST_DEQUANT=fast_dequant, SWAP_AB=swap_ab and fast_dequant)
+                                                    FAST_DEQUANT=fast_dequant, SWAP_AB=swap_ab and fast_dequant,
+                                                    SHRINK=shrink)
         options = dict(num_warps=num_warps, num_stages=num_stages, **registers)
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
