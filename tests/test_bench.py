@@ -231,6 +231,12 @@ def test_coordinate_search_tries_where_kernels_release_the_next_at_decode() -> N
                                    bench._search_groups(1.0)).pdl == PDL_OFF
 
 
+def test_coordinate_search_tries_blocks_that_shrink_at_prefill() -> None:
+    start = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
+    best = bench.coordinate_search(lambda c: 80.0 if c.shrink == 2 else 100.0, start, bench._search_groups(500.0))
+    assert best.shrink == 2 and best.block_m == 128 and start.shrink == 0
+
+
 def test_search_mode_ships_the_fastest_configuration_it_measured(monkeypatch: pytest.MonkeyPatch) -> None:
     # Graph replays made up so that the 128-wide GEMM2 split 4 is fastest: the search must reach and report it.
     # A 5-stage pipeline is 1% faster still: below the search's bar, so not shipped.

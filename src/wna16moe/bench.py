@@ -287,14 +287,17 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27)
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
-              "split_k1": 1, "max_registers": None, "decode": decode}
+              "split_k1": 1, "max_registers": None, "decode": decode, "shrink": 0}
              for bm, bn1, bn2, w, st, swap, decode in (
                  (32, 64, 64, 4, 4, False, False), (64, 64, 64, 4, 3, False, False), (32, 128, 128, 4, 4, False, False),
                  (64, 64, 64, 4, 4, True, False), (64, 128, 128, 4, 3, True, False), (128, 128, 128, 8, 3, True, False),
                  (128, 64, 64, 4, 3, True, False), (128, 128, 64, 8, 3, True, False), (256, 64, 64, 8, 3, True, False),
                  (32, 64, 128, 4, 3, False, True))]
     gemm2 = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4)]
-    return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)]]
+    # Blocks that multiply only the rows they hold (an expert's last block: deepseek-v3 at M = 2048 sees 64 +- 8
+    # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
+    shrink = [{"shrink": s} for s in (1, 2)]
+    return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)], shrink]
 
 
 def coordinate_search(measure: Callable[[TritonConfig], float | None], start: TritonConfig,

@@ -252,13 +252,13 @@ def _tile_step(acc, acc_up, words, words_up, side, ones, BITS: gl.constexpr, HAS
 @gluon.jit
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
-    num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om,
-    alpha, beta, limit,
+    num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+    stride_sg, stride_om, alpha, beta, limit,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
-    ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr,
+    ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -278,6 +278,9 @@ def _block_gemm(
     pid_m = pid % num_m_blocks
     pid_n = pid // num_m_blocks
     pid_k = gl.program_id(1)
+    if ZERO_OUT:  # (see `_moe_gemm_decode_kernel`: one launch fewer)
+        FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
+        zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
     # The block's rows, once for the activation loads (B operand, or rows of the wide tile) and once for the
     # epilogue (accumulator).
@@ -429,9 +432,13 @@ def _moe_gemm_decode_kernel(
     PREFETCH: gl.constexpr = PDL and not GATED and not (BLOCK_M >= _WIDE_M and not HAS_PERM)
     if not PREFETCH:
         enter_dependent(PDL)
-    if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
+    WIDE_DISPATCH: gl.constexpr = BLOCK_M >= _WIDE_M and not PAIR_BLOCKS
+    # Every program, idle ones too, clears its share of the next GEMM's output. A narrow block does so in
+    # `_block_gemm` after reading its program ids: in that order the kernel compiles to the SASS it had before
+    # wide blocks, and kimi-k2 M = 8 ran 524 us, against 566 with the clearing first (NOTES.md v29).
+    if ZERO_OUT and WIDE_DISPATCH:
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
-    if BLOCK_M >= _WIDE_M and not PAIR_BLOCKS:
+    if WIDE_DISPATCH:
         # A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest that hold its real ones
         # (padding rows are sorted last): an expert's last block is mostly padding at mid M.
         pid_m = gl.program_id(0) % num_m_blocks
@@ -440,31 +447,31 @@ def _moe_gemm_decode_kernel(
             live = gl.sum((ids < P).to(gl.int32), axis=0)
             if live <= 8:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
-                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
-                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH)
+                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH, False)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
-                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
-                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH)
+                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH, False)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
-                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
-                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH)
+                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH, False)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk,
-                            stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
-                            HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                            PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH)
+                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH, False)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                    expert_ids_ptr, num_padded_ptr, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-                    stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
-                    HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS,
-                    STAGES, BLOCK_M, PDL, PREFETCH)
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
+                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                    HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                    PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT)
