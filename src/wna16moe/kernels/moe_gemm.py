@@ -248,8 +248,9 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
 
 @triton.jit
 def _gemm_block(
-    a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, expert, N, KD, P,
-    num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit,
+    a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, pid_n, pid_k,
+    expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta,
+    limit,
     TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr, BITS: tl.constexpr,
     HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, SPLIT_K: tl.constexpr, FAST_DEQUANT: tl.constexpr,
@@ -257,11 +258,9 @@ def _gemm_block(
     PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Block pid_m of `expert` (rows pid_m * BLOCK_M onward; one pair with PAIR_BLOCKS), its first ROWS rows
-    only: both the main loop and the epilogue of the kernel below."""
+    only, N tile pid_n and K split pid_k: both the main loop and the epilogue of the kernel below."""
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
-    pid_n = tl.program_id(0) // num_m_blocks
-    pid_k = tl.program_id(1)
     if PAIR_BLOCKS:  # block b holds pair b alone: no alignment pass (one token: its pairs' experts differ)
         rows = tl.where(tl.arange(0, ROWS) == 0, pid_m, P)
     else:
@@ -408,7 +407,11 @@ def _moe_gemm_kernel(
     SHRINK: tl.constexpr,
 ):
     enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
-    pid_m = tl.program_id(0) % num_m_blocks
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_n = pid // num_m_blocks
+    pid_k = tl.program_id(1)
+    # (the clearing after the program ids: in that order GEMM1 compiles as before blocks could shrink)
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
         zero_program_share(zero_ptr, zero_numel, tl.arange(0, 1024))
     if PAIR_BLOCKS:
@@ -425,28 +428,28 @@ def _moe_gemm_kernel(
         live = tl.sum((tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) < P).to(tl.int32))
         if SHRINK > 1 and live <= BLOCK_M // 4:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
-                        expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
-                        stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
-                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
-                        BLOCK_N, SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M // 4)
+                        pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+                        stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
+                        SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M // 4)
         elif live <= BLOCK_M // 2:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
-                        expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
-                        stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
-                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
-                        BLOCK_N, SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M // 2)
+                        pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+                        stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
+                        SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M // 2)
         else:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
-                        expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
-                        stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
-                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
-                        BLOCK_N, SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M)
+                        pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+                        stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
+                        SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M)
     else:
-        _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
-                    expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
-                    stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
-                    HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
-                    BLOCK_N, SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M)
+        _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, pid_n,
+                    pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
+                    stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
+                    GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N, SWAP_AB, EVEN_K,
+                    PAIR_BLOCKS, PDL, BLOCK_M)
 
 
 def _group_in_tile(group_size: int) -> int:
