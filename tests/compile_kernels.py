@@ -121,7 +121,8 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     kernel = triton.compile(GluonASTSource(_moe_gemm_decode_kernel, signature, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", case.get("sm", 90), 32),
-                            options={"num_warps": case["warps"], **({"maxnreg": case["maxnreg"]} if "maxnreg" in case else {})})
+                            options={"num_warps": case["warps"],
+                                     **({"maxnreg": case["maxnreg"]} if "maxnreg" in case else {})})
     return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"]) | {"shared": kernel.metadata.shared}
 
 
