@@ -5,7 +5,8 @@ GEMM1, I for GEMM2), G groups, PACK = 32 // bits codes per int32 word, TILE_K = 
 tile, R = TILE_K // PACK words per tile column.
 
 Rows are the pairs of `moe_align_block_size`, one expert per BLOCK_M block (or, for one token, one pair per
-block straight from topk_ids: PAIR_BLOCKS).
+block straight from topk_ids: PAIR_BLOCKS). With SHRINK a block whose real rows (padding is sorted last) fit in
+BLOCK_M / 2 (or / 4) runs the main loop and epilogue compiled for that many rows (`_gemm_block`).
 
 Weight layout, K-major and tile-interleaved: w[e, t * R + r, n] is one int32 word of column n; its slot j
 (bits [j * bits, (j + 1) * bits)) holds the code of reduction index kd = t * TILE_K + j * R + r. So a tile
