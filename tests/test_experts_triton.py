@@ -326,6 +326,25 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("t", "block_m", "shrink"), [(1200, 128, 2), (300, 64, 1)])
+def test_gpu_default_prefill_config_shrinks(t: int, block_m: int, shrink: int) -> None:
+    """A shape the tuned table does not hold runs `default_config`; at prefill on Hopper its swap-AB blocks
+    shrink to their rows, and the layer still matches EMULATION."""
+    e, k, h, i = 8, 2, 1024, 512
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma defaults are Hopper's")
+    config = kernel.config(t)
+    assert (config.block_m, config.swap_ab, config.shrink) == (block_m, True, shrink), config
+    x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
+    tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+    out = kernel.apply(x, tw, ids, weights)
+    assert torch.isfinite(out).all() and relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
+
+
 @triton.jit
 def _tile_from_slots_probe(out_ptr, R: tl.constexpr, N: tl.constexpr, PACK: tl.constexpr):
     r = tl.arange(0, R)[:, None]
