@@ -43,6 +43,10 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=8, block_n=48, **common)
     with pytest.raises(ValueError, match="num_stages"):
         moe_gemm(*args, block_m=8, block_n=64, num_stages=1, **common)
+    with pytest.raises(ValueError, match="shrink"):
+        moe_gemm(*args, block_m=32, block_n=64, shrink=1, **common)
+    with pytest.raises(ValueError, match="shrink"):  # (this module's kernel: blocks of 16 rows at least)
+        moe_gemm(*args, block_m=16, block_n=64, shrink=1, **common | {"decode": False})
     with pytest.raises(ValueError, match="group_size"):
         moe_gemm(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False, decode=True)
 

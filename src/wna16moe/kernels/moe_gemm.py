@@ -532,6 +532,9 @@ def moe_gemm(
             raise ValueError(f"num_stages must be at least 2 (the depth of the cp.async ring), got {num_stages}")
         if block_n % (16 * num_warps):
             raise ValueError(f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}")
+        if shrink:
+            raise ValueError(f"shrink={shrink} is this module's kernel's: the decode kernel's wide blocks always "
+                             "multiply only their real rows")
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages)
         options = dict(num_warps=num_warps, **registers)
     else:
