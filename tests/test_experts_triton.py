@@ -178,6 +178,13 @@ def test_blocks_shrink_to_their_rows(config: TritonConfig, scheme_name: str) -> 
         assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, dtype
 
 
+def test_shrink_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="shrink"):
+        TritonConfig(128, 128, 128, shrink=3)
+    with pytest.raises(ValueError, match="decode kernel"):
+        TritonConfig(32, 64, 128, decode=True, shrink=1)
+
+
 @pytest.mark.parametrize("config", [None, TritonConfig(16, 32, 32, split_k1=2, split_k2=2)],
                          ids=["default", "split-k"])
 @pytest.mark.parametrize("activation", [Activation.SILU, Activation.SWIGLU_OAI])
@@ -332,11 +339,11 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
 def test_gpu_default_prefill_config_shrinks(t: int, block_m: int, shrink: int) -> None:
     """A shape the tuned table does not hold runs `default_config`; at prefill on Hopper its swap-AB blocks
     shrink to their rows, and the layer still matches EMULATION."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma defaults are Hopper's")
     e, k, h, i = 8, 2, 1024, 512
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma defaults are Hopper's")
     config = kernel.config(t)
     assert (config.block_m, config.swap_ab, config.shrink) == (block_m, True, shrink), config
     x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)

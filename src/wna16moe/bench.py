@@ -321,7 +321,10 @@ def coordinate_search(measure: Callable[[TritonConfig], float | None], start: Tr
         moved = False
         for group in groups:
             for fields in group:
-                candidate = replace(best, **fields)
+                try:
+                    candidate = replace(best, **fields)
+                except ValueError:  # a setting this configuration cannot take (shrink on the decode kernel)
+                    continue
                 us = timed(candidate)
                 if us is not None and us < best_us * (1 - min_gain):
                     best, best_us, moved = candidate, us, True

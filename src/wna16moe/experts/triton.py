@@ -93,6 +93,13 @@ class TritonConfig:
     pdl: int = RELEASE_AFTER_LOOP
     shrink: int = 0
 
+    def __post_init__(self) -> None:
+        if self.shrink not in (0, 1, 2):
+            raise ValueError(f"shrink must be 0, 1 or 2, got {self.shrink}")
+        if self.shrink and self.decode:
+            raise ValueError("shrink applies to kernels/moe_gemm.py's blocks; the decode kernel's wide blocks "
+                             "always multiply only their real rows")
+
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
                    hidden_size: int | None = None, intermediate_size: int | None = None,
@@ -287,7 +294,7 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
-            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), shrink=0)
+            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16))
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         if t == 1:  # one block per pair, straight from the ids: no alignment launch
             blocks = (None, topk_ids.reshape(-1), None)
