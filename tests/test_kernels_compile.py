@@ -102,6 +102,9 @@ DECODE_CASES = [
          loop_budget=535),
     dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=715),
+    # Scale rows not in whole 16-byte pieces (cp.async moves 4, 8 or 16 bytes): through registers
+    dict(gated=False, bits=4, zp=True, perm=False, group=32, block_m=8, block_n=64, warps=4, pair=False,
+         async_rows=False, loop_budget=420),
     # Ampere
     dict(sm=80, gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
          loop_budget=330),

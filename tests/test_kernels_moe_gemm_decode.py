@@ -124,6 +124,20 @@ def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) ->
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("scheme_name", ["int4_ch_sym", "int8_ch_zp"])
+def test_gpu_decode_with_scale_rows_off_16_bytes(scheme_name: str) -> None:
+    """Channel-wise scales of H = 520 and I = 200 columns are not whole 16-byte pieces: their rows reach shared
+    memory through registers instead of cp.async."""
+    e, h, i = 8, 520, 200
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
+    for config in DECODE_CONFIGS[:3]:
+        for t in (1, 7, 90):
+            out, ref = triton_and_emulation(experts, MoEConfig(e, 2, h, i, dtype=torch.bfloat16), t, config)
+            assert relative_error(out, ref) < 1e-2, (scheme_name, config, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("fixture", ["qwen3moe-gptq-w4-g32-descact", "qwen3moe-awq-gemm-w4-g32"])
 def test_gpu_decode_on_checkpoints(fixture: str) -> None:
     """Real checkpoints: GPTQ act-order (activation columns gathered by the permutation), AWQ zero points."""

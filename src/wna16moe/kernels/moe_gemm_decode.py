@@ -65,20 +65,32 @@ _WIDE_M = gl.constexpr(32)
 
 
 @gluon.jit
-def _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE: gl.constexpr,
-                HAS_ZP: gl.constexpr):
-    """The scale rows and zero-point rows (an empty tuple without zero points) of the groups of the tile at
-    reduction row k, one [BLOCK_N] tensor per group, as stored (converted where used: fewer registers while
-    they wait a tile). Rows past k_end read the last group (never used: their activations are zero)."""
+def _copy_group_rows(ring, slot, ptr, offs, n0, k, k_end, N, group_size, stride_sg, BLOCK_N: gl.constexpr,
+                     GROUP_IN_TILE: gl.constexpr, ASYNC: gl.constexpr):
+    """cp.async of the scale (or zero-point) rows of the groups of the tile at reduction row k into slot `slot`
+    of `ring` [STAGES, HALVES * NG * BLOCK_N]: row h * NG + g holds group g of half h (the up half's columns
+    start at N) for the block's columns from n0. `ptr`: the expert's row 0; `offs`: arange(HALVES * NG *
+    BLOCK_N) in the copy's layout. Rows past k_end read the last group (never used: their activations are
+    zero); columns past N are zero-filled. Without ASYNC (rows not in whole 16-byte pieces: cp.async moves 4,
+    8 or 16 bytes) they go through registers, waiting for the load."""
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
-    s_rows = ()
-    z_rows = ()
+    r = offs // BLOCK_N
+    n = n0 + offs % BLOCK_N
+    group = gl.minimum(k + (r % NG) * GROUP_IN_TILE, k_end - 1) // group_size
+    ptrs = ptr + group * stride_sg + (r // NG) * N + n
+    if ASYNC:
+        async_copy.async_copy_global_to_shared(ring.index(slot), ptrs, mask=n < N)
+    else:
+        ring.index(slot).store(gl.load(ptrs, mask=n < N, other=0))
+
+
+@gluon.jit
+def _group_rows(ring, slot, half, NG: gl.constexpr, BLOCK_N: gl.constexpr, LAYOUT: gl.constexpr):
+    """The NG rows of `half` in slot `slot` of a ring that `_copy_group_rows` filled, as [BLOCK_N] tensors."""
+    rows = ()
     for g in gl.static_range(NG):
-        group = gl.minimum(k + g * GROUP_IN_TILE, k_end - 1) // group_size
-        s_rows = s_rows + (gl.load(s_ptrs + group * stride_sg, mask=n_mask, other=0.0),)
-        if HAS_ZP:
-            z_rows = z_rows + (gl.load(z_ptrs + group * stride_sg, mask=n_mask, other=0),)
-    return s_rows, z_rows
+        rows = rows + (ring.index(slot).slice((half * NG + g) * BLOCK_N, BLOCK_N).load(LAYOUT),)
+    return rows
 
 
 @gluon.jit
@@ -198,29 +210,38 @@ def _tile_step_scaled(acc, acc_up, words, words_up, side, a_tile, BITS: gl.const
 
 
 @gluon.jit
-def _load_side(s_ptrs, z_ptrs, n_mask, a_row_ptrs, perm_ptr, offs_r, k, k_end, N, group_size, stride_sg,
-               BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
-               GATED: gl.constexpr, EVEN_K: gl.constexpr, WIDE: gl.constexpr):
-    """What the tile at reduction row k needs besides its words: the scale and zero-point rows of the gate (or
-    only) half and of the up half (GEMM1; else the first again), and the activations (`_activation_tile`)."""
-    PACK: gl.constexpr = 32 // BITS
-    R: gl.constexpr = _TILE_K // PACK
-    scales = _group_rows(s_ptrs, z_ptrs, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE, HAS_ZP)
+def _side(s_ring, z_ring, slot, b_tiles, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr,
+          BLOCK_N: gl.constexpr, LAYOUT: gl.constexpr):
+    """What the tile in ring slot `slot` needs besides its words: the scale and zero-point rows (an empty tuple
+    without zero points) of the gate (or only) half and of the up half (GEMM1; else the first again), in LAYOUT,
+    and its activations `b_tiles`."""
+    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
+    HALVES: gl.constexpr = 2 if GATED else 1
+    scales = (_group_rows(s_ring, slot, 0, NG, BLOCK_N, LAYOUT),
+              _group_rows(z_ring, slot, 0, NG, BLOCK_N, LAYOUT) if HAS_ZP else ())
     if GATED:
-        scales_up = _group_rows(s_ptrs + N, z_ptrs + N, n_mask, k, k_end, group_size, stride_sg, GROUP_IN_TILE, HAS_ZP)
+        scales_up = (_group_rows(s_ring, slot, HALVES - 1, NG, BLOCK_N, LAYOUT),
+                     _group_rows(z_ring, slot, HALVES - 1, NG, BLOCK_N, LAYOUT) if HAS_ZP else ())
     else:
         scales_up = scales
-    return scales, scales_up, _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R, PACK, HAS_PERM, EVEN_K,
-                                               WIDE)
+    return scales, scales_up, b_tiles
 
 
 @gluon.jit
-def _copy_tile(smem, a_ring, slot, w_ptrs, w_mask, a_row_ptrs, offs_k, k, k_first, k_end, N, stride_wk,
-               PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr):
+def _copy_tile(smem, a_ring, s_ring, z_ring, slot, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_ptrs,
+               offs_k, k, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK: gl.constexpr,
+               GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr, HAS_ZP: gl.constexpr,
+               GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, ASYNC_ROWS: gl.constexpr):
     """cp.async of the words of the tile at reduction row k (past k_end: the tile at k_first, unused) into
-    pipeline slot `slot` of `smem` (gate then up), and with COPY_A its activations [BLOCK_M, TILE_K] into the
-    same slot of `a_ring` (zero-filled past k_end), as one commit group."""
+    pipeline slot `slot` of `smem` (gate then up), of its groups' scale and zero-point rows into the same slot
+    of `s_ring` and `z_ring` (`_copy_group_rows`), and with COPY_A of its activations [BLOCK_M, TILE_K] into
+    the same slot of `a_ring` (zero-filled past k_end), as one commit group."""
     k = gl.where(k < k_end, k, k_first)
+    _copy_group_rows(s_ring, slot, s_ptr, offs_s, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
+                     ASYNC_ROWS)
+    if HAS_ZP:
+        _copy_group_rows(z_ring, slot, z_ptr, offs_z, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
+                         ASYNC_ROWS)
     if COPY_A:
         if EVEN_K:
             async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :])
@@ -239,7 +260,7 @@ def _copy_tile(smem, a_ring, slot, w_ptrs, w_mask, a_row_ptrs, offs_k, k, k_firs
 @gluon.jit
 def _tile_step(acc, acc_up, words, words_up, side, ones, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
                GROUP_IN_TILE: gl.constexpr, RAW: gl.constexpr, GATED: gl.constexpr):
-    """Both accumulators past one tile: its words and `_load_side`."""
+    """Both accumulators past one tile: its words and `_side`."""
     scales, scales_up, b_tiles = side
     acc, sums = _tile_mma(acc, words, b_tiles, ones, scales[0], scales[1], (), BITS, HAS_ZP, GROUP_IN_TILE, RAW,
                           False)
@@ -257,8 +278,8 @@ def _block_gemm(
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
-    ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
+    EVEN_K: gl.constexpr, ASYNC_ROWS: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
+    STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -322,13 +343,8 @@ def _block_gemm(
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     n_mask = offs_n < N
-    if SCALED:  # the scale rows feed the asm, in the words' layout
-        offs_n_s = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))
-    else:  # the scale rows multiply partial sums, in the accumulator's layout
-        offs_n_s = offs_n
-    s_mask = offs_n_s < N
-    s_ptrs = s_ptr + expert * stride_se + offs_n_s
-    z_ptrs = z_ptr + expert * stride_se + offs_n_s
+    # The scale rows feed the asm, in the words' layout, or multiply partial sums, in the accumulator's.
+    S_ROWS: gl.constexpr = gl.SliceLayout(1, A_OP) if SCALED else gl.SliceLayout(1, MMA)
     if WIDE:
         offs_r = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     else:
@@ -338,8 +354,11 @@ def _block_gemm(
     acc = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
-    # Words through a STAGES-deep cp.async ring in shared memory (bytes in flight without registers); the
-    # scale rows and activations one tile ahead in registers (loaded when used instead, they lost at M = 1).
+    # Words, scale and zero-point rows through a STAGES-deep cp.async ring in shared memory (bytes in flight
+    # without registers); the activations one tile ahead in registers (loaded when used instead, they lost at
+    # M = 1). The scale rows came one tile ahead in registers before: ptxas packed other 16-bit values beside
+    # them, and the instruction doing so waited for the load (at kimi-k2 M = 8, 14% of GEMM1's stall samples
+    # on one PRMT; NOTES.md v30).
     HALVES: gl.constexpr = 2 if GATED else 1
     COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
                                           [NUM_WARPS, 1], [1, 0])
@@ -351,29 +370,43 @@ def _block_gemm(
     c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
               + offs_n_c[None, :])
     c_mask = (offs_n_c < N)[None, :]
+    # Scale rows, HALVES * NG rows of BLOCK_N per slot, flat, 16 bytes per copy; zero-point rows likewise.
+    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
+    ROW_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES, HALVES * NG * BLOCK_N], ROW_SMEM)
+    offs_s = gl.arange(0, HALVES * NG * BLOCK_N, layout=gl.BlockedLayout([8], [32], [NUM_WARPS], [0]))
+    s_base = s_ptr + expert * stride_se
+    if HAS_ZP:
+        z_ring = gl.allocate_shared_memory(z_ptr.dtype.element_ty, [STAGES, HALVES * NG * BLOCK_N], ROW_SMEM)
+        offs_z = gl.arange(0, HALVES * NG * BLOCK_N, layout=gl.BlockedLayout([16], [32], [NUM_WARPS], [0]))
+        z_base = z_ptr + expert * stride_se
+    else:
+        z_ring, z_base, offs_z = s_ring, s_base, offs_s
+    n0 = pid_n * BLOCK_N
     # A wide block's activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
     A_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
     a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if WIDE else 1, ROWS if WIDE else 1, _TILE_K], A_SMEM)
     COPY_A: gl.constexpr = WIDE and not HAS_PERM
     for s in gl.static_range(STAGES - 1):
-        _copy_tile(smem, a_ring, s, c_ptrs, c_mask, a_row_ptrs, offs_r, k_begin + s * k_step, k_first, k_end, N,
-                   stride_wk, PACK, GATED, COPY_A, EVEN_K)
+        _copy_tile(smem, a_ring, s_ring, z_ring, s, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs,
+                   offs_r, k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
+                   COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ASYNC_ROWS)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         enter_dependent(PDL)
-    side = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_first, k_end, N, GROUP_SIZE,
-                      stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
+    b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_first, k_end, R, PACK, HAS_PERM, EVEN_K, WIDE)
     if WIDE and HAS_PERM:  # gathered columns: through registers, stored one tile ahead (after the barrier)
-        a_ring.index(0).store(side[2])
+        a_ring.index(0).store(b_tiles)
     slot = 0
     for k in range(k_begin, k_end, k_step):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
-        _copy_tile(smem, a_ring, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, a_row_ptrs, offs_r,
-                   k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk, PACK, GATED, COPY_A, EVEN_K)
+        _copy_tile(smem, a_ring, s_ring, z_ring, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, s_base, z_base,
+                   offs_s, offs_z, n0, a_row_ptrs, offs_r, k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk,
+                   GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ASYNC_ROWS)
         k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
-        side_next = _load_side(s_ptrs, z_ptrs, s_mask, a_row_ptrs, perm_ptr, offs_r, k_next, k_end, N,
-                               GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, GATED, EVEN_K, WIDE)
+        b_next = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_next, k_end, R, PACK, HAS_PERM, EVEN_K, WIDE)
+        side = _side(s_ring, z_ring, slot, b_tiles, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS)
         # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
         words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
         words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
@@ -384,8 +417,8 @@ def _block_gemm(
             acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
                                      GATED)
         if WIDE and HAS_PERM:  # (its slot's last reader finished before this iteration's barrier)
-            a_ring.index((slot + 1) % STAGES).store(side_next[2])
-        side = side_next
+            a_ring.index((slot + 1) % STAGES).store(b_next)
+        b_tiles = b_next
         slot = (slot + 1) % STAGES
     leave_main_loop(PDL)
 
@@ -422,8 +455,8 @@ def _moe_gemm_decode_kernel(
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    EVEN_K: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr, NUM_WARPS: gl.constexpr,
-    STAGES: gl.constexpr, PDL: gl.constexpr,
+    EVEN_K: gl.constexpr, ASYNC_ROWS: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
+    NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -450,28 +483,32 @@ def _moe_gemm_decode_kernel(
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH, False)
+                            BLOCK_M, BLOCK_N, EVEN_K, ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
+                            False)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH, False)
+                            BLOCK_M, BLOCK_N, EVEN_K, ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
+                            False)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH, False)
+                            BLOCK_M, BLOCK_N, EVEN_K, ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
+                            False)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH, False)
+                            BLOCK_M, BLOCK_N, EVEN_K, ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
+                            False)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                    PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT)
+                    ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT)
