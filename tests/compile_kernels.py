@@ -110,7 +110,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
     consts = dict(TOP_K=8, GATED=gated, ACT=3 if gated else 0, HAS_LIMIT=gated, BITS=case["bits"],
                   HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_SIZE=group,
                   GROUP_IN_TILE=min(group, 128), SPLIT_K=case.get("split_k", 1), BLOCK_M=case["block_m"],
-                  BLOCK_N=case["block_n"], EVEN_K=True, ASYNC_ROWS=case.get("async_rows", True),
+                  BLOCK_N=case["block_n"], EVEN_K=True, ALIGNED=case.get("aligned", True),
                   PAIR_BLOCKS=case["pair"], ZERO_OUT=gated,
                   NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0))
     act = "*" + case.get("dtype", "bf16")

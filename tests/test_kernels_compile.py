@@ -65,7 +65,8 @@ CASES = [
 ]
 
 
-# The Gluon decode GEMM (kernels/moe_gemm_decode.py): loop budgets as for CASES (the v26 kernel + ~10%), per K tile.
+# The Gluon decode GEMM (kernels/moe_gemm_decode.py): loop budgets as for CASES (the v26 kernel + ~10%; groups of
+# 32 and 64, and rows not in 16-byte pieces, the v30 kernel + ~10%), per K tile.
 DECODE_CASES = [
     # one token per block (M = 1): GEMM1 int4 g128 bf16, the K-split GEMM1 with zero points, a 2-deep ring
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
@@ -79,15 +80,15 @@ DECODE_CASES = [
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=16, block_n=256, warps=4, pair=False,
          loop_budget=705),
     dict(gated=False, bits=4, zp=False, perm=False, group=32, block_m=8, block_n=64, warps=4, pair=False,
-         loop_budget=310),
+         loop_budget=285),
     dict(gated=False, bits=4, zp=True, perm=False, group=32, block_m=16, block_n=128, warps=4, pair=False,
-         loop_budget=775),
+         loop_budget=615),
     dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=8, block_n=64, warps=4, pair=False,
          loop_budget=395),
     dict(gated=False, bits=8, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=False,
          loop_budget=410),
     dict(gated=True, bits=8, zp=True, perm=False, group=64, block_m=8, block_n=64, warps=4, pair=True, dtype="fp16",
-         loop_budget=475),
+         loop_budget=425),
     # Wide blocks (activations through shared memory, weights scaled in the asm): GEMM1 32 rows; GEMM2 64 rows
     # 128 wide; g32 with zero points; act-order (the gathered columns stored from registers); 8 warps; int8
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
@@ -95,16 +96,19 @@ DECODE_CASES = [
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=64, block_n=128, warps=4, pair=False,
          loop_budget=535),
     dict(gated=True, bits=4, zp=True, perm=False, group=32, block_m=64, block_n=64, warps=4, pair=False,
-         loop_budget=740),
+         loop_budget=670),
     dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=390),
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=64, block_n=128, warps=8, pair=False,
          loop_budget=535),
     dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=715),
-    # Scale rows not in whole 16-byte pieces (cp.async moves 4, 8 or 16 bytes): through registers
+    # Rows not in whole 16-byte pieces (cp.async moves 4, 8 or 16 bytes): scale and zero-point rows, and a wide
+    # block's activations, through registers
     dict(gated=False, bits=4, zp=True, perm=False, group=32, block_m=8, block_n=64, warps=4, pair=False,
-         async_rows=False, loop_budget=420),
+         aligned=False, loop_budget=335),
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
+         aligned=False, loop_budget=500),
     # Ampere
     dict(sm=80, gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
          loop_budget=330),

@@ -125,9 +125,9 @@ def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) ->
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("scheme_name", ["int4_ch_sym", "int8_ch_zp"])
-def test_gpu_decode_with_scale_rows_off_16_bytes(scheme_name: str) -> None:
-    """Channel-wise scales of H = 520 and I = 200 columns are not whole 16-byte pieces: their rows reach shared
-    memory through registers instead of cp.async."""
+def test_gpu_decode_with_rows_off_16_bytes(scheme_name: str) -> None:
+    """H = 520 and I = 200 (channel-wise groups allow them): rows of scales, zero points and a wide block's
+    activations are not whole 16-byte pieces, and reach shared memory through registers instead of cp.async."""
     e, h, i = 8, 520, 200
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     for config in DECODE_CONFIGS[:3]:

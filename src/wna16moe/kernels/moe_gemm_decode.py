@@ -24,8 +24,10 @@ tiles: 7-13% faster at M = 8-128, 8% slower at one token, where the table keeps 
 
 Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come through a STAGES-deep
 cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
-into registers one tile ahead they were slower), and the scale and zero-point rows and the activation tiles
-one tile ahead in registers. A wide block's activation tile would take every warp's registers (each warp
+into registers one tile ahead they were slower), and so do the tile's scale and zero-point rows, read where
+used (one tile ahead in registers, 16-bit values that ptxas packed in pairs, they stalled the loop on a load
+still in flight: kimi-k2 13-18% slower at M = 8-128; NOTES.md v30). The activation tiles come one tile ahead
+in registers. A wide block's activation tile would take every warp's registers (each warp
 multiplies all of the block's rows), so it comes through a ring of its own, slot for slot with the words, and
 is read as MMA operands with ldmatrix; act-order columns, gathered element by element, are stored into that
 ring from registers one tile ahead. A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest
@@ -110,12 +112,13 @@ def _load_columns(a_row_ptrs, perm_ptr, offs, k_end, AXIS: gl.constexpr, HAS_PER
 
 @gluon.jit
 def _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R: gl.constexpr, PACK: gl.constexpr,
-                     HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr, WIDE: gl.constexpr):
+                     HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr, WIDE: gl.constexpr, COPY_A: gl.constexpr):
     """The activations of the tile at reduction row k: one [R, BLOCK_M] B operand per slot (rows j * R + r).
     For a wide block (`offs_r` then spans TILE_K) the whole [BLOCK_M, TILE_K] tile, to be stored in shared
-    memory, where an act-order permutation gathers its columns; else none (`_copy_tile` copies it)."""
+    memory (where an act-order permutation gathers its columns, or rows not in whole 16-byte pieces), or none
+    when `_copy_tile` copies it (COPY_A)."""
     if WIDE:
-        if HAS_PERM:
+        if not COPY_A:
             tiles = _load_columns(a_row_ptrs, perm_ptr, k + offs_r, k_end, 0, HAS_PERM, EVEN_K)
         else:  # copied into shared memory with the words
             tiles = ()
@@ -231,17 +234,17 @@ def _side(s_ring, z_ring, slot, b_tiles, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl
 def _copy_tile(smem, a_ring, s_ring, z_ring, slot, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_ptrs,
                offs_k, k, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK: gl.constexpr,
                GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr, HAS_ZP: gl.constexpr,
-               GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, ASYNC_ROWS: gl.constexpr):
+               GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, ALIGNED: gl.constexpr):
     """cp.async of the words of the tile at reduction row k (past k_end: the tile at k_first, unused) into
     pipeline slot `slot` of `smem` (gate then up), of its groups' scale and zero-point rows into the same slot
     of `s_ring` and `z_ring` (`_copy_group_rows`), and with COPY_A of its activations [BLOCK_M, TILE_K] into
     the same slot of `a_ring` (zero-filled past k_end), as one commit group."""
     k = gl.where(k < k_end, k, k_first)
     _copy_group_rows(s_ring, slot, s_ptr, offs_s, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
-                     ASYNC_ROWS)
+                     ALIGNED)
     if HAS_ZP:
         _copy_group_rows(z_ring, slot, z_ptr, offs_z, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
-                         ASYNC_ROWS)
+                         ALIGNED)
     if COPY_A:
         if EVEN_K:
             async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :])
@@ -278,7 +281,7 @@ def _block_gemm(
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    EVEN_K: gl.constexpr, ASYNC_ROWS: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
+    EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
@@ -354,11 +357,8 @@ def _block_gemm(
     acc = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
-    # Words, scale and zero-point rows through a STAGES-deep cp.async ring in shared memory (bytes in flight
-    # without registers); the activations one tile ahead in registers (loaded when used instead, they lost at
-    # M = 1). The scale rows came one tile ahead in registers before: ptxas packed other 16-bit values beside
-    # them, and the instruction doing so waited for the load (at kimi-k2 M = 8, 14% of GEMM1's stall samples
-    # on one PRMT; NOTES.md v30).
+    # Words, scale and zero-point rows through a STAGES-deep cp.async ring in shared memory (module docstring);
+    # the activations one tile ahead in registers (loaded when used instead, they lost at M = 1).
     HALVES: gl.constexpr = 2 if GATED else 1
     COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
                                           [NUM_WARPS, 1], [1, 0])
@@ -387,15 +387,16 @@ def _block_gemm(
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
     A_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
     a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if WIDE else 1, ROWS if WIDE else 1, _TILE_K], A_SMEM)
-    COPY_A: gl.constexpr = WIDE and not HAS_PERM
+    COPY_A: gl.constexpr = WIDE and not HAS_PERM and ALIGNED
     for s in gl.static_range(STAGES - 1):
         _copy_tile(smem, a_ring, s_ring, z_ring, s, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs,
                    offs_r, k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
-                   COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ASYNC_ROWS)
+                   COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         enter_dependent(PDL)
-    b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_first, k_end, R, PACK, HAS_PERM, EVEN_K, WIDE)
-    if WIDE and HAS_PERM:  # gathered columns: through registers, stored one tile ahead (after the barrier)
+    b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_first, k_end, R, PACK, HAS_PERM, EVEN_K, WIDE,
+                               COPY_A)
+    if WIDE and not COPY_A:  # gathered columns: through registers, stored one tile ahead (after the barrier)
         a_ring.index(0).store(b_tiles)
     slot = 0
     for k in range(k_begin, k_end, k_step):
@@ -403,9 +404,10 @@ def _block_gemm(
         gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
         _copy_tile(smem, a_ring, s_ring, z_ring, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, s_base, z_base,
                    offs_s, offs_z, n0, a_row_ptrs, offs_r, k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk,
-                   GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ASYNC_ROWS)
+                   GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
         k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
-        b_next = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_next, k_end, R, PACK, HAS_PERM, EVEN_K, WIDE)
+        b_next = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_next, k_end, R, PACK, HAS_PERM, EVEN_K, WIDE,
+                                  COPY_A)
         side = _side(s_ring, z_ring, slot, b_tiles, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS)
         # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
         words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
@@ -416,7 +418,7 @@ def _block_gemm(
         else:
             acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
                                      GATED)
-        if WIDE and HAS_PERM:  # (its slot's last reader finished before this iteration's barrier)
+        if WIDE and not COPY_A:  # (its slot's last reader finished before this iteration's barrier)
             a_ring.index((slot + 1) % STAGES).store(b_next)
         b_tiles = b_next
         slot = (slot + 1) % STAGES
@@ -455,14 +457,14 @@ def _moe_gemm_decode_kernel(
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    EVEN_K: gl.constexpr, ASYNC_ROWS: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
+    EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
     # waits: its blocks were final before GEMM1 ran. GEMM1 reads the previous grid's output (the blocks, the
     # hidden states) and a wide block copies activations with its first weights: those wait first.
-    PREFETCH: gl.constexpr = PDL and not GATED and not (BLOCK_M >= _WIDE_M and not HAS_PERM)
+    PREFETCH: gl.constexpr = PDL and not GATED and not (BLOCK_M >= _WIDE_M and not HAS_PERM and ALIGNED)
     if not PREFETCH:
         enter_dependent(PDL)
     WIDE_DISPATCH: gl.constexpr = BLOCK_M >= _WIDE_M and not PAIR_BLOCKS
@@ -483,32 +485,32 @@ def _moe_gemm_decode_kernel(
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
+                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
                             False)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
+                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
                             False)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
+                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
                             False)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
+                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
                             False)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                    ASYNC_ROWS, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT)
+                    ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT)
