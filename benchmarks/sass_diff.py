@@ -66,13 +66,16 @@ def normalize(sass: str) -> list[str]:
     return lines
 
 
-def dump(tree: Path, cases: dict) -> dict[str, list[list[str]]]:
+def dump(tree: Path, cases: dict, raw: bool = False) -> dict[str, list]:
+    """Per kind ("gemm", "decode"), the SASS of each case compiled in `tree`: normalized instruction lists, or
+    with `raw` nvdisasm's text."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _DUMP, str(tree), json.dumps(cases)], capture_output=True,
                           text=True, env=env, check=False)
     if done.returncode:
         raise SystemExit(f"compiling in {tree} failed:\n{done.stderr[-3000:]}")
-    return {kind: [normalize(text) for text in texts] for kind, texts in json.loads(done.stdout).items()}
+    texts = json.loads(done.stdout)
+    return texts if raw else {kind: [normalize(text) for text in by_kind] for kind, by_kind in texts.items()}
 
 
 def main() -> None:

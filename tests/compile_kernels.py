@@ -54,16 +54,11 @@ def facts(ptx: str) -> dict[str, int]:
                      + after_release.count("wgmma.mma_async")}
 
 
-def main_loop(cubin: bytes) -> dict[str, int]:
-    """Instructions in the longest loop of the SASS (per thread, one iteration), and its opcode counts."""
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+def loop_instructions(sass: str) -> list[str]:
+    """The instructions of the longest loop in nvdisasm's text (its longest backward branch), one iteration."""
     labels: dict[str, int] = {}
     instructions: list[str] = []
-    for line in text.splitlines():
+    for line in sass.splitlines():
         if label := re.match(r"\s*(\.L_x_\d+):", line):
             labels[label.group(1)] = len(instructions)
         elif instruction := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
@@ -71,9 +66,19 @@ def main_loop(cubin: bytes) -> dict[str, int]:
     loops = [(labels[m.group(1)], i) for i, ins in enumerate(instructions)
              if (m := re.search(r"BRA.*`\((\.L_x_\d+)\)", ins)) and labels.get(m.group(1), i) < i]
     begin, end = max(loops, key=lambda span: span[1] - span[0])
-    opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0]
-                                  for ins in instructions[begin : end + 1])
-    return {"loop_instructions": end + 1 - begin, "loop_I2F": opcodes["I2F"], "loop_STS": opcodes["STS"],
+    return instructions[begin : end + 1]
+
+
+def main_loop(cubin: bytes) -> dict[str, int]:
+    """Instructions in the longest loop of the SASS (per thread, one iteration), and its opcode counts."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    loop = loop_instructions(text)
+    opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in loop)
+    return {"loop_instructions": len(loop), "loop_I2F": opcodes["I2F"], "loop_STS": opcodes["STS"],
             "loop_STL": opcodes["STL"], "loop_HMMA": opcodes["HMMA"], "loop_LDSM": opcodes["LDSM"]}
 
 
