@@ -26,14 +26,17 @@ Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words
 cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
 into registers one tile ahead they were slower), and so do the tile's scale and zero-point rows, read where
 used (one tile ahead in registers, 16-bit values that ptxas packed in pairs, they stalled the loop on a load
-still in flight: kimi-k2 13-18% slower at M = 8-128; NOTES.md v30). The activation tiles come one tile ahead
-in registers. A wide block's activation tile would take every warp's registers (each warp
-multiplies all of the block's rows), so it comes through a ring of its own, slot for slot with the words, and
-is read as MMA operands with ldmatrix; act-order columns, gathered element by element, are stored into that
-ring from registers one tile ahead. A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest
-that hold its real ones (padding rows come last): the loop is compiled once per row count and the program
-picks one at run time, so an expert's last, mostly padded block costs the mmas of its real rows (32-row
-blocks at M = 512: deepseek-v3 and qwen3-30b-a3b 8-11% faster than before; NOTES.md v27).
+still in flight: kimi-k2 13-18% slower at M = 8-128; NOTES.md v30). GEMM1's activation tiles, and a wide
+block's (in registers each warp would hold all of the block's rows), come through a ring of their own, slot
+for slot with the words, and are read as MMA operands with ldmatrix (one tile ahead in registers, GEMM1's
+stalled the same way: 3-9% at M = 1-128; NOTES.md v31); act-order columns, gathered element by element, are
+stored into that ring from registers one tile ahead. GEMM2's come one tile ahead in registers: its first
+weight tiles are copied before it waits for GEMM1, which wrote its activations.
+
+A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest that hold its real ones (padding rows
+come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
+last, mostly padded block costs the mmas of its real rows (32-row blocks at M = 512: deepseek-v3 and
+qwen3-30b-a3b 8-11% faster than before; NOTES.md v27).
 
 NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests run on a GPU.
 """
@@ -112,12 +115,12 @@ def _load_columns(a_row_ptrs, perm_ptr, offs, k_end, AXIS: gl.constexpr, HAS_PER
 
 @gluon.jit
 def _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R: gl.constexpr, PACK: gl.constexpr,
-                     HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr, WIDE: gl.constexpr, COPY_A: gl.constexpr):
+                     HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr, A_RING: gl.constexpr, COPY_A: gl.constexpr):
     """The activations of the tile at reduction row k: one [R, BLOCK_M] B operand per slot (rows j * R + r).
-    For a wide block (`offs_r` then spans TILE_K) the whole [BLOCK_M, TILE_K] tile, to be stored in shared
-    memory (where an act-order permutation gathers its columns, or rows not in whole 16-byte pieces), or none
+    With A_RING (`offs_r` then spans TILE_K) the whole [BLOCK_M, TILE_K] tile, to be stored in the activation
+    ring (where an act-order permutation gathers its columns, or rows not in whole 16-byte pieces), or none
     when `_copy_tile` copies it (COPY_A)."""
-    if WIDE:
+    if A_RING:
         if not COPY_A:
             tiles = _load_columns(a_row_ptrs, perm_ptr, k + offs_r, k_end, 0, HAS_PERM, EVEN_K)
         else:  # copied into shared memory with the words
@@ -191,7 +194,7 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
 
 @gluon.jit
 def _tile_step_scaled(acc, acc_up, words, words_up, side, a_tile, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
-                      GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, WIDE: gl.constexpr, DTYPE: gl.constexpr,
+                      GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, A_RING: gl.constexpr, DTYPE: gl.constexpr,
                       B_OP: gl.constexpr):
     """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
     activation operand (from `side`, or for a wide block read from `a_tile` in shared memory) used by both."""
@@ -202,7 +205,7 @@ def _tile_step_scaled(acc, acc_up, words, words_up, side, a_tile, BITS: gl.const
     if GATED:
         slots_up = _scaled_slots(words_up, scales_up[0], scales_up[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
     for j in gl.static_range(PACK):
-        if WIDE:
+        if A_RING:
             b = a_tile.slice(j * R, R, dim=1).permute([1, 0]).load(B_OP)
         else:
             b = b_tiles[j]
@@ -261,6 +264,16 @@ def _copy_tile(smem, a_ring, s_ring, z_ring, slot, w_ptrs, w_mask, s_ptr, z_ptr,
 
 
 @gluon.jit
+def _ring_operands(a_tile, PACK: gl.constexpr, B_OP: gl.constexpr):
+    """The PACK B operands [R, BLOCK_M] of an activation tile [BLOCK_M, TILE_K] in shared memory."""
+    R: gl.constexpr = _TILE_K // PACK
+    operands = ()
+    for j in gl.static_range(PACK):
+        operands = operands + (a_tile.slice(j * R, R, dim=1).permute([1, 0]).load(B_OP),)
+    return operands
+
+
+@gluon.jit
 def _tile_step(acc, acc_up, words, words_up, side, ones, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
                GROUP_IN_TILE: gl.constexpr, RAW: gl.constexpr, GATED: gl.constexpr):
     """Both accumulators past one tile: its words and `_side`."""
@@ -306,9 +319,11 @@ def _block_gemm(
         FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
-    # The block's rows, once for the activation loads (B operand, or rows of the wide tile) and once for the
+    # Activations through a ring of their own: a wide block's and GEMM1's (module docstring).
+    A_RING: gl.constexpr = WIDE or GATED
+    # The block's rows, once for the activation loads (B operand, or rows of the ring's tile) and once for the
     # epilogue (accumulator).
-    if WIDE:
+    if A_RING:
         m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
     else:
         m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(0, B_OP))
@@ -329,7 +344,7 @@ def _block_gemm(
     a_rows = gl.where(rows_b < P, rows_b, 0)
     if GATED:
         a_rows = a_rows // TOP_K
-    if WIDE:
+    if A_RING:
         a_row_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * stride_am
     else:
         a_row_ptrs = a_ptr + a_rows.to(gl.int64)[None, :] * stride_am
@@ -348,7 +363,7 @@ def _block_gemm(
     n_mask = offs_n < N
     # The scale rows feed the asm, in the words' layout, or multiply partial sums, in the accumulator's.
     S_ROWS: gl.constexpr = gl.SliceLayout(1, A_OP) if SCALED else gl.SliceLayout(1, MMA)
-    if WIDE:
+    if A_RING:
         offs_r = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     else:
         offs_r = gl.arange(0, R, layout=gl.SliceLayout(1, B_OP))
@@ -386,17 +401,17 @@ def _block_gemm(
     # A wide block's activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
     A_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if WIDE else 1, ROWS if WIDE else 1, _TILE_K], A_SMEM)
-    COPY_A: gl.constexpr = WIDE and not HAS_PERM and ALIGNED
+    a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if A_RING else 1, ROWS if A_RING else 1, _TILE_K], A_SMEM)
+    COPY_A: gl.constexpr = A_RING and not HAS_PERM and ALIGNED
     for s in gl.static_range(STAGES - 1):
         _copy_tile(smem, a_ring, s_ring, z_ring, s, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs,
                    offs_r, k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
                    COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         enter_dependent(PDL)
-    b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_first, k_end, R, PACK, HAS_PERM, EVEN_K, WIDE,
+    b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_first, k_end, R, PACK, HAS_PERM, EVEN_K, A_RING,
                                COPY_A)
-    if WIDE and not COPY_A:  # gathered columns: through registers, stored one tile ahead (after the barrier)
+    if A_RING and not COPY_A:  # gathered columns: through registers, stored one tile ahead (after the barrier)
         a_ring.index(0).store(b_tiles)
     slot = 0
     for k in range(k_begin, k_end, k_step):
@@ -406,19 +421,21 @@ def _block_gemm(
                    offs_s, offs_z, n0, a_row_ptrs, offs_r, k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk,
                    GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
         k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
-        b_next = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_next, k_end, R, PACK, HAS_PERM, EVEN_K, WIDE,
+        b_next = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_next, k_end, R, PACK, HAS_PERM, EVEN_K, A_RING,
                                   COPY_A)
+        if A_RING and not SCALED:  # (the scaled step reads each operand from the ring where it multiplies)
+            b_tiles = _ring_operands(a_ring.index(slot), PACK, B_OP)
         side = _side(s_ring, z_ring, slot, b_tiles, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS)
         # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
         words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
         words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
         if SCALED:
             acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, side, a_ring.index(slot), BITS, HAS_ZP,
-                                            GROUP_IN_TILE, GATED, WIDE, DTYPE, B_OP)
+                                            GROUP_IN_TILE, GATED, A_RING, DTYPE, B_OP)
         else:
             acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
                                      GATED)
-        if WIDE and not COPY_A:  # (its slot's last reader finished before this iteration's barrier)
+        if A_RING and not COPY_A:  # (its slot's last reader finished before this iteration's barrier)
             a_ring.index((slot + 1) % STAGES).store(b_next)
         b_tiles = b_next
         slot = (slot + 1) % STAGES
