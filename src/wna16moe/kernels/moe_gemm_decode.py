@@ -197,7 +197,7 @@ def _tile_step_scaled(acc, acc_up, words, words_up, side, a_tile, BITS: gl.const
                       GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, A_RING: gl.constexpr, DTYPE: gl.constexpr,
                       B_OP: gl.constexpr):
     """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
-    activation operand (from `side`, or for a wide block read from `a_tile` in shared memory) used by both."""
+    activation operand (from `side`, or with A_RING read from `a_tile` in shared memory) used by both."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     scales, scales_up, b_tiles = side
@@ -373,7 +373,8 @@ def _block_gemm(
     acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
     # Words, scale and zero-point rows through a STAGES-deep cp.async ring in shared memory (module docstring);
-    # the activations one tile ahead in registers (loaded when used instead, they lost at M = 1).
+    # GEMM2's narrow blocks take their activations one tile ahead in registers (loaded when used instead, they
+    # lost at M = 1).
     HALVES: gl.constexpr = 2 if GATED else 1
     COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
                                           [NUM_WARPS, 1], [1, 0])
@@ -398,7 +399,7 @@ def _block_gemm(
     else:
         z_ring, z_base, offs_z = s_ring, s_base, offs_s
     n0 = pid_n * BLOCK_N
-    # A wide block's activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
+    # With A_RING, the activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
     A_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
     a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if A_RING else 1, ROWS if A_RING else 1, _TILE_K], A_SMEM)
@@ -411,7 +412,7 @@ def _block_gemm(
         enter_dependent(PDL)
     b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_first, k_end, R, PACK, HAS_PERM, EVEN_K, A_RING,
                                COPY_A)
-    if A_RING and not COPY_A:  # gathered columns: through registers, stored one tile ahead (after the barrier)
+    if A_RING and not COPY_A:  # through registers, stored one tile ahead (after the barrier)
         a_ring.index(0).store(b_tiles)
     slot = 0
     for k in range(k_begin, k_end, k_step):
