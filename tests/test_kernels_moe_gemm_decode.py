@@ -51,14 +51,13 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False, decode=True)
 
 
-@pytest.mark.parametrize("decode", [False, True], ids=["moe_gemm-kernel", "decode-kernel"])
-def test_launch_binds_every_kernel_parameter(decode: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both kernels go through one launcher: each must get every one of its parameters and only those (a
-    missing or extra constexpr fails only when the GPU compiles it), and the decode kernel its ring depth."""
+def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Tensor, n: int = 64,
+                     max_registers: int | None = None) -> tuple[tuple[int, int], tuple, dict]:
+    """The grid, arguments and keywords `moe_gemm` launches one kernel with for a GEMM1 of 3 tokens, top-2, over
+    4 experts, N = n, K = a.shape[1] (the launch recorded instead of run)."""
     import wna16moe.kernels.moe_gemm as launcher
 
     name = "_moe_gemm_decode_kernel" if decode else "_moe_gemm_kernel"
-    kernel = getattr(launcher, name)
     launches = []
 
     class Recorder:
@@ -66,15 +65,27 @@ def test_launch_binds_every_kernel_parameter(decode: bool, monkeypatch: pytest.M
             return lambda *args, **kwargs: launches.append((grid, args, kwargs))
 
     monkeypatch.setattr(launcher, name, Recorder())
-    a = torch.randn(3, 256, dtype=torch.float16)
-    w = torch.zeros(4, 2 * 16, 2 * 64, dtype=torch.int32)
-    scales = torch.ones(4, 2, 2 * 64, dtype=torch.float16)
-    out = torch.empty(3 * 2, 64, dtype=torch.float16)
+    tiles = -(-a.shape[1] // 128)
+    w = torch.zeros(4, tiles * 16, 2 * n, dtype=torch.int32)
+    scales = torch.ones(4, tiles, 2 * n, dtype=torch.float16)
+    out = torch.empty(3 * 2, n, dtype=torch.float16)
     ids = torch.tensor([0, 1, 2, 3, 1, 0], dtype=torch.int32)
     moe_gemm(a, w, scales, None, None, None, out, None, None, ids, None, bits=4, group_size=128, top_k=2, gated=True,
              block_m=8 if decode else 16, block_n=64, decode=decode, zero_out=torch.empty(3, 256),
-             max_registers=128)
-    (grid, args, kwargs), = launches
+             max_registers=max_registers)
+    (launch,) = launches
+    return launch
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["moe_gemm-kernel", "decode-kernel"])
+def test_launch_binds_every_kernel_parameter(decode: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both kernels go through one launcher: each must get every one of its parameters and only those (a
+    missing or extra constexpr fails only when the GPU compiles it), and the decode kernel its ring depth."""
+    import wna16moe.kernels.moe_gemm as launcher
+
+    kernel = getattr(launcher, "_moe_gemm_decode_kernel" if decode else "_moe_gemm_kernel")
+    grid, args, kwargs = _recorded_launch(monkeypatch, decode, torch.randn(3, 256, dtype=torch.float16),
+                                          max_registers=128)
     options = {"num_warps", "num_stages", "maxnreg"}
     bound = list(kernel.arg_names[: len(args)]) + [k for k in kwargs if k not in options]
     assert sorted(bound) == sorted(kernel.arg_names) and len(bound) == len(kernel.arg_names)
@@ -83,6 +94,19 @@ def test_launch_binds_every_kernel_parameter(decode: bool, monkeypatch: pytest.M
         assert kwargs["STAGES"] == 3 and kwargs["NUM_WARPS"] == 4 and "num_stages" not in kwargs
     else:
         assert kwargs["num_stages"] == 3
+
+
+def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cp.async moves 4, 8 or 16 bytes: the decode kernel copies rows of scales and activations with it only
+    when N, K, the strides and the pointers are whole 16-byte pieces (ALIGNED), else through registers."""
+    def aligned(a: torch.Tensor, n: int = 64) -> bool:
+        return _recorded_launch(monkeypatch, True, a, n)[2]["ALIGNED"]
+
+    wider = torch.randn(3, 272, dtype=torch.float16)  # rows 544 bytes apart
+    assert aligned(torch.randn(3, 256, dtype=torch.float16)) and aligned(wider[:, 16:])
+    assert not aligned(wider[:, 1:257])  # K = 256, rows 544 bytes apart, from a pointer 2 bytes past them
+    assert not aligned(torch.randn(3, 264, dtype=torch.float16))  # K = 264: rows of 528 bytes
+    assert not aligned(torch.randn(3, 256, dtype=torch.float16), n=72)  # scale rows of 72 columns
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the fallback of interpreter runs")
