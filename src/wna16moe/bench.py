@@ -276,8 +276,9 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
                  for bn in (32, 64, 128) for s in (1, 2, 4) for r in (None, 96)]
         pipeline = [{"num_stages": st} for st in (2, 3, 4, 5)]
         # The Gluon decode kernel (kernels/moe_gemm_decode.py) at the two tilings that led the v26 trials; the
-        # later groups tune it (or the Triton kernel) from there. Its 8-row blocks pay where experts see <= 8.
-        block_ms = (8, 16, 32) if per_expert > 8 else (8, 16) if per_expert > 4 else (8,)
+        # later groups tune it (or the Triton kernel) from there. Its 8-row blocks pay where experts see <= 8;
+        # its 32-row blocks shrink to their real rows and took kimi-k2 M = 8, one row per expert (v30).
+        block_ms = (8, 16, 32) if per_expert > 4 else (8, 32)
         kernel = [{"decode": True, "block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": 4,
                    "num_stages": st, "max_registers": None}
                   for bm in block_ms for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
