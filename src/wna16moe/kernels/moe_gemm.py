@@ -535,8 +535,8 @@ def moe_gemm(
         if shrink:
             raise ValueError(f"shrink={shrink} is this module's kernel's: the decode kernel's wide blocks always "
                              "multiply only their real rows")
-        # Rows of scales, zero points and (wide blocks) activations go through the cp.async ring, in 16-byte
-        # pieces, where they come in them; else through registers.
+        # Rows of scales, zero points and activations (GEMM1's, wide blocks') go through the cp.async ring in
+        # 16-byte pieces where they come in them; else through registers.
         aligned = all(x % 16 == 0 for x in (w.shape[2] // (2 if gated else 1), a.shape[1], a.stride(0), a.data_ptr(),
                                            scales.stride(0), scales.stride(1), scales.data_ptr(),
                                            0 if zeros is None else zeros.data_ptr()))
