@@ -286,14 +286,15 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         # qwen3-30b-a3b M = 1 gained 6% and mixtral M = 1 lost 5%), or plain launches.
         release = [{"pdl": p} for p in (RELEASE_AT_WAIT, PDL_OFF)]
         return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release]
-    # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27)
+    # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, and its 64-row blocks
+    # at 8 warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring)
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
               "split_k1": 1, "max_registers": None, "decode": decode, "shrink": 0}
              for bm, bn1, bn2, w, st, swap, decode in (
                  (32, 64, 64, 4, 4, False, False), (64, 64, 64, 4, 3, False, False), (32, 128, 128, 4, 4, False, False),
                  (64, 64, 64, 4, 4, True, False), (64, 128, 128, 4, 3, True, False), (128, 128, 128, 8, 3, True, False),
                  (128, 64, 64, 4, 3, True, False), (128, 128, 64, 8, 3, True, False), (256, 64, 64, 8, 3, True, False),
-                 (32, 64, 128, 4, 3, False, True))]
+                 (32, 64, 128, 4, 3, False, True), (64, 128, 256, 8, 3, False, True))]
     gemm2 = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4)]
     # Blocks that multiply only the rows they hold (an expert's last block: deepseek-v3 at M = 2048 sees 64 +- 8
     # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
