@@ -99,30 +99,22 @@ def _group_rows(ring, slot, half, NG: gl.constexpr, BLOCK_N: gl.constexpr, LAYOU
 
 
 @gluon.jit
-def _load_columns(a_row_ptrs, perm_ptr, offs, k_end, AXIS: gl.constexpr, HAS_PERM: gl.constexpr,
-                  EVEN_K: gl.constexpr):
-    """Activation columns `offs` (along AXIS of the tile; through the act-order permutation when HAS_PERM)
-    of the rows `a_row_ptrs` (along the other axis), zero past k_end."""
-    if EVEN_K:
-        cols = gl.load(perm_ptr + offs) if HAS_PERM else offs
-        tile = gl.load(a_row_ptrs + gl.expand_dims(cols, AXIS))
-    else:
-        k_mask = offs < k_end
-        cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
-        tile = gl.load(a_row_ptrs + gl.expand_dims(cols, AXIS), mask=gl.expand_dims(k_mask, AXIS), other=0.0)
-    return tile
-
-
-@gluon.jit
 def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr,
                      COPY_A: gl.constexpr):
-    """The activations [BLOCK_M, TILE_K] of the tile at reduction row k, to be stored in the activation ring
-    (where an act-order permutation gathers its columns, or rows not in whole 16-byte pieces), or none when
-    cp.async copies them (COPY_A)."""
+    """The activations [BLOCK_M, TILE_K] of the tile at reduction row k (rows `a_row_ptrs`, columns through the
+    act-order permutation when HAS_PERM, zero past k_end), to be stored in the activation ring; or none when
+    cp.async copies them (COPY_A: no permutation, rows in whole 16-byte pieces)."""
     if COPY_A:
         tile = ()
     else:
-        tile = _load_columns(a_row_ptrs, perm_ptr, k + offs_k, k_end, 0, HAS_PERM, EVEN_K)
+        offs = k + offs_k
+        if EVEN_K:
+            cols = gl.load(perm_ptr + offs) if HAS_PERM else offs
+            tile = gl.load(a_row_ptrs + cols[None, :])
+        else:
+            k_mask = offs < k_end
+            cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
+            tile = gl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
     return tile
 
 
