@@ -382,7 +382,7 @@ def _block_gemm(
     a_ring = gl.allocate_shared_memory(DTYPE, [STAGES, ROWS, _TILE_K], A_SMEM)
     COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
     # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
-    # after, in a commit group of their own that the loop waits for whole.
+    # after, one commit group per tile: the loop's wait then still needs only its own tile's last group.
     for s in gl.static_range(STAGES - 1):
         _copy_tile(smem, a_ring, s_ring, z_ring, s, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs,
                    offs_k, k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
@@ -393,8 +393,7 @@ def _block_gemm(
             for s in gl.static_range(STAGES - 1):
                 k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
                 _copy_activations(a_ring, s, a_row_ptrs, offs_k, k_s, k_end, EVEN_K)
-            async_copy.commit_group()
-            async_copy.wait_group(0)
+                async_copy.commit_group()
     a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, HAS_PERM, EVEN_K, COPY_A)
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
         a_ring.index(0).store(a_tile)
