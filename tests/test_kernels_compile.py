@@ -113,7 +113,7 @@ DECODE_CASES = [
     dict(sm=80, gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
          loop_budget=330),
     # Programmatic dependent launch (kernels/grid_dependence.py): GEMM2 copies its first weight tiles before it
-    # waits; GEMM1, and a wide GEMM2 block (its activations come with the first words), wait first.
+    # waits (their activations after it), wide blocks too; GEMM1 waits first.
     # It lets the next kernel launch after its loop (pdl 1) or right after its wait (2).
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=16, block_n=256, warps=4, pair=False,
          loop_budget=705, pdl=1, prefetch=True),
@@ -124,7 +124,7 @@ DECODE_CASES = [
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
          loop_budget=335, pdl=2, prefetch=False),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
-         loop_budget=450, pdl=1, prefetch=False),
+         loop_budget=450, pdl=1, prefetch=True),
 ]
 
 

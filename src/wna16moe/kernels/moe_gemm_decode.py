@@ -26,12 +26,12 @@ Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words
 cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
 into registers one tile ahead they were slower), and so do the tile's scale and zero-point rows, read where
 used (one tile ahead in registers, 16-bit values that ptxas packed in pairs, they stalled the loop on a load
-still in flight: kimi-k2 13-18% slower at M = 8-128; NOTES.md v30). GEMM1's activation tiles, and a wide
-block's (in registers each warp would hold all of the block's rows), come through a ring of their own, slot
-for slot with the words, and are read as MMA operands with ldmatrix (one tile ahead in registers, GEMM1's
-stalled the same way: 3-9% at M = 1-128; NOTES.md v31); act-order columns, gathered element by element, are
-stored into that ring from registers one tile ahead. GEMM2's come one tile ahead in registers: its first
-weight tiles are copied before it waits for GEMM1, which wrote its activations.
+still in flight: kimi-k2 13-18% slower at M = 8-128; NOTES.md v30). The activation tiles come through a ring
+of their own, slot for slot with the words, and are read as MMA operands with ldmatrix (one tile ahead in
+registers they stalled the same way: GEMM1 3-9% slower at M = 1-128, NOTES.md v31); act-order columns,
+gathered element by element, are stored into that ring from registers one tile ahead. As a programmatic
+dependent, GEMM2 copies its first tiles' words before it waits for GEMM1 and their activations, GEMM1's
+output, after.
 
 A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest that hold its real ones (padding rows
 come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
@@ -64,8 +64,8 @@ _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
 # Rows of a block: the N of mma.sync is 8; 16 and more are several of them.
 BLOCK_MS = (8, 16, 32, 64)
-# From this many rows on a block is wide: the activations come through shared memory (in registers, every
-# warp would hold the whole [TILE_K, BLOCK_M] tile) and the weights are scaled in the asm (module docstring).
+# From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
+# the asm, where mma issue outweighs dequantization (module docstring).
 _WIDE_M = gl.constexpr(32)
 
 
@@ -99,37 +99,23 @@ def _group_rows(ring, slot, half, NG: gl.constexpr, BLOCK_N: gl.constexpr, LAYOU
 
 
 @gluon.jit
-def _load_columns(a_row_ptrs, perm_ptr, offs, k_end, AXIS: gl.constexpr, HAS_PERM: gl.constexpr,
-                  EVEN_K: gl.constexpr):
-    """Activation columns `offs` (along AXIS of the tile; through the act-order permutation when HAS_PERM)
-    of the rows `a_row_ptrs` (along the other axis), zero past k_end."""
-    if EVEN_K:
-        cols = gl.load(perm_ptr + offs) if HAS_PERM else offs
-        tile = gl.load(a_row_ptrs + gl.expand_dims(cols, AXIS))
+def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr,
+                     COPY_A: gl.constexpr):
+    """The activations [BLOCK_M, TILE_K] of the tile at reduction row k (rows `a_row_ptrs`, columns through the
+    act-order permutation when HAS_PERM, zero past k_end), to be stored in the activation ring; or none when
+    cp.async copies them (COPY_A: no permutation, rows in whole 16-byte pieces)."""
+    if COPY_A:
+        tile = ()
     else:
-        k_mask = offs < k_end
-        cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
-        tile = gl.load(a_row_ptrs + gl.expand_dims(cols, AXIS), mask=gl.expand_dims(k_mask, AXIS), other=0.0)
+        offs = k + offs_k
+        if EVEN_K:
+            cols = gl.load(perm_ptr + offs) if HAS_PERM else offs
+            tile = gl.load(a_row_ptrs + cols[None, :])
+        else:
+            k_mask = offs < k_end
+            cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
+            tile = gl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
     return tile
-
-
-@gluon.jit
-def _activation_tile(a_row_ptrs, perm_ptr, offs_r, k, k_end, R: gl.constexpr, PACK: gl.constexpr,
-                     HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr, A_RING: gl.constexpr, COPY_A: gl.constexpr):
-    """The activations of the tile at reduction row k: one [R, BLOCK_M] B operand per slot (rows j * R + r).
-    With A_RING (`offs_r` then spans TILE_K) the whole [BLOCK_M, TILE_K] tile, to be stored in the activation
-    ring (where an act-order permutation gathers its columns, or rows not in whole 16-byte pieces), or none
-    when `_copy_tile` copies it (COPY_A)."""
-    if A_RING:
-        if not COPY_A:
-            tiles = _load_columns(a_row_ptrs, perm_ptr, k + offs_r, k_end, 0, HAS_PERM, EVEN_K)
-        else:  # copied into shared memory with the words
-            tiles = ()
-    else:
-        tiles = ()
-        for j in gl.static_range(PACK):
-            tiles = tiles + (_load_columns(a_row_ptrs, perm_ptr, k + j * R + offs_r, k_end, 1, HAS_PERM, EVEN_K),)
-    return tiles
 
 
 @gluon.jit
@@ -194,21 +180,17 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
 
 @gluon.jit
 def _tile_step_scaled(acc, acc_up, words, words_up, side, a_tile, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
-                      GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, A_RING: gl.constexpr, DTYPE: gl.constexpr,
-                      B_OP: gl.constexpr):
+                      GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, DTYPE: gl.constexpr, B_OP: gl.constexpr):
     """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
-    activation operand (from `side`, or with A_RING read from `a_tile` in shared memory) used by both."""
+    activation operand read from `a_tile` in shared memory where it multiplies, used by both."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
-    scales, scales_up, b_tiles = side
+    scales, scales_up, _ = side
     slots = _scaled_slots(words, scales[0], scales[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
     if GATED:
         slots_up = _scaled_slots(words_up, scales_up[0], scales_up[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
     for j in gl.static_range(PACK):
-        if A_RING:
-            b = a_tile.slice(j * R, R, dim=1).permute([1, 0]).load(B_OP)
-        else:
-            b = b_tiles[j]
+        b = a_tile.slice(j * R, R, dim=1).permute([1, 0]).load(B_OP)
         acc = mma_v2(slots[j], b, acc)
         if GATED:
             acc_up = mma_v2(slots_up[j], b, acc_up)
@@ -234,6 +216,17 @@ def _side(s_ring, z_ring, slot, b_tiles, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl
 
 
 @gluon.jit
+def _copy_activations(a_ring, slot, a_row_ptrs, offs_k, k, k_end, EVEN_K: gl.constexpr):
+    """cp.async of the activations [BLOCK_M, TILE_K] of the tile at reduction row k into slot `slot` of
+    `a_ring`, zero-filled past k_end (no commit)."""
+    if EVEN_K:
+        async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :])
+    else:
+        async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :],
+                                               mask=(k + offs_k < k_end)[None, :])
+
+
+@gluon.jit
 def _copy_tile(smem, a_ring, s_ring, z_ring, slot, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_ptrs,
                offs_k, k, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK: gl.constexpr,
                GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr, HAS_ZP: gl.constexpr,
@@ -249,11 +242,7 @@ def _copy_tile(smem, a_ring, s_ring, z_ring, slot, w_ptrs, w_mask, s_ptr, z_ptr,
         _copy_group_rows(z_ring, slot, z_ptr, offs_z, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
                          ALIGNED)
     if COPY_A:
-        if EVEN_K:
-            async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :])
-        else:
-            async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :],
-                                                   mask=(k + offs_k < k_end)[None, :])
+        _copy_activations(a_ring, slot, a_row_ptrs, offs_k, k, k_end, EVEN_K)
     if GATED:
         async_copy.async_copy_global_to_shared(smem.index(2 * slot), w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
         async_copy.async_copy_global_to_shared(smem.index(2 * slot + 1), w_ptrs + (k // PACK) * stride_wk + N,
@@ -319,14 +308,8 @@ def _block_gemm(
         FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
-    # Activations through a ring of their own: a wide block's and GEMM1's (module docstring).
-    A_RING: gl.constexpr = WIDE or GATED
-    # The block's rows, once for the activation loads (B operand, or rows of the ring's tile) and once for the
-    # epilogue (accumulator).
-    if A_RING:
-        m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
-    else:
-        m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(0, B_OP))
+    # The block's rows, once for the activation tiles' rows and once for the epilogue (accumulator).
+    m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
     m_acc = gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA))
     if PAIR_BLOCKS:  # block b holds pair b alone (one token: its pairs' experts differ)
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
@@ -344,10 +327,7 @@ def _block_gemm(
     a_rows = gl.where(rows_b < P, rows_b, 0)
     if GATED:
         a_rows = a_rows // TOP_K
-    if A_RING:
-        a_row_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * stride_am
-    else:
-        a_row_ptrs = a_ptr + a_rows.to(gl.int64)[None, :] * stride_am
+    a_row_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * stride_am
     perm_ptr = a_perm_ptr + expert * KD
 
     tiles = gl.cdiv(KD, _TILE_K)
@@ -363,10 +343,7 @@ def _block_gemm(
     n_mask = offs_n < N
     # The scale rows feed the asm, in the words' layout, or multiply partial sums, in the accumulator's.
     S_ROWS: gl.constexpr = gl.SliceLayout(1, A_OP) if SCALED else gl.SliceLayout(1, MMA)
-    if A_RING:
-        offs_r = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
-    else:
-        offs_r = gl.arange(0, R, layout=gl.SliceLayout(1, B_OP))
+    offs_k = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     ones = gl.full([BLOCK_N, R], 1.0, DTYPE, A_OP)
 
     acc = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
@@ -399,46 +376,50 @@ def _block_gemm(
     else:
         z_ring, z_base, offs_z = s_ring, s_base, offs_s
     n0 = pid_n * BLOCK_N
-    # With A_RING, the activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
+    # The activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
     A_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    a_ring = gl.allocate_shared_memory(DTYPE, [STAGES if A_RING else 1, ROWS if A_RING else 1, _TILE_K], A_SMEM)
-    COPY_A: gl.constexpr = A_RING and not HAS_PERM and ALIGNED
+    a_ring = gl.allocate_shared_memory(DTYPE, [STAGES, ROWS, _TILE_K], A_SMEM)
+    COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
+    # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
+    # after, one commit group per tile: the loop's wait then still needs only its own tile's last group.
     for s in gl.static_range(STAGES - 1):
         _copy_tile(smem, a_ring, s_ring, z_ring, s, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs,
-                   offs_r, k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
-                   COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
+                   offs_k, k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
+                   COPY_A and not PREFETCH, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         enter_dependent(PDL)
-    b_tiles = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_first, k_end, R, PACK, HAS_PERM, EVEN_K, A_RING,
-                               COPY_A)
-    if A_RING and not COPY_A:  # through registers, stored one tile ahead (after the barrier)
-        a_ring.index(0).store(b_tiles)
+        if COPY_A:
+            for s in gl.static_range(STAGES - 1):
+                k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
+                _copy_activations(a_ring, s, a_row_ptrs, offs_k, k_s, k_end, EVEN_K)
+                async_copy.commit_group()
+    a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, HAS_PERM, EVEN_K, COPY_A)
+    if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
+        a_ring.index(0).store(a_tile)
     slot = 0
     for k in range(k_begin, k_end, k_step):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
         _copy_tile(smem, a_ring, s_ring, z_ring, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, s_base, z_base,
-                   offs_s, offs_z, n0, a_row_ptrs, offs_r, k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk,
+                   offs_s, offs_z, n0, a_row_ptrs, offs_k, k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk,
                    GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
         k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
-        b_next = _activation_tile(a_row_ptrs, perm_ptr, offs_r, k_next, k_end, R, PACK, HAS_PERM, EVEN_K, A_RING,
-                                  COPY_A)
-        if A_RING and not SCALED:  # (the scaled step reads each operand from the ring where it multiplies)
-            b_tiles = _ring_operands(a_ring.index(slot), PACK, B_OP)
+        a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
+        # (the scaled step reads each operand from the ring where it multiplies)
+        b_tiles = () if SCALED else _ring_operands(a_ring.index(slot), PACK, B_OP)
         side = _side(s_ring, z_ring, slot, b_tiles, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS)
         # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
         words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
         words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
         if SCALED:
             acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, side, a_ring.index(slot), BITS, HAS_ZP,
-                                            GROUP_IN_TILE, GATED, A_RING, DTYPE, B_OP)
+                                            GROUP_IN_TILE, GATED, DTYPE, B_OP)
         else:
             acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
                                      GATED)
-        if A_RING and not COPY_A:  # (its slot's last reader finished before this iteration's barrier)
-            a_ring.index((slot + 1) % STAGES).store(b_next)
-        b_tiles = b_next
+        if not COPY_A:  # (its slot's last reader finished before this iteration's barrier)
+            a_ring.index((slot + 1) % STAGES).store(a_next)
         slot = (slot + 1) % STAGES
     leave_main_loop(PDL)
 
@@ -480,9 +461,9 @@ def _moe_gemm_decode_kernel(
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
-    # waits: its blocks were final before GEMM1 ran. GEMM1 reads the previous grid's output (the blocks, the
-    # hidden states) and a wide block copies activations with its first weights: those wait first.
-    PREFETCH: gl.constexpr = PDL and not GATED and not (BLOCK_M >= _WIDE_M and not HAS_PERM and ALIGNED)
+    # waits (its blocks were final before GEMM1 ran; its activations, GEMM1's output, are copied after the
+    # wait). GEMM1 reads the previous grid's output (the blocks, the hidden states): it waits first.
+    PREFETCH: gl.constexpr = PDL and not GATED
     if not PREFETCH:
         enter_dependent(PDL)
     WIDE_DISPATCH: gl.constexpr = BLOCK_M >= _WIDE_M and not PAIR_BLOCKS
