@@ -9,7 +9,7 @@ import pytest
 from wna16moe import tuning
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.triton import TritonConfig, default_config
-from wna16moe.kernels.moe_gemm_decode import BLOCK_MS
+from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, tiling_error
 from wna16moe.oracle import explain
 from wna16moe.shapes import model_shape
 from wna16moe.tuning import ShapeKey, build_table, triton_vs_marlin, tuned_config
@@ -114,7 +114,7 @@ def _default_for(shape: str, tokens: int) -> tuple[TritonConfig, float]:
     """The default configuration of a model shape at `tokens` on a 132-SM Hopper, and its pairs per expert."""
     s = model_shape(shape)
     return (default_config(tokens, s.top_k, s.num_experts, s.group_size, s.hidden_size, s.intermediate_size, 132,
-                           wgmma=True), tokens * s.top_k / s.num_experts)
+                           hopper=True), tokens * s.top_k / s.num_experts)
 
 
 ALL_SHAPES_AND_M = pytest.mark.parametrize(("shape", "tokens"), [
@@ -138,14 +138,22 @@ def test_search_moves_are_launchable(shape: str, tokens: int) -> None:
     from wna16moe.bench import _search_groups
 
     base, per_expert = _default_for(shape, tokens)
-    moved = [replace(base, **fields) for group in _search_groups(per_expert) for fields in group]
+    moved = []
+    for fields in (fields for group in _search_groups(per_expert) for fields in group):
+        try:
+            moved.append(replace(base, **fields))
+        except ValueError:  # a setting the base cannot take (shrink on a decode base): the search skips it
+            continue
+    # From a decode base, GEMM1 tiles of 32 at 4 warps leave the decode kernel's tilings: its launcher rejects
+    # them (`tiling_error`) and the search records them as failed.
+    moved = [c for c in moved if not (c.decode and tiling_error(c.block_m, c.block_n1, c.num_warps, c.num_stages))]
     assert moved and all(_launchable(c) for c in moved), [c for c in moved if not _launchable(c)]
 
 
 def test_decode_sweep_caps_registers_of_wide_gemm2_tiles() -> None:
     from wna16moe.bench import _sweep_configs
 
-    base = default_config(8, 8, 256, 128, 7168, 2048, 132, wgmma=True)
+    base = default_config(8, 8, 256, 128, 7168, 2048, 132, hopper=True)
     capped = [c for c in _sweep_configs(base, 8 * 8 / 256) if c.max_registers is not None]
     capped_base = replace(base, max_registers=96)
     assert capped_base in capped and all(c.block_n2 >= 128 or c == capped_base for c in capped)
@@ -175,12 +183,40 @@ def test_default_config_widens_gemm2_for_small_groups_at_decode() -> None:
     assert default_config(8, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).block_n2 == 64
 
 
-def test_default_config_swaps_ab_only_with_wgmma() -> None:
+def test_default_config_swaps_ab_only_on_hopper() -> None:
     # deepseek-v3 prefill (256 rows per expert): two warpgroups of swap-AB on Hopper
-    hopper = default_config(8192, 8, 256, 128, wgmma=True)
+    hopper = default_config(8192, 8, 256, 128, hopper=True)
     assert hopper.swap_ab and hopper.block_m == 128 and hopper.num_warps == 8
     assert not default_config(8192, 8, 256, 128).swap_ab
-    assert not default_config(1, 8, 256, 128, wgmma=True).swap_ab  # decode stays on mma.sync
+    assert not default_config(1, 8, 256, 128, hopper=True).swap_ab  # decode stays on mma.sync
+
+
+@pytest.mark.parametrize(("tokens", "kernel"), [(1, "narrow"), (32, "narrow"), (128, "narrow"), (160, "triton"),
+                                                (320, "wide"), (1024, "wide"), (2048, "swap"), (8192, "swap")])
+def test_default_config_on_hopper_takes_the_decode_kernel_where_experts_see_few_rows(tokens: int,
+                                                                                    kernel: str) -> None:
+    """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. 8-row decode blocks up to 4,
+    the Triton kernel at 5-9, 32-row decode blocks at 10-63, swap-AB from 64; never the decode kernel off
+    Hopper."""
+    hopper = default_config(tokens, 8, 256, 128, 7168, 2048, 132, hopper=True)
+    assert _launchable(hopper)
+    shape = {"narrow": (True, 8, False), "wide": (True, 32, False), "triton": (False, 16, False),
+             "swap": (False, 64 if tokens < 8192 else 128, True)}[kernel]
+    assert (hopper.decode, hopper.block_m, hopper.swap_ab) == shape, hopper
+    assert not default_config(tokens, 8, 256, 128, 7168, 2048, 132).decode
+
+
+def test_hopper_decode_default_splits_by_programs() -> None:
+    # mixtral at M = 1: 2 experts x 16 GEMM2 tiles of 256 -> K split to ~4 programs per SM (a power of two);
+    # GEMM1 2 pairs x 112 tiles, fewer than 2 per SM -> split in four
+    mixtral = default_config(1, 2, 8, 128, hidden_size=4096, intermediate_size=14336, num_sms=132, hopper=True)
+    assert (mixtral.decode, mixtral.split_k2, mixtral.split_k1, mixtral.num_stages) == (True, 16, 4, 2)
+    # deepseek-v3 at M = 128 (4 rows per expert): every expert touched, 28 tiles each: no split, 4 stages
+    deepseek = default_config(128, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132, hopper=True)
+    assert (deepseek.split_k2, deepseek.split_k1, deepseek.num_stages) == (1, 1, 4)
+    # qwen3-30b-a3b at M = 1: GEMM2 is 6 tiles deep: at most two splits of 3
+    qwen3 = default_config(1, 8, 128, 128, hidden_size=2048, intermediate_size=768, num_sms=132, hopper=True)
+    assert (qwen3.split_k2, qwen3.split_k1) == (2, 4)
 
 
 def test_speed_is_the_geometric_mean_of_same_run_times(table: Path) -> None:

@@ -103,31 +103,34 @@ class TritonConfig:
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
                    hidden_size: int | None = None, intermediate_size: int | None = None,
-                   num_sms: int | None = None, wgmma: bool = False) -> TritonConfig:
-    """Tiles by expected tokens per expert, for layers the shipped table (`wna16moe.tuning`) does not cover:
-    the configurations that won most often in the sweeps of benchmarks/NOTES.md (H100 v5, H200 v7). The
-    smallest M block while experts see few rows (decode streams each expert's weights once), larger blocks as
-    the work turns compute-bound, swap-AB where wgmma runs them (`wgmma`: Hopper), there with blocks that
-    shrink to their rows (H200 v29: 2-13% faster at 6 of 8 prefill rows, at most 1.5% slower elsewhere).
+                   num_sms: int | None = None, hopper: bool = False) -> TritonConfig:
+    """Tiles by expected tokens per expert, for layers the shipped table (`wna16moe.tuning`) does not cover
+    (other shapes, tensor- or expert-parallel shards, other cards): the configurations that won most often in
+    the measurements of benchmarks/NOTES.md.
+
+    On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
+    (`decode`) takes the rows where experts see few tokens: 8-row blocks up to 4 rows per expert, 32-row
+    blocks that shrink to their rows at 10-64. In the H200 table (v32) it holds 32 of the 36 int4 and int8
+    entries in those two ranges; at 8 rows per expert the Triton kernel holds 3 of 4 (mixtral M = 32,
+    qwen3-30b-a3b M = 128). From 64 rows on, swap-AB blocks where wgmma runs them, shrinking to
+    their rows (H200 v29: 2-13% faster at 6 of 8 prefill rows). Elsewhere the smallest M block while experts
+    see few rows (decode streams each expert's weights once), larger blocks as the work turns compute-bound.
     Small groups (32) prefer M blocks above the group size, where the kernel scales weights instead of partial
     sums.
 
     At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
-    few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split over up to 8x the SM count. For
-    one token GEMM1's K is split in two, in four where its programs are fewer than the SMs (qwen3-30b-a3b:
-    8 pairs x 12 tiles): it won at M = 1 in the graph-ranked H200 sweep (NOTES.md v12), by 5-18%.
+    few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split. For one token GEMM1's K is split
+    in two, in four where its programs are few (qwen3-30b-a3b: 8 pairs x 12 tiles): it won at M = 1 in the
+    graph-ranked H200 sweep (NOTES.md v12), by 5-18%, and every H200 entry at M = 1 on the decode kernel has it.
     """
     per_expert = num_tokens * top_k / num_experts
+    if hopper and (per_expert <= 4 or 10 <= per_expert < 64):
+        return _decode_default(num_tokens, top_k, num_experts, per_expert, hidden_size, intermediate_size, num_sms)
     if per_expert <= 20:
         split, split1 = 1, 1
         if hidden_size and intermediate_size and num_sms:
-            programs = min(num_experts, num_tokens * top_k) * -(-hidden_size // 64)
-            k_tiles = -(-intermediate_size // TILE_K)
-            split = max(1, min(8 * num_sms // programs, k_tiles // 4))
-            split = 1 << (split.bit_length() - 1)  # a power of two
-            gemm1_programs = top_k * -(-intermediate_size // 64)
-            if num_tokens == 1 and hidden_size >= 8 * TILE_K:
-                split1 = 4 if gemm1_programs < num_sms else 2
+            split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 64, 8 * num_sms, 4)
+            split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 64, num_sms)
         if group_size is not None and group_size < 64:
             # Small groups scale every weight pair: 256-wide GEMM2 tiles amortise the loop's fixed part over more
             # weights (kimi-k2 at M = 8-512: 0.72-0.82x -> 0.83-0.99x MARLIN, H200 v12 vs v14 sweeps).
@@ -139,16 +142,50 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
             return TritonConfig(16, 64, 64, num_warps=4, num_stages=3)
         if per_expert <= 1024:
             return TritonConfig(64, 64, 64, num_warps=4, num_stages=3)
-        if wgmma:
+        if hopper:
             return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True, shrink=2)
         return TritonConfig(64, 128, 128, num_warps=8, num_stages=3)
-    if wgmma and per_expert >= 256:
+    if hopper and per_expert >= 256:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True, shrink=2)
-    if wgmma and per_expert >= 64:
+    if hopper and per_expert >= 64:
         return TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True, shrink=1)
     if per_expert <= 1024:
         return TritonConfig(32, 128, 128, num_warps=4, num_stages=4)
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
+
+
+def _decode_default(num_tokens: int, top_k: int, num_experts: int, per_expert: float, hidden_size: int | None,
+                    intermediate_size: int | None, num_sms: int | None) -> TritonConfig:
+    """`default_config` on the decode kernel: the H200 table's most frequent tilings (v32). Few rows per expert:
+    8-row blocks, GEMM1 128 and GEMM2 256 wide, 2 stages up to one row per expert and 4 above, GEMM2's K split
+    to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide, 3 stages."""
+    if per_expert >= 10:
+        return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True)
+    split, split1 = 1, 1
+    if hidden_size and intermediate_size and num_sms:
+        split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 256, 4 * num_sms, 3)
+        split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
+    return TritonConfig(8, 128, 256, split_k2=split, num_warps=4, num_stages=2 if per_expert <= 1 else 4,
+                        split_k1=split1, decode=True)
+
+
+def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
+                 block_n: int, target_programs: int, min_tiles: int) -> int:
+    """GEMM2's K split: the power of two that brings its programs (touched experts x N tiles) nearest above
+    `target_programs`, keeping at least `min_tiles` K tiles per split."""
+    programs = min(num_experts, num_tokens * top_k) * -(-hidden_size // block_n)
+    k_tiles = -(-intermediate_size // TILE_K)
+    split = max(1, min(target_programs // programs, k_tiles // min_tiles))
+    return 1 << (split.bit_length() - 1)
+
+
+def _gemm1_split(num_tokens: int, top_k: int, hidden_size: int, intermediate_size: int, block_n: int,
+                 few_programs: int) -> int:
+    """GEMM1's K split for one token (none for more, nor for H under 8 tiles): four where its programs (pairs x
+    N tiles) are fewer than `few_programs`, else two."""
+    if num_tokens != 1 or hidden_size < 8 * TILE_K:
+        return 1
+    return 4 if top_k * -(-intermediate_size // block_n) < few_programs else 2
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -258,7 +295,8 @@ class TritonExperts(Experts):
         # The shipped table is keyed by card; other devices (ROCm, XPU, the interpreter) use default_config.
         self._card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._card else None
-        self._wgmma = self._card is not None and torch.cuda.get_device_capability(device)[0] == 9
+        self._hopper = (self._card is not None and torch.version.cuda is not None
+                        and torch.cuda.get_device_capability(device)[0] == 9)
         self._shape_key = ShapeKey.of(spec)
         self._configs: dict[int, TritonConfig] = {}
 
@@ -272,7 +310,7 @@ class TritonExperts(Experts):
             tuned = tuned_config(self._card, self._shape_key, num_tokens) if self._card is not None else None
             self._configs[num_tokens] = TritonConfig(**tuned) if tuned else default_config(
                 num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size, self.moe.hidden_size,
-                self.i_pad, self._num_sms, self._wgmma)
+                self.i_pad, self._num_sms, self._hopper)
         return self._configs[num_tokens]
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

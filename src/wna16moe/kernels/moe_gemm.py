@@ -44,7 +44,7 @@ from wna16moe.kernels.dequant import (
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
-from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, _moe_gemm_decode_kernel
+from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel, tiling_error
 from wna16moe.kernels.zero_share import zero_program_share
 
 # Kernels may read module globals only when they are constexpr objects.
@@ -513,9 +513,9 @@ def moe_gemm(
     fast_dequant : dequantize with NVIDIA PTX (kernels/dequant.py); CUDA only, not under the interpreter.
     swap_ab : with fast_dequant, multiply as (W^T a^T)^T, the weights scaled in the dequantization (no effect on
         the plain path).
-    decode : the Gluon decode kernel (NVIDIA sm80+, not under the interpreter): block_m one of BLOCK_MS,
-        block_n a multiple of 16 x num_warps, num_stages >= 2 the depth of its cp.async ring; fast_dequant and
-        swap_ab do not apply.
+    decode : the Gluon decode kernel (NVIDIA sm80+, not under the interpreter), on a tiling its `tiling_error`
+        accepts: block_m one of its BLOCK_MS, block_n a multiple of 16 x num_warps, num_stages >= 2 the depth
+        of its cp.async ring; fast_dequant and swap_ab do not apply.
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
     pdl : launch as a programmatic dependent of the kernel before, releasing the next one after the loop (1) or
         at the wait (2); 0: a plain launch (CUDA sm90+ only; kernels/grid_dependence.py).
@@ -526,12 +526,9 @@ def moe_gemm(
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     if decode:
-        if block_m not in BLOCK_MS:
-            raise ValueError(f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}")
-        if num_stages < 2:
-            raise ValueError(f"num_stages must be at least 2 (the depth of the cp.async ring), got {num_stages}")
-        if block_n % (16 * num_warps):
-            raise ValueError(f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}")
+        error = tiling_error(block_m, block_n, num_warps, num_stages)
+        if error:
+            raise ValueError(error)
         if shrink:
             raise ValueError(f"shrink={shrink} is this module's kernel's: the decode kernel's wide blocks always "
                              "multiply only their real rows")

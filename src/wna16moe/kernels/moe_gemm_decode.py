@@ -64,6 +64,18 @@ _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
 # Rows of a block: the N of mma.sync is 8; 16 and more are several of them.
 BLOCK_MS = (8, 16, 32, 64)
+
+
+def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) -> str | None:
+    """Why this kernel cannot run a tiling, or None: its block rows, its warps' 16-row mma tiles across
+    block_n, the depth of its cp.async ring."""
+    if block_m not in BLOCK_MS:
+        return f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}"
+    if num_stages < 2:
+        return f"num_stages must be at least 2 (the depth of the cp.async ring), got {num_stages}"
+    if block_n % (16 * num_warps):
+        return f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}"
+    return None
 # From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
 # the asm, where mma issue outweighs dequantization (module docstring).
 _WIDE_M = gl.constexpr(32)
