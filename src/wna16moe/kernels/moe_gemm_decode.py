@@ -191,13 +191,13 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
 
 
 @gluon.jit
-def _tile_step_scaled(acc, acc_up, words, words_up, side, a_tile, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
-                      GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, DTYPE: gl.constexpr, B_OP: gl.constexpr):
+def _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_tile, BITS: gl.constexpr,
+                      HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, DTYPE: gl.constexpr,
+                      B_OP: gl.constexpr):
     """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
     activation operand read from `a_tile` in shared memory where it multiplies, used by both."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
-    scales, scales_up, _ = side
     slots = _scaled_slots(words, scales[0], scales[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
     if GATED:
         slots_up = _scaled_slots(words_up, scales_up[0], scales_up[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
@@ -210,11 +210,10 @@ def _tile_step_scaled(acc, acc_up, words, words_up, side, a_tile, BITS: gl.const
 
 
 @gluon.jit
-def _side(s_ring, z_ring, slot, b_tiles, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr,
+def _side(s_ring, z_ring, slot, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr,
           BLOCK_N: gl.constexpr, LAYOUT: gl.constexpr):
-    """What the tile in ring slot `slot` needs besides its words: the scale and zero-point rows (an empty tuple
-    without zero points) of the gate (or only) half and of the up half (GEMM1; else the first again), in LAYOUT,
-    and its activations `b_tiles`."""
+    """The scale and zero-point rows (an empty tuple without zero points) of the tile in ring slot `slot`: of
+    the gate (or only) half and of the up half (GEMM1; else the first again), in LAYOUT."""
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     HALVES: gl.constexpr = 2 if GATED else 1
     scales = (_group_rows(s_ring, slot, 0, NG, BLOCK_N, LAYOUT),
@@ -224,7 +223,7 @@ def _side(s_ring, z_ring, slot, b_tiles, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl
                      _group_rows(z_ring, slot, HALVES - 1, NG, BLOCK_N, LAYOUT) if HAS_ZP else ())
     else:
         scales_up = scales
-    return scales, scales_up, b_tiles
+    return scales, scales_up
 
 
 @gluon.jit
@@ -275,10 +274,9 @@ def _ring_operands(a_tile, PACK: gl.constexpr, B_OP: gl.constexpr):
 
 
 @gluon.jit
-def _tile_step(acc, acc_up, words, words_up, side, ones, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
-               GROUP_IN_TILE: gl.constexpr, RAW: gl.constexpr, GATED: gl.constexpr):
-    """Both accumulators past one tile: its words and `_side`."""
-    scales, scales_up, b_tiles = side
+def _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS: gl.constexpr,
+               HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, RAW: gl.constexpr, GATED: gl.constexpr):
+    """Both accumulators past one tile: its words, scale rows (`_side`) and activation operands."""
     acc, sums = _tile_mma(acc, words, b_tiles, ones, scales[0], scales[1], (), BITS, HAS_ZP, GROUP_IN_TILE, RAW,
                           False)
     if GATED:
@@ -420,16 +418,16 @@ def _block_gemm(
         a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
         # (the scaled step reads each operand from the ring where it multiplies)
         b_tiles = () if SCALED else _ring_operands(a_ring.index(slot), PACK, B_OP)
-        side = _side(s_ring, z_ring, slot, b_tiles, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS)
+        scales, scales_up = _side(s_ring, z_ring, slot, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS)
         # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
         words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
         words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
         if SCALED:
-            acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, side, a_ring.index(slot), BITS, HAS_ZP,
-                                            GROUP_IN_TILE, GATED, DTYPE, B_OP)
+            acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_ring.index(slot),
+                                            BITS, HAS_ZP, GROUP_IN_TILE, GATED, DTYPE, B_OP)
         else:
-            acc, acc_up = _tile_step(acc, acc_up, words, words_up, side, ones, BITS, HAS_ZP, GROUP_IN_TILE, RAW,
-                                     GATED)
+            acc, acc_up = _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS, HAS_ZP,
+                                     GROUP_IN_TILE, RAW, GATED)
         if not COPY_A:  # (its slot's last reader finished before this iteration's barrier)
             a_ring.index((slot + 1) % STAGES).store(a_next)
         slot = (slot + 1) % STAGES
