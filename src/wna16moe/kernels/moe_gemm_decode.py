@@ -359,9 +359,8 @@ def _block_gemm(
     acc = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
-    # Words, scale and zero-point rows through a STAGES-deep cp.async ring in shared memory (module docstring);
-    # GEMM2's narrow blocks take their activations one tile ahead in registers (loaded when used instead, they
-    # lost at M = 1).
+    # Words, scale and zero-point rows through a STAGES-deep cp.async ring in shared memory, the activations
+    # through a ring of their own (module docstring).
     HALVES: gl.constexpr = 2 if GATED else 1
     COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
                                           [NUM_WARPS, 1], [1, 0])
