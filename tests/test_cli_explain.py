@@ -93,7 +93,7 @@ def test_explain_named_shape_with_tp(capsys: pytest.CaptureFixture[str]) -> None
     assert reason == ("shape: I/tp=192 is not a multiple of group_size 128: a quantization group would straddle the "
                       "TP shard, which padding to a multiple of lcm(64, 128)=128 cannot fix; use a tp_size that keeps "
                       "I/tp a multiple of 128")
-    assert rows["flashinfer_trtllm", "FlashInferTrtllmExperts"][1].startswith("not in the cuda_sm80 priority list")
+    assert rows["flashinfer_trtllm", "FlashInferTrtllmExperts"][1].startswith("not in the cuda_sm90 priority list")
     assert rows["emulation", "EmulationExperts"] == ("rejected", (
         "shape: I/tp=192 (intermediate_size=768, tp_size=4) is not a multiple of group_size 128: a quantization "
         "group would straddle two TP shards; use a tp_size that keeps I/tp a multiple of 128, or expert "

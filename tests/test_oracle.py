@@ -161,51 +161,60 @@ CASES = [
           MARLIN: {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}}),
     Case("rtx5090 (sm_120) is not the SM10x family", "rtx5090", spec("kimi-k2", "int4_g32_sym"), MARLIN_WINS,
          {FI: {"device": "needs compute capability sm_100 or sm_103 (the SM10x family), got sm_120"}}),
-    # ----- MARLIN / BATCHED_MARLIN on sm_80..90 and older -----
-    Case("h100 mixtral int4 g128", "h100", spec("mixtral", "int4_g128_sym"), MARLIN_WINS,
-         {BMARLIN: BATCHED_FMT,
-          FI: {"device": "got sm_90", "scheme": "int4_g128_sym is not supported"}}),
-    Case("h100 int4 with zero points", "h100", spec(TINY, "int4_g128_zp"), MARLIN_WINS),
-    Case("h100 int8 symmetric channel-wise", "h100", spec(TINY, "int8_ch_sym"), MARLIN_WINS),
-    Case("h100 int8 with zero points: no uint8+zp type in Marlin", "h100", spec(TINY, "int8_g128_zp"), FAST,
-         {MARLIN: {"scheme": "int8 with zero points is not supported"}}),
-    Case("h100 act-order", "h100", spec(TINY, "int4_g32_sym_actorder"), FAST,
-         {MARLIN: {"scheme": "act-order (g_idx) is not supported"}}),
-    Case("h100 group 256", "h100", spec("mixtral", "int4_g256_sym"), FAST,
-         {MARLIN: {"scheme": "group_size 256 is not supported; expected one of channel-wise, 32, 64, "
-                                        "128"}}),
-    Case("h100 qwen3-30b tp=4 g128: I/tp=192 would split a group, in every kernel", "h100",
-         spec("qwen3-30b-a3b", "int4_g128_sym", tp=4), {None},
-         {MARLIN: {"shape": "I/tp=192 is not a multiple of group_size 128"},
-          Backend.EMULATION: {"shape": "or expert parallelism (ep_size) instead of tensor parallelism"}}),
-    Case("h100 qwen3-30b tp=4 g64: I/tp=192 fits", "h100", spec("qwen3-30b-a3b", "int4_g64_sym", tp=4),
-         MARLIN_WINS),
-    Case("h100 I/tp=352 with g32: padded to 384, no group split", "h100",
-         spec(MoEConfig(8, 2, 1024, 704), "int4_g32_sym", tp=2), MARLIN_WINS),
-    Case("h100 H=2880 is not a multiple of 128", "h100",
-         spec(MoEConfig(32, 4, 2880, 2880, Activation.SWIGLU_OAI), "int4_g32_sym"), FAST,
-         {MARLIN: {"shape": "H=2880 is not a multiple of 128"}}),
+    # ----- TRITON first on sm_90 (H100/H200), MARLIN next; the batched formats keep BATCHED_MARLIN first -----
+    Case("h100 int4 with zero points: TRITON, MARLIN eligible after it", "h100", spec(TINY, "int4_g128_zp"), FAST),
+    Case("h100 int8 with zero points: TRITON (no uint8+zp type in Marlin)", "h100", spec(TINY, "int8_g128_zp"),
+         FAST, {MARLIN: {"scheme": "int8 with zero points is not supported"}}),
     Case("h100 batched format: BATCHED_MARLIN, ahead of BATCHED_TRITON", "h100",
          spec("mixtral", "int4_g128_sym", batched=True), {BMARLIN},
          {MARLIN: {"format": "needs the standard activation format, the layer uses batched"}}),
-    Case("h100 batched EP=8: local experts only, no expert map needed", "h100",
+    Case("h100 without the Marlin library: TRITON as before", "h100-bare", spec("mixtral", "int4_g128_sym"), FAST,
+         {MARLIN: {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}}),
+    # ----- MARLIN / BATCHED_MARLIN first on sm_80..89 and older -----
+    Case("a100 mixtral int4 g128", "a100", spec("mixtral", "int4_g128_sym"), MARLIN_WINS,
+         {BMARLIN: BATCHED_FMT,
+          FI: {"device": "got sm_80", "scheme": "int4_g128_sym is not supported"}}),
+    Case("a100 int4 with zero points", "a100", spec(TINY, "int4_g128_zp"), MARLIN_WINS),
+    Case("a100 int8 symmetric channel-wise", "a100", spec(TINY, "int8_ch_sym"), MARLIN_WINS),
+    Case("a100 int8 with zero points: no uint8+zp type in Marlin", "a100", spec(TINY, "int8_g128_zp"), FAST,
+         {MARLIN: {"scheme": "int8 with zero points is not supported"}}),
+    Case("a100 act-order", "a100", spec(TINY, "int4_g32_sym_actorder"), FAST,
+         {MARLIN: {"scheme": "act-order (g_idx) is not supported"}}),
+    Case("a100 group 256", "a100", spec("mixtral", "int4_g256_sym"), FAST,
+         {MARLIN: {"scheme": "group_size 256 is not supported; expected one of channel-wise, 32, 64, "
+                                        "128"}}),
+    Case("a100 qwen3-30b tp=4 g128: I/tp=192 would split a group, in every kernel", "a100",
+         spec("qwen3-30b-a3b", "int4_g128_sym", tp=4), {None},
+         {MARLIN: {"shape": "I/tp=192 is not a multiple of group_size 128"},
+          Backend.EMULATION: {"shape": "or expert parallelism (ep_size) instead of tensor parallelism"}}),
+    Case("a100 qwen3-30b tp=4 g64: I/tp=192 fits", "a100", spec("qwen3-30b-a3b", "int4_g64_sym", tp=4),
+         MARLIN_WINS),
+    Case("a100 I/tp=352 with g32: padded to 384, no group split", "a100",
+         spec(MoEConfig(8, 2, 1024, 704), "int4_g32_sym", tp=2), MARLIN_WINS),
+    Case("a100 H=2880 is not a multiple of 128", "a100",
+         spec(MoEConfig(32, 4, 2880, 2880, Activation.SWIGLU_OAI), "int4_g32_sym"), FAST,
+         {MARLIN: {"shape": "H=2880 is not a multiple of 128"}}),
+    Case("a100 batched format: BATCHED_MARLIN, ahead of BATCHED_TRITON", "a100",
+         spec("mixtral", "int4_g128_sym", batched=True), {BMARLIN},
+         {MARLIN: {"format": "needs the standard activation format, the layer uses batched"}}),
+    Case("a100 batched EP=8: local experts only, no expert map needed", "a100",
          spec("deepseek-v3", "int4_g128_sym", batched=True, ep=8), {BMARLIN},
          {MARLIN: {"format": "needs the standard activation format",
                    "parallel": "expert parallelism (ep_size=8) is not supported"}}),
-    Case("h100 batched GELU: the activation runs in torch on the flattened rows, no masking needed", "h100",
+    Case("a100 batched GELU: the activation runs in torch on the flattened rows, no masking needed", "a100",
          spec("mixtral", "int4_g128_sym", batched=True, activation=Activation.GELU), {BMARLIN},
          {MARLIN: {"format": "needs the standard activation format"}}),
-    Case("h100 batched without the Marlin library", "h100-bare", spec("mixtral", "int4_g128_sym", batched=True),
+    Case("a100 batched without the Marlin library", "a100-bare", spec("mixtral", "int4_g128_sym", batched=True),
          BATCHED, {BMARLIN: {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}}),
     Case("a100 batched int8 channel-wise with bias", "a100",
          spec(TINY, "int8_ch_sym", batched=True, bias=True), {BMARLIN}),
-    Case("h100 GELU with a clamp limit", "h100", spec(TINY, "int4_g32_sym", activation=Activation.GELU, clamp=7.0),
+    Case("a100 GELU with a clamp limit", "a100", spec(TINY, "int4_g32_sym", activation=Activation.GELU, clamp=7.0),
          FAST, {MARLIN: {"extras": "the SwiGLU clamp limit is supported only with silu, swiglu_oai, got "
                                               "gelu"}}),
-    Case("h100 with bias and EP: MARLIN takes the bias, not EP yet", "h100",
+    Case("a100 with bias and EP: MARLIN takes the bias, not EP yet", "a100",
          spec("mixtral", "int4_g128_sym", bias=True, ep=8), FAST,
          {MARLIN: {"parallel": "expert parallelism (ep_size=8) is not supported"}}),
-    Case("h100 without the Marlin library", "h100-bare", spec("mixtral", "int4_g128_sym"), FAST,
+    Case("a100 without the Marlin library", "a100-bare", spec("mixtral", "int4_g128_sym"), FAST,
          {MARLIN: {"device": "no Marlin op provider found (install vllm or set WNA16MOE_MARLIN_LIB)"}}),
     Case("t4 (sm_75) is Marlin's oldest (float16 only)", "t4", spec("mixtral", "int4_g128_sym", dtype=torch.float16),
          MARLIN_WINS),
@@ -322,12 +331,17 @@ def test_declared_kernels_cannot_run() -> None:
 
 
 def test_priority_of_the_marlin_kernels() -> None:
-    """The priority table: FlashInfer before Marlin on SM10x, Marlin (BATCHED_MARLIN for the batched format)
-    first on sm_80..90, never where its device check fails."""
-    assert select_backend(spec("mixtral", "int4_g128_sym"), device=DeviceInfo.named("h100")).backend == MARLIN
-    assert select_backend(spec("mixtral", "int4_g128_sym", batched=True), device=DeviceInfo.named("h100")).backend \
-        == BMARLIN
-    assert select_backend(spec("mixtral", "int4_g128_sym"), device=DeviceInfo.named("h100-bare")).backend in FAST
+    """The priority table: FlashInfer before Marlin on SM10x, TRITON before Marlin on sm_90 (measured faster on
+    an H200), Marlin (BATCHED_MARLIN for the batched format) first on sm_80..89, never where its device check
+    fails."""
+    assert select_backend(spec("mixtral", "int4_g128_sym"), device=DeviceInfo.named("a100")).backend == MARLIN
+    for device in ("h100", "a100"):
+        assert select_backend(spec("mixtral", "int4_g128_sym", batched=True),
+                              device=DeviceInfo.named(device)).backend == BMARLIN
+    assert select_backend(spec("mixtral", "int4_g128_sym"), device=DeviceInfo.named("a100-bare")).backend in FAST
+    hopper = explain(spec("mixtral", "int4_g128_sym"), device=DeviceInfo.named("h100"))
+    assert hopper.chosen is not None and hopper.chosen.backend == Backend.TRITON
+    assert next(c for c in hopper.candidates if c.backend == MARLIN).verdict == Verdict.ELIGIBLE
     report = explain(spec("kimi-k2", "int4_g32_sym"), device=DeviceInfo.named("b200"))
     assert report.chosen is not None and report.chosen.backend == FI
     marlin = next(c for c in report.candidates if c.backend == MARLIN)

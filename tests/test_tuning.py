@@ -85,6 +85,21 @@ def test_unknown_card_or_shape_has_no_entry(table: Path) -> None:
     assert tuned_config("NVIDIA H100 80GB HBM3", ShapeKey(4, 32, 4096, 14336, 8, 2), 1) is None
 
 
+def test_a_card_borrows_the_stand_in_of_its_capability(table: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shape by shape: a card without entries for a shape takes those of the card measured for its compute
+    capability; the speed rows, a measurement of one card, are never borrowed."""
+    monkeypatch.setitem(tuning.STAND_INS, (9, 0), "NVIDIA H100 80GB HBM3")
+    assert tuned_config("NVIDIA H800", KEY, 1, (9, 0))["block_m"] == 16
+    assert tuned_config("NVIDIA H800", KEY, 1, (8, 0)) is None and tuned_config("NVIDIA H800", KEY, 1) is None
+    assert triton_vs_marlin("NVIDIA H800", KEY, "int4_g128_sym") is None
+    assert tuning.STAND_INS[(9, 0)] in json.loads(table.read_text())["cards"]
+
+
+def test_the_stand_ins_are_measured_cards() -> None:
+    tuning._load.cache_clear()
+    assert all(card in tuning._load()["cards"] for card in tuning.STAND_INS.values())
+
+
 def test_shipped_table_is_valid() -> None:
     tuning._load.cache_clear()
     cards = tuning._load()["cards"]
@@ -237,9 +252,10 @@ def test_oracle_prefers_the_measured_faster_backend(table: Path, shape: str, win
 
 
 def test_oracle_keeps_the_priority_without_measurements(table: Path) -> None:
-    # deepseek-v3 is not in this table, nor is any card but the H100: the priority list decides, silently.
+    # deepseek-v3 is not in this table, nor is any card but the H100: the priority list decides, silently
+    # (TRITON first on sm_90, MARLIN on sm_80).
     report = explain(model_shape("deepseek-v3").moe_config(), "int4_g128_sym", device=DeviceInfo.named("h100"))
-    assert report.chosen.backend.value == "marlin" and "measured" not in report.chosen.reason
+    assert report.chosen.backend.value == "triton" and "measured" not in report.chosen.reason
     a100 = explain(model_shape("qwen3-30b-a3b").moe_config(), "int4_g128_sym", device=DeviceInfo.named("a100"))
     assert a100.chosen.backend.value == "marlin" and "measured" not in a100.chosen.reason
 

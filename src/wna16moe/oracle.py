@@ -91,6 +91,8 @@ def platform_key(device: DeviceInfo) -> str:
         sm = device.sm or 0
         if sm in (100, 103):
             return "cuda_sm100"
+        if sm == 90:
+            return "cuda_sm90"
         return "cuda_sm80" if 80 <= sm < 100 else "cuda_other"
     return device.platform.value
 
@@ -99,7 +101,10 @@ def platform_key(device: DeviceInfo) -> str:
 # applies (e.g. FLASHINFER_TRTLLM needs the flashinfer package, MARLIN the Marlin op library), so a row
 # lists what may run there, fastest first. EMULATION, the reference, runs anywhere and closes every row.
 #   cuda_sm100: B200/B300 (sm_100/sm_103), where FlashInfer's fused MxInt4 kernel exists.
-#   cuda_sm80:  A100 to H200 (sm_80..sm_90).
+#   cuda_sm90:  H100/H200 (sm_90). TRITON first: on an H200 it ran ahead of MARLIN at every int4 row of four
+#               model shapes x M = 1..8192 (1.07-2.47x) and by 1.02-1.34x per shape for W8A16
+#               (benchmarks/BENCHMARKS.md Session 13); the batched formats, not measured, keep MARLIN first.
+#   cuda_sm80:  A100 to L40S (sm_80..sm_89), where TRITON has never been measured: MARLIN first.
 #   cuda_other: older (sm_70/75) and other families (sm_12x); MARLIN/TRITON device checks draw the line.
 #   rocm:       no Marlin build; TRITON is the fast path.
 #   xpu:        Intel's own kernel first, then TRITON and BATCHED_TRITON (Intel's Triton backend).
@@ -107,6 +112,7 @@ def platform_key(device: DeviceInfo) -> str:
 PRIORITY: dict[str, tuple[Backend, ...]] = {
     "cuda_sm100": (Backend.FLASHINFER_TRTLLM, Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON,
                    Backend.BATCHED_TRITON, Backend.EMULATION),
+    "cuda_sm90": (Backend.TRITON, Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.BATCHED_TRITON, Backend.EMULATION),
     "cuda_sm80": (Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON, Backend.BATCHED_TRITON, Backend.EMULATION),
     "cuda_other": (Backend.MARLIN, Backend.BATCHED_MARLIN, Backend.TRITON, Backend.BATCHED_TRITON,
                    Backend.EMULATION),

@@ -8,13 +8,17 @@ For each measured row it keeps the fastest configuration the sweep timed (`trito
 sweep's grid, timed against the shipped configuration by `benchmarks/try_configs.py`, replace an entry only
 where they were faster in every round (`apply_trials`):
 
-    python -m wna16moe.tuning --trials benchmarks/results/<card>-<date>-try.json Nothing is tuned
-at import or at the first call: a layer whose card and shape are in the table uses the entry of the
-nearest measured M (in log scale); any other layer uses `experts.triton.default_config`.
+    python -m wna16moe.tuning --trials benchmarks/results/<card>-<date>-try.json
+
+Nothing is tuned at import or at the first call: a layer whose card and shape are in the table uses the entry
+of the nearest measured M (in log scale). A card the table does not hold for that shape borrows the entries of
+the card measured for its compute capability (`STAND_INS`: an H100 runs the H200's, same SMs and
+architecture); any other layer uses `experts.triton.default_config`.
 
 Where the sweep also timed MARLIN (the same run), the table keeps both times per M ("speed", keyed by shape
 and exact scheme): the oracle then puts the faster of TRITON and MARLIN first for that card, shape and
-scheme (geometric mean over the measured M), and says so in `explain`.
+scheme (geometric mean over the measured M), and says so in `explain`. Speed is never borrowed: it is a
+measurement of one card.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
     from wna16moe.experts.base import LayerSpec
 
 TABLE_PATH = Path(__file__).with_name("tuned_triton.json")
+# The card whose tuned entries stand in, shape by shape, for cards of its compute capability that were not
+# measured on that shape (the H200 for the H100, H800, GH200: 132 SMs there, same sm_90 kernels).
+STAND_INS: dict[tuple[int, int], str] = {(9, 0): "NVIDIA H200"}
 
 
 @dataclass(frozen=True)
@@ -64,9 +71,14 @@ def _load() -> dict[str, Any]:
     return json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
 
 
-def tuned_config(card: str, key: ShapeKey, num_tokens: int) -> dict[str, Any] | None:
-    """The shipped configuration fields for this card and shape at the measured M nearest `num_tokens`."""
-    by_m = _load().get("cards", {}).get(card, {}).get(key.as_text())
+def tuned_config(card: str, key: ShapeKey, num_tokens: int,
+                 capability: tuple[int, int] | None = None) -> dict[str, Any] | None:
+    """The shipped configuration fields for this card (or, where it has none for this shape, for the
+    `STAND_INS` card of its compute `capability`) and shape at the measured M nearest `num_tokens`."""
+    cards = _load().get("cards", {})
+    by_m = cards.get(card, {}).get(key.as_text())
+    if not by_m and capability in STAND_INS:
+        by_m = cards.get(STAND_INS[capability], {}).get(key.as_text())
     if not by_m:
         return None
     target = math.log2(max(num_tokens, 1))

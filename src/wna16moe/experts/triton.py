@@ -295,8 +295,9 @@ class TritonExperts(Experts):
         # The shipped table is keyed by card; other devices (ROCm, XPU, the interpreter) use default_config.
         self._card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._card else None
-        self._hopper = (self._card is not None and torch.version.cuda is not None
-                        and torch.cuda.get_device_capability(device)[0] == 9)
+        self._capability = (torch.cuda.get_device_capability(device)
+                            if self._card is not None and torch.version.cuda is not None else None)
+        self._hopper = self._capability is not None and self._capability[0] == 9
         self._shape_key = ShapeKey.of(spec)
         self._configs: dict[int, TritonConfig] = {}
 
@@ -307,7 +308,8 @@ class TritonExperts(Experts):
     def config(self, num_tokens: int) -> TritonConfig:
         """The shipped tuned configuration for this card and shape, else `default_config`."""
         if num_tokens not in self._configs:
-            tuned = tuned_config(self._card, self._shape_key, num_tokens) if self._card is not None else None
+            tuned = (tuned_config(self._card, self._shape_key, num_tokens, self._capability)
+                     if self._card is not None else None)
             self._configs[num_tokens] = TritonConfig(**tuned) if tuned else default_config(
                 num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size, self.moe.hidden_size,
                 self.i_pad, self._num_sms, self._hopper)
