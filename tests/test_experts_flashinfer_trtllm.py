@@ -73,7 +73,7 @@ CASES = [
           "routing": "router logits dtype float16 is not supported with deepseek_v3 routing"}, fp16=True),
     Case("b200 without the flashinfer package", "b200-bare", "int4_g32_sym", Verdict.REJECTED, Backend.EMULATION,
          {"device": "needs the flashinfer package (with TRT-LLM fused MoE), which is not importable"}),
-    Case("h100 (sm_90): no MxInt4 kernel", "h100", "int4_g32_sym", Verdict.REJECTED, Backend.MARLIN,
+    Case("h100 (sm_90): no MxInt4 kernel; TRITON first there", "h100", "int4_g32_sym", Verdict.REJECTED, Backend.TRITON,
          {"device": "needs compute capability sm_100 or sm_103 (the SM10x family), got sm_90"}),
 ]
 
