@@ -171,8 +171,8 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, per_expert: f
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
                  block_n: int, target_programs: int, min_tiles: int) -> int:
-    """GEMM2's K split: the power of two that brings its programs (touched experts x N tiles) nearest above
-    `target_programs`, keeping at least `min_tiles` K tiles per split."""
+    """GEMM2's K split: the largest power of two that keeps its programs (touched experts x N tiles x split)
+    within `target_programs` and at least `min_tiles` K tiles per split (at least 1)."""
     programs = min(num_experts, num_tokens * top_k) * -(-hidden_size // block_n)
     k_tiles = -(-intermediate_size // TILE_K)
     split = max(1, min(target_programs // programs, k_tiles // min_tiles))
@@ -292,7 +292,8 @@ class TritonExperts(Experts):
             bias[:, self.i_pad : self.i_pad + i] = quant.w1_bias[:, i:].float()
             self.w13_bias = bias
         self.w2_bias = None if quant.w2_bias is None else quant.w2_bias.float().to(device).contiguous()
-        # The shipped table is keyed by card; other devices (ROCm, XPU, the interpreter) use default_config.
+        # The shipped table is keyed by card (or the stand-in of its compute capability); other devices (ROCm,
+        # XPU, the interpreter) use default_config.
         self._card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._card else None
         self._capability = (torch.cuda.get_device_capability(device)
