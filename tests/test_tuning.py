@@ -111,7 +111,7 @@ def test_shipped_table_is_valid() -> None:
 
 def _launchable(cfg: TritonConfig) -> bool:
     """What the kernels take: power-of-two tiles and warps, a few pipeline stages; tl.dot's 16-row minimum, or
-    for the decode kernel 8- or 16-row blocks and whole 16-feature MMA tiles per warp."""
+    for the decode kernel blocks of 8-64 rows, whole 16-feature MMA tiles per warp and as few as 2 warps."""
     def pow2(x: int) -> bool:
         return x > 0 and x & (x - 1) == 0
 
@@ -121,7 +121,8 @@ def _launchable(cfg: TritonConfig) -> bool:
     else:
         blocks = cfg.block_m >= 16
     return (blocks and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_warps))
-            and cfg.num_warps in (4, 8) and 2 <= cfg.num_stages <= 6 and cfg.split_k1 in (1, 2, 4, 8)
+            and cfg.num_warps in ((2, 4, 8) if cfg.decode else (4, 8)) and 2 <= cfg.num_stages <= 6
+            and cfg.split_k1 in (1, 2, 4, 8)
             and cfg.split_k2 in (1, 2, 4, 8, 16) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))
 
 
