@@ -297,6 +297,21 @@ def test_report_invariants(device: str) -> None:
     assert all(c.verdict != Verdict.CHOSEN for c in report.candidates[winners[0] + 1:])
 
 
+def test_explain_says_where_tritons_launch_configurations_come_from() -> None:
+    """Tuned on this card, borrowed from the card measured for its compute capability, or default_config."""
+    def triton_reason(shape: str | MoEConfig, device: str) -> str:
+        report = explain(spec(shape, "int4_g128_sym"), device=DeviceInfo.named(device))
+        assert report.chosen is not None and report.chosen.backend == Backend.TRITON, report.table()
+        return report.chosen.reason
+
+    assert triton_reason("deepseek-v3", "h200").endswith("launch configurations tuned on this card for this shape")
+    assert triton_reason("deepseek-v3", "h100").endswith(
+        "launch configurations tuned on NVIDIA H200 for this shape (it stands in for sm_90 cards)")
+    assert triton_reason(MoEConfig(16, 4, 1024, 512), "h100").endswith(
+        "launch configurations from default_config (no tuned entries for this card and shape)")
+    assert "launch configurations" not in triton_reason("mixtral", "mi300x")  # (no tuned table off CUDA)
+
+
 def test_backends_outside_the_priority_list_say_so() -> None:
     report = explain(spec(TINY, "int4_g32_sym"), device=DeviceInfo.named("cpu"))
     marlin = next(c for c in report.candidates if c.backend == MARLIN)

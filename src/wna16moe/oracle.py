@@ -33,7 +33,7 @@ from wna16moe.experts.marlin import BatchedMarlinExperts, MarlinExperts
 from wna16moe.experts.triton import BatchedTritonExperts, TritonExperts
 from wna16moe.experts.xpu import XPUExperts
 from wna16moe.scheme import WeightScheme
-from wna16moe.tuning import ShapeKey, triton_vs_marlin
+from wna16moe.tuning import ShapeKey, triton_vs_marlin, tuned_card
 
 logger = logging.getLogger("wna16moe")
 BuiltT = TypeVar("BuiltT")
@@ -302,6 +302,16 @@ def _measured(spec: LayerSpec, device: DeviceInfo) -> Measured | None:
     return Measured(Backend.MARLIN, Backend.TRITON, 1.0 / speedup, tokens)
 
 
+def _launch_configs(spec: LayerSpec, device: DeviceInfo) -> str:
+    """Where TRITON's launch configurations for this layer come from on this card (`wna16moe.tuning`)."""
+    source = tuned_card(device.name, ShapeKey.of(spec), device.compute_capability)
+    if source == device.name:
+        return "launch configurations tuned on this card for this shape"
+    if source is not None:
+        return f"launch configurations tuned on {source} for this shape (it stands in for sm_{device.sm} cards)"
+    return "launch configurations from default_config (no tuned entries for this card and shape)"
+
+
 def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None,
              unbuildable: dict[Backend, str] | None = None) -> Report:
     platform = platform_key(device)
@@ -330,6 +340,8 @@ def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None,
                     "first in priority order whose checks all pass")
                 if override is None and measured is not None and backend == measured.faster:
                     why = f"{why}; {measured.text()}"
+                if cls.TUNED and device.platform == Platform.CUDA:
+                    why = f"{why}; {_launch_configs(spec, device)}"
                 if cls.CAVEAT:
                     why = f"{why}; {cls.CAVEAT}"
                 candidates.append(Candidate(backend, cls, Verdict.CHOSEN, why))

@@ -71,16 +71,24 @@ def _load() -> dict[str, Any]:
     return json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
 
 
+def tuned_card(card: str, key: ShapeKey, capability: tuple[int, int] | None = None) -> str | None:
+    """The card whose shipped entries this card runs for this shape: itself, else the `STAND_INS` card of its
+    compute `capability`; None where neither was measured on the shape (`default_config` then)."""
+    cards = _load().get("cards", {})
+    for candidate in (card, STAND_INS.get(capability) if capability is not None else None):
+        if candidate is not None and cards.get(candidate, {}).get(key.as_text()):
+            return candidate
+    return None
+
+
 def tuned_config(card: str, key: ShapeKey, num_tokens: int,
                  capability: tuple[int, int] | None = None) -> dict[str, Any] | None:
-    """The shipped configuration fields for this card (or, where it has none for this shape, for the
-    `STAND_INS` card of its compute `capability`) and shape at the measured M nearest `num_tokens`."""
-    cards = _load().get("cards", {})
-    by_m = cards.get(card, {}).get(key.as_text())
-    if not by_m and capability in STAND_INS:
-        by_m = cards.get(STAND_INS[capability], {}).get(key.as_text())
-    if not by_m:
+    """The shipped configuration fields for this card (or its stand-in, `tuned_card`) and shape at the measured
+    M nearest `num_tokens`."""
+    source = tuned_card(card, key, capability)
+    if source is None:
         return None
+    by_m = _load()["cards"][source][key.as_text()]
     target = math.log2(max(num_tokens, 1))
     nearest = min(by_m, key=lambda m: (abs(math.log2(int(m)) - target), int(m)))
     return by_m[nearest]

@@ -173,6 +173,9 @@ class Experts:
     # What `explain` appends to the verdict of a kernel that passes every check (e.g. that it has not been run
     # on hardware); empty for none.
     CAVEAT: ClassVar[str] = ""
+    # True for kernels that launch with the shipped per-card tuned table (`wna16moe.tuning`): `explain` then
+    # says where this layer's launch configurations come from.
+    TUNED: ClassVar[bool] = False
 
     # ----- capability checks (class-level, never instantiate) -----
     @classmethod

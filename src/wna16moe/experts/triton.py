@@ -248,6 +248,7 @@ class TritonExperts(Experts):
 
     NAME = NAME
     SUPPORTS_EXPERT_MAP = True
+    TUNED = True
     _PLATFORMS: ClassVar[tuple[Platform, ...]] = (Platform.CUDA, Platform.ROCM, Platform.XPU)
 
     @classmethod
@@ -373,6 +374,7 @@ class BatchedTritonExperts(TritonExperts):
 
     NAME = BATCHED_NAME
     ACTIVATION_FORMAT = ActivationFormat.BATCHED
+    TUNED = False  # (its configurations are `default_config`'s)
 
     def apply_batched(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor, weights: dict[str, torch.Tensor],
                       config: TritonConfig | None = None) -> torch.Tensor:
