@@ -125,7 +125,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     """
     per_expert = num_tokens * top_k / num_experts
     if hopper and (per_expert <= 4 or 10 <= per_expert < 64):
-        return _decode_default(num_tokens, top_k, num_experts, per_expert, hidden_size, intermediate_size, num_sms)
+        return _decode_default(num_tokens, top_k, num_experts, hidden_size, intermediate_size, num_sms)
     if per_expert <= 20:
         split, split1 = 1, 1
         if hidden_size and intermediate_size and num_sms:
@@ -154,11 +154,12 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
 
 
-def _decode_default(num_tokens: int, top_k: int, num_experts: int, per_expert: float, hidden_size: int | None,
+def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None) -> TritonConfig:
     """`default_config` on the decode kernel: the H200 table's most frequent tilings (v32). Few rows per expert:
     8-row blocks, GEMM1 128 and GEMM2 256 wide, 2 stages up to one row per expert and 4 above, GEMM2's K split
     to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide, 3 stages."""
+    per_expert = num_tokens * top_k / num_experts
     if per_expert >= 10:
         return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True)
     split, split1 = 1, 1
@@ -299,7 +300,6 @@ class TritonExperts(Experts):
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._card else None
         self._capability = (torch.cuda.get_device_capability(device)
                             if self._card is not None and torch.version.cuda is not None else None)
-        self._hopper = self._capability is not None and self._capability[0] == 9
         self._shape_key = ShapeKey.of(spec)
         self._configs: dict[int, TritonConfig] = {}
 
@@ -314,7 +314,7 @@ class TritonExperts(Experts):
                      if self._card is not None else None)
             self._configs[num_tokens] = TritonConfig(**tuned) if tuned else default_config(
                 num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size, self.moe.hidden_size,
-                self.i_pad, self._num_sms, self._hopper)
+                self.i_pad, self._num_sms, hopper=self._capability is not None and self._capability[0] == 9)
         return self._configs[num_tokens]
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
