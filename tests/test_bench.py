@@ -231,15 +231,6 @@ def test_coordinate_search_tries_where_kernels_release_the_next_at_decode() -> N
                                    bench._search_groups(1.0)).pdl == PDL_OFF
 
 
-def test_coordinate_search_tries_two_warp_gemm1_tiles_at_one_token() -> None:
-    """Where experts see at most one row, GEMM1 on 32-wide 2-warp decode tiles, with no K split or two."""
-    start = TritonConfig(8, 128, 256, split_k1=4, decode=True)
-    best = bench.coordinate_search(lambda c: 50.0 if c.num_warps == 2 and c.split_k1 == 1 else 60.0, start,
-                                   bench._search_groups(0.05))
-    assert (best.num_warps, best.block_n1, best.split_k1) == (2, 32, 1)
-    assert not any(fields.get("num_warps") == 2 for group in bench._search_groups(4.0) for fields in group)
-
-
 def test_coordinate_search_tries_blocks_that_shrink_at_prefill() -> None:
     start = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
     best = bench.coordinate_search(lambda c: 80.0 if c.shrink == 2 else 100.0, start, bench._search_groups(500.0))

@@ -279,8 +279,6 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     if per_expert <= 20:  # decode: small blocks, wide tiles, splits over K
         gemm1 = [{"block_n1": bn, "split_k1": s, "max_registers": r}
                  for bn in (32, 64, 128) for s in (1, 2, 4) for r in (None, 96)]
-        if per_expert <= 1:  # the decode kernel on 2 warps: 32-wide GEMM1 tiles, twice the programs, no K split
-            gemm1 += [{"num_warps": 2, "block_n1": 32, "split_k1": s, "max_registers": None} for s in (1, 2)]
         pipeline = [{"num_stages": st} for st in (2, 3, 4, 5)]
         # The Gluon decode kernel (kernels/moe_gemm_decode.py) at the two tilings that led the v26 trials; the
         # later groups tune it (or the Triton kernel) from there. Its 8-row blocks pay where experts see <= 8;
