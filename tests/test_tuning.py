@@ -294,3 +294,11 @@ def test_trials_file_updates_the_table(table: Path, tmp_path: Path) -> None:
     after = json.loads(table.read_text())
     assert after["cards"]["NVIDIA H100 80GB HBM3"][KEY.as_text()]["1"]["block_n2"] == 256
     assert after["sources"] == ["try.json (trials, commit t1, 2026-11-28): mixtral M = 1"]
+
+
+def test_main_names_a_missing_results_file(table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = table.read_text()
+    with pytest.raises(SystemExit):
+        tuning.main(["--trials", str(tmp_path / "absent.json")])
+    assert "absent.json" in capsys.readouterr().err
+    assert table.read_text() == before

@@ -23,10 +23,10 @@ measurement of one card.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -186,12 +186,17 @@ def _shape_keys(rows: list[dict[str, Any]]) -> dict[str, ShapeKey]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(argv if argv is not None else sys.argv[1:])
-    trials = bool(args) and args[0] == "--trials"
-    paths = [Path(p) for p in args[trials:]]
-    if not paths:
-        raise SystemExit("usage: python -m wna16moe.tuning RESULTS.json [...]  (from `wna16moe bench --sweep`)\n"
-                         "       python -m wna16moe.tuning --trials TRIALS.json [...]  (benchmarks/try_configs.py)")
+    parser = argparse.ArgumentParser(
+        prog="python -m wna16moe.tuning",
+        description="Rebuild the shipped table (src/wna16moe/tuned_triton.json) from device results: entries and "
+                    "speed rows from `wna16moe bench --sweep` or `--search` files, or, with --trials, the "
+                    "configurations of `benchmarks/try_configs.py` files that beat the entry in every round.")
+    parser.add_argument("results", nargs="+", type=Path, help="results JSON files")
+    parser.add_argument("--trials", action="store_true", help="the files are try_configs.py trials")
+    args = parser.parse_args(argv)
+    trials, paths = args.trials, args.results
+    if missing := [str(p) for p in paths if not p.is_file()]:
+        parser.error(f"no such results file: {', '.join(missing)}")
     table: dict[str, Any] = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {"cards": {}}
     for path in paths:
         results = json.loads(path.read_text())
