@@ -79,7 +79,8 @@ def main_loop(cubin: bytes) -> dict[str, int]:
     loop = loop_instructions(text)
     opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in loop)
     return {"loop_instructions": len(loop), "loop_I2F": opcodes["I2F"], "loop_STS": opcodes["STS"],
-            "loop_STL": opcodes["STL"], "loop_HMMA": opcodes["HMMA"], "loop_LDSM": opcodes["LDSM"]}
+            "loop_STL": opcodes["STL"], "loop_HMMA": opcodes["HMMA"], "loop_HGMMA": opcodes["HGMMA"],
+            "loop_wgmma_waits": sum("WARPGROUP.DEPBAR" in ins for ins in loop), "loop_LDSM": opcodes["LDSM"]}
 
 
 def compile_gemm(case: dict) -> dict[str, int]:
@@ -117,7 +118,8 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   GROUP_IN_TILE=min(group, 128), SPLIT_K=case.get("split_k", 1), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], EVEN_K=True, ALIGNED=case.get("aligned", True),
                   PAIR_BLOCKS=case["pair"], ZERO_OUT=gated,
-                  NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0))
+                  NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0),
+                  WGMMA=case.get("wgmma", False))
     act = "*" + case.get("dtype", "bf16")
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,

@@ -231,6 +231,14 @@ def test_coordinate_search_tries_where_kernels_release_the_next_at_decode() -> N
                                    bench._search_groups(1.0)).pdl == PDL_OFF
 
 
+def test_coordinate_search_tries_wide_decode_blocks_on_wgmma() -> None:
+    wide = TritonConfig(32, 128, 256, num_stages=3, decode=True)
+    assert bench.coordinate_search(lambda c: 50.0 if c.wgmma else 60.0, wide, bench._search_groups(16.0)).wgmma
+    # blocks the setting does not apply to skip the move
+    narrow = TritonConfig(8, 128, 256, decode=True)
+    assert not bench.coordinate_search(lambda c: 50.0 if c.wgmma else 60.0, narrow, bench._search_groups(1.0)).wgmma
+
+
 def test_coordinate_search_tries_blocks_that_shrink_at_prefill() -> None:
     start = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
     best = bench.coordinate_search(lambda c: 80.0 if c.shrink == 2 else 100.0, start, bench._search_groups(500.0))

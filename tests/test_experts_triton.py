@@ -178,6 +178,14 @@ def test_blocks_shrink_to_their_rows(config: TritonConfig, scheme_name: str) -> 
         assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, dtype
 
 
+def test_wgmma_settings_are_checked() -> None:
+    assert TritonConfig(32, 64, 128, decode=True, wgmma=True).wgmma
+    with pytest.raises(ValueError, match="wide blocks"):
+        TritonConfig(16, 64, 128, decode=True, wgmma=True)
+    with pytest.raises(ValueError, match="wide blocks"):
+        TritonConfig(64, 64, 128, swap_ab=True, wgmma=True)
+
+
 def test_shrink_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="shrink"):
         TritonConfig(128, 128, 128, shrink=3)

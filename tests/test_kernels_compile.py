@@ -125,6 +125,18 @@ DECODE_CASES = [
          loop_budget=335, pdl=2, prefetch=False),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=450, pdl=1, prefetch=True),
+    # Wide blocks on Hopper's warpgroup mmas (wgmma): 32 rows 128 wide, GEMM2 256 wide, 64 rows at 8 warps with
+    # g32 groups, int8, act-order with zero points
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=128, warps=4, pair=False,
+         loop_budget=890, wgmma=True),
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=256, warps=4, pair=False,
+         loop_budget=880, wgmma=True),
+    dict(gated=True, bits=4, zp=False, perm=False, group=32, block_m=64, block_n=128, warps=8, pair=False,
+         loop_budget=490, wgmma=True),
+    dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
+         loop_budget=795, wgmma=True),
+    dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=32, block_n=64, warps=4, pair=False,
+         loop_budget=430, wgmma=True),
 ]
 
 
@@ -179,7 +191,9 @@ def test_gemm_compiles(compiled: dict, index: int) -> None:
 def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     case = DECODE_CASES[index]
     facts = compiled["decode"][index]
-    assert facts["mma.sync"] > 0
+    wgmma = case.get("wgmma", False)
+    # (wide blocks on wgmma: no mma.sync at all)
+    assert facts["wgmma.mma_async" if wgmma else "mma.sync"] > 0 and not (wgmma and facts["mma.sync"]), facts
     assert facts["shared"] > 0 and facts["cp.async"] > 0, facts  # the words through the cp.async ring
     assert facts[".local"] == 0 and facts["loop_STL"] == 0, facts
     assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
@@ -194,8 +208,15 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         assert facts["release_after_wait"], facts
         if case["block_m"] < 32:  # (a wide block holds a loop per row count, each releasing after its own)
             assert (facts["mma_after_release"] == 0) == (case["pdl"] == 1), facts
+    halves = 2 if case["gated"] else 1
+    if wgmma:  # one m64 wgmma per 16-deep step, half and 64 columns of the program's warpgroup, all in the loop
+        per_loop = halves * 8 * case["block_n"] // (16 * case["warps"])
+        assert facts["loop_HGMMA"] == per_loop and facts["loop_HMMA"] == 0, facts
+        assert facts["loop_wgmma_waits"] == 1, facts  # all of a tile's wgmmas in flight, one wait at its end
+        loops = case["block_m"].bit_length() - 3  # one per row count the block can shrink to
+        assert facts["wgmma.mma_async"] == loops * per_loop, facts
+        return
     if not case["pair"]:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)
-        halves = 2 if case["gated"] else 1
         assert facts["loop_HMMA"] >= halves * 8 * case["block_m"] // 8 * case["block_n"] // (16 * case["warps"]), facts
     if case["block_m"] >= 32:  # wide blocks read the activations from shared memory as MMA operands
         assert facts["loop_LDSM"] > 0, facts

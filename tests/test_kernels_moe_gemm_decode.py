@@ -49,6 +49,10 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=16, block_n=64, shrink=1, **common | {"decode": False})
     with pytest.raises(ValueError, match="group_size"):
         moe_gemm(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False, decode=True)
+    with pytest.raises(ValueError, match="wide blocks"):  # (wgmma: blocks of 32 rows and more)
+        moe_gemm(*args, block_m=16, block_n=64, wgmma=True, **common)
+    with pytest.raises(ValueError, match="wgmma"):
+        moe_gemm(*args, block_m=32, block_n=64, wgmma=True, **common | {"decode": False})
 
 
 def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Tensor, n: int = 64,
@@ -92,6 +96,7 @@ def test_launch_binds_every_kernel_parameter(decode: bool, monkeypatch: pytest.M
     assert grid == (6 * 1, 1) and kwargs["maxnreg"] == 128 and kwargs["num_warps"] == 4
     if decode:
         assert kwargs["STAGES"] == 3 and kwargs["NUM_WARPS"] == 4 and "num_stages" not in kwargs
+        assert kwargs["WGMMA"] is False
     else:
         assert kwargs["num_stages"] == 3
 
@@ -110,11 +115,11 @@ def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pyt
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the fallback of interpreter runs")
-@pytest.mark.parametrize("block_m", [8, 32])
-def test_decode_config_runs_on_moe_gemm_without_ptx(block_m: int) -> None:
+@pytest.mark.parametrize("config", [TritonConfig(8, 64, 64, decode=True), TritonConfig(32, 64, 64, decode=True),
+                                    TritonConfig(32, 64, 64, decode=True, wgmma=True)], ids=["bm8", "bm32", "wgmma"])
+def test_decode_config_runs_on_moe_gemm_without_ptx(config: TritonConfig) -> None:
     experts = random_experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
-    out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6,
-                                    TritonConfig(block_m, 64, 64, decode=True))
+    out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6, config)
     assert relative_error(out, ref) < 1e-2
 
 
@@ -144,6 +149,42 @@ def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) ->
         for t in (1, 3, 40, 300):
             out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config)
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
+
+
+# Wide blocks on Hopper's warpgroup mmas: 32 rows (4 warps, GEMM2 256 wide, K-split GEMM1), 64 rows at 8 warps.
+WGMMA_CONFIGS = [
+    TritonConfig(32, 128, 256, num_stages=3, decode=True, wgmma=True),
+    TritonConfig(32, 64, 128, split_k1=2, split_k2=2, num_stages=2, decode=True, wgmma=True),
+    TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=["bm32", "bm32-split", "bm64-w8"])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_ch_sym",
+                                         "int8_g128_sym", "int8_g64_zp"])
+def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
+    """Every row count a wide block shrinks to (8 to 64: t = 1 to 300 over 16 experts, top-4), both dtypes."""
+    e, h, i = 16, 1152 if "g128" in scheme_name else 1088, 384
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
+    for dtype in DTYPES:
+        for t in (1, 3, 40, 300):
+            out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config)
+            assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("fixture", ["qwen3moe-gptq-w4-g32-descact", "qwen3moe-awq-gemm-w4-g32"])
+def test_gpu_decode_wgmma_on_checkpoints(fixture: str) -> None:
+    """Act-order columns gathered into the swizzled activation ring, AWQ zero points."""
+    ckpt = open_checkpoint(f"tests/data/{fixture}")
+    experts = ckpt.load_layer(1)
+    for config in WGMMA_CONFIGS:
+        for t in (5, 200):
+            out, ref = triton_and_emulation(experts, replace(ckpt.moe_config(), dtype=torch.bfloat16), t, config)
+            assert relative_error(out, ref) < 1e-2, (config, t)
 
 
 @pytest.mark.gpu

@@ -216,6 +216,8 @@ def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 
 # At decode, GEMM2's tile width and K split move together (v22: mixtral's best was 64 x 2 -> 128 x 16).
+# The decode kernel's wide blocks on Hopper's warpgroup mmas (a move the configuration rejects elsewhere: skipped).
+_WGMMA_MOVES = [{"wgmma": True}]
 _DECODE_GEMM2_MOVES = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
 
 
@@ -290,7 +292,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         # Where each kernel lets the next one launch (kernels/grid_dependence.py; v28: released at the wait,
         # qwen3-30b-a3b M = 1 gained 6% and mixtral M = 1 lost 5%), or plain launches.
         release = [{"pdl": p} for p in (RELEASE_AT_WAIT, PDL_OFF)]
-        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release]
+        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release, _WGMMA_MOVES]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, and its 64-row blocks
     # at 8 warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring)
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
@@ -304,7 +306,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     # Blocks that multiply only the rows they hold (an expert's last block: deepseek-v3 at M = 2048 sees 64 +- 8
     # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
     shrink = [{"shrink": s} for s in (1, 2)]
-    return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)], shrink]
+    return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)], shrink, _WGMMA_MOVES]
 
 
 def coordinate_search(measure: Callable[[TritonConfig], float | None], start: TritonConfig,

@@ -78,6 +78,10 @@ class TritonConfig:
     `shrink` (1 or 2; not with `decode`, whose wide blocks always shrink) lets an M block of `kernels/moe_gemm.py`
     multiply only its first block_m / 2 or block_m / 4 rows when its real rows fit there: an expert's last
     block is mostly padding at prefill (deepseek-v3 at M = 2048: 64 +- 8 rows per expert in blocks of 128).
+
+    `wgmma` (with `decode` and blocks of 32 or 64 rows) multiplies the decode kernel's wide blocks with
+    Hopper's warpgroup mmas instead of mma.sync, which a 32-row tile keeps busy longer than its dequantization
+    (benchmarks/NOTES.md v33); on other cards the same blocks run mma.sync.
     """
 
     block_m: int
@@ -92,6 +96,7 @@ class TritonConfig:
     decode: bool = False
     pdl: int = RELEASE_AFTER_LOOP
     shrink: int = 0
+    wgmma: bool = False
 
     def __post_init__(self) -> None:
         if self.shrink not in (0, 1, 2):
@@ -99,6 +104,9 @@ class TritonConfig:
         if self.shrink and self.decode:
             raise ValueError("shrink applies to kernels/moe_gemm.py's blocks; the decode kernel's wide blocks "
                              "always multiply only their real rows")
+        if self.wgmma and not (self.decode and self.block_m >= 32):
+            raise ValueError(f"wgmma applies to the decode kernel's wide blocks (decode, block_m >= 32), got "
+                             f"decode={self.decode} block_m={self.block_m}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -336,7 +344,9 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
-            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16))
+            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False)
+        if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
+            cfg = replace(cfg, wgmma=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         if t == 1:  # one block per pair, straight from the ids: no alignment launch
             blocks = (None, topk_ids.reshape(-1), None)
@@ -344,7 +354,7 @@ class TritonExperts(Experts):
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, pdl)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages, max_registers=cfg.max_registers, decode=cfg.decode,
-                      fast_dequant=ptx, swap_ab=cfg.swap_ab, pdl=pdl, shrink=cfg.shrink)
+                      fast_dequant=ptx, swap_ab=cfg.swap_ab, pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)

@@ -491,6 +491,7 @@ def moe_gemm(
     num_warps: int = 4,
     num_stages: int = 3,
     max_registers: int | None = None,
+    wgmma: bool = False,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -523,6 +524,7 @@ def moe_gemm(
         (shrink 2; the smaller that fits) multiplies only those rows, each size compiled as its own loop
         (an expert's last block is often mostly padding). The decode kernel's wide blocks always do so.
     max_registers : a cap on registers per thread (ptxas .maxnreg), or None for the compiler's choice.
+    wgmma : the decode kernel's wide blocks (block_m >= 32) multiply with Hopper's warpgroup mmas (sm_90 only).
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     if decode:
@@ -537,9 +539,14 @@ def moe_gemm(
         aligned = all(x % 16 == 0 for x in (w.shape[2] // (2 if gated else 1), a.shape[1], a.stride(0), a.data_ptr(),
                                            scales.stride(0), scales.stride(1), scales.data_ptr(),
                                            0 if zeros is None else zeros.data_ptr()))
-        kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned)
+        if wgmma and block_m < 32:
+            raise ValueError(f"wgmma multiplies the decode kernel's wide blocks (block_m >= 32), got {block_m}")
+        kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
+                                                           WGMMA=wgmma)
         options = dict(num_warps=num_warps, **registers)
     else:
+        if wgmma:
+            raise ValueError("wgmma is the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")

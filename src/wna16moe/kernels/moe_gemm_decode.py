@@ -46,6 +46,7 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from wna16moe.kernels.activation import gated_activation
 from wna16moe.kernels.dequant import (
@@ -193,19 +194,34 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
 @gluon.jit
 def _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_tile, BITS: gl.constexpr,
                       HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, DTYPE: gl.constexpr,
-                      B_OP: gl.constexpr):
+                      B_OP: gl.constexpr, WGMMA: gl.constexpr):
     """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
-    activation operand read from `a_tile` in shared memory where it multiplies, used by both."""
+    activation operand read from `a_tile` in shared memory where it multiplies, used by both. With WGMMA the
+    mmas are Hopper's warpgroup ones (the slots as register A operands, the activations read by the tensor
+    cores from shared memory), all in flight until the tile's end."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     slots = _scaled_slots(words, scales[0], scales[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
+    slots_up = ()
     if GATED:
         slots_up = _scaled_slots(words_up, scales_up[0], scales_up[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
     for j in gl.static_range(PACK):
-        b = a_tile.slice(j * R, R, dim=1).permute([1, 0]).load(B_OP)
-        acc = mma_v2(slots[j], b, acc)
+        b_tile = a_tile.slice(j * R, R, dim=1).permute([1, 0])
+        if WGMMA:
+            acc = warpgroup_mma(slots[j], b_tile, acc, is_async=True)
+            if GATED:
+                acc_up = warpgroup_mma(slots_up[j], b_tile, acc_up, is_async=True)
+        else:
+            b = b_tile.load(B_OP)
+            acc = mma_v2(slots[j], b, acc)
+            if GATED:
+                acc_up = mma_v2(slots_up[j], b, acc_up)
+    if WGMMA:  # (the slots' registers stay live until the mmas reading them are done)
         if GATED:
-            acc_up = mma_v2(slots_up[j], b, acc_up)
+            done = warpgroup_mma_wait(0, deps=(acc, acc_up) + slots + slots_up)
+            acc, acc_up = done[0], done[1]
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc,) + slots)[0]
     return acc, acc_up
 
 
@@ -295,16 +311,22 @@ def _block_gemm(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
+    WGMMA: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
+    WIDE: gl.constexpr = BLOCK_M >= _WIDE_M  # (a wide block stays wide when it multiplies fewer rows)
+    # Hopper's warpgroup mmas for a wide block's loops: m64nROWSk16 with the weights in registers as A
+    # (the same per-warp register layout as mma.sync's A operand), the activations read from the ring.
+    USE_WGMMA: gl.constexpr = WGMMA and WIDE
+    MMA: gl.constexpr = (gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                   instr_shape=[16, ROWS, 16]) if USE_WGMMA else
+                         gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8]))
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
-    WIDE: gl.constexpr = BLOCK_M >= _WIDE_M  # (a wide block stays wide when it multiplies fewer rows)
     SCALED: gl.constexpr = WIDE or GROUP_IN_TILE <= 32  # (measured at 32; 64 is not)
     RAW: gl.constexpr = not (BITS == 8 and DTYPE == gl.bfloat16)
     # A wide block's activation tile [ROWS, TILE_K], 16 bytes per thread and load.
@@ -387,7 +409,9 @@ def _block_gemm(
     n0 = pid_n * BLOCK_N
     # The activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
-    A_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+    # (wgmma reads its B operand in the tensor cores' 128-byte swizzle)
+    A_SMEM: gl.constexpr = (gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2) if USE_WGMMA
+                            else gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
     a_ring = gl.allocate_shared_memory(DTYPE, [STAGES, ROWS, _TILE_K], A_SMEM)
     COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
     # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
@@ -409,6 +433,8 @@ def _block_gemm(
     slot = 0
     for k in range(k_begin, k_end, k_step):
         async_copy.wait_group(STAGES - 2)
+        if USE_WGMMA:  # (each thread's copies, and stores, visible to the tensor cores' reads: before the barrier)
+            fence_async_shared()
         gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
         _copy_tile(smem, a_ring, s_ring, z_ring, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, s_base, z_base,
                    offs_s, offs_z, n0, a_row_ptrs, offs_k, k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk,
@@ -423,7 +449,7 @@ def _block_gemm(
         words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
         if SCALED:
             acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_ring.index(slot),
-                                            BITS, HAS_ZP, GROUP_IN_TILE, GATED, DTYPE, B_OP)
+                                            BITS, HAS_ZP, GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA)
         else:
             acc, acc_up = _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS, HAS_ZP,
                                      GROUP_IN_TILE, RAW, GATED)
@@ -466,7 +492,7 @@ def _moe_gemm_decode_kernel(
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
-    NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
+    NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -494,31 +520,31 @@ def _moe_gemm_decode_kernel(
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                            False)
+                            False, WGMMA)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                            False)
+                            False, WGMMA)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                            False)
+                            False, WGMMA)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                            False)
+                            False, WGMMA)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                    ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT)
+                    ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA)
