@@ -213,20 +213,29 @@ def _check(sc: Scenario, data: dict[str, Any], results: list[dict[str, Any]], se
             assert float(errors.max()) < ROW_TOL, f"{where}, rank {rank}: per-token relative errors {errors.tolist()}"
 
 
+def _runs_on_cpu(sc: Scenario) -> bool:
+    """TRITON's kernels run on CPU ranks only in the interpreter, which triton_env turns on where there is no
+    GPU (on a GPU machine the gpu-* scenarios below cover them)."""
+    return "triton" not in sc.backend or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @pytest.fixture(scope="module")
 def cpu_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], dict[str, list[dict[str, Any]]]]:
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     inputs = {sc.name: _inputs(sc, gen) for sc in SCENARIOS}
     results: dict[str, list[dict[str, Any]]] = {}
-    for world in sorted({sc.world for sc in SCENARIOS}):
-        batch = [sc for sc in SCENARIOS if sc.world == world]
+    runnable = [sc for sc in SCENARIOS if _runs_on_cpu(sc)]
+    for world in sorted({sc.world for sc in runnable}):
+        batch = [sc for sc in runnable if sc.world == world]
         results.update(_spawn(batch, inputs, tmp_path_factory.mktemp(f"gloo{world}"), "gloo"))
     return seed, inputs, results
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[sc.name for sc in SCENARIOS])
 def test_parallel_layer_matches_emulation(cpu_runs: tuple, scenario: Scenario) -> None:
+    if not _runs_on_cpu(scenario):
+        pytest.skip("TRITON on CPU ranks needs the interpreter (TRITON_INTERPRET=1), which is off beside a GPU")
     seed, inputs, results = cpu_runs
     _check(scenario, inputs[scenario.name], results[scenario.name], seed, torch.device("cpu"))
 
