@@ -166,6 +166,20 @@ def test_search_moves_are_launchable(shape: str, tokens: int) -> None:
     assert moved and all(_launchable(c) for c in moved), [c for c in moved if not _launchable(c)]
 
 
+@pytest.mark.parametrize(("shape", "tokens"), [("deepseek-v3", 512), ("qwen3-30b-a3b", 512)])
+def test_search_leaves_a_wgmma_base(shape: str, tokens: int) -> None:
+    """Hopper's default at 10-64 rows per expert is a 32-row decode block on wgmma; the search's tile moves
+    (narrower blocks, the Triton kernel) must still apply to it, and its last group turns wgmma back on."""
+    from wna16moe.bench import _search_groups
+
+    base, per_expert = _default_for(shape, tokens)
+    assert (base.decode, base.block_m, base.wgmma) == (True, 32, True), base
+    groups = _search_groups(per_expert)
+    moved = [replace(base, **fields) for fields in groups[0]]
+    assert any(c.block_m < 32 or not c.decode for c in moved) and not any(c.wgmma for c in moved), moved
+    assert replace(replace(base, wgmma=False), **groups[-1][0]) == base
+
+
 def test_decode_sweep_caps_registers_of_wide_gemm2_tiles() -> None:
     from wna16moe.bench import _sweep_configs
 

@@ -286,8 +286,10 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         # later groups tune it (or the Triton kernel) from there. Its 8-row blocks pay where experts see <= 8;
         # its 32-row blocks shrink to their real rows and took kimi-k2 M = 8, one row per expert (v30).
         block_ms = (8, 16, 32) if per_expert > 4 else (8, 32)
+        # (on mma.sync: a wgmma base, the Hopper default at 10-64 rows, must reach narrow blocks; the last group
+        # turns wgmma on again)
         kernel = [{"decode": True, "block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": 4,
-                   "num_stages": st, "max_registers": None}
+                   "num_stages": st, "max_registers": None, "wgmma": False}
                   for bm in block_ms for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
         # Where each kernel lets the next one launch (kernels/grid_dependence.py; v28: released at the wait,
         # qwen3-30b-a3b M = 1 gained 6% and mixtral M = 1 lost 5%), or plain launches.
@@ -296,7 +298,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, and its 64-row blocks
     # at 8 warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring)
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
-              "split_k1": 1, "max_registers": None, "decode": decode, "shrink": 0}
+              "split_k1": 1, "max_registers": None, "decode": decode, "shrink": 0, "wgmma": False}
              for bm, bn1, bn2, w, st, swap, decode in (
                  (32, 64, 64, 4, 4, False, False), (64, 64, 64, 4, 3, False, False), (32, 128, 128, 4, 4, False, False),
                  (64, 64, 64, 4, 4, True, False), (64, 128, 128, 4, 3, True, False), (128, 128, 128, 8, 3, True, False),

@@ -118,9 +118,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 
     On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
     (`decode`) takes the rows where experts see few tokens: 8-row blocks up to 4 rows per expert, 32-row
-    blocks that shrink to their rows at 10-64. In the H200 table (v32) it holds 32 of the 36 int4 and int8
-    entries in those two ranges; at 8 rows per expert the Triton kernel holds 3 of 4 (mixtral M = 32,
-    qwen3-30b-a3b M = 128). From 64 rows on, swap-AB blocks where wgmma runs them, shrinking to
+    blocks on warpgroup mmas that shrink to their rows at 10-64. In the H200 table (v32) it holds 32 of the 36
+    int4 and int8 entries in those two ranges; at 8 rows per expert the Triton kernel holds 3 of 4 (mixtral
+    M = 32, qwen3-30b-a3b M = 128). From 64 rows on, swap-AB blocks where wgmma runs them, shrinking to
     their rows (H200 v29: 2-13% faster at 6 of 8 prefill rows). Elsewhere the smallest M block while experts
     see few rows (decode streams each expert's weights once), larger blocks as the work turns compute-bound.
     Small groups (32) prefer M blocks above the group size, where the kernel scales weights instead of partial
@@ -166,10 +166,11 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
                     intermediate_size: int | None, num_sms: int | None) -> TritonConfig:
     """`default_config` on the decode kernel: the H200 table's most frequent tilings (v32). Few rows per expert:
     8-row blocks, GEMM1 128 and GEMM2 256 wide, 2 stages up to one row per expert and 4 above, GEMM2's K split
-    to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide, 3 stages."""
+    to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide, 3 stages, on
+    Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512, level)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert >= 10:
-        return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True)
+        return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
     split, split1 = 1, 1
     if hidden_size and intermediate_size and num_sms:
         split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 256, 4 * num_sms, 3)
