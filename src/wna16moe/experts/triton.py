@@ -80,8 +80,8 @@ class TritonConfig:
     block is mostly padding at prefill (deepseek-v3 at M = 2048: 64 +- 8 rows per expert in blocks of 128).
 
     `wgmma` (with `decode` and blocks of 32 or 64 rows) multiplies the decode kernel's wide blocks with
-    Hopper's warpgroup mmas instead of mma.sync, which a 32-row tile keeps busy longer than its dequantization
-    (benchmarks/NOTES.md v33); on other cards the same blocks run mma.sync.
+    Hopper's warpgroup mmas instead of mma.sync: 4-10% faster at 32 rows, 9-17% at 64 rows at 8 warps where the
+    H200 table runs them (benchmarks/NOTES.md v34); on other cards the same blocks run mma.sync.
     """
 
     block_m: int
