@@ -215,9 +215,9 @@ def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
     return out.to(x.dtype)
 
 
-# At decode, GEMM2's tile width and K split move together (v22: mixtral's best was 64 x 2 -> 128 x 16).
 # The decode kernel's wide blocks on Hopper's warpgroup mmas (a move the configuration rejects elsewhere: skipped).
 _WGMMA_MOVES = [{"wgmma": True}]
+# At decode, GEMM2's tile width and K split move together (v22: mixtral's best was 64 x 2 -> 128 x 16).
 _DECODE_GEMM2_MOVES = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
 
 
