@@ -54,8 +54,9 @@ def facts(ptx: str) -> dict[str, int]:
                      + after_release.count("wgmma.mma_async")}
 
 
-def loop_instructions(sass: str) -> list[str]:
-    """The instructions of the longest loop in nvdisasm's text (its longest backward branch), one iteration."""
+def loops_by_length(sass: str) -> list[list[str]]:
+    """The instructions of every loop in nvdisasm's text (one per backward branch), one iteration each,
+    longest first."""
     labels: dict[str, int] = {}
     instructions: list[str] = []
     for line in sass.splitlines():
@@ -65,8 +66,12 @@ def loop_instructions(sass: str) -> list[str]:
             instructions.append(instruction.group(1))
     loops = [(labels[m.group(1)], i) for i, ins in enumerate(instructions)
              if (m := re.search(r"BRA.*`\((\.L_x_\d+)\)", ins)) and labels.get(m.group(1), i) < i]
-    begin, end = max(loops, key=lambda span: span[1] - span[0])
-    return instructions[begin : end + 1]
+    return [instructions[begin : end + 1] for begin, end in sorted(loops, key=lambda span: span[0] - span[1])]
+
+
+def loop_instructions(sass: str) -> list[str]:
+    """The instructions of the longest loop in nvdisasm's text, one iteration."""
+    return loops_by_length(sass)[0]
 
 
 def main_loop(cubin: bytes) -> dict[str, int]:
@@ -76,9 +81,12 @@ def main_loop(cubin: bytes) -> dict[str, int]:
         f.write(cubin)
         f.flush()
         text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    loop = loop_instructions(text)
+    loops = loops_by_length(text)
+    loop = loops[0]
     opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in loop)
-    return {"loop_instructions": len(loop), "loop_I2F": opcodes["I2F"], "loop_STS": opcodes["STS"],
+    # (the second longest: a wide decode block's loop for fewer rows)
+    return {"loop_instructions": len(loop), "shrunk_loop_instructions": len(loops[1]) if len(loops) > 1 else 0,
+            "loop_I2F": opcodes["I2F"], "loop_STS": opcodes["STS"],
             "loop_STL": opcodes["STL"], "loop_HMMA": opcodes["HMMA"], "loop_HGMMA": opcodes["HGMMA"],
             "loop_wgmma_waits": sum("WARPGROUP.DEPBAR" in ins for ins in loop), "loop_LDSM": opcodes["LDSM"]}
 

@@ -169,7 +169,7 @@ WGMMA_CONFIGS = [
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=["bm32", "bm32-split", "bm64-w8"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_ch_sym",
-                                         "int8_g128_sym", "int8_g64_zp"])
+                                         "int8_g128_sym", "int8_g128_zp", "int8_g64_zp"])
 def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
     _check_against_emulation(scheme_name, config)
 

@@ -21,6 +21,9 @@ raw form and subtracts the offset in the asm (`dequant_slots`). Wide blocks (32 
 outweighs dequantization, and groups of 32 (corrections and scale rows per group, four per tile) take the
 weights scaled in the asm instead (`dequant_slots_scaled`): one chain of mmas, no group sums (kimi-k2, same
 tiles: 7-13% faster at M = 8-128, 8% slower at one token, where the table keeps `moe_gemm`; NOTES.md v27).
+On Hopper's warpgroup mmas (`WGMMA`) a wide block's 8- and 16-row loops with one group per tile multiply the
+exact codes q - z (`dequant_slots`) into a fresh accumulator per tile and half and scale it once in float32:
+one multiply per accumulator element instead of one per weight pair (NOTES.md v34).
 
 Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come through a STAGES-deep
 cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
@@ -226,17 +229,58 @@ def _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_tile, B
 
 
 @gluon.jit
+def _exact_slots(words, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexpr, DTYPE: gl.constexpr):
+    """Every slot of `words` (one group) as q - z in DTYPE, exact (z: the row in the words' layout, else the
+    midpoint)."""
+    MID: gl.constexpr = 1 << (BITS - 1)
+    if HAS_ZP:
+        offset = dequant_offset(z_rows[0].to(gl.int32), BITS, DTYPE)[:, None]
+    else:
+        offset = dequant_offset(gl.full_like(words, MID), BITS, DTYPE)
+    return dequant_slots(words, offset, BITS, DTYPE)
+
+
+@gluon.jit
+def _post_scaled_half(acc, words, s_rows, z_rows, a_tile, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
+                      DTYPE: gl.constexpr):
+    """acc + s * (W^T a^T) over one tile of one group and one half on Hopper's warpgroup mmas: the exact codes
+    q - z multiply into a fresh accumulator, all in flight until the half's end, which is then scaled in
+    float32 (one multiply per accumulator element instead of one per weight pair in the asm)."""
+    PACK: gl.constexpr = 32 // BITS
+    R: gl.constexpr = _TILE_K // PACK
+    slots = _exact_slots(words, z_rows, BITS, HAS_ZP, DTYPE)
+    part = acc  # (not read: the first mma starts from zero)
+    for j in gl.static_range(PACK):
+        part = warpgroup_mma(slots[j], a_tile.slice(j * R, R, dim=1).permute([1, 0]), part, use_acc=j > 0,
+                             is_async=True)
+    part = warpgroup_mma_wait(0, deps=(part,) + slots)[0]
+    return acc + s_rows[0].to(gl.float32)[:, None] * part
+
+
+@gluon.jit
+def _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up, a_tile, BITS: gl.constexpr,
+                           HAS_ZP: gl.constexpr, GATED: gl.constexpr, DTYPE: gl.constexpr):
+    """Both accumulators past one tile of one group, half after half (`_post_scaled_half`; `scales`: the
+    scale rows in the accumulator's layout, then the zero-point rows in the words')."""
+    acc = _post_scaled_half(acc, words, scales[0], scales[1], a_tile, BITS, HAS_ZP, DTYPE)
+    if GATED:
+        acc_up = _post_scaled_half(acc_up, words_up, scales_up[0], scales_up[1], a_tile, BITS, HAS_ZP, DTYPE)
+    return acc, acc_up
+
+
+@gluon.jit
 def _side(s_ring, z_ring, slot, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr,
-          BLOCK_N: gl.constexpr, LAYOUT: gl.constexpr):
+          BLOCK_N: gl.constexpr, LAYOUT: gl.constexpr, Z_LAYOUT: gl.constexpr):
     """The scale and zero-point rows (an empty tuple without zero points) of the tile in ring slot `slot`: of
-    the gate (or only) half and of the up half (GEMM1; else the first again), in LAYOUT."""
+    the gate (or only) half and of the up half (GEMM1; else the first again), the scales in LAYOUT and the
+    zero points in Z_LAYOUT."""
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     HALVES: gl.constexpr = 2 if GATED else 1
     scales = (_group_rows(s_ring, slot, 0, NG, BLOCK_N, LAYOUT),
-              _group_rows(z_ring, slot, 0, NG, BLOCK_N, LAYOUT) if HAS_ZP else ())
+              _group_rows(z_ring, slot, 0, NG, BLOCK_N, Z_LAYOUT) if HAS_ZP else ())
     if GATED:
         scales_up = (_group_rows(s_ring, slot, HALVES - 1, NG, BLOCK_N, LAYOUT),
-                     _group_rows(z_ring, slot, HALVES - 1, NG, BLOCK_N, LAYOUT) if HAS_ZP else ())
+                     _group_rows(z_ring, slot, HALVES - 1, NG, BLOCK_N, Z_LAYOUT) if HAS_ZP else ())
     else:
         scales_up = scales
     return scales, scales_up
@@ -373,8 +417,19 @@ def _block_gemm(
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     n_mask = offs_n < N
-    # The scale rows feed the asm, in the words' layout, or multiply partial sums, in the accumulator's.
-    S_ROWS: gl.constexpr = gl.SliceLayout(1, A_OP) if SCALED else gl.SliceLayout(1, MMA)
+    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
+    HALVES: gl.constexpr = 2 if GATED else 1
+    # On wgmma a tile of one group can multiply the exact codes and scale the products once
+    # (`_tile_step_post_scaled`): one float32 multiply per accumulator element for one bf16 pair multiply per two
+    # weights. At 32 rows the wait per half cost more than that saved (mixtral M = 128 +5%, NOTES.md v34): a wide
+    # block's 8- and 16-row loops only. The fresh accumulator, the running ones and a half's slots (registers per
+    # thread) must fit beside the rest: at 256 ptxas spilled (GEMM2 32 x 256).
+    POST_REGS: gl.constexpr = ((HALVES + 1) * ROWS + _TILE_K // 2) * BLOCK_N // (32 * NUM_WARPS)
+    POST_SCALED: gl.constexpr = USE_WGMMA and NG == 1 and ROWS <= 16 and POST_REGS <= 192
+    # The scale rows feed the asm, in the words' layout, or multiply partial sums, in the accumulator's; the
+    # zero-point rows go with them, but into the asm for post-scaled tiles.
+    S_ROWS: gl.constexpr = gl.SliceLayout(1, A_OP) if SCALED and not POST_SCALED else gl.SliceLayout(1, MMA)
+    Z_ROWS: gl.constexpr = gl.SliceLayout(1, A_OP) if POST_SCALED else S_ROWS
     offs_k = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     ones = gl.full([BLOCK_N, R], 1.0, DTYPE, A_OP)
 
@@ -383,7 +438,6 @@ def _block_gemm(
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
     # Words, scale and zero-point rows through a STAGES-deep cp.async ring in shared memory, the activations
     # through a ring of their own (module docstring).
-    HALVES: gl.constexpr = 2 if GATED else 1
     COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
                                           [NUM_WARPS, 1], [1, 0])
     # 8-word groups XOR-swizzled by row pair: a thread reads rows 2q + c (+ 8) of 8 neighbouring columns, so
@@ -395,7 +449,6 @@ def _block_gemm(
               + offs_n_c[None, :])
     c_mask = (offs_n_c < N)[None, :]
     # Scale rows, HALVES * NG rows of BLOCK_N per slot, flat, 16 bytes per copy; zero-point rows likewise.
-    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     ROW_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES, HALVES * NG * BLOCK_N], ROW_SMEM)
     offs_s = gl.arange(0, HALVES * NG * BLOCK_N, layout=gl.BlockedLayout([8], [32], [NUM_WARPS], [0]))
@@ -443,11 +496,14 @@ def _block_gemm(
         a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
         # (the scaled step reads each operand from the ring where it multiplies)
         b_tiles = () if SCALED else _ring_operands(a_ring.index(slot), PACK, B_OP)
-        scales, scales_up = _side(s_ring, z_ring, slot, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS)
+        scales, scales_up = _side(s_ring, z_ring, slot, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS, Z_ROWS)
         # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
         words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
         words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
-        if SCALED:
+        if POST_SCALED:
+            acc, acc_up = _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up,
+                                                 a_ring.index(slot), BITS, HAS_ZP, GATED, DTYPE)
+        elif SCALED:
             acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_ring.index(slot),
                                             BITS, HAS_ZP, GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA)
         else:
