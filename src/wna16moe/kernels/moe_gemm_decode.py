@@ -23,7 +23,7 @@ weights scaled in the asm instead (`dequant_slots_scaled`): one chain of mmas, n
 tiles: 7-13% faster at M = 8-128, 8% slower at one token, where the table keeps `moe_gemm`; NOTES.md v27).
 On Hopper's warpgroup mmas (`WGMMA`) a wide block's 8- and 16-row loops with one group per tile multiply the
 exact codes q - z (`dequant_slots`) into a fresh accumulator per tile and half and scale it once in float32:
-one multiply per accumulator element instead of one per weight pair (NOTES.md v34).
+one multiply per accumulator element instead of one per weight pair (NOTES.md v34, v35).
 
 Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come through a STAGES-deep
 cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
