@@ -29,6 +29,24 @@ def parse_variant(text: str) -> dict[str, int | bool | None]:
     return fields
 
 
+def variants_of(shipped: TritonConfig, texts: list[str], label: str) -> list[TritonConfig]:
+    """The shipped configuration, then each variant once: one that does not apply to the shipped entry (wgmma=1
+    on an entry of the Triton kernel) or repeats one before it (a repeat would count twice in the table's
+    rule) is reported and left out."""
+    variants = [shipped]
+    for text in texts:
+        try:
+            variant = replace(shipped, **parse_variant(text))
+        except ValueError as error:
+            print(f"{label} {text}: not on this entry ({error})", flush=True)
+            continue
+        if variant in variants:
+            print(f"{label} {text}: the same configuration as one before it, skipped", flush=True)
+            continue
+        variants.append(variant)
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
@@ -40,7 +58,7 @@ def main() -> None:
     rows = []
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
         shipped = kernel.config(m)
-        variants = [shipped] + [replace(shipped, **parse_variant(var)) for var in args.variant]
+        variants = variants_of(shipped, args.variant, f"{name} M={m}")
         for rnd in range(2):  # two rounds, so that a drift over time shows
             for c in variants:
                 try:

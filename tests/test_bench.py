@@ -5,9 +5,11 @@ The timings themselves need a GPU (`python -m wna16moe.bench`); here the timers 
 the choice of `triton-best` is known, and one configuration is made to compute garbage.
 """
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +279,17 @@ def test_search_pick_that_falls_behind_when_timed_again_is_not_shipped(monkeypat
     default = next(r for r in rows if r["backend"] == "triton")
     assert shipped["config"] == default["config"] and shipped["us_graph"] == 90.0
     assert max(timed.values()) == 2  # the pick was timed again, and once was enough to drop it
+
+
+def test_try_configs_times_each_variant_once_and_reports_the_rest(capsys: pytest.CaptureFixture[str]) -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "try_configs.py"
+    spec = importlib.util.spec_from_file_location("try_configs", script)
+    try_configs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(try_configs)
+    shipped = TritonConfig(16, 128, 256, num_stages=3)  # an entry of the Triton kernel
+    texts = ["num_stages=4", "wgmma=1", "decode=1,block_m=32,wgmma=1", "num_stages=4", "num_stages=3"]
+    variants = try_configs.variants_of(shipped, texts, "mixtral M=32")
+    assert variants == [shipped, replace(shipped, num_stages=4), replace(shipped, decode=True, block_m=32, wgmma=True)]
+    out = capsys.readouterr().out
+    assert "mixtral M=32 wgmma=1: not on this entry" in out
+    assert out.count("the same configuration as one before it") == 2

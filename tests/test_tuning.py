@@ -292,6 +292,24 @@ def test_trials_replace_an_entry_only_where_a_variant_wins_every_round() -> None
     assert entries[KEY.as_text()] == {"1": rows[4]["config"]}
 
 
+def test_trials_count_a_repeated_variant_at_its_slowest() -> None:
+    # The same variant listed twice: one of its round-1 timings loses, so it must not replace the entry.
+    rows = (_trial(1, 64, (100.0, 100.0), shipped=True) + _trial(1, 128, (88.0, 109.0))
+            + _trial(1, 128, (89.0, 92.0)))
+    entries: dict = {}
+    assert tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY}) == []
+    assert entries[KEY.as_text()] == {}
+
+
+def test_trials_count_a_repeated_incumbent_at_its_fastest() -> None:
+    # The shipped configuration timed twice: its faster round-1 timing (95) is the one to beat by 2%.
+    rows = (_trial(1, 64, (100.0, 95.0), shipped=True) + _trial(1, 64, (100.0, 100.0), shipped=True)
+            + _trial(1, 128, (90.0, 96.0)))
+    assert tuning.apply_trials({}, {"rows": rows}, {"mixtral": KEY}) == []
+    rows[-1]["us_graph"] = 93.0
+    assert tuning.apply_trials({}, {"rows": rows}, {"mixtral": KEY}) == [("mixtral", 1)]
+
+
 def test_trials_measure_against_the_current_entry_where_it_was_timed() -> None:
     # The entry already holds the 128-wide tile, timed again in this file: 256 must beat it, not the shipped one.
     rows = _trial(1, 64, (100.0, 100.0), shipped=True) + _trial(1, 128, (80.0, 80.0)) + _trial(1, 256, (79.0, 79.0))

@@ -142,8 +142,11 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any],
     """Update one card's `entries` from a `benchmarks/try_configs.py` results file (rows: shape, M, round,
     config, us_graph, shipped). Per (shape, M) the incumbent is the entry in `entries` where the file timed
     it, else the file's shipped configuration; a configuration faster than the incumbent in every round by at
-    least `min_gain` replaces it, the lowest median of those. Returns the (shape, M) replaced."""
-    rounds: dict[tuple[str, int], dict[str, dict[int, float]]] = {}  # (shape, M) -> config -> round -> µs
+    least `min_gain` replaces it, the lowest median of those. A configuration timed more than once in a round
+    (a variant that repeats another) counts there at its slowest as a challenger and at its fastest as the
+    incumbent. Returns the (shape, M) replaced."""
+    # (shape, M) -> config -> round -> every timing of that round, µs
+    rounds: dict[tuple[str, int], dict[str, dict[int, list[float]]]] = {}
     configs: dict[str, dict[str, Any]] = {}
     shipped: dict[tuple[str, int], str] = {}
     for row in results["rows"]:
@@ -151,7 +154,8 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any],
             continue
         name = json.dumps(row["config"], sort_keys=True)
         configs[name] = row["config"]
-        rounds.setdefault((row["shape"], row["M"]), {}).setdefault(name, {})[row["round"]] = row["us_graph"]
+        timings = rounds.setdefault((row["shape"], row["M"]), {}).setdefault(name, {})
+        timings.setdefault(row["round"], []).append(row["us_graph"])
         if row["shipped"]:
             shipped[row["shape"], row["M"]] = name
     replaced = []
@@ -162,10 +166,11 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any],
         if incumbent is None:  # neither the entry nor the shipped configuration was timed
             continue
         base = by_config[incumbent]
-        faster = [name for name, us in by_config.items()
-                  if us.keys() == base.keys() and all(us[r] < base[r] * (1 - min_gain) for r in base)]
+        faster = [name for name, us in by_config.items() if name != incumbent and us.keys() == base.keys()
+                  and all(max(us[r]) < min(base[r]) * (1 - min_gain) for r in base)]
         if faster:
-            by_m[str(m)] = configs[min(faster, key=lambda name: statistics.median(by_config[name].values()))]
+            by_m[str(m)] = configs[min(faster, key=lambda name: statistics.median(
+                [t for timings in by_config[name].values() for t in timings]))]
             replaced.append((shape, m))
     return replaced
 
