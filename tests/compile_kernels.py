@@ -74,21 +74,28 @@ def loop_instructions(sass: str) -> list[str]:
     return loops_by_length(sass)[0]
 
 
-def main_loop(cubin: bytes) -> dict[str, int]:
-    """Instructions in the longest loop of the SASS (per thread, one iteration), and its opcode counts."""
+def main_loop(cubin: bytes, per_tile: bool = False) -> dict[str, int]:
+    """Instructions in the longest loop of the SASS (per thread, one iteration), and its opcode counts; with
+    `per_tile`, per K tile of a loop that runs several (one cp.async wait, DEPBAR on SB0, per tile)."""
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
     loops = loops_by_length(text)
+    def tiles(loop: list[str]) -> int:
+        return max(1, sum(ins.startswith("DEPBAR.LE SB0") for ins in loop)) if per_tile else 1
+
     loop = loops[0]
+    n = tiles(loop)
     opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in loop)
     # (the second longest: a wide decode block's loop for fewer rows)
-    return {"loop_instructions": len(loop), "shrunk_loop_instructions": len(loops[1]) if len(loops) > 1 else 0,
-            "loop_I2F": opcodes["I2F"], "loop_STS": opcodes["STS"],
-            "loop_STL": opcodes["STL"], "loop_HMMA": opcodes["HMMA"], "loop_HGMMA": opcodes["HGMMA"],
-            "loop_wgmma_waits": sum("WARPGROUP.DEPBAR" in ins for ins in loop), "loop_LDSM": opcodes["LDSM"]}
+    return {"loop_instructions": len(loop) // n,
+            "shrunk_loop_instructions": len(loops[1]) // tiles(loops[1]) if len(loops) > 1 else 0,
+            "loop_I2F": opcodes["I2F"] // n, "loop_STS": opcodes["STS"] // n, "loop_STL": opcodes["STL"] // n,
+            "loop_HMMA": opcodes["HMMA"] // n, "loop_HGMMA": opcodes["HGMMA"] // n,
+            "loop_wgmma_waits": sum("WARPGROUP.DEPBAR" in ins for ins in loop) // n,
+            "loop_LDSM": opcodes["LDSM"] // n, "loop_BAR": opcodes["BAR"] // n}
 
 
 def compile_gemm(case: dict) -> dict[str, int]:
@@ -139,7 +146,8 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                             target=GPUTarget("cuda", case.get("sm", 90), 32),
                             options={"num_warps": case["warps"],
                                      **({"maxnreg": case["maxnreg"]} if "maxnreg" in case else {})})
-    return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"]) | {"shared": kernel.metadata.shared}
+    # (most of its loops run one K tile per ring stage, unrolled)
+    return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"], per_tile=True) | {"shared": kernel.metadata.shared}
 
 
 def compile_align() -> dict[str, dict[str, int]]:

@@ -36,6 +36,13 @@ gathered element by element, are stored into that ring from registers one tile a
 dependent, GEMM2 copies its first tiles' words before it waits for GEMM1 and their activations, GEMM1's
 output, after.
 
+Every stage of a narrow block's ring (and each half of it) is a shared-memory buffer of its own and its loop
+is unrolled by the ring's depth: the compiler cannot tell two slots of one buffer apart and put a CTA barrier
+between the refill's copies and the tile's reads, and between the gate and up halves' copies, where the ring
+needs one per tile (GEMM1 3 -> 1, GEMM2 2 -> 1; qwen3-30b-a3b M = 8 / 32 -2.6 to -4.7%, M = 1 on the big
+experts -1 to -1.5%, NOTES.md v36). A wide block keeps rings indexed at run time, two barriers per tile: its
+loops, one per row count, outgrew the instruction cache unrolled.
+
 A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest that hold its real ones (padding rows
 come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
 last, mostly padded block costs the mmas of its real rows (32-row blocks at M = 512: deepseek-v3 and
@@ -49,7 +56,7 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from wna16moe.kernels.activation import gated_activation
 from wna16moe.kernels.dequant import (
@@ -85,11 +92,25 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
 _WIDE_M = gl.constexpr(32)
 
 
+# cp.async.wait_group N, then fence.proxy.async (N < 8: the ring's depth - 2).
+_WAIT_AND_FENCE = gl.constexpr(tuple(f"cp.async.wait_group {n}; fence.proxy.async.shared::cta; mov.b32 $0, 0;"
+                                     for n in range(8)))
+
+
 @gluon.jit
-def _copy_group_rows(ring, slot, ptr, offs, n0, k, k_end, N, group_size, stride_sg, BLOCK_N: gl.constexpr,
+def _wait_and_fence(PENDING: gl.constexpr):
+    """Wait until at most PENDING of this thread's cp.async groups are in flight, then make its shared-memory
+    writes visible to the warpgroup mmas' reads (fence.proxy.async), before the ring's barrier. As one asm, not
+    `async_copy.wait_group` and `fence_async_shared`: the compiler puts a CTA barrier right after a
+    `wait_group` unless one follows at once, and the fence must come between (one barrier more per tile)."""
+    gl.inline_asm_elementwise(_WAIT_AND_FENCE[PENDING], "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _copy_group_rows(buf, ptr, offs, n0, k, k_end, N, group_size, stride_sg, BLOCK_N: gl.constexpr,
                      GROUP_IN_TILE: gl.constexpr, ASYNC: gl.constexpr):
-    """cp.async of the scale (or zero-point) rows of the groups of the tile at reduction row k into slot `slot`
-    of `ring` [STAGES, HALVES * NG * BLOCK_N]: row h * NG + g holds group g of half h (the up half's columns
+    """cp.async of the scale (or zero-point) rows of the groups of the tile at reduction row k into a stage's
+    `buf` [HALVES * NG * BLOCK_N]: row h * NG + g holds group g of half h (the up half's columns
     start at N) for the block's columns from n0. `ptr`: the expert's row 0; `offs`: arange(HALVES * NG *
     BLOCK_N) in the copy's layout. Rows past k_end read the last group (never used: their activations are
     zero); columns past N are zero-filled. Without ASYNC (rows not in whole 16-byte pieces: cp.async moves 4,
@@ -100,17 +121,17 @@ def _copy_group_rows(ring, slot, ptr, offs, n0, k, k_end, N, group_size, stride_
     group = gl.minimum(k + (r % NG) * GROUP_IN_TILE, k_end - 1) // group_size
     ptrs = ptr + group * stride_sg + (r // NG) * N + n
     if ASYNC:
-        async_copy.async_copy_global_to_shared(ring.index(slot), ptrs, mask=n < N)
+        async_copy.async_copy_global_to_shared(buf, ptrs, mask=n < N)
     else:
-        ring.index(slot).store(gl.load(ptrs, mask=n < N, other=0))
+        buf.store(gl.load(ptrs, mask=n < N, other=0))
 
 
 @gluon.jit
-def _group_rows(ring, slot, half, NG: gl.constexpr, BLOCK_N: gl.constexpr, LAYOUT: gl.constexpr):
-    """The NG rows of `half` in slot `slot` of a ring that `_copy_group_rows` filled, as [BLOCK_N] tensors."""
+def _group_rows(buf, half, NG: gl.constexpr, BLOCK_N: gl.constexpr, LAYOUT: gl.constexpr):
+    """The NG rows of `half` in a stage's buffer that `_copy_group_rows` filled, as [BLOCK_N] tensors."""
     rows = ()
     for g in gl.static_range(NG):
-        rows = rows + (ring.index(slot).slice((half * NG + g) * BLOCK_N, BLOCK_N).load(LAYOUT),)
+        rows = rows + (buf.slice((half * NG + g) * BLOCK_N, BLOCK_N).load(LAYOUT),)
     return rows
 
 
@@ -269,57 +290,55 @@ def _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up, a_ti
 
 
 @gluon.jit
-def _side(s_ring, z_ring, slot, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr,
+def _side(s_buf, z_buf, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr,
           BLOCK_N: gl.constexpr, LAYOUT: gl.constexpr, Z_LAYOUT: gl.constexpr):
-    """The scale and zero-point rows (an empty tuple without zero points) of the tile in ring slot `slot`: of
+    """The scale and zero-point rows (an empty tuple without zero points) of the tile in a stage's buffers: of
     the gate (or only) half and of the up half (GEMM1; else the first again), the scales in LAYOUT and the
     zero points in Z_LAYOUT."""
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     HALVES: gl.constexpr = 2 if GATED else 1
-    scales = (_group_rows(s_ring, slot, 0, NG, BLOCK_N, LAYOUT),
-              _group_rows(z_ring, slot, 0, NG, BLOCK_N, Z_LAYOUT) if HAS_ZP else ())
+    scales = (_group_rows(s_buf, 0, NG, BLOCK_N, LAYOUT),
+              _group_rows(z_buf, 0, NG, BLOCK_N, Z_LAYOUT) if HAS_ZP else ())
     if GATED:
-        scales_up = (_group_rows(s_ring, slot, HALVES - 1, NG, BLOCK_N, LAYOUT),
-                     _group_rows(z_ring, slot, HALVES - 1, NG, BLOCK_N, Z_LAYOUT) if HAS_ZP else ())
+        scales_up = (_group_rows(s_buf, HALVES - 1, NG, BLOCK_N, LAYOUT),
+                     _group_rows(z_buf, HALVES - 1, NG, BLOCK_N, Z_LAYOUT) if HAS_ZP else ())
     else:
         scales_up = scales
     return scales, scales_up
 
 
 @gluon.jit
-def _copy_activations(a_ring, slot, a_row_ptrs, offs_k, k, k_end, EVEN_K: gl.constexpr):
-    """cp.async of the activations [BLOCK_M, TILE_K] of the tile at reduction row k into slot `slot` of
-    `a_ring`, zero-filled past k_end (no commit)."""
+def _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K: gl.constexpr):
+    """cp.async of the activations [BLOCK_M, TILE_K] of the tile at reduction row k into a stage's `a_buf`,
+    zero-filled past k_end (no commit)."""
     if EVEN_K:
-        async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :])
+        async_copy.async_copy_global_to_shared(a_buf, a_row_ptrs + (k + offs_k)[None, :])
     else:
-        async_copy.async_copy_global_to_shared(a_ring.index(slot), a_row_ptrs + (k + offs_k)[None, :],
+        async_copy.async_copy_global_to_shared(a_buf, a_row_ptrs + (k + offs_k)[None, :],
                                                mask=(k + offs_k < k_end)[None, :])
 
 
 @gluon.jit
-def _copy_tile(smem, a_ring, s_ring, z_ring, slot, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_ptrs,
+def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_ptrs,
                offs_k, k, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK: gl.constexpr,
                GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr, HAS_ZP: gl.constexpr,
                GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, ALIGNED: gl.constexpr):
-    """cp.async of the words of the tile at reduction row k (past k_end: the tile at k_first, unused) into
-    pipeline slot `slot` of `smem` (gate then up), of its groups' scale and zero-point rows into the same slot
-    of `s_ring` and `z_ring` (`_copy_group_rows`), and with COPY_A of its activations [BLOCK_M, TILE_K] into
-    the same slot of `a_ring` (zero-filled past k_end), as one commit group."""
+    """cp.async of the tile at reduction row k (past k_end: the tile at k_first, unused) into the buffers of
+    one pipeline stage (`_block_gemm`): its words (gate, then up), its groups' scale and zero-point rows
+    (`_copy_group_rows`), and with COPY_A its activations [BLOCK_M, TILE_K] (zero-filled past k_end), as one
+    commit group."""
+    w_gate, w_up, s_buf, z_buf, a_buf = stage
     k = gl.where(k < k_end, k, k_first)
-    _copy_group_rows(s_ring, slot, s_ptr, offs_s, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
+    _copy_group_rows(s_buf, s_ptr, offs_s, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
                      ALIGNED)
     if HAS_ZP:
-        _copy_group_rows(z_ring, slot, z_ptr, offs_z, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
+        _copy_group_rows(z_buf, z_ptr, offs_z, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
                          ALIGNED)
     if COPY_A:
-        _copy_activations(a_ring, slot, a_row_ptrs, offs_k, k, k_end, EVEN_K)
+        _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K)
+    async_copy.async_copy_global_to_shared(w_gate, w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
     if GATED:
-        async_copy.async_copy_global_to_shared(smem.index(2 * slot), w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
-        async_copy.async_copy_global_to_shared(smem.index(2 * slot + 1), w_ptrs + (k // PACK) * stride_wk + N,
-                                               mask=w_mask)
-    else:
-        async_copy.async_copy_global_to_shared(smem.index(slot), w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
+        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N, mask=w_mask)
     async_copy.commit_group()
 
 
@@ -342,6 +361,59 @@ def _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, B
     if GATED:
         acc_up, sums = _tile_mma(acc_up, words_up, b_tiles, ones, scales_up[0], scales_up[1], sums, BITS, HAS_ZP,
                                  GROUP_IN_TILE, RAW, True)
+    return acc, acc_up
+
+
+@gluon.jit
+def _stage(buffers, slot, UNROLL: gl.constexpr):
+    """The buffers (gate words, up words, scale rows, zero-point rows, activations) of ring stage `slot`: its own
+    (UNROLL: `buffers` holds one tuple per stage, `slot` a constant) or the slot's part of each ring."""
+    if UNROLL:
+        stage = buffers[slot]
+    else:
+        w_gate, w_up, s_ring, z_ring, a_ring = buffers[0]
+        stage = (w_gate.index(slot), w_up.index(slot), s_ring.index(slot), z_ring.index(slot), a_ring.index(slot))
+    return stage
+
+
+@gluon.jit
+def _ring_tile(acc, acc_up, stage, refill, next_a_buf, k, k_step, k_first, k_end, c_ptrs, c_mask, s_base, z_base,
+               offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size, stride_sg,
+               PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
+               HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
+               ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr, RAW: gl.constexpr,
+               SCALED: gl.constexpr, POST_SCALED: gl.constexpr, USE_WGMMA: gl.constexpr, DTYPE: gl.constexpr,
+               A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr):
+    """One K tile of `_block_gemm`'s loop: wait for the tile in `stage`, refill `refill` with the tile STAGES - 1
+    ahead, multiply; activations that go through registers are stored into `next_a_buf` one tile ahead."""
+    w_gate, w_up, s_buf, z_buf, a_buf = stage
+    if USE_WGMMA:  # (each thread's copies and stores visible to the tensor cores: before the barrier)
+        _wait_and_fence(STAGES - 2)
+    else:
+        async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
+    _copy_tile(refill, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
+               k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK, GATED, COPY_A,
+               EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
+    k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
+    a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
+    # (the scaled step reads each operand from the ring where it multiplies)
+    b_tiles = () if SCALED else _ring_operands(a_buf, PACK, B_OP)
+    scales, scales_up = _side(s_buf, z_buf, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS, Z_ROWS)
+    # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
+    words = w_gate.permute([1, 0]).load(A_OP)
+    words_up = w_up.permute([1, 0]).load(A_OP)
+    if POST_SCALED:
+        acc, acc_up = _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up, a_buf, BITS, HAS_ZP,
+                                             GATED, DTYPE)
+    elif SCALED:
+        acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_buf, BITS, HAS_ZP,
+                                        GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA)
+    else:
+        acc, acc_up = _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS, HAS_ZP,
+                                 GROUP_IN_TILE, RAW, GATED)
+    if not COPY_A:  # (its stage's last reader finished before this tile's barrier)
+        next_a_buf.store(a_next)
     return acc, acc_up
 
 
@@ -436,82 +508,85 @@ def _block_gemm(
     acc = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
-    # Words, scale and zero-point rows through a STAGES-deep cp.async ring in shared memory, the activations
-    # through a ring of their own (module docstring).
+    # Words, scale and zero-point rows and activations through a STAGES-deep cp.async ring in shared memory
+    # (module docstring).
     COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
                                           [NUM_WARPS, 1], [1, 0])
     # 8-word groups XOR-swizzled by row pair: a thread reads rows 2q + c (+ 8) of 8 neighbouring columns, so
     # one load touches rows c, 2 + c, 4 + c, 6 + c: four distinct bank groups.
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0])
-    smem = gl.allocate_shared_memory(gl.int32, [STAGES * HALVES, R, BLOCK_N], SMEM)
     offs_n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
     c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
               + offs_n_c[None, :])
     c_mask = (offs_n_c < N)[None, :]
     # Scale rows, HALVES * NG rows of BLOCK_N per slot, flat, 16 bytes per copy; zero-point rows likewise.
     ROW_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-    s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES, HALVES * NG * BLOCK_N], ROW_SMEM)
     offs_s = gl.arange(0, HALVES * NG * BLOCK_N, layout=gl.BlockedLayout([8], [32], [NUM_WARPS], [0]))
     s_base = s_ptr + expert * stride_se
     if HAS_ZP:
-        z_ring = gl.allocate_shared_memory(z_ptr.dtype.element_ty, [STAGES, HALVES * NG * BLOCK_N], ROW_SMEM)
         offs_z = gl.arange(0, HALVES * NG * BLOCK_N, layout=gl.BlockedLayout([16], [32], [NUM_WARPS], [0]))
         z_base = z_ptr + expert * stride_se
     else:
-        z_ring, z_base, offs_z = s_ring, s_base, offs_s
+        z_base, offs_z = s_base, offs_s
     n0 = pid_n * BLOCK_N
     # The activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
     # (wgmma reads its B operand in the tensor cores' 128-byte swizzle)
     A_SMEM: gl.constexpr = (gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2) if USE_WGMMA
                             else gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
-    a_ring = gl.allocate_shared_memory(DTYPE, [STAGES, ROWS, _TILE_K], A_SMEM)
+    # A narrow block's stages are buffers of their own, its loop unrolled by STAGES, so that every buffer a tile
+    # reads or refills is known at compile time: one CTA barrier per tile. A wide block holds one loop per row
+    # count; unrolled, they outgrew the instruction cache (32-row blocks 10-32% slower, NOTES.md v36): its rings
+    # are indexed at run time (two barriers per tile).
+    UNROLL: gl.constexpr = not WIDE
+    DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
+    buffers = ()  # per stage (UNROLL) or per ring: (gate words, up words, scale rows, zero-point rows, activations)
+    for _ in gl.static_range(STAGES if UNROLL else 1):
+        w_gate = gl.allocate_shared_memory(gl.int32, DEPTH + [R, BLOCK_N], SMEM)
+        w_up = gl.allocate_shared_memory(gl.int32, DEPTH + [R, BLOCK_N], SMEM) if GATED else w_gate
+        s_buf = gl.allocate_shared_memory(s_ptr.dtype.element_ty, DEPTH + [HALVES * NG * BLOCK_N], ROW_SMEM)
+        z_buf = (gl.allocate_shared_memory(z_ptr.dtype.element_ty, DEPTH + [HALVES * NG * BLOCK_N], ROW_SMEM)
+                 if HAS_ZP else s_buf)
+        a_buf = gl.allocate_shared_memory(DTYPE, DEPTH + [ROWS, _TILE_K], A_SMEM)
+        buffers = buffers + ((w_gate, w_up, s_buf, z_buf, a_buf),)
     COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
     # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
     # after, one commit group per tile: the loop's wait then still needs only its own tile's last group.
     for s in gl.static_range(STAGES - 1):
-        _copy_tile(smem, a_ring, s_ring, z_ring, s, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs,
-                   offs_k, k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
+        _copy_tile(_stage(buffers, s, UNROLL), c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
+                   k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
                    COPY_A and not PREFETCH, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         enter_dependent(PDL)
         if COPY_A:
             for s in gl.static_range(STAGES - 1):
                 k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
-                _copy_activations(a_ring, s, a_row_ptrs, offs_k, k_s, k_end, EVEN_K)
+                _copy_activations(_stage(buffers, s, UNROLL)[4], a_row_ptrs, offs_k, k_s, k_end, EVEN_K)
                 async_copy.commit_group()
     a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, HAS_PERM, EVEN_K, COPY_A)
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
-        a_ring.index(0).store(a_tile)
-    slot = 0
-    for k in range(k_begin, k_end, k_step):
-        async_copy.wait_group(STAGES - 2)
-        if USE_WGMMA:  # (each thread's copies, and stores, visible to the tensor cores' reads: before the barrier)
-            fence_async_shared()
-        gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
-        _copy_tile(smem, a_ring, s_ring, z_ring, (slot + STAGES - 1) % STAGES, c_ptrs, c_mask, s_base, z_base,
-                   offs_s, offs_z, n0, a_row_ptrs, offs_k, k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk,
-                   GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
-        k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
-        a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
-        # (the scaled step reads each operand from the ring where it multiplies)
-        b_tiles = () if SCALED else _ring_operands(a_ring.index(slot), PACK, B_OP)
-        scales, scales_up = _side(s_ring, z_ring, slot, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS, Z_ROWS)
-        # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
-        words = smem.index(HALVES * slot).permute([1, 0]).load(A_OP)
-        words_up = smem.index(HALVES * slot + HALVES - 1).permute([1, 0]).load(A_OP)
-        if POST_SCALED:
-            acc, acc_up = _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up,
-                                                 a_ring.index(slot), BITS, HAS_ZP, GATED, DTYPE)
-        elif SCALED:
-            acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_ring.index(slot),
-                                            BITS, HAS_ZP, GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA)
-        else:
-            acc, acc_up = _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS, HAS_ZP,
-                                     GROUP_IN_TILE, RAW, GATED)
-        if not COPY_A:  # (its slot's last reader finished before this iteration's barrier)
-            a_ring.index((slot + 1) % STAGES).store(a_next)
-        slot = (slot + 1) % STAGES
+        _stage(buffers, 0, UNROLL)[4].store(a_tile)
+    if UNROLL:
+        for k_round in range(k_begin, k_end, STAGES * k_step):
+            for slot in gl.static_range(STAGES):
+                k = k_round + slot * k_step
+                if k < k_end:
+                    acc, acc_up = _ring_tile(
+                        acc, acc_up, buffers[slot], buffers[(slot + STAGES - 1) % STAGES],
+                        buffers[(slot + 1) % STAGES][4], k, k_step, k_first, k_end, c_ptrs, c_mask, s_base, z_base,
+                        offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE, stride_sg,
+                        PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED, STAGES, BITS,
+                        RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
+    else:
+        slot = 0
+        for k in range(k_begin, k_end, k_step):
+            acc, acc_up = _ring_tile(
+                acc, acc_up, _stage(buffers, slot, False), _stage(buffers, (slot + STAGES - 1) % STAGES, False),
+                _stage(buffers, (slot + 1) % STAGES, False)[4], k, k_step, k_first, k_end, c_ptrs, c_mask, s_base,
+                z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE, stride_sg,
+                PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED, STAGES, BITS, RAW,
+                SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
+            slot = (slot + 1) % STAGES
     leave_main_loop(PDL)
 
     row_mask = rows < P
