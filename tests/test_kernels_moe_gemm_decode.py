@@ -41,8 +41,9 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=24, block_n=64, **common)
     with pytest.raises(ValueError, match="block_n"):
         moe_gemm(*args, block_m=8, block_n=48, **common)
-    with pytest.raises(ValueError, match="num_stages"):
-        moe_gemm(*args, block_m=8, block_n=64, num_stages=1, **common)
+    for stages in (1, 9):  # (2 to 8: one wait-and-fence asm text per depth)
+        with pytest.raises(ValueError, match="num_stages"):
+            moe_gemm(*args, block_m=8, block_n=64, num_stages=stages, **common)
     with pytest.raises(ValueError, match="shrink"):
         moe_gemm(*args, block_m=32, block_n=64, shrink=1, **common)
     with pytest.raises(ValueError, match="shrink"):  # (this module's kernel: blocks of 16 rows at least)

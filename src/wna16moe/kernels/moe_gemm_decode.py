@@ -75,6 +75,8 @@ _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
 # Rows of a block: the N of mma.sync is 8; 16 and more are several of them.
 BLOCK_MS = (8, 16, 32, 64)
+# The deepest cp.async ring (the wait-and-fence asm has one text per depth; 5 is the deepest ever measured).
+MAX_STAGES = 8
 
 
 def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) -> str | None:
@@ -82,8 +84,8 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
     block_n, the depth of its cp.async ring."""
     if block_m not in BLOCK_MS:
         return f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}"
-    if num_stages < 2:
-        return f"num_stages must be at least 2 (the depth of the cp.async ring), got {num_stages}"
+    if not 2 <= num_stages <= MAX_STAGES:
+        return f"num_stages must be 2 to {MAX_STAGES} (the depth of the cp.async ring), got {num_stages}"
     if block_n % (16 * num_warps):
         return f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}"
     return None
@@ -92,9 +94,9 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
 _WIDE_M = gl.constexpr(32)
 
 
-# cp.async.wait_group N, then fence.proxy.async (N < 8: the ring's depth - 2).
+# cp.async.wait_group N, then fence.proxy.async, for N = the ring's depth - 2.
 _WAIT_AND_FENCE = gl.constexpr(tuple(f"cp.async.wait_group {n}; fence.proxy.async.shared::cta; mov.b32 $0, 0;"
-                                     for n in range(8)))
+                                     for n in range(MAX_STAGES - 1)))
 
 
 @gluon.jit
