@@ -138,6 +138,9 @@ DECODE_CASES = [
          loop_budget=795, wgmma=True),
     dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=430, wgmma=True),
+    # 128 rows at 8 warps (prefill): twice the rows per dequantized weight of the 64-row blocks
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=8, pair=False,
+         stages=3, loop_budget=425, wgmma=True),
 ]
 
 

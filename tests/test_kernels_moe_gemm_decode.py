@@ -163,12 +163,13 @@ WGMMA_CONFIGS = [
     TritonConfig(32, 128, 256, num_stages=3, decode=True, wgmma=True),
     TritonConfig(32, 64, 128, split_k1=2, split_k2=2, num_stages=2, decode=True, wgmma=True),
     TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),
+    TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=["bm32", "bm32-split", "bm64-w8"])
+@pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=["bm32", "bm32-split", "bm64-w8", "bm128-w8"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_ch_sym",
                                          "int8_g128_sym", "int8_g128_zp", "int8_g64_zp"])
 def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConfig) -> None:

@@ -43,7 +43,7 @@ needs one per tile (GEMM1 3 -> 1, GEMM2 2 -> 1; qwen3-30b-a3b M = 8 / 32 -2.6 to
 experts -1 to -1.5%, NOTES.md v36). A wide block keeps rings indexed at run time, two barriers per tile: its
 loops, one per row count, outgrew the instruction cache unrolled.
 
-A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest that hold its real ones (padding rows
+A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones (padding rows
 come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
 last, mostly padded block costs the mmas of its real rows (32-row blocks at M = 512: deepseek-v3 and
 qwen3-30b-a3b 8-11% faster than before; NOTES.md v27).
@@ -74,7 +74,7 @@ from wna16moe.kernels.zero_share import zero_program_share
 _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
 # Rows of a block: the N of mma.sync is 8; 16 and more are several of them.
-BLOCK_MS = (8, 16, 32, 64)
+BLOCK_MS = (8, 16, 32, 64, 128)
 # The deepest cp.async ring (the wait-and-fence asm has one text per depth; 5 is the deepest ever measured).
 MAX_STAGES = 8
 
@@ -641,7 +641,7 @@ def _moe_gemm_decode_kernel(
     if ZERO_OUT and WIDE_DISPATCH:
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
     if WIDE_DISPATCH:
-        # A wide block multiplies only its first 8, 16, 32 or 64 rows, the fewest that hold its real ones
+        # A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones
         # (padding rows are sorted last): an expert's last block is mostly padding at mid M.
         pid_m = gl.program_id(0) % num_m_blocks
         if pid_m * BLOCK_M < gl.load(num_padded_ptr):
@@ -668,12 +668,19 @@ def _moe_gemm_decode_kernel(
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
                             False, WGMMA)
-            else:
+            elif live <= 64 or BLOCK_M == 64:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
+                            False, WGMMA)
+            else:
+                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
                             False, WGMMA)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
