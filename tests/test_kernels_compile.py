@@ -220,13 +220,16 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         assert 1 <= facts["loop_wgmma_waits"] <= halves, facts
         if "shrunk_budget" in case:
             assert facts["shrunk_loop_instructions"] <= case["shrunk_budget"], facts
+    # A narrow block's loop and a 128-row block's, unrolled by the ring's depth, have the ring's barrier and no
+    # other (their stages are buffers of their own); other wide blocks' rings are indexed at run time: one
+    # barrier more, and one more where registers store into them (act-order activations, rows off 16 bytes).
+    unrolled = case["block_m"] < 32 or case["block_m"] == 128
+    if wgmma:
         loops = case["block_m"].bit_length() - 3  # one per row count the block can shrink to
-        assert facts["wgmma.mma_async"] == loops * per_loop, facts
-    # A narrow block's loop, unrolled by the ring's depth, has the ring's barrier and no other (its stages are
-    # buffers of their own); a wide block's rings are indexed at run time: one barrier more, and one more where
-    # registers store into them (act-order activations, rows off 16 bytes).
+        copies = case.get("stages", 3) if unrolled else 1
+        assert facts["wgmma.mma_async"] == loops * per_loop * copies, facts
     stores = case["perm"] or not case.get("aligned", True)
-    assert facts["loop_BAR"] == (1 if case["block_m"] < 32 else 3 if stores else 2), facts
+    assert facts["loop_BAR"] == (1 if unrolled else 3 if stores else 2), facts
     if wgmma:
         return
     if not case["pair"]:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)

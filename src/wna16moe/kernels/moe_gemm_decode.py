@@ -40,11 +40,12 @@ Every stage of a narrow block's ring (and each half of it) is a shared-memory bu
 is unrolled by the ring's depth: the compiler cannot tell two slots of one buffer apart and put a CTA barrier
 between the refill's copies and the tile's reads, and between the gate and up halves' copies, where the ring
 needs one per tile (GEMM1 3 -> 1, GEMM2 2 -> 1; qwen3-30b-a3b M = 8 / 32 -2.6 to -4.7%, M = 1 on the big
-experts -1 to -1.5%, NOTES.md v36). A wide block keeps rings indexed at run time, two barriers per tile: its
-loops, one per row count, outgrew the instruction cache unrolled.
+experts -1 to -1.5%, NOTES.md v36). A wide block of 32 or 64 rows keeps rings indexed at run time, two
+barriers per tile: its loops, one per row count, outgrew the instruction cache unrolled. A 128-row block (8 warps,
+prefill) is unrolled like a narrow one.
 
-A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones (padding rows
-come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
+A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones (padding
+rows come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
 last, mostly padded block costs the mmas of its real rows (32-row blocks at M = 512: deepseek-v3 and
 qwen3-30b-a3b 8-11% faster than before; NOTES.md v27).
 
@@ -539,8 +540,9 @@ def _block_gemm(
     # A narrow block's stages are buffers of their own, its loop unrolled by STAGES, so that every buffer a tile
     # reads or refills is known at compile time: one CTA barrier per tile. A wide block holds one loop per row
     # count; unrolled, they outgrew the instruction cache (32-row blocks 10-32% slower, NOTES.md v36): its rings
-    # are indexed at run time (two barriers per tile).
-    UNROLL: gl.constexpr = not WIDE
+    # are indexed at run time (two barriers per tile). 128-row blocks, measured unrolled only, stay unrolled
+    # (64-row ones unrolled: -1.6 to +0.9%, NOTES.md v37).
+    UNROLL: gl.constexpr = not WIDE or BLOCK_M == 128
     DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
     buffers = ()  # per stage (UNROLL) or per ring: (gate words, up words, scale rows, zero-point rows, activations)
     for _ in gl.static_range(STAGES if UNROLL else 1):
