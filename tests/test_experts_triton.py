@@ -343,17 +343,20 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize(("t", "block_m", "shrink"), [(1200, 128, 2), (300, 64, 1)])
-def test_gpu_default_prefill_config_shrinks(t: int, block_m: int, shrink: int) -> None:
-    """A shape the tuned table does not hold runs `default_config`; at prefill on Hopper its swap-AB blocks
-    shrink to their rows, and the layer still matches EMULATION."""
+@pytest.mark.parametrize(("t", "expected"), [
+    (1200, TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)),
+    (300, TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True, shrink=1))])
+def test_gpu_default_prefill_config(t: int, expected: TritonConfig) -> None:
+    """A shape the tuned table does not hold runs `default_config`; at prefill on Hopper it takes swap-AB
+    blocks that shrink to their rows from 64 rows per expert and the decode kernel's 128-row blocks from 128
+    (here t / 4 per expert), and the layer still matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma defaults are Hopper's")
     e, k, h, i = 8, 2, 1024, 512
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
     config = kernel.config(t)
-    assert (config.block_m, config.swap_ab, config.shrink) == (block_m, True, shrink), config
+    assert config == expected, config
     x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
     tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
     out = kernel.apply(x, tw, ids, weights)

@@ -160,23 +160,26 @@ def test_search_moves_are_launchable(shape: str, tokens: int) -> None:
             moved.append(replace(base, **fields))
         except ValueError:  # a setting the base cannot take (shrink on a decode base): the search skips it
             continue
-    # From a decode base, GEMM1 tiles of 32 at 4 warps leave the decode kernel's tilings: its launcher rejects
-    # them (`tiling_error`) and the search records them as failed.
-    moved = [c for c in moved if not (c.decode and tiling_error(c.block_m, c.block_n1, c.num_warps, c.num_stages))]
+    # From a decode base, tiles of 32 at 4 warps (or 64 at 8) leave the decode kernel's tilings: its launcher
+    # rejects them (`tiling_error`) and the search records them as failed.
+    moved = [c for c in moved if not (c.decode and any(tiling_error(c.block_m, n, c.num_warps, c.num_stages)
+                                                       for n in (c.block_n1, c.block_n2)))]
     assert moved and all(_launchable(c) for c in moved), [c for c in moved if not _launchable(c)]
 
 
 @pytest.mark.parametrize(("shape", "tokens"), [("deepseek-v3", 512), ("qwen3-30b-a3b", 512)])
 def test_search_leaves_a_wgmma_base(shape: str, tokens: int) -> None:
     """Hopper's default at 10-64 rows per expert is a 32-row decode block on wgmma; the search's tile moves
-    (narrower blocks, the Triton kernel) must still apply to it, and its last group turns wgmma back on."""
+    (narrower blocks, the Triton kernel; 32- and 64-row decode blocks on mma.sync, 128-row ones on wgmma) must
+    still apply to it, and its last group turns wgmma back on."""
     from wna16moe.bench import _search_groups
 
     base, per_expert = _default_for(shape, tokens)
     assert (base.decode, base.block_m, base.wgmma) == (True, 32, True), base
     groups = _search_groups(per_expert)
     moved = [replace(base, **fields) for fields in groups[0]]
-    assert any(c.block_m < 32 or not c.decode for c in moved) and not any(c.wgmma for c in moved), moved
+    assert any(c.block_m < 32 or not c.decode for c in moved), moved
+    assert all(c.block_m == 128 for c in moved if c.wgmma), moved
     assert replace(replace(base, wgmma=False), **groups[-1][0]) == base
 
 
@@ -214,24 +217,35 @@ def test_default_config_widens_gemm2_for_small_groups_at_decode() -> None:
 
 
 def test_default_config_swaps_ab_only_on_hopper() -> None:
-    # deepseek-v3 prefill (256 rows per expert): two warpgroups of swap-AB on Hopper
-    hopper = default_config(8192, 8, 256, 128, hopper=True)
-    assert hopper.swap_ab and hopper.block_m == 128 and hopper.num_warps == 8
-    assert not default_config(8192, 8, 256, 128).swap_ab
+    # deepseek-v3 at M = 2048 (64 rows per expert): swap-AB on Hopper, shrinking to half its rows
+    hopper = default_config(2048, 8, 256, 128, hopper=True)
+    assert hopper.swap_ab and hopper.block_m == 64 and hopper.shrink == 1
+    assert not default_config(2048, 8, 256, 128).swap_ab
     assert not default_config(1, 8, 256, 128, hopper=True).swap_ab  # decode stays on mma.sync
 
 
+@pytest.mark.parametrize("group_size", [128, 32])
+def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: int) -> None:
+    # from 128 rows per expert (deepseek-v3 / kimi-k2 M = 4096 and 8192): the decode kernel's 128-row blocks on
+    # wgmma, GEMM2 128 wide; off Hopper the Triton kernel
+    for tokens in (4096, 8192):
+        hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
+        assert hopper == TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
+        assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
+
+
 @pytest.mark.parametrize(("tokens", "kernel"), [(1, "narrow"), (32, "narrow"), (128, "narrow"), (160, "triton"),
-                                                (320, "wide"), (1024, "wide"), (2048, "swap"), (8192, "swap")])
+                                                (320, "wide"), (1024, "wide"), (2048, "swap"), (4064, "swap"),
+                                                (4096, "prefill"), (8192, "prefill")])
 def test_default_config_on_hopper_takes_the_decode_kernel_where_experts_see_few_rows(tokens: int,
                                                                                     kernel: str) -> None:
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. 8-row decode blocks up to 4,
-    the Triton kernel at 5-9, 32-row decode blocks at 10-63, swap-AB from 64; never the decode kernel off
-    Hopper."""
+    the Triton kernel at 5-9, 32-row decode blocks at 10-63, swap-AB at 64-127, 128-row decode blocks from 128;
+    never the decode kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, 128, 7168, 2048, 132, hopper=True)
     assert _launchable(hopper)
     shape = {"narrow": (True, 8, False), "wide": (True, 32, False), "triton": (False, 16, False),
-             "swap": (False, 64 if tokens < 8192 else 128, True)}[kernel]
+             "swap": (False, 64, True), "prefill": (True, 128, False)}[kernel]
     assert (hopper.decode, hopper.block_m, hopper.swap_ab) == shape, hopper
     assert not default_config(tokens, 8, 256, 128, 7168, 2048, 132).decode
 

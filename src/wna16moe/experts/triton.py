@@ -66,7 +66,7 @@ class TritonConfig:
     capped at 96 the loop does not spill and 5 fit; SASS, NOTES.md "Open leads").
 
     `decode` runs both GEMMs on `kernels/moe_gemm_decode.py` (Gluon, mma.sync with the weights as A and
-    blocks of `block_m` = 8, 16, 32 or 64 rows as N) where the PTX dequantization runs (NVIDIA); elsewhere the
+    blocks of `block_m` = 8, 16, 32, 64 or 128 rows as N) where the PTX dequantization runs (NVIDIA); elsewhere the
     same tiles run on `kernels/moe_gemm.py` with M blocks of at least 16. There `num_stages` (>= 2) is the depth of
     the shared-memory ring the weights come through; `swap_ab` does not apply.
 
@@ -79,9 +79,10 @@ class TritonConfig:
     multiply only its first block_m / 2 or block_m / 4 rows when its real rows fit there: an expert's last
     block is mostly padding at prefill (deepseek-v3 at M = 2048: 64 +- 8 rows per expert in blocks of 128).
 
-    `wgmma` (with `decode` and blocks of 32 or 64 rows) multiplies the decode kernel's wide blocks with
+    `wgmma` (with `decode` and blocks of 32 to 128 rows) multiplies the decode kernel's wide blocks with
     Hopper's warpgroup mmas instead of mma.sync: 4-10% faster at 32 rows, 9-17% at 64 rows at 8 warps where the
-    H200 table runs them (benchmarks/NOTES.md v34); on other cards the same blocks run mma.sync.
+    H200 table runs them (benchmarks/NOTES.md v34); 128-row blocks (8 warps) are meant for it, and beat the
+    Triton kernel's prefill tiles by 6-22% at M = 8192 (v37). On other cards the same blocks run mma.sync.
     """
 
     block_m: int
@@ -121,7 +122,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     blocks on warpgroup mmas that shrink to their rows at 10-64. In the H200 table (v32) it holds 32 of the 36
     int4 and int8 entries in those two ranges; at 8 rows per expert the Triton kernel holds 3 of 4 (mixtral
     M = 32, qwen3-30b-a3b M = 128). From 64 rows on, swap-AB blocks where wgmma runs them, shrinking to
-    their rows (H200 v29: 2-13% faster at 6 of 8 prefill rows). Elsewhere the smallest M block while experts
+    their rows (H200 v29: 2-13% faster at 6 of 8 prefill rows), and from 128 rows the decode kernel's
+    128-row blocks on warpgroup mmas (v37: faster in all 13 H200 trials at 128 to 1024 rows per expert, int4
+    and int8, by 2-22%; slower at 43 and 64). Elsewhere the smallest M block while experts
     see few rows (decode streams each expert's weights once), larger blocks as the work turns compute-bound.
     Small groups (32) prefer M blocks above the group size, where the kernel scales weights instead of partial
     sums.
@@ -134,6 +137,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     per_expert = num_tokens * top_k / num_experts
     if hopper and (per_expert <= 4 or 10 <= per_expert < 64):
         return _decode_default(num_tokens, top_k, num_experts, hidden_size, intermediate_size, num_sms)
+    if hopper and per_expert >= 128:
+        return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert <= 20:
         split, split1 = 1, 1
         if hidden_size and intermediate_size and num_sms:
@@ -150,11 +155,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
             return TritonConfig(16, 64, 64, num_warps=4, num_stages=3)
         if per_expert <= 1024:
             return TritonConfig(64, 64, 64, num_warps=4, num_stages=3)
-        if hopper:
-            return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True, shrink=2)
         return TritonConfig(64, 128, 128, num_warps=8, num_stages=3)
-    if hopper and per_expert >= 256:
-        return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True, shrink=2)
     if hopper and per_expert >= 64:
         return TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True, shrink=1)
     if per_expert <= 1024:
