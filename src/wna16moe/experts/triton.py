@@ -123,7 +123,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     int4 and int8 entries in those two ranges; at 8 rows per expert the Triton kernel holds 3 of 4 (mixtral
     M = 32, qwen3-30b-a3b M = 128). From 64 rows on, swap-AB blocks where wgmma runs them, shrinking to
     their rows (H200 v29: 2-13% faster at 6 of 8 prefill rows), and from 128 rows the decode kernel's
-    128-row blocks on warpgroup mmas (v37: faster in all 13 H200 trials at 128 to 1024 rows per expert, int4
+    128-row blocks on warpgroup mmas (v37: faster in all 14 H200 trials at 128 to 2048 rows per expert, int4
     and int8, by 2-22%; slower at 43 and 64). Elsewhere the smallest M block while experts
     see few rows (decode streams each expert's weights once), larger blocks as the work turns compute-bound.
     Small groups (32) prefer M blocks above the group size, where the kernel scales weights instead of partial
