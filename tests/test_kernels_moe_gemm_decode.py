@@ -56,6 +56,27 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=32, block_n=64, wgmma=True, **common | {"decode": False})
 
 
+def test_a_ring_past_the_gpus_shared_memory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ring's bytes are known before the launch (`ring_bytes`, exact against the compiler in
+    test_kernels_compile.py): a tiling past the GPU's shared memory gets an error naming its settings, not
+    Triton's OutOfResources at the first call. int8 GEMM1, 128 x 128 blocks: 3 stages fit Hopper's 227 KB, 4 not."""
+    import wna16moe.kernels.moe_gemm as launcher
+    from wna16moe.kernels.moe_gemm_decode import ring_bytes
+
+    hopper = 227 * 1024
+    assert ring_bytes(4, True, False, 128, 128, 128, 3) == 148992  # (ptxas's figure, v37)
+    assert ring_bytes(8, True, False, 128, 128, 128, 3) <= hopper < ring_bytes(8, True, False, 128, 128, 128, 4)
+    monkeypatch.setattr(launcher, "_max_shared_memory", lambda device: hopper)
+    a = torch.zeros(2, 256, dtype=torch.float16)
+    w = torch.zeros(1, 2 * 32, 256, dtype=torch.int32)
+    scales = torch.ones(1, 2, 256, dtype=torch.float16)
+    out = torch.zeros(4, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"num_stages=4 x block_m=128 x block_n=128 \(8-bit, gated\).*shared memory"):
+        moe_gemm(a, w, scales, None, None, None, out, None, None, torch.zeros(4, dtype=torch.int32), None, bits=8,
+                 group_size=128, top_k=2, gated=True, block_m=128, block_n=128, num_warps=8, num_stages=4,
+                 decode=True, wgmma=True)
+
+
 def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Tensor, n: int = 64,
                      max_registers: int | None = None) -> tuple[tuple[int, int], tuple, dict]:
     """The grid, arguments and keywords `moe_gemm` launches one kernel with for a GEMM1 of 3 tokens, top-2, over

@@ -29,6 +29,8 @@ GEMM1's programs clear that accumulator beforehand (ZERO_OUT), so a forward need
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -44,7 +46,7 @@ from wna16moe.kernels.dequant import (
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
-from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel, tiling_error
+from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel, ring_bytes, tiling_error
 from wna16moe.kernels.zero_share import zero_program_share
 
 # Kernels may read module globals only when they are constexpr objects.
@@ -453,6 +455,14 @@ def _moe_gemm_kernel(
                     PAIR_BLOCKS, PDL, BLOCK_M)
 
 
+@functools.cache
+def _max_shared_memory(device: torch.device) -> int | None:
+    """Shared memory one program may use on a CUDA device (its opt-in limit, as Triton checks it), else None."""
+    if device.type != "cuda":
+        return None
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
 def _group_in_tile(group_size: int) -> int:
     """Reduction rows of one quantization group inside a TILE_K tile (group_size -1: channel-wise)."""
     return TILE_K if group_size == -1 else min(group_size, TILE_K)
@@ -516,7 +526,8 @@ def moe_gemm(
         the plain path).
     decode : the Gluon decode kernel (NVIDIA sm80+, not under the interpreter), on a tiling its `tiling_error`
         accepts: block_m one of its BLOCK_MS, block_n a multiple of 16 x num_warps, num_stages >= 2 the depth
-        of its cp.async ring; fast_dequant and swap_ab do not apply.
+        of its cp.async ring, which must fit the GPU's shared memory (`ring_bytes`); fast_dequant and swap_ab do
+        not apply.
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
     pdl : launch as a programmatic dependent of the kernel before, releasing the next one after the loop (1) or
         at the wait (2); 0: a plain launch (CUDA sm90+ only; kernels/grid_dependence.py).
@@ -561,6 +572,13 @@ def moe_gemm(
     r = TILE_K * bits // 32
     if group_size != -1 and group_size % r:
         raise ValueError(f"group_size={group_size} must be a multiple of {r} for {bits}-bit tiles")
+    limit = _max_shared_memory(a.device) if decode else None
+    if limit is not None:
+        ring = ring_bytes(bits, gated, zeros is not None, _group_in_tile(group_size), block_m, block_n, num_stages)
+        if ring > limit:
+            raise ValueError(f"the decode kernel's ring of num_stages={num_stages} x block_m={block_m} x "
+                             f"block_n={block_n} ({bits}-bit{', gated' if gated else ''}) needs {ring} bytes of "
+                             f"shared memory, this GPU {limit}: fewer stages or smaller blocks")
     partials = gated and split_k > 1
     if partials and (out.dim() != 3 or out.shape[0] != split_k or out.shape[2] != n_total
                      or out.dtype != torch.float32 or not out.is_contiguous()):

@@ -90,6 +90,17 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
     if block_n % (16 * num_warps):
         return f"block_n={block_n} must be a multiple of 16 x num_warps={16 * num_warps}"
     return None
+
+
+def ring_bytes(bits: int, gated: bool, has_zp: bool, group_in_tile: int, block_m: int, block_n: int,
+               num_stages: int) -> int:
+    """Shared memory of the kernel's cp.async ring, all the kernel allocates: per stage each half's words, its
+    16-bit scale rows and 8-bit zero-point rows, and the [block_m, TILE_K] 16-bit activation tile
+    (`test_kernels_compile.py` checks it against the compiler's figure)."""
+    halves = 2 if gated else 1
+    group_rows = halves * (TILE_K // group_in_tile) * block_n
+    words = halves * (TILE_K * bits // 32) * block_n * 4
+    return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2)
 # From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
 # the asm, where mma issue outweighs dequantization (module docstring).
 _WIDE_M = gl.constexpr(32)
