@@ -1,7 +1,7 @@
 """kernels/moe_gemm_decode.py: the Gluon decode GEMMs inside the TRITON backend, against EMULATION.
 
 GPU (marker gpu): every scheme family (int4/int8, groups 32-128 and channel-wise, zero points; act-order and AWQ
-from the checkpoint fixtures), both activation dtypes, blocks of 8 and 16 rows and wide blocks of 32 and 64
+from the checkpoint fixtures), both activation dtypes, blocks of 8 and 16 rows and wide blocks of 32 to 128 rows
 (activations through shared memory, weights scaled in the asm), ring depths 2-5, K splits in both GEMMs, one
 token (a block per pair) and aligned blocks, bias and clamp, a CUDA-graph replay. CPU: the
 argument checks, and a `decode` configuration running on `moe_gemm` under the interpreter (Gluon has none).
@@ -179,18 +179,20 @@ def _check_against_emulation(scheme_name: str, config: TritonConfig) -> None:
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
 
 
-# Wide blocks on Hopper's warpgroup mmas: 32 rows (4 warps, GEMM2 256 wide, K-split GEMM1), 64 rows at 8 warps.
+# Wide blocks on Hopper's warpgroup mmas: 32 rows (4 warps, GEMM2 256 wide, K-split GEMM1), 64 rows at 8 warps,
+# 128 rows at 8 warps and at 4 (one warpgroup, 2 stages: two programs per SM).
 WGMMA_CONFIGS = [
     TritonConfig(32, 128, 256, num_stages=3, decode=True, wgmma=True),
     TritonConfig(32, 64, 128, split_k1=2, split_k2=2, num_stages=2, decode=True, wgmma=True),
     TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),
     TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True),
+    TritonConfig(128, 64, 64, num_warps=4, num_stages=2, decode=True, wgmma=True),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=["bm32", "bm32-split", "bm64-w8", "bm128-w8"])
+@pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=["bm32", "bm32-split", "bm64-w8", "bm128-w8", "bm128-w4"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_ch_sym",
                                          "int8_g128_sym", "int8_g128_zp", "int8_g64_zp"])
 def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
