@@ -58,6 +58,21 @@ def test_build_keeps_the_default_where_it_replays_faster() -> None:
     assert built["speed"][f"{KEY.as_text()} int4_g128_sym"]["1"] == {"triton_us": 60.0, "marlin_us": 120.0}
 
 
+def test_a_served_run_refreshes_speed_and_keeps_the_entries(table: Path, tmp_path: Path) -> None:
+    # `wna16moe bench` without --sweep: "triton" rows ran the table's own entries, beside MARLIN
+    before = json.loads(table.read_text())["cards"]["NVIDIA H100 80GB HBM3"]
+    served = _row("triton", 1, 16, 40.0)
+    results = {"card": "NVIDIA H100 80GB HBM3", "commit": "def", "date": "2026-11-29",
+               "rows": [served, _row("marlin", 1, 0, 60.0), _row("bf16", 1, 0, 90.0)]}
+    path = tmp_path / "served.json"
+    path.write_text(json.dumps(results))
+    assert tuning.main([str(path)]) == 0
+    after = json.loads(table.read_text())
+    assert after["cards"]["NVIDIA H100 80GB HBM3"] == before
+    assert after["speed"]["NVIDIA H100 80GB HBM3"][f"{KEY.as_text()} int4_g128_sym"]["1"] == {
+        "triton_us": 40.0, "marlin_us": 60.0}
+
+
 def test_a_later_sweep_replaces_only_its_token_counts(table: Path, tmp_path: Path) -> None:
     before = json.loads(table.read_text())["cards"]["NVIDIA H100 80GB HBM3"][KEY.as_text()]
     results = {"card": "NVIDIA H100 80GB HBM3", "commit": "def", "date": "2026-11-29",

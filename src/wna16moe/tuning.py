@@ -16,7 +16,8 @@ the card measured for its compute capability (`STAND_INS`: an H100 runs the H200
 architecture); any other layer uses `experts.triton.default_config`.
 
 Where the sweep also timed MARLIN (the same run), the table keeps both times per M ("speed", keyed by shape
-and exact scheme): the oracle then puts the faster of TRITON and MARLIN first for that card, shape and
+and exact scheme; a run without --sweep, the table as served, refreshes them and leaves the entries as they
+are, its rows having run them): the oracle then puts the faster of TRITON and MARLIN first for that card, shape and
 scheme (geometric mean over the measured M), and says so in `explain`. Speed is never borrowed: it is a
 measurement of one card.
 """
