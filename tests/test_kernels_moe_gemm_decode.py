@@ -217,13 +217,16 @@ def test_gpu_decode_wgmma_on_checkpoints(fixture: str) -> None:
 @pytest.mark.parametrize("scheme_name", ["int4_ch_sym", "int8_ch_zp"])
 def test_gpu_decode_with_rows_off_16_bytes(scheme_name: str) -> None:
     """H = 520 and I = 200 (channel-wise groups allow them): rows of scales, zero points and a wide block's
-    activations are not whole 16-byte pieces, and reach shared memory through registers instead of cp.async."""
+    activations are not whole 16-byte pieces, and reach shared memory through registers instead of cp.async
+    (on sm_90 also into a 128-row block's unrolled stages: 600 tokens, ~150 rows per expert)."""
     e, h, i = 8, 520, 200
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
-    for config in DECODE_CONFIGS[:3]:
-        for t in (1, 7, 90):
-            out, ref = triton_and_emulation(experts, MoEConfig(e, 2, h, i, dtype=torch.bfloat16), t, config)
-            assert relative_error(out, ref) < 1e-2, (scheme_name, config, t)
+    cases = [(config, t) for config in DECODE_CONFIGS[:3] for t in (1, 7, 90)]
+    if torch.cuda.get_device_capability()[0] == 9:
+        cases += [(WGMMA_CONFIGS[3], t) for t in (7, 90, 600)]
+    for config, t in cases:
+        out, ref = triton_and_emulation(experts, MoEConfig(e, 2, h, i, dtype=torch.bfloat16), t, config)
+        assert relative_error(out, ref) < 1e-2, (scheme_name, config, t)
 
 
 @pytest.mark.gpu
