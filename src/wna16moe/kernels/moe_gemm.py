@@ -572,13 +572,13 @@ def moe_gemm(
     r = TILE_K * bits // 32
     if group_size != -1 and group_size % r:
         raise ValueError(f"group_size={group_size} must be a multiple of {r} for {bits}-bit tiles")
-    limit = _max_shared_memory(a.device) if decode else None
-    if limit is not None:
+    shared_limit = _max_shared_memory(a.device) if decode else None
+    if shared_limit is not None:
         ring = ring_bytes(bits, gated, zeros is not None, _group_in_tile(group_size), block_m, block_n, num_stages)
-        if ring > limit:
+        if ring > shared_limit:
             raise ValueError(f"the decode kernel's ring of num_stages={num_stages} x block_m={block_m} x "
                              f"block_n={block_n} ({bits}-bit{', gated' if gated else ''}) needs {ring} bytes of "
-                             f"shared memory, this GPU {limit}: fewer stages or smaller blocks")
+                             f"shared memory, this GPU {shared_limit}: fewer stages or smaller blocks")
     partials = gated and split_k > 1
     if partials and (out.dim() != 3 or out.shape[0] != split_k or out.shape[2] != n_total
                      or out.dtype != torch.float32 or not out.is_contiguous()):
