@@ -101,6 +101,8 @@ def ring_bytes(bits: int, gated: bool, has_zp: bool, group_in_tile: int, block_m
     group_rows = halves * (TILE_K // group_in_tile) * block_n
     words = halves * (TILE_K * bits // 32) * block_n * 4
     return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2)
+
+
 # From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
 # the asm, where mma issue outweighs dequantization (module docstring).
 _WIDE_M = gl.constexpr(32)
@@ -552,7 +554,7 @@ def _block_gemm(
     # reads or refills is known at compile time: one CTA barrier per tile. A wide block holds one loop per row
     # count; unrolled, they outgrew the instruction cache (32-row blocks 10-32% slower, NOTES.md v36): its rings
     # are indexed at run time (two barriers per tile). 128-row blocks, measured unrolled only, stay unrolled
-    # (64-row ones unrolled: -1.6 to +0.9%, NOTES.md v37).
+    # (64-row ones unrolled: -2.1 to +0.9%, NOTES.md v37).
     UNROLL: gl.constexpr = not WIDE or BLOCK_M == 128
     DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
     buffers = ()  # per stage (UNROLL) or per ring: (gate words, up words, scale rows, zero-point rows, activations)
