@@ -29,11 +29,10 @@ GEMM1's programs clear that accumulator beforehand (ZERO_OUT), so a forward need
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.compiler import max_shared_mem
 
 from wna16moe.kernels.activation import ACT_SILU, gated_activation
 from wna16moe.kernels.dequant import (
@@ -455,12 +454,10 @@ def _moe_gemm_kernel(
                     PAIR_BLOCKS, PDL, BLOCK_M)
 
 
-@functools.cache
 def _max_shared_memory(device: torch.device) -> int | None:
-    """Shared memory one program may use on a CUDA device (its opt-in limit, as Triton checks it), else None."""
-    if device.type != "cuda":
-        return None
-    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    """Shared memory one program may use on a CUDA device, else None: the limit Triton checks a compiled
+    kernel against at its first launch (its own cached query)."""
+    return max_shared_mem(device.index) if device.type == "cuda" else None
 
 
 def _group_in_tile(group_size: int) -> int:
