@@ -77,6 +77,21 @@ def test_a_ring_past_the_gpus_shared_memory_is_refused(monkeypatch: pytest.Monke
                  decode=True, wgmma=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+def test_gpu_a_ring_past_shared_memory_is_refused_before_the_launch() -> None:
+    """The same refusal from the GPU's own limit (Triton's cached query), where the kernel would not launch."""
+    a = torch.randn(2, 256, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.randint(-2**31, 2**31 - 1, (1, 2 * 32, 256), dtype=torch.int32, device=DEVICE)
+    scales = torch.rand(1, 2, 256, dtype=torch.bfloat16, device=DEVICE)
+    out = torch.full((4, 128), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"num_stages=4 x block_m=128 .*shared memory, this GPU 2\d{5}"):
+        moe_gemm(a, w, scales, None, None, None, out, None, None, torch.zeros(4, dtype=torch.int32, device=DEVICE),
+                 None, bits=8, group_size=128, top_k=2, gated=True, block_m=128, block_n=128, num_warps=8,
+                 num_stages=4, decode=True, wgmma=True)
+    assert out.isnan().all()  # (nothing launched)
+
+
 def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Tensor, n: int = 64,
                      max_registers: int | None = None) -> tuple[tuple[int, int], tuple, dict]:
     """The grid, arguments and keywords `moe_gemm` launches one kernel with for a GEMM1 of 3 tokens, top-2, over
