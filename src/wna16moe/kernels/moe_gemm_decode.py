@@ -434,6 +434,25 @@ def _ring_tile(acc, acc_up, stage, refill, next_a_buf, k, k_step, k_first, k_end
 
 
 @gluon.jit
+def _program_block(num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """The (row block, column tile) of this program. GROUP_M = 1: row blocks fastest, so that a wave spans
+    every expert's blocks at a few column tiles (decode: each weight tile read once, at once). GROUP_M > 1:
+    GROUP_M row blocks at a time through all column tiles, so that their activations stay in L2 while each is
+    reused by every column tile (prefill: row blocks fastest re-read them from DRAM once per column tile)."""
+    pid = gl.program_id(0)
+    if GROUP_M == 1:
+        pid_m = pid % num_m_blocks
+        pid_n = pid // num_m_blocks
+    else:
+        per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
+        first = pid // per_group * GROUP_M
+        size = gl.minimum(num_m_blocks - first, GROUP_M)
+        pid_m = first + pid % per_group % size
+        pid_n = pid % per_group // size
+    return pid_m, pid_n
+
+
+@gluon.jit
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
@@ -443,7 +462,7 @@ def _block_gemm(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
-    WGMMA: gl.constexpr,
+    WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -464,9 +483,7 @@ def _block_gemm(
     # A wide block's activation tile [ROWS, TILE_K], 16 bytes per thread and load.
     A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
 
-    pid = gl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_n = pid // num_m_blocks
+    pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
     pid_k = gl.program_id(1)
     if ZERO_OUT:  # (see `_moe_gemm_decode_kernel`: one launch fewer)
         FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
@@ -640,7 +657,7 @@ def _moe_gemm_decode_kernel(
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
-    NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr,
+    NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -658,7 +675,7 @@ def _moe_gemm_decode_kernel(
     if WIDE_DISPATCH:
         # A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones
         # (padding rows are sorted last): an expert's last block is mostly padding at mid M.
-        pid_m = gl.program_id(0) % num_m_blocks
+        pid_m = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)[0]
         if pid_m * BLOCK_M < gl.load(num_padded_ptr):
             ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
             live = gl.sum((ids < P).to(gl.int32), axis=0)
@@ -668,38 +685,38 @@ def _moe_gemm_decode_kernel(
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                            False, WGMMA)
+                            False, WGMMA, GROUP_M)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                            False, WGMMA)
+                            False, WGMMA, GROUP_M)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                            False, WGMMA)
+                            False, WGMMA, GROUP_M)
             elif live <= 64 or BLOCK_M == 64:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                            False, WGMMA)
+                            False, WGMMA, GROUP_M)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                            False, WGMMA)
+                            False, WGMMA, GROUP_M)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                    ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA)
+                    ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M)
