@@ -221,7 +221,8 @@ def test_coordinate_search_offers_the_decode_kernel_at_decode() -> None:
     assert any(f.get("block_m") == 32 for f in bench._search_groups(0.2)[0])  # wide blocks (they shrink) at any M
     # past decode only its wide blocks, as tilings among the Triton kernel's
     mid = [f for group in bench._search_groups(200.0) for f in group if f.get("decode")]
-    assert [(f["block_m"], f["wgmma"]) for f in mid] == [(32, False), (64, False), (128, True)]
+    assert [(f["block_m"], f["num_warps"], f["wgmma"]) for f in mid] == [(32, 4, False), (64, 8, False), (128, 8, True),
+                                                                         (128, 4, True)]
 
 
 def test_coordinate_search_tries_where_kernels_release_the_next_at_decode() -> None:

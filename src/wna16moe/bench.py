@@ -247,8 +247,10 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
                    for bm, bn1, bn2, warps, stages in tiles]
     candidates += [TritonConfig(bm, bn1, bn2, num_warps=warps, num_stages=stages, swap_ab=True)
                    for bm, bn1, bn2, warps, stages in swapped]
-    if per_expert > 20:  # the decode kernel's 128-row blocks on wgmma (v37: they took M = 8192)
-        candidates.append(TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True))
+    if per_expert > 20:  # the decode kernel's 128-row blocks on wgmma (v37: they took M = 8192; v38: at one
+        # warpgroup, 64 wide, two programs per SM, 128 rows per expert at qwen3-30b-a3b and mixtral)
+        candidates += [TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True),
+                       TritonConfig(128, 64, 64, num_warps=4, num_stages=2, decode=True, wgmma=True)]
     if per_expert <= 20:
         candidates += [TritonConfig(16, bn1, bn2, split_k2=s, num_warps=warps, num_stages=stages)
                        for bm, bn1, bn2, warps, stages in tiles[:2] for s in splits[1:]]
@@ -299,7 +301,8 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release, _WGMMA_MOVES]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, its 64-row blocks at 8
     # warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring, and its 128-row
-    # blocks, on wgmma only: they took M = 8192 from the Triton kernel, v37)
+    # blocks, on wgmma only: they took M = 8192 from the Triton kernel, v37; at one warpgroup, two programs per
+    # SM, they took 128 rows per expert at small K, v38)
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
               "split_k1": 1, "max_registers": None, "decode": decode, "shrink": 0, "wgmma": bm == 128 and decode}
              for bm, bn1, bn2, w, st, swap, decode in (
@@ -307,7 +310,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
                  (64, 64, 64, 4, 4, True, False), (64, 128, 128, 4, 3, True, False), (128, 128, 128, 8, 3, True, False),
                  (128, 64, 64, 4, 3, True, False), (128, 128, 64, 8, 3, True, False), (256, 64, 64, 8, 3, True, False),
                  (32, 64, 128, 4, 3, False, True), (64, 128, 256, 8, 3, False, True),
-                 (128, 128, 128, 8, 3, False, True))]
+                 (128, 128, 128, 8, 3, False, True), (128, 64, 64, 4, 2, False, True))]
     gemm2 = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4)]
     # Blocks that multiply only the rows they hold (an expert's last block: deepseek-v3 at M = 2048 sees 64 +- 8
     # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
