@@ -135,20 +135,20 @@ DECODE_CASES = [
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=256, warps=4, pair=False,
          loop_budget=880, wgmma=True),
     dict(gated=True, bits=4, zp=False, perm=False, group=32, block_m=64, block_n=128, warps=8, pair=False,
-         loop_budget=490, wgmma=True, group_m=8),
+         loop_budget=490, wgmma=True),
     dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=795, wgmma=True),
     dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=430, wgmma=True),
     # 128 rows at 8 warps (prefill): twice the rows per dequantized weight of the 64-row blocks
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=8, pair=False,
-         stages=3, loop_budget=425, wgmma=True, group_m=8),
+         stages=3, loop_budget=425, wgmma=True),
     # ... with rows off 16 bytes (activations stored into the unrolled stages from registers)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=8, pair=False,
-         stages=3, aligned=False, loop_budget=440, wgmma=True, group_m=8),
+         stages=3, aligned=False, loop_budget=440, wgmma=True),
     # ... and at 4 warps, 2 stages (82 KB of shared memory, 255 registers: two programs per SM)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=64, warps=4, pair=False,
-         stages=2, loop_budget=440, wgmma=True, group_m=8),
+         stages=2, loop_budget=440, wgmma=True),
 ]
 
 

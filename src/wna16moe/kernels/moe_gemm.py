@@ -454,13 +454,15 @@ def _moe_gemm_kernel(
                     PAIR_BLOCKS, PDL, BLOCK_M)
 
 
-def _group_m(block_m: int) -> int:
-    """Row blocks that go through all column tiles together (`_program_block`): blocks of 64 rows and more are
-    prefill's, whose activations are worth keeping in L2; smaller ones keep the decode order."""
-    return PREFILL_GROUP_M if block_m >= 64 else 1
-
-
+# Row blocks that go through all column tiles together at prefill (`_program_block`; 8 and 16 measured alike,
+# NOTES.md v38).
 PREFILL_GROUP_M = 8
+
+
+def group_m(block_m: int) -> int:
+    """The decode kernel's GROUP_M: blocks of 64 rows and more are prefill's, whose activations are worth keeping
+    in L2 while every column tile reads them; smaller ones keep the decode order."""
+    return PREFILL_GROUP_M if block_m >= 64 else 1
 
 
 def _max_shared_memory(device: torch.device) -> int | None:
@@ -559,7 +561,7 @@ def moe_gemm(
         if wgmma and block_m < 32:
             raise ValueError(f"wgmma multiplies the decode kernel's wide blocks (block_m >= 32), got {block_m}")
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
-                                                           WGMMA=wgmma, GROUP_M=_group_m(block_m))
+                                                           WGMMA=wgmma, GROUP_M=group_m(block_m))
         options = dict(num_warps=num_warps, **registers)
     else:
         if wgmma:
