@@ -370,6 +370,7 @@ ab-try)  # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS as for gluon) in this
         PYTHONPATH="$PWD/$tree/src:$PWD/tests" step "try-$name-$(date +%s)" 240 python3 benchmarks/try_configs.py \
             $TRY_CASES "${variants[@]}" --out "$OUT/try-$name-$(date +%s).json"
     done
+    pack_logs './try-*.json'  # (two trees or more: over the 8 files that come back)
     ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers?
     nvidia-smi -L
