@@ -32,7 +32,7 @@ GEMM_SIGNATURE = {
     "alpha": "fp32", "beta": "fp32", "limit": "fp32",
 }
 PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "cvt.rn.bf16.s32", "cvt.rn.f16.s32",
-             "lop3.b32", "prmt.b32")
+             "lop3.b32", "prmt.b32", "st.global.v4", "add.v4.f32")
 
 
 DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "KD", "stride_am", "stride_we", "stride_wk",

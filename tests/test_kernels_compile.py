@@ -149,6 +149,10 @@ DECODE_CASES = [
     # ... and at 4 warps, 2 stages (82 KB of shared memory, 255 registers: two programs per SM)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=64, warps=4, pair=False,
          stages=2, loop_budget=440, wgmma=True),
+    # GEMM2 on 128 x 256 blocks at 4 stages (the prefill entries': v39): no spill in its loops (ptxas spills in the
+    # 128-row epilogue, outside them)
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
+         stages=4, loop_budget=425, wgmma=True),
 ]
 
 
@@ -223,6 +227,11 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         assert facts["release_after_wait"], facts
         if case["block_m"] < 32:  # (a wide block holds a loop per row count, each releasing after its own)
             assert (facts["mma_after_release"] == 0) == (case["pdl"] == 1), facts
+    # 128-row wgmma blocks' results leave 16 bytes per thread (`_store_layout`): 16-byte stores out of GEMM1,
+    # 4-wide atomics out of GEMM2; every other block stores and adds one element at a time
+    wide_out = wgmma and case["block_m"] == 128
+    assert (facts["st.global.v4"] > 0) == (wide_out and case["gated"]), facts
+    assert (facts["add.v4.f32"] > 0) == (wide_out and not case["gated"]), facts
     halves = 2 if case["gated"] else 1
     if wgmma:  # one m64 wgmma per 16-deep step, half and 64 columns of the program's warpgroup, all in the loop
         per_loop = halves * 8 * case["block_n"] // (16 * case["warps"])

@@ -201,7 +201,7 @@ WGMMA_CONFIGS = [
     TritonConfig(32, 64, 128, split_k1=2, split_k2=2, num_stages=2, decode=True, wgmma=True),
     TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),
     TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True),
-    TritonConfig(128, 128, 256, num_warps=8, num_stages=4, decode=True, wgmma=True),
+    TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),  # (int8 at 4: 258 KB)
     TritonConfig(128, 64, 64, num_warps=4, num_stages=2, decode=True, wgmma=True),
 ]
 

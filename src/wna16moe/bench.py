@@ -248,8 +248,10 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
     candidates += [TritonConfig(bm, bn1, bn2, num_warps=warps, num_stages=stages, swap_ab=True)
                    for bm, bn1, bn2, warps, stages in swapped]
     if per_expert > 20:  # the decode kernel's 128-row blocks on wgmma (v37: they took M = 8192; v38: at one
-        # warpgroup, 64 wide, two programs per SM, 128 rows per expert at qwen3-30b-a3b and mixtral)
+        # warpgroup, 64 wide, two programs per SM, 128 rows per expert at qwen3-30b-a3b and mixtral; v39: GEMM2
+        # 256 wide, every shape's M = 8192)
         candidates += [TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True),
+                       TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),
                        TritonConfig(128, 64, 64, num_warps=4, num_stages=2, decode=True, wgmma=True)]
     if per_expert <= 20:
         candidates += [TritonConfig(16, bn1, bn2, split_k2=s, num_warps=warps, num_stages=stages)

@@ -434,6 +434,21 @@ def _ring_tile(acc, acc_up, stage, refill, next_a_buf, k, k_step, k_first, k_end
 
 
 @gluon.jit
+def _store_layout(x, rows, n0, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """A wide block's result [BLOCK_N, ROWS] and its rows, out of the mma layout (a thread's elements 8 columns
+    apart: one 2- or 4-byte store or atomic each) into 16 bytes along N per thread; its columns n0 + [0, BLOCK_N)
+    in that layout. The conversion's scratch may share the ring's buffers: every copy still in flight (the refills
+    past the block's last tile) lands, and every warp is out of the loop, first."""
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    VEC: gl.constexpr = 128 // x.dtype.primitive_bitwidth
+    LANES_N: gl.constexpr = min(32, BLOCK_N // VEC)
+    OUT: gl.constexpr = gl.BlockedLayout([VEC, 1], [LANES_N, 32 // LANES_N], [1, NUM_WARPS], [0, 1])
+    offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT))
+    return gl.convert_layout(x, OUT), gl.convert_layout(rows, gl.SliceLayout(0, OUT)), offs
+
+
+@gluon.jit
 def _program_block(num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
     """The (row block, column tile) of this program. GROUP_M = 1: row blocks fastest, so that a wave spans
     every expert's blocks at a few column tiles (decode: each weight tile read once, at once). GROUP_M > 1:
@@ -625,6 +640,10 @@ def _block_gemm(
 
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
+    # 128-row wgmma blocks leave through `_store_layout`: M = 8192 -1.7% (deepseek-v3) and -4.6% (qwen3-30b-a3b)
+    # on an H200 (NOTES.md v39). Measured nowhere else: 32-row blocks at deepseek-v3 M = 512 read within that
+    # case's noise, and the other blocks keep the mma layout's stores.
+    WIDE_OUT: gl.constexpr = USE_WGMMA and BLOCK_M == 128
     if GATED and SPLIT_K > 1:  # float32 partial sums [SPLIT_K, P, 2N]; kernels/activation.py finishes them
         part_rows = pid_k.to(gl.int64) * P + rows.to(gl.int64)
         part_ptrs = out_ptr + part_rows[None, :] * stride_om + offs_n[:, None]
@@ -634,13 +653,20 @@ def _block_gemm(
         if HAS_BIAS:
             acc += gl.load(bias_ptr + expert * 2 * N + offs_n, mask=n_mask, other=0.0)[:, None]
             acc_up += gl.load(bias_ptr + expert * 2 * N + N + offs_n, mask=n_mask, other=0.0)[:, None]
-        h = gated_activation(acc, acc_up, alpha, beta, limit, ACT, HAS_LIMIT)
+        h = gated_activation(acc, acc_up, alpha, beta, limit, ACT, HAS_LIMIT).to(out_ptr.dtype.element_ty)
+        if WIDE_OUT:  # 16-byte stores: 8x fewer
+            h, rows, offs_n = _store_layout(h, rows, n0, BLOCK_N, NUM_WARPS)
+            out_mask = (offs_n < N)[:, None] & (rows < P)[None, :]
         out_ptrs = out_ptr + rows.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
-        gl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=out_mask)
+        gl.store(out_ptrs, h, mask=out_mask)
     else:
         if HAS_BIAS:
             if pid_k == 0:
                 acc += gl.load(bias_ptr + expert * N + offs_n, mask=n_mask, other=0.0)[:, None]
+        if WIDE_OUT:  # 4-wide atomics (sm_90): 4x fewer, and no spill of a 64-bit address per element
+            acc, rows, offs_n = _store_layout(acc, rows, n0, BLOCK_N, NUM_WARPS)
+            row_mask = rows < P
+            out_mask = (offs_n < N)[:, None] & row_mask[None, :]
         router_w = gl.load(topk_w_ptr + rows, mask=row_mask, other=0.0).to(gl.float32)
         acc = acc * router_w[None, :]
         tokens = rows // TOP_K
