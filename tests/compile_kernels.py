@@ -89,10 +89,11 @@ def main_loop(cubin: bytes, per_tile: bool = False) -> dict[str, int]:
     loop = loops[0]
     n = tiles(loop)
     opcodes = collections.Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in loop)
-    # (the second longest: a wide decode block's loop for fewer rows)
+    # (the second longest: a wide decode block's loop for fewer rows; spill stores over the whole loop, not per
+    # tile: a 4-tile iteration with 2 would floor to 0)
     return {"loop_instructions": len(loop) // n,
             "shrunk_loop_instructions": len(loops[1]) // tiles(loops[1]) if len(loops) > 1 else 0,
-            "loop_I2F": opcodes["I2F"] // n, "loop_STS": opcodes["STS"] // n, "loop_STL": opcodes["STL"] // n,
+            "loop_I2F": opcodes["I2F"] // n, "loop_STS": opcodes["STS"] // n, "loop_STL": opcodes["STL"],
             "loop_HMMA": opcodes["HMMA"] // n, "loop_HGMMA": opcodes["HGMMA"] // n,
             "loop_wgmma_waits": sum("WARPGROUP.DEPBAR" in ins for ins in loop) // n,
             "loop_LDSM": opcodes["LDSM"] // n, "loop_BAR": opcodes["BAR"] // n}

@@ -149,10 +149,10 @@ DECODE_CASES = [
     # ... and at 4 warps, 2 stages (82 KB of shared memory, 255 registers: two programs per SM)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=64, warps=4, pair=False,
          stages=2, loop_budget=440, wgmma=True),
-    # GEMM2 on 128 x 256 blocks at 4 stages (the prefill entries': v39): no spill in its loops (ptxas spills in the
-    # 128-row epilogue, outside them)
+    # GEMM2 on 128 x 256 blocks (the prefill entries', v39) at 3 stages: no spill in its loops. (At 4, deepseek-v3's
+    # entry, ptxas spills 2 words per 4-tile iteration of the 128-row loop, as GEMM1 at 4 stages does.)
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
-         stages=4, loop_budget=425, wgmma=True),
+         stages=3, loop_budget=425, wgmma=True),
 ]
 
 
