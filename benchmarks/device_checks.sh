@@ -11,9 +11,10 @@
 #   benchmarks/device_checks.sh decode   # two GPUs: the decode sweep (M <= 512), the W8A16 bench
 #   benchmarks/device_checks.sh w8a16-sweep # four GPUs: the W8A16 sweep, one shape per GPU
 #   benchmarks/device_checks.sh confirm  # four GPUs: the shipped table as served, int4 and W8A16, one shape per GPU
-#   benchmarks/device_checks.sh served   # one GPU: the shipped table as served ($SCHEME, default int4), the shapes
-#                                        # in turn (int4 ~220 s, W8A16 ~130 s on an H200), then the TRITON backend's
-#                                        # and the decode kernel's GPU tests in the time left of $BUDGET (560 s)
+#   benchmarks/device_checks.sh served   # one GPU: the shipped table as served ($SCHEMES, e.g. "int4 int8_g128_sym";
+#                                        # default $SCHEME or int4), the shapes in turn (int4 ~245 s, W8A16 ~170 s on
+#                                        # an H200), then the TRITON backend's and the decode kernel's GPU tests in
+#                                        # the time left of $BUDGET (560 s)
 #   benchmarks/device_checks.sh probe    # two GPUs: read ceiling by size, kernel profile; the W8A16 bench
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
@@ -228,18 +229,25 @@ confirm)  # four GPUs: the shipped table as served (no sweep), int4 then W8A16, 
     per_shape served-w8a16 200 --scheme int8_g128_sym
     pack_logs './served-w8a16-*.json'  # (nine files would not all come back)
     ;;
-served)  # one GPU: the table as served, the shapes in turn, MARLIN in the same run; then GPU tests as time allows
+served)  # one GPU: the table as served, the shapes in turn, MARLIN in the same run, for each of $SCHEMES
+    # ("int4 int8_g128_sym": both in one call, ~420 s on an H200; default: $SCHEME, else the bench's int4); then
+    # GPU tests as time allows
     nvidia-smi -L
-    for shape in "${SHAPES[@]}"; do
-        step "served-$shape" 200 python3 -m wna16moe.bench --shapes "$shape" ${SCHEME:+--scheme "$SCHEME"} \
-            --out "$OUT/served-$shape.json"
+    for scheme in ${SCHEMES:-${SCHEME:-int4}}; do
+        for shape in "${SHAPES[@]}"; do
+            left=$(( ${BUDGET:-560} - ($(date +%s) - start) ))
+            [ "$left" -lt 30 ] && break 2
+            step "served-$scheme-$shape" "$(( left < 200 ? left : 200 ))" python3 -m wna16moe.bench \
+                --shapes "$shape" $([ "$scheme" != int4 ] && echo --scheme "$scheme") \
+                --out "$OUT/served-$scheme-$shape.json"
+        done
     done
     left=$(( ${BUDGET:-560} - ($(date +%s) - start) ))
     if [ "$left" -gt 60 ]; then
         PARALLEL=16 parallel_tests triton-tests $(( left - 10 )) tests/test_experts_triton.py \
             tests/test_kernels_moe_gemm_decode.py
     fi
-    pack_logs
+    pack_logs './served-*.json'  # (two schemes: over the 8 files that come back)
     ;;
 w8a16-sweep)  # four GPUs: the W8A16 (int8, group 128) sweep, one shape per GPU
     nvidia-smi -L
