@@ -144,6 +144,7 @@ def test_triton_matches_emulation(scheme_name: str, act: Activation, e: int, h: 
     TritonConfig(16, 32, 32, split_k1=2),  # GEMM1 partial sums, then the activation pass
     TritonConfig(16, 64, 64, split_k1=3, split_k2=2),  # uneven split: one program gets no K tile
     TritonConfig(16, 64, 128, max_registers=96),  # registers capped (ptxas .maxnreg on a GPU)
+    TritonConfig(16, 32, 64, num_stages=2, num_warps2=8, num_stages2=3),  # GEMM2's own warps and ring depth
 ])
 @pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int8_g32_sym"])
 def test_configs_agree(config: TritonConfig, scheme_name: str) -> None:
@@ -184,6 +185,33 @@ def test_wgmma_settings_are_checked() -> None:
         TritonConfig(16, 64, 128, decode=True, wgmma=True)
     with pytest.raises(ValueError, match="wide blocks"):
         TritonConfig(64, 64, 128, swap_ab=True, wgmma=True)
+
+
+def test_gemm2_runs_its_own_warps_and_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wna16moe.kernels import moe_gemm as module
+
+    launches = []
+    launch = module.moe_gemm
+    monkeypatch.setattr(module, "moe_gemm", lambda *a, **kw: launches.append(kw) or launch(*a, **kw))
+    config = TritonConfig(16, 32, 64, num_warps=4, num_stages=2, num_warps2=8, num_stages2=3)
+    experts = random_experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
+    out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 5, config=config)
+    assert relative_error(out, ref) < 1e-2
+    gemms = [(kw["gated"], kw["num_warps"], kw["num_stages"]) for kw in launches]
+    assert gemms == [(True, 4, 2), (False, 8, 3)]
+    same = TritonConfig(16, 32, 64, num_warps=8, num_stages=3)
+    assert (same.gemm2_warps, same.gemm2_stages) == (8, 3)  # None: GEMM1's
+
+
+def test_decode_tilings_are_checked_per_gemm() -> None:
+    split = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True, num_warps2=4,
+                         num_stages2=2)
+    assert split.decode_tiling_error() is None
+    narrow = TritonConfig(128, 128, 64, num_warps=4, num_stages=3, decode=True, num_warps2=8)
+    assert "block_n=64 must be a multiple of 16 x num_warps=128" in narrow.decode_tiling_error()
+    shallow = TritonConfig(128, 128, 128, num_warps=8, decode=True, num_stages2=1)
+    assert "num_stages must be 2" in shallow.decode_tiling_error()
+    assert TritonConfig(16, 32, 64, num_warps2=2).decode_tiling_error() is None  # (the Triton kernel's)
 
 
 def test_shrink_settings_are_checked() -> None:

@@ -153,6 +153,9 @@ DECODE_CASES = [
     # entry, ptxas spills 2 words per 4-tile iteration of the 128-row loop, as GEMM1 at 4 stages does.)
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
          stages=3, loop_budget=425, wgmma=True),
+    # ... and 128 x 128 at one warpgroup, 2 stages (`num_warps2`, `num_stages2`: 82 KB, two programs per SM)
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=4, pair=False,
+         stages=2, loop_budget=430, wgmma=True),
 ]
 
 

@@ -195,7 +195,8 @@ def _check_against_emulation(scheme_name: str, config: TritonConfig) -> None:
 
 
 # Wide blocks on Hopper's warpgroup mmas: 32 rows (4 warps, GEMM2 256 wide, K-split GEMM1), 64 rows at 8 warps,
-# 128 rows at 8 warps (GEMM2 128 and 256 wide) and at 4 (one warpgroup, 2 stages: two programs per SM).
+# 128 rows at 8 warps (GEMM2 128 and 256 wide) and at 4 (one warpgroup, 2 stages: two programs per SM), and
+# GEMM2 alone at 4.
 WGMMA_CONFIGS = [
     TritonConfig(32, 128, 256, num_stages=3, decode=True, wgmma=True),
     TritonConfig(32, 64, 128, split_k1=2, split_k2=2, num_stages=2, decode=True, wgmma=True),
@@ -203,13 +204,15 @@ WGMMA_CONFIGS = [
     TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True),
     TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),  # (int8 at 4: 258 KB)
     TritonConfig(128, 64, 64, num_warps=4, num_stages=2, decode=True, wgmma=True),
+    # GEMM2 at one warpgroup, 2 stages, beside GEMM1 at 8 warps: two GEMM2 programs per SM
+    TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True, num_warps2=4, num_stages2=2),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=["bm32", "bm32-split", "bm64-w8", "bm128-w8", "bm128-n256",
-                                                    "bm128-w4"])
+                                                    "bm128-w4", "bm128-gemm2-w4"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_ch_sym",
                                          "int8_g128_sym", "int8_g128_zp", "int8_g64_zp"])
 def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConfig) -> None:

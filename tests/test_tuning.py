@@ -9,7 +9,7 @@ import pytest
 from wna16moe import tuning
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.triton import TritonConfig, default_config
-from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, tiling_error
+from wna16moe.kernels.moe_gemm_decode import BLOCK_MS
 from wna16moe.oracle import explain
 from wna16moe.shapes import model_shape
 from wna16moe.tuning import ShapeKey, build_table, triton_vs_marlin, tuned_config
@@ -130,13 +130,14 @@ def _launchable(cfg: TritonConfig) -> bool:
     def pow2(x: int) -> bool:
         return x > 0 and x & (x - 1) == 0
 
+    warps, stages = (cfg.num_warps, cfg.gemm2_warps), (cfg.num_stages, cfg.gemm2_stages)  # GEMM1's, GEMM2's
     if cfg.decode:
-        mma_tiles = 16 * cfg.num_warps
-        blocks = cfg.block_m in BLOCK_MS and cfg.block_n1 % mma_tiles == cfg.block_n2 % mma_tiles == 0
+        blocks = (cfg.block_m in BLOCK_MS and cfg.block_n1 % (16 * warps[0]) == 0
+                  and cfg.block_n2 % (16 * warps[1]) == 0)
     else:
         blocks = cfg.block_m >= 16
-    return (blocks and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_warps))
-            and cfg.num_warps in ((2, 4, 8) if cfg.decode else (4, 8)) and 2 <= cfg.num_stages <= 6
+    return (blocks and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, *warps))
+            and all(w in ((2, 4, 8) if cfg.decode else (4, 8)) for w in warps) and all(2 <= s <= 6 for s in stages)
             and cfg.split_k1 in (1, 2, 4, 8)
             and cfg.split_k2 in (1, 2, 4, 8, 16) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))
 
@@ -176,9 +177,8 @@ def test_search_moves_are_launchable(shape: str, tokens: int) -> None:
         except ValueError:  # a setting the base cannot take (shrink on a decode base): the search skips it
             continue
     # From a decode base, tiles of 32 at 4 warps (or 64 at 8) leave the decode kernel's tilings: its launcher
-    # rejects them (`tiling_error`) and the search records them as failed.
-    moved = [c for c in moved if not (c.decode and any(tiling_error(c.block_m, n, c.num_warps, c.num_stages)
-                                                       for n in (c.block_n1, c.block_n2)))]
+    # rejects them (`TritonConfig.decode_tiling_error`) and the search records them as failed.
+    moved = [c for c in moved if c.decode_tiling_error() is None]
     assert moved and all(_launchable(c) for c in moved), [c for c in moved if not _launchable(c)]
 
 

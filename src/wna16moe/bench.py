@@ -266,14 +266,10 @@ def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
         candidates += [replace(c, max_registers=96) for c in candidates[:1]
                        + [TritonConfig(16, bn1, bn2, num_warps=4, num_stages=stages)
                           for _, bn1, bn2, warps, stages in tiles if bn2 >= 128 and warps == 4]]
-    from wna16moe.kernels.moe_gemm_decode import tiling_error
-
     unique: list[TritonConfig] = []
     for c in candidates:
         # (A decode base's moves can leave the decode kernel's tilings: 8 warps on 64-wide tiles.)
-        fits = not c.decode or not any(tiling_error(c.block_m, n, c.num_warps, c.num_stages)
-                                       for n in (c.block_n1, c.block_n2))
-        if fits and c not in unique:
+        if c.decode_tiling_error() is None and c not in unique:
             unique.append(c)
     return unique
 

@@ -83,6 +83,11 @@ class TritonConfig:
     Hopper's warpgroup mmas instead of mma.sync: 4-10% faster at 32 rows, 9-17% at 64 rows at 8 warps where the
     H200 table runs them (benchmarks/NOTES.md v34); 128-row blocks (8 warps) are meant for it, and beat the
     Triton kernel's prefill tiles by 6-22% at M = 8192 (v37). On other cards the same blocks run mma.sync.
+
+    `num_warps2` and `num_stages2` give GEMM2 warps and a ring depth of its own (None: GEMM1's). A 128-row
+    GEMM2 at one warpgroup and 2 stages (82 KB, no spill in its loop) fits two programs per SM, so that one's
+    ramp and epilogue can overlap the other's loop, while GEMM1 keeps its 8 warps. At M = 8192 a GEMM2 program
+    took ~27 µs against ~18 µs of mma work (NOTES.md v39). Not yet timed.
     """
 
     block_m: int
@@ -98,6 +103,26 @@ class TritonConfig:
     pdl: int = RELEASE_AFTER_LOOP
     shrink: int = 0
     wgmma: bool = False
+    num_warps2: int | None = None
+    num_stages2: int | None = None
+
+    @property
+    def gemm2_warps(self) -> int:
+        return self.num_warps if self.num_warps2 is None else self.num_warps2
+
+    @property
+    def gemm2_stages(self) -> int:
+        return self.num_stages if self.num_stages2 is None else self.num_stages2
+
+    def decode_tiling_error(self) -> str | None:
+        """Why the decode kernel cannot run this configuration's GEMM1 or GEMM2 tiling, or None (also for
+        configurations of the Triton kernel)."""
+        if not self.decode:
+            return None
+        from wna16moe.kernels.moe_gemm_decode import tiling_error
+
+        return (tiling_error(self.block_m, self.block_n1, self.num_warps, self.num_stages)
+                or tiling_error(self.block_m, self.block_n2, self.gemm2_warps, self.gemm2_stages))
 
     def __post_init__(self) -> None:
         if self.shrink not in (0, 1, 2):
@@ -354,9 +379,10 @@ class TritonExperts(Experts):
             blocks = (None, topk_ids.reshape(-1), None)
         else:
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, pdl)
-        common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, max_registers=cfg.max_registers, decode=cfg.decode,
-                      fast_dequant=ptx, swap_ab=cfg.swap_ab, pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma)
+        common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
+                      max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
+                      pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma)
+        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
@@ -369,14 +395,14 @@ class TritonExperts(Experts):
             partials = torch.empty(cfg.split_k1, t * top_k, 2 * self.i_pad, dtype=torch.float32,
                                    device=hidden_states.device)
             moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
-                     zero_out=out, **common)
+                     zero_out=out, **gemm1)
             split_k_activation(partials, topk_ids, self.w13_bias, intermediate, pdl=pdl, **activation)
         else:
             moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
-                     **common)
+                     **gemm1)
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
-                 split_k=cfg.split_k2, **common)
+                 split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, pdl) if pdl else out.to(hidden_states.dtype)
 
