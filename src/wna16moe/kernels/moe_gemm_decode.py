@@ -640,10 +640,10 @@ def _block_gemm(
 
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
-    # 128-row wgmma blocks leave through `_store_layout`: M = 8192 -1.7% (deepseek-v3) and -4.6% (qwen3-30b-a3b)
-    # on an H200 (NOTES.md v39). Measured nowhere else: 32-row blocks at deepseek-v3 M = 512 read within that
-    # case's noise, and the other blocks keep the mma layout's stores.
-    WIDE_OUT: gl.constexpr = USE_WGMMA and BLOCK_M == 128
+    # 64- and 128-row wgmma blocks leave through `_store_layout`: on an H200, M = 8192 -1.7% (deepseek-v3) and
+    # -4.6% (qwen3-30b-a3b), 64 rows at M = 2048 -1.6% (deepseek-v3) and -0.8% (kimi-k2) (NOTES.md v39, v40).
+    # 32-row blocks measured -0.5% to +2.4%, within noise: they and the other blocks keep the mma layout's stores.
+    WIDE_OUT: gl.constexpr = USE_WGMMA and BLOCK_M >= 64
     if GATED and SPLIT_K > 1:  # float32 partial sums [SPLIT_K, P, 2N]; kernels/activation.py finishes them
         part_rows = pid_k.to(gl.int64) * P + rows.to(gl.int64)
         part_ptrs = out_ptr + part_rows[None, :] * stride_om + offs_n[:, None]
