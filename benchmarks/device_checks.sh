@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks and measurements of a device session, in the order they pay off, each bounded in time and
-# logged to $OUT (at most 8 files come back from the device tool). Run from the repository root:
+# The GPU checks and measurements of a device session, in the order they pay off, each bounded in time. Every
+# log and result goes into $OUT/results.tgz, packed again after each step, so that a call cut short still
+# returns what finished (at most 8 files come back from the device tool). Run from the repository root:
 #
 #   benchmarks/device_checks.sh tests    # one GPU: TRITON and MARLIN GPU tests (~9 min at most)
 #   benchmarks/device_checks.sh sweep    # one GPU: the benchmark sweep with MARLIN and bf16 (~9 min at most)
@@ -44,12 +45,13 @@
 # vLLM's Triton WNA16 kernel (the 'peer' mode) is read from its fused_moe.py (carry build/vllm_triton):
 #   unzip -o -j build/vllm-wheel/vllm-0.33.0-*.whl vllm/model_executor/layers/fused_moe/fused_moe.py -d build/vllm_triton
 # Its kernels are sm_80 PTX that the driver JIT-compiles on Hopper (minutes for the whole test file): the
-# compute cache is written to $OUT/nvcache.tgz (it comes back only under 16 MB); carry it back as
+# compute cache is written to $OUT/nvcache.tgz, beside the results (it comes back only under 16 MB); carry it back as
 # build/nvcache.tgz to skip that next time.
 # Each step's limit is in seconds; a step that runs out is reported and the next one still runs.
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+RESULTS=${OUT:-/tmp/out}  # what comes back: results.tgz (and nvcache.tgz)
+OUT=$(mktemp -d /tmp/device-checks.XXXXXX)  # where the steps write
+mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD/src:$PWD/tests" PYTHONUNBUFFERED=1
 export WNA16MOE_COMMIT=${WNA16MOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -60,13 +62,23 @@ if [ -f build/marlin/_moe_C_stable_libtorch.abi3.so ]; then
 fi
 start=$(date +%s)
 
-step() {  # step NAME LIMIT COMMAND...: run COMMAND with a time limit, log to $OUT/NAME.log, print the tail
+pack() {  # everything the steps wrote so far into $RESULTS/results.tgz, replaced whole (steps running beside
+    # each other may pack at once: each into a file of its own, then renamed)
+    local tmp
+    tmp=$(mktemp "$RESULTS/.results.XXXXXX") || return
+    tar -czf "$tmp" -C "$OUT" . 2>/dev/null
+    if [ $? -le 1 ]; then mv "$tmp" "$RESULTS/results.tgz"; else rm -f "$tmp"; fi  # (1: a file grew meanwhile)
+}
+trap pack EXIT
+
+step() {  # step NAME LIMIT COMMAND...: run COMMAND with a time limit, log to $OUT/NAME.log, print the tail, pack
     local name=$1 limit=$2
     shift 2
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name: rc=$rc ($(( $(date +%s) - start )) s since start)"
     grep -E "passed|failed|error|FAILED|wrote" "$OUT/$name.log" | tail -4
+    pack
 }
 
 triton_tests() {  # triton_tests LIMIT: TRITON's GPU tests, one process each (LIMIT seconds per test; in one
@@ -79,7 +91,7 @@ marlin_tests() {  # the tests no earlier device run reached first, then the swee
         -k "not matches_emulation or batched"
     step marlin-tests-b "$1" python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_experts_marlin.py \
         -k "matches_emulation and not batched"
-    tar -czf "$OUT/nvcache.tgz" -C "$CUDA_CACHE_PATH" . 2>/dev/null
+    tar -czf "$RESULTS/nvcache.tgz" -C "$CUDA_CACHE_PATH" . 2>/dev/null
 }
 
 parallel_tests() {  # parallel_tests NAME LIMIT FILES...: one pytest process per GPU test, $PARALLEL (8) at a time,
@@ -92,6 +104,7 @@ parallel_tests() {  # parallel_tests NAME LIMIT FILES...: one pytest process per
     echo "== $name: $(grep -c ' passed' "$OUT/$name.log") passed," \
         "$(grep -c -E 'failed|error' "$OUT/$name.log") with failures or errors, of $(wc -l < "$OUT/$name-ids.txt")"
     grep -E 'failed|error' "$OUT/$name.log" | head -5
+    pack
 }
 
 ab_rounds() {  # ab_rounds GPU OFFSET: the bench of the trees build/ab/<name>/src on GPU, one per round over
@@ -113,13 +126,6 @@ tree_tests() {  # TRITON's GPU tests (one process each) of $TEST_TREE (src/ and 
     (cd "${TEST_TREE:-.}" && export PYTHONPATH="$PWD/src:$PWD/tests" && parallel_tests triton-tests 400 \
          tests/test_kernels_dequant.py tests/test_experts_triton.py tests/test_kernels_moe_gemm_decode.py \
          tests/test_bench.py)
-}
-
-pack_logs() {  # pack_logs [GLOBS...]: the logs, test ids and GLOBS (in $OUT) into one tarball: at most 8 files
-    # come back from a device call
-    # shellcheck disable=SC2068  # (the globs expand in $OUT)
-    (cd "$OUT" && shopt -s nullglob && set -- ./*.log ./*-ids.txt $@ && [ $# -gt 0 ] && tar -czf logs.tgz "$@" \
-        && rm -f "$@")
 }
 
 SHAPES=(mixtral deepseek-v3 kimi-k2 qwen3-30b-a3b)
@@ -180,7 +186,6 @@ quad)
      PARALLEL=16 parallel_tests marlin-tests 420 tests/test_experts_marlin.py
      wait) &
     wait
-    pack_logs
     ;;
 final)  # four GPUs: the sweep, one shape per GPU; then TRITON's and the alignment's GPU tests and a profile
     nvidia-smi -L
@@ -193,7 +198,6 @@ final)  # four GPUs: the sweep, one shape per GPU; then TRITON's and the alignme
     CUDA_VISIBLE_DEVICES=2 step profile 200 python3 benchmarks/profile_layer.py \
         --shapes qwen3-30b-a3b kimi-k2 mixtral --tokens 8 128 512 2048 &
     wait
-    pack_logs
     ;;
 ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, trees rotated over $AB_ROUNDS (3)
      # rounds so that a GPU's own speed cancels out; TRITON's GPU tests on the last GPU
@@ -205,7 +209,6 @@ ab)  # the bench of each tree build/ab/<name>/src on every GPU but the last, tre
     done
     (export CUDA_VISIBLE_DEVICES=$(( gpus - 1 )); tree_tests) &
     wait
-    pack_logs
     ;;
 ab-sweep)  # four GPUs: the A/B of 'ab' on GPU 0 (trees alternating), the decode sweep of $SWEEP_TREE (default:
            # the working tree) on GPUs 1 and 2, TRITON's GPU tests of $TEST_TREE and a profile on GPU 3
@@ -222,13 +225,11 @@ ab-sweep)  # four GPUs: the A/B of 'ab' on GPU 0 (trees alternating), the decode
      PYTHONPATH="$PWD/$sweep_tree/src:$PWD/tests" step profile 120 python3 benchmarks/profile_layer.py \
          --shapes qwen3-30b-a3b kimi-k2 --tokens 128 512 2048) &
     wait
-    pack_logs
     ;;
 confirm)  # four GPUs: the shipped table as served (no sweep), int4 then W8A16, one shape per GPU
     nvidia-smi -L
     per_shape served 200
     per_shape served-w8a16 200 --scheme int8_g128_sym
-    pack_logs './served-w8a16-*.json'  # (nine files would not all come back)
     ;;
 served)  # one GPU: the table as served, the shapes in turn, MARLIN in the same run, for each of $SCHEMES
     # ("int4 int8_g128_sym": both in one call, ~420 s on an H200; default: $SCHEME, else the bench's int4); then
@@ -249,12 +250,10 @@ served)  # one GPU: the table as served, the shapes in turn, MARLIN in the same 
         TESTS_LIMIT=$(( left - 10 )) PARALLEL=16 parallel_tests triton-tests 300 tests/test_experts_triton.py \
             tests/test_kernels_moe_gemm_decode.py
     fi
-    pack_logs './served-*.json'  # (two schemes: over the 8 files that come back)
     ;;
 w8a16-sweep)  # four GPUs: the W8A16 (int8, group 128) sweep, one shape per GPU
     nvidia-smi -L
     per_shape w8a16-sweep 420 --sweep --scheme int8_g128_sym
-    pack_logs
     ;;
 decode)  # two GPUs: the decode sweep (M <= 512) of two shapes each, then the W8A16 bench of one shape each
     nvidia-smi -L
@@ -270,7 +269,6 @@ decode)  # two GPUs: the decode sweep (M <= 512) of two shapes each, then the W8
              tests/test_experts_triton.py -k "swap_ab and int8") &
     done
     wait
-    pack_logs
     ;;
 probe)  # two GPUs: the read ceiling by size and a kernel profile on one, the W8A16 bench on the other
     nvidia-smi -L
@@ -288,7 +286,6 @@ ab-kernel)  # one GPU: the working tree's moe_gemm.py against build/base_moe_gem
         ${AB_CASES:-deepseek-v3:1,8,32,128 mixtral:1,8,32 kimi-k2:1,8,32 qwen3-30b-a3b:1,8,32,128} --out "$OUT/ab-kernel.json"
     grep base/new "$OUT/ab-kernel.log"
     tree_tests
-    pack_logs
     ;;
 search)  # every GPU: the coordinate search (bench --search) per shape and M; then tuning takes the rows
     nvidia-smi -L
@@ -305,7 +302,6 @@ search)  # every GPU: the coordinate search (bench --search) per shape and M; th
          done) &
     done
     wait
-    pack_logs './search-*.json'
     ;;
 peer)  # one GPU: vLLM's Triton WNA16 kernel and the shipped TRITON table, same tokens and routing
     nvidia-smi -L
@@ -329,7 +325,6 @@ gluon)  # two GPUs: the Gluon decode kernel's GPU tests on one; on the other, tr
         ${GLUON_CASES:-mixtral:1,8,32,128 deepseek-v3:1,8,32,128 kimi-k2:1,8,32,128 qwen3-30b-a3b:1,8,32,128} \
         "${variants[@]}" --out "$OUT/gluon-try.json"
     wait
-    pack_logs
     ;;
 ab-env)  # two GPUs: TRITON's GPU tests ($TEST_FILES, one process each) on one; on the other, try_configs of the
     # shipped table ($TRY_CASES) under each setting of $AB_ENV ("NAME=value ..."), alternating over two rounds
@@ -344,7 +339,6 @@ ab-env)  # two GPUs: TRITON's GPU tests ($TEST_FILES, one process each) on one; 
         done
     done
     wait
-    pack_logs
     ;;
 ship)  # two GPUs: TRITON's GPU tests, then the W8A16 bench of $W8_SHAPES, on one; on the other try_configs
     # ($TRY_CASES, $TRY_VARIANTS), `tuning --trials` on its result, and the table as served (int4, with MARLIN),
@@ -367,7 +361,6 @@ ship)  # two GPUs: TRITON's GPU tests, then the W8A16 bench of $W8_SHAPES, on on
         step "served-$shape" 150 python3 -m wna16moe.bench --shapes "$shape" --out "$OUT/served-$shape.json"
     done
     wait
-    pack_logs
     ;;
 ab-try)  # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS as for gluon) in this tree, then in each tree
     # build/ab/<name>/src, then this tree again: a kernel change A/B'd on configurations the table may not hold
@@ -380,7 +373,6 @@ ab-try)  # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS as for gluon) in this
         PYTHONPATH="$PWD/$tree/src:$PWD/tests" step "try-$name-$(date +%s)" 240 python3 benchmarks/try_configs.py \
             $TRY_CASES "${variants[@]}" --out "$OUT/try-$name-$(date +%s).json"
     done
-    pack_logs './try-*.json'  # (two trees or more: over the 8 files that come back)
     ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers?
     nvidia-smi -L
