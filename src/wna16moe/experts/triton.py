@@ -86,8 +86,9 @@ class TritonConfig:
 
     `num_warps2` and `num_stages2` give GEMM2 warps and a ring depth of its own (None: GEMM1's). A 128-row
     GEMM2 at one warpgroup and 2 stages (82 KB, no spill in its loop) fits two programs per SM, so that one's
-    ramp and epilogue can overlap the other's loop, while GEMM1 keeps its 8 warps. At M = 8192 a GEMM2 program
-    took ~27 µs against ~18 µs of mma work (NOTES.md v39). Not yet timed.
+    ramp and epilogue can overlap the other's loop, while GEMM1 keeps its 8 warps. On an H200 it won where GEMM2
+    was 128 x 128 at 8 warps (W8A16 M = 8192 -4 to -6%, int4 mixtral M = 2048 -4 to -5%) and gained nothing
+    where it was 128 x 256, whose activation tiles it reads twice as often (NOTES.md v40).
     """
 
     block_m: int
