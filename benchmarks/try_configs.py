@@ -1,6 +1,7 @@
 """Time a few named TRITON configurations against the shipped one on chosen shapes and M (graph replays after the
-bench's L2 flush), each checked against the float32 reference first: a quick A/B of launch parameters that the
-sweep does not cover. `python -m wna16moe.tuning --trials RESULTS.json` ships a variant that won every round.
+bench's L2 flush), each checked against the float32 reference first, in two rounds (`--rounds`): a quick A/B
+of launch parameters that the sweep does not cover. `python -m wna16moe.tuning --trials RESULTS.json` ships a
+variant that won every round.
 
     python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 [--scheme int8_g128_sym] --variant num_warps=2 \
         --variant num_warps=2,block_n1=32
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
     parser.add_argument("--variant", action="append", default=[], help="field=value[,field=value...]")
     parser.add_argument("--scheme", help="weight scheme (default: int4 symmetric at the model's group size)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds over the configurations (default 2; more where the margin is small)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -59,7 +62,7 @@ def main() -> None:
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
         shipped = kernel.config(m)
         variants = variants_of(shipped, args.variant, f"{name} M={m}")
-        for rnd in range(2):  # two rounds, so that a drift over time shows
+        for rnd in range(args.rounds):  # rounds in turn, so that a drift over time shows
             for c in variants:
                 try:
                     err = relative_error(kernel.apply(x, tw, ids, weights, c), reference)
