@@ -45,8 +45,8 @@
 # vLLM's Triton WNA16 kernel (the 'peer' mode) is read from its fused_moe.py (carry build/vllm_triton):
 #   unzip -o -j build/vllm-wheel/vllm-0.33.0-*.whl vllm/model_executor/layers/fused_moe/fused_moe.py -d build/vllm_triton
 # Its kernels are sm_80 PTX that the driver JIT-compiles on Hopper (minutes for the whole test file): the
-# compute cache is written to $OUT/nvcache.tgz, beside the results (it comes back only under 16 MB); carry it back as
-# build/nvcache.tgz to skip that next time.
+# compute cache is written to $OUT/nvcache.tgz, beside the results (it comes back only under 16 MB); carry it
+# back as build/nvcache.tgz to skip that next time.
 # Each step's limit is in seconds; a step that runs out is reported and the next one still runs.
 set -u
 RESULTS=${OUT:-/tmp/out}  # what comes back: results.tgz (and nvcache.tgz)
@@ -245,8 +245,7 @@ served)  # one GPU: the table as served, the shapes in turn, MARLIN in the same 
         done
     done
     left=$(( ${BUDGET:-560} - ($(date +%s) - start) ))
-    if [ "$left" -gt 60 ]; then  # (session 21: bounded per test only, the tests ran past the call's 600 s and
-        # took the unpacked W8A16 files with them)
+    if [ "$left" -gt 60 ]; then  # (bounded as a whole: bounded per test only, they once outran the call)
         TESTS_LIMIT=$(( left - 10 )) PARALLEL=16 parallel_tests triton-tests 300 tests/test_experts_triton.py \
             tests/test_kernels_moe_gemm_decode.py
     fi
