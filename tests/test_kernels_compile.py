@@ -127,6 +127,12 @@ DECODE_CASES = [
          loop_budget=335, pdl=2, prefetch=False),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=450, pdl=1, prefetch=True),
+    # Persistent narrow blocks (`persistent`): one ring through every item of the program, each item's epilogue
+    # between its last tile and the next item's first (GEMM1 8 x 128 at 2 stages, GEMM2 8 x 256 prefetching)
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=False, stages=2,
+         loop_budget=860, pdl=1, prefetch=False, persistent=True),
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=False,
+         stages=2, loop_budget=880, pdl=2, prefetch=True, persistent=True),
     # Wide blocks on Hopper's warpgroup mmas (wgmma): 32 rows 128 wide, GEMM2 256 wide, 64 rows at 8 warps with
     # g32 groups, int8, act-order with zero points (their 8- and 16-row loops scale a tile's products once, half
     # after half: `shrunk_budget`, the longest of those loops; 808 instructions scaled in the asm, 688 so).

@@ -3,7 +3,7 @@
 GPU (marker gpu): every scheme family (int4/int8, groups 32-128 and channel-wise, zero points; act-order and AWQ
 from the checkpoint fixtures), both activation dtypes, blocks of 8 and 16 rows and wide blocks of 32 to 128 rows
 (activations through shared memory, weights scaled in the asm), ring depths 2-5, K splits in both GEMMs, one
-token (a block per pair) and aligned blocks, bias and clamp, a CUDA-graph replay. CPU: the
+token (a block per pair) and aligned blocks, persistent programs, bias and clamp, a CUDA-graph replay. CPU: the
 argument checks, and a `decode` configuration running on `moe_gemm` under the interpreter (Gluon has none).
 Compilation for sm_90 and sm_80 is checked on the CPU in test_kernels_compile.py.
 """
@@ -27,6 +27,7 @@ from wna16moe import Activation, MoEConfig, WeightScheme, open_checkpoint
 from wna16moe.experts.base import relative_error
 from wna16moe.experts.triton import TritonConfig
 from wna16moe.kernels.moe_gemm import moe_gemm
+from wna16moe.kernels.moe_gemm_decode import ring_bytes
 from wna16moe.routing import softmax_topk
 
 
@@ -54,6 +55,8 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=16, block_n=64, wgmma=True, **common)
     with pytest.raises(ValueError, match="wgmma"):
         moe_gemm(*args, block_m=32, block_n=64, wgmma=True, **common | {"decode": False})
+    with pytest.raises(ValueError, match="persistent"):
+        moe_gemm(*args, block_m=16, block_n=64, persistent=2, **common | {"decode": False})
 
 
 def test_a_ring_past_the_gpus_shared_memory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,7 +64,6 @@ def test_a_ring_past_the_gpus_shared_memory_is_refused(monkeypatch: pytest.Monke
     test_kernels_compile.py): a tiling past the GPU's shared memory gets an error naming its settings, not
     Triton's OutOfResources at the first call. int8 GEMM1, 128 x 128 blocks: 3 stages fit Hopper's 227 KB, 4 not."""
     import wna16moe.kernels.moe_gemm as launcher
-    from wna16moe.kernels.moe_gemm_decode import ring_bytes
 
     hopper = 227 * 1024
     assert ring_bytes(4, True, False, 128, 128, 128, 3) == 148992  # (ptxas's figure, v37)
@@ -138,6 +140,45 @@ def test_launch_binds_every_kernel_parameter(decode: bool, monkeypatch: pytest.M
         assert kwargs["num_stages"] == 3
 
 
+def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`persistent` launches that many programs per SM (at most one per item, and as many as their rings fit in
+    its shared memory) over aligned narrow blocks, and one program per block and tile where its ring cannot run
+    on: K split, act-order columns, wide blocks, fewer K tiles than ring stages."""
+    import wna16moe.kernels.moe_gemm as launcher
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid: tuple[int, int]) -> Callable[..., None]:
+            return lambda *args, **kwargs: launches.append((grid, kwargs["PERSISTENT"]))
+
+    monkeypatch.setattr(launcher, "_moe_gemm_decode_kernel", Recorder())
+    monkeypatch.setattr(launcher, "_num_sms", lambda index: 2)
+    e, k, n, blocks = 4, 512, 256, 10
+    a = torch.randn(12, k, dtype=torch.float16)
+    w = torch.zeros(e, k // 8, n, dtype=torch.int32)
+    scales = torch.ones(e, k // 128, n, dtype=torch.float16)
+    out = torch.zeros(6, n)
+    aligned = (torch.zeros(blocks * 8, dtype=torch.int32), torch.zeros(blocks, dtype=torch.int32),
+               torch.tensor([blocks * 8], dtype=torch.int32))
+
+    def launch(block_m: int = 8, split_k: int = 1, a_perm: torch.Tensor | None = None, stages: int = 3,
+               kd: int = k) -> tuple[tuple[int, int], bool]:
+        moe_gemm(a[:, :kd], w, scales, None, a_perm, None, out, torch.ones(12), *aligned, bits=4, group_size=128,
+                 top_k=2, gated=False, block_m=block_m, block_n=64, split_k=split_k, decode=True, num_stages=stages,
+                 persistent=3, wgmma=block_m >= 32)
+        return launches.pop()
+
+    assert launch() == ((3 * 2, 1), True)  # 40 items (10 blocks x 4 tiles) on 3 programs x 2 SMs
+    assert launch(split_k=2) == ((blocks * 4, 2), False)
+    assert launch(a_perm=torch.zeros(e, k, dtype=torch.int32)) == ((blocks * 4, 1), False)
+    assert launch(block_m=32) == ((blocks * 4, 1), False)
+    assert launch(stages=5) == ((blocks * 4, 1), False)  # 4 K tiles
+    ring = ring_bytes(4, False, False, 128, 8, 64, 3)
+    monkeypatch.setattr(launcher, "_max_shared_memory", lambda device: 2 * ring + 1000)
+    assert launch() == ((2 * 2, 1), True)  # two rings fit an SM's shared memory, not three
+
+
 def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """cp.async moves 4, 8 or 16 bytes: the decode kernel copies rows of scales and activations with it only
     when N, K, the strides and the pointers are whole 16-byte pieces (ALIGNED), else through registers."""
@@ -169,13 +210,17 @@ DECODE_CONFIGS = [
     TritonConfig(8, 128, 128, num_stages=5, decode=True),
     TritonConfig(64, 64, 64, split_k1=2, num_stages=2, decode=True),
     TritonConfig(64, 128, 256, num_warps=8, num_stages=4, decode=True),
+    # persistent programs: one per SM, GEMM2 256 wide (masked last tile), a 2-deep ring; two per SM at 16 rows
+    TritonConfig(8, 128, 256, num_stages=2, decode=True, persistent=1),
+    TritonConfig(16, 64, 128, num_stages=3, decode=True, persistent=2),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split", "bm32", "bm8-wide-2stages",
-                                                     "bm16-w2", "bm8-5stages", "bm64-split", "bm64-w8"])
+                                                     "bm16-w2", "bm8-5stages", "bm64-split", "bm64-w8",
+                                                     "bm8-persistent", "bm16-persistent"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_g64_zp",
                                          "int4_ch_sym", "int8_g128_sym", "int8_g128_zp", "int8_g64_sym"])
 def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) -> None:

@@ -89,6 +89,11 @@ class TritonConfig:
     ramp and epilogue can overlap the other's loop, while GEMM1 keeps its 8 warps. On an H200 it won where GEMM2
     was 128 x 128 at 8 warps (W8A16 M = 8192 -4 to -6%, int4 mixtral M = 2048 -4 to -5%) and gained nothing
     where it was 128 x 256, whose activation tiles it reads twice as often (NOTES.md v40).
+
+    `persistent` (with `decode` and blocks of 8 or 16 rows) runs both GEMMs on that many programs per SM, each
+    streaming its share of the (row block, column tile) items through one cp.async ring, so that no program
+    starts with an empty ring and the last wave is not a fraction of the SMs (small experts: qwen3-30b-a3b has
+    6 GEMM1 tiles per expert of 16 K tiles each); 0: one program per block and tile.
     """
 
     block_m: int
@@ -106,6 +111,7 @@ class TritonConfig:
     wgmma: bool = False
     num_warps2: int | None = None
     num_stages2: int | None = None
+    persistent: int = 0
 
     @property
     def gemm2_warps(self) -> int:
@@ -131,6 +137,10 @@ class TritonConfig:
         if self.shrink and self.decode:
             raise ValueError("shrink applies to kernels/moe_gemm.py's blocks; the decode kernel's wide blocks "
                              "always multiply only their real rows")
+        if self.persistent and not (self.decode and self.block_m < 32 and self.persistent > 0):
+            raise ValueError(f"persistent (programs per SM) applies to the decode kernel's narrow blocks (decode, "
+                             f"block_m 8 or 16), got persistent={self.persistent} decode={self.decode} "
+                             f"block_m={self.block_m}")
         if self.wgmma and not (self.decode and self.block_m >= 32):
             raise ValueError(f"wgmma applies to the decode kernel's wide blocks (decode, block_m >= 32), got "
                              f"decode={self.decode} block_m={self.block_m}")
@@ -372,7 +382,7 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
-            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False)
+            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
@@ -382,7 +392,7 @@ class TritonExperts(Experts):
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, pdl)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
-                      pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma)
+                      pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
         gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).

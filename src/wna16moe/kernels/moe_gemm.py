@@ -29,6 +29,8 @@ GEMM1's programs clear that accumulator beforehand (ZERO_OUT), so a forward need
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -471,6 +473,11 @@ def _max_shared_memory(device: torch.device) -> int | None:
     return max_shared_mem(device.index) if device.type == "cuda" else None
 
 
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _group_in_tile(group_size: int) -> int:
     """Reduction rows of one quantization group inside a TILE_K tile (group_size -1: channel-wise)."""
     return TILE_K if group_size == -1 else min(group_size, TILE_K)
@@ -510,6 +517,7 @@ def moe_gemm(
     num_stages: int = 3,
     max_registers: int | None = None,
     wgmma: bool = False,
+    persistent: int = 0,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -544,6 +552,12 @@ def moe_gemm(
         (an expert's last block is often mostly padding). The decode kernel's wide blocks always do so.
     max_registers : a cap on registers per thread (ptxas .maxnreg), or None for the compiler's choice.
     wgmma : the decode kernel's wide blocks (block_m >= 32) multiply with Hopper's warpgroup mmas (sm_90 only).
+    persistent : the decode kernel's narrow blocks (8 and 16 rows) on `persistent` programs per SM, each taking
+        every so-many (row block, column tile) through one cp.async ring (kernels/moe_gemm_decode.py); 0: one
+        program per block and tile. At most as many per SM as their rings fit in its shared memory (registers
+        are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, one block per pair,
+        act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
+        per block and tile.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     if decode:
@@ -560,12 +574,16 @@ def moe_gemm(
                                            0 if zeros is None else zeros.data_ptr()))
         if wgmma and block_m < 32:
             raise ValueError(f"wgmma multiplies the decode kernel's wide blocks (block_m >= 32), got {block_m}")
+        if persistent and (block_m >= 32 or sorted_ids is None or split_k > 1 or a_perm is not None or not aligned
+                           or triton.cdiv(a.shape[1], TILE_K) < num_stages):
+            persistent = 0
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
-                                                           WGMMA=wgmma, GROUP_M=group_m(block_m))
+                                                           WGMMA=wgmma, GROUP_M=group_m(block_m),
+                                                           PERSISTENT=persistent > 0)
         options = dict(num_warps=num_warps, **registers)
     else:
-        if wgmma:
-            raise ValueError("wgmma is the decode kernel's (decode=True)")
+        if wgmma or persistent:
+            raise ValueError("wgmma and persistent are the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")
@@ -587,6 +605,9 @@ def moe_gemm(
             raise ValueError(f"the decode kernel's ring of num_stages={num_stages} x block_m={block_m} x "
                              f"block_n={block_n} ({bits}-bit{', gated' if gated else ''}) needs {ring} bytes of "
                              f"shared memory, this GPU {shared_limit}: fewer stages or smaller blocks")
+        # (programs that do not fit on an SM at once would start after the others: each holds 1 / programs of
+        # the work, so the last ones would double the time)
+        persistent = min(persistent, shared_limit // ring)
     partials = gated and split_k > 1
     if partials and (out.dim() != 3 or out.shape[0] != split_k or out.shape[2] != n_total
                      or out.dtype != torch.float32 or not out.is_contiguous()):
@@ -604,6 +625,8 @@ def moe_gemm(
     if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
         raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
+    if decode and persistent:
+        grid = (min(grid[0], persistent * _num_sms(a.device.index)), 1)
     kernel[grid](
         a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,

@@ -393,15 +393,16 @@ def _stage(buffers, slot, UNROLL: gl.constexpr):
 
 
 @gluon.jit
-def _ring_tile(acc, acc_up, stage, refill, next_a_buf, k, k_step, k_first, k_end, c_ptrs, c_mask, s_base, z_base,
-               offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size, stride_sg,
+def _ring_tile(acc, acc_up, stage, refill, next_a_buf, k, k_refill, k_step, k_first, k_end, c_ptrs, c_mask, s_base,
+               z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size, stride_sg,
                PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
                HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
                ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr, RAW: gl.constexpr,
                SCALED: gl.constexpr, POST_SCALED: gl.constexpr, USE_WGMMA: gl.constexpr, DTYPE: gl.constexpr,
                A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr):
     """One K tile of `_block_gemm`'s loop: wait for the tile in `stage`, refill `refill` with the tile STAGES - 1
-    ahead, multiply; activations that go through registers are stored into `next_a_buf` one tile ahead."""
+    ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at), multiply; activations that
+    go through registers are stored into `next_a_buf` one tile ahead."""
     w_gate, w_up, s_buf, z_buf, a_buf = stage
     if USE_WGMMA:  # (each thread's copies and stores visible to the tensor cores: before the barrier)
         _wait_and_fence(STAGES - 2)
@@ -409,7 +410,7 @@ def _ring_tile(acc, acc_up, stage, refill, next_a_buf, k, k_step, k_first, k_end
         async_copy.wait_group(STAGES - 2)
     gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
     _copy_tile(refill, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
-               k + (STAGES - 1) * k_step, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK, GATED, COPY_A,
+               k_refill, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK, GATED, COPY_A,
                EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
     a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
@@ -468,6 +469,17 @@ def _program_block(num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr
 
 
 @gluon.jit
+def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl.constexpr):
+    """Pointers [ROWS, 1] to the activation rows of a block's pairs `rows_b` (GEMM1: their tokens' hidden
+    states). Padding rows (P) read pair 0's activations instead of masking every load; their results are
+    dropped."""
+    a_rows = gl.where(rows_b < P, rows_b, 0)
+    if GATED:
+        a_rows = a_rows // TOP_K
+    return a_ptr + a_rows.to(gl.int64)[:, None] * stride_am
+
+
+@gluon.jit
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
@@ -477,7 +489,7 @@ def _block_gemm(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
-    WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
+    WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -498,7 +510,14 @@ def _block_gemm(
     # A wide block's activation tile [ROWS, TILE_K], 16 bytes per thread and load.
     A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
 
-    pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
+    if PERSISTENT:  # (row block, column tile) items in `_program_block`'s decode order: this program's first
+        blocks = gl.maximum(gl.cdiv(gl.load(num_padded_ptr), BLOCK_M), 1)
+        items = blocks * gl.cdiv(N, BLOCK_N)
+        item = gl.program_id(0)
+        pid_m = item % blocks
+        pid_n = item // blocks
+    else:
+        pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
     pid_k = gl.program_id(1)
     if ZERO_OUT:  # (see `_moe_gemm_decode_kernel`: one launch fewer)
         FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
@@ -514,16 +533,15 @@ def _block_gemm(
         rows_b = gl.where(m_b == 0, pid_m, P)
         rows = gl.where(m_acc == 0, pid_m, P)
     else:
-        if pid_m * BLOCK_M >= gl.load(num_padded_ptr):
+        if PERSISTENT:
+            if item >= items:
+                return
+        elif pid_m * BLOCK_M >= gl.load(num_padded_ptr):
             return
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
         rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_b)
         rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_acc)
-    # Padding rows (P) read pair 0's activations instead of masking every load; their results are dropped.
-    a_rows = gl.where(rows_b < P, rows_b, 0)
-    if GATED:
-        a_rows = a_rows // TOP_K
-    a_row_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * stride_am
+    a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, GATED)
     perm_ptr = a_perm_ptr + expert * KD
 
     tiles = gl.cdiv(KD, _TILE_K)
@@ -615,29 +633,92 @@ def _block_gemm(
     a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, HAS_PERM, EVEN_K, COPY_A)
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
         _stage(buffers, 0, UNROLL)[4].store(a_tile)
-    if UNROLL:
+    if PERSISTENT:
+        # One ring through all of the program's items (every num_programs-th): the refills run STAGES - 1 tiles
+        # ahead into the next item while this one's last tiles multiply, and each item's epilogue comes
+        # between tiles, its loads of the next item already in flight. The refill side (item_r at k_r) sets up
+        # an item's operands when it first copies from it; refills past the program's last item copy the grid's
+        # last one again (unused).
+        programs = gl.num_programs(0)
+        total = gl.cdiv(items - item, programs) * tiles
+        offs_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
+        c_offs = gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk + offs_c[None, :]
+        item_r, n0_r, a_row_ptrs_r, c_ptrs_r, c_mask_r, s_base_r, z_base_r = (item, n0, a_row_ptrs, c_ptrs, c_mask,
+                                                                               s_base, z_base)
+        k_r = k_begin + (STAGES - 1) * k_step
+        done = 0  # tiles of `item` multiplied
+        for t_round in range(0, total, STAGES):
+            for slot in gl.static_range(STAGES):
+                if t_round + slot < total:
+                    if k_r >= KD:
+                        k_r = k_r * 0
+                        item_r = gl.minimum(item_r + programs, items - 1)
+                        block_r = item_r % blocks
+                        expert_r = gl.load(expert_ids_ptr + block_r).to(gl.int64)
+                        a_row_ptrs_r = _activation_rows(gl.load(sorted_ids_ptr + block_r * BLOCK_M + m_b), a_ptr, P,
+                                                        stride_am, TOP_K, GATED)
+                        n0_r = item_r // blocks * BLOCK_N
+                        c_ptrs_r = w_ptr + expert_r * stride_we + n0_r + c_offs
+                        c_mask_r = (n0_r + offs_c < N)[None, :]
+                        s_base_r = s_ptr + expert_r * stride_se
+                        z_base_r = z_ptr + expert_r * stride_se if HAS_ZP else s_base_r
+                    acc, acc_up = _ring_tile(
+                        acc, acc_up, buffers[slot], buffers[(slot + STAGES - 1) % STAGES],
+                        buffers[(slot + 1) % STAGES][4], k_r, k_r, k_step, k_first, KD, c_ptrs_r, c_mask_r, s_base_r,
+                        z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE,
+                        stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
+                        STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
+                    k_r += k_step
+                    done += 1
+                    if done == tiles:
+                        block = item % blocks
+                        n0_c = item // blocks * BLOCK_N
+                        cols = n0_c + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+                        _epilogue(acc, acc_up, gl.load(sorted_ids_ptr + block * BLOCK_M + m_acc),
+                                  gl.load(expert_ids_ptr + block).to(gl.int64), cols, cols < N, n0_c, pid_k,
+                                  out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED,
+                                  ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
+                        acc = gl.zeros_like(acc)
+                        acc_up = gl.zeros_like(acc_up)
+                        done = 0
+                        item += programs
+    elif UNROLL:
         for k_round in range(k_begin, k_end, STAGES * k_step):
             for slot in gl.static_range(STAGES):
                 k = k_round + slot * k_step
                 if k < k_end:
                     acc, acc_up = _ring_tile(
                         acc, acc_up, buffers[slot], buffers[(slot + STAGES - 1) % STAGES],
-                        buffers[(slot + 1) % STAGES][4], k, k_step, k_first, k_end, c_ptrs, c_mask, s_base, z_base,
-                        offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE, stride_sg,
-                        PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED, STAGES, BITS,
-                        RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
+                        buffers[(slot + 1) % STAGES][4], k, k + (STAGES - 1) * k_step, k_step, k_first, k_end, c_ptrs,
+                        c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
+                        GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
+                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
     else:
         slot = 0
         for k in range(k_begin, k_end, k_step):
             acc, acc_up = _ring_tile(
                 acc, acc_up, _stage(buffers, slot, False), _stage(buffers, (slot + STAGES - 1) % STAGES, False),
-                _stage(buffers, (slot + 1) % STAGES, False)[4], k, k_step, k_first, k_end, c_ptrs, c_mask, s_base,
-                z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE, stride_sg,
-                PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED, STAGES, BITS, RAW,
-                SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
+                _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + (STAGES - 1) * k_step, k_step, k_first, k_end,
+                c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
+                GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
+                STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
             slot = (slot + 1) % STAGES
     leave_main_loop(PDL)
 
+    if not PERSISTENT:
+        _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P,
+                  stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M,
+                  BLOCK_N, NUM_WARPS)
+
+
+@gluon.jit
+def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om,
+              alpha, beta, limit, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
+              HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, USE_WGMMA: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """A block's results out: GEMM1's activation (or K-split partial sums) stored, GEMM2's rows scaled by their
+    router weights and added into their tokens' rows. `rows`: the block's pairs (P: padding), `offs_n` its
+    columns, both in the accumulator's layout."""
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
     # 64- and 128-row wgmma blocks leave through `_store_layout`: on an H200, M = 8192 -1.7% (deepseek-v3) and
@@ -674,6 +755,7 @@ def _block_gemm(
         gl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
 
 
+
 @gluon.jit
 def _moe_gemm_decode_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
@@ -684,6 +766,7 @@ def _moe_gemm_decode_kernel(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
+    PERSISTENT: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -711,38 +794,39 @@ def _moe_gemm_decode_kernel(
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M)
+                            False, WGMMA, GROUP_M, False)
             elif live <= 16:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M)
+                            False, WGMMA, GROUP_M, False)
             elif live <= 32 or BLOCK_M == 32:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M)
+                            False, WGMMA, GROUP_M, False)
             elif live <= 64 or BLOCK_M == 64:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M)
+                            False, WGMMA, GROUP_M, False)
             else:
                 _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                             expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                             stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                             ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                             BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M)
+                            False, WGMMA, GROUP_M, False)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                    ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M)
+                    ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
+                    PERSISTENT)
