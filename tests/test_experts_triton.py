@@ -221,6 +221,13 @@ def test_shrink_settings_are_checked() -> None:
         TritonConfig(32, 64, 128, decode=True, shrink=1)
 
 
+def test_persistent_applies_to_narrow_decode_blocks_only() -> None:
+    assert TritonConfig(8, 128, 256, decode=True, persistent=3).persistent == 3
+    for config in (dict(block_m=16), dict(block_m=32, decode=True), dict(block_m=8, decode=True, persistent=-1)):
+        with pytest.raises(ValueError, match="persistent"):
+            TritonConfig(block_n1=64, block_n2=64, **{"persistent": 2} | config)
+
+
 @pytest.mark.parametrize("config", [None, TritonConfig(16, 32, 32, split_k1=2, split_k2=2)],
                          ids=["default", "split-k"])
 @pytest.mark.parametrize("activation", [Activation.SILU, Activation.SWIGLU_OAI])

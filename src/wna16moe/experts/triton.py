@@ -92,8 +92,9 @@ class TritonConfig:
 
     `persistent` (with `decode` and blocks of 8 or 16 rows) runs both GEMMs on that many programs per SM, each
     streaming its share of the (row block, column tile) items through one cp.async ring, so that no program
-    starts with an empty ring and the last wave is not a fraction of the SMs (small experts: qwen3-30b-a3b has
-    6 GEMM1 tiles per expert of 16 K tiles each); 0: one program per block and tile.
+    starts with an empty ring (small experts: qwen3-30b-a3b has 6 GEMM1 tiles per expert of 16 K tiles each);
+    0: one program per block and tile. On an H200 it won at int4 qwen3-30b-a3b M = 32 (-4%) and lost or tied
+    at M = 8 and 128 and on the big experts (NOTES.md v41).
     """
 
     block_m: int

@@ -44,6 +44,10 @@ experts -1 to -1.5%, NOTES.md v36). A wide block of 32 or 64 rows keeps rings in
 barriers per tile: its loops, one per row count, outgrew the instruction cache unrolled. A 128-row block (8 warps,
 prefill) is unrolled like a narrow one.
 
+PERSISTENT narrow blocks: the grid is a few programs per SM, each taking every so-many (row block, column
+tile) item and keeping one ring through all of them; its refills run into the next item while the current
+one's last tiles multiply, and each item's epilogue comes between its last tile and the next item's first.
+
 A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones (padding
 rows come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
 last, mostly padded block costs the mmas of its real rows (32-row blocks at M = 512: deepseek-v3 and
