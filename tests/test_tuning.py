@@ -182,6 +182,20 @@ def test_search_moves_are_launchable(shape: str, tokens: int) -> None:
     assert moved and all(_launchable(c) for c in moved), [c for c in moved if not _launchable(c)]
 
 
+def test_search_tries_persistent_narrow_blocks_and_leaves_them() -> None:
+    """From a narrow decode base the search offers persistent programs (v41's one win, qwen3-30b-a3b M = 32);
+    its tile moves reset them, so that a persistent pick can still move to wide blocks."""
+    from wna16moe.bench import _search_groups
+
+    base, per_expert = _default_for("qwen3-30b-a3b", 32)
+    assert base.decode and base.block_m == 8, base
+    groups = _search_groups(per_expert)
+    persistent = [replace(base, **fields) for group in groups for fields in group if fields.get("persistent")]
+    assert {c.persistent for c in persistent} == {2, 3}
+    wide = [replace(persistent[0], **fields) for fields in groups[0] if fields["block_m"] >= 32]
+    assert wide and all(c.persistent == 0 for c in wide)
+
+
 @pytest.mark.parametrize(("shape", "tokens"), [("deepseek-v3", 512), ("qwen3-30b-a3b", 512)])
 def test_search_leaves_a_wgmma_base(shape: str, tokens: int) -> None:
     """Hopper's default at 10-64 rows per expert is a 32-row decode block on wgmma; the search's tile moves

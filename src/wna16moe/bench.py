@@ -291,12 +291,15 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         # (on mma.sync: a wgmma base, the Hopper default at 10-64 rows, must reach narrow blocks; the last group
         # turns wgmma on again)
         kernel = [{"decode": True, "block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": 4,
-                   "num_stages": st, "max_registers": None, "wgmma": False}
+                   "num_stages": st, "max_registers": None, "wgmma": False, "persistent": 0}
                   for bm in block_ms for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
         # Where each kernel lets the next one launch (kernels/grid_dependence.py; v28: released at the wait,
         # qwen3-30b-a3b M = 1 gained 6% and mixtral M = 1 lost 5%), or plain launches.
         release = [{"pdl": p} for p in (RELEASE_AT_WAIT, PDL_OFF)]
-        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release, _WGMMA_MOVES]
+        # Narrow blocks on a few programs per SM, one ring through all their items (v41: won at qwen3-30b-a3b
+        # M = 32 at three, lost at M = 8 and 128 and on the big experts)
+        persistent = [{"persistent": p} for p in (2, 3)]
+        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release, persistent, _WGMMA_MOVES]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, its 64-row blocks at 8
     # warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring, and its 128-row
     # blocks, on wgmma only: they took M = 8192 from the Triton kernel, v37; at one warpgroup, two programs per
