@@ -94,13 +94,11 @@ def test_gpu_a_ring_past_shared_memory_is_refused_before_the_launch() -> None:
     assert out.isnan().all()  # (nothing launched)
 
 
-def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Tensor, n: int = 64,
-                     max_registers: int | None = None) -> tuple[tuple[int, int], tuple, dict]:
-    """The grid, arguments and keywords `moe_gemm` launches one kernel with for a GEMM1 of 3 tokens, top-2, over
-    4 experts, N = n, K = a.shape[1] (the launch recorded instead of run)."""
+def _record_launches(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple[int, int], tuple, dict]]:
+    """The grid, arguments and keywords of every launch of kernel `name` by `moe_gemm`, recorded instead of
+    run."""
     import wna16moe.kernels.moe_gemm as launcher
 
-    name = "_moe_gemm_decode_kernel" if decode else "_moe_gemm_kernel"
     launches = []
 
     class Recorder:
@@ -108,6 +106,14 @@ def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Ten
             return lambda *args, **kwargs: launches.append((grid, args, kwargs))
 
     monkeypatch.setattr(launcher, name, Recorder())
+    return launches
+
+
+def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Tensor, n: int = 64,
+                     max_registers: int | None = None) -> tuple[tuple[int, int], tuple, dict]:
+    """The grid, arguments and keywords `moe_gemm` launches one kernel with for a GEMM1 of 3 tokens, top-2, over
+    4 experts, N = n, K = a.shape[1] (the launch recorded instead of run)."""
+    launches = _record_launches(monkeypatch, "_moe_gemm_decode_kernel" if decode else "_moe_gemm_kernel")
     tiles = -(-a.shape[1] // 128)
     w = torch.zeros(4, tiles * 16, 2 * n, dtype=torch.int32)
     scales = torch.ones(4, tiles, 2 * n, dtype=torch.float16)
@@ -146,13 +152,7 @@ def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPat
     on: K split, act-order columns, wide blocks, fewer K tiles than ring stages."""
     import wna16moe.kernels.moe_gemm as launcher
 
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid: tuple[int, int]) -> Callable[..., None]:
-            return lambda *args, **kwargs: launches.append((grid, kwargs["PERSISTENT"]))
-
-    monkeypatch.setattr(launcher, "_moe_gemm_decode_kernel", Recorder())
+    launches = _record_launches(monkeypatch, "_moe_gemm_decode_kernel")
     monkeypatch.setattr(launcher, "_num_sms", lambda index: 2)
     e, k, n, blocks = 4, 512, 256, 10
     a = torch.randn(12, k, dtype=torch.float16)
@@ -167,7 +167,8 @@ def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPat
         moe_gemm(a[:, :kd], w, scales, None, a_perm, None, out, torch.ones(12), *aligned, bits=4, group_size=128,
                  top_k=2, gated=False, block_m=block_m, block_n=64, split_k=split_k, decode=True, num_stages=stages,
                  persistent=3, wgmma=block_m >= 32)
-        return launches.pop()
+        grid, _, kwargs = launches.pop()
+        return grid, kwargs["PERSISTENT"]
 
     assert launch() == ((3 * 2, 1), True)  # 40 items (10 blocks x 4 tiles) on 3 programs x 2 SMs
     assert launch(split_k=2) == ((blocks * 4, 2), False)

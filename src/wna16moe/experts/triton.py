@@ -138,7 +138,7 @@ class TritonConfig:
         if self.shrink and self.decode:
             raise ValueError("shrink applies to kernels/moe_gemm.py's blocks; the decode kernel's wide blocks "
                              "always multiply only their real rows")
-        if self.persistent and not (self.decode and self.block_m < 32 and self.persistent > 0):
+        if self.persistent < 0 or (self.persistent and not (self.decode and self.block_m < 32)):
             raise ValueError(f"persistent (programs per SM) applies to the decode kernel's narrow blocks (decode, "
                              f"block_m 8 or 16), got persistent={self.persistent} decode={self.decode} "
                              f"block_m={self.block_m}")
