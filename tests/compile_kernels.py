@@ -107,7 +107,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   SCALE_WEIGHTS=case["block_m"] > case["group_in_tile"],
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
-                  PAIR_BLOCKS=False, ZERO_OUT=case["gated"], PDL=case.get("pdl", 0),
+                  ID_BLOCKS=0, ZERO_OUT=case["gated"], PDL=case.get("pdl", 0),
                   SHRINK=case.get("shrink", 0))
     act = "*" + case.get("dtype", "bf16")
     # Absent tensors are passed as others, as `moe_gemm` does (the activations for the permutation, the scales
@@ -133,7 +133,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   HAS_ZP=case["zp"], HAS_PERM=case["perm"], HAS_BIAS=True, GROUP_SIZE=group,
                   GROUP_IN_TILE=min(group, 128), SPLIT_K=case.get("split_k", 1), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], EVEN_K=True, ALIGNED=case.get("aligned", True),
-                  PAIR_BLOCKS=case["pair"], ZERO_OUT=gated,
+                  ID_BLOCKS=int(case["pair"]), ZERO_OUT=gated,
                   NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0),
                   WGMMA=case.get("wgmma", False), GROUP_M=group_m(case["block_m"]),
                   PERSISTENT=case.get("persistent", False))

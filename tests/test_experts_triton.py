@@ -240,6 +240,54 @@ def test_bias_and_clamp(activation: Activation, config: TritonConfig | None) -> 
     assert relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("t", [1, 2, 5, 12])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_blocks_from_the_ids_match_emulation(t: int, block_m: int) -> None:
+    """For a few tokens the GEMMs find their blocks in topk_ids (kernels/token_blocks.py): with experts shared
+    by several tokens, ids of another EP rank (-1), a token naming an expert twice (bad routing, but each of its
+    pairs must still count once) and experts nobody routed to."""
+    e, h, i, k = 24, 128, 64, 2
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_zp"))
+    spec = LayerSpec(MoEConfig(e, k, h, i, dtype=torch.float16), experts.scheme)
+    x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
+    weights = torch.rand(t, k, device=DEVICE)
+    ids = torch.randint(0, 6, (t, k), device=DEVICE)  # (experts 6 and on: never routed to)
+    ids[0, 1] = ids[0, 0]  # a token naming an expert twice
+    ids[-1, -1] = -1
+    ref = EmulationExperts(spec, experts.quant_config(), DEVICE).apply(
+        x, weights, ids, EmulationExperts.prepare_weights(experts, DEVICE))
+    out = TritonExperts(spec, experts.quant_config(), DEVICE).apply(
+        x, weights, ids, TritonExperts.prepare_weights(experts, DEVICE), TritonConfig(block_m, 32, 32))
+    assert relative_error(out, ref) < 1e-2
+
+
+def test_blocks_from_the_ids_replace_the_alignment_for_few_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No alignment launch where a block's rows hold every token and pairs do not outnumber experts: one pair
+    per block for one token, token rows for more (ID_BLOCKS 1, 2); aligned blocks otherwise."""
+    import wna16moe.kernels.moe_align as align
+    import wna16moe.kernels.moe_gemm as launcher
+
+    launches = []
+    monkeypatch.setattr(launcher, "_moe_gemm_kernel", type("Recorder", (), {
+        "__getitem__": lambda self, grid: lambda *args, **kwargs: launches.append(kwargs["ID_BLOCKS"])})())
+    aligned = []
+    real_align = align.moe_align_block_size
+    monkeypatch.setattr(align, "moe_align_block_size", lambda *a, **kw: aligned.append(1) or real_align(*a, **kw))
+    e, h, i, k = 40, 128, 64, 2
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
+    spec = LayerSpec(MoEConfig(e, k, h, i, dtype=torch.float16), experts.scheme)
+    kernel = TritonExperts(spec, experts.quant_config(), DEVICE)
+    weights = TritonExperts.prepare_weights(experts, DEVICE)
+    # (tokens, block_m, ID_BLOCKS): 40 experts hold 20 tokens' pairs
+    for t, block_m, expected in ((1, 16, 1), (9, 16, 2), (16, 16, 2), (17, 32, 2), (17, 16, 0), (21, 32, 0)):
+        launches.clear()
+        aligned.clear()
+        topk_weights, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+        kernel.apply(torch.randn(t, h, dtype=torch.float16, device=DEVICE), topk_weights, ids, weights,
+                     TritonConfig(block_m, 32, 32))
+        assert launches == [expected, expected] and len(aligned) == (expected == 0), (t, block_m)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_router_weights_in_the_activation_dtype(dtype: torch.dtype) -> None:
     # Routers often return fp16/bf16 weights: GEMM2 reads them as they are (no cast launch), as float32.
@@ -271,16 +319,16 @@ def test_gemm1_writes_every_routed_row() -> None:
     assert torch.isfinite(inter).all()
 
 
-@pytest.mark.parametrize("pair_blocks", [False, True], ids=["aligned", "one-block-per-pair"])
+@pytest.mark.parametrize(("t", "from_ids"), [(5, False), (1, True), (5, True)],
+                         ids=["aligned", "one-block-per-pair", "blocks-from-ids"])
 @pytest.mark.parametrize("numel", [1, 3000, 70_001])  # fewer elements than programs; more than a 1024-wide store
-def test_gemm1_clears_gemm2_output(numel: int, pair_blocks: bool) -> None:
+def test_gemm1_clears_gemm2_output(numel: int, t: int, from_ids: bool) -> None:
     # GEMM2's accumulator, poisoned: GEMM1's programs (idle ones included) must zero all of it and nothing more.
     e, h, i, k = 4, 64, 64, 2
-    t = 1 if pair_blocks else 5
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_sym"))
     w = prepare_triton_weights(experts, DEVICE)
     _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
-    blocks = (None, ids.reshape(-1), None) if pair_blocks else moe_align_block_size(ids, e, 16)
+    blocks = (None, ids.reshape(-1), None) if from_ids else moe_align_block_size(ids, e, 16)
     target = torch.full((numel + 1,), float("nan"), device=DEVICE)
     inter = torch.empty(t * k, i, dtype=torch.float16, device=DEVICE)
     moe_gemm(torch.randn(t, h, dtype=torch.float16, device=DEVICE), w["w13"], w["w13_scales"], None, None, None,

@@ -133,6 +133,14 @@ DECODE_CASES = [
          loop_budget=860, pdl=1, prefetch=False, persistent=True),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=False,
          stages=2, loop_budget=880, pdl=2, prefetch=True, persistent=True),
+    # Blocks found in the ids (pair=2, kernels/token_blocks.py; qwen3-30b-a3b M = 8's entries): GEMM1 8 x 128 at 2
+    # stages, waiting first; GEMM2 8 x 256 copying weights before it waits; a 32-row wgmma block (kimi-k2 M = 8)
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=2, stages=2,
+         loop_budget=535, pdl=2, prefetch=False),
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=2, stages=2,
+         loop_budget=705, pdl=2, prefetch=True),
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=128, warps=4, pair=2,
+         loop_budget=890, wgmma=True, shrunk_budget=720),
     # Wide blocks on Hopper's warpgroup mmas (wgmma): 32 rows 128 wide, GEMM2 256 wide, 64 rows at 8 warps with
     # g32 groups, int8, act-order with zero points (their 8- and 16-row loops scale a tile's products once, half
     # after half: `shrunk_budget`, the longest of those loops; 808 instructions scaled in the asm, 688 so).
@@ -261,7 +269,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts["loop_BAR"] == (1 if unrolled else 3 if stores else 2), facts
     if wgmma:
         return
-    if not case["pair"]:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)
+    if case["pair"] != 1:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)
         assert facts["loop_HMMA"] >= halves * 8 * case["block_m"] // 8 * case["block_n"] // (16 * case["warps"]), facts
     if case["block_m"] >= 32:  # wide blocks read the activations from shared memory as MMA operands
         assert facts["loop_LDSM"] > 0, facts

@@ -57,6 +57,10 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=32, block_n=64, wgmma=True, **common | {"decode": False})
     with pytest.raises(ValueError, match="persistent"):
         moe_gemm(*args, block_m=16, block_n=64, persistent=2, **common | {"decode": False})
+    many = (torch.zeros(17, 128, dtype=torch.float16), w, scales, None, None, None, torch.zeros(17, 128),
+            torch.ones(17), None, torch.zeros(17, dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="17 tokens need block_m >= 17"):  # (blocks from the ids: a row a token)
+        moe_gemm(*many, block_m=16, block_n=64, **common)
 
 
 def test_a_ring_past_the_gpus_shared_memory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,9 +4,10 @@ Legend: T tokens, K top-k, P = T * K routed pairs, E experts, N output features,
 GEMM1, I for GEMM2), G groups, PACK = 32 // bits codes per int32 word, TILE_K = 128 reduction elements per
 tile, R = TILE_K // PACK words per tile column.
 
-Rows are the pairs of `moe_align_block_size`, one expert per BLOCK_M block (or, for one token, one pair per
-block straight from topk_ids: PAIR_BLOCKS). With SHRINK a block whose real rows (padding is sorted last) fit in
-BLOCK_M / 2 (or / 4) runs the main loop and epilogue compiled for that many rows (`_gemm_block`).
+Rows are the pairs of `moe_align_block_size`, one expert per BLOCK_M block, or for at most BLOCK_M tokens blocks
+straight from topk_ids (ID_BLOCKS: one pair per block for one token, else `kernels/token_blocks.py`). With SHRINK
+a block whose real rows (padding is sorted last) fit in BLOCK_M / 2 (or / 4) runs the main loop and epilogue
+compiled for that many rows (`_gemm_block`).
 
 Weight layout, K-major and tile-interleaved: w[e, t * R + r, n] is one int32 word of column n; its slot j
 (bits [j * bits, (j + 1) * bits)) holds the code of reduction index kd = t * TILE_K + j * R + r. So a tile
@@ -48,6 +49,7 @@ from wna16moe.kernels.dequant import (
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel, ring_bytes, tiling_error
+from wna16moe.kernels.token_blocks import token_block_rows
 from wna16moe.kernels.zero_share import zero_program_share
 
 # Kernels may read module globals only when they are constexpr objects.
@@ -259,14 +261,16 @@ def _gemm_block(
     HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, SPLIT_K: tl.constexpr, FAST_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
-    PAIR_BLOCKS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr,
+    ID_BLOCKS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Block pid_m of `expert` (rows pid_m * BLOCK_M onward; one pair with PAIR_BLOCKS), its first ROWS rows
+    """Block pid_m of `expert` (rows pid_m * BLOCK_M onward; with ID_BLOCKS see the kernel), its first ROWS rows
     only, N tile pid_n and K split pid_k: both the main loop and the epilogue of the kernel below."""
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
-    if PAIR_BLOCKS:  # block b holds pair b alone: no alignment pass (one token: its pairs' experts differ)
+    if ID_BLOCKS == 1:  # one token: block b holds pair b alone
         rows = tl.where(tl.arange(0, ROWS) == 0, pid_m, P)
+    elif ID_BLOCKS:
+        rows = token_block_rows(sorted_ids_ptr, pid_m, expert, P, tl.arange(0, ROWS), TOP_K)[0]
     else:
         rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, ROWS))
     row_mask = rows < P
@@ -370,9 +374,9 @@ def _moe_gemm_kernel(
     bias_ptr,  # (E, N_total) float32 (HAS_BIAS)
     out_ptr,  # GATED: (P, N) activation dtype; else (T, N) float32, accumulated atomically
     topk_w_ptr,  # (P,) router weights, any float dtype (not GATED)
-    sorted_ids_ptr,  # (max_padded,) int32 pair of each row, P for padding (not PAIR_BLOCKS)
-    expert_ids_ptr,  # (max_blocks,) int32 expert of each BLOCK_M block; PAIR_BLOCKS: (P,) of each pair, -1 left out
-    num_padded_ptr,  # (1,) int32 rows in use (not PAIR_BLOCKS)
+    sorted_ids_ptr,  # (max_padded,) int32 pair of each row, P for padding (not ID_BLOCKS)
+    expert_ids_ptr,  # (max_blocks,) int32 expert of each BLOCK_M block; ID_BLOCKS: (P,) of each pair, -1 left out
+    num_padded_ptr,  # (1,) int32 rows in use (not ID_BLOCKS)
     zero_ptr,  # (zero_numel,) float32 to fill with zeros (ZERO_OUT)
     zero_numel,
     N,
@@ -405,7 +409,7 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     SWAP_AB: tl.constexpr,
     EVEN_K: tl.constexpr,
-    PAIR_BLOCKS: tl.constexpr,
+    ID_BLOCKS: tl.constexpr,  # 0: aligned blocks; 1: one token, block b = pair b; 2: kernels/token_blocks.py
     ZERO_OUT: tl.constexpr,
     PDL: tl.constexpr,
     SHRINK: tl.constexpr,
@@ -418,15 +422,17 @@ def _moe_gemm_kernel(
     # (the clearing after the program ids: in that order GEMM1 compiles as before blocks could shrink)
     if ZERO_OUT:  # every program, idle ones too, clears its share of the next GEMM's output (one launch fewer)
         zero_program_share(zero_ptr, zero_numel, tl.arange(0, 1024))
-    if PAIR_BLOCKS:
+    if ID_BLOCKS:
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         if expert < 0:
+            return
+        if ID_BLOCKS == 2 and not token_block_rows(expert_ids_ptr, pid_m, expert, P, tl.arange(0, BLOCK_M), TOP_K)[1]:
             return
     else:
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
             return
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if SHRINK and not PAIR_BLOCKS:
+    if SHRINK and not ID_BLOCKS:
         # The block multiplies only its first BLOCK_M / 2 (or / 4, SHRINK 2) rows when they hold all its real
         # ones (padding rows are sorted last): an expert's last block is often mostly padding.
         live = tl.sum((tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) < P).to(tl.int32))
@@ -435,25 +441,25 @@ def _moe_gemm_kernel(
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M // 4)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 4)
         elif live <= BLOCK_M // 2:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M // 2)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 2)
         else:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, PAIR_BLOCKS, PDL, BLOCK_M)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M)
     else:
         _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, pid_n,
                     pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
                     stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
                     GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N, SWAP_AB, EVEN_K,
-                    PAIR_BLOCKS, PDL, BLOCK_M)
+                    ID_BLOCKS, PDL, BLOCK_M)
 
 
 # Row blocks that go through all column tiles together at prefill (`_program_block`; 8 and 16 measured alike,
@@ -533,9 +539,9 @@ def moe_gemm(
     out : GEMM1 [P, N] in a's dtype, or with split_k > 1 [split_k, P, 2N] float32 partial sums; GEMM2 [T, N]
         float32, pre-filled (accumulated into).
     topk_weights : [P] router weights (GEMM2), float32, bfloat16 or float16 (read as float32).
-    sorted_ids, expert_ids, num_padded : the blocks of `moe_align_block_size`; or sorted_ids and num_padded None
-        and expert_ids [P] the expert of each pair (-1: left out), one block per pair (no alignment pass; for
-        one token, whose pairs never share an expert).
+    sorted_ids, expert_ids, num_padded : the blocks of `moe_align_block_size`; or, for at most block_m tokens,
+        sorted_ids and num_padded None and expert_ids [P] = topk_ids.reshape(-1) (-1: left out): blocks found from
+        the ids in the kernel (one pair per block for one token; `kernels/token_blocks.py`), no alignment pass.
     group_size : elements per group, a multiple of R (16 for int4, 32 for int8), or -1 for channel-wise.
     fast_dequant : dequantize with NVIDIA PTX (kernels/dequant.py); CUDA only, not under the interpreter.
     swap_ab : with fast_dequant, multiply as (W^T a^T)^T, the weights scaled in the dequantization (no effect on
@@ -555,7 +561,7 @@ def moe_gemm(
     persistent : the decode kernel's narrow blocks (8 and 16 rows) on `persistent` programs per SM, each taking
         every so-many (row block, column tile) through one cp.async ring (kernels/moe_gemm_decode.py); 0: one
         program per block and tile. At most as many per SM as their rings fit in its shared memory (registers
-        are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, one block per pair,
+        are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, blocks without alignment,
         act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
         per block and tile.
     """
@@ -618,10 +624,13 @@ def moe_gemm(
     # P: GEMM1 writes one row per routed pair, GEMM2 reads one.
     num_pairs = (out.shape[1] if partials else out.shape[0]) if gated else a.shape[0]
     num_m_blocks = expert_ids.shape[0]
-    pair_blocks = sorted_ids is None
-    if pair_blocks and expert_ids.shape != (num_pairs,):
-        raise ValueError(f"one block per pair needs the expert of each of the {num_pairs} pairs, got "
+    id_blocks = 0 if sorted_ids is not None else 1 if num_pairs == top_k else 2
+    if id_blocks and expert_ids.shape != (num_pairs,):
+        raise ValueError(f"blocks without alignment need the expert of each of the {num_pairs} pairs, got "
                          f"{list(expert_ids.shape)}")
+    if id_blocks and num_pairs > block_m * top_k:
+        raise ValueError(f"blocks without alignment hold a token per row: {num_pairs // top_k} tokens need "
+                         f"block_m >= {num_pairs // top_k}, got {block_m}")
     if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
         raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
@@ -630,7 +639,7 @@ def moe_gemm(
     kernel[grid](
         a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
-        expert_ids if pair_blocks else sorted_ids, expert_ids, expert_ids if pair_blocks else num_padded,
+        expert_ids if id_blocks else sorted_ids, expert_ids, expert_ids if id_blocks else num_padded,
         zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),
         n, kd, num_pairs, num_m_blocks,
         a.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), out.stride(-2),
@@ -639,7 +648,7 @@ def moe_gemm(
         HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None,
         GROUP_SIZE=1 << 30 if group_size == -1 else group_size,  # channel-wise: one group spanning every K
         GROUP_IN_TILE=_group_in_tile(group_size), SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
-        EVEN_K=kd % TILE_K == 0, PAIR_BLOCKS=pair_blocks, ZERO_OUT=zero_out is not None, PDL=pdl, **constexprs,
+        EVEN_K=kd % TILE_K == 0, ID_BLOCKS=id_blocks, ZERO_OUT=zero_out is not None, PDL=pdl, **constexprs,
         **options, **launch_options(pdl),
     )
     return out

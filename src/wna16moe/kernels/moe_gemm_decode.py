@@ -74,6 +74,7 @@ from wna16moe.kernels.dequant import (
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
+from wna16moe.kernels.token_blocks import token_block_rows
 from wna16moe.kernels.zero_share import zero_program_share
 
 _TILE_K = gl.constexpr(TILE_K)
@@ -491,7 +492,7 @@ def _block_gemm(
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
+    EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
     WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr,
 ):
@@ -530,12 +531,18 @@ def _block_gemm(
     # The block's rows, once for the activation tiles' rows and once for the epilogue (accumulator).
     m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
     m_acc = gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA))
-    if PAIR_BLOCKS:  # block b holds pair b alone (one token: its pairs' experts differ)
+    if ID_BLOCKS:  # no alignment pass: blocks straight from topk_ids (kernels/token_blocks.py)
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
         if expert < 0:
             return
-        rows_b = gl.where(m_b == 0, pid_m, P)
-        rows = gl.where(m_acc == 0, pid_m, P)
+        if ID_BLOCKS == 1:  # one token: block b holds pair b alone
+            rows_b = gl.where(m_b == 0, pid_m, P)
+            rows = gl.where(m_acc == 0, pid_m, P)
+        else:
+            rows_b, first = token_block_rows(expert_ids_ptr, pid_m, expert, P, m_b, TOP_K)
+            if not first:
+                return
+            rows = token_block_rows(expert_ids_ptr, pid_m, expert, P, m_acc, TOP_K)[0]
     else:
         if PERSISTENT:
             if item >= items:
@@ -761,6 +768,56 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
 
 
 @gluon.jit
+def _wide_block(
+    live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
+    num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
+    stride_sg, stride_om, alpha, beta, limit,
+    TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
+    HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
+    GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
+):
+    """A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its `live` ones
+    (padding rows are sorted last): an expert's last block is mostly padding at mid M."""
+    if live <= 8:
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False)
+    elif live <= 16:
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False)
+    elif live <= 32 or BLOCK_M == 32:
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False)
+    elif live <= 64 or BLOCK_M == 64:
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False)
+    else:
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False)
+
+
+@gluon.jit
 def _moe_gemm_decode_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
@@ -768,7 +825,7 @@ def _moe_gemm_decode_kernel(
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, PAIR_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
+    EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
     PERSISTENT: gl.constexpr,
 ):
@@ -779,58 +836,32 @@ def _moe_gemm_decode_kernel(
     PREFETCH: gl.constexpr = PDL and not GATED
     if not PREFETCH:
         enter_dependent(PDL)
-    WIDE_DISPATCH: gl.constexpr = BLOCK_M >= _WIDE_M and not PAIR_BLOCKS
+    WIDE_DISPATCH: gl.constexpr = BLOCK_M >= _WIDE_M and ID_BLOCKS != 1
     # Every program, idle ones too, clears its share of the next GEMM's output. A narrow block does so in
     # `_block_gemm` after reading its program ids: in that order the kernel compiles to the SASS it had before
     # wide blocks, and kimi-k2 M = 8 ran 524 us, against 566 with the clearing first (NOTES.md v29).
     if ZERO_OUT and WIDE_DISPATCH:
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
     if WIDE_DISPATCH:
-        # A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones
-        # (padding rows are sorted last): an expert's last block is mostly padding at mid M.
         pid_m = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)[0]
-        if pid_m * BLOCK_M < gl.load(num_padded_ptr):
+        if ID_BLOCKS:  # row j holds token j: as many rows as tokens
+            _wide_block(P // TOP_K, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr,
+                        sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks,
+                        stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K,
+                        GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                        BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M)
+        elif pid_m * BLOCK_M < gl.load(num_padded_ptr):
             ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
             live = gl.sum((ids < P).to(gl.int32), axis=0)
-            if live <= 8:
-                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M, False)
-            elif live <= 16:
-                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M, False)
-            elif live <= 32 or BLOCK_M == 32:
-                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M, False)
-            elif live <= 64 or BLOCK_M == 64:
-                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M, False)
-            else:
-                _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                            expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                            stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                            ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                            BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                            False, WGMMA, GROUP_M, False)
+            _wide_block(live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                        expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                        stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT,
+                        HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M,
+                        BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
-                    ALIGNED, PAIR_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
+                    ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
                     PERSISTENT)
