@@ -16,6 +16,7 @@ from triton_env import (
     DTYPES,
     HAS_CUDA,
     random_experts,
+    record_launches,
     replay_on_fresh_inputs,
     triton_and_emulation,
     triton_beside_emulation,
@@ -265,11 +266,8 @@ def test_blocks_from_the_ids_replace_the_alignment_for_few_tokens(monkeypatch: p
     """No alignment launch where a block's rows hold every token and pairs do not outnumber experts: one pair
     per block for one token, token rows for more (ID_BLOCKS 1, 2); aligned blocks otherwise."""
     import wna16moe.kernels.moe_align as align
-    import wna16moe.kernels.moe_gemm as launcher
 
-    launches = []
-    monkeypatch.setattr(launcher, "_moe_gemm_kernel", type("Recorder", (), {
-        "__getitem__": lambda self, grid: lambda *args, **kwargs: launches.append(kwargs["ID_BLOCKS"])})())
+    launches = record_launches(monkeypatch, "_moe_gemm_kernel")
     aligned = []
     real_align = align.moe_align_block_size
     monkeypatch.setattr(align, "moe_align_block_size", lambda *a, **kw: aligned.append(1) or real_align(*a, **kw))
@@ -285,7 +283,8 @@ def test_blocks_from_the_ids_replace_the_alignment_for_few_tokens(monkeypatch: p
         topk_weights, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
         kernel.apply(torch.randn(t, h, dtype=torch.float16, device=DEVICE), topk_weights, ids, weights,
                      TritonConfig(block_m, 32, 32))
-        assert launches == [expected, expected] and len(aligned) == (expected == 0), (t, block_m)
+        assert [kwargs["ID_BLOCKS"] for _, _, kwargs in launches] == [expected, expected], (t, block_m)
+        assert len(aligned) == (expected == 0), (t, block_m)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

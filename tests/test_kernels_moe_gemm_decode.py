@@ -8,7 +8,6 @@ argument checks, and a `decode` configuration running on `moe_gemm` under the in
 Compilation for sm_90 and sm_80 is checked on the CPU in test_kernels_compile.py.
 """
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -18,6 +17,7 @@ from triton_env import (
     DTYPES,
     HAS_CUDA,
     random_experts,
+    record_launches,
     replay_on_fresh_inputs,
     triton_and_emulation,
     triton_beside_emulation,
@@ -98,26 +98,11 @@ def test_gpu_a_ring_past_shared_memory_is_refused_before_the_launch() -> None:
     assert out.isnan().all()  # (nothing launched)
 
 
-def _record_launches(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple[int, int], tuple, dict]]:
-    """The grid, arguments and keywords of every launch of kernel `name` by `moe_gemm`, recorded instead of
-    run."""
-    import wna16moe.kernels.moe_gemm as launcher
-
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid: tuple[int, int]) -> Callable[..., None]:  # kernel[grid](...)
-            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
-
-    monkeypatch.setattr(launcher, name, Recorder())
-    return launches
-
-
 def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Tensor, n: int = 64,
                      max_registers: int | None = None) -> tuple[tuple[int, int], tuple, dict]:
     """The grid, arguments and keywords `moe_gemm` launches one kernel with for a GEMM1 of 3 tokens, top-2, over
     4 experts, N = n, K = a.shape[1] (the launch recorded instead of run)."""
-    launches = _record_launches(monkeypatch, "_moe_gemm_decode_kernel" if decode else "_moe_gemm_kernel")
+    launches = record_launches(monkeypatch, "_moe_gemm_decode_kernel" if decode else "_moe_gemm_kernel")
     tiles = -(-a.shape[1] // 128)
     w = torch.zeros(4, tiles * 16, 2 * n, dtype=torch.int32)
     scales = torch.ones(4, tiles, 2 * n, dtype=torch.float16)
@@ -156,7 +141,7 @@ def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPat
     on: K split, act-order columns, wide blocks, fewer K tiles than ring stages."""
     import wna16moe.kernels.moe_gemm as launcher
 
-    launches = _record_launches(monkeypatch, "_moe_gemm_decode_kernel")
+    launches = record_launches(monkeypatch, "_moe_gemm_decode_kernel")
     monkeypatch.setattr(launcher, "_num_sms", lambda index: 2)
     e, k, n, blocks = 4, 512, 256, 10
     a = torch.randn(12, k, dtype=torch.float16)

@@ -1,10 +1,11 @@
 """Run Triton kernels through the interpreter when there is no GPU. Import this before any wna16moe.kernels
 module: triton decides at decoration time whether a kernel is interpreted. Also the TRITON tests' shared
-helpers: random experts, TRITON beside EMULATION on the same inputs, a CUDA-graph replay."""
+helpers: random experts, TRITON beside EMULATION on the same inputs, a CUDA-graph replay, launches recorded."""
 
 import os
 from collections.abc import Callable, Sequence
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -58,3 +59,18 @@ def replay_on_fresh_inputs(apply: Callable[..., torch.Tensor], inputs: Sequence[
         buf.copy_(new)
     graph.replay()
     return captured
+
+
+def record_launches(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple[int, int], tuple, dict]]:
+    """The grid, arguments and keywords of every launch of kernel `name` by `moe_gemm`, recorded instead of
+    run."""
+    import wna16moe.kernels.moe_gemm as launcher
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid: tuple[int, int]) -> Callable[..., None]:  # kernel[grid](...)
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(launcher, name, Recorder())
+    return launches
