@@ -64,6 +64,9 @@ CASES = [
          mma="mma.sync", fast=True, loop_budget=390, pdl=1),
     dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
          mma="mma.sync", fast=True, loop_budget=390, pdl=2),
+    # ... with its blocks found in the ids (kernels/token_blocks.py)
+    dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
+         mma="mma.sync", fast=True, loop_budget=390, pdl=2, id_blocks=2),
 ]
 
 
@@ -185,7 +188,8 @@ def compiled() -> dict:
 
 
 CASE_IDS = [f"sm{c['sm']}-{c['mma']}-bm{c['block_m']}" + ("-fast" if c.get("fast") else "")
-            + ("-swap" if c.get("swap") else "") + (f"-shrink{c['shrink']}" if c.get("shrink") else "") for c in CASES]
+            + ("-swap" if c.get("swap") else "") + (f"-shrink{c['shrink']}" if c.get("shrink") else "")
+            + ("-ids" if c.get("id_blocks") else "") for c in CASES]
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)

@@ -270,7 +270,9 @@ def _gemm_block(
     if ID_BLOCKS == 1:  # one token: block b holds pair b alone
         rows = tl.where(tl.arange(0, ROWS) == 0, pid_m, P)
     elif ID_BLOCKS:
-        rows = token_block_rows(sorted_ids_ptr, pid_m, expert, P, tl.arange(0, ROWS), TOP_K)[0]
+        rows, first = token_block_rows(sorted_ids_ptr, pid_m, expert, P, tl.arange(0, ROWS), TOP_K)
+        if not first:  # (another block of the expert's works)
+            return
     else:
         rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, ROWS))
     row_mask = rows < P
@@ -425,8 +427,6 @@ def _moe_gemm_kernel(
     if ID_BLOCKS:
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         if expert < 0:
-            return
-        if ID_BLOCKS == 2 and not token_block_rows(expert_ids_ptr, pid_m, expert, P, tl.arange(0, BLOCK_M), TOP_K)[1]:
             return
     else:
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
