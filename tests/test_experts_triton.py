@@ -204,25 +204,6 @@ def test_gemm2_runs_its_own_warps_and_stages(monkeypatch: pytest.MonkeyPatch) ->
     assert (same.gemm2_warps, same.gemm2_stages) == (8, 3)  # None: GEMM1's
 
 
-def test_gemm2_runs_its_own_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from wna16moe.kernels import moe_align, moe_gemm
-
-    launches, alignments = [], []
-    launch, align = moe_gemm.moe_gemm, moe_align.moe_align_block_size
-    monkeypatch.setattr(moe_gemm, "moe_gemm", lambda *a, **kw: launches.append((a, kw)) or launch(*a, **kw))
-    monkeypatch.setattr(moe_align, "moe_align_block_size",
-                        lambda ids, e, block_m, *a: alignments.append(block_m) or align(ids, e, block_m, *a))
-    experts = random_experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
-    out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 19,
-                                    config=TritonConfig(16, 32, 64, num_stages=2, block_m2=32))
-    assert relative_error(out, ref) < 1e-2
-    assert alignments == [16, 32]
-    (_, gemm1), (gemm2_args, gemm2) = launches
-    assert (gemm1["block_m"], gemm2["block_m"]) == (16, 32)
-    assert gemm2_args[-2].shape[0] < launches[0][0][-2].shape[0]  # GEMM2's blocks: fewer, of 32 rows
-    assert TritonConfig(16, 32, 64).gemm2_block_m == 16  # None: GEMM1's
-
-
 def test_decode_tilings_are_checked_per_gemm() -> None:
     split = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True, num_warps2=4,
                          num_stages2=2)
@@ -232,11 +213,6 @@ def test_decode_tilings_are_checked_per_gemm() -> None:
     shallow = TritonConfig(128, 128, 128, num_warps=8, decode=True, num_stages2=1)
     assert "num_stages must be 2" in shallow.decode_tiling_error()
     assert TritonConfig(16, 32, 64, num_warps2=2).decode_tiling_error() is None  # (the Triton kernel's)
-    # 256-row blocks: GEMM2 on warpgroup mmas only (GEMM1's two accumulators of 256 rows do not fit)
-    wide = dict(block_n1=128, block_n2=128, num_warps=8, decode=True)
-    assert TritonConfig(128, block_m2=256, wgmma=True, **wide).decode_tiling_error() is None
-    assert "warpgroup mmas only" in TritonConfig(256, wgmma=True, **wide).decode_tiling_error()
-    assert "warpgroup mmas only" in TritonConfig(128, block_m2=256, **wide).decode_tiling_error()
 
 
 def test_shrink_settings_are_checked() -> None:

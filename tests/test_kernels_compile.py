@@ -173,14 +173,6 @@ DECODE_CASES = [
     # ... and 128 x 128 at one warpgroup, 2 stages (`num_warps2`, `num_stages2`: 82 KB, two programs per SM)
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=4, pair=False,
          stages=2, loop_budget=430, wgmma=True),
-    # GEMM2 on 256 x 128 blocks (`block_m2`): the same mma work per tile as 128 x 256 in 247 instructions against
-    # 372; int4 at 2 and 3 stages (217 KB), int8 at 2
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=256, block_n=128, warps=8, pair=False,
-         stages=2, loop_budget=275, wgmma=True),
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=256, block_n=128, warps=8, pair=False,
-         stages=3, loop_budget=275, wgmma=True),
-    dict(gated=False, bits=8, zp=False, perm=False, group=128, block_m=256, block_n=128, warps=8, pair=False,
-         stages=2, loop_budget=420, wgmma=True),
 ]
 
 
@@ -256,7 +248,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         assert facts["release_after_wait"], facts
         if case["block_m"] < 32:  # (a wide block holds a loop per row count, each releasing after its own)
             assert (facts["mma_after_release"] == 0) == (case["pdl"] == 1), facts
-    # 64-, 128- and 256-row wgmma blocks' results leave 16 bytes per thread (`_store_layout`): 16-byte stores out of
+    # 64- and 128-row wgmma blocks' results leave 16 bytes per thread (`_store_layout`): 16-byte stores out of
     # GEMM1, 4-wide atomics out of GEMM2; every other block stores and adds one element at a time
     wide_out = wgmma and case["block_m"] >= 64
     assert (facts["st.global.v4"] > 0) == (wide_out and case["gated"]), facts
@@ -269,10 +261,10 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         assert 1 <= facts["loop_wgmma_waits"] <= halves, facts
         if "shrunk_budget" in case:
             assert facts["shrunk_loop_instructions"] <= case["shrunk_budget"], facts
-    # A narrow block's loop and a 128- or 256-row block's, unrolled by the ring's depth, have the ring's barrier
-    # and no other (their stages are buffers of their own); other wide blocks' rings are indexed at run time: one
+    # A narrow block's loop and a 128-row block's, unrolled by the ring's depth, have the ring's barrier and no
+    # other (their stages are buffers of their own); other wide blocks' rings are indexed at run time: one
     # barrier more, and one more where registers store into them (act-order activations, rows off 16 bytes).
-    unrolled = case["block_m"] < 32 or case["block_m"] >= 128
+    unrolled = case["block_m"] < 32 or case["block_m"] == 128
     if wgmma:
         loops = case["block_m"].bit_length() - 3  # one per row count the block can shrink to
         copies = case.get("stages", 3) if unrolled else 1

@@ -91,11 +91,6 @@ class TritonConfig:
     was 128 x 128 at 8 warps (W8A16 M = 8192 -4 to -6%, int4 mixtral M = 2048 -4 to -5%) and gained nothing
     where it was 128 x 256, whose activation tiles it reads twice as often (NOTES.md v40).
 
-    `block_m2` gives GEMM2 row blocks of its own (None: `block_m`), from a second alignment launch (GEMM2
-    reads GEMM1's output by pair, so its blocks need not be GEMM1's). The decode kernel's 256-row blocks on
-    warpgroup mmas, where GEMM1's gated pair of accumulators cannot go, dequantize each GEMM2 weight tile once
-    for twice a 128-row block's rows.
-
     `persistent` (with `decode` and blocks of 8 or 16 rows) runs both GEMMs on that many programs per SM, each
     streaming its share of the (row block, column tile) items through one cp.async ring, so that no program
     starts with an empty ring (small experts: qwen3-30b-a3b has 6 GEMM1 tiles per expert of 16 K tiles each);
@@ -119,11 +114,6 @@ class TritonConfig:
     num_warps2: int | None = None
     num_stages2: int | None = None
     persistent: int = 0
-    block_m2: int | None = None
-
-    @property
-    def gemm2_block_m(self) -> int:
-        return self.block_m if self.block_m2 is None else self.block_m2
 
     @property
     def gemm2_warps(self) -> int:
@@ -140,9 +130,8 @@ class TritonConfig:
             return None
         from wna16moe.kernels.moe_gemm_decode import tiling_error
 
-        return (tiling_error(self.block_m, self.block_n1, self.num_warps, self.num_stages, True, self.wgmma)
-                or tiling_error(self.gemm2_block_m, self.block_n2, self.gemm2_warps, self.gemm2_stages, False,
-                                self.wgmma))
+        return (tiling_error(self.block_m, self.block_n1, self.num_warps, self.num_stages)
+                or tiling_error(self.block_m, self.block_n2, self.gemm2_warps, self.gemm2_stages))
 
     def __post_init__(self) -> None:
         if self.shrink not in (0, 1, 2):
@@ -395,27 +384,21 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
-            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0,
-                          block_m2=None if cfg.block_m2 is None else min(max(cfg.block_m2, 16), 128))
-        if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction; 256-row blocks need it)
-            cfg = replace(cfg, wgmma=False, block_m2=min(cfg.block_m2, 128) if cfg.block_m2 else None)
+            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0)
+        if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
+            cfg = replace(cfg, wgmma=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         # Blocks straight from the ids, without the alignment launch, where a block's rows hold every token and
         # pairs do not outnumber experts: the grid holds a block per pair, those of an expert's later pairs idle
         # (qwen3-30b-a3b M = 8 -4.4%; mixtral M = 8, 16 pairs over 8 experts, +1.6%: NOTES.md v42).
-        def blocks_of(block_m: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-            if t <= block_m and t * top_k <= self.num_experts:
-                return None, topk_ids.reshape(-1), None
-            return moe_align_block_size(topk_ids, self.num_experts, block_m, pdl)
-
-        blocks = blocks_of(cfg.block_m)
-        # (GEMM2 reads GEMM1's output by pair: rows blocked otherwise are as good)
-        blocks2 = blocks if cfg.gemm2_block_m == cfg.block_m else blocks_of(cfg.gemm2_block_m)
-        common = dict(bits=scheme.bits, group_size=group, top_k=top_k, max_registers=cfg.max_registers,
-                      decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab, pdl=pdl, shrink=cfg.shrink,
-                      persistent=cfg.persistent)
-        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, block_m=cfg.block_m, wgmma=cfg.wgmma,
-                     **common)
+        if t <= cfg.block_m and t * top_k <= self.num_experts:
+            blocks = (None, topk_ids.reshape(-1), None)
+        else:
+            blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, pdl)
+        common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
+                      max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
+                      pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
+        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
@@ -434,9 +417,8 @@ class TritonExperts(Experts):
             moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
                      **gemm1)
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
-                 self.w2_bias, out, topk_weights.reshape(-1), *blocks2, gated=False, block_n=cfg.block_n2,
-                 split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages,
-                 block_m=cfg.gemm2_block_m, wgmma=cfg.wgmma and cfg.gemm2_block_m >= 32, **common)
+                 self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
+                 split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, pdl) if pdl else out.to(hidden_states.dtype)
 

@@ -547,9 +547,9 @@ def moe_gemm(
     swap_ab : with fast_dequant, multiply as (W^T a^T)^T, the weights scaled in the dequantization (no effect on
         the plain path).
     decode : the Gluon decode kernel (NVIDIA sm80+, not under the interpreter), on a tiling its `tiling_error`
-        accepts: block_m one of its BLOCK_MS (256: GEMM2 on wgmma only), block_n a multiple of 16 x num_warps,
-        num_stages >= 2 the depth of its cp.async ring, which must fit the GPU's shared memory (`ring_bytes`);
-        fast_dequant and swap_ab do not apply.
+        accepts: block_m one of its BLOCK_MS, block_n a multiple of 16 x num_warps, num_stages >= 2 the depth
+        of its cp.async ring, which must fit the GPU's shared memory (`ring_bytes`); fast_dequant and swap_ab do
+        not apply.
     zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
     pdl : launch as a programmatic dependent of the kernel before, releasing the next one after the loop (1) or
         at the wait (2); 0: a plain launch (CUDA sm90+ only; kernels/grid_dependence.py).
@@ -567,7 +567,7 @@ def moe_gemm(
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     if decode:
-        error = tiling_error(block_m, block_n, num_warps, num_stages, gated, wgmma)
+        error = tiling_error(block_m, block_n, num_warps, num_stages)
         if error:
             raise ValueError(error)
         if shrink:

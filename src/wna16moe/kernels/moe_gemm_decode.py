@@ -42,15 +42,13 @@ between the refill's copies and the tile's reads, and between the gate and up ha
 needs one per tile (GEMM1 3 -> 1, GEMM2 2 -> 1; qwen3-30b-a3b M = 8 / 32 -2.6 to -4.7%, M = 1 on the big
 experts -1 to -1.5%, NOTES.md v36). A wide block of 32 or 64 rows keeps rings indexed at run time, two
 barriers per tile: its loops, one per row count, outgrew the instruction cache unrolled. A 128-row block (8 warps,
-prefill) is unrolled like a narrow one, and so is GEMM2's 256-row block (wgmma's widest N; one warpgroup's
-accumulator of 64 columns x 256 rows is 128 registers per thread, as a 128 x 128 block's): each weight tile
-dequantized once for twice the rows.
+prefill) is unrolled like a narrow one.
 
 PERSISTENT narrow blocks: the grid is a few programs per SM, each taking every so-many (row block, column
 tile) item and keeping one ring through all of them; its refills run into the next item while the current
 one's last tiles multiply, and each item's epilogue comes between its last tile and the next item's first.
 
-A wide block multiplies only its first 8, 16, 32, 64, 128 or 256 rows, the fewest that hold its real ones (padding
+A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones (padding
 rows come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
 last, mostly padded block costs the mmas of its real rows (32-row blocks at M = 512: deepseek-v3 and
 qwen3-30b-a3b 8-11% faster than before; NOTES.md v27).
@@ -81,23 +79,17 @@ from wna16moe.kernels.zero_share import zero_program_share
 
 _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
-# Rows of a block: the N of mma.sync is 8; 16 and more are several of them. 256 rows (wgmma's largest N) only
-# for GEMM2 on warpgroup mmas: GEMM1's gate and up accumulators of that many rows would not fit the registers.
-BLOCK_MS = (8, 16, 32, 64, 128, 256)
-WGMMA_ONLY_M = 256
+# Rows of a block: the N of mma.sync is 8; 16 and more are several of them.
+BLOCK_MS = (8, 16, 32, 64, 128)
 # The deepest cp.async ring (the wait-and-fence asm has one text per depth; 5 is the deepest ever measured).
 MAX_STAGES = 8
 
 
-def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int, gated: bool = False,
-                 wgmma: bool = False) -> str | None:
-    """Why this kernel cannot run a tiling, or None: its block rows (256 for GEMM2 on wgmma only), its warps'
-    16-row mma tiles across block_n, the depth of its cp.async ring."""
+def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) -> str | None:
+    """Why this kernel cannot run a tiling, or None: its block rows, its warps' 16-row mma tiles across
+    block_n, the depth of its cp.async ring."""
     if block_m not in BLOCK_MS:
         return f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}"
-    if block_m == WGMMA_ONLY_M and (gated or not wgmma):
-        return (f"block_m={block_m} runs GEMM2 on warpgroup mmas only (wgmma, not gated), got gated={gated} "
-                f"wgmma={wgmma}")
     if not 2 <= num_stages <= MAX_STAGES:
         return f"num_stages must be 2 to {MAX_STAGES} (the depth of the cp.async ring), got {num_stages}"
     if block_n % (16 * num_warps):
@@ -623,8 +615,8 @@ def _block_gemm(
     # reads or refills is known at compile time: one CTA barrier per tile. A wide block holds one loop per row
     # count; unrolled, they outgrew the instruction cache (32-row blocks 10-32% slower, NOTES.md v36): its rings
     # are indexed at run time (two barriers per tile). 128-row blocks, measured unrolled only, stay unrolled
-    # (64-row ones unrolled: -2.1 to +0.9%, NOTES.md v37); 256-row ones like them.
-    UNROLL: gl.constexpr = not WIDE or BLOCK_M >= 128
+    # (64-row ones unrolled: -2.1 to +0.9%, NOTES.md v37).
+    UNROLL: gl.constexpr = not WIDE or BLOCK_M == 128
     DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
     buffers = ()  # per stage (UNROLL) or per ring: (gate words, up words, scale rows, zero-point rows, activations)
     for _ in gl.static_range(STAGES if UNROLL else 1):
@@ -786,8 +778,8 @@ def _wide_block(
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
 ):
-    """A wide block multiplies only its first 8, 16, 32, 64, 128 or 256 rows, the fewest that hold its `live`
-    ones (padding rows are sorted last): an expert's last block is mostly padding at mid M."""
+    """A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its `live` ones
+    (padding rows are sorted last): an expert's last block is mostly padding at mid M."""
     if live <= 8:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
@@ -816,19 +808,12 @@ def _wide_block(
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
                     False, WGMMA, GROUP_M, False)
-    elif live <= 128 or BLOCK_M == 128:
-        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
-                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 256, PDL, PREFETCH,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
                     False, WGMMA, GROUP_M, False)
 
 
