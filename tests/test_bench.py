@@ -234,6 +234,19 @@ def test_coordinate_search_tries_where_kernels_release_the_next_at_decode() -> N
                                    bench._search_groups(1.0)).pdl == PDL_OFF
 
 
+@pytest.mark.parametrize("per_expert", [1.0, 500.0], ids=["decode", "prefill"])
+def test_coordinate_search_moves_each_gemms_warps_and_depth_apart(per_expert: float) -> None:
+    # GEMM1 at 8 warps with GEMM2 at 4, and GEMM2 a stage deeper than GEMM1: each only as the two GEMMs' own moves
+    start = TritonConfig(128, 128, 256, num_warps=4, num_stages=2, decode=True)
+
+    def cost(c: TritonConfig) -> float:
+        return (100.0 * (0.9 if (c.num_warps, c.gemm2_warps) == (8, 4) else 1.0)
+                * (0.9 if (c.num_stages, c.gemm2_stages) == (2, 3) else 1.0))
+
+    best = bench.coordinate_search(cost, start, bench._search_groups(per_expert))
+    assert (best.num_warps, best.gemm2_warps, best.num_stages, best.gemm2_stages) == (8, 4, 2, 3), best
+
+
 def test_coordinate_search_tries_wide_decode_blocks_on_wgmma() -> None:
     wide = TritonConfig(32, 128, 256, num_stages=3, decode=True)
     assert bench.coordinate_search(lambda c: 50.0 if c.wgmma else 60.0, wide, bench._search_groups(16.0)).wgmma

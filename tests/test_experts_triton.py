@@ -202,6 +202,8 @@ def test_gemm2_runs_its_own_warps_and_stages(monkeypatch: pytest.MonkeyPatch) ->
     assert gemms == [(True, 4, 2), (False, 8, 3)]
     same = TritonConfig(16, 32, 64, num_warps=8, num_stages=3)
     assert (same.gemm2_warps, same.gemm2_stages) == (8, 3)  # None: GEMM1's
+    # GEMM2's settings equal to GEMM1's are GEMM1's: the same configuration (searches and trials count it once)
+    assert TritonConfig(16, 32, 64, num_warps=8, num_stages=3, num_warps2=8, num_stages2=3) == same
 
 
 def test_decode_tilings_are_checked_per_gemm() -> None:

@@ -219,6 +219,11 @@ def bf16_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 _WGMMA_MOVES = [{"wgmma": True}]
 # At decode, GEMM2's tile width and K split move together (v22: mixtral's best was 64 x 2 -> 128 x 16).
 _DECODE_GEMM2_MOVES = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
+# Warps and ring depth of each GEMM apart (v43: GEMM1 at 8 warps and GEMM2 at 4 took W8A16 mixtral M = 1 -3%,
+# GEMM2 at 8 warps W8A16 qwen3-30b-a3b M = 32 -2%, GEMM2 a stage deeper than GEMM1 W8A16 mixtral M = 32 -3%).
+_PER_GEMM_MOVES = ([{"num_warps2": w} for w in (4, 8)]
+                   + [{"num_warps": 8, "num_warps2": 4}, {"num_warps": 4, "num_warps2": 8}]
+                   + [{"num_stages2": st} for st in (2, 3, 4)])
 
 
 def _sweep_configs(base: TritonConfig, per_expert: float) -> list[TritonConfig]:
@@ -299,7 +304,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         # Narrow blocks on a few programs per SM, one ring through all their items (v41: won at qwen3-30b-a3b
         # M = 32 at three, lost at M = 8 and 128 and on the big experts)
         persistent = [{"persistent": p} for p in (2, 3)]
-        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, release, persistent, _WGMMA_MOVES]
+        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, _PER_GEMM_MOVES, release, persistent, _WGMMA_MOVES]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, its 64-row blocks at 8
     # warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring, and its 128-row
     # blocks, on wgmma only: they took M = 8192 from the Triton kernel, v37; at one warpgroup, two programs per
@@ -316,7 +321,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     # Blocks that multiply only the rows they hold (an expert's last block: deepseek-v3 at M = 2048 sees 64 +- 8
     # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
     shrink = [{"shrink": s} for s in (1, 2)]
-    return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)], shrink, _WGMMA_MOVES]
+    return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)], _PER_GEMM_MOVES, shrink, _WGMMA_MOVES]
 
 
 def coordinate_search(measure: Callable[[TritonConfig], float | None], start: TritonConfig,

@@ -85,11 +85,12 @@ class TritonConfig:
     H200 table runs them (benchmarks/NOTES.md v34); 128-row blocks (8 warps) are meant for it, and beat the
     Triton kernel's prefill tiles by 6-22% at M = 8192 (v37). On other cards the same blocks run mma.sync.
 
-    `num_warps2` and `num_stages2` give GEMM2 warps and a ring depth of its own (None: GEMM1's). A 128-row
-    GEMM2 at one warpgroup and 2 stages (82 KB, no spill in its loop) fits two programs per SM, so that one's
-    ramp and epilogue can overlap the other's loop, while GEMM1 keeps its 8 warps. On an H200 it won where GEMM2
-    was 128 x 128 at 8 warps (W8A16 M = 8192 -4 to -6%, int4 mixtral M = 2048 -4 to -5%) and gained nothing
-    where it was 128 x 256, whose activation tiles it reads twice as often (NOTES.md v40).
+    `num_warps2` and `num_stages2` give GEMM2 warps and a ring depth of its own (None, as is a value equal to
+    GEMM1's: GEMM1's). A 128-row GEMM2 at one warpgroup and 2 stages (82 KB, no spill in its loop) fits two
+    programs per SM, so that one's ramp and epilogue can overlap the other's loop, while GEMM1 keeps its 8 warps.
+    On an H200 it won where GEMM2 was 128 x 128 at 8 warps (W8A16 M = 8192 -4 to -6%, int4 mixtral M = 2048 -4
+    to -5%) and gained nothing where it was 128 x 256, whose activation tiles it reads twice as often (NOTES.md
+    v40).
 
     `persistent` (with `decode` and blocks of 8 or 16 rows) runs both GEMMs on that many programs per SM, each
     streaming its share of the (row block, column tile) items through one cp.async ring, so that no program
@@ -134,6 +135,11 @@ class TritonConfig:
                 or tiling_error(self.block_m, self.block_n2, self.gemm2_warps, self.gemm2_stages))
 
     def __post_init__(self) -> None:
+        # GEMM2's own warps or depth equal to GEMM1's are GEMM1's (None): one configuration, one value.
+        if self.num_warps2 == self.num_warps:
+            object.__setattr__(self, "num_warps2", None)
+        if self.num_stages2 == self.num_stages:
+            object.__setattr__(self, "num_stages2", None)
         if self.shrink not in (0, 1, 2):
             raise ValueError(f"shrink must be 0, 1 or 2, got {self.shrink}")
         if self.shrink and self.decode:
