@@ -231,6 +231,13 @@ def test_persistent_applies_to_narrow_decode_blocks_only() -> None:
             TritonConfig(block_n1=64, block_n2=64, **{"persistent": 2} | config)
 
 
+def test_carry_needs_wgmma() -> None:
+    assert TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True, carry=2).carry == 2
+    for config in (dict(carry=1), dict(wgmma=True, carry=5), dict(wgmma=True, carry=-1)):
+        with pytest.raises(ValueError, match="carry"):
+            TritonConfig(32, 128, 256, decode=True, **config)
+
+
 @pytest.mark.parametrize("config", [None, TritonConfig(16, 32, 32, split_k1=2, split_k2=2)],
                          ids=["default", "split-k"])
 @pytest.mark.parametrize("activation", [Activation.SILU, Activation.SWIGLU_OAI])

@@ -57,6 +57,12 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=32, block_n=64, wgmma=True, **common | {"decode": False})
     with pytest.raises(ValueError, match="persistent"):
         moe_gemm(*args, block_m=16, block_n=64, persistent=2, **common | {"decode": False})
+    with pytest.raises(ValueError, match=r"carry.*needs wgmma"):
+        moe_gemm(*args, block_m=32, block_n=64, carry=1, **common)
+    with pytest.raises(ValueError, match=r"carry.*0 to 4"):
+        moe_gemm(*args, block_m=32, block_n=64, wgmma=True, carry=5, **common)
+    with pytest.raises(ValueError, match="carry"):
+        moe_gemm(*args, block_m=32, block_n=64, carry=1, **common | {"decode": False})
     many = (torch.zeros(17, 128, dtype=torch.float16), w, scales, None, None, None, torch.zeros(17, 128),
             torch.ones(17), None, torch.zeros(17, dtype=torch.int32), None)
     with pytest.raises(ValueError, match="17 tokens need block_m >= 17"):  # (blocks from the ids: a row a token)
@@ -184,7 +190,9 @@ def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pyt
 
 @pytest.mark.skipif(HAS_CUDA, reason="the fallback of interpreter runs")
 @pytest.mark.parametrize("config", [TritonConfig(8, 64, 64, decode=True), TritonConfig(32, 64, 64, decode=True),
-                                    TritonConfig(32, 64, 64, decode=True, wgmma=True)], ids=["bm8", "bm32", "wgmma"])
+                                    TritonConfig(32, 64, 64, decode=True, wgmma=True),
+                                    TritonConfig(32, 64, 64, num_stages=3, decode=True, wgmma=True, carry=1)],
+                         ids=["bm8", "bm32", "wgmma", "wgmma-carry"])
 def test_decode_config_runs_on_moe_gemm_without_ptx(config: TritonConfig) -> None:
     experts = random_experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
     out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6, config)
@@ -217,11 +225,11 @@ def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) ->
     _check_against_emulation(scheme_name, config)
 
 
-def _check_against_emulation(scheme_name: str, config: TritonConfig) -> None:
+def _check_against_emulation(scheme_name: str, config: TritonConfig, i: int = 384) -> None:
     """TRITON with `config` against EMULATION, both dtypes, t = 1 to 300 tokens over 16 experts (top-4: every
     row count a wide block shrinks to). H is not a whole number of 128-deep tiles where the groups allow it
     (the masked last tile of GEMM1)."""
-    e, h, i = 16, 1152 if "g128" in scheme_name else 1088, 384
+    e, h = 16, 1152 if "g128" in scheme_name else 1088
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     for dtype in DTYPES:
         for t in (1, 3, 40, 300):
@@ -252,6 +260,24 @@ WGMMA_CONFIGS = [
                                          "int8_g128_sym", "int8_g128_zp", "int8_g64_zp"])
 def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
     _check_against_emulation(scheme_name, config)
+
+
+# GEMM2 leaving each tile's last mmas in flight (`carry`; int8 tiles have 4 slots: all of them at 4), its ring
+# one tile less ahead, over 7 K tiles (I = 896): the ring wraps, and the loop unrolled by 3 or 4 stages ends
+# mid-round.
+CARRY_CONFIGS = [
+    TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True, carry=1),
+    TritonConfig(64, 128, 256, num_warps=8, num_stages=4, decode=True, wgmma=True, carry=2),
+    TritonConfig(32, 128, 256, num_stages=3, decode=True, wgmma=True, carry=4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", CARRY_CONFIGS, ids=["bm128-carry1", "bm64-carry2", "bm32-carry4"])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g32_zp", "int4_ch_sym", "int8_g128_zp"])
+def test_gpu_decode_wgmma_carry_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
+    _check_against_emulation(scheme_name, config, i=896)
 
 
 @pytest.mark.gpu

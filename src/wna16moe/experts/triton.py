@@ -97,6 +97,11 @@ class TritonConfig:
     starts with an empty ring (small experts: qwen3-30b-a3b has 6 GEMM1 tiles per expert of 16 K tiles each);
     0: one program per block and tile. On an H200 it won at int4 qwen3-30b-a3b M = 32 (-4%) and lost or tied
     at M = 8 and 128 and on the big experts (NOTES.md v41).
+
+    `carry` (with `wgmma`) lets GEMM2's wide blocks leave each K tile's last `carry` warpgroup mmas in flight
+    over the next tile's barrier, copies and first dequantization, where the tensor cores otherwise wait; its
+    ring then runs one tile less ahead (rings of 3 stages or more; GEMM1's two accumulators would make ptxas
+    serialize every mma). 0: each tile waits for all of its mmas.
     """
 
     block_m: int
@@ -115,6 +120,7 @@ class TritonConfig:
     num_warps2: int | None = None
     num_stages2: int | None = None
     persistent: int = 0
+    carry: int = 0
 
     @property
     def gemm2_warps(self) -> int:
@@ -152,6 +158,9 @@ class TritonConfig:
         if self.wgmma and not (self.decode and self.block_m >= 32):
             raise ValueError(f"wgmma applies to the decode kernel's wide blocks (decode, block_m >= 32), got "
                              f"decode={self.decode} block_m={self.block_m}")
+        if (self.carry and not self.wgmma) or not 0 <= self.carry <= 4:  # (kernels/moe_gemm_decode.MAX_CARRY)
+            raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to 4) needs wgmma, got "
+                             f"carry={self.carry} wgmma={self.wgmma}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -390,9 +399,9 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
-            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0)
+            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
-            cfg = replace(cfg, wgmma=False)
+            cfg = replace(cfg, wgmma=False, carry=0)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         # Blocks straight from the ids, without the alignment launch, where a block's rows hold every token and
         # pairs do not outnumber experts: the grid holds a block per pair, those of an expert's later pairs idle
@@ -424,7 +433,8 @@ class TritonExperts(Experts):
                      **gemm1)
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
-                 split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, **common)
+                 split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
+                 **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, pdl) if pdl else out.to(hidden_states.dtype)
 

@@ -48,7 +48,7 @@ from wna16moe.kernels.dequant import (
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
-from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel, ring_bytes, tiling_error
+from wna16moe.kernels.moe_gemm_decode import MAX_CARRY, _moe_gemm_decode_kernel, ring_bytes, tiling_error
 from wna16moe.kernels.token_blocks import token_block_rows
 from wna16moe.kernels.zero_share import zero_program_share
 
@@ -523,6 +523,7 @@ def moe_gemm(
     num_stages: int = 3,
     max_registers: int | None = None,
     wgmma: bool = False,
+    carry: int = 0,
     persistent: int = 0,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
@@ -558,6 +559,9 @@ def moe_gemm(
         (an expert's last block is often mostly padding). The decode kernel's wide blocks always do so.
     max_registers : a cap on registers per thread (ptxas .maxnreg), or None for the compiler's choice.
     wgmma : the decode kernel's wide blocks (block_m >= 32) multiply with Hopper's warpgroup mmas (sm_90 only).
+    carry : with wgmma, a GEMM2 (not gated) whose ring has 3 stages or more leaves each tile's last `carry`
+        warpgroup mmas in flight past the tile's end, over the next tile's barrier, copies and first
+        dequantization; its ring then runs num_stages - 2 tiles ahead (kernels/moe_gemm_decode.py).
     persistent : the decode kernel's narrow blocks (8 and 16 rows) on `persistent` programs per SM, each taking
         every so-many (row block, column tile) through one cp.async ring (kernels/moe_gemm_decode.py); 0: one
         program per block and tile. At most as many per SM as their rings fit in its shared memory (registers
@@ -580,16 +584,19 @@ def moe_gemm(
                                            0 if zeros is None else zeros.data_ptr()))
         if wgmma and block_m < 32:
             raise ValueError(f"wgmma multiplies the decode kernel's wide blocks (block_m >= 32), got {block_m}")
+        if (carry and not wgmma) or not 0 <= carry <= MAX_CARRY:
+            raise ValueError(f"carry (warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, got "
+                             f"carry={carry} wgmma={wgmma}")
         if persistent and (block_m >= 32 or sorted_ids is None or split_k > 1 or a_perm is not None or not aligned
                            or triton.cdiv(a.shape[1], TILE_K) < num_stages):
             persistent = 0
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
-                                                           PERSISTENT=persistent > 0)
+                                                           PERSISTENT=persistent > 0, CARRY=carry)
         options = dict(num_warps=num_warps, **registers)
     else:
-        if wgmma or persistent:
-            raise ValueError("wgmma and persistent are the decode kernel's (decode=True)")
+        if wgmma or persistent or carry:
+            raise ValueError("wgmma, carry and persistent are the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")

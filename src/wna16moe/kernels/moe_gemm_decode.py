@@ -83,6 +83,8 @@ _QUARTERS = gl.constexpr(QUARTERS)
 BLOCK_MS = (8, 16, 32, 64, 128)
 # The deepest cp.async ring (the wait-and-fence asm has one text per depth; 5 is the deepest ever measured).
 MAX_STAGES = 8
+# The most warpgroup mmas a GEMM2 tile may leave in flight (`_tile_step_scaled`): an int8 tile has 4 slots.
+MAX_CARRY = 4
 
 
 def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) -> str | None:
@@ -237,15 +239,23 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
 
 
 @gluon.jit
-def _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_tile, BITS: gl.constexpr,
+def _tile_step_scaled(acc, acc_up, carried, words, words_up, scales, scales_up, a_tile, BITS: gl.constexpr,
                       HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, DTYPE: gl.constexpr,
-                      B_OP: gl.constexpr, WGMMA: gl.constexpr):
+                      B_OP: gl.constexpr, WGMMA: gl.constexpr, CARRY: gl.constexpr):
     """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
     activation operand read from `a_tile` in shared memory where it multiplies, used by both. With WGMMA the
     mmas are Hopper's warpgroup ones (the slots as register A operands, the activations read by the tensor
-    cores from shared memory), all in flight until the tile's end."""
+    cores from shared memory), all in flight until the tile's end; with CARRY (GEMM2) the last CARRY stay in
+    flight past it, `carried` holding their slots' registers until the next tile has waited for them. That wait
+    comes before the next dequantization: ptxas serializes every wgmma of a kernel where other instructions
+    write an mma's operands while an mma is in flight (C7513), and, with GEMM1's two accumulators, also where
+    they pass through a wait (C7515)."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
+    if CARRY:  # (one value comes back bare)
+        carried = warpgroup_mma_wait(0, deps=carried)
+        if CARRY == 1:
+            carried = (carried,)
     slots = _scaled_slots(words, scales[0], scales[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
     slots_up = ()
     if GATED:
@@ -262,12 +272,21 @@ def _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_tile, B
             if GATED:
                 acc_up = mma_v2(slots_up[j], b, acc_up)
     if WGMMA:  # (the slots' registers stay live until the mmas reading them are done)
-        if GATED:
+        if CARRY:
+            kept = ()
+            for j in gl.static_range(PACK - CARRY, PACK):
+                kept = kept + (slots[j],)
+            done = warpgroup_mma_wait(CARRY, deps=(acc,) + kept)
+            acc = done[0]
+            carried = ()
+            for j in gl.static_range(CARRY):
+                carried = carried + (done[1 + j],)
+        elif GATED:
             done = warpgroup_mma_wait(0, deps=(acc, acc_up) + slots + slots_up)
             acc, acc_up = done[0], done[1]
         else:
             acc = warpgroup_mma_wait(0, deps=(acc,) + slots)[0]
-    return acc, acc_up
+    return acc, acc_up, carried
 
 
 @gluon.jit
@@ -398,21 +417,22 @@ def _stage(buffers, slot, UNROLL: gl.constexpr):
 
 
 @gluon.jit
-def _ring_tile(acc, acc_up, stage, refill, next_a_buf, k, k_refill, k_step, k_first, k_end, c_ptrs, c_mask, s_base,
-               z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size, stride_sg,
-               PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
+def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_step, k_first, k_end, c_ptrs, c_mask,
+               s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size,
+               stride_sg, PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
                HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
                ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr, RAW: gl.constexpr,
                SCALED: gl.constexpr, POST_SCALED: gl.constexpr, USE_WGMMA: gl.constexpr, DTYPE: gl.constexpr,
-               A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr):
-    """One K tile of `_block_gemm`'s loop: wait for the tile in `stage`, refill `refill` with the tile STAGES - 1
-    ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at), multiply; activations that
-    go through registers are stored into `next_a_buf` one tile ahead."""
+               A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr,
+               AHEAD: gl.constexpr, CARRY: gl.constexpr):
+    """One K tile of `_block_gemm`'s loop: wait for the tile in `stage`, refill `refill` with the tile AHEAD
+    tiles ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at), multiply (`carried`:
+    `_tile_step_scaled`'s); activations that go through registers are stored into `next_a_buf` one tile ahead."""
     w_gate, w_up, s_buf, z_buf, a_buf = stage
     if USE_WGMMA:  # (each thread's copies and stores visible to the tensor cores: before the barrier)
-        _wait_and_fence(STAGES - 2)
+        _wait_and_fence(AHEAD - 1)
     else:
-        async_copy.wait_group(STAGES - 2)
+        async_copy.wait_group(AHEAD - 1)
     gl.thread_barrier()  # every thread's copies of this tile landed; every warp is done with the last
     _copy_tile(refill, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
                k_refill, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK, GATED, COPY_A,
@@ -429,14 +449,14 @@ def _ring_tile(acc, acc_up, stage, refill, next_a_buf, k, k_refill, k_step, k_fi
         acc, acc_up = _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up, a_buf, BITS, HAS_ZP,
                                              GATED, DTYPE)
     elif SCALED:
-        acc, acc_up = _tile_step_scaled(acc, acc_up, words, words_up, scales, scales_up, a_buf, BITS, HAS_ZP,
-                                        GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA)
+        acc, acc_up, carried = _tile_step_scaled(acc, acc_up, carried, words, words_up, scales, scales_up, a_buf,
+                                                 BITS, HAS_ZP, GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA, CARRY)
     else:
         acc, acc_up = _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS, HAS_ZP,
                                  GROUP_IN_TILE, RAW, GATED)
     if not COPY_A:  # (its stage's last reader finished before this tile's barrier)
         next_a_buf.store(a_next)
-    return acc, acc_up
+    return acc, acc_up, carried
 
 
 @gluon.jit
@@ -494,7 +514,7 @@ def _block_gemm(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
-    WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr,
+    WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -584,6 +604,14 @@ def _block_gemm(
 
     acc = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
     acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
+    # On wgmma a GEMM2 tile's last CARRY mmas may stay in flight past its end, beside the next tile's barrier,
+    # refill and word loads, where the tensor cores would wait otherwise (`_tile_step_scaled`). The stage they
+    # read is refilled a tile later: the ring runs STAGES - 2 tiles ahead, not STAGES - 1.
+    CARRIED: gl.constexpr = CARRY if USE_WGMMA and SCALED and not POST_SCALED and not GATED and STAGES >= 3 else 0
+    AHEAD: gl.constexpr = STAGES - 1 - (1 if CARRIED else 0)
+    carried = ()  # (the slots those mmas read; none in flight before the first tile)
+    for _ in gl.static_range(CARRIED):
+        carried = carried + (ones,)
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
     # Words, scale and zero-point rows and activations through a STAGES-deep cp.async ring in shared memory
     # (module docstring).
@@ -630,14 +658,14 @@ def _block_gemm(
     COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
     # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
     # after, one commit group per tile: the loop's wait then still needs only its own tile's last group.
-    for s in gl.static_range(STAGES - 1):
+    for s in gl.static_range(AHEAD):
         _copy_tile(_stage(buffers, s, UNROLL), c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
                    k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
                    COPY_A and not PREFETCH, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         enter_dependent(PDL)
         if COPY_A:
-            for s in gl.static_range(STAGES - 1):
+            for s in gl.static_range(AHEAD):
                 k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
                 _copy_activations(_stage(buffers, s, UNROLL)[4], a_row_ptrs, offs_k, k_s, k_end, EVEN_K)
                 async_copy.commit_group()
@@ -673,12 +701,13 @@ def _block_gemm(
                         c_mask_r = (n0_r + offs_c < N)[None, :]
                         s_base_r = s_ptr + expert_r * stride_se
                         z_base_r = z_ptr + expert_r * stride_se if HAS_ZP else s_base_r
-                    acc, acc_up = _ring_tile(
-                        acc, acc_up, buffers[slot], buffers[(slot + STAGES - 1) % STAGES],
+                    acc, acc_up, carried = _ring_tile(
+                        acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k_r, k_r, k_step, k_first, KD, c_ptrs_r, c_mask_r, s_base_r,
                         z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE,
                         stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
-                        STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
+                        STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
+                        CARRIED)
                     k_r += k_step
                     done += 1
                     if done == tiles:
@@ -698,22 +727,26 @@ def _block_gemm(
             for slot in gl.static_range(STAGES):
                 k = k_round + slot * k_step
                 if k < k_end:
-                    acc, acc_up = _ring_tile(
-                        acc, acc_up, buffers[slot], buffers[(slot + STAGES - 1) % STAGES],
-                        buffers[(slot + 1) % STAGES][4], k, k + (STAGES - 1) * k_step, k_step, k_first, k_end, c_ptrs,
+                    acc, acc_up, carried = _ring_tile(
+                        acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
+                        buffers[(slot + 1) % STAGES][4], k, k + AHEAD * k_step, k_step, k_first, k_end, c_ptrs,
                         c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
                         GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
-                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
+                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
+                        AHEAD, CARRIED)
     else:
         slot = 0
         for k in range(k_begin, k_end, k_step):
-            acc, acc_up = _ring_tile(
-                acc, acc_up, _stage(buffers, slot, False), _stage(buffers, (slot + STAGES - 1) % STAGES, False),
-                _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + (STAGES - 1) * k_step, k_step, k_first, k_end,
+            acc, acc_up, carried = _ring_tile(
+                acc, acc_up, carried, _stage(buffers, slot, False), _stage(buffers, (slot + AHEAD) % STAGES, False),
+                _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + AHEAD * k_step, k_step, k_first, k_end,
                 c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
                 GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
-                STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS)
+                STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED)
             slot = (slot + 1) % STAGES
+    if CARRIED:
+        done = warpgroup_mma_wait(0, deps=(acc, acc_up) + carried)
+        acc, acc_up = done[0], done[1]
     leave_main_loop(PDL)
 
     if not PERSISTENT:
@@ -777,6 +810,7 @@ def _wide_block(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
+    CARRY: gl.constexpr,
 ):
     """A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its `live` ones
     (padding rows are sorted last): an expert's last block is mostly padding at mid M."""
@@ -786,35 +820,35 @@ def _wide_block(
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
 
 
 @gluon.jit
@@ -827,7 +861,7 @@ def _moe_gemm_decode_kernel(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -849,7 +883,8 @@ def _moe_gemm_decode_kernel(
                         sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks,
                         stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K,
                         GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                        BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M)
+                        BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M,
+                        CARRY)
         elif pid_m * BLOCK_M < gl.load(num_padded_ptr):
             ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
             live = gl.sum((ids < P).to(gl.int32), axis=0)
@@ -857,11 +892,12 @@ def _moe_gemm_decode_kernel(
                         expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                         stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT,
                         HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M,
-                        BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M)
+                        BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M,
+                        CARRY)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
                     ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
-                    PERSISTENT)
+                    PERSISTENT, CARRY)
