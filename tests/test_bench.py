@@ -255,6 +255,15 @@ def test_coordinate_search_tries_wide_decode_blocks_on_wgmma() -> None:
     assert not bench.coordinate_search(lambda c: 50.0 if c.wgmma else 60.0, narrow, bench._search_groups(1.0)).wgmma
 
 
+def test_coordinate_search_tries_carried_mmas_at_prefill() -> None:
+    start = TritonConfig(128, 128, 256, num_warps=8, num_stages=4, decode=True, wgmma=True)
+    assert bench.coordinate_search(lambda c: 90.0 if c.carry == 2 else 100.0, start,
+                                   bench._search_groups(500.0)).carry == 2
+    # without wgmma the move is skipped
+    plain = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
+    assert bench.coordinate_search(lambda c: 90.0 if c.carry else 100.0, plain, bench._search_groups(500.0)).carry == 0
+
+
 def test_coordinate_search_tries_blocks_that_shrink_at_prefill() -> None:
     start = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
     best = bench.coordinate_search(lambda c: 80.0 if c.shrink == 2 else 100.0, start, bench._search_groups(500.0))
