@@ -158,9 +158,12 @@ class TritonConfig:
         if self.wgmma and not (self.decode and self.block_m >= 32):
             raise ValueError(f"wgmma applies to the decode kernel's wide blocks (decode, block_m >= 32), got "
                              f"decode={self.decode} block_m={self.block_m}")
-        if (self.carry and not self.wgmma) or not 0 <= self.carry <= 4:  # (kernels/moe_gemm_decode.MAX_CARRY)
-            raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to 4) needs wgmma, got "
-                             f"carry={self.carry} wgmma={self.wgmma}")
+        if self.carry:
+            from wna16moe.kernels.moe_gemm_decode import MAX_CARRY
+
+            if not self.wgmma or not 0 < self.carry <= MAX_CARRY:
+                raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, "
+                                 f"got carry={self.carry} wgmma={self.wgmma}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
