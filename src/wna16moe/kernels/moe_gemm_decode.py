@@ -744,9 +744,8 @@ def _block_gemm(
                 GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
                 STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED)
             slot = (slot + 1) % STAGES
-    if CARRIED:
-        done = warpgroup_mma_wait(0, deps=(acc, acc_up) + carried)
-        acc, acc_up = done[0], done[1]
+    if CARRIED:  # (GEMM2: one accumulator)
+        acc = warpgroup_mma_wait(0, deps=(acc,) + carried)[0]
     leave_main_loop(PDL)
 
     if not PERSISTENT:
