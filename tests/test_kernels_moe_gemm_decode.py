@@ -63,6 +63,12 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=32, block_n=64, wgmma=True, carry=5, **common)
     with pytest.raises(ValueError, match="carry"):
         moe_gemm(*args, block_m=32, block_n=64, carry=1, **common | {"decode": False})
+    with pytest.raises(ValueError, match=r"specialize runs a GEMM2 on 128-row wgmma blocks.*block_m=64"):
+        moe_gemm(*args, block_m=64, block_n=64, num_warps=8, wgmma=True, specialize=True, **common)
+    with pytest.raises(ValueError, match=r"specialize runs a GEMM2.*gated=True"):
+        moe_gemm(*args, block_m=128, block_n=64, num_warps=8, wgmma=True, specialize=True, **common | {"gated": True})
+    with pytest.raises(ValueError, match="specialize"):
+        moe_gemm(*args, block_m=128, block_n=64, specialize=True, **common | {"decode": False})
     many = (torch.zeros(17, 128, dtype=torch.float16), w, scales, None, None, None, torch.zeros(17, 128),
             torch.ones(17), None, torch.zeros(17, dtype=torch.int32), None)
     with pytest.raises(ValueError, match="17 tokens need block_m >= 17"):  # (blocks from the ids: a row a token)
@@ -277,6 +283,22 @@ CARRY_CONFIGS = [
 @pytest.mark.parametrize("config", CARRY_CONFIGS, ids=["bm128-carry1", "bm64-carry2", "bm32-carry4"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g32_zp", "int4_ch_sym", "int8_g128_zp"])
 def test_gpu_decode_wgmma_carry_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
+    _check_against_emulation(scheme_name, config, i=896)
+
+
+# GEMM2 on warp-specialized programs (kernels/moe_gemm_ws.py): 4 stages over 7 K tiles (each mbarrier's phase
+# flips mid-block), 3 stages 128 wide.
+SPECIALIZE_CONFIGS = [
+    TritonConfig(128, 128, 256, num_warps=8, num_stages=4, decode=True, wgmma=True, specialize=True),
+    TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True, specialize=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", SPECIALIZE_CONFIGS, ids=["256-wide-4-stages", "128-wide-3-stages"])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g32_zp", "int4_ch_sym", "int8_g128_zp"])
+def test_gpu_warp_specialized_gemm2_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
     _check_against_emulation(scheme_name, config, i=896)
 
 

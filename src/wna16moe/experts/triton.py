@@ -102,6 +102,10 @@ class TritonConfig:
     over the next tile's barrier, copies and first dequantization, where the tensor cores otherwise wait; its
     ring then runs one tile less ahead (rings of 3 stages or more; GEMM1's two accumulators would make ptxas
     serialize every mma). 0: each tile waits for all of its mmas.
+
+    `specialize` (with `wgmma`, 128-row blocks and GEMM2 at 8 warps) runs GEMM2 on warp-specialized programs: a
+    copy partition fills the ring while two mma warpgroups take half the columns each, meeting only on the
+    ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
     """
 
     block_m: int
@@ -121,6 +125,7 @@ class TritonConfig:
     num_stages2: int | None = None
     persistent: int = 0
     carry: int = 0
+    specialize: bool = False
 
     @property
     def gemm2_warps(self) -> int:
@@ -164,6 +169,11 @@ class TritonConfig:
             if not self.wgmma or not 0 < self.carry <= MAX_CARRY:
                 raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, "
                                  f"got carry={self.carry} wgmma={self.wgmma}")
+        if self.specialize and (not self.wgmma or self.block_m != 128 or self.gemm2_warps != 8 or self.carry
+                                or self.split_k2 != 1):
+            raise ValueError(f"specialize runs GEMM2 on 128-row wgmma blocks at 8 warps, without carry or K split, "
+                             f"got wgmma={self.wgmma} block_m={self.block_m} GEMM2 warps={self.gemm2_warps} "
+                             f"carry={self.carry} split_k2={self.split_k2}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -402,9 +412,10 @@ class TritonExperts(Experts):
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
         if cfg.decode and not ptx:  # the Gluon kernel needs NVIDIA PTX: the same tiles on moe_gemm
-            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0)
+            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
+                          specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
-            cfg = replace(cfg, wgmma=False, carry=0)
+            cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         # Blocks straight from the ids, without the alignment launch, where a block's rows hold every token and
         # pairs do not outnumber experts: the grid holds a block per pair, those of an expert's later pairs idle
@@ -437,7 +448,7 @@ class TritonExperts(Experts):
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
-                 **common)
+                 specialize=cfg.specialize, **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, pdl) if pdl else out.to(hidden_states.dtype)
 

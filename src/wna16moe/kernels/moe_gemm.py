@@ -49,6 +49,7 @@ from wna16moe.kernels.dequant import (
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import MAX_CARRY, _moe_gemm_decode_kernel, ring_bytes, tiling_error
+from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel
 from wna16moe.kernels.token_blocks import token_block_rows
 from wna16moe.kernels.zero_share import zero_program_share
 
@@ -525,6 +526,7 @@ def moe_gemm(
     wgmma: bool = False,
     carry: int = 0,
     persistent: int = 0,
+    specialize: bool = False,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -568,6 +570,9 @@ def moe_gemm(
         are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, blocks without alignment,
         act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
         per block and tile.
+    specialize : a GEMM2 (not gated) on the decode kernel's 128-row wgmma blocks at 8 warps runs on
+        warp-specialized programs instead (kernels/moe_gemm_ws.py: a copy partition beside two mma warpgroups,
+        on mbarriers); sorted blocks, no K split, no act-order, rows in whole 16-byte pieces.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     if decode:
@@ -594,9 +599,21 @@ def moe_gemm(
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
                                                            PERSISTENT=persistent > 0, CARRY=carry)
         options = dict(num_warps=num_warps, **registers)
+        if specialize:
+            if (gated or not wgmma or block_m != 128 or num_warps != 8 or split_k != 1 or sorted_ids is None
+                    or a_perm is not None or not aligned or carry or persistent or max_registers is not None):
+                raise ValueError(
+                    f"specialize runs a GEMM2 on 128-row wgmma blocks at 8 warps (sorted blocks, no K split, carry, "
+                    f"persistent or register cap, no act-order, rows in 16-byte pieces), got gated={gated} "
+                    f"wgmma={wgmma} block_m={block_m} num_warps={num_warps} split_k={split_k} carry={carry} "
+                    f"persistent={persistent} act_order={a_perm is not None} aligned={aligned}")
+            # (the kernel's num_warps are its first mma warpgroup's; the other and the copy warps come on top)
+            kernel = _moe_gemm_ws_kernel
+            constexprs["NUM_WARPS"] = 4
+            options = dict(num_warps=4)
     else:
-        if wgmma or persistent or carry:
-            raise ValueError("wgmma, carry and persistent are the decode kernel's (decode=True)")
+        if wgmma or persistent or carry or specialize:
+            raise ValueError("wgmma, carry, persistent and specialize are the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")
