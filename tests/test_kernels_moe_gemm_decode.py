@@ -64,9 +64,9 @@ def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="carry"):
         moe_gemm(*args, block_m=32, block_n=64, carry=1, **common | {"decode": False})
     with pytest.raises(ValueError, match=r"specialize runs a GEMM2 on 128-row wgmma blocks.*block_m=64"):
-        moe_gemm(*args, block_m=64, block_n=64, num_warps=8, wgmma=True, specialize=True, **common)
+        moe_gemm(*args, block_m=64, block_n=128, num_warps=8, wgmma=True, specialize=True, **common)
     with pytest.raises(ValueError, match=r"specialize runs a GEMM2.*gated=True"):
-        moe_gemm(*args, block_m=128, block_n=64, num_warps=8, wgmma=True, specialize=True, **common | {"gated": True})
+        moe_gemm(*args, block_m=128, block_n=128, num_warps=8, wgmma=True, specialize=True, **common | {"gated": True})
     with pytest.raises(ValueError, match="specialize"):
         moe_gemm(*args, block_m=128, block_n=64, specialize=True, **common | {"decode": False})
     many = (torch.zeros(17, 128, dtype=torch.float16), w, scales, None, None, None, torch.zeros(17, 128),
