@@ -113,7 +113,7 @@ def _mma_partition(w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, 
     rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA)))
     offs_n = n0 + HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
     _epilogue(acc, acc, rows, expert, offs_n, offs_n < N, n0 + HALF * HALF_N, 0, out_ptr, bias_ptr, topk_w_ptr, N, P,
-              stride_om, 1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, False, BLOCK_M, HALF_N, 4)
+              stride_om, 1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, BLOCK_M, HALF_N, 4)
 
 
 @gluon.jit
