@@ -570,7 +570,7 @@ def moe_gemm(
         are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, blocks without alignment,
         act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
         per block and tile.
-    specialize : a GEMM2 (not gated) on the decode kernel's 128-row wgmma blocks at 8 warps runs on
+    specialize : a GEMM2 (not gated) on the decode kernel's 128 x 128 wgmma blocks at 8 warps runs on
         warp-specialized programs instead (kernels/moe_gemm_ws.py: a copy partition beside two mma warpgroups,
         on mbarriers); blocks without alignment, act-order columns and rows off 16 bytes keep the decode kernel.
     """
@@ -599,12 +599,13 @@ def moe_gemm(
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
                                                            PERSISTENT=persistent > 0, CARRY=carry)
         options = dict(num_warps=num_warps, **registers)
-        if specialize and (gated or not wgmma or block_m != 128 or num_warps != 8 or split_k != 1 or carry
-                           or persistent or max_registers is not None):
+        if specialize and (gated or not wgmma or block_m != 128 or block_n != 128 or num_warps != 8 or split_k != 1
+                           or carry or persistent or max_registers is not None):
             raise ValueError(
-                f"specialize runs a GEMM2 on 128-row wgmma blocks at 8 warps (no K split, carry, persistent or "
-                f"register cap), got gated={gated} wgmma={wgmma} block_m={block_m} num_warps={num_warps} "
-                f"split_k={split_k} carry={carry} persistent={persistent} max_registers={max_registers}")
+                f"specialize runs a GEMM2 on 128 x 128 wgmma blocks at 8 warps (no K split, carry, persistent or "
+                f"register cap), got gated={gated} wgmma={wgmma} block_m={block_m} block_n={block_n} "
+                f"num_warps={num_warps} split_k={split_k} carry={carry} persistent={persistent} "
+                f"max_registers={max_registers}")
         # (blocks from the ids, act-order columns and rows off 16 bytes run the same tiles on the decode kernel)
         if specialize and sorted_ids is not None and a_perm is None and aligned:
             # (the kernel's num_warps are its first mma warpgroup's; the other and the copy warps come on top)

@@ -36,9 +36,9 @@ from wna16moe.kernels.moe_gemm_decode import (
 _TILE_K = gl.constexpr(TILE_K)
 # Warps and registers per thread of the partitions: two mma warpgroups beside the copy warps (65536 registers
 # an SM; the copy warps hold a tile's row pointers).
-COPY_WARPS = 2
+COPY_WARPS = 4
 _COPY_WARPS = gl.constexpr(COPY_WARPS)
-_MMA_REGS = gl.constexpr(232)
+_MMA_REGS = gl.constexpr(208)
 _COPY_REGS = gl.constexpr(88)
 
 
@@ -47,15 +47,16 @@ def _copy_partition(a_ptr, w_ptr, s_ptr, z_ptr, sorted_ids_ptr, w_ring, s_ring, 
                     expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se, stride_sg,
                     TOP_K: gl.constexpr, BITS: gl.constexpr, HAS_ZP: gl.constexpr, GROUP_SIZE: gl.constexpr,
                     GROUP_IN_TILE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    EVEN_K: gl.constexpr, STAGES: gl.constexpr):
-    """Every K tile of the block into the ring, stage after stage, each once its last readers released it."""
+                    EVEN_K: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr):
+    """Every K tile of the block's first ROWS rows into the ring, stage after stage, each once its last readers
+    released it."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
                                           [_COPY_WARPS, 1], [1, 0])
     A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [_COPY_WARPS, 1], [1, 0])
-    rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, A_LOAD)))
+    rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD)))
     a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, False)
     offs_k = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     offs_n_c = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
@@ -73,7 +74,8 @@ def _copy_partition(a_ptr, w_ptr, s_ptr, z_ptr, sorted_ids_ptr, w_ring, s_ring, 
         s = t % STAGES
         # (a stage's first fill waits for nothing; its n-th for the readers' (n - 1)-th release)
         mbarrier.wait(empty.index(s), (t // STAGES + 1) & 1, pred=t >= STAGES)
-        stage = (w_ring.index(s), w_ring.index(s), s_ring.index(s), z_ring.index(s), a_ring.index(s))
+        stage = (w_ring.index(s), w_ring.index(s), s_ring.index(s), z_ring.index(s),
+                 a_ring.index(s).slice(0, ROWS, dim=0))
         _copy_tile(stage, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k, t * _TILE_K, 0,
                    KD, N, stride_wk, GROUP_SIZE, stride_sg, PACK, False, True, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N,
                    True)
@@ -84,17 +86,18 @@ def _copy_partition(a_ptr, w_ptr, s_ptr, z_ptr, sorted_ids_ptr, w_ring, s_ring, 
 def _mma_partition(w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, out_ptr, bias_ptr, topk_w_ptr,
                    expert, pid_m, n0, N, KD, P, stride_om, HALF: gl.constexpr, TOP_K: gl.constexpr,
                    BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Half HALF of the block's columns: every K tile from the ring, then the epilogue."""
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr):
+    """Half HALF of the block's columns over its first ROWS rows: every K tile from the ring, then the
+    epilogue."""
     DTYPE: gl.constexpr = a_ring.dtype
     HALF_N: gl.constexpr = BLOCK_N // 2
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
+                                                  instr_shape=[16, ROWS, 16])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     ROW: gl.constexpr = gl.SliceLayout(1, A_OP)
-    acc = gl.zeros([HALF_N, BLOCK_M], gl.float32, MMA)
+    acc = gl.zeros([HALF_N, ROWS], gl.float32, MMA)
     for t in range(gl.cdiv(KD, _TILE_K)):
         s = t % STAGES
         mbarrier.wait(full.index(s), (t // STAGES) & 1)
@@ -107,13 +110,34 @@ def _mma_partition(w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, 
             if HAS_ZP:
                 zero_rows = zero_rows + (z_ring.index(s).slice(g * BLOCK_N + HALF * HALF_N, HALF_N).load(ROW),)
         side = (scale_rows, zero_rows)
-        acc = _tile_step_scaled(acc, acc, (), words, words, side, side, a_ring.index(s), BITS, HAS_ZP,
-                                GROUP_IN_TILE, False, DTYPE, B_OP, True, 0)[0]
+        a_tile = a_ring.index(s).slice(0, ROWS, dim=0)
+        acc = _tile_step_scaled(acc, acc, (), words, words, side, side, a_tile, BITS, HAS_ZP, GROUP_IN_TILE, False,
+                                DTYPE, B_OP, True, 0)[0]
         mbarrier.arrive(empty.index(s))
-    rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA)))
+    rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA)))
     offs_n = n0 + HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
     _epilogue(acc, acc, rows, expert, offs_n, offs_n < N, n0 + HALF * HALF_N, 0, out_ptr, bias_ptr, topk_w_ptr, N, P,
-              stride_om, 1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, BLOCK_M, HALF_N, 4)
+              stride_om, 1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4)
+
+
+@gluon.jit
+def _specialized(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring,
+                 a_ring, full, empty, expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se,
+                 stride_sg, stride_om, TOP_K: gl.constexpr, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
+                 HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, EVEN_K: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr):
+    """The block's first ROWS rows on the three partitions (module docstring)."""
+    gl.warp_specialize(
+        [(_mma_partition, (w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, out_ptr, bias_ptr, topk_w_ptr,
+                           expert, pid_m, n0, N, KD, P, stride_om, 0, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_IN_TILE,
+                           BLOCK_M, BLOCK_N, STAGES, ROWS)),
+         (_mma_partition, (w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, out_ptr, bias_ptr, topk_w_ptr,
+                           expert, pid_m, n0, N, KD, P, stride_om, 1, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_IN_TILE,
+                           BLOCK_M, BLOCK_N, STAGES, ROWS)),
+         (_copy_partition, (a_ptr, w_ptr, s_ptr, z_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring, a_ring, full, empty,
+                            expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se, stride_sg, TOP_K,
+                            BITS, HAS_ZP, GROUP_SIZE, GROUP_IN_TILE, BLOCK_M, BLOCK_N, EVEN_K, STAGES, ROWS))],
+        [4, _COPY_WARPS], [_MMA_REGS, _COPY_REGS])
 
 
 @gluon.jit
@@ -152,15 +176,18 @@ def _moe_gemm_ws_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(full.index(i), count=32 * _COPY_WARPS)  # (one arrival per copying thread)
         mbarrier.init(empty.index(i), count=2)  # (one per mma warpgroup)
-    gl.warp_specialize(
-        [(_mma_partition, (w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, out_ptr, bias_ptr, topk_w_ptr,
-                           expert, pid_m, n0, N, KD, P, stride_om, 0, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_IN_TILE,
-                           BLOCK_M, BLOCK_N, STAGES)),
-         (_mma_partition, (w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, out_ptr, bias_ptr, topk_w_ptr,
-                           expert, pid_m, n0, N, KD, P, stride_om, 1, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_IN_TILE,
-                           BLOCK_M, BLOCK_N, STAGES)),
-         (_copy_partition, (a_ptr, w_ptr, s_ptr, z_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring, a_ring, full, empty,
-                            expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se, stride_sg, TOP_K,
-                            BITS, HAS_ZP, GROUP_SIZE, GROUP_IN_TILE, BLOCK_M, BLOCK_N, EVEN_K, STAGES))],
-        [4, _COPY_WARPS], [_MMA_REGS, _COPY_REGS])
+    # An expert's last block is mostly padding at prefill (sorted last): it multiplies its first 64 rows only
+    # when they hold its real ones, as the decode kernel's wide blocks do (one specialized region per row count).
+    FLAT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
+    if gl.sum((ids < P).to(gl.int32), axis=0) <= 64:
+        _specialized(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring,
+                     a_ring, full, empty, expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se,
+                     stride_sg, stride_om, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, BLOCK_M, BLOCK_N,
+                     EVEN_K, STAGES, 64)
+    else:
+        _specialized(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring,
+                     a_ring, full, empty, expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se,
+                     stride_sg, stride_om, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, BLOCK_M, BLOCK_N,
+                     EVEN_K, STAGES, BLOCK_M)
     leave_main_loop(PDL)
