@@ -238,9 +238,10 @@ def test_carry_needs_wgmma() -> None:
             TritonConfig(32, 128, 256, decode=True, **config)
 
 
-def test_specialize_needs_128_by_128_wgmma_blocks_at_8_warps() -> None:
+def test_specialize_needs_128_row_wgmma_blocks_at_8_warps() -> None:
     assert TritonConfig(128, 128, 128, num_warps=8, decode=True, wgmma=True, specialize=True).specialize
-    for config in (dict(block_m=64), dict(block_n2=256), dict(num_warps2=4), dict(carry=1), dict(split_k2=2),
+    assert TritonConfig(128, 128, 256, num_warps=8, decode=True, wgmma=True, specialize=True).specialize
+    for config in (dict(block_m=64), dict(block_n2=64), dict(num_warps2=4), dict(carry=1), dict(split_k2=2),
                    dict(wgmma=False)):
         with pytest.raises(ValueError, match="specialize"):
             TritonConfig(**dict(block_m=128, block_n1=128, block_n2=128, num_warps=8, decode=True, wgmma=True,

@@ -63,7 +63,7 @@ def test_arguments_are_checked() -> None:
         moe_gemm(*args, block_m=32, block_n=64, wgmma=True, carry=5, **common)
     with pytest.raises(ValueError, match="carry"):
         moe_gemm(*args, block_m=32, block_n=64, carry=1, **common | {"decode": False})
-    with pytest.raises(ValueError, match=r"specialize runs a GEMM2 on 128 x 128 wgmma blocks.*block_m=64"):
+    with pytest.raises(ValueError, match=r"specialize runs a GEMM2 on 128 x 128 or 128 x 256 wgmma.*block_m=64"):
         moe_gemm(*args, block_m=64, block_n=128, num_warps=8, wgmma=True, specialize=True, **common)
     with pytest.raises(ValueError, match=r"specialize runs a GEMM2.*gated=True"):
         moe_gemm(*args, block_m=128, block_n=128, num_warps=8, wgmma=True, specialize=True, **common | {"gated": True})
@@ -287,17 +287,17 @@ def test_gpu_decode_wgmma_carry_matches_emulation(scheme_name: str, config: Trit
 
 
 # GEMM2 on warp-specialized programs (kernels/moe_gemm_ws.py) over 7 K tiles, so that each stage's mbarriers
-# complete phases 0 and 1 within a block: 3 and 4 stages. (At 1 and 3 tokens the blocks come from the ids and
-# GEMM2 runs on the decode kernel.)
+# complete phases 0 and 1 within a block: 256 wide at 3 stages, 128 wide at 4. (At 1 and 3 tokens the blocks come
+# from the ids and GEMM2 runs on the decode kernel.)
 SPECIALIZE_CONFIGS = [
-    TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True, specialize=True),
+    TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True, specialize=True),
     TritonConfig(128, 128, 128, num_warps=8, num_stages=3, num_stages2=4, decode=True, wgmma=True, specialize=True),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", SPECIALIZE_CONFIGS, ids=["3-stages", "4-stages"])
+@pytest.mark.parametrize("config", SPECIALIZE_CONFIGS, ids=["256-wide-3-stages", "128-wide-4-stages"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g32_zp", "int4_ch_sym", "int8_g128_zp"])
 def test_gpu_warp_specialized_gemm2_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
     _check_against_emulation(scheme_name, config, i=896)

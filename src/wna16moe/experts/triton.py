@@ -103,9 +103,9 @@ class TritonConfig:
     ring then runs one tile less ahead (rings of 3 stages or more; GEMM1's two accumulators would make ptxas
     serialize every mma). 0: each tile waits for all of its mmas.
 
-    `specialize` (with `wgmma`, GEMM2 on 128 x 128 blocks at 8 warps) runs GEMM2 on warp-specialized programs: a
-    copy partition fills the ring while two mma warpgroups take half the columns each, meeting only on the
-    ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
+    `specialize` (with `wgmma`, GEMM2 on 128-row blocks at 8 warps, 128 or 256 wide) runs GEMM2 on
+    warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
+    only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
     """
 
     block_m: int
@@ -169,11 +169,12 @@ class TritonConfig:
             if not self.wgmma or not 0 < self.carry <= MAX_CARRY:
                 raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, "
                                  f"got carry={self.carry} wgmma={self.wgmma}")
-        if self.specialize and (not self.wgmma or self.block_m != 128 or self.block_n2 != 128 or self.gemm2_warps != 8
-                                or self.carry or self.split_k2 != 1):
-            raise ValueError(f"specialize runs GEMM2 on 128 x 128 wgmma blocks at 8 warps, without carry or K split, "
-                             f"got wgmma={self.wgmma} block_m={self.block_m} block_n2={self.block_n2} GEMM2 warps="
-                             f"{self.gemm2_warps} carry={self.carry} split_k2={self.split_k2}")
+        if self.specialize and (not self.wgmma or self.block_m != 128 or self.block_n2 not in (128, 256)
+                                or self.gemm2_warps != 8 or self.carry or self.split_k2 != 1):
+            raise ValueError(f"specialize runs GEMM2 on 128 x 128 or 128 x 256 wgmma blocks at 8 warps, without "
+                             f"carry or K split, got wgmma={self.wgmma} block_m={self.block_m} block_n2="
+                             f"{self.block_n2} GEMM2 warps={self.gemm2_warps} carry={self.carry} "
+                             f"split_k2={self.split_k2}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,

@@ -49,7 +49,7 @@ from wna16moe.kernels.dequant import (
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import MAX_CARRY, _moe_gemm_decode_kernel, ring_bytes, tiling_error
-from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel
+from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel, ws_extra_bytes
 from wna16moe.kernels.token_blocks import token_block_rows
 from wna16moe.kernels.zero_share import zero_program_share
 
@@ -570,7 +570,7 @@ def moe_gemm(
         are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, blocks without alignment,
         act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
         per block and tile.
-    specialize : a GEMM2 (not gated) on the decode kernel's 128 x 128 wgmma blocks at 8 warps runs on
+    specialize : a GEMM2 (not gated) on the decode kernel's 128-row wgmma blocks at 8 warps runs on
         warp-specialized programs instead (kernels/moe_gemm_ws.py: a copy partition beside two mma warpgroups,
         on mbarriers); blocks without alignment, act-order columns and rows off 16 bytes keep the decode kernel.
     """
@@ -599,11 +599,11 @@ def moe_gemm(
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
                                                            PERSISTENT=persistent > 0, CARRY=carry)
         options = dict(num_warps=num_warps, **registers)
-        if specialize and (gated or not wgmma or block_m != 128 or block_n != 128 or num_warps != 8 or split_k != 1
-                           or carry or persistent or max_registers is not None):
+        if specialize and (gated or not wgmma or block_m != 128 or block_n not in (128, 256) or num_warps != 8
+                           or split_k != 1 or carry or persistent or max_registers is not None):
             raise ValueError(
-                f"specialize runs a GEMM2 on 128 x 128 wgmma blocks at 8 warps (no K split, carry, persistent or "
-                f"register cap), got gated={gated} wgmma={wgmma} block_m={block_m} block_n={block_n} "
+                f"specialize runs a GEMM2 on 128 x 128 or 128 x 256 wgmma blocks at 8 warps (no K split, carry, "
+                f"persistent or register cap), got gated={gated} wgmma={wgmma} block_m={block_m} block_n={block_n} "
                 f"num_warps={num_warps} split_k={split_k} carry={carry} persistent={persistent} "
                 f"max_registers={max_registers}")
         # (blocks from the ids, act-order columns and rows off 16 bytes run the same tiles on the decode kernel)
@@ -632,6 +632,8 @@ def moe_gemm(
     shared_limit = _max_shared_memory(a.device) if decode else None
     if shared_limit is not None:
         ring = ring_bytes(bits, gated, zeros is not None, _group_in_tile(group_size), block_m, block_n, num_stages)
+        if kernel is _moe_gemm_ws_kernel:
+            ring += ws_extra_bytes(block_n, num_stages)
         if ring > shared_limit:
             raise ValueError(f"the decode kernel's ring of num_stages={num_stages} x block_m={block_m} x "
                              f"block_n={block_n} ({bits}-bit{', gated' if gated else ''}) needs {ring} bytes of "

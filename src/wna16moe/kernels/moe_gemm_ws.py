@@ -1,16 +1,18 @@
-"""GEMM2 of prefill on warp-specialized programs (Hopper): a copy partition and two mma warpgroups on mbarriers.
+"""GEMM2 of prefill on two warp-specialized warpgroups (Hopper) that meet only on the ring's mbarriers.
 
 The decode kernel's 128-row wgmma blocks (`kernels/moe_gemm_decode.py`) run 8 warps that copy, wait for their
 copies and meet at a CTA barrier every K tile. At deepseek-v3 M = 8192 its GEMM2 keeps the tensor pipe 47% busy,
-and a sixth of the warps' samples sit on that barrier (benchmarks/NOTES.md v44). Here each program splits the
-same block and operands across three partitions (`gl.warp_specialize`):
-  - a copy partition (COPY_WARPS warps) streams the tiles' words, scale and zero-point rows and activations
-    into a STAGES-deep ring with cp.async; each stage's `full` mbarrier completes when its copies land;
-  - two warpgroups each take half the block's columns: wait for a stage, dequantize their half of its words
-    (scaled in the asm, as the decode kernel's wide blocks) and multiply it against the stage's activations
-    with warpgroup mmas, then release the stage on its `empty` mbarrier.
-No partition waits for another except on a stage: the warpgroups do not meet each other, and the copies run as
-far ahead as the ring allows. The epilogue (router weights, atomic top-k sum) is the decode kernel's, per half.
+and a sixth of the warps' samples sit on that barrier (benchmarks/NOTES.md v44). Here each program runs the same
+block as two partitions of one warpgroup each (`gl.warp_specialize`), each owning half of the block's columns:
+it copies its half of every tile's words, scale and zero-point rows and half of its activation rows into a
+STAGES-deep cp.async ring, waits on the stage's `full` mbarrier (both halves landed), dequantizes its words
+(scaled in the asm, as the decode kernel's wide blocks) and multiplies them with warpgroup mmas against the
+whole activation tile, then releases the stage on its `empty` mbarrier. A warpgroup refilling a stage waits for
+the other's release of it, a tile back: the two never meet at a barrier.
+
+(A copy partition of its own beside the two warpgroups, v45's first form, makes 12 warps: ptxas then gives every
+thread 168 registers whatever `setmaxnreg` says, and a 128 x 256 block's mmas serialize (C7511). Eight warps
+keep 255.)
 
 Same operands, layouts and outputs as the decode kernel's GEMM2 (not gated, sorted blocks, no K split, no
 act-order, rows in whole 16-byte pieces); `moe_gemm(..., specialize=True)` launches it.
@@ -34,90 +36,92 @@ from wna16moe.kernels.moe_gemm_decode import (
 )
 
 _TILE_K = gl.constexpr(TILE_K)
-# Warps and registers per thread of the partitions: two mma warpgroups beside the copy warps (65536 registers
-# an SM; the copy warps hold a tile's row pointers).
-COPY_WARPS = 4
-_COPY_WARPS = gl.constexpr(COPY_WARPS)
-_MMA_REGS = gl.constexpr(208)
-_COPY_REGS = gl.constexpr(88)
+# Registers per thread of the second warpgroup's partition (the first gets the rest of the SM's 65536).
+_WORKER_REGS = gl.constexpr(240)
+
+
+def ws_extra_bytes(block_n: int, num_stages: int) -> int:
+    """Shared memory the kernel takes beside the decode kernel's ring (`ring_bytes`): each warpgroup's epilogue
+    scratch (64 rows of its half at a time, float32), two mbarriers per stage and a few bytes more (the
+    compiler's figure is 12 less)."""
+    return block_n // 2 * 64 * 4 + 2 * 8 * num_stages + 16
 
 
 @gluon.jit
-def _copy_partition(a_ptr, w_ptr, s_ptr, z_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring, a_ring, full, empty,
-                    expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se, stride_sg,
-                    TOP_K: gl.constexpr, BITS: gl.constexpr, HAS_ZP: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                    GROUP_IN_TILE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    EVEN_K: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr):
-    """Every K tile of the block's first ROWS rows into the ring, stage after stage, each once its last readers
-    released it."""
+def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring, a_ring,
+          full, empty, expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om,
+          HALF: gl.constexpr, TOP_K: gl.constexpr, BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_BIAS: gl.constexpr,
+          GROUP_SIZE: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          EVEN_K: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr):
+    """Half HALF of the block's columns over its first ROWS rows (module docstring): its copies, its mmas, its
+    epilogue."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
-    COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
-                                          [_COPY_WARPS, 1], [1, 0])
-    A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [_COPY_WARPS, 1], [1, 0])
-    rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD)))
+    HALF_N: gl.constexpr = BLOCK_N // 2
+    HALF_ROWS: gl.constexpr = ROWS // 2
+    DTYPE: gl.constexpr = a_ring.dtype
+    AHEAD: gl.constexpr = STAGES - 1
+    # The copies: this half's columns of the words and group rows, this half's activation rows.
+    COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, HALF_N // 4), min(32, HALF_N // 4)], [4, 1], [1, 0])
+    A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + HALF * HALF_ROWS
+                     + gl.arange(0, HALF_ROWS, layout=gl.SliceLayout(1, A_LOAD)))
     a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, False)
     offs_k = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
-    offs_n_c = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
+    n0_half = n0 + HALF * HALF_N
+    offs_n_c = n0_half + gl.arange(0, HALF_N, layout=gl.SliceLayout(0, COPY))
     c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
               + offs_n_c[None, :])
     c_mask = (offs_n_c < N)[None, :]
-    offs_s = gl.arange(0, NG * BLOCK_N, layout=gl.BlockedLayout([8], [32], [_COPY_WARPS], [0]))
+    offs_s = gl.arange(0, NG * HALF_N, layout=gl.BlockedLayout([8], [32], [4], [0]))
     s_base = s_ptr + expert * stride_se
     if HAS_ZP:
-        offs_z = gl.arange(0, NG * BLOCK_N, layout=gl.BlockedLayout([16], [32], [_COPY_WARPS], [0]))
+        offs_z = gl.arange(0, NG * HALF_N, layout=gl.BlockedLayout([16], [32], [4], [0]))
         z_base = z_ptr + expert * stride_se
     else:
         z_base, offs_z = s_base, offs_s
-    for t in range(gl.cdiv(KD, _TILE_K)):
-        s = t % STAGES
-        # (a stage's first fill waits for nothing; its n-th for the readers' (n - 1)-th release)
-        mbarrier.wait(empty.index(s), (t // STAGES + 1) & 1, pred=t >= STAGES)
-        stage = (w_ring.index(s), w_ring.index(s), s_ring.index(s), z_ring.index(s),
-                 a_ring.index(s).slice(0, ROWS, dim=0))
-        _copy_tile(stage, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k, t * _TILE_K, 0,
-                   KD, N, stride_wk, GROUP_SIZE, stride_sg, PACK, False, True, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N,
-                   True)
-        async_copy.mbarrier_arrive(full.index(s), increment_count=False)
-
-
-@gluon.jit
-def _mma_partition(w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, out_ptr, bias_ptr, topk_w_ptr,
-                   expert, pid_m, n0, N, KD, P, stride_om, HALF: gl.constexpr, TOP_K: gl.constexpr,
-                   BITS: gl.constexpr, HAS_ZP: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr):
-    """Half HALF of the block's columns over its first ROWS rows: every K tile from the ring, then the
-    epilogue."""
-    DTYPE: gl.constexpr = a_ring.dtype
-    HALF_N: gl.constexpr = BLOCK_N // 2
-    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, ROWS, 16])
+    # The mmas.
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWS, 16])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     ROW: gl.constexpr = gl.SliceLayout(1, A_OP)
     acc = gl.zeros([HALF_N, ROWS], gl.float32, MMA)
-    for t in range(gl.cdiv(KD, _TILE_K)):
-        s = t % STAGES
-        mbarrier.wait(full.index(s), (t // STAGES) & 1)
-        fence_async_shared()  # (the copies landed through the generic proxy; the mmas read through the async one)
-        words = w_ring.index(s).slice(HALF * HALF_N, HALF_N, dim=1).permute([1, 0]).load(A_OP)
-        scale_rows = ()
-        zero_rows = ()
-        for g in gl.static_range(NG):
-            scale_rows = scale_rows + (s_ring.index(s).slice(g * BLOCK_N + HALF * HALF_N, HALF_N).load(ROW),)
-            if HAS_ZP:
-                zero_rows = zero_rows + (z_ring.index(s).slice(g * BLOCK_N + HALF * HALF_N, HALF_N).load(ROW),)
-        side = (scale_rows, zero_rows)
-        a_tile = a_ring.index(s).slice(0, ROWS, dim=0)
-        acc = _tile_step_scaled(acc, acc, (), words, words, side, side, a_tile, BITS, HAS_ZP, GROUP_IN_TILE, False,
-                                DTYPE, B_OP, True, 0)[0]
-        mbarrier.arrive(empty.index(s))
+
+    tiles = gl.cdiv(KD, _TILE_K)
+    for t in range(tiles + AHEAD):
+        if t < tiles:  # this half of tile t into its stage, once both halves released its last use
+            s = t % STAGES
+            mbarrier.wait(empty.index(s), (t // STAGES + 1) & 1, pred=t >= STAGES)
+            mine = 2 * s + HALF
+            stage = (w_ring.index(mine), w_ring.index(mine), s_ring.index(mine), z_ring.index(mine),
+                     a_ring.index(s).slice(HALF * HALF_ROWS, HALF_ROWS, dim=0))
+            _copy_tile(stage, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0_half, a_row_ptrs, offs_k,
+                       t * _TILE_K, 0, KD, N, stride_wk, GROUP_SIZE, stride_sg, PACK, False, True, EVEN_K, HAS_ZP,
+                       GROUP_IN_TILE, HALF_N, True)
+            async_copy.mbarrier_arrive(full.index(s), increment_count=False)
+        if t >= AHEAD:  # tile t - AHEAD, both halves landed
+            u = t - AHEAD
+            s = u % STAGES
+            mbarrier.wait(full.index(s), (u // STAGES) & 1)
+            fence_async_shared()  # (the copies landed through the generic proxy; the mmas read the async one)
+            mine = 2 * s + HALF
+            words = w_ring.index(mine).permute([1, 0]).load(A_OP)
+            scale_rows = ()
+            zero_rows = ()
+            for g in gl.static_range(NG):
+                scale_rows = scale_rows + (s_ring.index(mine).slice(g * HALF_N, HALF_N).load(ROW),)
+                if HAS_ZP:
+                    zero_rows = zero_rows + (z_ring.index(mine).slice(g * HALF_N, HALF_N).load(ROW),)
+            side = (scale_rows, zero_rows)
+            a_tile = a_ring.index(s).slice(0, ROWS, dim=0)
+            acc = _tile_step_scaled(acc, acc, (), words, words, side, side, a_tile, BITS, HAS_ZP, GROUP_IN_TILE,
+                                    False, DTYPE, B_OP, True, 0)[0]
+            mbarrier.arrive(empty.index(s))
     rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA)))
-    offs_n = n0 + HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
-    _epilogue(acc, acc, rows, expert, offs_n, offs_n < N, n0 + HALF * HALF_N, 0, out_ptr, bias_ptr, topk_w_ptr, N, P,
-              stride_om, 1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4)
+    offs_n = n0_half + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
+    _epilogue(acc, acc, rows, expert, offs_n, offs_n < N, n0_half, 0, out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om,
+              1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4)
 
 
 @gluon.jit
@@ -126,18 +130,17 @@ def _specialized(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sort
                  stride_sg, stride_om, TOP_K: gl.constexpr, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
                  HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, EVEN_K: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr):
-    """The block's first ROWS rows on the three partitions (module docstring)."""
+    """The block's first ROWS rows on the two warpgroups (module docstring)."""
     gl.warp_specialize(
-        [(_mma_partition, (w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, out_ptr, bias_ptr, topk_w_ptr,
-                           expert, pid_m, n0, N, KD, P, stride_om, 0, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_IN_TILE,
-                           BLOCK_M, BLOCK_N, STAGES, ROWS)),
-         (_mma_partition, (w_ring, s_ring, z_ring, a_ring, full, empty, sorted_ids_ptr, out_ptr, bias_ptr, topk_w_ptr,
-                           expert, pid_m, n0, N, KD, P, stride_om, 1, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_IN_TILE,
-                           BLOCK_M, BLOCK_N, STAGES, ROWS)),
-         (_copy_partition, (a_ptr, w_ptr, s_ptr, z_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring, a_ring, full, empty,
-                            expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se, stride_sg, TOP_K,
-                            BITS, HAS_ZP, GROUP_SIZE, GROUP_IN_TILE, BLOCK_M, BLOCK_N, EVEN_K, STAGES, ROWS))],
-        [4, _COPY_WARPS], [_MMA_REGS, _COPY_REGS])
+        [(_half, (a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring,
+                  a_ring, full, empty, expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se,
+                  stride_sg, stride_om, 0, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, BLOCK_M,
+                  BLOCK_N, EVEN_K, STAGES, ROWS)),
+         (_half, (a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_ptr, w_ring, s_ring, z_ring,
+                  a_ring, full, empty, expert, pid_m, n0, N, KD, P, stride_am, stride_we, stride_wk, stride_se,
+                  stride_sg, stride_om, 1, TOP_K, BITS, HAS_ZP, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, BLOCK_M,
+                  BLOCK_N, EVEN_K, STAGES, ROWS))],
+        [4], [_WORKER_REGS])
 
 
 @gluon.jit
@@ -167,15 +170,18 @@ def _moe_gemm_ws_kernel(
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0])
     ROW_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     A_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, R, BLOCK_N], SMEM)
-    s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES, NG * BLOCK_N], ROW_SMEM)
-    z_ring = gl.allocate_shared_memory(z_ptr.dtype.element_ty, [STAGES, NG * BLOCK_N], ROW_SMEM) if HAS_ZP else s_ring
+    # (each half's words and group rows in buffers of their own, stage s half h at 2 s + h: what one
+    # warpgroup copies is contiguous)
+    w_ring = gl.allocate_shared_memory(gl.int32, [2 * STAGES, R, BLOCK_N // 2], SMEM)
+    s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [2 * STAGES, NG * BLOCK_N // 2], ROW_SMEM)
+    z_ring = (gl.allocate_shared_memory(z_ptr.dtype.element_ty, [2 * STAGES, NG * BLOCK_N // 2], ROW_SMEM) if HAS_ZP
+              else s_ring)
     a_ring = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, _TILE_K], A_SMEM)
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=32 * _COPY_WARPS)  # (one arrival per copying thread)
-        mbarrier.init(empty.index(i), count=2)  # (one per mma warpgroup)
+        mbarrier.init(full.index(i), count=256)  # (one arrival per thread, as its copies land)
+        mbarrier.init(empty.index(i), count=2)  # (one per warpgroup)
     # An expert's last block is mostly padding at prefill (sorted last): it multiplies its first 64 rows only
     # when they hold its real ones, as the decode kernel's wide blocks do (one specialized region per row count).
     FLAT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
