@@ -22,6 +22,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from wna16moe.kernels.moe_align import _align_one_program, _place_kernel
 from wna16moe.kernels.moe_gemm import _moe_gemm_kernel, group_m
 from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel
+from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel
 
 GEMM_SIGNATURE = {
     "a_ptr": "*bf16", "a_perm_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "bias_ptr": "*fp32",
@@ -32,7 +33,8 @@ GEMM_SIGNATURE = {
     "alpha": "fp32", "beta": "fp32", "limit": "fp32",
 }
 PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "cvt.rn.bf16.s32", "cvt.rn.f16.s32",
-             "lop3.b32", "prmt.b32", "st.global.v4", "add.v4.f32")
+             "lop3.b32", "prmt.b32", "st.global.v4", "add.v4.f32", "cp.async.mbarrier.arrive.noinc",
+             "mbarrier.try_wait")
 
 
 DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "KD", "stride_am", "stride_we", "stride_wk",
@@ -74,15 +76,19 @@ def loop_instructions(sass: str) -> list[str]:
     return loops_by_length(sass)[0]
 
 
-def main_loop(cubin: bytes, per_tile: bool = False) -> dict[str, int]:
-    """Instructions in the longest loop of the SASS (per thread, one iteration), and its opcode counts; with
-    `per_tile`, per K tile of a loop that runs several (one cp.async wait, DEPBAR on SB0, per tile)."""
+def sass(cubin: bytes) -> str:
+    """nvdisasm's text of a cubin."""
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    loops = loops_by_length(text)
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(cubin: bytes, per_tile: bool = False) -> dict[str, int]:
+    """Instructions in the longest loop of the SASS (per thread, one iteration), and its opcode counts; with
+    `per_tile`, per K tile of a loop that runs several (one cp.async wait, DEPBAR on SB0, per tile)."""
+    loops = loops_by_length(sass(cubin))
     def tiles(loop: list[str]) -> int:
         return max(1, sum(ins.startswith("DEPBAR.LE SB0") for ins in loop)) if per_tile else 1
 
@@ -126,7 +132,9 @@ def compile_gemm(case: dict) -> dict[str, int]:
 
 
 def compile_decode_gemm(case: dict) -> dict[str, int]:
-    """The Gluon decode GEMM (kernels/moe_gemm_decode.py) for sm_90: PTX facts, its main loop, shared memory."""
+    """The Gluon decode GEMM (kernels/moe_gemm_decode.py) for sm_90: PTX facts, its main loop, shared memory.
+    With `specialize`, its warp-specialized GEMM2 (kernels/moe_gemm_ws.py; `warps`: its first warpgroup's 4): PTX
+    facts, the whole kernel's warpgroup mmas and waits on them, shared memory."""
     gated = case["gated"]
     group = case["group"]
     consts = dict(TOP_K=8, GATED=gated, ACT=3 if gated else 0, HAS_LIMIT=gated, BITS=case["bits"],
@@ -144,10 +152,16 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
     signature.update(dict.fromkeys(consts, "constexpr"))
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
-    kernel = triton.compile(GluonASTSource(_moe_gemm_decode_kernel, signature, constexprs=consts, attrs=attrs),
+    source = _moe_gemm_ws_kernel if case.get("specialize") else _moe_gemm_decode_kernel
+    kernel = triton.compile(GluonASTSource(source, signature, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", case.get("sm", 90), 32),
                             options={"num_warps": case["warps"],
                                      **({"maxnreg": case["maxnreg"]} if "maxnreg" in case else {})})
+    if case.get("specialize"):  # (its partitions' loops are not told apart by the loop finder: whole-kernel counts)
+        text = sass(kernel.asm["cubin"])
+        return facts(kernel.asm["ptx"]) | {"HGMMA": text.count(" HGMMA."),
+                                           "wgmma_waits": text.count("WARPGROUP.DEPBAR"),
+                                           "shared": kernel.metadata.shared}
     # (most of its loops run one K tile per ring stage, unrolled)
     return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"], per_tile=True) | {"shared": kernel.metadata.shared}
 
@@ -170,4 +184,5 @@ def compile_align() -> dict[str, dict[str, int]]:
 if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
     print(json.dumps({"gemm": [compile_gemm(c) for c in cases["gemm"]],
-                      "decode": [compile_decode_gemm(c) for c in cases["decode"]], "align": compile_align()}))
+                      "decode": [compile_decode_gemm(c) for c in cases["decode"]],
+                      "specialized": [compile_decode_gemm(c) for c in cases["specialized"]], "align": compile_align()}))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from wna16moe.kernels.moe_gemm_decode import ring_bytes
+from wna16moe.kernels.moe_gemm_ws import ws_extra_bytes
 
 CASES = [
     # decode GEMM1, int4 g128, BLOCK_M 16: mma.sync
@@ -183,11 +184,24 @@ DECODE_CASES = [
 ]
 
 
+# The warp-specialized GEMM2 (kernels/moe_gemm_ws.py, `warps`: its first warpgroup's): 128 x 256 int4 at 4 stages
+# (the prefill entries' tile), int8 with zero points at 3, int4 g32 with zero points 128 wide.
+SPECIALIZED_CASES = [
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=4, pair=False,
+         stages=4, wgmma=True, specialize=True),
+    dict(gated=False, bits=8, zp=True, perm=False, group=128, block_m=128, block_n=256, warps=4, pair=False,
+         stages=3, wgmma=True, specialize=True),
+    dict(gated=False, bits=4, zp=True, perm=False, group=32, block_m=128, block_n=128, warps=4, pair=False,
+         stages=4, wgmma=True, specialize=True),
+]
+
+
 @pytest.fixture(scope="module")
 def compiled() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("compile_kernels.py")
-    done = subprocess.run([sys.executable, str(script), json.dumps({"gemm": CASES, "decode": DECODE_CASES})], env=env,
+    done = subprocess.run([sys.executable, str(script), json.dumps({"gemm": CASES, "decode": DECODE_CASES,
+                                                                    "specialized": SPECIALIZED_CASES})], env=env,
                           capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -301,3 +315,22 @@ def test_align_compiles(compiled: dict) -> None:
     assert one_program["atom"] > 0  # ranks (and the counters' clear and read) by atomics returning values
     for kernel in ("one_program", "place"):  # as programmatic dependents: they wait before they read the ids
         assert compiled["align"][kernel]["loads_before_wait"] == 0, compiled["align"]
+
+
+@pytest.mark.parametrize("index", range(len(SPECIALIZED_CASES)),
+                         ids=[f"int{c['bits']}-g{c['group']}-{c['block_n']}-wide" for c in SPECIALIZED_CASES])
+def test_warp_specialized_gemm2_compiles(compiled: dict, index: int) -> None:
+    case = SPECIALIZED_CASES[index]
+    facts = compiled["specialized"][index]
+    # Each warpgroup's copies land on mbarriers, and it waits on them (no CTA barrier between the warpgroups).
+    assert facts["cp.async.mbarrier.arrive.noinc"] > 0 and facts["mbarrier.try_wait"] > 0, facts
+    # Two m64k16 mmas per 16 reduction rows of a warpgroup's 128 columns (one for 64), in both row counts' loops
+    # and both warpgroups; one wait per tile in each of those four loops. Where ptxas runs short of registers it
+    # serializes them (C7511: 12 warps get 168 registers a thread) and waits after every one.
+    per_step = case["block_n"] // 2 // 64
+    assert facts["HGMMA"] == 2 * 2 * (128 // 16) * per_step, facts
+    assert facts["wgmma_waits"] == 4, facts
+    # (what `moe_gemm` checks against the GPU's limit before a launch: an upper bound within 16 bytes)
+    expected = (ring_bytes(case["bits"], False, case["zp"], min(case["group"], 128), 128, case["block_n"],
+                           case["stages"]) + ws_extra_bytes(case["block_n"], case["stages"]))
+    assert expected - 16 <= facts["shared"] <= expected, facts

@@ -220,6 +220,9 @@ _WGMMA_MOVES = [{"wgmma": True}]
 # GEMM2's tiles leaving their last wgmmas in flight (v44: within 2% of the shipped entries at M = 8192 and mid M,
 # 2-5% slower at M = 2048, where its ring runs a tile less ahead; wgmma entries only).
 _CARRY_MOVES = [{"carry": c} for c in (1, 2)]
+# GEMM2 on two warp-specialized warpgroups that meet only on the ring's mbarriers (v45: level with the shipped
+# 128 x 256 GEMM2 at deepseek-v3 M = 8192, -1% at qwen3-30b-a3b; 128-row wgmma entries at 8 warps only).
+_SPECIALIZE_MOVES = [{"specialize": True}]
 # At decode, GEMM2's tile width and K split move together (v22: mixtral's best was 64 x 2 -> 128 x 16).
 _DECODE_GEMM2_MOVES = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
 # Warps and ring depth of each GEMM apart (v43: GEMM1 at 8 warps and GEMM2 at 4 took W8A16 mixtral M = 1 -3%,
@@ -325,7 +328,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
     shrink = [{"shrink": s} for s in (1, 2)]
     return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)], _PER_GEMM_MOVES, shrink, _WGMMA_MOVES,
-            _CARRY_MOVES]
+            _CARRY_MOVES, _SPECIALIZE_MOVES]
 
 
 def coordinate_search(measure: Callable[[TritonConfig], float | None], start: TritonConfig,
