@@ -570,9 +570,10 @@ def moe_gemm(
         are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, blocks without alignment,
         act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
         per block and tile.
-    specialize : a GEMM2 (not gated) on the decode kernel's 128-row wgmma blocks at 8 warps runs on
-        warp-specialized programs instead (kernels/moe_gemm_ws.py: a copy partition beside two mma warpgroups,
-        on mbarriers); blocks without alignment, act-order columns and rows off 16 bytes keep the decode kernel.
+    specialize : a GEMM2 (not gated) on the decode kernel's 128-row wgmma blocks at 8 warps, 128 or 256 wide,
+        runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
+        multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
+        rows off 16 bytes keep the decode kernel.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     if decode:
