@@ -609,7 +609,7 @@ def moe_gemm(
                 f"max_registers={max_registers}")
         # (blocks from the ids, act-order columns and rows off 16 bytes run the same tiles on the decode kernel)
         if specialize and sorted_ids is not None and a_perm is None and aligned:
-            # (the kernel's num_warps are its first mma warpgroup's; the other and the copy warps come on top)
+            # (the kernel's num_warps are its first warpgroup's; the second runs beside it as a worker partition)
             kernel = _moe_gemm_ws_kernel
             constexprs["NUM_WARPS"] = 4
             options = dict(num_warps=4)
