@@ -39,7 +39,7 @@ from wna16moe.experts.triton import (
     TritonExperts,
     prepare_triton_weights,
 )
-from wna16moe.kernels.layout import TILE_K, tile_deinterleave, tile_interleave
+from wna16moe.kernels.layout import TILE_K, exchange_halves, tile_deinterleave, tile_interleave
 from wna16moe.kernels.moe_align import moe_align_block_size
 from wna16moe.kernels.moe_gemm import _tile_from_slots, moe_gemm
 from wna16moe.layer import WNA16MoE
@@ -88,9 +88,16 @@ def test_tile_interleave_round_trip_and_slot_order(bits: int) -> None:
     r = TILE_K * bits // 32
     assert words.shape == (5, 3 * r)
     assert torch.equal(tile_deinterleave(words, bits, kd), codes)
-    # slot j of word r in tile t holds kd = t * TILE_K + j * R + r
+    # slot j of word r in tile t holds kd = t * TILE_K + j * R + r (int4: once the halves are exchanged back)
+    plain = exchange_halves(words) if bits == 4 else words
     t, j, row = 1, 2, 3
-    assert int((words[0, t * r + row] >> (bits * j)) & ((1 << bits) - 1)) == int(codes[0, t * TILE_K + j * r + row])
+    assert int((plain[0, t * r + row] >> (bits * j)) & ((1 << bits) - 1)) == int(codes[0, t * TILE_K + j * r + row])
+    if bits == 4:  # as stored, word rows 2m and 2m + 1 hold (kd, kd + 1) at the same bits of their two halves
+        m, i = 3, 2
+        first, second = int(words[0, t * r + 2 * m]), int(words[0, t * r + 2 * m + 1])
+        for word, slot in ((first, i), (second, 4 + i)):
+            kd = t * TILE_K + slot * r + 2 * m
+            assert (word >> (4 * i)) & 15 == int(codes[0, kd]) and (word >> (16 + 4 * i)) & 15 == int(codes[0, kd + 1])
 
 
 # ----- capabilities -----

@@ -20,6 +20,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_raw,
     dequant_slots_scaled,
 )
+from wna16moe.kernels.layout import exchange_halves
 
 R, BLOCK_N = 16, 64
 
@@ -42,7 +43,7 @@ def _slots_kernel(words_ptr, zeros_ptr, out_ptr, BITS: tl.constexpr, R_: tl.cons
     cols = tl.arange(0, N_)[None, :]
     words = tl.load(words_ptr + rows * N_ + cols)
     offset = dequant_offset(tl.load(zeros_ptr + cols).to(tl.int32), BITS, out_ptr.dtype.element_ty)
-    slots = dequant_slots(words, offset, BITS, out_ptr.dtype.element_ty)
+    slots = dequant_slots(words, offset, BITS, out_ptr.dtype.element_ty, False)
     for j in tl.static_range(32 // BITS):
         tl.store(out_ptr + j * R_ * N_ + rows * N_ + cols, slots[j])
 
@@ -81,7 +82,7 @@ def _scaled_kernel(words_ptr, zeros_ptr, scales_ptr, out_ptr, BITS: tl.constexpr
     s1 = tl.load(scales_ptr + N_ + cols)
     s2 = tl.load(scales_ptr + 2 * N_ + cols)
     s3 = tl.load(scales_ptr + 3 * N_ + cols)
-    slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, dtype)
+    slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, dtype, False)
     for j in tl.static_range(32 // BITS):
         tl.store(out_ptr + j * R_ * N_ + rows * N_ + cols, slots[j])
 
@@ -109,7 +110,7 @@ def test_scaled_slots_round_once(bits: int, dtype: torch.dtype) -> None:
 def _raw_kernel(words_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr, N_: tl.constexpr):
     rows = tl.arange(0, R_)[:, None]
     cols = tl.arange(0, N_)[None, :]
-    slots = dequant_slots_raw(tl.load(words_ptr + rows * N_ + cols), BITS, out_ptr.dtype.element_ty)
+    slots = dequant_slots_raw(tl.load(words_ptr + rows * N_ + cols), BITS, out_ptr.dtype.element_ty, False)
     for j in tl.static_range(32 // BITS):
         tl.store(out_ptr + j * R_ * N_ + rows * N_ + cols, slots[j])
 
@@ -129,23 +130,33 @@ def test_raw_slots_are_magic_plus_codes(bits: int, dtype: str) -> None:
 
 # ----- CPU: the generated PTX through an emulator of the instructions it uses (tests/ptx_emulator.py) -----
 
+def _random_pair(bits: int, paired: bool) -> tuple[list[int], list[int]]:
+    """Two random words (a pair of neighbouring elements) and the two the asm takes: int4 paired as stored,
+    their halves exchanged (`layout.exchange_halves`)."""
+    words = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    stored = exchange_halves(words.to(torch.int32)).long() & 0xFFFFFFFF if paired and bits == 4 else words
+    return [int(w) for w in words], [int(w) for w in stored]
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool) -> None:
+@pytest.mark.parametrize("paired", [False, True])
+def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool, paired: bool) -> None:
     """One asm instance on two words (a pair of neighbouring elements), every slot against integer arithmetic,
     bit for bit, with random codes, zero points per quarter and scales: catches a wrong selector, mask, shift,
     magic constant or operand index in `dequant_asm` without a GPU."""
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
     slots, mask = 32 // bits, (1 << bits) - 1
-    asm, constraints = dequant_asm(bits, dtype, scaled)
+    asm, constraints = dequant_asm(bits, dtype, scaled, paired=paired)
+    assert ("prmt.b32" in asm) == (not paired or bits == 8)
     num_outputs = constraints.count("=r")
     quarters = QUARTERS if scaled else 1
     for _ in range(20):
-        words = [int(w) for w in torch.randint(0, 2**32, (2,), dtype=torch.int64)]
+        words, stored = _random_pair(bits, paired)
         zeros = torch.randint(0, mask + 1, (quarters, 2))
         scales = (torch.rand(quarters, 2) * 0.02 + 0.001).to(torch_dtype)
-        operands = [0] * num_outputs + words
+        operands = [0] * num_outputs + stored
         for q in range(quarters):
             if bits == 8 and dtype == "bf16":  # float32 offsets, one register per element
                 operands += [_float_bits(-(8388608.0 + float(z))) for z in zeros[q]]
@@ -166,14 +177,15 @@ def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool) -
 
 
 @pytest.mark.parametrize(("bits", "dtype"), RAW_VARIANTS)
-def test_raw_ptx_is_magic_plus_the_code(bits: int, dtype: str) -> None:
+@pytest.mark.parametrize("paired", [False, True])
+def test_raw_ptx_is_magic_plus_the_code(bits: int, dtype: str, paired: bool) -> None:
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
-    asm, constraints = dequant_asm(bits, dtype, scaled=False, offset=False)
+    asm, constraints = dequant_asm(bits, dtype, scaled=False, offset=False, paired=paired)
     assert constraints.count("=r") == 32 // bits and len(constraints.split(",")) == 32 // bits + 2
     magic = 128.0 if dtype == "bf16" else 1024.0
     for _ in range(20):
-        words = [int(w) for w in torch.randint(0, 2**32, (2,), dtype=torch.int64)]
-        result = run(asm, [0] * (32 // bits) + words)
+        words, stored = _random_pair(bits, paired)
+        result = run(asm, [0] * (32 // bits) + stored)
         for j in range(32 // bits):
             codes = torch.tensor([(w >> (bits * j)) & ((1 << bits) - 1) for w in words], dtype=torch.float64)
             assert result[j] == _pack_pair(codes + magic, torch_dtype), (j, words)

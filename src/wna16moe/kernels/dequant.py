@@ -12,10 +12,15 @@ by the scale in the activation dtype (one rounding, as a bf16/fp16 dequantizatio
 the 128-deep tile then need no per-group partial sums.
 
 One asm instance takes two words of the same slot position (`pack=2`: two neighbouring elements of a
-thread) and returns every slot of both as packed pairs, one output tensor per slot. The tile's slots are
-cut into four quarters of 32 reduction rows (groups are at least 32 deep, so a quarter lies in one group):
-the scaled form takes one offset and one scale per quarter. The interpreter cannot run PTX: callers use the
-plain shift-and-convert path there and on other GPUs.
+thread) and returns every slot of both as packed pairs, one output tensor per slot. int4 words are stored
+with the halves of each pair of word rows exchanged (`layout.exchange_halves`); the paired form takes them so,
+word rows 2m and 2m + 1 of one column in one instance, and needs no byte permute to join two words' halves
+(one of eight integer instructions per word). Only a caller whose register layout guarantees that pairing
+(the Gluon kernels' mma operand layout) may use it; the others (Triton's `tl.dot` operands) exchange the halves
+back first and take the unpaired form, which is elementwise. The tile's slots are cut into four quarters of
+32 reduction rows (groups are at least 32 deep, so a quarter lies in one group): the scaled form takes one
+offset and one scale per quarter. The interpreter cannot run PTX: callers use the plain shift-and-convert path
+there and on other GPUs.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ _MAGIC16 = {"bf16": "0x43004300", "f16": "0x64006400"}
 _LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
 
 
-def dequant_asm(bits: int, dtype: str, scaled: bool, offset: bool = True) -> tuple[str, str]:
+def dequant_asm(bits: int, dtype: str, scaled: bool, offset: bool = True, paired: bool = False) -> tuple[str, str]:
     """PTX and constraints of `dequant_slots` / `dequant_slots_scaled` / `dequant_slots_raw` for `bits` and
-    `dtype` ("bf16", "f16").
+    `dtype` ("bf16", "f16"); `paired`: int4 words whose halves are exchanged in pairs (module docstring; int8
+    words are never paired, and int8 ignores it).
 
     Outputs $0..: one packed pair per slot. Inputs: the two words; the negative offset (one for the tile, or
     one per quarter when scaled: a packed pair, or two float32 for int8 + bf16); when scaled, one packed scale
@@ -64,10 +70,15 @@ def dequant_asm(bits: int, dtype: str, scaled: bool, offset: bool = True) -> tup
                       f"add.f32 fa, fa, {offset_reg(j, 0)};", f"add.f32 fb, fb, {offset_reg(j, 1)};",
                       f"prmt.b32 ${j}, fa, fb, 0x7632;"]
     elif bits == 4:
-        # lo holds the low 16 bits of both words (slots 0-3), hi the high 16 bits (slots 4-7).
-        lines += [f"prmt.b32 lo, {wa}, {wb}, 0x5410;", f"prmt.b32 hi, {wa}, {wb}, 0x7632;"]
+        # lo holds the low 16 bits of both words (slots 0-3), hi the high 16 bits (slots 4-7): as stored when
+        # paired, else joined here.
+        if paired:
+            lo, hi = wa, wb
+        else:
+            lo, hi = "lo", "hi"
+            lines += [f"prmt.b32 lo, {wa}, {wb}, 0x5410;", f"prmt.b32 hi, {wa}, {wb}, 0x7632;"]
         for j in range(slots):
-            src, shift = ("lo", 4 * j) if j < 4 else ("hi", 4 * (j - 4))
+            src, shift = (lo, 4 * j) if j < 4 else (hi, 4 * (j - 4))
             if shift:
                 lines.append(f"shr.u32 t, {src}, {shift};")
                 src = "t"
@@ -87,34 +98,32 @@ def dequant_asm(bits: int, dtype: str, scaled: bool, offset: bool = True) -> tup
     return "{\n" + "\n".join(lines) + "\n}", ",".join(["=r"] * slots + inputs)
 
 
-def _variants(scaled: bool) -> dict[tuple[int, str], tuple[str, str]]:
-    return {(bits, dtype): dequant_asm(bits, dtype, scaled) for bits in (4, 8) for dtype in ("bf16", "f16")}
-
-
-_PLAIN, _SCALED = _variants(False), _variants(True)
-_RAW = {(bits, dtype): dequant_asm(bits, dtype, False, offset=False) for bits, dtype in RAW_VARIANTS}
-# Kernels read module globals only as constexprs. Each table holds one entry per variant in _ORDER (the raw
-# table has no int8 bf16).
+# Kernels read module globals only as constexprs. Each table holds one entry per variant in _ORDER, unpaired
+# then paired (the raw table has no int8 bf16; int8 words are never paired, so its two entries are equal).
 _ORDER = ((4, "bf16"), (4, "f16"), (8, "bf16"), (8, "f16"))
 
 
-def _tables(variants: dict[tuple[int, str], tuple[str, str]]) -> tuple[tl.constexpr, tl.constexpr]:
-    """(asm texts, constraints) of `variants` in `_ORDER`, as constexpr tuples."""
-    entries = [variants.get(key, ("", "")) for key in _ORDER]
+def _table(scaled: bool, offset: bool = True) -> tuple[tl.constexpr, tl.constexpr]:
+    """(asm texts, constraints) of every variant in `_ORDER`, unpaired then paired, as constexpr tuples."""
+    entries = [dequant_asm(bits, dtype, scaled, offset, paired) if offset or (bits, dtype) in RAW_VARIANTS
+               else ("", "") for paired in (False, True) for bits, dtype in _ORDER]
     return tl.constexpr(tuple(e[0] for e in entries)), tl.constexpr(tuple(e[1] for e in entries))
 
 
-_PLAIN_ASM, _PLAIN_CONSTRAINTS = _tables(_PLAIN)
-_SCALED_ASM, _SCALED_CONSTRAINTS = _tables(_SCALED)
-_RAW_ASM, _RAW_CONSTRAINTS = _tables(_RAW)
+_PLAIN_ASM, _PLAIN_CONSTRAINTS = _table(scaled=False)
+_SCALED_ASM, _SCALED_CONSTRAINTS = _table(scaled=True)
+_RAW_ASM, _RAW_CONSTRAINTS = _table(scaled=False, offset=False)
 _OUT_TYPES = tl.constexpr(((tl.bfloat16,) * 8, (tl.float16,) * 8, (tl.bfloat16,) * 4, (tl.float16,) * 4))
 
 
 @triton.jit
-def _run_variant(args, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
-    """The asm of (BITS, DTYPE) from one table, on `args`, two elements per instance: one tensor per slot."""
-    VARIANT: tl.constexpr = (0 if BITS == 4 else 2) + (0 if DTYPE == tl.bfloat16 else 1)  # index in _ORDER
-    return tl.inline_asm_elementwise(ASM[VARIANT], CONSTRAINTS[VARIANT], args, _OUT_TYPES[VARIANT], True, 2)
+def _run_variant(args, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
+                 PAIRED: tl.constexpr):
+    """The asm of (BITS, DTYPE, PAIRED) from one table, on `args`, two elements per instance: one tensor per
+    slot."""
+    KIND: tl.constexpr = (0 if BITS == 4 else 2) + (0 if DTYPE == tl.bfloat16 else 1)  # index in _ORDER
+    VARIANT: tl.constexpr = KIND + (4 if PAIRED else 0)  # the paired entries follow the four unpaired
+    return tl.inline_asm_elementwise(ASM[VARIANT], CONSTRAINTS[VARIANT], args, _OUT_TYPES[KIND], True, 2)
 
 
 @triton.jit
@@ -130,23 +139,25 @@ def dequant_offset(z, BITS: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def dequant_slots(words, offset, BITS: tl.constexpr, DTYPE: tl.constexpr):
+def dequant_slots(words, offset, BITS: tl.constexpr, DTYPE: tl.constexpr, PAIRED: tl.constexpr):
     """Every slot of `words` [R, BLOCK_N] int32 as DTYPE: a tuple of 32 // BITS tensors q_j - z, exact.
 
-    `offset` comes from `dequant_offset`, broadcastable to `words`.
+    `offset` comes from `dequant_offset`, broadcastable to `words`. PAIRED: the words as stored, in a layout
+    that pairs word rows 2m and 2m + 1 in one asm instance (module docstring); else elementwise.
     """
     args = [words, tl.broadcast_to(offset, words.shape)]
-    return _run_variant(args, _PLAIN_ASM, _PLAIN_CONSTRAINTS, BITS, DTYPE)
+    return _run_variant(args, _PLAIN_ASM, _PLAIN_CONSTRAINTS, BITS, DTYPE, PAIRED)
 
 
 @triton.jit
-def dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS: tl.constexpr, DTYPE: tl.constexpr):
+def dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS: tl.constexpr, DTYPE: tl.constexpr,
+                         PAIRED: tl.constexpr):
     """Every slot of `words` as DTYPE: (q_j - z) * s, rounded once; o_i / s_i: the offset (`dequant_offset`)
-    and the scale (DTYPE) of quarter i of the tile, each broadcastable to `words`."""
+    and the scale (DTYPE) of quarter i of the tile, each broadcastable to `words`; PAIRED as `dequant_slots`."""
     args = [words, tl.broadcast_to(o0, words.shape), tl.broadcast_to(o1, words.shape),
             tl.broadcast_to(o2, words.shape), tl.broadcast_to(o3, words.shape), tl.broadcast_to(s0, words.shape),
             tl.broadcast_to(s1, words.shape), tl.broadcast_to(s2, words.shape), tl.broadcast_to(s3, words.shape)]
-    return _run_variant(args, _SCALED_ASM, _SCALED_CONSTRAINTS, BITS, DTYPE)
+    return _run_variant(args, _SCALED_ASM, _SCALED_CONSTRAINTS, BITS, DTYPE, PAIRED)
 
 
 @triton.jit
@@ -156,8 +167,9 @@ def dequant_magic(DTYPE: tl.constexpr):
 
 
 @triton.jit
-def dequant_slots_raw(words, BITS: tl.constexpr, DTYPE: tl.constexpr):
+def dequant_slots_raw(words, BITS: tl.constexpr, DTYPE: tl.constexpr, PAIRED: tl.constexpr):
     """Every slot of `words` as DTYPE: magic + q_j (`dequant_magic`), exact, with no subtraction; the caller
-    removes magic + z from the products (one row sum of the activations per tile). Not for int8 + bf16."""
+    removes magic + z from the products (one row sum of the activations per tile). Not for int8 + bf16.
+    PAIRED as `dequant_slots`."""
     tl.static_assert(not (BITS == 8 and DTYPE == tl.bfloat16), "int8 codes have no raw bf16 form")
-    return _run_variant([words], _RAW_ASM, _RAW_CONSTRAINTS, BITS, DTYPE)
+    return _run_variant([words], _RAW_ASM, _RAW_CONSTRAINTS, BITS, DTYPE, PAIRED)

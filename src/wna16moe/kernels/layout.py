@@ -3,6 +3,11 @@
 K-major and tile-interleaved: the reduction dim is cut into tiles of TILE_K elements; within a tile, word r
 (of R = TILE_K // PACK words per column) holds in slot j (bits [j * bits, (j + 1) * bits)) the code of
 reduction index j * R + r. Slot j of a tile's words is thus the contiguous sub-block [j * R, (j + 1) * R).
+
+int4 words then exchange 16-bit halves in pairs (`exchange_halves`): of word rows 2m and 2m + 1, the first
+holds both low halves (slots 0-3), the second both high halves (slots 4-7). Reduction indices j * R + 2m and
+j * R + 2m + 1, the packed pair an mma register holds, then sit at the same bits of the two halves of one word,
+which the dequantization takes without a byte permute (`kernels/dequant.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,18 @@ def words_per_tile(bits: int) -> int:
     return TILE_K * bits // 32
 
 
+def exchange_halves(words: torch.Tensor) -> torch.Tensor:
+    """Words [..., 2P] int32 with the 16-bit halves of each pair (2m, 2m + 1) exchanged: (lo a | lo b << 16,
+    hi a | hi b << 16). Its own inverse."""
+    a, b = words[..., 0::2], words[..., 1::2]
+    first = (a & 0xFFFF) | (b << 16)
+    second = ((a >> 16) & 0xFFFF) | (b & -0x10000)
+    return torch.stack((first, second), dim=-1).flatten(-2)
+
+
 def tile_interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes [..., KD] (uint8) into words [..., ceil(KD / TILE_K) * R] int32; KD is zero-padded."""
+    """Pack codes [..., KD] (uint8) into words [..., ceil(KD / TILE_K) * R] int32; KD is zero-padded; int4
+    words with their halves exchanged in pairs (module docstring)."""
     pack = 32 // bits
     r = words_per_tile(bits)
     kd = codes.shape[-1]
@@ -27,7 +42,8 @@ def tile_interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = (torch.arange(pack, device=codes.device) * bits).view(pack, 1)
     words = (slots << shifts).sum(-2)  # [..., t, r]; slots do not overlap, so the sum is an OR
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words.reshape(*codes.shape[:-1], tiles * r).to(torch.int32)
+    words = words.reshape(*codes.shape[:-1], tiles * r).to(torch.int32)
+    return exchange_halves(words) if bits == 4 else words
 
 
 def tile_deinterleave(words: torch.Tensor, bits: int, kd: int) -> torch.Tensor:
@@ -35,6 +51,8 @@ def tile_deinterleave(words: torch.Tensor, bits: int, kd: int) -> torch.Tensor:
     pack = 32 // bits
     r = words_per_tile(bits)
     tiles = words.shape[-1] // r
+    if bits == 4:
+        words = exchange_halves(words)
     shifts = (torch.arange(pack, device=words.device, dtype=torch.int32) * bits).view(pack, 1)
     slots = (words.reshape(*words.shape[:-1], tiles, 1, r) >> shifts) & ((1 << bits) - 1)  # [..., t, j, r]
     return slots.reshape(*words.shape[:-1], tiles * TILE_K)[..., :kd].to(torch.uint8)

@@ -13,7 +13,8 @@ Weight layout, K-major and tile-interleaved: w[e, t * R + r, n] is one int32 wor
 (bits [j * bits, (j + 1) * bits)) holds the code of reduction index kd = t * TILE_K + j * R + r. So a tile
 is one coalesced [R, BLOCK_N] load, and slot j of all its words is the contiguous sub-block
 [j * R, (j + 1) * R) of the tile: unpacking is a shift and a mask per element, with no interleave, and each
-sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Sub-blocks never straddle a
+sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8), once int4 words have their halves
+exchanged back (`_exchange_halves`: stored so for the Gluon kernels, `layout.py`). Sub-blocks never straddle a
 quantization group (groups are multiples of R), so the scale multiplies each group's partial sum. On NVIDIA
 GPUs (FAST_DEQUANT) the slots come from `kernels/dequant.py` instead: exponent tricks in PTX rather than
 quarter-rate int -> float conversions, with the scale folded into the weights for groups smaller than a tile;
@@ -110,6 +111,18 @@ def _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride
 
 
 @triton.jit
+def _exchange_halves(words):
+    """`layout.exchange_halves` along the rows of words [R, BLOCK_N]: the stored int4 tile back in the plain
+    interleaved layout, whose slots are elementwise (`tl.dot` operand layouts do not pair word rows)."""
+    R: tl.constexpr = words.shape[0]
+    BLOCK_N: tl.constexpr = words.shape[1]
+    a, b = tl.split(tl.permute(tl.reshape(words, (R // 2, 2, BLOCK_N)), (0, 2, 1)))
+    first = (a & 0xFFFF) | (b << 16)
+    second = ((a >> 16) & 0xFFFF) | (b & -0x10000)
+    return tl.reshape(tl.permute(tl.join(first, second), (0, 2, 1)), (R, BLOCK_N))
+
+
+@triton.jit
 def _tile_from_slots(slots, PACK: tl.constexpr):
     """The [_TILE_K, BLOCK_N] tile from its PACK slot tensors [R, BLOCK_N] (slot j holds rows j * R + r):
     joined in registers, slot-major."""
@@ -150,6 +163,8 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
     DTYPE: tl.constexpr = a_row_ptrs.dtype.element_ty
+    if BITS == 4:
+        words = _exchange_halves(words)
     # One dot per tile pays off at BLOCK_M 64 (wgmma) in the plain path; per-slot dots are faster with mma.sync
     # (BLOCK_M 16, decode) and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
     if not SWAP_AB and (SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64)):
@@ -188,7 +203,7 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
                                            BITS, HAS_ZP, DTYPE, EVEN_K)
         else:  # one group for the whole tile
             o1, s1, o2, s2, o3, s3 = o0, s0, o0, s0, o0, s0
-        slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, DTYPE)
+        slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, DTYPE, False)
         if SWAP_AB and (PACK == 8 or acc.shape[1] > 128):  # one dot per tile: wgmma keeps its K steps in flight
             a = _load_a(a_row_ptrs, perm_ptr, k + tl.arange(0, _TILE_K), k_end, HAS_PERM, EVEN_K)
             acc = tl.dot(tl.trans(_tile_from_slots(slots, PACK)), tl.trans(a), acc)
@@ -208,7 +223,7 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
         z = _zero_points(z_row, BITS, HAS_ZP)
         partial = tl.zeros(acc.shape, dtype=tl.float32)
         if BITS == 8 and DTYPE == tl.bfloat16:  # the offset is removed inside the dequantization
-            slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE)
+            slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE, False)
             for j in tl.static_range(PACK):
                 offs = k + j * R + tl.arange(0, R)
                 a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
@@ -217,7 +232,7 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
             # The slots are magic + q, exactly: sum_k a (magic + q) - (magic + z) sum_k a = sum_k a (q - z), with
             # the activations' row sums from one more dot per slot against ones (shared by GEMM1's gate and up
             # tiles): one MMA per slot instead of one packed subtraction per two weights.
-            slots = dequant_slots_raw(words, BITS, DTYPE)
+            slots = dequant_slots_raw(words, BITS, DTYPE, False)
             row_sums = tl.zeros(acc.shape, dtype=tl.float32)
             ones = tl.full((R, words.shape[1]), 1.0, DTYPE)
             for j in tl.static_range(PACK):

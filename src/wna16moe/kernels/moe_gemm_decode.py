@@ -8,10 +8,11 @@ block's BLOCK_M rows (8 to 64) its N. One mma then covers 256 weights however fe
 (the `moe_gemm` decode tile wastes 15 of 16 rows at one token and needs twice the mmas).
 
 Why Gluon: in the tile-interleaved layout, slot j of word row r holds reduction index j * R + r. Loaded into
-the A-operand register layout of a [BLOCK_N, R] tile, a thread holds word rows r and r + 1 of one column as
-neighbouring registers, so the pair the dequantization asm returns for slot j, (j * R + r, j * R + r + 1), is
-exactly the packed pair an mma register holds, and slot j of the tile is the A operand of reduction rows
-[j * R, (j + 1) * R) as it comes out of the asm: the weights keep the layout `moe_gemm` reads. Triton's
+the A-operand register layout of a [BLOCK_N, R] tile, a thread holds word rows r and r + 1 (r even) of one
+column as neighbouring registers, so the pair the dequantization asm returns for slot j, (j * R + r,
+j * R + r + 1), is exactly the packed pair an mma register holds, and slot j of the tile is the A operand of
+reduction rows [j * R, (j + 1) * R) as it comes out of the asm: the weights keep the layout `moe_gemm` reads.
+That pairing also lets the asm take int4 words as stored, halves exchanged (`layout.py`), with no byte permute. Triton's
 `tl.dot` picks its own operand layouts and its M blocks start at 16 rows.
 
 Blocks of 8 and 16 rows dequantize in the offset-free form (`dequant_slots_raw`: magic + q exactly); each
@@ -195,10 +196,10 @@ def _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, shared_sums, BITS: gl.c
     MID: gl.constexpr = 1 << (BITS - 1)
     NEED_SUMS: gl.constexpr = RAW or HAS_ZP
     if RAW:
-        slots = dequant_slots_raw(words, BITS, DTYPE)
+        slots = dequant_slots_raw(words, BITS, DTYPE, True)
         m = dequant_magic(DTYPE)
     else:
-        slots = dequant_slots(words, dequant_offset(gl.full_like(words, MID), BITS, DTYPE), BITS, DTYPE)
+        slots = dequant_slots(words, dequant_offset(gl.full_like(words, MID), BITS, DTYPE), BITS, DTYPE, True)
         m = -MID
     sums = ()
     for g in gl.static_range(NG):
@@ -235,7 +236,7 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
         offsets = offsets + (dequant_offset(z, BITS, DTYPE)[:, None],)
         scales = scales + (s_rows[q * NG // _QUARTERS].to(DTYPE)[:, None],)
     return dequant_slots_scaled(words, offsets[0], offsets[1], offsets[2], offsets[3], scales[0], scales[1],
-                                scales[2], scales[3], BITS, DTYPE)
+                                scales[2], scales[3], BITS, DTYPE, True)
 
 
 @gluon.jit
@@ -298,7 +299,7 @@ def _exact_slots(words, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexpr, DTYPE:
         offset = dequant_offset(z_rows[0].to(gl.int32), BITS, DTYPE)[:, None]
     else:
         offset = dequant_offset(gl.full_like(words, MID), BITS, DTYPE)
-    return dequant_slots(words, offset, BITS, DTYPE)
+    return dequant_slots(words, offset, BITS, DTYPE, True)
 
 
 @gluon.jit
