@@ -37,6 +37,7 @@ from wna16moe.experts.triton import (
     RELEASE_AT_WAIT,
     TritonConfig,
     TritonExperts,
+    pairs_int4_words,
     prepare_triton_weights,
 )
 from wna16moe.kernels.layout import TILE_K, exchange_halves, tile_deinterleave, tile_interleave
@@ -81,23 +82,48 @@ def test_act_order_is_a_column_permutation() -> None:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_tile_interleave_round_trip_and_slot_order(bits: int) -> None:
+@pytest.mark.parametrize("paired", [False, True])
+def test_tile_interleave_round_trip_and_slot_order(bits: int, paired: bool) -> None:
     kd = 300  # three tiles, the last one partial (zero-padded)
     codes = torch.randint(0, 1 << bits, (5, kd), dtype=torch.uint8)
-    words = tile_interleave(codes, bits)
+    words = tile_interleave(codes, bits, paired)
     r = TILE_K * bits // 32
     assert words.shape == (5, 3 * r)
-    assert torch.equal(tile_deinterleave(words, bits, kd), codes)
-    # slot j of word r in tile t holds kd = t * TILE_K + j * R + r (int4: once the halves are exchanged back)
-    plain = exchange_halves(words) if bits == 4 else words
+    assert torch.equal(tile_deinterleave(words, bits, kd, paired), codes)
+    # slot j of word r in tile t holds kd = t * TILE_K + j * R + r (paired int4: once the halves are exchanged back)
+    plain = exchange_halves(words) if paired and bits == 4 else words
+    assert torch.equal(plain, tile_interleave(codes, bits))
     t, j, row = 1, 2, 3
     assert int((plain[0, t * r + row] >> (bits * j)) & ((1 << bits) - 1)) == int(codes[0, t * TILE_K + j * r + row])
-    if bits == 4:  # as stored, word rows 2m and 2m + 1 hold (kd, kd + 1) at the same bits of their two halves
+    if paired and bits == 4:  # word rows 2m and 2m + 1 hold (kd, kd + 1) at the same bits of their two halves
         m, i = 3, 2
         first, second = int(words[0, t * r + 2 * m]), int(words[0, t * r + 2 * m + 1])
         for word, slot in ((first, i), (second, 4 + i)):
             kd = t * TILE_K + slot * r + 2 * m
             assert (word >> (4 * i)) & 15 == int(codes[0, kd]) and (word >> (16 + 4 * i)) & 15 == int(codes[0, kd + 1])
+
+
+@pytest.mark.parametrize("scheme_name", ["int4_g32_sym", "int4_g128_zp"])
+def test_paired_words_read_as_plain_ones(scheme_name: str) -> None:
+    """Triton's kernel reads int4 words paired for the Gluon kernels (`paired`) with their partner rows: the same
+    GEMM1 (gate and up halves) as from plain words, bit for bit (different words would not be)."""
+    scheme = WeightScheme.from_name(scheme_name)
+    e, h, i, t, k = 4, 256, 64, 5, 2
+    experts = random_experts(e, h, i, scheme)
+    w = prepare_triton_weights(experts, DEVICE)
+    plain = w["w13"] if not pairs_int4_words(DEVICE) else exchange_halves(w["w13"].transpose(1, 2)).transpose(1, 2)
+    paired = exchange_halves(plain.transpose(1, 2)).transpose(1, 2).contiguous()
+    assert not torch.equal(paired, plain)
+    x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
+    _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
+    blocks = moe_align_block_size(ids, e, 16)
+    outs = []
+    for words, is_paired in ((plain.contiguous(), False), (paired, True)):
+        inter = torch.full((t * k, i), float("nan"), dtype=torch.float16, device=DEVICE)
+        moe_gemm(x, words, w["w13_scales"], w.get("w13_zeros"), None, None, inter, None, *blocks, bits=4,
+                 group_size=scheme.group_size, top_k=k, gated=True, block_m=16, block_n=32, paired=is_paired)
+        outs.append(inter)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
 
 # ----- capabilities -----
@@ -340,7 +366,7 @@ def test_gemm1_writes_every_routed_row() -> None:
     sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, e, 16)
     inter = torch.full((t * k, i), float("nan"), dtype=torch.float16, device=DEVICE)
     moe_gemm(x, w["w13"], w["w13_scales"], None, None, None, inter, None, sorted_ids, expert_ids, num_padded,
-             bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32)
+             bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32, paired=pairs_int4_words(DEVICE))
     assert torch.isfinite(inter).all()
 
 
@@ -358,7 +384,7 @@ def test_gemm1_clears_gemm2_output(numel: int, t: int, from_ids: bool) -> None:
     inter = torch.empty(t * k, i, dtype=torch.float16, device=DEVICE)
     moe_gemm(torch.randn(t, h, dtype=torch.float16, device=DEVICE), w["w13"], w["w13_scales"], None, None, None,
              inter, None, *blocks, bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32,
-             zero_out=target[:numel])
+             zero_out=target[:numel], paired=pairs_int4_words(DEVICE))
     assert torch.equal(target[:numel], torch.zeros(numel, device=DEVICE)) and torch.isnan(target[numel])
 
 

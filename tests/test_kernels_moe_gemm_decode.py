@@ -37,7 +37,9 @@ def test_arguments_are_checked() -> None:
     scales = torch.ones(1, 1, 128, dtype=torch.float16)
     out = torch.zeros(2, 128)
     args = (a, w, scales, None, None, None, out, torch.ones(2), None, torch.zeros(2, dtype=torch.int32), None)
-    common = dict(bits=4, group_size=128, top_k=1, gated=False, decode=True)
+    common = dict(bits=4, group_size=128, top_k=1, gated=False, decode=True, paired=True)
+    with pytest.raises(ValueError, match=r"reads int4 words paired.*paired=False"):
+        moe_gemm(*args, block_m=8, block_n=64, **common | {"paired": False})
     with pytest.raises(ValueError, match="block_m"):
         moe_gemm(*args, block_m=24, block_n=64, **common)
     with pytest.raises(ValueError, match="block_n"):
@@ -50,7 +52,7 @@ def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="shrink"):  # (this module's kernel: blocks of 16 rows at least)
         moe_gemm(*args, block_m=16, block_n=64, shrink=1, **common | {"decode": False})
     with pytest.raises(ValueError, match="group_size"):
-        moe_gemm(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False, decode=True)
+        moe_gemm(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False, decode=True, paired=True)
     with pytest.raises(ValueError, match="wide blocks"):  # (wgmma: blocks of 32 rows and more)
         moe_gemm(*args, block_m=16, block_n=64, wgmma=True, **common)
     with pytest.raises(ValueError, match="wgmma"):
@@ -122,7 +124,7 @@ def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Ten
     ids = torch.tensor([0, 1, 2, 3, 1, 0], dtype=torch.int32)
     moe_gemm(a, w, scales, None, None, None, out, None, None, ids, None, bits=4, group_size=128, top_k=2, gated=True,
              block_m=8 if decode else 16, block_n=64, decode=decode, zero_out=torch.empty(3, 256),
-             max_registers=max_registers)
+             max_registers=max_registers, paired=True)
     (launch,) = launches
     return launch
 
@@ -167,7 +169,7 @@ def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPat
                kd: int = k) -> tuple[tuple[int, int], bool]:
         moe_gemm(a[:, :kd], w, scales, None, a_perm, None, out, torch.ones(12), *aligned, bits=4, group_size=128,
                  top_k=2, gated=False, block_m=block_m, block_n=64, split_k=split_k, decode=True, num_stages=stages,
-                 persistent=3, wgmma=block_m >= 32)
+                 persistent=3, wgmma=block_m >= 32, paired=True)
         grid, _, kwargs = launches.pop()
         return grid, kwargs["PERSISTENT"]
 

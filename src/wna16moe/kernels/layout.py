@@ -4,10 +4,10 @@ K-major and tile-interleaved: the reduction dim is cut into tiles of TILE_K elem
 (of R = TILE_K // PACK words per column) holds in slot j (bits [j * bits, (j + 1) * bits)) the code of
 reduction index j * R + r. Slot j of a tile's words is thus the contiguous sub-block [j * R, (j + 1) * R).
 
-int4 words then exchange 16-bit halves in pairs (`exchange_halves`): of word rows 2m and 2m + 1, the first
-holds both low halves (slots 0-3), the second both high halves (slots 4-7). Reduction indices j * R + 2m and
-j * R + 2m + 1, the packed pair an mma register holds, then sit at the same bits of the two halves of one word,
-which the dequantization takes without a byte permute (`kernels/dequant.py`).
+Paired (int4, for the Gluon kernels): the words then exchange 16-bit halves in pairs (`exchange_halves`): of
+word rows 2m and 2m + 1, the first holds both low halves (slots 0-3), the second both high halves (slots 4-7).
+Reduction indices j * R + 2m and j * R + 2m + 1, the packed pair an mma register holds, then sit at the same
+bits of the two halves of one word, which the dequantization takes without a byte permute (`kernels/dequant.py`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def exchange_halves(words: torch.Tensor) -> torch.Tensor:
     return torch.stack((first, second), dim=-1).flatten(-2)
 
 
-def tile_interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes [..., KD] (uint8) into words [..., ceil(KD / TILE_K) * R] int32; KD is zero-padded; int4
-    words with their halves exchanged in pairs (module docstring)."""
+def tile_interleave(codes: torch.Tensor, bits: int, paired: bool = False) -> torch.Tensor:
+    """Pack codes [..., KD] (uint8) into words [..., ceil(KD / TILE_K) * R] int32; KD is zero-padded. `paired`:
+    int4 words with their halves exchanged in pairs (module docstring)."""
     pack = 32 // bits
     r = words_per_tile(bits)
     kd = codes.shape[-1]
@@ -43,15 +43,15 @@ def tile_interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = (slots << shifts).sum(-2)  # [..., t, r]; slots do not overlap, so the sum is an OR
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)
     words = words.reshape(*codes.shape[:-1], tiles * r).to(torch.int32)
-    return exchange_halves(words) if bits == 4 else words
+    return exchange_halves(words) if paired and bits == 4 else words
 
 
-def tile_deinterleave(words: torch.Tensor, bits: int, kd: int) -> torch.Tensor:
+def tile_deinterleave(words: torch.Tensor, bits: int, kd: int, paired: bool = False) -> torch.Tensor:
     """Inverse of `tile_interleave`: words [..., tiles * R] int32 -> codes [..., kd] uint8."""
     pack = 32 // bits
     r = words_per_tile(bits)
     tiles = words.shape[-1] // r
-    if bits == 4:
+    if paired and bits == 4:
         words = exchange_halves(words)
     shifts = (torch.arange(pack, device=words.device, dtype=torch.int32) * bits).view(pack, 1)
     slots = (words.reshape(*words.shape[:-1], tiles, 1, r) >> shifts) & ((1 << bits) - 1)  # [..., t, j, r]

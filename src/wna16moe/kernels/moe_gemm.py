@@ -13,10 +13,11 @@ Weight layout, K-major and tile-interleaved: w[e, t * R + r, n] is one int32 wor
 (bits [j * bits, (j + 1) * bits)) holds the code of reduction index kd = t * TILE_K + j * R + r. So a tile
 is one coalesced [R, BLOCK_N] load, and slot j of all its words is the contiguous sub-block
 [j * R, (j + 1) * R) of the tile: unpacking is a shift and a mask per element, with no interleave, and each
-sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8), once int4 words have their halves
-exchanged back (`_exchange_halves`: stored so for the Gluon kernels, `layout.py`). Sub-blocks never straddle a
-quantization group (groups are multiples of R), so the scale multiplies each group's partial sum. On NVIDIA
-GPUs (FAST_DEQUANT) the slots come from `kernels/dequant.py` instead: exponent tricks in PTX rather than
+sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Paired int4 words (PAIRED: halves
+exchanged in pairs for the Gluon kernels, `layout.py`) are read with their partner rows and exchanged back
+(`_exchange_halves`): `tl.dot`'s operand layouts do not pair word rows as the Gluon kernels' do. Sub-blocks
+never straddle a quantization group (groups are multiples of R), so the scale multiplies each group's partial
+sum. On NVIDIA GPUs (FAST_DEQUANT) the slots come from `kernels/dequant.py` instead: exponent tricks in PTX rather than
 quarter-rate int -> float conversions, with the scale folded into the weights for groups smaller than a tile;
 with SWAP_AB the program computes the transposed tile (weights as the MMA's register operand, see _tile_dot).
 When KD is a whole number of tiles (EVEN_K) no load along K is masked.
@@ -111,15 +112,10 @@ def _quarter_offset_scale(s_ptrs, z_ptrs, n_mask, row, k_end, group_size, stride
 
 
 @triton.jit
-def _exchange_halves(words):
-    """`layout.exchange_halves` along the rows of words [R, BLOCK_N]: the stored int4 tile back in the plain
-    interleaved layout, whose slots are elementwise (`tl.dot` operand layouts do not pair word rows)."""
-    R: tl.constexpr = words.shape[0]
-    BLOCK_N: tl.constexpr = words.shape[1]
-    a, b = tl.split(tl.permute(tl.reshape(words, (R // 2, 2, BLOCK_N)), (0, 2, 1)))
-    first = (a & 0xFFFF) | (b << 16)
-    second = ((a >> 16) & 0xFFFF) | (b & -0x10000)
-    return tl.reshape(tl.permute(tl.join(first, second), (0, 2, 1)), (R, BLOCK_N))
+def _exchange_halves(words, partner, odd):
+    """`layout.exchange_halves` elementwise: a word row's plain word from its paired form and its partner row's
+    (r ^ 1; `odd`: r is odd)."""
+    return tl.where(odd, ((partner >> 16) & 0xFFFF) | (words & -0x10000), (words & 0xFFFF) | (partner << 16))
 
 
 @triton.jit
@@ -163,8 +159,6 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = _TILE_K // PACK
     DTYPE: tl.constexpr = a_row_ptrs.dtype.element_ty
-    if BITS == 4:
-        words = _exchange_halves(words)
     # One dot per tile pays off at BLOCK_M 64 (wgmma) in the plain path; per-slot dots are faster with mma.sync
     # (BLOCK_M 16, decode) and at BLOCK_M 128 (H100, 2026-11-28, benchmarks/NOTES.md v4).
     if not SWAP_AB and (SCALE_WEIGHTS or (GROUP_IN_TILE == _TILE_K and acc.shape[0] == 64)):
@@ -277,7 +271,7 @@ def _gemm_block(
     HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, SPLIT_K: tl.constexpr, FAST_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
-    ID_BLOCKS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr,
+    ID_BLOCKS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr, PAIRED: tl.constexpr,
 ):
     """Block pid_m of `expert` (rows pid_m * BLOCK_M onward; with ID_BLOCKS see the kernel), its first ROWS rows
     only, N tile pid_n and K split pid_k: both the main loop and the epilogue of the kernel below."""
@@ -308,6 +302,8 @@ def _gemm_block(
     a_row_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
     perm_ptr = a_perm_ptr + expert * KD
     w_ptrs = w_ptr + expert * stride_we + tl.arange(0, R)[:, None] * stride_wk + offs_n[None, :]
+    odd_rows = (tl.arange(0, R) % 2 == 1)[:, None]
+    partner_step = tl.where(odd_rows, -stride_wk, stride_wk)  # (PAIRED: word row r ^ 1)
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
     if SWAP_AB:
@@ -343,11 +339,17 @@ def _gemm_block(
             s_row, s_up, z_row, z_up = n_mask, n_mask, n_mask, n_mask
         tile_ptrs = w_ptrs + (k // PACK) * stride_wk
         words = tl.load(tile_ptrs, mask=n_mask[None, :], other=0)
+        if PAIRED:
+            words = _exchange_halves(words, tl.load(tile_ptrs + partner_step, mask=n_mask[None, :], other=0),
+                                     odd_rows)
         acc = _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_mask, k, k_end,
                         GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT,
                         SWAP_AB, EVEN_K)
         if GATED:
             words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
+            if PAIRED:
+                partner_up = tl.load(tile_ptrs + N + partner_step, mask=n_mask[None, :], other=0)
+                words_up = _exchange_halves(words_up, partner_up, odd_rows)
             acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
                                k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
                                SCALE_WEIGHTS, FAST_DEQUANT, SWAP_AB, EVEN_K)
@@ -431,6 +433,7 @@ def _moe_gemm_kernel(
     ZERO_OUT: tl.constexpr,
     PDL: tl.constexpr,
     SHRINK: tl.constexpr,
+    PAIRED: tl.constexpr,  # int4 words with their halves exchanged in pairs (layout.py): read with their partners
 ):
     enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
     pid = tl.program_id(0)
@@ -457,25 +460,25 @@ def _moe_gemm_kernel(
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 4)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 4, PAIRED)
         elif live <= BLOCK_M // 2:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 2)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 2, PAIRED)
         else:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M, PAIRED)
     else:
         _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, pid_n,
                     pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
                     stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
                     GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N, SWAP_AB, EVEN_K,
-                    ID_BLOCKS, PDL, BLOCK_M)
+                    ID_BLOCKS, PDL, BLOCK_M, PAIRED)
 
 
 # Row blocks that go through all column tiles together at prefill (`_program_block`; 8 and 16 measured alike,
@@ -542,6 +545,7 @@ def moe_gemm(
     carry: int = 0,
     persistent: int = 0,
     specialize: bool = False,
+    paired: bool = False,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -550,7 +554,8 @@ def moe_gemm(
     ----------
     a : GEMM1 hidden_states [T, H]; GEMM2 intermediate [P, I]. bfloat16 or float16, row-major.
     w : [E, ceil(KD / TILE_K) * R, N_total] int32, tile-interleaved K-major (`layout.tile_interleave`, transposed);
-        N_total = 2N for GEMM1 (gate columns, then up columns), N for GEMM2.
+        N_total = 2N for GEMM1 (gate columns, then up columns), N for GEMM2. int4 words paired (`paired`) for
+        the decode kernel, which reads no other int4 layout; this module's kernel reads both.
     scales : [E, G, N_total]; zeros : [E, G, N_total] uint8 or None (symmetric: zero 2**(bits - 1)).
     a_perm : [E, KD] int32 act-order column order of `a`, or None.
     bias : [E, N_total] float32 or None.
@@ -589,8 +594,11 @@ def moe_gemm(
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
         rows off 16 bytes keep the decode kernel.
+    paired : w's int4 words have their halves exchanged in pairs (`layout.tile_interleave(paired=True)`);
+        ignored for int8.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
+    paired = paired and bits == 4  # (int8 words are never paired)
     if decode:
         error = tiling_error(block_m, block_n, num_warps, num_stages)
         if error:
@@ -622,6 +630,9 @@ def moe_gemm(
                 f"persistent or register cap), got gated={gated} wgmma={wgmma} block_m={block_m} block_n={block_n} "
                 f"num_warps={num_warps} split_k={split_k} carry={carry} persistent={persistent} "
                 f"max_registers={max_registers}")
+        if bits == 4 and not paired:
+            raise ValueError("the decode kernel reads int4 words paired (layout.tile_interleave(paired=True)), "
+                             "got paired=False")
         # (blocks from the ids, act-order columns and rows off 16 bytes run the same tiles on the decode kernel)
         if specialize and sorted_ids is not None and a_perm is None and aligned:
             # (the kernel's num_warps are its first warpgroup's; the second runs beside it as a worker partition)
@@ -637,7 +648,7 @@ def moe_gemm(
         # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
         kernel, constexprs = _moe_gemm_kernel, dict(SCALE_WEIGHTS=block_m > _group_in_tile(group_size),
                                                     FAST_DEQUANT=fast_dequant, SWAP_AB=swap_ab and fast_dequant,
-                                                    SHRINK=shrink)
+                                                    SHRINK=shrink, PAIRED=paired)
         options = dict(num_warps=num_warps, num_stages=num_stages, **registers)
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
