@@ -460,7 +460,9 @@ def test_gpu_both_dequant_paths(scheme_name: str, ptx_dequant: bool, monkeypatch
     TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True),
     TritonConfig(128, 64, 64, num_warps=4, num_stages=3, swap_ab=True),
     TritonConfig(16, 64, 64, split_k2=2, swap_ab=True),  # decode-sized M block, split GEMM2
-    TritonConfig(256, 64, 64, num_warps=8, num_stages=3, swap_ab=True),  # two warpgroups along the tokens
+    # two warpgroups along the tokens (2 stages: on Hopper the int4 words are paired, and their partner rows'
+    # loads take shared memory too; 3 stages need ~246 KB there)
+    TritonConfig(256, 64, 64, num_warps=8, num_stages=2, swap_ab=True),
 ], ids=["bm128-bn128-w8", "bm64-bn128-w4", "bm128-bn64-w4", "bm16-bn64-split2", "bm256-bn64-w8"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int8_g128_zp",
                                          "int4_ch_sym", "int8_g64_sym"])
