@@ -12,10 +12,10 @@ by the scale in the activation dtype (one rounding, as a bf16/fp16 dequantizatio
 the 128-deep tile then need no per-group partial sums.
 
 One asm instance takes two words of the same slot position (`pack=2`: two neighbouring elements of a
-thread) and returns every slot of both as packed pairs, one output tensor per slot. int4 words are stored
-with the halves of each pair of word rows exchanged (`layout.exchange_halves`); the paired form takes them so,
-word rows 2m and 2m + 1 of one column in one instance, and needs no byte permute to join two words' halves
-(one of eight integer instructions per word). Only a caller whose register layout guarantees that pairing
+thread) and returns every slot of both as packed pairs, one output tensor per slot. On Hopper int4 words are
+stored paired, the halves of each pair of word rows exchanged (`layout.exchange_halves`); the paired form takes
+them so, word rows 2m and 2m + 1 of one column in one instance, and needs no byte permute to join two words'
+halves (one of eight integer instructions per word). Only a caller whose register layout guarantees that pairing
 (the Gluon kernels' mma operand layout) may use it; the others (Triton's `tl.dot` operands) exchange the halves
 back first and take the unpaired form, which is elementwise. The tile's slots are cut into four quarters of
 32 reduction rows (groups are at least 32 deep, so a quarter lies in one group): the scaled form takes one
