@@ -5,6 +5,8 @@ variant that won every round.
 
     python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 [--scheme int8_g128_sym] --variant num_warps=2 \
         --variant num_warps=2,block_n1=32
+
+With `--base default` the first configuration is `default_config`'s instead (rows still say "shipped").
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from wna16moe.bench import _bench_graph, layer_cases, write_results
 from wna16moe.experts.base import relative_error
-from wna16moe.experts.triton import TritonConfig
+from wna16moe.experts.triton import TritonConfig, default_config
 
 
 def parse_variant(text: str) -> dict[str, int | bool | None]:
@@ -55,12 +57,18 @@ def main() -> None:
     parser.add_argument("--scheme", help="weight scheme (default: int4 symmetric at the model's group size)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds over the configurations (default 2; more where the margin is small)")
+    parser.add_argument("--base", choices=("shipped", "default"), default="shipped",
+                        help="what the variants change: the shipped entry, or `default_config` (what a shape the "
+                             "table does not hold runs), as the tree on PYTHONPATH computes it")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
-        shipped = kernel.config(m)
+        shipped = kernel.config(m) if args.base == "shipped" else default_config(
+            m, kernel.moe.top_k, kernel.num_experts, kernel.scheme.group_size, kernel.moe.hidden_size, kernel.i_pad,
+            torch.cuda.get_device_properties(device).multi_processor_count,
+            hopper=torch.cuda.get_device_capability(device)[0] == 9)
         variants = variants_of(shipped, args.variant, f"{name} M={m}")
         for rnd in range(args.rounds):  # rounds in turn, so that a drift over time shows
             for c in variants:

@@ -481,11 +481,11 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(("t", "expected"), [
     (1200, TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)),
-    (300, TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True, shrink=1))])
+    (300, TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True))])
 def test_gpu_default_prefill_config(t: int, expected: TritonConfig) -> None:
-    """A shape the tuned table does not hold runs `default_config`; at prefill on Hopper it takes swap-AB
-    blocks that shrink to their rows from 64 rows per expert and the decode kernel's 128-row blocks from 128
-    (here t / 4 per expert), and the layer still matches EMULATION."""
+    """A shape the tuned table does not hold runs `default_config`; at prefill on Hopper it takes the decode
+    kernel's 64-row blocks from 64 rows per expert and its 128-row blocks from 128 (here t / 4 per expert),
+    and the layer still matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma defaults are Hopper's")
     e, k, h, i = 8, 2, 1024, 512
@@ -502,11 +502,11 @@ def test_gpu_default_prefill_config(t: int, expected: TritonConfig) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("scheme_name", ["int4_g128_zp", "int8_g128_sym"])
-@pytest.mark.parametrize(("t", "block_m"), [(1, 8), (24, 8), (96, 32)])
+@pytest.mark.parametrize(("t", "block_m"), [(1, 8), (24, 8), (64, 8), (96, 32)])
 def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> None:
     """A shape the tuned table does not hold runs `default_config`; on Hopper, where experts see few rows (here
-    t / 8 per expert), it takes the decode kernel, 8-row blocks up to 4 rows and 32-row blocks on wgmma from 10,
-    and the layer still matches EMULATION."""
+    t / 8 per expert), it takes the decode kernel, 8-row blocks below 10 rows and 32-row blocks on wgmma from
+    10, and the layer still matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the decode defaults are Hopper's")
     e, k, h, i = 16, 2, 1024, 512

@@ -245,12 +245,12 @@ def test_default_config_widens_gemm2_for_small_groups_at_decode() -> None:
     assert default_config(8, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).block_n2 == 64
 
 
-def test_default_config_swaps_ab_only_on_hopper() -> None:
-    # deepseek-v3 at M = 2048 (64 rows per expert): swap-AB on Hopper, shrinking to half its rows
+def test_default_config_never_swaps_ab_by_default() -> None:
+    # deepseek-v3 at M = 2048 (64 rows per expert): the decode kernel's 64-row blocks on Hopper, the Triton
+    # kernel's plain blocks elsewhere; swap-AB is left to the tuned table
     hopper = default_config(2048, 8, 256, 128, hopper=True)
-    assert hopper.swap_ab and hopper.block_m == 64 and hopper.shrink == 1
+    assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, 64, True, False)
     assert not default_config(2048, 8, 256, 128).swap_ab
-    assert not default_config(1, 8, 256, 128, hopper=True).swap_ab  # decode stays on mma.sync
 
 
 @pytest.mark.parametrize("group_size", [128, 32])
@@ -263,20 +263,18 @@ def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: 
         assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
 
 
-@pytest.mark.parametrize(("tokens", "kernel"), [(1, "narrow"), (32, "narrow"), (128, "narrow"), (160, "triton"),
-                                                (320, "wide"), (1024, "wide"), (2048, "swap"), (4064, "swap"),
-                                                (4096, "prefill"), (8192, "prefill")])
-def test_default_config_on_hopper_takes_the_decode_kernel_where_experts_see_few_rows(tokens: int,
-                                                                                    kernel: str) -> None:
-    """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. 8-row decode blocks up to 4,
-    the Triton kernel at 5-9, 32-row decode blocks at 10-63, swap-AB at 64-127, 128-row decode blocks from 128;
-    never the decode kernel off Hopper."""
-    hopper = default_config(tokens, 8, 256, 128, 7168, 2048, 132, hopper=True)
+@pytest.mark.parametrize("group_size", [128, 32])
+@pytest.mark.parametrize(("tokens", "block_m"), [(1, 8), (32, 8), (128, 8), (160, 8), (316, 8), (320, 32),
+                                                 (1024, 32), (2048, 64), (4064, 64), (4096, 128), (8192, 128)])
+def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_size: int, tokens: int,
+                                                                          block_m: int) -> None:
+    """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
+    every row count (int4 words are stored paired there): 8-row blocks below 10, then blocks on warpgroup mmas,
+    32 rows to 64, 64 rows to 128, 128 rows from there; never the decode kernel off Hopper."""
+    hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
     assert _launchable(hopper)
-    shape = {"narrow": (True, 8, False), "wide": (True, 32, False), "triton": (False, 16, False),
-             "swap": (False, 64, True), "prefill": (True, 128, False)}[kernel]
-    assert (hopper.decode, hopper.block_m, hopper.swap_ab) == shape, hopper
-    assert not default_config(tokens, 8, 256, 128, 7168, 2048, 132).decode
+    assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, block_m, block_m >= 32, False)
+    assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
 
 
 def test_hopper_decode_default_splits_by_programs() -> None:

@@ -184,17 +184,14 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     (other shapes, tensor- or expert-parallel shards, other cards): the configurations that won most often in
     the measurements of benchmarks/NOTES.md.
 
-    On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
-    (`decode`) takes the rows where experts see few tokens: 8-row blocks up to 4 rows per expert, 32-row
-    blocks on warpgroup mmas that shrink to their rows at 10-64. In the H200 table (v32) it holds 32 of the 36
-    int4 and int8 entries in those two ranges; at 8 rows per expert the Triton kernel holds 3 of 4 (mixtral
-    M = 32, qwen3-30b-a3b M = 128). From 64 rows on, swap-AB blocks where wgmma runs them, shrinking to
-    their rows (H200 v29: 2-13% faster at 6 of 8 prefill rows), and from 128 rows the decode kernel's
-    128-row blocks on warpgroup mmas (v37: faster in all 14 H200 trials at 128 to 2048 rows per expert, int4
-    and int8, by 2-22%; slower at 43 and 64). Elsewhere the smallest M block while experts
-    see few rows (decode streams each expert's weights once), larger blocks as the work turns compute-bound.
-    Small groups (32) prefer M blocks above the group size, where the kernel scales weights instead of partial
-    sums.
+    On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) every row count runs the
+    Gluon decode kernel (`decode`), as every int4 entry of the H200 table does (and its int4 words are stored
+    paired there, which the Triton kernel reads only with extra loads): 8-row blocks below 10 rows per expert,
+    blocks on warpgroup mmas that shrink to their rows above, 32 rows wide to 64 rows per expert, 64 to 128
+    (the table's deepseek-v3 M = 2048) and 128 from there (v37: faster in all 14 H200 trials at 128 to 2048
+    rows per expert, int4 and int8, by 2-22%). Elsewhere the smallest M block while experts see few rows
+    (decode streams each expert's weights once), larger blocks as the work turns compute-bound. Small groups
+    (32) prefer M blocks above the group size, where the kernel scales weights instead of partial sums.
 
     At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
     few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split. For one token GEMM1's K is split
@@ -202,10 +199,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     graph-ranked H200 sweep (NOTES.md v12), by 5-18%, and every H200 entry at M = 1 on the decode kernel has it.
     """
     per_expert = num_tokens * top_k / num_experts
-    if hopper and (per_expert <= 4 or 10 <= per_expert < 64):
+    if hopper:
         return _decode_default(num_tokens, top_k, num_experts, hidden_size, intermediate_size, num_sms)
-    if hopper and per_expert >= 128:
-        return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert <= 20:
         split, split1 = 1, 1
         if hidden_size and intermediate_size and num_sms:
@@ -223,8 +218,6 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
         if per_expert <= 1024:
             return TritonConfig(64, 64, 64, num_warps=4, num_stages=3)
         return TritonConfig(64, 128, 128, num_warps=8, num_stages=3)
-    if hopper and per_expert >= 64:
-        return TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True, shrink=1)
     if per_expert <= 1024:
         return TritonConfig(32, 128, 128, num_warps=4, num_stages=4)
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
@@ -232,11 +225,16 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None) -> TritonConfig:
-    """`default_config` on the decode kernel: the H200 table's most frequent tilings (v32). Few rows per expert:
-    8-row blocks, GEMM1 128 and GEMM2 256 wide, 2 stages up to one row per expert and 4 above, GEMM2's K split
-    to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide, 3 stages, on
-    Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512, level)."""
+    """`default_config` on the decode kernel: the H200 table's most frequent tilings (v32). Below 10 rows per
+    expert: 8-row blocks, GEMM1 128 and GEMM2 256 wide, 2 stages up to one row per expert and 4 above, GEMM2's
+    K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide, 3
+    stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
+    level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide; from 128 rows: 128-row blocks."""
     per_expert = num_tokens * top_k / num_experts
+    if per_expert >= 128:
+        return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
+    if per_expert >= 64:
+        return TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert >= 10:
         return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
     split, split1 = 1, 1
