@@ -68,7 +68,7 @@ def main() -> None:
         shipped = kernel.config(m) if args.base == "shipped" else default_config(
             m, kernel.moe.top_k, kernel.num_experts, kernel.scheme.group_size, kernel.moe.hidden_size, kernel.i_pad,
             torch.cuda.get_device_properties(device).multi_processor_count,
-            hopper=torch.cuda.get_device_capability(device)[0] == 9)
+            hopper=torch.cuda.get_device_capability(device)[0] == 9, bits=kernel.scheme.bits)
         variants = variants_of(shipped, args.variant, f"{name} M={m}")
         for rnd in range(args.rounds):  # rounds in turn, so that a drift over time shows
             for c in variants:

@@ -24,6 +24,7 @@ from triton_env import (
 
 from wna16moe import (
     Activation,
+    ActivationFormat,
     MoEConfig,
     ParallelConfig,
     WeightScheme,
@@ -35,6 +36,7 @@ from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import (
     RELEASE_AFTER_LOOP,
     RELEASE_AT_WAIT,
+    BatchedTritonExperts,
     TritonConfig,
     TritonExperts,
     pairs_int4_words,
@@ -518,6 +520,39 @@ def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> No
     tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
     out = kernel.apply(x, tw, ids, weights)
     assert torch.isfinite(out).all() and relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [6, 40])
+def test_gpu_batched_default_runs_the_decode_kernel_on_hopper(monkeypatch: pytest.MonkeyPatch, m: int) -> None:
+    """BATCHED_TRITON's configurations are `default_config`'s at m rows per expert: on Hopper the decode kernel
+    (int4 words are stored paired there), 16-row blocks at 6 rows and 32-row wgmma blocks at 40; every expert's
+    rows still match EMULATION's."""
+    import wna16moe.kernels.moe_gemm as launcher
+
+    if not pairs_int4_words(torch.device(DEVICE)):
+        pytest.skip("int4 words are paired on Hopper only")
+    e, h, i = 8, 1024, 512
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
+    spec = LayerSpec(MoEConfig(e, 2, h, i), experts.scheme, activation_format=ActivationFormat.BATCHED)
+    kernel = BatchedTritonExperts(spec, experts.quant_config(), DEVICE)
+    one_expert = LayerSpec(MoEConfig(e, 1, h, i), experts.scheme)
+    emulation = EmulationExperts(one_expert, experts.quant_config(), DEVICE)
+    emu_weights = EmulationExperts.prepare_weights(experts, DEVICE)
+    tiles = []
+    original = launcher.moe_gemm
+    monkeypatch.setattr(launcher, "moe_gemm", lambda *args, **kw: (tiles.append((kw["decode"], kw["block_m"])),
+                                                                   original(*args, **kw))[1])
+    num_tokens = torch.randint(1, m + 1, (e,), dtype=torch.int32, device=DEVICE)
+    x = torch.randn(e, m, h, dtype=torch.bfloat16, device=DEVICE)
+    out = kernel.apply_batched(x, num_tokens, kernel.prepare_weights(experts, DEVICE))
+    assert tiles == [(True, 16 if m == 6 else 32)] * 2, tiles
+    for expert, n in enumerate(num_tokens.tolist()):
+        ones = torch.ones(n, 1, device=DEVICE)
+        ids = torch.full((n, 1), expert, dtype=torch.int32, device=DEVICE)
+        ref = emulation.apply(x[expert, :n], ones, ids, emu_weights)
+        assert relative_error(out[expert, :n], ref) < 1e-2, expert
 
 
 @triton.jit

@@ -264,16 +264,19 @@ def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: 
 
 
 @pytest.mark.parametrize("group_size", [128, 32])
-@pytest.mark.parametrize(("tokens", "block_m"), [(1, 8), (32, 8), (128, 8), (160, 8), (316, 8), (320, 32),
+@pytest.mark.parametrize(("tokens", "block_m"), [(1, 8), (32, 8), (128, 8), (160, 16), (316, 16), (320, 32),
                                                  (1024, 32), (2048, 64), (4064, 64), (4096, 128), (8192, 128)])
 def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_size: int, tokens: int,
                                                                           block_m: int) -> None:
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
-    every row count (int4 words are stored paired there): 8-row blocks below 10, then blocks on warpgroup mmas,
-    32 rows to 64, 64 rows to 128, 128 rows from there; never the decode kernel off Hopper."""
+    every int4 row count (int4 words are stored paired there): 8-row blocks up to 4, 16 below 10, then blocks on
+    warpgroup mmas, 32 rows to 64, 64 rows to 128, 128 rows from there; int8 on the Triton kernel at 5-9 rows;
+    never the decode kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
     assert _launchable(hopper)
     assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, block_m, block_m >= 32, False)
+    int8 = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True, bits=8)
+    assert int8 == hopper if block_m != 16 else (int8.decode, int8.block_m) == (False, 16)
     assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
 
 

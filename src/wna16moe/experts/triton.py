@@ -179,19 +179,19 @@ class TritonConfig:
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
                    hidden_size: int | None = None, intermediate_size: int | None = None,
-                   num_sms: int | None = None, hopper: bool = False) -> TritonConfig:
+                   num_sms: int | None = None, hopper: bool = False, bits: int = 4) -> TritonConfig:
     """Tiles by expected tokens per expert, for layers the shipped table (`wna16moe.tuning`) does not cover
     (other shapes, tensor- or expert-parallel shards, other cards): the configurations that won most often in
     the measurements of benchmarks/NOTES.md.
 
-    On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) every row count runs the
-    Gluon decode kernel (`decode`), as every int4 entry of the H200 table does (and its int4 words are stored
-    paired there, which the Triton kernel reads only with extra loads): 8-row blocks below 10 rows per expert,
-    blocks on warpgroup mmas that shrink to their rows above, 32 rows wide to 64 rows per expert, 64 to 128
-    (the table's deepseek-v3 M = 2048) and 128 from there (v37: faster in all 14 H200 trials at 128 to 2048
-    rows per expert, int4 and int8, by 2-22%). Elsewhere the smallest M block while experts see few rows
-    (decode streams each expert's weights once), larger blocks as the work turns compute-bound. Small groups
-    (32) prefer M blocks above the group size, where the kernel scales weights instead of partial sums.
+    On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
+    (`decode`) runs every int4 row count, as in every int4 entry of the H200 table (int4 words are stored
+    paired there, which the Triton kernel reads only with a second load per word: 2.4-4.3x slower at 8 and
+    64-85 rows per expert, v47), and int8 outside 4-10 rows per expert (there the Triton kernel's 16-row blocks
+    were 1.7x faster, v47). See `_decode_default` for its tiles. Elsewhere the smallest M block while experts
+    see few rows (decode streams each expert's weights once), larger blocks as the work turns compute-bound.
+    Small groups (32) prefer M blocks above the group size, where the kernel scales weights instead of partial
+    sums.
 
     At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
     few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split. For one token GEMM1's K is split
@@ -199,7 +199,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     graph-ranked H200 sweep (NOTES.md v12), by 5-18%, and every H200 entry at M = 1 on the decode kernel has it.
     """
     per_expert = num_tokens * top_k / num_experts
-    if hopper:
+    if hopper and (bits == 4 or not 4 < per_expert < 10):
         return _decode_default(num_tokens, top_k, num_experts, hidden_size, intermediate_size, num_sms)
     if per_expert <= 20:
         split, split1 = 1, 1
@@ -225,11 +225,13 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None) -> TritonConfig:
-    """`default_config` on the decode kernel: the H200 table's most frequent tilings (v32). Below 10 rows per
-    expert: 8-row blocks, GEMM1 128 and GEMM2 256 wide, 2 stages up to one row per expert and 4 above, GEMM2's
-    K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide, 3
-    stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
-    level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide; from 128 rows: 128-row blocks."""
+    """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
+    table. Below 10 rows per expert: 8-row blocks (16 above 4 rows: 6-13% faster at 3 of 4 shapes at 8 rows,
+    4% slower at qwen3-30b-a3b), GEMM1 128 and GEMM2 256 wide, 2 stages up to one row per expert and 4 above,
+    GEMM2's K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
+    3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
+    level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 8-25% faster than 32-row blocks at
+    all four shapes, and than 128-row blocks at three, level at the fourth); from 128 rows: 128-row blocks."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert >= 128:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
@@ -241,7 +243,8 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     if hidden_size and intermediate_size and num_sms:
         split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 256, 4 * num_sms, 3)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
-    return TritonConfig(8, 128, 256, split_k2=split, num_warps=4, num_stages=2 if per_expert <= 1 else 4,
+    return TritonConfig(16 if per_expert > 4 else 8, 128, 256, split_k2=split, num_warps=4,
+                        num_stages=2 if per_expert <= 1 else 4,
                         split_k1=split1, decode=True)
 
 
@@ -388,6 +391,7 @@ class TritonExperts(Experts):
         self._shape_key = ShapeKey.of(spec)
         self._configs: dict[int, TritonConfig] = {}
         self._paired = spec.scheme.bits == 4 and pairs_int4_words(device)  # (as `prepare_weights` stores them)
+        self._hopper = self._capability is not None and self._capability[0] == 9
 
     @classmethod
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
@@ -400,7 +404,7 @@ class TritonExperts(Experts):
                      if self._card is not None else None)
             self._configs[num_tokens] = TritonConfig(**tuned) if tuned else default_config(
                 num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size, self.moe.hidden_size,
-                self.i_pad, self._num_sms, hopper=self._capability is not None and self._capability[0] == 9)
+                self.i_pad, self._num_sms, self._hopper, self.scheme.bits)
         return self._configs[num_tokens]
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -475,7 +479,8 @@ class BatchedTritonExperts(TritonExperts):
                       config: TritonConfig | None = None) -> torch.Tensor:
         e, m, h = hidden_states.shape
         ids, ones = batched_pairs(num_tokens, m, hidden_states.device)
-        cfg = config or default_config(e * m, 1, e, self.scheme.group_size)
+        cfg = config or default_config(e * m, 1, e, self.scheme.group_size, self.moe.hidden_size, self.i_pad,
+                                       self._num_sms, self._hopper, self.scheme.bits)
         out = self._forward(hidden_states.reshape(e * m, h), ones, ids, weights, cfg)
         return out.view(e, m, h)
 
