@@ -13,7 +13,8 @@
 #   benchmarks/device_checks.sh w8a16-sweep # four GPUs: the W8A16 sweep, one shape per GPU
 #   benchmarks/device_checks.sh confirm  # four GPUs: the shipped table as served, int4 and W8A16, one shape per GPU
 #   benchmarks/device_checks.sh served   # one GPU: the shipped table as served ($SCHEMES, e.g. "int4 int8_g128_sym";
-#                                        # default $SCHEME or int4), the shapes in turn (int4 ~245 s, W8A16 ~170 s on
+#                                        # default $SCHEME or int4), the shapes in turn ($SERVED_SHAPES, default the
+#                                        # four of the table; int4 ~245 s, W8A16 ~170 s on
 #                                        # an H200), then the TRITON backend's and the decode kernel's GPU tests in
 #                                        # the time left of $BUDGET (560 s)
 #   benchmarks/device_checks.sh probe    # two GPUs: read ceiling by size, kernel profile; the W8A16 bench
@@ -128,7 +129,7 @@ tree_tests() {  # TRITON's GPU tests (one process each) of $TEST_TREE (src/ and 
          tests/test_bench.py)
 }
 
-SHAPES=(mixtral deepseek-v3 kimi-k2 qwen3-30b-a3b)
+SHAPES=(${SERVED_SHAPES:-mixtral deepseek-v3 kimi-k2 qwen3-30b-a3b})
 per_shape() {  # per_shape NAME LIMIT BENCH_ARGS...: the bench of SHAPES[i] on GPU i, all four at once, each
     # to $OUT/NAME-<shape>.json
     local name=$1 limit=$2 gpu
