@@ -200,7 +200,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     """
     per_expert = num_tokens * top_k / num_experts
     if hopper and (bits == 4 or not 4 < per_expert < 10):
-        return _decode_default(num_tokens, top_k, num_experts, hidden_size, intermediate_size, num_sms)
+        return _decode_default(num_tokens, top_k, num_experts, hidden_size, intermediate_size, num_sms, bits)
     if per_expert <= 20:
         split, split1 = 1, 1
         if hidden_size and intermediate_size and num_sms:
@@ -224,11 +224,12 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 
 
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
-                    intermediate_size: int | None, num_sms: int | None) -> TritonConfig:
+                    intermediate_size: int | None, num_sms: int | None, bits: int) -> TritonConfig:
     """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
     table. Below 10 rows per expert: 8-row blocks (16 above 4 rows: 6-13% faster at 3 of 4 shapes at 8 rows,
     4% slower at qwen3-30b-a3b), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are
-    many) and 4 for more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages),
+    many) and 4 for more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
+    over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 30-58% slower at M = 2-16),
     GEMM2's K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
     3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
     level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 8-25% faster than 32-row blocks at
@@ -245,7 +246,7 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
         split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 256, 4 * num_sms, 3)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
     return TritonConfig(16 if per_expert > 4 else 8, 128, 256, split_k2=split, num_warps=4,
-                        num_stages=2 if num_tokens == 1 else 4,
+                        num_stages=2 if num_tokens == 1 or bits == 8 else 4,
                         split_k1=split1, decode=True)
 
 
