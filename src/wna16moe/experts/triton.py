@@ -186,8 +186,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 
     On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
     (`decode`) runs every int4 row count, as in every int4 entry of the H200 table (int4 words are stored
-    paired there, which the Triton kernel reads only with a second load per word: 2.4-4.3x slower at 8 and
-    64-85 rows per expert, v47), and int8 outside 4-10 rows per expert (there the Triton kernel's 16-row blocks
+    paired there, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at 8 and
+    64-85 rows per expert, v47), and int8 but between 4 and 10 rows per expert (there the Triton kernel's 16-row blocks
     were 1.7x faster, v47). See `_decode_default` for its tiles. Elsewhere the smallest M block while experts
     see few rows (decode streams each expert's weights once), larger blocks as the work turns compute-bound.
     Small groups (32) prefer M blocks above the group size, where the kernel scales weights instead of partial
@@ -229,7 +229,7 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     table. Below 10 rows per expert: 8-row blocks (16 above 4 rows: 6-13% faster at 3 of 4 shapes at 8 rows,
     4% slower at qwen3-30b-a3b), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are
     many) and 4 for more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
-    over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 30-58% slower at M = 2-16),
+    over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
     GEMM2's K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
     3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
     level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 8-25% faster than 32-row blocks at
