@@ -19,7 +19,7 @@ import torch
 
 from wna16moe.bench import _bench_graph, layer_cases, write_results
 from wna16moe.experts.base import relative_error
-from wna16moe.experts.triton import TritonConfig, default_config
+from wna16moe.experts.triton import TritonConfig
 
 
 def parse_variant(text: str) -> dict[str, int | bool | None]:
@@ -59,16 +59,13 @@ def main() -> None:
                         help="rounds over the configurations (default 2; more where the margin is small)")
     parser.add_argument("--base", choices=("shipped", "default"), default="shipped",
                         help="what the variants change: the shipped entry, or `default_config` (what a shape the "
-                             "table does not hold runs), as the tree on PYTHONPATH computes it")
+                             "table does not hold runs)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
-        shipped = kernel.config(m) if args.base == "shipped" else default_config(
-            m, kernel.moe.top_k, kernel.num_experts, kernel.scheme.group_size, kernel.moe.hidden_size, kernel.i_pad,
-            torch.cuda.get_device_properties(device).multi_processor_count,
-            hopper=torch.cuda.get_device_capability(device)[0] == 9, bits=kernel.scheme.bits)
+        shipped = kernel.config(m) if args.base == "shipped" else kernel.default_config(m, kernel.moe.top_k)
         variants = variants_of(shipped, args.variant, f"{name} M={m}")
         for rnd in range(args.rounds):  # rounds in turn, so that a drift over time shows
             for c in variants:

@@ -187,11 +187,11 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
     (`decode`) runs every int4 row count, as in every int4 entry of the H200 table (int4 words are stored
     paired there, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at 8 and
-    64-85 rows per expert, v47), and int8 but between 4 and 10 rows per expert (there the Triton kernel's 16-row blocks
-    were 1.7x faster, v47). See `_decode_default` for its tiles. Elsewhere the smallest M block while experts
-    see few rows (decode streams each expert's weights once), larger blocks as the work turns compute-bound.
-    Small groups (32) prefer M blocks above the group size, where the kernel scales weights instead of partial
-    sums.
+    64-85 rows per expert, v47), and int8 at all but more than 4 and fewer than 10 rows per expert (there the
+    Triton kernel's 16-row blocks were 1.7x faster, v47). See `_decode_default` for its tiles. Elsewhere the
+    smallest M block while experts see few rows (decode streams each expert's weights once), larger blocks as
+    the work turns compute-bound. Small groups (32) prefer M blocks above the group size, where the kernel
+    scales weights instead of partial sums.
 
     At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
     few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split. For one token GEMM1's K is split
@@ -404,10 +404,14 @@ class TritonExperts(Experts):
         if num_tokens not in self._configs:
             tuned = (tuned_config(self._card, self._shape_key, num_tokens, self._capability)
                      if self._card is not None else None)
-            self._configs[num_tokens] = TritonConfig(**tuned) if tuned else default_config(
-                num_tokens, self.moe.top_k, self.num_experts, self.scheme.group_size, self.moe.hidden_size,
-                self.i_pad, self._num_sms, self._hopper, self.scheme.bits)
+            self._configs[num_tokens] = (TritonConfig(**tuned) if tuned
+                                         else self.default_config(num_tokens, self.moe.top_k))
         return self._configs[num_tokens]
+
+    def default_config(self, num_tokens: int, top_k: int) -> TritonConfig:
+        """`default_config` for this layer on this device (what runs where the table holds no entry)."""
+        return default_config(num_tokens, top_k, self.num_experts, self.scheme.group_size, self.moe.hidden_size,
+                              self.i_pad, self._num_sms, self._hopper, self.scheme.bits)
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor], config: TritonConfig | None = None) -> torch.Tensor:
@@ -481,8 +485,7 @@ class BatchedTritonExperts(TritonExperts):
                       config: TritonConfig | None = None) -> torch.Tensor:
         e, m, h = hidden_states.shape
         ids, ones = batched_pairs(num_tokens, m, hidden_states.device)
-        cfg = config or default_config(e * m, 1, e, self.scheme.group_size, self.moe.hidden_size, self.i_pad,
-                                       self._num_sms, self._hopper, self.scheme.bits)
+        cfg = config or self.default_config(e * m, 1)
         out = self._forward(hidden_states.reshape(e * m, h), ones, ids, weights, cfg)
         return out.view(e, m, h)
 
