@@ -226,13 +226,13 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None, bits: int) -> TritonConfig:
     """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
-    table. Below 10 rows per expert: 8-row blocks (16 above 4 rows: 6-13% faster at 3 of 4 shapes at 8 rows,
+    table. Below 10 rows per expert: 8-row blocks (16 above 4 rows: 5-13% faster at 3 of 4 shapes at 8 rows,
     4% slower at qwen3-30b-a3b), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are
     many) and 4 for more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
     over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
     GEMM2's K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
     3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
-    level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 8-25% faster than 32-row blocks at
+    level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 10-25% faster than 32-row blocks at
     all four shapes, and than 128-row blocks at three, level at the fourth); from 128 rows: 128-row blocks."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert >= 128:
