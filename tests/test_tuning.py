@@ -271,8 +271,7 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
     every int4 row count (int4 words are stored paired there): 8-row blocks up to 4, 16 below 10, then blocks on
     warpgroup mmas, 32 rows to 64, 64 rows to 128, 128 rows from there; int8 on the Triton kernel at 5-9 rows
-    (elsewhere the same tiles, its narrow rings shallower);
-    never the decode kernel off Hopper."""
+    (elsewhere the same tiles, its narrow rings shallower); never the decode kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
     assert _launchable(hopper)
     assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, block_m, block_m >= 32, False)
