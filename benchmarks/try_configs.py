@@ -6,7 +6,9 @@ variant that won every round.
     python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 [--scheme int8_g128_sym] --variant num_warps=2 \
         --variant num_warps=2,block_n1=32
 
-With `--base default` the first configuration is `default_config`'s instead (rows still say "shipped").
+With `--base default` the first configuration is `default_config`'s instead (rows still say "shipped");
+`--variant default` adds `default_config`'s as a variant of the shipped entry (the nearest table entry against
+the defaults, at M between the table's).
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ def parse_variant(text: str) -> dict[str, int | bool | None]:
     return fields
 
 
-def variants_of(shipped: TritonConfig, texts: list[str], label: str) -> list[TritonConfig]:
-    """The shipped configuration, then each variant once: one that does not apply to the shipped entry (wgmma=1
-    on an entry of the Triton kernel) or repeats one before it (a repeat would count twice in the table's
-    rule) is reported and left out."""
+def variants_of(shipped: TritonConfig, texts: list[str], label: str, default: TritonConfig) -> list[TritonConfig]:
+    """The shipped configuration, then each variant once ("default": `default`): one that does not apply to the
+    shipped entry (wgmma=1 on an entry of the Triton kernel) or repeats one before it (a repeat would count twice
+    in the table's rule) is reported and left out."""
     variants = [shipped]
     for text in texts:
         try:
-            variant = replace(shipped, **parse_variant(text))
+            variant = default if text == "default" else replace(shipped, **parse_variant(text))
         except ValueError as error:
             print(f"{label} {text}: not on this entry ({error})", flush=True)
             continue
@@ -65,8 +67,9 @@ def main() -> None:
     device = torch.device("cuda")
     rows = []
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
-        shipped = kernel.config(m) if args.base == "shipped" else kernel.default_config(m, kernel.moe.top_k)
-        variants = variants_of(shipped, args.variant, f"{name} M={m}")
+        default = kernel.default_config(m, kernel.moe.top_k)
+        shipped = kernel.config(m) if args.base == "shipped" else default
+        variants = variants_of(shipped, args.variant, f"{name} M={m}", default)
         for rnd in range(args.rounds):  # rounds in turn, so that a drift over time shows
             for c in variants:
                 try:

@@ -310,9 +310,11 @@ def test_try_configs_times_each_variant_once_and_reports_the_rest(capsys: pytest
     try_configs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(try_configs)
     shipped = TritonConfig(16, 128, 256, num_stages=3)  # an entry of the Triton kernel
-    texts = ["num_stages=4", "wgmma=1", "decode=1,block_m=32,wgmma=1", "num_stages=4", "num_stages=3"]
-    variants = try_configs.variants_of(shipped, texts, "mixtral M=32")
-    assert variants == [shipped, replace(shipped, num_stages=4), replace(shipped, decode=True, block_m=32, wgmma=True)]
+    default = TritonConfig(32, 64, 128, num_stages=3, decode=True, wgmma=True)
+    texts = ["num_stages=4", "wgmma=1", "decode=1,block_m=32,wgmma=1", "num_stages=4", "num_stages=3", "default"]
+    variants = try_configs.variants_of(shipped, texts, "mixtral M=32", default)
+    assert variants == [shipped, replace(shipped, num_stages=4), replace(shipped, decode=True, block_m=32, wgmma=True),
+                        default]
     out = capsys.readouterr().out
     assert "mixtral M=32 wgmma=1: not on this entry" in out
     assert out.count("the same configuration as one before it") == 2
