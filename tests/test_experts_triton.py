@@ -42,7 +42,14 @@ from wna16moe.experts.triton import (
     pairs_int4_words,
     prepare_triton_weights,
 )
-from wna16moe.kernels.layout import TILE_K, exchange_halves, tile_deinterleave, tile_interleave
+from wna16moe.kernels.layout import (
+    TILE_K,
+    exchange_halves,
+    fragment_tiles,
+    tile_deinterleave,
+    tile_interleave,
+    unfragment_tiles,
+)
 from wna16moe.kernels.moe_align import moe_align_block_size
 from wna16moe.kernels.moe_gemm import _tile_from_slots, moe_gemm
 from wna16moe.layer import WNA16MoE
@@ -105,25 +112,53 @@ def test_tile_interleave_round_trip_and_slot_order(bits: int, paired: bool) -> N
             assert (word >> (4 * i)) & 15 == int(codes[0, kd]) and (word >> (16 + 4 * i)) & 15 == int(codes[0, kd + 1])
 
 
+@pytest.mark.parametrize("scheme_name", ["int4_g64_zp", "int8_g128_sym"])
+def test_fragment_tiles_hold_the_paired_words_in_fragment_order(scheme_name: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hopper's int4 layout (where `pairs_int4_words`): per K tile, each column's 16 paired words contiguous,
+    position p = 4q + 2h + l holding word row 8h + 2q + l, so that mma thread q's rows 2q, 2q + 1, 2q + 8, 2q + 9
+    are 16 contiguous bytes; `unfragment_tiles` undoes it. int8 words stay plain there."""
+    import wna16moe.experts.triton as backend
+
+    scheme = WeightScheme.from_name(scheme_name)
+    e, h, i = 2, 300, 40  # three K tiles, the last one partial
+    experts = random_experts(e, h, i, scheme, torch.device("cpu"))
+    plain = prepare_triton_weights(experts, torch.device("cpu"))
+    monkeypatch.setattr(backend, "pairs_int4_words", lambda device: True)
+    hopper = prepare_triton_weights(experts, torch.device("cpu"))
+    assert {name: t.shape for name, t in hopper.items() if name not in ("w13", "w2")} == {
+        name: t.shape for name, t in plain.items() if name not in ("w13", "w2")}
+    if scheme.bits == 8:
+        assert torch.equal(hopper["w13"], plain["w13"]) and torch.equal(hopper["w2"], plain["w2"])
+        return
+    assert hopper["w13"].shape == (e, 3, 128, 16) and hopper["w2"].shape == (e, 1, h, 16)
+    for name in ("w13", "w2"):
+        paired = exchange_halves(plain[name].transpose(1, 2))  # [E, N_total, tiles * 16]
+        assert hopper[name].is_contiguous() and torch.equal(unfragment_tiles(hopper[name]), paired)
+    paired = exchange_halves(plain["w13"].transpose(1, 2))
+    for q, h_, l_ in ((0, 0, 0), (1, 1, 0), (3, 1, 1), (2, 0, 1)):
+        assert torch.equal(hopper["w13"][:, 2, :, 4 * q + 2 * h_ + l_], paired[:, :, 2 * 16 + 8 * h_ + 2 * q + l_])
+
+
 @pytest.mark.parametrize("scheme_name", ["int4_g32_sym", "int4_g128_zp"])
-def test_paired_words_read_as_plain_ones(scheme_name: str) -> None:
-    """Triton's kernel reads int4 words paired for the Gluon kernels (`paired`) with their partner rows: the same
-    GEMM1 (gate and up halves) as from plain words, bit for bit (different words would not be)."""
+def test_fragment_tiles_read_as_plain_words(scheme_name: str) -> None:
+    """Triton's kernel reads int4 fragment tiles (the Gluon kernels' layout, a 4-D w) with each word's partner:
+    the same GEMM1 (gate and up halves) as from plain words, bit for bit (different words would not be)."""
     scheme = WeightScheme.from_name(scheme_name)
     e, h, i, t, k = 4, 256, 64, 5, 2
     experts = random_experts(e, h, i, scheme)
-    w = prepare_triton_weights(experts, DEVICE)
-    plain = w["w13"] if not pairs_int4_words(DEVICE) else exchange_halves(w["w13"].transpose(1, 2)).transpose(1, 2)
-    paired = exchange_halves(plain.transpose(1, 2)).transpose(1, 2).contiguous()
-    assert not torch.equal(paired, plain)
+    w = prepare_triton_weights(experts, torch.device("cpu"))
+    plain = w["w13"].to(DEVICE)
+    tiles = fragment_tiles(exchange_halves(plain.transpose(1, 2)))
     x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
     _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
     blocks = moe_align_block_size(ids, e, 16)
     outs = []
-    for words, is_paired in ((plain.contiguous(), False), (paired, True)):
+    for words in (plain, tiles):
         inter = torch.full((t * k, i), float("nan"), dtype=torch.float16, device=DEVICE)
-        moe_gemm(x, words, w["w13_scales"], w.get("w13_zeros"), None, None, inter, None, *blocks, bits=4,
-                 group_size=scheme.group_size, top_k=k, gated=True, block_m=16, block_n=32, paired=is_paired)
+        moe_gemm(x, words, w["w13_scales"].to(DEVICE), w["w13_zeros"].to(DEVICE) if "w13_zeros" in w else None,
+                 None, None, inter, None, *blocks, bits=4, group_size=scheme.group_size, top_k=k, gated=True,
+                 block_m=16, block_n=32)
         outs.append(inter)
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
@@ -368,7 +403,7 @@ def test_gemm1_writes_every_routed_row() -> None:
     sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, e, 16)
     inter = torch.full((t * k, i), float("nan"), dtype=torch.float16, device=DEVICE)
     moe_gemm(x, w["w13"], w["w13_scales"], None, None, None, inter, None, sorted_ids, expert_ids, num_padded,
-             bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32, paired=pairs_int4_words(DEVICE))
+             bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32)
     assert torch.isfinite(inter).all()
 
 
@@ -386,7 +421,7 @@ def test_gemm1_clears_gemm2_output(numel: int, t: int, from_ids: bool) -> None:
     inter = torch.empty(t * k, i, dtype=torch.float16, device=DEVICE)
     moe_gemm(torch.randn(t, h, dtype=torch.float16, device=DEVICE), w["w13"], w["w13_scales"], None, None, None,
              inter, None, *blocks, bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32,
-             zero_out=target[:numel], paired=pairs_int4_words(DEVICE))
+             zero_out=target[:numel])
     assert torch.equal(target[:numel], torch.zeros(numel, device=DEVICE)) and torch.isnan(target[numel])
 
 

@@ -33,13 +33,16 @@ from wna16moe.routing import softmax_topk
 
 def test_arguments_are_checked() -> None:
     a = torch.zeros(2, 128, dtype=torch.float16)
-    w = torch.zeros(1, 16, 128, dtype=torch.int32)
+    w = torch.zeros(1, 1, 128, 16, dtype=torch.int32)  # (int4 fragment tiles: one K tile of 128 columns)
     scales = torch.ones(1, 1, 128, dtype=torch.float16)
     out = torch.zeros(2, 128)
     args = (a, w, scales, None, None, None, out, torch.ones(2), None, torch.zeros(2, dtype=torch.int32), None)
-    common = dict(bits=4, group_size=128, top_k=1, gated=False, decode=True, paired=True)
-    with pytest.raises(ValueError, match=r"reads int4 words paired.*paired=False"):
-        moe_gemm(*args, block_m=8, block_n=64, **common | {"paired": False})
+    common = dict(bits=4, group_size=128, top_k=1, gated=False, decode=True)
+    plain = (a, torch.zeros(1, 16, 128, dtype=torch.int32), *args[2:])
+    with pytest.raises(ValueError, match=r"reads int4 words in paired fragment tiles.*shape \[1, 16, 128\]"):
+        moe_gemm(*plain, block_m=8, block_n=64, **common)
+    with pytest.raises(ValueError, match=r"shape \[1, 1, 128, 16\]: fragment tiles .* int4 words only, got bits=8"):
+        moe_gemm(*args, block_m=8, block_n=64, **common | {"bits": 8})
     with pytest.raises(ValueError, match="block_m"):
         moe_gemm(*args, block_m=24, block_n=64, **common)
     with pytest.raises(ValueError, match="block_n"):
@@ -52,7 +55,7 @@ def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="shrink"):  # (this module's kernel: blocks of 16 rows at least)
         moe_gemm(*args, block_m=16, block_n=64, shrink=1, **common | {"decode": False})
     with pytest.raises(ValueError, match="group_size"):
-        moe_gemm(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False, decode=True, paired=True)
+        moe_gemm(*args, block_m=8, block_n=64, bits=4, group_size=24, top_k=1, gated=False, decode=True)
     with pytest.raises(ValueError, match="wide blocks"):  # (wgmma: blocks of 32 rows and more)
         moe_gemm(*args, block_m=16, block_n=64, wgmma=True, **common)
     with pytest.raises(ValueError, match="wgmma"):
@@ -118,13 +121,13 @@ def _recorded_launch(monkeypatch: pytest.MonkeyPatch, decode: bool, a: torch.Ten
     4 experts, N = n, K = a.shape[1] (the launch recorded instead of run)."""
     launches = record_launches(monkeypatch, "_moe_gemm_decode_kernel" if decode else "_moe_gemm_kernel")
     tiles = -(-a.shape[1] // 128)
-    w = torch.zeros(4, tiles * 16, 2 * n, dtype=torch.int32)
+    w = torch.zeros(4, tiles, 2 * n, 16, dtype=torch.int32)
     scales = torch.ones(4, tiles, 2 * n, dtype=torch.float16)
     out = torch.empty(3 * 2, n, dtype=torch.float16)
     ids = torch.tensor([0, 1, 2, 3, 1, 0], dtype=torch.int32)
     moe_gemm(a, w, scales, None, None, None, out, None, None, ids, None, bits=4, group_size=128, top_k=2, gated=True,
              block_m=8 if decode else 16, block_n=64, decode=decode, zero_out=torch.empty(3, 256),
-             max_registers=max_registers, paired=True)
+             max_registers=max_registers)
     (launch,) = launches
     return launch
 
@@ -159,7 +162,7 @@ def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(launcher, "_num_sms", lambda index: 2)
     e, k, n, blocks = 4, 512, 256, 10
     a = torch.randn(12, k, dtype=torch.float16)
-    w = torch.zeros(e, k // 8, n, dtype=torch.int32)
+    w = torch.zeros(e, k // 128, n, 16, dtype=torch.int32)
     scales = torch.ones(e, k // 128, n, dtype=torch.float16)
     out = torch.zeros(6, n)
     aligned = (torch.zeros(blocks * 8, dtype=torch.int32), torch.zeros(blocks, dtype=torch.int32),
@@ -169,7 +172,7 @@ def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPat
                kd: int = k) -> tuple[tuple[int, int], bool]:
         moe_gemm(a[:, :kd], w, scales, None, a_perm, None, out, torch.ones(12), *aligned, bits=4, group_size=128,
                  top_k=2, gated=False, block_m=block_m, block_n=64, split_k=split_k, decode=True, num_stages=stages,
-                 persistent=3, wgmma=block_m >= 32, paired=True)
+                 persistent=3, wgmma=block_m >= 32)
         grid, _, kwargs = launches.pop()
         return grid, kwargs["PERSISTENT"]
 

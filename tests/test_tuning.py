@@ -8,7 +8,7 @@ import pytest
 
 from wna16moe import tuning
 from wna16moe.device import DeviceInfo
-from wna16moe.experts.triton import TritonConfig, default_config
+from wna16moe.experts.triton import TritonConfig, default_config, entry_or_default
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS
 from wna16moe.oracle import explain
 from wna16moe.shapes import model_shape
@@ -91,7 +91,9 @@ def test_a_later_sweep_replaces_only_its_token_counts(table: Path, tmp_path: Pat
 @pytest.mark.parametrize(("tokens", "block_m"), [(1, 16), (4, 16), (12, 32), (100, 32), (1000, 32), (3000, 128),
                                                  (100000, 128)])
 def test_lookup_takes_the_nearest_measured_m(table: Path, tokens: int, block_m: int) -> None:
-    assert tuned_config("NVIDIA H100 80GB HBM3", KEY, tokens)["block_m"] == block_m
+    measured_m, fields = tuned_config("NVIDIA H100 80GB HBM3", KEY, tokens)
+    assert fields["block_m"] == block_m and fields == json.loads(table.read_text())["cards"][
+        "NVIDIA H100 80GB HBM3"][KEY.as_text()][str(measured_m)]
 
 
 def test_unknown_card_or_shape_has_no_entry(table: Path) -> None:
@@ -104,7 +106,7 @@ def test_a_card_borrows_the_stand_in_of_its_capability(table: Path, monkeypatch:
     """Shape by shape: a card without entries for a shape takes those of the card measured for its compute
     capability; the speed rows, a measurement of one card, are never borrowed."""
     monkeypatch.setitem(tuning.STAND_INS, (9, 0), "NVIDIA H100 80GB HBM3")
-    assert tuned_config("NVIDIA H800", KEY, 1, (9, 0))["block_m"] == 16
+    assert tuned_config("NVIDIA H800", KEY, 1, (9, 0))[1]["block_m"] == 16
     assert tuned_config("NVIDIA H800", KEY, 1, (8, 0)) is None and tuned_config("NVIDIA H800", KEY, 1) is None
     assert triton_vs_marlin("NVIDIA H800", KEY, "int4_g128_sym") is None
     assert tuning.STAND_INS[(9, 0)] in json.loads(table.read_text())["cards"]
@@ -269,16 +271,35 @@ def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: 
 def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_size: int, tokens: int,
                                                                           block_m: int) -> None:
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
-    every int4 row count (int4 words are stored paired there): 8-row blocks up to 4, 16 below 10, then blocks on
-    warpgroup mmas, 32 rows to 64, 64 rows to 128, 128 rows from there; int8 on the Triton kernel at 5-9 rows
-    (elsewhere the same tiles, its narrow rings shallower); never the decode kernel off Hopper."""
+    every row count: 8-row blocks up to 4 (int8: up to 9), 16 below 10, then blocks on warpgroup mmas, 32 rows to
+    64, 64 rows to 128, 128 rows from there; int8 the same tiles, its narrow rings shallower; never the decode
+    kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
     assert _launchable(hopper)
     assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, block_m, block_m >= 32, False)
     int8 = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True, bits=8)
-    assert replace(int8, num_stages=hopper.num_stages) == hopper if block_m != 16 else (
-        (int8.decode, int8.block_m) == (False, 16))
+    assert replace(int8, num_stages=hopper.num_stages) == (hopper if block_m != 16 else replace(hopper, block_m=8))
     assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
+
+
+def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -> None:
+    """The shipped H200 entries for qwen3-30b-a3b (128 experts, top 8): at a measured M the entry always; between
+    them the nearest entry where its blocks are the size the defaults pick (narrow 8 or 16 rows both, or one wide
+    size), else the defaults (NOTES.md v48)."""
+    def pick(tokens: int) -> tuple[TritonConfig, TritonConfig, TritonConfig]:
+        default = default_config(tokens, 8, 128, 128, 2048, 768, 132, hopper=True)
+        tuned = tuned_config("NVIDIA H200", QWEN, tokens)
+        return entry_or_default(tuned, tokens, default), TritonConfig(**tuned[1]), default
+
+    chosen, entry, default = pick(128)  # measured: the entry, whatever the defaults say
+    assert chosen == entry != default
+    chosen, entry, default = pick(256)  # 16 rows per expert: 32-row defaults, the M = 128 entry narrow
+    assert (entry.block_m, default.block_m) == (8, 32) and chosen == default
+    chosen, entry, default = pick(4096)  # 256 rows per expert: the M = 2048 entry's 128-row blocks, as the defaults
+    assert entry.block_m == default.block_m == 128 and chosen == entry != default
+    chosen, entry, default = pick(16)  # 1 row per expert: both narrow
+    assert entry.block_m < 32 and default.block_m < 32 and chosen == entry
+    assert entry_or_default(None, 16, default) == default
 
 
 def test_hopper_decode_default_splits_by_programs() -> None:

@@ -11,7 +11,8 @@ where they were faster in every round (`apply_trials`):
     python -m wna16moe.tuning --trials benchmarks/results/<card>-<date>-try.json
 
 Nothing is tuned at import or at the first call: a layer whose card and shape are in the table uses the entry
-of the nearest measured M (in log scale). A card the table does not hold for that shape borrows the entries of
+of the nearest measured M (in log scale), between the table's M only where its block size suits that M
+(`TritonExperts.config`). A card the table does not hold for that shape borrows the entries of
 the card measured for its compute capability (`STAND_INS`: an H100 runs the H200's, same SMs and
 architecture); any other layer uses `experts.triton.default_config`.
 
@@ -83,16 +84,16 @@ def tuned_card(card: str, key: ShapeKey, capability: tuple[int, int] | None = No
 
 
 def tuned_config(card: str, key: ShapeKey, num_tokens: int,
-                 capability: tuple[int, int] | None = None) -> dict[str, Any] | None:
-    """The shipped configuration fields for this card (or its stand-in, `tuned_card`) and shape at the measured
-    M nearest `num_tokens`."""
+                 capability: tuple[int, int] | None = None) -> tuple[int, dict[str, Any]] | None:
+    """The measured M nearest `num_tokens` (in log scale) and the shipped configuration fields there, for this
+    card (or its stand-in, `tuned_card`) and shape."""
     source = tuned_card(card, key, capability)
     if source is None:
         return None
     by_m = _load()["cards"][source][key.as_text()]
     target = math.log2(max(num_tokens, 1))
     nearest = min(by_m, key=lambda m: (abs(math.log2(int(m)) - target), int(m)))
-    return by_m[nearest]
+    return int(nearest), by_m[nearest]
 
 
 def triton_vs_marlin(card: str, key: ShapeKey, scheme_name: str) -> tuple[float, list[int]] | None:

@@ -13,7 +13,8 @@ expert e is a top-1 pair of expert e when j < num_tokens[e] and left out (-1) ot
 Prepared layout (`prepare_weights`), I' = I padded to INTERMEDIATE_ALIGN, W(K) = ceil(K / 128) * 128 // PACK
 words, PACK = 32 // bits:
     w13        [E, W(H), 2I'] int32       K-major, tile-interleaved (kernels/layout.py); gate columns [0, I'),
-                                          up columns [I', 2I'); a tile is one coalesced load along N
+                                          up columns [I', 2I'); a tile is one coalesced load along N. int4 on
+                                          Hopper: [E, W(H) / 16, 2I', 16], paired fragment tiles (layout.py)
     w13_scales [E, G1, 2I']               scale dtype of the checkpoint, N contiguous like the words
     w13_zeros  [E, G1, 2I'] uint8         zero-point schemes only
     w13_perm   [E, H] int32               act-order only: H in group order; hidden columns are gathered by it
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,7 +34,7 @@ from wna16moe.activations import KERNEL_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMI
 from wna16moe.config import Activation, ActivationFormat, MoEQuantConfig
 from wna16moe.device import TRITON_XPU_PROVIDER, DeviceInfo, Platform
 from wna16moe.experts.base import OK, Check, Experts, LayerSpec, batched_pairs, check_tp_groups, fail
-from wna16moe.kernels.layout import TILE_K, tile_interleave, words_per_tile
+from wna16moe.kernels.layout import TILE_K, fragment_tiles, tile_interleave, words_per_tile
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 from wna16moe.tuning import ShapeKey, tuned_config
@@ -185,10 +186,11 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     the measurements of benchmarks/NOTES.md.
 
     On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
-    (`decode`) runs every int4 row count, as in every int4 entry of the H200 table (int4 words are stored
-    paired there, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at 8 and
-    64-85 rows per expert, v47), and int8 at all but more than 4 and fewer than 10 rows per expert (there the
-    Triton kernel's 16-row blocks were 1.7x faster, v47). See `_decode_default` for its tiles. Elsewhere the
+    (`decode`) runs every row count, as in every int4 entry of the H200 table (int4 words are stored in paired
+    fragment tiles there, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at 8
+    and 64-85 rows per expert, v47); int8 too (at 6 rows per expert its 8-row blocks at 2 stages were 2-17%
+    faster than the Triton kernel's 16-row blocks on three shapes, v48). See `_decode_default` for its tiles.
+    Elsewhere the
     smallest M block while experts see few rows (decode streams each expert's weights once), larger blocks as
     the work turns compute-bound. Small groups (32) prefer M blocks above the group size, where the kernel
     scales weights instead of partial sums.
@@ -199,7 +201,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     graph-ranked H200 sweep (NOTES.md v12), by 5-18%, and every H200 entry at M = 1 on the decode kernel has it.
     """
     per_expert = num_tokens * top_k / num_experts
-    if hopper and (bits == 4 or not 4 < per_expert < 10):
+    if hopper:
         return _decode_default(num_tokens, top_k, num_experts, hidden_size, intermediate_size, num_sms, bits)
     if per_expert <= 20:
         split, split1 = 1, 1
@@ -226,8 +228,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None, bits: int) -> TritonConfig:
     """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
-    table. Below 10 rows per expert: 8-row blocks (16 above 4 rows: 5-13% faster at 3 of 4 shapes at 8 rows,
-    4% slower at qwen3-30b-a3b), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are
+    table. Below 10 rows per expert: 8-row blocks (int4: 16 above 4 rows, 5-13% faster at 3 of 4 shapes at 8
+    rows, 4% slower at qwen3-30b-a3b; int8 at 6 rows: 8 rows 0-14% faster than 16, v48), GEMM1 128 and GEMM2 256
+    wide, 2 stages for one token (its K-split programs are
     many) and 4 for more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
     over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
     GEMM2's K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
@@ -245,9 +248,28 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     if hidden_size and intermediate_size and num_sms:
         split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 256, 4 * num_sms, 3)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
-    return TritonConfig(16 if per_expert > 4 else 8, 128, 256, split_k2=split, num_warps=4,
+    return TritonConfig(16 if per_expert > 4 and bits == 4 else 8, 128, 256, split_k2=split, num_warps=4,
                         num_stages=2 if num_tokens == 1 or bits == 8 else 4,
                         split_k1=split1, decode=True)
+
+
+def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
+                     default: TritonConfig) -> TritonConfig:
+    """What runs `num_tokens` rows: the table's entry at its nearest measured M (`tuning.tuned_config`), else the
+    defaults. At an M between the table's, the entry runs only where it multiplies blocks of the size the
+    defaults pick for this M (narrow ones of 8 or 16 rows both, or the same wide size): rows per expert moved
+    into another size's range outdate the entry's tiling. On the H200's four shapes at M = 16-4096 between its
+    rows, this took the defaults at 6 of 18 points: 9-19% faster than the nearest entry at five (qwen3-30b-a3b
+    M = 256 and 1024, mixtral M = 256, deepseek-v3 M = 4096, kimi-k2 M = 16), 1% slower at mixtral M = 64; at the
+    other twelve the entry was faster or within 1% (NOTES.md v48)."""
+    if tuned is None:
+        return default
+    measured_m, fields = tuned
+    entry = TritonConfig(**fields)
+    def size(config: TritonConfig) -> int:
+        return 0 if config.block_m < 32 else config.block_m
+
+    return entry if measured_m == num_tokens or size(entry) == size(default) else default
 
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -283,8 +305,10 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
     s = weight.scheme
     e, n, k = weight.shape
     groups_out = s.num_groups(cols_out)
+    paired = paired and s.bits == 4
+    tiles, r = -(-cols_out // TILE_K), words_per_tile(s.bits)
     out = {
-        name: torch.zeros(e, words_per_tile(s.bits) * -(-cols_out // TILE_K), rows_out, dtype=torch.int32,
+        name: torch.zeros(*((e, tiles, rows_out, r) if paired else (e, tiles * r, rows_out)), dtype=torch.int32,
                           device=device),
         f"{name}_scales": torch.zeros(e, groups_out, rows_out, dtype=s.scale_dtype, device=device),
     }
@@ -305,7 +329,8 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
         zeros = None if weight.zeros is None else weight.zeros[expert].to(device).t()
         for (src_begin, src_end), dst in row_blocks:
             rows = slice(dst, dst + src_end - src_begin)
-            out[name][expert, :, rows] = packed[src_begin:src_end].t()
+            out[name][expert, :, rows] = (fragment_tiles(packed[src_begin:src_end]) if paired
+                                          else packed[src_begin:src_end].t())
             out[f"{name}_scales"][expert, : scales.shape[0], rows] = scales[:, src_begin:src_end]
             if zeros is not None:
                 out[f"{name}_zeros"][expert, : zeros.shape[0], rows] = zeros[:, src_begin:src_end]
@@ -326,7 +351,7 @@ def prepare_triton_weights(experts: QuantizedExperts, device: torch.device) -> d
 
 
 def pairs_int4_words(device: torch.device) -> bool:
-    """Whether int4 words are stored paired on `device` (`layout.tile_interleave`): on Hopper with the PTX
+    """Whether int4 words are stored paired, in fragment tiles, on `device` (`layout.py`): on Hopper with the PTX
     dequantization, where the Gluon decode kernels, which read only that layout, run the shipped table and most
     defaults (paired, they skip a byte permute per word: up to 4.5% faster at M = 1-512 on an H200, none slower;
     NOTES.md v46). Elsewhere Triton's kernel runs them, and the words stay plain: it reads paired words only with
@@ -400,12 +425,12 @@ class TritonExperts(Experts):
         return prepare_triton_weights(experts, device)
 
     def config(self, num_tokens: int) -> TritonConfig:
-        """The shipped tuned configuration for this card and shape, else `default_config`."""
+        """The shipped tuned configuration for this card and shape (`entry_or_default`), else `default_config`."""
         if num_tokens not in self._configs:
             tuned = (tuned_config(self._card, self._shape_key, num_tokens, self._capability)
                      if self._card is not None else None)
-            self._configs[num_tokens] = (TritonConfig(**tuned) if tuned
-                                         else self.default_config(num_tokens, self.moe.top_k))
+            self._configs[num_tokens] = entry_or_default(tuned, num_tokens,
+                                                         self.default_config(num_tokens, self.moe.top_k))
         return self._configs[num_tokens]
 
     def default_config(self, num_tokens: int, top_k: int) -> TritonConfig:
@@ -447,7 +472,7 @@ class TritonExperts(Experts):
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, pdl)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
-                      pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent, paired=self._paired)
+                      pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
         gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).

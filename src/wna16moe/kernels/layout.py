@@ -8,6 +8,11 @@ Paired (int4, for the Gluon kernels): the words then exchange 16-bit halves in p
 word rows 2m and 2m + 1, the first holds both low halves (slots 0-3), the second both high halves (slots 4-7).
 Reduction indices j * R + 2m and j * R + 2m + 1, the packed pair an mma register holds, then sit at the same
 bits of the two halves of one word, which the dequantization takes without a byte permute (`kernels/dequant.py`).
+
+Fragment tiles (paired int4 as the Gluon kernels read it, `fragment_tiles`): per tile, each column's R = 16 words
+contiguous, [tiles, N, R], in the order of mma.sync's A fragment. Thread q of a 4-thread group holds word rows
+2q, 2q + 1, 2q + 8 and 2q + 9 of its columns; position p = 4q + 2h + l holds word row 8h + 2q + l, so those
+four words are 16 contiguous bytes, one shared-memory load instead of four (`kernels/moe_gemm_decode.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,24 @@ def exchange_halves(words: torch.Tensor) -> torch.Tensor:
     first = (a & 0xFFFF) | (b << 16)
     second = ((a >> 16) & 0xFFFF) | (b & -0x10000)
     return torch.stack((first, second), dim=-1).flatten(-2)
+
+
+# Word row at each position p = 4q + 2h + l of a fragment tile's column: 8h + 2q + l (module docstring).
+FRAGMENT_ROWS = tuple(8 * (p >> 1 & 1) + 2 * (p >> 2) + (p & 1) for p in range(16))
+
+
+def fragment_tiles(words: torch.Tensor) -> torch.Tensor:
+    """Paired int4 words [..., N, tiles * 16] -> fragment tiles [..., tiles, N, 16] (module docstring)."""
+    n, width = words.shape[-2:]
+    tiles = words.reshape(*words.shape[:-2], n, width // 16, 16)[..., list(FRAGMENT_ROWS)]
+    return tiles.transpose(-3, -2).contiguous()
+
+
+def unfragment_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fragment_tiles`: [..., tiles, N, 16] -> [..., N, tiles * 16]."""
+    columns = tiles.transpose(-3, -2)
+    positions = torch.tensor(FRAGMENT_ROWS, device=tiles.device).argsort()
+    return columns[..., positions].reshape(*columns.shape[:-2], -1)
 
 
 def tile_interleave(codes: torch.Tensor, bits: int, paired: bool = False) -> torch.Tensor:

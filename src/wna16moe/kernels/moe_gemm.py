@@ -13,9 +13,11 @@ Weight layout, K-major and tile-interleaved: w[e, t * R + r, n] is one int32 wor
 (bits [j * bits, (j + 1) * bits)) holds the code of reduction index kd = t * TILE_K + j * R + r. So a tile
 is one coalesced [R, BLOCK_N] load, and slot j of all its words is the contiguous sub-block
 [j * R, (j + 1) * R) of the tile: unpacking is a shift and a mask per element, with no interleave, and each
-sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Paired int4 words (PAIRED: halves
-exchanged in pairs for the Gluon kernels, `layout.py`) are read with their partner rows and exchanged back
-(`_exchange_halves`): `tl.dot`'s operand layouts do not pair word rows as the Gluon kernels' do. Sub-blocks
+sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Paired int4 words in fragment tiles
+(PAIRED: w[e, t, n, p] for the Gluon kernels, halves exchanged in pairs, each column's words of a tile
+contiguous in mma fragment order, `layout.py`) are read with their partner rows (r ^ 1, the neighbouring
+position) and exchanged back (`_exchange_halves`): `tl.dot`'s operand layouts do not pair word rows as the
+Gluon kernels' do, and its loads along N are 64 bytes apart there. Sub-blocks
 never straddle a quantization group (groups are multiples of R), so the scale multiplies each group's partial
 sum. On NVIDIA GPUs (FAST_DEQUANT) the slots come from `kernels/dequant.py` instead: exponent tricks in PTX rather than
 quarter-rate int -> float conversions, with the scale folded into the weights for groups smaller than a tile;
@@ -301,9 +303,16 @@ def _gemm_block(
 
     a_row_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
     perm_ptr = a_perm_ptr + expert * KD
-    w_ptrs = w_ptr + expert * stride_we + tl.arange(0, R)[:, None] * stride_wk + offs_n[None, :]
-    odd_rows = (tl.arange(0, R) % 2 == 1)[:, None]
-    partner_step = tl.where(odd_rows, -stride_wk, stride_wk)  # (PAIRED: word row r ^ 1)
+    word_rows = tl.arange(0, R)
+    odd_rows = (word_rows % 2 == 1)[:, None]
+    if PAIRED:  # fragment tiles (layout.py): word row r of column n at n * R + p(r); its partner at p(r) ^ 1
+        positions = 4 * (word_rows // 2 % 4) + 2 * (word_rows // 8) + word_rows % 2
+        w_ptrs = w_ptr + expert * stride_we + positions[:, None] + offs_n[None, :] * R
+        partner_step = tl.where(odd_rows, -1, 1)
+        up_step = N * R
+    else:
+        w_ptrs = w_ptr + expert * stride_we + word_rows[:, None] * stride_wk + offs_n[None, :]
+        up_step = N
     s_ptrs = s_ptr + expert * stride_se + offs_n
     z_ptrs = z_ptr + expert * stride_se + offs_n
     if SWAP_AB:
@@ -346,9 +355,9 @@ def _gemm_block(
                         GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE, SCALE_WEIGHTS, FAST_DEQUANT,
                         SWAP_AB, EVEN_K)
         if GATED:
-            words_up = tl.load(tile_ptrs + N, mask=n_mask[None, :], other=0)
+            words_up = tl.load(tile_ptrs + up_step, mask=n_mask[None, :], other=0)
             if PAIRED:
-                partner_up = tl.load(tile_ptrs + N + partner_step, mask=n_mask[None, :], other=0)
+                partner_up = tl.load(tile_ptrs + up_step + partner_step, mask=n_mask[None, :], other=0)
                 words_up = _exchange_halves(words_up, partner_up, odd_rows)
             acc_up = _tile_dot(acc_up, words_up, s_up, z_up, a_row_ptrs, perm_ptr, s_ptrs + N, z_ptrs + N, n_mask,
                                k, k_end, GROUP_SIZE, stride_sg, BITS, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
@@ -433,7 +442,7 @@ def _moe_gemm_kernel(
     ZERO_OUT: tl.constexpr,
     PDL: tl.constexpr,
     SHRINK: tl.constexpr,
-    PAIRED: tl.constexpr,  # int4 words with their halves exchanged in pairs (layout.py): read with their partners
+    PAIRED: tl.constexpr,  # int4 words in paired fragment tiles (layout.py): read with their partners
 ):
     enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
     pid = tl.program_id(0)
@@ -545,7 +554,6 @@ def moe_gemm(
     carry: int = 0,
     persistent: int = 0,
     specialize: bool = False,
-    paired: bool = False,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -554,8 +562,9 @@ def moe_gemm(
     ----------
     a : GEMM1 hidden_states [T, H]; GEMM2 intermediate [P, I]. bfloat16 or float16, row-major.
     w : [E, ceil(KD / TILE_K) * R, N_total] int32, tile-interleaved K-major (`layout.tile_interleave`, transposed);
-        N_total = 2N for GEMM1 (gate columns, then up columns), N for GEMM2. int4 words paired (`paired`) for
-        the decode kernel, which reads no other int4 layout; this module's kernel reads both.
+        N_total = 2N for GEMM1 (gate columns, then up columns), N for GEMM2. Or int4 in paired fragment tiles
+        [E, ceil(KD / TILE_K), N_total, 16] (`layout.fragment_tiles`), the only int4 layout the decode kernel
+        reads; this module's kernel reads both.
     scales : [E, G, N_total]; zeros : [E, G, N_total] uint8 or None (symmetric: zero 2**(bits - 1)).
     a_perm : [E, KD] int32 act-order column order of `a`, or None.
     bias : [E, N_total] float32 or None.
@@ -594,11 +603,12 @@ def moe_gemm(
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
         rows off 16 bytes keep the decode kernel.
-    paired : w's int4 words have their halves exchanged in pairs (`layout.tile_interleave(paired=True)`);
-        ignored for int8.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
-    paired = paired and bits == 4  # (int8 words are never paired)
+    paired = w.dim() == 4
+    if paired and (bits != 4 or w.shape[3] != 16):
+        raise ValueError(f"w of shape {list(w.shape)}: fragment tiles [E, tiles, N_total, 16] hold int4 words only, "
+                         f"got bits={bits}")
     if decode:
         error = tiling_error(block_m, block_n, num_warps, num_stages)
         if error:
@@ -631,8 +641,8 @@ def moe_gemm(
                 f"num_warps={num_warps} split_k={split_k} carry={carry} persistent={persistent} "
                 f"max_registers={max_registers}")
         if bits == 4 and not paired:
-            raise ValueError("the decode kernel reads int4 words paired (layout.tile_interleave(paired=True)), "
-                             "got paired=False")
+            raise ValueError(f"the decode kernel reads int4 words in paired fragment tiles [E, tiles, N_total, 16] "
+                             f"(layout.fragment_tiles), got w of shape {list(w.shape)}")
         # (blocks from the ids, act-order columns and rows off 16 bytes run the same tiles on the decode kernel)
         if specialize and sorted_ids is not None and a_perm is None and aligned:
             # (the kernel's num_warps are its first warpgroup's; the second runs beside it as a worker partition)
@@ -696,7 +706,9 @@ def moe_gemm(
         expert_ids if id_blocks else sorted_ids, expert_ids, expert_ids if id_blocks else num_padded,
         zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),
         n, kd, num_pairs, num_m_blocks,
-        a.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), out.stride(-2),
+        # (a tile's words start (k // PACK) * stride_wk in: N_total words per word row in both layouts)
+        a.stride(0), w.stride(0), w.stride(1) // w.shape[3] if paired else w.stride(1), scales.stride(0),
+        scales.stride(1), out.stride(-2),
         alpha, beta, 0.0 if limit is None else limit,
         TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
         HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None,

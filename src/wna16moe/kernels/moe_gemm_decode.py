@@ -88,6 +88,14 @@ MAX_STAGES = 8
 MAX_CARRY = 4
 
 
+# The ring's word slots. int4 fragment tiles [BLOCK_N, R] (`_load_words`) unswizzled: a warp's 16-byte reads
+# cover 512 contiguous bytes. int8 [R, BLOCK_N] in 8-word groups XOR-swizzled by row pair: a thread reads rows
+# 2q + c (+ 8) of 8 neighbouring columns, so one load touches rows c, 2 + c, 4 + c, 6 + c, four distinct bank
+# groups.
+FRAGMENT_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+ROW_PAIR_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0]))
+
+
 def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) -> str | None:
     """Why this kernel cannot run a tiling, or None: its block rows, its warps' 16-row mma tiles across
     block_n, the depth of its cp.async ring."""
@@ -368,6 +376,7 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
     one pipeline stage (`_block_gemm`): its words (gate, then up), its groups' scale and zero-point rows
     (`_copy_group_rows`), and with COPY_A its activations [BLOCK_M, TILE_K] (zero-filled past k_end), as one
     commit group."""
+    R: gl.constexpr = _TILE_K // PACK
     w_gate, w_up, s_buf, z_buf, a_buf = stage
     k = gl.where(k < k_end, k, k_first)
     _copy_group_rows(s_buf, s_ptr, offs_s, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
@@ -378,9 +387,46 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
     if COPY_A:
         _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K)
     async_copy.async_copy_global_to_shared(w_gate, w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
-    if GATED:
-        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N, mask=w_mask)
+    if GATED:  # (the up columns N on: N * R words on in fragment tiles)
+        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N * (R if PACK == 8 else 1),
+                                               mask=w_mask)
     async_copy.commit_group()
+
+
+@gluon.jit
+def _word_copy_offsets(stride_wk, BITS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """A tile's word offsets from its first column's, in the layout its cp.async copies take (16 bytes per thread
+    and copy), and its column indices, broadcastable against them. int4: fragment tiles (layout.py), [BLOCK_N, R],
+    each column's words contiguous; int8: [R, BLOCK_N], word rows stride_wk apart."""
+    R: gl.constexpr = _TILE_K * BITS // 32
+    if BITS == 4:
+        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (R // 4), R // 4], [NUM_WARPS, 1], [1, 0])
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, COPY))[:, None]
+        offs = cols * R + gl.arange(0, R, layout=gl.SliceLayout(0, COPY))[None, :]
+    else:
+        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
+                                              [NUM_WARPS, 1], [1, 0])
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))[None, :]
+        offs = gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk + cols
+    return offs, cols
+
+
+@gluon.jit
+def _load_words(slot, BITS: gl.constexpr, A_OP: gl.constexpr):
+    """A tile's words [BLOCK_N, R] from its ring slot, in the A-operand layout. A thread's words of one column,
+    rows 2q, 2q + 1, 2q + 8, 2q + 9 (and 16 on for int8), are 16 contiguous bytes of an int4 fragment tile
+    (layout.py): read as [BLOCK_N, R / 4, 2, 2] (q, h, l) in the operand's own registers, one 16-byte load each,
+    then viewed as rows 8h + 2q + l, which moves no data. An int8 slot holds [R, BLOCK_N]: its transpose."""
+    if BITS == 4:
+        BLOCK_N: gl.constexpr = slot.shape[0]
+        R: gl.constexpr = slot.shape[1]
+        QUADS: gl.constexpr = gl.full([BLOCK_N, R], 0, gl.int32, A_OP).reshape([BLOCK_N, 2, R // 4, 2]).permute(
+            (0, 2, 1, 3)).type.layout
+        quads = slot.reshape([BLOCK_N, R // 4, 2, 2]).load(QUADS)
+        words = gl.convert_layout(quads.permute((0, 2, 1, 3)).reshape([BLOCK_N, R]), A_OP)
+    else:
+        words = slot.permute([1, 0]).load(A_OP)
+    return words
 
 
 @gluon.jit
@@ -443,9 +489,8 @@ def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_s
     # (the scaled step reads each operand from the ring where it multiplies)
     b_tiles = () if SCALED else _ring_operands(a_buf, PACK, B_OP)
     scales, scales_up = _side(s_buf, z_buf, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS, Z_ROWS)
-    # (the ring holds [R, BLOCK_N] tiles as in global memory; the A operand is their transpose)
-    words = w_gate.permute([1, 0]).load(A_OP)
-    words_up = w_up.permute([1, 0]).load(A_OP)
+    words = _load_words(w_gate, BITS, A_OP)
+    words_up = _load_words(w_up, BITS, A_OP)
     if POST_SCALED:
         acc, acc_up = _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up, a_buf, BITS, HAS_ZP,
                                              GATED, DTYPE)
@@ -616,15 +661,10 @@ def _block_gemm(
     k_step = _TILE_K  # (a tensor-typed step keeps the loop's bounds runtime values)
     # Words, scale and zero-point rows and activations through a STAGES-deep cp.async ring in shared memory
     # (module docstring).
-    COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
-                                          [NUM_WARPS, 1], [1, 0])
-    # 8-word groups XOR-swizzled by row pair: a thread reads rows 2q + c (+ 8) of 8 neighbouring columns, so
-    # one load touches rows c, 2 + c, 4 + c, 6 + c: four distinct bank groups.
-    SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0])
-    offs_n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
-    c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
-              + offs_n_c[None, :])
-    c_mask = (offs_n_c < N)[None, :]
+    c_offs, c_cols = _word_copy_offsets(stride_wk, BITS, BLOCK_N, NUM_WARPS)
+    COL_STEP: gl.constexpr = R if BITS == 4 else 1  # (words from one column to the next)
+    c_ptrs = w_ptr + expert * stride_we + pid_n * BLOCK_N * COL_STEP + c_offs
+    c_mask = pid_n * BLOCK_N + c_cols < N
     # Scale rows, HALVES * NG rows of BLOCK_N per slot, flat, 16 bytes per copy; zero-point rows likewise.
     ROW_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     offs_s = gl.arange(0, HALVES * NG * BLOCK_N, layout=gl.BlockedLayout([8], [32], [NUM_WARPS], [0]))
@@ -647,10 +687,12 @@ def _block_gemm(
     # (64-row ones unrolled: -2.1 to +0.9%, NOTES.md v37).
     UNROLL: gl.constexpr = not WIDE or BLOCK_M == 128
     DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
+    WORD_TILE: gl.constexpr = [BLOCK_N, R] if BITS == 4 else [R, BLOCK_N]
+    W_SMEM: gl.constexpr = FRAGMENT_SMEM if BITS == 4 else ROW_PAIR_SMEM
     buffers = ()  # per stage (UNROLL) or per ring: (gate words, up words, scale rows, zero-point rows, activations)
     for _ in gl.static_range(STAGES if UNROLL else 1):
-        w_gate = gl.allocate_shared_memory(gl.int32, DEPTH + [R, BLOCK_N], SMEM)
-        w_up = gl.allocate_shared_memory(gl.int32, DEPTH + [R, BLOCK_N], SMEM) if GATED else w_gate
+        w_gate = gl.allocate_shared_memory(gl.int32, DEPTH + WORD_TILE, W_SMEM)
+        w_up = gl.allocate_shared_memory(gl.int32, DEPTH + WORD_TILE, W_SMEM) if GATED else w_gate
         s_buf = gl.allocate_shared_memory(s_ptr.dtype.element_ty, DEPTH + [HALVES * NG * BLOCK_N], ROW_SMEM)
         z_buf = (gl.allocate_shared_memory(z_ptr.dtype.element_ty, DEPTH + [HALVES * NG * BLOCK_N], ROW_SMEM)
                  if HAS_ZP else s_buf)
@@ -681,8 +723,6 @@ def _block_gemm(
         # last one again (unused).
         programs = gl.num_programs(0)
         total = gl.cdiv(items - item, programs) * tiles
-        offs_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))
-        c_offs = gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk + offs_c[None, :]
         item_r, n0_r, a_row_ptrs_r, c_ptrs_r, c_mask_r, s_base_r, z_base_r = (item, n0, a_row_ptrs, c_ptrs, c_mask,
                                                                                s_base, z_base)
         k_r = k_begin + (STAGES - 1) * k_step
@@ -698,8 +738,8 @@ def _block_gemm(
                         a_row_ptrs_r = _activation_rows(gl.load(sorted_ids_ptr + block_r * BLOCK_M + m_b), a_ptr, P,
                                                         stride_am, TOP_K, GATED)
                         n0_r = item_r // blocks * BLOCK_N
-                        c_ptrs_r = w_ptr + expert_r * stride_we + n0_r + c_offs
-                        c_mask_r = (n0_r + offs_c < N)[None, :]
+                        c_ptrs_r = w_ptr + expert_r * stride_we + n0_r * COL_STEP + c_offs
+                        c_mask_r = n0_r + c_cols < N
                         s_base_r = s_ptr + expert_r * stride_se
                         z_base_r = z_ptr + expert_r * stride_se if HAS_ZP else s_base_r
                     acc, acc_up, carried = _ring_tile(

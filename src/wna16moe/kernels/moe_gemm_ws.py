@@ -28,11 +28,15 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from wna16moe.kernels.grid_dependence import enter_dependent, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import (
+    FRAGMENT_SMEM,
+    ROW_PAIR_SMEM,
     _activation_rows,
     _copy_tile,
     _epilogue,
+    _load_words,
     _program_block,
     _tile_step_scaled,
+    _word_copy_offsets,
 )
 
 _TILE_K = gl.constexpr(TILE_K)
@@ -63,17 +67,15 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
     DTYPE: gl.constexpr = a_ring.dtype
     AHEAD: gl.constexpr = STAGES - 1
     # The copies: this half's columns of the words and group rows, this half's activation rows.
-    COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, HALF_N // 4), min(32, HALF_N // 4)], [4, 1], [1, 0])
     A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + HALF * HALF_ROWS
                      + gl.arange(0, HALF_ROWS, layout=gl.SliceLayout(1, A_LOAD)))
     a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, False)
     offs_k = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     n0_half = n0 + HALF * HALF_N
-    offs_n_c = n0_half + gl.arange(0, HALF_N, layout=gl.SliceLayout(0, COPY))
-    c_ptrs = (w_ptr + expert * stride_we + gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk
-              + offs_n_c[None, :])
-    c_mask = (offs_n_c < N)[None, :]
+    c_offs, c_cols = _word_copy_offsets(stride_wk, BITS, HALF_N, 4)
+    c_ptrs = w_ptr + expert * stride_we + n0_half * (R if BITS == 4 else 1) + c_offs
+    c_mask = n0_half + c_cols < N
     offs_s = gl.arange(0, NG * HALF_N, layout=gl.BlockedLayout([8], [32], [4], [0]))
     s_base = s_ptr + expert * stride_se
     if HAS_ZP:
@@ -106,7 +108,7 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
             mbarrier.wait(full.index(s), (u // STAGES) & 1)
             fence_async_shared()  # (the copies landed through the generic proxy; the mmas read the async one)
             mine = 2 * s + HALF
-            words = w_ring.index(mine).permute([1, 0]).load(A_OP)
+            words = _load_words(w_ring.index(mine), BITS, A_OP)
             scale_rows = ()
             zero_rows = ()
             for g in gl.static_range(NG):
@@ -167,12 +169,13 @@ def _moe_gemm_ws_kernel(
         return
     expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
     n0 = pid_n * BLOCK_N
-    SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0])
     ROW_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     A_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     # (each half's words and group rows in buffers of their own, stage s half h at 2 s + h: what one
     # warpgroup copies is contiguous)
-    w_ring = gl.allocate_shared_memory(gl.int32, [2 * STAGES, R, BLOCK_N // 2], SMEM)
+    w_ring = gl.allocate_shared_memory(gl.int32, [2 * STAGES] + ([BLOCK_N // 2, R] if BITS == 4 else
+                                                               [R, BLOCK_N // 2]),
+                                       FRAGMENT_SMEM if BITS == 4 else ROW_PAIR_SMEM)
     s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [2 * STAGES, NG * BLOCK_N // 2], ROW_SMEM)
     z_ring = (gl.allocate_shared_memory(z_ptr.dtype.element_ty, [2 * STAGES, NG * BLOCK_N // 2], ROW_SMEM) if HAS_ZP
               else s_ring)
