@@ -188,12 +188,11 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
     (`decode`) runs every row count, as in every int4 entry of the H200 table (int4 words are stored in paired
     fragment tiles there, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at 8
-    and 64-85 rows per expert, v47); int8 too (at 6 rows per expert its 8-row blocks at 2 stages were 2-17%
-    faster than the Triton kernel's 16-row blocks on three shapes, v48). See `_decode_default` for its tiles.
-    Elsewhere the
-    smallest M block while experts see few rows (decode streams each expert's weights once), larger blocks as
-    the work turns compute-bound. Small groups (32) prefer M blocks above the group size, where the kernel
-    scales weights instead of partial sums.
+    and 64-85 rows per expert, v47); int8 too (at 6 rows per expert its 8-row blocks at 2 stages were 8-15%
+    faster than the Triton kernel's 16-row blocks on three shapes off the table, v48). See `_decode_default`
+    for its tiles. Elsewhere the smallest M block while experts see few rows (decode streams each expert's
+    weights once), larger blocks as the work turns compute-bound. Small groups (32) prefer M blocks above the
+    group size, where the kernel scales weights instead of partial sums.
 
     At decode, GEMM2 (N = H, K = I) launches one program per touched expert and N tile: when that is too
     few to keep `num_sms` busy (mixtral: 2 experts x 64 tiles), K is split. For one token GEMM1's K is split
@@ -229,9 +228,9 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
                     intermediate_size: int | None, num_sms: int | None, bits: int) -> TritonConfig:
     """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
     table. Below 10 rows per expert: 8-row blocks (int4: 16 above 4 rows, 5-13% faster at 3 of 4 shapes at 8
-    rows, 4% slower at qwen3-30b-a3b; int8 at 6 rows: 8 rows 0-14% faster than 16, v48), GEMM1 128 and GEMM2 256
-    wide, 2 stages for one token (its K-split programs are
-    many) and 4 for more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
+    rows, 4% slower at qwen3-30b-a3b; int8 at 6 rows: 8 rows level with 16 on two shapes, 13% faster on the
+    third, v48), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are many) and 4 for
+    more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
     over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
     GEMM2's K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
     3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
