@@ -351,10 +351,11 @@ def prepare_triton_weights(experts: QuantizedExperts, device: torch.device) -> d
 
 def pairs_int4_words(device: torch.device) -> bool:
     """Whether int4 words are stored paired, in fragment tiles, on `device` (`layout.py`): on Hopper with the PTX
-    dequantization, where the Gluon decode kernels, which read only that layout, run the shipped table and most
-    defaults (paired, they skip a byte permute per word: up to 4.5% faster at M = 1-512 on an H200, none slower;
-    NOTES.md v46). Elsewhere Triton's kernel runs them, and the words stay plain: it reads paired words only with
-    a second load, of each word's partner row."""
+    dequantization, where the Gluon decode kernels, which read only that layout, run the shipped table and the
+    defaults (paired, they skip a byte permute per word: up to 4.5% faster at M = 1-512 on an H200, none slower,
+    NOTES.md v46; in fragment tiles, a thread's words of a column are one 16-byte load: -1.1% over 18 table rows,
+    kimi-k2 M = 512 -13%, v48). Elsewhere Triton's kernel runs them, and the words stay plain: it reads paired
+    words only with a second load, of each word's partner."""
     return _ptx_dequant(device) and torch.cuda.get_device_capability(device)[0] == 9
 
 
