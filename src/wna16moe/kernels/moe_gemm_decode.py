@@ -12,7 +12,9 @@ the A-operand register layout of a [BLOCK_N, R] tile, a thread holds word rows r
 column as neighbouring registers, so the pair the dequantization asm returns for slot j, (j * R + r,
 j * R + r + 1), is exactly the packed pair an mma register holds, and slot j of the tile is the A operand of
 reduction rows [j * R, (j + 1) * R) as it comes out of the asm: the weights keep the layout `moe_gemm` reads.
-That pairing also lets the asm take int4 words as stored, halves exchanged (`layout.py`), with no byte permute. Triton's
+That pairing also lets the asm take int4 words as stored, halves exchanged (`layout.py`), with no byte permute; and
+since a thread's word rows 2q, 2q + 1, 2q + 8, 2q + 9 are stored side by side (fragment tiles), it reads them
+with one 16-byte load (`_load_words`). Triton's
 `tl.dot` picks its own operand layouts and its M blocks start at 16 rows.
 
 Blocks of 8 and 16 rows dequantize in the offset-free form (`dequant_slots_raw`: magic + q exactly); each
@@ -27,7 +29,8 @@ exact codes q - z (`dequant_slots`) into a fresh accumulator per tile and half a
 one multiply per accumulator element instead of one per weight pair (NOTES.md v34, v35).
 
 Bytes in flight decide decode speed here (benchmarks/NOTES.md v26), so the words come through a STAGES-deep
-cp.async ring in shared memory (XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
+cp.async ring in shared memory (int4 as the fragment tiles it is stored in, `layout.py`, a thread's words of
+a column one 16-byte read; int8 XOR-swizzled so that the A-operand reads are conflict-free; loaded straight
 into registers one tile ahead they were slower), and so do the tile's scale and zero-point rows, read where
 used (one tile ahead in registers, 16-bit values that ptxas packed in pairs, they stalled the loop on a load
 still in flight: kimi-k2 13-18% slower at M = 8-128; NOTES.md v30). The activation tiles come through a ring
