@@ -265,10 +265,8 @@ def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
         return default
     measured_m, fields = tuned
     entry = TritonConfig(**fields)
-    def size(config: TritonConfig) -> int:
-        return 0 if config.block_m < 32 else config.block_m
-
-    return entry if measured_m == num_tokens or size(entry) == size(default) else default
+    same_size = entry.block_m == default.block_m or max(entry.block_m, default.block_m) < 32
+    return entry if measured_m == num_tokens or same_size else default
 
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,

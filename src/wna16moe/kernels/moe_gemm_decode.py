@@ -390,7 +390,7 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
     if COPY_A:
         _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K)
     async_copy.async_copy_global_to_shared(w_gate, w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
-    if GATED:  # (the up columns N on: N * R words on in fragment tiles)
+    if GATED:  # (the up columns start N columns on: N * R words on in fragment tiles)
         async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N * (R if PACK == 8 else 1),
                                                mask=w_mask)
     async_copy.commit_group()
