@@ -39,6 +39,11 @@ def sigmoid_topk(logits: torch.Tensor, top_k: int, renormalize: bool = False) ->
     return weights, ids.to(torch.int32)
 
 
+def _check_groups(num_experts: int, n_group: int) -> None:
+    if num_experts % n_group:
+        raise InvalidInputError(f"num_experts={num_experts} is not a multiple of n_group={n_group}")
+
+
 def grouped_topk(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int,
                  correction_bias: torch.Tensor | None = None, renormalize: bool = True,
                  routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +56,7 @@ def grouped_topk(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int
     `routed_scaling_factor`.
     """
     t, e = logits.shape
-    if e % n_group:
-        raise InvalidInputError(f"num_experts={e} is not a multiple of n_group={n_group}")
+    _check_groups(e, n_group)
     scores = torch.sigmoid(logits.float())
     choice = scores if correction_bias is None else scores + correction_bias.float()
     grouped = choice.view(t, n_group, e // n_group)
@@ -78,17 +82,42 @@ def route(logits: torch.Tensor, routing: RoutingConfig, top_k: int,
         raise InvalidInputError(f"top_k={top_k} must lie in [1, E={num_experts}]")
     if correction_bias is not None and tuple(correction_bias.shape) != (num_experts,):
         raise InvalidInputError(f"correction_bias must be [E={num_experts}], got {list(correction_bias.shape)}")
+    if routing.method not in tuple(RoutingMethod):
+        raise InvalidInputError(f"unknown routing method {routing.method!r}")
+    deepseek = routing.method == RoutingMethod.DEEPSEEK_V3
+    if deepseek and routing.has_correction_bias and correction_bias is None:
+        raise InvalidInputError("this routing config needs an e_score_correction_bias [E], got None")
+    if deepseek:
+        _check_groups(num_experts, routing.n_group)
+    if logits.is_cuda:
+        return _route_in_one_launch(logits, routing, top_k, correction_bias if deepseek else None)
+    return route_torch(logits, routing, top_k, correction_bias)
+
+
+def route_torch(logits: torch.Tensor, routing: RoutingConfig, top_k: int,
+                correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` in torch on any device (several launches on a GPU), without `route`'s checks."""
     if routing.method == RoutingMethod.SOFTMAX:
         weights, ids = softmax_topk(logits, top_k, routing.renormalize)
     elif routing.method == RoutingMethod.SIGMOID:
         weights, ids = sigmoid_topk(logits, top_k, routing.renormalize)
-    elif routing.method == RoutingMethod.DEEPSEEK_V3:
-        if routing.has_correction_bias and correction_bias is None:
-            raise InvalidInputError("this routing config needs an e_score_correction_bias [E], got None")
+    else:
         return grouped_topk(logits, top_k, routing.n_group, routing.topk_group, correction_bias,
                             routing.renormalize, routing.routed_scaling_factor)
-    else:
-        raise InvalidInputError(f"unknown routing method {routing.method!r}")
     if routing.routed_scaling_factor != 1.0:
         weights = weights * routing.routed_scaling_factor
     return weights, ids
+
+
+def _route_in_one_launch(logits: torch.Tensor, routing: RoutingConfig, top_k: int,
+                         correction_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` on a GPU: the same math as one Triton kernel (kernels/topk_route.py), a programmatic dependent of
+    the router's matmul where the layer's kernels are."""
+    from wna16moe.kernels.grid_dependence import chained_launch
+    from wna16moe.kernels.topk_route import topk_route
+
+    deepseek = routing.method == RoutingMethod.DEEPSEEK_V3
+    return topk_route(logits, top_k, softmax=routing.method == RoutingMethod.SOFTMAX,
+                      renormalize=routing.renormalize, n_group=routing.n_group if deepseek else 1,
+                      topk_group=routing.topk_group if deepseek else 1, scale=routing.routed_scaling_factor,
+                      bias=correction_bias, pdl=int(chained_launch(logits.device)))
