@@ -23,6 +23,7 @@ from wna16moe.kernels.moe_align import _align_one_program, _place_kernel
 from wna16moe.kernels.moe_gemm import _moe_gemm_kernel, group_m
 from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel
 from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel
+from wna16moe.kernels.topk_route import _topk_route_kernel
 
 GEMM_SIGNATURE = {
     "a_ptr": "*bf16", "a_perm_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "bias_ptr": "*fp32",
@@ -181,8 +182,27 @@ def compile_align() -> dict[str, dict[str, int]]:
     return facts_by_kernel
 
 
+def compile_route() -> dict[str, dict[str, int]]:
+    """The routing kernel at one token (a warp, PDL) for softmax over 128 experts and DeepSeek-V3's groups."""
+    signature = {"logits_ptr": "*bf16", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32",
+                 "num_tokens": "i32", "num_experts": "i32", "group_size": "i32", "stride_t": "i32", "scale": "fp32"}
+    variants = {"softmax": dict(TOP_K=8, SOFTMAX=True, N_GROUP=1, TOPK_GROUP=1, RENORMALIZE=True, HAS_BIAS=False,
+                                BLOCK_E=128, BLOCK_G=1),
+                "grouped": dict(TOP_K=8, SOFTMAX=False, N_GROUP=8, TOPK_GROUP=4, RENORMALIZE=True, HAS_BIAS=True,
+                                BLOCK_E=256, BLOCK_G=8)}
+    facts_by_variant = {}
+    for name, consts in variants.items():
+        consts = consts | dict(PDL=1, BLOCK_T=1, BLOCK_K=8)
+        compiled = triton.compile(ASTSource(_topk_route_kernel, signature | dict.fromkeys(consts, "constexpr"),
+                                            constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+        facts_by_variant[name] = facts(compiled.asm["ptx"]) | {"shared": compiled.metadata.shared}
+    return facts_by_variant
+
+
 if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
     print(json.dumps({"gemm": [compile_gemm(c) for c in cases["gemm"]],
                       "decode": [compile_decode_gemm(c) for c in cases["decode"]],
-                      "specialized": [compile_decode_gemm(c) for c in cases["specialized"]], "align": compile_align()}))
+                      "specialized": [compile_decode_gemm(c) for c in cases["specialized"]], "align": compile_align(),
+                      "route": compile_route()}))

@@ -89,6 +89,15 @@ def grouped_topk_ref(logits: torch.Tensor, k: int, n_group: int, topk_group: int
 MARGIN = 1e-4  # near-ties closer than this may be decided differently in float32 and float64
 
 
+def assert_routing(got: tuple[torch.Tensor, torch.Tensor], want: Routing) -> None:
+    """Routing (weights float32, ids int32) equal to a reference's: the same ids in the same order, weights
+    within float32 rounding."""
+    weights, ids = got
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(ids.long(), want[1]), "expert ids differ"
+    torch.testing.assert_close(weights.double(), want[0], rtol=2e-6, atol=1e-7)
+
+
 def unambiguous_logits(t: int, e: int, reference: Callable[[torch.Tensor], Routing],
                        generator: torch.Generator | None = None, scale: float = 2.0) -> torch.Tensor:
     """Random float32 logits [T, E] whose rows have no near-tie at a routing decision (rows redrawn)."""

@@ -336,3 +336,12 @@ def test_warp_specialized_gemm2_compiles(compiled: dict, index: int) -> None:
     expected = (ring_bytes(case["bits"], False, case["zp"], min(case["group"], 128), 128, case["block_n"],
                            case["stages"]) + ws_extra_bytes(case["block_n"], case["stages"]))
     assert expected - 16 <= facts["shared"] <= expected, facts
+
+
+@pytest.mark.parametrize("variant", ["softmax", "grouped"])
+def test_route_compiles(compiled: dict, variant: str) -> None:
+    facts = compiled["route"][variant]
+    # a programmatic dependent: nothing read before its wait, its dependents released after it
+    assert facts["loads_before_wait"] == 0 and facts["release_after_wait"], facts
+    # one warp at one token: its reductions stay in the warp (no CTA barrier, no shared memory), nothing spilled
+    assert facts["bar.sync"] == 0 and facts["shared"] == 0 and facts[".local"] == 0, facts

@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from reference import Routing, grouped_topk_ref, sigmoid_topk_ref, softmax_topk_ref, unambiguous_logits
-from test_routing import assert_routing
+from reference import Routing, assert_routing, grouped_topk_ref, sigmoid_topk_ref, softmax_topk_ref, unambiguous_logits
 from triton_env import DEVICE, HAS_CUDA
 
 from wna16moe.kernels.topk_route import topk_route

@@ -8,18 +8,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import Routing, grouped_topk_ref, sigmoid_topk_ref, softmax_topk_ref, unambiguous_logits
+from reference import Routing, assert_routing, grouped_topk_ref, sigmoid_topk_ref, softmax_topk_ref, unambiguous_logits
 
 from wna16moe import InvalidInputError, RoutingConfig, RoutingMethod
 from wna16moe.routing import grouped_topk, route, sigmoid_topk, softmax_topk
-
-
-def assert_routing(got: tuple[torch.Tensor, torch.Tensor], want: Routing) -> None:
-    weights, ids = got
-    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
-    assert torch.equal(ids.long(), want[1]), "expert ids differ"
-    torch.testing.assert_close(weights.double(), want[0], rtol=2e-6, atol=1e-7)
-
 
 # ----- softmax ---------------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, release_dependents
 
-_INT64_MIN = -(2**63)
+_INT64_MIN = tl.constexpr(-(2**63))
 # Elements of a program's [BLOCK_T, BLOCK_E] block: more tokens per program where experts are few.
 _BLOCK_ELEMENTS = 4096
 
