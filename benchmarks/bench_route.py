@@ -5,8 +5,8 @@ Routing rows, per shape and M, on the same bf16 logits: ours (`routing.route` on
 kernels/topk_route.py), torch's (`routing.route_torch`), and vLLM's fused ops (`topk_softmax`, `grouped_topk`
 with sigmoid scoring) when its op library is found as for MARLIN (build/marlin carried). Every peer's experts
 are checked against ours first (as sets per token; a peer that disagrees on more than 1% of tokens is listed,
-not timed). Layer rows: TRITON's shipped configuration from routed ids (what `wna16moe.bench` times) and from
-the logits, our routing then the layer in one graph.
+not timed). Layer rows: TRITON's shipped configuration from routed ids (what `wna16moe.bench` times, and
+checks against the float32 reference) and from the logits: our routing (or torch's) then the layer, one graph.
 
     python benchmarks/bench_route.py [--shapes qwen3-30b-a3b,...] [--tokens 1,8,...] [--layer-shapes ...]
         [--out results.json]
@@ -20,10 +20,11 @@ from functools import partial
 
 import torch
 
-from wna16moe.bench import _bench_graph, random_layer, triton_and_reference, write_results
+from wna16moe.bench import _bench_graph, random_layer, write_results
 from wna16moe.config import MoEConfig, RoutingMethod
 from wna16moe.errors import BackendError
 from wna16moe.experts.marlin import load_marlin_ops
+from wna16moe.experts.triton import TritonExperts
 from wna16moe.routing import route, route_torch
 from wna16moe.shapes import model_shape
 
@@ -95,7 +96,8 @@ def routing_rows(name: str, tokens: list[int], device: torch.device) -> list[dic
 
 def layer_rows(name: str, tokens: list[int], device: torch.device) -> list[dict[str, object]]:
     spec, experts = random_layer(name, device)
-    kernel, weights, _, _ = triton_and_reference(spec, experts, device)
+    kernel = TritonExperts(spec, experts.quant_config(), device)
+    weights = TritonExperts.prepare_weights(experts, device)
     del experts
     cfg = spec.moe
     bias = torch.randn(cfg.num_experts, device=device) * 0.1

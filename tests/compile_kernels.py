@@ -185,14 +185,14 @@ def compile_align() -> dict[str, dict[str, int]]:
 def compile_route() -> dict[str, dict[str, int]]:
     """The routing kernel at one token (a warp, PDL) for softmax over 128 experts and DeepSeek-V3's groups."""
     signature = {"logits_ptr": "*bf16", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32",
-                 "num_tokens": "i32", "num_experts": "i32", "group_size": "i32", "stride_t": "i32", "scale": "fp32"}
+                 "num_experts": "i32", "group_size": "i32", "stride_t": "i32", "scale": "fp32"}
     variants = {"softmax": dict(TOP_K=8, SOFTMAX=True, N_GROUP=1, TOPK_GROUP=1, RENORMALIZE=True, HAS_BIAS=False,
                                 BLOCK_E=128, BLOCK_G=1),
                 "grouped": dict(TOP_K=8, SOFTMAX=False, N_GROUP=8, TOPK_GROUP=4, RENORMALIZE=True, HAS_BIAS=True,
                                 BLOCK_E=256, BLOCK_G=8)}
     facts_by_variant = {}
     for name, consts in variants.items():
-        consts = consts | dict(PDL=1, BLOCK_T=1, BLOCK_K=8)
+        consts = consts | dict(PDL=1, BLOCK_K=8)
         compiled = triton.compile(ASTSource(_topk_route_kernel, signature | dict.fromkeys(consts, "constexpr"),
                                             constexprs=consts),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})

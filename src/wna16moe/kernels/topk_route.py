@@ -3,11 +3,13 @@ math of `routing.py` (softmax or sigmoid scores, DeepSeek-V3's expert groups and
 renormalization, the scaling factor). torch needs five to eight launches for it, a few µs at one token: a
 quarter of a small-expert layer's decode step (benchmarks/NOTES.md v49).
 
-Each program routes BLOCK_T tokens, a row's E logits in registers. A choice is one max-reduction: the ordering
-key's float32 bits mapped to an order-preserving int32, shifted up 32 bits, with BLOCK_E - 1 - index below it,
-so the largest packed value is the largest key at the lowest index (the tie rule of `routing.py`). Chosen and
-padding experts drop to the int64 minimum; NaN keys rank as -inf, so the ids are always distinct and in range
-(the weights carry the NaN on).
+Each program, one warp, routes one token, its E logits in registers: the ~30 dependent reductions of a routing
+stay shuffles within the warp (16 tokens x 256 experts over 4 warps, a barrier per reduction, ran 45 µs at
+deepseek-v3 M = 32). A choice is one max-reduction: the ordering key's float32 bits mapped to an
+order-preserving int32, shifted up 32 bits, with BLOCK_E - 1 - index below it, so the largest packed value is
+the largest key at the lowest index (the tie rule of `routing.py`). Chosen and padding experts drop to the
+int64 minimum; NaN keys rank as -inf, so the ids are always distinct and in range (the weights carry the NaN
+on).
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import triton.language as tl
 from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, release_dependents
 
 _INT64_MIN = tl.constexpr(-(2**63))
-# Elements of a program's [BLOCK_T, BLOCK_E] block: more tokens per program where experts are few.
-_BLOCK_ELEMENTS = 4096
 
 
 @triton.jit
@@ -40,69 +40,66 @@ def _unpacked_key(packed):
 
 @triton.jit
 def _topk_route_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, group_size, stride_t, scale,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, group_size, stride_t, scale,
     TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
     RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     if PDL:  # the logits are the previous kernel's output; the next kernel may launch once we have them
         await_prior_grids()
         release_dependents()
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ptr = logits_ptr + tl.program_id(0).to(tl.int64) * stride_t
     experts = tl.arange(0, BLOCK_E)
-    row_ok = rows < num_tokens
-    valid = row_ok[:, None] & (experts[None, :] < num_experts)
-    row_ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_t
-    logits = tl.load(row_ptrs + experts[None, :], mask=valid, other=float("-inf")).to(tl.float32)
+    valid = experts < num_experts
+    logits = tl.load(row_ptr + experts, mask=valid, other=float("-inf")).to(tl.float32)
     if SOFTMAX:
-        peak = tl.where(row_ok, tl.max(logits, axis=1), 0.0)  # (rows past the end: all -inf)
-        denominator = tl.where(row_ok, tl.sum(tl.exp(logits - peak[:, None]), axis=1), 1.0)
+        peak = tl.max(logits, axis=0)
+        denominator = tl.sum(tl.exp(logits - peak), axis=0)
     # Softmax and sigmoid keep the logits' order: the logits themselves rank the experts, unless a bias or a
     # group's score (a sum of two scores) needs the scores.
     KEY_IS_SCORE: tl.constexpr = HAS_BIAS or N_GROUP > 1
     if KEY_IS_SCORE:
-        key = tl.exp(logits - peak[:, None]) / denominator[:, None] if SOFTMAX else tl.sigmoid(logits)
+        key = tl.exp(logits - peak) / denominator if SOFTMAX else tl.sigmoid(logits)
         if HAS_BIAS:
-            key += tl.load(bias_ptr + experts, mask=experts < num_experts, other=0.0).to(tl.float32)[None, :]
+            key += tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32)
     else:
         key = logits
-    packed = tl.where(valid, _packed(key, experts[None, :], BLOCK_E - 1), _INT64_MIN)
+    packed = tl.where(valid, _packed(key, experts, BLOCK_E - 1), _INT64_MIN)
     if N_GROUP > 1:
         # A group's score: the sum of its two largest keys (its only key for groups of one).
         group_of = experts // group_size
         groups = tl.arange(0, BLOCK_G)
-        group_packed = tl.full([BLOCK_T, BLOCK_G], _INT64_MIN, tl.int64)
+        group_packed = tl.full([BLOCK_G], _INT64_MIN, tl.int64)
         for g in tl.static_range(N_GROUP):
-            member = (group_of == g)[None, :]
-            first = tl.max(tl.where(member, packed, _INT64_MIN), axis=1)
-            second = tl.max(tl.where(member & (packed != first[:, None]), packed, _INT64_MIN), axis=1)
+            member = group_of == g
+            first = tl.max(tl.where(member, packed, _INT64_MIN), axis=0)
+            second = tl.max(tl.where(member & (packed != first), packed, _INT64_MIN), axis=0)
             score = _unpacked_key(first) + tl.where(group_size > 1, _unpacked_key(second), 0.0)
-            group_packed = tl.where(groups[None, :] == g, _packed(score, rows * 0 + g, BLOCK_G - 1)[:, None],
-                                    group_packed)
-        eligible = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
+            group_packed = tl.where(groups == g, _packed(score, tl.full([], g, tl.int32), BLOCK_G - 1), group_packed)
+        eligible = tl.zeros([BLOCK_E], dtype=tl.int1)
         for _ in tl.static_range(TOPK_GROUP):
-            best = tl.max(group_packed, axis=1)
+            best = tl.max(group_packed, axis=0)
             chosen = BLOCK_G - 1 - (best & 0xFFFFFFFF).to(tl.int32)
-            eligible = eligible | (group_of[None, :] == chosen[:, None])
-            group_packed = tl.where(groups[None, :] == chosen[:, None], _INT64_MIN, group_packed)
+            eligible = eligible | (group_of == chosen)
+            group_packed = tl.where(groups == chosen, _INT64_MIN, group_packed)
         packed = tl.where(eligible, packed, _INT64_MIN)
     slots = tl.arange(0, BLOCK_K)
-    ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(packed, axis=1)
+        best = tl.max(packed, axis=0)
         chosen = BLOCK_E - 1 - (best & 0xFFFFFFFF).to(tl.int32)
-        ids = tl.where(slots[None, :] == j, chosen[:, None], ids)
-        packed = tl.where(experts[None, :] == chosen[:, None], _INT64_MIN, packed)
-    out_mask = row_ok[:, None] & (slots[None, :] < TOP_K)
-    chosen_logits = tl.load(row_ptrs + ids, mask=out_mask, other=0.0).to(tl.float32)
+        ids = tl.where(slots == j, chosen, ids)
+        packed = tl.where(experts == chosen, _INT64_MIN, packed)
+    out_mask = slots < TOP_K
+    chosen_logits = tl.load(row_ptr + ids, mask=out_mask, other=0.0).to(tl.float32)
     if SOFTMAX:
-        weights = tl.exp(chosen_logits - peak[:, None]) / denominator[:, None]
+        weights = tl.exp(chosen_logits - peak) / denominator
     else:
         weights = tl.sigmoid(chosen_logits)
     weights = tl.where(out_mask, weights, 0.0)
     if RENORMALIZE:
-        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
-    out_offs = rows.to(tl.int64)[:, None] * TOP_K + slots[None, :]
+        weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+    out_offs = tl.program_id(0).to(tl.int64) * TOP_K + slots
     tl.store(weights_ptr + out_offs, weights * scale, mask=out_mask)
     tl.store(ids_ptr + out_offs, ids, mask=out_mask)
 
@@ -122,12 +119,10 @@ def topk_route(logits: torch.Tensor, top_k: int, softmax: bool, renormalize: boo
     ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
     if t == 0:
         return weights, ids
-    block_e = triton.next_power_of_2(e)
-    block_t = min(triton.next_power_of_2(t), max(1, _BLOCK_ELEMENTS // block_e))
-    _topk_route_kernel[(triton.cdiv(t, block_t),)](
-        logits, logits if bias is None else bias, weights, ids, t, e, e // n_group, logits.stride(0), scale,
+    _topk_route_kernel[(t,)](
+        logits, logits if bias is None else bias, weights, ids, e, e // n_group, logits.stride(0), scale,
         TOP_K=top_k, SOFTMAX=softmax, N_GROUP=n_group, TOPK_GROUP=topk_group, RENORMALIZE=renormalize,
-        HAS_BIAS=bias is not None, PDL=pdl, BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_G=triton.next_power_of_2(n_group), BLOCK_K=triton.next_power_of_2(top_k),
-        num_warps=4 if block_t * block_e >= 1024 else 1, **launch_options(pdl))
+        HAS_BIAS=bias is not None, PDL=pdl, BLOCK_E=triton.next_power_of_2(e),
+        BLOCK_G=triton.next_power_of_2(n_group), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1,
+        **launch_options(pdl))
     return weights, ids
