@@ -187,9 +187,11 @@ def compile_route() -> dict[str, dict[str, int]]:
     signature = {"logits_ptr": "*bf16", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32",
                  "num_experts": "i32", "group_size": "i32", "stride_t": "i32", "scale": "fp32"}
     variants = {"softmax": dict(TOP_K=8, SOFTMAX=True, N_GROUP=1, TOPK_GROUP=1, RENORMALIZE=True, HAS_BIAS=False,
-                                BLOCK_E=128, BLOCK_G=1),
+                                GROUP_TILES=False, BLOCK_E=128, BLOCK_G=1),
                 "grouped": dict(TOP_K=8, SOFTMAX=False, N_GROUP=8, TOPK_GROUP=4, RENORMALIZE=True, HAS_BIAS=True,
-                                BLOCK_E=256, BLOCK_G=8)}
+                                GROUP_TILES=True, BLOCK_E=256, BLOCK_G=8),
+                "grouped-uneven": dict(TOP_K=6, SOFTMAX=False, N_GROUP=8, TOPK_GROUP=3, RENORMALIZE=True,
+                                       HAS_BIAS=False, GROUP_TILES=False, BLOCK_E=256, BLOCK_G=8)}
     facts_by_variant = {}
     for name, consts in variants.items():
         consts = consts | dict(PDL=1, BLOCK_K=8)

@@ -338,7 +338,7 @@ def test_warp_specialized_gemm2_compiles(compiled: dict, index: int) -> None:
     assert expected - 16 <= facts["shared"] <= expected, facts
 
 
-@pytest.mark.parametrize("variant", ["softmax", "grouped"])
+@pytest.mark.parametrize("variant", ["softmax", "grouped", "grouped-uneven"])
 def test_route_compiles(compiled: dict, variant: str) -> None:
     facts = compiled["route"][variant]
     # a programmatic dependent: nothing read before its wait, its dependents released after it

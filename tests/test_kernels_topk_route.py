@@ -47,6 +47,9 @@ CASES = {
     "deepseek-mini": Case(64, 8, softmax=False, renormalize=True, n_group=8, topk_group=4, scale=2.5, bias=True),
     "groups-of-one": Case(8, 2, softmax=False, renormalize=True, n_group=8, topk_group=2, bias=True),
     "groups-no-bias": Case(32, 6, softmax=False, n_group=8, topk_group=3, scale=1.5),
+    # groups that are not the rows of a power-of-two tile: one pair of reductions per group
+    "groups-of-twelve": Case(48, 4, softmax=False, renormalize=True, n_group=4, topk_group=2, bias=True),
+    "three-groups": Case(24, 3, softmax=False, n_group=3, topk_group=2, scale=2.0),
     "kimi-k2": Case(384, 8, softmax=False, renormalize=True, scale=2.827, bias=True),
 }
 

@@ -42,7 +42,7 @@ def _unpacked_key(packed):
 def _topk_route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, group_size, stride_t, scale,
     TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-    RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+    RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TILES: tl.constexpr, PDL: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     if PDL:  # the logits are the previous kernel's output; the next kernel may launch once we have them
@@ -69,13 +69,21 @@ def _topk_route_kernel(
         # A group's score: the sum of its two largest keys (its only key for groups of one).
         group_of = experts // group_size
         groups = tl.arange(0, BLOCK_G)
-        group_packed = tl.full([BLOCK_G], _INT64_MIN, tl.int64)
-        for g in tl.static_range(N_GROUP):
-            member = group_of == g
-            first = tl.max(tl.where(member, packed, _INT64_MIN), axis=0)
-            second = tl.max(tl.where(member & (packed != first), packed, _INT64_MIN), axis=0)
+        if GROUP_TILES:  # the groups as the rows of a [N_GROUP, E / N_GROUP] tile: two reductions in all
+            tiles = tl.reshape(packed, [BLOCK_G, BLOCK_E // BLOCK_G])
+            first = tl.max(tiles, axis=1)
+            second = tl.max(tl.where(tiles == first[:, None], _INT64_MIN, tiles), axis=1)
             score = _unpacked_key(first) + tl.where(group_size > 1, _unpacked_key(second), 0.0)
-            group_packed = tl.where(groups == g, _packed(score, tl.full([], g, tl.int32), BLOCK_G - 1), group_packed)
+            group_packed = _packed(score, groups, BLOCK_G - 1)
+        else:  # two reductions per group
+            group_packed = tl.full([BLOCK_G], _INT64_MIN, tl.int64)
+            for g in tl.static_range(N_GROUP):
+                member = group_of == g
+                first = tl.max(tl.where(member, packed, _INT64_MIN), axis=0)
+                second = tl.max(tl.where(member & (packed != first), packed, _INT64_MIN), axis=0)
+                score = _unpacked_key(first) + tl.where(group_size > 1, _unpacked_key(second), 0.0)
+                group_packed = tl.where(groups == g, _packed(score, tl.full([], g, tl.int32), BLOCK_G - 1),
+                                        group_packed)
         eligible = tl.zeros([BLOCK_E], dtype=tl.int1)
         for _ in tl.static_range(TOPK_GROUP):
             best = tl.max(group_packed, axis=0)
@@ -119,10 +127,10 @@ def topk_route(logits: torch.Tensor, top_k: int, softmax: bool, renormalize: boo
     ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
     if t == 0:
         return weights, ids
+    block_e, block_g = triton.next_power_of_2(e), triton.next_power_of_2(n_group)
     _topk_route_kernel[(t,)](
         logits, logits if bias is None else bias, weights, ids, e, e // n_group, logits.stride(0), scale,
         TOP_K=top_k, SOFTMAX=softmax, N_GROUP=n_group, TOPK_GROUP=topk_group, RENORMALIZE=renormalize,
-        HAS_BIAS=bias is not None, PDL=pdl, BLOCK_E=triton.next_power_of_2(e),
-        BLOCK_G=triton.next_power_of_2(n_group), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1,
-        **launch_options(pdl))
+        HAS_BIAS=bias is not None, GROUP_TILES=block_e == e and block_g == n_group, PDL=pdl, BLOCK_E=block_e,
+        BLOCK_G=block_g, BLOCK_K=triton.next_power_of_2(top_k), num_warps=1, **launch_options(pdl))
     return weights, ids
