@@ -1,9 +1,10 @@
 """Benchmark of whole MoE layers on the current GPU: `python -m wna16moe.bench` or `wna16moe bench`.
 
 Timed region: one layer forward from routed top-k ids/weights to the [T, H] output (alignment, both GEMMs,
-activation, top-k reduction, cast); routing itself is excluded. Times are medians of CUDA-event timings after
-warm-up, each call right after an L2 flush that reads a buffer of 5x the L2 size: weights always come from HBM,
-and the L2 holds only clean lines, so the timed call writes back nothing of the flush's (a flush by zeroing, as
+activation, top-k reduction, cast); routing itself is excluded (`benchmarks/bench_route.py` times it). Times
+are medians of CUDA-event timings after warm-up, each call right after an L2 flush that reads a buffer of 5x the
+L2 size: weights always come from HBM, and the L2 holds only clean lines, so the timed call writes back nothing
+of the flush's (a flush by zeroing, as
 `triton.testing.do_bench` does, leaves the L2 dirty and billed up to ~20% extra to a decode step; benchmarks/NOTES.md
 v12). For M <= 512 the forward is also captured in a CUDA graph and its replay timed. Routing is uniform random
 with distinct experts per token, drawn (with the tokens) from a seed fixed per shape and M: every backend and
