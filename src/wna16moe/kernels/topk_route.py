@@ -1,7 +1,8 @@
 """Routing in one launch: router logits [T, E] -> top-k weights [T, K] float32 and expert ids [T, K] int32, the
 math of `routing.py` (softmax or sigmoid scores, DeepSeek-V3's expert groups and correction bias,
-renormalization, the scaling factor). torch needs five to eight launches for it, a few µs at one token: a
-quarter of a small-expert layer's decode step (benchmarks/NOTES.md v49).
+renormalization, the scaling factor). torch needs five to a dozen launches for it: 21-74 µs at one token as a
+graph replay on an H200, more than qwen3-30b-a3b's whole layer; this kernel takes 5-7 µs (benchmarks/NOTES.md
+v49).
 
 Each program, one warp, routes one token, its E logits in registers: the ~30 dependent reductions of a routing
 stay shuffles within the warp (16 tokens x 256 experts over 4 warps, a barrier per reduction, ran 45 µs at
