@@ -54,6 +54,12 @@ def vllm_router(cfg: MoEConfig, bias: torch.Tensor) -> Router | None:
     return None
 
 
+def ours_and_torch(cfg: MoEConfig, bias: torch.Tensor) -> tuple[Router, Router]:
+    """`routing.route` (one launch on a GPU) and `routing.route_torch` for this layer's routing."""
+    fields = dict(routing=cfg.routing, top_k=cfg.top_k, correction_bias=bias)
+    return partial(route, **fields), partial(route_torch, **fields)
+
+
 def agreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> float:
     """Share of tokens whose chosen experts (as a set) and weights (by expert) match."""
     order_got, order_want = got[1].long().sort(-1), want[1].long().sort(-1)
@@ -67,19 +73,17 @@ def agreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, 
 def routing_rows(name: str, tokens: list[int], device: torch.device) -> list[dict[str, object]]:
     cfg = model_shape(name).moe_config()
     bias = (torch.randn(cfg.num_experts, device=device) * 0.1).to(torch.bfloat16).float()  # exact in bf16 for vLLM
-    routers: dict[str, Router] = {
-        "ours": lambda x: route(x, cfg.routing, cfg.top_k, bias),
-        "torch": lambda x: route_torch(x, cfg.routing, cfg.top_k, bias),
-    }
+    ours_router, torch_router = ours_and_torch(cfg, bias)
+    routers: dict[str, Router] = {"torch": torch_router}
     vllm = vllm_router(cfg, bias)
     if vllm is not None:
         routers["vllm"] = vllm
     rows = []
     for m in tokens:
         logits = torch.randn(m, cfg.num_experts, device=device).to(torch.bfloat16)
-        ours = routers["ours"](logits)
+        ours = ours_router(logits)
         row: dict[str, object] = {"shape": name, "M": m, "experts": cfg.num_experts, "top_k": cfg.top_k,
-                                  "method": cfg.routing.method.value}
+                                  "method": cfg.routing.method.value, "ours_us": graph_us(partial(ours_router, logits))}
         for peer, router in routers.items():
             try:
                 share = agreement(router(logits), ours)
@@ -101,21 +105,20 @@ def layer_rows(name: str, tokens: list[int], device: torch.device) -> list[dict[
     del experts
     cfg = spec.moe
     bias = torch.randn(cfg.num_experts, device=device) * 0.1
+    ours_router, torch_router = ours_and_torch(cfg, bias)
     rows = []
     for m in tokens:
         x = torch.randn(m, cfg.hidden_size, dtype=cfg.dtype, device=device)
         logits = torch.randn(m, cfg.num_experts, device=device).to(cfg.dtype)
-        topk = route(logits, cfg.routing, cfg.top_k, bias)
+        topk = ours_router(logits)
 
         def layer(router: Router | None, x: torch.Tensor = x, logits: torch.Tensor = logits,
                   topk: tuple[torch.Tensor, torch.Tensor] = topk) -> torch.Tensor:
             return kernel.apply(x, *(topk if router is None else router(logits)), weights)
 
         row = {"shape": name, "M": m, "config": str(kernel.config(m)), "from_ids_us": graph_us(partial(layer, None)),
-               "from_logits_us": graph_us(partial(layer, partial(route, routing=cfg.routing, top_k=cfg.top_k,
-                                                                  correction_bias=bias))),
-               "from_logits_torch_routing_us": graph_us(partial(layer, partial(
-                   route_torch, routing=cfg.routing, top_k=cfg.top_k, correction_bias=bias)))}
+               "from_logits_us": graph_us(partial(layer, ours_router)),
+               "from_logits_torch_routing_us": graph_us(partial(layer, torch_router))}
         rows.append(row)
         print(" ".join(f"{key}={value}" for key, value in row.items() if key != "config"), flush=True)
     return rows

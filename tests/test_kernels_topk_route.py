@@ -1,6 +1,7 @@
 """Routing in one launch (kernels/topk_route.py) against the float64 references of tests/reference.py, and
 `route` on a GPU (which runs it) against `route` on the CPU (torch)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -24,7 +25,7 @@ class Case:
     scale: float = 1.0
     bias: bool = False
 
-    def reference(self, correction: torch.Tensor | None) -> "callable[[torch.Tensor], Routing]":
+    def reference(self, correction: torch.Tensor | None) -> Callable[[torch.Tensor], Routing]:
         if self.softmax:
             return lambda x: softmax_topk_ref(x, self.k, self.renormalize, self.scale)
         if self.bias or self.n_group > 1:
