@@ -3,7 +3,11 @@ first kernel) and duration (torch.profiler, CUPTI); "#2 _moe_gemm_kernel" is the
 in a forward (GEMM2). Starts before the previous kernel's end are overlaps (programmatic dependent launch,
 kernels/grid_dependence.py); gaps between an end and the next start are launch latency.
 
-    python benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 --tokens 1 8 [--graph]
+    python benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 --tokens 1 8 [--graph] \
+        [--from-logits] [--variant pdl=3,num_stages2=4]
+
+--from-logits starts each forward from router logits with our routing kernel (`routing.route`), as a model
+does; --variant changes the shipped configuration's fields (`benchmarks/try_configs.py`'s syntax).
 
 The L2 is flushed between forwards by reading (`wna16moe.bench._flush_l2`, as the bench does), so the GEMMs read
 their weights from HBM; a one-byte fill marks where each forward starts. With --graph the forward is a CUDA
@@ -15,25 +19,36 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from try_configs import parse_variant
 
 from wna16moe.bench import _flush_l2, capture_graph, random_layer, random_routing
 from wna16moe.experts.triton import TritonExperts
+from wna16moe.routing import route
 
 
-def profile_shape(name: str, m: int, graph: bool, repeats: int = 20) -> None:
+def profile_shape(name: str, m: int, graph: bool, from_logits: bool, variant: str | None,
+                  repeats: int = 20) -> None:
     device = torch.device("cuda")
     spec, experts = random_layer(name, device)
     cfg = spec.moe
     kernel = TritonExperts(spec, experts.quant_config(), device)
     weights = TritonExperts.prepare_weights(experts, device)
+    config = replace(kernel.config(m), **parse_variant(variant)) if variant else kernel.config(m)
     x = torch.randn(m, cfg.hidden_size, dtype=torch.bfloat16, device=device)
+    logits = torch.randn(m, cfg.num_experts, device=device).to(torch.bfloat16)
+    bias = torch.randn(cfg.num_experts, device=device) * 0.1
     tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
+
+    def layer() -> torch.Tensor:
+        routed = route(logits, cfg.routing, cfg.top_k, correction_bias=bias) if from_logits else (tw, ids)
+        return kernel.apply(x, *routed, weights, config)
+
     marker = torch.empty(1, dtype=torch.int8, device=device)
-    forward = capture_graph(lambda: kernel.apply(x, tw, ids, weights)).replay if graph else (
-        lambda: kernel.apply(x, tw, ids, weights))
+    forward = capture_graph(layer).replay if graph else layer
     for _ in range(3):
         forward()
     torch.cuda.synchronize()
@@ -58,7 +73,7 @@ def profile_shape(name: str, m: int, graph: bool, repeats: int = 20) -> None:
         first = event.time_range.start if first is None else first
         spans[f"#{seen[event.name]} {event.name}"].append((event.time_range.start - first,
                                                            event.time_range.end - first))
-    print(f"{name} M={m} {'graph' if graph else 'eager'} config {kernel.config(m)}")
+    print(f"{name} M={m} {'graph' if graph else 'eager'}{' from logits' if from_logits else ''} config {config}")
     print("      start        end   duration")
     for kernel_name, times in sorted(spans.items(), key=lambda item: sum(s for s, _ in item[1])):
         start = sum(s for s, _ in times) / len(times)
@@ -71,10 +86,12 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--graph", action="store_true", help="time CUDA graph replays of the forward")
+    parser.add_argument("--from-logits", action="store_true", help="route the router logits first (our kernel)")
+    parser.add_argument("--variant", help="field=value[,field=value...] on the shipped configuration")
     args = parser.parse_args()
     for name in args.shapes:
         for m in args.tokens:
-            profile_shape(name, m, args.graph)
+            profile_shape(name, m, args.graph, args.from_logits, args.variant)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
+from wna16moe.kernels.activation import _split_k_activation_kernel
 from wna16moe.kernels.moe_align import _align_one_program, _place_kernel
 from wna16moe.kernels.moe_gemm import _moe_gemm_kernel, group_m
 from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel
@@ -202,9 +203,26 @@ def compile_route() -> dict[str, dict[str, int]]:
     return facts_by_variant
 
 
+def compile_activation() -> dict[str, dict[str, int]]:
+    """The K-split GEMM1's activation pass released at its wait (2) and before it (3)."""
+    signature = {"part_ptr": "*fp32", "expert_ptr": "*i32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32",
+                 "P": "i32", "stride_om": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32"}
+    facts_by_pdl = {}
+    for pdl in (2, 3):
+        consts = dict(SPLITS=4, ACT=0, HAS_LIMIT=False, HAS_BIAS=False, BLOCK=1024, PDL=pdl)
+        compiled = triton.compile(ASTSource(_split_k_activation_kernel, signature | dict.fromkeys(consts, "constexpr"),
+                                            constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        ptx = compiled.asm["ptx"]
+        facts_by_pdl[str(pdl)] = facts(ptx) | {"releases": ptx.count("griddepcontrol.launch_dependents"),
+                                               "release_before_wait": -1 < ptx.find("griddepcontrol.launch_dependents")
+                                               < ptx.find("griddepcontrol.wait")}
+    return facts_by_pdl
+
+
 if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
     print(json.dumps({"gemm": [compile_gemm(c) for c in cases["gemm"]],
                       "decode": [compile_decode_gemm(c) for c in cases["decode"]],
                       "specialized": [compile_decode_gemm(c) for c in cases["specialized"]], "align": compile_align(),
-                      "route": compile_route()}))
+                      "route": compile_route(), "activation": compile_activation()}))

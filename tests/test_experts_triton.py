@@ -36,6 +36,7 @@ from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import (
     RELEASE_AFTER_LOOP,
     RELEASE_AT_WAIT,
+    RELEASE_EARLY,
     BatchedTritonExperts,
     TritonConfig,
     TritonExperts,
@@ -299,6 +300,15 @@ def test_persistent_applies_to_narrow_decode_blocks_only() -> None:
     for config in (dict(block_m=16), dict(block_m=32, decode=True), dict(block_m=8, decode=True, persistent=-1)):
         with pytest.raises(ValueError, match="persistent"):
             TritonConfig(block_n1=64, block_n2=64, **{"persistent": 2} | config)
+
+
+def test_pdl_settings_are_checked() -> None:
+    assert TritonConfig(8, 64, 128, split_k1=4, decode=True, pdl=RELEASE_EARLY).pdl == RELEASE_EARLY
+    # without a K-split GEMM1 there is no activation pass to release early: the same launches as at the wait
+    assert TritonConfig(8, 64, 128, decode=True, pdl=RELEASE_EARLY).pdl == RELEASE_AT_WAIT
+    for pdl in (-1, 4):
+        with pytest.raises(ValueError, match="pdl"):
+            TritonConfig(8, 64, 128, pdl=pdl)
 
 
 def test_carry_needs_wgmma() -> None:
@@ -618,12 +628,14 @@ def test_tile_from_slots_is_slot_major(bits: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("pdl", [RELEASE_AFTER_LOOP, RELEASE_AT_WAIT], ids=["release-after-loop", "release-at-wait"])
+@pytest.mark.parametrize("pdl", [RELEASE_AFTER_LOOP, RELEASE_AT_WAIT, RELEASE_EARLY],
+                         ids=["release-after-loop", "release-at-wait", "release-early"])
 @pytest.mark.parametrize("t", [1, 32, 512])
 def test_gpu_chained_forwards(t: int, pdl: int) -> None:
     """Forwards back to back, each routing on the last one's output, as layers of a model, eagerly and as one
     CUDA graph: with programmatic dependent launch (kernels/grid_dependence.py) a kernel that read or wrote too
-    early, or a buffer reused while the kernel before still used it, shows as a step off the reference."""
+    early, or a buffer reused while the kernel before still used it, shows as a step off the reference.
+    Released early, GEMM1 is split over K (its activation pass is what releases early)."""
     e, k, h, i, steps = 32, 4, 2048, 768, 6
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
     cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
@@ -635,7 +647,7 @@ def test_gpu_chained_forwards(t: int, pdl: int) -> None:
         out = apply(x, tw, ids).float()
         return (out / out.norm(dim=1, keepdim=True).clamp_min(1e-6) * h**0.5).to(x.dtype)
 
-    config = replace(kernel.config(t), pdl=pdl)
+    config = replace(kernel.config(t), pdl=pdl, **({"split_k1": 4} if pdl == RELEASE_EARLY else {}))
 
     def chain(x: torch.Tensor) -> list[torch.Tensor]:
         outputs = [x]

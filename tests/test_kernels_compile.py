@@ -345,3 +345,13 @@ def test_route_compiles(compiled: dict, variant: str) -> None:
     assert facts["loads_before_wait"] == 0 and facts["release_after_wait"], facts
     # one warp at one token: its reductions stay in the warp (no CTA barrier, no shared memory), nothing spilled
     assert facts["bar.sync"] == 0 and facts["shared"] == 0 and facts[".local"] == 0, facts
+
+
+def test_activation_pass_releases_where_told(compiled: dict) -> None:
+    at_wait, early = compiled["activation"]["2"], compiled["activation"]["3"]
+    # nothing read before the wait either way (GEMM1's partial sums are the previous grid's output), one release
+    for facts in (at_wait, early):
+        assert facts["loads_before_wait"] == 0 and facts["releases"] == 1, compiled["activation"]
+    # released at the wait (2), or before it (3: GEMM2 launches beside GEMM1)
+    assert at_wait["release_after_wait"] and not at_wait["release_before_wait"], at_wait
+    assert early["release_before_wait"] and not early["release_after_wait"], early

@@ -51,7 +51,14 @@ from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.marlin import MarlinExperts
-from wna16moe.experts.triton import INTERMEDIATE_ALIGN, PDL_OFF, RELEASE_AT_WAIT, TritonConfig, TritonExperts
+from wna16moe.experts.triton import (
+    INTERMEDIATE_ALIGN,
+    PDL_OFF,
+    RELEASE_AT_WAIT,
+    RELEASE_EARLY,
+    TritonConfig,
+    TritonExperts,
+)
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 from wna16moe.shapes import model_shape
@@ -306,8 +313,9 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
                    "num_stages": st, "max_registers": None, "wgmma": False, "persistent": 0}
                   for bm in block_ms for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
         # Where each kernel lets the next one launch (kernels/grid_dependence.py; v28: released at the wait,
-        # qwen3-30b-a3b M = 1 gained 6% and mixtral M = 1 lost 5%), or plain launches.
-        release = [{"pdl": p} for p in (RELEASE_AT_WAIT, PDL_OFF)]
+        # qwen3-30b-a3b M = 1 gained 6% and mixtral M = 1 lost 5%; released early, GEMM2 beside a K-split
+        # GEMM1), or plain launches.
+        release = [{"pdl": p} for p in (RELEASE_AT_WAIT, RELEASE_EARLY, PDL_OFF)]
         # Narrow blocks on a few programs per SM, one ring through all their items (v41: won at qwen3-30b-a3b
         # M = 32 at three, lost at M = 8 and 128 and on the big experts)
         persistent = [{"persistent": p} for p in (2, 3)]

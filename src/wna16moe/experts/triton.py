@@ -49,7 +49,7 @@ SUPPORTED_GROUPS = (32, 64, 128, 256, None)
 
 
 # TritonConfig.pdl (kernels/grid_dependence.py): plain launches, or where each kernel lets the next one launch.
-PDL_OFF, RELEASE_AFTER_LOOP, RELEASE_AT_WAIT = 0, 1, 2
+PDL_OFF, RELEASE_AFTER_LOOP, RELEASE_AT_WAIT, RELEASE_EARLY = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,10 @@ class TritonConfig:
     `pdl` launches each kernel of the forward as a programmatic dependent of the one before, on Hopper and
     later (kernels/grid_dependence.py): a launch and GEMM2's first weight loads overlap the previous kernel.
     Each kernel lets the next one launch once its main loop is done (RELEASE_AFTER_LOOP) or as soon as it
-    has waited for the one before (RELEASE_AT_WAIT); PDL_OFF: plain launches.
+    has waited for the one before (RELEASE_AT_WAIT); PDL_OFF: plain launches. RELEASE_EARLY (with `split_k1`;
+    without it, the same as RELEASE_AT_WAIT) also lets the activation pass launch GEMM2 before it waits for
+    GEMM1, so that GEMM2's copies of its first tiles' weights (all of them where its ring is as deep as its
+    split's tiles) run beside GEMM1 instead of after it.
 
     `shrink` (1 or 2; not with `decode`, whose wide blocks always shrink) lets an M block of `kernels/moe_gemm.py`
     multiply only its first block_m / 2 or block_m / 4 rows when its real rows fit there: an expert's last
@@ -152,6 +155,10 @@ class TritonConfig:
             object.__setattr__(self, "num_warps2", None)
         if self.num_stages2 == self.num_stages:
             object.__setattr__(self, "num_stages2", None)
+        if self.pdl not in (PDL_OFF, RELEASE_AFTER_LOOP, RELEASE_AT_WAIT, RELEASE_EARLY):
+            raise ValueError(f"pdl must be {PDL_OFF} to {RELEASE_EARLY} (kernels/grid_dependence.py), got {self.pdl}")
+        if self.pdl == RELEASE_EARLY and self.split_k1 == 1:  # (no activation pass to release early)
+            object.__setattr__(self, "pdl", RELEASE_AT_WAIT)
         if self.shrink not in (0, 1, 2):
             raise ValueError(f"shrink must be 0, 1 or 2, got {self.shrink}")
         if self.shrink and self.decode:
@@ -461,16 +468,17 @@ class TritonExperts(Experts):
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
+        gemm_pdl = min(pdl, RELEASE_AT_WAIT)  # (the kernels but the activation pass: RELEASE_EARLY is its own)
         # Blocks straight from the ids, without the alignment launch, where a block's rows hold every token and
         # pairs do not outnumber experts: the grid holds a block per pair, those of an expert's later pairs idle
         # (qwen3-30b-a3b M = 8 -4.4%; mixtral M = 8, 16 pairs over 8 experts, +1.6%: NOTES.md v42).
         if t <= cfg.block_m and t * top_k <= self.num_experts:
             blocks = (None, topk_ids.reshape(-1), None)
         else:
-            blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, pdl)
+            blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, gemm_pdl)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
-                      pdl=pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
+                      pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
         gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
@@ -494,7 +502,7 @@ class TritonExperts(Experts):
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
                  specialize=cfg.specialize, **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
-        return cast(out, hidden_states.dtype, pdl) if pdl else out.to(hidden_states.dtype)
+        return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
 
 
 class BatchedTritonExperts(TritonExperts):

@@ -90,7 +90,7 @@ def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: tor
     """out [P, N] = act of the summed GEMM1 partials [S, P, 2N] (see the module docstring).
 
     topk_ids: [T, K] or [P] expert of each pair (-1: left out); bias: [E, 2N] float32 or None; pdl: as for
-    `moe_gemm` (kernels/grid_dependence.py).
+    `moe_gemm`, or 3: the next kernel (GEMM2) may launch before this one waits (kernels/grid_dependence.py).
     """
     splits, num_pairs, two_n = partials.shape
     n = two_n // 2

@@ -8,10 +8,13 @@ order). It lets its own dependents launch (`release_dependents`) only after its 
 early reads see every kernel up to the one before its predecessor complete.
 
 Where it releases them is a launch setting (`TritonConfig.pdl`, the kernels' PDL): 1 once its main loop is
-done, 2 right after its wait (0: a plain launch, no wait). Released at the wait, the next kernel's launch
-and first loads hide best (qwen3-30b-a3b M = 1: 23.2 -> 21.8 µs), but at mixtral M = 1 and 8 the dependents
+done, 2 right after its wait (0: a plain launch, no wait). Released at the wait, the next kernel's launch and
+first loads hide best (qwen3-30b-a3b M = 1: 23.2 -> 21.8 µs), but at mixtral M = 1 and 8 the dependents
 waiting beside the running kernel slowed the forward (M = 1: 66.3 -> 69.7 µs; after the loop 64.6;
-benchmarks/NOTES.md v28).
+benchmarks/NOTES.md v28). 3 breaks the rule where that is safe: a kernel whose dependent reads nothing before
+its own wait that this kernel's predecessor writes may release before it waits (the K-split GEMM1's activation
+pass: GEMM2 reads only weights and blocks before its wait, all final before GEMM1 started), so that the
+dependent's launch and first loads overlap the predecessor, not only this kernel.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ def release_dependents():
 
 @triton.jit
 def enter_dependent(PDL: tl.constexpr):
-    """Where a kernel launched with PDL (1 or 2) may first touch what earlier kernels wrote: wait for them,
-    and with 2 (release at the wait) let the next kernel launch."""
+    """Where a kernel launched with PDL (1, 2 or 3) may first touch what earlier kernels wrote: wait for them,
+    and with 2 (release at the wait) let the next kernel launch; with 3 (release early: only where the module
+    docstring allows it) let it launch first, then wait."""
+    if PDL == 3:
+        release_dependents()
     if PDL:
         await_prior_grids()
         if PDL == 2:
