@@ -5,9 +5,11 @@ after an L2 flush; a model's decode graph runs layer after layer. Per shape and 
     chain   R forwards on R copies of the layer's weights in one graph, after the flush, divided by R
     stream  that graph replayed back to back without a flush (each copy is evicted by the others), divided by R
 
-(`read_bandwidth.py` times plain reads the same three ways.)
+(`read_bandwidth.py` times plain reads the same three ways.) With --from-logits every forward starts from router
+logits and routes them first with our routing kernel (`routing.route`), both backends alike: the whole layer
+as a model runs it.
 
-    python benchmarks/back_to_back.py --shapes deepseek-v3 qwen3-30b-a3b --tokens 1 8 --out chain.json
+    python benchmarks/back_to_back.py --shapes deepseek-v3 qwen3-30b-a3b --tokens 1 8 [--from-logits] --out chain.json
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from functools import partial
 import torch
 
 from wna16moe.bench import _bench, capture_graph, expert_bytes, layer_inputs, random_layer, write_results
+from wna16moe.config import MoEConfig
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import relative_error
 from wna16moe.experts.marlin import MarlinExperts
 from wna16moe.experts.triton import TritonExperts
+from wna16moe.routing import route
 
 MIN_CHAIN_BYTES = 512 << 20  # a chain reads at least 10x the L2 before a copy comes round again
 MAX_CHAIN_COPIES = 16
@@ -51,10 +55,17 @@ def copies(weights: dict[str, torch.Tensor], count: int) -> list[dict[str, torch
     return [weights] + [{name: t.clone() for name, t in weights.items()} for _ in range(count - 1)]
 
 
+def routed_forward(apply: Callable[..., torch.Tensor], x: torch.Tensor, logits: torch.Tensor, cfg: MoEConfig,
+                   bias: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One layer from its router logits: our routing, then the backend."""
+    return apply(x, *route(logits, cfg.routing, cfg.top_k, correction_bias=bias), weights)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3", "mixtral", "kimi-k2"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--from-logits", action="store_true", help="route the router logits first (our kernel)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -79,6 +90,10 @@ def main() -> None:
         del experts
         for m in args.tokens:
             x, tw, ids = layer_inputs(name, m, cfg, device)
+            logits = torch.randn(m, cfg.num_experts, device=device).to(cfg.dtype)
+            bias = torch.randn(cfg.num_experts, device=device) * 0.1
+            if args.from_logits:
+                tw, ids = route(logits, cfg.routing, cfg.top_k, correction_bias=bias)
             outputs = {b: apply(x, tw, ids, sets[-1]) for b, (apply, sets) in backends.items()}
             if "marlin" in outputs:  # two independent kernels agree, on the last copy: the copies are whole
                 err = relative_error(outputs["triton"], outputs["marlin"])
@@ -86,9 +101,10 @@ def main() -> None:
                     raise RuntimeError(f"{name} M={m}: triton and marlin disagree (relative error {err:.2e})")
             touched = int(torch.unique(ids).numel())
             for backend, (apply, sets) in backends.items():
-                report({"backend": backend, "shape": name, "M": m, "copies": count,
-                        "bytes": touched * per_expert,
-                        **chain_times([partial(apply, x, tw, ids, w) for w in sets])})
+                forwards = [partial(routed_forward, apply, x, logits, cfg, bias, w) if args.from_logits
+                            else partial(apply, x, tw, ids, w) for w in sets]
+                report({"backend": backend, "shape": name, "M": m, "copies": count, "from_logits": args.from_logits,
+                        "bytes": touched * per_expert, **chain_times(forwards)})
         del backends
         torch.cuda.empty_cache()
 

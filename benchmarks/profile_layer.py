@@ -7,7 +7,8 @@ kernels/grid_dependence.py); gaps between an end and the next start are launch l
         [--from-logits] [--variant pdl=3,num_stages2=4]
 
 --from-logits starts each forward from router logits with our routing kernel (`routing.route`), as a model
-does; --variant changes the shipped configuration's fields (`benchmarks/try_configs.py`'s syntax).
+does (--route-plain: launched without programmatic dependence, so that the layer's first kernel launches only
+after it ends); --variant changes the shipped configuration's fields (`benchmarks/try_configs.py`'s syntax).
 
 The L2 is flushed between forwards by reading (`wna16moe.bench._flush_l2`, as the bench does), so the GEMMs read
 their weights from HBM; a one-byte fill marks where each forward starts. With --graph the forward is a CUDA
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import replace
+from unittest.mock import patch
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,7 +33,7 @@ from wna16moe.experts.triton import TritonExperts
 from wna16moe.routing import route
 
 
-def profile_shape(name: str, m: int, graph: bool, from_logits: bool, variant: str | None,
+def profile_shape(name: str, m: int, graph: bool, from_logits: bool, route_plain: bool, variant: str | None,
                   repeats: int = 20) -> None:
     device = torch.device("cuda")
     spec, experts = random_layer(name, device)
@@ -44,7 +47,12 @@ def profile_shape(name: str, m: int, graph: bool, from_logits: bool, variant: st
     tw, ids = random_routing(m, cfg.num_experts, cfg.top_k, device)
 
     def layer() -> torch.Tensor:
-        routed = route(logits, cfg.routing, cfg.top_k, correction_bias=bias) if from_logits else (tw, ids)
+        if not from_logits:
+            return kernel.apply(x, tw, ids, weights, config)
+        # (--route-plain: its programmatic dependence turned off)
+        with patch("wna16moe.kernels.grid_dependence.chained_launch", return_value=False) if route_plain else (
+                nullcontext()):
+            routed = route(logits, cfg.routing, cfg.top_k, correction_bias=bias)
         return kernel.apply(x, *routed, weights, config)
 
     marker = torch.empty(1, dtype=torch.int8, device=device)
@@ -73,7 +81,8 @@ def profile_shape(name: str, m: int, graph: bool, from_logits: bool, variant: st
         first = event.time_range.start if first is None else first
         spans[f"#{seen[event.name]} {event.name}"].append((event.time_range.start - first,
                                                            event.time_range.end - first))
-    print(f"{name} M={m} {'graph' if graph else 'eager'}{' from logits' if from_logits else ''} config {config}")
+    how = (" from logits" + (" (plain routing launch)" if route_plain else "")) if from_logits else ""
+    print(f"{name} M={m} {'graph' if graph else 'eager'}{how} config {config}")
     print("      start        end   duration")
     for kernel_name, times in sorted(spans.items(), key=lambda item: sum(s for s, _ in item[1])):
         start = sum(s for s, _ in times) / len(times)
@@ -87,11 +96,12 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--graph", action="store_true", help="time CUDA graph replays of the forward")
     parser.add_argument("--from-logits", action="store_true", help="route the router logits first (our kernel)")
+    parser.add_argument("--route-plain", action="store_true", help="launch the routing kernel without PDL")
     parser.add_argument("--variant", help="field=value[,field=value...] on the shipped configuration")
     args = parser.parse_args()
     for name in args.shapes:
         for m in args.tokens:
-            profile_shape(name, m, args.graph, args.from_logits, args.variant)
+            profile_shape(name, m, args.graph, args.from_logits, args.route_plain, args.variant)
 
 
 if __name__ == "__main__":
