@@ -272,13 +272,17 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
                                                                           block_m: int) -> None:
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
     every row count: 8-row blocks up to 4 (int8: up to 9), 16 below 10, then blocks on warpgroup mmas, 32 rows to
-    64, 64 rows to 128, 128 rows from there; int8 the same tiles, its narrow rings shallower; never the decode
-    kernel off Hopper."""
+    64, 64 rows to 128, 128 rows from there; int8 the same tiles, its narrow rings shallower, and from 2 tokens to
+    4 rows per expert half as wide (the same GEMM2 K split); never the decode kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
     assert _launchable(hopper)
     assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, block_m, block_m >= 32, False)
     int8 = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True, bits=8)
-    assert replace(int8, num_stages=hopper.num_stages) == (hopper if block_m != 16 else replace(hopper, block_m=8))
+    assert _launchable(int8)
+    half_as_wide = 1 < tokens <= 4 * 256 // 8
+    assert (int8.block_n1, int8.block_n2) == ((64, 128) if half_as_wide else (hopper.block_n1, hopper.block_n2))
+    same_tiles = replace(int8, num_stages=hopper.num_stages, block_n1=hopper.block_n1, block_n2=hopper.block_n2)
+    assert same_tiles == (hopper if block_m != 16 else replace(hopper, block_m=8))
     assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
 
 

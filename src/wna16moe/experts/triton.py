@@ -239,7 +239,8 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     third, v48), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are many) and 4 for
     more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
     over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
-    GEMM2's K split to ~4 programs per SM; 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
+    and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50), GEMM2's K split to ~4 programs per SM (8
+    at 128 wide: the same split); 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
     3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
     level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 10-25% faster than 32-row blocks at
     all four shapes, and than 128-row blocks at three, level at the fourth); from 128 rows: 128-row blocks."""
@@ -250,11 +251,16 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
         return TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert >= 10:
         return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
+    # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
+    # at one token 14% slower, at 8 rows per expert mixed: -4 to +2%)
+    narrow = bits == 8 and num_tokens > 1 and per_expert <= 4
+    block_n1, block_n2 = (64, 128) if narrow else (128, 256)
     split, split1 = 1, 1
     if hidden_size and intermediate_size and num_sms:
-        split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 256, 4 * num_sms, 3)
+        split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, block_n2,
+                             (8 if narrow else 4) * num_sms, 3)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
-    return TritonConfig(16 if per_expert > 4 and bits == 4 else 8, 128, 256, split_k2=split, num_warps=4,
+    return TritonConfig(16 if per_expert > 4 and bits == 4 else 8, block_n1, block_n2, split_k2=split, num_warps=4,
                         num_stages=2 if num_tokens == 1 or bits == 8 else 4,
                         split_k1=split1, decode=True)
 

@@ -11,6 +11,10 @@ order-preserving int32, shifted up 32 bits, with BLOCK_E - 1 - index below it, s
 the largest key at the lowest index (the tie rule of `routing.py`). Chosen and padding experts drop to the
 int64 minimum; NaN keys rank as -inf, so the ids are always distinct and in range (the weights carry the NaN
 on).
+
+As a programmatic dependent it waits for the router's logits, but does not let the layer's first kernel launch
+early: that GEMM's programs, parked beside it, then ran 23% slower at qwen3-30b-a3b M = 8 (GEMM1 27.3 -> 33.9
+µs; launched after it, level with a forward from routed ids; level at M = 1; benchmarks/NOTES.md v50).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, release_dependents
+from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
 
 _INT64_MIN = tl.constexpr(-(2**63))
 
@@ -46,9 +50,8 @@ def _topk_route_kernel(
     RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TILES: tl.constexpr, PDL: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    if PDL:  # the logits are the previous kernel's output; the next kernel may launch once we have them
+    if PDL:  # the logits are the previous kernel's output (the next kernel launches as this one ends)
         await_prior_grids()
-        release_dependents()
     row_ptr = logits_ptr + tl.program_id(0).to(tl.int64) * stride_t
     experts = tl.arange(0, BLOCK_E)
     valid = experts < num_experts
