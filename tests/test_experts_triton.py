@@ -549,19 +549,19 @@ def test_gpu_default_prefill_config(t: int, expected: TritonConfig) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("scheme_name", ["int4_g128_zp", "int8_g128_sym"])
-@pytest.mark.parametrize(("t", "block_m"), [(1, 8), (24, 8), (64, 16), (96, 32)])
+@pytest.mark.parametrize(("t", "block_m"), [(1, 8), (24, 8), (48, 16), (64, 16), (96, 32)])
 def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> None:
     """A shape the tuned table does not hold runs `default_config`; on Hopper, where experts see few rows (here
-    t / 8 per expert), it takes the decode kernel, 8-row blocks up to 4 rows, 16 below 10 (int8: 8 there too)
-    and 32-row blocks on wgmma from 10, and the layer still matches EMULATION."""
+    t / 8 per expert), it takes the decode kernel, 8-row blocks up to 4 rows, 16 below 10 (int8: 8 below 8)
+    and 32-row blocks on wgmma from 10 (int8: 8), and the layer still matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the decode defaults are Hopper's")
     e, k, h, i = 16, 2, 1024, 512
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
     config = kernel.config(t)
-    if scheme_name.startswith("int8"):
-        block_m = 8 if block_m == 16 else block_m
+    if scheme_name.startswith("int8") and block_m == 16:
+        block_m = 32 if t / 8 >= 8 else 8
     assert (config.decode, config.block_m, config.wgmma) == (True, block_m, block_m == 32), config
     x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
     tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)

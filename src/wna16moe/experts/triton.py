@@ -234,13 +234,14 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None, bits: int) -> TritonConfig:
     """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
-    table. Below 10 rows per expert: 8-row blocks (int4: 16 above 4 rows, 5-13% faster at 3 of 4 shapes at 8
+    table. Below 10 rows per expert (int8: 8): 8-row blocks (int4: 16 above 4 rows, 5-13% faster at 3 of 4 shapes at 8
     rows, 4% slower at qwen3-30b-a3b; int8 at 6 rows: 8 rows level with 16 on two shapes, 13% faster on the
     third, v48), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are many) and 4 for
     more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
     over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
     and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50), GEMM2's K split to ~4 programs per SM (8
-    at 128 wide: the same split); 10-64 rows: 32-row blocks that shrink to their rows, 64 / 128 wide,
+    at 128 wide: the same split); 10-64 rows (int8: 8-64, v50: 9-10% faster than 8-row blocks at 8 rows on
+    three shapes off the table): 32-row blocks that shrink to their rows, 64 / 128 wide,
     3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
     level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 10-25% faster than 32-row blocks at
     all four shapes, and than 128-row blocks at three, level at the fourth); from 128 rows: 128-row blocks."""
@@ -249,10 +250,10 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert >= 64:
         return TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
-    if per_expert >= 10:
+    if per_expert >= 10 or (bits == 8 and per_expert >= 8):
         return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
     # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
-    # at one token 14% slower, at 8 rows per expert mixed: -4 to +2%)
+    # at one token 14% slower)
     narrow = bits == 8 and num_tokens > 1 and per_expert <= 4
     block_n1, block_n2 = (64, 128) if narrow else (128, 256)
     split, split1 = 1, 1
