@@ -90,9 +90,9 @@ def main() -> None:
         del experts
         for m in args.tokens:
             x, tw, ids = layer_inputs(name, m, cfg, device)
-            logits = torch.randn(m, cfg.num_experts, device=device).to(cfg.dtype)
-            bias = torch.randn(cfg.num_experts, device=device) * 0.1
-            if args.from_logits:
+            if args.from_logits:  # (fresh logits, routed by our kernel, in place of the drawn ids)
+                logits = torch.randn(m, cfg.num_experts, device=device).to(cfg.dtype)
+                bias = torch.randn(cfg.num_experts, device=device) * 0.1
                 tw, ids = route(logits, cfg.routing, cfg.top_k, correction_bias=bias)
             outputs = {b: apply(x, tw, ids, sets[-1]) for b, (apply, sets) in backends.items()}
             if "marlin" in outputs:  # two independent kernels agree, on the last copy: the copies are whole

@@ -475,7 +475,7 @@ class TritonExperts(Experts):
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
-        gemm_pdl = min(pdl, RELEASE_AT_WAIT)  # (the kernels but the activation pass: RELEASE_EARLY is its own)
+        gemm_pdl = min(pdl, RELEASE_AT_WAIT)  # (RELEASE_EARLY is the activation pass's alone)
         # Blocks straight from the ids, without the alignment launch, where a block's rows hold every token and
         # pairs do not outnumber experts: the grid holds a block per pair, those of an expert's later pairs idle
         # (qwen3-30b-a3b M = 8 -4.4%; mixtral M = 8, 16 pairs over 8 experts, +1.6%: NOTES.md v42).
