@@ -62,6 +62,7 @@ NVIDIA sm80+ only (mma.sync, PTX); there is no interpreter for Gluon, so tests r
 
 from __future__ import annotations
 
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -97,6 +98,13 @@ MAX_CARRY = 4
 # groups.
 FRAGMENT_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
 ROW_PAIR_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0]))
+
+
+@triton.constexpr_function
+def column_step(bits: int) -> int:
+    """Words from one column of a weight tile to the next as these kernels read them: a column's R words in
+    int4's fragment tiles [tiles, N, R], one word in int8's [R, N] tile rows (layout.py)."""
+    return TILE_K * bits // 32 if bits == 4 else 1
 
 
 def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) -> str | None:
@@ -379,7 +387,6 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
     one pipeline stage (`_block_gemm`): its words (gate, then up), its groups' scale and zero-point rows
     (`_copy_group_rows`), and with COPY_A its activations [BLOCK_M, TILE_K] (zero-filled past k_end), as one
     commit group."""
-    R: gl.constexpr = _TILE_K // PACK
     w_gate, w_up, s_buf, z_buf, a_buf = stage
     k = gl.where(k < k_end, k, k_first)
     _copy_group_rows(s_buf, s_ptr, offs_s, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
@@ -390,8 +397,8 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
     if COPY_A:
         _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K)
     async_copy.async_copy_global_to_shared(w_gate, w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
-    if GATED:  # (the up columns start N columns on: N * R words on in fragment tiles)
-        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N * (R if PACK == 8 else 1),
+    if GATED:  # (the up columns start N columns on)
+        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N * column_step(32 // PACK),
                                                mask=w_mask)
     async_copy.commit_group()
 
@@ -665,7 +672,7 @@ def _block_gemm(
     # Words, scale and zero-point rows and activations through a STAGES-deep cp.async ring in shared memory
     # (module docstring).
     c_offs, c_cols = _word_copy_offsets(stride_wk, BITS, BLOCK_N, NUM_WARPS)
-    COL_STEP: gl.constexpr = R if BITS == 4 else 1  # (words from one column to the next)
+    COL_STEP: gl.constexpr = column_step(BITS)
     c_ptrs = w_ptr + expert * stride_we + pid_n * BLOCK_N * COL_STEP + c_offs
     c_mask = pid_n * BLOCK_N + c_cols < N
     # Scale rows, HALVES * NG rows of BLOCK_N per slot, flat, 16 bytes per copy; zero-point rows likewise.

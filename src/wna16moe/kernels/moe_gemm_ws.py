@@ -37,6 +37,7 @@ from wna16moe.kernels.moe_gemm_decode import (
     _program_block,
     _tile_step_scaled,
     _word_copy_offsets,
+    column_step,
 )
 
 _TILE_K = gl.constexpr(TILE_K)
@@ -60,7 +61,6 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
     """Half HALF of the block's columns over its first ROWS rows (module docstring): its copies, its mmas, its
     epilogue."""
     PACK: gl.constexpr = 32 // BITS
-    R: gl.constexpr = _TILE_K // PACK
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     HALF_N: gl.constexpr = BLOCK_N // 2
     HALF_ROWS: gl.constexpr = ROWS // 2
@@ -74,7 +74,7 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
     offs_k = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     n0_half = n0 + HALF * HALF_N
     c_offs, c_cols = _word_copy_offsets(stride_wk, BITS, HALF_N, 4)
-    c_ptrs = w_ptr + expert * stride_we + n0_half * (R if BITS == 4 else 1) + c_offs
+    c_ptrs = w_ptr + expert * stride_we + n0_half * column_step(BITS) + c_offs
     c_mask = n0_half + c_cols < N
     offs_s = gl.arange(0, NG * HALF_N, layout=gl.BlockedLayout([8], [32], [4], [0]))
     s_base = s_ptr + expert * stride_se
