@@ -103,7 +103,8 @@ ROW_PAIR_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=2, max_pha
 @triton.constexpr_function
 def column_step(bits: int) -> int:
     """Words from one column of a weight tile to the next as these kernels read them: a column's R words in
-    int4's fragment tiles [tiles, N, R], one word in int8's [R, N] tile rows (layout.py)."""
+    int4's fragment tiles [tiles, N, R], one word in int8's [R, N] tile rows (layout.py). (R spelled out:
+    a constexpr function may not call layout.words_per_tile, a plain function, when the JIT hashes it.)"""
     return TILE_K * bits // 32 if bits == 4 else 1
 
 
