@@ -35,7 +35,7 @@ GEMM_SIGNATURE = {
     "alpha": "fp32", "beta": "fp32", "limit": "fp32",
 }
 PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "cvt.rn.bf16.s32", "cvt.rn.f16.s32",
-             "lop3.b32", "prmt.b32", "st.global.v4", "add.v4.f32", "add.noftz", "cp.async.mbarrier.arrive.noinc",
+             "lop3.b32", "prmt.b32", "st.global.v4", "add.v4.f32", "cp.async.mbarrier.arrive.noinc",
              "mbarrier.try_wait")
 
 
@@ -148,10 +148,8 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   WGMMA=case.get("wgmma", False), GROUP_M=group_m(case["block_m"]),
                   PERSISTENT=case.get("persistent", False), CARRY=case.get("carry", 0))
     act = "*" + case.get("dtype", "bf16")
-    # (`sum16`: GEMM2 adds into the activation dtype, and GEMM1 clears that)
-    out = act if (gated and consts["SPLIT_K"] == 1) or case.get("sum16") else "*fp32"
+    out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,
-                     zero_ptr=act if case.get("sum16") else "*fp32",
                      z_ptr="*u8" if case["zp"] else act, topk_w_ptr=act if gated else "*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))
     names = list(signature)

@@ -110,11 +110,6 @@ class TritonConfig:
     `specialize` (with `wgmma`, GEMM2 on 128-row blocks at 8 warps, 128 or 256 wide) runs GEMM2 on
     warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
-
-    `direct_sum` lets GEMM2 add its rows straight into the layer's output in the activation dtype (16-bit
-    atomics; GEMM1's programs clear it) instead of into a float32 buffer that one more launch casts: a launch and
-    a dependency hop fewer, about 1 µs of a decode forward. Each add then rounds to 16 bits, as summing a
-    token's 16-bit per-expert outputs does (vLLM's `moe_sum`); the float32 buffer rounds once.
     """
 
     block_m: int
@@ -135,7 +130,6 @@ class TritonConfig:
     persistent: int = 0
     carry: int = 0
     specialize: bool = False
-    direct_sum: bool = False
 
     @property
     def gemm2_warps(self) -> int:
@@ -246,12 +240,11 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
     over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
     and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50), GEMM2's K split to ~4 programs per SM (8
-    at 128 wide: the same split), GEMM2 3 stages there where its programs stream 32 K tiles or more (v51);
-    10-64 rows (int8: 8-64, v50: 9-10% faster than 8-row blocks at 8 rows on three shapes off the table): 32-row
-    blocks that shrink to their rows, 64 / 128 wide, 3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at
-    every such H200 entry but kimi-k2 M = 512, level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47:
-    10-25% faster than 32-row blocks at all four shapes, and than 128-row blocks at three, level at the fourth);
-    from 128 rows: 128-row blocks."""
+    at 128 wide: the same split); 10-64 rows (int8: 8-64, v50: 9-10% faster than 8-row blocks at 8 rows on
+    three shapes off the table): 32-row blocks that shrink to their rows, 64 / 128 wide,
+    3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
+    level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 10-25% faster than 32-row blocks at
+    all four shapes, and than 128-row blocks at three, level at the fourth); from 128 rows: 128-row blocks."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert >= 128:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
@@ -263,18 +256,14 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     # at one token 14% slower)
     narrow = bits == 8 and num_tokens > 1 and per_expert <= 4
     block_n1, block_n2 = (64, 128) if narrow else (128, 256)
-    split, split1, stages2 = 1, 1, None
+    split, split1 = 1, 1
     if hidden_size and intermediate_size and num_sms:
         split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, block_n2,
                              (8 if narrow else 4) * num_sms, 3)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
-        # int8 GEMM2 programs that stream 32 K tiles or more each: a 3-deep ring (v51: llama-4-scout M = 32, 64
-        # tiles, -5%; as the table's mixtral M = 32; level at 11-12 tiles on glm-4.5-air and qwen3-235b-a22b)
-        if narrow and -(-intermediate_size // TILE_K) // split >= 32:
-            stages2 = 3
     return TritonConfig(16 if per_expert > 4 and bits == 4 else 8, block_n1, block_n2, split_k2=split, num_warps=4,
                         num_stages=2 if num_tokens == 1 or bits == 8 else 4,
-                        split_k1=split1, decode=True, num_stages2=stages2)
+                        split_k1=split1, decode=True)
 
 
 def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
@@ -500,8 +489,7 @@ class TritonExperts(Experts):
         gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
-        out = torch.empty(t, moe.hidden_size, dtype=hidden_states.dtype if cfg.direct_sum else torch.float32,
-                          device=hidden_states.device)
+        out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
         activation = dict(act=KERNEL_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, SWIGLU_OAI_ALPHA),
                           beta=_or(quant.gemm1_beta, 1.0),
                           limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
@@ -520,8 +508,6 @@ class TritonExperts(Experts):
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
                  specialize=cfg.specialize, **common)
-        if out.dtype == hidden_states.dtype:  # (direct_sum)
-            return out
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
 

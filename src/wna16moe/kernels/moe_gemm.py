@@ -28,9 +28,8 @@ GEMM1 (GATED): a = hidden_states [T, H]; the program computes a gate tile (colum
 tile (columns n + N) and writes act(gate, up) to intermediate [P, N] in the activation dtype. Split over K
 (decode), it writes float32 partial sums [SPLIT_K, P, 2N] instead, for `activation.split_k_activation`.
 GEMM2: a = intermediate [P, I]; the program multiplies by the pair's router weight and atomically adds into
-out [T, N] float32 (or in a's dtype: each add rounds), which reduces the top-k contributions of each token
-(summation order is not fixed). GEMM1's programs clear that accumulator beforehand (ZERO_OUT), so a forward
-needs no separate fill.
+out [T, N] float32, which reduces the top-k contributions of each token (summation order is not fixed).
+GEMM1's programs clear that accumulator beforehand (ZERO_OUT), so a forward needs no separate fill.
 """
 
 from __future__ import annotations
@@ -402,12 +401,12 @@ def _moe_gemm_kernel(
     s_ptr,  # (E, G, N_total) scales
     z_ptr,  # (E, G, N_total) uint8 zero points (HAS_ZP)
     bias_ptr,  # (E, N_total) float32 (HAS_BIAS)
-    out_ptr,  # GATED: (P, N) activation dtype; else (T, N) float32 or activation dtype, accumulated atomically
+    out_ptr,  # GATED: (P, N) activation dtype; else (T, N) float32, accumulated atomically
     topk_w_ptr,  # (P,) router weights, any float dtype (not GATED)
     sorted_ids_ptr,  # (max_padded,) int32 pair of each row, P for padding (not ID_BLOCKS)
     expert_ids_ptr,  # (max_blocks,) int32 expert of each BLOCK_M block; ID_BLOCKS: (P,) of each pair, -1 left out
     num_padded_ptr,  # (1,) int32 rows in use (not ID_BLOCKS)
-    zero_ptr,  # (zero_numel,) float32 or 16-bit, to fill with zeros (ZERO_OUT)
+    zero_ptr,  # (zero_numel,) float32 to fill with zeros (ZERO_OUT)
     zero_numel,
     N,
     KD,
@@ -491,9 +490,6 @@ def _moe_gemm_kernel(
                     ID_BLOCKS, PDL, BLOCK_M, PAIRED)
 
 
-# What GEMM2 may add into (and GEMM1 clear): float32, or 16-bit where each add may round.
-_SUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 # Row blocks that go through all column tiles together at prefill (`_program_block`; 8 and 16 measured alike,
 # NOTES.md v38).
 PREFILL_GROUP_M = 8
@@ -573,7 +569,7 @@ def moe_gemm(
     a_perm : [E, KD] int32 act-order column order of `a`, or None.
     bias : [E, N_total] float32 or None.
     out : GEMM1 [P, N] in a's dtype, or with split_k > 1 [split_k, P, 2N] float32 partial sums; GEMM2 [T, N]
-        float32 or in a's dtype (16-bit atomics, each add rounded), pre-filled (accumulated into).
+        float32, pre-filled (accumulated into).
     topk_weights : [P] router weights (GEMM2), float32, bfloat16 or float16 (read as float32).
     sorted_ids, expert_ids, num_padded : the blocks of `moe_align_block_size`; or, for at most block_m tokens,
         sorted_ids and num_padded None and expert_ids [P] = topk_ids.reshape(-1) (-1: left out): blocks found from
@@ -586,8 +582,7 @@ def moe_gemm(
         accepts: block_m one of its BLOCK_MS, block_n a multiple of 16 x num_warps, num_stages >= 2 the depth
         of its cp.async ring, which must fit the GPU's shared memory (`ring_bytes`); fast_dequant and swap_ab do
         not apply.
-    zero_out : a contiguous float32, bfloat16 or float16 tensor the programs fill with zeros (GEMM2's output,
-        cleared by GEMM1).
+    zero_out : a contiguous float32 tensor the programs fill with zeros (GEMM2's output, cleared by GEMM1).
     pdl : launch as a programmatic dependent of the kernel before, releasing the next one after the loop (1) or
         at the wait (2); 0: a plain launch (CUDA sm90+ only; kernels/grid_dependence.py).
     shrink : this module's kernel only: a block whose real rows fit in block_m / 2 (shrink 1) or block_m / 4
@@ -700,10 +695,8 @@ def moe_gemm(
     if id_blocks and num_pairs > block_m * top_k:
         raise ValueError(f"blocks without alignment hold a token per row: {num_pairs // top_k} tokens need "
                          f"block_m >= {num_pairs // top_k}, got {block_m}")
-    if not gated and out.dtype not in (torch.float32, a.dtype):
-        raise ValueError(f"GEMM2 adds into out in float32 or in a's dtype {a.dtype}, got {out.dtype}")
-    if zero_out is not None and (zero_out.dtype not in _SUM_DTYPES or not zero_out.is_contiguous()):
-        raise ValueError(f"zero_out must be contiguous float32, bfloat16 or float16, got {zero_out.dtype}")
+    if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
+        raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
     if decode and persistent:
         grid = (min(grid[0], persistent * _num_sms(a.device.index)), 1)

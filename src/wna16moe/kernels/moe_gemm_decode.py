@@ -847,7 +847,7 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
         acc = acc * router_w[None, :]
         tokens = rows // TOP_K
         out_ptrs = out_ptr + tokens.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
-        gl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask, sem="relaxed")
+        gl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
 
 
 
