@@ -9,12 +9,13 @@ not timed). Layer rows: TRITON's shipped configuration from routed ids (what `wn
 checks against the float32 reference) and from the logits: our routing (or torch's) then the layer, one graph.
 
     python benchmarks/bench_route.py [--shapes qwen3-30b-a3b,...] [--tokens 1,8,...] [--layer-shapes ...]
-        [--out results.json]
+        [--rounds 3] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 from functools import partial
 
@@ -98,7 +99,7 @@ def routing_rows(name: str, tokens: list[int], device: torch.device) -> list[dic
     return rows
 
 
-def layer_rows(name: str, tokens: list[int], device: torch.device) -> list[dict[str, object]]:
+def layer_rows(name: str, tokens: list[int], device: torch.device, rounds_per_way: int) -> list[dict[str, object]]:
     spec, experts = random_layer(name, device)
     kernel = TritonExperts(spec, experts.quant_config(), device)
     weights = TritonExperts.prepare_weights(experts, device)
@@ -116,11 +117,19 @@ def layer_rows(name: str, tokens: list[int], device: torch.device) -> list[dict[
                   topk: tuple[torch.Tensor, torch.Tensor] = topk) -> torch.Tensor:
             return kernel.apply(x, *(topk if router is None else router(logits)), weights)
 
-        row = {"shape": name, "M": m, "config": str(kernel.config(m)), "from_ids_us": graph_us(partial(layer, None)),
-               "from_logits_us": graph_us(partial(layer, ours_router)),
-               "from_logits_torch_routing_us": graph_us(partial(layer, torch_router))}
+        # Each way timed once per round, the ways in turn, so that a drift over time does not read as a cost of
+        # one way (v50-v51: deepseek-v3 M = 128 read +59 and +100 us from the logits, timed second).
+        ways = {"from_ids_us": None, "from_logits_us": ours_router, "from_logits_torch_routing_us": torch_router}
+        rounds: dict[str, list[float | None]] = {key: [] for key in ways}
+        for _ in range(rounds_per_way):
+            for key, router in ways.items():
+                rounds[key].append(graph_us(partial(layer, router)))
+        row = {"shape": name, "M": m, "config": str(kernel.config(m)),
+               **{key: statistics.median(us) if None not in us else None for key, us in rounds.items()},
+               "rounds": rounds}
         rows.append(row)
-        print(" ".join(f"{key}={value}" for key, value in row.items() if key != "config"), flush=True)
+        print(" ".join(f"{key}={value}" for key, value in row.items() if key not in ("config", "rounds")),
+              " rounds " + " ".join(f"{key[:-3]}={us}" for key, us in rounds.items()), flush=True)
     return rows
 
 
@@ -135,13 +144,15 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8,32,128,512,2048,8192")
     parser.add_argument("--layer-shapes", default="qwen3-30b-a3b")
     parser.add_argument("--layer-tokens", default="1,8,32,128")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the layer's three ways (median kept)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
     tokens = [int(m) for m in args.tokens.split(",")]
     rows = [row for name in args.shapes.split(",") for row in routing_rows(name, tokens, device)]
     layer_tokens = [int(m) for m in args.layer_tokens.split(",")]
-    layers = [row for name in args.layer_shapes.split(",") if name for row in layer_rows(name, layer_tokens, device)]
+    layers = [row for name in args.layer_shapes.split(",") if name
+              for row in layer_rows(name, layer_tokens, device, args.rounds)]
     write_results(args.out, rows, layers=layers)
 
 
