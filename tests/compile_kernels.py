@@ -116,7 +116,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
                   ID_BLOCKS=case.get("id_blocks", 0), ZERO_OUT=case["gated"], PDL=case.get("pdl", 0),
-                  SHRINK=case.get("shrink", 0), PAIRED=case.get("paired", False))
+                  SHRINK=case.get("shrink", 0), FRAGMENT=case.get("fragment", False))
     act = "*" + case.get("dtype", "bf16")
     # Absent tensors are passed as others, as `moe_gemm` does (the activations for the permutation, the scales
     # for zero points and router weights): dead code must type-check with those too.

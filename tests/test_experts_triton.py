@@ -40,8 +40,8 @@ from wna16moe.experts.triton import (
     BatchedTritonExperts,
     TritonConfig,
     TritonExperts,
-    pairs_int4_words,
     prepare_triton_weights,
+    stores_fragment_tiles,
 )
 from wna16moe.kernels.layout import (
     TILE_K,
@@ -116,41 +116,45 @@ def test_tile_interleave_round_trip_and_slot_order(bits: int, paired: bool) -> N
 @pytest.mark.parametrize("scheme_name", ["int4_g64_zp", "int8_g128_sym"])
 def test_fragment_tiles_hold_the_paired_words_in_fragment_order(scheme_name: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hopper's int4 layout (where `pairs_int4_words`): per K tile, each column's 16 paired words contiguous,
-    position p = 4q + 2h + l holding word row 8h + 2q + l, so that mma thread q's rows 2q, 2q + 1, 2q + 8, 2q + 9
-    are 16 contiguous bytes; `unfragment_tiles` undoes it. int8 words stay plain there."""
+    """Hopper's layout (where `stores_fragment_tiles`): per half tile of 16 word rows (int4: a K tile; int8: half
+    of one), each column's 16 words contiguous (int4 paired), position p = 4q + 2h + l holding word row
+    8h + 2q + l, so that mma thread q's rows 2q, 2q + 1, 2q + 8, 2q + 9 are 16 contiguous bytes;
+    `unfragment_tiles` undoes it."""
     import wna16moe.experts.triton as backend
 
     scheme = WeightScheme.from_name(scheme_name)
     e, h, i = 2, 300, 40  # three K tiles, the last one partial
     experts = random_experts(e, h, i, scheme, torch.device("cpu"))
     plain = prepare_triton_weights(experts, torch.device("cpu"))
-    monkeypatch.setattr(backend, "pairs_int4_words", lambda device: True)
+    monkeypatch.setattr(backend, "stores_fragment_tiles", lambda device: True)
     hopper = prepare_triton_weights(experts, torch.device("cpu"))
     assert {name: t.shape for name, t in hopper.items() if name not in ("w13", "w2")} == {
         name: t.shape for name, t in plain.items() if name not in ("w13", "w2")}
-    if scheme.bits == 8:
-        assert torch.equal(hopper["w13"], plain["w13"]) and torch.equal(hopper["w2"], plain["w2"])
-        return
-    assert hopper["w13"].shape == (e, 3, 128, 16) and hopper["w2"].shape == (e, 1, h, 16)
+    halves = scheme.bits // 4  # half tiles per K tile
+    assert hopper["w13"].shape == (e, 3 * halves, 128, 16) and hopper["w2"].shape == (e, halves, h, 16)
     for name in ("w13", "w2"):
-        paired = exchange_halves(plain[name].transpose(1, 2))  # [E, N_total, tiles * 16]
-        assert hopper[name].is_contiguous() and torch.equal(unfragment_tiles(hopper[name]), paired)
-    paired = exchange_halves(plain["w13"].transpose(1, 2))
-    for q, h_, l_ in ((0, 0, 0), (1, 1, 0), (3, 1, 1), (2, 0, 1)):
-        assert torch.equal(hopper["w13"][:, 2, :, 4 * q + 2 * h_ + l_], paired[:, :, 2 * 16 + 8 * h_ + 2 * q + l_])
+        words = plain[name].transpose(1, 2)  # [E, N_total, tiles * R]
+        words = exchange_halves(words) if scheme.bits == 4 else words
+        assert hopper[name].is_contiguous() and torch.equal(unfragment_tiles(hopper[name]), words)
+    words = plain["w13"].transpose(1, 2)
+    words = exchange_halves(words) if scheme.bits == 4 else words
+    for q, h_, l_ in ((0, 0, 0), (1, 1, 0), (3, 1, 1), (2, 0, 1)):  # the last K tile's last half tile
+        half = 3 * halves - 1
+        assert torch.equal(hopper["w13"][:, half, :, 4 * q + 2 * h_ + l_], words[:, :, half * 16 + 8 * h_ + 2 * q + l_])
 
 
-@pytest.mark.parametrize("scheme_name", ["int4_g32_sym", "int4_g128_zp"])
+@pytest.mark.parametrize("scheme_name", ["int4_g32_sym", "int4_g128_zp", "int8_g64_zp"])
 def test_fragment_tiles_read_as_plain_words(scheme_name: str) -> None:
-    """Triton's kernel reads int4 fragment tiles (the Gluon kernels' layout, a 4-D w) with each word's partner:
-    the same GEMM1 (gate and up halves) as from plain words, bit for bit (different words would not be)."""
+    """Triton's kernel reads fragment tiles (the Gluon kernels' layout, a 4-D w; int4 words with each word's
+    partner): the same GEMM1 (gate and up halves) as from plain words, bit for bit (different words would not
+    be)."""
     scheme = WeightScheme.from_name(scheme_name)
     e, h, i, t, k = 4, 256, 64, 5, 2
     experts = random_experts(e, h, i, scheme)
     w = prepare_triton_weights(experts, torch.device("cpu"))
     plain = w["w13"].to(DEVICE)
-    tiles = fragment_tiles(exchange_halves(plain.transpose(1, 2)))
+    words = plain.transpose(1, 2)
+    tiles = fragment_tiles(exchange_halves(words) if scheme.bits == 4 else words)
     x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
     _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
     blocks = moe_align_block_size(ids, e, 16)
@@ -158,7 +162,7 @@ def test_fragment_tiles_read_as_plain_words(scheme_name: str) -> None:
     for words in (plain, tiles):
         inter = torch.full((t * k, i), float("nan"), dtype=torch.float16, device=DEVICE)
         moe_gemm(x, words, w["w13_scales"].to(DEVICE), w["w13_zeros"].to(DEVICE) if "w13_zeros" in w else None,
-                 None, None, inter, None, *blocks, bits=4, group_size=scheme.group_size, top_k=k, gated=True,
+                 None, None, inter, None, *blocks, bits=scheme.bits, group_size=scheme.group_size, top_k=k, gated=True,
                  block_m=16, block_n=32)
         outs.append(inter)
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
@@ -574,12 +578,12 @@ def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> No
 @pytest.mark.parametrize("m", [6, 40])
 def test_gpu_batched_default_runs_the_decode_kernel_on_hopper(monkeypatch: pytest.MonkeyPatch, m: int) -> None:
     """BATCHED_TRITON's configurations are `default_config`'s at m rows per expert: on Hopper the decode kernel
-    (int4 words are stored paired there), 16-row blocks at 6 rows and 32-row wgmma blocks at 40; every expert's
+    (words are stored in fragment tiles there), 16-row blocks at 6 rows and 32-row wgmma blocks at 40; every expert's
     rows still match EMULATION's."""
     import wna16moe.kernels.moe_gemm as launcher
 
-    if not pairs_int4_words(torch.device(DEVICE)):
-        pytest.skip("int4 words are paired on Hopper only")
+    if not stores_fragment_tiles(torch.device(DEVICE)):
+        pytest.skip("words are stored in fragment tiles on Hopper only")
     e, h, i = 8, 1024, 512
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
     spec = LayerSpec(MoEConfig(e, 2, h, i), experts.scheme, activation_format=ActivationFormat.BATCHED)

@@ -13,8 +13,9 @@ expert e is a top-1 pair of expert e when j < num_tokens[e] and left out (-1) ot
 Prepared layout (`prepare_weights`), I' = I padded to INTERMEDIATE_ALIGN, W(K) = ceil(K / 128) * 128 // PACK
 words, PACK = 32 // bits:
     w13        [E, W(H), 2I'] int32       K-major, tile-interleaved (kernels/layout.py); gate columns [0, I'),
-                                          up columns [I', 2I'); a tile is one coalesced load along N. int4 on
-                                          Hopper: [E, W(H) / 16, 2I', 16], paired fragment tiles (layout.py)
+                                          up columns [I', 2I'); a tile is one coalesced load along N. On
+                                          Hopper: [E, W(H) / 16, 2I', 16], fragment tiles (layout.py), int4
+                                          words paired
     w13_scales [E, G1, 2I']               scale dtype of the checkpoint, N contiguous like the words
     w13_zeros  [E, G1, 2I'] uint8         zero-point schemes only
     w13_perm   [E, H] int32               act-order only: H in group order; hidden columns are gathered by it
@@ -34,7 +35,7 @@ from wna16moe.activations import KERNEL_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMI
 from wna16moe.config import Activation, ActivationFormat, MoEQuantConfig
 from wna16moe.device import TRITON_XPU_PROVIDER, DeviceInfo, Platform
 from wna16moe.experts.base import OK, Check, Experts, LayerSpec, batched_pairs, check_tp_groups, fail
-from wna16moe.kernels.layout import TILE_K, fragment_tiles, tile_interleave, words_per_tile
+from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K, fragment_tiles, tile_interleave, words_per_tile
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 from wna16moe.tuning import ShapeKey, tuned_config
@@ -193,9 +194,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     the measurements of benchmarks/NOTES.md.
 
     On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
-    (`decode`) runs every row count, as in every int4 entry of the H200 table (int4 words are stored in paired
-    fragment tiles there, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at 8
-    and 64-85 rows per expert, v47); int8 too (at 6 rows per expert its 8-row blocks at 2 stages were 8-15%
+    (`decode`) runs every row count, as in every int4 entry of the H200 table (words are stored in fragment
+    tiles there, int4 paired, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at
+    8 and 64-85 rows per expert, v47); int8 too (at 6 rows per expert its 8-row blocks at 2 stages were 8-15%
     faster than the Triton kernel's 16-row blocks on three shapes off the table, v48). See `_decode_default`
     for its tiles. Elsewhere the smallest M block while experts see few rows (decode streams each expert's
     weights once), larger blocks as the work turns compute-bound. Small groups (32) prefer M blocks above the
@@ -307,7 +308,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, row_blocks: list[tuple[int, int]],
-                        device: torch.device, name: str, paired: bool) -> dict[str, torch.Tensor]:
+                        device: torch.device, name: str, fragment: bool) -> dict[str, torch.Tensor]:
     """Pack one projection [E, N, K] into the kernel layout, expert by expert into preallocated buffers.
 
     `row_blocks` maps source row ranges to destination row offsets (w13: gate and up halves, each padded).
@@ -316,11 +317,10 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
     s = weight.scheme
     e, n, k = weight.shape
     groups_out = s.num_groups(cols_out)
-    paired = paired and s.bits == 4
     tiles, r = -(-cols_out // TILE_K), words_per_tile(s.bits)
     out = {
-        name: torch.zeros(*((e, tiles, rows_out, r) if paired else (e, tiles * r, rows_out)), dtype=torch.int32,
-                          device=device),
+        name: torch.zeros(*((e, tiles * r // FRAGMENT_WORDS, rows_out, FRAGMENT_WORDS) if fragment
+                            else (e, tiles * r, rows_out)), dtype=torch.int32, device=device),
         f"{name}_scales": torch.zeros(e, groups_out, rows_out, dtype=s.scale_dtype, device=device),
     }
     if s.zero_point:
@@ -335,12 +335,12 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
             out[f"{name}_perm"][expert, :k] = order.to(torch.int32)
         padded = torch.zeros(n, cols_out, dtype=torch.uint8, device=device)
         padded[:, :k] = codes
-        packed = tile_interleave(padded, s.bits, paired)
+        packed = tile_interleave(padded, s.bits, paired=fragment)  # (int4 words paired in fragment tiles)
         scales = weight.scales[expert].to(device).t()
         zeros = None if weight.zeros is None else weight.zeros[expert].to(device).t()
         for (src_begin, src_end), dst in row_blocks:
             rows = slice(dst, dst + src_end - src_begin)
-            out[name][expert, :, rows] = (fragment_tiles(packed[src_begin:src_end]) if paired
+            out[name][expert, :, rows] = (fragment_tiles(packed[src_begin:src_end]) if fragment
                                           else packed[src_begin:src_end].t())
             out[f"{name}_scales"][expert, : scales.shape[0], rows] = scales[:, src_begin:src_end]
             if zeros is not None:
@@ -355,19 +355,19 @@ def prepare_triton_weights(experts: QuantizedExperts, device: torch.device) -> d
     """
     h, i = experts.hidden_size, experts.intermediate_size
     i_pad = _round_up(i, INTERMEDIATE_ALIGN)
-    paired = pairs_int4_words(device)
-    out = _prepare_projection(experts.w13, 2 * i_pad, h, [((0, i), 0), ((i, 2 * i), i_pad)], device, "w13", paired)
-    out.update(_prepare_projection(experts.w2, h, i_pad, [((0, h), 0)], device, "w2", paired))
+    fragment = stores_fragment_tiles(device)
+    out = _prepare_projection(experts.w13, 2 * i_pad, h, [((0, i), 0), ((i, 2 * i), i_pad)], device, "w13", fragment)
+    out.update(_prepare_projection(experts.w2, h, i_pad, [((0, h), 0)], device, "w2", fragment))
     return out
 
 
-def pairs_int4_words(device: torch.device) -> bool:
-    """Whether int4 words are stored paired, in fragment tiles, on `device` (`layout.py`): on Hopper with the PTX
-    dequantization, where the Gluon decode kernels, which read only that layout, run the shipped table and the
-    defaults (paired, they skip a byte permute per word: up to 4.5% faster at M = 1-512 on an H200, none slower,
-    NOTES.md v46; in fragment tiles, a thread's words of a column are one 16-byte load: -1.1% over 18 table rows,
-    kimi-k2 M = 512 -13%, v48). Elsewhere Triton's kernel runs them, and the words stay plain: it reads paired
-    words only with a second load, of each word's partner."""
+def stores_fragment_tiles(device: torch.device) -> bool:
+    """Whether words are stored in fragment tiles on `device`, int4 ones paired (`layout.py`): on Hopper with the
+    PTX dequantization, where the Gluon decode kernels, which read only that layout, run the shipped table and the
+    defaults (int4 paired, they skip a byte permute per word: up to 4.5% faster at M = 1-512 on an H200, none
+    slower, NOTES.md v46; in fragment tiles, a thread's words of a column are one 16-byte load: int4 -1.1% over
+    18 table rows, kimi-k2 M = 512 -13%, v48; int8 v51). Elsewhere Triton's kernel runs them, and the words stay
+    plain: it reads int4 paired words only with a second load, of each word's partner."""
     return _ptx_dequant(device) and torch.cuda.get_device_capability(device)[0] == 9
 
 
@@ -429,7 +429,7 @@ class TritonExperts(Experts):
                             if self._card is not None and torch.version.cuda is not None else None)
         self._shape_key = ShapeKey.of(spec)
         self._configs: dict[int, TritonConfig] = {}
-        self._paired = spec.scheme.bits == 4 and pairs_int4_words(device)  # (as `prepare_weights` stores them)
+        self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
 
     @classmethod
@@ -468,8 +468,8 @@ class TritonExperts(Experts):
         t, top_k = topk_ids.shape
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
-        # The Gluon kernel needs NVIDIA PTX, and int4 words paired: else the same tiles on moe_gemm.
-        if cfg.decode and not (ptx and (scheme.bits == 8 or self._paired)):
+        # The Gluon kernel needs NVIDIA PTX, and words in fragment tiles: else the same tiles on moe_gemm.
+        if cfg.decode and not (ptx and self._fragment):
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
                           specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)

@@ -9,10 +9,12 @@ word rows 2m and 2m + 1, the first holds both low halves (slots 0-3), the second
 Reduction indices j * R + 2m and j * R + 2m + 1, the packed pair an mma register holds, then sit at the same
 bits of the two halves of one word, which the dequantization takes without a byte permute (`kernels/dequant.py`).
 
-Fragment tiles (paired int4 as the Gluon kernels read it, `fragment_tiles`): per tile, each column's R = 16 words
-contiguous, [tiles, N, R], in the order of mma.sync's A fragment. Thread q of a 4-thread group holds word rows
-2q, 2q + 1, 2q + 8 and 2q + 9 of its columns; position p = 4q + 2h + l holds word row 8h + 2q + l, so those
-four words are 16 contiguous bytes, one shared-memory load instead of four (`kernels/moe_gemm_decode.py`).
+Fragment tiles (as the Gluon kernels read the words, int4 paired, `fragment_tiles`): a tile's word rows in half
+tiles of 16 (one for int4, R = 16; two for int8, R = 32), each column's 16 words of a half tile contiguous,
+[half tiles, N, 16], in the order of mma.sync's A fragment. Thread q of a 4-thread group holds word rows 2q,
+2q + 1, 2q + 8 and 2q + 9 of a half tile's column; position p = 4q + 2h + l holds word row 8h + 2q + l, so
+those four words are 16 contiguous bytes, one shared-memory load instead of four (`kernels/moe_gemm_decode.py`),
+and a warp's loads of one half tile (8 columns) 512 contiguous bytes, free of bank conflicts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import torch
 
 TILE_K = 128
+# Words of one column in a half tile of fragment tiles: an int4 tile is one half tile, an int8 tile two.
+FRAGMENT_WORDS = 16
 
 
 def words_per_tile(bits: int) -> int:
@@ -40,14 +44,15 @@ FRAGMENT_ROWS = tuple(8 * (p >> 1 & 1) + 2 * (p >> 2) + (p & 1) for p in range(1
 
 
 def fragment_tiles(words: torch.Tensor) -> torch.Tensor:
-    """Paired int4 words [..., N, tiles * 16] -> fragment tiles [..., tiles, N, 16] (module docstring)."""
+    """Words [..., N, tiles * R] (int4 paired) -> fragment tiles [..., tiles * R / 16, N, 16] (module
+    docstring)."""
     n, width = words.shape[-2:]
     tiles = words.reshape(*words.shape[:-2], n, width // 16, 16)[..., list(FRAGMENT_ROWS)]
     return tiles.transpose(-3, -2).contiguous()
 
 
 def unfragment_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """Inverse of `fragment_tiles`: [..., tiles, N, 16] -> [..., N, tiles * 16]."""
+    """Inverse of `fragment_tiles`: [..., half tiles, N, 16] -> [..., N, half tiles * 16]."""
     columns = tiles.transpose(-3, -2)
     positions = torch.tensor(FRAGMENT_ROWS, device=tiles.device).argsort()
     return columns[..., positions].reshape(*columns.shape[:-2], -1)

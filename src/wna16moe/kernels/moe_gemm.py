@@ -13,11 +13,12 @@ Weight layout, K-major and tile-interleaved: w[e, t * R + r, n] is one int32 wor
 (bits [j * bits, (j + 1) * bits)) holds the code of reduction index kd = t * TILE_K + j * R + r. So a tile
 is one coalesced [R, BLOCK_N] load, and slot j of all its words is the contiguous sub-block
 [j * R, (j + 1) * R) of the tile: unpacking is a shift and a mask per element, with no interleave, and each
-sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Paired int4 words in fragment tiles
-(PAIRED: w[e, t, n, p] for the Gluon kernels, halves exchanged in pairs, each column's words of a tile
-contiguous in mma fragment order, `layout.py`) are read with their partner rows (r ^ 1, the neighbouring
-position) and exchanged back (`_exchange_halves`): `tl.dot`'s operand layouts do not pair word rows as the
-Gluon kernels' do, and its loads along N are 64 bytes apart there. Sub-blocks
+sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Words in fragment tiles (FRAGMENT:
+w[e, h, n, p] for the Gluon kernels, each column's words of a half tile of 16 word rows contiguous in mma
+fragment order, int4 words with their halves exchanged in pairs, `layout.py`) are read where they sit, int4
+words with their partner rows (r ^ 1, the neighbouring position) and exchanged back (`_exchange_halves`):
+`tl.dot`'s operand layouts do not pair word rows as the Gluon kernels' do, and its loads along N are 64 bytes
+apart there. Sub-blocks
 never straddle a quantization group (groups are multiples of R), so the scale multiplies each group's partial
 sum. On NVIDIA GPUs (FAST_DEQUANT) the slots come from `kernels/dequant.py` instead: exponent tricks in PTX rather than
 quarter-rate int -> float conversions, with the scale folded into the weights for groups smaller than a tile;
@@ -51,7 +52,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_scaled,
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
-from wna16moe.kernels.layout import TILE_K
+from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
 from wna16moe.kernels.moe_gemm_decode import MAX_CARRY, _moe_gemm_decode_kernel, ring_bytes, tiling_error
 from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel, ws_extra_bytes
 from wna16moe.kernels.token_blocks import token_block_rows
@@ -59,6 +60,7 @@ from wna16moe.kernels.zero_share import zero_program_share
 
 # Kernels may read module globals only when they are constexpr objects.
 _TILE_K = tl.constexpr(TILE_K)
+_FRAGMENT_WORDS = tl.constexpr(FRAGMENT_WORDS)
 _QUARTERS = tl.constexpr(QUARTERS)
 
 
@@ -273,7 +275,7 @@ def _gemm_block(
     HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, SPLIT_K: tl.constexpr, FAST_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
-    ID_BLOCKS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr, PAIRED: tl.constexpr,
+    ID_BLOCKS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr, FRAGMENT: tl.constexpr,
 ):
     """Block pid_m of `expert` (rows pid_m * BLOCK_M onward; with ID_BLOCKS see the kernel), its first ROWS rows
     only, N tile pid_n and K split pid_k: both the main loop and the epilogue of the kernel below."""
@@ -305,11 +307,14 @@ def _gemm_block(
     perm_ptr = a_perm_ptr + expert * KD
     word_rows = tl.arange(0, R)
     odd_rows = (word_rows % 2 == 1)[:, None]
-    if PAIRED:  # fragment tiles (layout.py): word row r of column n at n * R + p(r); its partner at p(r) ^ 1
-        positions = 4 * (word_rows // 2 % 4) + 2 * (word_rows // 8) + word_rows % 2
-        w_ptrs = w_ptr + expert * stride_we + positions[:, None] + offs_n[None, :] * R
+    PAIRED: tl.constexpr = FRAGMENT and BITS == 4
+    if FRAGMENT:  # fragment tiles (layout.py): word row r of column n in half tile r // 16 (16 word rows of
+        # stride_wk words each) at n * 16 + p(r % 16); an int4 word's partner at p(r) ^ 1
+        positions = (word_rows // 16 * 16 * stride_wk + 4 * (word_rows // 2 % 4) + 2 * (word_rows // 8 % 2)
+                     + word_rows % 2)
+        w_ptrs = w_ptr + expert * stride_we + positions[:, None] + offs_n[None, :] * _FRAGMENT_WORDS
         partner_step = tl.where(odd_rows, -1, 1)
-        up_step = N * R
+        up_step = N * _FRAGMENT_WORDS
     else:
         w_ptrs = w_ptr + expert * stride_we + word_rows[:, None] * stride_wk + offs_n[None, :]
         up_step = N
@@ -442,7 +447,7 @@ def _moe_gemm_kernel(
     ZERO_OUT: tl.constexpr,
     PDL: tl.constexpr,
     SHRINK: tl.constexpr,
-    PAIRED: tl.constexpr,  # int4 words in paired fragment tiles (layout.py): read with their partners
+    FRAGMENT: tl.constexpr,  # words in fragment tiles (layout.py), int4 ones paired: read with their partners
 ):
     enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
     pid = tl.program_id(0)
@@ -469,25 +474,25 @@ def _moe_gemm_kernel(
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 4, PAIRED)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 4, FRAGMENT)
         elif live <= BLOCK_M // 2:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 2, PAIRED)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 2, FRAGMENT)
         else:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
                         stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
-                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M, PAIRED)
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M, FRAGMENT)
     else:
         _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, pid_n,
                     pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
                     stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
                     GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N, SWAP_AB, EVEN_K,
-                    ID_BLOCKS, PDL, BLOCK_M, PAIRED)
+                    ID_BLOCKS, PDL, BLOCK_M, FRAGMENT)
 
 
 # Row blocks that go through all column tiles together at prefill (`_program_block`; 8 and 16 measured alike,
@@ -562,9 +567,9 @@ def moe_gemm(
     ----------
     a : GEMM1 hidden_states [T, H]; GEMM2 intermediate [P, I]. bfloat16 or float16, row-major.
     w : [E, ceil(KD / TILE_K) * R, N_total] int32, tile-interleaved K-major (`layout.tile_interleave`, transposed);
-        N_total = 2N for GEMM1 (gate columns, then up columns), N for GEMM2. Or int4 in paired fragment tiles
-        [E, ceil(KD / TILE_K), N_total, 16] (`layout.fragment_tiles`), the only int4 layout the decode kernel
-        reads; this module's kernel reads both.
+        N_total = 2N for GEMM1 (gate columns, then up columns), N for GEMM2. Or in fragment tiles
+        [E, ceil(KD / TILE_K) * R / 16, N_total, 16] (`layout.fragment_tiles`, int4 words paired), the only layout
+        the decode kernel reads; this module's kernel reads both.
     scales : [E, G, N_total]; zeros : [E, G, N_total] uint8 or None (symmetric: zero 2**(bits - 1)).
     a_perm : [E, KD] int32 act-order column order of `a`, or None.
     bias : [E, N_total] float32 or None.
@@ -605,10 +610,10 @@ def moe_gemm(
         rows off 16 bytes keep the decode kernel.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
-    paired = w.dim() == 4
-    if paired and (bits != 4 or w.shape[3] != 16):
-        raise ValueError(f"w of shape {list(w.shape)}: fragment tiles [E, tiles, N_total, 16] hold int4 words only, "
-                         f"got bits={bits}")
+    fragment = w.dim() == 4
+    if fragment and w.shape[3] != FRAGMENT_WORDS:
+        raise ValueError(f"w of shape {list(w.shape)}: fragment tiles are [E, half tiles, N_total, "
+                         f"{FRAGMENT_WORDS}]")
     if decode:
         error = tiling_error(block_m, block_n, num_warps, num_stages)
         if error:
@@ -640,8 +645,8 @@ def moe_gemm(
                 f"persistent or register cap), got gated={gated} wgmma={wgmma} block_m={block_m} block_n={block_n} "
                 f"num_warps={num_warps} split_k={split_k} carry={carry} persistent={persistent} "
                 f"max_registers={max_registers}")
-        if bits == 4 and not paired:
-            raise ValueError(f"the decode kernel reads int4 words in paired fragment tiles [E, tiles, N_total, 16] "
+        if not fragment:
+            raise ValueError(f"the decode kernel reads words in fragment tiles [E, half tiles, N_total, 16] "
                              f"(layout.fragment_tiles), got w of shape {list(w.shape)}")
         # (blocks from the ids, act-order columns and rows off 16 bytes run the same tiles on the decode kernel)
         if specialize and sorted_ids is not None and a_perm is None and aligned:
@@ -658,7 +663,7 @@ def moe_gemm(
         # Scaling weights costs BLOCK_N per K row, rescaling partial sums BLOCK_M * BLOCK_N per group.
         kernel, constexprs = _moe_gemm_kernel, dict(SCALE_WEIGHTS=block_m > _group_in_tile(group_size),
                                                     FAST_DEQUANT=fast_dequant, SWAP_AB=swap_ab and fast_dequant,
-                                                    SHRINK=shrink, PAIRED=paired)
+                                                    SHRINK=shrink, FRAGMENT=fragment)
         options = dict(num_warps=num_warps, num_stages=num_stages, **registers)
     n_total = w.shape[2]
     n = n_total // 2 if gated else n_total
@@ -707,7 +712,7 @@ def moe_gemm(
         zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),
         n, kd, num_pairs, num_m_blocks,
         # (a tile's words start (k // PACK) * stride_wk in: N_total words per word row in both layouts)
-        a.stride(0), w.stride(0), w.stride(1) // w.shape[3] if paired else w.stride(1), scales.stride(0),
+        a.stride(0), w.stride(0), w.stride(1) // w.shape[3] if fragment else w.stride(1), scales.stride(0),
         scales.stride(1), out.stride(-2),
         alpha, beta, 0.0 if limit is None else limit,
         TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,

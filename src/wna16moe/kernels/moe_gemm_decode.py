@@ -78,7 +78,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_scaled,
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, leave_main_loop
-from wna16moe.kernels.layout import TILE_K
+from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
 from wna16moe.kernels.token_blocks import token_block_rows
 from wna16moe.kernels.zero_share import zero_program_share
 
@@ -92,20 +92,19 @@ MAX_STAGES = 8
 MAX_CARRY = 4
 
 
-# The ring's word slots. int4 fragment tiles [BLOCK_N, R] (`_load_words`) unswizzled: a warp's 16-byte reads
-# cover 512 contiguous bytes. int8 [R, BLOCK_N] in 8-word groups XOR-swizzled by row pair: a thread reads rows
-# 2q + c (+ 8) of 8 neighbouring columns, so one load touches rows c, 2 + c, 4 + c, 6 + c, four distinct bank
-# groups.
+# The ring's word slots: fragment tiles (layout.py) as stored, [BLOCK_N, 16] per int4 tile, [2 x BLOCK_N, 16] per
+# int8 tile (its two halves), unswizzled: a warp's 16-byte reads of a half cover 512 contiguous bytes.
 FRAGMENT_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-ROW_PAIR_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=4, order=[1, 0]))
+# Words of one column in a half tile of fragment tiles (layout.FRAGMENT_WORDS): the step from a column to the next.
+COLUMN_STEP = gl.constexpr(FRAGMENT_WORDS)
 
 
 @triton.constexpr_function
-def column_step(bits: int) -> int:
-    """Words from one column of a weight tile to the next as these kernels read them: a column's R words in
-    int4's fragment tiles [tiles, N, R], one word in int8's [R, N] tile rows (layout.py). (R spelled out:
-    a constexpr function may not call layout.words_per_tile, a plain function, when the JIT hashes it.)"""
-    return TILE_K * bits // 32 if bits == 4 else 1
+def word_slot_shape(bits: int, block_n: int) -> list[int]:
+    """A tile's words in a ring slot: its half tiles [BLOCK_N, 16] stacked (one for int4, two for int8). (The
+    halves spelled out: a constexpr function may not call layout.words_per_tile, a plain function, when the
+    JIT hashes it.)"""
+    return [block_n * (TILE_K * bits // 32) // 16, 16]
 
 
 def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) -> str | None:
@@ -399,45 +398,38 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
         _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K)
     async_copy.async_copy_global_to_shared(w_gate, w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
     if GATED:  # (the up columns start N columns on)
-        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N * column_step(32 // PACK),
-                                               mask=w_mask)
+        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N * COLUMN_STEP, mask=w_mask)
     async_copy.commit_group()
 
 
 @gluon.jit
 def _word_copy_offsets(stride_wk, BITS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
     """A tile's word offsets from its first column's, in the layout its cp.async copies take (16 bytes per thread
-    and copy), and its column indices, broadcastable against them. int4: fragment tiles (layout.py), [BLOCK_N, R],
-    each column's words contiguous; int8: [R, BLOCK_N], word rows stride_wk apart."""
-    R: gl.constexpr = _TILE_K * BITS // 32
-    if BITS == 4:
-        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (R // 4), R // 4], [NUM_WARPS, 1], [1, 0])
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, COPY))[:, None]
-        offs = cols * R + gl.arange(0, R, layout=gl.SliceLayout(0, COPY))[None, :]
-    else:
-        COPY: gl.constexpr = gl.BlockedLayout([1, 4], [32 // min(32, BLOCK_N // 4), min(32, BLOCK_N // 4)],
-                                              [NUM_WARPS, 1], [1, 0])
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, COPY))[None, :]
-        offs = gl.arange(0, R, layout=gl.SliceLayout(1, COPY))[:, None] * stride_wk + cols
+    and copy), and its column indices, broadcastable against them: its half tiles (layout.py) stacked as its ring
+    slot holds them (`word_slot_shape`), each column's 16 words contiguous, half h 16 word rows (16 x stride_wk
+    words) after half h - 1."""
+    SLOT: gl.constexpr = word_slot_shape(BITS, BLOCK_N)
+    COPY: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NUM_WARPS, 1], [1, 0])
+    rows = gl.arange(0, SLOT[0], layout=gl.SliceLayout(1, COPY))[:, None]
+    cols = rows % BLOCK_N
+    words = gl.arange(0, COLUMN_STEP, layout=gl.SliceLayout(0, COPY))[None, :]
+    offs = (rows // BLOCK_N) * COLUMN_STEP * stride_wk + cols * COLUMN_STEP + words
     return offs, cols
 
 
 @gluon.jit
 def _load_words(slot, BITS: gl.constexpr, A_OP: gl.constexpr):
-    """A tile's words [BLOCK_N, R] from its ring slot, in the A-operand layout. A thread's words of one column,
-    rows 2q, 2q + 1, 2q + 8, 2q + 9 (and 16 on for int8), are 16 contiguous bytes of an int4 fragment tile
-    (layout.py): read as [BLOCK_N, R / 4, 2, 2] (q, h, l) in the operand's own registers, one 16-byte load each,
-    then viewed as rows 8h + 2q + l, which moves no data. An int8 slot holds [R, BLOCK_N]: its transpose."""
-    if BITS == 4:
-        BLOCK_N: gl.constexpr = slot.shape[0]
-        R: gl.constexpr = slot.shape[1]
-        QUADS: gl.constexpr = gl.full([BLOCK_N, R], 0, gl.int32, A_OP).reshape([BLOCK_N, 2, R // 4, 2]).permute(
-            (0, 2, 1, 3)).type.layout
-        quads = slot.reshape([BLOCK_N, R // 4, 2, 2]).load(QUADS)
-        words = gl.convert_layout(quads.permute((0, 2, 1, 3)).reshape([BLOCK_N, R]), A_OP)
-    else:
-        words = slot.permute([1, 0]).load(A_OP)
-    return words
+    """A tile's words [BLOCK_N, R] from its ring slot, in the A-operand layout. A thread's words of one column in
+    a half tile, rows 16b + 2q, + 1, + 8, + 9 (b: the half, int8's second one holding rows 16-31), are 16
+    contiguous bytes of the fragment tiles (layout.py): read as [BLOCK_N, halves, 4, 2, 2] (b, q, h, l) in the
+    operand's own registers, one 16-byte load each, then viewed as rows 16b + 8h + 2q + l, which moves no data."""
+    HALVES: gl.constexpr = 32 // (32 // BITS) // 4  # (R / 16: 1 for int4, 2 for int8)
+    BLOCK_N: gl.constexpr = slot.shape[0] // HALVES
+    R: gl.constexpr = 16 * HALVES
+    QUADS: gl.constexpr = gl.full([BLOCK_N, R], 0, gl.int32, A_OP).reshape([BLOCK_N, HALVES, 2, 4, 2]).permute(
+        (0, 1, 3, 2, 4)).type.layout
+    quads = slot.reshape([HALVES, BLOCK_N, 4, 2, 2]).permute((1, 0, 2, 3, 4)).load(QUADS)
+    return gl.convert_layout(quads.permute((0, 1, 3, 2, 4)).reshape([BLOCK_N, R]), A_OP)
 
 
 @gluon.jit
@@ -673,8 +665,7 @@ def _block_gemm(
     # Words, scale and zero-point rows and activations through a STAGES-deep cp.async ring in shared memory
     # (module docstring).
     c_offs, c_cols = _word_copy_offsets(stride_wk, BITS, BLOCK_N, NUM_WARPS)
-    COL_STEP: gl.constexpr = column_step(BITS)
-    c_ptrs = w_ptr + expert * stride_we + pid_n * BLOCK_N * COL_STEP + c_offs
+    c_ptrs = w_ptr + expert * stride_we + pid_n * BLOCK_N * COLUMN_STEP + c_offs
     c_mask = pid_n * BLOCK_N + c_cols < N
     # Scale rows, HALVES * NG rows of BLOCK_N per slot, flat, 16 bytes per copy; zero-point rows likewise.
     ROW_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
@@ -698,12 +689,11 @@ def _block_gemm(
     # (64-row ones unrolled: -2.1 to +0.9%, NOTES.md v37).
     UNROLL: gl.constexpr = not WIDE or BLOCK_M == 128
     DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
-    WORD_TILE: gl.constexpr = [BLOCK_N, R] if BITS == 4 else [R, BLOCK_N]
-    W_SMEM: gl.constexpr = FRAGMENT_SMEM if BITS == 4 else ROW_PAIR_SMEM
+    WORD_TILE: gl.constexpr = word_slot_shape(BITS, BLOCK_N)
     buffers = ()  # per stage (UNROLL) or per ring: (gate words, up words, scale rows, zero-point rows, activations)
     for _ in gl.static_range(STAGES if UNROLL else 1):
-        w_gate = gl.allocate_shared_memory(gl.int32, DEPTH + WORD_TILE, W_SMEM)
-        w_up = gl.allocate_shared_memory(gl.int32, DEPTH + WORD_TILE, W_SMEM) if GATED else w_gate
+        w_gate = gl.allocate_shared_memory(gl.int32, DEPTH + WORD_TILE, FRAGMENT_SMEM)
+        w_up = gl.allocate_shared_memory(gl.int32, DEPTH + WORD_TILE, FRAGMENT_SMEM) if GATED else w_gate
         s_buf = gl.allocate_shared_memory(s_ptr.dtype.element_ty, DEPTH + [HALVES * NG * BLOCK_N], ROW_SMEM)
         z_buf = (gl.allocate_shared_memory(z_ptr.dtype.element_ty, DEPTH + [HALVES * NG * BLOCK_N], ROW_SMEM)
                  if HAS_ZP else s_buf)
@@ -749,7 +739,7 @@ def _block_gemm(
                         a_row_ptrs_r = _activation_rows(gl.load(sorted_ids_ptr + block_r * BLOCK_M + m_b), a_ptr, P,
                                                         stride_am, TOP_K, GATED)
                         n0_r = item_r // blocks * BLOCK_N
-                        c_ptrs_r = w_ptr + expert_r * stride_we + n0_r * COL_STEP + c_offs
+                        c_ptrs_r = w_ptr + expert_r * stride_we + n0_r * COLUMN_STEP + c_offs
                         c_mask_r = n0_r + c_cols < N
                         s_base_r = s_ptr + expert_r * stride_se
                         z_base_r = z_ptr + expert_r * stride_se if HAS_ZP else s_base_r

@@ -28,8 +28,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from wna16moe.kernels.grid_dependence import enter_dependent, leave_main_loop
 from wna16moe.kernels.layout import TILE_K
 from wna16moe.kernels.moe_gemm_decode import (
+    COLUMN_STEP,
     FRAGMENT_SMEM,
-    ROW_PAIR_SMEM,
     _activation_rows,
     _copy_tile,
     _epilogue,
@@ -37,7 +37,7 @@ from wna16moe.kernels.moe_gemm_decode import (
     _program_block,
     _tile_step_scaled,
     _word_copy_offsets,
-    column_step,
+    word_slot_shape,
 )
 
 _TILE_K = gl.constexpr(TILE_K)
@@ -74,7 +74,7 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
     offs_k = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     n0_half = n0 + HALF * HALF_N
     c_offs, c_cols = _word_copy_offsets(stride_wk, BITS, HALF_N, 4)
-    c_ptrs = w_ptr + expert * stride_we + n0_half * column_step(BITS) + c_offs
+    c_ptrs = w_ptr + expert * stride_we + n0_half * COLUMN_STEP + c_offs
     c_mask = n0_half + c_cols < N
     offs_s = gl.arange(0, NG * HALF_N, layout=gl.BlockedLayout([8], [32], [4], [0]))
     s_base = s_ptr + expert * stride_se
@@ -159,8 +159,6 @@ def _moe_gemm_ws_kernel(
 ):
     # (the decode kernel's arguments, so that `moe_gemm` launches either; the launcher admits GEMM2 only)
     gl.static_assert(not GATED and not HAS_PERM and SPLIT_K == 1 and ALIGNED and ID_BLOCKS == 0 and NUM_WARPS == 4)
-    PACK: gl.constexpr = 32 // BITS
-    R: gl.constexpr = _TILE_K // PACK
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
     pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
@@ -173,9 +171,7 @@ def _moe_gemm_ws_kernel(
     A_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     # (each half's words and group rows in buffers of their own, stage s half h at 2 s + h: what one
     # warpgroup copies is contiguous)
-    w_ring = gl.allocate_shared_memory(gl.int32, [2 * STAGES] + ([BLOCK_N // 2, R] if BITS == 4 else
-                                                               [R, BLOCK_N // 2]),
-                                       FRAGMENT_SMEM if BITS == 4 else ROW_PAIR_SMEM)
+    w_ring = gl.allocate_shared_memory(gl.int32, [2 * STAGES] + word_slot_shape(BITS, BLOCK_N // 2), FRAGMENT_SMEM)
     s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [2 * STAGES, NG * BLOCK_N // 2], ROW_SMEM)
     z_ring = (gl.allocate_shared_memory(z_ptr.dtype.element_ty, [2 * STAGES, NG * BLOCK_N // 2], ROW_SMEM) if HAS_ZP
               else s_ring)
