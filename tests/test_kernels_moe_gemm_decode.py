@@ -39,10 +39,12 @@ def test_arguments_are_checked() -> None:
     args = (a, w, scales, None, None, None, out, torch.ones(2), None, torch.zeros(2, dtype=torch.int32), None)
     common = dict(bits=4, group_size=128, top_k=1, gated=False, decode=True)
     plain = (a, torch.zeros(1, 16, 128, dtype=torch.int32), *args[2:])
-    with pytest.raises(ValueError, match=r"reads int4 words in paired fragment tiles.*shape \[1, 16, 128\]"):
-        moe_gemm(*plain, block_m=8, block_n=64, **common)
-    with pytest.raises(ValueError, match=r"shape \[1, 1, 128, 16\]: fragment tiles .* int4 words only, got bits=8"):
-        moe_gemm(*args, block_m=8, block_n=64, **common | {"bits": 8})
+    for bits in (4, 8):  # (plain int8 words: [1, 32, 128])
+        with pytest.raises(ValueError, match=r"reads words in fragment tiles.*shape \[1, 16, 128\]"):
+            moe_gemm(*plain, block_m=8, block_n=64, **common | {"bits": bits})
+    narrow = (a, torch.zeros(1, 1, 128, 8, dtype=torch.int32), *args[2:])
+    with pytest.raises(ValueError, match=r"shape \[1, 1, 128, 8\]: fragment tiles are \[E, half tiles, N_total, 16\]"):
+        moe_gemm(*narrow, block_m=8, block_n=64, **common)
     with pytest.raises(ValueError, match="block_m"):
         moe_gemm(*args, block_m=24, block_n=64, **common)
     with pytest.raises(ValueError, match="block_n"):
