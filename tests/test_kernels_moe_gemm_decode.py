@@ -93,7 +93,7 @@ def test_a_ring_past_the_gpus_shared_memory_is_refused(monkeypatch: pytest.Monke
     assert ring_bytes(8, True, False, 128, 128, 128, 3) <= hopper < ring_bytes(8, True, False, 128, 128, 128, 4)
     monkeypatch.setattr(launcher, "_max_shared_memory", lambda device: hopper)
     a = torch.zeros(2, 256, dtype=torch.float16)
-    w = torch.zeros(1, 2 * 32, 256, dtype=torch.int32)
+    w = torch.zeros(1, 2 * 2, 256, 16, dtype=torch.int32)  # (fragment tiles: two K tiles of two halves)
     scales = torch.ones(1, 2, 256, dtype=torch.float16)
     out = torch.zeros(4, 128, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"num_stages=4 x block_m=128 x block_n=128 \(8-bit, gated\).*shared memory"):
@@ -107,7 +107,7 @@ def test_a_ring_past_the_gpus_shared_memory_is_refused(monkeypatch: pytest.Monke
 def test_gpu_a_ring_past_shared_memory_is_refused_before_the_launch() -> None:
     """The same refusal from the GPU's own limit (Triton's cached query), where the kernel would not launch."""
     a = torch.randn(2, 256, dtype=torch.bfloat16, device=DEVICE)
-    w = torch.randint(-2**31, 2**31 - 1, (1, 2 * 32, 256), dtype=torch.int32, device=DEVICE)
+    w = torch.randint(-2**31, 2**31 - 1, (1, 2 * 2, 256, 16), dtype=torch.int32, device=DEVICE)
     scales = torch.rand(1, 2, 256, dtype=torch.bfloat16, device=DEVICE)
     out = torch.full((4, 128), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError, match=r"num_stages=4 x block_m=128 .*shared memory, this GPU 2\d{5}"):
