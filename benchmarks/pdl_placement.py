@@ -30,15 +30,20 @@ from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, 
 
 
 @triton.jit
+def now_ns():
+    """The GPU's global nanosecond clock (%globaltimer), comparable across SMs."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
 def _hold_kernel(out_ptr, hold_ns, RELEASE: tl.constexpr):
     """Spins for hold_ns (globaltimer); with RELEASE lets its dependent launch first."""
     if RELEASE:
         release_dependents()
-    start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    start = now_ns()
     now = start
     while now - start < hold_ns:
-        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
-                                        pack=1)
+        now = now_ns()
     tl.store(out_ptr + tl.program_id(0), now - start)
 
 
@@ -48,7 +53,7 @@ def _where_kernel(sm_ptr, time_ptr, PDL: tl.constexpr):
     if PDL:
         await_prior_grids()
     sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-    now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    now = now_ns()
     tl.store(sm_ptr + tl.program_id(0), sm)
     tl.store(time_ptr + tl.program_id(0), now)
 
