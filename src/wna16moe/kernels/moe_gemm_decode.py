@@ -100,11 +100,16 @@ COLUMN_STEP = gl.constexpr(FRAGMENT_WORDS)
 
 
 @triton.constexpr_function
+def half_tiles(bits: int) -> int:
+    """Half tiles of 16 word rows per K tile (layout.py): 1 for int4, 2 for int8. (R spelled out: a constexpr
+    function may not call layout.words_per_tile, a plain function, when the JIT hashes it.)"""
+    return TILE_K * bits // 32 // FRAGMENT_WORDS
+
+
+@triton.constexpr_function
 def word_slot_shape(bits: int, block_n: int) -> list[int]:
-    """A tile's words in a ring slot: its half tiles [BLOCK_N, 16] stacked (one for int4, two for int8). (The
-    halves spelled out: a constexpr function may not call layout.words_per_tile, a plain function, when the
-    JIT hashes it.)"""
-    return [block_n * (TILE_K * bits // 32) // 16, 16]
+    """A tile's words in a ring slot: its half tiles [BLOCK_N, 16] stacked."""
+    return [half_tiles(bits) * block_n, FRAGMENT_WORDS]
 
 
 def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) -> str | None:
@@ -423,9 +428,9 @@ def _load_words(slot, BITS: gl.constexpr, A_OP: gl.constexpr):
     a half tile, rows 16b + 2q, + 1, + 8, + 9 (b: the half, int8's second one holding rows 16-31), are 16
     contiguous bytes of the fragment tiles (layout.py): read as [BLOCK_N, halves, 4, 2, 2] (b, q, h, l) in the
     operand's own registers, one 16-byte load each, then viewed as rows 16b + 8h + 2q + l, which moves no data."""
-    HALVES: gl.constexpr = 32 // (32 // BITS) // 4  # (R / 16: 1 for int4, 2 for int8)
+    HALVES: gl.constexpr = half_tiles(BITS)
     BLOCK_N: gl.constexpr = slot.shape[0] // HALVES
-    R: gl.constexpr = 16 * HALVES
+    R: gl.constexpr = COLUMN_STEP * HALVES
     QUADS: gl.constexpr = gl.full([BLOCK_N, R], 0, gl.int32, A_OP).reshape([BLOCK_N, HALVES, 2, 4, 2]).permute(
         (0, 1, 3, 2, 4)).type.layout
     quads = slot.reshape([HALVES, BLOCK_N, 4, 2, 2]).permute((1, 0, 2, 3, 4)).load(QUADS)
