@@ -10,7 +10,10 @@ with a dependent grid after it, launched:
     light    early, 132 one-warp programs parked at their wait beside it
     wave     early, `--programs` 4-warp programs parked (what a dependent GEMM launches)
     heavy    early, `--programs` / 2 4-warp programs that hold a 128 x 128 tl.dot tile while parked (its
-             operands' shared memory, its accumulator's registers)
+             operands' 64 KB of shared memory, 166 registers a thread on sm_90)
+    shared   the same programs holding mostly shared memory (a 128 x 256 by 256 x 16 tl.dot: 72 KB, 66
+             registers)
+    registers  the same programs holding registers only (a 128 x 128 float32 tile element-wise: 96)
 
     python benchmarks/parked_cost.py [--mib 512] [--programs 528] [--repeats 20] [--out parked.json]
 """
@@ -29,7 +32,6 @@ from wna16moe.bench import write_results
 from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options, release_dependents
 
 _BLOCK = 4096
-_TILE = 128
 
 
 @triton.jit
@@ -49,15 +51,25 @@ def _stream_kernel(src_ptr, sums_ptr, span_ptr, per_program, RELEASE: tl.constex
 
 
 @triton.jit
-def _parked_kernel(x_ptr, out_ptr, PDL: tl.constexpr, TILE: tl.constexpr):
-    """Waits for the grid before (PDL), then stores one value, or with TILE a TILE x TILE tl.dot, whose operands'
-    shared memory and accumulator registers the program holds from its launch on."""
+def _parked_kernel(x_ptr, out_ptr, PDL: tl.constexpr, HOLD: tl.constexpr):
+    """Waits for the grid before (PDL), then stores one value (HOLD "none"), or what holds resources from the
+    program's launch on: a 128 x 128 tl.dot ("both": its operands' shared memory, its accumulator's registers),
+    a 128 x 256 by 256 x 16 one ("shared"), a 128 x 128 float32 tile element-wise ("registers")."""
     if PDL:
         await_prior_grids()
-    if TILE:
-        offs = tl.arange(0, TILE)
-        a = tl.load(x_ptr + offs[:, None] * TILE + offs[None, :])
-        tl.store(out_ptr + tl.program_id(0) * TILE * TILE + offs[:, None] * TILE + offs[None, :], tl.dot(a, a))
+    rows = tl.arange(0, 128)
+    out = out_ptr + tl.program_id(0) * 128 * 128
+    if HOLD == "both":
+        a = tl.load(x_ptr + rows[:, None] * 128 + rows[None, :])
+        tl.store(out + rows[:, None] * 128 + rows[None, :], tl.dot(a, a))
+    elif HOLD == "shared":
+        wide, narrow = tl.arange(0, 256), tl.arange(0, 16)
+        a = tl.load(x_ptr + rows[:, None] * 256 + wide[None, :])
+        b = tl.load(x_ptr + wide[:, None] * 16 + narrow[None, :])
+        tl.store(out + rows[:, None] * 16 + narrow[None, :], tl.dot(a, b))
+    elif HOLD == "registers":
+        tile = tl.load(x_ptr + rows[:, None] * 128 + rows[None, :]).to(tl.float32)
+        tl.store(out + rows[:, None] * 128 + rows[None, :], tile * tile + 1.0)
     else:
         tl.store(out_ptr + tl.program_id(0), 1.0)
 
@@ -68,16 +80,18 @@ def stream_span_us(way: str, src: torch.Tensor, programs: int, repeats: int) -> 
     per_program = src.numel() // programs // _BLOCK * _BLOCK
     sums = torch.empty(programs, device=device)
     span = torch.empty(2, dtype=torch.int64, device=device)
-    dependents, warps, tile = {"plain": (programs, 4, 0), "light": (132, 1, 0), "wave": (programs, 4, 0),
-                               "heavy": (programs // 2, 4, _TILE)}[way]
-    x = torch.randn(_TILE, _TILE, device=device).half()
-    out = torch.empty(dependents * max(tile, 1) ** 2, device=device)
+    dependents, warps, hold = {"plain": (programs, 4, "none"), "light": (132, 1, "none"),
+                               "wave": (programs, 4, "none"), "heavy": (programs // 2, 4, "both"),
+                               "shared": (programs // 2, 4, "shared"),
+                               "registers": (programs // 2, 4, "registers")}[way]
+    x = torch.randn(128 * 256, device=device).half()
+    out = torch.empty(dependents * 128 * 128, device=device)
     pdl = 0 if way == "plain" else 1
     spans = []
     for _ in range(repeats + 3):  # (the first three compile and warm up)
         span.copy_(torch.tensor([2**62, 0]))
         _stream_kernel[(programs,)](src, sums, span, per_program, RELEASE=pdl == 1, BLOCK=_BLOCK, num_warps=4)
-        _parked_kernel[(dependents,)](x, out, PDL=pdl, TILE=tile, num_warps=warps, **launch_options(pdl))
+        _parked_kernel[(dependents,)](x, out, PDL=pdl, HOLD=hold, num_warps=warps, **launch_options(pdl))
         torch.cuda.synchronize()
         spans.append((span[1] - span[0]).item() / 1e3)
     return statistics.median(spans[3:])
@@ -92,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     src = torch.randn(args.mib << 19, device="cuda").to(torch.bfloat16)
     rows = []
-    for way in ("plain", "light", "wave", "heavy", "plain"):  # (plain again: a drift shows)
+    for way in ("plain", "light", "wave", "heavy", "shared", "registers", "plain"):  # (plain again: a drift shows)
         us = stream_span_us(way, src, args.programs, args.repeats)
         rows.append({"way": way, "mib": args.mib, "programs": args.programs, "stream_us": us,
                      "gbps": (args.mib << 20) / us / 1e3})
