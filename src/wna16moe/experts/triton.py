@@ -468,8 +468,9 @@ class TritonExperts(Experts):
         t, top_k = topk_ids.shape
         group = scheme.group_size or -1
         ptx = _ptx_dequant(hidden_states.device)
-        # The Gluon kernel needs NVIDIA PTX, and words in fragment tiles: else the same tiles on moe_gemm.
-        if cfg.decode and not (ptx and self._fragment):
+        # The Gluon kernel reads words in fragment tiles only (stored where it runs): else the same tiles on
+        # moe_gemm.
+        if cfg.decode and not self._fragment:
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
                           specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)

@@ -310,8 +310,8 @@ def _gemm_block(
     PAIRED: tl.constexpr = FRAGMENT and BITS == 4
     if FRAGMENT:  # fragment tiles (layout.py): word row r of column n in half tile r // 16 (16 word rows of
         # stride_wk words each) at n * 16 + p(r % 16); an int4 word's partner at p(r) ^ 1
-        positions = (word_rows // 16 * 16 * stride_wk + 4 * (word_rows // 2 % 4) + 2 * (word_rows // 8 % 2)
-                     + word_rows % 2)
+        positions = (word_rows // _FRAGMENT_WORDS * _FRAGMENT_WORDS * stride_wk + 4 * (word_rows // 2 % 4)
+                     + 2 * (word_rows // 8 % 2) + word_rows % 2)
         w_ptrs = w_ptr + expert * stride_we + positions[:, None] + offs_n[None, :] * _FRAGMENT_WORDS
         partner_step = tl.where(odd_rows, -1, 1)
         up_step = N * _FRAGMENT_WORDS
