@@ -75,7 +75,7 @@ def main() -> None:
                 try:
                     err = relative_error(kernel.apply(x, tw, ids, weights, c), reference)
                 except Exception as error:  # a variant that does not compile is reported
-                    print(f"{name} M={m} {c}: failed {type(error).__name__}", flush=True)
+                    print(f"{name} M={m} {c}: failed {type(error).__name__}: {str(error)[:300]}", flush=True)
                     continue
                 us = _bench_graph(partial(kernel.apply, x, tw, ids, weights, c))
                 rows.append({"shape": name, "scheme": kernel.spec.scheme.name, "M": m, "round": rnd,

@@ -80,7 +80,7 @@ from wna16moe.kernels.dequant import (
 from wna16moe.kernels.grid_dependence import enter_dependent, leave_main_loop
 from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
 from wna16moe.kernels.token_blocks import token_block_rows
-from wna16moe.kernels.zero_share import zero_program_share
+from wna16moe.kernels.zero_share import zero_program_share, zero_share
 
 _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
@@ -184,13 +184,16 @@ def _group_rows(buf, half, NG: gl.constexpr, BLOCK_N: gl.constexpr, LAYOUT: gl.c
 
 
 @gluon.jit
-def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr,
-                     COPY_A: gl.constexpr):
+def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, a_act, HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr,
+                     COPY_A: gl.constexpr, A_ACT: gl.constexpr):
     """The activations [BLOCK_M, TILE_K] of the tile at reduction row k (rows `a_row_ptrs`, columns through the
     act-order permutation when HAS_PERM, zero past k_end), to be stored in the activation ring; or none when
-    cp.async copies them (COPY_A: no permutation, rows in whole 16-byte pieces)."""
+    cp.async copies them (COPY_A: no permutation, rows in whole 16-byte pieces). With A_ACT (`_block_gemm`) they
+    are GEMM1's K-split partial sums, finished here (`_finished_partials`)."""
     if COPY_A:
         tile = ()
+    elif A_ACT[0]:
+        tile = _finished_partials(a_row_ptrs, perm_ptr, k + offs_k, k_end, a_act, HAS_PERM, A_ACT)
     else:
         offs = k + offs_k
         if EVEN_K:
@@ -201,6 +204,35 @@ def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, HAS_PERM: gl.conste
             cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
             tile = gl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
     return tile
+
+
+@gluon.jit
+def _finished_partials(a_row_ptrs, perm_ptr, offs, k_end, a_act, HAS_PERM: gl.constexpr, A_ACT: gl.constexpr):
+    """GEMM2's activations at columns `offs` (< k_end; zero past it) from a fused launch's GEMM1 partial sums
+    [SPLITS, P, 2 KD] that `a_row_ptrs` point into: act(sum of the gate sums, sum of the up sums), as the activation
+    pass computes them (kernels/activation.py). a_act: the split stride, KD (where the up sums start), alpha, beta,
+    limit; A_ACT: SPLITS, the activation, HAS_LIMIT, the activation dtype. Read past L1 (.cg): other SMs wrote them
+    in this launch."""
+    split_stride, up_offset, alpha, beta, limit = a_act
+    k_mask = offs < k_end
+    cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
+    ptrs = a_row_ptrs + cols[None, :]
+    mask = k_mask[None, :]
+    gate = gl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    up = gl.load(ptrs + up_offset, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in gl.static_range(1, A_ACT[0]):
+        gate += gl.load(ptrs + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        up += gl.load(ptrs + s * split_stride + up_offset, mask=mask, other=0.0, cache_modifier=".cg")
+    return gated_activation(gate, up, alpha, beta, limit, A_ACT[1], A_ACT[2]).to(A_ACT[3])
+
+
+@gluon.jit
+def _await_count(count_ptr, count):
+    """Spin until the counter at count_ptr reaches `count` (an acquire: what was written before each release that
+    counted is visible after)."""
+    seen = gl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+    while seen < count:
+        seen = gl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
 
 
 @gluon.jit
@@ -474,12 +506,12 @@ def _stage(buffers, slot, UNROLL: gl.constexpr):
 @gluon.jit
 def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_step, k_first, k_end, c_ptrs, c_mask,
                s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size,
-               stride_sg, PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
+               stride_sg, a_act, PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
                HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
                ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr, RAW: gl.constexpr,
                SCALED: gl.constexpr, POST_SCALED: gl.constexpr, USE_WGMMA: gl.constexpr, DTYPE: gl.constexpr,
                A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr,
-               AHEAD: gl.constexpr, CARRY: gl.constexpr):
+               AHEAD: gl.constexpr, CARRY: gl.constexpr, A_ACT: gl.constexpr):
     """One K tile of `_block_gemm`'s loop: wait for the tile in `stage`, refill `refill` with the tile AHEAD
     tiles ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at), multiply (`carried`:
     `_tile_step_scaled`'s); activations that go through registers are stored into `next_a_buf` one tile ahead."""
@@ -493,7 +525,7 @@ def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_s
                k_refill, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK, GATED, COPY_A,
                EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
-    a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
+    a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, a_act, HAS_PERM, EVEN_K, COPY_A, A_ACT)
     # (the scaled step reads each operand from the ring where it multiplies)
     b_tiles = () if SCALED else _ring_operands(a_buf, PACK, B_OP)
     scales, scales_up = _side(s_buf, z_buf, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS, Z_ROWS)
@@ -529,12 +561,11 @@ def _store_layout(x, rows, n0, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
 
 
 @gluon.jit
-def _program_block(num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """The (row block, column tile) of this program. GROUP_M = 1: row blocks fastest, so that a wave spans
+def _program_block(pid, num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """The (row block, column tile) of program `pid`. GROUP_M = 1: row blocks fastest, so that a wave spans
     every expert's blocks at a few column tiles (decode: each weight tile read once, at once). GROUP_M > 1:
     GROUP_M row blocks at a time through all column tiles, so that their activations stay in L2 while each is
     reused by every column tile (prefill: row blocks fastest re-read them from DRAM once per column tile)."""
-    pid = gl.program_id(0)
     if GROUP_M == 1:
         pid_m = pid % num_m_blocks
         pid_n = pid // num_m_blocks
@@ -569,9 +600,16 @@ def _block_gemm(
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
     WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
+    pid, pid_k, ready_ptr, ready_count, FUSED: gl.constexpr, A_ACT: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
-    BLOCK_M-row block."""
+    BLOCK_M-row block.
+
+    FUSED: a role in a launch of both GEMMs (kernels/moe_decode_fused.py), as program `pid` of K split `pid_k`
+    of that GEMM's grid (else the program ids say). Its GEMM1 clears its share among GEMM1's programs; its
+    prefetching GEMM2 waits for the counter at ready_ptr to reach ready_count, not for the previous grid.
+    A_ACT there: (K splits, activation, HAS_LIMIT, activation dtype) when GEMM2's activations are GEMM1's
+    partial sums (a_ptr), finished as they are read; (0,): a_ptr holds the activations."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     WIDE: gl.constexpr = BLOCK_M >= _WIDE_M  # (a wide block stays wide when it multiplies fewer rows)
@@ -583,7 +621,7 @@ def _block_gemm(
                          gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8]))
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    DTYPE: gl.constexpr = a_ptr.dtype.element_ty
+    DTYPE: gl.constexpr = A_ACT[3] if A_ACT[0] else a_ptr.dtype.element_ty
     SCALED: gl.constexpr = WIDE or GROUP_IN_TILE <= 32  # (measured at 32; 64 is not)
     RAW: gl.constexpr = not (BITS == 8 and DTYPE == gl.bfloat16)
     # A wide block's activation tile [ROWS, TILE_K], 16 bytes per thread and load.
@@ -596,11 +634,17 @@ def _block_gemm(
         pid_m = item % blocks
         pid_n = item // blocks
     else:
-        pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
-    pid_k = gl.program_id(1)
+        pid_m, pid_n = _program_block(pid if FUSED else gl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
+    if not FUSED:
+        pid_k = gl.program_id(1)
     if ZERO_OUT:  # (see `_moe_gemm_decode_kernel`: one launch fewer)
         FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
-        zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
+        if FUSED:  # (shares among GEMM1's programs, in its grid's order)
+            tiles_mn = num_m_blocks * gl.cdiv(N, BLOCK_N)
+            zero_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT), pid_k * tiles_mn + pid,
+                       SPLIT_K * tiles_mn)
+        else:
+            zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
     # The block's rows, once for the activation tiles' rows and once for the epilogue (accumulator).
     m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
@@ -628,6 +672,7 @@ def _block_gemm(
         rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_acc)
     a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, GATED)
     perm_ptr = a_perm_ptr + expert * KD
+    a_act = (P * stride_am, KD, alpha, beta, limit)  # (`_finished_partials`)
 
     tiles = gl.cdiv(KD, _TILE_K)
     tiles_per_split = gl.cdiv(tiles, SPLIT_K)
@@ -704,21 +749,24 @@ def _block_gemm(
                  if HAS_ZP else s_buf)
         a_buf = gl.allocate_shared_memory(DTYPE, DEPTH + [ROWS, _TILE_K], A_SMEM)
         buffers = buffers + ((w_gate, w_up, s_buf, z_buf, a_buf),)
-    COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
+    COPY_A: gl.constexpr = not HAS_PERM and ALIGNED and not A_ACT[0]
     # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
     # after, one commit group per tile: the loop's wait then still needs only its own tile's last group.
     for s in gl.static_range(AHEAD):
         _copy_tile(_stage(buffers, s, UNROLL), c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
                    k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
                    COPY_A and not PREFETCH, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
-    if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
-        enter_dependent(PDL)
+    if PREFETCH:  # the first tiles' weights are on their way while the previous grid (or GEMM1's programs) finishes
+        if FUSED:
+            _await_count(ready_ptr, ready_count)
+        else:
+            enter_dependent(PDL)
         if COPY_A:
             for s in gl.static_range(AHEAD):
                 k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
                 _copy_activations(_stage(buffers, s, UNROLL)[4], a_row_ptrs, offs_k, k_s, k_end, EVEN_K)
                 async_copy.commit_group()
-    a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, HAS_PERM, EVEN_K, COPY_A)
+    a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, a_act, HAS_PERM, EVEN_K, COPY_A, A_ACT)
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
         _stage(buffers, 0, UNROLL)[4].store(a_tile)
     if PERSISTENT:
@@ -752,9 +800,9 @@ def _block_gemm(
                         acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k_r, k_r, k_step, k_first, KD, c_ptrs_r, c_mask_r, s_base_r,
                         z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE,
-                        stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
-                        STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
-                        CARRIED)
+                        stride_sg, a_act, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
+                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
+                        AHEAD, CARRIED, A_ACT)
                     k_r += k_step
                     done += 1
                     if done == tiles:
@@ -778,9 +826,9 @@ def _block_gemm(
                         acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k, k + AHEAD * k_step, k_step, k_first, k_end, c_ptrs,
                         c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
-                        GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
-                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
-                        AHEAD, CARRIED)
+                        GROUP_SIZE, stride_sg, a_act, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
+                        BLOCK_N, ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS,
+                        Z_ROWS, AHEAD, CARRIED, A_ACT)
     else:
         slot = 0
         for k in range(k_begin, k_end, k_step):
@@ -788,8 +836,9 @@ def _block_gemm(
                 acc, acc_up, carried, _stage(buffers, slot, False), _stage(buffers, (slot + AHEAD) % STAGES, False),
                 _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + AHEAD * k_step, k_step, k_first, k_end,
                 c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
-                GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
-                STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED)
+                GROUP_SIZE, stride_sg, a_act, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
+                ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
+                CARRIED, A_ACT)
             slot = (slot + 1) % STAGES
     if CARRIED:  # (GEMM2: one accumulator)
         acc = warpgroup_mma_wait(0, deps=(acc,) + carried)[0]
@@ -866,35 +915,40 @@ def _wide_block(
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY)
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
+                    False, (0,))
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY)
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
+                    False, (0,))
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY)
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
+                    False, (0,))
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY)
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
+                    False, (0,))
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY)
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
+                    False, (0,))
 
 
 @gluon.jit
@@ -923,7 +977,7 @@ def _moe_gemm_decode_kernel(
     if ZERO_OUT and WIDE_DISPATCH:
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
     if WIDE_DISPATCH:
-        pid_m = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)[0]
+        pid_m = _program_block(gl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)[0]
         if ID_BLOCKS:  # row j holds token j: as many rows as tokens
             _wide_block(P // TOP_K, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr,
                         sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks,
@@ -946,4 +1000,4 @@ def _moe_gemm_decode_kernel(
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
                     ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
-                    PERSISTENT, CARRY)
+                    PERSISTENT, CARRY, 0, 0, num_padded_ptr, 0, False, (0,))

@@ -161,7 +161,7 @@ def _moe_gemm_ws_kernel(
     gl.static_assert(not GATED and not HAS_PERM and SPLIT_K == 1 and ALIGNED and ID_BLOCKS == 0 and NUM_WARPS == 4)
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
-    pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _program_block(gl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
     enter_dependent(PDL)
     if pid_m * BLOCK_M >= gl.load(num_padded_ptr):
         return
