@@ -210,14 +210,14 @@ def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, a_act, HAS_PERM: gl
 def _finished_partials(a_row_ptrs, perm_ptr, offs, k_end, a_act, HAS_PERM: gl.constexpr, A_ACT: gl.constexpr):
     """GEMM2's activations at columns `offs` (< k_end; zero past it) from a fused launch's GEMM1 partial sums
     [SPLITS, P, 2 KD] that `a_row_ptrs` point into: act(sum of the gate sums, sum of the up sums), as the activation
-    pass computes them (kernels/activation.py). a_act: the split stride, KD (where the up sums start), alpha, beta,
-    limit; A_ACT: SPLITS, the activation, HAS_LIMIT, the activation dtype. Read past L1 (.cg): other SMs wrote them
-    in this launch."""
-    split_stride, up_offset, alpha, beta, limit = a_act
+    pass computes them (kernels/activation.py); zero in padding rows, which are not read. a_act: the split stride,
+    KD (where the up sums start), alpha, beta, limit, the real rows [ROWS, 1]; A_ACT: SPLITS, the activation,
+    HAS_LIMIT, the activation dtype. Read past L1 (.cg): other SMs wrote them in this launch."""
+    split_stride, up_offset, alpha, beta, limit, real_rows = a_act
     k_mask = offs < k_end
     cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
     ptrs = a_row_ptrs + cols[None, :]
-    mask = k_mask[None, :]
+    mask = k_mask[None, :] & real_rows
     gate = gl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
     up = gl.load(ptrs + up_offset, mask=mask, other=0.0, cache_modifier=".cg")
     for s in gl.static_range(1, A_ACT[0]):
@@ -228,11 +228,15 @@ def _finished_partials(a_row_ptrs, perm_ptr, offs, k_end, a_act, HAS_PERM: gl.co
 
 @gluon.jit
 def _await_count(count_ptr, count):
-    """Spin until the counter at count_ptr reaches `count` (an acquire: what was written before each release that
-    counted is visible after)."""
-    seen = gl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+    """Spin until the counter at count_ptr reaches `count`, then acquire: what was written before each release
+    that counted is visible after. The spin's reads are relaxed (an acquire at GPU scope also invalidates the
+    SM's L1, CCTL.IVALL, under the programs that share the SM); one acquiring read ends it, in a loop of its
+    own so that its value is used (a read whose value is not is dropped), which it leaves at once."""
+    seen = gl.atomic_add(count_ptr, 0, sem="relaxed", scope="gpu")
     while seen < count:
-        seen = gl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        seen = gl.atomic_add(count_ptr, 0, sem="relaxed", scope="gpu")
+    while gl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu") < count:
+        pass
 
 
 @gluon.jit
@@ -672,7 +676,7 @@ def _block_gemm(
         rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_acc)
     a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, GATED)
     perm_ptr = a_perm_ptr + expert * KD
-    a_act = (P * stride_am, KD, alpha, beta, limit)  # (`_finished_partials`)
+    a_act = (P * stride_am, KD, alpha, beta, limit, (rows_b < P)[:, None])  # (`_finished_partials`)
 
     tiles = gl.cdiv(KD, _TILE_K)
     tiles_per_split = gl.cdiv(tiles, SPLIT_K)
