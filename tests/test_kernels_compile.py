@@ -198,8 +198,8 @@ SPECIALIZED_CASES = [
 ]
 
 
-# Both GEMMs of one token in one launch (kernels/moe_decode_fused.py): GEMM1 K-split (GEMM2 finishes its partial
-# sums) with zero points and act-order columns, and unsplit int8 (GEMM2 copies its activations).
+# Both GEMMs of one token in one launch (kernels/moe_decode_fused.py): GEMM1 K-split (its last split of a tile
+# finishes the activation) with zero points and act-order columns, and unsplit int8.
 FUSED_CASES = [
     dict(bits=4, zp=True, perm=True, group=128, split_k1=4, block_n1=64, block_n2=128, warps=4, stages1=2,
          stages2=4),
@@ -353,12 +353,15 @@ def test_warp_specialized_gemm2_compiles(compiled: dict, index: int) -> None:
 def test_fused_launch_compiles(compiled: dict, index: int) -> None:
     case, facts = FUSED_CASES[index], compiled["fused"][index]
     assert facts["mma.sync"] > 0 and facts["cp.async"] > 0 and facts[".local"] == 0, facts
-    # one ticket, one release per GEMM1 program, one count of finished GEMM2 programs; acquiring loads in the
-    # GEMM2 programs' wait (before and in its loop) and the last one's
-    assert (facts["ticket"], facts["release"], facts["finish"]) == (1, 1, 1), facts
-    assert facts["acquire_loads"] >= 2, facts
-    # a K-split GEMM1's partial sums read past L1 (2 x splits per tile, once ahead of the loop, once in it)
-    assert facts["partial_loads"] >= (4 * case["split_k1"] if case["split_k1"] > 1 else 0), facts
+    # relaxed: the SM's arrivals, GEMM1 and GEMM2 blocks taken (each before its loop and in it); a release per
+    # GEMM1 block done; acq_rel: programs leaving, and a K-split GEMM1 tile's splits that stored partial sums
+    assert facts["relaxed"] == 5 and facts["release"] == 1, facts
+    assert facts["acq_rel"] == (2 if case["split_k1"] > 1 else 1), facts
+    # acquiring reads end the GEMM2 blocks' wait and the last program's
+    assert facts["acquire_loads"] == 2, facts
+    # the last split of a GEMM1 tile reads every split's partial sums past L1, gate and up (a few loads each)
+    split = case["split_k1"]
+    assert facts["partial_loads"] >= 2 * split if split > 1 else facts["partial_loads"] == 0, facts
     # the two roles' rings share the shared memory: the larger of the two, not their sum
     rings = [ring_bytes(case["bits"], gated, case["zp"], min(case["group"], 128), 8, case[f"block_n{n}"],
                         case[f"stages{n}"]) for gated, n in ((True, 1), (False, 2))]

@@ -17,7 +17,7 @@ import wna16moe.kernels.moe_gemm as moe_gemm_module
 from wna16moe import Activation, MoEConfig, WeightScheme, open_checkpoint
 from wna16moe.experts.base import relative_error
 from wna16moe.experts.triton import TritonConfig
-from wna16moe.kernels.moe_decode_fused import SYNC_COUNTERS, moe_decode_fused
+from wna16moe.kernels.moe_decode_fused import moe_decode_fused, sync_size
 from wna16moe.routing import softmax_topk
 
 
@@ -38,28 +38,25 @@ def test_launcher_names_what_is_wrong() -> None:
     e, h, i, k = 4, 256, 128, 2
     w13 = (torch.zeros(e, 2, 2 * i, 16, dtype=torch.int32), torch.ones(e, 2, 2 * i), None, None, None)
     w2 = (torch.zeros(e, 1, h, 16, dtype=torch.int32), torch.ones(e, 1, h), None, None, None)
-    x = torch.randn(1, h)
-    ids = torch.tensor([[0, 1]], dtype=torch.int32)
-    tw = torch.rand(1, k)
-    out = torch.empty(1, h)
-    sync = torch.zeros(SYNC_COUNTERS, dtype=torch.int32)
-    tiles = dict(bits=4, group_size=128, block_n1=64, block_n2=64, split_k2=1)
-    good_mid = torch.empty(2, k, 2 * i)
+    good = dict(hidden_states=torch.randn(1, h), w13=w13, w2=w2, partials=torch.empty(2, k, 2 * i),
+                intermediate=torch.empty(k, i), out=torch.empty(1, h), topk_weights=torch.rand(1, k),
+                topk_ids=torch.tensor([[0, 1]], dtype=torch.int32),
+                sync=torch.zeros(sync_size(k, i, 64), dtype=torch.int32), bits=4, group_size=128, block_n1=64,
+                block_n2=64, split_k1=2, split_k2=1)
     cases = [
-        (dict(hidden_states=torch.randn(2, h), topk_ids=ids.repeat(2, 1)), "one token"),
-        (dict(mid=torch.empty(2, k, i)), "mid must be contiguous float32 partial sums"),
-        (dict(mid=torch.empty(k, 2 * i), split_k1=1), "mid must be"),
-        (dict(w13=(*w13[:4], torch.zeros(e, 2 * i))), "bias"),
+        (dict(hidden_states=torch.randn(2, h), topk_ids=torch.zeros(2, k, dtype=torch.int32)), "one token"),
+        (dict(partials=torch.empty(2, k, i)), "partials must be contiguous float32"),
+        (dict(partials=None), "partials must be"),
+        (dict(intermediate=torch.empty(k, i, dtype=torch.bfloat16)), "intermediate must be"),
         (dict(out=torch.empty(1, h, dtype=torch.bfloat16)), "out must be contiguous float32"),
-        (dict(sync=torch.zeros(2, dtype=torch.int32)), "sync must be int32"),
+        (dict(sync=torch.zeros(sync_size(k, i, 64) - 1, dtype=torch.int32)), "sync must be int32"),
         (dict(w2=(torch.zeros(e, 1, h, 8, dtype=torch.int32), *w2[1:])), "w2 must be words in fragment tiles"),
         (dict(block_n1=48), "block_n"),
+        (dict(group_size=8), "group_size"),
     ]
     for change, message in cases:
-        args = dict(hidden_states=x, w13=w13, w2=w2, mid=good_mid, out=out, topk_weights=tw, topk_ids=ids, sync=sync,
-                    split_k1=2, **tiles) | change
         with pytest.raises(ValueError, match=message):
-            moe_decode_fused(**args)
+            moe_decode_fused(**(good | change))
 
 
 def test_fused_config_runs_unfused_where_it_cannot_run() -> None:
@@ -127,29 +124,16 @@ def test_gpu_fused_matches_emulation(scheme_name: str, h: int, i: int, split_k1:
 @pytest.mark.parametrize("split_k1", [1, 4], ids=["unsplit", "split4"])
 @pytest.mark.parametrize("activation", [Activation.SILU, Activation.GELU, Activation.SWIGLU_OAI])
 def test_gpu_fused_activations_and_biases(activation: Activation, split_k1: int) -> None:
-    """Each activation, SwiGLU's clamp, GEMM2's bias, and GEMM1's bias where a fused launch takes it (unsplit;
-    split, the forward runs unfused: checked apart)."""
+    """Each activation, SwiGLU's clamp and both biases (split over K, GEMM1's is added where its last split
+    finishes the activation)."""
     e, k, h, i = 16, 4, 1024, 512
-    quant = dict(w2_bias=torch.randn(e, h, device=DEVICE), gemm1_clamp_limit=0.5)
-    if split_k1 == 1:
-        quant["w1_bias"] = torch.randn(e, 2 * i, device=DEVICE)
+    quant = dict(w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE),
+                 gemm1_clamp_limit=0.5)
     cfg, kernel, weights, emulation, emu_weights = fused_beside_emulation("int4_g128_zp", e, k, h, i,
                                                                           activation=activation, **quant)
     x = torch.randn(1, h, dtype=cfg.dtype, device=DEVICE)
     tw, ids = softmax_topk(torch.randn(1, e, device=DEVICE), k, renormalize=True)
     out = kernel.apply(x, tw, ids, weights, fused_config(split_k1))
-    assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
-
-
-@pytest.mark.gpu
-@needs_hopper
-def test_gpu_split_gemm1_with_bias_runs_unfused() -> None:
-    e, k, h, i = 16, 4, 1024, 512
-    cfg, kernel, weights, emulation, emu_weights = fused_beside_emulation(
-        "int4_g128_sym", e, k, h, i, w1_bias=torch.randn(e, 2 * i, device=DEVICE))
-    x = torch.randn(1, h, dtype=cfg.dtype, device=DEVICE)
-    tw, ids = softmax_topk(torch.randn(1, e, device=DEVICE), k, renormalize=True)
-    out = kernel.apply(x, tw, ids, weights, fused_config(4))
     assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
 
 
@@ -228,3 +212,27 @@ def test_gpu_fused_forwards_back_to_back_in_a_graph(pdl: int) -> None:
             expected = step(captured[n], lambda *a: emulation.apply(*a, emu_weights))
             assert relative_error(captured[n + 1], expected) < 2e-2, (replay, n)
     assert not kernel._sync.any(), kernel._sync
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("programs", [1, 7, 40])
+def test_gpu_few_programs_take_many_blocks(programs: int) -> None:
+    """Launched with fewer programs than blocks, each program runs GEMM1 blocks while any are left, then GEMM2
+    blocks, one after another through the same ring: a block whose copies land in the next one's buffers, or a
+    GEMM2 block that starts before every GEMM1 block is done, shows as an error."""
+    e, k, h, i = 16, 8, 2048, 768
+    cfg, kernel, weights, emulation, emu_weights = fused_beside_emulation("int8_g128_sym", e, k, h, i)
+    for split_k1 in (1, 4):
+        x = torch.randn(1, h, dtype=cfg.dtype, device=DEVICE)
+        tw, ids = softmax_topk(torch.randn(1, e, device=DEVICE), k, renormalize=True)
+        out = torch.full((1, h), float("nan"), device=DEVICE)  # (GEMM1 clears it)
+        partials = torch.full((split_k1, k, 2 * i), float("nan"), device=DEVICE) if split_k1 > 1 else None
+        w13 = (*(weights.get(f"w13{s}") for s in ("", "_scales", "_zeros", "_perm")), None)
+        w2 = (*(weights.get(f"w2{s}") for s in ("", "_scales", "_zeros", "_perm")), None)
+        moe_decode_fused(x, w13, w2, partials, torch.empty(k, i, dtype=cfg.dtype, device=DEVICE), out, tw, ids,
+                         kernel._sync, bits=8, group_size=128, block_n1=64, block_n2=128, split_k1=split_k1,
+                         split_k2=2, stages1=3, stages2=3, programs=programs)
+        ref = emulation.apply(x, tw, ids, emu_weights).float()
+        assert relative_error(out, ref) < 1e-2, (programs, split_k1)
+        assert not kernel._sync.any(), kernel._sync

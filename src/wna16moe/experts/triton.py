@@ -113,10 +113,10 @@ class TritonConfig:
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
 
     `fused` (with `decode` on 8-row blocks) runs a one-token forward's two GEMMs in one launch
-    (kernels/moe_decode_fused.py): GEMM2's programs prefetch their weights while GEMM1's run, wait for them on a
-    counter, and finish a K-split GEMM1's partial sums as they read them, so the activation pass and one
-    launch's ramp and tail drop out. Both GEMMs run at `num_warps`; at more than one token, with GEMM1's
-    bias and a K split, or on other cards, the forward runs unfused.
+    (kernels/moe_decode_fused.py): a K-split GEMM1's last split of each tile finishes the activation, and GEMM2's
+    programs prefetch their weights while GEMM1's run and wait for them on a counter, so the activation pass and
+    one launch's ramp and tail drop out. Both GEMMs run at `num_warps`; at more than one token or on other cards
+    the forward runs unfused.
     """
 
     block_m: int
@@ -442,12 +442,13 @@ class TritonExperts(Experts):
         self._configs: dict[int, TritonConfig] = {}
         self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
-        # A fused launch's counters (kernels/moe_decode_fused.py): this layer's own, zero between launches.
+        # A fused launch's counters (kernels/moe_decode_fused.py): this layer's own, zero between launches,
+        # enough for its narrowest GEMM1 tile at one token.
         self._sync = None
         if self._fragment:
-            from wna16moe.kernels.moe_decode_fused import SYNC_COUNTERS
+            from wna16moe.kernels.moe_decode_fused import sync_size
 
-            self._sync = torch.zeros(SYNC_COUNTERS, dtype=torch.int32, device=device)
+            self._sync = torch.zeros(sync_size(spec.moe.top_k, self.i_pad, 16), dtype=torch.int32, device=device)
 
     @classmethod
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
@@ -515,13 +516,14 @@ class TritonExperts(Experts):
         w13 = (hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"), weights.get("w13_perm"),
                self.w13_bias)
         w2 = (weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"), self.w2_bias)
-        if cfg.fused and t == 1 and self._sync is not None and not (cfg.split_k1 > 1 and self.w13_bias is not None):
-            mid = (torch.empty(cfg.split_k1, top_k, 2 * self.i_pad, dtype=torch.float32, device=hidden_states.device)
-                   if cfg.split_k1 > 1 else intermediate)
-            moe_decode_fused(hidden_states, w13[1:], w2, mid, out, topk_weights, topk_ids, self._sync,
-                             bits=scheme.bits, group_size=group, block_n1=cfg.block_n1, block_n2=cfg.block_n2,
-                             split_k1=cfg.split_k1, split_k2=cfg.split_k2, num_warps=cfg.num_warps,
-                             stages1=cfg.num_stages, stages2=cfg.gemm2_stages, pdl=gemm_pdl, **activation)
+        if cfg.fused and t == 1 and self._sync is not None:
+            partials = (torch.empty(cfg.split_k1, top_k, 2 * self.i_pad, dtype=torch.float32,
+                                    device=hidden_states.device) if cfg.split_k1 > 1 else None)
+            moe_decode_fused(hidden_states, w13[1:], w2, partials, intermediate, out, topk_weights, topk_ids,
+                             self._sync, bits=scheme.bits, group_size=group, block_n1=cfg.block_n1,
+                             block_n2=cfg.block_n2, split_k1=cfg.split_k1, split_k2=cfg.split_k2,
+                             num_warps=cfg.num_warps, stages1=cfg.num_stages, stages2=cfg.gemm2_stages,
+                             max_registers=cfg.max_registers, pdl=gemm_pdl, **activation)
             return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
         if cfg.split_k1 > 1:
             partials = torch.empty(cfg.split_k1, t * top_k, 2 * self.i_pad, dtype=torch.float32,

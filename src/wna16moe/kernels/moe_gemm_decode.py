@@ -184,16 +184,13 @@ def _group_rows(buf, half, NG: gl.constexpr, BLOCK_N: gl.constexpr, LAYOUT: gl.c
 
 
 @gluon.jit
-def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, a_act, HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr,
-                     COPY_A: gl.constexpr, A_ACT: gl.constexpr):
+def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr,
+                     COPY_A: gl.constexpr):
     """The activations [BLOCK_M, TILE_K] of the tile at reduction row k (rows `a_row_ptrs`, columns through the
     act-order permutation when HAS_PERM, zero past k_end), to be stored in the activation ring; or none when
-    cp.async copies them (COPY_A: no permutation, rows in whole 16-byte pieces). With A_ACT (`_block_gemm`) they
-    are GEMM1's K-split partial sums, finished here (`_finished_partials`)."""
+    cp.async copies them (COPY_A: no permutation, rows in whole 16-byte pieces)."""
     if COPY_A:
         tile = ()
-    elif A_ACT[0]:
-        tile = _finished_partials(a_row_ptrs, perm_ptr, k + offs_k, k_end, a_act, HAS_PERM, A_ACT)
     else:
         offs = k + offs_k
         if EVEN_K:
@@ -204,26 +201,6 @@ def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, a_act, HAS_PERM: gl
             cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
             tile = gl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
     return tile
-
-
-@gluon.jit
-def _finished_partials(a_row_ptrs, perm_ptr, offs, k_end, a_act, HAS_PERM: gl.constexpr, A_ACT: gl.constexpr):
-    """GEMM2's activations at columns `offs` (< k_end; zero past it) from a fused launch's GEMM1 partial sums
-    [SPLITS, P, 2 KD] that `a_row_ptrs` point into: act(sum of the gate sums, sum of the up sums), as the activation
-    pass computes them (kernels/activation.py); zero in padding rows, which are not read. a_act: the split stride,
-    KD (where the up sums start), alpha, beta, limit, the real rows [ROWS, 1]; A_ACT: SPLITS, the activation,
-    HAS_LIMIT, the activation dtype. Read past L1 (.cg): other SMs wrote them in this launch."""
-    split_stride, up_offset, alpha, beta, limit, real_rows = a_act
-    k_mask = offs < k_end
-    cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
-    ptrs = a_row_ptrs + cols[None, :]
-    mask = k_mask[None, :] & real_rows
-    gate = gl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-    up = gl.load(ptrs + up_offset, mask=mask, other=0.0, cache_modifier=".cg")
-    for s in gl.static_range(1, A_ACT[0]):
-        gate += gl.load(ptrs + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
-        up += gl.load(ptrs + s * split_stride + up_offset, mask=mask, other=0.0, cache_modifier=".cg")
-    return gated_activation(gate, up, alpha, beta, limit, A_ACT[1], A_ACT[2]).to(A_ACT[3])
 
 
 @gluon.jit
@@ -510,12 +487,12 @@ def _stage(buffers, slot, UNROLL: gl.constexpr):
 @gluon.jit
 def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_step, k_first, k_end, c_ptrs, c_mask,
                s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size,
-               stride_sg, a_act, PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
+               stride_sg, PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
                HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
                ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr, RAW: gl.constexpr,
                SCALED: gl.constexpr, POST_SCALED: gl.constexpr, USE_WGMMA: gl.constexpr, DTYPE: gl.constexpr,
                A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr,
-               AHEAD: gl.constexpr, CARRY: gl.constexpr, A_ACT: gl.constexpr):
+               AHEAD: gl.constexpr, CARRY: gl.constexpr):
     """One K tile of `_block_gemm`'s loop: wait for the tile in `stage`, refill `refill` with the tile AHEAD
     tiles ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at), multiply (`carried`:
     `_tile_step_scaled`'s); activations that go through registers are stored into `next_a_buf` one tile ahead."""
@@ -529,7 +506,7 @@ def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_s
                k_refill, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK, GATED, COPY_A,
                EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
-    a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, a_act, HAS_PERM, EVEN_K, COPY_A, A_ACT)
+    a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
     # (the scaled step reads each operand from the ring where it multiplies)
     b_tiles = () if SCALED else _ring_operands(a_buf, PACK, B_OP)
     scales, scales_up = _side(s_buf, z_buf, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS, Z_ROWS)
@@ -604,16 +581,16 @@ def _block_gemm(
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
     WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
-    pid, pid_k, ready_ptr, ready_count, FUSED: gl.constexpr, A_ACT: gl.constexpr,
+    pid, pid_k, ready_ptr, ready_count, inter_ptr, stride_inter, counters_ptr, FUSED: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block.
 
     FUSED: a role in a launch of both GEMMs (kernels/moe_decode_fused.py), as program `pid` of K split `pid_k`
-    of that GEMM's grid (else the program ids say). Its GEMM1 clears its share among GEMM1's programs; its
-    prefetching GEMM2 waits for the counter at ready_ptr to reach ready_count, not for the previous grid.
-    A_ACT there: (K splits, activation, HAS_LIMIT, activation dtype) when GEMM2's activations are GEMM1's
-    partial sums (a_ptr), finished as they are read; (0,): a_ptr holds the activations."""
+    of that GEMM's grid (else the program ids say). Its GEMM1 clears its share among GEMM1's programs, and
+    split over K, the last split of each block and tile to store its partial sums finishes them into
+    inter_ptr (rows stride_inter apart; `_epilogue`), counted at counters_ptr (one per block and column tile).
+    Its prefetching GEMM2 waits for the counter at ready_ptr to reach ready_count, not for the previous grid."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     WIDE: gl.constexpr = BLOCK_M >= _WIDE_M  # (a wide block stays wide when it multiplies fewer rows)
@@ -625,7 +602,7 @@ def _block_gemm(
                          gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8]))
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    DTYPE: gl.constexpr = A_ACT[3] if A_ACT[0] else a_ptr.dtype.element_ty
+    DTYPE: gl.constexpr = a_ptr.dtype.element_ty
     SCALED: gl.constexpr = WIDE or GROUP_IN_TILE <= 32  # (measured at 32; 64 is not)
     RAW: gl.constexpr = not (BITS == 8 and DTYPE == gl.bfloat16)
     # A wide block's activation tile [ROWS, TILE_K], 16 bytes per thread and load.
@@ -676,7 +653,6 @@ def _block_gemm(
         rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_acc)
     a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, GATED)
     perm_ptr = a_perm_ptr + expert * KD
-    a_act = (P * stride_am, KD, alpha, beta, limit, (rows_b < P)[:, None])  # (`_finished_partials`)
 
     tiles = gl.cdiv(KD, _TILE_K)
     tiles_per_split = gl.cdiv(tiles, SPLIT_K)
@@ -753,7 +729,7 @@ def _block_gemm(
                  if HAS_ZP else s_buf)
         a_buf = gl.allocate_shared_memory(DTYPE, DEPTH + [ROWS, _TILE_K], A_SMEM)
         buffers = buffers + ((w_gate, w_up, s_buf, z_buf, a_buf),)
-    COPY_A: gl.constexpr = not HAS_PERM and ALIGNED and not A_ACT[0]
+    COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
     # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
     # after, one commit group per tile: the loop's wait then still needs only its own tile's last group.
     for s in gl.static_range(AHEAD):
@@ -770,7 +746,7 @@ def _block_gemm(
                 k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
                 _copy_activations(_stage(buffers, s, UNROLL)[4], a_row_ptrs, offs_k, k_s, k_end, EVEN_K)
                 async_copy.commit_group()
-    a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, a_act, HAS_PERM, EVEN_K, COPY_A, A_ACT)
+    a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, HAS_PERM, EVEN_K, COPY_A)
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
         _stage(buffers, 0, UNROLL)[4].store(a_tile)
     if PERSISTENT:
@@ -804,9 +780,9 @@ def _block_gemm(
                         acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k_r, k_r, k_step, k_first, KD, c_ptrs_r, c_mask_r, s_base_r,
                         z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE,
-                        stride_sg, a_act, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
+                        stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
                         ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
-                        AHEAD, CARRIED, A_ACT)
+                        AHEAD, CARRIED)
                     k_r += k_step
                     done += 1
                     if done == tiles:
@@ -815,8 +791,9 @@ def _block_gemm(
                         cols = n0_c + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
                         _epilogue(acc, acc_up, gl.load(sorted_ids_ptr + block * BLOCK_M + m_acc),
                                   gl.load(expert_ids_ptr + block).to(gl.int64), cols, cols < N, n0_c, pid_k,
-                                  out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED,
-                                  ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
+                                  out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, inter_ptr,
+                                  stride_inter, counters_ptr, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K,
+                                  USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, False)
                         acc = gl.zeros_like(acc)
                         acc_up = gl.zeros_like(acc_up)
                         done = 0
@@ -830,9 +807,9 @@ def _block_gemm(
                         acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k, k + AHEAD * k_step, k_step, k_first, k_end, c_ptrs,
                         c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
-                        GROUP_SIZE, stride_sg, a_act, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
+                        GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
                         BLOCK_N, ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS,
-                        Z_ROWS, AHEAD, CARRIED, A_ACT)
+                        Z_ROWS, AHEAD, CARRIED)
     else:
         slot = 0
         for k in range(k_begin, k_end, k_step):
@@ -840,9 +817,9 @@ def _block_gemm(
                 acc, acc_up, carried, _stage(buffers, slot, False), _stage(buffers, (slot + AHEAD) % STAGES, False),
                 _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + AHEAD * k_step, k_step, k_first, k_end,
                 c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
-                GROUP_SIZE, stride_sg, a_act, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
+                GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
                 ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
-                CARRIED, A_ACT)
+                CARRIED)
             slot = (slot + 1) % STAGES
     if CARRIED:  # (GEMM2: one accumulator)
         acc = warpgroup_mma_wait(0, deps=(acc,) + carried)[0]
@@ -850,18 +827,23 @@ def _block_gemm(
 
     if not PERSISTENT:
         _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P,
-                  stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M,
-                  BLOCK_N, NUM_WARPS)
+                  stride_om, alpha, beta, limit, inter_ptr, stride_inter,
+                  counters_ptr + pid_m * gl.cdiv(N, BLOCK_N) + pid_n, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS,
+                  SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, FUSED and GATED and SPLIT_K > 1)
 
 
 @gluon.jit
 def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om,
-              alpha, beta, limit, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
-              HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, USE_WGMMA: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
+              alpha, beta, limit, inter_ptr, stride_inter, tile_counter, TOP_K: gl.constexpr, GATED: gl.constexpr,
+              ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+              USE_WGMMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
+              FINISH: gl.constexpr):
     """A block's results out: GEMM1's activation (or K-split partial sums) stored, GEMM2's rows scaled by their
     router weights and added into their tokens' rows. `rows`: the block's pairs (P: padding), `offs_n` its
-    columns, both in the accumulator's layout."""
+    columns, both in the accumulator's layout. FINISH (a fused launch's K-split GEMM1): the last of the block's
+    splits to store its partial sums, counted at `tile_counter`, sums all of them into the activation at
+    inter_ptr, as the activation pass would (kernels/activation.py), and clears the counter for the next
+    launch."""
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
     # 64- and 128-row wgmma blocks leave through `_store_layout`: on an H200, M = 8192 -1.7% (deepseek-v3) and
@@ -873,6 +855,21 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
         part_ptrs = out_ptr + part_rows[None, :] * stride_om + offs_n[:, None]
         gl.store(part_ptrs, acc, mask=out_mask)
         gl.store(part_ptrs + N, acc_up, mask=out_mask)
+        if FINISH:
+            gl.thread_barrier()  # (every thread's stores before the count, which releases them)
+            if gl.atomic_add(tile_counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                first = out_ptr + rows.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
+                gate = gl.zeros_like(acc)
+                up = gl.zeros_like(acc_up)
+                for s in gl.static_range(SPLIT_K):  # (read past L1: other SMs stored them)
+                    gate += gl.load(first + s * P * stride_om, mask=out_mask, other=0.0, cache_modifier=".cg")
+                    up += gl.load(first + s * P * stride_om + N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    gate += gl.load(bias_ptr + expert * 2 * N + offs_n, mask=n_mask, other=0.0)[:, None]
+                    up += gl.load(bias_ptr + expert * 2 * N + N + offs_n, mask=n_mask, other=0.0)[:, None]
+                h = gated_activation(gate, up, alpha, beta, limit, ACT, HAS_LIMIT).to(inter_ptr.dtype.element_ty)
+                gl.store(inter_ptr + rows.to(gl.int64)[None, :] * stride_inter + offs_n[:, None], h, mask=out_mask)
+                gl.store(tile_counter, 0)
     elif GATED:
         if HAS_BIAS:
             acc += gl.load(bias_ptr + expert * 2 * N + offs_n, mask=n_mask, other=0.0)[:, None]
@@ -919,40 +916,40 @@ def _wide_block(
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
-                    False, (0,))
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
+                    num_padded_ptr, False)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
-                    False, (0,))
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
+                    num_padded_ptr, False)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
-                    False, (0,))
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
+                    num_padded_ptr, False)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
-                    False, (0,))
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
+                    num_padded_ptr, False)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0,
-                    False, (0,))
+                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
+                    num_padded_ptr, False)
 
 
 @gluon.jit
@@ -1004,4 +1001,5 @@ def _moe_gemm_decode_kernel(
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
                     ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
-                    PERSISTENT, CARRY, 0, 0, num_padded_ptr, 0, False, (0,))
+                    PERSISTENT, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0, num_padded_ptr,
+                    False)

@@ -123,7 +123,7 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
     rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA)))
     offs_n = n0_half + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
     _epilogue(acc, acc, rows, expert, offs_n, offs_n < N, n0_half, 0, out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om,
-              1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4)
+              1.0, 0.0, 0.0, out_ptr, 0, out_ptr, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4, False)
 
 
 @gluon.jit
