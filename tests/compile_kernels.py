@@ -21,7 +21,6 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from wna16moe.kernels.activation import _split_k_activation_kernel
 from wna16moe.kernels.moe_align import _align_one_program, _place_kernel
-from wna16moe.kernels.moe_decode_fused import _moe_decode_fused_kernel
 from wna16moe.kernels.moe_gemm import _moe_gemm_kernel, group_m
 from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel
 from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel
@@ -169,41 +168,6 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
     return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"], per_tile=True) | {"shared": kernel.metadata.shared}
 
 
-def compile_fused(case: dict) -> dict[str, int]:
-    """Both GEMMs of one token in one launch (kernels/moe_decode_fused.py) for sm_90: PTX facts, the counters'
-    atomics and acquiring loads, shared memory."""
-    split1 = case["split_k1"]
-    act = "*" + case.get("dtype", "bf16")
-    perm = "*i32" if case["perm"] else act
-    zeros = "*u8" if case["zp"] else act
-    signature = {"a_ptr": act, "perm1_ptr": perm, "w1_ptr": "*i32", "s1_ptr": act, "z1_ptr": zeros,
-                 "bias1_ptr": "*fp32", "part_ptr": "*fp32" if split1 > 1 else act, "inter_ptr": act, "perm2_ptr": perm,
-                 "w2_ptr": "*i32", "s2_ptr": act, "z2_ptr": zeros, "bias2_ptr": "*fp32", "out_ptr": "*fp32",
-                 "topk_w_ptr": "*fp32", "ids_ptr": "*i32", "sync_ptr": "*i32"}
-    sizes = ("gemm1_per_sm", "hidden", "inter", "P", "stride_am", "stride_part", "stride_inter", "stride_om",
-             "stride_w1e", "stride_w1k", "stride_s1e", "stride_s1g", "stride_w2e", "stride_w2k", "stride_s2e",
-             "stride_s2g")
-    signature |= dict.fromkeys(sizes, "i32") | dict.fromkeys(("alpha", "beta", "limit"), "fp32")
-    consts = dict(TOP_K=8, ACT=0, HAS_LIMIT=False, BITS=case["bits"], HAS_ZP=case["zp"], HAS_PERM1=case["perm"],
-                  HAS_PERM2=case["perm"], HAS_BIAS1=True, HAS_BIAS2=False, GROUP_SIZE=case["group"],
-                  GROUP_IN_TILE=min(case["group"], 128), SPLIT_K1=split1, SPLIT_K2=2, BLOCK_N1=case["block_n1"],
-                  BLOCK_N2=case["block_n2"], EVEN_K1=True, EVEN_K2=True, ALIGNED1=True, ALIGNED2=True,
-                  NUM_WARPS=case["warps"], STAGES1=case["stages1"], STAGES2=case["stages2"], PDL=1)
-    signature |= dict.fromkeys(consts, "constexpr")
-    names = list(signature)
-    divisible = [n for n in names if n.startswith(("stride", "w1", "w2", "s1", "s2", "z1", "z2", "part", "inter_ptr",
-                                                   "out", "a_ptr")) or n in ("hidden", "inter")]
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    kernel = triton.compile(GluonASTSource(_moe_decode_fused_kernel, signature, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": case["warps"]})
-    ptx = kernel.asm["ptx"]
-    return facts(ptx) | {"shared": kernel.metadata.shared, "relaxed": ptx.count("atom.global.gpu.relaxed.add.u32"),
-                         "release": ptx.count("atom.global.gpu.release.add.u32"),
-                         "acq_rel": ptx.count("atom.global.gpu.acq_rel.add.u32"),
-                         "acquire_loads": ptx.count("ld.global.gpu.acquire.b32"),
-                         "partial_loads": ptx.count("ld.global.cg")}
-
-
 def compile_align() -> dict[str, dict[str, int]]:
     """Both alignment paths: the one program (atomics, then barriers between phases) and the grid's placing."""
     pointers = dict.fromkeys(("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "rank_ptr",
@@ -260,6 +224,5 @@ if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
     print(json.dumps({"gemm": [compile_gemm(c) for c in cases["gemm"]],
                       "decode": [compile_decode_gemm(c) for c in cases["decode"]],
-                      "specialized": [compile_decode_gemm(c) for c in cases["specialized"]],
-                      "fused": [compile_fused(c) for c in cases["fused"]], "align": compile_align(),
+                      "specialized": [compile_decode_gemm(c) for c in cases["specialized"]], "align": compile_align(),
                       "route": compile_route(), "activation": compile_activation()}))

@@ -111,12 +111,6 @@ class TritonConfig:
     `specialize` (with `wgmma`, GEMM2 on 128-row blocks at 8 warps, 128 or 256 wide) runs GEMM2 on
     warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
-
-    `fused` (with `decode` on 8-row blocks) runs a one-token forward's two GEMMs in one launch
-    (kernels/moe_decode_fused.py): a K-split GEMM1's last split of each tile finishes the activation, and GEMM2's
-    programs prefetch their weights while GEMM1's run and wait for them on a counter, so the activation pass and
-    one launch's ramp and tail drop out. Both GEMMs run at `num_warps`; at more than one token or on other cards
-    the forward runs unfused.
     """
 
     block_m: int
@@ -137,7 +131,6 @@ class TritonConfig:
     persistent: int = 0
     carry: int = 0
     specialize: bool = False
-    fused: bool = False
 
     @property
     def gemm2_warps(self) -> int:
@@ -165,10 +158,6 @@ class TritonConfig:
             object.__setattr__(self, "num_stages2", None)
         if self.pdl not in (PDL_OFF, RELEASE_AFTER_LOOP, RELEASE_AT_WAIT, RELEASE_EARLY):
             raise ValueError(f"pdl must be {PDL_OFF} to {RELEASE_EARLY} (kernels/grid_dependence.py), got {self.pdl}")
-        if self.fused and not (self.decode and self.block_m == 8 and self.num_warps2 is None):
-            raise ValueError(f"fused runs both GEMMs on the decode kernel's 8-row blocks at one warp count (decode, "
-                             f"block_m=8, no num_warps2), got decode={self.decode} block_m={self.block_m} "
-                             f"num_warps2={self.num_warps2}")
         if self.pdl == RELEASE_EARLY and self.split_k1 == 1:  # (no activation pass to release early)
             object.__setattr__(self, "pdl", RELEASE_AT_WAIT)
         if self.shrink not in (0, 1, 2):
@@ -442,13 +431,6 @@ class TritonExperts(Experts):
         self._configs: dict[int, TritonConfig] = {}
         self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
-        # A fused launch's counters (kernels/moe_decode_fused.py): this layer's own, zero between launches,
-        # enough for its narrowest GEMM1 tile at one token.
-        self._sync = None
-        if self._fragment:
-            from wna16moe.kernels.moe_decode_fused import sync_size
-
-            self._sync = torch.zeros(sync_size(spec.moe.top_k, self.i_pad, 16), dtype=torch.int32, device=device)
 
     @classmethod
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
@@ -480,7 +462,6 @@ class TritonExperts(Experts):
         from wna16moe.kernels.cast import cast
         from wna16moe.kernels.grid_dependence import chained_launch
         from wna16moe.kernels.moe_align import moe_align_block_size
-        from wna16moe.kernels.moe_decode_fused import moe_decode_fused
         from wna16moe.kernels.moe_gemm import moe_gemm
 
         moe, scheme, quant = self.moe, self.scheme, self.quant
@@ -491,7 +472,7 @@ class TritonExperts(Experts):
         # moe_gemm.
         if cfg.decode and not self._fragment:
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
-                          specialize=False, fused=False)
+                          specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
@@ -515,16 +496,6 @@ class TritonExperts(Experts):
                           limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
         w13 = (hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"), weights.get("w13_perm"),
                self.w13_bias)
-        w2 = (weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"), self.w2_bias)
-        if cfg.fused and t == 1 and self._sync is not None:
-            partials = (torch.empty(cfg.split_k1, top_k, 2 * self.i_pad, dtype=torch.float32,
-                                    device=hidden_states.device) if cfg.split_k1 > 1 else None)
-            moe_decode_fused(hidden_states, w13[1:], w2, partials, intermediate, out, topk_weights, topk_ids,
-                             self._sync, bits=scheme.bits, group_size=group, block_n1=cfg.block_n1,
-                             block_n2=cfg.block_n2, split_k1=cfg.split_k1, split_k2=cfg.split_k2,
-                             num_warps=cfg.num_warps, stages1=cfg.num_stages, stages2=cfg.gemm2_stages,
-                             max_registers=cfg.max_registers, pdl=gemm_pdl, **activation)
-            return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
         if cfg.split_k1 > 1:
             partials = torch.empty(cfg.split_k1, t * top_k, 2 * self.i_pad, dtype=torch.float32,
                                    device=hidden_states.device)
@@ -534,9 +505,10 @@ class TritonExperts(Experts):
         else:
             moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
                      **gemm1)
-        moe_gemm(intermediate, *w2[:4], self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False,
-                 block_n=cfg.block_n2, split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages,
-                 carry=cfg.carry, specialize=cfg.specialize, **common)
+        moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
+                 self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
+                 split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
+                 specialize=cfg.specialize, **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
 

@@ -522,13 +522,6 @@ def _group_in_tile(group_size: int) -> int:
     return TILE_K if group_size == -1 else min(group_size, TILE_K)
 
 
-def rows_in_16_bytes(a: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, n: int) -> bool:
-    """Whether a GEMM's activation, scale and zero-point rows come in whole 16-byte pieces (n: output columns per
-    half), so that the decode kernel's cp.async ring copies them (its ALIGNED)."""
-    return all(x % 16 == 0 for x in (n, a.shape[1], a.stride(0), a.data_ptr(), scales.stride(0), scales.stride(1),
-                                     scales.data_ptr(), 0 if zeros is None else zeros.data_ptr()))
-
-
 def moe_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -630,7 +623,9 @@ def moe_gemm(
                              "multiply only their real rows")
         # Rows of scales, zero points and activations (GEMM1's, wide blocks') go through the cp.async ring in
         # 16-byte pieces where they come in them; else through registers.
-        aligned = rows_in_16_bytes(a, scales, zeros, w.shape[2] // (2 if gated else 1))
+        aligned = all(x % 16 == 0 for x in (w.shape[2] // (2 if gated else 1), a.shape[1], a.stride(0), a.data_ptr(),
+                                           scales.stride(0), scales.stride(1), scales.data_ptr(),
+                                           0 if zeros is None else zeros.data_ptr()))
         if wgmma and block_m < 32:
             raise ValueError(f"wgmma multiplies the decode kernel's wide blocks (block_m >= 32), got {block_m}")
         if (carry and not wgmma) or not 0 <= carry <= MAX_CARRY:

@@ -80,7 +80,7 @@ from wna16moe.kernels.dequant import (
 from wna16moe.kernels.grid_dependence import enter_dependent, leave_main_loop
 from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
 from wna16moe.kernels.token_blocks import token_block_rows
-from wna16moe.kernels.zero_share import zero_program_share, zero_share
+from wna16moe.kernels.zero_share import zero_program_share
 
 _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
@@ -201,19 +201,6 @@ def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, HAS_PERM: gl.conste
             cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
             tile = gl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
     return tile
-
-
-@gluon.jit
-def _await_count(count_ptr, count):
-    """Spin until the counter at count_ptr reaches `count`, then acquire: what was written before each release
-    that counted is visible after. The spin's reads are relaxed (an acquire at GPU scope also invalidates the
-    SM's L1, CCTL.IVALL, under the programs that share the SM); one acquiring read ends it, in a loop of its
-    own so that its value is used (a read whose value is not is dropped), which it leaves at once."""
-    seen = gl.atomic_add(count_ptr, 0, sem="relaxed", scope="gpu")
-    while seen < count:
-        seen = gl.atomic_add(count_ptr, 0, sem="relaxed", scope="gpu")
-    while gl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu") < count:
-        pass
 
 
 @gluon.jit
@@ -542,11 +529,12 @@ def _store_layout(x, rows, n0, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
 
 
 @gluon.jit
-def _program_block(pid, num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """The (row block, column tile) of program `pid`. GROUP_M = 1: row blocks fastest, so that a wave spans
+def _program_block(num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """The (row block, column tile) of this program. GROUP_M = 1: row blocks fastest, so that a wave spans
     every expert's blocks at a few column tiles (decode: each weight tile read once, at once). GROUP_M > 1:
     GROUP_M row blocks at a time through all column tiles, so that their activations stay in L2 while each is
     reused by every column tile (prefill: row blocks fastest re-read them from DRAM once per column tile)."""
+    pid = gl.program_id(0)
     if GROUP_M == 1:
         pid_m = pid % num_m_blocks
         pid_n = pid // num_m_blocks
@@ -581,16 +569,9 @@ def _block_gemm(
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
     WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
-    pid, pid_k, ready_ptr, ready_count, inter_ptr, stride_inter, counters_ptr, FUSED: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
-    BLOCK_M-row block.
-
-    FUSED: a role in a launch of both GEMMs (kernels/moe_decode_fused.py), as program `pid` of K split `pid_k`
-    of that GEMM's grid (else the program ids say). Its GEMM1 clears its share among GEMM1's programs, and
-    split over K, the last split of each block and tile to store its partial sums finishes them into
-    inter_ptr (rows stride_inter apart; `_epilogue`), counted at counters_ptr (one per block and column tile).
-    Its prefetching GEMM2 waits for the counter at ready_ptr to reach ready_count, not for the previous grid."""
+    BLOCK_M-row block."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     WIDE: gl.constexpr = BLOCK_M >= _WIDE_M  # (a wide block stays wide when it multiplies fewer rows)
@@ -615,17 +596,11 @@ def _block_gemm(
         pid_m = item % blocks
         pid_n = item // blocks
     else:
-        pid_m, pid_n = _program_block(pid if FUSED else gl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
-    if not FUSED:
-        pid_k = gl.program_id(1)
+        pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
+    pid_k = gl.program_id(1)
     if ZERO_OUT:  # (see `_moe_gemm_decode_kernel`: one launch fewer)
         FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
-        if FUSED:  # (shares among GEMM1's programs, in its grid's order)
-            tiles_mn = num_m_blocks * gl.cdiv(N, BLOCK_N)
-            zero_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT), pid_k * tiles_mn + pid,
-                       SPLIT_K * tiles_mn)
-        else:
-            zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
+        zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
     # The block's rows, once for the activation tiles' rows and once for the epilogue (accumulator).
     m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
@@ -736,11 +711,8 @@ def _block_gemm(
         _copy_tile(_stage(buffers, s, UNROLL), c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
                    k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
                    COPY_A and not PREFETCH, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
-    if PREFETCH:  # the first tiles' weights are on their way while the previous grid (or GEMM1's programs) finishes
-        if FUSED:
-            _await_count(ready_ptr, ready_count)
-        else:
-            enter_dependent(PDL)
+    if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
+        enter_dependent(PDL)
         if COPY_A:
             for s in gl.static_range(AHEAD):
                 k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
@@ -780,9 +752,9 @@ def _block_gemm(
                         acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k_r, k_r, k_step, k_first, KD, c_ptrs_r, c_mask_r, s_base_r,
                         z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE,
-                        stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
-                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
-                        AHEAD, CARRIED)
+                        stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
+                        STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
+                        CARRIED)
                     k_r += k_step
                     done += 1
                     if done == tiles:
@@ -791,9 +763,8 @@ def _block_gemm(
                         cols = n0_c + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
                         _epilogue(acc, acc_up, gl.load(sorted_ids_ptr + block * BLOCK_M + m_acc),
                                   gl.load(expert_ids_ptr + block).to(gl.int64), cols, cols < N, n0_c, pid_k,
-                                  out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, inter_ptr,
-                                  stride_inter, counters_ptr, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K,
-                                  USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, False)
+                                  out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED,
+                                  ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
                         acc = gl.zeros_like(acc)
                         acc_up = gl.zeros_like(acc_up)
                         done = 0
@@ -807,9 +778,9 @@ def _block_gemm(
                         acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k, k + AHEAD * k_step, k_step, k_first, k_end, c_ptrs,
                         c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
-                        GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE,
-                        BLOCK_N, ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS,
-                        Z_ROWS, AHEAD, CARRIED)
+                        GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
+                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
+                        AHEAD, CARRIED)
     else:
         slot = 0
         for k in range(k_begin, k_end, k_step):
@@ -817,9 +788,8 @@ def _block_gemm(
                 acc, acc_up, carried, _stage(buffers, slot, False), _stage(buffers, (slot + AHEAD) % STAGES, False),
                 _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + AHEAD * k_step, k_step, k_first, k_end,
                 c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
-                GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
-                ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
-                CARRIED)
+                GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
+                STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED)
             slot = (slot + 1) % STAGES
     if CARRIED:  # (GEMM2: one accumulator)
         acc = warpgroup_mma_wait(0, deps=(acc,) + carried)[0]
@@ -827,23 +797,18 @@ def _block_gemm(
 
     if not PERSISTENT:
         _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P,
-                  stride_om, alpha, beta, limit, inter_ptr, stride_inter,
-                  counters_ptr + pid_m * gl.cdiv(N, BLOCK_N) + pid_n, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS,
-                  SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, FUSED and GATED and SPLIT_K > 1)
+                  stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M,
+                  BLOCK_N, NUM_WARPS)
 
 
 @gluon.jit
 def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om,
-              alpha, beta, limit, inter_ptr, stride_inter, tile_counter, TOP_K: gl.constexpr, GATED: gl.constexpr,
-              ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
-              USE_WGMMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
-              FINISH: gl.constexpr):
+              alpha, beta, limit, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
+              HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, USE_WGMMA: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
     """A block's results out: GEMM1's activation (or K-split partial sums) stored, GEMM2's rows scaled by their
     router weights and added into their tokens' rows. `rows`: the block's pairs (P: padding), `offs_n` its
-    columns, both in the accumulator's layout. FINISH (a fused launch's K-split GEMM1): the last of the block's
-    splits to store its partial sums, counted at `tile_counter`, sums all of them into the activation at
-    inter_ptr, as the activation pass would (kernels/activation.py), and clears the counter for the next
-    launch."""
+    columns, both in the accumulator's layout."""
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
     # 64- and 128-row wgmma blocks leave through `_store_layout`: on an H200, M = 8192 -1.7% (deepseek-v3) and
@@ -855,21 +820,6 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
         part_ptrs = out_ptr + part_rows[None, :] * stride_om + offs_n[:, None]
         gl.store(part_ptrs, acc, mask=out_mask)
         gl.store(part_ptrs + N, acc_up, mask=out_mask)
-        if FINISH:
-            gl.thread_barrier()  # (every thread's stores before the count, which releases them)
-            if gl.atomic_add(tile_counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-                first = out_ptr + rows.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
-                gate = gl.zeros_like(acc)
-                up = gl.zeros_like(acc_up)
-                for s in gl.static_range(SPLIT_K):  # (read past L1: other SMs stored them)
-                    gate += gl.load(first + s * P * stride_om, mask=out_mask, other=0.0, cache_modifier=".cg")
-                    up += gl.load(first + s * P * stride_om + N, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    gate += gl.load(bias_ptr + expert * 2 * N + offs_n, mask=n_mask, other=0.0)[:, None]
-                    up += gl.load(bias_ptr + expert * 2 * N + N + offs_n, mask=n_mask, other=0.0)[:, None]
-                h = gated_activation(gate, up, alpha, beta, limit, ACT, HAS_LIMIT).to(inter_ptr.dtype.element_ty)
-                gl.store(inter_ptr + rows.to(gl.int64)[None, :] * stride_inter + offs_n[:, None], h, mask=out_mask)
-                gl.store(tile_counter, 0)
     elif GATED:
         if HAS_BIAS:
             acc += gl.load(bias_ptr + expert * 2 * N + offs_n, mask=n_mask, other=0.0)[:, None]
@@ -916,40 +866,35 @@ def _wide_block(
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
-                    num_padded_ptr, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
-                    num_padded_ptr, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
-                    num_padded_ptr, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
-                    num_padded_ptr, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0,
-                    num_padded_ptr, False)
+                    False, WGMMA, GROUP_M, False, CARRY)
 
 
 @gluon.jit
@@ -978,7 +923,7 @@ def _moe_gemm_decode_kernel(
     if ZERO_OUT and WIDE_DISPATCH:
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
     if WIDE_DISPATCH:
-        pid_m = _program_block(gl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)[0]
+        pid_m = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)[0]
         if ID_BLOCKS:  # row j holds token j: as many rows as tokens
             _wide_block(P // TOP_K, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr,
                         sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks,
@@ -1001,5 +946,4 @@ def _moe_gemm_decode_kernel(
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
                     ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
-                    PERSISTENT, CARRY, 0, 0, num_padded_ptr, 0, out_ptr, 0, num_padded_ptr,
-                    False)
+                    PERSISTENT, CARRY)

@@ -123,7 +123,7 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
     rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA)))
     offs_n = n0_half + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
     _epilogue(acc, acc, rows, expert, offs_n, offs_n < N, n0_half, 0, out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om,
-              1.0, 0.0, 0.0, out_ptr, 0, out_ptr, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4, False)
+              1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4)
 
 
 @gluon.jit
@@ -161,7 +161,7 @@ def _moe_gemm_ws_kernel(
     gl.static_assert(not GATED and not HAS_PERM and SPLIT_K == 1 and ALIGNED and ID_BLOCKS == 0 and NUM_WARPS == 4)
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
-    pid_m, pid_n = _program_block(gl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
     enter_dependent(PDL)
     if pid_m * BLOCK_M >= gl.load(num_padded_ptr):
         return

@@ -14,19 +14,6 @@ def zero_program_share(zero_ptr, zero_numel, offs):
     programs = tl.num_programs(0) * tl.num_programs(1)
     share = tl.cdiv(zero_numel, programs)
     first = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * share
-    _zero_range(zero_ptr, first, tl.minimum(first + share, zero_numel), offs)
-
-
-@triton.jit
-def zero_share(zero_ptr, zero_numel, offs, index, count):
-    """Zero share `index` of `count` (`zero_program_share`'s shares, for programs that are not their launch's
-    whole grid: a fused launch's GEMM1, kernels/moe_decode_fused.py)."""
-    share = tl.cdiv(zero_numel, count)
-    first = index * share
-    _zero_range(zero_ptr, first, tl.minimum(first + share, zero_numel), offs)
-
-
-@triton.jit
-def _zero_range(zero_ptr, first, last, offs):
+    last = tl.minimum(first + share, zero_numel)
     for start in range(first, last, offs.shape[0]):
         tl.store(zero_ptr + start + offs, 0.0, mask=start + offs < last)
