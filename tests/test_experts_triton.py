@@ -315,13 +315,6 @@ def test_pdl_settings_are_checked() -> None:
             TritonConfig(8, 64, 128, pdl=pdl)
 
 
-def test_l2_next_needs_the_decode_kernel_without_persistent_programs() -> None:
-    assert TritonConfig(8, 128, 256, decode=True, l2_next=-2).l2_next == -2
-    for config in (dict(decode=False), dict(decode=True, persistent=2)):
-        with pytest.raises(ValueError, match="l2_next"):
-            TritonConfig(8, 128, 256, l2_next=2, **config)
-
-
 def test_carry_needs_wgmma() -> None:
     assert TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True, carry=2).carry == 2
     for config in (dict(carry=1), dict(wgmma=True, carry=5), dict(wgmma=True, carry=-1)):
@@ -635,29 +628,6 @@ def test_tile_from_slots_is_slot_major(bits: int) -> None:
     _tile_from_slots_probe[(1,)](out, R=r, N=n, PACK=pack)
     expected = torch.arange(TILE_K, device=DEVICE)[:, None] * 1000 + torch.arange(n, device=DEVICE)[None, :]
     assert torch.equal(out, expected.to(torch.int32))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("l2_next", [1, 5, -3])
-@pytest.mark.parametrize(("scheme_name", "t"), [("int4_g128_sym", 1), ("int8_g128_sym", 1), ("int4_g32_zp", 3),
-                                                ("int4_g128_sym", 40)])
-def test_gpu_l2_next(scheme_name: str, t: int, l2_next: int) -> None:
-    """GEMM1 asking the L2 for GEMM2's first weight tiles (`l2_next`, before or after its own work) leaves every
-    result as it was: one token, a few (blocks from the ids) and aligned blocks; GEMM2's 7 K tiles split 2 ways,
-    so that 5 tiles per split run past the last split's 3 (its lines must stop at the expert's end: the last
-    expert's end is the tensor's)."""
-    e, k, h, i = 16, 4, 256, 896
-    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
-    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
-    config = replace(kernel.config(t), l2_next=l2_next, split_k2=2, persistent=0)
-    x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
-    tw = torch.rand(t, k, device=DEVICE) + 0.5
-    ids = torch.stack([torch.randperm(e, device=DEVICE)[:k] for _ in range(t)])
-    ids[0, 0] = e - 1  # (the last expert's lines end where the tensor does)
-    assert config.decode
-    out = kernel.apply(x, tw, ids, weights, config)
-    assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
 
 
 @pytest.mark.gpu

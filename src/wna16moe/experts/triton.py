@@ -108,10 +108,6 @@ class TritonConfig:
     ring then runs one tile less ahead (rings of 3 stages or more; GEMM1's two accumulators would make ptxas
     serialize every mma). 0: each tile waits for all of its mmas.
 
-    `l2_next` (with `decode`, not `persistent`): GEMM1's programs ask the L2 for the first `l2_next` K tiles of
-    each of GEMM2's K splits of their experts' weights as they end (negative: before their own work), so that
-    GEMM2's first copies hit the L2 while GEMM1 drains; 0: no such hint.
-
     `specialize` (with `wgmma`, GEMM2 on 128-row blocks at 8 warps, 128 or 256 wide) runs GEMM2 on
     warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
@@ -135,7 +131,6 @@ class TritonConfig:
     persistent: int = 0
     carry: int = 0
     specialize: bool = False
-    l2_next: int = 0
 
     @property
     def gemm2_warps(self) -> int:
@@ -183,9 +178,6 @@ class TritonConfig:
             if not self.wgmma or not 0 < self.carry <= MAX_CARRY:
                 raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, "
                                  f"got carry={self.carry} wgmma={self.wgmma}")
-        if self.l2_next and (not self.decode or self.persistent):
-            raise ValueError(f"l2_next (GEMM2's first K tiles pulled into L2 by GEMM1) needs the decode kernel "
-                             f"without persistent programs, got decode={self.decode} persistent={self.persistent}")
         if self.specialize and (not self.wgmma or self.block_m != 128 or self.block_n2 not in (128, 256)
                                 or self.gemm2_warps != 8 or self.carry or self.split_k2 != 1):
             raise ValueError(f"specialize runs GEMM2 on 128 x 128 or 128 x 256 wgmma blocks at 8 warps, without "
@@ -480,7 +472,7 @@ class TritonExperts(Experts):
         # moe_gemm.
         if cfg.decode and not self._fragment:
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
-                          specialize=False, l2_next=0)
+                          specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
@@ -495,8 +487,7 @@ class TritonExperts(Experts):
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
                       pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
-        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
-                     next_weights=(weights["w2"], cfg.l2_next, cfg.split_k2) if cfg.l2_next else None)
+        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)

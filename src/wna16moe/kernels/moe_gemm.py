@@ -522,28 +522,6 @@ def _group_in_tile(group_size: int) -> int:
     return TILE_K if group_size == -1 else min(group_size, TILE_K)
 
 
-def _next_weights_args(next_weights: tuple[torch.Tensor, int, int] | None, bits: int, gated: bool,
-                       persistent: int) -> dict[str, object]:
-    """The decode kernel's arguments that pull GEMM2's first weight tiles into L2 from GEMM1's programs:
-    `next_weights` = (GEMM2's words in fragment tiles, K tiles per split, GEMM2's K split); K tiles > 0: as each
-    program ends, < 0: before it starts its own work; None: not at all."""
-    if next_weights is None:
-        return dict(L2_NEXT=0, next_w_ptr=None, next_stride_e=0, next_span_lines=0, next_span_stride=0, next_spans=0)
-    w_next, tiles, split = next_weights
-    if not gated or persistent or tiles == 0 or w_next.dim() != 4 or split < 1:
-        raise ValueError(f"next_weights (GEMM2's fragment tiles, K tiles, its split) is GEMM1's, one program per "
-                         f"block and tile: got gated={gated} persistent={persistent} tiles={tiles} "
-                         f"words {list(w_next.shape)} split={split}")
-    halves = TILE_K * bits // 32 // FRAGMENT_WORDS
-    tile_words = w_next.stride(1) * halves
-    k_tiles = w_next.shape[1] // halves
-    per_split = triton.cdiv(k_tiles, split)
-    span_lines = min(abs(tiles), per_split) * tile_words // 32
-    return dict(L2_NEXT=1 if tiles > 0 else 2, next_w_ptr=w_next, next_stride_e=w_next.stride(0),
-                next_span_lines=span_lines, next_span_stride=per_split * tile_words,
-                next_spans=triton.cdiv(k_tiles, per_split))
-
-
 def moe_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -581,7 +559,6 @@ def moe_gemm(
     carry: int = 0,
     persistent: int = 0,
     specialize: bool = False,
-    next_weights: tuple[torch.Tensor, int, int] | None = None,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -631,8 +608,6 @@ def moe_gemm(
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
         rows off 16 bytes keep the decode kernel.
-    next_weights : a GEMM1 on the decode kernel (one program per block and tile) asks the L2 for the first K tiles
-        of each split of GEMM2's weights of its experts (`_next_weights_args`), so that GEMM2 finds them there.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     fragment = w.dim() == 4
@@ -661,8 +636,7 @@ def moe_gemm(
             persistent = 0
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
-                                                           PERSISTENT=persistent > 0, CARRY=carry,
-                                                           **_next_weights_args(next_weights, bits, gated, persistent))
+                                                           PERSISTENT=persistent > 0, CARRY=carry)
         options = dict(num_warps=num_warps, **registers)
         if specialize and (gated or not wgmma or block_m != 128 or block_n not in (128, 256) or num_warps != 8
                            or split_k != 1 or carry or persistent or max_registers is not None):
@@ -681,9 +655,8 @@ def moe_gemm(
             constexprs["NUM_WARPS"] = 4
             options = dict(num_warps=4)
     else:
-        if wgmma or persistent or carry or specialize or next_weights is not None:
-            raise ValueError("wgmma, carry, persistent, specialize and next_weights are the decode kernel's "
-                             "(decode=True)")
+        if wgmma or persistent or carry or specialize:
+            raise ValueError("wgmma, carry, persistent and specialize are the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")

@@ -547,43 +547,6 @@ def _program_block(num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr
     return pid_m, pid_n
 
 
-# Words per 128-byte L2 line: what one `prefetch.global.L2` asks for.
-_LINE_WORDS = gl.constexpr(32)
-
-
-@gluon.jit
-def _next_weights_to_l2(next_w_ptr, next_stride_e, span_lines, span_stride, spans, expert_ids_ptr, num_padded_ptr,
-                        num_m_blocks, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr,
-                        ID_BLOCKS: gl.constexpr, GROUP_M: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """Ask the L2 for this program's share of the next GEMM's first weight tiles of its block's expert: `spans`
-    runs of `span_lines` lines, `span_stride` words apart (one per K split of the next GEMM), split evenly over
-    the programs of the block (its column tiles and K splits). A hint: nothing is written, nothing waits."""
-    pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
-    if ID_BLOCKS:
-        live = True
-    else:  # (the experts of blocks past the padded pairs are unset)
-        live = pid_m * BLOCK_M < gl.load(num_padded_ptr)
-    if live:
-        expert = gl.load(expert_ids_ptr + pid_m)
-        if expert >= 0:
-            LANES: gl.constexpr = 32 * NUM_WARPS
-            lanes = gl.arange(0, LANES, layout=gl.BlockedLayout([1], [32], [NUM_WARPS], [0]))
-            shares = gl.cdiv(N, BLOCK_N) * SPLIT_K
-            share = pid_n * SPLIT_K + gl.program_id(1)
-            total = span_lines * spans
-            first = share * total // shares
-            last = (share + 1) * total // shares
-            base = next_w_ptr + expert.to(gl.int64) * next_stride_e
-            for line0 in range(first, last, LANES):
-                line = gl.minimum(line0 + lanes, last - 1)
-                # (the last split may hold fewer tiles than a span: its lines stop at the expert's end)
-                words = gl.minimum((line // span_lines).to(gl.int64) * span_stride + (line % span_lines) * _LINE_WORDS,
-                                   next_stride_e - _LINE_WORDS)
-                ptrs = base + words
-                gl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs],
-                                          dtype=gl.int32, is_pure=False, pack=1)
-
-
 @gluon.jit
 def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl.constexpr):
     """Pointers [ROWS, 1] to the activation rows of a block's pairs `rows_b` (GEMM1: their tokens' hidden
@@ -944,8 +907,7 @@ def _moe_gemm_decode_kernel(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, L2_NEXT: gl.constexpr,
-    next_w_ptr, next_stride_e, next_span_lines, next_span_stride, next_spans,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -954,10 +916,6 @@ def _moe_gemm_decode_kernel(
     PREFETCH: gl.constexpr = PDL and not GATED
     if not PREFETCH:
         enter_dependent(PDL)
-    if L2_NEXT == 2:  # (after the wait: the block's expert may be the previous grid's output)
-        _next_weights_to_l2(next_w_ptr, next_stride_e, next_span_lines, next_span_stride, next_spans,
-                            expert_ids_ptr, num_padded_ptr, num_m_blocks, N, BLOCK_M, BLOCK_N, SPLIT_K, ID_BLOCKS,
-                            GROUP_M, NUM_WARPS)
     WIDE_DISPATCH: gl.constexpr = BLOCK_M >= _WIDE_M and ID_BLOCKS != 1
     # Every program, idle ones too, clears its share of the next GEMM's output. A narrow block does so in
     # `_block_gemm` after reading its program ids: in that order the kernel compiles to the SASS it had before
@@ -989,7 +947,3 @@ def _moe_gemm_decode_kernel(
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
                     ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
                     PERSISTENT, CARRY)
-    if L2_NEXT == 1:
-        _next_weights_to_l2(next_w_ptr, next_stride_e, next_span_lines, next_span_stride, next_spans,
-                            expert_ids_ptr, num_padded_ptr, num_m_blocks, N, BLOCK_M, BLOCK_N, SPLIT_K, ID_BLOCKS,
-                            GROUP_M, NUM_WARPS)
