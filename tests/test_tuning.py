@@ -414,6 +414,25 @@ def test_trials_file_updates_the_table(table: Path, tmp_path: Path) -> None:
     assert after["sources"] == ["try.json (trials, commit t1, 2026-11-28): mixtral M = 1"]
 
 
+def test_rows_running_an_entry_are_those_nearest_it_in_log_scale() -> None:
+    # M = 3 is nearer 8 than 1 in log scale; M = 4 ties between 2 and 8 and goes to the smaller.
+    assert tuning.rows_running([1, 8], 1) == range(1, 3) and tuning.rows_running([1, 8], 8) == range(3, 17)
+    assert tuning.rows_running([1, 2, 8], 2) == range(2, 5)
+    assert all(tuning.nearest_measured([1, 2, 8], t) == 2 for t in range(2, 5))
+    assert tuning.nearest_measured([1, 2, 8], 5) == 8
+
+
+def test_trials_name_the_untimed_rows_a_new_entry_runs(table: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # The table measures mixtral at M = 1, 128 and 8192: a new M = 1 entry runs M = 1-11.
+    trials = tmp_path / "try.json"
+    trials.write_text(json.dumps({"card": "NVIDIA H100 80GB HBM3", "commit": "t1", "date": "2026-11-28",
+                                  "rows": _trial(1, 64, (100.0, 100.0), shipped=True) + _trial(1, 256, (80.0, 81.0))}))
+    assert tuning.main(["--trials", str(trials)]) == 0
+    out = capsys.readouterr().out
+    assert "mixtral M = 1: the new entry runs M = 1-11; try.json timed M = 1: time the others" in out
+
+
 def test_main_names_a_missing_results_file(table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = table.read_text()
     with pytest.raises(SystemExit):

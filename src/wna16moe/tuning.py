@@ -91,9 +91,21 @@ def tuned_config(card: str, key: ShapeKey, num_tokens: int,
     if source is None:
         return None
     by_m = _load()["cards"][source][key.as_text()]
+    nearest = nearest_measured([int(m) for m in by_m], num_tokens)
+    return nearest, by_m[str(nearest)]
+
+
+def nearest_measured(measured: list[int], num_tokens: int) -> int:
+    """The measured M whose entry runs `num_tokens` rows: the nearest in log scale, ties to the smaller."""
     target = math.log2(max(num_tokens, 1))
-    nearest = min(by_m, key=lambda m: (abs(math.log2(int(m)) - target), int(m)))
-    return int(nearest), by_m[nearest]
+    return min(measured, key=lambda m: (abs(math.log2(m) - target), m))
+
+
+def rows_running(measured: list[int], m: int) -> range:
+    """The token counts (up to twice the largest measured M) that the entry at measured M `m` runs: a new entry
+    changes what its neighbours between the measured M run, so they need timing too (benchmarks/NOTES.md v53)."""
+    running = [t for t in range(1, 2 * max(measured) + 1) if nearest_measured(measured, t) == m]
+    return range(running[0], running[-1] + 1)
 
 
 def triton_vs_marlin(card: str, key: ShapeKey, scheme_name: str) -> tuple[float, list[int]] | None:
@@ -211,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         if trials:
             card_entries = table.setdefault("cards", {}).setdefault(results["card"], {})
             replaced = apply_trials(card_entries, results, keys)
+            for shape, m in replaced:
+                running = rows_running([int(k) for k in card_entries[keys[shape].as_text()]], m)
+                timed = sorted({row["M"] for row in results["rows"] if row["shape"] == shape} & set(running))
+                if len(running) > 1:
+                    print(f"{shape} M = {m}: the new entry runs M = {running[0]}-{running[-1]}; {path.name} "
+                          f"timed M = {', '.join(map(str, timed))}: time the others before shipping")
             table.setdefault("sources", []).append(
                 f"{path.name} (trials, commit {results['commit']}, {results['date']}): "
                 + (", ".join(f"{shape} M = {m}" for shape, m in replaced) or "nothing replaced"))
