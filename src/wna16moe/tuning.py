@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 timed = sorted({row["M"] for row in results["rows"] if row["shape"] == shape} & set(running))
                 if len(running) > 1:
                     print(f"{shape} M = {m}: the new entry runs M = {running[0]}-{running[-1]}; {path.name} "
-                          f"timed M = {', '.join(map(str, timed))}: time the others before shipping")
+                          f"timed M = {', '.join(map(str, timed))}: time the others before committing it")
             table.setdefault("sources", []).append(
                 f"{path.name} (trials, commit {results['commit']}, {results['date']}): "
                 + (", ".join(f"{shape} M = {m}" for shape, m in replaced) or "nothing replaced"))
