@@ -630,38 +630,6 @@ def test_tile_from_slots_is_slot_major(bits: int) -> None:
     assert torch.equal(out, expected.to(torch.int32))
 
 
-def test_l2_ahead_needs_one_program_per_block_and_tile() -> None:
-    assert TritonConfig(8, 128, 256, decode=True, l2_ahead1=2, l2_ahead2=1).l2_ahead2 == 1
-    for config in (dict(l2_ahead1=1), dict(decode=True, l2_ahead2=-1), dict(decode=True, persistent=2, l2_ahead1=1),
-                   dict(block_m=128, decode=True, wgmma=True, num_warps=8, specialize=True, l2_ahead2=1)):
-        with pytest.raises(ValueError, match="l2_ahead"):
-            TritonConfig(**{"block_m": 8, "block_n1": 128, "block_n2": 256, **config})
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("l2_ahead", [(1, 1), (5, 2)], ids=["ahead-1", "ahead-5-2"])
-@pytest.mark.parametrize(("scheme_name", "t"), [("int4_g128_sym", 1), ("int8_g128_sym", 1), ("int4_g32_zp", 3),
-                                                ("int4_g128_sym", 40), ("int8_g128_zp", 40)])
-def test_gpu_l2_ahead(scheme_name: str, t: int, l2_ahead: tuple[int, int]) -> None:
-    """Asking the L2 for tiles past the ring (`l2_ahead1`, `l2_ahead2`) leaves every result as it was: one token, a
-    few (blocks from the ids) and aligned blocks, GEMM2's 7 K tiles split 2 ways (the asks stop at each split's
-    end), the last column tiles part full (GEMM1 896 of 1024 columns, GEMM2 384 of 512), the last expert's lines
-    at the tensor's end."""
-    e, k, h, i = 16, 4, 384, 896
-    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
-    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
-    config = replace(kernel.config(t), block_n1=256 if t > 1 else 128, block_n2=256, split_k2=2, persistent=0,
-                     l2_ahead1=l2_ahead[0], l2_ahead2=l2_ahead[1], max_registers=128 if t == 1 else None)
-    x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
-    tw = torch.rand(t, k, device=DEVICE) + 0.5
-    ids = torch.stack([torch.randperm(e, device=DEVICE)[:k] for _ in range(t)])
-    ids[0, 0] = e - 1
-    assert config.decode
-    out = kernel.apply(x, tw, ids, weights, config)
-    assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [RELEASE_AFTER_LOOP, RELEASE_AT_WAIT, RELEASE_EARLY],

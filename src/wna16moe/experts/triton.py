@@ -111,12 +111,6 @@ class TritonConfig:
     `specialize` (with `wgmma`, GEMM2 on 128-row blocks at 8 warps, 128 or 256 wide) runs GEMM2 on
     warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
-
-    `l2_ahead1` and `l2_ahead2` (with `decode`, not `persistent`; GEMM2's not with `specialize`) let GEMM1's and
-    GEMM2's programs ask the L2 for the K tile that many tiles past the one each refill of the ring copies (and
-    for the first ones before the loop; GEMM2 before it waits for GEMM1), so that the ring's copies find them there
-    and more bytes are in flight than its depth holds; 0: no such hint. It costs registers: GEMM2 8 x 256 at
-    l2_ahead2 = 1 takes 136 (108 without), 3 programs per SM instead of 4 unless `max_registers` = 128 (no spill).
     """
 
     block_m: int
@@ -137,8 +131,6 @@ class TritonConfig:
     persistent: int = 0
     carry: int = 0
     specialize: bool = False
-    l2_ahead1: int = 0
-    l2_ahead2: int = 0
 
     @property
     def gemm2_warps(self) -> int:
@@ -186,12 +178,6 @@ class TritonConfig:
             if not self.wgmma or not 0 < self.carry <= MAX_CARRY:
                 raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, "
                                  f"got carry={self.carry} wgmma={self.wgmma}")
-        if min(self.l2_ahead1, self.l2_ahead2) < 0 or ((self.l2_ahead1 or self.l2_ahead2) and (
-                not self.decode or self.persistent or (self.l2_ahead2 and self.specialize))):
-            raise ValueError(f"l2_ahead1 and l2_ahead2 (K tiles the L2 runs past the ring, >= 0) need the decode "
-                             f"kernel on one program per block and tile (GEMM2: not specialized), got l2_ahead1="
-                             f"{self.l2_ahead1} l2_ahead2={self.l2_ahead2} decode={self.decode} persistent="
-                             f"{self.persistent} specialize={self.specialize}")
         if self.specialize and (not self.wgmma or self.block_m != 128 or self.block_n2 not in (128, 256)
                                 or self.gemm2_warps != 8 or self.carry or self.split_k2 != 1):
             raise ValueError(f"specialize runs GEMM2 on 128 x 128 or 128 x 256 wgmma blocks at 8 warps, without "
@@ -486,7 +472,7 @@ class TritonExperts(Experts):
         # moe_gemm.
         if cfg.decode and not self._fragment:
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
-                          specialize=False, l2_ahead1=0, l2_ahead2=0)
+                          specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
@@ -501,7 +487,7 @@ class TritonExperts(Experts):
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
                       pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
-        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, l2_ahead=cfg.l2_ahead1, **common)
+        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
@@ -522,7 +508,7 @@ class TritonExperts(Experts):
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
-                 specialize=cfg.specialize, l2_ahead=cfg.l2_ahead2, **common)
+                 specialize=cfg.specialize, **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
 

@@ -559,7 +559,6 @@ def moe_gemm(
     carry: int = 0,
     persistent: int = 0,
     specialize: bool = False,
-    l2_ahead: int = 0,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -609,9 +608,6 @@ def moe_gemm(
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
         rows off 16 bytes keep the decode kernel.
-    l2_ahead : the decode kernel (one program per block and tile, not specialized) asks the L2 for the weights,
-        scale and zero-point rows of the K tile `l2_ahead` tiles past the one each refill of its ring copies, so
-        that the copies find them there; 0: no such hint.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     fragment = w.dim() == 4
@@ -638,13 +634,9 @@ def moe_gemm(
         if persistent and (block_m >= 32 or sorted_ids is None or split_k > 1 or a_perm is not None or not aligned
                            or triton.cdiv(a.shape[1], TILE_K) < num_stages):
             persistent = 0
-        if l2_ahead < 0 or (l2_ahead and (persistent or specialize)):
-            raise ValueError(f"l2_ahead (K tiles the L2 runs past the ring, >= 0) needs one program per block and "
-                             f"tile, got l2_ahead={l2_ahead} persistent={persistent} specialize={specialize}")
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
-                                                           PERSISTENT=persistent > 0, CARRY=carry,
-                                                           L2_AHEAD=l2_ahead)
+                                                           PERSISTENT=persistent > 0, CARRY=carry)
         options = dict(num_warps=num_warps, **registers)
         if specialize and (gated or not wgmma or block_m != 128 or block_n not in (128, 256) or num_warps != 8
                            or split_k != 1 or carry or persistent or max_registers is not None):
@@ -663,8 +655,8 @@ def moe_gemm(
             constexprs["NUM_WARPS"] = 4
             options = dict(num_warps=4)
     else:
-        if wgmma or persistent or carry or specialize or l2_ahead:
-            raise ValueError("wgmma, carry, persistent, specialize and l2_ahead are the decode kernel's (decode=True)")
+        if wgmma or persistent or carry or specialize:
+            raise ValueError("wgmma, carry, persistent and specialize are the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")

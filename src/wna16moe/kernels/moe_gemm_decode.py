@@ -407,62 +407,6 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
     async_copy.commit_group()
 
 
-# Bytes per L2 line: what one `prefetch.global.L2` asks for.
-_LINE_BYTES = gl.constexpr(128)
-
-
-@gluon.jit
-def _to_l2(ptrs):
-    """Ask the L2 for the lines at `ptrs`: a hint, nothing waits for it."""
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
-def _row_lines(base, n0, N, ROWS: gl.constexpr, NG: gl.constexpr, BLOCK_N: gl.constexpr, LANES: gl.constexpr):
-    """The lines of the ROWS = halves x NG scale (or zero-point) rows `_copy_group_rows` copies per tile, each the
-    block's columns from n0 (none past N), at group 0, and the group in the tile of each (`_tile_to_l2`)."""
-    PER_LINE: gl.constexpr = _LINE_BYTES * 8 // base.dtype.element_ty.primitive_bitwidth
-    ROW_LINES: gl.constexpr = (BLOCK_N + PER_LINE - 1) // PER_LINE
-    idx = gl.arange(0, ROWS * ROW_LINES, layout=gl.BlockedLayout([1], [32], [LANES // 32], [0]))
-    row = idx // ROW_LINES
-    col = n0 + gl.minimum(idx % ROW_LINES * PER_LINE, N - n0 - 1)
-    return base + (row // NG) * N + col, row % NG
-
-
-@gluon.jit
-def _l2_lines(w_base, s_base, z_base, n0, N, stride_wk, BITS: gl.constexpr, GATED: gl.constexpr,
-              HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr):
-    """What `_tile_to_l2` asks the L2 for, at reduction row 0, once per program: the lines of a tile's words
-    (each half tile of each half a run of BLOCK_N columns x 64 contiguous bytes from `w_base`, the expert's column
-    n0; none past column N), of its scale rows and of its zero-point rows (with the group in the tile of each)."""
-    LANES: gl.constexpr = 32 * gl.num_warps()
-    HALVES: gl.constexpr = 2 if GATED else 1
-    RUN_LINES: gl.constexpr = BLOCK_N * COLUMN_STEP * 4 // _LINE_BYTES
-    LINES: gl.constexpr = HALVES * half_tiles(BITS) * RUN_LINES
-    line = gl.arange(0, LINES, layout=gl.BlockedLayout([max(1, LINES // LANES)], [32], [LANES // 32], [0]))
-    run = line // RUN_LINES
-    in_run = gl.minimum(line % RUN_LINES, (N - n0 + 1) // 2 - 1)  # (a line holds two columns)
-    words = w_base + (run % half_tiles(BITS) * COLUMN_STEP * stride_wk + run // half_tiles(BITS) * N * COLUMN_STEP
-                      + in_run * (_LINE_BYTES // 4))
-    NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
-    scales = _row_lines(s_base, n0, N, HALVES * NG, NG, BLOCK_N, LANES)
-    zeros = _row_lines(z_base, n0, N, HALVES * NG, NG, BLOCK_N, LANES) if HAS_ZP else scales
-    return words, scales, zeros
-
-
-@gluon.jit
-def _tile_to_l2(lines, k, k_end, stride_wk, group_size, stride_sg, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
-                GROUP_IN_TILE: gl.constexpr):
-    """Ask the L2 for the tile at reduction row k (past k_end: the last one again; `lines`: `_l2_lines`), beyond
-    the ring's reach, so that its copies find it there (`l2_ahead`)."""
-    words, scales, zeros = lines
-    _to_l2(words + (gl.minimum(k, k_end - 1) // _TILE_K * (_TILE_K * BITS // 32)) * stride_wk)
-    _to_l2(scales[0] + (gl.minimum(k + scales[1] * GROUP_IN_TILE, k_end - 1) // group_size) * stride_sg)
-    if HAS_ZP:
-        _to_l2(zeros[0] + (gl.minimum(k + zeros[1] * GROUP_IN_TILE, k_end - 1) // group_size) * stride_sg)
-
-
 @gluon.jit
 def _word_copy_offsets(stride_wk, BITS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
     """A tile's word offsets from its first column's, in the layout its cp.async copies take (16 bytes per thread
@@ -535,11 +479,10 @@ def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_s
                ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr, RAW: gl.constexpr,
                SCALED: gl.constexpr, POST_SCALED: gl.constexpr, USE_WGMMA: gl.constexpr, DTYPE: gl.constexpr,
                A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr,
-               AHEAD: gl.constexpr, CARRY: gl.constexpr, l2_lines, L2_AHEAD: gl.constexpr):
+               AHEAD: gl.constexpr, CARRY: gl.constexpr):
     """One K tile of `_block_gemm`'s loop: wait for the tile in `stage`, refill `refill` with the tile AHEAD
-    tiles ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at) and ask the L2 for the
-    one L2_AHEAD tiles past it (`_tile_to_l2` of `l2_lines`), multiply (`carried`: `_tile_step_scaled`'s);
-    activations that go through registers are stored into `next_a_buf` one tile ahead."""
+    tiles ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at), multiply (`carried`:
+    `_tile_step_scaled`'s); activations that go through registers are stored into `next_a_buf` one tile ahead."""
     w_gate, w_up, s_buf, z_buf, a_buf = stage
     if USE_WGMMA:  # (each thread's copies and stores visible to the tensor cores: before the barrier)
         _wait_and_fence(AHEAD - 1)
@@ -549,9 +492,6 @@ def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_s
     _copy_tile(refill, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
                k_refill, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK, GATED, COPY_A,
                EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
-    if L2_AHEAD:
-        _tile_to_l2(l2_lines, k_refill + L2_AHEAD * k_step, k_end, stride_wk, group_size, stride_sg, BITS, HAS_ZP,
-                    GROUP_IN_TILE)
     k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
     a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
     # (the scaled step reads each operand from the ring where it multiplies)
@@ -629,7 +569,6 @@ def _block_gemm(
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
     WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
-    L2_AHEAD: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -772,14 +711,6 @@ def _block_gemm(
         _copy_tile(_stage(buffers, s, UNROLL), c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
                    k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
                    COPY_A and not PREFETCH, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
-    # The L2 runs L2_AHEAD tiles past the ring (`l2_ahead`): its first ones asked for here, the rest by each refill.
-    l2_lines = ()
-    if L2_AHEAD:
-        l2_lines = _l2_lines(w_ptr + expert * stride_we + n0 * COLUMN_STEP, s_base, z_base, n0, N, stride_wk, BITS,
-                             GATED, HAS_ZP, GROUP_IN_TILE, BLOCK_N)
-    for s in gl.static_range(L2_AHEAD):
-        _tile_to_l2(l2_lines, k_begin + (AHEAD + s) * k_step, k_end, stride_wk, GROUP_SIZE, stride_sg, BITS, HAS_ZP,
-                    GROUP_IN_TILE)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         enter_dependent(PDL)
         if COPY_A:
@@ -823,7 +754,7 @@ def _block_gemm(
                         z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE,
                         stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
                         STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
-                        CARRIED, (), 0)
+                        CARRIED)
                     k_r += k_step
                     done += 1
                     if done == tiles:
@@ -849,7 +780,7 @@ def _block_gemm(
                         c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
                         GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
                         ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
-                        AHEAD, CARRIED, l2_lines, L2_AHEAD)
+                        AHEAD, CARRIED)
     else:
         slot = 0
         for k in range(k_begin, k_end, k_step):
@@ -858,8 +789,7 @@ def _block_gemm(
                 _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + AHEAD * k_step, k_step, k_first, k_end,
                 c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
                 GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
-                STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED,
-                l2_lines, L2_AHEAD)
+                STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED)
             slot = (slot + 1) % STAGES
     if CARRIED:  # (GEMM2: one accumulator)
         acc = warpgroup_mma_wait(0, deps=(acc,) + carried)[0]
@@ -926,7 +856,7 @@ def _wide_block(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    CARRY: gl.constexpr, L2_AHEAD: gl.constexpr,
+    CARRY: gl.constexpr,
 ):
     """A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its `live` ones
     (padding rows are sorted last): an expert's last block is mostly padding at mid M."""
@@ -936,35 +866,35 @@ def _wide_block(
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, L2_AHEAD)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, L2_AHEAD)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, L2_AHEAD)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, L2_AHEAD)
+                    False, WGMMA, GROUP_M, False, CARRY)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, L2_AHEAD)
+                    False, WGMMA, GROUP_M, False, CARRY)
 
 
 @gluon.jit
@@ -977,7 +907,7 @@ def _moe_gemm_decode_kernel(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, L2_AHEAD: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -1000,7 +930,7 @@ def _moe_gemm_decode_kernel(
                         stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K,
                         GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                         BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M,
-                        CARRY, L2_AHEAD)
+                        CARRY)
         elif pid_m * BLOCK_M < gl.load(num_padded_ptr):
             ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
             live = gl.sum((ids < P).to(gl.int32), axis=0)
@@ -1009,11 +939,11 @@ def _moe_gemm_decode_kernel(
                         stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT,
                         HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M,
                         BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M,
-                        CARRY, L2_AHEAD)
+                        CARRY)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
                     HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
                     ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
-                    PERSISTENT, CARRY, L2_AHEAD)
+                    PERSISTENT, CARRY)

@@ -155,11 +155,10 @@ def _moe_gemm_ws_kernel(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, L2_AHEAD: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
 ):
     # (the decode kernel's arguments, so that `moe_gemm` launches either; the launcher admits GEMM2 only)
-    gl.static_assert(not GATED and not HAS_PERM and SPLIT_K == 1 and ALIGNED and ID_BLOCKS == 0 and NUM_WARPS == 4
-                     and L2_AHEAD == 0)
+    gl.static_assert(not GATED and not HAS_PERM and SPLIT_K == 1 and ALIGNED and ID_BLOCKS == 0 and NUM_WARPS == 4)
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
     pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
