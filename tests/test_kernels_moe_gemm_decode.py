@@ -385,3 +385,45 @@ def test_gpu_decode_under_a_cuda_graph(t: int) -> None:
     first, fresh = draw(), draw()
     captured = replay_on_fresh_inputs(lambda *a: kernel.apply(*a, config), first, fresh, weights)
     assert relative_error(captured, emulation.apply(*fresh, emu_weights)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("activation", [Activation.SILU, Activation.SWIGLU_OAI])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int8_g128_sym", "int4_g32_zp"])
+def test_gpu_gemm2_finishes_one_tokens_activations(scheme_name: str, activation: Activation,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`act_in_gemm2`: one token's GEMM2 sums and activates GEMM1's K-split partial sums itself, with no activation
+    pass launched, eagerly and replayed in a CUDA graph on fresh inputs. GEMM1's K (3 tiles) split 4 ways leaves a
+    split idle; GEMM2's 11 K tiles split 2 ways are 768 and 640 wide, past one 512-wide chunk of the finishing
+    loop. With a GEMM1 bias, or two tokens, the pass runs as before."""
+    import wna16moe.experts.triton as experts_module
+
+    e, k, h, i = 16, 4, 384, 1408
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
+    cfg = MoEConfig(e, k, h, i, activation=activation, dtype=torch.bfloat16)
+    limit = dict(gemm1_clamp_limit=0.5) if activation == Activation.SWIGLU_OAI else {}
+    config = TritonConfig(8, 128, 256, split_k1=4, split_k2=2, num_stages=2, decode=True, act_in_gemm2=True)
+    passes = []
+    finish = experts_module.split_k_activation
+    monkeypatch.setattr(experts_module, "split_k_activation", lambda *a, **kw: passes.append(1) or finish(*a, **kw))
+
+    def inputs(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+        ids[0, 0] = e - 1  # (the last expert's rows end where the partial sums do)
+        return torch.randn(t, h, dtype=cfg.dtype, device=DEVICE), tw, ids
+
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg, **limit)
+    one = inputs(1)
+    assert relative_error(kernel.apply(*one, weights, config), emulation.apply(*one, emu_weights)) < 1e-2
+    fresh = inputs(1)
+    replayed = replay_on_fresh_inputs(kernel.apply, one, fresh, weights, config)
+    assert relative_error(replayed, emulation.apply(*fresh, emu_weights)) < 1e-2
+    assert not passes
+    two = inputs(2)
+    assert relative_error(kernel.apply(*two, weights, config), emulation.apply(*two, emu_weights)) < 1e-2
+    assert len(passes) == 1
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(
+        experts, cfg, w1_bias=torch.randn(e, 2 * i, device=DEVICE), **limit)
+    assert relative_error(kernel.apply(*one, weights, config), emulation.apply(*one, emu_weights)) < 1e-2
+    assert len(passes) == 2
