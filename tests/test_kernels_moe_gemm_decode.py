@@ -397,7 +397,7 @@ def test_gpu_gemm2_finishes_one_tokens_activations(scheme_name: str, activation:
     pass launched, eagerly and replayed in a CUDA graph on fresh inputs. GEMM1's K (3 tiles) split 4 ways leaves a
     split idle; GEMM2's 11 K tiles split 2 ways are 768 and 640 wide, past one 512-wide chunk of the finishing
     loop. With a GEMM1 bias, or two tokens, the pass runs as before."""
-    import wna16moe.experts.triton as experts_module
+    import wna16moe.kernels.activation as activation_module  # (where the TRITON backend imports the pass from)
 
     e, k, h, i = 16, 4, 384, 1408
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
@@ -405,8 +405,8 @@ def test_gpu_gemm2_finishes_one_tokens_activations(scheme_name: str, activation:
     limit = dict(gemm1_clamp_limit=0.5) if activation == Activation.SWIGLU_OAI else {}
     config = TritonConfig(8, 128, 256, split_k1=4, split_k2=2, num_stages=2, decode=True, act_in_gemm2=True)
     passes = []
-    finish = experts_module.split_k_activation
-    monkeypatch.setattr(experts_module, "split_k_activation", lambda *a, **kw: passes.append(1) or finish(*a, **kw))
+    finish = activation_module.split_k_activation
+    monkeypatch.setattr(activation_module, "split_k_activation", lambda *a, **kw: passes.append(1) or finish(*a, **kw))
 
     def inputs(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
