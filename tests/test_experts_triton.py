@@ -315,13 +315,6 @@ def test_pdl_settings_are_checked() -> None:
             TritonConfig(8, 64, 128, pdl=pdl)
 
 
-def test_act_in_gemm2_needs_a_k_split_gemm1_on_the_decode_kernel() -> None:
-    assert TritonConfig(8, 128, 256, decode=True, split_k1=4, act_in_gemm2=True).act_in_gemm2
-    for config in (dict(split_k1=4), dict(decode=True)):
-        with pytest.raises(ValueError, match="act_in_gemm2"):
-            TritonConfig(8, 128, 256, act_in_gemm2=True, **config)
-
-
 def test_carry_needs_wgmma() -> None:
     assert TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True, carry=2).carry == 2
     for config in (dict(carry=1), dict(wgmma=True, carry=5), dict(wgmma=True, carry=-1)):

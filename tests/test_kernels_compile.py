@@ -131,9 +131,6 @@ DECODE_CASES = [
          loop_budget=335, pdl=2, prefetch=False),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=450, pdl=1, prefetch=True),
-    # One token's GEMM2 finishing GEMM1's 4 K splits itself (`act_in`; deepseek-v3 M = 1's tiling): the same loop
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=True, stages=2,
-         split_k=2, loop_budget=400, pdl=2, prefetch=True, act_in=4),
     # Persistent narrow blocks (`persistent`): one ring through every item of the program, each item's epilogue
     # between its last tile and the next item's first (GEMM1 8 x 128 at 2 stages, GEMM2 8 x 256 prefetching)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=False, stages=2,

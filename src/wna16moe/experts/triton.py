@@ -111,11 +111,6 @@ class TritonConfig:
     `specialize` (with `wgmma`, GEMM2 on 128-row blocks at 8 warps, 128 or 256 wide) runs GEMM2 on
     warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
-
-    `act_in_gemm2` (with `decode` and `split_k1` > 1) lets a one-token GEMM2 finish GEMM1's partial sums itself:
-    each program sums and activates its pair's over its K range as it starts, after its first weight copies, so
-    that the activation pass and its launch drop out of the forward. It applies where GEMM1 has no bias, the
-    weights no act-order and the blocks come from the ids (one token); elsewhere the pass runs as before.
     """
 
     block_m: int
@@ -136,7 +131,6 @@ class TritonConfig:
     persistent: int = 0
     carry: int = 0
     specialize: bool = False
-    act_in_gemm2: bool = False
 
     @property
     def gemm2_warps(self) -> int:
@@ -184,9 +178,6 @@ class TritonConfig:
             if not self.wgmma or not 0 < self.carry <= MAX_CARRY:
                 raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, "
                                  f"got carry={self.carry} wgmma={self.wgmma}")
-        if self.act_in_gemm2 and not (self.decode and self.split_k1 > 1):
-            raise ValueError(f"act_in_gemm2 (GEMM2 finishing GEMM1's K-split partial sums) needs the decode kernel and "
-                             f"split_k1 > 1, got decode={self.decode} split_k1={self.split_k1}")
         if self.specialize and (not self.wgmma or self.block_m != 128 or self.block_n2 not in (128, 256)
                                 or self.gemm2_warps != 8 or self.carry or self.split_k2 != 1):
             raise ValueError(f"specialize runs GEMM2 on 128 x 128 or 128 x 256 wgmma blocks at 8 warps, without "
@@ -481,7 +472,7 @@ class TritonExperts(Experts):
         # moe_gemm.
         if cfg.decode and not self._fragment:
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
-                          specialize=False, act_in_gemm2=False)
+                          specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
@@ -505,26 +496,19 @@ class TritonExperts(Experts):
                           limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
         w13 = (hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"), weights.get("w13_perm"),
                self.w13_bias)
-        # One token's GEMM2 finishes GEMM1's partial sums itself (`act_in_gemm2`): no activation pass.
-        act_in_gemm2 = (cfg.act_in_gemm2 and t == 1 and blocks[0] is None and self.w13_bias is None
-                        and weights.get("w2_perm") is None and cfg.block_m < 32)
-        gemm2_in = {}
         if cfg.split_k1 > 1:
             partials = torch.empty(cfg.split_k1, t * top_k, 2 * self.i_pad, dtype=torch.float32,
                                    device=hidden_states.device)
             moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
                      zero_out=out, **gemm1)
-            if act_in_gemm2:
-                gemm2_in = dict(act_in=partials, **activation)
-            else:
-                split_k_activation(partials, topk_ids, self.w13_bias, intermediate, pdl=pdl, **activation)
+            split_k_activation(partials, topk_ids, self.w13_bias, intermediate, pdl=pdl, **activation)
         else:
             moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
                      **gemm1)
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
-                 specialize=cfg.specialize, **gemm2_in, **common)
+                 specialize=cfg.specialize, **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
 

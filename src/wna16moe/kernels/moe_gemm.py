@@ -559,7 +559,6 @@ def moe_gemm(
     carry: int = 0,
     persistent: int = 0,
     specialize: bool = False,
-    act_in: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -609,10 +608,6 @@ def moe_gemm(
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
         rows off 16 bytes keep the decode kernel.
-    act_in : a one-token GEMM2 on the decode kernel's narrow blocks (blocks from the ids, no act-order, rows in
-        16-byte pieces) may finish its own activations: GEMM1's K-split float32 partial sums [S, P, 2KD], which
-        each program sums and activates (act, alpha, beta, limit) over its pair and K range into `a` before its
-        ring copies them (kernels/activation.py's pass, without its launch; no GEMM1 bias). None: `a` is final.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     fragment = w.dim() == 4
@@ -639,20 +634,9 @@ def moe_gemm(
         if persistent and (block_m >= 32 or sorted_ids is None or split_k > 1 or a_perm is not None or not aligned
                            or triton.cdiv(a.shape[1], TILE_K) < num_stages):
             persistent = 0
-        if act_in is not None and (gated or block_m >= 32 or sorted_ids is not None or expert_ids.numel() != top_k
-                                   or a_perm is not None or not aligned or persistent or specialize
-                                   or act_in.dtype != torch.float32 or not act_in.is_contiguous()
-                                   or act_in.shape[1:] != (top_k, 2 * a.shape[1])):
-            raise ValueError(f"act_in (GEMM1's float32 partial sums [S, {top_k}, {2 * a.shape[1]}]) is finished by "
-                             f"a one-token GEMM2 on narrow blocks from the ids, without act-order, on rows in 16-byte "
-                             f"pieces, not persistent or specialized: got {list(act_in.shape)} {act_in.dtype}, "
-                             f"gated={gated} block_m={block_m} aligned={aligned} persistent={persistent} "
-                             f"specialize={specialize}")
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
-                                                           PERSISTENT=persistent > 0, CARRY=carry,
-                                                           part_ptr=a if act_in is None else act_in,
-                                                           ACT_IN=0 if act_in is None else act_in.shape[0])
+                                                           PERSISTENT=persistent > 0, CARRY=carry)
         options = dict(num_warps=num_warps, **registers)
         if specialize and (gated or not wgmma or block_m != 128 or block_n not in (128, 256) or num_warps != 8
                            or split_k != 1 or carry or persistent or max_registers is not None):
@@ -671,8 +655,8 @@ def moe_gemm(
             constexprs["NUM_WARPS"] = 4
             options = dict(num_warps=4)
     else:
-        if wgmma or persistent or carry or specialize or act_in is not None:
-            raise ValueError("wgmma, carry, persistent, specialize and act_in are the decode kernel's (decode=True)")
+        if wgmma or persistent or carry or specialize:
+            raise ValueError("wgmma, carry, persistent and specialize are the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")

@@ -548,29 +548,6 @@ def _program_block(num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr
 
 
 @gluon.jit
-def _finish_activations(part_ptr, out_row, pair, P, KD, k_begin, k_end, alpha, beta, limit, ACT: gl.constexpr,
-                        HAS_LIMIT: gl.constexpr, SPLITS: gl.constexpr):
-    """What the activation pass (kernels/activation.py) does for one pair, over the K range [k_begin, k_end) of
-    one GEMM2 program: act(gate, up) of GEMM1's SPLITS float32 partial sums [SPLITS, P, 2 KD], stored into the
-    pair's row `out_row` of GEMM2's activations, where the program's ring then copies them from (`act_in`).
-    Every program of the pair's column tiles stores the same values over the same K range."""
-    LAYOUT: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
-    CHUNK: gl.constexpr = 4 * 32 * gl.num_warps()
-    offs = gl.arange(0, CHUNK, layout=LAYOUT)
-    row = part_ptr + pair.to(gl.int64) * 2 * KD
-    for k0 in range(k_begin, k_end, CHUNK):
-        k = k0 + offs
-        mask = k < k_end
-        gate = gl.zeros([CHUNK], gl.float32, LAYOUT)
-        up = gl.zeros([CHUNK], gl.float32, LAYOUT)
-        for s in gl.static_range(SPLITS):
-            gate += gl.load(row + s * P * 2 * KD + k, mask=mask, other=0.0)
-            up += gl.load(row + s * P * 2 * KD + KD + k, mask=mask, other=0.0)
-        h = gated_activation(gate, up, alpha, beta, limit, ACT, HAS_LIMIT)
-        gl.store(out_row + k, h.to(out_row.dtype.element_ty), mask=mask)
-
-
-@gluon.jit
 def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl.constexpr):
     """Pointers [ROWS, 1] to the activation rows of a block's pairs `rows_b` (GEMM1: their tokens' hidden
     states). Padding rows (P) read pair 0's activations instead of masking every load; their results are
@@ -585,14 +562,13 @@ def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, part_ptr,
+    stride_sg, stride_om, alpha, beta, limit,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
     WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
-    ACT_IN: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -729,22 +705,14 @@ def _block_gemm(
         a_buf = gl.allocate_shared_memory(DTYPE, DEPTH + [ROWS, _TILE_K], A_SMEM)
         buffers = buffers + ((w_gate, w_up, s_buf, z_buf, a_buf),)
     COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
-    gl.static_assert(ACT_IN == 0 or (ID_BLOCKS == 1 and COPY_A and not GATED and not PERSISTENT))
     # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
-    # after, one commit group per tile: the loop's wait then still needs only its own tile's last group. So does
-    # a GEMM2 that finishes its activations itself (ACT_IN), after the weights are on their way.
-    LATE_A: gl.constexpr = PREFETCH or ACT_IN > 0
+    # after, one commit group per tile: the loop's wait then still needs only its own tile's last group.
     for s in gl.static_range(AHEAD):
         _copy_tile(_stage(buffers, s, UNROLL), c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, offs_k,
                    k_begin + s * k_step, k_first, k_end, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED,
-                   COPY_A and not LATE_A, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
+                   COPY_A and not PREFETCH, EVEN_K, HAS_ZP, GROUP_IN_TILE, BLOCK_N, ALIGNED)
     if PREFETCH:  # the first tiles' weights are on their way while the previous grid finishes
         enter_dependent(PDL)
-    if ACT_IN:  # (one token: this block's pair is pid_m)
-        _finish_activations(part_ptr, a_ptr + pid_m.to(gl.int64) * stride_am, pid_m, P, KD, k_begin, k_end, alpha,
-                            beta, limit, ACT, HAS_LIMIT, ACT_IN)
-        gl.thread_barrier()  # (every thread's stores before any thread's copies of them)
-    if LATE_A:
         if COPY_A:
             for s in gl.static_range(AHEAD):
                 k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
@@ -882,64 +850,64 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
 def _wide_block(
     live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, part_ptr,
+    stride_sg, stride_om, alpha, beta, limit,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    CARRY: gl.constexpr, ACT_IN: gl.constexpr,
+    CARRY: gl.constexpr,
 ):
     """A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its `live` ones
     (padding rows are sorted last): an expert's last block is mostly padding at mid M."""
     if live <= 8:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, part_ptr, TOP_K, GATED,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, ACT_IN)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, part_ptr, TOP_K, GATED,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, ACT_IN)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, part_ptr, TOP_K, GATED,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, ACT_IN)
+                    False, WGMMA, GROUP_M, False, CARRY)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, part_ptr, TOP_K, GATED,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, ACT_IN)
+                    False, WGMMA, GROUP_M, False, CARRY)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, part_ptr, TOP_K, GATED,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED,
                     ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, ACT_IN)
+                    False, WGMMA, GROUP_M, False, CARRY)
 
 
 @gluon.jit
 def _moe_gemm_decode_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, part_ptr,
+    stride_sg, stride_om, alpha, beta, limit,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, ACT_IN: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -959,23 +927,23 @@ def _moe_gemm_decode_kernel(
         if ID_BLOCKS:  # row j holds token j: as many rows as tokens
             _wide_block(P // TOP_K, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr,
                         sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks,
-                        stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, part_ptr,
-                        TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE,
-                        SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA,
-                        GROUP_M, CARRY, ACT_IN)
+                        stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K,
+                        GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                        BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M,
+                        CARRY)
         elif pid_m * BLOCK_M < gl.load(num_padded_ptr):
             ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
             live = gl.sum((ids < P).to(gl.int32), axis=0)
             _wide_block(live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                         expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                        stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, part_ptr, TOP_K,
-                        GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                        BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M,
-                        CARRY, ACT_IN)
+                        stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT,
+                        HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M,
+                        BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M,
+                        CARRY)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, part_ptr, TOP_K, GATED, ACT,
-                    HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N,
-                    EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
-                    PERSISTENT, CARRY, ACT_IN)
+                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS,
+                    HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K,
+                    ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
+                    PERSISTENT, CARRY)
