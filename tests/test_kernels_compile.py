@@ -131,6 +131,12 @@ DECODE_CASES = [
          loop_budget=335, pdl=2, prefetch=False),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=450, pdl=1, prefetch=True),
+    # The program timeline (`moe_gemm(trace=...)`, benchmarks/program_timeline.py) on deepseek-v3 M = 1's GEMM1 (K
+    # split 4, waiting first) and GEMM2 (copying weights before it waits): the loop as without it
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=True, stages=2,
+         split_k=4, loop_budget=395, pdl=2, prefetch=False, trace=True),
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=True, stages=2,
+         split_k=2, loop_budget=410, pdl=2, prefetch=True, trace=True),
     # Persistent narrow blocks (`persistent`): one ring through every item of the program, each item's epilogue
     # between its last tile and the next item's first (GEMM1 8 x 128 at 2 stages, GEMM2 8 x 256 prefetching)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=False, stages=2,
@@ -261,6 +267,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts[".local"] == 0 and facts["loop_STL"] <= case.get("loop_spills", 0), facts
     assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
     assert facts["loop_instructions"] <= case["loop_budget"], facts
+    assert (facts["globaltimer"] > 0) == bool(case.get("trace")), facts
     if not case.get("pdl"):
         assert (facts["copies_before_wait"], facts["mma_after_release"]) == (-1, -1), facts
     else:

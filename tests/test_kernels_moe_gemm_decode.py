@@ -385,3 +385,61 @@ def test_gpu_decode_under_a_cuda_graph(t: int) -> None:
     first, fresh = draw(), draw()
     captured = replay_on_fresh_inputs(lambda *a: kernel.apply(*a, config), first, fresh, weights)
     assert relative_error(captured, emulation.apply(*fresh, emu_weights)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("t", [1, 40])
+def test_gpu_program_timeline(t: int) -> None:
+    """`moe_gemm(trace=...)` leaves the results as they were and gives every program its stamps in order, on a real
+    SM; GEMM2 (copying weights before it waits) ends after GEMM1 began; a trace too short is refused."""
+    import wna16moe.experts.triton as experts_module
+    from wna16moe.kernels.moe_gemm_decode import (
+        TRACE_END,
+        TRACE_FIELDS,
+        TRACE_LOOP_END,
+        TRACE_SM,
+        TRACE_START,
+        TRACE_WAITED,
+    )
+
+    e, k, h, i = 16, 4, 512, 768
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_sym"))
+    cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg)
+    config = TritonConfig(8, 64, 128, split_k1=2 if t == 1 else 1, split_k2=2, decode=True, num_stages=2, pdl=2)
+    tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+    x = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)
+    launch, traces = experts_module.moe_gemm, []
+
+    def traced(*args, **kwargs):
+        traces.append(torch.full((4096, TRACE_FIELDS.value), -1, dtype=torch.int64, device=DEVICE))
+        return launch(*args, trace=traces[-1], **kwargs)
+
+    experts_module.moe_gemm = traced
+    try:
+        out = kernel.apply(x, tw, ids, weights, config)
+    finally:
+        experts_module.moe_gemm = launch
+    assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    for trace in traces:
+        rows = trace[trace[:, TRACE_START.value] >= 0]
+        assert len(rows) > 0
+        assert bool(((rows[:, TRACE_SM.value] >= 0) & (rows[:, TRACE_SM.value] < sms)).all())
+        assert bool((rows[:, TRACE_WAITED.value] >= rows[:, TRACE_START.value]).all())
+        assert bool((rows[:, TRACE_END.value] >= rows[:, TRACE_WAITED.value]).all())
+        ran = rows[rows[:, TRACE_LOOP_END.value] >= 0]
+        assert len(ran) > 0 and bool((ran[:, TRACE_LOOP_END.value] >= ran[:, TRACE_WAITED.value]).all())
+        assert bool((ran[:, TRACE_END.value] >= ran[:, TRACE_LOOP_END.value]).all())
+    assert traces[1][:, TRACE_END.value].max() > traces[0][:, TRACE_START.value].clamp_min(0).min()
+
+    def too_short(*args, **kwargs):
+        return launch(*args, trace=torch.zeros(1, TRACE_FIELDS.value, dtype=torch.int64, device=DEVICE), **kwargs)
+
+    experts_module.moe_gemm = too_short
+    try:
+        with pytest.raises(ValueError, match="trace"):
+            kernel.apply(x, tw, ids, weights, config)
+    finally:
+        experts_module.moe_gemm = launch

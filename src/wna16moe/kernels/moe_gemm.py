@@ -53,7 +53,13 @@ from wna16moe.kernels.dequant import (
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
 from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
-from wna16moe.kernels.moe_gemm_decode import MAX_CARRY, _moe_gemm_decode_kernel, ring_bytes, tiling_error
+from wna16moe.kernels.moe_gemm_decode import (
+    MAX_CARRY,
+    TRACE_FIELDS,
+    _moe_gemm_decode_kernel,
+    ring_bytes,
+    tiling_error,
+)
 from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel, ws_extra_bytes
 from wna16moe.kernels.token_blocks import token_block_rows
 from wna16moe.kernels.zero_share import zero_program_share
@@ -559,6 +565,7 @@ def moe_gemm(
     carry: int = 0,
     persistent: int = 0,
     specialize: bool = False,
+    trace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -608,6 +615,10 @@ def moe_gemm(
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
         rows off 16 bytes keep the decode kernel.
+    trace : int64 [>= programs, TRACE_FIELDS] (kernels/moe_gemm_decode.py), or None: the decode kernel (not
+        specialized) writes each program's timeline into row pid_0 + pid_1 x grid_0 (global timer at start, after
+        its wait, after its loop, at the end; its SM), for benchmarks/program_timeline.py. Fields a program does not
+        reach (an idle block's loop) and rows past the grid keep what they held.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     fragment = w.dim() == 4
@@ -636,7 +647,9 @@ def moe_gemm(
             persistent = 0
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
-                                                           PERSISTENT=persistent > 0, CARRY=carry)
+                                                           PERSISTENT=persistent > 0, CARRY=carry,
+                                                           trace_ptr=a if trace is None else trace,
+                                                           TRACE=trace is not None)
         options = dict(num_warps=num_warps, **registers)
         if specialize and (gated or not wgmma or block_m != 128 or block_n not in (128, 256) or num_warps != 8
                            or split_k != 1 or carry or persistent or max_registers is not None):
@@ -655,8 +668,8 @@ def moe_gemm(
             constexprs["NUM_WARPS"] = 4
             options = dict(num_warps=4)
     else:
-        if wgmma or persistent or carry or specialize:
-            raise ValueError("wgmma, carry, persistent and specialize are the decode kernel's (decode=True)")
+        if wgmma or persistent or carry or specialize or trace is not None:
+            raise ValueError("wgmma, carry, persistent, specialize and trace are the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")
@@ -705,6 +718,11 @@ def moe_gemm(
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
     if decode and persistent:
         grid = (min(grid[0], persistent * _num_sms(a.device.index)), 1)
+    if trace is not None and (kernel is _moe_gemm_ws_kernel or trace.dtype != torch.int64 or trace.dim() != 2
+                              or trace.shape[0] < grid[0] * grid[1] or trace.shape[1] != TRACE_FIELDS.value
+                              or not trace.is_contiguous()):
+        raise ValueError(f"trace must be contiguous int64 [>= {grid[0] * grid[1]}, {TRACE_FIELDS.value}] (a row per "
+                         f"program of the decode kernel, not specialized), got {trace.dtype} {list(trace.shape)}")
     kernel[grid](
         a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
