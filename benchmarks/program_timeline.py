@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 
-import wna16moe.experts.triton as experts_module
+import wna16moe.kernels.moe_gemm as launcher  # (where the TRITON backend imports it from)
 from wna16moe.bench import _flush_l2, capture_graph, layer_cases, write_results
 from wna16moe.experts.base import relative_error
 from wna16moe.kernels.moe_gemm_decode import (
@@ -39,7 +39,7 @@ ROWS = 1 << 16
 def traced_forward(kernel, weights, inputs) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
     """The layer forward as one CUDA graph whose GEMM launches fill trace buffers; replayed once after an L2 flush.
     Returns the output and (GEMM, trace) per launch."""
-    launch = experts_module.moe_gemm
+    launch = launcher.moe_gemm
     traces: list[tuple[str, torch.Tensor]] = []
 
     def traced(*args, **kwargs):
@@ -47,12 +47,12 @@ def traced_forward(kernel, weights, inputs) -> tuple[torch.Tensor, list[tuple[st
         traces.append(("GEMM1" if kwargs["gated"] else "GEMM2", trace))
         return launch(*args, trace=trace, **kwargs)
 
-    experts_module.moe_gemm = traced
+    launcher.moe_gemm = traced
     try:
         out = []
         graph = capture_graph(lambda: out.append(kernel.apply(*inputs, weights)))
     finally:
-        experts_module.moe_gemm = launch
+        launcher.moe_gemm = launch
     traces = traces[-2:]  # (the captured launches; the warm-up's came first)
     for _ in range(3):
         graph.replay()

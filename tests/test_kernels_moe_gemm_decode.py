@@ -393,7 +393,7 @@ def test_gpu_decode_under_a_cuda_graph(t: int) -> None:
 def test_gpu_program_timeline(t: int) -> None:
     """`moe_gemm(trace=...)` leaves the results as they were and gives every program its stamps in order, on a real
     SM; GEMM2 (copying weights before it waits) ends after GEMM1 began; a trace too short is refused."""
-    import wna16moe.experts.triton as experts_module
+    import wna16moe.kernels.moe_gemm as launcher  # (where the TRITON backend imports it from)
     from wna16moe.kernels.moe_gemm_decode import (
         TRACE_END,
         TRACE_FIELDS,
@@ -410,17 +410,17 @@ def test_gpu_program_timeline(t: int) -> None:
     config = TritonConfig(8, 64, 128, split_k1=2 if t == 1 else 1, split_k2=2, decode=True, num_stages=2, pdl=2)
     tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
     x = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)
-    launch, traces = experts_module.moe_gemm, []
+    launch, traces = launcher.moe_gemm, []
 
     def traced(*args, **kwargs):
         traces.append(torch.full((4096, TRACE_FIELDS.value), -1, dtype=torch.int64, device=DEVICE))
         return launch(*args, trace=traces[-1], **kwargs)
 
-    experts_module.moe_gemm = traced
+    launcher.moe_gemm = traced
     try:
         out = kernel.apply(x, tw, ids, weights, config)
     finally:
-        experts_module.moe_gemm = launch
+        launcher.moe_gemm = launch
     assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     for trace in traces:
@@ -437,9 +437,9 @@ def test_gpu_program_timeline(t: int) -> None:
     def too_short(*args, **kwargs):
         return launch(*args, trace=torch.zeros(1, TRACE_FIELDS.value, dtype=torch.int64, device=DEVICE), **kwargs)
 
-    experts_module.moe_gemm = too_short
+    launcher.moe_gemm = too_short
     try:
         with pytest.raises(ValueError, match="trace"):
             kernel.apply(x, tw, ids, weights, config)
     finally:
-        experts_module.moe_gemm = launch
+        launcher.moe_gemm = launch
