@@ -2,7 +2,9 @@
 replayed as a CUDA graph after an L2 flush (`moe_gemm(trace=...)`, global timer): the ramp and the tail of each GEMM,
 and the hop between them. Run on the device:
 
-    python benchmarks/program_timeline.py deepseek-v3:1 mixtral:1 [--scheme int8_g128_sym] [--out F.json]
+    python benchmarks/program_timeline.py deepseek-v3:1 mixtral:1 [--scheme int8_g128_sym] [--eager] [--out F.json]
+
+(--eager: launched from Python instead, after the same flush; the host may then fall behind the GPU.)
 
 Per GEMM, µs from GEMM1's first program start: quantiles (0, 10, 50, 90, 100%) of each stamp over the programs
 that reach it, and programs per SM. The stamps cost a few instructions outside the loops
@@ -36,30 +38,35 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 ROWS = 1 << 16
 
 
-def traced_forward(kernel, weights, inputs) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    """The layer forward as one CUDA graph whose GEMM launches fill trace buffers; replayed once after an L2 flush.
-    Returns the output and (GEMM, trace) per launch."""
+def traced_forward(kernel, weights, inputs, eager: bool) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """The layer forward as one CUDA graph whose two GEMM launches fill trace buffers, replayed once after an L2
+    flush (eager: launched once after it). The buffers are allocated and reset outside the forward: a fill kernel
+    between GEMM1 and GEMM2 would hold GEMM2 back to a plain launch. Returns the output and (GEMM, trace) per GEMM."""
+    buffers = [torch.empty(ROWS, TRACE_FIELDS.value, dtype=torch.int64, device=inputs[0].device) for _ in range(2)]
     launch = launcher.moe_gemm
-    traces: list[tuple[str, torch.Tensor]] = []
+    names: list[str] = []
 
     def traced(*args, **kwargs):
-        trace = torch.full((ROWS, TRACE_FIELDS.value), -1, dtype=torch.int64, device=args[0].device)
-        traces.append(("GEMM1" if kwargs["gated"] else "GEMM2", trace))
-        return launch(*args, trace=trace, **kwargs)
+        names.append("GEMM1" if kwargs["gated"] else "GEMM2")
+        return launch(*args, trace=buffers[(len(names) - 1) % 2], **kwargs)
 
     launcher.moe_gemm = traced
     try:
         out = []
         graph = capture_graph(lambda: out.append(kernel.apply(*inputs, weights)))
+        for _ in range(3):
+            graph.replay()
+        for buffer in buffers:
+            buffer.fill_(-1)
+        _flush_l2()
+        if eager:
+            out.append(kernel.apply(*inputs, weights))
+        else:
+            graph.replay()
     finally:
         launcher.moe_gemm = launch
-    traces = traces[-2:]  # (the captured launches; the warm-up's came first)
-    for _ in range(3):
-        graph.replay()
-    _flush_l2()
-    graph.replay()
     torch.cuda.synchronize()
-    return out[-1], traces
+    return out[-1], list(zip(names[-2:], buffers, strict=True))
 
 
 def summarize(traces: list[tuple[str, torch.Tensor]]) -> dict[str, dict]:
@@ -81,12 +88,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
     parser.add_argument("--scheme", default=None)
+    parser.add_argument("--eager", action="store_true", help="launch from Python, not as a CUDA graph")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = []
     for name, m, kernel, weights, inputs, reference in layer_cases(args.cases, torch.device("cuda"), args.scheme):
-        out, traces = traced_forward(kernel, weights, inputs)
-        row = {"shape": name, "M": m, "config": asdict(kernel.config(m)),
+        out, traces = traced_forward(kernel, weights, inputs, args.eager)
+        row = {"shape": name, "M": m, "eager": args.eager, "config": asdict(kernel.config(m)),
                "relative_error": relative_error(out, reference), **summarize(traces)}
         results.append(row)
         print(json.dumps(row), flush=True)
