@@ -2,8 +2,7 @@
 replayed as a CUDA graph after an L2 flush (`moe_gemm(trace=...)`, global timer): the ramp and the tail of each GEMM,
 and the hop between them. Run on the device:
 
-    python benchmarks/program_timeline.py deepseek-v3:1 mixtral:1 [--scheme int8_g128_sym] [--eager] \
-        [--variant field=value,...] [--out F.json]
+    python benchmarks/program_timeline.py deepseek-v3:1 mixtral:1 [--scheme int8_g128_sym] [--eager] [--out F.json]
 
 (--eager: launched from Python instead, after the same flush; the host may then fall behind the GPU.)
 
@@ -16,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
-from try_configs import parse_variant
 
 import wna16moe.kernels.moe_gemm as launcher  # (where the TRITON backend imports it from)
 from wna16moe.bench import _flush_l2, capture_graph, layer_cases, write_results
@@ -40,8 +38,7 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 ROWS = 1 << 16
 
 
-def traced_forward(kernel, weights, inputs, config, eager: bool
-                   ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+def traced_forward(kernel, weights, inputs, eager: bool) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
     """The layer forward as one CUDA graph whose two GEMM launches fill trace buffers, replayed once after an L2
     flush (eager: launched once after it). The buffers are allocated and reset outside the forward: a fill kernel
     between GEMM1 and GEMM2 would hold GEMM2 back to a plain launch. Returns the output and (GEMM, trace) per GEMM."""
@@ -56,14 +53,14 @@ def traced_forward(kernel, weights, inputs, config, eager: bool
     launcher.moe_gemm = traced
     try:
         out = []
-        graph = capture_graph(lambda: out.append(kernel.apply(*inputs, weights, config)))
+        graph = capture_graph(lambda: out.append(kernel.apply(*inputs, weights)))
         for _ in range(3):
             graph.replay()
         for buffer in buffers:
             buffer.fill_(-1)
         _flush_l2()
         if eager:
-            out.append(kernel.apply(*inputs, weights, config))
+            out.append(kernel.apply(*inputs, weights))
         else:
             graph.replay()
     finally:
@@ -92,14 +89,12 @@ def main() -> None:
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
     parser.add_argument("--scheme", default=None)
     parser.add_argument("--eager", action="store_true", help="launch from Python, not as a CUDA graph")
-    parser.add_argument("--variant", default=None, help="the shipped entry with these fields changed (try_configs.py)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = []
     for name, m, kernel, weights, inputs, reference in layer_cases(args.cases, torch.device("cuda"), args.scheme):
-        config = replace(kernel.config(m), **parse_variant(args.variant)) if args.variant else kernel.config(m)
-        out, traces = traced_forward(kernel, weights, inputs, config, args.eager)
-        row = {"shape": name, "M": m, "eager": args.eager, "config": asdict(config),
+        out, traces = traced_forward(kernel, weights, inputs, args.eager)
+        row = {"shape": name, "M": m, "eager": args.eager, "config": asdict(kernel.config(m)),
                "relative_error": relative_error(out, reference), **summarize(traces)}
         results.append(row)
         print(json.dumps(row), flush=True)

@@ -137,12 +137,6 @@ DECODE_CASES = [
          split_k=4, loop_budget=395, pdl=2, prefetch=False, trace=True),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=True, stages=2,
          split_k=2, loop_budget=410, pdl=2, prefetch=True, trace=True),
-    # One token's persistent programs taking (pair, K split, column tile) items from a counter (`persistent` with
-    # blocks from the ids): deepseek-v3 M = 1's GEMM1 (K split 4) and GEMM2 (copying weights before it waits)
-    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=True, stages=2,
-         split_k=4, loop_budget=900, pdl=2, prefetch=False, dynamic=True),
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=True, stages=2,
-         split_k=2, loop_budget=900, pdl=2, prefetch=True, dynamic=True),
     # Persistent narrow blocks (`persistent`): one ring through every item of the program, each item's epilogue
     # between its last tile and the next item's first (GEMM1 8 x 128 at 2 stages, GEMM2 8 x 256 prefetching)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=False, stages=2,
@@ -269,8 +263,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts["cp.async"] > 0, facts  # the words through the cp.async ring, the kernel's only shared memory
     # (what `moe_gemm` checks against the GPU's limit before a launch)
     assert facts["shared"] == ring_bytes(case["bits"], case["gated"], case["zp"], min(case["group"], 128),
-                                         case["block_m"], case["block_n"], case.get("stages", 3),
-                                         case.get("dynamic", False)), facts
+                                         case["block_m"], case["block_n"], case.get("stages", 3)), facts
     assert facts[".local"] == 0 and facts["loop_STL"] <= case.get("loop_spills", 0), facts
     assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
     assert facts["loop_instructions"] <= case["loop_budget"], facts
@@ -312,8 +305,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         copies = case.get("stages", 3) if unrolled else 1
         assert facts["wgmma.mma_async"] == loops * per_loop * copies, facts
     stores = case["perm"] or not case.get("aligned", True)
-    # (a one-token persistent program's claim of its next item shares it through shared memory: one more, per item)
-    assert facts["loop_BAR"] == (1 + case.get("dynamic", False) if unrolled else 3 if stores else 2), facts
+    assert facts["loop_BAR"] == (1 if unrolled else 3 if stores else 2), facts
     if wgmma:
         return
     if case["pair"] != 1:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)

@@ -444,34 +444,3 @@ def test_gpu_program_timeline(t: int) -> None:
             kernel.apply(x, tw, ids, weights, config)
     finally:
         launcher.moe_gemm = launch
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int8_g128_sym", "int4_g32_zp"])
-@pytest.mark.parametrize(("persistent", "split_k1", "split_k2"), [(1, 2, 2), (4, 4, 1), (2, 1, 4)])
-def test_gpu_one_token_persistent_programs_take_items(scheme_name: str, persistent: int, split_k1: int,
-                                                       split_k2: int) -> None:
-    """One token's persistent programs take (pair, K split, column tile) items from the layer's counters: the
-    results match the reference on three forwards in a row (the counters are reset by each launch's last program)
-    and in a CUDA-graph replay on fresh inputs, with a pair left out (expert -1: multiplied as padding, stored
-    nowhere) and with more programs than items (1 program per SM: fewer)."""
-    e, k, h, i = 16, 4, 512, 1024  # GEMM1: 4 K tiles, GEMM2: 8
-    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
-    cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
-    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg)
-    config = TritonConfig(8, 128, 256, split_k1=split_k1, split_k2=split_k2, num_stages=2, decode=True,
-                          persistent=persistent, max_registers=128)
-
-    def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tw, ids = softmax_topk(torch.randn(1, e, device=DEVICE), k, renormalize=True)
-        ids[0, 1] = -1
-        return torch.randn(1, h, dtype=cfg.dtype, device=DEVICE), tw, ids
-
-    for _ in range(3):
-        x = inputs()
-        assert relative_error(kernel.apply(*x, weights, config), emulation.apply(*x, emu_weights)) < 1e-2
-    fresh = inputs()
-    replayed = replay_on_fresh_inputs(kernel.apply, x, fresh, weights, config)
-    assert relative_error(replayed, emulation.apply(*fresh, emu_weights)) < 1e-2
-    assert not kernel._counters.any()

@@ -100,9 +100,7 @@ class TritonConfig:
     `persistent` (with `decode` and blocks of 8 or 16 rows) runs both GEMMs on that many programs per SM, each
     streaming its share of the (row block, column tile) items through one cp.async ring, so that no program
     starts with an empty ring (small experts: qwen3-30b-a3b has 6 GEMM1 tiles per expert of 16 K tiles each);
-    0: one program per block and tile. At one token the items are (pair, K split, column tile), taken from a
-    counter as programs get to them, so that programs that run ahead take more (where each split's K tiles
-    divide evenly and hold at least `num_stages`). On an H200 it won at int4 qwen3-30b-a3b M = 32 (-4%) and lost or tied
+    0: one program per block and tile. On an H200 it won at int4 qwen3-30b-a3b M = 32 (-4%) and lost or tied
     at M = 8 and 128 and on the big experts (NOTES.md v41).
 
     `carry` (with `wgmma`) lets GEMM2's wide blocks leave each K tile's last `carry` warpgroup mmas in flight
@@ -433,9 +431,6 @@ class TritonExperts(Experts):
         self._configs: dict[int, TritonConfig] = {}
         self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
-        # GEMM1's and GEMM2's item counters for one token's persistent programs (`persistent`, kernels/moe_gemm.py):
-        # zero, and left so by every launch. One layer's, not shared: layers run one after the other on a stream.
-        self._counters = torch.zeros(2, 2, dtype=torch.int32, device=device)
 
     @classmethod
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
@@ -492,7 +487,7 @@ class TritonExperts(Experts):
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
                       pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
-        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, counters=self._counters[0], **common)
+        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
@@ -513,7 +508,7 @@ class TritonExperts(Experts):
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
-                 specialize=cfg.specialize, counters=self._counters[1], **common)
+                 specialize=cfg.specialize, **common)
         # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
         return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
 

@@ -566,7 +566,6 @@ def moe_gemm(
     persistent: int = 0,
     specialize: bool = False,
     trace: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -611,9 +610,7 @@ def moe_gemm(
         program per block and tile. At most as many per SM as their rings fit in its shared memory (registers
         are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, blocks without alignment,
         act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
-        per block and tile. With `counters`, one token's blocks (from the ids) on `persistent` programs per SM
-        take (pair, K split, column tile) items as they get to them instead, K split allowed: a program that runs
-        ahead takes more (where the split's K tiles divide evenly, at least num_stages to an item).
+        per block and tile.
     specialize : a GEMM2 (not gated) on the decode kernel's 128-row wgmma blocks at 8 warps, 128 or 256 wide,
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
@@ -622,11 +619,8 @@ def moe_gemm(
         specialized) writes each program's timeline into row pid_0 + pid_1 x grid_0 (global timer at start, after
         its wait, after its loop, at the end; its SM), for benchmarks/program_timeline.py. Fields a program does not
         reach (an idle block's loop) and rows past the grid keep what they held.
-    counters : int32 [2], zero before the first launch and left so by each (its last program resets them): the
-        items taken and programs finished of a persistent one-token grid (`persistent`).
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
-    dynamic = False
     fragment = w.dim() == 4
     if fragment and w.shape[3] != FRAGMENT_WORDS:
         raise ValueError(f"w of shape {list(w.shape)}: fragment tiles are [E, half tiles, N_total, "
@@ -648,21 +642,14 @@ def moe_gemm(
         if (carry and not wgmma) or not 0 <= carry <= MAX_CARRY:
             raise ValueError(f"carry (warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, got "
                              f"carry={carry} wgmma={wgmma}")
-        tiles = triton.cdiv(a.shape[1], TILE_K)
-        dynamic = bool(persistent and counters is not None and sorted_ids is None and expert_ids.numel() == top_k
-                       and block_m < 32 and a_perm is None and aligned and not specialize and tiles % split_k == 0
-                       and tiles // split_k >= num_stages)
-        if dynamic and (counters.dtype != torch.int32 or counters.numel() != 2 or not counters.is_contiguous()):
-            raise ValueError(f"counters must be contiguous int32 [2], got {counters.dtype} {list(counters.shape)}")
-        if persistent and not dynamic and (block_m >= 32 or sorted_ids is None or split_k > 1 or a_perm is not None
-                                           or not aligned or tiles < num_stages):
+        if persistent and (block_m >= 32 or sorted_ids is None or split_k > 1 or a_perm is not None or not aligned
+                           or triton.cdiv(a.shape[1], TILE_K) < num_stages):
             persistent = 0
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
-                                                           PERSISTENT=persistent > 0 and not dynamic, CARRY=carry,
+                                                           PERSISTENT=persistent > 0, CARRY=carry,
                                                            trace_ptr=a if trace is None else trace,
-                                                           TRACE=trace is not None,
-                                                           counter_ptr=counters if dynamic else a, DYNAMIC=dynamic)
+                                                           TRACE=trace is not None)
         options = dict(num_warps=num_warps, **registers)
         if specialize and (gated or not wgmma or block_m != 128 or block_n not in (128, 256) or num_warps != 8
                            or split_k != 1 or carry or persistent or max_registers is not None):
@@ -699,8 +686,7 @@ def moe_gemm(
         raise ValueError(f"group_size={group_size} must be a multiple of {r} for {bits}-bit tiles")
     shared_limit = _max_shared_memory(a.device) if decode else None
     if shared_limit is not None:
-        ring = ring_bytes(bits, gated, zeros is not None, _group_in_tile(group_size), block_m, block_n, num_stages,
-                          dynamic)
+        ring = ring_bytes(bits, gated, zeros is not None, _group_in_tile(group_size), block_m, block_n, num_stages)
         if kernel is _moe_gemm_ws_kernel:
             ring += ws_extra_bytes(block_n, num_stages)
         if ring > shared_limit:
@@ -730,8 +716,8 @@ def moe_gemm(
     if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
         raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
-    if decode and persistent:  # (a one-token grid's items include its K splits)
-        grid = (min(grid[0] * (grid[1] if dynamic else 1), persistent * _num_sms(a.device.index)), 1)
+    if decode and persistent:
+        grid = (min(grid[0], persistent * _num_sms(a.device.index)), 1)
     if trace is not None and (kernel is _moe_gemm_ws_kernel or trace.dtype != torch.int64 or trace.dim() != 2
                               or trace.shape[0] < grid[0] * grid[1] or trace.shape[1] != TRACE_FIELDS.value
                               or not trace.is_contiguous()):

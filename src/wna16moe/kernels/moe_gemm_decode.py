@@ -125,15 +125,14 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
 
 
 def ring_bytes(bits: int, gated: bool, has_zp: bool, group_in_tile: int, block_m: int, block_n: int,
-               num_stages: int, dynamic: bool = False) -> int:
+               num_stages: int) -> int:
     """Shared memory of the kernel's cp.async ring, all the kernel allocates: per stage each half's words, its
-    16-bit scale rows and 8-bit zero-point rows, and the [block_m, TILE_K] 16-bit activation tile; with `dynamic`
-    (DYNAMIC) also the 4 bytes each item claimed from the counter is shared through (`test_kernels_compile.py`
-    checks it against the compiler's figure)."""
+    16-bit scale rows and 8-bit zero-point rows, and the [block_m, TILE_K] 16-bit activation tile
+    (`test_kernels_compile.py` checks it against the compiler's figure)."""
     halves = 2 if gated else 1
     group_rows = halves * (TILE_K // group_in_tile) * block_n
     words = halves * (TILE_K * bits // 32) * block_n * 4
-    return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2) + (4 if dynamic else 0)
+    return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2)
 
 
 # From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
@@ -569,40 +568,6 @@ def _stamp(trace_ptr, FIELD: gl.constexpr):
 
 
 @gluon.jit
-def _claim_item(counter_ptr, items):
-    """A DYNAMIC grid's next (pair, K split, column tile) item, taken from the grid's counter: a program that runs
-    ahead takes more of them. Past the last: `items`."""
-    return gl.minimum(gl.atomic_add(counter_ptr, 1, sem="relaxed"), items)
-
-
-@gluon.jit
-def _item_coords(item, items, pairs, SPLIT_K: gl.constexpr):
-    """(pair, K split, column tile) of a DYNAMIC grid's item, pairs fastest (one column tile of every expert at
-    once, as `_program_block`'s decode order); past the last item, the last one's."""
-    item = gl.minimum(item, items - 1)
-    return item % pairs, item // pairs % SPLIT_K, item // (pairs * SPLIT_K)
-
-
-@gluon.jit
-def _pair_rows(expert, pair, P, m_b, m_acc):
-    """A one-token block's rows (pair `pair` alone; P: padding) in the activation tiles' and the accumulator's
-    layouts, and its expert. A left-out pair (expert -1) runs as padding on expert 0: in a DYNAMIC grid every
-    claimed item is multiplied."""
-    live = gl.where(expert >= 0, pair, P)
-    return gl.where(m_b == 0, live, P), gl.where(m_acc == 0, live, P), gl.maximum(expert, 0)
-
-
-@gluon.jit
-def _release_counter(counter_ptr):
-    """The last program of a DYNAMIC grid to finish (each has taken its last item by then) resets the grid's two
-    counters, items taken and programs finished, for the next launch."""
-    finished = gl.atomic_add(counter_ptr + 1, 1, sem="acq_rel")
-    if finished == gl.num_programs(0) - 1:
-        gl.store(counter_ptr, 0)
-        gl.store(counter_ptr + 1, 0)
-
-
-@gluon.jit
 def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl.constexpr):
     """Pointers [ROWS, 1] to the activation rows of a block's pairs `rows_b` (GEMM1: their tokens' hidden
     states). Padding rows (P) read pair 0's activations instead of masking every load; their results are
@@ -617,14 +582,14 @@ def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
     WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
-    TRACE: gl.constexpr, DYNAMIC: gl.constexpr,
+    TRACE: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -651,14 +616,9 @@ def _block_gemm(
         item = gl.program_id(0)
         pid_m = item % blocks
         pid_n = item // blocks
-        pid_k = gl.program_id(1)
-    elif DYNAMIC:  # one token's (pair, K split, column tile) items, taken as programs get to them
-        items = num_m_blocks * SPLIT_K * gl.cdiv(N, BLOCK_N)
-        item = _claim_item(counter_ptr, items)
-        pid_m, pid_k, pid_n = _item_coords(item, items, num_m_blocks, SPLIT_K)
     else:
         pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
-        pid_k = gl.program_id(1)
+    pid_k = gl.program_id(1)
     if ZERO_OUT:  # (see `_moe_gemm_decode_kernel`: one launch fewer)
         FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
@@ -666,9 +626,7 @@ def _block_gemm(
     # The block's rows, once for the activation tiles' rows and once for the epilogue (accumulator).
     m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
     m_acc = gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA))
-    if DYNAMIC:
-        rows_b, rows, expert = _pair_rows(gl.load(expert_ids_ptr + pid_m).to(gl.int64), pid_m, P, m_b, m_acc)
-    elif ID_BLOCKS:  # no alignment pass: blocks straight from topk_ids (kernels/token_blocks.py)
+    if ID_BLOCKS:  # no alignment pass: blocks straight from topk_ids (kernels/token_blocks.py)
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
         if expert < 0:
             return
@@ -834,53 +792,6 @@ def _block_gemm(
                         acc_up = gl.zeros_like(acc_up)
                         done = 0
                         item += programs
-    elif DYNAMIC:
-        # One ring through every item the program takes, as in PERSISTENT; the refill side takes the next item
-        # from the counter when it has copied the last tile of its current one, and the multiply side follows it
-        # there after this item's epilogue (an item holds more tiles than the ring runs ahead: the launcher's).
-        item_r, n0_r, a_row_ptrs_r, c_ptrs_r, c_mask_r, s_base_r, z_base_r = (item, n0, a_row_ptrs, c_ptrs, c_mask,
-                                                                               s_base, z_base)
-        k_r, k_first_r, k_end_r = k_begin + AHEAD * k_step, k_first, k_end
-        done = 0  # tiles of `item` multiplied
-        while item < items:
-            for slot in gl.static_range(STAGES):
-                if item < items:
-                    if k_r >= k_end_r:
-                        item_r = _claim_item(counter_ptr, items)
-                        pair_r, split_r, tile_r = _item_coords(item_r, items, num_m_blocks, SPLIT_K)
-                        rows_r, _rows_acc_r, expert_r = _pair_rows(gl.load(expert_ids_ptr + pair_r).to(gl.int64),
-                                                                  pair_r, P, m_b, m_acc)
-                        a_row_ptrs_r = _activation_rows(rows_r, a_ptr, P, stride_am, TOP_K, GATED)
-                        n0_r = tile_r * BLOCK_N
-                        c_ptrs_r = w_ptr + expert_r * stride_we + n0_r * COLUMN_STEP + c_offs
-                        c_mask_r = n0_r + c_cols < N
-                        s_base_r = s_ptr + expert_r * stride_se
-                        z_base_r = z_ptr + expert_r * stride_se if HAS_ZP else s_base_r
-                        k_r = split_r * tiles_per_split * _TILE_K
-                        k_first_r = k_r
-                        k_end_r = gl.minimum(KD, k_r + tiles_per_split * _TILE_K)
-                    acc, acc_up, carried = _ring_tile(
-                        acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
-                        buffers[(slot + 1) % STAGES][4], k_r, k_r, k_step, k_first_r, k_end_r, c_ptrs_r, c_mask_r,
-                        s_base_r, z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk,
-                        GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
-                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
-                        AHEAD, CARRIED)
-                    k_r += k_step
-                    done += 1
-                    if done == tiles_per_split:
-                        pair, split, tile = _item_coords(item, items, num_m_blocks, SPLIT_K)
-                        _rows_b_c, rows_c, expert_c = _pair_rows(gl.load(expert_ids_ptr + pair).to(gl.int64), pair, P,
-                                                                m_b, m_acc)
-                        cols = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-                        _epilogue(acc, acc_up, rows_c, expert_c, cols, cols < N, tile * BLOCK_N, split, out_ptr,
-                                  bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED, ACT,
-                                  HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
-                        acc = gl.zeros_like(acc)
-                        acc_up = gl.zeros_like(acc_up)
-                        done = 0
-                        item = item_r
-        _release_counter(counter_ptr)
     elif UNROLL:
         for k_round in range(k_begin, k_end, STAGES * k_step):
             for slot in gl.static_range(STAGES):
@@ -909,7 +820,7 @@ def _block_gemm(
     if TRACE:
         _stamp(trace_ptr, TRACE_LOOP_END)
 
-    if not PERSISTENT and not DYNAMIC:
+    if not PERSISTENT:
         _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P,
                   stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M,
                   BLOCK_N, NUM_WARPS)
@@ -964,7 +875,7 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
 def _wide_block(
     live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -976,52 +887,52 @@ def _wide_block(
     (padding rows are sorted last): an expert's last block is mostly padding at mid M."""
     if live <= 8:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr, TOP_K,
-                    GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH, False, WGMMA,
-                    GROUP_M, False, CARRY, TRACE, False)
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr, TOP_K,
-                    GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH, False, WGMMA,
-                    GROUP_M, False, CARRY, TRACE, False)
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr, TOP_K,
-                    GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH, False, WGMMA,
-                    GROUP_M, False, CARRY, TRACE, False)
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr, TOP_K,
-                    GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH, False, WGMMA,
-                    GROUP_M, False, CARRY, TRACE, False)
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
-                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr, TOP_K,
-                    GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH, False, WGMMA,
-                    GROUP_M, False, CARRY, TRACE, False)
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
 
 
 @gluon.jit
 def _moe_gemm_decode_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr, DYNAMIC: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -1047,24 +958,24 @@ def _moe_gemm_decode_kernel(
             _wide_block(P // TOP_K, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr,
                         sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks,
                         stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr,
-                        counter_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                        GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL,
-                        PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
+                        TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE,
+                        SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA,
+                        GROUP_M, CARRY, TRACE)
         elif pid_m * BLOCK_M < gl.load(num_padded_ptr):
             ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
             live = gl.sum((ids < P).to(gl.int32), axis=0)
             _wide_block(live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                         expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                        stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr,
-                        counter_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                        GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL,
-                        PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
+                        stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K,
+                        GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                        BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M,
+                        CARRY, TRACE)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr, TOP_K,
-                    GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT,
-                    WGMMA, GROUP_M, PERSISTENT, CARRY, TRACE, DYNAMIC)
+                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED, ACT,
+                    HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N,
+                    EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
+                    PERSISTENT, CARRY, TRACE)
     if TRACE:
         _stamp(trace_ptr, TRACE_END)
