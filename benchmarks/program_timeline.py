@@ -2,7 +2,8 @@
 replayed as a CUDA graph after an L2 flush (`moe_gemm(trace=...)`, global timer): the ramp and the tail of each GEMM,
 and the hop between them. Run on the device:
 
-    python benchmarks/program_timeline.py deepseek-v3:1 mixtral:1 [--scheme int8_g128_sym] [--eager] [--out F.json]
+    python benchmarks/program_timeline.py deepseek-v3:1 mixtral:1 [--scheme int8_g128_sym] [--eager] \
+        [--variant field=value,...] [--out F.json]
 
 (--eager: launched from Python instead, after the same flush; the host may then fall behind the GPU.)
 
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
+from try_configs import parse_variant
 
 import wna16moe.kernels.moe_gemm as launcher  # (where the TRITON backend imports it from)
 from wna16moe.bench import _flush_l2, capture_graph, layer_cases, write_results
@@ -38,7 +40,8 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 ROWS = 1 << 16
 
 
-def traced_forward(kernel, weights, inputs, eager: bool) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+def traced_forward(kernel, weights, inputs, config, eager: bool
+                   ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
     """The layer forward as one CUDA graph whose two GEMM launches fill trace buffers, replayed once after an L2
     flush (eager: launched once after it). The buffers are allocated and reset outside the forward: a fill kernel
     between GEMM1 and GEMM2 would hold GEMM2 back to a plain launch. Returns the output and (GEMM, trace) per GEMM."""
@@ -53,14 +56,14 @@ def traced_forward(kernel, weights, inputs, eager: bool) -> tuple[torch.Tensor, 
     launcher.moe_gemm = traced
     try:
         out = []
-        graph = capture_graph(lambda: out.append(kernel.apply(*inputs, weights)))
+        graph = capture_graph(lambda: out.append(kernel.apply(*inputs, weights, config)))
         for _ in range(3):
             graph.replay()
         for buffer in buffers:
             buffer.fill_(-1)
         _flush_l2()
         if eager:
-            out.append(kernel.apply(*inputs, weights))
+            out.append(kernel.apply(*inputs, weights, config))
         else:
             graph.replay()
     finally:
@@ -69,18 +72,27 @@ def traced_forward(kernel, weights, inputs, eager: bool) -> tuple[torch.Tensor, 
     return out[-1], list(zip(names[-2:], buffers, strict=True))
 
 
-def summarize(traces: list[tuple[str, torch.Tensor]]) -> dict[str, dict]:
+def summarize(traces: list[tuple[str, torch.Tensor]], raw: bool) -> dict[str, dict]:
+    """Per GEMM: quantiles of each stamp (µs from GEMM1's first start); the median loop end of the programs on SMs
+    that ran n of them (are SMs that hold more programs slower per program?) and of each quarter of the program
+    ids (launch order); with `raw`, every program's stamps and SM."""
     rows = {name: trace[trace[:, TRACE_START.value] >= 0].cpu() for name, trace in traces}
     origin = int(min(r[:, TRACE_START.value].min() for r in rows.values()))
     summary = {}
     for name, r in rows.items():
-        stamps = {}
-        for stamp, field in STAMPS.items():
-            reached = r[r[:, field] >= 0, field].double()
-            stamps[stamp] = [round(float(torch.quantile((reached - origin) / 1e3, q)), 2) for q in QUANTILES]
-        per_sm = torch.bincount(r[:, TRACE_SM.value])
+        us = {stamp: torch.where(r[:, field] >= 0, (r[:, field] - origin).double() / 1e3, float("nan"))
+              for stamp, field in STAMPS.items()}
+        stamps = {stamp: [round(float(torch.nanquantile(v, q)), 2) for q in QUANTILES] for stamp, v in us.items()}
+        sm = r[:, TRACE_SM.value]
+        per_sm = torch.bincount(sm)
+        load = per_sm[sm]
+        by_load = {int(n): round(float(us["loop_end"][load == n].nanmedian()), 2) for n in load.unique()}
+        quarters = [round(float(q.nanmedian()), 2) for q in us["loop_end"].chunk(4)]
         summary[name] = {"programs": len(r), "us_from_gemm1_start": stamps, "sms": int((per_sm > 0).sum()),
-                         "max_programs_per_sm": int(per_sm.max())}
+                         "max_programs_per_sm": int(per_sm.max()), "loop_end_by_programs_on_sm": by_load,
+                         "loop_end_by_program_quarter": quarters}
+        if raw:
+            summary[name]["raw"] = [[round(float(v[i]), 2) for v in us.values()] + [int(sm[i])] for i in range(len(r))]
     return summary
 
 
@@ -89,15 +101,19 @@ def main() -> None:
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
     parser.add_argument("--scheme", default=None)
     parser.add_argument("--eager", action="store_true", help="launch from Python, not as a CUDA graph")
+    parser.add_argument("--variant", default=None, help="the shipped entry with these fields changed (try_configs.py)")
+    parser.add_argument("--raw", action="store_true", help="every program's stamps and SM in the JSON")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = []
     for name, m, kernel, weights, inputs, reference in layer_cases(args.cases, torch.device("cuda"), args.scheme):
-        out, traces = traced_forward(kernel, weights, inputs, args.eager)
-        row = {"shape": name, "M": m, "eager": args.eager, "config": asdict(kernel.config(m)),
-               "relative_error": relative_error(out, reference), **summarize(traces)}
+        config = replace(kernel.config(m), **parse_variant(args.variant)) if args.variant else kernel.config(m)
+        out, traces = traced_forward(kernel, weights, inputs, config, args.eager)
+        row = {"shape": name, "M": m, "eager": args.eager, "config": asdict(config),
+               "relative_error": relative_error(out, reference), **summarize(traces, args.raw)}
         results.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({key: {k: v for k, v in value.items() if k != "raw"} if isinstance(value, dict) else value
+                          for key, value in row.items()}), flush=True)
     write_results(args.out, results)
 
 
