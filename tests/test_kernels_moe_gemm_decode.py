@@ -394,14 +394,11 @@ def test_gpu_program_timeline(t: int) -> None:
     """`moe_gemm(trace=...)` leaves the results as they were and gives every program its stamps in order, on a real
     SM; GEMM2 (copying weights before it waits) ends after GEMM1 began; a trace too short is refused."""
     import wna16moe.kernels.moe_gemm as launcher  # (where the TRITON backend imports it from)
-    from wna16moe.kernels.moe_gemm_decode import (
-        TRACE_END,
-        TRACE_FIELDS,
-        TRACE_LOOP_END,
-        TRACE_SM,
-        TRACE_START,
-        TRACE_WAITED,
-    )
+    import wna16moe.kernels.moe_gemm_decode as decode
+
+    start, waited_at, loop_end, end, sm, fields = (field.value for field in (
+        decode.TRACE_START, decode.TRACE_WAITED, decode.TRACE_LOOP_END, decode.TRACE_END, decode.TRACE_SM,
+        decode.TRACE_FIELDS))
 
     e, k, h, i = 16, 4, 512, 768
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_sym"))
@@ -413,7 +410,7 @@ def test_gpu_program_timeline(t: int) -> None:
     launch, traces = launcher.moe_gemm, []
 
     def traced(*args, **kwargs):
-        traces.append(torch.full((4096, TRACE_FIELDS.value), -1, dtype=torch.int64, device=DEVICE))
+        traces.append(torch.full((4096, fields), -1, dtype=torch.int64, device=DEVICE))
         return launch(*args, trace=traces[-1], **kwargs)
 
     launcher.moe_gemm = traced
@@ -424,19 +421,19 @@ def test_gpu_program_timeline(t: int) -> None:
     assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     for trace in traces:
-        rows = trace[trace[:, TRACE_START.value] >= 0]
+        rows = trace[trace[:, start] >= 0]
         assert len(rows) > 0
-        assert bool(((rows[:, TRACE_SM.value] >= 0) & (rows[:, TRACE_SM.value] < sms)).all())
-        assert bool((rows[:, TRACE_END.value] >= rows[:, TRACE_START.value]).all())
-        waited = rows[rows[:, TRACE_WAITED.value] >= 0]  # (a prefetching GEMM2's idle blocks end before their wait)
-        assert len(waited) > 0 and bool((waited[:, TRACE_WAITED.value] >= waited[:, TRACE_START.value]).all())
-        ran = rows[rows[:, TRACE_LOOP_END.value] >= 0]
-        assert len(ran) > 0 and bool((ran[:, TRACE_LOOP_END.value] >= ran[:, TRACE_WAITED.value]).all())
-        assert bool((ran[:, TRACE_END.value] >= ran[:, TRACE_LOOP_END.value]).all())
-    assert traces[1][:, TRACE_END.value].max() > traces[0][:, TRACE_START.value].clamp_min(0).min()
+        assert bool(((rows[:, sm] >= 0) & (rows[:, sm] < sms)).all())
+        assert bool((rows[:, end] >= rows[:, start]).all())
+        waited = rows[rows[:, waited_at] >= 0]  # (a prefetching GEMM2's idle blocks end before their wait)
+        assert len(waited) > 0 and bool((waited[:, waited_at] >= waited[:, start]).all())
+        ran = rows[rows[:, loop_end] >= 0]
+        assert len(ran) > 0 and bool((ran[:, loop_end] >= ran[:, waited_at]).all())
+        assert bool((ran[:, end] >= ran[:, loop_end]).all())
+    assert traces[1][:, end].max() > traces[0][:, start].clamp_min(0).min()
 
     def too_short(*args, **kwargs):
-        return launch(*args, trace=torch.zeros(1, TRACE_FIELDS.value, dtype=torch.int64, device=DEVICE), **kwargs)
+        return launch(*args, trace=torch.zeros(1, fields, dtype=torch.int64, device=DEVICE), **kwargs)
 
     launcher.moe_gemm = too_short
     try:
