@@ -551,7 +551,7 @@ def _program_block(num_m_blocks, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr
 # timer (ns) as it starts, once it has waited for the previous grid, after its main loop and as it ends, and its SM.
 # (constexpr objects, read inside the kernels; `.value` from Python)
 TRACE_START, TRACE_WAITED, TRACE_LOOP_END, TRACE_END, TRACE_SM = (gl.constexpr(field) for field in range(5))
-TRACE_FIELDS = gl.constexpr(8)
+TRACE_FIELDS = gl.constexpr(8)  # (rows of 64 bytes)
 
 
 @gluon.jit
