@@ -318,3 +318,7 @@ def test_try_configs_times_each_variant_once_and_reports_the_rest(capsys: pytest
     out = capsys.readouterr().out
     assert "mixtral M=32 wgmma=1: not on this entry" in out
     assert out.count("the same configuration as one before it") == 2
+    # each round starts one configuration later: none is always timed first
+    orders = [try_configs.round_order(variants, rnd) for rnd in range(5)]
+    assert [order[0] for order in orders] == variants + variants[:1]
+    assert all(sorted(map(str, order)) == sorted(map(str, variants)) for order in orders)
