@@ -54,7 +54,7 @@ def variants_of(shipped: TritonConfig, texts: list[str], label: str, default: Tr
 
 def round_order(variants: list[TritonConfig], rnd: int) -> list[TritonConfig]:
     """Round `rnd`'s order of the configurations: each round starts one later, so that none is always timed first
-    (the first timing of a process read 0.5-4% low in five calls of v54, always the shipped entry's)."""
+    (in v54 the first round of a process read 0.5-4% low for the entry timed first; NOTES.md)."""
     start = rnd % len(variants)
     return variants[start:] + variants[:start]
 
@@ -77,8 +77,6 @@ def main() -> None:
         default = kernel.default_config(m, kernel.moe.top_k)
         shipped = kernel.config(m) if args.base == "shipped" else default
         variants = variants_of(shipped, args.variant, f"{name} M={m}", default)
-        # (a timing not kept: the process's first reads low, NOTES.md v54)
-        _bench_graph(partial(kernel.apply, x, tw, ids, weights, shipped))
         for rnd in range(args.rounds):  # rounds in turn, so that a drift over time shows
             for c in round_order(variants, rnd):
                 try:
