@@ -1,7 +1,7 @@
 """Time a few named TRITON configurations against the shipped one on chosen shapes and M (graph replays after the
-bench's L2 flush), each checked against the float32 reference first, in two rounds (`--rounds`): a quick A/B
-of launch parameters that the sweep does not cover. `python -m wna16moe.tuning --trials RESULTS.json` ships a
-variant that won every round.
+bench's L2 flush), each checked against the float32 reference first, in two rounds (`--rounds`) after one that is
+not recorded (`--warm-rounds`): a quick A/B of launch parameters that the sweep does not cover.
+`python -m wna16moe.tuning --trials RESULTS.json` ships a variant that won every round.
 
     python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 [--scheme int8_g128_sym] --variant num_warps=2 \
         --variant num_warps=2,block_n1=32
@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--scheme", help="weight scheme (default: int4 symmetric at the model's group size)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds over the configurations (default 2; more where the margin is small)")
+    parser.add_argument("--warm-rounds", type=int, default=1,
+                        help="rounds timed first and not recorded (default 1: a configuration's first graph in a "
+                             "process read up to 5%% fast, replay_spread.py, NOTES.md v55)")
     parser.add_argument("--base", choices=("shipped", "default"), default="shipped",
                         help="what the variants change: the shipped entry, or `default_config` (what a shape the "
                              "table does not hold runs)")
@@ -77,7 +80,7 @@ def main() -> None:
         default = kernel.default_config(m, kernel.moe.top_k)
         shipped = kernel.config(m) if args.base == "shipped" else default
         variants = variants_of(shipped, args.variant, f"{name} M={m}", default)
-        for rnd in range(args.rounds):  # rounds in turn, so that a drift over time shows
+        for rnd in range(-args.warm_rounds, args.rounds):  # rounds in turn, so that a drift over time shows
             for c in round_order(variants, rnd):
                 try:
                     err = relative_error(kernel.apply(x, tw, ids, weights, c), reference)
@@ -85,6 +88,8 @@ def main() -> None:
                     print(f"{name} M={m} {c}: failed {type(error).__name__}: {str(error)[:300]}", flush=True)
                     continue
                 us = _bench_graph(partial(kernel.apply, x, tw, ids, weights, c))
+                if rnd < 0:
+                    continue
                 rows.append({"shape": name, "scheme": kernel.spec.scheme.name, "M": m, "round": rnd,
                              "config": asdict(c), "us_graph": us, "relative_error": err, "shipped": c == shipped})
                 print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
