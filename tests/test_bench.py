@@ -266,17 +266,6 @@ def test_coordinate_search_tries_carried_mmas_at_prefill() -> None:
     assert bench.coordinate_search(lambda c: 90.0 if c.carry else 100.0, plain, bench._search_groups(500.0)).carry == 0
 
 
-def test_coordinate_search_tries_split_rows_on_wide_wgmma_blocks() -> None:
-    start = TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
-    for per_expert in (16.0, 500.0):  # (decode and prefill moves)
-        assert bench.coordinate_search(lambda c: 90.0 if c.split_rows else 100.0, start,
-                                       bench._search_groups(per_expert)).split_rows
-    # blocks of 32 rows skip the move
-    narrow = TritonConfig(32, 128, 256, num_stages=3, decode=True, wgmma=True)
-    assert not bench.coordinate_search(lambda c: 90.0 if c.split_rows else 100.0, narrow,
-                                       bench._search_groups(16.0)).split_rows
-
-
 def test_coordinate_search_tries_blocks_that_shrink_at_prefill() -> None:
     start = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
     best = bench.coordinate_search(lambda c: 80.0 if c.shrink == 2 else 100.0, start, bench._search_groups(500.0))

@@ -322,14 +322,6 @@ def test_carry_needs_wgmma() -> None:
             TritonConfig(32, 128, 256, decode=True, **config)
 
 
-def test_split_rows_needs_wgmma_blocks_of_64_rows_or_more() -> None:
-    for block_m in (64, 128):
-        assert TritonConfig(block_m, 128, 256, num_warps=8, decode=True, wgmma=True, split_rows=True).split_rows
-    for config in (dict(block_m=32, wgmma=True), dict(block_m=64), dict(block_m=128, decode=False, swap_ab=True)):
-        with pytest.raises(ValueError, match="split_rows"):
-            TritonConfig(**dict(block_n1=128, block_n2=256, num_warps=8, decode=True, split_rows=True) | config)
-
-
 def test_specialize_needs_128_row_wgmma_blocks_at_8_warps() -> None:
     assert TritonConfig(128, 128, 128, num_warps=8, decode=True, wgmma=True, specialize=True).specialize
     assert TritonConfig(128, 128, 256, num_warps=8, decode=True, wgmma=True, specialize=True).specialize

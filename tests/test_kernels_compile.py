@@ -189,13 +189,6 @@ DECODE_CASES = [
          stages=3, loop_budget=880, wgmma=True, carry=2),
     dict(gated=False, bits=8, zp=True, perm=False, group=128, block_m=64, block_n=256, warps=8, pair=False,
          stages=3, loop_budget=720, wgmma=True, carry=1),  # (729 without carry, 692 with)
-    # 48- and 96-row loops as two accumulators (`split_rows`; their loops are the longest, each slot's wgmma twice):
-    # GEMM1 64 rows g32 at 8 warps (kimi-k2 M = 2048's rows per expert), GEMM2 128 x 256 (its 96-row loop stores
-    # 4 words per 3-tile iteration)
-    dict(gated=True, bits=4, zp=False, perm=False, group=32, block_m=64, block_n=128, warps=8, pair=False,
-         loop_budget=515, wgmma=True, split_rows=True),
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
-         stages=3, loop_budget=435, wgmma=True, split_rows=True, loop_spills=4),
 ]
 
 
@@ -291,11 +284,9 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert (facts["st.global.v4"] > 0) == (wide_out and case["gated"]), facts
     assert (facts["add.v4.f32"] > 0) == (wide_out and not case["gated"]), facts
     halves = 2 if case["gated"] else 1
-    # (`split_rows`: 48 rows in 64-row blocks, 48 and 96 in 128-row ones, each slot's wgmma twice)
-    split_loops = (case["block_m"] >= 64) + (case["block_m"] == 128) if case.get("split_rows") else 0
     if wgmma:  # one m64 wgmma per 16-deep step, half and 64 columns of the program's warpgroup, all in the loop
         per_loop = halves * 8 * case["block_n"] // (16 * case["warps"])
-        assert facts["loop_HGMMA"] == (2 if split_loops else 1) * per_loop and facts["loop_HMMA"] == 0, facts
+        assert facts["loop_HGMMA"] == per_loop and facts["loop_HMMA"] == 0, facts
         # all of a tile's wgmmas in flight, one wait at its end (post-scaled shrunk loops: one per half); with
         # `carry` one more, before the tile's dequantization, for the last tile's (ptxas, where it serializes
         # the mmas, C7513 / C7515, waits after each)
@@ -310,7 +301,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     # barrier more, and one more where registers store into them (act-order activations, rows off 16 bytes).
     unrolled = case["block_m"] < 32 or case["block_m"] == 128
     if wgmma:
-        loops = case["block_m"].bit_length() - 3 + 2 * split_loops  # one per row count the block can shrink to
+        loops = case["block_m"].bit_length() - 3  # one per row count the block can shrink to
         copies = case.get("stages", 3) if unrolled else 1
         assert facts["wgmma.mma_async"] == loops * per_loop * copies, facts
     stores = case["perm"] or not case.get("aligned", True)

@@ -231,9 +231,6 @@ _CARRY_MOVES = [{"carry": c} for c in (1, 2)]
 # GEMM2 on two warp-specialized warpgroups that meet only on the ring's mbarriers (v45: level with the shipped
 # 128 x 256 GEMM2 at deepseek-v3 M = 8192, -1% at qwen3-30b-a3b; 128-row wgmma entries at 8 warps only).
 _SPECIALIZE_MOVES = [{"specialize": True}]
-# 48- and 96-row loops in wgmma blocks of 64 and 128 rows (two accumulators): an expert's 33-48 rows in one block,
-# without 64 rows' mmas (v55; wgmma entries of 64 rows and more only).
-_SPLIT_ROWS_MOVES = [{"split_rows": True}]
 # At decode, GEMM2's tile width and K split move together (v22: mixtral's best was 64 x 2 -> 128 x 16).
 _DECODE_GEMM2_MOVES = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
 # Warps and ring depth of each GEMM apart (v43: GEMM1 at 8 warps and GEMM2 at 4 took W8A16 mixtral M = 1 -3%,
@@ -322,8 +319,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         # Narrow blocks on a few programs per SM, one ring through all their items (v41: won at qwen3-30b-a3b
         # M = 32 at three, lost at M = 8 and 128 and on the big experts)
         persistent = [{"persistent": p} for p in (2, 3)]
-        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, _PER_GEMM_MOVES, release, persistent, _WGMMA_MOVES,
-                _SPLIT_ROWS_MOVES]
+        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, _PER_GEMM_MOVES, release, persistent, _WGMMA_MOVES]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, its 64-row blocks at 8
     # warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring, and its 128-row
     # blocks, on wgmma only: they took M = 8192 from the Triton kernel, v37; at one warpgroup, two programs per
@@ -341,7 +337,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
     shrink = [{"shrink": s} for s in (1, 2)]
     return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)], _PER_GEMM_MOVES, shrink, _WGMMA_MOVES,
-            _CARRY_MOVES, _SPECIALIZE_MOVES, _SPLIT_ROWS_MOVES]
+            _CARRY_MOVES, _SPECIALIZE_MOVES]
 
 
 def coordinate_search(measure: Callable[[TritonConfig], float | None], start: TritonConfig,

@@ -108,11 +108,6 @@ class TritonConfig:
     ring then runs one tile less ahead (rings of 3 stages or more; GEMM1's two accumulators would make ptxas
     serialize every mma). 0: each tile waits for all of its mmas.
 
-    `split_rows` (with `wgmma`) lets wide blocks of 64 and 128 rows multiply 48 or 96 rows where their real rows
-    fit, the first half and the rest in two accumulators (a wgmma's N is any multiple of 8, a tensor's dimension a
-    power of two): a block that holds an expert's 33-48 rows at once, instead of 64 rows' mmas or a second block
-    that dequantizes its weights again. (GEMM2 with `carry` keeps the powers of two.)
-
     `specialize` (with `wgmma`, GEMM2 on 128-row blocks at 8 warps, 128 or 256 wide) runs GEMM2 on
     warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
@@ -136,7 +131,6 @@ class TritonConfig:
     persistent: int = 0
     carry: int = 0
     specialize: bool = False
-    split_rows: bool = False
 
     @property
     def gemm2_warps(self) -> int:
@@ -184,9 +178,6 @@ class TritonConfig:
             if not self.wgmma or not 0 < self.carry <= MAX_CARRY:
                 raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, "
                                  f"got carry={self.carry} wgmma={self.wgmma}")
-        if self.split_rows and not (self.wgmma and self.block_m >= 64):
-            raise ValueError(f"split_rows (48- and 96-row loops) applies to wgmma blocks of 64 or 128 rows, got "
-                             f"wgmma={self.wgmma} block_m={self.block_m}")
         if self.specialize and (not self.wgmma or self.block_m != 128 or self.block_n2 not in (128, 256)
                                 or self.gemm2_warps != 8 or self.carry or self.split_k2 != 1):
             raise ValueError(f"specialize runs GEMM2 on 128 x 128 or 128 x 256 wgmma blocks at 8 warps, without "
@@ -481,9 +472,9 @@ class TritonExperts(Experts):
         # moe_gemm.
         if cfg.decode and not self._fragment:
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
-                          specialize=False, split_rows=False)
+                          specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
-            cfg = replace(cfg, wgmma=False, carry=0, specialize=False, split_rows=False)
+            cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         gemm_pdl = min(pdl, RELEASE_AT_WAIT)  # (RELEASE_EARLY is the activation pass's alone)
         # Blocks straight from the ids, without the alignment launch, where a block's rows hold every token and
@@ -495,8 +486,7 @@ class TritonExperts(Experts):
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, gemm_pdl)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
-                      pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent,
-                      split_rows=cfg.split_rows)
+                      pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
         gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).

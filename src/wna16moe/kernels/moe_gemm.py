@@ -563,7 +563,6 @@ def moe_gemm(
     max_registers: int | None = None,
     wgmma: bool = False,
     carry: int = 0,
-    split_rows: bool = False,
     persistent: int = 0,
     specialize: bool = False,
     trace: torch.Tensor | None = None,
@@ -606,8 +605,6 @@ def moe_gemm(
     carry : with wgmma, a GEMM2 (not gated) whose ring has 3 stages or more leaves each tile's last `carry`
         warpgroup mmas in flight past the tile's end, over the next tile's barrier, copies and first
         dequantization; its ring then runs num_stages - 2 tiles ahead (kernels/moe_gemm_decode.py).
-    split_rows : with wgmma, blocks of 64 and 128 rows (without carry) also multiply 48 and 96 rows, the first
-        half of them and the rest in two accumulators, where their real rows fit (kernels/moe_gemm_decode.py).
     persistent : the decode kernel's narrow blocks (8 and 16 rows) on `persistent` programs per SM, each taking
         every so-many (row block, column tile) through one cp.async ring (kernels/moe_gemm_decode.py); 0: one
         program per block and tile. At most as many per SM as their rings fit in its shared memory (registers
@@ -642,8 +639,6 @@ def moe_gemm(
                                            0 if zeros is None else zeros.data_ptr()))
         if wgmma and block_m < 32:
             raise ValueError(f"wgmma multiplies the decode kernel's wide blocks (block_m >= 32), got {block_m}")
-        if split_rows and not wgmma:
-            raise ValueError("split_rows (48- and 96-row loops) needs wgmma")
         if (carry and not wgmma) or not 0 <= carry <= MAX_CARRY:
             raise ValueError(f"carry (warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, got "
                              f"carry={carry} wgmma={wgmma}")
@@ -653,7 +648,6 @@ def moe_gemm(
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
                                                            PERSISTENT=persistent > 0, CARRY=carry,
-                                                           SPLIT_ROWS=split_rows,
                                                            trace_ptr=a if trace is None else trace,
                                                            TRACE=trace is not None)
         options = dict(num_warps=num_warps, **registers)
@@ -674,9 +668,8 @@ def moe_gemm(
             constexprs["NUM_WARPS"] = 4
             options = dict(num_warps=4)
     else:
-        if wgmma or persistent or carry or split_rows or specialize or trace is not None:
-            raise ValueError("wgmma, carry, split_rows, persistent, specialize and trace are the decode kernel's "
-                             "(decode=True)")
+        if wgmma or persistent or carry or specialize or trace is not None:
+            raise ValueError("wgmma, carry, persistent, specialize and trace are the decode kernel's (decode=True)")
         if shrink not in (0, 1, 2) or block_m >> shrink < 16:
             raise ValueError(f"shrink must be 0, 1 or 2 and tl.dot needs blocks of >= 16 rows, got block_m={block_m} "
                              f"shrink={shrink}")

@@ -117,8 +117,8 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
                     zero_rows = zero_rows + (z_ring.index(mine).slice(g * HALF_N, HALF_N).load(ROW),)
             side = (scale_rows, zero_rows)
             a_tile = a_ring.index(s).slice(0, ROWS, dim=0)
-            acc = _tile_step_scaled(acc, acc, acc, acc, (), words, words, side, side, a_tile, BITS, HAS_ZP,
-                                    GROUP_IN_TILE, False, DTYPE, B_OP, True, 0, 0)[0]
+            acc = _tile_step_scaled(acc, acc, (), words, words, side, side, a_tile, BITS, HAS_ZP, GROUP_IN_TILE,
+                                    False, DTYPE, B_OP, True, 0)[0]
             mbarrier.arrive(empty.index(s))
     rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA)))
     offs_n = n0_half + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
@@ -155,10 +155,9 @@ def _moe_gemm_ws_kernel(
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, SPLIT_ROWS: gl.constexpr, TRACE: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
-    # (the decode kernel's arguments, so that `moe_gemm` launches either; the launcher admits GEMM2 only; its
-    # blocks multiply all their rows, so SPLIT_ROWS changes nothing here)
+    # (the decode kernel's arguments, so that `moe_gemm` launches either; the launcher admits GEMM2 only)
     gl.static_assert(not GATED and not HAS_PERM and SPLIT_K == 1 and ALIGNED and ID_BLOCKS == 0 and NUM_WARPS == 4
                      and not TRACE)
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
