@@ -244,12 +244,14 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     at 128 wide: the same split); 10-64 rows (int8: 8-64, v50: 9-10% faster than 8-row blocks at 8 rows on
     three shapes off the table): 32-row blocks that shrink to their rows, 64 / 128 wide,
     3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
-    level); 64-128 rows: 64-row blocks at 8 warps, 128 / 256 wide (v47: 10-25% faster than 32-row blocks at
-    all four shapes, and than 128-row blocks at three, level at the fourth); from 128 rows: 128-row blocks."""
+    level); above 32 rows, where an expert's rows no longer fit one 32-row block: 64-row blocks at 8 warps,
+    128 / 256 wide (v47: 10-25% faster than 32-row blocks at 64-128 rows on all four shapes, and than 128-row
+    blocks at three, level at the fourth; v55: 6-32% faster at 34-62 rows on all four, int4 and int8, but
+    qwen3-30b-a3b int4 at 37 rows, 5% slower); from 128 rows: 128-row blocks."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert >= 128:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
-    if per_expert >= 64:
+    if per_expert > 32:
         return TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert >= 10 or (bits == 8 and per_expert >= 8):
         return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
