@@ -268,12 +268,12 @@ def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: 
 @pytest.mark.parametrize("group_size", [128, 32])
 @pytest.mark.parametrize(("tokens", "block_m"), [(1, 8), (32, 8), (128, 8), (160, 16), (252, 16), (256, 16),
                                                  (316, 16), (320, 32), (1024, 32), (1056, 64), (2048, 64),
-                                                 (4064, 64), (4096, 128), (8192, 128)])
+                                                 (3072, 64), (3104, 128), (8192, 128)])
 def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_size: int, tokens: int,
                                                                           block_m: int) -> None:
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
     every row count: 8-row blocks up to 4 (int8: below 8), 16 below 10, then blocks on warpgroup mmas (int8: from
-    8 rows), 32 rows up to 32 per expert, 64 rows above (to 128), 128 rows from there; int8 the same tiles, its
+    8 rows), 32 rows up to 32 per expert, 64 rows above, 128 rows above 96; int8 the same tiles, its
     narrow rings shallower, and from 2 tokens to 4 rows per expert half as wide (the same GEMM2 K split); never
     the decode kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
