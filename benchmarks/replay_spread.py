@@ -14,27 +14,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 
 import torch
 from try_configs import variants_of
 
-from wna16moe.bench import _bench, layer_cases, write_results
+from wna16moe.bench import _bench, capture_graph, layer_cases, write_results
 
 
-def capture_with_output(fn: partial) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """`bench.capture_graph`, keeping the captured call's output (its address is in the graph's pool)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+def captured(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`bench.capture_graph(fn)` and the captured call's output (its address is in the graph's pool)."""
+    outputs = []
+    graph = capture_graph(lambda: outputs.append(fn()))
+    return graph, outputs[-1]
 
 
 def main() -> None:
@@ -53,7 +47,7 @@ def main() -> None:
         variants = variants_of(shipped, args.variant, f"{name} M={m}", kernel.default_config(m, kernel.moe.top_k))
         for capture in range(args.captures):
             for index, config in enumerate(variants):
-                graph, out = capture_with_output(partial(kernel.apply, x, tw, ids, weights, config))
+                graph, out = captured(partial(kernel.apply, x, tw, ids, weights, config))
                 for repeat in range(args.repeats):
                     us = _bench(graph.replay)
                     rows.append({"shape": name, "scheme": kernel.spec.scheme.name, "M": m, "variant": index,

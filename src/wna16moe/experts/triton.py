@@ -241,12 +241,12 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
     over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
     and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50), GEMM2's K split to ~4 programs per SM (8
-    at 128 wide: the same split); 10-64 rows (int8: 8-64, v50: 9-10% faster than 8-row blocks at 8 rows on
+    at 128 wide: the same split); 10-32 rows (int8: 8-32, v50: 9-10% faster than 8-row blocks at 8 rows on
     three shapes off the table): 32-row blocks that shrink to their rows, 64 / 128 wide,
     3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
     level); above 32 rows, where an expert's rows no longer fit one 32-row block: 64-row blocks at 8 warps,
     128 / 256 wide (v47: 10-25% faster than 32-row blocks at 64-128 rows on all four shapes, and than 128-row
-    blocks at three, level at the fourth; v55: 6-32% faster at 34-62 rows on all four, int4 and int8, but
+    blocks at three, level at the fourth; v55: 5-32% faster at 34-62 rows on all four, int4 and int8, but
     qwen3-30b-a3b int4 at 37 rows, 5% slower); above 96 rows: 128-row blocks (v55, int4: 4-21% faster than
     64-row blocks at 100-120 rows on all four shapes; at 83-94 rows level to 22% faster on the big experts but
     30% slower on qwen3-30b-a3b)."""
