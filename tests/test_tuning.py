@@ -424,6 +424,17 @@ def test_rows_running_an_entry_are_those_nearest_it_in_log_scale() -> None:
     assert tuning.nearest_measured([1, 2, 8], 5) == 8
 
 
+def test_rows_taking_an_entry_are_those_where_the_defaults_pick_its_block_size() -> None:
+    # deepseek-v3 W8A16 measured at M = 512, 2048 and 8192: a 128-row entry at 2048 runs there and, of the rows
+    # nearest it (1025-4096), only where the defaults take 128-row blocks too (above 96 rows per expert: M > 3072);
+    # a 64-row one where they take 64-row blocks (33-96 rows: M = 1025-3072).
+    key = ShapeKey(8, 128, 7168, 2048, 256, 8)
+    wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide, key) == [2048, *range(3073, 4097)]
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, key) == list(range(1025, 3073))
+    assert tuning.spans([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+
+
 def test_trials_name_the_untimed_rows_a_new_entry_runs(table: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     # The table measures mixtral at M = 1, 128 and 8192: a new M = 1 entry runs M = 1-11.

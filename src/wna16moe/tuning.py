@@ -108,6 +108,29 @@ def rows_running(measured: list[int], m: int) -> range:
     return range(running[0], running[-1] + 1)
 
 
+def rows_taking(measured: list[int], m: int, fields: dict[str, Any], key: ShapeKey) -> list[int]:
+    """Of the token counts nearest the measured M `m` (`rows_running`), those that run its entry `fields`: between
+    the table's rows only where the defaults pick its block size (`experts.triton.entry_or_default`), the defaults
+    as on the card it was measured on (Hopper where the entry is on the decode kernel, which runs only there)."""
+    from wna16moe.experts.triton import TritonConfig, default_config, runs_between_rows
+
+    entry = TritonConfig(**fields)
+    return [t for t in rows_running(measured, m)
+            if t == m or runs_between_rows(entry, default_config(t, key.top_k, key.num_experts, key.group_size,
+                                                                 hopper=entry.decode, bits=key.bits))]
+
+
+def spans(rows: list[int]) -> str:
+    """Sorted integers as runs: [1, 2, 3, 7] -> "1-3, 7"."""
+    runs: list[list[int]] = []
+    for row in rows:
+        if runs and row == runs[-1][-1] + 1:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def triton_vs_marlin(card: str, key: ShapeKey, scheme_name: str) -> tuple[float, list[int]] | None:
     """Geometric mean over the measured M of MARLIN's time / TRITON's time (above 1: TRITON is faster) on
     this card, shape and exact scheme, with those M; None where the shipped table has no same-run
@@ -224,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             card_entries = table.setdefault("cards", {}).setdefault(results["card"], {})
             replaced = apply_trials(card_entries, results, keys)
             for shape, m in replaced:
-                running = rows_running([int(k) for k in card_entries[keys[shape].as_text()]], m)
+                by_m = card_entries[keys[shape].as_text()]
+                running = rows_taking([int(k) for k in by_m], m, by_m[str(m)], keys[shape])
                 timed = sorted({row["M"] for row in results["rows"] if row["shape"] == shape} & set(running))
                 if len(running) > 1:
-                    print(f"{shape} M = {m}: the new entry runs M = {running[0]}-{running[-1]}; {path.name} "
+                    print(f"{shape} M = {m}: the new entry runs M = {spans(running)}; {path.name} "
                           f"timed M = {', '.join(map(str, timed))}: time the others before committing it")
             table.setdefault("sources", []).append(
                 f"{path.name} (trials, commit {results['commit']}, {results['date']}): "

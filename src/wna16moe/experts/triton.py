@@ -284,8 +284,13 @@ def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
         return default
     measured_m, fields = tuned
     entry = TritonConfig(**fields)
-    same_size = entry.block_m == default.block_m or max(entry.block_m, default.block_m) < 32
-    return entry if measured_m == num_tokens or same_size else default
+    return entry if measured_m == num_tokens or runs_between_rows(entry, default) else default
+
+
+def runs_between_rows(entry: TritonConfig, default: TritonConfig) -> bool:
+    """Whether a table entry runs at an M between the table's rows where the defaults pick `default`: only at
+    their block size, narrow ones (8 or 16 rows) both or the same wide size (`entry_or_default`)."""
+    return entry.block_m == default.block_m or max(entry.block_m, default.block_m) < 32
 
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
