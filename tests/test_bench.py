@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +23,17 @@ from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import PDL_OFF, RELEASE_AFTER_LOOP, RELEASE_AT_WAIT, TritonConfig, TritonExperts
 
 E, K, H, INTER = 4, 2, 128, 64
+
+
+def _script(name: str) -> ModuleType:
+    """benchmarks/NAME.py as a module (its own imports of the other scripts resolve: the folder is on sys.path)."""
+    folder = Path(__file__).parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _split_gemm1(m: int) -> TritonConfig:
@@ -307,10 +318,7 @@ def test_search_pick_that_falls_behind_when_timed_again_is_not_shipped(monkeypat
 
 
 def test_try_configs_times_each_variant_once_and_reports_the_rest(capsys: pytest.CaptureFixture[str]) -> None:
-    script = Path(__file__).parents[1] / "benchmarks" / "try_configs.py"
-    spec = importlib.util.spec_from_file_location("try_configs", script)
-    try_configs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(try_configs)
+    try_configs = _script("try_configs")
     shipped = TritonConfig(16, 128, 256, num_stages=3)  # an entry of the Triton kernel
     default = TritonConfig(32, 64, 128, num_stages=3, decode=True, wgmma=True)
     texts = ["num_stages=4", "wgmma=1", "decode=1,block_m=32,wgmma=1", "num_stages=4", "num_stages=3", "default"]
@@ -329,10 +337,7 @@ def test_try_configs_times_each_variant_once_and_reports_the_rest(capsys: pytest
 def test_try_configs_records_no_warm_round(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every configuration is timed once more than recorded, in a round before the others (a configuration's first
     # graph in a process read fast, NOTES.md v55), and the recorded rounds are 0 .. rounds - 1.
-    script = Path(__file__).parents[1] / "benchmarks" / "try_configs.py"
-    spec = importlib.util.spec_from_file_location("try_configs", script)
-    try_configs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(try_configs)
+    try_configs = _script("try_configs")
     shipped = TritonConfig(16, 128, 256, num_stages=3)
 
     class Kernel:
@@ -359,3 +364,14 @@ def test_try_configs_records_no_warm_round(monkeypatch: pytest.MonkeyPatch) -> N
     rows = written[0]
     assert len(timings) == 2 * 4 and len(rows) == 2 * 3
     assert sorted(r["round"] for r in rows) == [0, 0, 1, 1, 2, 2]
+
+
+def test_replay_spread_records_the_forwards_allocations_in_order() -> None:
+    # (address, bytes) of what the forward allocates, through torch.empty and torch.zeros, and nothing after
+    replay_spread, empty = _script("replay_spread"), torch.empty
+    with replay_spread.recorded_allocations() as record:
+        first = torch.empty(10, dtype=torch.float32)
+        second = torch.zeros(3, 4, dtype=torch.float64)
+    torch.empty(5)
+    assert record == [(first.data_ptr(), 40), (second.data_ptr(), 96)]
+    assert torch.empty is empty
