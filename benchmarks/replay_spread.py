@@ -5,11 +5,13 @@ flush): a spread between captures that the repeats of one capture do not show is
 a drift over the whole run is the card (clocks, temperature). Run on the device:
 
     python benchmarks/replay_spread.py qwen3-30b-a3b:1 --scheme int8_g128_sym --variant pdl=2 --captures 8 \
-        --repeats 3 [--pad 0,4096,65536] [--fresh] --out F.json
+        --repeats 3 [--pad 0,4096,65536] [--fresh] [--keep] --out F.json
 
 Placement moved on purpose: `--pad B` allocates B bytes in the graph's pool before the forward (its buffers sit
 B bytes further on), `--fresh` returns the cached memory to the driver before each capture (every graph then
-gets newly mapped memory, as the first one in a process does).
+gets newly mapped memory, as the first one in a process does). `--keep` captures every graph first and keeps them
+all (none reuses another's memory), then times them last captured first: whether a graph's speed follows its
+capture or the time it is timed at.
 
 Rows: configuration, pad, capture, repeat, µs, seconds since the start, and the address and size of every buffer
 the captured forward allocated, in allocation order.
@@ -23,11 +25,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
+from typing import Any
 
 import torch
 from try_configs import variants_of
 
 from wna16moe.bench import _bench, capture_graph, layer_cases, write_results
+from wna16moe.experts.triton import TritonConfig
 
 
 @contextmanager
@@ -66,6 +70,21 @@ def captured(fn: Callable[[], torch.Tensor], pad: int = 0) -> tuple[torch.cuda.C
     return capture_graph(padded), allocations
 
 
+def timed(case: dict[str, Any], held: tuple[int, int, TritonConfig, int, torch.cuda.CUDAGraph, list[tuple[int, int]]],
+          repeats: int, start: float) -> list[dict[str, Any]]:
+    """`repeats` timings of one held capture (capture, variant, configuration, pad, graph, allocations) as rows."""
+    capture, index, config, pad, graph, allocations = held
+    rows = []
+    for repeat in range(repeats):
+        us = _bench(graph.replay)
+        rows.append({**case, "variant": index, "config": asdict(config), "pad": pad, "capture": capture,
+                     "repeat": repeat, "us_graph": us, "seconds": time.perf_counter() - start,
+                     "allocations": allocations})
+        print(f"{case['shape']} M={case['M']} v{index} pad {pad} capture {capture} repeat {repeat} {us:8.2f} us "
+              f"at {' '.join(f'{a:#x}' for a, _ in allocations)} t {rows[-1]['seconds']:.1f}s", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
@@ -75,30 +94,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pad", default="0", help="bytes before the forward's buffers, comma-separated")
     parser.add_argument("--fresh", action="store_true", help="torch.cuda.empty_cache() before every capture")
+    parser.add_argument("--keep", action="store_true", help="capture all graphs first, then time them in reverse")
     parser.add_argument("--out")
     args = parser.parse_args()
     pads = [int(p) for p in args.pad.split(",")]
     rows = []
     start = time.perf_counter()
     for name, m, kernel, weights, (x, tw, ids), _ in layer_cases(args.cases, torch.device("cuda"), args.scheme):
+        case = {"shape": name, "scheme": kernel.spec.scheme.name, "M": m, "fresh": args.fresh, "keep": args.keep}
         shipped = kernel.config(m)
         variants = variants_of(shipped, args.variant, f"{name} M={m}", kernel.default_config(m, kernel.moe.top_k))
+        captures = []  # (capture, variant index, configuration, pad, graph, allocations)
         for capture in range(args.captures):
             for index, config in enumerate(variants):
                 for pad in pads:
                     if args.fresh:
                         torch.cuda.empty_cache()
                     graph, allocations = captured(partial(kernel.apply, x, tw, ids, weights, config), pad)
-                    for repeat in range(args.repeats):
-                        us = _bench(graph.replay)
-                        rows.append({"shape": name, "scheme": kernel.spec.scheme.name, "M": m, "variant": index,
-                                     "config": asdict(config), "pad": pad, "fresh": args.fresh, "capture": capture,
-                                     "repeat": repeat, "us_graph": us, "seconds": time.perf_counter() - start,
-                                     "allocations": allocations})
-                        print(f"{name} M={m} v{index} pad {pad} capture {capture} repeat {repeat} {us:8.2f} us "
-                              f"at {' '.join(f'{a:#x}' for a, _ in allocations)} t {rows[-1]['seconds']:.1f}s",
-                              flush=True)
-                    del graph
+                    captures.append((capture, index, config, pad, graph, allocations))
+                    if not args.keep:
+                        rows += timed(case, captures.pop(), args.repeats, start)
+        for held in reversed(captures):
+            rows += timed(case, held, args.repeats, start)
     write_results(args.out, rows)
 
 
