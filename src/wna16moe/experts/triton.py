@@ -249,7 +249,8 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     blocks at three, level at the fourth; v55: 5-32% faster at 34-62 rows on all four, int4 and int8, but
     qwen3-30b-a3b int4 at 37 rows, 5% slower); above 96 rows: 128-row blocks (v55, int4: 4-21% faster than
     64-row blocks at 100-120 rows on all four shapes; at 83-94 rows level to 22% faster on the big experts but
-    30% slower on qwen3-30b-a3b)."""
+    30% slower on qwen3-30b-a3b, which favours 64-row blocks up to ~106 rows, v56; int8, v56: 7-31% faster at
+    104-120 rows on all four)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert > 96:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
