@@ -19,6 +19,7 @@ import triton.language as tl
 from wna16moe.activations import KERNEL_CODES
 from wna16moe.config import Activation
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
+from wna16moe.kernels.launch import launch
 
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU_OAI = (
     KERNEL_CODES[a] for a in (Activation.SILU, Activation.GELU, Activation.GELU_TANH, Activation.SWIGLU_OAI))
@@ -104,7 +105,7 @@ def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: tor
     if num_pairs == 0:
         return out
     block = min(1024, triton.next_power_of_2(n))
-    _split_k_activation_kernel[(num_pairs, triton.cdiv(n, block))](
+    launch(_split_k_activation_kernel, (num_pairs, triton.cdiv(n, block)),
         partials, ids.to(torch.int32), bias if bias is not None else partials, out, n, num_pairs, out.stride(0),
         alpha, beta, 0.0 if limit is None else limit,
         SPLITS=splits, ACT=act, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl,

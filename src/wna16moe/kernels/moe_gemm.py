@@ -52,6 +52,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_scaled,
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
+from wna16moe.kernels.launch import launch
 from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
 from wna16moe.kernels.moe_gemm_decode import (
     MAX_CARRY,
@@ -723,8 +724,8 @@ def moe_gemm(
                               or not trace.is_contiguous()):
         raise ValueError(f"trace must be contiguous int64 [>= {grid[0] * grid[1]}, {TRACE_FIELDS.value}] (a row per "
                          f"program of the decode kernel, not specialized), got {trace.dtype} {list(trace.shape)}")
-    kernel[grid](
-        a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
+    launch(
+        kernel, grid, a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
         expert_ids if id_blocks else sorted_ids, expert_ids, expert_ids if id_blocks else num_padded,
         zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
+from wna16moe.kernels.launch import launch
 
 _INT64_MIN = tl.constexpr(-(2**63))
 
@@ -132,7 +133,8 @@ def topk_route(logits: torch.Tensor, top_k: int, softmax: bool, renormalize: boo
     if t == 0:
         return weights, ids
     block_e, block_g = triton.next_power_of_2(e), triton.next_power_of_2(n_group)
-    _topk_route_kernel[(t,)](
+    launch(
+        _topk_route_kernel, (t,),
         logits, logits if bias is None else bias, weights, ids, e, e // n_group, logits.stride(0), scale,
         TOP_K=top_k, SOFTMAX=softmax, N_GROUP=n_group, TOPK_GROUP=topk_group, RENORMALIZE=renormalize,
         HAS_BIAS=bias is not None, GROUP_TILES=block_e == e and block_g == n_group, PDL=pdl, BLOCK_E=block_e,
