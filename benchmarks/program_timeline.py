@@ -46,12 +46,12 @@ def traced_forward(kernel, weights, inputs, config, eager: bool
     flush (eager: launched once after it). The buffers are allocated and reset outside the forward: a fill kernel
     between GEMM1 and GEMM2 would hold GEMM2 back to a plain launch. Returns the output and (GEMM, trace) per GEMM."""
     buffers = [torch.empty(ROWS, TRACE_FIELDS.value, dtype=torch.int64, device=inputs[0].device) for _ in range(2)]
-    launch = launcher.moe_gemm
+    plain_moe_gemm = launcher.moe_gemm
     names: list[str] = []
 
     def traced(*args, **kwargs):
         names.append("GEMM1" if kwargs["gated"] else "GEMM2")
-        return launch(*args, trace=buffers[(len(names) - 1) % 2], **kwargs)
+        return plain_moe_gemm(*args, trace=buffers[(len(names) - 1) % 2], **kwargs)
 
     launcher.moe_gemm = traced
     try:
@@ -67,7 +67,7 @@ def traced_forward(kernel, weights, inputs, config, eager: bool
         else:
             graph.replay()
     finally:
-        launcher.moe_gemm = launch
+        launcher.moe_gemm = plain_moe_gemm
     torch.cuda.synchronize()
     return out[-1], list(zip(names[-2:], buffers, strict=True))
 

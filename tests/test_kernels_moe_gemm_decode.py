@@ -390,10 +390,10 @@ def test_gpu_decode_under_a_cuda_graph(t: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("t", [1, 40])
-def test_gpu_program_timeline(t: int) -> None:
+def test_gpu_program_timeline(t: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """`moe_gemm(trace=...)` leaves the results as they were and gives every program its stamps in order, on a real
     SM; GEMM2 (copying weights before it waits) ends after GEMM1 began; a trace too short is refused."""
-    import wna16moe.kernels.moe_gemm as launcher  # (where the TRITON backend imports it from)
+    import wna16moe.kernels.moe_gemm as gemm_module  # (where the TRITON backend imports it from)
     import wna16moe.kernels.moe_gemm_decode as decode
 
     start, waited_at, loop_end, end, sm, fields = (field.value for field in (
@@ -407,17 +407,14 @@ def test_gpu_program_timeline(t: int) -> None:
     config = TritonConfig(8, 64, 128, split_k1=2 if t == 1 else 1, split_k2=2, decode=True, num_stages=2, pdl=2)
     tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
     x = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)
-    launch, traces = launcher.moe_gemm, []
+    plain_moe_gemm, traces = gemm_module.moe_gemm, []
 
     def traced(*args, **kwargs):
         traces.append(torch.full((4096, fields), -1, dtype=torch.int64, device=DEVICE))
-        return launch(*args, trace=traces[-1], **kwargs)
+        return plain_moe_gemm(*args, trace=traces[-1], **kwargs)
 
-    launcher.moe_gemm = traced
-    try:
-        out = kernel.apply(x, tw, ids, weights, config)
-    finally:
-        launcher.moe_gemm = launch
+    monkeypatch.setattr(gemm_module, "moe_gemm", traced)
+    out = kernel.apply(x, tw, ids, weights, config)
     assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     for trace in traces:
@@ -433,11 +430,8 @@ def test_gpu_program_timeline(t: int) -> None:
     assert traces[1][:, end].max() > traces[0][:, start].clamp_min(0).min()
 
     def too_short(*args, **kwargs):
-        return launch(*args, trace=torch.zeros(1, fields, dtype=torch.int64, device=DEVICE), **kwargs)
+        return plain_moe_gemm(*args, trace=torch.zeros(1, fields, dtype=torch.int64, device=DEVICE), **kwargs)
 
-    launcher.moe_gemm = too_short
-    try:
-        with pytest.raises(ValueError, match="trace"):
-            kernel.apply(x, tw, ids, weights, config)
-    finally:
-        launcher.moe_gemm = launch
+    monkeypatch.setattr(gemm_module, "moe_gemm", too_short)
+    with pytest.raises(ValueError, match="trace"):
+        kernel.apply(x, tw, ids, weights, config)
