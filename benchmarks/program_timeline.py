@@ -56,14 +56,15 @@ def traced_forward(kernel, weights, inputs, config, eager: bool
     launcher.moe_gemm = traced
     try:
         out = []
-        graph = capture_graph(lambda: out.append(kernel.apply(*inputs, weights, config)))
+        # (`_forward`: a launch plan would replay its launches without the traced moe_gemm)
+        graph = capture_graph(lambda: out.append(kernel._forward(*inputs, weights, config)))
         for _ in range(3):
             graph.replay()
         for buffer in buffers:
             buffer.fill_(-1)
         _flush_l2()
         if eager:
-            out.append(kernel.apply(*inputs, weights, config))
+            out.append(kernel._forward(*inputs, weights, config))
         else:
             graph.replay()
     finally:

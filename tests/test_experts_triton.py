@@ -672,3 +672,27 @@ def test_gpu_chained_forwards(t: int, pdl: int) -> None:
     static.copy_(torch.randn(t, h, dtype=cfg.dtype, device=DEVICE))
     graph.replay()
     check(captured, "graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("scheme_name", ["int4_g128_zp", "int8_g128_sym", "int4_g32_sym"])
+def test_gpu_forwards_replay_from_launch_plans(scheme_name: str) -> None:
+    """After its first forward at a token count and input layout, TRITON replays the recorded launches (a
+    `LaunchPlan`, kernels/launch.py) on new inputs. Every path of the forward (blocks from the ids, the one- and
+    many-program alignments, whose counts start zeroed, K-split GEMM1, biases) matches EMULATION on fresh
+    inputs in every replay, and rows off 16 bytes record a plan of their own."""
+    e, k, h, i = 32, 4, 1024, 512
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(
+        experts, MoEConfig(e, k, h, i), w1_bias=torch.randn(e, 2 * i, device=DEVICE),
+        w2_bias=torch.randn(e, h, device=DEVICE))
+    for t, offset in ((1, 0), (8, 0), (64, 0), (2048, 0), (8, 1), (64, 1)):
+        for _ in range(3):  # a recording, then two replays
+            rows = torch.randn(t * h + offset, dtype=torch.bfloat16, device=DEVICE)
+            x = rows[offset:].view(t, h)  # (offset 1: every row 2 bytes off 16)
+            tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+            out = kernel.apply(x, tw, ids, weights)
+            assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, (t, offset)
+        keys = [key for key in kernel._plans if key[3][0] == (t, h) and key[3][3] == 2 * offset]
+        assert len(keys) == 1 and kernel._plans[keys[0]] is not None, (t, offset, keys)

@@ -54,3 +54,74 @@ def test_gpu_launch_captured_in_a_graph_replays_on_new_data() -> None:
     src.copy_(fresh)
     graph.replay()
     assert torch.equal(out, fresh.to(torch.bfloat16))
+
+
+# ----- launch plans (LaunchPlan: one recorded forward replayed on new tensors) -----
+
+
+class _FakeCompiled:
+    """Stands in for a compiled kernel: keeps the arguments of every `run`."""
+
+    name = "fake_kernel"
+    function = 11
+    packed_metadata = ("packed",)
+
+    def __init__(self) -> None:
+        self.runs: list[tuple] = []
+
+    def run(self, *args: object) -> None:
+        self.runs.append(args)
+
+
+def test_plan_replays_launches_on_new_sources_and_fresh_temporaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "_current_stream", lambda device: 99)
+    fake = _FakeCompiled()
+    a, b = torch.randn(5), torch.randn(2, 3)
+    with launcher.recording() as rec:
+        counts = launcher.scratch((4,), torch.int32, a.device, zeroed=True)
+        out = launcher.scratch((2, 3), torch.float16, a.device)
+        rec.add(fake, (3, 2, 1), [a, 7, counts, b, 2.5, a, out])
+    plan = rec.plan([a, b], out)
+    assert plan is not None, rec.refused
+    assert plan.temporaries == (((4,), torch.int32, True), ((2, 3), torch.float16, False))  # (zeroed: torch.zeros)
+    new_a, new_b = torch.randn(5), torch.randn(2, 3)
+    result = plan.run([new_a, new_b])
+    assert result.shape == (2, 3) and result.dtype == torch.float16 and result.data_ptr() != out.data_ptr()
+    (args,) = fake.runs
+    grid_and_handles, values = args[:9], args[9:]
+    assert grid_and_handles == (3, 2, 1, 99, 11, ("packed",), None, None, None)
+    assert values[:2] == (new_a.data_ptr(), 7) and values[3:6] == (new_b.data_ptr(), 2.5, new_a.data_ptr())
+    assert values[6] == result.data_ptr()
+    assert values[2] not in (counts.data_ptr(), new_a.data_ptr(), new_b.data_ptr(), result.data_ptr())
+
+
+@pytest.mark.parametrize("case", ["foreign tensor", "output is a source", "torch op", "aliased sources", "nothing"])
+def test_recording_without_a_plan_says_why(case: str) -> None:
+    fake = _FakeCompiled()
+    a, foreign = torch.randn(4), torch.randn(4)
+    sources = [a, a[:2]] if case == "aliased sources" else [a]
+    with launcher.recording() as rec:
+        out = launcher.scratch((4,), torch.float32, a.device)
+        if case == "torch op":
+            out.add_(1.0)
+        if case != "nothing":
+            rec.add(fake, (1, 1, 1), [a, foreign if case == "foreign tensor" else out])
+    assert rec.plan(sources, a if case == "output is a source" else out) is None
+    expected = {"foreign tensor": "argument 1 of fake_kernel is not a source", "output is a source": "the output",
+                "torch op": "aten.add_", "aliased sources": "shares its storage", "nothing": "nothing launched"}
+    assert expected[case] in rec.refused
+
+
+def test_recording_of_triton_launches() -> None:
+    """A compiled kernel's launch gives a plan that replays on new data; an interpreted one (CPU) gives none."""
+    src = torch.randn(3000, device=DEVICE)
+    with launcher.recording() as rec:
+        out = cast(src, torch.float16)
+    plan = rec.plan([src], out)
+    assert torch.equal(out, src.to(torch.float16))
+    if not HAS_CUDA:
+        assert plan is None and "not a compiled Triton kernel" in rec.refused
+        return
+    assert plan is not None, rec.refused
+    fresh = torch.randn(3000, device=DEVICE) * 3
+    assert torch.equal(plan.run([fresh]), fresh.to(torch.float16))

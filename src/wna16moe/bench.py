@@ -67,6 +67,11 @@ DEFAULT_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2")
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 # Serving replays CUDA graphs up to a few hundred tokens; graph times also keep host load out of the rows.
 GRAPH_MAX_TOKENS = 512
+# From M = 2048 an H200 runs at its power cap, and for stretches of a few hundred ms its SM clock dips 8-17% lower
+# (benchmarks/NOTES.md v56): each eager row there is the median of ~2 s of calls, over several dips, not of 60 ms
+# that may fall inside one.
+PREFILL_TOKENS = 2048
+PREFILL_BUDGET_MS = 2000.0
 
 
 _FLUSH_BUFFERS: dict[torch.device, torch.Tensor] = {}
@@ -483,6 +488,7 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
     default = triton_kernel.config(m)
     reference = emulation.apply(x, tw, ids, emu_weights)
     graphs = m <= GRAPH_MAX_TOKENS
+    bench = partial(_bench, budget_ms=PREFILL_BUDGET_MS if m >= PREFILL_TOKENS else 60.0)
     timings: list[tuple[float, float | None, TritonConfig]] = []  # eager µs, graph µs, configuration
 
     def measure(c: TritonConfig) -> float | None:
@@ -507,7 +513,7 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
         apply = partial(triton_kernel.apply, x, tw, ids, weights, c)
         # Where serving replays graphs, every candidate is ranked by its replay: eager times at small M are
         # host time, and would penalise configurations with one more launch.
-        timings.append((_bench(apply), _bench_graph(apply) if graphs else None, c))
+        timings.append((bench(apply), _bench_graph(apply) if graphs else None, c))
         if sweep == "search":
             log(f"  {_rank_us(timings[-1]):9.1f} us  {_config_change(default, c)}")
         return _rank_us(timings[-1])
@@ -532,7 +538,7 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
     if bf16_weights is not None:
         w13, w2 = bf16_weights
         try:
-            us = _bench(lambda: bf16_moe(x, w13, w2, tw, ids))
+            us = bench(lambda: bf16_moe(x, w13, w2, tw, ids))
             g = _bench_graph(lambda: bf16_moe(x, w13, w2, tw, ids)) if m <= GRAPH_MAX_TOKENS else None
             row("bf16", us, g, touched * 3 * h * i * 2, {})
         except RuntimeError as error:
@@ -546,7 +552,7 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
         log(f"{name} {scheme.name} M={m}: marlin vs float32 reference, relative error {err:.2e}")
         if err < 1e-2:
             apply = partial(marlin_kernel.apply, x, tw, ids, marlin_weights)
-            row("marlin", _bench(apply), _bench_graph(apply) if graphs else None, touched * per_expert, {})
+            row("marlin", bench(apply), _bench_graph(apply) if graphs else None, touched * per_expert, {})
         else:
             log(f"{name} M={m}: marlin output is WRONG (relative error {err:.3e}); not timed")
             rows.append({"backend": "marlin-wrong", "shape": name, "scheme": scheme.name, "M": m,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -40,6 +40,9 @@ from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
 from wna16moe.tuning import ShapeKey, tuned_config
 
+if TYPE_CHECKING:
+    from wna16moe.kernels.launch import LaunchPlan
+
 NAME = "triton"
 BATCHED_NAME = "batched_triton"
 # Intermediate padding unit: every GEMM1 N tile and GEMM2 K tile we launch divides it.
@@ -47,6 +50,9 @@ INTERMEDIATE_ALIGN = 64
 # Triton's wgmma/mma paths need sm80+ on NVIDIA (bf16 tensor cores).
 MIN_CUDA_SM = 80
 SUPPORTED_GROUPS = (32, 64, 128, 256, None)
+# Launch plans kept per layer (one per token count and input layout): cleared when full.
+MAX_PLANS = 256
+_UNRECORDED = object()
 
 
 # TritonConfig.pdl (kernels/grid_dependence.py): plain launches, or where each kernel lets the next one launch.
@@ -441,6 +447,7 @@ class TritonExperts(Experts):
         self._configs: dict[int, TritonConfig] = {}
         self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
+        self._plans: dict[tuple[object, ...], LaunchPlan | None] = {}
 
     @classmethod
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
@@ -462,8 +469,33 @@ class TritonExperts(Experts):
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor], config: TritonConfig | None = None) -> torch.Tensor:
-        return self._forward(hidden_states, topk_weights, topk_ids, weights,
-                             config or self.config(hidden_states.shape[0]))
+        return self._planned_forward(hidden_states, topk_weights, topk_ids, weights,
+                                     config or self.config(hidden_states.shape[0]))
+
+    def _planned_forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                         weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:
+        """`_forward`, replayed from a `LaunchPlan` (kernels/launch.py) after its first run with the same key:
+        the configuration and the inputs' shapes, dtypes, strides and 16-byte alignment, which are all that
+        its launches' arguments other than pointers depend on (the weights are the layer's own: read by name)."""
+        from wna16moe.kernels.launch import recording
+
+        if self._card is None or not hidden_states.shape[0]:  # (plans launch compiled kernels only)
+            return self._forward(hidden_states, topk_weights, topk_ids, weights, cfg)
+        names = tuple(weights)
+        key = (cfg, names, torch.cuda.current_device(),
+               *((t.shape, t.dtype, t.stride(), t.data_ptr() % 16) for t in (hidden_states, topk_weights, topk_ids)))
+        sources = [hidden_states, topk_weights, topk_ids, *(weights[name] for name in names),
+                   *(b for b in (self.w13_bias, self.w2_bias) if b is not None)]
+        plan = self._plans.get(key, _UNRECORDED)
+        if plan is _UNRECORDED:
+            if len(self._plans) >= MAX_PLANS:  # (prefill sees many token counts)
+                self._plans.clear()
+            with recording() as rec:
+                out = self._forward(hidden_states, topk_weights, topk_ids, weights, cfg)
+            self._plans[key] = rec.plan(sources, out)
+            return out
+        out = plan.run(sources) if plan is not None else None
+        return out if out is not None else self._forward(hidden_states, topk_weights, topk_ids, weights, cfg)
 
     def _forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:
@@ -471,6 +503,7 @@ class TritonExperts(Experts):
         from wna16moe.kernels.activation import split_k_activation
         from wna16moe.kernels.cast import cast
         from wna16moe.kernels.grid_dependence import chained_launch
+        from wna16moe.kernels.launch import scratch
         from wna16moe.kernels.moe_align import moe_align_block_size
         from wna16moe.kernels.moe_gemm import moe_gemm
 
@@ -498,17 +531,16 @@ class TritonExperts(Experts):
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
                       pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
         gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-        intermediate = torch.empty(t * top_k, self.i_pad, dtype=hidden_states.dtype, device=hidden_states.device)
+        intermediate = scratch((t * top_k, self.i_pad), hidden_states.dtype, hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
-        out = torch.empty(t, moe.hidden_size, dtype=torch.float32, device=hidden_states.device)
+        out = scratch((t, moe.hidden_size), torch.float32, hidden_states.device)
         activation = dict(act=KERNEL_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, SWIGLU_OAI_ALPHA),
                           beta=_or(quant.gemm1_beta, 1.0),
                           limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
         w13 = (hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"), weights.get("w13_perm"),
                self.w13_bias)
         if cfg.split_k1 > 1:
-            partials = torch.empty(cfg.split_k1, t * top_k, 2 * self.i_pad, dtype=torch.float32,
-                                   device=hidden_states.device)
+            partials = scratch((cfg.split_k1, t * top_k, 2 * self.i_pad), torch.float32, hidden_states.device)
             moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
                      zero_out=out, **gemm1)
             split_k_activation(partials, topk_ids, self.w13_bias, intermediate, pdl=pdl, **activation)
@@ -519,8 +551,8 @@ class TritonExperts(Experts):
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
                  specialize=cfg.specialize, **common)
-        # With PDL the cast is ours too: it launches as GEMM2's dependent (kernels/cast.py).
-        return cast(out, hidden_states.dtype, gemm_pdl) if pdl else out.to(hidden_states.dtype)
+        # (with PDL it launches as GEMM2's dependent, kernels/cast.py)
+        return cast(out, hidden_states.dtype, gemm_pdl)
 
 
 class BatchedTritonExperts(TritonExperts):
@@ -535,7 +567,7 @@ class BatchedTritonExperts(TritonExperts):
         e, m, h = hidden_states.shape
         ids, ones = batched_pairs(num_tokens, m, hidden_states.device)
         cfg = config or self.default_config(e * m, 1)
-        out = self._forward(hidden_states.reshape(e * m, h), ones, ids, weights, cfg)
+        out = self._planned_forward(hidden_states.reshape(e * m, h), ones, ids, weights, cfg)
         return out.view(e, m, h)
 
 

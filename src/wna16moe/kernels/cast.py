@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
-from wna16moe.kernels.launch import launch
+from wna16moe.kernels.launch import launch, scratch
 
 _BLOCK = 1024
 
@@ -28,7 +28,7 @@ def cast(src: torch.Tensor, dtype: torch.dtype, pdl: int = 0) -> torch.Tensor:
     dependent, CUDA sm90+ only)."""
     if not src.is_contiguous():
         raise ValueError(f"cast needs a contiguous tensor, got strides {src.stride()}")
-    dst = torch.empty(src.shape, dtype=dtype, device=src.device)
+    dst = scratch(src.shape, dtype, src.device)
     if src.numel():
         launch(_cast_kernel, (triton.cdiv(src.numel(), _BLOCK),), src, dst, src.numel(), BLOCK=_BLOCK, PDL=pdl,
                num_warps=4, **launch_options(pdl))

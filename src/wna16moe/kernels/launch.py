@@ -10,23 +10,41 @@ every argument (types, 16-byte alignment, integers equal to 1 or divisible by 16
 options. The first launch of a key goes through Triton (compiling, checking, launching) and keeps the compiled
 kernel it returns; later launches of the same key call its launcher directly. Interpreted kernels
 (TRITON_INTERPRET=1) launch as before.
+
+A `LaunchPlan` goes further for a whole forward of several launches (v57: what is left of an eager forward's host
+time is mostly its callers' checks and Triton's binder). One forward runs under `recording()`: every launch is kept
+as its compiled kernel, grid and argument values, and every temporary the forward allocates through `scratch` as
+its shape and dtype. `Recording.plan` then names each tensor argument by the source it points at (the forward's
+inputs, its weights, its temporaries); `LaunchPlan.run` allocates fresh temporaries and replays the launches with
+the new pointers, skipping everything else. A recording holds no plan when any tensor argument is neither a source
+nor a temporary, when any torch operation other than an allocation or a view ran inside it (its work would not be
+replayed), or when a kernel was interpreted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 _COMPILED: dict[tuple[Any, ...], CompiledKernel] = {}
+# (innermost last)
+_RECORDINGS: list[Recording] = []
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """`kernel[grid](*args, **kwargs)`: `kwargs` holds the constexprs and launch options, as there."""
     if not isinstance(kernel, JITFunction):  # (interpreted)
+        if _RECORDINGS:
+            _RECORDINGS[-1].refuse(f"{kernel} is not a compiled Triton kernel (interpreted?)")
         kernel[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
@@ -37,12 +55,147 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     bound, specialization, launch_options = binder(*args, **options)
     key = (kernel, device, tuple(specialization), tuple(launch_options.items()))
     compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = kernel[grid](*args, **kwargs)
-        return
-    stream = driver.active.get_current_stream(device)
     values = bound.values()
-    grid_3d = (*grid, 1, 1)
-    compiled.run(grid_3d[0], grid_3d[1], grid_3d[2], stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
-                 knobs.runtime.launch_exit_hook, *values)
+    grid_3d = (*grid, 1, 1)[:3]
+    if compiled is None:
+        compiled = _COMPILED[key] = kernel[grid](*args, **kwargs)
+    else:
+        stream = driver.active.get_current_stream(device)
+        hooks = _launch_hooks()
+        metadata = None if hooks is None else compiled.launch_metadata(grid, stream, *values)
+        compiled.run(*grid_3d, stream, compiled.function, compiled.packed_metadata, metadata,
+                     *(hooks or (None, None)), *values)
+    if _RECORDINGS:
+        _RECORDINGS[-1].add(compiled, grid_3d, list(values))
+
+
+def _launch_hooks() -> tuple[Any, Any] | None:
+    """Triton's launch hooks where any is set (profilers such as proton), else None: Triton 3.6 keeps them as
+    chains that are never None, and calling empty ones costs host time on every launch."""
+    hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return hooks if any(h is not None and getattr(h, "calls", True) for h in hooks) else None
+
+
+def scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device, zeroed: bool = False) -> torch.Tensor:
+    """`torch.empty` (or `torch.zeros`) for a forward's temporaries: a `LaunchPlan` allocates them afresh."""
+    tensor = (torch.zeros if zeroed else torch.empty)(tuple(shape), dtype=dtype, device=device)
+    if _RECORDINGS:
+        _RECORDINGS[-1].scratch.append((tensor, zeroed))
+    return tensor
+
+
+@dataclass(frozen=True)
+class _PlannedLaunch:
+    compiled: CompiledKernel
+    grid: tuple[int, int, int]
+    values: tuple[Any, ...]  # the recorded arguments, None at the tensors' positions
+    tensors: tuple[tuple[int, int], ...]  # (position, index into the sources then the temporaries)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The launches of one recorded forward, replayed on new sources (`Recording.plan`)."""
+
+    launches: tuple[_PlannedLaunch, ...]
+    temporaries: tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]  # (shape, dtype, zeroed)
+    output: int  # index of the returned temporary
+    device: torch.device
+
+    def run(self, sources: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Replay on `sources` (as recorded: same shapes, dtypes, strides and alignment, the caller's key) and
+        return the output; None while a launch hook is set (profilers: launch through Triton)."""
+        if _launch_hooks() is not None:
+            return None
+        temporaries = [(torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=self.device)
+                       for shape, dtype, zeroed in self.temporaries]
+        pointers = [t.data_ptr() for t in sources] + [t.data_ptr() for t in temporaries]
+        stream = _current_stream(self.device)
+        for planned in self.launches:
+            values = list(planned.values)
+            for position, index in planned.tensors:
+                values[position] = pointers[index]
+            compiled = planned.compiled
+            compiled.run(*planned.grid, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *values)
+        return temporaries[self.output - len(sources)]
+
+
+class Recording:
+    """What one forward launched and allocated (`recording`)."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[CompiledKernel, tuple[int, int, int], list[Any]]] = []
+        self.scratch: list[tuple[torch.Tensor, bool]] = []
+        self.refused: str | None = None
+
+    def refuse(self, why: str) -> None:
+        self.refused = self.refused or why
+
+    def add(self, compiled: CompiledKernel, grid: tuple[int, int, int], values: list[Any]) -> None:
+        """A launch of `compiled` on `grid` with its bound argument `values` (as `launch` passes them)."""
+        self.launches.append((compiled, grid, values))
+
+    def plan(self, sources: Sequence[torch.Tensor], output: torch.Tensor) -> LaunchPlan | None:
+        """The plan that replays this forward on new `sources` (the tensors it was given, in a fixed order) and
+        returns its new `output` (a temporary); None where it cannot (`refused` says why)."""
+        if self.refused or not self.launches:
+            self.refuse(self.refused or "nothing launched")
+            return None
+        tensors = [*sources, *(t for t, _ in self.scratch)]
+        index: dict[int, int] = {}
+        for i, tensor in enumerate(tensors):
+            if tensor.numel() == 0 or tensor.data_ptr() in index:
+                self.refuse(f"tensor {i} is empty or shares its storage with another")
+                return None
+            index[tensor.data_ptr()] = i
+        launches = []
+        for compiled, grid, values in self.launches:
+            positions = []
+            for position, value in enumerate(values):
+                if isinstance(value, torch.Tensor):
+                    if value.data_ptr() not in index:
+                        self.refuse(f"argument {position} of {compiled.name} is not a source nor a temporary")
+                        return None
+                    positions.append((position, index[value.data_ptr()]))
+            plain = tuple(None if isinstance(v, torch.Tensor) else v for v in values)
+            launches.append(_PlannedLaunch(compiled, grid, plain, tuple(positions)))
+        returned = index.get(output.data_ptr(), -1)
+        if returned < len(sources) or tensors[returned] is not output:
+            self.refuse("the output is not a temporary")
+            return None
+        return LaunchPlan(tuple(launches), tuple((tuple(t.shape), t.dtype, zeroed) for t, zeroed in self.scratch),
+                          returned, output.device)
+
+
+def _current_stream(device: torch.device) -> int:
+    return driver.active.get_current_stream(device.index)
+
+
+# Torch operations a recorded forward may run: its temporaries and views of its inputs.
+_REPLAYED_OPS = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.zeros.default,
+                           torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default})
+
+
+class _TorchOpsWatch(TorchDispatchMode):
+    """Refuses the recording on any torch operation a plan would not replay."""
+
+    def __init__(self, rec: Recording) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func not in _REPLAYED_OPS:
+            self.rec.refuse(f"the forward ran {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def recording() -> Iterator[Recording]:
+    """Record the launches and temporaries of the forward run inside (see the module docstring)."""
+    rec = Recording()
+    _RECORDINGS.append(rec)
+    try:
+        with _TorchOpsWatch(rec):
+            yield rec
+    finally:
+        _RECORDINGS.pop()

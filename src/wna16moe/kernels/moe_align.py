@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options
-from wna16moe.kernels.launch import launch
+from wna16moe.kernels.launch import launch, scratch
 
 # One program while pairs <= 1024 and pairs x experts <= 2^17: as graph replays on the H200 it took 2.7 / 4.8 µs
 # at 64 / 1024 pairs of 128 experts against the grid's 4.1 / 6.1, but 8.3 µs at 1024 pairs of 384 experts
@@ -164,19 +164,19 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     max_padded = max_padded_rows(p, num_experts, block_m)
     max_blocks = max_padded // block_m
     device = ids.device
-    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
-    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    rank = torch.empty(max(p, 1), dtype=torch.int32, device=device)
+    sorted_ids = scratch((max_padded,), torch.int32, device)
+    expert_ids = scratch((max_blocks,), torch.int32, device)
+    num_padded = scratch((1,), torch.int32, device)
+    rank = scratch((max(p, 1),), torch.int32, device)
     e_pow2 = triton.next_power_of_2(num_experts)
     shape = dict(E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
                  BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK)
     if one_program(p, e_pow2):
-        counts = torch.empty(e_pow2, dtype=torch.int32, device=device)
+        counts = scratch((e_pow2,), torch.int32, device)
         launch(_align_one_program, (1,), ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks,
                **shape, PDL=pdl, num_warps=4, **launch_options(pdl))
     else:
-        counts = torch.zeros(e_pow2, dtype=torch.int32, device=device)
+        counts = scratch((e_pow2,), torch.int32, device, zeroed=True)
         launch(_count_kernel, (triton.cdiv(p, _CHUNK),), ids, rank, counts, p, CHUNK=_CHUNK, PDL=pdl, num_warps=4,
                **launch_options(pdl))
         programs = max(triton.cdiv(p, _CHUNK), triton.cdiv(max_blocks, _BLOCK_CHUNK))
