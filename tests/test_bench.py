@@ -44,10 +44,11 @@ def _split_gemm1(m: int) -> TritonConfig:
 
 
 def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wrong: TritonConfig | None = None,
-           marlin: object | None = None, sweep: str = "grid") -> list[dict]:
+           marlin: object | None = None, sweep: str = "grid", budgets: list[float] | None = None) -> list[dict]:
     """Rows of `_bench_tokens` for a tiny layer; a configuration's made-up times come from `eager` / `graph`
     (default 100 / 90 µs; or callables of the configuration); `marlin`: a stand-in MARLIN kernel (its `apply`
-    gets no configuration); `sweep`: "grid" or "search"."""
+    gets no configuration); `sweep`: "grid" or "search"; `budgets` gets each timing's budget in ms."""
+    budgets = [] if budgets is None else budgets
     scheme = WeightScheme.from_name("int4_g32_sym")
     experts = QuantizedExperts.quantize(torch.randn(E, 2 * INTER, H) * 0.1, torch.randn(E, H, INTER) * 0.1, scheme)
     cfg = MoEConfig(E, K, H, INTER, dtype=torch.float16)
@@ -63,7 +64,11 @@ def _sweep(monkeypatch: pytest.MonkeyPatch, m: int, eager: dict, graph: dict, wr
         return last if isinstance(last, TritonConfig) else None
 
     def timer(times: dict | Callable, default_us: float) -> Callable:
-        return lambda fn: times(config_of(fn)) if callable(times) else times.get(config_of(fn), default_us)
+        def timed(fn: object, budget_ms: float = 60.0) -> float:
+            budgets.append(budget_ms)
+            return times(config_of(fn)) if callable(times) else times.get(config_of(fn), default_us)
+
+        return timed
 
     monkeypatch.setattr(bench, "_bench", timer(eager, 100.0))
     monkeypatch.setattr(bench, "_bench_graph", timer(graph, 90.0))
@@ -285,6 +290,14 @@ def test_coordinate_search_tries_blocks_that_shrink_at_prefill() -> None:
     decode = TritonConfig(32, 64, 128, decode=True)
     assert bench.coordinate_search(lambda c: 50.0 if c.decode else 100.0, decode,
                                    bench._search_groups(500.0)) == decode
+
+
+@pytest.mark.parametrize(("m", "budget_ms"), [(4, 60.0), (2048, bench.PREFILL_BUDGET_MS)])
+def test_prefill_rows_are_timed_over_a_longer_budget(m: int, budget_ms: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At the power cap the clock dips for stretches of calls: prefill medians span several of them.
+    budgets: list[float] = []
+    rows = _sweep(monkeypatch, m, eager={}, graph={}, sweep="", budgets=budgets)
+    assert rows[0]["backend"] == "triton" and set(budgets) == {budget_ms}
 
 
 def test_search_mode_ships_the_fastest_configuration_it_measured(monkeypatch: pytest.MonkeyPatch) -> None:
