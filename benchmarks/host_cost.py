@@ -66,10 +66,11 @@ def main() -> None:
     rows = []
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, torch.device("cuda")):
         logits = torch.randn(m, kernel.moe.num_experts, device=x.device)
+        bias = torch.randn(kernel.moe.num_experts, device=x.device) * 0.1  # (read by DeepSeek-V3's routing only)
 
-        def from_logits(x: torch.Tensor = x, logits: torch.Tensor = logits, kernel: TritonExperts = kernel,
-                        weights: dict[str, torch.Tensor] = weights) -> torch.Tensor:
-            return kernel.apply(x, *route(logits, kernel.moe.routing, kernel.moe.top_k), weights)
+        def from_logits(x: torch.Tensor = x, logits: torch.Tensor = logits, bias: torch.Tensor = bias,
+                        kernel: TritonExperts = kernel, weights: dict[str, torch.Tensor] = weights) -> torch.Tensor:
+            return kernel.apply(x, *route(logits, kernel.moe.routing, kernel.moe.top_k, bias), weights)
 
         forwards = {"planned": partial(kernel.apply, x, tw, ids, weights, kernel.config(m)),
                     "unplanned": partial(kernel._forward, x, tw, ids, weights, kernel.config(m)),

@@ -694,5 +694,6 @@ def test_gpu_forwards_replay_from_launch_plans(scheme_name: str) -> None:
             tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
             out = kernel.apply(x, tw, ids, weights)
             assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, (t, offset)
-        keys = [key for key in kernel._plans if key[3][0] == (t, h) and key[3][3] == 2 * offset]
-        assert len(keys) == 1 and kernel._plans[keys[0]] is not None, (t, offset, keys)
+        layouts = [(key[3][0], plan) for key, plan in kernel._plans.plans.items()]  # (x's shape, ..., alignment)
+        plans = [plan for (shape, _, _, alignment), plan in layouts if shape == (t, h) and alignment == 2 * offset]
+        assert len(plans) == 1 and plans[0] is not None, (t, offset, layouts)

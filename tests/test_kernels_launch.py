@@ -1,6 +1,8 @@
 """`kernels/launch.py`: launches that reuse a compiled kernel must stay exactly as correct as Triton's own, whatever
 the arguments' specialization (alignment, sizes equal to 1 or divisible by 16) does between two launches."""
 
+import threading
+
 import pytest
 import torch
 from triton_env import DEVICE, HAS_CUDA
@@ -79,20 +81,70 @@ def test_plan_replays_launches_on_new_sources_and_fresh_temporaries(monkeypatch:
     a, b = torch.randn(5), torch.randn(2, 3)
     with launcher.recording() as rec:
         counts = launcher.scratch((4,), torch.int32, a.device, zeroed=True)
+        first = launcher.scratch((1000,), torch.float32, a.device)
+        second = launcher.scratch((7,), torch.int32, a.device)
         out = launcher.scratch((2, 3), torch.float16, a.device)
-        rec.add(fake, (3, 2, 1), [a, 7, counts, b, 2.5, a, out])
-    plan = rec.plan([a, b], out)
+        rec.add(fake, (3, 2, 1), [a, 7, counts, b, 2.5, a, out, first, second])
+    plan = rec.plan([a, b], [out])
     assert plan is not None, rec.refused
-    assert plan.temporaries == (((4,), torch.int32, True), ((2, 3), torch.float16, False))  # (zeroed: torch.zeros)
+    assert plan.temporaries == (((4,), torch.int32, True), ((1000,), torch.float32, False),
+                                ((7,), torch.int32, False), ((2, 3), torch.float16, False))
     new_a, new_b = torch.randn(5), torch.randn(2, 3)
-    result = plan.run([new_a, new_b])
+    (result,) = plan.run([new_a, new_b])
     assert result.shape == (2, 3) and result.dtype == torch.float16 and result.data_ptr() != out.data_ptr()
     (args,) = fake.runs
     grid_and_handles, values = args[:9], args[9:]
     assert grid_and_handles == (3, 2, 1, 99, 11, ("packed",), None, None, None)
     assert values[:2] == (new_a.data_ptr(), 7) and values[3:6] == (new_b.data_ptr(), 2.5, new_a.data_ptr())
     assert values[6] == result.data_ptr()
-    assert values[2] not in (counts.data_ptr(), new_a.data_ptr(), new_b.data_ptr(), result.data_ptr())
+    # the zeroed counts and the output are allocations of their own; the other two share one, 512-byte aligned
+    pointers = {values[2], values[6], values[7], values[8], new_a.data_ptr(), new_b.data_ptr()}
+    assert len(pointers) == 6 and values[8] - values[7] == 4096  # (4000 bytes, rounded up to 512)
+
+
+def test_plan_returns_every_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "_current_stream", lambda device: 0)
+    fake = _FakeCompiled()
+    a = torch.randn(3)
+    with launcher.recording() as rec:
+        weights, ids = (launcher.scratch((3, 2), dtype, a.device) for dtype in (torch.float32, torch.int32))
+        rec.add(fake, (1, 1, 1), [a, weights, ids])
+    plan = rec.plan([a], [weights, ids])
+    assert plan is not None, rec.refused
+    new_weights, new_ids = plan.run([torch.randn(3)])
+    assert (new_weights.dtype, new_ids.dtype) == (torch.float32, torch.int32)
+    assert fake.runs[-1][10:] == (new_weights.data_ptr(), new_ids.data_ptr())
+
+
+def test_plan_cache_records_once_then_replays(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "_current_stream", lambda device: 0)
+    fake, calls = _FakeCompiled(), []
+
+    def forward(a: torch.Tensor) -> torch.Tensor:
+        calls.append(a)
+        out = launcher.scratch(a.shape, a.dtype, a.device)
+        launcher._RECORDINGS.stack[-1].add(fake, (1, 1, 1), [a, out])  # (as `launch` does for a compiled kernel)
+        return out
+
+    cache = launcher.PlanCache(capacity=2)
+    a = torch.randn(4)
+    assert cache.run("k", [a], lambda: forward(a)).shape == (4,)
+    replayed = cache.run("k", [torch.randn(4)], lambda: forward(a))
+    assert len(calls) == 1 and len(fake.runs) == 1 and fake.runs[0][10] == replayed.data_ptr()
+    cache.run("j", [a], lambda: forward(a))
+    cache.run("i", [a], lambda: forward(a))  # (full: cleared, then this key recorded)
+    assert list(cache.plans) == ["i"] and len(calls) == 3
+
+
+def test_recording_sees_only_its_own_thread() -> None:
+    # (another thread's forward, say another layer's, must not end up in this one's plan)
+    a = torch.randn(4)
+    with launcher.recording() as rec:
+        other = threading.Thread(target=lambda: launcher.scratch((4,), torch.float32, a.device))
+        other.start()
+        other.join()
+        own = launcher.scratch((4,), torch.float32, a.device)
+    assert [t for t, _ in rec.scratch] == [own]
 
 
 @pytest.mark.parametrize("case", ["foreign tensor", "output is a source", "torch op", "aliased sources", "nothing"])
@@ -106,22 +158,36 @@ def test_recording_without_a_plan_says_why(case: str) -> None:
             out.add_(1.0)
         if case != "nothing":
             rec.add(fake, (1, 1, 1), [a, foreign if case == "foreign tensor" else out])
-    assert rec.plan(sources, a if case == "output is a source" else out) is None
-    expected = {"foreign tensor": "argument 1 of fake_kernel is not a source", "output is a source": "the output",
+    assert rec.plan(sources, [a if case == "output is a source" else out]) is None
+    expected = {"foreign tensor": "argument 1 of fake_kernel is not a source", "output is a source": "an output",
                 "torch op": "aten.add_", "aliased sources": "shares its storage", "nothing": "nothing launched"}
     assert expected[case] in rec.refused
 
 
-def test_recording_of_triton_launches() -> None:
-    """A compiled kernel's launch gives a plan that replays on new data; an interpreted one (CPU) gives none."""
+def test_interpreted_launches_record_no_plan() -> None:
+    if HAS_CUDA:
+        pytest.skip("kernels are compiled here (test_gpu_recorded_launch_replays_on_new_data)")
     src = torch.randn(3000, device=DEVICE)
     with launcher.recording() as rec:
         out = cast(src, torch.float16)
-    plan = rec.plan([src], out)
     assert torch.equal(out, src.to(torch.float16))
-    if not HAS_CUDA:
-        assert plan is None and "not a compiled Triton kernel" in rec.refused
-        return
+    assert rec.plan([src], [out]) is None and "not a compiled Triton kernel" in rec.refused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_recorded_launch_replays_on_new_data() -> None:
+    src = torch.randn(3000, device=DEVICE)
+    with launcher.recording() as rec:
+        out = cast(src, torch.float16)
+    plan = rec.plan([src], [out])
     assert plan is not None, rec.refused
     fresh = torch.randn(3000, device=DEVICE) * 3
-    assert torch.equal(plan.run([fresh]), fresh.to(torch.float16))
+    (replayed,) = plan.run([fresh])
+    assert torch.equal(replayed, fresh.to(torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_launch_is_correct_as_specializations_alternate() -> None:
+    test_launch_is_correct_as_specializations_alternate()

@@ -9,6 +9,7 @@ import torch
 from reference import Routing, assert_routing, grouped_topk_ref, sigmoid_topk_ref, softmax_topk_ref, unambiguous_logits
 from triton_env import DEVICE, HAS_CUDA
 
+import wna16moe.kernels.topk_route as topk_route_module
 from wna16moe.kernels.topk_route import topk_route
 from wna16moe.routing import route
 from wna16moe.shapes import model_shape
@@ -107,15 +108,19 @@ def test_topk_route_no_tokens() -> None:
 def test_gpu_route_matches_torch(model: str, t: int) -> None:
     """The models' own routing configs at their expert counts, bf16 logits: the kernel (on the GPU) against
     torch's routing of the same logits (on the CPU). Rows whose k-th and (k+1)-th keys are closer than float32
-    can order are rare at random logits; at most one in a thousand may differ."""
+    can order are rare at random logits; at most one in a thousand may differ. Three draws: the first call
+    records a launch plan, the next two replay it (kernels/launch.py)."""
     cfg = model_shape(model).moe_config()
-    correction = torch.randn(cfg.num_experts) * 0.2
-    logits = (torch.randn(t, cfg.num_experts) * 2).to(torch.bfloat16)
-    weights, ids = route(logits.cuda(), cfg.routing, cfg.top_k, correction.cuda())
-    want_weights, want_ids = route(logits, cfg.routing, cfg.top_k, correction)
-    same = (ids.cpu() == want_ids).all(-1)
-    assert same.float().mean() >= 0.999
-    torch.testing.assert_close(weights.cpu()[same], want_weights[same], rtol=1e-5, atol=1e-6)
+    for _ in range(3):
+        correction = torch.randn(cfg.num_experts) * 0.2
+        logits = (torch.randn(t, cfg.num_experts) * 2).to(torch.bfloat16)
+        weights, ids = route(logits.cuda(), cfg.routing, cfg.top_k, correction.cuda())
+        want_weights, want_ids = route(logits, cfg.routing, cfg.top_k, correction)
+        same = (ids.cpu() == want_ids).all(-1)
+        assert same.float().mean() >= 0.999
+        torch.testing.assert_close(weights.cpu()[same], want_weights[same], rtol=1e-5, atol=1e-6)
+    logits_layouts = [(key[-1][0], plan) for key, plan in topk_route_module._PLANS.plans.items()]
+    assert any(shape == (t, cfg.num_experts) and plan is not None for (shape, *_), plan in logits_layouts)
 
 
 @pytest.mark.gpu

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -41,7 +42,7 @@ from wna16moe.scheme import WeightScheme
 from wna16moe.tuning import ShapeKey, tuned_config
 
 if TYPE_CHECKING:
-    from wna16moe.kernels.launch import LaunchPlan
+    from wna16moe.kernels.launch import PlanCache
 
 NAME = "triton"
 BATCHED_NAME = "batched_triton"
@@ -50,9 +51,6 @@ INTERMEDIATE_ALIGN = 64
 # Triton's wgmma/mma paths need sm80+ on NVIDIA (bf16 tensor cores).
 MIN_CUDA_SM = 80
 SUPPORTED_GROUPS = (32, 64, 128, 256, None)
-# Launch plans kept per layer (one per token count and input layout): cleared when full.
-MAX_PLANS = 256
-_UNRECORDED = object()
 
 
 # TritonConfig.pdl (kernels/grid_dependence.py): plain launches, or where each kernel lets the next one launch.
@@ -447,7 +445,11 @@ class TritonExperts(Experts):
         self._configs: dict[int, TritonConfig] = {}
         self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
-        self._plans: dict[tuple[object, ...], LaunchPlan | None] = {}
+        self._plans: PlanCache | None = None  # (launch plans: compiled kernels only, so CUDA devices only)
+        if self._card is not None:
+            from wna16moe.kernels.launch import PlanCache
+
+            self._plans = PlanCache()
 
     @classmethod
     def prepare_weights(cls, experts: QuantizedExperts, device: torch.device) -> dict[str, torch.Tensor]:
@@ -474,28 +476,19 @@ class TritonExperts(Experts):
 
     def _planned_forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                          weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:
-        """`_forward`, replayed from a `LaunchPlan` (kernels/launch.py) after its first run with the same key:
-        the configuration and the inputs' shapes, dtypes, strides and 16-byte alignment, which are all that
-        its launches' arguments other than pointers depend on (the weights are the layer's own: read by name)."""
-        from wna16moe.kernels.launch import recording
+        """`_forward`, replayed from a launch plan (kernels/launch.py) after its first run with the same key: the
+        configuration and the inputs' layout, which are all that its launches' arguments other than pointers
+        depend on (the weights are the layer's own: read by name)."""
+        from wna16moe.kernels.launch import layout_key
 
-        if self._card is None or not hidden_states.shape[0]:  # (plans launch compiled kernels only)
-            return self._forward(hidden_states, topk_weights, topk_ids, weights, cfg)
+        forward = partial(self._forward, hidden_states, topk_weights, topk_ids, weights, cfg)
+        if self._plans is None or not hidden_states.shape[0]:
+            return forward()
         names = tuple(weights)
-        key = (cfg, names, torch.cuda.current_device(),
-               *((t.shape, t.dtype, t.stride(), t.data_ptr() % 16) for t in (hidden_states, topk_weights, topk_ids)))
+        key = (cfg, names, torch.cuda.current_device(), layout_key(hidden_states, topk_weights, topk_ids))
         sources = [hidden_states, topk_weights, topk_ids, *(weights[name] for name in names),
                    *(b for b in (self.w13_bias, self.w2_bias) if b is not None)]
-        plan = self._plans.get(key, _UNRECORDED)
-        if plan is _UNRECORDED:
-            if len(self._plans) >= MAX_PLANS:  # (prefill sees many token counts)
-                self._plans.clear()
-            with recording() as rec:
-                out = self._forward(hidden_states, topk_weights, topk_ids, weights, cfg)
-            self._plans[key] = rec.plan(sources, out)
-            return out
-        out = plan.run(sources) if plan is not None else None
-        return out if out is not None else self._forward(hidden_states, topk_weights, topk_ids, weights, cfg)
+        return self._plans.run(key, sources, forward)
 
     def _forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:

@@ -16,17 +16,19 @@ time is mostly its callers' checks and Triton's binder). One forward runs under 
 as its compiled kernel, grid and argument values, and every temporary the forward allocates through `scratch` as
 its shape and dtype. `Recording.plan` then names each tensor argument by the source it points at (the forward's
 inputs, its weights, its temporaries); `LaunchPlan.run` allocates fresh temporaries and replays the launches with
-the new pointers, skipping everything else. A recording holds no plan when any tensor argument is neither a source
-nor a temporary, when any torch operation other than an allocation or a view ran inside it (its work would not be
-replayed), or when a kernel was interpreted.
+the new pointers, skipping everything else. `PlanCache` keeps the plans of one function by key. A recording holds
+no plan when any tensor argument is neither a source nor a temporary, when any torch operation other than an
+allocation or a view ran inside it (its work would not be replayed), or when a kernel was interpreted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,16 +37,25 @@ from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+_Out = TypeVar("_Out", torch.Tensor, tuple[torch.Tensor, ...])
 _COMPILED: dict[tuple[Any, ...], CompiledKernel] = {}
-# (innermost last)
-_RECORDINGS: list[Recording] = []
+
+
+class _Recordings(threading.local):
+    """The recordings open in this thread, innermost last (a thread's launches never go to another's)."""
+
+    def __init__(self) -> None:
+        self.stack: list[Recording] = []
+
+
+_RECORDINGS = _Recordings()
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """`kernel[grid](*args, **kwargs)`: `kwargs` holds the constexprs and launch options, as there."""
     if not isinstance(kernel, JITFunction):  # (interpreted)
-        if _RECORDINGS:
-            _RECORDINGS[-1].refuse(f"{kernel} is not a compiled Triton kernel (interpreted?)")
+        if _RECORDINGS.stack:
+            _RECORDINGS.stack[-1].refuse(f"{kernel} is not a compiled Triton kernel (interpreted?)")
         kernel[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
@@ -65,8 +76,8 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         metadata = None if hooks is None else compiled.launch_metadata(grid, stream, *values)
         compiled.run(*grid_3d, stream, compiled.function, compiled.packed_metadata, metadata,
                      *(hooks or (None, None)), *values)
-    if _RECORDINGS:
-        _RECORDINGS[-1].add(compiled, grid_3d, list(values))
+    if _RECORDINGS.stack:
+        _RECORDINGS.stack[-1].add(compiled, grid_3d, list(values))
 
 
 def _launch_hooks() -> tuple[Any, Any] | None:
@@ -79,8 +90,8 @@ def _launch_hooks() -> tuple[Any, Any] | None:
 def scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device, zeroed: bool = False) -> torch.Tensor:
     """`torch.empty` (or `torch.zeros`) for a forward's temporaries: a `LaunchPlan` allocates them afresh."""
     tensor = (torch.zeros if zeroed else torch.empty)(tuple(shape), dtype=dtype, device=device)
-    if _RECORDINGS:
-        _RECORDINGS[-1].scratch.append((tensor, zeroed))
+    if _RECORDINGS.stack:
+        _RECORDINGS.stack[-1].scratch.append((tensor, zeroed))
     return tensor
 
 
@@ -92,23 +103,48 @@ class _PlannedLaunch:
     tensors: tuple[tuple[int, int], ...]  # (position, index into the sources then the temporaries)
 
 
-@dataclass(frozen=True)
+# Offsets of the temporaries that share one allocation: as aligned as the caching allocator's own blocks.
+_SHARED_ALIGN = 512
+
+
 class LaunchPlan:
-    """The launches of one recorded forward, replayed on new sources (`Recording.plan`)."""
+    """The launches of one recorded forward, replayed on new sources (`Recording.plan`).
 
-    launches: tuple[_PlannedLaunch, ...]
-    temporaries: tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]  # (shape, dtype, zeroed)
-    output: int  # index of the returned temporary
-    device: torch.device
+    Temporaries other than the outputs and the zeroed ones share one allocation per replay: the forward's
+    temporaries all live until it returns anyway, and each allocation costs the host a few µs."""
 
-    def run(self, sources: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    def __init__(self, launches: Sequence[_PlannedLaunch], temporaries: Sequence[tuple[tuple[int, ...], torch.dtype,
+                 bool]], outputs: Sequence[int], num_sources: int, device: torch.device) -> None:
+        self.launches = tuple(launches)
+        self.temporaries = tuple(temporaries)  # (shape, dtype, zeroed)
+        self.outputs = tuple(outputs)  # indices among the sources, then the temporaries
+        self.num_sources = num_sources
+        self.device = device
+        shared, size = [], 0
+        for i, (shape, dtype, zeroed) in enumerate(self.temporaries):
+            own = zeroed or num_sources + i in self.outputs
+            shared.append(None if own else size)
+            size += 0 if own else -(-math.prod(shape) * dtype.itemsize // _SHARED_ALIGN) * _SHARED_ALIGN
+        self._shared_offsets = tuple(shared)
+        self._shared_bytes = size
+
+    def run(self, sources: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
         """Replay on `sources` (as recorded: same shapes, dtypes, strides and alignment, the caller's key) and
-        return the output; None while a launch hook is set (profilers: launch through Triton)."""
+        return the new outputs; None while a launch hook is set (profilers: launch through Triton)."""
         if _launch_hooks() is not None:
             return None
-        temporaries = [(torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=self.device)
-                       for shape, dtype, zeroed in self.temporaries]
-        pointers = [t.data_ptr() for t in sources] + [t.data_ptr() for t in temporaries]
+        shared = torch.empty(self._shared_bytes, dtype=torch.uint8, device=self.device) if self._shared_bytes else None
+        base = 0 if shared is None else shared.data_ptr()
+        tensors: list[torch.Tensor | None] = list(sources)
+        pointers = [t.data_ptr() for t in sources]
+        for (shape, dtype, zeroed), offset in zip(self.temporaries, self._shared_offsets, strict=True):
+            if offset is None:
+                tensor = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=self.device)
+                tensors.append(tensor)
+                pointers.append(tensor.data_ptr())
+            else:
+                tensors.append(None)
+                pointers.append(base + offset)
         stream = _current_stream(self.device)
         for planned in self.launches:
             values = list(planned.values)
@@ -117,7 +153,7 @@ class LaunchPlan:
             compiled = planned.compiled
             compiled.run(*planned.grid, stream, compiled.function, compiled.packed_metadata, None, None, None,
                          *values)
-        return temporaries[self.output - len(sources)]
+        return tuple(tensors[i] for i in self.outputs)  # type: ignore[misc]  # (outputs have their own)
 
 
 class Recording:
@@ -135,9 +171,9 @@ class Recording:
         """A launch of `compiled` on `grid` with its bound argument `values` (as `launch` passes them)."""
         self.launches.append((compiled, grid, values))
 
-    def plan(self, sources: Sequence[torch.Tensor], output: torch.Tensor) -> LaunchPlan | None:
+    def plan(self, sources: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> LaunchPlan | None:
         """The plan that replays this forward on new `sources` (the tensors it was given, in a fixed order) and
-        returns its new `output` (a temporary); None where it cannot (`refused` says why)."""
+        returns its new `outputs` (temporaries); None where it cannot (`refused` says why)."""
         if self.refused or not self.launches:
             self.refuse(self.refused or "nothing launched")
             return None
@@ -159,12 +195,48 @@ class Recording:
                     positions.append((position, index[value.data_ptr()]))
             plain = tuple(None if isinstance(v, torch.Tensor) else v for v in values)
             launches.append(_PlannedLaunch(compiled, grid, plain, tuple(positions)))
-        returned = index.get(output.data_ptr(), -1)
-        if returned < len(sources) or tensors[returned] is not output:
-            self.refuse("the output is not a temporary")
+        returned = [index.get(output.data_ptr(), -1) for output in outputs]
+        if any(i < len(sources) or tensors[i] is not output for i, output in zip(returned, outputs, strict=True)):
+            self.refuse("an output is not a temporary")
             return None
-        return LaunchPlan(tuple(launches), tuple((tuple(t.shape), t.dtype, zeroed) for t, zeroed in self.scratch),
-                          returned, output.device)
+        return LaunchPlan(launches, [(tuple(t.shape), t.dtype, zeroed) for t, zeroed in self.scratch], returned,
+                          len(sources), outputs[0].device)
+
+
+_UNRECORDED = object()
+
+
+class PlanCache:
+    """Launch plans by key, for a function whose launches and temporaries follow from the key alone.
+
+    `run(key, sources, forward)` replays the plan of `key` on `sources`, else runs `forward()` under a recording
+    (it returns a tensor or a tuple of tensors, allocated through `scratch`) and keeps its plan, or None where it
+    cannot be planned, in which case `forward()` runs every time. Cleared when it holds `capacity` keys (prefill
+    sees many token counts)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self.plans: dict[Hashable, LaunchPlan | None] = {}
+
+    def run(self, key: Hashable, sources: Sequence[torch.Tensor], forward: Callable[[], _Out]) -> _Out:
+        plan = self.plans.get(key, _UNRECORDED)
+        if plan is _UNRECORDED:
+            if len(self.plans) >= self.capacity:
+                self.plans.clear()
+            with recording() as rec:
+                out = forward()
+            self.plans[key] = rec.plan(sources, out if isinstance(out, tuple) else (out,))
+            return out
+        replayed = None if plan is None else plan.run(sources)  # type: ignore[union-attr]
+        if replayed is None:
+            return forward()
+        return replayed if len(replayed) > 1 else replayed[0]  # type: ignore[return-value]
+
+
+def layout_key(*tensors: torch.Tensor | None) -> tuple[Any, ...]:
+    """What a forward's launches depend on in its input tensors besides their pointers: shapes, dtypes, strides
+    and 16-byte alignment (Triton specializes pointers on it)."""
+    return tuple(None if t is None else (t.shape, t.dtype, t.stride(), t.data_ptr() % 16) for t in tensors)
 
 
 def _current_stream(device: torch.device) -> int:
@@ -193,9 +265,9 @@ class _TorchOpsWatch(TorchDispatchMode):
 def recording() -> Iterator[Recording]:
     """Record the launches and temporaries of the forward run inside (see the module docstring)."""
     rec = Recording()
-    _RECORDINGS.append(rec)
+    _RECORDINGS.stack.append(rec)
     try:
         with _TorchOpsWatch(rec):
             yield rec
     finally:
-        _RECORDINGS.pop()
+        _RECORDINGS.stack.pop()

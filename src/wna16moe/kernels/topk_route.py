@@ -19,14 +19,17 @@ early: that GEMM's programs, parked beside it, then ran 23% slower at qwen3-30b-
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
 from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
-from wna16moe.kernels.launch import launch
+from wna16moe.kernels.launch import PlanCache, launch, layout_key, scratch
 
 _INT64_MIN = tl.constexpr(-(2**63))
+_PLANS = PlanCache()
 
 
 @triton.jit
@@ -124,12 +127,23 @@ def topk_route(logits: torch.Tensor, top_k: int, softmax: bool, renormalize: boo
     or sigmoid(logits); experts ranked by score + bias with `bias` [E] or groups (n_group > 1; only the
     topk_group groups of largest top-2 sums eligible), else by logit; weights = the chosen scores, divided by
     their sum with `renormalize`, times `scale`. -> (weights [T, K] float32, ids [T, K] int32). The caller
-    checks shapes and settings (`routing.route`). pdl: launched as a programmatic dependent (CUDA sm90+)."""
+    checks shapes and settings (`routing.route`). pdl: launched as a programmatic dependent (CUDA sm90+). On a
+    GPU, replayed from a launch plan after its first call per settings and input layout (kernels/launch.py)."""
+    forward = partial(_topk_route, logits, top_k, softmax, renormalize, n_group, topk_group, scale, bias, pdl)
+    if not logits.is_cuda or not logits.shape[0]:
+        return forward()
+    key = (top_k, softmax, renormalize, n_group, topk_group, scale, pdl, torch.cuda.current_device(),
+           layout_key(logits, bias))
+    return _PLANS.run(key, [logits] if bias is None else [logits, bias], forward)
+
+
+def _topk_route(logits: torch.Tensor, top_k: int, softmax: bool, renormalize: bool, n_group: int, topk_group: int,
+                scale: float, bias: torch.Tensor | None, pdl: int) -> tuple[torch.Tensor, torch.Tensor]:
     t, e = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
+    weights = scratch((t, top_k), torch.float32, logits.device)
+    ids = scratch((t, top_k), torch.int32, logits.device)
     if t == 0:
         return weights, ids
     block_e, block_g = triton.next_power_of_2(e), triton.next_power_of_2(n_group)
