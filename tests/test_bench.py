@@ -388,3 +388,11 @@ def test_replay_spread_records_the_forwards_allocations_in_order() -> None:
     torch.empty(5)
     assert record == [(first.data_ptr(), 40), (second.data_ptr(), 96)]
     assert torch.empty is empty
+
+
+def test_results_name_the_commit_given_over_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a tree copied to a device machine carries a stale .git: the caller names the commit it measures)
+    monkeypatch.setenv("WNA16MOE_COMMIT", "feedbee")
+    assert bench.commit_id() == "feedbee"
+    monkeypatch.delenv("WNA16MOE_COMMIT")
+    assert bench.commit_id() not in ("feedbee", "")

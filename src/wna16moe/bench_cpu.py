@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from wna16moe.bench import random_experts, random_routing
+from wna16moe.bench import commit_id, random_experts, random_routing
 from wna16moe.config import MoEConfig
 from wna16moe.experts import cpu as cpu_backend
 from wna16moe.experts.base import LayerSpec, relative_error
@@ -54,15 +53,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def commit_id() -> str:
-    """The commit measured: git's HEAD, else $WNA16MOE_COMMIT (a copied tree without .git)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("WNA16MOE_COMMIT", "unknown")
 
 
 def _time_ms(fn: Callable[[], object]) -> float:

@@ -59,7 +59,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from transformers.generation.streamers import BaseStreamer
 
-from wna16moe.bench_cpu import commit_id
+from wna16moe.bench import commit_id
 from wna16moe.experts.base import relative_error
 from wna16moe.formats import HF_NAMING, CheckpointFormat, quantization_config, write_experts
 from wna16moe.hf.modules import PackedExperts, WNA16Linear

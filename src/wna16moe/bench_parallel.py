@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from wna16moe.bench import _commit, capture_graph, random_experts
+from wna16moe.bench import capture_graph, commit_id, random_experts
 from wna16moe.config import ActivationFormat
 from wna16moe.distributed import MoEGroups, parallel_config
 from wna16moe.experts.base import relative_error
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                                                   max_tokens_per_rank=args.max_tokens_per_rank))
         card = torch.cuda.get_device_name()
         date = datetime.date.today().isoformat()
-        result: dict[str, Any] = {"card": card, "gpus": world, "date": date, "commit": _commit(),
+        result: dict[str, Any] = {"card": card, "gpus": world, "date": date, "commit": commit_id(),
                                   "torch": torch.__version__, "nccl_nvls_enable": os.environ["NCCL_NVLS_ENABLE"],
                                   "command": command, "rows": []}
         out = args.out or Path("benchmarks/results") / f"parallel-{card.replace(' ', '_')}-{date}.json"
