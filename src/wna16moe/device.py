@@ -7,8 +7,10 @@ as the current one (`DeviceInfo.current()`).
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -21,6 +23,13 @@ OPTIONAL_PACKAGES = ("triton", "flashinfer", "vllm_xpu_kernels")
 # Pseudo-package present when a Marlin MoE op library is found (see `find_marlin_library`).
 MARLIN_PROVIDER = "marlin"
 MARLIN_LIBRARY_ENV = "WNA16MOE_MARLIN_LIB"
+# The oldest Triton the kernels run on: the Gluon decode kernels and `kernels/launch.py` (Triton's binder, knobs)
+# are written and tested against 3.6. An older Triton counts as absent, so the oracle says why it skips TRITON
+# instead of the forward failing on an import.
+MIN_TRITON = (3, 6)
+NO_TRITON = f"Triton >= {MIN_TRITON[0]}.{MIN_TRITON[1]} is not installed"
+# Distributions that install the `triton` module (PyTorch's nightlies ship their own).
+_TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu")
 # Pseudo-package present when the installed Triton has Intel's XPU backend (`triton.backends.intel`, shipped
 # by Intel's Triton build); found without importing triton (see `has_triton_xpu_backend`).
 TRITON_XPU_PROVIDER = "triton_xpu"
@@ -110,6 +119,8 @@ NAMED_DEVICES: dict[str, DeviceInfo] = {
 @functools.cache
 def _current(device_type: str, index: int | None) -> DeviceInfo:
     packages = {p for p in OPTIONAL_PACKAGES if importlib.util.find_spec(p) is not None}
+    if "triton" in packages and not triton_recent_enough(installed_triton_version()):
+        packages.remove("triton")
     if find_marlin_library() is not None:
         packages.add(MARLIN_PROVIDER)
     if has_triton_xpu_backend():
@@ -139,6 +150,23 @@ def find_marlin_library() -> str | None:
         if os.path.isfile(candidate):
             return candidate
     return None
+
+
+def installed_triton_version() -> str | None:
+    """The installed Triton's version from its distribution's metadata (without importing it), or None."""
+    for distribution in _TRITON_DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def triton_recent_enough(version: str | None) -> bool:
+    """Whether a Triton `version` ("3.6.0", "3.7.0+git1234") is at least MIN_TRITON; an unknown one is given the
+    benefit of the doubt."""
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    return found is None or (int(found[1]), int(found[2])) >= MIN_TRITON
 
 
 def has_triton_xpu_backend() -> bool:

@@ -50,7 +50,14 @@ import torch
 
 from wna16moe.activations import apply_activation
 from wna16moe.config import Activation, ActivationFormat, MoEQuantConfig, ParallelConfig
-from wna16moe.device import MARLIN_LIBRARY_ENV, MARLIN_PROVIDER, DeviceInfo, Platform, find_marlin_library
+from wna16moe.device import (
+    MARLIN_LIBRARY_ENV,
+    MARLIN_PROVIDER,
+    NO_TRITON,
+    DeviceInfo,
+    Platform,
+    find_marlin_library,
+)
 from wna16moe.errors import BackendError, InvalidInputError
 from wna16moe.experts.base import (
     OK,
@@ -166,7 +173,7 @@ class MarlinExperts(Experts):
         if not device.has_package(MARLIN_PROVIDER):
             return fail(NO_PROVIDER)
         if not device.has_package("triton"):
-            return fail("the triton package is not importable (MARLIN aligns tokens with wna16moe's Triton kernel)")
+            return fail(f"{NO_TRITON} (MARLIN aligns tokens with wna16moe's Triton kernel)")
         return OK
 
     @classmethod

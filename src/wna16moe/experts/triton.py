@@ -34,7 +34,7 @@ import torch
 
 from wna16moe.activations import KERNEL_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
 from wna16moe.config import Activation, ActivationFormat, MoEQuantConfig
-from wna16moe.device import TRITON_XPU_PROVIDER, DeviceInfo, Platform
+from wna16moe.device import NO_TRITON, TRITON_XPU_PROVIDER, DeviceInfo, Platform
 from wna16moe.experts.base import OK, Check, Experts, LayerSpec, batched_pairs, check_tp_groups, fail
 from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K, fragment_tiles, tile_interleave, words_per_tile
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
@@ -396,7 +396,7 @@ class TritonExperts(Experts):
     @classmethod
     def supports_device(cls, device: DeviceInfo) -> Check:
         if not device.has_package("triton"):
-            return fail("the triton package is not importable")
+            return fail(NO_TRITON)
         if device.platform == Platform.CPU:
             if os.environ.get("TRITON_INTERPRET") == "1":
                 return OK  # the interpreter runs the kernels on CPU (tests)
