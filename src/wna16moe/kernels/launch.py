@@ -118,7 +118,6 @@ class LaunchPlan:
         self.launches = tuple(launches)
         self.temporaries = tuple(temporaries)  # (shape, dtype, zeroed)
         self.outputs = tuple(outputs)  # indices among the sources, then the temporaries
-        self.num_sources = num_sources
         self.device = device
         shared, size = [], 0
         for i, (shape, dtype, zeroed) in enumerate(self.temporaries):
