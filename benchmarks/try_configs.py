@@ -1,6 +1,7 @@
 """Time a few named TRITON configurations against the shipped one on chosen shapes and M (graph replays after the
-bench's L2 flush), each checked against the float32 reference first, in two rounds (`--rounds`) after one that is
-not recorded (`--warm-rounds`): a quick A/B of launch parameters that the sweep does not cover.
+bench's L2 flush, each timing over ~2 s from M = 2048 as the bench's), each checked against the float32 reference
+first, in two rounds (`--rounds`) after one that is not recorded (`--warm-rounds`): a quick A/B of launch
+parameters that the sweep does not cover.
 `python -m wna16moe.tuning --trials RESULTS.json` ships a variant that won every round.
 
     python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 [--scheme int8_g128_sym] --variant num_warps=2 \
@@ -19,7 +20,7 @@ from functools import partial
 
 import torch
 
-from wna16moe.bench import _bench_graph, layer_cases, write_results
+from wna16moe.bench import _bench_graph, budget_ms, layer_cases, write_results
 from wna16moe.experts.base import relative_error
 from wna16moe.experts.triton import TritonConfig
 
@@ -87,7 +88,8 @@ def main() -> None:
                 except Exception as error:  # a variant that does not compile is reported
                     print(f"{name} M={m} {c}: failed {type(error).__name__}: {str(error)[:300]}", flush=True)
                     continue
-                us = _bench_graph(partial(kernel.apply, x, tw, ids, weights, c))
+                # (from M = 2048 over ~2 s, several of the power cap's clock dips: NOTES.md v56-v57)
+                us = _bench_graph(partial(kernel.apply, x, tw, ids, weights, c), budget_ms=budget_ms(m))
                 if rnd < 0:
                     continue
                 rows.append({"shape": name, "scheme": kernel.spec.scheme.name, "M": m, "round": rnd,

@@ -347,7 +347,8 @@ def test_try_configs_times_each_variant_once_and_reports_the_rest(capsys: pytest
     assert all(sorted(map(str, order)) == sorted(map(str, variants)) for order in orders)
 
 
-def test_try_configs_records_no_warm_round(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("m", [32, 2048])
+def test_try_configs_records_no_warm_round(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every configuration is timed once more than recorded, in a round before the others (a configuration's first
     # graph in a process read fast, NOTES.md v55), and the recorded rounds are 0 .. rounds - 1.
     try_configs = _script("try_configs")
@@ -366,17 +367,18 @@ def test_try_configs_records_no_warm_round(monkeypatch: pytest.MonkeyPatch) -> N
         def apply(self, *args: object) -> torch.Tensor:
             return torch.ones(4)
 
-    timings: list[int] = []
-    monkeypatch.setattr(try_configs, "layer_cases", lambda *a: iter([("mixtral", 32, Kernel(), {}, (None,) * 3,
+    timings: list[float] = []  # (each timing's budget, ms)
+    monkeypatch.setattr(try_configs, "layer_cases", lambda *a: iter([("mixtral", m, Kernel(), {}, (None,) * 3,
                                                                       torch.ones(4))]))
-    monkeypatch.setattr(try_configs, "_bench_graph", lambda fn: timings.append(1) or 10.0)
+    monkeypatch.setattr(try_configs, "_bench_graph", lambda fn, budget_ms: timings.append(budget_ms) or 10.0)
     written: list[list[dict]] = []
     monkeypatch.setattr(try_configs, "write_results", lambda path, rows: written.append(rows))
-    monkeypatch.setattr(sys, "argv", ["try_configs.py", "mixtral:32", "--variant", "num_stages=4", "--rounds", "3"])
+    monkeypatch.setattr(sys, "argv", ["try_configs.py", f"mixtral:{m}", "--variant", "num_stages=4", "--rounds", "3"])
     try_configs.main()
     rows = written[0]
     assert len(timings) == 2 * 4 and len(rows) == 2 * 3
     assert sorted(r["round"] for r in rows) == [0, 0, 1, 1, 2, 2]
+    assert set(timings) == {60.0 if m < 2048 else bench.PREFILL_BUDGET_MS}  # (prefill: over the cap's dips)
 
 
 def test_replay_spread_records_the_forwards_allocations_in_order() -> None:

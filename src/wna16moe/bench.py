@@ -74,6 +74,11 @@ PREFILL_TOKENS = 2048
 PREFILL_BUDGET_MS = 2000.0
 
 
+def budget_ms(m: int) -> float:
+    """How long one timing of a layer at M = m spans (`_bench`'s budget): PREFILL_BUDGET_MS from PREFILL_TOKENS."""
+    return PREFILL_BUDGET_MS if m >= PREFILL_TOKENS else 60.0
+
+
 _FLUSH_BUFFERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -125,10 +130,11 @@ def capture_graph(fn: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAG
     return graph
 
 
-def _bench_graph(fn: Callable[[], object]) -> float | None:
-    """Median microseconds of a CUDA-graph replay of `fn`, or None if it cannot be captured."""
+def _bench_graph(fn: Callable[[], object], budget_ms: float = 60.0) -> float | None:
+    """Median microseconds of a CUDA-graph replay of `fn` (timed as `_bench` does), or None if it cannot be
+    captured."""
     try:
-        return _bench(capture_graph(fn).replay)
+        return _bench(capture_graph(fn).replay, budget_ms=budget_ms)
     except RuntimeError:
         return None
 
@@ -488,7 +494,7 @@ def _bench_tokens(name: str, m: int, scheme: WeightScheme, cfg: MoEConfig, trito
     default = triton_kernel.config(m)
     reference = emulation.apply(x, tw, ids, emu_weights)
     graphs = m <= GRAPH_MAX_TOKENS
-    bench = partial(_bench, budget_ms=PREFILL_BUDGET_MS if m >= PREFILL_TOKENS else 60.0)
+    bench = partial(_bench, budget_ms=budget_ms(m))
     timings: list[tuple[float, float | None, TritonConfig]] = []  # eager µs, graph µs, configuration
 
     def measure(c: TritonConfig) -> float | None:
