@@ -694,6 +694,28 @@ def test_gpu_chained_forwards(t: int, pdl: int) -> None:
     check(captured, "graph")
 
 
+@pytest.mark.parametrize(("t", "config"), [(1, None), (5, None), (5, TritonConfig(16, 32, 32, split_k1=2, split_k2=2)),
+                                         (300, None)], ids=["ids-blocks", "aligned", "k-split", "many-program-align"])
+def test_forward_runs_only_launches_and_allocations(t: int, config: TritonConfig | None) -> None:
+    """A launch plan replays only launches and allocations (kernels/launch.py): a torch op added to the forward
+    would turn plans off on the GPU without a failure. Under the interpreter every launch refuses the recording as
+    interpreted; no other reason may appear."""
+    from wna16moe.kernels.launch import recording
+
+    e, k, h, i = 8, 2, 128, 64
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_zp"))
+    kernel, weights, _, _ = triton_beside_emulation(experts, MoEConfig(e, k, h, i, dtype=torch.float16),
+                                                    w1_bias=torch.randn(e, 2 * i, device=DEVICE))
+    x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
+    tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+    with recording() as rec:
+        kernel._forward(x, tw, ids, weights, config or kernel.config(t))
+    if HAS_CUDA:
+        assert rec.refusals == [] and rec.launches
+    else:
+        assert rec.refusals and all("not a compiled Triton kernel" in why for why in rec.refusals), rec.refusals
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("scheme_name", ["int4_g128_zp", "int8_g128_sym", "int4_g32_sym"])

@@ -101,6 +101,20 @@ def test_topk_route_no_tokens() -> None:
     assert weights.shape == ids.shape == (0, 4)
 
 
+@pytest.mark.parametrize("name", ["qwen3", "deepseek-mini"])
+def test_topk_route_runs_only_a_launch_and_allocations(name: str) -> None:
+    # (what a launch plan replays, kernels/launch.py: any other torch op would turn its plans off on the GPU)
+    from wna16moe.kernels.launch import recording
+
+    case = CASES[name]
+    logits = torch.randn(5, case.e, device=DEVICE)
+    bias = torch.randn(case.e, device=DEVICE) if case.bias else None
+    with recording() as rec:
+        topk_route_module._topk_route(logits, case.k, case.softmax, case.renormalize, case.n_group, case.topk_group,
+                                      case.scale, bias, 0)
+    assert all("not a compiled Triton kernel" in why for why in rec.refusals), rec.refusals
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("t", [1, 8, 4096])

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
@@ -54,9 +54,12 @@ _RECORDINGS = _Recordings()
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """`kernel[grid](*args, **kwargs)`: `kwargs` holds the constexprs and launch options, as there."""
     if not isinstance(kernel, JITFunction):  # (interpreted)
-        if _RECORDINGS.stack:
-            _RECORDINGS.stack[-1].refuse(f"{kernel} is not a compiled Triton kernel (interpreted?)")
-        kernel[grid](*args, **kwargs)
+        if not _RECORDINGS.stack:
+            kernel[grid](*args, **kwargs)
+            return
+        _RECORDINGS.stack[-1].refuse(f"{kernel} is not a compiled Triton kernel (interpreted?)")
+        with _disable_current_modes():  # (the interpreter's own torch ops are the kernel's, not the forward's)
+            kernel[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
     # (as JITFunction.run completes them: both are part of its cache key)
@@ -161,10 +164,15 @@ class Recording:
     def __init__(self) -> None:
         self.launches: list[tuple[CompiledKernel, tuple[int, int, int], list[Any]]] = []
         self.scratch: list[tuple[torch.Tensor, bool]] = []
-        self.refused: str | None = None
+        self.refusals: list[str] = []  # (every reason, in order)
+
+    @property
+    def refused(self) -> str | None:
+        """The first reason this recording holds no plan, or None."""
+        return self.refusals[0] if self.refusals else None
 
     def refuse(self, why: str) -> None:
-        self.refused = self.refused or why
+        self.refusals.append(why)
 
     def add(self, compiled: CompiledKernel, grid: tuple[int, int, int], values: list[Any]) -> None:
         """A launch of `compiled` on `grid` with its bound argument `values` (as `launch` passes them)."""
@@ -173,8 +181,9 @@ class Recording:
     def plan(self, sources: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> LaunchPlan | None:
         """The plan that replays this forward on new `sources` (the tensors it was given, in a fixed order) and
         returns its new `outputs` (temporaries); None where it cannot (`refused` says why)."""
-        if self.refused or not self.launches:
-            self.refuse(self.refused or "nothing launched")
+        if not self.launches:
+            self.refuse("nothing launched")
+        if self.refused:
             return None
         tensors = [*sources, *(t for t, _ in self.scratch)]
         index: dict[int, int] = {}
