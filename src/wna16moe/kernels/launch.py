@@ -219,10 +219,10 @@ class PlanCache:
 
     `run(key, sources, forward)` replays the plan of `key` on `sources`, else runs `forward()` under a recording
     (it returns a tensor or a tuple of tensors, allocated through `scratch`) and keeps its plan, or None where it
-    cannot be planned, in which case `forward()` runs every time. Cleared when it holds `capacity` keys (prefill
-    sees many token counts)."""
+    cannot be planned, in which case `forward()` runs every time. Cleared when it holds `capacity` keys: prefill
+    sees many token counts, and a plan holds a few KB of launch arguments (a model keeps one cache per layer)."""
 
-    def __init__(self, capacity: int = 256) -> None:
+    def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
         self.plans: dict[Hashable, LaunchPlan | None] = {}
 
