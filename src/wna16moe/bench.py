@@ -72,11 +72,12 @@ GRAPH_MAX_TOKENS = 512
 # that may fall inside one.
 PREFILL_TOKENS = 2048
 PREFILL_BUDGET_MS = 2000.0
+BUDGET_MS = 60.0  # (below PREFILL_TOKENS)
 
 
 def budget_ms(m: int) -> float:
     """How long one timing of a layer at M = m spans (`_bench`'s budget): PREFILL_BUDGET_MS from PREFILL_TOKENS."""
-    return PREFILL_BUDGET_MS if m >= PREFILL_TOKENS else 60.0
+    return PREFILL_BUDGET_MS if m >= PREFILL_TOKENS else BUDGET_MS
 
 
 _FLUSH_BUFFERS: dict[torch.device, torch.Tensor] = {}
@@ -91,7 +92,7 @@ def _flush_l2() -> None:
     _FLUSH_BUFFERS[device].max()
 
 
-def _bench(fn: Callable[[], object], warmup: int = 10, budget_ms: float = 60.0, flush: bool = True) -> float:
+def _bench(fn: Callable[[], object], warmup: int = 10, budget_ms: float = BUDGET_MS, flush: bool = True) -> float:
     """Median microseconds of `fn`: CUDA events around each call, each after `_flush_l2` (unless not `flush`),
     after warm-up; as many calls as fit in about `budget_ms` (10 to 1000)."""
     for _ in range(warmup):
@@ -130,7 +131,7 @@ def capture_graph(fn: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAG
     return graph
 
 
-def _bench_graph(fn: Callable[[], object], budget_ms: float = 60.0) -> float | None:
+def _bench_graph(fn: Callable[[], object], budget_ms: float = BUDGET_MS) -> float | None:
     """Median microseconds of a CUDA-graph replay of `fn` (timed as `_bench` does), or None if it cannot be
     captured."""
     try:

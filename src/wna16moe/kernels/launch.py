@@ -77,8 +77,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         stream = driver.active.get_current_stream(device)
         hooks = _launch_hooks()
         metadata = None if hooks is None else compiled.launch_metadata(grid, stream, *values)
-        compiled.run(*grid_3d, stream, compiled.function, compiled.packed_metadata, metadata,
-                     *(hooks or (None, None)), *values)
+        _run_compiled(compiled, grid_3d, stream, values, metadata, hooks)
     if _RECORDINGS.stack:
         _RECORDINGS.stack[-1].add(compiled, grid_3d, list(values))
 
@@ -90,9 +89,20 @@ def _launch_hooks() -> tuple[Any, Any] | None:
     return hooks if any(h is not None and getattr(h, "calls", True) for h in hooks) else None
 
 
+def _run_compiled(compiled: CompiledKernel, grid: tuple[int, int, int], stream: int, values: Any,
+                  metadata: Any = None, hooks: tuple[Any, Any] | None = None) -> None:
+    """Call `compiled`'s launcher directly (as Triton's own launch does last)."""
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, metadata, *(hooks or (None, None)),
+                 *values)
+
+
+def _allocate(shape: Sequence[int], dtype: torch.dtype, device: torch.device, zeroed: bool) -> torch.Tensor:
+    return (torch.zeros if zeroed else torch.empty)(tuple(shape), dtype=dtype, device=device)
+
+
 def scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device, zeroed: bool = False) -> torch.Tensor:
     """`torch.empty` (or `torch.zeros`) for a forward's temporaries: a `LaunchPlan` allocates them afresh."""
-    tensor = (torch.zeros if zeroed else torch.empty)(tuple(shape), dtype=dtype, device=device)
+    tensor = _allocate(shape, dtype, device, zeroed)
     if _RECORDINGS.stack:
         _RECORDINGS.stack[-1].scratch.append((tensor, zeroed))
     return tensor
@@ -141,7 +151,7 @@ class LaunchPlan:
         pointers = [t.data_ptr() for t in sources]
         for (shape, dtype, zeroed), offset in zip(self.temporaries, self._shared_offsets, strict=True):
             if offset is None:
-                tensor = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=self.device)
+                tensor = _allocate(shape, dtype, self.device, zeroed)
                 tensors.append(tensor)
                 pointers.append(tensor.data_ptr())
             else:
@@ -152,9 +162,7 @@ class LaunchPlan:
             values = list(planned.values)
             for position, index in planned.tensors:
                 values[position] = pointers[index]
-            compiled = planned.compiled
-            compiled.run(*planned.grid, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *values)
+            _run_compiled(planned.compiled, planned.grid, stream, values)
         return tuple(tensors[i] for i in self.outputs)  # type: ignore[misc]  # (outputs have their own)
 
 
