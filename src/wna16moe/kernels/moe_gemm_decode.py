@@ -156,7 +156,7 @@ def _wait_and_fence(PENDING: gl.constexpr):
 
 @gluon.jit
 def _copy_group_rows(buf, ptr, offs, n0, k, k_end, N, group_size, stride_sg, BLOCK_N: gl.constexpr,
-                     GROUP_IN_TILE: gl.constexpr, ASYNC: gl.constexpr):
+                     GROUP_IN_TILE: gl.constexpr, ASYNC: gl.constexpr, live):
     """cp.async of the scale (or zero-point) rows of the groups of the tile at reduction row k into a stage's
     `buf` [HALVES * NG * BLOCK_N]: row h * NG + g holds group g of half h (the up half's columns
     start at N) for the block's columns from n0. `ptr`: the expert's row 0; `offs`: arange(HALVES * NG *
@@ -169,9 +169,9 @@ def _copy_group_rows(buf, ptr, offs, n0, k, k_end, N, group_size, stride_sg, BLO
     group = gl.minimum(k + (r % NG) * GROUP_IN_TILE, k_end - 1) // group_size
     ptrs = ptr + group * stride_sg + (r // NG) * N + n
     if ASYNC:
-        async_copy.async_copy_global_to_shared(buf, ptrs, mask=n < N)
+        async_copy.async_copy_global_to_shared(buf, ptrs, mask=(n < N) & live)
     else:
-        buf.store(gl.load(ptrs, mask=n < N, other=0))
+        buf.store(gl.load(ptrs, mask=n < N, other=0))  # (a rare path: `live` here cost a spill)
 
 
 @gluon.jit
@@ -373,14 +373,15 @@ def _side(s_buf, z_buf, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED
 
 
 @gluon.jit
-def _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K: gl.constexpr):
+def _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K: gl.constexpr, live):
     """cp.async of the activations [BLOCK_M, TILE_K] of the tile at reduction row k into a stage's `a_buf`,
-    zero-filled past k_end (no commit)."""
+    zero-filled past k_end; nothing read unless `live` (no commit)."""
     if EVEN_K:
-        async_copy.async_copy_global_to_shared(a_buf, a_row_ptrs + (k + offs_k)[None, :])
+        async_copy.async_copy_global_to_shared(a_buf, a_row_ptrs + (k + offs_k)[None, :],
+                                               mask=((offs_k < _TILE_K) & live)[None, :])
     else:
         async_copy.async_copy_global_to_shared(a_buf, a_row_ptrs + (k + offs_k)[None, :],
-                                               mask=(k + offs_k < k_end)[None, :])
+                                               mask=((k + offs_k < k_end) & live)[None, :])
 
 
 @gluon.jit
@@ -388,22 +389,25 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
                offs_k, k, k_first, k_end, N, stride_wk, group_size, stride_sg, PACK: gl.constexpr,
                GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr, HAS_ZP: gl.constexpr,
                GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, ALIGNED: gl.constexpr):
-    """cp.async of the tile at reduction row k (past k_end: the tile at k_first, unused) into the buffers of
-    one pipeline stage (`_block_gemm`): its words (gate, then up), its groups' scale and zero-point rows
-    (`_copy_group_rows`), and with COPY_A its activations [BLOCK_M, TILE_K] (zero-filled past k_end), as one
-    commit group."""
+    """cp.async of the tile at reduction row k into the buffers of one pipeline stage (`_block_gemm`): its words
+    (gate, then up), its groups' scale and zero-point rows (`_copy_group_rows`), and with COPY_A its activations
+    [BLOCK_M, TILE_K] (zero-filled past k_end), as one commit group. Past k_end (the refills after a block's last
+    tile) every cp.async is masked off: nothing is read (the addresses fall back on the tile at k_first), the group
+    is still committed (the ring's waits count groups). A branch instead would serialize the wgmma loops' mmas."""
     w_gate, w_up, s_buf, z_buf, a_buf = stage
-    k = gl.where(k < k_end, k, k_first)
+    live = k < k_end
+    k = gl.where(live, k, k_first)
     _copy_group_rows(s_buf, s_ptr, offs_s, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
-                     ALIGNED)
+                     ALIGNED, live)
     if HAS_ZP:
         _copy_group_rows(z_buf, z_ptr, offs_z, n0, k, k_end, N, group_size, stride_sg, BLOCK_N, GROUP_IN_TILE,
-                         ALIGNED)
+                         ALIGNED, live)
     if COPY_A:
-        _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K)
-    async_copy.async_copy_global_to_shared(w_gate, w_ptrs + (k // PACK) * stride_wk, mask=w_mask)
+        _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K, live)
+    async_copy.async_copy_global_to_shared(w_gate, w_ptrs + (k // PACK) * stride_wk, mask=w_mask & live)
     if GATED:  # (the up columns start N columns on)
-        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N * COLUMN_STEP, mask=w_mask)
+        async_copy.async_copy_global_to_shared(w_up, w_ptrs + (k // PACK) * stride_wk + N * COLUMN_STEP,
+                                               mask=w_mask & live)
     async_copy.commit_group()
 
 
@@ -738,8 +742,9 @@ def _block_gemm(
             _stamp(trace_ptr, TRACE_WAITED)
         if COPY_A:
             for s in gl.static_range(AHEAD):
-                k_s = gl.where(k_begin + s * k_step < k_end, k_begin + s * k_step, k_first)  # (as `_copy_tile`)
-                _copy_activations(_stage(buffers, s, UNROLL)[4], a_row_ptrs, offs_k, k_s, k_end, EVEN_K)
+                live = k_begin + s * k_step < k_end  # (as `_copy_tile`)
+                _copy_activations(_stage(buffers, s, UNROLL)[4], a_row_ptrs, offs_k,
+                                  gl.where(live, k_begin + s * k_step, k_first), k_end, EVEN_K, live)
                 async_copy.commit_group()
     a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, HAS_PERM, EVEN_K, COPY_A)
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
