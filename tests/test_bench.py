@@ -398,3 +398,34 @@ def test_results_name_the_commit_given_over_git(monkeypatch: pytest.MonkeyPatch)
     assert bench.commit_id() == "feedbee"
     monkeypatch.delenv("WNA16MOE_COMMIT")
     assert bench.commit_id() not in ("feedbee", "")
+
+
+def test_ab_trees_alternates_the_trees_and_compares_their_shipped_rows(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    ab_trees = _script("ab_trees")
+    calls: list[str] = []  # the src folder each process imported the package from, in order
+    times = {"base": iter([100.0, 104.0, 98.0, 102.0]), "new": iter([90.0, 94.0, 92.0, 96.0])}
+
+    def fake_run(src: str, cases: list[str], options: list[str], log: Path) -> list[dict]:
+        tree = "base" if src == str((tmp_path / "src").resolve()) else "new"
+        calls.append(tree)
+        assert cases == ["mixtral:8"] and options == ["--rounds", "2"] and log.parent == tmp_path
+        shipped = [{"shape": "mixtral", "M": 8, "round": r, "us_graph": next(times[tree]), "shipped": True}
+                   for r in range(2)]
+        return [*shipped, {"shape": "mixtral", "M": 8, "round": 0, "us_graph": 1.0, "shipped": False}]
+
+    written: list[dict] = []
+    monkeypatch.setattr(ab_trees, "run_try_configs", fake_run)
+    monkeypatch.setattr(ab_trees, "write_results", lambda path, rows, **extra: written.append({"rows": rows, **extra}))
+    monkeypatch.setattr(sys, "argv", ["ab_trees.py", str(tmp_path / "src"), "mixtral:8", "--processes", "2",
+                                      "--logs", str(tmp_path), "--out", "ab.json"])
+    ab_trees.main()
+    assert calls == ["base", "new", "base", "new"]
+    assert len(written) == 2  # after each pair
+    final = written[-1]
+    assert [(r["tree"], r["process"]) for r in final["rows"] if r["shipped"]] == [
+        ("base", 0), ("base", 0), ("new", 0), ("new", 0), ("base", 1), ("base", 1), ("new", 1), ("new", 1)]
+    # only the shipped entry's timings count; the variant's 1.0 µs would otherwise dominate both means
+    assert final["summary"] == [{"shape": "mixtral", "M": 8, "base_us": 101.0, "new_us": 93.0,
+                                 "change_pct": round(100 * (93 / 101 - 1), 2),
+                                 "base_rounds": [100.0, 104.0, 98.0, 102.0], "new_rounds": [90.0, 94.0, 92.0, 96.0]}]
