@@ -161,8 +161,9 @@ def _copy_group_rows(buf, ptr, offs, n0, k, k_end, N, group_size, stride_sg, BLO
     `buf` [HALVES * NG * BLOCK_N]: row h * NG + g holds group g of half h (the up half's columns
     start at N) for the block's columns from n0. `ptr`: the expert's row 0; `offs`: arange(HALVES * NG *
     BLOCK_N) in the copy's layout. Rows past k_end read the last group (never used: their activations are
-    zero); columns past N are zero-filled. Without ASYNC (rows not in whole 16-byte pieces: cp.async moves 4,
-    8 or 16 bytes) they go through registers, waiting for the load."""
+    zero); columns past N are zero-filled; unless `live` (a refill past the block's end) nothing is read. Without
+    ASYNC (rows not in whole 16-byte pieces: cp.async moves 4, 8 or 16 bytes) they go through registers, waiting
+    for the load, `live` or not (masking there cost the 128-row gated loop a spill)."""
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     r = offs // BLOCK_N
     n = n0 + offs % BLOCK_N
@@ -171,7 +172,7 @@ def _copy_group_rows(buf, ptr, offs, n0, k, k_end, N, group_size, stride_sg, BLO
     if ASYNC:
         async_copy.async_copy_global_to_shared(buf, ptrs, mask=(n < N) & live)
     else:
-        buf.store(gl.load(ptrs, mask=n < N, other=0))  # (a rare path: `live` here cost a spill)
+        buf.store(gl.load(ptrs, mask=n < N, other=0))
 
 
 @gluon.jit
