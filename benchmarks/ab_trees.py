@@ -42,9 +42,8 @@ def run_try_configs(src: str, cases: list[str], options: list[str], log: Path) -
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (shape, M): each tree's timings of the shipped entry in the order taken, their means and the change."""
-    cases = sorted({(r["shape"], r["M"]) for r in rows}, key=lambda case: (case[0], case[1]))
     summary = []
-    for shape, m in cases:
+    for shape, m in sorted({(r["shape"], r["M"]) for r in rows}):
         us = {tree: [r["us_graph"] for r in rows if (r["shape"], r["M"], r["tree"]) == (shape, m, tree)
                      and r["shipped"]] for tree in TREES}
         if not all(us.values()):
