@@ -229,6 +229,21 @@ def test_coordinate_search_skips_configurations_that_fail() -> None:
         bench.coordinate_search(lambda c: None, start, bench._search_groups(1.0))
 
 
+def test_coordinate_search_never_measures_a_tiling_the_decode_kernel_rejects() -> None:
+    # From a 32-row decode base at 4 warps, GEMM1's 32-wide move is not a tiling of that kernel (16 x 4 rows).
+    measured: list[TritonConfig] = []
+
+    def cost(c: TritonConfig) -> float:
+        measured.append(c)
+        return 100.0
+
+    start = TritonConfig(32, 128, 256, num_warps=4, num_stages=2, decode=True, wgmma=True)
+    bench.coordinate_search(cost, start, bench._search_groups(16.0))
+    assert start in measured and len(measured) > 5
+    assert all(c.decode_tiling_error() is None for c in measured)
+    assert any(f.get("block_n1") == 32 for group in bench._search_groups(16.0) for f in group)
+
+
 def test_coordinate_search_offers_the_decode_kernel_at_decode() -> None:
     # Where the Gluon decode kernel is faster, the search moves to it and tunes on from there.
     start = TritonConfig(16, 64, 64)

@@ -377,6 +377,8 @@ def coordinate_search(measure: Callable[[TritonConfig], float | None], start: Tr
                     candidate = replace(best, **fields)
                 except ValueError:  # a setting this configuration cannot take (shrink on the decode kernel)
                     continue
+                if candidate.decode_tiling_error() is not None:  # (32-wide tiles at 4 warps: never launched)
+                    continue
                 us = timed(candidate)
                 if us is not None and us < best_us * (1 - min_gain):
                     best, best_us, moved = candidate, us, True
