@@ -22,8 +22,8 @@
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
 #   benchmarks/device_checks.sh ab-sweep # four GPUs: the A/B on one, the decode sweep on two, tests + profile
-#   benchmarks/device_checks.sh ab-kernel # one GPU: benchmarks/ab_kernel.py (build/base_moe_gemm.py against the
-#                                        # working tree, $AB_CASES), then TRITON's GPU tests
+#   benchmarks/device_checks.sh ab-trees # one GPU: benchmarks/ab_trees.py (the src tree build/ab/<name>/src against
+#                                        # the working tree's, processes in turn, $AB_CASES), then TRITON's GPU tests
 #   benchmarks/device_checks.sh search   # every GPU: bench --search (coordinate search), one process per shape
 #                                        # and M; $SEARCH_CASES: "shape:M,M shape:M | shape:M ..." ('|' between
 #                                        # GPUs; default: the four shapes at M = 1 8 32 128, one per GPU);
@@ -289,11 +289,13 @@ probe)  # two GPUs: the read ceiling by size and a kernel profile on one, the W8
         --shapes mixtral deepseek-v3 --out "$OUT/w8a16.json" &
     wait
     ;;
-ab-kernel)  # one GPU: the working tree's moe_gemm.py against build/base_moe_gemm.py in one process, then the tests
+ab-trees)  # one GPU: the working tree's src against build/ab/<name>/src (the first such tree), then the tests
     nvidia-smi -L
-    step ab-kernel "${AB_LIMIT:-200}" python3 benchmarks/ab_kernel.py build/base_moe_gemm.py \
-        ${AB_CASES:-deepseek-v3:1,8,32,128 mixtral:1,8,32 kimi-k2:1,8,32 qwen3-30b-a3b:1,8,32,128} --out "$OUT/ab-kernel.json"
-    grep base/new "$OUT/ab-kernel.log"
+    base=(build/ab/*/src)
+    step ab-trees "${AB_LIMIT:-300}" python3 benchmarks/ab_trees.py "${base[0]}" \
+        ${AB_CASES:-deepseek-v3:1,8,32,128 mixtral:1,8,32 kimi-k2:1,8,32 qwen3-30b-a3b:1,8,32,128} \
+        --budget-s $(( ${AB_LIMIT:-300} * 2 / 3 )) --logs "$OUT" --out "$OUT/ab-trees.json"
+    grep -E "base .* new" "$OUT/ab-trees.log"
     tree_tests
     ;;
 search)  # every GPU: the coordinate search (bench --search) per shape and M; then tuning takes the rows
@@ -396,7 +398,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-kernel|search|gluon|ab-env|ship|ab-try|chain|confirm|served|w8a16-sweep|decode|probe|peer" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-trees|search|gluon|ab-env|ship|ab-try|chain|confirm|served|w8a16-sweep|decode|probe|peer" >&2
     exit 2
     ;;
 esac

@@ -191,8 +191,8 @@ def test_random_layer_of_a_model_shape(name: str, scheme_name: str | None, schem
 
 
 def test_layer_cases_draw_the_same_inputs_per_shape_and_m() -> None:
-    # The scripts' cases (try_configs, ab_kernel): a layer per shape, and per M the bench's seeded tokens and
-    # routing with the float32 reference; drawn again, the same (runs compare routing for routing).
+    # The scripts' cases (try_configs, and through it ab_trees): a layer per shape, and per M the bench's seeded
+    # tokens and routing with the float32 reference; drawn again, the same (runs compare routing for routing).
     case = [f"H={H},I={INTER},E={E},k={K},g=32:1,3"]
     first, again = (list(bench.layer_cases(case, DEVICE)) for _ in range(2))
     assert [(name, m) for name, m, *_ in first] == [(case[0].split(":")[0], 1), (case[0].split(":")[0], 3)]
