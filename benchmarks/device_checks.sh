@@ -36,6 +36,10 @@
 #   benchmarks/device_checks.sh ab-try   # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS) in this tree and in
 #                                        # each build/ab/<name>/src, alternating
 #   benchmarks/device_checks.sh chain    # one GPU: back-to-back forwards against the bench's single one
+#   benchmarks/device_checks.sh between  # every GPU: the table's entry against the defaults between its rows
+#                                        # (try_configs --variant default at $BETWEEN_M, default 768,1400,3000,
+#                                        # 5600,12000: inner points of the prefill entries' spans), the shapes
+#                                        # ($SERVED_SHAPES) dealt over the GPUs; $BETWEEN_SCHEME: a weight scheme
 #   benchmarks/device_checks.sh peer     # one GPU: vLLM's Triton WNA16 kernel against the shipped table
 #                                        # (benchmarks/vllm_triton_peer.py), every shape and M
 #
@@ -314,6 +318,19 @@ search)  # every GPU: the coordinate search (bench --search) per shape and M; th
     done
     wait
     ;;
+between)  # every GPU: entries against the defaults at M between the table's rows, shapes dealt over the GPUs
+    nvidia-smi -L
+    gpus=$(nvidia-smi -L | wc -l)
+    for gpu in $(seq 0 $(( gpus - 1 ))); do
+        (export CUDA_VISIBLE_DEVICES=$gpu
+         for i in $(seq "$gpu" "$gpus" $(( ${#SHAPES[@]} - 1 ))); do
+             step "between-${SHAPES[$i]}" "${BETWEEN_LIMIT:-280}" python3 benchmarks/try_configs.py \
+                 "${SHAPES[$i]}:${BETWEEN_M:-768,1400,3000,5600,12000}" --variant default \
+                 ${BETWEEN_SCHEME:+--scheme "$BETWEEN_SCHEME"} --out "$OUT/between-${SHAPES[$i]}.json"
+         done) &
+    done
+    wait
+    ;;
 peer)  # one GPU: vLLM's Triton WNA16 kernel and the shipped TRITON table, same tokens and routing
     nvidia-smi -L
     every_m=1,8,32,128,512,2048,8192
@@ -398,7 +415,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-trees|search|gluon|ab-env|ship|ab-try|chain|confirm|served|w8a16-sweep|decode|probe|peer" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-trees|search|gluon|ab-env|ship|ab-try|chain|confirm|served|w8a16-sweep|decode|probe|peer|between" >&2
     exit 2
     ;;
 esac
