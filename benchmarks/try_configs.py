@@ -9,17 +9,24 @@ parameters that the sweep does not cover.
 
 With `--base default` the first configuration is `default_config`'s instead (rows still say "shipped");
 `--variant default` adds `default_config`'s as a variant of the shipped entry (the nearest table entry against
-the defaults, at M between the table's).
+the defaults, at M between the table's). With `--span` each M (a row of the table) is timed also at two token
+counts inside the span its entry runs (`tuning.span_points`), so that `tuning --trials` changes an entry only
+where the change holds across that span:
+
+    python benchmarks/try_configs.py --span qwen3-30b-a3b:8192 --variant num_stages2=2 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
+from typing import Any
 
 import torch
 
+from wna16moe import tuning
 from wna16moe.bench import _bench_graph, budget_ms, layer_cases, write_results
 from wna16moe.experts.base import relative_error
 from wna16moe.experts.triton import TritonConfig
@@ -53,6 +60,31 @@ def variants_of(shipped: TritonConfig, texts: list[str], label: str, default: Tr
     return variants
 
 
+def with_span_points(cases: list[str], scheme: str | None,
+                     entries_of: Callable[[tuning.ShapeKey], dict[int, dict[str, Any]]]) -> list[str]:
+    """The "shape:M[,M...]" cases with each M's `tuning.span_points` added after it; `entries_of(key)`: the
+    table's entries for a shape key by M. An M that is not one of its rows is an error naming the rows."""
+    spanned = []
+    for case in cases:
+        name, ms = case.split(":")
+        key = tuning.shape_key(name, scheme)
+        entries = entries_of(key)
+        points: list[int] = []
+        for m in map(int, ms.split(",")):
+            if m not in entries:
+                raise SystemExit(f"--span: {name} M = {m} is not a row of the table (rows: "
+                                 f"{', '.join(map(str, sorted(entries))) or 'none'})")
+            points += [m, *tuning.span_points(list(entries), m, entries[m], key)]
+        spanned.append(f"{name}:{','.join(map(str, dict.fromkeys(points)))}")
+    return spanned
+
+
+def entry_row(entries: dict[int, dict[str, Any]], m: int, config: TritonConfig) -> int | None:
+    """The table row whose entry `config` is, where M = `m` runs it; None where it is not the table's."""
+    row = tuning.nearest_measured(list(entries), m) if entries else None
+    return row if row is not None and TritonConfig(**entries[row]) == config else None
+
+
 def round_order(variants: list[TritonConfig], rnd: int) -> list[TritonConfig]:
     """Round `rnd`'s order of the configurations: each round starts one later, so that none is always timed first
     (in v54 the first round of a process read 0.5-4% low for the entry timed first; NOTES.md)."""
@@ -73,13 +105,22 @@ def main() -> None:
     parser.add_argument("--base", choices=("shipped", "default"), default="shipped",
                         help="what the variants change: the shipped entry, or `default_config` (what a shape the "
                              "table does not hold runs)")
+    parser.add_argument("--span", action="store_true",
+                        help="time each M (a row of the table) also inside the span its entry runs")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
+    cases, entries_of = args.cases, None
+    if args.span:  # (rows away from an entry's own M are then evidence for that entry, not rows of their own)
+        entries_of = partial(tuning.entry_rows, torch.cuda.get_device_name(device),
+                             capability=torch.cuda.get_device_capability(device))
+        cases = with_span_points(args.cases, args.scheme, entries_of)
     rows = []
-    for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(args.cases, device, args.scheme):
+    for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(cases, device, args.scheme):
         default = kernel.default_config(m, kernel.moe.top_k)
         shipped = kernel.config(m) if args.base == "shipped" else default
+        entry_m = (entry_row(entries_of(tuning.shape_key(name, args.scheme)), m, shipped)
+                   if entries_of is not None and args.base == "shipped" else None)
         variants = variants_of(shipped, args.variant, f"{name} M={m}", default)
         for rnd in range(-args.warm_rounds, args.rounds):  # rounds in turn, so that a drift over time shows
             for c in round_order(variants, rnd):
@@ -93,7 +134,8 @@ def main() -> None:
                 if rnd < 0:
                     continue
                 rows.append({"shape": name, "scheme": kernel.spec.scheme.name, "M": m, "round": rnd,
-                             "config": asdict(c), "us_graph": us, "relative_error": err, "shipped": c == shipped})
+                             "config": asdict(c), "us_graph": us, "relative_error": err, "shipped": c == shipped,
+                             "entry_m": entry_m})
                 print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
                       f"{asdict(c)}", flush=True)
     write_results(args.out, rows)

@@ -396,6 +396,55 @@ def test_try_configs_records_no_warm_round(m: int, monkeypatch: pytest.MonkeyPat
     assert set(timings) == {60.0 if m < 2048 else bench.PREFILL_BUDGET_MS}  # (prefill: over the cap's dips)
 
 
+def test_try_configs_span_times_each_entry_inside_the_rows_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --span adds the entry's span points after each M (the H200 table's qwen3-30b-a3b M = 8192 entry runs
+    # 4097-16384) and marks every row with the entry's M, so that `tuning --trials` reads the points as evidence
+    # for that entry; an M that is not a row of the table is refused, naming the rows.
+    try_configs = _script("try_configs")
+    from wna16moe import tuning
+
+    entries = tuning.entry_rows("NVIDIA H200", tuning.shape_key("qwen3-30b-a3b"))
+    entry = TritonConfig(**entries[8192])
+    assert try_configs.with_span_points(["qwen3-30b-a3b:8192"], None, lambda key: entries) == [
+        "qwen3-30b-a3b:8192,5793,11585"]
+    with pytest.raises(SystemExit, match="M = 5600 is not a row of the table \\(rows: 1, 8, "):
+        try_configs.with_span_points(["qwen3-30b-a3b:5600"], None, lambda key: entries)
+    assert try_configs.entry_row(entries, 5793, entry) == 8192
+    assert try_configs.entry_row(entries, 5793, replace(entry, num_stages=4)) is None  # (the defaults ran there)
+
+    class Kernel:
+        spec = SimpleNamespace(scheme=SimpleNamespace(name="int4_g128_sym"))
+        moe = SimpleNamespace(top_k=8)
+
+        def default_config(self, m: int, top_k: int) -> TritonConfig:
+            return replace(entry, num_stages=4)
+
+        def config(self, m: int) -> TritonConfig:
+            return entry
+
+        def apply(self, *args: object) -> torch.Tensor:
+            return torch.ones(4)
+
+    asked: list[list[str]] = []
+
+    def layer_cases(cases: list[str], *args: object) -> object:
+        asked.append(cases)
+        name, ms = cases[0].split(":")
+        return iter([(name, int(m), Kernel(), {}, (None,) * 3, torch.ones(4)) for m in ms.split(",")])
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(try_configs, "layer_cases", layer_cases)
+    monkeypatch.setattr(try_configs, "_bench_graph", lambda fn, budget_ms: 10.0)
+    written: list[list[dict]] = []
+    monkeypatch.setattr(try_configs, "write_results", lambda path, rows: written.append(rows))
+    monkeypatch.setattr(sys, "argv", ["try_configs.py", "qwen3-30b-a3b:8192", "--span", "--variant", "num_stages2=3"])
+    try_configs.main()
+    assert asked == [["qwen3-30b-a3b:8192,5793,11585"]]
+    assert sorted({r["M"] for r in written[0]}) == [5793, 8192, 11585]
+    assert {r["entry_m"] for r in written[0]} == {8192} and len(written[0]) == 3 * 2 * 2
+
+
 def test_replay_spread_records_the_forwards_allocations_in_order() -> None:
     # (address, bytes) of what the forward allocates, through torch.empty and torch.zeros, and nothing after
     replay_spread, empty = _script("replay_spread"), torch.empty

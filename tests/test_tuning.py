@@ -363,10 +363,11 @@ def test_oracle_keeps_the_priority_without_measurements(table: Path) -> None:
     assert a100.chosen.backend.value == "marlin" and "measured" not in a100.chosen.reason
 
 
-def _trial(m: int, block_n2: int, us: tuple[float, float], shipped: bool = False) -> list[dict]:
+def _trial(m: int, block_n2: int, us: tuple[float, ...], shipped: bool = False,
+           entry_m: int | None = None) -> list[dict]:
     config = {"block_m": 16, "block_n1": 64, "block_n2": block_n2, "split_k2": 1, "num_warps": 4, "num_stages": 3}
     return [{"shape": "mixtral", "scheme": "int4_g128_sym", "M": m, "round": r, "config": config, "us_graph": t,
-             "shipped": shipped} for r, t in enumerate(us)]
+             "shipped": shipped, "entry_m": entry_m} for r, t in enumerate(us)]
 
 
 def test_trials_replace_an_entry_only_where_a_variant_wins_every_round() -> None:
@@ -375,8 +376,8 @@ def test_trials_replace_an_entry_only_where_a_variant_wins_every_round() -> None
             + _trial(8, 64, (100.0, 100.0), shipped=True) + _trial(8, 128, (80.0, 99.0))  # wins one round only
             + _trial(32, 64, (100.0, 100.0), shipped=True) + _trial(32, 128, (99.0, 99.0)))  # by less than 2%
     entries: dict = {}
-    replaced = tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY})
-    assert replaced == [("mixtral", 1)]
+    replaced, held_back = tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY})
+    assert replaced == [("mixtral", 1)] and held_back == []
     assert entries[KEY.as_text()] == {"1": rows[4]["config"]}
 
 
@@ -385,7 +386,7 @@ def test_trials_count_a_repeated_variant_at_its_slowest() -> None:
     rows = (_trial(1, 64, (100.0, 100.0), shipped=True) + _trial(1, 128, (88.0, 109.0))
             + _trial(1, 128, (89.0, 92.0)))
     entries: dict = {}
-    assert tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY}) == []
+    assert tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY}) == ([], [])
     assert entries[KEY.as_text()] == {}
 
 
@@ -393,17 +394,46 @@ def test_trials_count_a_repeated_incumbent_at_its_fastest() -> None:
     # The shipped configuration timed twice: its faster round-1 timing (95) is the one to beat by 2%.
     rows = (_trial(1, 64, (100.0, 95.0), shipped=True) + _trial(1, 64, (100.0, 100.0), shipped=True)
             + _trial(1, 128, (90.0, 96.0)))
-    assert tuning.apply_trials({}, {"rows": rows}, {"mixtral": KEY}) == []
+    assert tuning.apply_trials({}, {"rows": rows}, {"mixtral": KEY}) == ([], [])
     rows[-1]["us_graph"] = 93.0
-    assert tuning.apply_trials({}, {"rows": rows}, {"mixtral": KEY}) == [("mixtral", 1)]
+    assert tuning.apply_trials({}, {"rows": rows}, {"mixtral": KEY}) == ([("mixtral", 1)], [])
 
 
 def test_trials_measure_against_the_current_entry_where_it_was_timed() -> None:
     # The entry already holds the 128-wide tile, timed again in this file: 256 must beat it, not the shipped one.
     rows = _trial(1, 64, (100.0, 100.0), shipped=True) + _trial(1, 128, (80.0, 80.0)) + _trial(1, 256, (79.0, 79.0))
     entries = {KEY.as_text(): {"1": rows[2]["config"]}}
-    assert tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY}) == []
+    assert tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY}) == ([], [])
     assert entries[KEY.as_text()]["1"]["block_n2"] == 128
+
+
+@pytest.mark.parametrize("at_span_point, kept", [((101.0, 100.5), False), ((103.0, 102.0), True)])
+def test_trials_change_an_entry_only_where_the_change_holds_across_its_span(at_span_point: tuple[float, float],
+                                                                           kept: bool) -> None:
+    # The 128-wide variant wins by 5% at the entry's own M = 128 in every round; at M = 91 of its span (try_configs
+    # --span: entry_m 128) it is level with the entry (within SPAN_TOLERANCE) or 2.5% slower, which keeps the entry.
+    # At M = 180 it is 20% faster, but a span point never makes an entry of its own.
+    rows = (_trial(128, 64, (100.0, 100.0), shipped=True, entry_m=128) + _trial(128, 128, (95.0, 95.0), entry_m=128)
+            + _trial(91, 64, (100.0, 100.0), shipped=True, entry_m=128) + _trial(91, 128, at_span_point, entry_m=128)
+            + _trial(180, 64, (100.0, 100.0), shipped=True, entry_m=128) + _trial(180, 128, (80.0, 80.0), entry_m=128))
+    entries = {KEY.as_text(): {"128": rows[0]["config"]}}
+    replaced, held_back = tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY})
+    assert set(entries[KEY.as_text()]) == {"128"}
+    assert entries[KEY.as_text()]["128"]["block_n2"] == (64 if kept else 128)
+    assert replaced == ([] if kept else [("mixtral", 128)])
+    assert held_back == (["mixtral M = 128: block_n2=128 won at M = 128 but is +2.5% at M = 91: entry kept"]
+                         if kept else [])
+
+
+def test_span_points_lie_inside_the_rows_an_entry_runs() -> None:
+    # Midway (in log scale) between the entry's M and each end of its span, on rows it runs: qwen3-30b-a3b's
+    # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 128-row M = 2048 entry runs 2048 and 3073-4096 only; a
+    # one-token entry runs M = 1-2.
+    wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
+    assert tuning.span_points([1, 8, 32, 128, 512, 2048, 8192], 8192, wide, QWEN) == [5793, 11585]
+    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 7168, 2048, 256, 8)) == [3073]
+    narrow = {"block_m": 16, "block_n1": 64, "block_n2": 64, "num_warps": 4}
+    assert tuning.span_points([1, 8], 1, narrow, KEY) == [2]
 
 
 def test_trials_file_updates_the_table(table: Path, tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ where they were faster in every round (`apply_trials`):
 
     python -m wna16moe.tuning --trials benchmarks/results/<card>-<date>-try.json
 
+A trial timed with `try_configs.py --span` also holds the entry's times inside the span of M it runs
+(`span_points`): the change must not lose there either.
+
 Nothing is tuned at import or at the first call: a layer whose card and shape are in the table uses the entry
 of the nearest measured M (in log scale), between the table's M only where its block size suits that M
 (`TritonExperts.config`). A card the table does not hold for that shape borrows the entries of
@@ -83,16 +86,23 @@ def tuned_card(card: str, key: ShapeKey, capability: tuple[int, int] | None = No
     return None
 
 
+def entry_rows(card: str, key: ShapeKey, capability: tuple[int, int] | None = None) -> dict[int, dict[str, Any]]:
+    """The shipped configuration fields by measured M that this card (or its stand-in, `tuned_card`) runs for this
+    shape; empty where neither was measured on it."""
+    source = tuned_card(card, key, capability)
+    by_m = _load()["cards"][source][key.as_text()] if source is not None else {}
+    return {int(m): fields for m, fields in by_m.items()}
+
+
 def tuned_config(card: str, key: ShapeKey, num_tokens: int,
                  capability: tuple[int, int] | None = None) -> tuple[int, dict[str, Any]] | None:
     """The measured M nearest `num_tokens` (in log scale) and the shipped configuration fields there, for this
     card (or its stand-in, `tuned_card`) and shape."""
-    source = tuned_card(card, key, capability)
-    if source is None:
+    by_m = entry_rows(card, key, capability)
+    if not by_m:
         return None
-    by_m = _load()["cards"][source][key.as_text()]
-    nearest = nearest_measured([int(m) for m in by_m], num_tokens)
-    return nearest, by_m[str(nearest)]
+    nearest = nearest_measured(list(by_m), num_tokens)
+    return nearest, by_m[nearest]
 
 
 def nearest_measured(measured: list[int], num_tokens: int) -> int:
@@ -118,6 +128,15 @@ def rows_taking(measured: list[int], m: int, fields: dict[str, Any], key: ShapeK
     return [t for t in rows_running(measured, m)
             if t == m or runs_between_rows(entry, default_config(t, key.top_k, key.num_experts, key.group_size,
                                                                  hopper=entry.decode, bits=key.bits))]
+
+
+def span_points(measured: list[int], m: int, fields: dict[str, Any], key: ShapeKey) -> list[int]:
+    """Token counts inside the span of the entry at measured M `m` (`rows_taking`), to time a change of that entry
+    beyond `m` itself (benchmarks/NOTES.md v59-v60: an entry timed only at its own M hid an 18% loss in its span):
+    the rows it runs nearest (in log scale) the midpoints between `m` and each end of the span."""
+    taking = rows_taking(measured, m, fields, key)
+    midpoints = [math.sqrt(m * end) for end in (taking[0], taking[-1]) if end != m]
+    return sorted({min(taking, key=lambda t: (abs(math.log(t / mid)), t == m)) for mid in midpoints} - {m})
 
 
 def spans(rows: list[int]) -> str:
@@ -172,18 +191,26 @@ def build_table(results: dict[str, Any], shape_keys: dict[str, ShapeKey]) -> dic
 
 
 MIN_TRIAL_GAIN = 0.02  # a trial's variant must beat the incumbent by this much in every round
+SPAN_TOLERANCE = 0.01  # ... and be no slower than this elsewhere in the entry's span (captures differ by ~1%)
 
 
-def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any],
-                 shape_keys: dict[str, ShapeKey], min_gain: float = MIN_TRIAL_GAIN) -> list[tuple[str, int]]:
+def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], shape_keys: dict[str, ShapeKey],
+                 min_gain: float = MIN_TRIAL_GAIN) -> tuple[list[tuple[str, int]], list[str]]:
     """Update one card's `entries` from a `benchmarks/try_configs.py` results file (rows: shape, M, round,
-    config, us_graph, shipped). Per (shape, M) the incumbent is the entry in `entries` where the file timed
-    it, else the file's shipped configuration; a configuration faster than the incumbent in every round by at
-    least `min_gain` replaces it, the lowest median of those. A configuration timed more than once in a round
-    (a variant that repeats another) counts there at its slowest as a challenger and at its fastest as the
-    incumbent. Returns the (shape, M) replaced."""
+    config, us_graph, shipped; `entry_m` where the shipped configuration is the table's entry at another M). Per
+    (shape, M) the incumbent is the entry in `entries` where the file timed it, else the file's shipped
+    configuration; a configuration faster than the incumbent in every round by at least `min_gain` replaces it,
+    the lowest median of those. A configuration timed more than once in a round (a variant that repeats another)
+    counts there at its slowest as a challenger and at its fastest as the incumbent.
+
+    Rows timed at another M of an entry's span (`try_configs.py --span`: `entry_m` is not M) never make an entry
+    of their own; a challenger whose median there is slower than the entry's by more than `SPAN_TOLERANCE` is held
+    back. Returns the (shape, M) replaced, and a line per challenger held back."""
     # (shape, M) -> config -> round -> every timing of that round, µs
     rounds: dict[tuple[str, int], dict[str, dict[int, list[float]]]] = {}
+    # (shape, entry's M) -> M of its span -> config -> every timing there, µs; and the entry's config there
+    span: dict[tuple[str, int], dict[int, dict[str, list[float]]]] = {}
+    span_entry: dict[tuple[str, int, int], str] = {}
     configs: dict[str, dict[str, Any]] = {}
     shipped: dict[tuple[str, int], str] = {}
     for row in results["rows"]:
@@ -191,11 +218,18 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any],
             continue
         name = json.dumps(row["config"], sort_keys=True)
         configs[name] = row["config"]
+        entry_m = row.get("entry_m")
+        if entry_m is not None and entry_m != row["M"]:
+            span.setdefault((row["shape"], entry_m), {}).setdefault(row["M"], {}).setdefault(name, []).append(
+                row["us_graph"])
+            if row["shipped"]:
+                span_entry[row["shape"], entry_m, row["M"]] = name
+            continue
         timings = rounds.setdefault((row["shape"], row["M"]), {}).setdefault(name, {})
         timings.setdefault(row["round"], []).append(row["us_graph"])
         if row["shipped"]:
             shipped[row["shape"], row["M"]] = name
-    replaced = []
+    replaced, held_back = [], []
     for (shape, m), by_config in rounds.items():
         by_m = entries.setdefault(shape_keys[shape].as_text(), {})
         incumbent = json.dumps(by_m.get(str(m)), sort_keys=True)
@@ -205,26 +239,42 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any],
         base = by_config[incumbent]
         faster = [name for name, us in by_config.items() if name != incumbent and us.keys() == base.keys()
                   and all(max(us[r]) < min(base[r]) * (1 - min_gain) for r in base)]
+        for point, at_point in sorted(span.get((shape, m), {}).items()):
+            entry = at_point.get(span_entry.get((shape, m, point), ""))
+            for name in [n for n in faster if entry and n in at_point]:
+                change = statistics.median(at_point[name]) / statistics.median(entry) - 1
+                if change > SPAN_TOLERANCE:
+                    faster.remove(name)
+                    held_back.append(f"{shape} M = {m}: {_fields_changed(configs[incumbent], configs[name])} won "
+                                     f"at M = {m} but is {100 * change:+.1f}% at M = {point}: entry kept")
         if faster:
             by_m[str(m)] = configs[min(faster, key=lambda name: statistics.median(
                 [t for timings in by_config[name].values() for t in timings]))]
             replaced.append((shape, m))
-    return replaced
+    return replaced, held_back
 
 
-def _shape_keys(rows: list[dict[str, Any]]) -> dict[str, ShapeKey]:
-    """The table key of every shape in results rows; rows without a scheme (early `try_configs.py` files)
-    were measured with `bench.random_layer`'s default, int4 symmetric at the model's group size."""
+def _fields_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The fields `after` changes, as "field=value ..."."""
+    return " ".join(f"{k}={after[k]}" for k in sorted(after) if before.get(k) != after[k])
+
+
+def shape_key(shape_name: str, scheme_name: str | None = None) -> ShapeKey:
+    """The table key of a model shape (`shapes.model_shape`) quantized as `scheme_name`; without one, as
+    `bench.random_layer` quantizes by default (and early `try_configs.py` files were measured): int4 symmetric at
+    the model's group size."""
     from wna16moe.scheme import WeightScheme
     from wna16moe.shapes import model_shape
 
-    keys = {}
-    for row in rows:
-        shape = model_shape(row["shape"])
-        scheme = WeightScheme.from_name(row.get("scheme") or f"int4_g{shape.group_size}_sym")
-        keys[row["shape"]] = ShapeKey(scheme.bits, scheme.group_size, shape.hidden_size,
-                                      shape.intermediate_size, shape.num_experts, shape.top_k)
-    return keys
+    shape = model_shape(shape_name)
+    scheme = WeightScheme.from_name(scheme_name or f"int4_g{shape.group_size}_sym")
+    return ShapeKey(scheme.bits, scheme.group_size, shape.hidden_size, shape.intermediate_size, shape.num_experts,
+                    shape.top_k)
+
+
+def _shape_keys(rows: list[dict[str, Any]]) -> dict[str, ShapeKey]:
+    """The table key of every shape in results rows (`shape_key` of the row's scheme)."""
+    return {row["shape"]: shape_key(row["shape"], row.get("scheme")) for row in rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,14 +295,17 @@ def main(argv: list[str] | None = None) -> int:
         keys = _shape_keys(results["rows"])
         if trials:
             card_entries = table.setdefault("cards", {}).setdefault(results["card"], {})
-            replaced = apply_trials(card_entries, results, keys)
+            replaced, held_back = apply_trials(card_entries, results, keys)
+            for line in held_back:
+                print(line)
             for shape, m in replaced:
                 by_m = card_entries[keys[shape].as_text()]
                 running = rows_taking([int(k) for k in by_m], m, by_m[str(m)], keys[shape])
                 timed = sorted({row["M"] for row in results["rows"] if row["shape"] == shape} & set(running))
                 if len(running) > 1:
                     print(f"{shape} M = {m}: the new entry runs M = {spans(running)}; {path.name} "
-                          f"timed M = {', '.join(map(str, timed))}: time the others before committing it")
+                          f"timed M = {', '.join(map(str, timed))}"
+                          + (": time the others before committing it (try_configs.py --span)" if timed == [m] else ""))
             table.setdefault("sources", []).append(
                 f"{path.name} (trials, commit {results['commit']}, {results['date']}): "
                 + (", ".join(f"{shape} M = {m}" for shape, m in replaced) or "nothing replaced"))
