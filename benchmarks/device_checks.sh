@@ -40,6 +40,10 @@
 #                                        # (try_configs --variant default at $BETWEEN_M, default 768,1400,3000,
 #                                        # 5600,12000: inner points of the prefill entries' spans), the shapes
 #                                        # ($SERVED_SHAPES) dealt over the GPUs; $BETWEEN_SCHEME: a weight scheme
+#   benchmarks/device_checks.sh span     # every GPU: one-field trials of table entries across their spans
+#                                        # (try_configs --span, three rounds); $SPAN_TRIALS: "shape:M@variant[+variant]
+#                                        # ...", e.g. "kimi-k2:8192@num_stages2=2 mixtral:2048@num_stages=4+carry=1",
+#                                        # dealt over the GPUs; $SPAN_SCHEME: a weight scheme
 #   benchmarks/device_checks.sh peer     # one GPU: vLLM's Triton WNA16 kernel against the shipped table
 #                                        # (benchmarks/vllm_triton_peer.py), every shape and M
 #
@@ -327,6 +331,22 @@ between)  # every GPU: entries against the defaults at M between the table's row
              step "between-${SHAPES[$i]}" "${BETWEEN_LIMIT:-280}" python3 benchmarks/try_configs.py \
                  "${SHAPES[$i]}:${BETWEEN_M:-768,1400,3000,5600,12000}" --variant default \
                  ${BETWEEN_SCHEME:+--scheme "$BETWEEN_SCHEME"} --out "$OUT/between-${SHAPES[$i]}.json"
+         done) &
+    done
+    wait
+    ;;
+span)  # every GPU: entries changed one field at a time, timed at their M and inside the span they run
+    nvidia-smi -L
+    gpus=$(nvidia-smi -L | wc -l)
+    read -ra trials <<< "${SPAN_TRIALS:?set SPAN_TRIALS, e.g. kimi-k2:8192@num_stages2=2}"
+    for gpu in $(seq 0 $(( gpus - 1 ))); do
+        (export CUDA_VISIBLE_DEVICES=$gpu
+         for i in $(seq "$gpu" "$gpus" $(( ${#trials[@]} - 1 ))); do
+             case=${trials[$i]%%@*} variants=${trials[$i]#*@}
+             name="span-${case/:/-}-${variants//[=+,]/-}"
+             step "$name" "${SPAN_LIMIT:-200}" python3 benchmarks/try_configs.py --span "$case" --rounds 3 \
+                 $(printf -- '--variant %s ' ${variants//+/ }) ${SPAN_SCHEME:+--scheme "$SPAN_SCHEME"} \
+                 --out "$OUT/$name.json"
          done) &
     done
     wait
