@@ -252,10 +252,10 @@ def test_coordinate_search_offers_the_decode_kernel_at_decode() -> None:
     assert best.decode and best.block_m == 8 and best.num_stages == 2
     assert any(f.get("block_m") == 16 for f in bench._search_groups(6.0)[0])  # 16-row blocks once experts see > 4
     assert any(f.get("block_m") == 32 for f in bench._search_groups(0.2)[0])  # wide blocks (they shrink) at any M
-    # past decode only its wide blocks, as tilings among the Triton kernel's
+    # past decode only its wide blocks, as tilings among the Triton kernel's (32 and 64 rows on mma.sync and wgmma)
     mid = [f for group in bench._search_groups(200.0) for f in group if f.get("decode")]
-    assert [(f["block_m"], f["num_warps"], f["wgmma"]) for f in mid] == [(32, 4, False), (64, 8, False), (128, 8, True),
-                                                                         (128, 4, True)]
+    assert [(f["block_m"], f["num_warps"], f["wgmma"]) for f in mid] == [
+        (32, 4, False), (64, 8, False), (32, 4, True), (64, 8, True), (128, 8, True), (128, 4, True)]
 
 
 def test_coordinate_search_tries_where_kernels_release_the_next_at_decode() -> None:

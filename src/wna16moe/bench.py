@@ -333,17 +333,22 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         persistent = [{"persistent": p} for p in (2, 3)]
         return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, _PER_GEMM_MOVES, release, persistent, _WGMMA_MOVES]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, its 64-row blocks at 8
-    # warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring, and its 128-row
+    # warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring, both on mma.sync (what
+    # cards before Hopper run) and on wgmma (4-17% faster on Hopper, v34; the entries at deepseek-v3 and W8A16
+    # kimi-k2 M = 2048: a wgmma move from a 128-row base lands there only through its own tile), and its 128-row
     # blocks, on wgmma only: they took M = 8192 from the Triton kernel, v37; at one warpgroup, two programs per
     # SM, they took 128 rows per expert at small K, v38)
     tiles = [{"block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": w, "num_stages": st, "swap_ab": swap,
-              "split_k1": 1, "max_registers": None, "decode": decode, "shrink": 0, "wgmma": bm == 128 and decode}
-             for bm, bn1, bn2, w, st, swap, decode in (
-                 (32, 64, 64, 4, 4, False, False), (64, 64, 64, 4, 3, False, False), (32, 128, 128, 4, 4, False, False),
-                 (64, 64, 64, 4, 4, True, False), (64, 128, 128, 4, 3, True, False), (128, 128, 128, 8, 3, True, False),
-                 (128, 64, 64, 4, 3, True, False), (128, 128, 64, 8, 3, True, False), (256, 64, 64, 8, 3, True, False),
-                 (32, 64, 128, 4, 3, False, True), (64, 128, 256, 8, 3, False, True),
-                 (128, 128, 128, 8, 3, False, True), (128, 64, 64, 4, 2, False, True))]
+              "split_k1": 1, "max_registers": None, "decode": decode, "shrink": 0, "wgmma": wgmma}
+             for bm, bn1, bn2, w, st, swap, decode, wgmma in (
+                 (32, 64, 64, 4, 4, False, False, False), (64, 64, 64, 4, 3, False, False, False),
+                 (32, 128, 128, 4, 4, False, False, False), (64, 64, 64, 4, 4, True, False, False),
+                 (64, 128, 128, 4, 3, True, False, False), (128, 128, 128, 8, 3, True, False, False),
+                 (128, 64, 64, 4, 3, True, False, False), (128, 128, 64, 8, 3, True, False, False),
+                 (256, 64, 64, 8, 3, True, False, False),
+                 (32, 64, 128, 4, 3, False, True, False), (64, 128, 256, 8, 3, False, True, False),
+                 (32, 64, 128, 4, 3, False, True, True), (64, 128, 256, 8, 3, False, True, True),
+                 (128, 128, 128, 8, 3, False, True, True), (128, 64, 64, 4, 2, False, True, True))]
     gemm2 = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4)]
     # Blocks that multiply only the rows they hold (an expert's last block: deepseek-v3 at M = 2048 sees 64 +- 8
     # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
