@@ -109,6 +109,8 @@ def main() -> None:
                         help="time each M (a row of the table) also inside the span its entry runs")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.span and args.base != "shipped":
+        parser.error("--span times changes of the table's entries: it takes --base shipped")
     device = torch.device("cuda")
     cases, entries_of = args.cases, None
     if args.span:  # (rows away from an entry's own M are then evidence for that entry, not rows of their own)
@@ -119,8 +121,7 @@ def main() -> None:
     for name, m, kernel, weights, (x, tw, ids), reference in layer_cases(cases, device, args.scheme):
         default = kernel.default_config(m, kernel.moe.top_k)
         shipped = kernel.config(m) if args.base == "shipped" else default
-        entry_m = (entry_row(entries_of(tuning.shape_key(name, args.scheme)), m, shipped)
-                   if entries_of is not None and args.base == "shipped" else None)
+        entry_m = entry_row(entries_of(tuning.shape_key(name, args.scheme)), m, shipped) if entries_of else None
         variants = variants_of(shipped, args.variant, f"{name} M={m}", default)
         for rnd in range(-args.warm_rounds, args.rounds):  # rounds in turn, so that a drift over time shows
             for c in round_order(variants, rnd):
