@@ -362,6 +362,25 @@ def test_try_configs_times_each_variant_once_and_reports_the_rest(capsys: pytest
     assert all(sorted(map(str, order)) == sorted(map(str, variants)) for order in orders)
 
 
+class _StubKernel:
+    """What try_configs.py asks of a TRITON layer, without a GPU: its entry (`shipped`), its defaults, a forward."""
+
+    spec = SimpleNamespace(scheme=SimpleNamespace(name="int4_g128_sym"))
+    moe = SimpleNamespace(top_k=8)
+
+    def __init__(self, shipped: TritonConfig, default: TritonConfig) -> None:
+        self.shipped, self.default = shipped, default
+
+    def default_config(self, m: int, top_k: int) -> TritonConfig:
+        return self.default
+
+    def config(self, m: int) -> TritonConfig:
+        return self.shipped
+
+    def apply(self, *args: object) -> torch.Tensor:
+        return torch.ones(4)
+
+
 @pytest.mark.parametrize("m", [32, 2048])
 def test_try_configs_records_no_warm_round(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every configuration is timed once more than recorded, in a round before the others (a configuration's first
@@ -369,21 +388,9 @@ def test_try_configs_records_no_warm_round(m: int, monkeypatch: pytest.MonkeyPat
     try_configs = _script("try_configs")
     shipped = TritonConfig(16, 128, 256, num_stages=3)
 
-    class Kernel:
-        spec = SimpleNamespace(scheme=SimpleNamespace(name="int4_g128_sym"))
-        moe = SimpleNamespace(top_k=2)
-
-        def default_config(self, m: int, top_k: int) -> TritonConfig:
-            return shipped
-
-        def config(self, m: int) -> TritonConfig:
-            return shipped
-
-        def apply(self, *args: object) -> torch.Tensor:
-            return torch.ones(4)
-
     timings: list[float] = []  # (each timing's budget, ms)
-    monkeypatch.setattr(try_configs, "layer_cases", lambda *a: iter([("mixtral", m, Kernel(), {}, (None,) * 3,
+    kernel = _StubKernel(shipped, shipped)
+    monkeypatch.setattr(try_configs, "layer_cases", lambda *a: iter([("mixtral", m, kernel, {}, (None,) * 3,
                                                                       torch.ones(4))]))
     monkeypatch.setattr(try_configs, "_bench_graph", lambda fn, budget_ms: timings.append(budget_ms) or 10.0)
     written: list[list[dict]] = []
@@ -412,25 +419,13 @@ def test_try_configs_span_times_each_entry_inside_the_rows_it_runs(monkeypatch: 
     assert try_configs.entry_row(entries, 5793, entry) == 8192
     assert try_configs.entry_row(entries, 5793, replace(entry, num_stages=4)) is None  # (the defaults ran there)
 
-    class Kernel:
-        spec = SimpleNamespace(scheme=SimpleNamespace(name="int4_g128_sym"))
-        moe = SimpleNamespace(top_k=8)
-
-        def default_config(self, m: int, top_k: int) -> TritonConfig:
-            return replace(entry, num_stages=4)
-
-        def config(self, m: int) -> TritonConfig:
-            return entry
-
-        def apply(self, *args: object) -> torch.Tensor:
-            return torch.ones(4)
-
     asked: list[list[str]] = []
 
     def layer_cases(cases: list[str], *args: object) -> object:
         asked.append(cases)
         name, ms = cases[0].split(":")
-        return iter([(name, int(m), Kernel(), {}, (None,) * 3, torch.ones(4)) for m in ms.split(",")])
+        return iter([(name, int(m), _StubKernel(entry, replace(entry, num_stages=4)), {}, (None,) * 3,
+                      torch.ones(4)) for m in ms.split(",")])
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
