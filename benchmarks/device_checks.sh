@@ -150,6 +150,18 @@ per_shape() {  # per_shape NAME LIMIT BENCH_ARGS...: the bench of SHAPES[i] on G
     wait
 }
 
+deal_over_gpus() {  # deal_over_gpus COUNT FUNCTION: FUNCTION 0 .. COUNT-1, item i on GPU i mod the GPU count,
+    # each GPU's items in turn, all GPUs at once
+    nvidia-smi -L
+    local count=$1 fn=$2 gpus gpu i
+    gpus=$(nvidia-smi -L | wc -l)
+    for gpu in $(seq 0 $(( gpus - 1 ))); do
+        (export CUDA_VISIBLE_DEVICES=$gpu
+         for i in $(seq "$gpu" "$gpus" $(( count - 1 ))); do "$fn" "$i"; done) &
+    done
+    wait
+}
+
 multi() {
     step nccl-tests 180 python3 -m pytest -m gpu -p no:cacheprovider -rfE tests/test_distributed.py
     step ep2-counted 150 torchrun --nproc-per-node 2 -m wna16moe.bench --ep 2 --dp --shapes deepseek-v3 kimi-k2 \
@@ -323,33 +335,23 @@ search)  # every GPU: the coordinate search (bench --search) per shape and M; th
     wait
     ;;
 between)  # every GPU: entries against the defaults at M between the table's rows, shapes dealt over the GPUs
-    nvidia-smi -L
-    gpus=$(nvidia-smi -L | wc -l)
-    for gpu in $(seq 0 $(( gpus - 1 ))); do
-        (export CUDA_VISIBLE_DEVICES=$gpu
-         for i in $(seq "$gpu" "$gpus" $(( ${#SHAPES[@]} - 1 ))); do
-             step "between-${SHAPES[$i]}" "${BETWEEN_LIMIT:-280}" python3 benchmarks/try_configs.py \
-                 "${SHAPES[$i]}:${BETWEEN_M:-768,1400,3000,5600,12000}" --variant default \
-                 ${BETWEEN_SCHEME:+--scheme "$BETWEEN_SCHEME"} --out "$OUT/between-${SHAPES[$i]}.json"
-         done) &
-    done
-    wait
+    between_shape() {
+        step "between-${SHAPES[$1]}" "${BETWEEN_LIMIT:-280}" python3 benchmarks/try_configs.py \
+            "${SHAPES[$1]}:${BETWEEN_M:-768,1400,3000,5600,12000}" --variant default \
+            ${BETWEEN_SCHEME:+--scheme "$BETWEEN_SCHEME"} --out "$OUT/between-${SHAPES[$1]}.json"
+    }
+    deal_over_gpus ${#SHAPES[@]} between_shape
     ;;
 span)  # every GPU: entries changed one field at a time, timed at their M and inside the span they run
-    nvidia-smi -L
-    gpus=$(nvidia-smi -L | wc -l)
     read -ra trials <<< "${SPAN_TRIALS:?set SPAN_TRIALS, e.g. kimi-k2:8192@num_stages2=2}"
-    for gpu in $(seq 0 $(( gpus - 1 ))); do
-        (export CUDA_VISIBLE_DEVICES=$gpu
-         for i in $(seq "$gpu" "$gpus" $(( ${#trials[@]} - 1 ))); do
-             case=${trials[$i]%%@*} variants=${trials[$i]#*@}
-             name="span-${case/:/-}-${variants//[=+,]/-}"
-             step "$name" "${SPAN_LIMIT:-200}" python3 benchmarks/try_configs.py --span "$case" --rounds 3 \
-                 $(printf -- '--variant %s ' ${variants//+/ }) ${SPAN_SCHEME:+--scheme "$SPAN_SCHEME"} \
-                 --out "$OUT/$name.json"
-         done) &
-    done
-    wait
+    span_trial() {
+        local case=${trials[$1]%%@*} variants=${trials[$1]#*@}
+        local name="span-${case/:/-}-${variants//[=+,]/-}"
+        step "$name" "${SPAN_LIMIT:-200}" python3 benchmarks/try_configs.py --span "$case" --rounds 3 \
+            $(printf -- '--variant %s ' ${variants//+/ }) ${SPAN_SCHEME:+--scheme "$SPAN_SCHEME"} \
+            --out "$OUT/$name.json"
+    }
+    deal_over_gpus ${#trials[@]} span_trial
     ;;
 peer)  # one GPU: vLLM's Triton WNA16 kernel and the shipped TRITON table, same tokens and routing
     nvidia-smi -L
