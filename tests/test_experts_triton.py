@@ -550,16 +550,18 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize(("t", "expected"), [
-    (1200, TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)),
-    (300, TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True))])
-def test_gpu_default_prefill_config(t: int, expected: TritonConfig) -> None:
+@pytest.mark.parametrize(("t", "i", "expected"), [
+    (1200, 512, TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)),
+    (300, 512, TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
+    (200, 2048, TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True))])
+def test_gpu_default_prefill_config(t: int, i: int, expected: TritonConfig) -> None:
     """A shape the tuned table does not hold runs `default_config`; at prefill on Hopper it takes the decode
-    kernel's 64-row blocks from 64 rows per expert and its 128-row blocks from 128 (here t / 4 per expert),
-    and the layer still matches EMULATION."""
+    kernel's 64-row blocks from 33 rows per expert (128-row ones, which shrink to their 64-row loop, where the
+    intermediate size is long) and its 128-row blocks from 97 (here t / 4 per expert), and the layer still
+    matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma defaults are Hopper's")
-    e, k, h, i = 8, 2, 1024, 512
+    e, k, h = 8, 2, 1024
     experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
     config = kernel.config(t)

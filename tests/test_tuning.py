@@ -8,7 +8,7 @@ import pytest
 
 from wna16moe import tuning
 from wna16moe.device import DeviceInfo
-from wna16moe.experts.triton import TritonConfig, default_config, entry_or_default
+from wna16moe.experts.triton import LONG_I, TritonConfig, default_config, entry_or_default
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS
 from wna16moe.oracle import explain
 from wna16moe.shapes import model_shape
@@ -279,13 +279,13 @@ def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: 
 
 @pytest.mark.parametrize("group_size", [128, 32])
 @pytest.mark.parametrize(("tokens", "block_m"), [(1, 8), (32, 8), (128, 8), (160, 16), (252, 16), (256, 16),
-                                                 (316, 16), (320, 32), (1024, 32), (1056, 64), (2048, 64),
-                                                 (3072, 64), (3104, 128), (8192, 128)])
+                                                 (316, 16), (320, 32), (1024, 32), (1056, 128), (2048, 128),
+                                                 (3072, 128), (3104, 128), (8192, 128)])
 def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_size: int, tokens: int,
                                                                           block_m: int) -> None:
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
     every row count: 8-row blocks up to 4 (int8: below 8), 16 below 10, then blocks on warpgroup mmas (int8: from
-    8 rows), 32 rows up to 32 per expert, 64 rows above, 128 rows above 96; int8 the same tiles, its
+    8 rows), 32 rows up to 32 per expert, 128 rows above (its intermediate size is LONG_I); int8 the same tiles, its
     narrow rings shallower, and from 2 tokens to 4 rows per expert half as wide (the same GEMM2 K split); never
     the decode kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
@@ -303,6 +303,24 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
         expected = replace(expected, block_n1=64, block_n2=128)
     assert replace(int8, num_stages=expected.num_stages) == expected
     assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("rows", "intermediate_size", "block_m"), [
+    (33, 2048, 128), (60, 14336, 128), (96, 2048, 128), (97, 2048, 128),
+    (33, 768, 64), (60, 1536, 64), (96, LONG_I - 128, 64), (97, 768, 128), (32, 2048, 32)])
+def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_long(
+        rows: int, intermediate_size: int, block_m: int, bits: int) -> None:
+    """From 33 to 96 rows per expert, 128-row blocks (64-row loops up to 64 live rows, unrolled) where the layer's
+    intermediate size is at least LONG_I, 64-row blocks below it; the same 128 / 256 wide tiles (NOTES.md v61)."""
+    tokens = rows * 128 // 8  # 128 experts, top 8
+    config = default_config(tokens, 8, 128, 128, 4096, intermediate_size, 132, hopper=True, bits=bits)
+    assert config.block_m == block_m
+    if 32 < rows <= 96:
+        assert (config.block_n1, config.block_n2, config.num_warps, config.num_stages, config.wgmma) == (
+            128, 256, 8, 3, True)
+    unknown = default_config(tokens, 8, 128, 128, hopper=True, bits=bits)  # no sizes: the 64-row blocks
+    assert unknown.block_m == (64 if 32 < rows <= 96 else block_m)
 
 
 def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -> None:
@@ -439,11 +457,13 @@ def test_trials_change_an_entry_only_where_the_change_holds_across_its_span(at_s
 
 def test_span_points_lie_inside_the_rows_an_entry_runs() -> None:
     # Midway (in log scale) between the entry's M and each end of its span, on rows it runs: qwen3-30b-a3b's
-    # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 128-row M = 2048 entry runs 2048 and 3073-4096 only; a
+    # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 128-row M = 2048 entry runs 1025-4096, where the defaults
+    # take 128-row blocks too, but the same entry at I = 1536 only from 1537 (above 96 rows per expert); a
     # one-token entry runs M = 1-2.
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
     assert tuning.span_points([1, 8, 32, 128, 512, 2048, 8192], 8192, wide, QWEN) == [5793, 11585]
-    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 7168, 2048, 256, 8)) == [3073]
+    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 7168, 2048, 256, 8)) == [1449, 2896]
+    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 4096, 1536, 128, 8)) == [1774, 2896]
     narrow = {"block_m": 16, "block_n1": 64, "block_n2": 64, "num_warps": 4}
     assert tuning.span_points([1, 8], 1, narrow, KEY) == [2]
 
@@ -467,13 +487,17 @@ def test_rows_running_an_entry_are_those_nearest_it_in_log_scale() -> None:
 
 
 def test_rows_taking_an_entry_are_those_where_the_defaults_pick_its_block_size() -> None:
-    # deepseek-v3 W8A16 measured at M = 512, 2048 and 8192: a 128-row entry at 2048 runs there and, of the rows
-    # nearest it (1025-4096), only where the defaults take 128-row blocks too (above 96 rows per expert: M > 3072);
-    # a 64-row one where they take 64-row blocks (33-96 rows: M = 1025-3072).
-    key = ShapeKey(8, 128, 7168, 2048, 256, 8)
+    # W8A16 on 256 experts, top 8, measured at M = 512, 2048 and 8192, at I = 1536: a 128-row entry at 2048 runs
+    # there and, of the rows nearest it (1025-4096), only where the defaults take 128-row blocks too (above 96
+    # rows per expert: M > 3072); a 64-row one where they take 64-row blocks (33-96 rows: M = 1025-3072). At
+    # deepseek-v3's I = 2048 the defaults take 128-row blocks from 33 rows: the 128-row entry runs all of them.
+    key = ShapeKey(8, 128, 7168, 1536, 256, 8)
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide, key) == [2048, *range(3073, 4097)]
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, key) == list(range(1025, 3073))
+    deepseek = ShapeKey(8, 128, 7168, 2048, 256, 8)
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide, deepseek) == list(range(1025, 4097))
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, deepseek) == [2048]
     assert tuning.spans([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
 
 

@@ -127,6 +127,7 @@ def rows_taking(measured: list[int], m: int, fields: dict[str, Any], key: ShapeK
     entry = TritonConfig(**fields)
     return [t for t in rows_running(measured, m)
             if t == m or runs_between_rows(entry, default_config(t, key.top_k, key.num_experts, key.group_size,
+                                                                 key.hidden_size, key.intermediate_size,
                                                                  hopper=entry.decode, bits=key.bits))]
 
 

@@ -236,6 +236,11 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
 
 
+# From this intermediate size (per rank), the decode defaults put 33-96 rows per expert on 128-row blocks
+# (`_decode_default`).
+LONG_I = 2048
+
+
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None, bits: int) -> TritonConfig:
     """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
@@ -254,12 +259,19 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     qwen3-30b-a3b int4 at 37 rows, 5% slower); above 96 rows: 128-row blocks (v55, int4: 4-21% faster than
     64-row blocks at 100-120 rows on all four shapes; at 83-94 rows level to 22% faster on the big experts but
     30% slower on qwen3-30b-a3b, which favours 64-row blocks up to ~106 rows, v56; int8, v56: 7-31% faster at
-    104-120 rows on all four)."""
+    104-120 rows on all four). From 33 to 96 rows, layers whose intermediate size is at least `LONG_I` take the
+    same tiles on 128-row blocks instead (v61, int4 and int8: 3-12% faster on mixtral, deepseek-v3 and kimi-k2 at
+    34-72 rows, level on mixtral at 40-50 rows and on llama-4-scout; within 2% either way at I = 1408 and 1536,
+    4-7% slower on qwen3-30b-a3b, I = 768)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert > 96:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert > 32:
-        return TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
+        # A 128-row block multiplies an expert's rows in its 64-row loop (up to 64 live rows) or its 128-row
+        # one, both unrolled by the ring's depth (one CTA barrier per tile); a 64-row block's loops index the
+        # ring at run time (two). Why short intermediate sizes lose with it is not profiled.
+        long_i = intermediate_size is not None and intermediate_size >= LONG_I
+        return TritonConfig(128 if long_i else 64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert >= 10 or (bits == 8 and per_expert >= 8):
         return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
     # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
