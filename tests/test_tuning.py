@@ -327,10 +327,12 @@ def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -
     """The shipped H200 entries for qwen3-30b-a3b (128 experts, top 8): at a measured M the entry always; between
     them the nearest entry where its blocks are the size the defaults pick (narrow 8 or 16 rows both, or one wide
     size), else the defaults (NOTES.md v48)."""
+    def defaults(tokens: int) -> TritonConfig:
+        return default_config(tokens, 8, 128, 128, 2048, 768, 132, hopper=True)
+
     def pick(tokens: int) -> tuple[TritonConfig, TritonConfig, TritonConfig]:
-        default = default_config(tokens, 8, 128, 128, 2048, 768, 132, hopper=True)
         tuned = tuned_config("NVIDIA H200", QWEN, tokens)
-        return entry_or_default(tuned, tokens, default), TritonConfig(**tuned[1]), default
+        return entry_or_default(tuned, tokens, defaults), TritonConfig(**tuned[1]), defaults(tokens)
 
     chosen, entry, default = pick(128)  # measured: the entry, whatever the defaults say
     assert chosen == entry != default
@@ -342,7 +344,24 @@ def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -
     assert entry.block_m == default.block_m == 128 and chosen == entry != default
     chosen, entry, default = pick(16)  # 1 row per expert: both narrow
     assert entry.block_m < 32 and default.block_m < 32 and chosen == entry
-    assert entry_or_default(None, 16, default) == default
+    assert entry_or_default(None, 16, defaults) == default
+
+
+def test_a_wide_entry_runs_between_rows_only_in_its_own_ms_range_of_the_defaults() -> None:
+    """mixtral's int4 M = 400 entry (128-row blocks, 100 rows per expert) between the table's rows: at M = 380
+    (95 rows) the defaults take 128-row blocks too, but in the 33-96 range of its long intermediate size, not
+    the entry's range above 96: the defaults run there (NOTES.md v61); from M = 385 (96.25 rows) the entry."""
+    key = ShapeKey(4, 128, 4096, 14336, 8, 2)
+
+    def defaults(tokens: int) -> TritonConfig:
+        return default_config(tokens, 2, 8, 128, 4096, 14336, 132, hopper=True)
+
+    entry = {"block_m": 128, "block_n1": 128, "block_n2": 128, "num_warps": 8, "num_stages": 3, "decode": True,
+             "wgmma": True}
+    assert entry_or_default((400, entry), 380, defaults) == defaults(380) != TritonConfig(**entry)
+    assert defaults(380).block_m == 128
+    assert entry_or_default((400, entry), 385, defaults) == TritonConfig(**entry)
+    assert tuning.rows_taking([128, 400, 8192], 400, entry, key)[0] == 385
 
 
 def test_hopper_decode_default_splits_by_programs() -> None:
@@ -457,12 +476,12 @@ def test_trials_change_an_entry_only_where_the_change_holds_across_its_span(at_s
 
 def test_span_points_lie_inside_the_rows_an_entry_runs() -> None:
     # Midway (in log scale) between the entry's M and each end of its span, on rows it runs: qwen3-30b-a3b's
-    # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 128-row M = 2048 entry runs 1025-4096, where the defaults
-    # take 128-row blocks too, but the same entry at I = 1536 only from 1537 (above 96 rows per expert); a
-    # one-token entry runs M = 1-2.
+    # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 128-row M = 2048 entry runs 1025-3072, where the
+    # defaults take 128-row blocks too in the range of its 64 rows per expert (33-96); on 128 experts at I = 1536
+    # (128 rows per expert at M = 2048) from 1537 (above 96 rows per expert); a one-token entry runs M = 1-2.
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
     assert tuning.span_points([1, 8, 32, 128, 512, 2048, 8192], 8192, wide, QWEN) == [5793, 11585]
-    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 7168, 2048, 256, 8)) == [1449, 2896]
+    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 7168, 2048, 256, 8)) == [1449, 2508]
     assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 4096, 1536, 128, 8)) == [1774, 2896]
     narrow = {"block_m": 16, "block_n1": 64, "block_n2": 64, "num_warps": 4}
     assert tuning.span_points([1, 8], 1, narrow, KEY) == [2]
@@ -487,16 +506,17 @@ def test_rows_running_an_entry_are_those_nearest_it_in_log_scale() -> None:
 
 
 def test_rows_taking_an_entry_are_those_where_the_defaults_pick_its_block_size() -> None:
-    # W8A16 on 256 experts, top 8, measured at M = 512, 2048 and 8192, at I = 1536: a 128-row entry at 2048 runs
-    # there and, of the rows nearest it (1025-4096), only where the defaults take 128-row blocks too (above 96
-    # rows per expert: M > 3072); a 64-row one where they take 64-row blocks (33-96 rows: M = 1025-3072). At
-    # deepseek-v3's I = 2048 the defaults take 128-row blocks from 33 rows: the 128-row entry runs all of them.
+    # W8A16 on 256 experts, top 8, measured at M = 512, 2048 and 8192 (64 rows per expert at 2048): of the rows
+    # nearest the M = 2048 entry (1025-4096), a 64-row entry runs those where the defaults take 64-row blocks
+    # (33-96 rows: M = 1025-3072) at I = 1536. A 128-row one runs at 2048 alone: the defaults' 128-row blocks
+    # above 96 rows are another range than its own. At deepseek-v3's I = 2048 the defaults take 128-row blocks
+    # from 33 rows: there the 128-row entry runs its range (1025-3072) and the 64-row one at 2048 alone.
     key = ShapeKey(8, 128, 7168, 1536, 256, 8)
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
-    assert tuning.rows_taking([512, 2048, 8192], 2048, wide, key) == [2048, *range(3073, 4097)]
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide, key) == [2048]
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, key) == list(range(1025, 3073))
     deepseek = ShapeKey(8, 128, 7168, 2048, 256, 8)
-    assert tuning.rows_taking([512, 2048, 8192], 2048, wide, deepseek) == list(range(1025, 4097))
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide, deepseek) == list(range(1025, 3073))
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, deepseek) == [2048]
     assert tuning.spans([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
 

@@ -120,15 +120,18 @@ def rows_running(measured: list[int], m: int) -> range:
 
 def rows_taking(measured: list[int], m: int, fields: dict[str, Any], key: ShapeKey) -> list[int]:
     """Of the token counts nearest the measured M `m` (`rows_running`), those that run its entry `fields`: between
-    the table's rows only where the defaults pick its block size (`experts.triton.entry_or_default`), the defaults
-    as on the card it was measured on (Hopper where the entry is on the decode kernel, which runs only there)."""
+    the table's rows only where the defaults pick its block size, in the defaults' range of `m`
+    (`experts.triton.entry_or_default`), the defaults as on the card it was measured on (Hopper where the entry is
+    on the decode kernel, which runs only there)."""
     from wna16moe.experts.triton import TritonConfig, default_config, runs_between_rows
 
     entry = TritonConfig(**fields)
-    return [t for t in rows_running(measured, m)
-            if t == m or runs_between_rows(entry, default_config(t, key.top_k, key.num_experts, key.group_size,
-                                                                 key.hidden_size, key.intermediate_size,
-                                                                 hopper=entry.decode, bits=key.bits))]
+
+    def defaults(tokens: int) -> TritonConfig:
+        return default_config(tokens, key.top_k, key.num_experts, key.group_size, key.hidden_size,
+                              key.intermediate_size, hopper=entry.decode, bits=key.bits)
+
+    return [t for t in rows_running(measured, m) if t == m or runs_between_rows(entry, defaults(t), defaults(m))]
 
 
 def span_points(measured: list[int], m: int, fields: dict[str, Any], key: ShapeKey) -> list[int]:

@@ -42,6 +42,8 @@ from wna16moe.scheme import WeightScheme
 from wna16moe.tuning import ShapeKey, tuned_config
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from wna16moe.kernels.launch import PlanCache
 
 NAME = "triton"
@@ -289,25 +291,35 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
 
 
 def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
-                     default: TritonConfig) -> TritonConfig:
+                     defaults: Callable[[int], TritonConfig]) -> TritonConfig:
     """What runs `num_tokens` rows: the table's entry at its nearest measured M (`tuning.tuned_config`), else the
-    defaults. At an M between the table's, the entry runs only where it multiplies blocks of the size the
-    defaults pick for this M (narrow ones of 8 or 16 rows both, or the same wide size): rows per expert moved
-    into another size's range outdate the entry's tiling. On the H200's four shapes at M = 16-4096 between its
-    rows, this took the defaults at 6 of 18 points: 9-19% faster than the nearest entry at five (qwen3-30b-a3b
+    defaults (`defaults(M)`). At an M between the table's, the entry runs only where it multiplies blocks of the
+    size the defaults pick for this M (narrow ones of 8 or 16 rows both, or the same wide size): rows per expert
+    moved into another size's range outdate the entry's tiling. On the H200's four shapes at M = 16-4096 between
+    its rows, this took the defaults at 6 of 18 points: 9-19% faster than the nearest entry at five (qwen3-30b-a3b
     M = 256 and 1024, mixtral M = 256, deepseek-v3 M = 4096, kimi-k2 M = 16), 1% slower at mixtral M = 64; at the
-    other twelve the entry was faster or within 1% (NOTES.md v48)."""
+    other twelve the entry was faster or within 1% (NOTES.md v48). Since the defaults take 128-row blocks in two
+    ranges (33-96 rows per expert on long intermediate sizes, and above 96), a wide entry also stays in its own
+    M's range: mixtral's 128-row entries for 100 and 128 rows were 5-8% slower than the defaults at 60-85 rows
+    (NOTES.md v61)."""
+    default = defaults(num_tokens)
     if tuned is None:
         return default
     measured_m, fields = tuned
     entry = TritonConfig(**fields)
-    return entry if measured_m == num_tokens or runs_between_rows(entry, default) else default
+    if measured_m == num_tokens or runs_between_rows(entry, default, defaults(measured_m)):
+        return entry
+    return default
 
 
-def runs_between_rows(entry: TritonConfig, default: TritonConfig) -> bool:
-    """Whether a table entry runs at an M between the table's rows where the defaults pick `default`: only at
-    their block size, narrow ones (8 or 16 rows) both or the same wide size (`entry_or_default`)."""
-    return entry.block_m == default.block_m or max(entry.block_m, default.block_m) < 32
+def runs_between_rows(entry: TritonConfig, default: TritonConfig, measured_default: TritonConfig) -> bool:
+    """Whether a table entry runs at an M between the table's rows where the defaults pick `default` (and
+    `measured_default` at the entry's own M): narrow ones (8 or 16 rows) where the defaults are narrow too, wide
+    ones at the defaults' block size within the defaults' range of their own M (`entry_or_default`; a range's
+    wide defaults are one configuration)."""
+    if max(entry.block_m, default.block_m) < 32:
+        return True
+    return entry.block_m == default.block_m and default == measured_default
 
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -473,7 +485,7 @@ class TritonExperts(Experts):
             tuned = (tuned_config(self._card, self._shape_key, num_tokens, self._capability)
                      if self._card is not None else None)
             self._configs[num_tokens] = entry_or_default(tuned, num_tokens,
-                                                         self.default_config(num_tokens, self.moe.top_k))
+                                                         lambda m: self.default_config(m, self.moe.top_k))
         return self._configs[num_tokens]
 
     def default_config(self, num_tokens: int, top_k: int) -> TritonConfig:
