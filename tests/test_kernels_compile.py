@@ -173,6 +173,15 @@ DECODE_CASES = [
     # ... and at 4 warps, 2 stages (82 KB of shared memory, 255 registers: two programs per SM)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=64, warps=4, pair=False,
          stages=2, loop_budget=440, wgmma=True),
+    # ... and int8 (W8A16's prefill entries), its rings indexed at run time (unrolled, the 128-row loops spilled):
+    # GEMM1 128 x 128 and GEMM2 128 x 256 at 8 warps, 3 stages; GEMM1 64 wide at 4 warps, 2 stages (672 / 670 / 709
+    # instructions per tile, no spill; unrolled, ~650 and 8-16 spilled words per three tiles)
+    dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=8, pair=False,
+         stages=3, loop_budget=745, wgmma=True),
+    dict(gated=False, bits=8, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
+         stages=3, loop_budget=735, wgmma=True),
+    dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=128, block_n=64, warps=4, pair=False,
+         stages=2, loop_budget=780, wgmma=True),
     # GEMM2 on 128 x 256 blocks (the prefill entries', v39) at 3 stages: no spill in its loops. (At 4, deepseek-v3's
     # entry, ptxas spills 2 words per 4-tile iteration of the 128-row loop, as GEMM1 at 4 stages does.)
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
@@ -296,10 +305,10 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
             assert 1 <= facts["loop_wgmma_waits"] <= halves, facts
         if "shrunk_budget" in case:
             assert facts["shrunk_loop_instructions"] <= case["shrunk_budget"], facts
-    # A narrow block's loop and a 128-row block's, unrolled by the ring's depth, have the ring's barrier and no
+    # A narrow block's loop and a 128-row int4 block's, unrolled by the ring's depth, have the ring's barrier and no
     # other (their stages are buffers of their own); other wide blocks' rings are indexed at run time: one
     # barrier more, and one more where registers store into them (act-order activations, rows off 16 bytes).
-    unrolled = case["block_m"] < 32 or case["block_m"] == 128
+    unrolled = case["block_m"] < 32 or (case["block_m"] == 128 and case["bits"] == 4)
     if wgmma:
         loops = case["block_m"].bit_length() - 3  # one per row count the block can shrink to
         copies = case.get("stages", 3) if unrolled else 1

@@ -45,8 +45,8 @@ is unrolled by the ring's depth: the compiler cannot tell two slots of one buffe
 between the refill's copies and the tile's reads, and between the gate and up halves' copies, where the ring
 needs one per tile (GEMM1 3 -> 1, GEMM2 2 -> 1; qwen3-30b-a3b M = 8 / 32 -2.6 to -4.7%, M = 1 on the big
 experts -1 to -1.5%, NOTES.md v36). A wide block of 32 or 64 rows keeps rings indexed at run time, two
-barriers per tile: its loops, one per row count, outgrew the instruction cache unrolled. A 128-row block (8 warps,
-prefill) is unrolled like a narrow one.
+barriers per tile: its loops, one per row count, outgrew the instruction cache unrolled. A 128-row int4 block
+(prefill) is unrolled like a narrow one; an int8 one, whose unrolled loops spilled, is not.
 
 PERSISTENT narrow blocks: the grid is a few programs per SM, each taking every so-many (row block, column
 tile) item and keeping one ring through all of them; its refills run into the next item while the current
@@ -716,9 +716,12 @@ def _block_gemm(
     # A narrow block's stages are buffers of their own, its loop unrolled by STAGES, so that every buffer a tile
     # reads or refills is known at compile time: one CTA barrier per tile. A wide block holds one loop per row
     # count; unrolled, they outgrew the instruction cache (32-row blocks 10-32% slower, NOTES.md v36): its rings
-    # are indexed at run time (two barriers per tile). 128-row blocks, measured unrolled only, stay unrolled
-    # (64-row ones unrolled: -2.1 to +0.9%, NOTES.md v37).
-    UNROLL: gl.constexpr = not WIDE or BLOCK_M == 128
+    # are indexed at run time (two barriers per tile). 128-row int4 blocks stay unrolled: their 64-row loop takes
+    # 15% fewer instructions so, and kimi-k2 M = 2048 ran 2.9% faster (NOTES.md v61, v62). An int8 tile has twice
+    # the words: unrolled, its 128-row loops spilled and spanned ~1.9K instructions, and indexed they run up to 5%
+    # faster (W8A16 qwen3-30b-a3b M = 1800-8192; NOTES.md v62). (64-row blocks unrolled: qwen3-30b-a3b 5-8% slower,
+    # deepseek-v3 M = 2048 3% faster; NOTES.md v37, v62.)
+    UNROLL: gl.constexpr = not WIDE or (BLOCK_M == 128 and BITS == 4)
     DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
     WORD_TILE: gl.constexpr = word_slot_shape(BITS, BLOCK_N)
     buffers = ()  # per stage (UNROLL) or per ring: (gate words, up words, scale rows, zero-point rows, activations)
