@@ -716,11 +716,10 @@ def _block_gemm(
     # A narrow block's stages are buffers of their own, its loop unrolled by STAGES, so that every buffer a tile
     # reads or refills is known at compile time: one CTA barrier per tile. A wide block holds one loop per row
     # count; unrolled, they outgrew the instruction cache (32-row blocks 10-32% slower, NOTES.md v36): its rings
-    # are indexed at run time (two barriers per tile). 128-row int4 blocks stay unrolled: their 64-row loop takes
-    # 15% fewer instructions so, and kimi-k2 M = 2048 ran 2.9% faster (NOTES.md v61, v62). An int8 tile has twice
-    # the words: unrolled, its 128-row loops spilled and spanned ~1.9K instructions, and indexed they run up to 5%
-    # faster (W8A16 qwen3-30b-a3b M = 1800-8192; NOTES.md v62). (64-row blocks unrolled: qwen3-30b-a3b 5-8% slower,
-    # deepseek-v3 M = 2048 3% faster; NOTES.md v37, v62.)
+    # are indexed at run time (two barriers per tile; 64-row blocks unrolled: qwen3-30b-a3b 5-8% slower, NOTES.md
+    # v62). 128-row int4 blocks stay unrolled: indexed, kimi-k2 M = 2048 ran 2.9% slower (NOTES.md v61, v62). An
+    # int8 tile has twice the words: unrolled, its 128-row loops spilled and spanned ~1.9K instructions; indexed
+    # they run up to 5% faster (W8A16 qwen3-30b-a3b M = 1800-8192, NOTES.md v62).
     UNROLL: gl.constexpr = not WIDE or (BLOCK_M == 128 and BITS == 4)
     DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
     WORD_TILE: gl.constexpr = word_slot_shape(BITS, BLOCK_N)
