@@ -8,6 +8,11 @@ The base tree is a `src` folder: export the revision before the change and carry
 
     git archive 407ef55 src | tar -x -C build/ab/407ef55
     python benchmarks/ab_trees.py build/ab/407ef55/src deepseek-v3:1,8 qwen3-30b-a3b:8 --processes 3 --out ab.json
+
+or, for a branch not checked out, this checkout as the base and the branch exported as `--new`:
+
+    git archive wip-x src | tar -x -C build/ab/wip-x
+    python benchmarks/ab_trees.py src deepseek-v3:1,8 --new build/ab/wip-x/src --out ab.json
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", help="the base tree's src folder")
+    parser.add_argument("--new", default=str(HERE.parent / "src"),
+                        help="the changed tree's src folder (default: this checkout's), e.g. a branch exported with "
+                             "`git archive BRANCH src`")
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
     parser.add_argument("--processes", type=int, default=3, help="processes per tree (default 3)")
     parser.add_argument("--rounds", type=int, default=2, help="try_configs rounds per process (default 2)")
@@ -67,7 +75,7 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, default=Path("."), help="folder for each process's output")
     parser.add_argument("--out")
     args = parser.parse_args()
-    trees = {"base": str(Path(args.base).resolve()), "new": str(HERE.parent / "src")}
+    trees = {"base": str(Path(args.base).resolve()), "new": str(Path(args.new).resolve())}
     options = ["--rounds", str(args.rounds)] + (["--scheme", args.scheme] if args.scheme else [])
     start, rows = time.monotonic(), []
     for process in range(args.processes):
@@ -78,7 +86,7 @@ def main() -> None:
             rows += [{**r, "tree": tree, "process": process}
                      for r in run_try_configs(trees[tree], args.cases, options, log)]
         # (written after every pair: a call's time limit keeps what it finished)
-        write_results(args.out, rows, base=args.base, summary=summarize(rows),
+        write_results(args.out, rows, base=args.base, new=args.new, summary=summarize(rows),
                       method="benchmarks/ab_trees.py: try_configs.py's shipped entries, the trees' processes in turn")
     for s in summarize(rows):
         print(f"{s['shape']:15s} M={s['M']:5d} base {s['base_us']:9.1f} new {s['new_us']:9.1f} "

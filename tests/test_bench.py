@@ -488,3 +488,24 @@ def test_ab_trees_alternates_the_trees_and_compares_their_shipped_rows(monkeypat
     assert final["summary"] == [{"shape": "mixtral", "M": 8, "base_us": 101.0, "new_us": 93.0,
                                  "change_pct": round(100 * (93 / 101 - 1), 2),
                                  "base_rounds": [100.0, 104.0, 98.0, 102.0], "new_rounds": [90.0, 94.0, 92.0, 96.0]}]
+
+
+def test_ab_trees_takes_the_changed_tree_from_new(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--new` names the changed tree (a branch exported beside the base), so that the change reads with its sign
+    whichever tree the command runs from."""
+    ab_trees = _script("ab_trees")
+    seen: list[str] = []
+
+    def fake_run(src: str, cases: list[str], options: list[str], log: Path) -> list[dict]:
+        seen.append(src)
+        return [{"shape": "mixtral", "M": 8, "round": 0, "us_graph": 50.0 + len(seen), "shipped": True}]
+
+    written: list[dict] = []
+    monkeypatch.setattr(ab_trees, "run_try_configs", fake_run)
+    monkeypatch.setattr(ab_trees, "write_results", lambda path, rows, **extra: written.append({"rows": rows, **extra}))
+    monkeypatch.setattr(sys, "argv", ["ab_trees.py", str(tmp_path / "main"), "mixtral:8", "--new",
+                                      str(tmp_path / "branch"), "--processes", "1", "--logs", str(tmp_path)])
+    ab_trees.main()
+    assert seen == [str((tmp_path / "main").resolve()), str((tmp_path / "branch").resolve())]
+    assert written[-1]["new"] == str(tmp_path / "branch")
+    assert written[-1]["summary"][0]["change_pct"] == round(100 * (52 / 51 - 1), 2)
