@@ -1,7 +1,8 @@
 """A/B of two source trees of the package: `try_configs.py` (the shipped entries, graph replays after the bench's L2
-flush, each checked against the float32 reference) run in separate processes, the base tree's and this tree's in
-turn, PROCESSES times each. A kernel change in any module is timed on the same cases, the GPU's drift over time
-falls on both, and the spread from one process to the next shows (kimi-k2 M = 512 moves by ~10%, NOTES.md v49).
+flush, each checked against the float32 reference) run in separate processes, the base tree's and the new tree's
+(by default this checkout's) in turn, PROCESSES times each. A kernel change in any module is timed on the same
+cases, the GPU's drift over time falls on both, and the spread from one process to the next shows (kimi-k2
+M = 512 moves by ~10%, NOTES.md v49).
 (It replaced `ab_kernel.py`, which swapped only `kernels/moe_gemm.py`, in one process.)
 
 The base tree is a `src` folder: export the revision before the change and carry it to the device, e.g.

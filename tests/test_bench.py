@@ -459,6 +459,17 @@ def test_results_name_the_commit_given_over_git(monkeypatch: pytest.MonkeyPatch)
     assert bench.commit_id() not in ("feedbee", "")
 
 
+def _run_ab_trees(monkeypatch: pytest.MonkeyPatch, ab_trees: ModuleType, fake_run: Callable[..., list[dict]],
+                  arguments: list[str]) -> list[dict]:
+    """ab_trees.main() on `arguments` with `fake_run` for its try_configs processes: what it wrote, each time."""
+    written: list[dict] = []
+    monkeypatch.setattr(ab_trees, "run_try_configs", fake_run)
+    monkeypatch.setattr(ab_trees, "write_results", lambda path, rows, **extra: written.append({"rows": rows, **extra}))
+    monkeypatch.setattr(sys, "argv", ["ab_trees.py", *arguments])
+    ab_trees.main()
+    return written
+
+
 def test_ab_trees_alternates_the_trees_and_compares_their_shipped_rows(monkeypatch: pytest.MonkeyPatch,
                                                                        tmp_path: Path) -> None:
     ab_trees = _script("ab_trees")
@@ -473,12 +484,8 @@ def test_ab_trees_alternates_the_trees_and_compares_their_shipped_rows(monkeypat
                    for r in range(2)]
         return [*shipped, {"shape": "mixtral", "M": 8, "round": 0, "us_graph": 1.0, "shipped": False}]
 
-    written: list[dict] = []
-    monkeypatch.setattr(ab_trees, "run_try_configs", fake_run)
-    monkeypatch.setattr(ab_trees, "write_results", lambda path, rows, **extra: written.append({"rows": rows, **extra}))
-    monkeypatch.setattr(sys, "argv", ["ab_trees.py", str(tmp_path / "src"), "mixtral:8", "--processes", "2",
-                                      "--logs", str(tmp_path), "--out", "ab.json"])
-    ab_trees.main()
+    written = _run_ab_trees(monkeypatch, ab_trees, fake_run, [str(tmp_path / "src"), "mixtral:8", "--processes", "2",
+                                                             "--logs", str(tmp_path), "--out", "ab.json"])
     assert calls == ["base", "new", "base", "new"]
     assert len(written) == 2  # after each pair
     final = written[-1]
@@ -500,12 +507,9 @@ def test_ab_trees_takes_the_changed_tree_from_new(monkeypatch: pytest.MonkeyPatc
         seen.append(src)
         return [{"shape": "mixtral", "M": 8, "round": 0, "us_graph": 50.0 + len(seen), "shipped": True}]
 
-    written: list[dict] = []
-    monkeypatch.setattr(ab_trees, "run_try_configs", fake_run)
-    monkeypatch.setattr(ab_trees, "write_results", lambda path, rows, **extra: written.append({"rows": rows, **extra}))
-    monkeypatch.setattr(sys, "argv", ["ab_trees.py", str(tmp_path / "main"), "mixtral:8", "--new",
-                                      str(tmp_path / "branch"), "--processes", "1", "--logs", str(tmp_path)])
-    ab_trees.main()
+    written = _run_ab_trees(monkeypatch, ab_trees, fake_run, [str(tmp_path / "main"), "mixtral:8", "--new",
+                                                             str(tmp_path / "branch"), "--processes", "1",
+                                                             "--logs", str(tmp_path)])
     assert seen == [str((tmp_path / "main").resolve()), str((tmp_path / "branch").resolve())]
     assert written[-1]["new"] == str(tmp_path / "branch")
     assert written[-1]["summary"][0]["change_pct"] == round(100 * (52 / 51 - 1), 2)
