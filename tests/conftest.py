@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 # First, before any test module (or transformers, which imports triton) is imported: without a GPU the Triton
@@ -262,8 +263,9 @@ def deepseek_config(num_experts: int = 16, top_k: int = 4, hidden: int = 64, int
 def assert_round_trip(experts: QuantizedExperts, fmt: CheckpointFormat, layer: int = 0,
                       naming: ExpertNaming = HF_NAMING) -> dict[str, torch.Tensor]:
     """write_experts -> DictSource -> read_experts gives back exactly the same codes, scales (and dtype), zeros
-    and g_idx. Returns the written tensors."""
+    and g_idx, and the tensors can be saved (safetensors refuses tensors that share storage). Returns them."""
     tensors = write_experts(experts, fmt, layer, naming)
+    safetensors.torch.save(tensors)
     back = read_experts(DictSource(tensors), fmt, experts.scheme, layer, naming, experts.num_experts,
                         experts.hidden_size, experts.intermediate_size)
     for got, want in ((back.w13, experts.w13), (back.w2, experts.w2)):

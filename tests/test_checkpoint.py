@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from wna16moe import (
     Activation,
     CheckpointError,
+    RoutingConfig,
     RoutingMethod,
     UnsupportedError,
     WeightScheme,
@@ -258,6 +259,7 @@ def test_router_weight() -> None:
         (lambda t: t[:4], r"expected a float \[8, 256\] router, got \[4, 256\]"),  # too few experts
         (lambda t: t.to(torch.int32), "got .* torch.int32"),  # not float
         (lambda t: None, "missing"),  # no router
+        (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "NaN or infinite"),  # NaN logits for expert 3
     ],
 )
 def test_router_weight_validated(fixture_copy: FixtureCopy, edit: TensorEdit, message: str) -> None:
@@ -360,6 +362,8 @@ def test_deepseek_v3_routing_config() -> None:
         ({"torch_dtype": None, "dtype": "float16"}, "dtype", torch.float16),  # transformers 5 spells it dtype
         ({"hidden_act": "gelu_pytorch_tanh"}, "activation", Activation.GELU_TANH),  # tanh GELU
         ({"hidden_act": "gelu"}, "activation", Activation.GELU),  # exact GELU
+        ({"torch_dtype": "float32"}, "dtype", torch.bfloat16),  # float32 models get bf16 activations
+        ({"model_type": None}, "routing", RoutingConfig(RoutingMethod.SOFTMAX)),  # null reads as absent
     ],
 )
 def test_moe_config_fields(change: dict, field: str, value: object) -> None:
@@ -376,6 +380,19 @@ def test_moe_config_fields(change: dict, field: str, value: object) -> None:
         (MIXTRAL_8X7B | {"num_experts_per_tok": 9}, CheckpointError, "some/config.json.*top_k=9"),  # more than E
         (deepseek_config(16, 4, 64, 32, 3, 2), CheckpointError, "n_group=3"),  # 16 experts in 3 groups
         (deepseek_config(16, 9, 64, 32, 4, 2), CheckpointError, "topk_group=2"),  # 9 > 2 groups of 4
+        # Values of the wrong type: an error naming the key, never a raw Python error or a silent coercion.
+        (MIXTRAL_8X7B | {"num_local_experts": "eight"}, CheckpointError,
+         "num_local_experts must be an integer, got 'eight'"),
+        (MIXTRAL_8X7B | {"num_local_experts": 8.7}, CheckpointError,
+         "num_local_experts must be an integer, got 8.7"),  # not truncated to 8
+        (MIXTRAL_8X7B | {"num_experts_per_tok": [2]}, CheckpointError, "num_experts_per_tok must be an integer"),
+        (MIXTRAL_8X7B | {"hidden_act": ["silu"]}, UnsupportedError, r"hidden_act \['silu'\]"),
+        (MIXTRAL_8X7B | {"norm_topk_prob": "false"}, CheckpointError,
+         "norm_topk_prob must be true or false, got 'false'"),  # not truthy
+        (MIXTRAL_8X7B | {"torch_dtype": "int8"}, CheckpointError, "torch_dtype 'int8' is not a model dtype"),
+        (MIXTRAL_8X7B | {"text_config": "x"}, CheckpointError, "text_config must be an object"),
+        (MIXTRAL_8X7B | {"model_type": 3}, CheckpointError, "model_type must be a string"),
+        (deepseek_config() | {"n_group": "2"}, CheckpointError, "n_group must be an integer, got '2'"),
     ],
 )
 def test_moe_config_rejects(config: dict, error: type[Exception], message: str) -> None:
@@ -462,6 +479,16 @@ def test_unknown_quant_method(fixture_copy: FixtureCopy, method: str | None) -> 
     assert str(copy) in str(info.value)
 
 
+@pytest.mark.parametrize("qcfg", ["gptq", []])  # a method name; an empty list
+def test_quantization_config_not_an_object(fixture_copy: FixtureCopy, qcfg: object) -> None:
+    copy = fixture_copy(CT_W4_G32_SYM)
+    edit_config(copy, lambda c: c.update(quantization_config=qcfg))
+    with pytest.raises(CheckpointError, match=f"quantization_config must be an object, got {re.escape(repr(qcfg))}"
+                       ) as info:
+        open_checkpoint(copy)
+    assert str(copy) in str(info.value)
+
+
 def test_layer_without_experts() -> None:
     with pytest.raises(CheckpointError, match=r"layer 5 has no experts; MoE layers: \[0, 1\]"):
         open_checkpoint(CT_W4_G32_SYM).load_layer(5)
@@ -493,6 +520,16 @@ def test_index_without_weight_map(tmp_path: Path) -> None:
     sharded = _sharded_copy(CT_W4_G32_SYM, tmp_path / "sharded")
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(CheckpointError, match="has no 'weight_map'"):
+        open_checkpoint(sharded)
+
+
+def test_index_weight_map_naming_no_file(tmp_path: Path) -> None:
+    sharded = _sharded_copy(CT_W4_G32_SYM, tmp_path / "sharded")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.mlp.experts.2.down_proj.weight_packed"
+    index["weight_map"][key] = 2  # a shard number, not a file name
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(f"weight_map['{key}'] must be a shard file name, got 2")):
         open_checkpoint(sharded)
 
 

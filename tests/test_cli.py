@@ -1,4 +1,5 @@
-"""`wna16moe info [PATH] [--json] [--quantize-to SCHEME]`."""
+"""`wna16moe info [PATH] [--json] [--quantize-to SCHEME]`, and the argument checks of `generate` and `check`
+(which run before transformers is imported)."""
 
 from __future__ import annotations
 
@@ -168,3 +169,46 @@ def test_no_command(capsys: pytest.CaptureFixture[str]) -> None:
         main([])
     assert info.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "argument", "message"),
+    [
+        (["generate", str(AWQ_W4_G32), "--prompt-ids", "1 2 x"], "--prompt-ids", "'x' is not a token id"),
+        (["generate", str(AWQ_W4_G32), "--prompt-ids", ""], "--prompt-ids", "expected at least one token id"),
+        (["generate", str(AWQ_W4_G32), "--prompt-ids", "-3"], "--prompt-ids", "'-3' is not a token id"),
+        (["generate", str(AWQ_W4_G32), "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens",
+         "expected a positive integer, got 0"),
+        (["check", str(AWQ_W4_G32), "--tokens", "0"], "--tokens", "expected a positive integer, got 0"),
+        (["check", str(AWQ_W4_G32), "--tokens", "-3"], "--tokens", "expected a positive integer, got -3"),
+        (["check", str(AWQ_W4_G32), "--tolerance", "nan"], "--tolerance",
+         "expected a finite positive number, got 'nan'"),
+        (["check", str(AWQ_W4_G32), "--tolerance", "-1"], "--tolerance",
+         "expected a finite positive number, got '-1'"),
+    ],
+)
+def test_hf_commands_reject_bad_arguments(args: list[str], argument: str, message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {argument}: {message}" in err
+
+
+MISSING_CHECKPOINT = "/nonexistent/checkpoint: tensor 'config.json': missing"  # as `info` says it
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "/nonexistent/checkpoint", "--prompt-ids", "1"], MISSING_CHECKPOINT),
+        (["check", "/nonexistent/checkpoint"], MISSING_CHECKPOINT),
+        (["generate", str(AWQ_W4_G32), "--prompt-ids", "1 2 512"], "--prompt-ids: token id 512 is outside the "
+                                                                   "vocabulary"),  # vocab_size 512
+    ],
+)
+def test_hf_commands_check_the_checkpoint_first(args: list[str], message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(args, capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("wna16moe: error: ") and message in err

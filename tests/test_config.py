@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wna16moe import (
+    Activation,
     InvalidInputError,
     MoEConfig,
     ParallelConfig,
@@ -31,6 +32,7 @@ E, H, I = 4, 96, 40  # noqa: E741 (I is the intermediate size); H, I not multipl
         ({"routed_scaling_factor": -1.0}, "routed_scaling_factor"),  # negative
         ({"routed_scaling_factor": float("nan")}, "routed_scaling_factor"),  # NaN
         ({"routed_scaling_factor": float("inf")}, "routed_scaling_factor"),  # inf
+        ({"method": "bogus"}, "RoutingConfig.method must be one of softmax, sigmoid"),  # no such method
     ],
 )
 def test_routing_config_rejects(kwargs: dict, message: str) -> None:
@@ -44,6 +46,9 @@ def test_routing_config_rejects(kwargs: dict, message: str) -> None:
         ({"num_experts": 0}, InvalidInputError, "num_experts"),  # no experts
         ({"hidden_size": -4}, InvalidInputError, "hidden_size"),  # negative size
         ({"intermediate_size": 2.0}, InvalidInputError, "intermediate_size"),  # not an int
+        ({"num_experts": True}, InvalidInputError, "num_experts"),  # a bool is not a count
+        ({"activation": "relu"}, InvalidInputError, "MoEConfig.activation must be one of silu"),  # not supported
+        ({"routing": "softmax"}, InvalidInputError, "MoEConfig.routing must be a RoutingConfig"),  # a bare method
         ({"top_k": 9}, InvalidInputError, "top_k=9 exceeds num_experts=8"),  # more than E
         ({"dtype": torch.float32}, UnsupportedError, "bfloat16 or float16"),  # float32 activations
         ({"routing": RoutingConfig(RoutingMethod.DEEPSEEK_V3, n_group=3)}, InvalidInputError,
@@ -56,6 +61,11 @@ def test_moe_config_rejects(kwargs: dict, error: type[Exception], message: str) 
     base = {"num_experts": 8, "top_k": 2, "hidden_size": 64, "intermediate_size": 32}
     with pytest.raises(error, match=message):
         MoEConfig(**(base | kwargs))
+
+
+def test_enum_settings_take_their_values_as_strings() -> None:
+    cfg = MoEConfig(8, 2, 64, 32, activation="gelu", routing=RoutingConfig("sigmoid"))
+    assert cfg.activation is Activation.GELU and cfg.routing.method is RoutingMethod.SIGMOID
 
 
 def test_moe_config_is_frozen() -> None:
@@ -154,11 +164,22 @@ def _bad(**change: object) -> dict:
          InvalidInputError, "w2_zp values must lie"),  # negative
         (_bad(w1_bias=torch.randn(E, I)), InvalidInputError, r"w1_bias must be \[4, 80\]"),  # bias shape
         (_bad(w2_bias=torch.ones(E, H, dtype=torch.int64)), InvalidInputError, "w2_bias must be a 2-D float"),
-        (_bad(a1_gscale=torch.rand(E + 1)), InvalidInputError, "a1_gscale must be a float scalar or"),  # not [E]
+        (_bad(a1_gscale=torch.rand(E + 1)), InvalidInputError, "a1_gscale must be a float tensor, scalar"),  # not [E]
         (_bad(a2_gscale=torch.tensor(-1.0)), InvalidInputError, "a2_gscale must be positive"),  # negative
         (_bad(gemm1_clamp_limit=0.0), InvalidInputError, "gemm1_clamp_limit must be > 0"),  # zero limit
         (_bad(gemm1_clamp_limit=float("nan")), InvalidInputError, "gemm1_clamp_limit"),  # NaN limit
-        (_bad(gemm1_alpha=float("inf")), InvalidInputError, "gemm1_alpha must be finite"),  # inf alpha
+        (_bad(gemm1_alpha=float("inf")), InvalidInputError, "gemm1_alpha must be a finite number"),  # inf alpha
+        (_bad(gemm1_alpha="1"), InvalidInputError, "gemm1_alpha must be a finite number, got '1'"),  # a string
+        (_bad(gemm1_clamp_limit=torch.tensor([1.0, 2.0])), InvalidInputError, "gemm1_clamp_limit must be a finite"),
+        (_bad(num_bits=4.0), UnsupportedError, "num_bits=4.0"),  # not an int
+        (_bad(group_size=True), UnsupportedError, "group_size=True"),  # a bool is not a size
+        (_bad(w1_scale=torch.rand(0, 2 * I, 3), w2_scale=torch.rand(0, H, 2)), InvalidInputError, "disagree"),  # E=0
+        (_bad(w2_scale=-torch.rand(E, H, 2)), InvalidInputError, "w2_scale holds negative scales"),
+        (_bad(w1_zp=[0], w2_zp=[0]), InvalidInputError, r"w1_zp must be an integer tensor .* got \[0\]"),
+        (_bad(w1_zp=torch.ones(E, 2 * I, 3, dtype=torch.bool), w2_zp=torch.ones(E, H, 2, dtype=torch.bool)),
+         InvalidInputError, "w1_zp must be an integer"),  # bool zero points
+        (_bad(w1_bias=torch.full((E, 2 * I), float("nan"))), InvalidInputError, "w1_bias holds NaN"),
+        (_bad(a1_gscale=1.0), InvalidInputError, "a1_gscale must be a float tensor, scalar or .* got 1.0"),
     ],
 )
 def test_quant_config_rejects(kwargs: dict, error: type[Exception], message: str) -> None:

@@ -180,6 +180,7 @@ def test_writer_rejects_what_awq_cannot_store(scheme: WeightScheme) -> None:
         ({"bits": 8, "group_size": 128, "version": "gemm"}, "bits=8"),  # AWQ GEMM is 4-bit
         ({"bits": 4, "group_size": 128, "version": "gemv"}, "'gemv'"),  # another packing
         ({"bits": 4, "group_size": 128, "version": "gemm", "zero_point": False}, "zero_point"),  # symmetric AWQ
+        ({"bits": 4, "group_size": 128, "zero_point": "false"}, "zero_point='false'"),  # a string, not read as true
     ],
 )
 def test_scheme_from_config_rejects(config: dict, message: str) -> None:

@@ -14,6 +14,7 @@ from conftest import (
     HIDDEN,
     INTERMEDIATE,
     NUM_EXPERTS,
+    ConfigEdit,
     FixtureCopy,
     TensorEdit,
     assert_round_trip,
@@ -31,8 +32,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from wna16moe import CheckpointError, UnsupportedError, WeightScheme, open_checkpoint
-from wna16moe.formats import HF_NAMING, MIXTRAL_NAMING, CheckpointFormat, DictSource
+from wna16moe.formats import HF_NAMING, MIXTRAL_NAMING, CheckpointFormat, DictSource, Projection
 from wna16moe.formats import compressed_tensors as ct
+from wna16moe.formats.packing import pack_int32
 
 # (fixture, bits, group size, symmetric, bound in steps). The bounds sit just above what llm-compressor's
 # bf16 rounding gives (measured 0.526 int4 sym, 0.585 int4 asym, 0.749 int8), per element, own group's scale.
@@ -277,6 +279,7 @@ def test_scheme_from_config_targets() -> None:
         ({"strategy": "tensor"}, "strategy 'tensor'"),  # one scale per tensor
         ({"strategy": "group", "group_size": None}, "group_size"),  # a group strategy needs its size
         ({"actorder": "dynamic"}, "actorder 'dynamic'"),  # unknown act-order mode
+        ({"symmetric": "false"}, "symmetric='false'"),  # a string, not read as true
     ],
 )
 def test_scheme_from_config_rejects(edit: dict, message: str) -> None:
@@ -298,6 +301,55 @@ def test_scheme_from_config_rejects_group_settings() -> None:
     with pytest.raises(UnsupportedError, match="ignore"):
         ct.scheme_from_config(config, MODULE, torch.bfloat16)
 
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(config_groups=[c["config_groups"]["group_0"]]), "config_groups must be an object"),
+        (lambda c: c["config_groups"].update(group_0="Linear"), "config group group_0 must be an object"),
+        (lambda c: c["config_groups"]["group_0"].update(weights=[4]), r"weights \(config group group_0\) must be"),
+    ],
+)
+def test_scheme_from_config_rejects_malformed_groups(edit: ConfigEdit, message: str) -> None:
+    config = _config()
+    edit(config)
+    with pytest.raises(UnsupportedError, match=message):
+        ct.scheme_from_config(config, MODULE, torch.bfloat16)
+
+
+
+def _projection_tensors(scheme: WeightScheme, n: int, k: int) -> dict[str, torch.Tensor]:
+    """One random gate projection [N=n, K=k] as llm-compressor writes it."""
+    w13 = random_experts(scheme, 1, k, n).w13
+    return ct.write_projection(Projection(w13.codes[0, :n], w13.scales[0, :n],
+                                          None if w13.zeros is None else w13.zeros[0, :n],
+                                          None if w13.g_idx is None else w13.g_idx[0]), scheme)
+
+
+def test_zero_points_beside_symmetric_weights() -> None:
+    """Zero points stored although the config says symmetric: read when they are all the midpoint (they change
+    nothing), an error otherwise (dropping them would dequantize every weight off by z - 8 steps)."""
+    sym = WeightScheme(4, 32)
+    tensors = _projection_tensors(sym, 16, 64)
+    zeros = torch.full((16, 2), 8, dtype=torch.uint8)  # [N, G]: every zero the midpoint
+    tensors["weight_zero_point"] = pack_int32(zeros, 4, dim=0)
+    assert ct.read_projection(DictSource(tensors), "", sym, (16, 64)).zeros is None
+    zeros[3, 1] = 7
+    tensors["weight_zero_point"] = pack_int32(zeros, 4, dim=0)
+    with pytest.raises(CheckpointError, match="every zero point must be 8") as info:
+        ct.read_projection(DictSource(tensors, "ckpt"), "", sym, (16, 64))
+    assert info.value.tensor == "weight_zero_point"
+
+
+def test_g_idx_without_actorder_group_must_be_trivial() -> None:
+    scheme = WeightScheme(4, 32)
+    tensors = _projection_tensors(scheme, 16, 64)
+    tensors["weight_g_idx"] = scheme.group_of(64).to(torch.int32)
+    ct.read_projection(DictSource(tensors), "", scheme, (16, 64))  # consecutive groups: nothing to apply
+    tensors["weight_g_idx"] = tensors["weight_g_idx"].flip(0)
+    with pytest.raises(CheckpointError, match="actorder is not 'group'") as info:
+        ct.read_projection(DictSource(tensors), "", scheme, (16, 64))
+    assert info.value.tensor == "weight_g_idx"
 
 # ----- corrupted checkpoints --------------------------------------------------------------------------------
 

@@ -228,6 +228,8 @@ def test_scheme_from_config(config: dict, scheme: WeightScheme) -> None:
         ({"bits": 2, "group_size": 128}, "bits=2"),  # 2-bit GPTQ
         ({"bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "'marlin'"),  # pre-repacked checkpoints
         ({"bits": 4, "group_size": 0}, "group_size=0"),  # nonsense group
+        ({"bits": 4, "group_size": 128, "desc_act": "false"}, "desc_act='false'"),  # a string, not read as true
+        ({"bits": 4, "group_size": 128, "sym": "true"}, "sym='true'"),  # same
     ],
 )
 def test_scheme_from_config_rejects(config: dict, message: str) -> None:

@@ -284,6 +284,8 @@ def small_layer() -> WNA16MoE:
         (torch.randn(4, H).bfloat16(), torch.randn(5, E), r"router_logits must be \[T=4, E=8\]"),  # wrong T
         (torch.randn(4, H).bfloat16(), torch.randn(4, E - 1), r"got \[4, 7\]"),  # wrong E
         (torch.randn(4, H).bfloat16(), torch.randn(4 * E), r"router_logits must be"),  # flat logits
+        (torch.randn(4, H, device="meta").bfloat16(), torch.randn(4, E), "hidden_states is on meta, the layer on cpu"),
+        (torch.randn(4, H).bfloat16(), torch.randn(4, E, device="meta"), "router_logits is on meta"),
     ],
 )
 def test_forward_rejects(small_layer: WNA16MoE, hidden: torch.Tensor, logits: torch.Tensor, message: str) -> None:
@@ -297,6 +299,70 @@ def test_construction_rejects_mismatched_experts() -> None:
         WNA16MoE(experts, MoEConfig(E, K, H, 2 * I), device="cpu")
     with pytest.raises(InvalidInputError, match=r"w13_bias must be \[E=8, 64\]"):
         WNA16MoE(experts, MoEConfig(E, K, H, I), device="cpu", w13_bias=torch.randn(E, I))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulation"])
+@pytest.mark.parametrize(
+    ("t_weights", "t_ids", "message"),
+    [
+        ((3, 3), (3, 2), r"topk_weights must be float \[3, 2\] like topk_ids, got \[3, 3\]"),  # one weight too many
+        ((2, 2), (2, 2), r"topk_ids must be integer \[T=3, K\], got \[2, 2\]"),  # a token without routing
+    ],
+)
+def test_kernel_apply_rejects_routing_of_other_shapes(backend: str, t_weights: tuple[int, int],
+                                                      t_ids: tuple[int, int], message: str) -> None:
+    """The experts' own entry (what an engine calls with its router's output) checks shapes, not values."""
+    layer = WNA16MoE(random_experts(WeightScheme(4, 32), E, H, I), MoEConfig(E, K, H, I), device="cpu",
+                     backend=backend)
+    ids = torch.randint(0, E, t_ids, dtype=torch.int32)
+    with pytest.raises(InvalidInputError, match=message):
+        layer.kernel.apply(torch.randn(3, H).bfloat16(), torch.rand(t_weights), ids, layer.prepared_weights())
+
+
+def _experts_with(projection: str, field: str, edit: Callable[[torch.Tensor], None]) -> QuantizedExperts:
+    experts = random_experts(WeightScheme(4, 32, act_order=True), E, H, I)
+    edit(getattr(getattr(experts, projection), field))
+    return experts
+
+
+@pytest.mark.parametrize(
+    ("experts", "message"),
+    [
+        (_experts_with("w13", "codes", lambda t: t[1, 2, 3].fill_(16)), r"w13 codes must lie in \[0, 15\]"),
+        (_experts_with("w2", "scales", lambda t: t[0, 0, 0].fill_(float("nan"))), "w2 scales: holds NaN"),
+        (_experts_with("w2", "g_idx", lambda t: t[3, 0].fill_(-1)), r"w2 g_idx: group indices must lie in \[0, 1\)"),
+        (_experts_with("w13", "g_idx", lambda t: t[5].zero_()), "w13 g_idx: a group holds 64 elements"),
+    ],
+)
+def test_construction_rejects_values_out_of_range(experts: QuantizedExperts, message: str) -> None:
+    """Backends read such values differently (a code's low nibble, or an index past the scales): an error first,
+    at construction and at a reload."""
+    with pytest.raises(InvalidInputError, match=message):
+        WNA16MoE(experts, MoEConfig(E, K, H, I), device="cpu", backend="emulation")
+    layer = WNA16MoE(random_experts(experts.scheme, E, H, I), MoEConfig(E, K, H, I), device="cpu",
+                     backend="emulation")
+    with pytest.raises(InvalidInputError, match=message):
+        layer.load_experts(experts)
+
+
+def test_construction_rejects_a_nan_correction_bias() -> None:
+    routing = RoutingConfig(RoutingMethod.DEEPSEEK_V3, n_group=4, topk_group=2, has_correction_bias=True)
+    bias = torch.randn(16)
+    bias[5] = float("nan")  # (NaN compares above everything: every token would pick expert 5)
+    with pytest.raises(InvalidInputError, match="correction_bias holds NaN"):
+        WNA16MoE(random_experts(WeightScheme(4, 32), 16, H, I), MoEConfig(16, 4, H, I, routing=routing),
+                 device="cpu", correction_bias=bias)
+
+
+def test_casts_and_moves_are_refused(small_layer: WNA16MoE) -> None:
+    """`model.half()` or `.to(other device)` would convert the prepared weights behind the kernel's back."""
+    for move in (lambda m: m.half(), lambda m: m.float(), lambda m: m.to("meta")):
+        with pytest.raises(InvalidInputError, match="WNA16MoE keeps its prepared weights as built"):
+            move(small_layer)
+    x, logits = torch.randn(3, H).bfloat16(), torch.randn(3, E)
+    before = small_layer(x, logits)
+    assert small_layer.to("cpu") is small_layer and small_layer.bfloat16() is small_layer  # no change: fine
+    assert torch.equal(small_layer(x, logits), before)
 
 
 def test_deepseek_layer_needs_its_correction_bias() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -21,6 +22,7 @@ from wna16moe.device import DeviceInfo
 from wna16moe.errors import InvalidInputError
 from wna16moe.experts.base import LayerSpec
 from wna16moe.formats import open_checkpoint
+from wna16moe.formats.checkpoint import read_config
 from wna16moe.oracle import (
     BACKEND_ENV,
     PRIORITY,
@@ -196,13 +198,24 @@ def _hf_run() -> Any:
     return run
 
 
+def _check_vocabulary(ids: list[int], path: str, config: dict[str, Any]) -> None:
+    """Token ids past the config's vocabulary would index outside the embedding."""
+    text = config.get("text_config")
+    vocab_size = (text if isinstance(text, dict) else config).get("vocab_size")
+    if isinstance(vocab_size, int) and max(ids) >= vocab_size:
+        raise InvalidInputError(f"--prompt-ids: token id {max(ids)} is outside the vocabulary of {path} "
+                                f"(vocab_size {vocab_size})")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    config = read_config(args.path)  # a missing checkpoint is named here, not deep inside transformers
+    if args.prompt_ids is not None:
+        _check_vocabulary(args.prompt_ids, args.path, config)
     run = _hf_run()
-    ids = None if args.prompt_ids is None else [int(t) for t in args.prompt_ids.replace(",", " ").split()]
     start = time.perf_counter()
     model = run.load_model(args.path, args.backend, args.device, _DTYPES[args.dtype])
     load_seconds = time.perf_counter() - start
-    result = run.generate(model, args.path, args.prompt, ids, args.max_new_tokens, args.cache)
+    result = run.generate(model, args.path, args.prompt, args.prompt_ids, args.max_new_tokens, args.cache)
     if args.json:
         print(json.dumps({"load_seconds": load_seconds, **run.generation_report(result)}, indent=2))
         return 0
@@ -216,6 +229,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    read_config(args.path)  # a missing checkpoint is named here, not deep inside transformers
     run = _hf_run()
     model = run.load_model(args.path, args.backend, args.device, _DTYPES[args.dtype])
     results = run.check_model(model, tokens=args.tokens, seed=args.seed, tolerance=args.tolerance)
@@ -231,6 +245,37 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[5])
     return 0 if all(r.ok for r in results) else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # rejected below, like "nan" itself
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return value
+
+
+def _token_ids(text: str) -> list[int]:
+    """'1 2 3' or '1,2,3' as token ids."""
+    words = text.replace(",", " ").split()
+    if not words:
+        raise argparse.ArgumentTypeError("expected at least one token id, got none")
+    for word in words:
+        if not word.isdecimal():  # also rejects negative ids
+            raise argparse.ArgumentTypeError(f"{word!r} is not a token id (a non-negative integer)")
+    return [int(word) for word in words]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("path", help="checkpoint directory (compressed-tensors, GPTQ or AWQ)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text prompt (the checkpoint's tokenizer encodes it)")
-    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. '1 2 3' (checkpoints without a tokenizer)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    prompt.add_argument("--prompt-ids", type=_token_ids, help="prompt token ids, e.g. '1 2 3' (checkpoints without a "
+                                                              "tokenizer)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32)
     gen.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache (default static)")
     _add_load_options(gen)
     gen.set_defaults(func=_cmd_generate)
@@ -274,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check", help="run every backend this machine has on the model's real experts layers and "
                                        "compare each with EMULATION (needs wna16moe[hf])")
     chk.add_argument("path", help="checkpoint directory (compressed-tensors, GPTQ or AWQ)")
-    chk.add_argument("--tokens", type=int, default=32, help="random hidden states per layer (default 32)")
+    chk.add_argument("--tokens", type=_positive_int, default=32, help="random hidden states per layer (default 32)")
     chk.add_argument("--seed", type=int, default=0)
-    chk.add_argument("--tolerance", type=float, default=2e-2, help="largest relative error that passes")
+    chk.add_argument("--tolerance", type=_positive_float, default=2e-2, help="largest relative error that passes")
     _add_load_options(chk)
     chk.set_defaults(func=_cmd_check)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeVar
 
 import torch
 
@@ -52,6 +53,17 @@ class ActivationFormat(str, Enum):
     BATCHED = "batched"
 
 
+_Member = TypeVar("_Member", bound=Enum)
+
+
+def _member(enum: type[_Member], value: object, setting: str) -> _Member:
+    """`value` as a member of `enum` (its value as a string is accepted too), or an error naming `setting`."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise InvalidInputError(f"{setting} must be one of {', '.join(m.value for m in enum)}, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
     method: RoutingMethod = RoutingMethod.SOFTMAX
@@ -62,6 +74,7 @@ class RoutingConfig:
     has_correction_bias: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "method", _member(RoutingMethod, self.method, "RoutingConfig.method"))
         if self.n_group < 1 or not 1 <= self.topk_group <= self.n_group:
             raise InvalidInputError(f"routing needs 1 <= topk_group <= n_group, got topk_group={self.topk_group}, "
                                     f"n_group={self.n_group}")
@@ -85,8 +98,11 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidInputError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        object.__setattr__(self, "activation", _member(Activation, self.activation, "MoEConfig.activation"))
+        if not isinstance(self.routing, RoutingConfig):
+            raise InvalidInputError(f"MoEConfig.routing must be a RoutingConfig, got {self.routing!r}")
         if self.top_k > self.num_experts:
             raise InvalidInputError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.dtype not in (torch.bfloat16, torch.float16):
@@ -235,15 +251,15 @@ def make_wna16_moe_quant_config(
     a1_gscale, a2_gscale : positive activation global scales, scalar or [E].
     gemm1_clamp_limit, gemm1_alpha, gemm1_beta : SwiGLU parameters (limit > 0).
     """
-    if num_bits not in (4, 8):
-        raise UnsupportedError(f"num_bits={num_bits} is not supported; expected 4 or 8")
-    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+    if type(num_bits) is not int or num_bits not in (4, 8):
+        raise UnsupportedError(f"num_bits={num_bits!r} is not supported; expected 4 or 8")
+    if type(group_size) is not int or (group_size != -1 and group_size <= 0):
         raise UnsupportedError(f"group_size={group_size!r} is not supported; expected -1 or a positive int")
     _check_float(w1_scale, "w1_scale", 3)
     _check_float(w2_scale, "w2_scale", 3)
     e, two_i, g1 = w1_scale.shape
     _, h, g2 = w2_scale.shape
-    if w2_scale.shape[0] != e or two_i % 2:
+    if w2_scale.shape[0] != e or two_i % 2 or not e * two_i * h:
         raise InvalidInputError(f"w1_scale [E, 2I, G1] and w2_scale [E, H, G2] disagree: {list(w1_scale.shape)} vs "
                                 f"{list(w2_scale.shape)}")
     i = two_i // 2
@@ -254,16 +270,19 @@ def make_wna16_moe_quant_config(
                                 f"G2={expected_g2} groups, got w1_scale {list(w1_scale.shape)} and w2_scale "
                                 f"{list(w2_scale.shape)}")
     for scale, name in ((w1_scale, "w1_scale"), (w2_scale, "w2_scale")):
-        if not torch.isfinite(scale).all():
-            raise InvalidInputError(f"{name} holds NaN or infinite values")
+        problem = scales_problem(scale)
+        if problem:
+            raise InvalidInputError(f"{name} {problem}")
     if (w1_zp is None) != (w2_zp is None):
         raise InvalidInputError("give both w1_zp and w2_zp or neither")
     for zp, scale, name in ((w1_zp, w1_scale, "w1_zp"), (w2_zp, w2_scale, "w2_zp")):
         if zp is None:
             continue
-        if zp.shape != scale.shape or zp.is_floating_point():
+        if (not isinstance(zp, torch.Tensor) or zp.shape != scale.shape or zp.is_floating_point()
+                or zp.dtype == torch.bool):
+            got = f"{list(zp.shape)} {zp.dtype}" if isinstance(zp, torch.Tensor) else repr(zp)
             raise InvalidInputError(f"{name} must be an integer tensor shaped like its scale {list(scale.shape)}, "
-                                    f"got {list(zp.shape)} {zp.dtype}")
+                                    f"got {got}")
         if zp.numel() and (int(zp.min()) < 0 or int(zp.max()) >= 1 << num_bits):
             raise InvalidInputError(f"{name} values must lie in [0, {1 << num_bits}) for {num_bits}-bit weights")
     for bias, shape, name in ((w1_bias, (e, two_i), "w1_bias"), (w2_bias, (e, h), "w2_bias")):
@@ -271,21 +290,35 @@ def make_wna16_moe_quant_config(
             _check_float(bias, name, 2)
             if tuple(bias.shape) != shape:
                 raise InvalidInputError(f"{name} must be {list(shape)}, got {list(bias.shape)}")
+            if not torch.isfinite(bias).all():
+                raise InvalidInputError(f"{name} holds NaN or infinite values")
     for gscale, name in ((a1_gscale, "a1_gscale"), (a2_gscale, "a2_gscale")):
         if gscale is None:
             continue
-        if not gscale.is_floating_point() or gscale.dim() > 1 or (gscale.dim() == 1 and gscale.shape[0] != e):
-            raise InvalidInputError(f"{name} must be a float scalar or [E={e}], got {list(gscale.shape)} "
-                                    f"{gscale.dtype}")
+        if (not isinstance(gscale, torch.Tensor) or not gscale.is_floating_point() or gscale.dim() > 1
+                or (gscale.dim() == 1 and gscale.shape[0] != e)):
+            got = f"{list(gscale.shape)} {gscale.dtype}" if isinstance(gscale, torch.Tensor) else repr(gscale)
+            raise InvalidInputError(f"{name} must be a float tensor, scalar or [E={e}], got {got}")
         if not (torch.isfinite(gscale).all() and (gscale > 0).all()):
             raise InvalidInputError(f"{name} must be positive and finite")
+    for value, name in ((gemm1_clamp_limit, "gemm1_clamp_limit"), (gemm1_alpha, "gemm1_alpha"),
+                        (gemm1_beta, "gemm1_beta")):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value)):
+            raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
     if gemm1_clamp_limit is not None and not gemm1_clamp_limit > 0:
         raise InvalidInputError(f"gemm1_clamp_limit must be > 0, got {gemm1_clamp_limit}")
-    for value, name in ((gemm1_alpha, "gemm1_alpha"), (gemm1_beta, "gemm1_beta")):
-        if value is not None and not math.isfinite(value):
-            raise InvalidInputError(f"{name} must be finite, got {value}")
     return MoEQuantConfig(w1_scale, w2_scale, group_size, num_bits, w1_zp, w2_zp, w1_bias, w2_bias, a1_gscale,
                           a2_gscale, gemm1_clamp_limit, gemm1_alpha, gemm1_beta)
+
+
+def scales_problem(scales: torch.Tensor) -> str | None:
+    """Why `scales` would dequantize to garbage (NaN, infinite or negative values), or None."""
+    if not torch.isfinite(scales).all():
+        return "holds NaN or infinite scales"
+    if (scales < 0).any():
+        return "holds negative scales"
+    return None
 
 
 def _check_float(tensor: torch.Tensor, name: str, dims: int) -> None:

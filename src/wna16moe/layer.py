@@ -11,6 +11,7 @@ so every rank's output is the whole layer's output for the tokens it holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,9 +70,15 @@ class WNA16MoE(nn.Module):
         super().__init__()
         parallel = parallel or ParallelConfig()
         _check_matches(experts, config, parallel)
+        experts.check_values()
+        if correction_bias is not None and not torch.isfinite(correction_bias).all():
+            raise InvalidInputError("correction_bias holds NaN or infinite values (it would steer every token to "
+                                    "one expert)")
         info = DeviceInfo.current(device)
         self.device_info = info
         target = torch.device(device) if device is not None else info.torch_device
+        # (where inputs must be: a CUDA layer without an index runs on the device current now)
+        self._device = torch.device("cuda", torch.cuda.current_device()) if target == torch.device("cuda") else target
         self.config = config
         self.parallel = parallel
         spec = LayerSpec(config, experts.scheme, parallel, has_bias=w13_bias is not None or w2_bias is not None,
@@ -105,6 +112,20 @@ class WNA16MoE(nn.Module):
         for name, tensor in weights.items():
             self.register_buffer(name, tensor)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> WNA16MoE:
+        # The kernel and its prepared weights were built for one device and their own dtypes: a cast
+        # (`model.half()`) or a move (`.to("cuda")`) would leave the kernel reading what it was not built for.
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                probe = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+                changed = fn(probe)
+                if changed.dtype != probe.dtype or changed.device != probe.device:
+                    raise InvalidInputError(
+                        f"WNA16MoE keeps its prepared weights as built ({name}: {buffer.dtype} on {buffer.device}); "
+                        f"a cast or move to {changed.dtype} on {changed.device} would not reach its kernel: build the "
+                        "layer with the device and MoEConfig(dtype=...) it should run with")
+        return super()._apply(fn, recurse)
+
     @property
     def scheme(self) -> WeightScheme:
         return self.selection.spec.scheme
@@ -126,6 +147,7 @@ class WNA16MoE(nn.Module):
         if experts.scheme != self.scheme:
             raise InvalidInputError(f"new experts use scheme {experts.scheme}, the layer was built for {self.scheme}")
         _check_matches(experts, self.config, self.parallel)
+        experts.check_values()
         local = shard_experts(experts, self.parallel, self.config.num_experts)
         current = self.prepared_weights()
         prepared = self.selection.kernel.prepare_weights(local, self.kernel.device)
@@ -148,6 +170,9 @@ class WNA16MoE(nn.Module):
         if router_logits.shape != (hidden_states.shape[0], cfg.num_experts):
             raise InvalidInputError(f"router_logits must be [T={hidden_states.shape[0]}, E={cfg.num_experts}], got "
                                     f"{list(router_logits.shape)}")
+        for name, tensor in (("hidden_states", hidden_states), ("router_logits", router_logits)):
+            if tensor.device != self._device and (tensor.device.type, self._device.index) != (self._device.type, None):
+                raise InvalidInputError(f"{name} is on {tensor.device}, the layer on {self._device}")
         weights = self.prepared_weights()
         if self.kernel.MONOLITHIC:
             out = self.kernel.apply_monolithic(hidden_states, router_logits, weights, self.correction_bias)

@@ -12,9 +12,25 @@ from typing import Any
 
 import torch
 
-from wna16moe.config import MoEQuantConfig, make_wna16_moe_quant_config
+from wna16moe.config import MoEQuantConfig, make_wna16_moe_quant_config, scales_problem
 from wna16moe.errors import InvalidInputError, UnsupportedError
 from wna16moe.scheme import WeightScheme
+
+
+def g_idx_problem(g_idx: torch.Tensor, scheme: WeightScheme, num_groups: int) -> str | None:
+    """Why an act-order g_idx [..., K] is not one (a group that does not exist, or one holding more than
+    group_size elements in a row of it), or None."""
+    if not g_idx.numel():
+        return None
+    low, high = int(g_idx.min()), int(g_idx.max())
+    if low < 0 or high >= num_groups:
+        return f"group indices must lie in [0, {num_groups}), got [{low}, {high}]"
+    if scheme.group_size is not None:
+        rows = g_idx.reshape(-1, g_idx.shape[-1]).long()
+        fullest = max(int(torch.bincount(row, minlength=num_groups).max()) for row in rows)
+        if fullest > scheme.group_size:
+            return f"a group holds {fullest} elements, more than group_size {scheme.group_size}"
+    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +71,23 @@ class QuantizedWeight:
             _expect(self.g_idx, "g_idx", (e, k), torch.int32)
         elif self.g_idx is not None:
             raise InvalidInputError(f"scheme {s.name} has no act-order but g_idx was given")
+
+    def check_values(self, name: str) -> None:
+        """Raise `InvalidInputError` naming the tensor (`name`: w13 or w2) where a value is out of range: a code or
+        zero point past 2**bits - 1 (backends would read different bits of it), a scale or act-order group that
+        `scales_problem` / `g_idx_problem` rejects. One pass over each tensor: for a layer's build, not for every
+        forward."""
+        s = self.scheme
+        for label, codes in (("codes", self.codes), ("zeros", self.zeros)):
+            if codes is not None and codes.numel() and s.bits < 8 and int(codes.max()) > s.max_code:
+                raise InvalidInputError(f"{name} {label} must lie in [0, {s.max_code}] for {s.bits}-bit weights, "
+                                        f"found {int(codes.max())}")
+        problem = scales_problem(self.scales)
+        if problem:
+            raise InvalidInputError(f"{name} scales: {problem}")
+        problem = None if self.g_idx is None else g_idx_problem(self.g_idx, s, s.num_groups(self.codes.shape[2]))
+        if problem:
+            raise InvalidInputError(f"{name} g_idx: {problem}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -117,6 +150,11 @@ class QuantizedExperts:
     @property
     def scheme(self) -> WeightScheme:
         return self.w13.scheme
+
+    def check_values(self) -> None:
+        """`QuantizedWeight.check_values` of both projections."""
+        self.w13.check_values("w13")
+        self.w2.check_values("w2")
 
     @property
     def num_experts(self) -> int:

@@ -82,8 +82,6 @@ def route(logits: torch.Tensor, routing: RoutingConfig, top_k: int,
         raise InvalidInputError(f"top_k={top_k} must lie in [1, E={num_experts}]")
     if correction_bias is not None and tuple(correction_bias.shape) != (num_experts,):
         raise InvalidInputError(f"correction_bias must be [E={num_experts}], got {list(correction_bias.shape)}")
-    if routing.method not in tuple(RoutingMethod):
-        raise InvalidInputError(f"unknown routing method {routing.method!r}")
     deepseek = routing.method == RoutingMethod.DEEPSEEK_V3
     if deepseek and routing.has_correction_bias and correction_bias is None:
         raise InvalidInputError("this routing config needs an e_score_correction_bias [E], got None")

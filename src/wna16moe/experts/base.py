@@ -276,6 +276,18 @@ class Experts:
         [T, H] in hidden_states' dtype, the router-weighted sum of the chosen experts (0 for a token with none)."""
         raise NotImplementedError
 
+    def check_routed(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """`apply`'s inputs have its shapes and kinds (their values are not read: that would wait on the device)."""
+        h = self.moe.hidden_size
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != h:
+            raise InvalidInputError(f"hidden_states must be [T, H={h}], got {list(hidden_states.shape)}")
+        t = hidden_states.shape[0]
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_ids.is_floating_point():
+            raise InvalidInputError(f"topk_ids must be integer [T={t}, K], got {list(topk_ids.shape)} {topk_ids.dtype}")
+        if topk_weights.shape != topk_ids.shape or not topk_weights.is_floating_point():
+            raise InvalidInputError(f"topk_weights must be float {list(topk_ids.shape)} like topk_ids, got "
+                                    f"{list(topk_weights.shape)} {topk_weights.dtype}")
+
     def apply_batched(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor,
                       weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Batched experts: hidden_states [E_local, max_tokens, H], the first num_tokens[e] rows of expert e

@@ -379,6 +379,7 @@ class CPUExperts(Experts):
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """hidden_states [T, H] bf16, topk_weights [T, K] float, topk_ids [T, K] int (-1: skipped) -> [T, H] bf16."""
+        self.check_routed(hidden_states, topk_weights, topk_ids)
         if hidden_states.dtype not in ACT_DTYPES:
             raise InvalidInputError(f"hidden_states must be {labels(ACT_DTYPES)} for the CPU backend, got "
                                     f"{hidden_states.dtype}")

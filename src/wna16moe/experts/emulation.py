@@ -51,6 +51,7 @@ class EmulationExperts(Experts):
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check_routed(hidden_states, topk_weights, topk_ids)
         scheme = self.scheme
         w13 = tensors_to_weight(scheme, weights, "w13")
         w2 = tensors_to_weight(scheme, weights, "w2")

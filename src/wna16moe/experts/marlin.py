@@ -265,6 +265,7 @@ class MarlinExperts(Experts):
         """hidden_states [T, H] (bf16/fp16), topk_weights [T, K] any float dtype, topk_ids [T, K] int (local
         expert ids), weights from `prepare_weights` -> [T, H] in hidden_states' dtype. `block_size` overrides vLLM's
         rule."""
+        self.check_routed(hidden_states, topk_weights, topk_ids)
         t, k = topk_ids.shape
         block = block_size or block_size_for(t, k, weights["w13"].shape[0])
         return marlin_moe_forward(self.gemm_op, self.workspace, self.type_id, hidden_states, topk_weights, topk_ids,

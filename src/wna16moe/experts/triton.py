@@ -495,6 +495,7 @@ class TritonExperts(Experts):
 
     def apply(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor], config: TritonConfig | None = None) -> torch.Tensor:
+        self.check_routed(hidden_states, topk_weights, topk_ids)
         return self._planned_forward(hidden_states, topk_weights, topk_ids, weights,
                                      config or self.config(hidden_states.shape[0]))
 

@@ -29,8 +29,10 @@ def scheme_from_config(config: dict[str, Any], scale_dtype: torch.dtype) -> Weig
         raise UnsupportedError(f"AWQ version {version!r} is not supported; expected 'gemm'")
     if config.get("bits", 4) != 4:
         raise UnsupportedError(f"AWQ bits={config.get('bits')} is not supported; AWQ GEMM is 4-bit")
-    if not config.get("zero_point", True):
-        raise UnsupportedError("AWQ without zero points (zero_point: false) is not supported")
+    zero_point = config.get("zero_point", True)
+    if zero_point is not True:  # false, or a value such as "false" that only looks true
+        raise UnsupportedError(f"AWQ zero_point={zero_point!r} is not supported; AWQ GEMM stores zero points "
+                               "(zero_point: true)")
     group_size = config.get("group_size", -1)
     return WeightScheme(4, None if group_size in (-1, None) else group_size, zero_point=True,
                         scale_dtype=scale_dtype)

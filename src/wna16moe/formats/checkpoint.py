@@ -147,7 +147,8 @@ def write_experts(experts: QuantizedExperts, fmt: CheckpointFormat, layer: int,
                 weight.codes[expert, rows],
                 weight.scales[expert, rows],
                 None if weight.zeros is None else weight.zeros[expert, rows],
-                None if weight.g_idx is None else weight.g_idx[expert],
+                # (a copy per projection: gate and up share one g_idx, and safetensors refuses shared storage)
+                None if weight.g_idx is None else weight.g_idx[expert].clone(),
             )
             prefix = naming.projection_prefix(layer, expert, name)
             for suffix, tensor in write_projection(fmt, projection, experts.scheme).items():
@@ -201,6 +202,10 @@ class SafetensorsSource:
             weight_map = _read_json(index, self.name).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(self.name, index.name, "has no 'weight_map' object")
+            for key, file in weight_map.items():
+                if not isinstance(file, str):
+                    raise CheckpointError(self.name, index.name, f"weight_map[{key!r}] must be a shard file name, "
+                                                                f"got {file!r}")
             self._file_of = {key: directory / file for key, file in weight_map.items()}
         else:
             single = directory / "model.safetensors"
@@ -250,10 +255,7 @@ class Checkpoint:
 
     def __init__(self, path: str | Path, quantize_to: WeightScheme | str | None = None) -> None:
         self.path = Path(path)
-        config_file = self.path / "config.json"
-        if not config_file.exists():
-            raise CheckpointError(str(self.path), "config.json", "missing")
-        self.config: dict[str, Any] = _read_json(config_file, str(self.path))
+        self.config: dict[str, Any] = read_config(self.path)
         self.source = SafetensorsSource(self.path)
         self._layers = self._index_layers()
         if not self._layers:
@@ -282,7 +284,7 @@ class Checkpoint:
         return layers
 
     def _quantization_config(self) -> dict[str, Any] | None:
-        qcfg = self.config.get("quantization_config")
+        qcfg = _setting(self.config, "quantization_config", dict, self.name)
         legacy = self.path / "quantize_config.json"
         if qcfg is None and legacy.exists():
             qcfg = _read_json(legacy, self.name)
@@ -353,6 +355,8 @@ class Checkpoint:
         if tuple(weight.shape) != (cfg.num_experts, cfg.hidden_size) or not weight.is_floating_point():
             raise CheckpointError(self.name, key, f"expected a float [{cfg.num_experts}, {cfg.hidden_size}] router, "
                                                   f"got {list(weight.shape)} {weight.dtype}")
+        if not torch.isfinite(weight).all():
+            raise CheckpointError(self.name, key, "holds NaN or infinite values")
         return weight
 
     def correction_bias(self, layer: int) -> torch.Tensor | None:
@@ -382,6 +386,14 @@ class Checkpoint:
         return sum(self.source.tensor_nbytes(k) for k in self.source.names() if _EXPERT_KEY.match(k))
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The `config.json` of checkpoint directory `path`, or a `CheckpointError` naming the checkpoint."""
+    directory = Path(path)
+    if not (directory / "config.json").exists():
+        raise CheckpointError(str(directory), "config.json", "missing")
+    return _read_json(directory / "config.json", str(directory))
+
+
 def open_checkpoint(path: str | Path, quantize_to: WeightScheme | str | None = None) -> Checkpoint:
     """Open a Hugging Face MoE checkpoint directory; its format is detected from `config.json`.
 
@@ -394,13 +406,29 @@ def open_checkpoint(path: str | Path, quantize_to: WeightScheme | str | None = N
 _ACTIVATIONS = {"silu": Activation.SILU, "swish": Activation.SILU, "gelu": Activation.GELU,
                 "gelu_pytorch_tanh": Activation.GELU_TANH, "gelu_new": Activation.GELU_TANH}
 _GROUPED_ROUTING_MODELS = ("deepseek_v3", "kimi_k2", "glm4_moe")
+# The activation dtype of a model stored in each dtype: the kernels take 16-bit activations, so float32 runs in bf16.
+_ACTIVATION_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.bfloat16}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object"}
+
+
+def _setting(config: dict[str, Any], key: str, kind: type, name: str, default: Any = None) -> Any:
+    """`config[key]` if it is a `kind` (`default` when absent or null), else a `CheckpointError` naming the key."""
+    value = config.get(key)
+    if value is None:
+        return default
+    # A bool is an int to Python, and an int a fine float; but "false" is no bool, and 8.7 experts no int.
+    accepted = (int, float) if kind is float else kind
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+        raise CheckpointError(name, "config.json", f"{key} must be {_KINDS[kind]}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def moe_config_from_hf(config: dict[str, Any], name: str = "config.json") -> MoEConfig:
     """Build a `MoEConfig` from a Hugging Face model config (Qwen-MoE, Mixtral, DeepSeek-V3, GLM-4.5, ...).
 
-    Inconsistent values (top-k above E, experts not divisible into groups, ...) raise a `CheckpointError`
-    naming the config.
+    Inconsistent values (top-k above E, experts not divisible into groups, ...) and values of the wrong type
+    (a string where a count belongs, ...) raise a `CheckpointError` naming the config. A float32 model gets
+    bfloat16 activations.
     """
     try:
         return _moe_config_from_hf(config, name)
@@ -409,40 +437,45 @@ def moe_config_from_hf(config: dict[str, Any], name: str = "config.json") -> MoE
 
 
 def _moe_config_from_hf(config: dict[str, Any], name: str) -> MoEConfig:
-    text = config.get("text_config", config)
+    text = _setting(config, "text_config", dict, name, config)
 
-    def need(*keys: str) -> Any:
+    def need(*keys: str) -> int:
         for key in keys:
-            if text.get(key) is not None:
-                return text[key]
+            value = _setting(text, key, int, name)
+            if value is not None:
+                return value
         raise CheckpointError(name, "config.json", f"has none of {list(keys)}")
 
-    model_type = text.get("model_type", "")
+    model_type = _setting(text, "model_type", str, name, "")
     act_name = text.get("hidden_act", "silu")
-    if act_name not in _ACTIVATIONS:
+    if not isinstance(act_name, str) or act_name not in _ACTIVATIONS:
         raise UnsupportedError(f"{name}: hidden_act {act_name!r} is not supported; expected one of "
                                f"{list(_ACTIVATIONS)}")
     if model_type in _GROUPED_ROUTING_MODELS:
         routing = RoutingConfig(
             RoutingMethod.DEEPSEEK_V3,
-            renormalize=bool(text.get("norm_topk_prob", True)),
-            n_group=text.get("n_group") or 1,
-            topk_group=text.get("topk_group") or 1,
-            routed_scaling_factor=float(text.get("routed_scaling_factor") or 1.0),
+            renormalize=_setting(text, "norm_topk_prob", bool, name, True),
+            n_group=_setting(text, "n_group", int, name, 1),
+            topk_group=_setting(text, "topk_group", int, name, 1),
+            routed_scaling_factor=_setting(text, "routed_scaling_factor", float, name, 1.0),
             has_correction_bias=text.get("topk_method", "noaux_tc") == "noaux_tc",
         )
     elif model_type.startswith("llama4"):
         routing = RoutingConfig(RoutingMethod.SIGMOID)
     else:  # Qwen-MoE, Mixtral and most others: softmax top-k; Mixtral always renormalizes.
         routing = RoutingConfig(RoutingMethod.SOFTMAX,
-                                renormalize=bool(text.get("norm_topk_prob", model_type == "mixtral")))
-    dtype_name = str(text.get("dtype") or text.get("torch_dtype") or "bfloat16")
+                                renormalize=_setting(text, "norm_topk_prob", bool, name, model_type == "mixtral"))
+    dtype_key = "dtype" if text.get("dtype") is not None else "torch_dtype"  # transformers 5 spells it dtype
+    dtype_name = _setting(text, dtype_key, str, name, "bfloat16").removeprefix("torch.")
+    if dtype_name not in _ACTIVATION_DTYPES:
+        raise CheckpointError(name, "config.json", f"{dtype_key} {dtype_name!r} is not a model dtype; expected one "
+                                                   f"of {list(_ACTIVATION_DTYPES)}")
     return MoEConfig(
-        num_experts=int(need("num_experts", "num_local_experts", "n_routed_experts")),
-        top_k=int(need("num_experts_per_tok", "moe_topk")),
-        hidden_size=int(need("hidden_size")),
-        intermediate_size=int(need("moe_intermediate_size", "intermediate_size")),
+        num_experts=need("num_experts", "num_local_experts", "n_routed_experts"),
+        top_k=need("num_experts_per_tok", "moe_topk"),
+        hidden_size=need("hidden_size"),
+        intermediate_size=need("moe_intermediate_size", "intermediate_size"),
         activation=_ACTIVATIONS[act_name],
         routing=routing,
-        dtype=torch.float16 if "float16" in dtype_name and "b" not in dtype_name else torch.bfloat16,
+        dtype=_ACTIVATION_DTYPES[dtype_name],
     )

@@ -7,7 +7,9 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from wna16moe.config import scales_problem
 from wna16moe.errors import CheckpointError
+from wna16moe.quantized import g_idx_problem
 from wna16moe.scheme import WeightScheme
 
 
@@ -63,10 +65,9 @@ def read_checked(source: TensorSource, key: str, shape: Sequence[int],
 
 def check_scales(source: TensorSource, key: str, scales: torch.Tensor) -> torch.Tensor:
     """Reject non-finite or negative scales: they would dequantize to garbage."""
-    if not torch.isfinite(scales).all():
-        raise CheckpointError(source.name, key, "holds NaN or infinite scales")
-    if (scales < 0).any():
-        raise CheckpointError(source.name, key, "holds negative scales")
+    problem = scales_problem(scales)
+    if problem:
+        raise CheckpointError(source.name, key, problem)
     return scales
 
 
@@ -74,14 +75,9 @@ def check_g_idx(source: TensorSource, key: str, g_idx: torch.Tensor, scheme: Wei
                 num_groups: int) -> torch.Tensor:
     """An act-order g_idx must name existing groups, each used by at most `group_size` elements."""
     g_idx = g_idx.to(torch.int32)
-    if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= num_groups):
-        raise CheckpointError(source.name, key, f"group indices must lie in [0, {num_groups}), got "
-                                                f"[{int(g_idx.min())}, {int(g_idx.max())}]")
-    if scheme.group_size is not None:
-        counts = torch.bincount(g_idx.long(), minlength=num_groups)
-        if counts.max() > scheme.group_size:
-            raise CheckpointError(source.name, key, f"a group holds {int(counts.max())} elements, more than "
-                                                    f"group_size {scheme.group_size}")
+    problem = g_idx_problem(g_idx, scheme, num_groups)
+    if problem:
+        raise CheckpointError(source.name, key, problem)
     return g_idx
 
 

@@ -22,6 +22,7 @@ from wna16moe.formats.common import (
     TensorSource,
     check_g_idx,
     check_scales,
+    is_trivial_g_idx,
     read_checked,
 )
 from wna16moe.formats.packing import pack_int32, packed_size, unpack_int32
@@ -44,7 +45,12 @@ def scheme_from_config(config: dict[str, Any], module_name: str, scale_dtype: to
     if any(_matches(pattern, module_name) for pattern in config.get("ignore") or [] if pattern != "Linear"):
         raise UnsupportedError(f"{module_name} is listed in the checkpoint's 'ignore': its experts are not "
                                "quantized; open it as a dense checkpoint with quantize_to=...")
-    for group_name, group in (config.get("config_groups") or {}).items():
+    groups = config.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise UnsupportedError(f"config_groups must be an object of named groups, got {groups!r}")
+    for group_name, group in groups.items():
+        if not isinstance(group, dict):
+            raise UnsupportedError(f"config group {group_name} must be an object, got {group!r}")
         if not any(_matches(target, module_name) for target in group.get("targets", [])):
             continue
         fmt = group.get("format") or config.get("format")
@@ -55,6 +61,8 @@ def scheme_from_config(config: dict[str, Any], module_name: str, scale_dtype: to
             raise UnsupportedError(f"config group {group_name} quantizes activations; only weight-only "
                                    "(W4A16/W8A16) schemes are supported")
         weights = group.get("weights") or {}
+        if not isinstance(weights, dict):
+            raise UnsupportedError(f"weights (config group {group_name}) must be an object, got {weights!r}")
         if weights.get("type", "int") != "int":
             raise UnsupportedError(f"weights type {weights.get('type')!r} (config group {group_name}) is not "
                                    "supported; expected 'int'")
@@ -69,13 +77,17 @@ def scheme_from_config(config: dict[str, Any], module_name: str, scale_dtype: to
         else:
             raise UnsupportedError(f"weights strategy {strategy!r} (config group {group_name}) is not supported; "
                                    "expected 'group' or 'channel'")
+        symmetric = weights.get("symmetric", True)
+        if not isinstance(symmetric, bool):  # the string "false" would read as true
+            raise UnsupportedError(f"weights symmetric={symmetric!r} (config group {group_name}) is not supported; "
+                                   "expected true or false")
         actorder = weights.get("actorder")
         if actorder not in (None, "weight", "static", "group"):
             raise UnsupportedError(f"actorder {actorder!r} (config group {group_name}) is not supported")
         return WeightScheme(
             bits=weights.get("num_bits"),
             group_size=group_size,
-            zero_point=not weights.get("symmetric", True),
+            zero_point=not symmetric,
             # "weight"/"static" reorder columns before quantizing and store no g_idx.
             act_order=actorder == "group",
             scale_dtype=scale_dtype,
@@ -98,13 +110,23 @@ def read_projection(source: TensorSource, prefix: str, scheme: WeightScheme, sha
     scales = check_scales(source, scale_key(prefix),
                           read_checked(source, scale_key(prefix), (n, g), (scheme.scale_dtype,)))
     zeros = None
-    if scheme.zero_point:
-        zp = read_checked(source, prefix + "weight_zero_point", (packed_size(n, bits), g), (torch.int32,))
+    zp_key = prefix + "weight_zero_point"
+    if scheme.zero_point or source.has(zp_key):
+        zp = read_checked(source, zp_key, (packed_size(n, bits), g), (torch.int32,))
         zeros = unpack_int32(zp, bits, dim=0, size=n)
+        if not scheme.zero_point:  # (stored beside symmetric weights: dropped only if it changes nothing)
+            if (zeros != scheme.symmetric_zero).any():
+                raise CheckpointError(source.name, zp_key, f"the config says symmetric, so every zero point must "
+                                                           f"be {scheme.symmetric_zero}, found "
+                                                           f"{sorted(set(zeros.unique().tolist()))[:8]}")
+            zeros = None
     g_idx = None
+    g_key = prefix + "weight_g_idx"
     if scheme.act_order:
-        key = prefix + "weight_g_idx"
-        g_idx = check_g_idx(source, key, read_checked(source, key, (k,), _INT_TYPES), scheme, g)
+        g_idx = check_g_idx(source, g_key, read_checked(source, g_key, (k,), _INT_TYPES), scheme, g)
+    elif source.has(g_key) and not is_trivial_g_idx(read_checked(source, g_key, (k,), _INT_TYPES), scheme):
+        raise CheckpointError(source.name, g_key, "is not consecutive groups, but the config's actorder is not "
+                                                  "'group'")
     return Projection(codes.contiguous(), scales.contiguous(), zeros, g_idx)
 
 

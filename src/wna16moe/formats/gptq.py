@@ -42,11 +42,15 @@ def checkpoint_format(config: dict[str, Any]) -> str:
 def scheme_from_config(config: dict[str, Any], scale_dtype: torch.dtype) -> WeightScheme:
     checkpoint_format(config)
     group_size = config.get("group_size", -1)
+    sym, desc_act = config.get("sym", True), config.get("desc_act", False)
+    for key, value in (("sym", sym), ("desc_act", desc_act)):
+        if not isinstance(value, bool):  # the string "false" would read as true
+            raise UnsupportedError(f"GPTQ {key}={value!r} is not supported; expected true or false")
     return WeightScheme(
         bits=config.get("bits"),
         group_size=None if group_size in (-1, None) else group_size,
-        zero_point=not config.get("sym", True),
-        act_order=bool(config.get("desc_act", False)),
+        zero_point=not sym,
+        act_order=desc_act,
         scale_dtype=scale_dtype,
     )
 
