@@ -277,17 +277,23 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     if per_expert >= 10 or (bits == 8 and per_expert >= 8):
         return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
     # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
-    # at one token 14% slower)
+    # at one token 14% slower); from 2 rows per expert GEMM2's K split to ~16 programs per SM of at least 16 K
+    # tiles, and a ring 3 deep where GEMM1's K is long (v64: mixtral-8x22b M = 8 / 16 and llama-4-scout M = 32 /
+    # 64 10-15% faster; 3 stages 6% slower at H = 2048, the split 3% slower below 2 rows)
     narrow = bits == 8 and num_tokens > 1 and per_expert <= 4
+    long_split = narrow and per_expert >= 2
     block_n1, block_n2 = (64, 128) if narrow else (128, 256)
     split, split1 = 1, 1
     if hidden_size and intermediate_size and num_sms:
+        target, min_tiles = (16, 16) if long_split else (8, 3) if narrow else (4, 3)
         split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, block_n2,
-                             (8 if narrow else 4) * num_sms, 3)
+                             target * num_sms, min_tiles)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
+    stages = 2 if num_tokens == 1 or bits == 8 else 4
+    if long_split and (hidden_size or 0) >= 4096:
+        stages = 3
     return TritonConfig(16 if per_expert > 4 and bits == 4 else 8, block_n1, block_n2, split_k2=split, num_warps=4,
-                        num_stages=2 if num_tokens == 1 or bits == 8 else 4,
-                        split_k1=split1, decode=True)
+                        num_stages=stages, split_k1=split1, decode=True)
 
 
 def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
