@@ -264,6 +264,15 @@ def test_default_config_int8_narrow_blocks(shape: tuple[int, int, int, int], tok
     assert (cfg.split_k2, cfg.num_stages) == (split_k2, stages), cfg
 
 
+def test_default_config_int8_32_row_blocks_split_gemm2_on_few_experts() -> None:
+    """W8A16 at 8-32 rows per expert: GEMM2's K split where experts x column tiles are few (NOTES.md v64)."""
+    mixtral_8x22b = default_config(32, 2, 8, 128, 6144, 16384, 132, hopper=True, bits=8)
+    assert (mixtral_8x22b.block_m, mixtral_8x22b.wgmma, mixtral_8x22b.split_k2) == (32, True, 4)
+    glm_air = default_config(256, 8, 128, 128, 4096, 1408, 132, hopper=True, bits=8)
+    assert (glm_air.block_m, glm_air.split_k2) == (32, 1)  # 128 experts fill the GPU
+    assert default_config(32, 2, 8, 128, 6144, 16384, 132, hopper=True).split_k2 == 1  # int4: not measured
+
+
 def test_default_config_splits_gemm1_for_one_token() -> None:
     """One token: GEMM1's K in two, in four when its programs would not fill the SMs; never for more tokens."""
     assert default_config(1, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).split_k1 == 2

@@ -275,7 +275,10 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
         long_i = intermediate_size is not None and intermediate_size >= LONG_I
         return TritonConfig(128 if long_i else 64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert >= 10 or (bits == 8 and per_expert >= 8):
-        return TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
+        split = 1  # int8 on few experts: GEMM2's K split as at 2-4 rows (v64: mixtral-8x22b M = 32 -7%)
+        if bits == 8 and hidden_size and intermediate_size and num_sms:
+            split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 128, 16 * num_sms, 16)
+        return TritonConfig(32, 64, 128, split_k2=split, num_warps=4, num_stages=3, decode=True, wgmma=True)
     # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
     # at one token 14% slower); from 2 rows per expert GEMM2's K split to ~16 programs per SM of at least 16 K
     # tiles, and a ring 3 deep where GEMM1's K is long (v64: mixtral-8x22b M = 8 / 16 and llama-4-scout M = 32 /
