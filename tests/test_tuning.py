@@ -270,7 +270,8 @@ def test_default_config_int8_32_row_blocks_split_gemm2_on_few_experts() -> None:
     assert (mixtral_8x22b.block_m, mixtral_8x22b.wgmma, mixtral_8x22b.split_k2) == (32, True, 4)
     glm_air = default_config(256, 8, 128, 128, 4096, 1408, 132, hopper=True, bits=8)
     assert (glm_air.block_m, glm_air.split_k2) == (32, 1)  # 128 experts fill the GPU
-    assert default_config(32, 2, 8, 128, 6144, 16384, 132, hopper=True).split_k2 == 1  # int4: not measured
+    int4 = default_config(64, 2, 8, 128, 6144, 16384, 132, hopper=True)  # 16 rows per expert
+    assert (int4.block_m, int4.split_k2) == (32, 1)  # int4: not measured
 
 
 def test_default_config_splits_gemm1_for_one_token() -> None:
