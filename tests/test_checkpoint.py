@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from wna16moe import (
     Activation,
     CheckpointError,
+    InvalidInputError,
     RoutingConfig,
     RoutingMethod,
     UnsupportedError,
@@ -492,6 +493,8 @@ def test_quantization_config_not_an_object(fixture_copy: FixtureCopy, qcfg: obje
 def test_layer_without_experts() -> None:
     with pytest.raises(CheckpointError, match=r"layer 5 has no experts; MoE layers: \[0, 1\]"):
         open_checkpoint(CT_W4_G32_SYM).load_layer(5)
+    with pytest.raises(InvalidInputError, match="a layer index is an int, got '0'"):  # (not "layer 0 has no experts")
+        open_checkpoint(CT_W4_G32_SYM).load_layer("0")  # type: ignore[arg-type]
 
 
 def test_top_k_matches_fixture() -> None:

@@ -308,6 +308,8 @@ def test_scheme_from_config_rejects_group_settings() -> None:
         (lambda c: c.update(config_groups=[c["config_groups"]["group_0"]]), "config_groups must be an object"),
         (lambda c: c["config_groups"].update(group_0="Linear"), "config group group_0 must be an object"),
         (lambda c: c["config_groups"]["group_0"].update(weights=[4]), r"weights \(config group group_0\) must be"),
+        (lambda c: c.update(ignore="lm_head"), "ignore must be a list"),  # (a string matched letter by letter)
+        (lambda c: c["config_groups"]["group_0"].update(targets="Linear"), r"targets \(config group group_0\) must"),
     ],
 )
 def test_scheme_from_config_rejects_malformed_groups(edit: ConfigEdit, message: str) -> None:
@@ -315,7 +317,6 @@ def test_scheme_from_config_rejects_malformed_groups(edit: ConfigEdit, message: 
     edit(config)
     with pytest.raises(UnsupportedError, match=message):
         ct.scheme_from_config(config, MODULE, torch.bfloat16)
-
 
 
 def _projection_tensors(scheme: WeightScheme, n: int, k: int) -> dict[str, torch.Tensor]:

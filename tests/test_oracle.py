@@ -297,6 +297,17 @@ def test_report_invariants(device: str) -> None:
     assert all(c.verdict != Verdict.CHOSEN for c in report.candidates[winners[0] + 1:])
 
 
+def test_devices_by_name() -> None:
+    """`device` takes a DeviceInfo or its name; anything else is named in the error."""
+    by_name = explain(TINY, "int4_g32_sym", device="h100")
+    assert by_name.device == DeviceInfo.named("h100")
+    assert select_backend(TINY, "int4_g32_sym", device="cpu").backend == Backend.CPU
+    with pytest.raises(InvalidInputError, match=r"device must be a DeviceInfo or a device name .* got 4"):
+        explain(TINY, "int4_g32_sym", device=4)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="scheme must be a WeightScheme or a scheme name"):
+        explain(TINY, 4)  # type: ignore[arg-type]
+
+
 def test_explain_says_where_tritons_launch_configurations_come_from() -> None:
     """Tuned on this card, borrowed from the card measured for its compute capability, or default_config."""
     def triton_reason(shape: str | MoEConfig, device: str) -> str:

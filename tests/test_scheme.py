@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wna16moe import UnsupportedError, WeightScheme
+from wna16moe import InvalidInputError, UnsupportedError, WeightScheme
 
 
 @pytest.mark.parametrize(
@@ -96,6 +96,13 @@ def test_frozen_and_hashable() -> None:
         scheme.bits = 8  # type: ignore[misc]
     assert {scheme, WeightScheme(4, 32)} == {scheme}
     assert scheme != scheme.with_scale_dtype(torch.float16)  # scale dtype is part of the scheme
+
+
+def test_of_takes_a_scheme_or_its_name() -> None:
+    scheme = WeightScheme(4, 128)
+    assert WeightScheme.of(scheme) is scheme and WeightScheme.of("int4_g128_sym") == scheme
+    with pytest.raises(InvalidInputError, match=r"quantize_to must be a WeightScheme or a scheme name .* got 4"):
+        WeightScheme.of(4, "quantize_to")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,8 @@ def test_custom_shape() -> None:
     ("H=4096,I=1408,E=64,k=6,x=1", "'x=1' is not one of H=, I=, E=, k=, g="),
     ("H=4096,I=-8,E=64,k=6", "'I=-8' is not one of"),
     ("H=4096,I=1408,E=4,k=6", "k=6 exceeds E=4"),
+    ("H=256,I=128,E=8,k=2,H=512", "gives H= twice"),  # which H was meant?
+    ("H=256,I=128,E=8,k=2,g=32,g=64", "gives g= twice"),
 ])
 def test_bad_shapes_are_named(name: str, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):

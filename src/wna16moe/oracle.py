@@ -244,9 +244,7 @@ def layer_spec(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None =
         raise InvalidInputError(f"expected a LayerSpec or a MoEConfig, got {type(layer).__name__}")
     if scheme is None:
         raise InvalidInputError("a MoEConfig needs a weight scheme: select_backend(moe_config, scheme, ...)")
-    if isinstance(scheme, str):
-        scheme = WeightScheme.from_name(scheme)
-    return LayerSpec(layer, scheme, **given)
+    return LayerSpec(layer, WeightScheme.of(scheme), **given)
 
 
 def describe_layer(spec: LayerSpec) -> str:
@@ -359,25 +357,36 @@ def _explain(spec: LayerSpec, device: DeviceInfo, override: Backend | None,
 
 
 def explain(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None = None, *,
-            device: DeviceInfo | None = None, override: Backend | str | None = None,
+            device: DeviceInfo | str | None = None, override: Backend | str | None = None,
             parallel: ParallelConfig | None = None, activation_format: ActivationFormat | None = None,
             has_bias: bool | None = None, clamp_limit: float | None = None,
             router_logits_dtype: torch.dtype | None = None) -> Report:
     """Every backend and kernel class in priority order, chosen, eligible or rejected with the reason.
 
     Takes a `LayerSpec`, or a `MoEConfig` and a scheme with the optional layer facts (see `layer_spec`).
-    `device` defaults to this machine. Unlike `select_backend` it never raises for a layer nothing can run
-    and does not read $WNA16MOE_BACKEND: with `override`, only that backend may be chosen, and a report
-    whose `chosen` is None says why it cannot.
+    `device` (a `DeviceInfo` or the name of one, `DeviceInfo.named`) defaults to this machine. Unlike
+    `select_backend` it never raises for a layer nothing can run and does not read $WNA16MOE_BACKEND: with
+    `override`, only that backend may be chosen, and a report whose `chosen` is None says why it cannot.
     """
     spec = layer_spec(layer, scheme, parallel=parallel, activation_format=activation_format, has_bias=has_bias,
                       clamp_limit=clamp_limit, router_logits_dtype=router_logits_dtype)
     forced = override if isinstance(override, Backend) or override is None else parse_backend(override, "override")
-    return _explain(spec, device or DeviceInfo.current(), forced)
+    return _explain(spec, _device_info(device), forced)
+
+
+def _device_info(device: DeviceInfo | str | None) -> DeviceInfo:
+    """This machine (None), a device by name, or `device` itself."""
+    if device is None:
+        return DeviceInfo.current()
+    if isinstance(device, str):
+        return DeviceInfo.named(device)
+    if not isinstance(device, DeviceInfo):
+        raise InvalidInputError(f"device must be a DeviceInfo or a device name such as 'h100', got {device!r}")
+    return device
 
 
 def select_backend(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None = None, *,
-                   device: DeviceInfo | None = None, override: Backend | str | None = None,
+                   device: DeviceInfo | str | None = None, override: Backend | str | None = None,
                    parallel: ParallelConfig | None = None, activation_format: ActivationFormat | None = None,
                    has_bias: bool | None = None, clamp_limit: float | None = None,
                    router_logits_dtype: torch.dtype | None = None,
@@ -392,7 +401,7 @@ def select_backend(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | No
     """
     spec = layer_spec(layer, scheme, parallel=parallel, activation_format=activation_format, has_bias=has_bias,
                       clamp_limit=clamp_limit, router_logits_dtype=router_logits_dtype)
-    device = device or DeviceInfo.current()
+    device = _device_info(device)
     setting = "override"
     if override is None and os.environ.get(BACKEND_ENV):
         override, setting = os.environ[BACKEND_ENV], BACKEND_ENV

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wna16moe.errors import UnsupportedError
+from wna16moe.errors import InvalidInputError, UnsupportedError
 
 SUPPORTED_BITS = (4, 8)
 SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -84,6 +84,16 @@ class WeightScheme:
 
     def with_scale_dtype(self, scale_dtype: torch.dtype) -> WeightScheme:
         return WeightScheme(self.bits, self.group_size, self.zero_point, self.act_order, scale_dtype)
+
+    @classmethod
+    def of(cls, scheme: WeightScheme | str, setting: str = "scheme") -> WeightScheme:
+        """`scheme` itself, or the scheme it names; an error naming `setting` for anything else."""
+        if isinstance(scheme, WeightScheme):
+            return scheme
+        if isinstance(scheme, str):
+            return cls.from_name(scheme)
+        raise InvalidInputError(f"{setting} must be a WeightScheme or a scheme name such as 'int4_g128_sym', got "
+                                f"{scheme!r}")
 
     @classmethod
     def from_name(cls, name: str, scale_dtype: torch.dtype = torch.bfloat16) -> WeightScheme:

@@ -59,11 +59,15 @@ def model_shape(name: str) -> ModelShape:
         raise InvalidInputError(f"unknown model shape {name!r}; known: {', '.join(sorted(MODEL_SHAPES))}, or a custom "
                                 "shape written H=...,I=...,E=...,k=...[,g=...]")
     values: dict[str, int] = {"group_size": 128}
+    given: set[str] = set()
     for part in name.split(","):
         field, _, value = part.partition("=")
         if field.strip() not in _CUSTOM_FIELDS or not value.strip().isdigit() or int(value) < 1:
             raise InvalidInputError(f"custom shape {name!r}: {part!r} is not one of H=, I=, E=, k=, g= with a "
                                     "positive integer")
+        if field.strip() in given:
+            raise InvalidInputError(f"custom shape {name!r} gives {field.strip()}= twice")
+        given.add(field.strip())
         values[_CUSTOM_FIELDS[field.strip()]] = int(value)
     missing = [f for f, attr in _CUSTOM_FIELDS.items() if attr not in values]
     if missing:

@@ -300,7 +300,7 @@ class Checkpoint:
                 raise UnsupportedError(f"{self.name} is not quantized (no quantization_config); pass "
                                        "quantize_to=WeightScheme(...) or a scheme name such as 'int4_g128_sym' to "
                                        "quantize it on load")
-            scheme = WeightScheme.from_name(quantize_to) if isinstance(quantize_to, str) else quantize_to
+            scheme = WeightScheme.of(quantize_to, "quantize_to")
             if scheme.act_order:
                 raise UnsupportedError(f"quantize_to={scheme.name}: round-to-nearest cannot produce act-order (g_idx) "
                                        "weights; choose a scheme without _actorder")
@@ -328,6 +328,8 @@ class Checkpoint:
         return sorted(self._layers)
 
     def _naming(self, layer: int) -> ExpertNaming:
+        if type(layer) is not int:
+            raise InvalidInputError(f"a layer index is an int, got {layer!r}")
         if layer not in self._layers:
             raise CheckpointError(self.name, f"model.layers.{layer}.*.experts.*",
                                   f"layer {layer} has no experts; MoE layers: {self.moe_layer_indices()}")

@@ -42,7 +42,10 @@ def _matches(target: str, module_name: str) -> bool:
 
 def scheme_from_config(config: dict[str, Any], module_name: str, scale_dtype: torch.dtype) -> WeightScheme:
     """The scheme of `module_name` (an expert projection) in a compressed-tensors `quantization_config`."""
-    if any(_matches(pattern, module_name) for pattern in config.get("ignore") or [] if pattern != "Linear"):
+    ignore = config.get("ignore") or []
+    if not isinstance(ignore, list):
+        raise UnsupportedError(f"ignore must be a list of module names or patterns, got {ignore!r}")
+    if any(_matches(pattern, module_name) for pattern in ignore if pattern != "Linear"):
         raise UnsupportedError(f"{module_name} is listed in the checkpoint's 'ignore': its experts are not "
                                "quantized; open it as a dense checkpoint with quantize_to=...")
     groups = config.get("config_groups") or {}
@@ -51,7 +54,10 @@ def scheme_from_config(config: dict[str, Any], module_name: str, scale_dtype: to
     for group_name, group in groups.items():
         if not isinstance(group, dict):
             raise UnsupportedError(f"config group {group_name} must be an object, got {group!r}")
-        if not any(_matches(target, module_name) for target in group.get("targets", [])):
+        targets = group.get("targets", [])
+        if not isinstance(targets, list):
+            raise UnsupportedError(f"targets (config group {group_name}) must be a list, got {targets!r}")
+        if not any(_matches(target, module_name) for target in targets):
             continue
         fmt = group.get("format") or config.get("format")
         if fmt != FORMAT:
