@@ -345,6 +345,21 @@ def test_construction_rejects_values_out_of_range(experts: QuantizedExperts, mes
         layer.load_experts(experts)
 
 
+@pytest.mark.parametrize(
+    ("activation", "params", "message"),
+    [
+        (Activation.SILU, {"gemm1_alpha": 1.702}, "gemm1_alpha and gemm1_beta apply to the swiglu_oai activation only"),
+        (Activation.GELU, {"gemm1_beta": 0.5}, "the layer's is gelu"),
+        (Activation.GELU_TANH, {"gemm1_clamp_limit": 7.0}, "gemm1_clamp_limit applies to swiglu_oai and silu only"),
+    ],
+)
+def test_construction_rejects_swiglu_parameters_another_activation_ignores(activation: Activation, params: dict,
+                                                                           message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        WNA16MoE(random_experts(WeightScheme(4, 32), E, H, I), MoEConfig(E, K, H, I, activation=activation),
+                 device="cpu", **params)
+
+
 def test_construction_rejects_a_nan_correction_bias() -> None:
     routing = RoutingConfig(RoutingMethod.DEEPSEEK_V3, n_group=4, topk_group=2, has_correction_bias=True)
     bias = torch.randn(16)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from wna16moe.config import (
+    Activation,
     ActivationFormat,
     MoEConfig,
     MoEQuantConfig,
@@ -71,6 +72,7 @@ class WNA16MoE(nn.Module):
         parallel = parallel or ParallelConfig()
         _check_matches(experts, config, parallel)
         experts.check_values()
+        _check_activation_parameters(config.activation, gemm1_clamp_limit, gemm1_alpha, gemm1_beta)
         if correction_bias is not None and not torch.isfinite(correction_bias).all():
             raise InvalidInputError("correction_bias holds NaN or infinite values (it would steer every token to "
                                     "one expert)")
@@ -204,6 +206,18 @@ class WNA16MoE(nn.Module):
         parallel = f", tp={p.tp_size} ep={p.ep_size} dp={p.dp_size}" if p.world_size > 1 or p.batched else ""
         return (f"E={c.num_experts}, top_k={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
                 f"scheme={self.scheme.name}, backend={self.backend.value}{parallel}")
+
+
+def _check_activation_parameters(activation: Activation, clamp_limit: float | None, alpha: float | None,
+                                 beta: float | None) -> None:
+    """SwiGLU's alpha and beta belong to SWIGLU_OAI and its clamp to it and SILU: given to another activation
+    they would be ignored."""
+    if activation != Activation.SWIGLU_OAI and (alpha is not None or beta is not None):
+        raise InvalidInputError(f"gemm1_alpha and gemm1_beta apply to the swiglu_oai activation only, the layer's is "
+                                f"{activation.value}")
+    if activation not in (Activation.SWIGLU_OAI, Activation.SILU) and clamp_limit is not None:
+        raise InvalidInputError(f"gemm1_clamp_limit applies to swiglu_oai and silu only, the layer's activation is "
+                                f"{activation.value}")
 
 
 def _check_matches(experts: QuantizedExperts, config: MoEConfig, parallel: ParallelConfig) -> None:
