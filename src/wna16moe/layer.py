@@ -173,8 +173,9 @@ class WNA16MoE(nn.Module):
             raise InvalidInputError(f"router_logits must be [T={hidden_states.shape[0]}, E={cfg.num_experts}], got "
                                     f"{list(router_logits.shape)}")
         for name, tensor in (("hidden_states", hidden_states), ("router_logits", router_logits)):
-            if tensor.device != self._device and (tensor.device.type, self._device.index) != (self._device.type, None):
-                raise InvalidInputError(f"{name} is on {tensor.device}, the layer on {self._device}")
+            device = tensor.device
+            if device != self._device and (device.type != self._device.type or self._device.index is not None):
+                raise InvalidInputError(f"{name} is on {device}, the layer on {self._device}")
         weights = self.prepared_weights()
         if self.kernel.MONOLITHIC:
             out = self.kernel.apply_monolithic(hidden_states, router_logits, weights, self.correction_bias)

@@ -27,7 +27,8 @@ def g_idx_problem(g_idx: torch.Tensor, scheme: WeightScheme, num_groups: int) ->
         return f"group indices must lie in [0, {num_groups}), got [{low}, {high}]"
     if scheme.group_size is not None:
         rows = g_idx.reshape(-1, g_idx.shape[-1]).long()
-        fullest = max(int(torch.bincount(row, minlength=num_groups).max()) for row in rows)
+        row_offsets = torch.arange(rows.shape[0], device=rows.device)[:, None] * num_groups  # (one count per row)
+        fullest = int(torch.bincount((rows + row_offsets).flatten(), minlength=rows.shape[0] * num_groups).max())
         if fullest > scheme.group_size:
             return f"a group holds {fullest} elements, more than group_size {scheme.group_size}"
     return None
