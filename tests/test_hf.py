@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
 from transformers.quantizers import auto  # noqa: E402
 
 import wna16moe.hf as hf  # noqa: E402
-from wna16moe.errors import BackendError, CheckpointError, UnsupportedError  # noqa: E402
+from wna16moe.errors import BackendError, CheckpointError, InvalidInputError, UnsupportedError  # noqa: E402
 from wna16moe.hf.modules import PackedExperts, WNA16Linear  # noqa: E402
 from wna16moe.oracle import Backend, Verdict  # noqa: E402
 
@@ -128,6 +128,20 @@ def test_save_pretrained_round_trip_is_bit_exact(path: Path, tmp_path: Path) -> 
     ids = random_ids()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("backend", ["auto", "emulation"])
+def test_casting_a_loaded_model_is_refused(backend: str) -> None:
+    """`model.to(torch.float16)` would rewrite the stored scales (saved no longer bit for bit) and the kernel's
+    prepared tensors; transformers refuses it for GPTQ only."""
+    model = load(CT_W4_G32_SYM, torch.bfloat16, backend)
+    with pytest.raises(InvalidInputError, match="keeps the checkpoint's torch.bfloat16; casting the model to "
+                                                 r"torch.float16 .* from_pretrained\(\.\.\., dtype=torch.float16\)"):
+        model.to(torch.float16)
+    fresh = load(CT_W4_G32_SYM, torch.bfloat16, backend)
+    assert fresh.to("cpu") is fresh and fresh.to(torch.bfloat16) is fresh  # no change: fine
+    with torch.no_grad():
+        assert torch.isfinite(fresh(random_ids()).logits).all()
 
 
 def test_missing_expert_tensor_is_a_clear_error(fixture_copy: FixtureCopy) -> None:

@@ -18,6 +18,7 @@ here) and builds what the forward needs:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from wna16moe.config import ActivationFormat, MoEConfig, ParallelConfig
 from wna16moe.device import DeviceInfo
-from wna16moe.errors import BackendError, CheckpointError
+from wna16moe.errors import BackendError, CheckpointError, InvalidInputError
 from wna16moe.experts.base import Experts, LayerSpec
 from wna16moe.formats.checkpoint import CheckpointFormat, ExpertNaming, read_experts, read_projection
 from wna16moe.formats.common import DictSource
@@ -37,6 +38,20 @@ from wna16moe.scheme import WeightScheme
 
 # Marker HF puts on every tensor it assigned from the checkpoint (core_model_loading.set_param_for_module).
 _LOADED_FLAG = "_is_hf_initialized"
+
+
+def _refuse_casts(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], module_name: str) -> None:
+    """A loaded module keeps the checkpoint's dtypes: `model.to(torch.float16)` would rewrite its stored tensors
+    (`save_pretrained` no longer bit for bit) and the kernel's prepared ones behind its back. (transformers itself
+    refuses `.half()` and `.float()` on quantized models, and `.to(dtype)` only for GPTQ and bitsandbytes.)"""
+    for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+        if tensor is not None and tensor.is_floating_point():
+            probe = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            cast = fn(probe).dtype
+            if cast != tensor.dtype:
+                raise InvalidInputError(f"{module_name}.{name} keeps the checkpoint's {tensor.dtype}; casting the "
+                                        f"model to {cast} after loading is not supported (modules before it may "
+                                        f"already be cast): load it again with from_pretrained(..., dtype={cast})")
 
 
 def _check_loaded(module: nn.Module, module_name: str, checkpoint: str, sources: dict[str, str]) -> None:
@@ -205,6 +220,11 @@ class PackedExperts(nn.Module):
         self._id_table: torch.Tensor | None = None
         self._valid_table: torch.Tensor | None = None
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PackedExperts:
+        if self.selection is not None:  # (loaded: before that, transformers places and casts the meta tensors)
+            _refuse_casts(self, fn, self.plan.module_name)
+        return super()._apply(fn, recurse)
+
     @property
     def report(self) -> Report:
         """The oracle's verdict on every backend for this layer (after loading)."""
@@ -324,6 +344,11 @@ class WNA16Linear(nn.Module):
                                                          requires_grad=False))
         self.bias = None if bias is None else nn.Parameter(torch.empty_like(bias, device="meta"), requires_grad=False)
         self._ready = False
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> WNA16Linear:
+        if self._ready:  # (as PackedExperts)
+            _refuse_casts(self, fn, self.plan.module_name)
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def finalize(self) -> None:
