@@ -240,6 +240,32 @@ def test_parallel_layer_matches_emulation(cpu_runs: tuple, scenario: Scenario) -
     _check(scenario, inputs[scenario.name], results[scenario.name], seed, torch.device("cpu"))
 
 
+def _capacity_worker(rank: int, out_dir: str) -> None:
+    """Rank r builds a data-parallel EP layer with max_tokens_per_rank 4 + r and saves what building raised."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(out_dir, "store"), 2), rank=rank,
+                            world_size=2, timeout=timedelta(seconds=120))
+    parallel = parallel_config(1, 2, data_parallel=True, max_tokens_per_rank=4 + rank)
+    try:
+        WNA16MoE(random_experts(WeightScheme(4, 32), 8, 64, 32), MoEConfig(8, 2, 64, 32), device="cpu",
+                 backend="emulation", parallel=parallel)
+        error = ""
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    Path(out_dir, f"rank{rank}.txt").write_text(error)
+    dist.destroy_process_group()
+
+
+def test_ranks_with_different_fixed_buffers_are_refused_at_build(tmp_path: Path) -> None:
+    """Unequal max_tokens_per_rank would abort the first forward inside the all-to-all: every rank raises at
+    build time instead, naming the setting."""
+    mp.spawn(_capacity_worker, args=(str(tmp_path),), nprocs=2)
+    for rank in range(2):
+        error = (tmp_path / f"rank{rank}.txt").read_text()
+        assert error.startswith("InvalidInputError") and "max_tokens_per_rank differs between the EP ranks (4 to 5" \
+            in error, (rank, error)
+
+
 def test_scenarios_reach_every_path() -> None:
     """The scenario list keeps covering what the module docstring promises."""
     names = " ".join(sc.name for sc in SCENARIOS)

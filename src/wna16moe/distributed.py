@@ -392,6 +392,17 @@ class FixedAllToAll(AllToAll):
                  capacity: int) -> None:
         super().__init__(placement, ep_group, tp_group, device)
         self.capacity = capacity
+        # Every rank must exchange the same C rows, else the first forward aborts inside the collective: one
+        # collective at build time compares them (the largest C and the largest -C). (Without a process group,
+        # in unit tests, nothing can be exchanged.)
+        if not dist.is_initialized():
+            return
+        bounds = torch.tensor([capacity, -capacity], dtype=torch.int64, device=device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=ep_group)
+        largest, smallest = int(bounds[0]), -int(bounds[1])
+        if largest != smallest:
+            raise InvalidInputError(f"ParallelConfig.max_tokens_per_rank differs between the EP ranks ({smallest} to "
+                                    f"{largest}, this rank {capacity}): every rank must set the same value")
 
     def prepare(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> ExpertInput:
         t, cap, ep = hidden.shape[0], self.capacity, self.placement.ep_size
