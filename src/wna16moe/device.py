@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -134,6 +135,14 @@ def _current(device_type: str, index: int | None) -> DeviceInfo:
         props = torch.xpu.get_device_properties(index or 0)
         return DeviceInfo(Platform.XPU, props.name, None, props.total_memory, packages)
     return DeviceInfo(Platform.CPU, "CPU", None, 0, packages)
+
+
+def placement_after(fn: Callable[[torch.Tensor], torch.Tensor],
+                    tensor: torch.Tensor) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device `tensor` would have after `fn` (what `nn.Module._apply` passes: `.to(...)`,
+    `.half()`), found on an empty probe so that nothing is converted."""
+    moved = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+    return moved.dtype, moved.device
 
 
 def find_marlin_library() -> str | None:

@@ -25,7 +25,7 @@ from wna16moe.config import (
     MoEQuantConfig,
     ParallelConfig,
 )
-from wna16moe.device import DeviceInfo
+from wna16moe.device import DeviceInfo, placement_after
 from wna16moe.distributed import (
     MoEGroups,
     NoParallel,
@@ -119,13 +119,12 @@ class WNA16MoE(nn.Module):
         # (`model.half()`) or a move (`.to("cuda")`) would leave the kernel reading what it was not built for.
         for name, buffer in self._buffers.items():
             if buffer is not None:
-                probe = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
-                changed = fn(probe)
-                if changed.dtype != probe.dtype or changed.device != probe.device:
+                dtype, device = placement_after(fn, buffer)
+                if (dtype, device) != (buffer.dtype, buffer.device):
                     raise InvalidInputError(
                         f"WNA16MoE keeps its prepared weights as built ({name}: {buffer.dtype} on {buffer.device}); "
-                        f"a cast or move to {changed.dtype} on {changed.device} would not reach its kernel: build the "
-                        "layer with the device and MoEConfig(dtype=...) it should run with")
+                        f"a cast or move to {dtype} on {device} would not reach its kernel: build the layer with the "
+                        "device and MoEConfig(dtype=...) it should run with")
         return super()._apply(fn, recurse)
 
     @property

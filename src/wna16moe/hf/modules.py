@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from wna16moe.config import ActivationFormat, MoEConfig, ParallelConfig
-from wna16moe.device import DeviceInfo
+from wna16moe.device import DeviceInfo, placement_after
 from wna16moe.errors import BackendError, CheckpointError, InvalidInputError
 from wna16moe.experts.base import Experts, LayerSpec
 from wna16moe.formats.checkpoint import CheckpointFormat, ExpertNaming, read_experts, read_projection
@@ -46,8 +46,7 @@ def _refuse_casts(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
     refuses `.half()` and `.float()` on quantized models, and `.to(dtype)` only for GPTQ and bitsandbytes.)"""
     for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
         if tensor is not None and tensor.is_floating_point():
-            probe = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-            cast = fn(probe).dtype
+            cast, _ = placement_after(fn, tensor)
             if cast != tensor.dtype:
                 raise InvalidInputError(f"{module_name}.{name} keeps the checkpoint's {tensor.dtype}; casting the "
                                         f"model to {cast} after loading is not supported (modules before it may "
