@@ -158,12 +158,11 @@ def explain_layer(args: argparse.Namespace) -> Report:
         moe = dataclasses.replace(moe, dtype=_DTYPES[args.dtype])
     spec = LayerSpec(moe, scheme, ParallelConfig(tp_size=args.tp, ep_size=args.ep),
                      ActivationFormat.BATCHED if args.batched else ActivationFormat.STANDARD)
-    device = DeviceInfo.named(args.device) if args.device else DeviceInfo.current()
     if args.backend:
         override = parse_backend(args.backend, "--backend")
     else:
         override = parse_backend(os.environ[BACKEND_ENV], BACKEND_ENV) if os.environ.get(BACKEND_ENV) else None
-    return explain(spec, device=device, override=override)
+    return explain(spec, device=args.device or None, override=override)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

@@ -83,6 +83,17 @@ class DeviceInfo:
         return _current(dev.type, dev.index)
 
     @classmethod
+    def of(cls, device: DeviceInfo | str | None) -> DeviceInfo:
+        """This machine (None), a device by name (`named`), or `device` itself."""
+        if device is None:
+            return cls.current()
+        if isinstance(device, str):
+            return cls.named(device)
+        if not isinstance(device, DeviceInfo):
+            raise InvalidInputError(f"device must be a DeviceInfo or a device name such as 'h100', got {device!r}")
+        return device
+
+    @classmethod
     def named(cls, name: str) -> DeviceInfo:
         """A well-known device by name (`h100`, `b200`, `cpu`, ...), with every optional package present
         unless the name says otherwise (`h100-bare`: no optional packages)."""

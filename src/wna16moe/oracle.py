@@ -371,18 +371,7 @@ def explain(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None = No
     spec = layer_spec(layer, scheme, parallel=parallel, activation_format=activation_format, has_bias=has_bias,
                       clamp_limit=clamp_limit, router_logits_dtype=router_logits_dtype)
     forced = override if isinstance(override, Backend) or override is None else parse_backend(override, "override")
-    return _explain(spec, _device_info(device), forced)
-
-
-def _device_info(device: DeviceInfo | str | None) -> DeviceInfo:
-    """This machine (None), a device by name, or `device` itself."""
-    if device is None:
-        return DeviceInfo.current()
-    if isinstance(device, str):
-        return DeviceInfo.named(device)
-    if not isinstance(device, DeviceInfo):
-        raise InvalidInputError(f"device must be a DeviceInfo or a device name such as 'h100', got {device!r}")
-    return device
+    return _explain(spec, DeviceInfo.of(device), forced)
 
 
 def select_backend(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | None = None, *,
@@ -401,7 +390,7 @@ def select_backend(layer: LayerSpec | MoEConfig, scheme: WeightScheme | str | No
     """
     spec = layer_spec(layer, scheme, parallel=parallel, activation_format=activation_format, has_bias=has_bias,
                       clamp_limit=clamp_limit, router_logits_dtype=router_logits_dtype)
-    device = _device_info(device)
+    device = DeviceInfo.of(device)
     setting = "override"
     if override is None and os.environ.get(BACKEND_ENV):
         override, setting = os.environ[BACKEND_ENV], BACKEND_ENV
