@@ -27,12 +27,13 @@ from wna16moe.routing import softmax_topk
 FUSED = TritonConfig(8, 128, 256, num_stages=2, num_stages2=3, decode=True, fused=True)
 
 
-@pytest.mark.parametrize("fields", [dict(split_k1=2), dict(block_n1=64), dict(block_m=16), dict(decode=False),
-                                    dict(num_warps2=8), dict(persistent=1)])
-def test_fused_needs_one_unsplit_128_wide_gemm1_on_8_row_blocks(fields: dict) -> None:
+@pytest.mark.parametrize("fields", [dict(block_n1=64), dict(block_m=16), dict(decode=False), dict(persistent=1)])
+def test_fused_needs_a_128_wide_gemm1_on_8_row_blocks(fields: dict) -> None:
     base = dict(block_m=8, block_n1=128, block_n2=256, num_stages=2, decode=True, fused=True)
     with pytest.raises(ValueError, match="fused"):
         TritonConfig(**(base | fields))
+    # (the K splits and GEMM2's warps are the unfused forward's: other token counts)
+    assert TritonConfig(**(base | dict(split_k1=4, split_k2=2, num_warps2=8))).fused
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(1, 5), (37, 64), (70, 130)])
@@ -139,3 +140,17 @@ def test_gpu_fused_leaves_out_pairs_and_replays(monkeypatch: pytest.MonkeyPatch)
     captured = replay_on_fresh_inputs(lambda *a: kernel.apply(*a, FUSED), first, fresh, weights)
     assert relative_error(captured, emulation.apply(*fresh, emu_weights)) < 1e-2
     assert calls  # (the capture replays the launch plan the first forward recorded)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_fused_entry_runs_other_token_counts_unfused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry with `fused` serves the rows nearest it too: there its K splits run the two-kernel forward."""
+    calls = _fused_calls(monkeypatch)
+    e, h, i = 16, 1024, 384
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_sym"))
+    config = TritonConfig(8, 128, 256, split_k1=4, split_k2=2, num_stages=2, decode=True, fused=True)
+    for t in (2, 5):
+        out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=torch.bfloat16), t, config)
+        assert relative_error(out, ref) < 1e-2, t
+    assert not calls

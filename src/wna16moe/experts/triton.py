@@ -118,11 +118,12 @@ class TritonConfig:
     warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
 
-    `fused` (with `decode`, 8-row blocks, GEMM1 128 wide and unsplit) runs a one-token forward's two GEMMs in one
-    grid (kernels/moe_mlp_decode.py): each program takes GEMM1 over 128 intermediate columns of one pair, then
+    `fused` (with `decode`, 8-row blocks and GEMM1 128 wide) runs a one-token forward's two GEMMs in one grid
+    (kernels/moe_mlp_decode.py): each program takes GEMM1 over 128 intermediate columns of one pair, unsplit, then
     those columns as one K tile of GEMM2 against all of W2's columns (`block_n2` wide, `num_stages2` deep), with
-    no wait between programs and no hop between the GEMMs; a second launch adds the programs' rows. `split_k2`
-    and `num_warps2` do not apply there. Other token counts, and W2 with act-order columns, run unfused.
+    no wait between programs and no hop between the GEMMs; a second launch adds the programs' rows. Both run at
+    `num_warps`. The K splits and `num_warps2` are then the unfused forward's, which other token counts (an entry
+    serves the rows nearest it) and W2 with act-order columns run.
     """
 
     block_m: int
@@ -197,12 +198,10 @@ class TritonConfig:
                              f"carry or K split, got wgmma={self.wgmma} block_m={self.block_m} block_n2="
                              f"{self.block_n2} GEMM2 warps={self.gemm2_warps} carry={self.carry} "
                              f"split_k2={self.split_k2}")
-        if self.fused and not (self.decode and self.block_m == 8 and self.block_n1 == 128 and self.split_k1 == 1
-                               and not self.persistent and self.num_warps2 is None):
-            raise ValueError(f"fused runs one token on the decode kernel's 8-row blocks, GEMM1 128 wide and unsplit "
-                             f"at one warp count, got decode={self.decode} block_m={self.block_m} block_n1="
-                             f"{self.block_n1} split_k1={self.split_k1} persistent={self.persistent} num_warps2="
-                             f"{self.num_warps2}")
+        if self.fused and not (self.decode and self.block_m == 8 and self.block_n1 == 128 and not self.persistent):
+            raise ValueError(f"fused runs one token on the decode kernel's 8-row blocks with GEMM1 128 wide, got "
+                             f"decode={self.decode} block_m={self.block_m} block_n1={self.block_n1} persistent="
+                             f"{self.persistent}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
