@@ -24,7 +24,6 @@ from wna16moe.kernels.moe_align import _align_one_program, _place_kernel
 from wna16moe.kernels.moe_gemm import _moe_gemm_kernel, group_m
 from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel
 from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel
-from wna16moe.kernels.moe_mlp_decode import _moe_mlp_decode_kernel
 from wna16moe.kernels.topk_route import _topk_route_kernel
 
 GEMM_SIGNATURE = {
@@ -170,32 +169,6 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
     return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"], per_tile=True) | {"shared": kernel.metadata.shared}
 
 
-def compile_mlp_decode(case: dict) -> dict[str, int]:
-    """The fused one-token forward (kernels/moe_mlp_decode.py) for sm_90: PTX facts, its longest loop, shared
-    memory."""
-    act = "*" + case.get("dtype", "bf16")
-    zp = "*u8" if case["zp"] else act
-    signature = {"x_ptr": act, "perm1_ptr": act, "w1_ptr": "*i32", "s1_ptr": act, "z1_ptr": zp, "bias1_ptr": "*fp32",
-                 "h_ptr": act, "w2_ptr": "*i32", "s2_ptr": act, "z2_ptr": zp, "bias2_ptr": "*fp32",
-                 "topk_w_ptr": "*fp32", "topk_ids_ptr": "*i32", "part_ptr": "*fp32"}
-    signature |= dict.fromkeys(("H", "INTER", "P", "stride_xm", "stride_w1e", "stride_w1k", "stride_s1e", "stride_s1g",
-                                "stride_hm", "stride_w2e", "stride_w2k", "stride_s2e", "stride_s2g"), "i32")
-    signature |= dict.fromkeys(("alpha", "beta", "limit"), "fp32")
-    consts = dict(TOP_K=8, ACT=0, HAS_LIMIT=False, BITS=case["bits"], HAS_ZP=case["zp"], HAS_PERM=False,
-                  HAS_BIAS1=True, HAS_BIAS2=True, GROUP_SIZE=case["group"], GROUP_IN_TILE=min(case["group"], 128),
-                  EVEN_K=True, ALIGNED1=True, ALIGNED2=True, NUM_WARPS=case["warps"], STAGES=case["stages"],
-                  STAGES2=case["stages2"], BLOCK_N2=case["block_n2"], PDL=2)
-    signature.update(dict.fromkeys(consts, "constexpr"))
-    names = list(signature)
-    divisible = [n for n in names if n.endswith("_ptr") and n not in ("topk_w_ptr", "topk_ids_ptr", "perm1_ptr",
-                                                                        "bias1_ptr", "bias2_ptr")]
-    divisible += [n for n in names if n.startswith("stride_") or n in ("H", "INTER")]
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    kernel = triton.compile(GluonASTSource(_moe_mlp_decode_kernel, signature, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": case["warps"]})
-    return facts(kernel.asm["ptx"]) | main_loop(kernel.asm["cubin"], per_tile=True) | {"shared": kernel.metadata.shared}
-
-
 def compile_align() -> dict[str, dict[str, int]]:
     """Both alignment paths: the one program (atomics, then barriers between phases) and the grid's placing."""
     pointers = dict.fromkeys(("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "rank_ptr",
@@ -252,6 +225,5 @@ if __name__ == "__main__":
     cases = json.loads(sys.argv[1])
     print(json.dumps({"gemm": [compile_gemm(c) for c in cases["gemm"]],
                       "decode": [compile_decode_gemm(c) for c in cases["decode"]],
-                      "specialized": [compile_decode_gemm(c) for c in cases["specialized"]],
-                      "fused": [compile_mlp_decode(c) for c in cases["fused"]], "align": compile_align(),
+                      "specialized": [compile_decode_gemm(c) for c in cases["specialized"]], "align": compile_align(),
                       "route": compile_route(), "activation": compile_activation()}))

@@ -117,13 +117,6 @@ class TritonConfig:
     `specialize` (with `wgmma`, GEMM2 on 128-row blocks at 8 warps, 128 or 256 wide) runs GEMM2 on
     warp-specialized programs: two warpgroups, each copying and multiplying half of the block's columns, that meet
     only on the ring's mbarriers, never at a CTA barrier (kernels/moe_gemm_ws.py).
-
-    `fused` (with `decode`, 8-row blocks and GEMM1 128 wide) runs a one-token forward's two GEMMs in one grid
-    (kernels/moe_mlp_decode.py): each program takes GEMM1 over 128 intermediate columns of one pair, unsplit, then
-    those columns as one K tile of GEMM2 against all of W2's columns (`block_n2` wide, `num_stages2` deep), with
-    no wait between programs and no hop between the GEMMs; a second launch adds the programs' rows. Both run at
-    `num_warps`. The K splits and `num_warps2` are then the unfused forward's, which other token counts (an entry
-    serves the rows nearest it) and W2 with act-order columns run.
     """
 
     block_m: int
@@ -144,7 +137,6 @@ class TritonConfig:
     persistent: int = 0
     carry: int = 0
     specialize: bool = False
-    fused: bool = False
 
     @property
     def gemm2_warps(self) -> int:
@@ -198,10 +190,6 @@ class TritonConfig:
                              f"carry or K split, got wgmma={self.wgmma} block_m={self.block_m} block_n2="
                              f"{self.block_n2} GEMM2 warps={self.gemm2_warps} carry={self.carry} "
                              f"split_k2={self.split_k2}")
-        if self.fused and not (self.decode and self.block_m == 8 and self.block_n1 == 128 and not self.persistent):
-            raise ValueError(f"fused runs one token on the decode kernel's 8-row blocks with GEMM1 128 wide, got "
-                             f"decode={self.decode} block_m={self.block_m} block_n1={self.block_n1} persistent="
-                             f"{self.persistent}")
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: int | None,
@@ -554,22 +542,11 @@ class TritonExperts(Experts):
         # moe_gemm.
         if cfg.decode and not self._fragment:
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
-                          specialize=False, fused=False)
+                          specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         gemm_pdl = min(pdl, RELEASE_AT_WAIT)  # (RELEASE_EARLY is the activation pass's alone)
-        activation = dict(act=KERNEL_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, SWIGLU_OAI_ALPHA),
-                          beta=_or(quant.gemm1_beta, 1.0),
-                          limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
-        if cfg.fused and cfg.decode and t == 1 and weights.get("w2_perm") is None:
-            from wna16moe.kernels.moe_mlp_decode import moe_mlp_decode
-
-            return moe_mlp_decode(hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"),
-                                  weights.get("w13_perm"), self.w13_bias, weights["w2"], weights["w2_scales"],
-                                  weights.get("w2_zeros"), self.w2_bias, topk_weights, topk_ids, bits=scheme.bits,
-                                  group_size=group, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                  num_stages2=cfg.gemm2_stages, block_n2=cfg.block_n2, pdl=gemm_pdl, **activation)
         # Blocks straight from the ids, without the alignment launch, where a block's rows hold every token and
         # pairs do not outnumber experts: the grid holds a block per pair, those of an expert's later pairs idle
         # (qwen3-30b-a3b M = 8 -4.4%; mixtral M = 8, 16 pairs over 8 experts, +1.6%: NOTES.md v42).
@@ -584,6 +561,9 @@ class TritonExperts(Experts):
         intermediate = scratch((t * top_k, self.i_pad), hidden_states.dtype, hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = scratch((t, moe.hidden_size), torch.float32, hidden_states.device)
+        activation = dict(act=KERNEL_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, SWIGLU_OAI_ALPHA),
+                          beta=_or(quant.gemm1_beta, 1.0),
+                          limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
         w13 = (hidden_states, weights["w13"], weights["w13_scales"], weights.get("w13_zeros"), weights.get("w13_perm"),
                self.w13_bias)
         if cfg.split_k1 > 1:
