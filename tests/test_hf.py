@@ -308,7 +308,11 @@ def test_eager_forward_skips_the_op_and_matches_it(monkeypatch: pytest.MonkeyPat
         assert len(op_calls) == 1
     assert torch.equal(direct, via_op)
     with torch.enable_grad():
-        assert torch.equal(experts(hidden.requires_grad_(), ids, weights), direct)
+        through_op = experts(hidden.requires_grad_(), ids, weights)
+        assert torch.equal(through_op, direct)
+        # inference only: a backward through the experts is refused by name
+        with pytest.raises(UnsupportedError, match="computes no gradients"):
+            through_op.sum().backward()
     assert len(op_calls) == 2
     meta = experts(hidden.detach().to("meta"), ids.to("meta"), weights.to("meta"))  # the op's fake kernel
     assert meta.device.type == "meta" and meta.shape == hidden.shape and len(op_calls) == 2

@@ -43,7 +43,7 @@ from wna16moe import (
     open_checkpoint,
     oracle,
 )
-from wna16moe.errors import BackendError
+from wna16moe.errors import BackendError, UnsupportedError
 from wna16moe.experts.cpu import CPUExperts
 from wna16moe.formats import CheckpointFormat, quantization_config, write_experts
 from wna16moe.layer import WNA16MoE
@@ -182,6 +182,28 @@ def test_empty_batch() -> None:
     layer = WNA16MoE(random_experts(WeightScheme(4, 32), E, H, I), MoEConfig(E, K, H, I), device="cpu")
     out = layer(torch.empty(0, H, dtype=torch.bfloat16), torch.empty(0, E))
     assert out.shape == (0, H) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["emulation", "cpu"])
+@pytest.mark.parametrize("grad_input", ["hidden_states", "router_logits"])
+def test_backward_is_refused_by_name(backend: str, grad_input: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference only: a loss through the layer raises at backward instead of leaving its inputs without the
+    layer's gradient (the CPU kernels' results came out detached); the forward is the plain one. Under no_grad
+    nothing is recorded."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    layer = WNA16MoE(random_experts(WeightScheme(4, 32), E, H, I), MoEConfig(E, K, H, I), device="cpu")
+    x = torch.randn(5, H).to(torch.bfloat16)
+    logits = torch.randn(5, E)
+    with torch.no_grad():
+        plain = layer(x, logits)
+    inputs = {"hidden_states": x.clone(), "router_logits": logits.clone()}
+    inputs[grad_input].requires_grad_()
+    out = layer(inputs["hidden_states"], inputs["router_logits"])
+    assert out.requires_grad and torch.equal(out.detach(), plain)
+    with pytest.raises(UnsupportedError, match="WNA16MoE computes no gradients"):
+        (out.float().square().sum() + inputs[grad_input].float().sum()).backward()
+    with torch.no_grad():
+        assert not layer(inputs["hidden_states"], inputs["router_logits"]).requires_grad
 
 
 # ----- from real checkpoints ----------------------------------------------------------------------------------

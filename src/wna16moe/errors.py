@@ -26,3 +26,11 @@ class InvalidInputError(WNA16MoEError, ValueError):
 
 class BackendError(WNA16MoEError, RuntimeError):
     """A backend was requested (or is needed) that cannot run this layer on this device."""
+
+
+def no_gradients(module: str) -> UnsupportedError:
+    """The error a backward through `module` raises: its kernels run outside autograd on frozen quantized
+    weights, so it has no gradient to give its inputs."""
+    return UnsupportedError(f"{module} computes no gradients: its experts are frozen quantized weights and its "
+                            "kernels run outside autograd (inference only). Run it under torch.no_grad() or "
+                            "torch.inference_mode(); a loss that must reach layers before it cannot go through it")

@@ -34,7 +34,7 @@ from wna16moe.distributed import (
     shard_biases,
     shard_experts,
 )
-from wna16moe.errors import InvalidInputError, UnsupportedError
+from wna16moe.errors import InvalidInputError, UnsupportedError, no_gradients
 from wna16moe.experts.base import Experts, LayerSpec
 from wna16moe.formats import open_checkpoint
 from wna16moe.oracle import Backend, Selection, build_with_fallback, make_kernel, select_backend
@@ -163,6 +163,14 @@ class WNA16MoE(nn.Module):
         self.kernel.quant = self.quant
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        out = self._forward(hidden_states, router_logits)
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or router_logits.requires_grad):
+            # (the kernels' results come out detached: a loss through the layer would give its inputs no
+            # gradient, silently; EMULATION's torch ops would give one, so they are detached too, alike)
+            out = _Inference.apply(out.detach(), hidden_states, router_logits)
+        return out
+
+    def _forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if hidden_states.dim() != 2 or hidden_states.shape[1] != cfg.hidden_size:
             raise InvalidInputError(f"hidden_states must be [T, H={cfg.hidden_size}], got {list(hidden_states.shape)}")
@@ -206,6 +214,18 @@ class WNA16MoE(nn.Module):
         parallel = f", tp={p.tp_size} ep={p.ep_size} dp={p.dp_size}" if p.world_size > 1 or p.batched else ""
         return (f"E={c.num_experts}, top_k={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
                 f"scheme={self.scheme.name}, backend={self.backend.value}{parallel}")
+
+
+class _Inference(torch.autograd.Function):
+    """The layer's result, given a backward that refuses (`errors.no_gradients`)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, result: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return result.view_as(result)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> None:
+        raise no_gradients("WNA16MoE")
 
 
 def _check_activation_parameters(activation: Activation, clamp_limit: float | None, alpha: float | None,

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from wna16moe.errors import BackendError
+from wna16moe.errors import BackendError, no_gradients
 
 
 class ExpertsRuntime(Protocol):
@@ -60,3 +60,11 @@ def experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
 def _experts_fake(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                   tensors: list[torch.Tensor], handle: int) -> torch.Tensor:
     return torch.empty_like(hidden_states)
+
+
+def _refuse_backward(ctx: object, grad: torch.Tensor) -> None:
+    raise no_gradients("wna16moe's quantized experts module")
+
+
+# (without it, torch's own error: "no autograd formula"; inputs requiring grad take the op, `hf.modules`)
+experts.register_autograd(_refuse_backward)
