@@ -280,11 +280,12 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
             split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 128, 16 * num_sms, 16)
         return TritonConfig(32, 64, 128, split_k2=split, num_warps=4, num_stages=3, decode=True, wgmma=True)
     # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
-    # at one token 14% slower); from 2 rows per expert GEMM2's K split to ~16 programs per SM of at least 16 K
+    # at one token 14% slower); from 1.5 rows per expert GEMM2's K split to ~16 programs per SM of at least 16 K
     # tiles, and a ring 3 deep where GEMM1's K is long (v64: mixtral-8x22b M = 8 / 16 and llama-4-scout M = 32 /
-    # 64 10-15% faster; 3 stages 6% slower at H = 2048, the split 3% slower below 2 rows)
+    # 64 10-15% faster; 3 stages 6% slower at H = 2048, the split 3% slower below 2 rows; v65 at 1.5 rows:
+    # mixtral-8x22b M = 6 -16%, within 2% on two more shapes; at 1 row -3.5% to +9.8%, so not there)
     narrow = bits == 8 and num_tokens > 1 and per_expert <= 4
-    long_split = narrow and per_expert >= 2
+    long_split = narrow and per_expert >= 1.5
     block_n1, block_n2 = (64, 128) if narrow else (128, 256)
     split, split1 = 1, 1
     if hidden_size and intermediate_size and num_sms:
