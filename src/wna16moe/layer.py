@@ -217,7 +217,8 @@ class WNA16MoE(nn.Module):
 
 
 class _Inference(torch.autograd.Function):
-    """The layer's result, given a backward that refuses (`errors.no_gradients`)."""
+    """The layer's result, given a backward that refuses (`errors.no_gradients`). The layer's inputs are passed
+    only so that the node hangs off them: a loss through the result reaches it."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, result: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
