@@ -146,13 +146,12 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   ID_BLOCKS=int(case["pair"]), ZERO_OUT=gated,
                   NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0),
                   WGMMA=case.get("wgmma", False), GROUP_M=group_m(case["block_m"]),
-                  PERSISTENT=case.get("persistent", False), CARRY=case.get("carry", 0), TRACE=case.get("trace", False),
-                  DYNAMIC=case.get("dynamic", False))
+                  PERSISTENT=case.get("persistent", False), CARRY=case.get("carry", 0), TRACE=case.get("trace", False))
     act = "*" + case.get("dtype", "bf16")
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,
                      z_ptr="*u8" if case["zp"] else act, topk_w_ptr=act if gated else "*fp32",
-                     trace_ptr="*i64" if consts["TRACE"] else act, counter_ptr="*i32" if consts["DYNAMIC"] else act)
+                     trace_ptr="*i64" if consts["TRACE"] else act)
     signature.update(dict.fromkeys(consts, "constexpr"))
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}

@@ -143,11 +143,6 @@ DECODE_CASES = [
          loop_budget=860, pdl=1, prefetch=False, persistent=True),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=False,
          stages=2, loop_budget=880, pdl=2, prefetch=True, persistent=True),
-    # ... taking the items after their first from a counter (`dynamic`): the same loops
-    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=False, stages=2,
-         loop_budget=860, pdl=1, prefetch=False, persistent=True, dynamic=True),
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=False,
-         stages=2, loop_budget=880, pdl=2, prefetch=True, persistent=True, dynamic=True),
     # Blocks found in the ids (pair=2, kernels/token_blocks.py; qwen3-30b-a3b M = 8's entries): GEMM1 8 x 128 at 2
     # stages, waiting first; GEMM2 8 x 256 copying weights before it waits; a 32-row wgmma block (kimi-k2 M = 8)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=128, warps=4, pair=2, stages=2,
@@ -277,8 +272,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts["cp.async"] > 0, facts  # the words through the cp.async ring, the kernel's only shared memory
     # (what `moe_gemm` checks against the GPU's limit before a launch)
     assert facts["shared"] == ring_bytes(case["bits"], case["gated"], case["zp"], min(case["group"], 128),
-                                         case["block_m"], case["block_n"], case.get("stages", 3),
-                                         case["warps"] if case.get("dynamic") else 0), facts
+                                         case["block_m"], case["block_n"], case.get("stages", 3)), facts
     assert facts[".local"] == 0 and facts["loop_STL"] <= case.get("loop_spills", 0), facts
     assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
     assert facts["loop_instructions"] <= case["loop_budget"], facts
@@ -320,8 +314,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         copies = case.get("stages", 3) if unrolled else 1
         assert facts["wgmma.mma_async"] == loops * per_loop * copies, facts
     stores = case["perm"] or not case.get("aligned", True)
-    # (a dynamic grid's claimed item reaches every warp through shared memory: two more at an item's start)
-    assert facts["loop_BAR"] == (1 + 2 * case.get("dynamic", False) if unrolled else 3 if stores else 2), facts
+    assert facts["loop_BAR"] == (1 if unrolled else 3 if stores else 2), facts
     if wgmma:
         return
     if case["pair"] != 1:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)

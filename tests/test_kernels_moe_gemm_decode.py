@@ -188,39 +188,6 @@ def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPat
     assert launch() == ((2 * 2, 1), True)  # two rings fit an SM's shared memory, not three
 
 
-def test_dynamic_persistent_grids_take_the_layers_counters(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With `counters` a persistent grid is DYNAMIC and gets the counters' pointer (and shared memory for a word per
-    warp); where the grid falls back to one program per block and tile, or without counters, it is not. Counters
-    other than contiguous int32 [2] are refused by name."""
-    import wna16moe.kernels.moe_gemm as launcher
-
-    launches = record_launches(monkeypatch, "_moe_gemm_decode_kernel")
-    monkeypatch.setattr(launcher, "_num_sms", lambda index: 2)
-    e, k, n, blocks = 4, 512, 256, 10
-    a = torch.randn(12, k, dtype=torch.float16)
-    w = torch.zeros(e, k // 128, n, 16, dtype=torch.int32)
-    scales = torch.ones(e, k // 128, n, dtype=torch.float16)
-    aligned = (torch.zeros(blocks * 8, dtype=torch.int32), torch.zeros(blocks, dtype=torch.int32),
-               torch.tensor([blocks * 8], dtype=torch.int32))
-    counters = torch.zeros(2, dtype=torch.int32)
-
-    def launch(counters: torch.Tensor | None, split_k: int = 1) -> tuple[bool, object]:
-        moe_gemm(a, w, scales, None, None, None, torch.zeros(6, n), torch.ones(12), *aligned, bits=4, group_size=128,
-                 top_k=2, gated=False, block_m=8, block_n=64, split_k=split_k, decode=True, num_stages=3,
-                 persistent=3, counters=counters)
-        kwargs = launches.pop()[2]
-        return kwargs["DYNAMIC"], kwargs["counter_ptr"]
-
-    assert launch(counters) == (True, counters)
-    assert launch(None)[0] is False and launch(counters, split_k=2)[0] is False
-    for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int32),
-                torch.zeros(2, 2, dtype=torch.int32)[:, 0]):
-        with pytest.raises(ValueError, match="counters"):
-            launch(bad)
-    with pytest.raises(ValueError, match="dynamic"):
-        TritonConfig(8, 64, 64, decode=True, dynamic=True)
-
-
 def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """cp.async moves 4, 8 or 16 bytes: the decode kernel copies rows of scales and activations with it only
     when N, K, the strides and the pointers are whole 16-byte pieces (ALIGNED), else through registers."""
@@ -257,9 +224,6 @@ DECODE_CONFIGS = [
     # persistent programs: one per SM, GEMM2 256 wide (masked last tile), a 2-deep ring; two per SM at 16 rows
     TritonConfig(8, 128, 256, num_stages=2, decode=True, persistent=1),
     TritonConfig(16, 64, 128, num_stages=3, decode=True, persistent=2),
-    # ... taking the items after their first from a counter
-    TritonConfig(8, 128, 256, num_stages=2, decode=True, persistent=1, dynamic=True),
-    TritonConfig(16, 64, 128, num_stages=3, decode=True, persistent=2, dynamic=True),
 ]
 
 
@@ -267,8 +231,7 @@ DECODE_CONFIGS = [
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("config", DECODE_CONFIGS, ids=["bm8", "bm16-split", "bm32", "bm8-wide-2stages",
                                                      "bm16-w2", "bm8-5stages", "bm64-split", "bm64-w8",
-                                                     "bm8-persistent", "bm16-persistent", "bm8-dynamic",
-                                                     "bm16-dynamic"])
+                                                     "bm8-persistent", "bm16-persistent"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g128_zp", "int4_g32_sym", "int4_g64_zp",
                                          "int4_ch_sym", "int8_g128_sym", "int8_g128_zp", "int8_g64_sym"])
 def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
@@ -422,32 +385,6 @@ def test_gpu_decode_under_a_cuda_graph(t: int) -> None:
     first, fresh = draw(), draw()
     captured = replay_on_fresh_inputs(lambda *a: kernel.apply(*a, config), first, fresh, weights)
     assert relative_error(captured, emulation.apply(*fresh, emu_weights)) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gpu_dynamic_counters_reset_by_every_launch() -> None:
-    """A layer's dynamic persistent grids leave their counters at zero after every forward, eager and replayed
-    in a CUDA graph, so that each next forward takes every item again (else items would go missing)."""
-    e, k, h, i = 32, 4, 1024, 384
-    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_sym"))
-    cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
-    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg)
-    config = TritonConfig(8, 64, 128, num_stages=2, decode=True, persistent=1, dynamic=True)
-
-    def draw(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)
-        return (x, *softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True))
-
-    for t in (40, 40, 100, 40):  # (the second forward of a shape replays its launch plan)
-        inputs = draw(t)
-        out = kernel.apply(*inputs, weights, config)
-        assert relative_error(out, emulation.apply(*inputs, emu_weights)) < 1e-2, t
-        assert not kernel._counters.any(), kernel._counters
-    first, fresh = draw(64), draw(64)
-    captured = replay_on_fresh_inputs(lambda *a: kernel.apply(*a, config), first, fresh, weights)
-    assert relative_error(captured, emulation.apply(*fresh, emu_weights)) < 1e-2
-    assert not kernel._counters.any(), kernel._counters
 
 
 @pytest.mark.gpu

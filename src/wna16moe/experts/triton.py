@@ -107,9 +107,7 @@ class TritonConfig:
     streaming its share of the (row block, column tile) items through one cp.async ring, so that no program
     starts with an empty ring (small experts: qwen3-30b-a3b has 6 GEMM1 tiles per expert of 16 K tiles each);
     0: one program per block and tile. On an H200 it won at int4 qwen3-30b-a3b M = 32 (-4%) and lost or tied
-    at M = 8 and 128 and on the big experts (NOTES.md v41). With `dynamic` each program takes the items after
-    its first from a counter as it gets to them, so that programs whose items ran fast (weights found in L2)
-    take more, where every so-many item leaves them idle while others finish.
+    at M = 8 and 128 and on the big experts (NOTES.md v41).
 
     `carry` (with `wgmma`) lets GEMM2's wide blocks leave each K tile's last `carry` warpgroup mmas in flight
     over the next tile's barrier, copies and first dequantization, where the tensor cores otherwise wait; its
@@ -139,7 +137,6 @@ class TritonConfig:
     persistent: int = 0
     carry: int = 0
     specialize: bool = False
-    dynamic: bool = False
 
     @property
     def gemm2_warps(self) -> int:
@@ -178,8 +175,6 @@ class TritonConfig:
             raise ValueError(f"persistent (programs per SM) applies to the decode kernel's narrow blocks (decode, "
                              f"block_m 8 or 16), got persistent={self.persistent} decode={self.decode} "
                              f"block_m={self.block_m}")
-        if self.dynamic and not self.persistent:
-            raise ValueError("dynamic (items taken from a counter) applies to persistent programs, got persistent=0")
         if self.wgmma and not (self.decode and self.block_m >= 32):
             raise ValueError(f"wgmma applies to the decode kernel's wide blocks (decode, block_m >= 32), got "
                              f"decode={self.decode} block_m={self.block_m}")
@@ -485,9 +480,6 @@ class TritonExperts(Experts):
         self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
         self._plans: PlanCache | None = None  # (launch plans: compiled kernels only, so CUDA devices only)
-        # GEMM1's and GEMM2's item counters for `dynamic` persistent programs: zero, and left so by every launch
-        # (its last program resets them). This layer's own: layers run one after another on a stream.
-        self._counters = torch.zeros(2, 2, dtype=torch.int32, device=device)
         if self._card is not None:
             from wna16moe.kernels.launch import PlanCache
 
@@ -530,7 +522,7 @@ class TritonExperts(Experts):
         names = tuple(weights)
         key = (cfg, names, torch.cuda.current_device(), layout_key(hidden_states, topk_weights, topk_ids))
         sources = [hidden_states, topk_weights, topk_ids, *(weights[name] for name in names),
-                   *(b for b in (self.w13_bias, self.w2_bias) if b is not None), self._counters]
+                   *(b for b in (self.w13_bias, self.w2_bias) if b is not None)]
         return self._plans.run(key, sources, forward)
 
     def _forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -551,7 +543,7 @@ class TritonExperts(Experts):
         # moe_gemm.
         if cfg.decode and not self._fragment:
             cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
-                          specialize=False, dynamic=False)
+                          specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
             cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
@@ -566,8 +558,7 @@ class TritonExperts(Experts):
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
                       pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
-        counters = self._counters if cfg.dynamic else (None, None)
-        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, counters=counters[0], **common)
+        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
         intermediate = scratch((t * top_k, self.i_pad), hidden_states.dtype, hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = scratch((t, moe.hidden_size), torch.float32, hidden_states.device)
@@ -587,7 +578,7 @@ class TritonExperts(Experts):
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
-                 specialize=cfg.specialize, counters=counters[1], **common)
+                 specialize=cfg.specialize, **common)
         # (with PDL it launches as GEMM2's dependent, kernels/cast.py)
         return cast(out, hidden_states.dtype, gemm_pdl)
 

@@ -567,7 +567,6 @@ def moe_gemm(
     persistent: int = 0,
     specialize: bool = False,
     trace: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -612,8 +611,7 @@ def moe_gemm(
         program per block and tile. At most as many per SM as their rings fit in its shared memory (registers
         are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, blocks without alignment,
         act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
-        per block and tile. With `counters`, each program takes the items after its first from a counter as it
-        gets to them (an item ahead), so that programs that run ahead take more.
+        per block and tile.
     specialize : a GEMM2 (not gated) on the decode kernel's 128-row wgmma blocks at 8 warps, 128 or 256 wide,
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
@@ -622,9 +620,6 @@ def moe_gemm(
         specialized) writes each program's timeline into row pid_0 + pid_1 x grid_0 (global timer at start, after
         its wait, after its loop, at the end; its SM), for benchmarks/program_timeline.py. Fields a program does not
         reach (an idle block's loop) and rows past the grid keep what they held.
-    counters : int32 [2], zero before the first launch and left so by each (its last program resets them): a
-        persistent grid's items taken and programs finished (`persistent`); None: every program takes every
-        so-many item.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     fragment = w.dim() == 4
@@ -651,15 +646,11 @@ def moe_gemm(
         if persistent and (block_m >= 32 or sorted_ids is None or split_k > 1 or a_perm is not None or not aligned
                            or triton.cdiv(a.shape[1], TILE_K) < num_stages):
             persistent = 0
-        dynamic = persistent > 0 and counters is not None
-        if dynamic and (counters.dtype != torch.int32 or counters.shape != (2,) or not counters.is_contiguous()):
-            raise ValueError(f"counters must be contiguous int32 [2], got {counters.dtype} {list(counters.shape)}")
         kernel, constexprs = _moe_gemm_decode_kernel, dict(NUM_WARPS=num_warps, STAGES=num_stages, ALIGNED=aligned,
                                                            WGMMA=wgmma, GROUP_M=group_m(block_m),
                                                            PERSISTENT=persistent > 0, CARRY=carry,
                                                            trace_ptr=a if trace is None else trace,
-                                                           TRACE=trace is not None,
-                                                           counter_ptr=counters if dynamic else a, DYNAMIC=dynamic)
+                                                           TRACE=trace is not None)
         options = dict(num_warps=num_warps, **registers)
         if specialize and (gated or not wgmma or block_m != 128 or block_n not in (128, 256) or num_warps != 8
                            or split_k != 1 or carry or persistent or max_registers is not None):
@@ -696,8 +687,7 @@ def moe_gemm(
         raise ValueError(f"group_size={group_size} must be a multiple of {r} for {bits}-bit tiles")
     shared_limit = _max_shared_memory(a.device) if decode else None
     if shared_limit is not None:
-        ring = ring_bytes(bits, gated, zeros is not None, _group_in_tile(group_size), block_m, block_n, num_stages,
-                          num_warps if constexprs.get("DYNAMIC") else 0)
+        ring = ring_bytes(bits, gated, zeros is not None, _group_in_tile(group_size), block_m, block_n, num_stages)
         if kernel is _moe_gemm_ws_kernel:
             ring += ws_extra_bytes(block_n, num_stages)
         if ring > shared_limit:

@@ -125,15 +125,14 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
 
 
 def ring_bytes(bits: int, gated: bool, has_zp: bool, group_in_tile: int, block_m: int, block_n: int,
-               num_stages: int, dynamic_warps: int = 0) -> int:
+               num_stages: int) -> int:
     """Shared memory of the kernel's cp.async ring, all the kernel allocates: per stage each half's words, its
-    16-bit scale rows and 8-bit zero-point rows, and the [block_m, TILE_K] 16-bit activation tile; for a DYNAMIC
-    grid of `dynamic_warps` warps also a word per warp, through which each claimed item reaches every thread
+    16-bit scale rows and 8-bit zero-point rows, and the [block_m, TILE_K] 16-bit activation tile
     (`test_kernels_compile.py` checks it against the compiler's figure)."""
     halves = 2 if gated else 1
     group_rows = halves * (TILE_K // group_in_tile) * block_n
     words = halves * (TILE_K * bits // 32) * block_n * 4
-    return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2) + 4 * dynamic_warps
+    return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2)
 
 
 # From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
@@ -574,28 +573,6 @@ def _stamp(trace_ptr, FIELD: gl.constexpr):
 
 
 @gluon.jit
-def _claim_item(counter_ptr, NUM_WARPS: gl.constexpr):
-    """Take a DYNAMIC persistent grid's next item from its counter (`_block_gemm`): thread 0 adds one and holds
-    the old value, the other threads zero. Nothing waits for the atomic here: `gl.sum` gives the value to every
-    thread an item later, when it has long arrived (a scalar atomic would wait for it at a CTA barrier at once)."""
-    LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
-    ptrs = counter_ptr + gl.zeros([32 * NUM_WARPS], gl.int32, LAYOUT)
-    return gl.inline_asm_elementwise(
-        "{ .reg .pred first; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 first, t, 0; mov.u32 $0, 0; "
-        "@first atom.global.add.u32 $0, [$1], 1; }", "=r,l", [ptrs], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _release_counter(counter_ptr):
-    """The last program of a DYNAMIC grid to finish (every program has taken its last item by then) resets the
-    grid's two counters, items taken and programs finished, for its next launch."""
-    finished = gl.atomic_add(counter_ptr + 1, 1, sem="acq_rel")
-    if finished == gl.num_programs(0) - 1:
-        gl.store(counter_ptr, 0)
-        gl.store(counter_ptr + 1, 0)
-
-
-@gluon.jit
 def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl.constexpr):
     """Pointers [ROWS, 1] to the activation rows of a block's pairs `rows_b` (GEMM1: their tokens' hidden
     states). Padding rows (P) read pair 0's activations instead of masking every load; their results are
@@ -610,14 +587,14 @@ def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
     STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
     WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
-    TRACE: gl.constexpr, DYNAMIC: gl.constexpr,
+    TRACE: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
     BLOCK_M-row block."""
@@ -669,8 +646,6 @@ def _block_gemm(
     else:
         if PERSISTENT:
             if item >= items:
-                if DYNAMIC:
-                    _release_counter(counter_ptr)
                 return
         elif pid_m * BLOCK_M >= gl.load(num_padded_ptr):
             return
@@ -778,31 +753,23 @@ def _block_gemm(
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
         _stage(buffers, 0, UNROLL)[4].store(a_tile)
     if PERSISTENT:
-        # One ring through all of the program's items: the refills run STAGES - 1 tiles ahead into the next item
-        # while this one's last tiles multiply, and each item's epilogue comes between tiles, its loads of the
-        # next item already in flight. The refill side (item_r at k_r) sets up an item's operands when it first
-        # copies from it; refills past the program's last item copy the grid's last one again (unused). The item
-        # after this one is every num_programs-th, or (DYNAMIC) the counter's next, claimed an item ahead.
+        # One ring through all of the program's items (every num_programs-th): the refills run STAGES - 1 tiles
+        # ahead into the next item while this one's last tiles multiply, and each item's epilogue comes
+        # between tiles, its loads of the next item already in flight. The refill side (item_r at k_r) sets up
+        # an item's operands when it first copies from it; refills past the program's last item copy the grid's
+        # last one again (unused).
         programs = gl.num_programs(0)
-        if DYNAMIC:
-            claim = _claim_item(counter_ptr, NUM_WARPS)
-        item_next = item
+        total = gl.cdiv(items - item, programs) * tiles
         item_r, n0_r, a_row_ptrs_r, c_ptrs_r, c_mask_r, s_base_r, z_base_r = (item, n0, a_row_ptrs, c_ptrs, c_mask,
                                                                                s_base, z_base)
         k_r = k_begin + (STAGES - 1) * k_step
         done = 0  # tiles of `item` multiplied
-        while item < items:
+        for t_round in range(0, total, STAGES):
             for slot in gl.static_range(STAGES):
-                if item < items:
+                if t_round + slot < total:
                     if k_r >= KD:
                         k_r = k_r * 0
-                        if DYNAMIC:
-                            item_next = programs + gl.sum(claim, axis=0)
-                            if item_next < items:
-                                claim = _claim_item(counter_ptr, NUM_WARPS)
-                        else:
-                            item_next = item_r + programs
-                        item_r = gl.minimum(item_next, items - 1)
+                        item_r = gl.minimum(item_r + programs, items - 1)
                         block_r = item_r % blocks
                         expert_r = gl.load(expert_ids_ptr + block_r).to(gl.int64)
                         a_row_ptrs_r = _activation_rows(gl.load(sorted_ids_ptr + block_r * BLOCK_M + m_b), a_ptr, P,
@@ -832,9 +799,7 @@ def _block_gemm(
                         acc = gl.zeros_like(acc)
                         acc_up = gl.zeros_like(acc_up)
                         done = 0
-                        item = item_next
-        if DYNAMIC:
-            _release_counter(counter_ptr)
+                        item += programs
     elif UNROLL:
         for k_round in range(k_begin, k_end, STAGES * k_step):
             for slot in gl.static_range(STAGES):
@@ -931,51 +896,51 @@ def _wide_block(
     if live <= 8:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, trace_ptr,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE, False)
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, trace_ptr,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE, False)
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, trace_ptr,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE, False)
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, trace_ptr,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE, False)
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
-                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, trace_ptr,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED,
+                    ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
                     BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE, False)
+                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
 
 
 @gluon.jit
 def _moe_gemm_decode_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr, DYNAMIC: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
@@ -1016,9 +981,9 @@ def _moe_gemm_decode_kernel(
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, counter_ptr, TOP_K,
-                    GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT,
-                    WGMMA, GROUP_M, PERSISTENT, CARRY, TRACE, DYNAMIC)
+                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, TOP_K, GATED, ACT,
+                    HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N,
+                    EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M,
+                    PERSISTENT, CARRY, TRACE)
     if TRACE:
         _stamp(trace_ptr, TRACE_END)
