@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -264,6 +265,41 @@ def test_ranks_with_different_fixed_buffers_are_refused_at_build(tmp_path: Path)
         error = (tmp_path / f"rank{rank}.txt").read_text()
         assert error.startswith("InvalidInputError") and "max_tokens_per_rank differs between the EP ranks (4 to 5" \
             in error, (rank, error)
+
+
+def _overflow_worker(rank: int, out_dir: str, seed: int) -> None:
+    """Two data-parallel EP ranks with max_tokens_per_rank 4; rank 0 brings 5 tokens, rank 1 brings 3. Each saves
+    its output or what it raised."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(out_dir, "store"), 2), rank=rank,
+                            world_size=2, timeout=timedelta(seconds=60))
+    gen = torch.Generator().manual_seed(seed)
+    experts, config = random_experts(WeightScheme(4, 32), 8, 64, 32, gen), MoEConfig(8, 2, 64, 32)
+    tokens = [(torch.randn(t, 64, generator=gen).to(BF16), torch.randn(t, 8, generator=gen)) for t in (5, 3)]
+    parallel = parallel_config(1, 2, data_parallel=True, max_tokens_per_rank=4)
+    layer = WNA16MoE(experts, config, device="cpu", backend="emulation", parallel=parallel)
+    try:
+        result: dict[str, Any] = {"out": layer(*tokens[rank])}
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["reference"] = WNA16MoE(experts, config, device="cpu", backend="emulation")(*tokens[rank])
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_rank_over_its_fixed_buffer_raises_after_the_step() -> None:
+    """A rank with more tokens than max_tokens_per_rank raises, naming the setting, but only after it has taken its
+    part in the step's collectives with its first tokens: the other rank finishes the step with the right output
+    instead of waiting in the all-to-all until the process group times out."""
+    seed = _seed()
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_overflow_worker, args=(out_dir, seed), nprocs=2)
+        over, under = (torch.load(Path(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2))
+    assert "out" not in over and over["error"].startswith("InvalidInputError") and \
+        "5 tokens on this rank exceed ParallelConfig.max_tokens_per_rank=4" in over["error"], (seed, over)
+    assert "error" not in under, (seed, under)
+    errors = (under["out"].float() - under["reference"].float()).norm(dim=1) / under["reference"].float().norm(dim=1)
+    assert float(errors.max()) < ROW_TOL, (seed, errors.tolist())
 
 
 def test_scenarios_reach_every_path() -> None:

@@ -302,14 +302,6 @@ def test_max_tokens_per_rank_is_validated(kwargs: dict, message: str) -> None:
         ParallelConfig(**kwargs)
 
 
-def test_fixed_all_to_all_refuses_more_tokens_than_its_capacity() -> None:
-    """Checked before any collective, so a rank with too many tokens fails alone with the setting's name."""
-    fixed = FixedAllToAll(ExpertPlacement(E, 2, 0), None, None, CPU, capacity=3)
-    weights, ids = softmax_topk(torch.randn(4, E), 2, renormalize=True)
-    with pytest.raises(InvalidInputError, match=r"4 tokens on this rank exceed ParallelConfig\.max_tokens_per_rank=3"):
-        fixed.prepare(torch.randn(4, HIDDEN), weights, ids)
-
-
 # ----- kernels: remote experts and the batched format ----------------------------------------------------------
 
 @pytest.mark.parametrize("config", [None, TritonConfig(16, 32, 32, split_k1=2, split_k2=2)], ids=["default", "split-k"])

@@ -132,8 +132,8 @@ class ParallelConfig:
 
     `max_tokens_per_rank` (data-parallel EP, standard format): the all-to-all exchanges fixed buffers of this
     many tokens per rank instead of exchanging counts first, so it needs no host synchronization and can be
-    captured in a CUDA graph (`distributed.FixedAllToAll`); every rank must set the same value, and a forward
-    with more tokens on a rank raises.
+    captured in a CUDA graph (`distributed.FixedAllToAll`); every rank must set the same value. A rank with more
+    tokens raises, after taking its part in the step's collectives (so the other ranks finish it).
     """
 
     tp_size: int = 1

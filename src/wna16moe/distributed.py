@@ -406,14 +406,16 @@ class FixedAllToAll(AllToAll):
 
     def prepare(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> ExpertInput:
         t, cap, ep = hidden.shape[0], self.capacity, self.placement.ep_size
-        if t > cap:
-            raise InvalidInputError(f"{t} tokens on this rank exceed ParallelConfig.max_tokens_per_rank={cap}")
+        # A rank with more than C tokens still takes its part in the step's collectives, with its first C, and
+        # raises in `finalize`: raising here would leave the other ranks waiting in them, and this rank's next
+        # step out of step with theirs.
+        sent = min(t, cap)
         padded = hidden.new_zeros(cap, hidden.shape[1])
-        padded[:t] = hidden
+        padded[:sent] = hidden[:sent]
         ids = torch.full((cap, topk_ids.shape[1]), -1, dtype=torch.int64, device=hidden.device)
-        ids[:t] = topk_ids.long()
+        ids[:sent] = topk_ids[:sent].long()
         weights = torch.zeros(cap, topk_ids.shape[1], dtype=torch.float32, device=hidden.device)
-        weights[:t] = topk_weights.float()
+        weights[:sent] = topk_weights[:sent].float()
         destination = torch.arange(ep, device=hidden.device).view(ep, 1, 1)
         owned = (ids >= 0) & (self.owners[ids.clamp(min=0)] == destination)  # [ep, C, K]
         # Global ids (those the destination owns, else -1) and weights travel in one float32 buffer (ids
@@ -436,6 +438,10 @@ class FixedAllToAll(AllToAll):
         out = back.view(ep, cap, -1).float().sum(0)[: expert_input.state].to(output.dtype)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
+        if expert_input.state > cap:  # (`prepare`: the other ranks have finished the step)
+            raise InvalidInputError(f"{expert_input.state} tokens on this rank exceed ParallelConfig."
+                                    f"max_tokens_per_rank={cap}; the step's collectives ran with its first {cap}, "
+                                    f"so the other ranks finished it")
         return out
 
 
