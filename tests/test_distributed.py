@@ -267,39 +267,50 @@ def test_ranks_with_different_fixed_buffers_are_refused_at_build(tmp_path: Path)
             in error, (rank, error)
 
 
-def _overflow_worker(rank: int, out_dir: str, seed: int) -> None:
+def _overflow_worker(rank: int, out_dir: str, seed: int, backend: str) -> None:
     """Two data-parallel EP ranks with max_tokens_per_rank 4; rank 0 brings 5 tokens, rank 1 brings 3. Each saves
-    its output or what it raised."""
+    its output or what it raised, and the single-process EMULATION layer's output for its tokens."""
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(out_dir, "store"), 2), rank=rank,
+    dist.init_process_group(backend, store=dist.FileStore(os.path.join(out_dir, "store"), 2), rank=rank,
                             world_size=2, timeout=timedelta(seconds=60))
     gen = torch.Generator().manual_seed(seed)
-    experts, config = random_experts(WeightScheme(4, 32), 8, 64, 32, gen), MoEConfig(8, 2, 64, 32)
-    tokens = [(torch.randn(t, 64, generator=gen).to(BF16), torch.randn(t, 8, generator=gen)) for t in (5, 3)]
+    h, i = (2048, 768) if backend == "nccl" else (64, 32)
+    experts, config = random_experts(WeightScheme(4, 128 if backend == "nccl" else 32), 8, h, i, gen), \
+        MoEConfig(8, 2, h, i)
+    tokens = [(torch.randn(t, h, generator=gen).to(BF16), torch.randn(t, 8, generator=gen)) for t in (5, 3)]
+    x, logits = (v.to(device) for v in tokens[rank])
     parallel = parallel_config(1, 2, data_parallel=True, max_tokens_per_rank=4)
-    layer = WNA16MoE(experts, config, device="cpu", backend="emulation", parallel=parallel)
+    layer = WNA16MoE(experts, config, device=device, backend="triton" if backend == "nccl" else "emulation",
+                     parallel=parallel)
     try:
-        result: dict[str, Any] = {"out": layer(*tokens[rank])}
+        result: dict[str, Any] = {"out": layer(x, logits).cpu()}
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
-    result["reference"] = WNA16MoE(experts, config, device="cpu", backend="emulation")(*tokens[rank])
+    result["reference"] = WNA16MoE(experts, config, device=device, backend="emulation")(x, logits).cpu()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_a_rank_over_its_fixed_buffer_raises_after_the_step() -> None:
+def _check_overflow(backend: str) -> None:
     """A rank with more tokens than max_tokens_per_rank raises, naming the setting, but only after it has taken its
     part in the step's collectives with its first tokens: the other rank finishes the step with the right output
     instead of waiting in the all-to-all until the process group times out."""
     seed = _seed()
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_overflow_worker, args=(out_dir, seed), nprocs=2)
+        mp.spawn(_overflow_worker, args=(out_dir, seed, backend), nprocs=2)
         over, under = (torch.load(Path(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2))
     assert "out" not in over and over["error"].startswith("InvalidInputError") and \
         "5 tokens on this rank exceed ParallelConfig.max_tokens_per_rank=4" in over["error"], (seed, over)
     assert "error" not in under, (seed, under)
     errors = (under["out"].float() - under["reference"].float()).norm(dim=1) / under["reference"].float().norm(dim=1)
     assert float(errors.max()) < ROW_TOL, (seed, errors.tolist())
+
+
+def test_a_rank_over_its_fixed_buffer_raises_after_the_step() -> None:
+    _check_overflow("gloo")
 
 
 def test_scenarios_reach_every_path() -> None:
@@ -328,6 +339,13 @@ GPU_SCENARIOS = [
              scheme="int8_g128_sym", tokens=(33, 7), routing="skewed", **GPU_SHAPE),
     Scenario("gpu-ep2-shared-tokens", ep=2, backend="triton", tokens=(17,), bias=True, **GPU_SHAPE),
 ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_gpu_a_rank_over_its_fixed_buffer_raises_after_the_step_nccl() -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (module docstring)
+    _check_overflow("nccl")
 
 
 @pytest.mark.gpu
