@@ -5,7 +5,10 @@ after an L2 flush; a model's decode graph runs layer after layer. Per shape and 
     chain   R forwards on R copies of the layer's weights in one graph, after the flush, divided by R
     stream  that graph replayed back to back without a flush (each copy is evicted by the others), divided by R
 
-(`read_bandwidth.py` times plain reads the same three ways.) With --from-logits every forward starts from router
+Each row also gives the weight bytes the forward must read over its time, as a % of the copy rate measured at the
+start of the same run (`bench.measure_ceilings`): `%BW single` is the bench's %BW column, `%BW chain` the same bytes
+at the layer's time inside a graph of layers. (`read_bandwidth.py` times plain reads the same three ways.) With
+--from-logits every forward starts from router
 logits and routes them first with our routing kernel (`routing.route`), both backends alike: the whole layer
 as a model runs it.
 
@@ -21,7 +24,15 @@ from functools import partial
 
 import torch
 
-from wna16moe.bench import _bench, capture_graph, expert_bytes, layer_inputs, random_layer, write_results
+from wna16moe.bench import (
+    _bench,
+    capture_graph,
+    expert_bytes,
+    layer_inputs,
+    measure_ceilings,
+    random_layer,
+    write_results,
+)
 from wna16moe.config import MoEConfig
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.base import relative_error
@@ -70,11 +81,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     rows: list[dict[str, object]] = []
+    ceilings = measure_ceilings()
+    print(f"{torch.cuda.get_device_name()}: copy {ceilings['copy_gbps']:.0f} GB/s", flush=True)
 
     def report(row: dict[str, object]) -> None:
+        for timing in ("single", "chain"):  # (bytes / µs = MB/s; the copy rate in GB/s)
+            row[f"pct_bw_{timing}"] = round(100 * row["bytes"] / row[timing] / 1e3 / ceilings["copy_gbps"], 1)
         rows.append(row)
         print(f"{row['backend']:>7} {row['shape']:>16} M={row['M']:<4} R={row['copies']:<3} single "
-              f"{row['single']:8.1f}  chain {row['chain']:8.1f}  stream {row['stream']:8.1f} us", flush=True)
+              f"{row['single']:8.1f}  chain {row['chain']:8.1f}  stream {row['stream']:8.1f} us  %BW single "
+              f"{row['pct_bw_single']:5.1f}  chain {row['pct_bw_chain']:5.1f}", flush=True)
 
     for name in args.shapes:
         spec, experts = random_layer(name, device)
@@ -108,7 +124,7 @@ def main() -> None:
         del backends
         torch.cuda.empty_cache()
 
-    write_results(args.out, rows, torch=torch.__version__)
+    write_results(args.out, rows, torch=torch.__version__, **ceilings)
 
 
 if __name__ == "__main__":
