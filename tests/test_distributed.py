@@ -154,15 +154,21 @@ def _layer(sc: Scenario, data: dict[str, Any], **kwargs: Any) -> WNA16MoE:
     return WNA16MoE(data["experts"], data["config"], **bias, **kwargs)
 
 
-def _worker(rank: int, world: int, scenarios: list[Scenario], inputs: list[dict[str, Any]], out_dir: str,
-            backend: str) -> None:
-    """One rank: run every scenario, save {name: output, backend, token group} or {name: error}."""
+def _join(rank: int, world: int, out_dir: str, backend: str, timeout_s: int = 120) -> torch.device:
+    """Join this spawn's process group (gloo on the CPU, NCCL on GPU `rank`) and return the rank's device."""
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
     torch.set_num_threads(1)
     dist.init_process_group(backend, store=dist.FileStore(os.path.join(out_dir, "store"), world), rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+def _worker(rank: int, world: int, scenarios: list[Scenario], inputs: list[dict[str, Any]], out_dir: str,
+            backend: str) -> None:
+    """One rank: run every scenario, save {name: output, backend, token group} or {name: error}."""
+    device = _join(rank, world, out_dir, backend)
     results: dict[str, Any] = {}
     for sc, data in zip(scenarios, inputs, strict=True):
         try:
@@ -243,9 +249,7 @@ def test_parallel_layer_matches_emulation(cpu_runs: tuple, scenario: Scenario) -
 
 def _capacity_worker(rank: int, out_dir: str) -> None:
     """Rank r builds a data-parallel EP layer with max_tokens_per_rank 4 + r and saves what building raised."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(out_dir, "store"), 2), rank=rank,
-                            world_size=2, timeout=timedelta(seconds=120))
+    _join(rank, 2, out_dir, "gloo")
     parallel = parallel_config(1, 2, data_parallel=True, max_tokens_per_rank=4 + rank)
     try:
         WNA16MoE(random_experts(WeightScheme(4, 32), 8, 64, 32), MoEConfig(8, 2, 64, 32), device="cpu",
@@ -270,12 +274,7 @@ def test_ranks_with_different_fixed_buffers_are_refused_at_build(tmp_path: Path)
 def _overflow_worker(rank: int, out_dir: str, seed: int, backend: str) -> None:
     """Two data-parallel EP ranks with max_tokens_per_rank 4; rank 0 brings 5 tokens, rank 1 brings 3. Each saves
     its output or what it raised, and the single-process EMULATION layer's output for its tokens."""
-    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    torch.set_num_threads(1)
-    dist.init_process_group(backend, store=dist.FileStore(os.path.join(out_dir, "store"), 2), rank=rank,
-                            world_size=2, timeout=timedelta(seconds=60))
+    device = _join(rank, 2, out_dir, backend, timeout_s=60)
     gen = torch.Generator().manual_seed(seed)
     h, i = (2048, 768) if backend == "nccl" else (64, 32)
     experts, config = random_experts(WeightScheme(4, 128 if backend == "nccl" else 32), 8, h, i, gen), \
