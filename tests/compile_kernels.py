@@ -32,7 +32,7 @@ GEMM_SIGNATURE = {
     "num_padded_ptr": "*i32", "zero_ptr": "*fp32", "zero_numel": "i32", "N": "i32", "KD": "i32", "P": "i32",
     "num_m_blocks": "i32", "stride_am": "i32",
     "stride_we": "i32", "stride_wk": "i32", "stride_se": "i32", "stride_sg": "i32", "stride_om": "i32",
-    "alpha": "fp32", "beta": "fp32", "limit": "fp32",
+    "alpha": "fp32", "beta": "fp32", "limit": "fp32", "num_experts": "i32",
 }
 PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "cvt.rn.bf16.s32", "cvt.rn.f16.s32",
              "lop3.b32", "prmt.b32", "st.global.v4", "add.v4.f32", "cp.async.mbarrier.arrive.noinc",
@@ -176,7 +176,7 @@ def compile_align() -> dict[str, dict[str, int]]:
     consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64, PDL=1)
     facts_by_kernel = {}
     for name, kernel in (("one_program", _align_one_program), ("place", _place_kernel)):
-        signature = dict(pointers, P="i32", max_blocks="i32") | dict.fromkeys(consts, "constexpr")
+        signature = dict(pointers, P="i32", E="i32", max_blocks="i32") | dict.fromkeys(consts, "constexpr")
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         ptx = compiled.asm["ptx"]
@@ -207,7 +207,7 @@ def compile_route() -> dict[str, dict[str, int]]:
 def compile_activation() -> dict[str, dict[str, int]]:
     """The K-split GEMM1's activation pass released at its wait (2) and before it (3)."""
     signature = {"part_ptr": "*fp32", "expert_ptr": "*i32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32",
-                 "P": "i32", "stride_om": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32"}
+                 "P": "i32", "E": "i32", "stride_om": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32"}
     facts_by_pdl = {}
     for pdl in (2, 3):
         consts = dict(SPLITS=4, ACT=0, HAS_LIMIT=False, HAS_BIAS=False, BLOCK=1024, PDL=pdl)

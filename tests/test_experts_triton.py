@@ -31,6 +31,7 @@ from wna16moe import (
     open_checkpoint,
 )
 from wna16moe.device import DeviceInfo
+from wna16moe.errors import InvalidInputError
 from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import (
@@ -382,6 +383,37 @@ def test_blocks_from_the_ids_match_emulation(t: int, block_m: int) -> None:
         x, weights, ids, EmulationExperts.prepare_weights(experts, DEVICE))
     out = TritonExperts(spec, experts.quant_config(), DEVICE).apply(
         x, weights, ids, TritonExperts.prepare_weights(experts, DEVICE), TritonConfig(block_m, 32, 32))
+    assert relative_error(out, ref) < 1e-2
+
+
+BAD_ID_CONFIGS = [TritonConfig(16, 32, 32), TritonConfig(16, 32, 32, split_k1=2)]
+if HAS_CUDA:  # the decode kernel, narrow and wide blocks
+    BAD_ID_CONFIGS += [TritonConfig(8, 64, 64, decode=True), TritonConfig(8, 64, 64, decode=True, split_k1=2),
+                       TritonConfig(32, 64, 64, decode=True, wgmma=True)]
+
+
+@pytest.mark.parametrize("config", BAD_ID_CONFIGS, ids=str)
+@pytest.mark.parametrize("t", [1, 5, 20])  # one pair per block, token blocks, aligned blocks (E = 24, k = 2)
+def test_ids_past_the_experts_are_left_out(t: int, config: TritonConfig) -> None:
+    """A caller's ids outside [-1, E) are left out like -1, on every way the kernels find their blocks, and
+    never index weights, scales or biases (the reference raises on them)."""
+    e, h, i, k = 24, 128, 64, 2
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_zp"))
+    x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
+    weights = torch.rand(t, k, device=DEVICE)
+    ids = torch.randint(0, e, (t, k), device=DEVICE)
+    bad = torch.tensor([e, 31, 1 << 20, -2, -(1 << 30)], device=DEVICE)
+    ids[:, 1] = bad[torch.arange(t, device=DEVICE) % bad.numel()]
+    if t > 1:
+        ids[1:, 0] = ids[0, 0]  # the good pairs share an expert: the bad ones sit in its token blocks
+    kernel, prepared, emulation, emulation_weights = triton_beside_emulation(
+        experts, MoEConfig(e, k, h, i, dtype=torch.float16), w1_bias=torch.randn(e, 2 * i, device=DEVICE),
+        w2_bias=torch.randn(e, h, device=DEVICE))
+    with pytest.raises(InvalidInputError, match="topk_ids holds expert"):
+        emulation.apply(x, weights, ids, emulation_weights)
+    ref = emulation.apply(x, weights, torch.where((ids >= 0) & (ids < e), ids, -1), emulation_weights)
+    out = kernel.apply(x, weights, ids, prepared, config)
+    assert torch.isfinite(out).all()
     assert relative_error(out, ref) < 1e-2
 
 

@@ -1,7 +1,8 @@
 """moe_align_block_size: the routed pairs grouped by expert, padded to BLOCK_M, checked against its
 invariants (every pair exactly once, each block one expert, blocks in expert order; pairs of expert -1, owned
-by another EP rank, left out) and against a sort in torch (the order of an expert's pairs within its rows
-aside); both the one-program and the grid paths; on the GPU also under CUDA-graph capture."""
+by another EP rank, and of ids past the experts left out) and against a sort in torch (the order of an
+expert's pairs within its rows aside); both the one-program and the grid paths; on the GPU also under CUDA-graph
+capture."""
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def _check(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, ex
     flat = ids.reshape(-1).cpu()
     p = flat.numel()
     sorted_ids, expert_ids, used = sorted_ids.cpu(), expert_ids.cpu(), int(num_padded.item())
-    kept = torch.nonzero(flat >= 0).squeeze(1).to(torch.int32)  # pairs of this rank's experts
+    kept = torch.nonzero((flat >= 0) & (flat < e)).squeeze(1).to(torch.int32)  # pairs of this rank's experts
     counts = torch.bincount(flat[kept].long(), minlength=e)
     assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
     assert sorted_ids.numel() == max_padded_rows(p, e, block_m) and used <= sorted_ids.numel()
@@ -119,6 +120,21 @@ def test_remote_pairs_are_left_out(t: int, e: int, k: int, block_m: int, remote:
     result = _poisoned_align(ids, e, block_m)
     _check(ids, e, block_m, *result)
     _matches_sort(ids, e, block_m, *result)
+
+
+@pytest.mark.parametrize("e", [8, 6])  # (6: ids between E and the counters' power of two)
+def test_ids_past_the_experts_are_left_out(e: int, path: str) -> None:
+    """A caller's bad ids (E, E_POW2 and far beyond, below -1) cost their pairs only: no write out of bounds, no
+    block of a nonexistent expert; the good pairs are aligned as usual."""
+    ids = _routing(30, e, 2)
+    bad = torch.rand(30, 2, device=DEVICE) < 0.3
+    choices = torch.tensor([e, 7, 8, 1 << 20, -5, -(1 << 30)], dtype=torch.int32, device=DEVICE)
+    noise = choices[torch.randint(0, choices.numel(), (30, 2), device=DEVICE)]
+    ids = torch.where(bad & ((noise >= e) | (noise < 0)), noise, ids)
+    assert ((ids >= e) | (ids < -1)).any()
+    result = _poisoned_align(ids, e, 16)
+    _check(ids, e, 16, *result)
+    _matches_sort(ids, e, 16, *result)
 
 
 def test_all_tokens_to_one_expert(path: str) -> None:

@@ -273,7 +273,10 @@ class Experts:
         """Modular experts: hidden_states [T, H], topk_weights [T, K] in a float dtype (float32, bfloat16 or
         float16, as the router returned them; every backend computes with them as float32), topk_ids [T, K]
         int32 local expert ids (-1: an expert another EP rank owns, skipped; only with SUPPORTS_EXPERT_MAP) ->
-        [T, H] in hidden_states' dtype, the router-weighted sum of the chosen experts (0 for a token with none)."""
+        [T, H] in hidden_states' dtype, the router-weighted sum of the chosen experts (0 for a token with none).
+        Any other id is the caller's error. EMULATION and CPU, which read the ids on the host anyway, raise naming
+        it. The GPU kernels would have to wait on the device to check, so they do not: TRITON leaves such a pair
+        out like -1, MARLIN's output for its token is undefined, and neither reads or writes out of bounds."""
         raise NotImplementedError
 
     def check_routed(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:

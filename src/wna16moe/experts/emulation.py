@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from wna16moe.activations import apply_activation
+from wna16moe.errors import InvalidInputError
 from wna16moe.experts.base import Check, Experts, LayerSpec, check_tp_groups
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
@@ -58,7 +59,11 @@ class EmulationExperts(Experts):
         q = self.quant
         x = hidden_states.float()
         out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+        num_experts = w13.codes.shape[0]
         for expert in torch.unique(topk_ids).tolist():  # host sync: the reference may sync
+            if not -1 <= expert < num_experts:
+                raise InvalidInputError(f"topk_ids holds expert {expert}, but the layer has {num_experts} experts "
+                                        "(and -1 for one another EP rank owns)")
             if expert < 0:  # owned by another EP rank
                 continue
             token, slot = torch.nonzero(topk_ids == expert, as_tuple=True)

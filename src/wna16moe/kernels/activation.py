@@ -52,6 +52,7 @@ def _split_k_activation_kernel(
     out_ptr,  # (P, N) activation dtype
     N,
     P,
+    E,  # the bias's rows: a pair of an expert past them is left out, as of -1 (GEMM2 skips it too)
     stride_om,
     alpha,
     beta,
@@ -66,7 +67,7 @@ def _split_k_activation_kernel(
     enter_dependent(PDL)  # (kernels/grid_dependence.py)
     pair = tl.program_id(0)
     expert = tl.load(expert_ptr + pair)
-    if expert < 0:
+    if (expert < 0) | (expert >= E):
         return
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -106,7 +107,8 @@ def split_k_activation(partials: torch.Tensor, topk_ids: torch.Tensor, bias: tor
         return out
     block = min(1024, triton.next_power_of_2(n))
     launch(_split_k_activation_kernel, (num_pairs, triton.cdiv(n, block)),
-        partials, ids.to(torch.int32), bias if bias is not None else partials, out, n, num_pairs, out.stride(0),
+        partials, ids.to(torch.int32), bias if bias is not None else partials, out, n, num_pairs,
+        bias.shape[0] if bias is not None else 1 << 30, out.stride(0),
         alpha, beta, 0.0 if limit is None else limit,
         SPLITS=splits, ACT=act, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl,
         num_warps=4, **launch_options(pdl))

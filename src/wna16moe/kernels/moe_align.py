@@ -3,7 +3,9 @@
 Legend: T tokens, K top-k, P = T * K routed pairs, E experts, M = BLOCK_M.
 
 A pair whose expert id is -1 (an expert another EP rank owns, after the expert map) is left out: it appears
-in no row, and its pair index is never written.
+in no row, and its pair index is never written. So is a pair whose id lies past the experts (E or more, or below
+-1): a caller's bad ids cost those pairs, never a write out of bounds or a block of a nonexistent expert, and
+checking them on the host would cost a device sync per forward.
 
 Outputs (fixed sizes, so the whole step is CUDA-graph capturable, no host sync):
     sorted_ids   [max_padded] int32  pair index p (token p // K, slot p % K) of each row; P marks padding
@@ -38,21 +40,26 @@ _BLOCK_CHUNK = 64  # M blocks per program or loop step
 
 
 @triton.jit
-def _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, offs, P):
-    """Each kept pair takes the next row of its expert (counts_ptr: one int32 counter per expert)."""
+def _pair_experts(topk_ids_ptr, offs, P, E):
+    """The experts of pairs `offs` and which of them are kept (ids in [0, E); the others are left out)."""
     ids = tl.load(topk_ids_ptr + offs, mask=offs < P, other=-1)
-    keep = ids >= 0
+    return ids, (ids >= 0) & (ids < E)
+
+
+@triton.jit
+def _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, offs, P, E):
+    """Each kept pair takes the next row of its expert (counts_ptr: one int32 counter per expert)."""
+    ids, keep = _pair_experts(topk_ids_ptr, offs, P, E)
     rank = tl.atomic_add(counts_ptr + ids, 1, mask=keep, sem="relaxed", scope="gpu")
     tl.store(rank_ptr + offs, rank, mask=keep)
 
 
 @triton.jit
-def _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, offs, P):
+def _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, offs, P, E):
     """Each kept pair's index goes to its expert's first row plus its rank."""
-    ids = tl.load(topk_ids_ptr + offs, mask=offs < P, other=-1)
-    keep = ids >= 0
+    ids, keep = _pair_experts(topk_ids_ptr, offs, P, E)
     rank = tl.load(rank_ptr + offs, mask=keep, other=0)
-    row = tl.gather(starts, tl.maximum(ids, 0), axis=0) + rank
+    row = tl.gather(starts, tl.where(keep, ids, 0), axis=0) + rank
     tl.store(sorted_ids_ptr + row, offs.to(tl.int32), mask=keep)
 
 
@@ -87,7 +94,7 @@ def _block_ranges(counts, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P,
+def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P, E,
                        max_blocks, E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_M_POW2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr,
                        PDL: tl.constexpr):
@@ -97,26 +104,26 @@ def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_
     tl.atomic_xchg(counts_ptr + experts, tl.zeros_like(experts), sem="relaxed", scope="gpu")
     tl.debug_barrier()
     for start in range(0, P, CHUNK):
-        _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, start + tl.arange(0, CHUNK), P)
+        _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, start + tl.arange(0, CHUNK), P, E)
     tl.debug_barrier()
     counts = tl.atomic_add(counts_ptr + experts, tl.zeros_like(experts), sem="relaxed", scope="gpu")
     starts, ends = _block_ranges(counts, BLOCK_M)
     tl.store(num_padded_ptr, tl.max(ends, axis=0))
     for start in range(0, P, CHUNK):
-        _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, start + tl.arange(0, CHUNK), P)
+        _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, start + tl.arange(0, CHUNK), P, E)
     for start in range(0, max_blocks, BLOCK_CHUNK):
         _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, start + tl.arange(0, BLOCK_CHUNK), P,
                      max_blocks, E_POW2, LOG2_E, BLOCK_M, BLOCK_M_POW2)
 
 
 @triton.jit
-def _count_kernel(topk_ids_ptr, rank_ptr, counts_ptr, P, CHUNK: tl.constexpr, PDL: tl.constexpr):
+def _count_kernel(topk_ids_ptr, rank_ptr, counts_ptr, P, E, CHUNK: tl.constexpr, PDL: tl.constexpr):
     enter_dependent(PDL)
-    _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, tl.program_id(0) * CHUNK + tl.arange(0, CHUNK), P)
+    _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, tl.program_id(0) * CHUNK + tl.arange(0, CHUNK), P, E)
 
 
 @triton.jit
-def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P, max_blocks,
+def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P, E, max_blocks,
                   E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_POW2: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program i places the pairs of chunk i and fills the blocks of block chunk i (the counts are final)."""
@@ -126,7 +133,7 @@ def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, 
     starts, ends = _block_ranges(counts, BLOCK_M)
     if pid == 0:
         tl.store(num_padded_ptr, tl.max(ends, axis=0))
-    _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, pid * CHUNK + tl.arange(0, CHUNK), P)
+    _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, pid * CHUNK + tl.arange(0, CHUNK), P, E)
     _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, pid * BLOCK_CHUNK + tl.arange(0, BLOCK_CHUNK),
                  P, max_blocks, E_POW2, LOG2_E, BLOCK_M, BLOCK_M_POW2)
 
@@ -146,7 +153,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
 
     Parameters
     ----------
-    topk_ids : [T, K] int32 expert ids in [0, num_experts), or -1 for a pair to leave out.
+    topk_ids : [T, K] int32 expert ids in [0, num_experts), or -1 for a pair to leave out (as is any other id).
     num_experts : E.
     block_m : rows per GEMM block.
     pdl : launch as programmatic dependents, not 0 (CUDA sm90+ only; kernels/grid_dependence.py; they release
@@ -173,13 +180,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                  BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK)
     if one_program(p, e_pow2):
         counts = scratch((e_pow2,), torch.int32, device)
-        launch(_align_one_program, (1,), ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks,
-               **shape, PDL=pdl, num_warps=4, **launch_options(pdl))
+        launch(_align_one_program, (1,), ids, sorted_ids, expert_ids, num_padded, rank, counts, p, num_experts,
+               max_blocks, **shape, PDL=pdl, num_warps=4, **launch_options(pdl))
     else:
         counts = scratch((e_pow2,), torch.int32, device, zeroed=True)
-        launch(_count_kernel, (triton.cdiv(p, _CHUNK),), ids, rank, counts, p, CHUNK=_CHUNK, PDL=pdl, num_warps=4,
-               **launch_options(pdl))
+        launch(_count_kernel, (triton.cdiv(p, _CHUNK),), ids, rank, counts, p, num_experts, CHUNK=_CHUNK, PDL=pdl,
+               num_warps=4, **launch_options(pdl))
         programs = max(triton.cdiv(p, _CHUNK), triton.cdiv(max_blocks, _BLOCK_CHUNK))
-        launch(_place_kernel, (programs,), ids, sorted_ids, expert_ids, num_padded, rank, counts, p, max_blocks,
-               **shape, PDL=pdl, num_warps=4, **launch_options(pdl))
+        launch(_place_kernel, (programs,), ids, sorted_ids, expert_ids, num_padded, rank, counts, p, num_experts,
+               max_blocks, **shape, PDL=pdl, num_warps=4, **launch_options(pdl))
     return sorted_ids, expert_ids, num_padded

@@ -433,6 +433,7 @@ def _moe_gemm_kernel(
     alpha,
     beta,
     limit,
+    num_experts,  # E: the weights' experts (ID_BLOCKS: a pair of any other id is left out, as of -1)
     TOP_K: tl.constexpr,
     GATED: tl.constexpr,
     ACT: tl.constexpr,
@@ -466,7 +467,7 @@ def _moe_gemm_kernel(
         zero_program_share(zero_ptr, zero_numel, tl.arange(0, 1024))
     if ID_BLOCKS:
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        if expert < 0:
+        if (expert < 0) | (expert >= num_experts):
             return
     else:
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -733,7 +734,7 @@ def moe_gemm(
         # (a tile's words start (k // PACK) * stride_wk in: N_total words per word row in both layouts)
         a.stride(0), w.stride(0), w.stride(1) // w.shape[3] if fragment else w.stride(1), scales.stride(0),
         scales.stride(1), out.stride(-2),
-        alpha, beta, 0.0 if limit is None else limit,
+        alpha, beta, 0.0 if limit is None else limit, num_experts=w.shape[0],
         TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
         HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None,
         GROUP_SIZE=1 << 30 if group_size == -1 else group_size,  # channel-wise: one group spanning every K
