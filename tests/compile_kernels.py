@@ -151,7 +151,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,
                      z_ptr="*u8" if case["zp"] else act, topk_w_ptr=act if gated else "*fp32",
-                     trace_ptr="*i64" if consts["TRACE"] else act)
+                     trace_ptr="*i64" if consts["TRACE"] else act, flags_ptr="*i32", part_ptr="*fp32")
     signature.update(dict.fromkeys(consts, "constexpr"))
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}

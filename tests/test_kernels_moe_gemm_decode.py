@@ -389,6 +389,39 @@ def test_gpu_decode_under_a_cuda_graph(t: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("config", [
+    TritonConfig(8, 128, 256, num_stages=2, decode=True, persistent=3),
+    TritonConfig(8, 64, 128, num_stages=3, decode=True, persistent=4, max_registers=128),
+    TritonConfig(16, 128, 256, num_stages=2, decode=True, persistent=2),
+], ids=["bm8-3", "bm8-3stages-4", "bm16-2"])
+def test_gpu_persistent_programs_split_items(config: TritonConfig) -> None:
+    """Persistent programs take equal shares of the items' K tiles, so that with many more items than programs
+    most shares begin and end inside an item: GEMM1's earlier program finishes such an item with the sums its
+    later one parked, GEMM2 adds both parts (its bias once). Against EMULATION with biases, in eager forwards and
+    CUDA-graph replays; every flag is zero again after each."""
+    e, k, h, i = 64, 8, 2176, 768  # (17 K tiles in GEMM1: shares rarely end on an item's edge)
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
+    cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(
+        experts, cfg, w1_bias=torch.randn(e, 2 * i, device=DEVICE), w2_bias=torch.randn(e, h, device=DEVICE))
+
+    def draw(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)
+        return (x, *softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True))
+
+    for t in (40, 300):
+        inputs = draw(t)
+        out = kernel.apply(*inputs, weights, config)
+        assert relative_error(out, emulation.apply(*inputs, emu_weights)) < 1e-2, t
+        assert not kernel._share_flags.any()
+    first, fresh = draw(300), draw(300)
+    captured = replay_on_fresh_inputs(lambda *a: kernel.apply(*a, config), first, fresh, weights)
+    assert relative_error(captured, emulation.apply(*fresh, emu_weights)) < 1e-2
+    assert not kernel._share_flags.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("t", [1, 40])
 def test_gpu_program_timeline(t: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """`moe_gemm(trace=...)` leaves the results as they were and gives every program its stamps in order, on a real

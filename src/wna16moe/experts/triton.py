@@ -480,6 +480,10 @@ class TritonExperts(Experts):
         self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
         self._plans: PlanCache | None = None  # (launch plans: compiled kernels only, so CUDA devices only)
+        # A persistent GEMM1's flags (`moe_gemm(share_flags=...)`), up to 8 programs per SM: zero, and left so by
+        # every launch. This layer's own: layers run one after another on a stream.
+        self._share_flags = (torch.zeros(8 * self._num_sms, dtype=torch.int32, device=device)
+                             if self._num_sms else None)
         if self._card is not None:
             from wna16moe.kernels.launch import PlanCache
 
@@ -522,7 +526,7 @@ class TritonExperts(Experts):
         names = tuple(weights)
         key = (cfg, names, torch.cuda.current_device(), layout_key(hidden_states, topk_weights, topk_ids))
         sources = [hidden_states, topk_weights, topk_ids, *(weights[name] for name in names),
-                   *(b for b in (self.w13_bias, self.w2_bias) if b is not None)]
+                   *(b for b in (self.w13_bias, self.w2_bias, self._share_flags) if b is not None)]
         return self._plans.run(key, sources, forward)
 
     def _forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -558,7 +562,8 @@ class TritonExperts(Experts):
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
                       pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
-        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        flags = self._share_flags if cfg.persistent <= 8 else None  # (else a zeroed temporary)
+        gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, share_flags=flags, **common)
         intermediate = scratch((t * top_k, self.i_pad), hidden_states.dtype, hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
         out = scratch((t, moe.hidden_size), torch.float32, hidden_states.device)

@@ -52,7 +52,7 @@ from wna16moe.kernels.dequant import (
     dequant_slots_scaled,
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options, leave_main_loop
-from wna16moe.kernels.launch import launch
+from wna16moe.kernels.launch import launch, scratch
 from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
 from wna16moe.kernels.moe_gemm_decode import (
     MAX_CARRY,
@@ -568,6 +568,7 @@ def moe_gemm(
     persistent: int = 0,
     specialize: bool = False,
     trace: torch.Tensor | None = None,
+    share_flags: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -608,11 +609,11 @@ def moe_gemm(
         warpgroup mmas in flight past the tile's end, over the next tile's barrier, copies and first
         dequantization; its ring then runs num_stages - 2 tiles ahead (kernels/moe_gemm_decode.py).
     persistent : the decode kernel's narrow blocks (8 and 16 rows) on `persistent` programs per SM, each taking
-        every so-many (row block, column tile) through one cp.async ring (kernels/moe_gemm_decode.py); 0: one
-        program per block and tile. At most as many per SM as their rings fit in its shared memory (registers
-        are the caller's to fit: `max_registers`). Where the ring cannot run on (K split, blocks without alignment,
-        act-order columns or rows not in 16-byte pieces, fewer K tiles than stages) the launch is one program
-        per block and tile.
+        an equal share of the (row block, column tile) items' K tiles through one cp.async ring (stream-K,
+        kernels/moe_gemm_decode.py); 0: one program per block and tile. At most as many per SM as their rings
+        fit in its shared memory (registers are the caller's to fit: `max_registers`). Where the ring cannot run
+        on (K split, blocks without alignment, act-order columns or rows not in 16-byte pieces, fewer K tiles
+        than stages) the launch is one program per block and tile.
     specialize : a GEMM2 (not gated) on the decode kernel's 128-row wgmma blocks at 8 warps, 128 or 256 wide,
         runs on warp-specialized programs instead (kernels/moe_gemm_ws.py: two warpgroups, each copying and
         multiplying half the columns, meeting only on mbarriers); blocks without alignment, act-order columns and
@@ -621,6 +622,9 @@ def moe_gemm(
         specialized) writes each program's timeline into row pid_0 + pid_1 x grid_0 (global timer at start, after
         its wait, after its loop, at the end; its SM), for benchmarks/program_timeline.py. Fields a program does not
         reach (an idle block's loop) and rows past the grid keep what they held.
+    share_flags : int32 [>= programs], zero, for a persistent GEMM1: where a program that finished the later part
+        of an item another began signals that its sums wait in the workspace. Each launch leaves them zero. None:
+        a zeroed temporary (one more fill per launch).
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     fragment = w.dim() == 4
@@ -720,6 +724,17 @@ def moe_gemm(
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
     if decode and persistent:
         grid = (min(grid[0], persistent * _num_sms(a.device.index)), 1)
+    if decode:  # (a persistent GEMM1's programs hand the sums of items they share through a workspace)
+        shared_sums = persistent and gated
+        if shared_sums and share_flags is None:
+            share_flags = scratch((grid[0],), torch.int32, a.device, zeroed=True)
+        if shared_sums and (share_flags.dtype != torch.int32 or share_flags.dim() != 1
+                            or share_flags.numel() < grid[0] or not share_flags.is_contiguous()):
+            raise ValueError(f"share_flags must be contiguous int32 [>= {grid[0]}] (a flag per program), got "
+                             f"{share_flags.dtype} {list(share_flags.shape)}")
+        constexprs.update(
+            flags_ptr=share_flags if shared_sums else a,
+            part_ptr=scratch((grid[0], 2, block_n, block_m), torch.float32, a.device) if shared_sums else a)
     if trace is not None and (kernel is _moe_gemm_ws_kernel or trace.dtype != torch.int64 or trace.dim() != 2
                               or trace.shape[0] < grid[0] * grid[1] or trace.shape[1] != TRACE_FIELDS.value
                               or not trace.is_contiguous()):

@@ -587,7 +587,7 @@ def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -615,10 +615,15 @@ def _block_gemm(
     # A wide block's activation tile [ROWS, TILE_K], 16 bytes per thread and load.
     A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
 
-    if PERSISTENT:  # (row block, column tile) items in `_program_block`'s decode order: this program's first
+    if PERSISTENT:  # (row block, column tile) items in `_program_block`'s decode order, K tile by K tile
         blocks = gl.maximum(gl.cdiv(gl.load(num_padded_ptr), BLOCK_M), 1)
         items = blocks * gl.cdiv(N, BLOCK_N)
-        item = gl.program_id(0)
+        tiles = gl.cdiv(KD, _TILE_K)
+        # Shares of at least an item and STAGES - 2 tiles: no item is split more than once (`_share_start`).
+        sharing = gl.maximum(gl.minimum(gl.num_programs(0), items * tiles // (tiles + STAGES - 2)), 1)
+        first = _share_start(gl.program_id(0), items * tiles, sharing, tiles, STAGES - 1)
+        last = _share_start(gl.program_id(0) + 1, items * tiles, sharing, tiles, STAGES - 1)
+        item = first // tiles
         pid_m = item % blocks
         pid_n = item // blocks
     else:
@@ -645,7 +650,7 @@ def _block_gemm(
             rows = token_block_rows(expert_ids_ptr, pid_m, expert, P, m_acc, TOP_K)[0]
     else:
         if PERSISTENT:
-            if item >= items:
+            if gl.program_id(0) >= sharing:
                 return
         elif pid_m * BLOCK_M >= gl.load(num_padded_ptr):
             return
@@ -658,6 +663,8 @@ def _block_gemm(
     tiles = gl.cdiv(KD, _TILE_K)
     tiles_per_split = gl.cdiv(tiles, SPLIT_K)
     k_begin = pid_k * tiles_per_split * _TILE_K
+    if PERSISTENT:  # (the share may begin inside its first item)
+        k_begin = first % tiles * _TILE_K
     k_end = gl.minimum(KD, k_begin + tiles_per_split * _TILE_K)
     # What the loads ahead of the loop fall back on: the split's first tile, or for an idle split (past KD: its
     # loop is empty) the last one, so that they stay in bounds (a gathered column index read past the
@@ -753,23 +760,25 @@ def _block_gemm(
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
         _stage(buffers, 0, UNROLL)[4].store(a_tile)
     if PERSISTENT:
-        # One ring through all of the program's items (every num_programs-th): the refills run STAGES - 1 tiles
-        # ahead into the next item while this one's last tiles multiply, and each item's epilogue comes
-        # between tiles, its loads of the next item already in flight. The refill side (item_r at k_r) sets up
-        # an item's operands when it first copies from it; refills past the program's last item copy the grid's
-        # last one again (unused).
-        programs = gl.num_programs(0)
-        total = gl.cdiv(items - item, programs) * tiles
+        # One ring through the program's share of the items' K tiles (stream-K): the refills run STAGES - 1 tiles
+        # ahead into the next item while this one's last tiles multiply, and each item's epilogue comes between
+        # tiles, its loads of the next item already in flight. The refill side (item_r at k_r) sets up an item's
+        # operands when it first copies from it; refills past the share copy the next share's first tiles
+        # (unused). An item split between two shares: its first tiles are the earlier program's last, its last
+        # tiles the later program's first (`shared_first`): GEMM2 adds both parts into the output (the bias with
+        # the first), GEMM1's later program leaves its sums for the earlier one, which finishes the item.
         item_r, n0_r, a_row_ptrs_r, c_ptrs_r, c_mask_r, s_base_r, z_base_r = (item, n0, a_row_ptrs, c_ptrs, c_mask,
                                                                                s_base, z_base)
-        k_r = k_begin + (STAGES - 1) * k_step
-        done = 0  # tiles of `item` multiplied
+        k_r = k_begin + AHEAD * k_step
+        total = last - first
+        done = first % tiles  # tiles of `item` multiplied (by the program before, for its first part)
+        shared_first = done > 0
         for t_round in range(0, total, STAGES):
             for slot in gl.static_range(STAGES):
                 if t_round + slot < total:
                     if k_r >= KD:
                         k_r = k_r * 0
-                        item_r = gl.minimum(item_r + programs, items - 1)
+                        item_r = gl.minimum(item_r + 1, items - 1)
                         block_r = item_r % blocks
                         expert_r = gl.load(expert_ids_ptr + block_r).to(gl.int64)
                         a_row_ptrs_r = _activation_rows(gl.load(sorted_ids_ptr + block_r * BLOCK_M + m_b), a_ptr, P,
@@ -789,17 +798,29 @@ def _block_gemm(
                     k_r += k_step
                     done += 1
                     if done == tiles:
-                        block = item % blocks
-                        n0_c = item // blocks * BLOCK_N
-                        cols = n0_c + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-                        _epilogue(acc, acc_up, gl.load(sorted_ids_ptr + block * BLOCK_M + m_acc),
-                                  gl.load(expert_ids_ptr + block).to(gl.int64), cols, cols < N, n0_c, pid_k,
-                                  out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED,
-                                  ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
+                        if not GATED:  # (a later part of an item adds no bias)
+                            _item_epilogue(acc, acc_up, item, shared_first.to(gl.int32), blocks, m_acc,
+                                           sorted_ids_ptr, expert_ids_ptr, out_ptr, bias_ptr, topk_w_ptr, N, P,
+                                           stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS,
+                                           SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, MMA)
+                        elif shared_first:
+                            _park_sums(acc, acc_up, part_ptr, flags_ptr, gl.program_id(0), BLOCK_N, ROWS, MMA)
+                        else:
+                            _item_epilogue(acc, acc_up, item, 0, blocks, m_acc, sorted_ids_ptr, expert_ids_ptr,
+                                           out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K,
+                                           GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N,
+                                           NUM_WARPS, MMA)
                         acc = gl.zeros_like(acc)
                         acc_up = gl.zeros_like(acc_up)
-                        done = 0
-                        item += programs
+                        done = done * 0
+                        item += 1
+                        shared_first = done > 0
+        if done > 0:  # the share ends inside an item: the program after has its last tiles
+            if GATED:
+                acc, acc_up = _take_sums(acc, acc_up, part_ptr, flags_ptr, gl.program_id(0) + 1, BLOCK_N, ROWS, MMA)
+            _item_epilogue(acc, acc_up, item, 0, blocks, m_acc, sorted_ids_ptr, expert_ids_ptr, out_ptr, bias_ptr,
+                           topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS,
+                           SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, MMA)
     elif UNROLL:
         for k_round in range(k_begin, k_end, STAGES * k_step):
             for slot in gl.static_range(STAGES):
@@ -832,6 +853,68 @@ def _block_gemm(
         _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P,
                   stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M,
                   BLOCK_N, NUM_WARPS)
+
+
+@gluon.jit
+def _share_start(program, units, programs, tiles, AHEAD: gl.constexpr):
+    """Where `program`'s share of `units` (items x K tiles, in order) begins, of `programs` near-equal shares
+    (`programs` itself: the end). A share never begins in an item's last AHEAD - 1 tiles but at the next item:
+    its ring's first AHEAD tiles are one item's. With shares of at least tiles + AHEAD - 1 units, each item is
+    split between two programs at most."""
+    start = (program.to(gl.int64) * units // programs).to(gl.int32)
+    offset = start % tiles
+    return gl.where(offset > tiles - AHEAD, start + tiles - offset, start)
+
+
+@gluon.jit
+def _sums_offsets(BLOCK_N: gl.constexpr, ROWS: gl.constexpr, MMA: gl.constexpr):
+    """Offsets [BLOCK_N, ROWS] of an item's partial sums in a program's slot of the stream-K workspace."""
+    return (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * ROWS
+            + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA))[None, :])
+
+
+@gluon.jit
+def _park_sums(acc, acc_up, part_ptr, flags_ptr, program, BLOCK_N: gl.constexpr, ROWS: gl.constexpr,
+               MMA: gl.constexpr):
+    """A GEMM1 program's sums over the last tiles of an item the program before began: into the program's slot,
+    then its flag raised (every thread's stores first)."""
+    offs = _sums_offsets(BLOCK_N, ROWS, MMA)
+    slot = part_ptr + program.to(gl.int64) * 2 * BLOCK_N * ROWS
+    gl.store(slot + offs, acc)
+    gl.store(slot + BLOCK_N * ROWS + offs, acc_up)
+    gl.thread_barrier()
+    gl.atomic_xchg(flags_ptr + program, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _take_sums(acc, acc_up, part_ptr, flags_ptr, program, BLOCK_N: gl.constexpr, ROWS: gl.constexpr,
+               MMA: gl.constexpr):
+    """acc and acc_up plus the sums `program` parked (`_park_sums`), once its flag is up; the flag is lowered
+    again for the next launch. The program after began with those tiles, so the wait is rarely a wait."""
+    while gl.atomic_add(flags_ptr + program, 0, sem="acquire", scope="gpu") == 0:
+        pass
+    offs = _sums_offsets(BLOCK_N, ROWS, MMA)
+    slot = part_ptr + program.to(gl.int64) * 2 * BLOCK_N * ROWS
+    acc += gl.load(slot + offs, cache_modifier=".cg")
+    acc_up += gl.load(slot + BLOCK_N * ROWS + offs, cache_modifier=".cg")
+    gl.atomic_xchg(flags_ptr + program, 0, sem="relaxed", scope="gpu")
+    return acc, acc_up
+
+
+@gluon.jit
+def _item_epilogue(acc, acc_up, item, pid_k, blocks, m_acc, sorted_ids_ptr, expert_ids_ptr, out_ptr, bias_ptr,
+                   topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K: gl.constexpr, GATED: gl.constexpr,
+                   ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+                   USE_WGMMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
+                   MMA: gl.constexpr):
+    """`_epilogue` of a persistent program's item (its row block and column tile found again from its index)."""
+    block = item % blocks
+    n0 = item // blocks * BLOCK_N
+    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    _epilogue(acc, acc_up, gl.load(sorted_ids_ptr + block * BLOCK_M + m_acc),
+              gl.load(expert_ids_ptr + block).to(gl.int64), cols, cols < N, n0, pid_k, out_ptr, bias_ptr,
+              topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K,
+              USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
 
 
 @gluon.jit
@@ -883,7 +966,7 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
 def _wide_block(
     live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -897,44 +980,44 @@ def _wide_block(
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL, PREFETCH,
-                    False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
 
 
 @gluon.jit
 def _moe_gemm_decode_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -966,24 +1049,24 @@ def _moe_gemm_decode_kernel(
             _wide_block(P // TOP_K, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr,
                         sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks,
                         stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit,
-                        trace_ptr, num_experts, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
-                        GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS,
-                        STAGES, PDL, PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
+                        trace_ptr, num_experts, flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP,
+                        HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED,
+                        ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
         elif pid_m * BLOCK_M < gl.load(num_padded_ptr):
             ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
             live = gl.sum((ids < P).to(gl.int32), axis=0)
             _wide_block(live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                         expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                         stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr,
-                        num_experts, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                        GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, PDL,
-                        PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
+                        num_experts, flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS,
+                        NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
-                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, TOP_K,
-                    GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K,
-                    BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, PDL, PREFETCH, ZERO_OUT,
-                    WGMMA, GROUP_M, PERSISTENT, CARRY, TRACE)
+                    stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr,
+                    part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M,
+                    PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M, PERSISTENT, CARRY, TRACE)
     if TRACE:
         _stamp(trace_ptr, TRACE_END)
