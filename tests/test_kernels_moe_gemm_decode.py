@@ -3,8 +3,9 @@
 GPU (marker gpu): every scheme family (int4/int8, groups 32-128 and channel-wise, zero points; act-order and AWQ
 from the checkpoint fixtures), both activation dtypes, blocks of 8 and 16 rows and wide blocks of 32 to 128 rows
 (activations through shared memory, weights scaled in the asm), ring depths 2-5, K splits in both GEMMs, one
-token (a block per pair) and aligned blocks, persistent programs, bias and clamp, a CUDA-graph replay. CPU: the
-argument checks, and a `decode` configuration running on `moe_gemm` under the interpreter (Gluon has none).
+token (a block per pair) and aligned blocks, persistent programs (items split between them), bias and clamp,
+a CUDA-graph replay. CPU: the argument checks, and a `decode` configuration running on `moe_gemm` under the
+interpreter (Gluon has none).
 Compilation for sm_90 and sm_80 is checked on the CPU in test_kernels_compile.py.
 """
 
@@ -186,6 +187,38 @@ def test_persistent_launch_and_where_it_falls_back(monkeypatch: pytest.MonkeyPat
     ring = ring_bytes(4, False, False, 128, 8, 64, 3)
     monkeypatch.setattr(launcher, "_max_shared_memory", lambda device: 2 * ring + 1000)
     assert launch() == ((2 * 2, 1), True)  # two rings fit an SM's shared memory, not three
+
+
+def test_persistent_gemm1_hands_split_items_through_flags_and_a_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A persistent GEMM1 gets a float32 workspace slot per program for the sums of an item it shares, and the
+    caller's flags (a zeroed temporary without them); flags that are too few or not int32 are refused. GEMM2 needs
+    neither."""
+    import wna16moe.kernels.moe_gemm as launcher
+
+    launches = record_launches(monkeypatch, "_moe_gemm_decode_kernel")
+    monkeypatch.setattr(launcher, "_num_sms", lambda index: 2)
+    e, k, n, blocks = 4, 512, 128, 10
+    w = torch.zeros(e, k // 128, 2 * n, 16, dtype=torch.int32)
+    scales = torch.ones(e, k // 128, 2 * n, dtype=torch.float16)
+    aligned = (torch.zeros(blocks * 8, dtype=torch.int32), torch.zeros(blocks, dtype=torch.int32),
+               torch.tensor([blocks * 8], dtype=torch.int32))
+
+    def launch(flags: torch.Tensor | None) -> tuple[tuple[int, int], dict]:
+        moe_gemm(torch.randn(6, k, dtype=torch.float16), w, scales, None, None, None,
+                 torch.empty(12, n, dtype=torch.float16), None, *aligned, bits=4, group_size=128, top_k=2, gated=True,
+                 block_m=8, block_n=64, decode=True, num_stages=2, persistent=3, share_flags=flags)
+        grid, _, kwargs = launches.pop()
+        return grid, kwargs
+
+    flags = torch.zeros(8, dtype=torch.int32)
+    grid, kwargs = launch(flags)
+    assert grid == (6, 1) and kwargs["PERSISTENT"] and kwargs["flags_ptr"] is flags
+    assert kwargs["part_ptr"].shape == (6, 2, 64, 8) and kwargs["part_ptr"].dtype == torch.float32
+    temporary = launch(None)[1]["flags_ptr"]
+    assert temporary.dtype == torch.int32 and temporary.numel() == 6 and not temporary.any()
+    for bad in (torch.zeros(5, dtype=torch.int32), torch.zeros(8, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="share_flags"):
+            launch(bad)
 
 
 def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pytest.MonkeyPatch) -> None:

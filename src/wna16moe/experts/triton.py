@@ -104,10 +104,11 @@ class TritonConfig:
     v40).
 
     `persistent` (with `decode` and blocks of 8 or 16 rows) runs both GEMMs on that many programs per SM, each
-    streaming its share of the (row block, column tile) items through one cp.async ring, so that no program
-    starts with an empty ring (small experts: qwen3-30b-a3b has 6 GEMM1 tiles per expert of 16 K tiles each);
-    0: one program per block and tile. On an H200 it won at int4 qwen3-30b-a3b M = 32 (-4%) and lost or tied
-    at M = 8 and 128 and on the big experts (NOTES.md v41).
+    streaming an equal share of the (row block, column tile) items' K tiles through one cp.async ring, so that no
+    program starts with an empty ring (small experts: qwen3-30b-a3b has 6 GEMM1 tiles per expert of 16 K tiles
+    each) and none is left with more items than the others (shares split items: stream-K); 0: one program per
+    block and tile. On an H200 it won at int4 qwen3-30b-a3b M = 32 (-4% as every third item, v41; -2.7% more as
+    shares, v67) and lost or tied at M = 8 and 128 and on the big experts (NOTES.md v41, v66, v67).
 
     `carry` (with `wgmma`) lets GEMM2's wide blocks leave each K tile's last `carry` warpgroup mmas in flight
     over the next tile's barrier, copies and first dequantization, where the tensor cores otherwise wait; its

@@ -48,9 +48,13 @@ experts -1 to -1.5%, NOTES.md v36). A wide block of 32 or 64 rows keeps rings in
 barriers per tile: its loops, one per row count, outgrew the instruction cache unrolled. A 128-row int4 block
 (prefill) is unrolled like a narrow one; an int8 one, whose unrolled loops spilled, is not.
 
-PERSISTENT narrow blocks: the grid is a few programs per SM, each taking every so-many (row block, column
-tile) item and keeping one ring through all of them; its refills run into the next item while the current
-one's last tiles multiply, and each item's epilogue comes between its last tile and the next item's first.
+PERSISTENT narrow blocks: the grid is a few programs per SM, each taking an equal share of the (row block,
+column tile) items' K tiles, in order (stream-K), and keeping one ring through all of them; its refills run into
+the next item while the current one's last tiles multiply, and each item's epilogue comes between its last tile
+and the next item's first. Shares end inside items, so no program waits on a last few long items (qwen3-30b-a3b
+M = 32: every third item per program left some with two items and some with one; -2.7%, NOTES.md v67). An item
+split between two programs: GEMM2 adds both parts into its output, GEMM1's later part parks its sums in a
+workspace under a flag, and the earlier program, whose part comes last in its share, finishes the item.
 
 A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its real ones (padding
 rows come last): the loop is compiled once per row count and the program picks one at run time, so an expert's
