@@ -622,12 +622,12 @@ def _block_gemm(
     if PERSISTENT:  # (row block, column tile) items in `_program_block`'s decode order, K tile by K tile
         blocks = gl.maximum(gl.cdiv(gl.load(num_padded_ptr), BLOCK_M), 1)
         items = blocks * gl.cdiv(N, BLOCK_N)
-        tiles = gl.cdiv(KD, _TILE_K)
+        tiles = gl.cdiv(KD, _TILE_K)  # (again below for every block: hoisted, it moved other kernels' SASS)
         # Shares of at least an item and STAGES - 2 tiles: no item is split more than once (`_share_start`).
         sharing = gl.maximum(gl.minimum(gl.num_programs(0), items * tiles // (tiles + STAGES - 2)), 1)
-        first = _share_start(gl.program_id(0), items * tiles, sharing, tiles, STAGES - 1)
-        last = _share_start(gl.program_id(0) + 1, items * tiles, sharing, tiles, STAGES - 1)
-        item = first // tiles
+        share_begin = _share_start(gl.program_id(0), items * tiles, sharing, tiles, STAGES - 1)
+        share_end = _share_start(gl.program_id(0) + 1, items * tiles, sharing, tiles, STAGES - 1)
+        item = share_begin // tiles
         pid_m = item % blocks
         pid_n = item // blocks
     else:
@@ -668,7 +668,7 @@ def _block_gemm(
     tiles_per_split = gl.cdiv(tiles, SPLIT_K)
     k_begin = pid_k * tiles_per_split * _TILE_K
     if PERSISTENT:  # (the share may begin inside its first item)
-        k_begin = first % tiles * _TILE_K
+        k_begin = share_begin % tiles * _TILE_K
     k_end = gl.minimum(KD, k_begin + tiles_per_split * _TILE_K)
     # What the loads ahead of the loop fall back on: the split's first tile, or for an idle split (past KD: its
     # loop is empty) the last one, so that they stay in bounds (a gathered column index read past the
@@ -774,8 +774,8 @@ def _block_gemm(
         item_r, n0_r, a_row_ptrs_r, c_ptrs_r, c_mask_r, s_base_r, z_base_r = (item, n0, a_row_ptrs, c_ptrs, c_mask,
                                                                                s_base, z_base)
         k_r = k_begin + AHEAD * k_step
-        total = last - first
-        done = first % tiles  # tiles of `item` multiplied (by the program before, for its first part)
+        total = share_end - share_begin
+        done = share_begin % tiles  # tiles of `item` multiplied (by the program before, for its first part)
         shared_first = done > 0
         for t_round in range(0, total, STAGES):
             for slot in gl.static_range(STAGES):
