@@ -53,6 +53,8 @@ INTERMEDIATE_ALIGN = 64
 # Triton's wgmma/mma paths need sm80+ on NVIDIA (bf16 tensor cores).
 MIN_CUDA_SM = 80
 SUPPORTED_GROUPS = (32, 64, 128, 256, None)
+# Persistent programs per SM that a layer's own share flags cover (the shipped entries use 2 and 3).
+_FLAGGED_PROGRAMS_PER_SM = 8
 
 
 # TritonConfig.pdl (kernels/grid_dependence.py): plain launches, or where each kernel lets the next one launch.
@@ -481,9 +483,9 @@ class TritonExperts(Experts):
         self._fragment = stores_fragment_tiles(device)  # (as `prepare_weights` stores them)
         self._hopper = self._capability is not None and self._capability[0] == 9
         self._plans: PlanCache | None = None  # (launch plans: compiled kernels only, so CUDA devices only)
-        # A persistent GEMM1's flags (`moe_gemm(share_flags=...)`), up to 8 programs per SM: zero, and left so by
-        # every launch. This layer's own: layers run one after another on a stream.
-        self._share_flags = (torch.zeros(8 * self._num_sms, dtype=torch.int32, device=device)
+        # A persistent GEMM1's flags (`moe_gemm(share_flags=...)`), up to _FLAGGED_PROGRAMS_PER_SM per SM: zero,
+        # and left so by every launch. This layer's own: layers run one after another on a stream.
+        self._share_flags = (torch.zeros(_FLAGGED_PROGRAMS_PER_SM * self._num_sms, dtype=torch.int32, device=device)
                              if self._num_sms else None)
         if self._card is not None:
             from wna16moe.kernels.launch import PlanCache
@@ -563,7 +565,8 @@ class TritonExperts(Experts):
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
                       pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)
-        flags = self._share_flags if cfg.persistent <= 8 else None  # (else a zeroed temporary)
+        # (more programs per SM than the layer's flags cover: a zeroed temporary)
+        flags = self._share_flags if cfg.persistent <= _FLAGGED_PROGRAMS_PER_SM else None
         gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, share_flags=flags, **common)
         intermediate = scratch((t * top_k, self.i_pad), hidden_states.dtype, hidden_states.device)
         # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
