@@ -1,7 +1,7 @@
 """A tiny interpreter for the PTX that `kernels/dequant.py` generates, so CPU CI can check its arithmetic.
 
-It knows exactly the instructions that module emits (mov.b32, prmt.b32, lop3.b32, shr.u32, add.f32,
-fma.rn.bf16x2 / fma.rn.f16x2) on 32-bit registers: `$i` operands and the names in `.reg` lines. Packed halves
+It knows exactly the instructions that module emits (mov.b32, prmt.b32, lop3.b32, shr.u32, fma.rn.bf16x2 /
+fma.rn.f16x2) on 32-bit registers: `$i` operands and the names in `.reg` lines. Packed halves
 are rounded to nearest-even through torch, as the hardware does; the products involved are exact in float64.
 It is a test oracle written from the PTX ISA, not from the generator, and rejects any other instruction.
 """
@@ -9,7 +9,6 @@ It is a test oracle written from the PTX ISA, not from the generator, and reject
 from __future__ import annotations
 
 import re
-import struct
 
 import torch
 
@@ -43,14 +42,6 @@ def _pack(values: torch.Tensor, dtype: torch.dtype) -> int:
     return int(bits[0]) | (int(bits[1]) << 16)
 
 
-def _f32(word: int) -> float:
-    return struct.unpack("<f", struct.pack("<I", word))[0]
-
-
-def _bits(value: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", value))[0]
-
-
 def run(asm: str, operands: list[int]) -> list[int]:
     """Execute `asm` with `$i` registers preset from `operands` (32-bit words); returns them afterwards."""
     regs = {f"${i}": word & 0xFFFFFFFF for i, word in enumerate(operands)}
@@ -72,8 +63,6 @@ def run(asm: str, operands: list[int]) -> list[int]:
             result = _lop3(value(src[0]), value(src[1]), value(src[2]), value(src[3]))
         elif op == "shr.u32":
             result = value(src[0]) >> int(src[1])
-        elif op == "add.f32":
-            result = _bits(float(torch.tensor(_f32(value(src[0])) + _f32(value(src[1])), dtype=torch.float32)))
         elif match := re.fullmatch(r"fma\.rn\.(bf16x2|f16x2)", op):
             dtype = _HALF_DTYPES[match.group(1)]
             a, b, c = (_halves(value(s), dtype) for s in src)

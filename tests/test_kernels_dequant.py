@@ -12,6 +12,7 @@ from ptx_emulator import run
 from triton_env import HAS_CUDA
 
 from wna16moe.kernels.dequant import (
+    CENTRED_VARIANTS,
     QUARTERS,
     RAW_VARIANTS,
     dequant_asm,
@@ -19,10 +20,18 @@ from wna16moe.kernels.dequant import (
     dequant_slots,
     dequant_slots_raw,
     dequant_slots_scaled,
+    dequant_slots_scaled_centred,
 )
 from wna16moe.kernels.layout import exchange_halves
 
 R, BLOCK_N = 16, 64
+
+
+def _magic(bits: int, dtype: str) -> float:
+    """The raw slots' constant (`dequant_magic`), spelled out: centred variants subtract the midpoint."""
+    if (bits, dtype) in CENTRED_VARIANTS:
+        return -float(1 << (bits - 1))
+    return 128.0 if dtype == "bf16" else 1024.0
 
 
 def _random_words() -> torch.Tensor:
@@ -125,7 +134,38 @@ def test_raw_slots_are_magic_plus_codes(bits: int, dtype: str) -> None:
     out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=torch_dtype).cuda()
     _raw_kernel[(1,)](words, out, BITS=bits, R_=R, N_=BLOCK_N)
     codes = _codes(words, bits)
-    assert torch.equal(out, (codes + (128 if dtype == "bf16" else 1024)).to(torch_dtype))
+    assert torch.equal(out, (codes + _magic(bits, dtype)).to(torch_dtype))
+
+
+@triton.jit
+def _scaled_centred_kernel(words_ptr, scales_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr,
+                           N_: tl.constexpr):
+    rows = tl.arange(0, R_)[:, None]
+    cols = tl.arange(0, N_)[None, :]
+    s0 = tl.load(scales_ptr + cols)
+    s1 = tl.load(scales_ptr + N_ + cols)
+    s2 = tl.load(scales_ptr + 2 * N_ + cols)
+    s3 = tl.load(scales_ptr + 3 * N_ + cols)
+    slots = dequant_slots_scaled_centred(tl.load(words_ptr + rows * N_ + cols), s0, s1, s2, s3, BITS,
+                                         out_ptr.dtype.element_ty, False)
+    for j in tl.static_range(32 // BITS):
+        tl.store(out_ptr + j * R_ * N_ + rows * N_ + cols, slots[j])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("bits", "dtype"), CENTRED_VARIANTS)
+def test_scaled_centred_slots_round_once(bits: int, dtype: str) -> None:
+    """(q - 2^(bits - 1)) * s, one scale per quarter, no offset: torch's exact float32 product rounded once."""
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    pack = 32 // bits
+    words = _random_words()
+    scales = (torch.rand(QUARTERS, BLOCK_N) * 0.02 + 0.001).to(torch_dtype).cuda()
+    out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=torch_dtype).cuda()
+    _scaled_centred_kernel[(1,)](words, scales, out, BITS=bits, R_=R, N_=BLOCK_N)
+    quarter = torch.arange(pack, device="cuda") * QUARTERS // pack
+    exact = (_codes(words, bits) - (1 << (bits - 1))).float() * scales.float()[quarter][:, None, :]
+    assert torch.equal(out, exact.to(torch_dtype))
 
 
 # ----- CPU: the generated PTX through an emulator of the instructions it uses (tests/ptx_emulator.py) -----
@@ -158,11 +198,7 @@ def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool, p
         scales = (torch.rand(quarters, 2) * 0.02 + 0.001).to(torch_dtype)
         operands = [0] * num_outputs + stored
         for q in range(quarters):
-            if bits == 8 and dtype == "bf16":  # float32 offsets, one register per element
-                operands += [_float_bits(-(8388608.0 + float(z))) for z in zeros[q]]
-            else:
-                magic = 128.0 if dtype == "bf16" else 1024.0
-                operands.append(_pack_pair(-(magic + zeros[q].double()), torch_dtype))
+            operands.append(_pack_pair(-(_magic(bits, dtype) + zeros[q].double()), torch_dtype))
         if scaled:
             operands += [_pack_pair(scales[q].double(), torch_dtype) for q in range(quarters)]
         assert len(operands) == len(constraints.split(","))
@@ -182,24 +218,63 @@ def test_raw_ptx_is_magic_plus_the_code(bits: int, dtype: str, paired: bool) -> 
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
     asm, constraints = dequant_asm(bits, dtype, scaled=False, offset=False, paired=paired)
     assert constraints.count("=r") == 32 // bits and len(constraints.split(",")) == 32 // bits + 2
-    magic = 128.0 if dtype == "bf16" else 1024.0
     for _ in range(20):
         words, stored = _random_pair(bits, paired)
         result = run(asm, [0] * (32 // bits) + stored)
         for j in range(32 // bits):
             codes = torch.tensor([(w >> (bits * j)) & ((1 << bits) - 1) for w in words], dtype=torch.float64)
-            assert result[j] == _pack_pair(codes + magic, torch_dtype), (j, words)
+            assert result[j] == _pack_pair(codes + _magic(bits, dtype), torch_dtype), (j, words)
 
 
-def test_int8_bf16_has_no_raw_form() -> None:
-    with pytest.raises(ValueError, match="int8 bf16"):
-        dequant_asm(8, "bf16", scaled=False, offset=False)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_int8_bf16_ptx_takes_every_code(scaled: bool) -> None:
+    """All 256 codes in every slot, with random zero points per quarter (and scales): int8 + bf16 splits each
+    code at bit 7, so each of its halves must come out right."""
+    asm, constraints = dequant_asm(8, "bf16", scaled)
+    quarters = QUARTERS if scaled else 1
+    for code in range(256):
+        other = int(torch.randint(0, 256, ()))
+        zeros = torch.randint(0, 256, (quarters, 2))
+        scales = (torch.rand(quarters, 2) * 0.02 + 0.001).to(torch.bfloat16)
+        operands = [0] * 4 + [code * 0x01010101, other * 0x01010101]
+        operands += [_pack_pair(128.0 - zeros[q].double(), torch.bfloat16) for q in range(quarters)]
+        if scaled:
+            operands += [_pack_pair(scales[q].double(), torch.bfloat16) for q in range(quarters)]
+        assert len(operands) == len(constraints.split(","))
+        result = run(asm, operands)
+        for j in range(4):
+            q = j * quarters // 4
+            expected = torch.tensor([code, other], dtype=torch.float64) - zeros[q].double()
+            if scaled:
+                expected = expected * scales[q].double()
+            assert result[j] == _pack_pair(expected, torch.bfloat16), (j, code, other, zeros[q].tolist())
+
+
+@pytest.mark.parametrize(("bits", "dtype"), CENTRED_VARIANTS)
+def test_scaled_centred_ptx_has_no_offset(bits: int, dtype: str) -> None:
+    """Every code (all 256 bytes in each slot, random scales) as (q - 2^(bits - 1)) * s rounded once."""
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    asm, constraints = dequant_asm(bits, dtype, scaled=True, offset=False)
+    assert len(constraints.split(",")) == 32 // bits + 2 + QUARTERS
+    slots = 32 // bits
+    for code in range(256):
+        other = int(torch.randint(0, 256, ()))
+        words = [code * 0x01010101, other * 0x01010101]
+        scales = (torch.rand(QUARTERS, 2) * 0.02 + 0.001).to(torch_dtype)
+        result = run(asm, [0] * slots + words + [_pack_pair(scales[q].double(), torch_dtype) for q in range(QUARTERS)])
+        for j in range(slots):
+            q = j * QUARTERS // slots
+            expected = (torch.tensor([code, other], dtype=torch.float64) - (1 << (bits - 1))) * scales[q].double()
+            assert result[j] == _pack_pair(expected, torch_dtype), (j, code, other)
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(4, "bf16"), (4, "f16"), (8, "f16")])
+def test_only_centred_variants_scale_without_an_offset(bits: int, dtype: str) -> None:
+    with pytest.raises(ValueError, match=f"int{bits} {dtype}"):
+        dequant_asm(bits, dtype, scaled=True, offset=False)
 
 
 def _pack_pair(values: torch.Tensor, dtype: torch.dtype) -> int:
     bits = values.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     return int(bits[0]) | (int(bits[1]) << 16)
 
-
-def _float_bits(value: float) -> int:
-    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32)[0]) & 0xFFFFFFFF

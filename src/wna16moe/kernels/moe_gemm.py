@@ -45,6 +45,7 @@ from triton.compiler.compiler import max_shared_mem
 from wna16moe.kernels.activation import ACT_SILU, gated_activation
 from wna16moe.kernels.dequant import (
     QUARTERS,
+    centred,
     dequant_magic,
     dequant_offset,
     dequant_slots,
@@ -227,7 +228,7 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
     elif FAST_DEQUANT:  # one group covers the tile
         z = _zero_points(z_row, BITS, HAS_ZP)
         partial = tl.zeros(acc.shape, dtype=tl.float32)
-        if BITS == 8 and DTYPE == tl.bfloat16:  # the offset is removed inside the dequantization
+        if centred(BITS, DTYPE):  # the offset (none without zero points) added inside the dequantization
             slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE, False)
             for j in tl.static_range(PACK):
                 offs = k + j * R + tl.arange(0, R)
@@ -245,7 +246,7 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
                 a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
                 partial = tl.dot(a, slots[j], partial)
                 row_sums = tl.dot(a, ones, row_sums)
-            partial -= row_sums * (dequant_magic(DTYPE) + z.to(tl.float32))[None, :]
+            partial -= row_sums * (dequant_magic(BITS, DTYPE) + z.to(tl.float32))[None, :]
         acc += partial * s_row.to(tl.float32)[None, :]
     else:
         SLOTS_PER_GROUP: tl.constexpr = GROUP_IN_TILE // R

@@ -75,11 +75,13 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warp
 from wna16moe.kernels.activation import gated_activation
 from wna16moe.kernels.dequant import (
     QUARTERS,
+    centred,
     dequant_magic,
     dequant_offset,
     dequant_slots,
     dequant_slots_raw,
     dequant_slots_scaled,
+    dequant_slots_scaled_centred,
 )
 from wna16moe.kernels.grid_dependence import enter_dependent, leave_main_loop
 from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
@@ -210,12 +212,12 @@ def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, HAS_PERM: gl.conste
 
 @gluon.jit
 def _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, shared_sums, BITS: gl.constexpr, HAS_ZP: gl.constexpr,
-              GROUP_IN_TILE: gl.constexpr, RAW: gl.constexpr, SUMS_IN: gl.constexpr):
+              GROUP_IN_TILE: gl.constexpr, SUMS_IN: gl.constexpr):
     """acc + W^T a^T over one tile, group by group (module docstring); returns it with the activations' sums
     over each group, computed here unless SUMS_IN (then `shared_sums`: GEMM1's up half reuses the gate's).
 
-    The slots hold q + m exactly, m = magic (RAW) or -2^(bits - 1) (the asm subtracts the midpoint), so a
-    group's sum is part - (m + z) * sum(a), and without zero points in the second form the term is zero.
+    The slots hold m + q exactly (m = `dequant_magic`), so a group's sum is part - (m + z) * sum(a); centred
+    codes (m = -2^(bits - 1), int8 + bf16) without zero points need no sums.
     """
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
@@ -223,13 +225,9 @@ def _tile_mma(acc, words, b_tiles, ones, s_rows, z_rows, shared_sums, BITS: gl.c
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     DTYPE: gl.constexpr = b_tiles[0].dtype
     MID: gl.constexpr = 1 << (BITS - 1)
-    NEED_SUMS: gl.constexpr = RAW or HAS_ZP
-    if RAW:
-        slots = dequant_slots_raw(words, BITS, DTYPE, True)
-        m = dequant_magic(DTYPE)
-    else:
-        slots = dequant_slots(words, dequant_offset(gl.full_like(words, MID), BITS, DTYPE), BITS, DTYPE, True)
-        m = -MID
+    NEED_SUMS: gl.constexpr = HAS_ZP or not centred(BITS, DTYPE)
+    slots = dequant_slots_raw(words, BITS, DTYPE, True)
+    m = dequant_magic(BITS, DTYPE)
     sums = ()
     for g in gl.static_range(NG):
         part = gl.zeros_like(acc)
@@ -258,14 +256,20 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
     point (the rows in the words' layout)."""
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     MID: gl.constexpr = 1 << (BITS - 1)
+    CENTRED: gl.constexpr = not HAS_ZP and centred(BITS, DTYPE)  # (no offset to add)
     offsets = ()
     scales = ()
     for q in gl.static_range(_QUARTERS):
-        z = z_rows[q * NG // _QUARTERS].to(gl.int32) if HAS_ZP else gl.full_like(s_rows[0], MID, dtype=gl.int32)
-        offsets = offsets + (dequant_offset(z, BITS, DTYPE)[:, None],)
+        if not CENTRED:
+            z = z_rows[q * NG // _QUARTERS].to(gl.int32) if HAS_ZP else gl.full_like(s_rows[0], MID, dtype=gl.int32)
+            offsets = offsets + (dequant_offset(z, BITS, DTYPE)[:, None],)
         scales = scales + (s_rows[q * NG // _QUARTERS].to(DTYPE)[:, None],)
-    return dequant_slots_scaled(words, offsets[0], offsets[1], offsets[2], offsets[3], scales[0], scales[1],
-                                scales[2], scales[3], BITS, DTYPE, True)
+    if CENTRED:
+        slots = dequant_slots_scaled_centred(words, scales[0], scales[1], scales[2], scales[3], BITS, DTYPE, True)
+    else:
+        slots = dequant_slots_scaled(words, offsets[0], offsets[1], offsets[2], offsets[3], scales[0], scales[1],
+                                     scales[2], scales[3], BITS, DTYPE, True)
+    return slots
 
 
 @gluon.jit
@@ -325,10 +329,12 @@ def _exact_slots(words, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexpr, DTYPE:
     midpoint)."""
     MID: gl.constexpr = 1 << (BITS - 1)
     if HAS_ZP:
-        offset = dequant_offset(z_rows[0].to(gl.int32), BITS, DTYPE)[:, None]
+        slots = dequant_slots(words, dequant_offset(z_rows[0].to(gl.int32), BITS, DTYPE)[:, None], BITS, DTYPE, True)
+    elif centred(BITS, DTYPE):  # (the raw slots are q - MID)
+        slots = dequant_slots_raw(words, BITS, DTYPE, True)
     else:
-        offset = dequant_offset(gl.full_like(words, MID), BITS, DTYPE)
-    return dequant_slots(words, offset, BITS, DTYPE, True)
+        slots = dequant_slots(words, dequant_offset(gl.full_like(words, MID), BITS, DTYPE), BITS, DTYPE, True)
+    return slots
 
 
 @gluon.jit
@@ -458,13 +464,12 @@ def _ring_operands(a_tile, PACK: gl.constexpr, B_OP: gl.constexpr):
 
 @gluon.jit
 def _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS: gl.constexpr,
-               HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, RAW: gl.constexpr, GATED: gl.constexpr):
+               HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr):
     """Both accumulators past one tile: its words, scale rows (`_side`) and activation operands."""
-    acc, sums = _tile_mma(acc, words, b_tiles, ones, scales[0], scales[1], (), BITS, HAS_ZP, GROUP_IN_TILE, RAW,
-                          False)
+    acc, sums = _tile_mma(acc, words, b_tiles, ones, scales[0], scales[1], (), BITS, HAS_ZP, GROUP_IN_TILE, False)
     if GATED:
         acc_up, sums = _tile_mma(acc_up, words_up, b_tiles, ones, scales_up[0], scales_up[1], sums, BITS, HAS_ZP,
-                                 GROUP_IN_TILE, RAW, True)
+                                 GROUP_IN_TILE, True)
     return acc, acc_up
 
 
@@ -485,7 +490,7 @@ def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_s
                s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size,
                stride_sg, PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
                HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
-               ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr, RAW: gl.constexpr,
+               ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr,
                SCALED: gl.constexpr, POST_SCALED: gl.constexpr, USE_WGMMA: gl.constexpr, DTYPE: gl.constexpr,
                A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr,
                AHEAD: gl.constexpr, CARRY: gl.constexpr):
@@ -516,7 +521,7 @@ def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_s
                                                  BITS, HAS_ZP, GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA, CARRY)
     else:
         acc, acc_up = _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS, HAS_ZP,
-                                 GROUP_IN_TILE, RAW, GATED)
+                                 GROUP_IN_TILE, GATED)
     if not COPY_A:  # (its stage's last reader finished before this tile's barrier)
         next_a_buf.store(a_next)
     return acc, acc_up, carried
@@ -615,7 +620,6 @@ def _block_gemm(
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
     SCALED: gl.constexpr = WIDE or GROUP_IN_TILE <= 32  # (measured at 32; 64 is not)
-    RAW: gl.constexpr = not (BITS == 8 and DTYPE == gl.bfloat16)
     # A wide block's activation tile [ROWS, TILE_K], 16 bytes per thread and load.
     A_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
 
@@ -797,7 +801,7 @@ def _block_gemm(
                         buffers[(slot + 1) % STAGES][4], k_r, k_r, k_step, k_first, KD, c_ptrs_r, c_mask_r, s_base_r,
                         z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE,
                         stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
-                        STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
+                        STAGES, BITS, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
                         CARRIED)
                     k_r += k_step
                     done += 1
@@ -835,7 +839,7 @@ def _block_gemm(
                         buffers[(slot + 1) % STAGES][4], k, k + AHEAD * k_step, k_step, k_first, k_end, c_ptrs,
                         c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
                         GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
-                        ALIGNED, STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
+                        ALIGNED, STAGES, BITS, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
                         AHEAD, CARRIED)
     else:
         slot = 0
@@ -845,7 +849,7 @@ def _block_gemm(
                 _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + AHEAD * k_step, k_step, k_first, k_end,
                 c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
                 GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
-                STAGES, BITS, RAW, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED)
+                STAGES, BITS, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED)
             slot = (slot + 1) % STAGES
     if CARRIED:  # (GEMM2: one accumulator)
         acc = warpgroup_mma_wait(0, deps=(acc,) + carried)[0]
