@@ -19,8 +19,8 @@ with one 16-byte load (`_load_words`). Triton's
 
 Blocks of 8 and 16 rows dequantize in the offset-free form (`dequant_slots_raw`: magic + q exactly); each
 group's partial sums are corrected with the activations' sums over the group, from one more mma against ones,
-and scaled: acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a). int8 with bfloat16 activations has no
-raw form and subtracts the offset in the asm (`dequant_slots`). Wide blocks (32 and 64 rows), where mma issue
+and scaled: acc += s * (sum_k a (magic + q) - (magic + z) * sum_k a); int8 with bfloat16 activations comes out
+centred (magic -128), so without zero points it needs no sums. Wide blocks (32 and 64 rows), where mma issue
 outweighs dequantization, and groups of 32 (corrections and scale rows per group, four per tile) take the
 weights scaled in the asm instead (`dequant_slots_scaled`): one chain of mmas, no group sums (kimi-k2, same
 tiles: 7-13% faster at M = 8-128, 8% slower at one token, where the table keeps `moe_gemm`; NOTES.md v27).
