@@ -101,24 +101,25 @@ def test_tile_interleave_round_trip_and_slot_order(bits: int, paired: bool) -> N
     r = TILE_K * bits // 32
     assert words.shape == (5, 3 * r)
     assert torch.equal(tile_deinterleave(words, bits, kd, paired), codes)
-    # slot j of word r in tile t holds kd = t * TILE_K + j * R + r (paired int4: once the halves are exchanged back)
-    plain = exchange_halves(words) if paired and bits == 4 else words
+    # slot j of word r in tile t holds kd = t * TILE_K + j * R + r (paired: once the halves are exchanged back)
+    plain = exchange_halves(words) if paired else words
     assert torch.equal(plain, tile_interleave(codes, bits))
     t, j, row = 1, 2, 3
     assert int((plain[0, t * r + row] >> (bits * j)) & ((1 << bits) - 1)) == int(codes[0, t * TILE_K + j * r + row])
-    if paired and bits == 4:  # word rows 2m and 2m + 1 hold (kd, kd + 1) at the same bits of their two halves
-        m, i = 3, 2
+    if paired:  # word rows 2m and 2m + 1 hold (kd, kd + 1) at the same bits of their two halves
+        m, i, half_slots, mask = 3, 1, 16 // bits, (1 << bits) - 1
         first, second = int(words[0, t * r + 2 * m]), int(words[0, t * r + 2 * m + 1])
-        for word, slot in ((first, i), (second, 4 + i)):
+        for word, slot in ((first, i), (second, half_slots + i)):
             kd = t * TILE_K + slot * r + 2 * m
-            assert (word >> (4 * i)) & 15 == int(codes[0, kd]) and (word >> (16 + 4 * i)) & 15 == int(codes[0, kd + 1])
+            assert (word >> (bits * i)) & mask == int(codes[0, kd])
+            assert (word >> (16 + bits * i)) & mask == int(codes[0, kd + 1])
 
 
 @pytest.mark.parametrize("scheme_name", ["int4_g64_zp", "int8_g128_sym"])
 def test_fragment_tiles_hold_the_paired_words_in_fragment_order(scheme_name: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Hopper's layout (where `stores_fragment_tiles`): per half tile of 16 word rows (int4: a K tile; int8: half
-    of one), each column's 16 words contiguous (int4 paired), position p = 4q + 2h + l holding word row
+    of one), each column's 16 words contiguous (paired), position p = 4q + 2h + l holding word row
     8h + 2q + l, so that mma thread q's rows 2q, 2q + 1, 2q + 8, 2q + 9 are 16 contiguous bytes;
     `unfragment_tiles` undoes it."""
     import wna16moe.experts.triton as backend
@@ -135,10 +136,10 @@ def test_fragment_tiles_hold_the_paired_words_in_fragment_order(scheme_name: str
     assert hopper["w13"].shape == (e, 3 * halves, 128, 16) and hopper["w2"].shape == (e, halves, h, 16)
     for name in ("w13", "w2"):
         words = plain[name].transpose(1, 2)  # [E, N_total, tiles * R]
-        words = exchange_halves(words) if scheme.bits == 4 else words
+        words = exchange_halves(words)
         assert hopper[name].is_contiguous() and torch.equal(unfragment_tiles(hopper[name]), words)
     words = plain["w13"].transpose(1, 2)
-    words = exchange_halves(words) if scheme.bits == 4 else words
+    words = exchange_halves(words)
     for q, h_, l_ in ((0, 0, 0), (1, 1, 0), (3, 1, 1), (2, 0, 1)):  # the last K tile's last half tile
         half = 3 * halves - 1
         assert torch.equal(hopper["w13"][:, half, :, 4 * q + 2 * h_ + l_], words[:, :, half * 16 + 8 * h_ + 2 * q + l_])
@@ -146,7 +147,7 @@ def test_fragment_tiles_hold_the_paired_words_in_fragment_order(scheme_name: str
 
 @pytest.mark.parametrize("scheme_name", ["int4_g32_sym", "int4_g128_zp", "int8_g64_zp"])
 def test_fragment_tiles_read_as_plain_words(scheme_name: str) -> None:
-    """Triton's kernel reads fragment tiles (the Gluon kernels' layout, a 4-D w; int4 words with each word's
+    """Triton's kernel reads fragment tiles (the Gluon kernels' layout, a 4-D w; paired words with each word's
     partner): the same GEMM1 (gate and up halves) as from plain words, bit for bit (different words would not
     be)."""
     scheme = WeightScheme.from_name(scheme_name)
@@ -155,7 +156,7 @@ def test_fragment_tiles_read_as_plain_words(scheme_name: str) -> None:
     w = prepare_triton_weights(experts, torch.device("cpu"))
     plain = w["w13"].to(DEVICE)
     words = plain.transpose(1, 2)
-    tiles = fragment_tiles(exchange_halves(words) if scheme.bits == 4 else words)
+    tiles = fragment_tiles(exchange_halves(words))
     x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
     _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
     blocks = moe_align_block_size(ids, e, 16)
@@ -563,7 +564,7 @@ def test_gpu_both_dequant_paths(scheme_name: str, ptx_dequant: bool, monkeypatch
     TritonConfig(64, 128, 128, num_warps=4, num_stages=3, swap_ab=True),
     TritonConfig(128, 64, 64, num_warps=4, num_stages=3, swap_ab=True),
     TritonConfig(16, 64, 64, split_k2=2, swap_ab=True),  # decode-sized M block, split GEMM2
-    # two warpgroups along the tokens (2 stages: on Hopper the int4 words are paired, and their partner rows'
+    # two warpgroups along the tokens (2 stages: on Hopper the words are paired, and their partner rows'
     # loads take shared memory too; 3 stages need ~246 KB there)
     TritonConfig(256, 64, 64, num_warps=8, num_stages=2, swap_ab=True),
 ], ids=["bm128-bn128-w8", "bm64-bn128-w4", "bm128-bn64-w4", "bm16-bn64-split2", "bm256-bn64-w8"])

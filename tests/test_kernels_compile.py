@@ -92,7 +92,7 @@ DECODE_CASES = [
     dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=8, block_n=64, warps=4, pair=False,
          loop_budget=395),
     dict(gated=False, bits=8, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=False,
-         loop_budget=215),
+         loop_budget=195),
     dict(gated=True, bits=8, zp=True, perm=False, group=64, block_m=8, block_n=64, warps=4, pair=True, dtype="fp16",
          loop_budget=425),
     # Wide blocks (activations through shared memory, weights scaled in the asm): GEMM1 32 rows; GEMM2 64 rows
@@ -108,7 +108,7 @@ DECODE_CASES = [
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=64, block_n=128, warps=8, pair=False,
          loop_budget=535),
     dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
-         loop_budget=545),
+         loop_budget=505),
     # Rows not in whole 16-byte pieces (cp.async moves 4, 8 or 16 bytes): scale and zero-point rows, and a wide
     # block's activations, through registers
     dict(gated=False, bits=4, zp=True, perm=False, group=32, block_m=8, block_n=64, warps=4, pair=False,
@@ -161,7 +161,7 @@ DECODE_CASES = [
     dict(gated=True, bits=4, zp=False, perm=False, group=32, block_m=64, block_n=128, warps=8, pair=False,
          loop_budget=490, wgmma=True),
     dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=32, block_n=64, warps=4, pair=False,
-         loop_budget=560, wgmma=True),
+         loop_budget=525, wgmma=True),
     dict(gated=False, bits=4, zp=True, perm=True, group=128, block_m=32, block_n=64, warps=4, pair=False,
          loop_budget=430, wgmma=True),
     # 128 rows at 8 warps (prefill): twice the rows per dequantized weight of the 64-row blocks
@@ -174,15 +174,15 @@ DECODE_CASES = [
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=64, warps=4, pair=False,
          stages=2, loop_budget=440, wgmma=True),
     # ... and int8 (W8A16's prefill entries), its rings indexed at run time (unrolled, the 128-row loops spilled):
-    # GEMM1 128 x 128 and GEMM2 128 x 256 at 8 warps, 3 stages; GEMM1 64 wide at 4 warps, 2 stages (493 / 502 / 521
-    # instructions per tile since int8 + bf16 dequantizes in two halves, 672 / 670 / 709 before; GEMM2 spills one
-    # word per tile)
+    # GEMM1 128 x 128 and GEMM2 128 x 256 at 8 warps, 3 stages; GEMM1 64 wide at 4 warps, 2 stages (453 / 471 / 465
+    # instructions per tile since int8 + bf16 dequantizes in two halves from paired words, v68; 672 / 670 / 709
+    # before)
     dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=8, pair=False,
-         stages=3, loop_budget=545, wgmma=True),
+         stages=3, loop_budget=500, wgmma=True),
     dict(gated=False, bits=8, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
-         stages=3, loop_budget=555, wgmma=True, loop_spills=1),
+         stages=3, loop_budget=520, wgmma=True),
     dict(gated=True, bits=8, zp=False, perm=False, group=128, block_m=128, block_n=64, warps=4, pair=False,
-         stages=2, loop_budget=570, wgmma=True),
+         stages=2, loop_budget=515, wgmma=True),
     # GEMM2 on 128 x 256 blocks (the prefill entries', v39) at 3 stages: no spill in its loops. (At 4, deepseek-v3's
     # entry, ptxas spills 2 words per 4-tile iteration of the 128-row loop, as GEMM1 at 4 stages does.)
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
@@ -198,7 +198,7 @@ DECODE_CASES = [
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=256, warps=4, pair=False,
          stages=3, loop_budget=880, wgmma=True, carry=2),
     dict(gated=False, bits=8, zp=True, perm=False, group=128, block_m=64, block_n=256, warps=8, pair=False,
-         stages=3, loop_budget=610, wgmma=True, carry=1),  # (558 per tile; 692 before the two halves)
+         stages=3, loop_budget=580, wgmma=True, carry=1),  # (526 per tile; 692 before v68)
 ]
 
 

@@ -171,10 +171,10 @@ def test_scaled_centred_slots_round_once(bits: int, dtype: str) -> None:
 # ----- CPU: the generated PTX through an emulator of the instructions it uses (tests/ptx_emulator.py) -----
 
 def _random_pair(bits: int, paired: bool) -> tuple[list[int], list[int]]:
-    """Two random words (a pair of neighbouring elements) and the two the asm takes: int4 paired as stored,
-    their halves exchanged (`layout.exchange_halves`)."""
+    """Two random words (a pair of neighbouring elements) and the two the asm takes: paired as stored, their
+    halves exchanged (`layout.exchange_halves`)."""
     words = torch.randint(0, 2**32, (2,), dtype=torch.int64)
-    stored = exchange_halves(words.to(torch.int32)).long() & 0xFFFFFFFF if paired and bits == 4 else words
+    stored = exchange_halves(words.to(torch.int32)).long() & 0xFFFFFFFF if paired else words
     return [int(w) for w in words], [int(w) for w in stored]
 
 
@@ -189,7 +189,7 @@ def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool, p
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
     slots, mask = 32 // bits, (1 << bits) - 1
     asm, constraints = dequant_asm(bits, dtype, scaled, paired=paired)
-    assert ("prmt.b32" in asm) == (not paired or bits == 8)
+    assert ("prmt.b32" in asm) == (not paired)
     num_outputs = constraints.count("=r")
     quarters = QUARTERS if scaled else 1
     for _ in range(20):
@@ -227,16 +227,19 @@ def test_raw_ptx_is_magic_plus_the_code(bits: int, dtype: str, paired: bool) -> 
 
 
 @pytest.mark.parametrize("scaled", [False, True])
-def test_int8_bf16_ptx_takes_every_code(scaled: bool) -> None:
+@pytest.mark.parametrize("paired", [False, True])
+def test_int8_bf16_ptx_takes_every_code(scaled: bool, paired: bool) -> None:
     """All 256 codes in every slot, with random zero points per quarter (and scales): int8 + bf16 splits each
     code at bit 7, so each of its halves must come out right."""
-    asm, constraints = dequant_asm(8, "bf16", scaled)
+    asm, constraints = dequant_asm(8, "bf16", scaled, paired=paired)
     quarters = QUARTERS if scaled else 1
     for code in range(256):
         other = int(torch.randint(0, 256, ()))
         zeros = torch.randint(0, 256, (quarters, 2))
         scales = (torch.rand(quarters, 2) * 0.02 + 0.001).to(torch.bfloat16)
-        operands = [0] * 4 + [code * 0x01010101, other * 0x01010101]
+        words = torch.tensor([code * 0x01010101, other * 0x01010101], dtype=torch.int64)
+        stored = exchange_halves(words.to(torch.int32)).long() & 0xFFFFFFFF if paired else words
+        operands = [0] * 4 + [int(w) for w in stored]
         operands += [_pack_pair(128.0 - zeros[q].double(), torch.bfloat16) for q in range(quarters)]
         if scaled:
             operands += [_pack_pair(scales[q].double(), torch.bfloat16) for q in range(quarters)]

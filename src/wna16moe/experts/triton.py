@@ -14,8 +14,8 @@ Prepared layout (`prepare_weights`), I' = I padded to INTERMEDIATE_ALIGN, W(K) =
 words, PACK = 32 // bits:
     w13        [E, W(H), 2I'] int32       K-major, tile-interleaved (kernels/layout.py); gate columns [0, I'),
                                           up columns [I', 2I'); a tile is one coalesced load along N. On
-                                          Hopper: [E, W(H) / 16, 2I', 16], fragment tiles (layout.py), int4
-                                          words paired
+                                          Hopper: [E, W(H) / 16, 2I', 16], fragment tiles (layout.py), words
+                                          paired
     w13_scales [E, G1, 2I']               scale dtype of the checkpoint, N contiguous like the words
     w13_zeros  [E, G1, 2I'] uint8         zero-point schemes only
     w13_perm   [E, H] int32               act-order only: H in group order; hidden columns are gathered by it
@@ -204,7 +204,7 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 
     On Hopper (`hopper`: sm_90 with NVIDIA PTX, where the H200 table was measured) the Gluon decode kernel
     (`decode`) runs every row count, as in every int4 entry of the H200 table (words are stored in fragment
-    tiles there, int4 paired, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at
+    tiles there, paired, which the Triton kernel reads only with a second load per word: 2.2-4.5x slower at
     8 and 64-85 rows per expert, v47); int8 too (at 6 rows per expert its 8-row blocks at 2 stages were 8-15%
     faster than the Triton kernel's 16-row blocks on three shapes off the table, v48). See `_decode_default`
     for its tiles. Elsewhere the smallest M block while experts see few rows (decode streams each expert's
@@ -386,7 +386,7 @@ def _prepare_projection(weight: QuantizedWeight, rows_out: int, cols_out: int, r
             out[f"{name}_perm"][expert, :k] = order.to(torch.int32)
         padded = torch.zeros(n, cols_out, dtype=torch.uint8, device=device)
         padded[:, :k] = codes
-        packed = tile_interleave(padded, s.bits, paired=fragment)  # (int4 words paired in fragment tiles)
+        packed = tile_interleave(padded, s.bits, paired=fragment)  # (words paired in fragment tiles)
         scales = weight.scales[expert].to(device).t()
         zeros = None if weight.zeros is None else weight.zeros[expert].to(device).t()
         for (src_begin, src_end), dst in row_blocks:
@@ -413,12 +413,13 @@ def prepare_triton_weights(experts: QuantizedExperts, device: torch.device) -> d
 
 
 def stores_fragment_tiles(device: torch.device) -> bool:
-    """Whether words are stored in fragment tiles on `device`, int4 ones paired (`layout.py`): on Hopper with the
+    """Whether words are stored in fragment tiles on `device`, paired (`layout.py`): on Hopper with the
     PTX dequantization, where the Gluon decode kernels, which read only that layout, run the shipped table and the
     defaults (int4 paired, they skip a byte permute per word: up to 4.5% faster at M = 1-512 on an H200, none
     slower, NOTES.md v46; in fragment tiles, a thread's words of a column are one 16-byte load: int4 -1.1% over
     18 table rows, kimi-k2 M = 512 -13%, v48; int8 v51). Elsewhere Triton's kernel runs them, and the words stay
-    plain: it reads int4 paired words only with a second load, of each word's partner."""
+    plain: it reads paired words only with a second load, of each word's partner. (int8 paired since v68: a shift
+    per odd slot instead of a byte permute per slot.)"""
     return _ptx_dequant(device) and torch.cuda.get_device_capability(device)[0] == 9
 
 

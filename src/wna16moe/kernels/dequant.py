@@ -14,10 +14,11 @@ multiplies by the scale in the activation dtype (one rounding, as a bf16/fp16 de
 smaller than the 128-deep tile then need no per-group partial sums.
 
 One asm instance takes two words of the same slot position (`pack=2`: two neighbouring elements of a
-thread) and returns every slot of both as packed pairs, one output tensor per slot. On Hopper int4 words are
-stored paired, the halves of each pair of word rows exchanged (`layout.exchange_halves`); the paired form takes
-them so, word rows 2m and 2m + 1 of one column in one instance, and needs no byte permute to join two words'
-halves (one of eight integer instructions per word). Only a caller whose register layout guarantees that pairing
+thread) and returns every slot of both as packed pairs, one output tensor per slot. On Hopper words are stored
+paired, the halves of each pair of word rows exchanged (`layout.exchange_halves`); the paired form takes them so,
+word rows 2m and 2m + 1 of one column in one instance, and needs no byte permute to join two words' halves (int4:
+one of eight integer instructions per word; int8: a byte permute per slot becomes a shift per odd slot). Only a
+caller whose register layout guarantees that pairing
 (the Gluon kernels' mma operand layout) may use it; the others (Triton's `tl.dot` operands) exchange the halves
 back first and take the unpaired form, which is elementwise. The tile's slots are cut into four quarters of
 32 reduction rows (groups are at least 32 deep, so a quarter lies in one group): the scaled form takes one
@@ -45,8 +46,7 @@ _LOP_ANDNOT_OR = "0xAE"  # lop3 truth table of (~a & b) | c
 
 def dequant_asm(bits: int, dtype: str, scaled: bool, offset: bool = True, paired: bool = False) -> tuple[str, str]:
     """PTX and constraints of `dequant_slots` / `dequant_slots_scaled` / `dequant_slots_raw` for `bits` and
-    `dtype` ("bf16", "f16"); `paired`: int4 words whose halves are exchanged in pairs (module docstring; int8
-    words are never paired, and int8 ignores it).
+    `dtype` ("bf16", "f16"); `paired`: words whose halves are exchanged in pairs (module docstring).
 
     Outputs $0..: one packed pair per slot. Inputs: the two words; the negative offset -(magic + z) (one
     packed pair for the tile, or one per quarter when scaled); when scaled, one packed scale pair per quarter.
@@ -83,13 +83,20 @@ def dequant_asm(bits: int, dtype: str, scaled: bool, offset: bool = True, paired
                 lines.append(f"fma.rn.{dtype}x2 ${j}, ${j}, one, {offset_reg(j)};")
     else:  # int8: byte j of both words into the low bytes of the two halves
         for j in range(slots):
-            lines.append(f"prmt.b32 t, {wa}, {wb}, 0x{4 + j}{4 + j}{j}{j};")
+            if not paired:
+                lines.append(f"prmt.b32 t, {wa}, {wb}, 0x{4 + j}{4 + j}{j}{j};")
+                src = "t"
+            elif j % 2:  # (paired: slots 0 / 1 in the first word's bytes 0, 2 / 1, 3, slots 2 / 3 in the second's)
+                lines.append(f"shr.u32 t, {wb if j > 1 else wa}, 8;")
+                src = "t"
+            else:
+                src = wb if j > 1 else wa
             if dtype == "bf16":  # 128 + (q & 127) and -(256 - (q & 128)): their sum is q - 128
-                lines += [f"lop3.b32 ${j}, t, 0x007F007F, 0x43004300, {_LOP_AND_OR};",
-                          f"lop3.b32 t, t, 0x00800080, 0xC300C300, {_LOP_ANDNOT_OR};",
+                lines += [f"lop3.b32 ${j}, {src}, 0x007F007F, 0x43004300, {_LOP_AND_OR};",
+                          f"lop3.b32 t, {src}, 0x00800080, 0xC300C300, {_LOP_ANDNOT_OR};",
                           f"fma.rn.bf16x2 ${j}, ${j}, one, t;"]
             else:
-                lines.append(f"lop3.b32 ${j}, t, 0x00FF00FF, {_MAGIC16[dtype]}, {_LOP_AND_OR};")
+                lines.append(f"lop3.b32 ${j}, {src}, 0x00FF00FF, {_MAGIC16[dtype]}, {_LOP_AND_OR};")
             if offset:
                 lines.append(f"fma.rn.{dtype}x2 ${j}, ${j}, one, {offset_reg(j)};")
     if scaled:
@@ -100,7 +107,7 @@ def dequant_asm(bits: int, dtype: str, scaled: bool, offset: bool = True, paired
 
 
 # Kernels read module globals only as constexprs. Each table holds one entry per variant in _ORDER, unpaired
-# then paired (the scaled raw table only int8 bf16; int8 words are never paired, so its two entries are equal).
+# then paired (the scaled raw table only int8 bf16's).
 _ORDER = ((4, "bf16"), (4, "f16"), (8, "bf16"), (8, "f16"))
 
 

@@ -4,12 +4,12 @@ K-major and tile-interleaved: the reduction dim is cut into tiles of TILE_K elem
 (of R = TILE_K // PACK words per column) holds in slot j (bits [j * bits, (j + 1) * bits)) the code of
 reduction index j * R + r. Slot j of a tile's words is thus the contiguous sub-block [j * R, (j + 1) * R).
 
-Paired (int4, for the Gluon kernels): the words then exchange 16-bit halves in pairs (`exchange_halves`): of
-word rows 2m and 2m + 1, the first holds both low halves (slots 0-3), the second both high halves (slots 4-7).
+Paired (for the Gluon kernels): the words then exchange 16-bit halves in pairs (`exchange_halves`): of word
+rows 2m and 2m + 1, the first holds both low halves (int4 slots 0-3, int8 slots 0-1), the second both high halves.
 Reduction indices j * R + 2m and j * R + 2m + 1, the packed pair an mma register holds, then sit at the same
 bits of the two halves of one word, which the dequantization takes without a byte permute (`kernels/dequant.py`).
 
-Fragment tiles (as the Gluon kernels read the words, int4 paired, `fragment_tiles`): a tile's word rows in half
+Fragment tiles (as the Gluon kernels read the words, paired, `fragment_tiles`): a tile's word rows in half
 tiles of 16 (one for int4, R = 16; two for int8, R = 32), each column's 16 words of a half tile contiguous,
 [half tiles, N, 16], in the order of mma.sync's A fragment. Thread q of a 4-thread group holds word rows 2q,
 2q + 1, 2q + 8 and 2q + 9 of a half tile's column; position p = 4q + 2h + l holds word row 8h + 2q + l, so
@@ -44,7 +44,7 @@ FRAGMENT_ROWS = tuple(8 * (p >> 1 & 1) + 2 * (p >> 2) + (p & 1) for p in range(1
 
 
 def fragment_tiles(words: torch.Tensor) -> torch.Tensor:
-    """Words [..., N, tiles * R] (int4 paired) -> fragment tiles [..., tiles * R / 16, N, 16] (module
+    """Words [..., N, tiles * R] (paired) -> fragment tiles [..., tiles * R / 16, N, 16] (module
     docstring)."""
     n, width = words.shape[-2:]
     tiles = words.reshape(*words.shape[:-2], n, width // 16, 16)[..., list(FRAGMENT_ROWS)]
@@ -60,7 +60,7 @@ def unfragment_tiles(tiles: torch.Tensor) -> torch.Tensor:
 
 def tile_interleave(codes: torch.Tensor, bits: int, paired: bool = False) -> torch.Tensor:
     """Pack codes [..., KD] (uint8) into words [..., ceil(KD / TILE_K) * R] int32; KD is zero-padded. `paired`:
-    int4 words with their halves exchanged in pairs (module docstring)."""
+    words with their halves exchanged in pairs (module docstring)."""
     pack = 32 // bits
     r = words_per_tile(bits)
     kd = codes.shape[-1]
@@ -71,7 +71,7 @@ def tile_interleave(codes: torch.Tensor, bits: int, paired: bool = False) -> tor
     words = (slots << shifts).sum(-2)  # [..., t, r]; slots do not overlap, so the sum is an OR
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)
     words = words.reshape(*codes.shape[:-1], tiles * r).to(torch.int32)
-    return exchange_halves(words) if paired and bits == 4 else words
+    return exchange_halves(words) if paired else words
 
 
 def tile_deinterleave(words: torch.Tensor, bits: int, kd: int, paired: bool = False) -> torch.Tensor:
@@ -79,7 +79,7 @@ def tile_deinterleave(words: torch.Tensor, bits: int, kd: int, paired: bool = Fa
     pack = 32 // bits
     r = words_per_tile(bits)
     tiles = words.shape[-1] // r
-    if paired and bits == 4:
+    if paired:
         words = exchange_halves(words)
     shifts = (torch.arange(pack, device=words.device, dtype=torch.int32) * bits).view(pack, 1)
     slots = (words.reshape(*words.shape[:-1], tiles, 1, r) >> shifts) & ((1 << bits) - 1)  # [..., t, j, r]

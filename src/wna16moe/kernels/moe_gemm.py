@@ -15,8 +15,8 @@ is one coalesced [R, BLOCK_N] load, and slot j of all its words is the contiguou
 [j * R, (j + 1) * R) of the tile: unpacking is a shift and a mask per element, with no interleave, and each
 sub-block feeds its own `tl.dot` of depth R (16 for int4, 32 for int8). Words in fragment tiles (FRAGMENT:
 w[e, h, n, p] for the Gluon kernels, each column's words of a half tile of 16 word rows contiguous in mma
-fragment order, int4 words with their halves exchanged in pairs, `layout.py`) are read where they sit, int4
-words with their partner rows (r ^ 1, the neighbouring position) and exchanged back (`_exchange_halves`):
+fragment order, words with their halves exchanged in pairs, `layout.py`) are read where they sit, each
+word with its partner row (r ^ 1, the neighbouring position) and exchanged back (`_exchange_halves`):
 `tl.dot`'s operand layouts do not pair word rows as the Gluon kernels' do, and its loads along N are 64 bytes
 apart there. Sub-blocks
 never straddle a quantization group (groups are multiples of R), so the scale multiplies each group's partial
@@ -315,7 +315,7 @@ def _gemm_block(
     perm_ptr = a_perm_ptr + expert * KD
     word_rows = tl.arange(0, R)
     odd_rows = (word_rows % 2 == 1)[:, None]
-    PAIRED: tl.constexpr = FRAGMENT and BITS == 4
+    PAIRED: tl.constexpr = FRAGMENT
     if FRAGMENT:  # fragment tiles (layout.py): word row r of column n in half tile r // 16 (16 word rows of
         # stride_wk words each) at n * 16 + p(r % 16); an int4 word's partner at p(r) ^ 1
         positions = (word_rows // _FRAGMENT_WORDS * _FRAGMENT_WORDS * stride_wk + 4 * (word_rows // 2 % 4)
@@ -456,7 +456,7 @@ def _moe_gemm_kernel(
     ZERO_OUT: tl.constexpr,
     PDL: tl.constexpr,
     SHRINK: tl.constexpr,
-    FRAGMENT: tl.constexpr,  # words in fragment tiles (layout.py), int4 ones paired: read with their partners
+    FRAGMENT: tl.constexpr,  # words in fragment tiles (layout.py), paired: read with their partners
 ):
     enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
     pid = tl.program_id(0)
@@ -579,7 +579,7 @@ def moe_gemm(
     a : GEMM1 hidden_states [T, H]; GEMM2 intermediate [P, I]. bfloat16 or float16, row-major.
     w : [E, ceil(KD / TILE_K) * R, N_total] int32, tile-interleaved K-major (`layout.tile_interleave`, transposed);
         N_total = 2N for GEMM1 (gate columns, then up columns), N for GEMM2. Or in fragment tiles
-        [E, ceil(KD / TILE_K) * R / 16, N_total, 16] (`layout.fragment_tiles`, int4 words paired), the only layout
+        [E, ceil(KD / TILE_K) * R / 16, N_total, 16] (`layout.fragment_tiles`, words paired), the only layout
         the decode kernel reads; this module's kernel reads both.
     scales : [E, G, N_total]; zeros : [E, G, N_total] uint8 or None (symmetric: zero 2**(bits - 1)).
     a_perm : [E, KD] int32 act-order column order of `a`, or None.
