@@ -574,7 +574,13 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
     """Swap-AB (weights as the MMA's A operand, scaled in the dequantization) against EMULATION; H is not a
     whole number of 128-deep tiles where the groups allow it (the masked last tile of GEMM1)."""
     e, h, i = 16, 1152 if "g128" in scheme_name else 1088, 384
-    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
+    scheme = WeightScheme.from_name(scheme_name)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    if hopper and scheme.bits == 8 and config.block_m == 128 and config.num_warps == 8:
+        # (Hopper's paired int8 words and their partner rows: GEMM1 at 3 stages takes 238 KB of shared memory, past
+        # the 227 KB there; 139 KB at 2, CPU compile)
+        config = replace(config, num_stages=2)
+    experts = random_experts(e, h, i, scheme)
     for dtype in (torch.bfloat16, torch.float16):
         for t in (1, 40, 700):
             out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config=config)
