@@ -25,6 +25,7 @@ from wna16moe.kernels.dequant import (
 from wna16moe.kernels.layout import exchange_halves
 
 R, BLOCK_N = 16, 64
+TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def _magic(bits: int, dtype: str) -> float:
@@ -45,6 +46,15 @@ def _codes(words: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = (torch.arange(pack, device=words.device) * bits).view(pack, 1, 1)
     return (words.long()[None] >> shifts) & ((1 << bits) - 1)
 
+def _run(kernel, words: torch.Tensor, *inputs: torch.Tensor, bits: int, dtype: torch.dtype,
+         **constexprs: bool) -> torch.Tensor:
+    """The slots `kernel` stores for `words` (and its other inputs), [32 // bits, R, BLOCK_N] in dtype; NaN
+    wherever it stores nothing."""
+    out = torch.full((32 // bits, R, BLOCK_N), float("nan"), dtype=dtype).cuda()
+    kernel[(1,)](words, *inputs, out, BITS=bits, R_=R, N_=BLOCK_N, **constexprs)
+    return out
+
+
 
 @triton.jit
 def _slots_kernel(words_ptr, zeros_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr, N_: tl.constexpr):
@@ -63,14 +73,13 @@ def _slots_kernel(words_ptr, zeros_ptr, out_ptr, BITS: tl.constexpr, R_: tl.cons
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_slots_equal_integer_codes(bits: int, dtype: torch.dtype, zero_point: bool) -> None:
-    pack, mask = 32 // bits, (1 << bits) - 1
+    mask = (1 << bits) - 1
     words = _random_words()
     if zero_point:
         zeros = torch.randint(0, mask + 1, (BLOCK_N,), dtype=torch.uint8).cuda()
     else:
         zeros = torch.full((BLOCK_N,), 1 << (bits - 1), dtype=torch.uint8).cuda()
-    out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=dtype).cuda()
-    _slots_kernel[(1,)](words, zeros, out, BITS=bits, R_=R, N_=BLOCK_N)
+    out = _run(_slots_kernel, words, zeros, bits=bits, dtype=dtype)
     codes = _codes(words, bits)
     expected = (codes - zeros.long()[None, None, :]).to(dtype)
     assert torch.equal(out, expected)
@@ -78,41 +87,49 @@ def test_slots_equal_integer_codes(bits: int, dtype: torch.dtype, zero_point: bo
 
 @triton.jit
 def _scaled_kernel(words_ptr, zeros_ptr, scales_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr,
-                   N_: tl.constexpr):
+                   N_: tl.constexpr, CENTRED: tl.constexpr):
     rows = tl.arange(0, R_)[:, None]
     cols = tl.arange(0, N_)[None, :]
     words = tl.load(words_ptr + rows * N_ + cols)
     dtype = out_ptr.dtype.element_ty
-    o0 = dequant_offset(tl.load(zeros_ptr + cols).to(tl.int32), BITS, dtype)
-    o1 = dequant_offset(tl.load(zeros_ptr + N_ + cols).to(tl.int32), BITS, dtype)
-    o2 = dequant_offset(tl.load(zeros_ptr + 2 * N_ + cols).to(tl.int32), BITS, dtype)
-    o3 = dequant_offset(tl.load(zeros_ptr + 3 * N_ + cols).to(tl.int32), BITS, dtype)
     s0 = tl.load(scales_ptr + cols)
     s1 = tl.load(scales_ptr + N_ + cols)
     s2 = tl.load(scales_ptr + 2 * N_ + cols)
     s3 = tl.load(scales_ptr + 3 * N_ + cols)
-    slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, dtype, False)
+    if CENTRED:  # (the zero points are the midpoint; none is read)
+        slots = dequant_slots_scaled_centred(words, s0, s1, s2, s3, BITS, dtype, False)
+    else:
+        o0 = dequant_offset(tl.load(zeros_ptr + cols).to(tl.int32), BITS, dtype)
+        o1 = dequant_offset(tl.load(zeros_ptr + N_ + cols).to(tl.int32), BITS, dtype)
+        o2 = dequant_offset(tl.load(zeros_ptr + 2 * N_ + cols).to(tl.int32), BITS, dtype)
+        o3 = dequant_offset(tl.load(zeros_ptr + 3 * N_ + cols).to(tl.int32), BITS, dtype)
+        slots = dequant_slots_scaled(words, o0, o1, o2, o3, s0, s1, s2, s3, BITS, dtype, False)
     for j in tl.static_range(32 // BITS):
         tl.store(out_ptr + j * R_ * N_ + rows * N_ + cols, slots[j])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_scaled_slots_round_once(bits: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("bits", "dtype", "centred"),
+                         [(bits, dtype, False) for bits in (4, 8) for dtype in TORCH_DTYPES]
+                         + [(*variant, True) for variant in CENTRED_VARIANTS])
+def test_scaled_slots_round_once(bits: int, dtype: str, centred: bool) -> None:
     """(q - z) * s with one offset and scale per quarter of the slots: (q - z) * s is exact in float32, so the
-    asm's single rounding to dtype matches torch's float32 product rounded once."""
+    asm's single rounding to dtype matches torch's float32 product rounded once. `centred`: the form with no
+    offset (`dequant_slots_scaled_centred`), z the midpoint."""
+    torch_dtype = TORCH_DTYPES[dtype]
     pack, mask = 32 // bits, (1 << bits) - 1
     words = _random_words()
-    zeros = torch.randint(0, mask + 1, (QUARTERS, BLOCK_N), dtype=torch.uint8).cuda()
-    scales = (torch.rand(QUARTERS, BLOCK_N) * 0.02 + 0.001).to(dtype).cuda()
-    out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=dtype).cuda()
-    _scaled_kernel[(1,)](words, zeros, scales, out, BITS=bits, R_=R, N_=BLOCK_N)
+    if centred:
+        zeros = torch.full((QUARTERS, BLOCK_N), 1 << (bits - 1), dtype=torch.uint8).cuda()
+    else:
+        zeros = torch.randint(0, mask + 1, (QUARTERS, BLOCK_N), dtype=torch.uint8).cuda()
+    scales = (torch.rand(QUARTERS, BLOCK_N) * 0.02 + 0.001).to(torch_dtype).cuda()
+    out = _run(_scaled_kernel, words, zeros, scales, bits=bits, dtype=torch_dtype, CENTRED=centred)
     codes = _codes(words, bits)
     quarter = torch.arange(pack, device="cuda") * QUARTERS // pack  # the quarter of each slot
     exact = (codes - zeros.long()[quarter][:, None, :]).float() * scales.float()[quarter][:, None, :]
-    assert torch.equal(out, exact.to(dtype))
+    assert torch.equal(out, exact.to(torch_dtype))
 
 
 @triton.jit
@@ -128,44 +145,11 @@ def _raw_kernel(words_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr, N_: tl
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(("bits", "dtype"), RAW_VARIANTS)
 def test_raw_slots_are_magic_plus_codes(bits: int, dtype: str) -> None:
-    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
-    pack = 32 // bits
+    torch_dtype = TORCH_DTYPES[dtype]
     words = _random_words()
-    out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=torch_dtype).cuda()
-    _raw_kernel[(1,)](words, out, BITS=bits, R_=R, N_=BLOCK_N)
+    out = _run(_raw_kernel, words, bits=bits, dtype=torch_dtype)
     codes = _codes(words, bits)
     assert torch.equal(out, (codes + _magic(bits, dtype)).to(torch_dtype))
-
-
-@triton.jit
-def _scaled_centred_kernel(words_ptr, scales_ptr, out_ptr, BITS: tl.constexpr, R_: tl.constexpr,
-                           N_: tl.constexpr):
-    rows = tl.arange(0, R_)[:, None]
-    cols = tl.arange(0, N_)[None, :]
-    s0 = tl.load(scales_ptr + cols)
-    s1 = tl.load(scales_ptr + N_ + cols)
-    s2 = tl.load(scales_ptr + 2 * N_ + cols)
-    s3 = tl.load(scales_ptr + 3 * N_ + cols)
-    slots = dequant_slots_scaled_centred(tl.load(words_ptr + rows * N_ + cols), s0, s1, s2, s3, BITS,
-                                         out_ptr.dtype.element_ty, False)
-    for j in tl.static_range(32 // BITS):
-        tl.store(out_ptr + j * R_ * N_ + rows * N_ + cols, slots[j])
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize(("bits", "dtype"), CENTRED_VARIANTS)
-def test_scaled_centred_slots_round_once(bits: int, dtype: str) -> None:
-    """(q - 2^(bits - 1)) * s, one scale per quarter, no offset: torch's exact float32 product rounded once."""
-    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
-    pack = 32 // bits
-    words = _random_words()
-    scales = (torch.rand(QUARTERS, BLOCK_N) * 0.02 + 0.001).to(torch_dtype).cuda()
-    out = torch.full((pack, R, BLOCK_N), float("nan"), dtype=torch_dtype).cuda()
-    _scaled_centred_kernel[(1,)](words, scales, out, BITS=bits, R_=R, N_=BLOCK_N)
-    quarter = torch.arange(pack, device="cuda") * QUARTERS // pack
-    exact = (_codes(words, bits) - (1 << (bits - 1))).float() * scales.float()[quarter][:, None, :]
-    assert torch.equal(out, exact.to(torch_dtype))
 
 
 # ----- CPU: the generated PTX through an emulator of the instructions it uses (tests/ptx_emulator.py) -----
@@ -186,7 +170,7 @@ def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool, p
     """One asm instance on two words (a pair of neighbouring elements), every slot against integer arithmetic,
     bit for bit, with random codes, zero points per quarter and scales: catches a wrong selector, mask, shift,
     magic constant or operand index in `dequant_asm` without a GPU."""
-    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     slots, mask = 32 // bits, (1 << bits) - 1
     asm, constraints = dequant_asm(bits, dtype, scaled, paired=paired)
     assert ("prmt.b32" in asm) == (not paired)
@@ -215,7 +199,7 @@ def test_generated_ptx_computes_the_codes(bits: int, dtype: str, scaled: bool, p
 @pytest.mark.parametrize(("bits", "dtype"), RAW_VARIANTS)
 @pytest.mark.parametrize("paired", [False, True])
 def test_raw_ptx_is_magic_plus_the_code(bits: int, dtype: str, paired: bool) -> None:
-    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     asm, constraints = dequant_asm(bits, dtype, scaled=False, offset=False, paired=paired)
     assert constraints.count("=r") == 32 // bits and len(constraints.split(",")) == 32 // bits + 2
     for _ in range(20):
@@ -256,7 +240,7 @@ def test_int8_bf16_ptx_takes_every_code(scaled: bool, paired: bool) -> None:
 @pytest.mark.parametrize(("bits", "dtype"), CENTRED_VARIANTS)
 def test_scaled_centred_ptx_has_no_offset(bits: int, dtype: str) -> None:
     """Every code (all 256 bytes in each slot, random scales) as (q - 2^(bits - 1)) * s rounded once."""
-    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     asm, constraints = dequant_asm(bits, dtype, scaled=True, offset=False)
     assert len(constraints.split(",")) == 32 // bits + 2 + QUARTERS
     slots = 32 // bits
