@@ -18,12 +18,11 @@ thread) and returns every slot of both as packed pairs, one output tensor per sl
 paired, the halves of each pair of word rows exchanged (`layout.exchange_halves`); the paired form takes them so,
 word rows 2m and 2m + 1 of one column in one instance, and needs no byte permute to join two words' halves (int4:
 one of eight integer instructions per word; int8: a byte permute per slot becomes a shift per odd slot). Only a
-caller whose register layout guarantees that pairing
-(the Gluon kernels' mma operand layout) may use it; the others (Triton's `tl.dot` operands) exchange the halves
-back first and take the unpaired form, which is elementwise. The tile's slots are cut into four quarters of
-32 reduction rows (groups are at least 32 deep, so a quarter lies in one group): the scaled form takes one
-offset and one scale per quarter. The interpreter cannot run PTX: callers use the plain shift-and-convert path
-there and on other GPUs.
+caller whose register layout guarantees that pairing (the Gluon kernels' mma operand layout) may use it; the
+others (Triton's `tl.dot` operands) exchange the halves back first and take the unpaired form, which is
+elementwise. The tile's slots are cut into four quarters of 32 reduction rows (groups are at least 32 deep, so a
+quarter lies in one group): the scaled form takes one offset and one scale per quarter. The interpreter cannot
+run PTX: callers use the plain shift-and-convert path there and on other GPUs.
 """
 
 from __future__ import annotations

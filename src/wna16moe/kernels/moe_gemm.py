@@ -228,7 +228,7 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
     elif FAST_DEQUANT:  # one group covers the tile
         z = _zero_points(z_row, BITS, HAS_ZP)
         partial = tl.zeros(acc.shape, dtype=tl.float32)
-        if centred(BITS, DTYPE):  # the offset (none without zero points) added inside the dequantization
+        if centred(BITS, DTYPE):  # the offset, 128 - z, added inside the dequantization (no row sums)
             slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE, False)
             for j in tl.static_range(PACK):
                 offs = k + j * R + tl.arange(0, R)
@@ -317,7 +317,7 @@ def _gemm_block(
     odd_rows = (word_rows % 2 == 1)[:, None]
     PAIRED: tl.constexpr = FRAGMENT
     if FRAGMENT:  # fragment tiles (layout.py): word row r of column n in half tile r // 16 (16 word rows of
-        # stride_wk words each) at n * 16 + p(r % 16); an int4 word's partner at p(r) ^ 1
+        # stride_wk words each) at n * 16 + p(r % 16); a word's partner at p(r) ^ 1
         positions = (word_rows // _FRAGMENT_WORDS * _FRAGMENT_WORDS * stride_wk + 4 * (word_rows // 2 % 4)
                      + 2 * (word_rows // 8 % 2) + word_rows % 2)
         w_ptrs = w_ptr + expert * stride_we + positions[:, None] + offs_n[None, :] * _FRAGMENT_WORDS
