@@ -1,9 +1,9 @@
 """A tiny interpreter for the PTX that `kernels/dequant.py` generates, so CPU CI can check its arithmetic.
 
 It knows exactly the instructions that module emits (mov.b32, prmt.b32, lop3.b32, shr.u32, fma.rn.bf16x2 /
-fma.rn.f16x2) on 32-bit registers: `$i` operands and the names in `.reg` lines. Packed halves
-are rounded to nearest-even through torch, as the hardware does; the products involved are exact in float64.
-It is a test oracle written from the PTX ISA, not from the generator, and rejects any other instruction.
+fma.rn.f16x2) on 32-bit registers: `$i` operands and the names in `.reg` lines. Packed halves are rounded to
+nearest-even through torch, as the hardware does; the products involved are exact in float64. It is a test oracle
+written from the PTX ISA, not from the generator, and rejects any other instruction.
 """
 
 from __future__ import annotations
