@@ -228,8 +228,11 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
     elif FAST_DEQUANT:  # one group covers the tile
         z = _zero_points(z_row, BITS, HAS_ZP)
         partial = tl.zeros(acc.shape, dtype=tl.float32)
-        if centred(BITS, DTYPE):  # the offset, 128 - z, added inside the dequantization (no row sums)
-            slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE, False)
+        if centred(BITS, DTYPE):  # q - z straight from the dequantization (no row sums)
+            if HAS_ZP:  # the offset 128 - z added inside
+                slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE, False)
+            else:  # the raw slots are q - 128 already
+                slots = dequant_slots_raw(words, BITS, DTYPE, False)
             for j in tl.static_range(PACK):
                 offs = k + j * R + tl.arange(0, R)
                 a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)
