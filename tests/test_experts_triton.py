@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 from triton_env import (
     DEVICE,
     DTYPES,
@@ -44,6 +45,7 @@ from wna16moe.experts.triton import (
     prepare_triton_weights,
     stores_fragment_tiles,
 )
+from wna16moe.kernels import moe_gemm as moe_gemm_module
 from wna16moe.kernels.layout import (
     TILE_K,
     exchange_halves,
@@ -474,6 +476,23 @@ def test_gemm1_writes_every_routed_row() -> None:
     assert torch.isfinite(inter).all()
 
 
+def test_a_tile_past_the_gpus_resources_names_its_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Triton refuses a compiled kernel whose pipelined buffers overflow shared memory only at its first launch.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OutOfResources(243_712, 232_448, "shared memory")
+
+    monkeypatch.setattr(moe_gemm_module, "launch", refuse)
+    e, h, i, t, k = 4, 64, 64, 3, 2
+    w = prepare_triton_weights(random_experts(e, h, i, WeightScheme.from_name("int8_g64_zp")), DEVICE)
+    _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
+    inter = torch.empty(t * k, i, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"block_m=16 x block_n=32 at num_warps=4, num_stages=3 \(8-bit, gated, "
+                                         r"_moe_gemm_kernel\) does not fit this GPU: out of resource: shared memory"):
+        moe_gemm(torch.randn(t, h, dtype=torch.float16, device=DEVICE), w["w13"], w["w13_scales"], w["w13_zeros"],
+                 None, None, inter, None, *moe_align_block_size(ids, e, 16), bits=8, group_size=64, top_k=k,
+                 gated=True, block_m=16, block_n=32)
+
+
 @pytest.mark.parametrize(("t", "from_ids"), [(5, False), (1, True), (5, True)],
                          ids=["aligned", "one-block-per-pair", "blocks-from-ids"])
 @pytest.mark.parametrize("numel", [1, 3000, 70_001])  # fewer elements than programs; more than a 1024-wide store
@@ -577,14 +596,26 @@ def test_gpu_swap_ab(scheme_name: str, config: TritonConfig) -> None:
     scheme = WeightScheme.from_name(scheme_name)
     hopper = torch.cuda.get_device_capability()[0] == 9
     if hopper and scheme.bits == 8 and config.block_m == 128 and config.num_warps == 8:
-        # (Hopper's paired int8 words and their partner rows: GEMM1 at 3 stages takes 238 KB of shared memory, past
-        # the 227 KB there; 139 KB at 2, CPU compile)
-        config = replace(config, num_stages=2)
+        config = replace(config, num_stages=2)  # (3 stages do not fit: the test below)
     experts = random_experts(e, h, i, scheme)
     for dtype in (torch.bfloat16, torch.float16):
         for t in (1, 40, 700):
             out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config=config)
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_a_tile_past_shared_memory_is_refused_by_its_config() -> None:
+    """Hopper's paired int8 words and their partner rows take GEMM1's 128 x 128 8-warp tile at 3 stages to 238 KB
+    of shared memory, past the 227 KB there (CPU compile; 139 KB at 2): an error that names the configuration."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("int8 words are paired on Hopper")
+    e, h, i = 16, 1152, 384
+    experts = random_experts(e, h, i, WeightScheme.from_name("int8_g128_zp"))
+    config = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, swap_ab=True)
+    with pytest.raises(ValueError, match=r"block_m=128 x block_n=128 at num_warps=8, num_stages=3 .* does not fit"):
+        triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=torch.bfloat16), 700, config=config)
 
 
 @pytest.mark.gpu

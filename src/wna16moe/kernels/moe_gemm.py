@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.compiler.compiler import max_shared_mem
+from triton.runtime.errors import OutOfResources
 
 from wna16moe.kernels.activation import ACT_SILU, gated_activation
 from wna16moe.kernels.dequant import (
@@ -744,22 +745,27 @@ def moe_gemm(
                               or not trace.is_contiguous()):
         raise ValueError(f"trace must be contiguous int64 [>= {grid[0] * grid[1]}, {TRACE_FIELDS.value}] (a row per "
                          f"program of the decode kernel, not specialized), got {trace.dtype} {list(trace.shape)}")
-    launch(
-        kernel, grid, a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
-        bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
-        expert_ids if id_blocks else sorted_ids, expert_ids, expert_ids if id_blocks else num_padded,
-        zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),
-        n, kd, num_pairs, num_m_blocks,
-        # (a tile's words start (k // PACK) * stride_wk in: N_total words per word row in both layouts)
-        a.stride(0), w.stride(0), w.stride(1) // w.shape[3] if fragment else w.stride(1), scales.stride(0),
-        scales.stride(1), out.stride(-2),
-        alpha, beta, 0.0 if limit is None else limit, num_experts=w.shape[0],
-        TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
-        HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None,
-        GROUP_SIZE=1 << 30 if group_size == -1 else group_size,  # channel-wise: one group spanning every K
-        GROUP_IN_TILE=_group_in_tile(group_size), SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
-        EVEN_K=kd % TILE_K == 0, ID_BLOCKS=id_blocks, ZERO_OUT=zero_out is not None, PDL=pdl, **constexprs,
-        **options, **launch_options(pdl),
-    )
+    try:
+        launch(
+            kernel, grid, a, a_perm if a_perm is not None else a, w, scales, zeros if zeros is not None else scales,
+            bias if bias is not None else scales, out, topk_weights if topk_weights is not None else scales,
+            expert_ids if id_blocks else sorted_ids, expert_ids, expert_ids if id_blocks else num_padded,
+            zero_out if zero_out is not None else out, 0 if zero_out is None else zero_out.numel(),
+            n, kd, num_pairs, num_m_blocks,
+            # (a tile's words start (k // PACK) * stride_wk in: N_total words per word row in both layouts)
+            a.stride(0), w.stride(0), w.stride(1) // w.shape[3] if fragment else w.stride(1), scales.stride(0),
+            scales.stride(1), out.stride(-2),
+            alpha, beta, 0.0 if limit is None else limit, num_experts=w.shape[0],
+            TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
+            HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None,
+            GROUP_SIZE=1 << 30 if group_size == -1 else group_size,  # channel-wise: one group spanning every K
+            GROUP_IN_TILE=_group_in_tile(group_size), SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
+            EVEN_K=kd % TILE_K == 0, ID_BLOCKS=id_blocks, ZERO_OUT=zero_out is not None, PDL=pdl, **constexprs,
+            **options, **launch_options(pdl),
+        )
+    except OutOfResources as error:  # (this kernel's shared memory is its pipeliner's, known once compiled)
+        raise ValueError(f"block_m={block_m} x block_n={block_n} at num_warps={num_warps}, num_stages={num_stages} "
+                         f"({bits}-bit{', gated' if gated else ''}, {kernel.__name__}) does not fit this GPU: "
+                         f"{error}") from error
     return out
 
