@@ -4,7 +4,7 @@ forwards between cudaProfilerStart/Stop. Run under ncu, for example:
     ncu --clock-control none --profile-from-start off --kernel-name regex:'_moe_gemm_kernel|[Mm]arlin' \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \\
         --section LaunchStats --section MemoryWorkloadAnalysis \\
-        python benchmarks/ncu_layer.py deepseek-v3:32 kimi-k2:128
+        python benchmarks/ncu_layer.py deepseek-v3:32 kimi-k2:128 qwen3-30b-a3b:128:int8_g128_sym
 
 (MARLIN needs WNA16MOE_MARLIN_LIB, as for the bench; without it only TRITON runs.) TRITON runs its shipped
 configuration, or with $NCU_CONFIG ("field=value,...", as try_configs.py's --variant) that one changed.
@@ -28,8 +28,8 @@ from wna16moe.experts.triton import TritonExperts
 def main(cases: list[str]) -> None:
     device = torch.device("cuda")
     for case in cases:
-        name, m = case.split(":")
-        spec, experts = random_layer(name, device)
+        name, m, *scheme = case.split(":")  # shape:M, or shape:M:scheme (default int4 symmetric)
+        spec, experts = random_layer(name, device, *scheme)
         cfg = spec.moe
         x = torch.randn(int(m), cfg.hidden_size, dtype=torch.bfloat16, device=device)
         tw, ids = random_routing(int(m), cfg.num_experts, cfg.top_k, device)

@@ -4,7 +4,7 @@ in a forward (GEMM2). Starts before the previous kernel's end are overlaps (prog
 kernels/grid_dependence.py); gaps between an end and the next start are launch latency.
 
     python benchmarks/profile_layer.py --shapes qwen3-30b-a3b deepseek-v3 --tokens 1 8 [--graph] \
-        [--from-logits] [--variant pdl=3,num_stages2=4]
+        [--from-logits] [--variant pdl=3,num_stages2=4] [--scheme int8_g128_sym]
 
 --from-logits starts each forward from router logits with our routing kernel (`routing.route`), as a model
 does (--route-plain: launched without programmatic dependence, so that the layer's first kernel launches only
@@ -34,9 +34,9 @@ from wna16moe.routing import route
 
 
 def profile_shape(name: str, m: int, graph: bool, from_logits: bool, route_plain: bool, variant: str | None,
-                  repeats: int = 20) -> None:
+                  scheme: str | None = None, repeats: int = 20) -> None:
     device = torch.device("cuda")
-    spec, experts = random_layer(name, device)
+    spec, experts = random_layer(name, device, scheme)
     cfg = spec.moe
     kernel = TritonExperts(spec, experts.quant_config(), device)
     weights = TritonExperts.prepare_weights(experts, device)
@@ -82,7 +82,7 @@ def profile_shape(name: str, m: int, graph: bool, from_logits: bool, route_plain
         spans[f"#{seen[event.name]} {event.name}"].append((event.time_range.start - first,
                                                            event.time_range.end - first))
     how = (" from logits" + (" (plain routing launch)" if route_plain else "")) if from_logits else ""
-    print(f"{name} M={m} {'graph' if graph else 'eager'}{how} config {config}")
+    print(f"{name} {spec.scheme.name} M={m} {'graph' if graph else 'eager'}{how} config {config}")
     print("      start        end   duration")
     for kernel_name, times in sorted(spans.items(), key=lambda item: sum(s for s, _ in item[1])):
         start = sum(s for s, _ in times) / len(times)
@@ -98,10 +98,11 @@ def main() -> None:
     parser.add_argument("--from-logits", action="store_true", help="route the router logits first (our kernel)")
     parser.add_argument("--route-plain", action="store_true", help="launch the routing kernel without PDL")
     parser.add_argument("--variant", help="field=value[,field=value...] on the shipped configuration")
+    parser.add_argument("--scheme", help="weight scheme (default: int4 symmetric at the model's group size)")
     args = parser.parse_args()
     for name in args.shapes:
         for m in args.tokens:
-            profile_shape(name, m, args.graph, args.from_logits, args.route_plain, args.variant)
+            profile_shape(name, m, args.graph, args.from_logits, args.route_plain, args.variant, args.scheme)
 
 
 if __name__ == "__main__":

@@ -258,6 +258,15 @@ def test_coordinate_search_offers_the_decode_kernel_at_decode() -> None:
         (32, 4, False), (64, 8, False), (32, 4, True), (64, 8, True), (128, 8, True), (128, 4, True)]
 
 
+@pytest.mark.parametrize("per_expert", [16.0, 200.0])  # the decode groups and the prefill groups
+def test_coordinate_search_caps_registers_where_one_more_program_fits(per_expert: float) -> None:
+    # v69: a GEMM2 at 174 registers held two 4-warp programs per SM; capped at 168 it holds three.
+    start = TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
+    best = bench.coordinate_search(lambda c: 95.0 if c.max_registers == 168 else 100.0, start,
+                                   bench._search_groups(per_expert))
+    assert best == replace(start, max_registers=168)
+
+
 def test_coordinate_search_tries_where_kernels_release_the_next_at_decode() -> None:
     start = TritonConfig(8, 128, 256, decode=True)
     best = bench.coordinate_search(lambda c: 50.0 if c.pdl == RELEASE_AT_WAIT else 60.0, start,

@@ -245,6 +245,10 @@ _CARRY_MOVES = [{"carry": c} for c in (1, 2)]
 _SPECIALIZE_MOVES = [{"specialize": True}]
 # At decode, GEMM2's tile width and K split move together (v22: mixtral's best was 64 x 2 -> 128 x 16).
 _DECODE_GEMM2_MOVES = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16)]
+# Register caps at which one more 4-warp program fits an SM (168: three, 128: four). v69: the paired int8 GEMM2 of
+# the 32-row wgmma entries compiled to 174 registers, two programs per SM where 168 holds three (Nsight Compute);
+# capped at 168, W8A16 qwen3-30b-a3b M = 128 / 512 -2.6 / -3.9%, kimi-k2 M = 512 -3%. The search never offered it.
+_REGISTER_MOVES = [{"max_registers": r} for r in (128, 168)]
 # Warps and ring depth of each GEMM apart (v43: GEMM1 at 8 warps and GEMM2 at 4 took W8A16 mixtral M = 1 -3%,
 # GEMM2 at 8 warps W8A16 qwen3-30b-a3b M = 32 -2%, GEMM2 a stage deeper than GEMM1 W8A16 mixtral M = 32 -3%).
 _PER_GEMM_MOVES = ([{"num_warps2": w} for w in (4, 8)]
@@ -331,7 +335,8 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         # Narrow blocks on a few programs per SM, one ring through all their items (v41: won at qwen3-30b-a3b
         # M = 32 at three, lost at M = 8 and 128 and on the big experts)
         persistent = [{"persistent": p} for p in (2, 3)]
-        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, _PER_GEMM_MOVES, release, persistent, _WGMMA_MOVES]
+        return [kernel, _DECODE_GEMM2_MOVES, gemm1, pipeline, _PER_GEMM_MOVES, release, persistent, _WGMMA_MOVES,
+                _REGISTER_MOVES]
     # (last: the decode kernel's 32-row blocks, which led at qwen3-30b-a3b M = 2048, v27, its 64-row blocks at 8
     # warps, which lost at kimi-k2 M = 2048 before v30 moved their scale rows into the ring, both on mma.sync (what
     # cards before Hopper run) and on wgmma (4-17% faster on Hopper, v34; the entries at deepseek-v3 and W8A16
@@ -354,7 +359,7 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
     # rows per expert in blocks of 128); a setting the block size cannot take fails and is skipped.
     shrink = [{"shrink": s} for s in (1, 2)]
     return [tiles, gemm2, [{"num_stages": st} for st in (3, 4)], _PER_GEMM_MOVES, shrink, _WGMMA_MOVES,
-            _CARRY_MOVES, _SPECIALIZE_MOVES]
+            _CARRY_MOVES, _SPECIALIZE_MOVES, _REGISTER_MOVES]
 
 
 def coordinate_search(measure: Callable[[TritonConfig], float | None], start: TritonConfig,
