@@ -21,9 +21,9 @@ architecture); any other layer uses `experts.triton.default_config`.
 
 Where the sweep also timed MARLIN (the same run), the table keeps both times per M ("speed", keyed by shape
 and exact scheme; a run without --sweep, the table as served, refreshes them and leaves the entries as they
-are, its rows having run them): the oracle then puts the faster of TRITON and MARLIN first for that card, shape and
-scheme (geometric mean over the measured M), and says so in `explain`. Speed is never borrowed: it is a
-measurement of one card.
+are, even where a trial changed them since): the oracle then puts the faster of TRITON and MARLIN first for
+that card, shape and scheme (geometric mean over the measured M), and says so in `explain`. Speed is never
+borrowed: it is a measurement of one card.
 """
 
 from __future__ import annotations
@@ -171,6 +171,9 @@ def build_table(results: dict[str, Any], shape_keys: dict[str, ShapeKey]) -> dic
     entries: dict[str, dict[str, dict[str, Any]]] = {}
     best: dict[tuple[str, str, int], float] = {}
     served: dict[tuple[str, int], tuple[float, bool]] = {}  # the entry kept: graph replay time where timed
+    # Rows a sweep or search ranked; a served run's (no "triton-best" row) give speed only: they ran the entries
+    # of their day, and an entry changed since (`apply_trials`) must not go back to them.
+    ranked = {(row["shape"], row["M"]) for row in results["rows"] if row["backend"] == "triton-best"}
     for row in results["rows"]:
         if row["shape"] not in shape_keys or "us_eager" not in row:  # untimed rows (`triton-wrong`)
             continue
@@ -183,7 +186,8 @@ def build_table(results: dict[str, Any], shape_keys: dict[str, ShapeKey]) -> dic
             rank = (us, row["backend"] == "triton")  # a tie goes to the sweep's pick
             if rank < served.get((row["shape"], row["M"]), (float("inf"), True)):
                 served[row["shape"], row["M"]] = rank
-                entries.setdefault(shape_keys[row["shape"]].as_text(), {})[str(row["M"])] = row["config"]
+                if (row["shape"], row["M"]) in ranked:
+                    entries.setdefault(shape_keys[row["shape"]].as_text(), {})[str(row["M"])] = row["config"]
                 best["triton-best", row["shape"], row["M"]] = min(times)
     speed: dict[str, dict[str, dict[str, float]]] = {}
     for (backend, shape, m), marlin_us in best.items():
