@@ -8,7 +8,7 @@ the choice of `triton-best` is known, and one configuration is made to compute g
 import importlib.util
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -522,3 +522,20 @@ def test_ab_trees_takes_the_changed_tree_from_new(monkeypatch: pytest.MonkeyPatc
     assert seen == [str((tmp_path / "main").resolve()), str((tmp_path / "branch").resolve())]
     assert written[-1]["new"] == str(tmp_path / "branch")
     assert written[-1]["summary"][0]["change_pct"] == round(100 * (52 / 51 - 1), 2)
+
+
+def test_register_audit_compiles_each_gemm_of_an_entry_as_it_launches() -> None:
+    audit = _script("register_audit")
+    entry = asdict(TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True, max_registers=168,
+                                num_stages2=2, split_k2=2))
+    gemm1, gemm2 = audit.launches("int8_g128 H=2048 I=768 E=128 k=8", 128, entry)
+    assert (gemm1["gated"], gemm1["block_n"], gemm1["stages"], gemm1["split_k"]) == (True, 64, 3, 1)
+    assert (gemm2["gated"], gemm2["block_n"], gemm2["stages"], gemm2["split_k"], gemm2["warps"]) == (
+        False, 128, 2, 2, 4)
+    assert gemm1["bits"] == 8 and gemm1["group"] == 128 and gemm1["maxnreg"] == gemm2["maxnreg"] == 168
+    assert not gemm1["pair"]
+    one_token = audit.launches("int4_g32 H=7168 I=2048 E=384 k=8", 1, asdict(TritonConfig(8, 128, 256, decode=True)))
+    assert all(case["pair"] and case["group"] == 32 and "maxnreg" not in case for case in one_token)
+    specialized = asdict(TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True,
+                                      specialize=True))
+    assert len(audit.launches("int4_g128 H=7168 I=2048 E=256 k=8", 8192, specialized)) == 1
