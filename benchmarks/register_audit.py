@@ -32,11 +32,12 @@ WARPS_PER_SM = 64
 def launches(key: str, m: int, entry: dict[str, Any]) -> list[dict[str, Any]]:
     """`compile_kernels.compile_decode_gemm` cases of an entry's GEMM1 and GEMM2 at M = m."""
     scheme, _, _, experts, top_k = key.split()
+    # Blocks straight from the ids where a block holds every token and pairs do not outnumber experts
+    # (`TritonExperts.apply`): ID_BLOCKS 1 for one token (a block per pair), 2 for more.
+    from_ids = m <= entry["block_m"] and m * int(top_k[2:]) <= int(experts[2:])
     common = dict(bits=int(scheme[3]), zp=False, perm=False, group=int(scheme.split("_g")[1]),
                   block_m=entry["block_m"], wgmma=entry["wgmma"], pdl=entry["pdl"],
-                  persistent=entry["persistent"] > 0,
-                  # (one token's blocks come straight from the ids: a block per pair)
-                  pair=m == 1 and m * int(top_k[2:]) <= int(experts[2:]))
+                  persistent=entry["persistent"] > 0, pair=(1 if m == 1 else 2) if from_ids else 0)
     if entry["max_registers"]:
         common["maxnreg"] = entry["max_registers"]
     gemm1 = dict(common, gated=True, block_n=entry["block_n1"], warps=entry["num_warps"],

@@ -533,9 +533,11 @@ def test_register_audit_compiles_each_gemm_of_an_entry_as_it_launches() -> None:
     assert (gemm2["gated"], gemm2["block_n"], gemm2["stages"], gemm2["split_k"], gemm2["warps"]) == (
         False, 128, 2, 2, 4)
     assert gemm1["bits"] == 8 and gemm1["group"] == 128 and gemm1["maxnreg"] == gemm2["maxnreg"] == 168
-    assert not gemm1["pair"]
-    one_token = audit.launches("int4_g32 H=7168 I=2048 E=384 k=8", 1, asdict(TritonConfig(8, 128, 256, decode=True)))
-    assert all(case["pair"] and case["group"] == 32 and "maxnreg" not in case for case in one_token)
+    assert gemm1["pair"] == 0  # (aligned blocks: 128 tokens, 32-row blocks)
+    narrow = asdict(TritonConfig(8, 128, 256, decode=True))
+    one_token = audit.launches("int4_g32 H=7168 I=2048 E=384 k=8", 1, narrow)
+    assert all(case["pair"] == 1 and case["group"] == 32 and "maxnreg" not in case for case in one_token)
+    assert [case["pair"] for case in audit.launches("int4_g32 H=7168 I=2048 E=384 k=8", 8, narrow)] == [2, 2]
     specialized = asdict(TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True,
                                       specialize=True))
     assert len(audit.launches("int4_g128 H=7168 I=2048 E=256 k=8", 8192, specialized)) == 1
