@@ -191,6 +191,19 @@ def dequant_slots_raw(words, BITS: tl.constexpr, DTYPE: tl.constexpr, PAIRED: tl
 
 
 @triton.jit
+def dequant_slots_exact(words, z, BITS: tl.constexpr, DTYPE: tl.constexpr, HAS_ZP: tl.constexpr,
+                        PAIRED: tl.constexpr):
+    """Every slot of `words` as q_j - z, exact: `dequant_slots` with the offset -(magic + z) (z broadcastable to
+    `words`: the zero points, else the midpoint), or for a centred variant without zero points the raw slots,
+    which are q_j - z already (z unused). PAIRED as `dequant_slots`."""
+    if HAS_ZP or not centred(BITS, DTYPE):
+        slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE), BITS, DTYPE, PAIRED)
+    else:
+        slots = dequant_slots_raw(words, BITS, DTYPE, PAIRED)
+    return slots
+
+
+@triton.jit
 def dequant_slots_scaled_centred(words, s0, s1, s2, s3, BITS: tl.constexpr, DTYPE: tl.constexpr,
                                  PAIRED: tl.constexpr):
     """`dequant_slots_scaled` for codes whose zero point is the midpoint, in a centred variant (int8 + bf16):

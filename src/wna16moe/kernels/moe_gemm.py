@@ -49,7 +49,7 @@ from wna16moe.kernels.dequant import (
     centred,
     dequant_magic,
     dequant_offset,
-    dequant_slots,
+    dequant_slots_exact,
     dequant_slots_raw,
     dequant_slots_scaled,
 )
@@ -230,10 +230,7 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
         z = _zero_points(z_row, BITS, HAS_ZP)
         partial = tl.zeros(acc.shape, dtype=tl.float32)
         if centred(BITS, DTYPE):  # q - z straight from the dequantization (no row sums)
-            if HAS_ZP:  # the offset 128 - z added inside
-                slots = dequant_slots(words, dequant_offset(z, BITS, DTYPE)[None, :], BITS, DTYPE, False)
-            else:  # the raw slots are q - 128 already
-                slots = dequant_slots_raw(words, BITS, DTYPE, False)
+            slots = dequant_slots_exact(words, z[None, :], BITS, DTYPE, HAS_ZP, False)
             for j in tl.static_range(PACK):
                 offs = k + j * R + tl.arange(0, R)
                 a = _load_a(a_row_ptrs, perm_ptr, offs, k_end, HAS_PERM, EVEN_K)

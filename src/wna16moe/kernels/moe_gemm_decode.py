@@ -78,7 +78,7 @@ from wna16moe.kernels.dequant import (
     centred,
     dequant_magic,
     dequant_offset,
-    dequant_slots,
+    dequant_slots_exact,
     dequant_slots_raw,
     dequant_slots_scaled,
     dequant_slots_scaled_centred,
@@ -327,14 +327,11 @@ def _tile_step_scaled(acc, acc_up, carried, words, words_up, scales, scales_up, 
 def _exact_slots(words, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexpr, DTYPE: gl.constexpr):
     """Every slot of `words` (one group) as q - z in DTYPE, exact (z: the row in the words' layout, else the
     midpoint)."""
-    MID: gl.constexpr = 1 << (BITS - 1)
     if HAS_ZP:
-        slots = dequant_slots(words, dequant_offset(z_rows[0].to(gl.int32), BITS, DTYPE)[:, None], BITS, DTYPE, True)
-    elif centred(BITS, DTYPE):  # (the raw slots are q - MID)
-        slots = dequant_slots_raw(words, BITS, DTYPE, True)
+        z = z_rows[0].to(gl.int32)[:, None]
     else:
-        slots = dequant_slots(words, dequant_offset(gl.full_like(words, MID), BITS, DTYPE), BITS, DTYPE, True)
-    return slots
+        z = gl.full_like(words, 1 << (BITS - 1))
+    return dequant_slots_exact(words, z, BITS, DTYPE, HAS_ZP, True)
 
 
 @gluon.jit
