@@ -128,8 +128,9 @@ def plot(result: dict, backends: list[str], out: Path) -> None:
                 ax.plot([r["M"] for r in rows], [best_us(r) for r in rows], marker="o", label=backend)
         floor_rows = sorted((r for r in backend_rows(result, backends[0]) if r["shape"] == shape),
                             key=lambda r: r["M"])
+        schemes = ", ".join(sorted({r["scheme"] for r in floor_rows}))
         ax.plot([r["M"] for r in floor_rows], [floor_us(r, r["ceilings"]) for r in floor_rows], "k--",
-                label="int4 roofline (measured)")
+                label=f"{schemes} roofline (measured)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens M")
