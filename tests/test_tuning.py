@@ -368,8 +368,8 @@ def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -
 
     chosen, entry, default = pick(128)  # measured: the entry, whatever the defaults say
     assert chosen == entry != default
-    chosen, entry, default = pick(256)  # 16 rows per expert: 32-row defaults, the M = 128 entry narrow
-    assert (entry.block_m, default.block_m) == (8, 32) and chosen == default
+    chosen, entry, default = pick(256)  # 16 rows per expert: 32-row defaults, the M = 150 entry narrow
+    assert (entry.block_m, default.block_m) == (16, 32) and chosen == default
     chosen, entry, default = pick(800)  # 50 rows per expert: 64-row defaults, the M = 512 entry's 32 (v55)
     assert (entry.block_m, default.block_m) == (32, 64) and chosen == default
     chosen, entry, default = pick(4096)  # 256 rows per expert: the M = 2048 entry's 128-row blocks, as the defaults
