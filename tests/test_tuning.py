@@ -277,6 +277,16 @@ def test_default_config_int8_32_row_blocks_split_gemm2_on_few_experts() -> None:
     assert (int4.block_m, int4.split_k2) == (32, 1)  # int4: not measured
 
 
+def test_default_config_caps_int8_32_row_blocks_at_three_programs_per_sm() -> None:
+    """The int8 32-row tile's registers capped where three 4-warp programs fit an SM (NOTES.md v69-v70); int4's
+    tile (155-160 registers, three per SM already) and the other int8 tiles are left to the compiler."""
+    for tokens in (128, 256, 512):  # 8, 16 and 32 rows per expert
+        assert default_config(tokens, 8, 128, 128, 4096, 1408, 132, hopper=True, bits=8).max_registers == 168
+    assert default_config(256, 8, 128, 128, 4096, 1408, 132, hopper=True).max_registers is None
+    for tokens in (64, 1024, 4096):  # 4, 64 and 256 rows per expert
+        assert default_config(tokens, 8, 128, 128, 4096, 1408, 132, hopper=True, bits=8).max_registers is None
+
+
 def test_default_config_splits_gemm1_for_one_token() -> None:
     """One token: GEMM1's K in two, in four when its programs would not fill the SMs; never for more tokens."""
     assert default_config(1, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).split_k1 == 2
@@ -333,6 +343,8 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
         expected = hopper
     if 1 < tokens <= 4 * 32:  # int8 from 2 tokens to 4 rows per expert: half as wide, the same GEMM2 K split
         expected = replace(expected, block_n1=64, block_n2=128)
+    if expected.block_m == 32:  # int8's 32-row blocks capped at three programs per SM
+        expected = replace(expected, max_registers=168)
     assert replace(int8, num_stages=expected.num_stages) == expected
     assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
 

@@ -244,6 +244,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 # From this intermediate size (per rank), the decode defaults put 33-96 rows per expert on 128-row blocks
 # (`_decode_default`).
 LONG_I = 2048
+# Registers per thread at which three 4-warp programs fit an SM (65536 / (3 x 128), in steps of 8): the cap of the
+# decode defaults' 32-row int8 blocks (`_decode_default`).
+INT8_WIDE_REGISTERS = 168
 
 
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
@@ -281,7 +284,13 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
         split = 1  # int8 on few experts: GEMM2's K split as at 2-4 rows (v64: mixtral-8x22b M = 32 -7%)
         if bits == 8 and hidden_size and intermediate_size and num_sms:
             split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 128, 16 * num_sms, 16)
-        return TritonConfig(32, 64, 128, split_k2=split, num_warps=4, num_stages=3, decode=True, wgmma=True)
+        # int8 capped at three programs per SM: its paired-word GEMM2 compiles to 174 registers (197 with zero
+        # points), two programs per SM (v69). Capped: 0.8-4% faster at 8 of 10 points (six shapes off the table
+        # and deepseek-v3, 9-20 rows per expert), level and +1.4% at llama-4-scout's two (v69-v70); the table's
+        # 32-row int8 entries gained 1-5% from it.
+        registers = INT8_WIDE_REGISTERS if bits == 8 else None
+        return TritonConfig(32, 64, 128, split_k2=split, num_warps=4, num_stages=3, max_registers=registers,
+                            decode=True, wgmma=True)
     # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
     # at one token 14% slower); from 1.5 rows per expert GEMM2's K split to ~16 programs per SM of at least 16 K
     # tiles, and a ring 3 deep where GEMM1's K is long (v64: mixtral-8x22b M = 8 / 16 and llama-4-scout M = 32 /
