@@ -324,10 +324,12 @@ def _search_groups(per_expert: float) -> list[list[dict[str, Any]]]:
         # its 32-row blocks shrink to their real rows and took kimi-k2 M = 8, one row per expert (v30).
         block_ms = (8, 16, 32) if per_expert > 4 else (8, 32)
         # (on mma.sync: a wgmma base, the Hopper default at 10-64 rows, must reach narrow blocks; the last group
-        # turns wgmma on again)
+        # turns wgmma on again; 128 / 256 at 2 stages too: v70's 16-row blocks at int4 qwen3-30b-a3b M = 143-159,
+        # 5-9% faster than the 8-row entry there, were 2-4% slower than it at 4 stages, so a search from the 8-row
+        # base never reached them through the stage group)
         kernel = [{"decode": True, "block_m": bm, "block_n1": bn1, "block_n2": bn2, "num_warps": 4,
                    "num_stages": st, "max_registers": None, "wgmma": False, "persistent": 0}
-                  for bm in block_ms for bn1, bn2, st in ((64, 128, 3), (128, 256, 4))]
+                  for bm in block_ms for bn1, bn2, st in ((64, 128, 3), (128, 256, 4), (128, 256, 2))]
         # Where each kernel lets the next one launch (kernels/grid_dependence.py; v28: released at the wait,
         # qwen3-30b-a3b M = 1 gained 6% and mixtral M = 1 lost 5%; released early, GEMM2 beside a K-split
         # GEMM1), or plain launches.
