@@ -285,7 +285,7 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
         if bits == 8 and hidden_size and intermediate_size and num_sms:
             split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 128, 16 * num_sms, 16)
         # int8 capped at three programs per SM: its paired-word GEMM2 compiles to 174 registers (197 with zero
-        # points), two programs per SM (v69). Capped: 0.8-4% faster at 8 of 10 points (six shapes off the table
+        # points), two programs per SM (v69). Capped: 0.8-3% faster at 8 of 10 points (six shapes off the table
         # and deepseek-v3, 9-20 rows per expert), level and +1.4% at llama-4-scout's two (v69-v70); the table's
         # 32-row int8 entries gained 1-5% from it.
         registers = INT8_WIDE_REGISTERS if bits == 8 else None
