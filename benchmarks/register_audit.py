@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 233472  # sm_90: 228 KB, of which 1 KB is reserved per program
 WARPS_PER_SM = 64
 
@@ -56,6 +55,8 @@ def main() -> None:
     import compile_kernels
     import triton
 
+    from wna16moe.experts.triton import REGISTERS_PER_SM, registers_for_programs
+
     cubins: list[bytes] = []
     original = triton.compile
 
@@ -80,7 +81,7 @@ def main() -> None:
                 threads = 32 * case["warps"]
                 by_registers = REGISTERS_PER_SM // (math.ceil(registers / 8) * 8 * threads)
                 by_other = min(SHARED_PER_SM // (shared + 1024), WARPS_PER_SM // case["warps"])
-                step = REGISTERS_PER_SM // ((by_registers + 1) * threads) // 8 * 8
+                step = registers_for_programs(by_registers + 1, case["warps"])
                 near = by_registers < by_other and registers - step <= args.within
                 print(f"{key:35s} M={m:>5s} GEMM{gemm} {case['block_m']:3d} x {case['block_n']:3d} "
                       f"{case['warps']} warps {case['stages']} stages: {registers:3d} registers "

@@ -8,7 +8,7 @@ import pytest
 
 from wna16moe import tuning
 from wna16moe.device import DeviceInfo
-from wna16moe.experts.triton import LONG_I, TritonConfig, default_config, entry_or_default
+from wna16moe.experts.triton import LONG_I, TritonConfig, default_config, entry_or_default, registers_for_programs
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS
 from wna16moe.oracle import explain
 from wna16moe.shapes import model_shape
@@ -275,6 +275,13 @@ def test_default_config_int8_32_row_blocks_split_gemm2_on_few_experts() -> None:
     assert (glm_air.block_m, glm_air.split_k2) == (32, 1)  # 128 experts fill the GPU
     int4 = default_config(64, 2, 8, 128, 6144, 16384, 132, hopper=True)  # 16 rows per expert
     assert (int4.block_m, int4.split_k2) == (32, 1)  # int4: not measured
+
+
+def test_registers_for_programs_per_sm() -> None:
+    # 65536 registers per SM, allocated per thread in steps of 8 (NOTES.md v69: 174 registers held two 4-warp
+    # programs, 168 three)
+    assert [registers_for_programs(p) for p in (3, 4, 5)] == [168, 128, 96]
+    assert registers_for_programs(1, num_warps=8) == 256 and registers_for_programs(2, num_warps=8) == 128
 
 
 def test_default_config_caps_int8_32_row_blocks_at_three_programs_per_sm() -> None:

@@ -58,6 +58,7 @@ from wna16moe.experts.triton import (
     RELEASE_EARLY,
     TritonConfig,
     TritonExperts,
+    registers_for_programs,
 )
 from wna16moe.quantized import QuantizedExperts, QuantizedWeight
 from wna16moe.scheme import WeightScheme
@@ -248,7 +249,7 @@ _DECODE_GEMM2_MOVES = [{"block_n2": bn, "split_k2": s} for bn in (64, 128, 256) 
 # Register caps at which one more 4-warp program fits an SM (168: three, 128: four). v69: the paired int8 GEMM2 of
 # the 32-row wgmma entries compiled to 174 registers, two programs per SM where 168 holds three (Nsight Compute);
 # capped at 168, W8A16 qwen3-30b-a3b M = 128 / 512 -2.6 / -3.9%, kimi-k2 M = 512 -3%. The search never offered it.
-_REGISTER_MOVES = [{"max_registers": r} for r in (128, 168)]
+_REGISTER_MOVES = [{"max_registers": registers_for_programs(programs)} for programs in (4, 3)]
 # Warps and ring depth of each GEMM apart (v43: GEMM1 at 8 warps and GEMM2 at 4 took W8A16 mixtral M = 1 -3%,
 # GEMM2 at 8 warps W8A16 qwen3-30b-a3b M = 32 -2%, GEMM2 a stage deeper than GEMM1 W8A16 mixtral M = 32 -3%).
 _PER_GEMM_MOVES = ([{"num_warps2": w} for w in (4, 8)]

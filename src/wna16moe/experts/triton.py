@@ -244,9 +244,14 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 # From this intermediate size (per rank), the decode defaults put 33-96 rows per expert on 128-row blocks
 # (`_decode_default`).
 LONG_I = 2048
-# Registers per thread at which three 4-warp programs fit an SM (65536 / (3 x 128), in steps of 8): the cap of the
-# decode defaults' 32-row int8 blocks (`_decode_default`).
-INT8_WIDE_REGISTERS = 168
+REGISTERS_PER_SM = 65536  # sm_80 to sm_100
+
+
+def registers_for_programs(programs: int, num_warps: int = 4) -> int:
+    """The most registers per thread at which `programs` programs of `num_warps` warps fit an SM's register file
+    (allocated per thread in steps of 8): a `max_registers` that buys one more program per SM (168 for three 4-warp
+    programs, 128 for four)."""
+    return REGISTERS_PER_SM // (programs * num_warps * 32) // 8 * 8
 
 
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
@@ -288,7 +293,7 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
         # points), two programs per SM (v69). Capped: 0.8-3% faster at 8 of 10 points (six shapes off the table
         # and deepseek-v3, 9-20 rows per expert), level and +1.4% at llama-4-scout's two (v69-v70); the table's
         # 32-row int8 entries gained 1-5% from it.
-        registers = INT8_WIDE_REGISTERS if bits == 8 else None
+        registers = registers_for_programs(3) if bits == 8 else None
         return TritonConfig(32, 64, 128, split_k2=split, num_warps=4, num_stages=3, max_registers=registers,
                             decode=True, wgmma=True)
     # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
