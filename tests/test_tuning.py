@@ -294,6 +294,18 @@ def test_default_config_caps_int8_32_row_blocks_at_three_programs_per_sm() -> No
         assert default_config(tokens, 8, 128, 128, 4096, 1408, 132, hopper=True, bits=8).max_registers is None
 
 
+@pytest.mark.parametrize("group_size", [128, 32])
+def test_default_config_int4_16_row_blocks_at_two_stages_three_programs_per_sm(group_size: int) -> None:
+    """int4 above 4 rows per expert (to 10): 16-row blocks at 2 stages, registers capped where three 4-warp programs
+    fit an SM (NOTES.md v71: 4-13.5% faster than 4 stages uncapped on six shapes off the table); 8-row blocks at 2-4
+    rows keep 4 stages and the compiler's registers."""
+    for tokens in (160, 256, 316):  # deepseek-v3's shape: 5, 8 and 9.9 rows per expert
+        cfg = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
+        assert (cfg.block_m, cfg.num_stages, cfg.max_registers) == (16, 2, registers_for_programs(3)), cfg
+    narrow = default_config(96, 8, 256, group_size, 7168, 2048, 132, hopper=True)  # 3 rows per expert
+    assert (narrow.block_m, narrow.num_stages, narrow.max_registers) == (8, 4, None)
+
+
 def test_default_config_splits_gemm1_for_one_token() -> None:
     """One token: GEMM1's K in two, in four when its programs would not fill the SMs; never for more tokens."""
     assert default_config(1, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).split_k1 == 2
@@ -344,8 +356,8 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
     assert _launchable(int8)
     if block_m == 16 and tokens >= 8 * 32:  # int8 from 8 rows per expert: the wide blocks int4 takes from 10
         expected = default_config(320, 8, 256, group_size, 7168, 2048, 132, hopper=True)
-    elif block_m == 16:
-        expected = replace(hopper, block_m=8)
+    elif block_m == 16:  # (int8's 8-row blocks are not capped)
+        expected = replace(hopper, block_m=8, max_registers=None)
     else:
         expected = hopper
     if 1 < tokens <= 4 * 32:  # int8 from 2 tokens to 4 rows per expert: half as wide, the same GEMM2 K split

@@ -261,7 +261,8 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     rows, 4% slower at qwen3-30b-a3b; int8 at 6 rows: 8 rows level with 16 on two shapes, 13% faster on the
     third, v48), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are many) and 4 for
     more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
-    over M = 2-16), but 2 for int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
+    over M = 2-16) on 8-row blocks, 2 on int4's 16-row ones, capped at three programs per SM (v71), and 2 for
+    int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
     and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50), GEMM2's K split to ~4 programs per SM (8
     at 128 wide: the same split); 10-32 rows (int8: 8-32, v50: 9-10% faster than 8-row blocks at 8 rows on
     three shapes off the table): 32-row blocks that shrink to their rows, 64 / 128 wide,
@@ -313,8 +314,14 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     stages = 2 if num_tokens == 1 or bits == 8 else 4
     if long_split and (hidden_size or 0) >= 4096:
         stages = 3
-    return TritonConfig(16 if per_expert > 4 and bits == 4 else 8, block_n1, block_n2, split_k2=split, num_warps=4,
-                        num_stages=stages, split_k1=split1, decode=True)
+    block_m, registers = 8, None
+    if per_expert > 4 and bits == 4:
+        # int4 16-row blocks at 2 stages capped at three programs per SM (uncapped 178-180 registers at group 128:
+        # two): 4-13.5% faster than 4 stages uncapped on six shapes off the table at 6 and 9 rows per expert, every
+        # round; 2 stages alone +0.2 to -11%, the cap alone at 4 stages +1 to -4% (+11-13% in one noisy round) (v71)
+        block_m, stages, registers = 16, 2, registers_for_programs(3)
+    return TritonConfig(block_m, block_n1, block_n2, split_k2=split, num_warps=4, num_stages=stages, split_k1=split1,
+                        max_registers=registers, decode=True)
 
 
 def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
