@@ -316,9 +316,9 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
         stages = 3
     block_m, registers = 8, None
     if per_expert > 4 and bits == 4:
-        # int4 16-row blocks at 2 stages capped at three programs per SM (uncapped 178-180 registers at group 128:
-        # two): 4-13.5% faster than 4 stages uncapped on six shapes off the table at 6 and 9 rows per expert, every
-        # round; 2 stages alone +0.2 to -11%, the cap alone at 4 stages +1 to -4% (+11-13% in one noisy round) (v71)
+        # int4 16-row blocks at three programs per SM: 4 stages hold two by shared memory, 2 stages uncapped two by
+        # registers (178-180 at group 128). Both fields: 4-13.5% faster than 4 stages uncapped on six shapes off the
+        # table at 6 and 9 rows per expert, every round; 2 stages alone +0.2 to -11%, the cap alone +1 to -4% (v71)
         block_m, stages, registers = 16, 2, registers_for_programs(3)
     return TritonConfig(block_m, block_n1, block_n2, split_k2=split, num_warps=4, num_stages=stages, split_k1=split1,
                         max_registers=registers, decode=True)
