@@ -315,6 +315,17 @@ def test_self_check_under_tensor_parallelism(monkeypatch: pytest.MonkeyPatch) ->
     assert kernel.checked and calls.count == 1
 
 
+def test_untied_router_logits_keep_top_k_gaps_of_twice_the_margin() -> None:
+    """Plain top-k on logits: a kept row's chosen and unchosen logits are at least 2 x SELF_CHECK_MARGIN apart, so no
+    move of up to the margin per logit splits it (fails with the Gaussian probes used before: CI, session 52)."""
+    k = 4
+    routing = RoutingConfig(RoutingMethod.SOFTMAX, renormalize=True)
+    for seed in range(8):
+        logits = untied_router_logits(routing, k, 32, None, torch.float32, 8, torch.Generator().manual_seed(seed))
+        top = logits.topk(k + 1, dim=1).values
+        assert (top[:, k - 1] - top[:, k]).min() >= 2 * fi.SELF_CHECK_MARGIN, seed
+
+
 @pytest.mark.parametrize("routing", ROUTINGS, ids=list(ROUTINGS))
 def test_untied_router_logits(routing: str) -> None:
     """Rows whose chosen experts survive the bf16 rounding of the correction bias and small logit moves."""

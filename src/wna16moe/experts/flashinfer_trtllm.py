@@ -118,12 +118,14 @@ TUNE_MAX_NUM_TOKENS = 8192
 CAVEAT = ("caveat: never run on SM100 hardware by wna16moe's developers; each configuration is checked against "
           "EMULATION on a few tokens when its first layer is built, and refuses to run if they disagree")
 # Self-check: tokens compared, the candidate tokens they are drawn from (those whose routing has no near-tie),
-# the logit perturbation a kept token's expert choice must survive, and the largest relative (Frobenius) error
-# accepted. The kernel reads bf16 activations and weights and writes a bf16 intermediate, like the CPU and
-# Triton backends (about 4e-3 against EMULATION); a layout or convention mistake gives errors near 1.
+# the logit perturbation a kept token's expert choice must survive and the random sign patterns it is probed with,
+# and the largest relative (Frobenius) error accepted. The kernel reads bf16 activations and weights and writes a
+# bf16 intermediate, like the CPU and Triton backends (about 4e-3 against EMULATION); a layout or convention mistake
+# gives errors near 1.
 SELF_CHECK_TOKENS = 4
 SELF_CHECK_CANDIDATES = 64
 SELF_CHECK_MARGIN = 0.05
+SELF_CHECK_PROBES = 16
 SELF_CHECK_RTOL = 3e-2
 SELF_CHECK_SEED = 0
 # (device, layer spec) -> None (passed) or the failure message, for this process.
@@ -302,6 +304,10 @@ def untied_router_logits(routing: RoutingConfig, top_k: int, num_experts: int, c
     """Router logits [tokens, E] (CPU, `dtype`) whose chosen experts stay the same when every logit moves by up to
     about SELF_CHECK_MARGIN and when the correction bias is rounded to bf16 (as the kernel receives it), so the
     kernel's routing and `wna16moe.routing` cannot split on a near-tie, which would read as a false alarm.
+    Probed with SELF_CHECK_PROBES patterns of +-SELF_CHECK_MARGIN per logit, each added and subtracted: two experts
+    within twice the margin of a tie move apart against their order under half of them, so such a row survives all
+    with probability 2^-PROBES. (Gaussian probes of the same scale kept a row whose two experts were 0.027 apart in
+    logit, which a 0.01-scale move then split.)
 
     Drawn from SELF_CHECK_CANDIDATES random rows; if fewer rows than `tokens` qualify, the first candidates
     make up the rest (a split then fails the check loudly rather than passing it quietly).
@@ -310,8 +316,8 @@ def untied_router_logits(routing: RoutingConfig, top_k: int, num_experts: int, c
     base = candidates.float()
     bias = None if correction_bias is None else correction_bias.detach().float().cpu()
     variants = [(base, bias)] + ([(base, bias.to(torch.bfloat16).float())] if bias is not None else [])
-    for _ in range(2):
-        noise = torch.randn(base.shape, generator=generator) * SELF_CHECK_MARGIN
+    for _ in range(SELF_CHECK_PROBES):
+        noise = (torch.randint(0, 2, base.shape, generator=generator) * 2 - 1) * SELF_CHECK_MARGIN
         variants += [(base + noise, bias), (base - noise, bias)]
     chosen = [route(logits, routing, top_k, b)[1].sort(dim=1).values for logits, b in variants]
     stable = torch.stack([ids == chosen[0] for ids in chosen]).all(dim=0).all(dim=1)
