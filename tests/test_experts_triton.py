@@ -645,10 +645,10 @@ def test_gpu_default_prefill_config(t: int, i: int, expected: TritonConfig) -> N
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("scheme_name", ["int4_g128_zp", "int8_g128_sym"])
-@pytest.mark.parametrize(("t", "block_m"), [(1, 8), (24, 8), (48, 16), (64, 16), (96, 32)])
+@pytest.mark.parametrize(("t", "block_m"), [(1, 8), (24, 8), (48, 8), (56, 16), (64, 16), (96, 32)])
 def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> None:
     """A shape the tuned table does not hold runs `default_config`; on Hopper, where experts see few rows (here
-    t / 8 per expert), it takes the decode kernel, 8-row blocks up to 4 rows, 16 below 10 (int8: 8 below 8)
+    t / 8 per expert), it takes the decode kernel, 8-row blocks below 7 rows, 16 below 10 (int8: 8 below 8)
     and 32-row blocks on wgmma from 10 (int8: 8), and the layer still matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the decode defaults are Hopper's")
@@ -667,10 +667,10 @@ def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> No
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("m", [6, 40])
+@pytest.mark.parametrize("m", [8, 40])
 def test_gpu_batched_default_runs_the_decode_kernel_on_hopper(monkeypatch: pytest.MonkeyPatch, m: int) -> None:
     """BATCHED_TRITON's configurations are `default_config`'s at m rows per expert: on Hopper the decode kernel
-    (words are stored in fragment tiles there), 16-row blocks at 6 rows and 64-row wgmma blocks at 40 (above 32
+    (words are stored in fragment tiles there), 16-row blocks at 8 rows and 64-row wgmma blocks at 40 (above 32
     rows per expert, NOTES.md v55); every expert's rows still match EMULATION's."""
     import wna16moe.kernels.moe_gemm as launcher
 
@@ -690,7 +690,7 @@ def test_gpu_batched_default_runs_the_decode_kernel_on_hopper(monkeypatch: pytes
     num_tokens = torch.randint(1, m + 1, (e,), dtype=torch.int32, device=DEVICE)
     x = torch.randn(e, m, h, dtype=torch.bfloat16, device=DEVICE)
     out = kernel.apply_batched(x, num_tokens, kernel.prepare_weights(experts, DEVICE))
-    assert tiles == [(True, 16 if m == 6 else 64)] * 2, tiles
+    assert tiles == [(True, 16 if m == 8 else 64)] * 2, tiles
     for expert, n in enumerate(num_tokens.tolist()):
         ones = torch.ones(n, 1, device=DEVICE)
         ids = torch.full((n, 1), expert, dtype=torch.int32, device=DEVICE)

@@ -296,14 +296,16 @@ def test_default_config_caps_int8_32_row_blocks_at_three_programs_per_sm() -> No
 
 @pytest.mark.parametrize("group_size", [128, 32])
 def test_default_config_int4_16_row_blocks_at_two_stages_three_programs_per_sm(group_size: int) -> None:
-    """int4 above 4 rows per expert (to 10): 16-row blocks at 2 stages, registers capped where three 4-warp programs
-    fit an SM (NOTES.md v71: 4-13.5% faster than 4 stages uncapped on six shapes off the table); 8-row blocks at 2-4
-    rows keep 4 stages and the compiler's registers."""
-    for tokens in (160, 256, 316):  # deepseek-v3's shape: 5, 8 and 9.9 rows per expert
+    """int4 from 7 rows per expert (to 10): 16-row blocks at 2 stages, registers capped where three 4-warp programs
+    fit an SM (NOTES.md v71: 4-13.5% faster than 4 stages uncapped on six shapes off the table); above 4 rows and
+    below 7, 8-row blocks at 2 stages (v72: 7-17% faster than the 16-row tile at 4.5-5.5 rows); up to 4 rows they
+    keep 4 stages. 8-row blocks keep the compiler's registers."""
+    for tokens in (224, 256, 316):  # deepseek-v3's shape: 7, 8 and 9.9 rows per expert
         cfg = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
         assert (cfg.block_m, cfg.num_stages, cfg.max_registers) == (16, 2, registers_for_programs(3)), cfg
-    narrow = default_config(96, 8, 256, group_size, 7168, 2048, 132, hopper=True)  # 3 rows per expert
-    assert (narrow.block_m, narrow.num_stages, narrow.max_registers) == (8, 4, None)
+    for tokens, stages in ((96, 4), (128, 4), (129, 2), (160, 2), (223, 2)):  # 3, 4, 4.03, 5 and 6.97 rows
+        narrow = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
+        assert (narrow.block_m, narrow.num_stages, narrow.max_registers) == (8, stages, None), tokens
 
 
 def test_default_config_splits_gemm1_for_one_token() -> None:
@@ -339,13 +341,13 @@ def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: 
 
 
 @pytest.mark.parametrize("group_size", [128, 32])
-@pytest.mark.parametrize(("tokens", "block_m"), [(1, 8), (32, 8), (128, 8), (160, 16), (252, 16), (256, 16),
+@pytest.mark.parametrize(("tokens", "block_m"), [(1, 8), (32, 8), (128, 8), (160, 8), (224, 16), (256, 16),
                                                  (316, 16), (320, 32), (1024, 32), (1056, 128), (2048, 128),
                                                  (3072, 128), (3104, 128), (8192, 128)])
 def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_size: int, tokens: int,
                                                                           block_m: int) -> None:
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
-    every row count: 8-row blocks up to 4 (int8: below 8), 16 below 10, then blocks on warpgroup mmas (int8: from
+    every row count: 8-row blocks below 7 (int8: below 8), 16 below 10, then blocks on warpgroup mmas (int8: from
     8 rows), 32 rows up to 32 per expert, 128 rows above (its intermediate size is LONG_I); int8 the same tiles, its
     narrow rings shallower, and from 2 tokens to 4 rows per expert half as wide (the same GEMM2 K split); never
     the decode kernel off Hopper."""

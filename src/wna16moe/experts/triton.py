@@ -244,6 +244,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 # From this intermediate size (per rank), the decode defaults put 33-96 rows per expert on 128-row blocks
 # (`_decode_default`).
 LONG_I = 2048
+# From these rows per expert (to 10) the int4 decode defaults take 16-row blocks (`_decode_default`).
+INT4_16_ROW_FROM = 7
 REGISTERS_PER_SM = 65536  # sm_80 to sm_100
 
 
@@ -257,12 +259,13 @@ def registers_for_programs(programs: int, num_warps: int = 4) -> int:
 def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None, bits: int) -> TritonConfig:
     """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
-    table. Below 10 rows per expert (int8: 8): 8-row blocks (int4: 16 above 4 rows, 5-13% faster at 3 of 4 shapes at 8
-    rows, 4% slower at qwen3-30b-a3b; int8 at 6 rows: 8 rows level with 16 on two shapes, 13% faster on the
-    third, v48), GEMM1 128 and GEMM2 256 wide, 2 stages for one token (its K-split programs are many) and 4 for
-    more (v47, three shapes off the table at M = 8: 4-13% faster than 2 stages; level with 3
-    over M = 2-16) on 8-row blocks, 2 on int4's 16-row ones, capped at three programs per SM (v71), and 2 for
-    int8, whose tiles are twice the bytes (v47: 4 stages 35-58% slower at M = 2-16),
+    table. Below 10 rows per expert (int8: 8): 8-row blocks (int4: 16 from 7 rows, 5-13% faster at 3 of 4 shapes at 8
+    rows, 4% slower at qwen3-30b-a3b, v47; 7-17% slower than 8-row blocks at 4.5-5.5 rows, v72; int8 at 6 rows: 8
+    rows level with 16 on two shapes, 13% faster on the third, v48), GEMM1 128 and GEMM2 256 wide, 2 stages for one
+    token (its K-split programs are many) and 4 for more up to 4 rows (v47, three shapes off the table at M = 8:
+    4-13% faster than 2 stages; level with 3 over M = 2-16) on 8-row blocks, 2 above (v72), 2 on int4's 16-row
+    ones, capped at three programs per SM (v71), and 2 for int8, whose tiles are twice the bytes (v47: 4 stages
+    35-58% slower at M = 2-16),
     and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50), GEMM2's K split to ~4 programs per SM (8
     at 128 wide: the same split); 10-32 rows (int8: 8-32, v50: 9-10% faster than 8-row blocks at 8 rows on
     three shapes off the table): 32-row blocks that shrink to their rows, 64 / 128 wide,
@@ -315,11 +318,16 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
     if long_split and (hidden_size or 0) >= 4096:
         stages = 3
     block_m, registers = 8, None
-    if per_expert > 4 and bits == 4:
+    if per_expert >= INT4_16_ROW_FROM and bits == 4:
         # int4 16-row blocks at three programs per SM: 4 stages hold two by shared memory, 2 stages uncapped two by
         # registers (178-180 at group 128). Both fields: 4-13.5% faster than 4 stages uncapped on six shapes off the
         # table at 6 and 9 rows per expert, every round; 2 stages alone +0.2 to -11%, the cap alone +1 to -4% (v71)
         block_m, stages, registers = 16, 2, registers_for_programs(3)
+    elif per_expert > 4 and bits == 4:
+        # below 7 rows the 8-row tile still wins, its ring 2 deep: 7-17% faster than the 16-row tile at 4.5 and 5.5
+        # rows on seven shapes off the table, -1.5% on average at 7 (+6% to -11%); 4 stages as fast on most shapes
+        # but 2% slower at group 32 (v72)
+        stages = 2
     return TritonConfig(block_m, block_n1, block_n2, split_k2=split, num_warps=4, num_stages=stages, split_k1=split1,
                         max_registers=registers, decode=True)
 
