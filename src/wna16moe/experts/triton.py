@@ -218,7 +218,8 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     """
     per_expert = num_tokens * top_k / num_experts
     if hopper:
-        return _decode_default(num_tokens, top_k, num_experts, hidden_size, intermediate_size, num_sms, bits)
+        return _decode_default(num_tokens, top_k, num_experts, group_size, hidden_size, intermediate_size, num_sms,
+                               bits)
     if per_expert <= 20:
         split, split1 = 1, 1
         if hidden_size and intermediate_size and num_sms:
@@ -256,20 +257,19 @@ def registers_for_programs(programs: int, num_warps: int = 4) -> int:
     return REGISTERS_PER_SM // (programs * num_warps * 32) // 8 * 8
 
 
-def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None,
+def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: int | None, hidden_size: int | None,
                     intermediate_size: int | None, num_sms: int | None, bits: int) -> TritonConfig:
     """`default_config` on the decode kernel, from the H200 table's tilings and the v47 trials of shapes off the
     table. Below 10 rows per expert (int8: 8): 8-row blocks (int4: 16 from 7 rows, 5-13% faster at 3 of 4 shapes at 8
     rows, 4% slower at qwen3-30b-a3b, v47; 7-17% slower than 8-row blocks at 4.5-5.5 rows, v72; int8 at 6 rows: 8
     rows level with 16 on two shapes, 13% faster on the third, v48), GEMM1 128 and GEMM2 256 wide, 2 stages for one
     token (its K-split programs are many) and 4 for more up to 4 rows (v47, three shapes off the table at M = 8:
-    4-13% faster than 2 stages; level with 3 over M = 2-16) on 8-row blocks, 2 above (v72), 2 on int4's 16-row
-    ones, capped at three programs per SM (v71), and 2 for int8, whose tiles are twice the bytes (v47: 4 stages
-    35-58% slower at M = 2-16),
-    and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50), GEMM2's K split to ~4 programs per SM (8
-    at 128 wide: the same split); 10-32 rows (int8: 8-32, v50: 9-10% faster than 8-row blocks at 8 rows on
-    three shapes off the table): 32-row blocks that shrink to their rows, 64 / 128 wide,
-    3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
+    4-13% faster than 2 stages; level with 3 over M = 2-16) on 8-row blocks (3 at group 32, v72), 2 above (v72), 2
+    on int4's 16-row ones, capped at three programs per SM (v71), and 2 for int8, whose tiles are twice the bytes
+    (v47: 4 stages 35-58% slower at M = 2-16), and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50),
+    GEMM2's K split to ~4 programs per SM (8 at 128 wide: the same split); 10-32 rows (int8: 8-32, v50: 9-10%
+    faster than 8-row blocks at 8 rows on three shapes off the table): 32-row blocks that shrink to their rows,
+    64 / 128 wide, 3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
     level); above 32 rows, where an expert's rows no longer fit one 32-row block: 64-row blocks at 8 warps,
     128 / 256 wide (v47: 10-25% faster than 32-row blocks at 64-128 rows on all four shapes, and than 128-row
     blocks at three, level at the fourth; v55: 5-32% faster at 34-62 rows on all four, int4 and int8, but
@@ -315,6 +315,10 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, hidden_size: 
                              target * num_sms, min_tiles)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
     stages = 2 if num_tokens == 1 or bits == 8 else 4
+    if stages == 4 and group_size is not None and group_size <= 32:
+        # group 32 carries four times the scales per tile: 3 stages 6-13% faster than 4 at 1.5-3.5 rows per expert
+        # on five shapes, every point and round (v72)
+        stages = 3
     if long_split and (hidden_size or 0) >= 4096:
         stages = 3
     block_m, registers = 8, None
