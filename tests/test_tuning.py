@@ -392,8 +392,8 @@ def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_
 
 def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -> None:
     """The shipped H200 entries for qwen3-30b-a3b (128 experts, top 8): at a measured M the entry always; between
-    them the nearest entry where its blocks are the size the defaults pick (narrow 8 or 16 rows both, or one wide
-    size), else the defaults (NOTES.md v48)."""
+    them the nearest entry where its blocks are the size the defaults pick (narrow 8 or 16 rows both, on the side
+    of 7 rows per expert of its own M, or one wide size), else the defaults (NOTES.md v48, v72)."""
     def defaults(tokens: int) -> TritonConfig:
         return default_config(tokens, 8, 128, 128, 2048, 768, 132, hopper=True)
 
@@ -401,7 +401,7 @@ def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -
         tuned = tuned_config("NVIDIA H200", QWEN, tokens)
         return entry_or_default(tuned, tokens, defaults), TritonConfig(**tuned[1]), defaults(tokens)
 
-    chosen, entry, default = pick(128)  # measured: the entry, whatever the defaults say
+    chosen, entry, default = pick(32)  # measured: the entry, whatever the defaults say
     assert chosen == entry != default
     chosen, entry, default = pick(256)  # 16 rows per expert: 32-row defaults, the M = 150 entry narrow
     assert (entry.block_m, default.block_m) == (16, 32) and chosen == default
@@ -412,6 +412,33 @@ def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -
     chosen, entry, default = pick(16)  # 1 row per expert: both narrow
     assert entry.block_m < 32 and default.block_m < 32 and chosen == entry
     assert entry_or_default(None, 16, defaults) == default
+
+
+def test_a_narrow_entry_runs_between_rows_where_the_defaults_take_its_own_ms_narrow_size() -> None:
+    """int4 narrow blocks turn from 8 to 16 rows at 7 rows per expert, each faster on its side (NOTES.md v72): an
+    entry measured on one side does not run on the other, where the defaults do; an entry whose own M has wide
+    defaults (W8A16 at 8 rows per expert) runs wherever they are narrow."""
+    def picks(key: ShapeKey, tokens: int) -> tuple[TritonConfig, TritonConfig, TritonConfig]:
+        def defaults(t: int) -> TritonConfig:
+            return default_config(t, key.top_k, key.num_experts, key.group_size, key.hidden_size,
+                                  key.intermediate_size, 132, hopper=True, bits=key.bits)
+
+        tuned = tuned_config("NVIDIA H200", key, tokens)
+        assert tuned is not None
+        return entry_or_default(tuned, tokens, defaults), defaults(tokens), TritonConfig(**tuned[1])
+
+    # deepseek-v3's M = 128 entry (8-row blocks at 4 rows per expert): the 16-row defaults from 224 (7 rows)
+    deepseek = ShapeKey(4, 128, 7168, 2048, 256, 8)
+    chosen, default, entry = picks(deepseek, 240)
+    assert (entry.block_m, default.block_m) == (8, 16) and chosen == default
+    chosen, default, entry = picks(deepseek, 220)
+    assert entry.block_m == default.block_m == 8 and chosen == entry != default
+    # mixtral's M = 32 entry (16-row blocks at 8 rows): the 8-row defaults at 20 (5 rows)
+    chosen, default, entry = picks(KEY, 20)
+    assert (entry.block_m, default.block_m) == (16, 8) and chosen == default
+    # W8A16 qwen3-30b-a3b's M = 128 entry (16-row; the int8 defaults are 32-row blocks at 8 rows): below it
+    chosen, default, entry = picks(replace(QWEN, bits=8), 100)
+    assert (entry.block_m, default.block_m) == (16, 8) and chosen == entry
 
 
 def test_a_wide_entry_runs_between_rows_only_in_its_own_ms_range_of_the_defaults() -> None:

@@ -340,9 +340,10 @@ def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
                      defaults: Callable[[int], TritonConfig]) -> TritonConfig:
     """What runs `num_tokens` rows: the table's entry at its nearest measured M (`tuning.tuned_config`), else the
     defaults (`defaults(M)`). At an M between the table's, the entry runs only where it multiplies blocks of the
-    size the defaults pick for this M (narrow ones of 8 or 16 rows both, or the same wide size): rows per expert
-    moved into another size's range outdate the entry's tiling. On the H200's four shapes at M = 16-4096 between
-    its rows, this took the defaults at 6 of 18 points: 9-19% faster than the nearest entry at five (qwen3-30b-a3b
+    size the defaults pick for this M (a narrow entry, 8 or 16 rows, where the defaults are narrow, of the size
+    they take at the entry's own M if narrow there: v72; a wide one at the same size): rows per expert moved into
+    another size's range outdate the entry's tiling. On the H200's four shapes at M = 16-4096 between its rows, this
+    took the defaults at 6 of 18 points: 9-19% faster than the nearest entry at five (qwen3-30b-a3b
     M = 256 and 1024, mixtral M = 256, deepseek-v3 M = 4096, kimi-k2 M = 16), 1% slower at mixtral M = 64; at the
     other twelve the entry was faster or within 1% (NOTES.md v48). Since the defaults take 128-row blocks in two
     ranges (33-96 rows per expert on long intermediate sizes, and above 96), a wide entry also stays in its own
@@ -360,11 +361,12 @@ def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
 
 def runs_between_rows(entry: TritonConfig, default: TritonConfig, measured_default: TritonConfig) -> bool:
     """Whether a table entry runs at an M between the table's rows where the defaults pick `default` (and
-    `measured_default` at the entry's own M): narrow ones (8 or 16 rows) where the defaults are narrow too, wide
-    ones at the defaults' block size within the defaults' range of their own M (`entry_or_default`; a range's
-    wide defaults are one configuration)."""
+    `measured_default` at the entry's own M): narrow ones (8 or 16 rows) where the defaults are narrow too, of the
+    size they pick at the entry's own M where that is narrow (int4 turns from 8- to 16-row blocks at 7 rows per
+    expert, and each size wins on its side: v72); wide ones at the defaults' block size within the defaults' range
+    of their own M (`entry_or_default`; a range's wide defaults are one configuration)."""
     if max(entry.block_m, default.block_m) < 32:
-        return True
+        return measured_default.block_m >= 32 or default.block_m == measured_default.block_m
     return entry.block_m == default.block_m and default == measured_default
 
 
