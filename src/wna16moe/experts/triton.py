@@ -316,8 +316,8 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
     stages = 2 if num_tokens == 1 or bits == 8 else 4
     if stages == 4 and group_size is not None and group_size <= 32:
-        # group 32 carries four times the scales per tile: 3 stages 6-13% faster than 4 at 1.5-3.5 rows per expert
-        # on five shapes, every point and round (v72)
+        # group 32 (four times the scales per tile): 3 stages 5-13% faster than 4 at 1.5-3.5 rows per expert on five
+        # shapes, every point and round; 4 stages 1-7% faster at three of 24 points at 0.5-1 row (v72)
         stages = 3
     if long_split and (hidden_size or 0) >= 4096:
         stages = 3
@@ -328,9 +328,9 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
         # table at 6 and 9 rows per expert, every round; 2 stages alone +0.2 to -11%, the cap alone +1 to -4% (v71)
         block_m, stages, registers = 16, 2, registers_for_programs(3)
     elif per_expert > 4 and bits == 4:
-        # below 7 rows the 8-row tile still wins, its ring 2 deep: 7-17% faster than the 16-row tile at 4.5 and 5.5
-        # rows on seven shapes off the table, -1.5% on average at 7 (+6% to -11%); 4 stages as fast on most shapes
-        # but 2% slower at group 32 (v72)
+        # below 7 rows the 8-row tile still wins, its ring 2 deep: 7-25% faster than the 16-row tile at 4.25-6 rows
+        # on seven shapes off the table, level on average at 7 (-11% to +8%); 4 stages -6 to +13% against 2, 8-13%
+        # slower at group 32 (v72)
         stages = 2
     return TritonConfig(block_m, block_n1, block_n2, split_k2=split, num_warps=4, num_stages=stages, split_k1=split1,
                         max_registers=registers, decode=True)
