@@ -294,16 +294,16 @@ def test_default_config_caps_int8_32_row_blocks_at_three_programs_per_sm() -> No
         assert default_config(tokens, 8, 128, 128, 4096, 1408, 132, hopper=True, bits=8).max_registers is None
 
 
-@pytest.mark.parametrize("group_size", [128, 32])
+@pytest.mark.parametrize("group_size", [128, 64, 32])
 def test_default_config_int4_16_row_blocks_at_two_stages_three_programs_per_sm(group_size: int) -> None:
     """int4 from 7 rows per expert (to 10): 16-row blocks at 2 stages, registers capped where three 4-warp programs
     fit an SM (NOTES.md v71: 4-13.5% faster than 4 stages uncapped on six shapes off the table); above 4 rows and
     below 7, 8-row blocks at 2 stages (v72: 7-17% faster than the 16-row tile at 4.5-5.5 rows); up to 4 rows they
-    keep 4 stages, 3 at group 32 (v72: 5-13% faster). 8-row blocks keep the compiler's registers."""
+    keep 4 stages, 3 at groups of 32 and 64 (v72: 1-13% faster). 8-row blocks keep the compiler's registers."""
     for tokens in (224, 256, 316):  # deepseek-v3's shape: 7, 8 and 9.9 rows per expert
         cfg = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
         assert (cfg.block_m, cfg.num_stages, cfg.max_registers) == (16, 2, registers_for_programs(3)), cfg
-    deep = 4 if group_size == 128 else 3  # group 32: 3 stages at 2-4 rows (v72)
+    deep = 4 if group_size == 128 else 3  # groups of 32 and 64: 3 stages at 2-4 rows (v72)
     for tokens, stages in ((96, deep), (128, deep), (129, 2), (160, 2), (223, 2)):  # 3, 4, 4.03, 5 and 6.97 rows
         narrow = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
         assert (narrow.block_m, narrow.num_stages, narrow.max_registers) == (8, stages, None), tokens

@@ -264,11 +264,11 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     rows, 4% slower at qwen3-30b-a3b, v47; 7-17% slower than 8-row blocks at 4.5-5.5 rows, v72; int8 at 6 rows: 8
     rows level with 16 on two shapes, 13% faster on the third, v48), GEMM1 128 and GEMM2 256 wide, 2 stages for one
     token (its K-split programs are many) and 4 for more up to 4 rows (v47, three shapes off the table at M = 8:
-    4-13% faster than 2 stages; level with 3 over M = 2-16) on 8-row blocks (3 at group 32, v72), 2 above (v72), 2
-    on int4's 16-row ones, capped at three programs per SM (v71), and 2 for int8, whose tiles are twice the bytes
-    (v47: 4 stages 35-58% slower at M = 2-16), and int8 from 2 tokens to 4 rows per expert 64 / 128 wide (v50),
-    GEMM2's K split to ~4 programs per SM (8 at 128 wide: the same split); 10-32 rows (int8: 8-32, v50: 9-10%
-    faster than 8-row blocks at 8 rows on three shapes off the table): 32-row blocks that shrink to their rows,
+    4-13% faster than 2 stages; level with 3 over M = 2-16) on 8-row blocks (3 at groups of 32 and 64, v72), 2
+    above (v72), 2 on int4's 16-row ones, capped at three programs per SM (v71), and 2 for int8, whose tiles are
+    twice the bytes (v47: 4 stages 35-58% slower at M = 2-16), and int8 from 2 tokens to 4 rows per expert 64 / 128
+    wide (v50), GEMM2's K split to ~4 programs per SM (8 at 128 wide: the same split); 10-32 rows (int8: 8-32, v50:
+    9-10% faster than 8-row blocks at 8 rows on three shapes off the table): 32-row blocks that shrink to their rows,
     64 / 128 wide, 3 stages, on Hopper's warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512,
     level); above 32 rows, where an expert's rows no longer fit one 32-row block: 64-row blocks at 8 warps,
     128 / 256 wide (v47: 10-25% faster than 32-row blocks at 64-128 rows on all four shapes, and than 128-row
@@ -315,9 +315,10 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
                              target * num_sms, min_tiles)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
     stages = 2 if num_tokens == 1 or bits == 8 else 4
-    if stages == 4 and group_size is not None and group_size <= 32:
-        # group 32 (four times the scales per tile): 3 stages 5-13% faster than 4 at 1.5-3.5 rows per expert on five
-        # shapes, every point and round; 4 stages 1-7% faster at three of 24 points at 0.5-1 row (v72)
+    if stages == 4 and group_size is not None and group_size <= 64:
+        # groups of 32 and 64 (four and two times group 128's scales per tile): 3 stages 5-13% (group 64: 0.6-6%)
+        # faster than 4 at 1.5-3.5 rows per expert on five (four) shapes, every point and round; at group 32 4 stages
+        # 1-7% faster at three of 24 points at 0.5-1 row (v72)
         stages = 3
     if long_split and (hidden_size or 0) >= 4096:
         stages = 3
