@@ -299,7 +299,7 @@ def test_default_config_int4_16_row_blocks_at_two_stages_three_programs_per_sm(g
     """int4 from 7 rows per expert (to 10): 16-row blocks at 2 stages, registers capped where three 4-warp programs
     fit an SM (NOTES.md v71: 4-13.5% faster than 4 stages uncapped on six shapes off the table); above 4 rows and
     below 7, 8-row blocks at 2 stages (v72: 7-17% faster than the 16-row tile at 4.5-5.5 rows); up to 4 rows they
-    keep 4 stages, 3 at groups of 32 and 64 (v72: 1-13% faster). 8-row blocks keep the compiler's registers."""
+    keep 4 stages, 3 at groups of 32 and 64 (v72: 0.6-13% faster). 8-row blocks keep the compiler's registers."""
     for tokens in (224, 256, 316):  # deepseek-v3's shape: 7, 8 and 9.9 rows per expert
         cfg = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
         assert (cfg.block_m, cfg.num_stages, cfg.max_registers) == (16, 2, registers_for_programs(3)), cfg
