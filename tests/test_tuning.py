@@ -1,6 +1,7 @@
 """The shipped TRITON configuration table: building it from a sweep, looking entries up, and its contents."""
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from wna16moe.tuning import ShapeKey, build_table, triton_vs_marlin, tuned_confi
 
 KEY = ShapeKey(4, 128, 4096, 14336, 8, 2)
 QWEN = ShapeKey(4, 128, 2048, 768, 128, 8)
+
+
+def hopper_defaults(key: ShapeKey) -> Callable[[int], TritonConfig]:
+    """`default_config` of a layer keyed `key` on a 132-SM Hopper, as a function of the token count."""
+    return lambda tokens: default_config(tokens, key.top_k, key.num_experts, key.group_size, key.hidden_size,
+                                         key.intermediate_size, 132, hopper=True, bits=key.bits)
 
 
 def _row(backend: str, m: int, block_m: int, us: float = 100.0, shape: str = "mixtral") -> dict:
@@ -394,8 +401,7 @@ def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -
     """The shipped H200 entries for qwen3-30b-a3b (128 experts, top 8): at a measured M the entry always; between
     them the nearest entry where its blocks are the size the defaults pick (narrow 8 or 16 rows both, on the side
     of 7 rows per expert of its own M, or one wide size), else the defaults (NOTES.md v48, v72)."""
-    def defaults(tokens: int) -> TritonConfig:
-        return default_config(tokens, 8, 128, 128, 2048, 768, 132, hopper=True)
+    defaults = hopper_defaults(QWEN)
 
     def pick(tokens: int) -> tuple[TritonConfig, TritonConfig, TritonConfig]:
         tuned = tuned_config("NVIDIA H200", QWEN, tokens)
@@ -419,10 +425,7 @@ def test_a_narrow_entry_runs_between_rows_where_the_defaults_take_its_own_ms_nar
     entry measured on one side does not run on the other, where the defaults do; an entry whose own M has wide
     defaults (W8A16 at 8 rows per expert) runs wherever they are narrow."""
     def picks(key: ShapeKey, tokens: int) -> tuple[TritonConfig, TritonConfig, TritonConfig]:
-        def defaults(t: int) -> TritonConfig:
-            return default_config(t, key.top_k, key.num_experts, key.group_size, key.hidden_size,
-                                  key.intermediate_size, 132, hopper=True, bits=key.bits)
-
+        defaults = hopper_defaults(key)
         tuned = tuned_config("NVIDIA H200", key, tokens)
         assert tuned is not None
         return entry_or_default(tuned, tokens, defaults), defaults(tokens), TritonConfig(**tuned[1])
@@ -445,17 +448,13 @@ def test_a_wide_entry_runs_between_rows_only_in_its_own_ms_range_of_the_defaults
     """mixtral's int4 M = 400 entry (128-row blocks, 100 rows per expert) between the table's rows: at M = 380
     (95 rows) the defaults take 128-row blocks too, but in the 33-96 range of its long intermediate size, not
     the entry's range above 96: the defaults run there (NOTES.md v61); from M = 385 (96.25 rows) the entry."""
-    key = ShapeKey(4, 128, 4096, 14336, 8, 2)
-
-    def defaults(tokens: int) -> TritonConfig:
-        return default_config(tokens, 2, 8, 128, 4096, 14336, 132, hopper=True)
-
+    defaults = hopper_defaults(KEY)
     entry = {"block_m": 128, "block_n1": 128, "block_n2": 128, "num_warps": 8, "num_stages": 3, "decode": True,
              "wgmma": True}
     assert entry_or_default((400, entry), 380, defaults) == defaults(380) != TritonConfig(**entry)
     assert defaults(380).block_m == 128
     assert entry_or_default((400, entry), 385, defaults) == TritonConfig(**entry)
-    assert tuning.rows_taking([128, 400, 8192], 400, entry, key)[0] == 385
+    assert tuning.rows_taking([128, 400, 8192], 400, entry, KEY)[0] == 385
 
 
 def test_hopper_decode_default_splits_by_programs() -> None:
