@@ -39,10 +39,12 @@ from wna16moe.experts.triton import (
     RELEASE_AFTER_LOOP,
     RELEASE_AT_WAIT,
     RELEASE_EARLY,
+    WIDE_HIDDEN,
     BatchedTritonExperts,
     TritonConfig,
     TritonExperts,
     prepare_triton_weights,
+    registers_for_programs,
     stores_fragment_tiles,
 )
 from wna16moe.kernels import moe_gemm as moe_gemm_module
@@ -659,6 +661,26 @@ def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> No
     if scheme_name.startswith("int8") and block_m == 16:
         block_m = 32 if t / 8 >= 8 else 8
     assert (config.decode, config.block_m, config.wgmma) == (True, block_m, block_m == 32), config
+    x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
+    tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+    out = kernel.apply(x, tw, ids, weights)
+    assert torch.isfinite(out).all() and relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int4_g64_sym"])
+def test_gpu_default_small_group_32_row_blocks_on_mma_sync(scheme_name: str) -> None:
+    """int4 at groups of 32 and 64 on a layer WIDE_HIDDEN wide at 11 rows per expert (t / 8) takes the capped
+    mma.sync 32-row tile by default on Hopper (NOTES.md v73), zero points included, and still matches EMULATION."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the decode defaults are Hopper's")
+    e, k, h, i, t = 16, 2, WIDE_HIDDEN, 512, 88
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
+    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
+    config = kernel.config(t)
+    assert (config.decode, config.block_m, config.block_n2, config.wgmma, config.max_registers) == (
+        True, 32, 256, False, registers_for_programs(3)), config
     x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
     tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
     out = kernel.apply(x, tw, ids, weights)

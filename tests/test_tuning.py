@@ -9,7 +9,15 @@ import pytest
 
 from wna16moe import tuning
 from wna16moe.device import DeviceInfo
-from wna16moe.experts.triton import LONG_I, TritonConfig, default_config, entry_or_default, registers_for_programs
+from wna16moe.experts.triton import (
+    LONG_I,
+    SMALL_GROUP_MMA_BELOW,
+    WIDE_HIDDEN,
+    TritonConfig,
+    default_config,
+    entry_or_default,
+    registers_for_programs,
+)
 from wna16moe.kernels.moe_gemm_decode import BLOCK_MS
 from wna16moe.oracle import explain
 from wna16moe.shapes import model_shape
@@ -317,6 +325,24 @@ def test_default_config_int4_16_row_blocks_at_two_stages_three_programs_per_sm(g
     assert default_config(1, 8, 256, group_size, 7168, 2048, 132, hopper=True).num_stages == 2  # one token
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_default_config_int4_small_groups_take_mma_sync_32_row_blocks_below_14_rows(group_size: int) -> None:
+    """int4 at groups of 32 and 64 from 10 rows per expert to below 14, on layers at least WIDE_HIDDEN wide: 32-row
+    blocks on mma.sync, 128 / 256 wide, 2 stages, capped at three programs per SM (NOTES.md v73: 0.6-24% faster than
+    the warpgroup-mma tile at 10-13 rows on four layers); group 128, narrower layers, more rows and int8 keep the
+    warpgroup-mma tile."""
+    small = group_size <= 64
+    for tokens in (320, 352, 415):  # deepseek-v3's shape: 10, 11 and 12.97 rows per expert
+        cfg = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
+        tile = (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_stages, cfg.max_registers, cfg.wgmma)
+        assert tile == ((32, 128, 256, 2, registers_for_programs(3), False) if small else (32, 64, 128, 3, None, True))
+        assert _launchable(cfg)
+    for tokens, hidden in ((448, 7168), (1024, 7168), (320, WIDE_HIDDEN - 1024)):  # 14 and 32 rows; a narrower layer
+        assert default_config(tokens, 8, 256, group_size, hidden, 2048, 132, hopper=True).wgmma, (tokens, hidden)
+    assert default_config(352, 8, 256, group_size, 7168, 2048, 132, hopper=True, bits=8).wgmma
+    assert default_config(352, 8, 256, group_size, hopper=True).wgmma  # sizes unknown
+
+
 def test_default_config_splits_gemm1_for_one_token() -> None:
     """One token: GEMM1's K in two, in four when its programs would not fill the SMs; never for more tokens."""
     assert default_config(1, 8, 256, 128, hidden_size=7168, intermediate_size=2048, num_sms=132).split_k1 == 2
@@ -362,11 +388,14 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
     the decode kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
     assert _launchable(hopper)
-    assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, block_m, block_m >= 32, False)
+    small_group_mma = group_size <= 64 and 10 <= tokens / 32 < SMALL_GROUP_MMA_BELOW  # (v73)
+    wgmma = block_m >= 32 and not small_group_mma
+    assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, block_m, wgmma, False)
     int8 = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True, bits=8)
     assert _launchable(int8)
-    if block_m == 16 and tokens >= 8 * 32:  # int8 from 8 rows per expert: the wide blocks int4 takes from 10
-        expected = default_config(320, 8, 256, group_size, 7168, 2048, 132, hopper=True)
+    wide_int8 = TritonConfig(32, 64, 128, num_warps=4, num_stages=3, decode=True, wgmma=True)
+    if (block_m == 16 and tokens >= 8 * 32) or small_group_mma:  # int8 from 8 rows per expert: the wgmma tile
+        expected = wide_int8
     elif block_m == 16:  # (int8's 8-row blocks are not capped)
         expected = replace(hopper, block_m=8, max_registers=None)
     else:
