@@ -36,6 +36,7 @@ from wna16moe.errors import InvalidInputError
 from wna16moe.experts.base import LayerSpec, relative_error
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import (
+    MANY_EXPERTS,
     RELEASE_AFTER_LOOP,
     RELEASE_AT_WAIT,
     RELEASE_EARLY,
@@ -671,11 +672,12 @@ def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> No
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int4_g64_sym"])
 def test_gpu_default_small_group_32_row_blocks_on_mma_sync(scheme_name: str) -> None:
-    """int4 at groups of 32 and 64 on a layer WIDE_HIDDEN wide at 11 rows per expert (t / 8) takes the capped
+    """int4 at groups of 32 and 64 on a layer of WIDE_HIDDEN and MANY_EXPERTS at 11 rows per expert takes the capped
     mma.sync 32-row tile by default on Hopper (NOTES.md v73), zero points included, and still matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the decode defaults are Hopper's")
-    e, k, h, i, t = 16, 2, WIDE_HIDDEN, 512, 88
+    e, k, h, i = MANY_EXPERTS, 8, WIDE_HIDDEN, 256
+    t = 11 * e // k
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
     config = kernel.config(t)

@@ -11,6 +11,7 @@ from wna16moe import tuning
 from wna16moe.device import DeviceInfo
 from wna16moe.experts.triton import (
     LONG_I,
+    MANY_EXPERTS,
     SMALL_GROUP_MMA_BELOW,
     WIDE_HIDDEN,
     TritonConfig,
@@ -327,10 +328,10 @@ def test_default_config_int4_16_row_blocks_at_two_stages_three_programs_per_sm(g
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_default_config_int4_small_groups_take_mma_sync_32_row_blocks_below_14_rows(group_size: int) -> None:
-    """int4 at groups of 32 and 64 from 10 rows per expert to below 14, on layers at least WIDE_HIDDEN wide: 32-row
-    blocks on mma.sync, 128 / 256 wide, 2 stages, capped at three programs per SM (NOTES.md v73: 0.6-24% faster than
-    the warpgroup-mma tile at 10-13 rows on four layers); group 128, narrower layers, more rows and int8 keep the
-    warpgroup-mma tile."""
+    """int4 at groups of 32 and 64 from 10 rows per expert to below 14, on layers of at least WIDE_HIDDEN and
+    MANY_EXPERTS: 32-row blocks on mma.sync, 128 / 256 wide, 2 stages, capped at three programs per SM (NOTES.md v73:
+    0.6-24% faster than the warpgroup-mma tile at 10-13 rows on four layers); group 128, narrower layers, fewer
+    experts, more rows and int8 keep the warpgroup-mma tile."""
     small = group_size <= 64
     for tokens in (320, 352, 415):  # deepseek-v3's shape: 10, 11 and 12.97 rows per expert
         cfg = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
@@ -339,6 +340,8 @@ def test_default_config_int4_small_groups_take_mma_sync_32_row_blocks_below_14_r
         assert _launchable(cfg)
     for tokens, hidden in ((448, 7168), (1024, 7168), (320, WIDE_HIDDEN - 1024)):  # 14 and 32 rows; a narrower layer
         assert default_config(tokens, 8, 256, group_size, hidden, 2048, 132, hopper=True).wgmma, (tokens, hidden)
+    few = MANY_EXPERTS // 2  # 11 rows per expert on fewer experts
+    assert default_config(11 * few // 8, 8, few, group_size, 7168, 2048, 132, hopper=True).wgmma
     assert default_config(352, 8, 256, group_size, 7168, 2048, 132, hopper=True, bits=8).wgmma
     assert default_config(352, 8, 256, group_size, hopper=True).wgmma  # sizes unknown
 
