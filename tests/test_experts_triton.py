@@ -670,19 +670,22 @@ def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> No
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("scheme_name", ["int4_g32_zp", "int4_g64_sym"])
-def test_gpu_default_small_group_32_row_blocks_on_mma_sync(scheme_name: str) -> None:
-    """int4 at groups of 32 and 64 on a layer of WIDE_HIDDEN and MANY_EXPERTS at 11 rows per expert takes the capped
-    mma.sync 32-row tile by default on Hopper (NOTES.md v73), zero points included, and still matches EMULATION."""
+@pytest.mark.parametrize(("scheme_name", "e", "k", "h", "block_m"), [
+    ("int4_g32_zp", MANY_EXPERTS, 8, WIDE_HIDDEN, 32), ("int4_g64_sym", MANY_EXPERTS, 8, WIDE_HIDDEN, 32),
+    ("int4_g32_zp", 16, 2, 1024, 16)])
+def test_gpu_default_small_groups_on_mma_sync(scheme_name: str, e: int, k: int, h: int, block_m: int) -> None:
+    """int4 at groups of 32 and 64 at 11 rows per expert runs mma.sync blocks by default on Hopper (NOTES.md v73):
+    on a layer of WIDE_HIDDEN and MANY_EXPERTS the capped 32-row tile, 128 / 256 wide, on a narrower one with fewer
+    experts the 16-row tile; zero points included, and the layer still matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the decode defaults are Hopper's")
-    e, k, h, i = MANY_EXPERTS, 8, WIDE_HIDDEN, 256
+    i = 256
     t = 11 * e // k
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
     config = kernel.config(t)
     assert (config.decode, config.block_m, config.block_n2, config.wgmma, config.max_registers) == (
-        True, 32, 256, False, registers_for_programs(3)), config
+        True, block_m, 256, False, registers_for_programs(3)), config
     x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
     tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
     out = kernel.apply(x, tw, ids, weights)

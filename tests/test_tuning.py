@@ -327,23 +327,32 @@ def test_default_config_int4_16_row_blocks_at_two_stages_three_programs_per_sm(g
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_default_config_int4_small_groups_take_mma_sync_32_row_blocks_below_14_rows(group_size: int) -> None:
-    """int4 at groups of 32 and 64 from 10 rows per expert to below 14, on layers of at least WIDE_HIDDEN and
-    MANY_EXPERTS: 32-row blocks on mma.sync, 128 / 256 wide, 2 stages, capped at three programs per SM (NOTES.md v73:
-    0.6-24% faster than the warpgroup-mma tile at 10-13 rows on four layers); group 128, narrower layers, fewer
-    experts, more rows and int8 keep the warpgroup-mma tile."""
+def test_default_config_int4_small_groups_take_mma_sync_blocks_below_14_rows(group_size: int) -> None:
+    """int4 at groups of 32 and 64 from 10 rows per expert to below 14 leaves the warpgroup-mma tile (NOTES.md v73): on
+    layers of at least WIDE_HIDDEN and MANY_EXPERTS 32-row mma.sync blocks, 128 / 256 wide, 2 stages, capped at three
+    programs per SM (0.6-24% faster on four layers); on narrower layers, fewer experts or unknown sizes the 16-row
+    tile (0.9-7.8% faster on three). Group 128, more rows and int8 keep the warpgroup-mma tile."""
     small = group_size <= 64
-    for tokens in (320, 352, 415):  # deepseek-v3's shape: 10, 11 and 12.97 rows per expert
-        cfg = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
-        tile = (cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_stages, cfg.max_registers, cfg.wgmma)
-        assert tile == ((32, 128, 256, 2, registers_for_programs(3), False) if small else (32, 64, 128, 3, None, True))
+    wgmma_tile = (32, 64, 128, 3, None, True)
+    capped = registers_for_programs(3)
+
+    def tile(tokens: int, experts: int, hidden: int | None, bits: int = 4) -> tuple:
+        cfg = default_config(tokens, 8, experts, group_size, hidden, 2048 if hidden else None, 132, hopper=True,
+                             bits=bits)
         assert _launchable(cfg)
-    for tokens, hidden in ((448, 7168), (1024, 7168), (320, WIDE_HIDDEN - 1024)):  # 14 and 32 rows; a narrower layer
-        assert default_config(tokens, 8, 256, group_size, hidden, 2048, 132, hopper=True).wgmma, (tokens, hidden)
-    few = MANY_EXPERTS // 2  # 11 rows per expert on fewer experts
-    assert default_config(11 * few // 8, 8, few, group_size, 7168, 2048, 132, hopper=True).wgmma
-    assert default_config(352, 8, 256, group_size, 7168, 2048, 132, hopper=True, bits=8).wgmma
-    assert default_config(352, 8, 256, group_size, hopper=True).wgmma  # sizes unknown
+        return cfg.block_m, cfg.block_n1, cfg.block_n2, cfg.num_stages, cfg.max_registers, cfg.wgmma
+
+    few = MANY_EXPERTS // 2
+    for rows in (10, 11, 12.97):
+        tokens = round(rows * 32)  # deepseek-v3's shape: 256 experts, top 8
+        assert tile(tokens, 256, 7168) == ((32, 128, 256, 2, capped, False) if small else wgmma_tile), rows
+        narrow = (16, 128, 256, 2, capped, False) if small else wgmma_tile
+        assert tile(tokens, 256, WIDE_HIDDEN - 1024) == narrow, rows  # a narrower layer
+        assert tile(round(rows * few / 8), few, 7168) == narrow, rows  # fewer experts
+        assert tile(tokens, 256, None) == narrow, rows  # sizes unknown
+        assert tile(tokens, 256, 7168, bits=8)[5], rows  # int8
+    for tokens in (448, 1024):  # 14 and 32 rows per expert
+        assert tile(tokens, 256, 7168) == wgmma_tile and tile(tokens, 256, 2048) == wgmma_tile, tokens
 
 
 def test_default_config_splits_gemm1_for_one_token() -> None:

@@ -247,9 +247,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 LONG_I = 2048
 # From these rows per expert (to 10) the int4 decode defaults take 16-row blocks (`_decode_default`).
 INT4_16_ROW_FROM = 7
-# Below these rows per expert (from 10), int4 at groups of 32 and 64 on layers of at least `WIDE_HIDDEN` and
-# `MANY_EXPERTS` takes 32-row blocks on mma.sync, 128 / 256 wide at three programs per SM, instead of the
-# warpgroup-mma tile (`_decode_default`).
+# Below these rows per expert (from 10), int4 at groups of 32 and 64 takes mma.sync blocks instead of the
+# warpgroup-mma tile: on layers of at least `WIDE_HIDDEN` and `MANY_EXPERTS` 32-row ones, 128 / 256 wide at three
+# programs per SM, elsewhere the 16-row tile (`_decode_default`).
 SMALL_GROUP_MMA_BELOW = 14
 WIDE_HIDDEN = 4096
 MANY_EXPERTS = 128
@@ -276,16 +276,17 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     programs per SM (8 at 128 wide: the same split); 10-32 rows (int8: 8-32, v50: 9-10% faster than 8-row blocks at 8
     rows on three shapes off the table): 32-row blocks that shrink to their rows, 64 / 128 wide, 3 stages, on Hopper's
     warpgroup mmas (v34: 4-10% faster at every such H200 entry but kimi-k2 M = 512, level; int4 at groups of 32 and 64
-    below 14 rows on layers from `WIDE_HIDDEN` and `MANY_EXPERTS`: mma.sync, 128 / 256 wide, 2 stages, three programs
-    per SM, v73); above 32 rows, where an expert's rows no longer fit one 32-row block: 64-row blocks at 8 warps, 128 /
-    256 wide (v47: 10-25% faster than 32-row blocks at 64-128 rows on all four shapes, and than 128-row blocks at three,
-    level at the fourth; v55: 5-32% faster at 34-62 rows on all four, int4 and int8, but qwen3-30b-a3b int4 at 37 rows,
-    5% slower); above 96 rows: 128-row blocks (v55, int4: 4-21% faster than 64-row blocks at 100-120 rows on all four
-    shapes; at 83-94 rows level to 22% faster on the big experts but 30% slower on qwen3-30b-a3b, which favours 64-row
-    blocks up to ~106 rows, v56; int8, v56: 7-31% faster at 104-120 rows on all four). From 33 to 96 rows, layers whose
-    intermediate size is at least `LONG_I` take the same tiles on 128-row blocks instead (v61, int4 and int8: 3-12%
-    faster on mixtral, deepseek-v3 and kimi-k2 at 34-72 rows, level on mixtral at 40-50 rows and on llama-4-scout;
-    within 2% either way at I = 1408 and 1536, 4-7% slower on qwen3-30b-a3b, I = 768)."""
+    below 14 rows: mma.sync, on layers from `WIDE_HIDDEN` and `MANY_EXPERTS` 128 / 256 wide, 2 stages, three programs
+    per SM, elsewhere the 16-row tile, v73); above 32 rows, where an expert's rows no longer fit one 32-row block:
+    64-row blocks at 8 warps, 128 / 256 wide (v47: 10-25% faster than 32-row blocks at 64-128 rows on all four shapes,
+    and than 128-row blocks at three, level at the fourth; v55: 5-32% faster at 34-62 rows on all four, int4 and int8,
+    but qwen3-30b-a3b int4 at 37 rows, 5% slower); above 96 rows: 128-row blocks (v55, int4: 4-21% faster than 64-row
+    blocks at 100-120 rows on all four shapes; at 83-94 rows level to 22% faster on the big experts but 30% slower on
+    qwen3-30b-a3b, which favours 64-row blocks up to ~106 rows, v56; int8, v56: 7-31% faster at 104-120 rows on all
+    four). From 33 to 96 rows, layers whose intermediate size is at least `LONG_I` take the same tiles on 128-row blocks
+    instead (v61, int4 and int8: 3-12% faster on mixtral, deepseek-v3 and kimi-k2 at 34-72 rows, level on mixtral at
+    40-50 rows and on llama-4-scout; within 2% either way at I = 1408 and 1536, 4-7% slower on qwen3-30b-a3b,
+    I = 768)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert > 96:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
@@ -295,7 +296,11 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
         # ring at run time (two). Why short intermediate sizes lose with it is not profiled.
         long_i = intermediate_size is not None and intermediate_size >= LONG_I
         return TritonConfig(128 if long_i else 64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
-    if per_expert >= 10 or (bits == 8 and per_expert >= 8):
+    # int4 groups of 32 and 64 at 10-13 rows per expert: the warpgroup-mma tile loses everywhere measured (v73)
+    small_group_rows = (bits == 4 and group_size is not None and group_size <= 64
+                        and 10 <= per_expert < SMALL_GROUP_MMA_BELOW)
+    wide_layer = (hidden_size or 0) >= WIDE_HIDDEN and num_experts >= MANY_EXPERTS
+    if (per_expert >= 10 and (wide_layer or not small_group_rows)) or (bits == 8 and per_expert >= 8):
         split = 1  # int8 on few experts: GEMM2's K split as at 2-4 rows (v64: mixtral-8x22b M = 32 -7%)
         if bits == 8 and hidden_size and intermediate_size and num_sms:
             split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 128, 16 * num_sms, 16)
@@ -304,13 +309,12 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
         # and deepseek-v3, 9-20 rows per expert), level and +1.4% at llama-4-scout's two (v69-v70); the table's
         # 32-row int8 entries gained 1-5% from it.
         registers = registers_for_programs(3) if bits == 8 else None
-        if (bits == 4 and group_size is not None and group_size <= 64 and per_expert < SMALL_GROUP_MMA_BELOW
-                and (hidden_size or 0) >= WIDE_HIDDEN and num_experts >= MANY_EXPERTS):
-            # groups of 32 / 64 (four / two times group 128's scales per tile): mma.sync 128 / 256 wide at 2 stages,
-            # capped at three programs per SM, 0.6-24% faster than the warpgroup-mma tile at 10-13 rows per expert
-            # on four layers (H = 4096-7168, 128-256 experts), 16 points, every round, and 2.4-9.7% at five fresh
-            # points on four more; at 14-24 rows -2.8 to +16.6%, at H = 2048 and 12 rows +5%, on 64 experts (top 6)
-            # +0.5 / +5.9% at 10.5 / 12.75 rows (v73). Group 128 at 10-16 rows: -8.4 to +3.5%, left on wgmma.
+        if small_group_rows:
+            # on wide layers: mma.sync 128 / 256 wide at 2 stages, capped at three programs per SM, 0.6-24% faster
+            # than the warpgroup-mma tile at 10-13 rows per expert on four layers (H = 4096-7168, 128-256 experts),
+            # 16 points, every round, and 2.4-9.7% at five fresh points on four more; at 14-24 rows -2.8 to +16.6%
+            # (v73). Narrower layers or fewer experts take the 16-row tile below. Group 128 at 10-16 rows: -8.4 to
+            # +3.5%, left on wgmma.
             return TritonConfig(32, 128, 256, num_warps=4, num_stages=2, max_registers=registers_for_programs(3),
                                 decode=True)
         return TritonConfig(32, 64, 128, split_k2=split, num_warps=4, num_stages=3, max_registers=registers,
@@ -341,7 +345,10 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     if per_expert >= INT4_16_ROW_FROM and bits == 4:
         # int4 16-row blocks at three programs per SM: 4 stages hold two by shared memory, 2 stages uncapped two by
         # registers (178-180 at group 128). Both fields: 4-13.5% faster than 4 stages uncapped on six shapes off the
-        # table at 6 and 9 rows per expert, every round; 2 stages alone +0.2 to -11%, the cap alone +1 to -4% (v71)
+        # table at 6 and 9 rows per expert, every round; 2 stages alone +0.2 to -11%, the cap alone +1 to -4% (v71).
+        # Groups of 32 and 64 keep it to 13 rows on layers below WIDE_HIDDEN or MANY_EXPERTS: 0.9-7.8% faster than the
+        # warpgroup-mma tile at six points on three layers, every round, where the capped 32-row mma.sync tile was
+        # -2.2 to +8.9% (v73)
         block_m, stages, registers = 16, 2, registers_for_programs(3)
     elif per_expert > 4 and bits == 4:
         # below 7 rows the 8-row tile still wins, its ring 2 deep: 7-25% faster than the 16-row tile at 4.25-6 rows
