@@ -7,6 +7,9 @@ parameters that the sweep does not cover.
     python benchmarks/try_configs.py kimi-k2:32,128 deepseek-v3:32 [--scheme int8_g128_sym] --variant num_warps=2 \
         --variant num_warps=2,block_n1=32
 
+At the end it prints each configuration's time per round against the base's in the same round, named by the fields
+where it differs (in `--variant` syntax); `--summarize FILE...` prints the same from saved results.
+
 With `--base default` the first configuration is `default_config`'s instead (rows still say "shipped");
 `--variant default` adds `default_config`'s as a variant of the shipped entry (the nearest table entry against
 the defaults, at M between the table's). With `--span` each M (a row of the table) is timed also at two token
@@ -19,9 +22,12 @@ where the change holds across that span:
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,7 +98,39 @@ def round_order(variants: list[TritonConfig], rnd: int) -> list[TritonConfig]:
     return variants[start:] + variants[:start]
 
 
+def variant_text(config: dict[str, Any], base: dict[str, Any]) -> str:
+    """The fields of `config` that differ from `base`, as a `--variant` ("field=value,...", flags 0 / 1, "none")."""
+    def value(v: Any) -> str:
+        return "none" if v is None else str(int(v)) if isinstance(v, bool) else str(v)
+    return ",".join(f"{f}={value(v)}" for f, v in config.items() if base.get(f) != v)
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per case (shape, M) and configuration: its time in each round, and for a variant its change against
+    the base (the shipped entry, or the defaults under --base default) in the same round."""
+    times: dict[tuple[str, int], dict[str, dict[int, float]]] = {}
+    bases: dict[tuple[str, int], str] = {}
+    for row in rows:
+        case, config = (row["shape"], row["M"]), json.dumps(row["config"])
+        times.setdefault(case, {}).setdefault(config, {})[row["round"]] = row["us_graph"]
+        if row["shipped"]:
+            bases[case] = config
+    lines = []
+    for (shape, m), configs in times.items():
+        base = bases.get((shape, m))
+        for config, by_round in sorted(configs.items(), key=lambda item: item[0] != base):
+            label = "base" if config == base else variant_text(json.loads(config), json.loads(base or "{}"))
+            cells = [f"{us:.1f}" if config == base or r not in configs.get(base, {})
+                     else f"{us:.1f} ({100 * (us / configs[base][r] - 1):+.1f}%)" for r, us in sorted(by_round.items())]
+            lines.append(f"{shape} M={m} {label}: {' | '.join(cells)} us")
+    return lines
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--summarize"]:
+        for path in sys.argv[2:]:
+            print("\n".join(summary(json.loads(Path(path).read_text())["rows"])))
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
     parser.add_argument("--variant", action="append", default=[], help="field=value[,field=value...]")
@@ -140,6 +178,7 @@ def main() -> None:
                 print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
                       f"{asdict(c)}", flush=True)
     write_results(args.out, rows)
+    print("\n".join(summary(rows)), flush=True)
 
 
 if __name__ == "__main__":

@@ -553,3 +553,19 @@ def test_register_audit_compiles_each_gemm_of_an_entry_as_it_launches() -> None:
     specialized = asdict(TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True,
                                       specialize=True))
     assert len(audit.launches("int4_g128 H=7168 I=2048 E=256 k=8", 8192, specialized)) == 1
+
+
+def test_try_configs_summary_names_each_variant_by_its_fields_against_the_base_per_round() -> None:
+    # Each configuration's line names only the fields where it differs from the base, in --variant syntax (flags
+    # 0 / 1, "none"), and each round's change is against the base in that same round, not a mean over rounds.
+    try_configs = _script("try_configs")
+    base = asdict(TritonConfig(32, 128, 256, num_stages=4, decode=True))
+    variant = asdict(TritonConfig(32, 64, 128, num_stages=3, decode=True, wgmma=True, max_registers=168))
+    rows = [{"shape": "kimi-k2", "M": 512, "round": r, "config": c, "us_graph": us, "shipped": c is base}
+            for r, c, us in ((0, base, 200.0), (0, variant, 190.0), (1, variant, 210.0), (1, base, 210.0))]
+    assert try_configs.summary(rows) == [
+        "kimi-k2 M=512 base: 200.0 | 210.0 us",
+        "kimi-k2 M=512 block_n1=64,block_n2=128,num_stages=3,max_registers=168,wgmma=1: "
+        "190.0 (-5.0%) | 210.0 (+0.0%) us"]
+    unset = dict(variant, max_registers=None)
+    assert try_configs.variant_text(unset, variant) == "max_registers=none"
