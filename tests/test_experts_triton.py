@@ -16,6 +16,7 @@ from triton_env import (
     DEVICE,
     DTYPES,
     HAS_CUDA,
+    outputs_on_fresh_tokens,
     random_experts,
     record_launches,
     replay_on_fresh_inputs,
@@ -639,10 +640,8 @@ def test_gpu_default_prefill_config(t: int, i: int, expected: TritonConfig) -> N
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
     config = kernel.config(t)
     assert config == expected, config
-    x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
-    tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
-    out = kernel.apply(x, tw, ids, weights)
-    assert torch.isfinite(out).all() and relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
+    out, ref = outputs_on_fresh_tokens(kernel, weights, emulation, emu_weights, t)
+    assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
@@ -662,10 +661,8 @@ def test_gpu_default_decode_config(scheme_name: str, t: int, block_m: int) -> No
     if scheme_name.startswith("int8") and block_m == 16:
         block_m = 32 if t / 8 >= 8 else 8
     assert (config.decode, config.block_m, config.wgmma) == (True, block_m, block_m == 32), config
-    x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
-    tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
-    out = kernel.apply(x, tw, ids, weights)
-    assert torch.isfinite(out).all() and relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
+    out, ref = outputs_on_fresh_tokens(kernel, weights, emulation, emu_weights, t)
+    assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
@@ -686,10 +683,8 @@ def test_gpu_default_small_groups_on_mma_sync(scheme_name: str, e: int, k: int, 
     config = kernel.config(t)
     assert (config.decode, config.block_m, config.block_n2, config.wgmma, config.max_registers) == (
         True, block_m, 256, False, registers_for_programs(3)), config
-    x = torch.randn(t, h, dtype=torch.bfloat16, device=DEVICE)
-    tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
-    out = kernel.apply(x, tw, ids, weights)
-    assert torch.isfinite(out).all() and relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2
+    out, ref = outputs_on_fresh_tokens(kernel, weights, emulation, emu_weights, t)
+    assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2
 
 
 @pytest.mark.gpu

@@ -38,13 +38,21 @@ def triton_beside_emulation(experts: QuantizedExperts, cfg: MoEConfig, **quant_k
             EmulationExperts(spec, quant, DEVICE), EmulationExperts.prepare_weights(experts, DEVICE))
 
 
-def triton_and_emulation(experts: QuantizedExperts, cfg: MoEConfig, t: int, config: TritonConfig | None = None,
-                         **quant_kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """TRITON's output (with `config`, else its own choice) and EMULATION's for t fresh random tokens."""
-    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg, **quant_kwargs)
+def outputs_on_fresh_tokens(kernel: TritonExperts, weights: dict[str, torch.Tensor], emulation: EmulationExperts,
+                            emu_weights: dict[str, torch.Tensor], t: int,
+                            config: TritonConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRITON's output (with `config`, else its own choice) and EMULATION's for t fresh random tokens routed by a
+    renormalized softmax top-k (`triton_beside_emulation`'s four)."""
+    cfg = kernel.spec.moe
     x = torch.randn(t, cfg.hidden_size, dtype=cfg.dtype, device=DEVICE)
     topk_weights, ids = softmax_topk(torch.randn(t, cfg.num_experts, device=DEVICE), cfg.top_k, renormalize=True)
     return kernel.apply(x, topk_weights, ids, weights, config), emulation.apply(x, topk_weights, ids, emu_weights)
+
+
+def triton_and_emulation(experts: QuantizedExperts, cfg: MoEConfig, t: int, config: TritonConfig | None = None,
+                         **quant_kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRITON's output (with `config`, else its own choice) and EMULATION's for t fresh random tokens."""
+    return outputs_on_fresh_tokens(*triton_beside_emulation(experts, cfg, **quant_kwargs), t, config)
 
 
 def replay_on_fresh_inputs(apply: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
