@@ -631,6 +631,25 @@ def test_trials_file_updates_the_table(table: Path, tmp_path: Path) -> None:
     assert after["sources"] == ["try.json (trials, commit t1, 2026-11-28): mixtral M = 1"]
 
 
+def test_trials_name_what_each_replaced_entry_changes(table: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # Each replaced entry prints the fields it changes and their values before, so that a change whose span holds
+    # only its own M (which prints no span line) is still named; an entry where the table had none says so.
+    entry = json.loads(table.read_text())["cards"]["NVIDIA H100 80GB HBM3"][KEY.as_text()]["128"]
+    wider = dict(entry, block_n2=2 * entry["block_n2"])
+    rows = _trial(3, 64, (100.0, 100.0), shipped=True) + _trial(3, 256, (80.0, 81.0))
+    for config, us, shipped in ((entry, (100.0, 100.0), True), (wider, (80.0, 81.0), False)):
+        rows += [dict(row, config=config) for row in _trial(128, 0, us, shipped=shipped)]
+    trials = tmp_path / "try.json"
+    trials.write_text(json.dumps({"card": "NVIDIA H100 80GB HBM3", "commit": "t1", "date": "2026-11-28",
+                                  "rows": rows}))
+    assert tuning.main(["--trials", str(trials)]) == 0
+    out = capsys.readouterr().out
+    assert (f"mixtral M = 128: the entry takes block_n2={2 * entry['block_n2']} (was block_n2={entry['block_n2']})"
+            in out)
+    assert "mixtral M = 3: a new entry" in out
+
+
 def test_rows_running_an_entry_are_those_nearest_it_in_log_scale() -> None:
     # M = 3 is nearer 8 than 1 in log scale; M = 4 ties between 2 and 8 and goes to the smaller.
     assert tuning.rows_running([1, 8], 1) == range(1, 3) and tuning.rows_running([1, 8], 8) == range(3, 17)

@@ -304,11 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         keys = _shape_keys(results["rows"])
         if trials:
             card_entries = table.setdefault("cards", {}).setdefault(results["card"], {})
+            before = json.loads(json.dumps(card_entries))
             replaced, held_back = apply_trials(card_entries, results, keys)
             for line in held_back:
                 print(line)
             for shape, m in replaced:
                 by_m = card_entries[keys[shape].as_text()]
+                old = before.get(keys[shape].as_text(), {}).get(str(m))
+                print(f"{shape} M = {m}: " + (f"the entry takes {_fields_changed(old, by_m[str(m)])} (was "
+                                              f"{_fields_changed(by_m[str(m)], old)})" if old else "a new entry"))
                 running = rows_taking([int(k) for k in by_m], m, by_m[str(m)], keys[shape])
                 timed = sorted({row["M"] for row in results["rows"] if row["shape"] == shape} & set(running))
                 if len(running) > 1:
