@@ -29,6 +29,7 @@ borrowed: it is a measurement of one card.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = _shape_keys(results["rows"])
         if trials:
             card_entries = table.setdefault("cards", {}).setdefault(results["card"], {})
-            before = json.loads(json.dumps(card_entries))
+            before = copy.deepcopy(card_entries)
             replaced, held_back = apply_trials(card_entries, results, keys)
             for line in held_back:
                 print(line)

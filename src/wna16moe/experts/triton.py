@@ -296,9 +296,9 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
         # ring at run time (two). Why short intermediate sizes lose with it is not profiled.
         long_i = intermediate_size is not None and intermediate_size >= LONG_I
         return TritonConfig(128 if long_i else 64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
+    small_groups = group_size is not None and group_size <= 64  # (four / two times group 128's scales per tile)
     # int4 groups of 32 and 64 at 10-13 rows per expert: the warpgroup-mma tile was slower at 29 of 31 points (v73)
-    small_group_rows = (bits == 4 and group_size is not None and group_size <= 64
-                        and 10 <= per_expert < SMALL_GROUP_MMA_BELOW)
+    small_group_rows = bits == 4 and small_groups and 10 <= per_expert < SMALL_GROUP_MMA_BELOW
     wide_layer = (hidden_size or 0) >= WIDE_HIDDEN and num_experts >= MANY_EXPERTS
     if (per_expert >= 10 and (wide_layer or not small_group_rows)) or (bits == 8 and per_expert >= 8):
         split = 1  # int8 on few experts: GEMM2's K split as at 2-4 rows (v64: mixtral-8x22b M = 32 -7%)
@@ -334,7 +334,7 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
                              target * num_sms, min_tiles)
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
     stages = 2 if num_tokens == 1 or bits == 8 else 4
-    if stages == 4 and group_size is not None and group_size <= 64:
+    if stages == 4 and small_groups:
         # groups of 32 and 64 (four and two times group 128's scales per tile): 3 stages 5-13% (group 64: 0.6-6%)
         # faster than 4 at 1.5-3.5 rows per expert on five (four) shapes, every point and round; at group 32 4 stages
         # 1-7% faster at three of 24 points at 0.5-1 row (v72)
