@@ -335,9 +335,9 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
         split1 = _gemm1_split(num_tokens, top_k, hidden_size, intermediate_size, 128, 2 * num_sms)
     stages = 2 if num_tokens == 1 or bits == 8 else 4
     if stages == 4 and small_groups:
-        # groups of 32 and 64 (four and two times group 128's scales per tile): 3 stages 5-13% (group 64: 0.6-6%)
-        # faster than 4 at 1.5-3.5 rows per expert on five (four) shapes, every point and round; at group 32 4 stages
-        # 1-7% faster at three of 24 points at 0.5-1 row (v72)
+        # groups of 32 and 64: 3 stages 5-13% (group 64: 0.6-6%) faster than 4 at 1.5-3.5 rows per expert on five
+        # (four) shapes, every point and round; at group 32 4 stages 1-7% faster at three of 24 points at 0.5-1 row
+        # (v72)
         stages = 3
     if long_split and (hidden_size or 0) >= 4096:
         stages = 3
