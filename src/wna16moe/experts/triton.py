@@ -301,14 +301,6 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     small_group_rows = bits == 4 and small_groups and 10 <= per_expert < SMALL_GROUP_MMA_BELOW
     wide_layer = (hidden_size or 0) >= WIDE_HIDDEN and num_experts >= MANY_EXPERTS
     if (per_expert >= 10 and (wide_layer or not small_group_rows)) or (bits == 8 and per_expert >= 8):
-        split = 1  # int8 on few experts: GEMM2's K split as at 2-4 rows (v64: mixtral-8x22b M = 32 -7%)
-        if bits == 8 and hidden_size and intermediate_size and num_sms:
-            split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 128, 16 * num_sms, 16)
-        # int8 capped at three programs per SM: its paired-word GEMM2 compiles to 174 registers (197 with zero
-        # points), two programs per SM (v69). Capped: 0.8-3% faster at 8 of 10 points (six shapes off the table
-        # and deepseek-v3, 9-20 rows per expert), level and +1.4% at llama-4-scout's two (v69-v70); the table's
-        # 32-row int8 entries gained 1-5% from it.
-        registers = registers_for_programs(3) if bits == 8 else None
         if small_group_rows:
             # on wide layers: mma.sync 128 / 256 wide at 2 stages, capped at three programs per SM, 0.6-24% faster
             # than the warpgroup-mma tile at 10-13 rows per expert on four layers (H = 4096-7168, 128-256 experts),
@@ -317,6 +309,14 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
             # +3.5%, left on wgmma.
             return TritonConfig(32, 128, 256, num_warps=4, num_stages=2, max_registers=registers_for_programs(3),
                                 decode=True)
+        split = 1  # int8 on few experts: GEMM2's K split as at 2-4 rows (v64: mixtral-8x22b M = 32 -7%)
+        if bits == 8 and hidden_size and intermediate_size and num_sms:
+            split = _gemm2_split(num_tokens, top_k, num_experts, hidden_size, intermediate_size, 128, 16 * num_sms, 16)
+        # int8 capped at three programs per SM: its paired-word GEMM2 compiles to 174 registers (197 with zero
+        # points), two programs per SM (v69). Capped: 0.8-3% faster at 8 of 10 points (six shapes off the table
+        # and deepseek-v3, 9-20 rows per expert), level and +1.4% at llama-4-scout's two (v69-v70); the table's
+        # 32-row int8 entries gained 1-5% from it.
+        registers = registers_for_programs(3) if bits == 8 else None
         return TritonConfig(32, 64, 128, split_k2=split, num_warps=4, num_stages=3, max_registers=registers,
                             decode=True, wgmma=True)
     # int8 at 2-4 rows per expert: half as wide (v50: -6 to -11% at M = 8 and 32 on three shapes off the table;
