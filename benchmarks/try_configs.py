@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
@@ -127,12 +126,9 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--summarize"]:
-        for path in sys.argv[2:]:
-            print("\n".join(summary(json.loads(Path(path).read_text())["rows"])))
-        return
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("cases", nargs="+", help="shape:M[,M...]")
+    parser.add_argument("cases", nargs="*", help="shape:M[,M...]")
+    parser.add_argument("--summarize", nargs="+", metavar="FILE", help="print saved results' summary; time nothing")
     parser.add_argument("--variant", action="append", default=[], help="field=value[,field=value...]")
     parser.add_argument("--scheme", help="weight scheme (default: int4 symmetric at the model's group size)")
     parser.add_argument("--rounds", type=int, default=2,
@@ -147,6 +143,12 @@ def main() -> None:
                         help="time each M (a row of the table) also inside the span its entry runs")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.summarize:
+        for path in args.summarize:
+            print("\n".join(summary(json.loads(Path(path).read_text())["rows"])))
+        return
+    if not args.cases:
+        parser.error("give the cases to time (shape:M[,M...]), or --summarize FILE...")
     if args.span and args.base != "shipped":
         parser.error("--span times changes of the table's entries: it takes --base shipped")
     device = torch.device("cuda")

@@ -6,6 +6,7 @@ the choice of `triton-best` is known, and one configuration is made to compute g
 """
 
 import importlib.util
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -569,3 +570,21 @@ def test_try_configs_summary_names_each_variant_by_its_fields_against_the_base_p
         "190.0 (-5.0%) | 210.0 (+0.0%) us"]
     unset = dict(variant, max_registers=None)
     assert try_configs.variant_text(unset, variant) == "max_registers=none"
+
+
+def test_try_configs_summarize_prints_saved_results_without_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # --summarize reads saved files and times nothing (no GPU here); without cases or files the command is an error.
+    try_configs = _script("try_configs")
+    base = asdict(TritonConfig(16, 128, 256, num_stages=2, decode=True))
+    rows = [{"shape": "mixtral", "M": 32, "round": r, "config": c, "us_graph": us, "shipped": c is base}
+            for r, c, us in ((0, base, 100.0), (0, dict(base, num_stages=3), 97.0))]
+    saved = tmp_path / "try.json"
+    saved.write_text(json.dumps({"card": "x", "rows": rows}))
+    monkeypatch.setattr(sys, "argv", ["try_configs.py", "--summarize", str(saved)])
+    try_configs.main()
+    assert capsys.readouterr().out.splitlines() == ["mixtral M=32 base: 100.0 us",
+                                                    "mixtral M=32 num_stages=3: 97.0 (-3.0%) us"]
+    monkeypatch.setattr(sys, "argv", ["try_configs.py"])
+    with pytest.raises(SystemExit):
+        try_configs.main()
