@@ -16,8 +16,9 @@ from wna16moe.bench import _bench, capture_graph, random_routing, write_results
 from wna16moe.kernels import moe_align
 
 CASES = [  # (tokens, experts, top_k, block_m) of the bench shapes' routings
-    (8, 128, 8, 16), (128, 128, 8, 16), (256, 128, 8, 16), (512, 128, 8, 32), (2048, 128, 8, 128),
-    (8, 384, 8, 16), (128, 384, 8, 16), (256, 384, 8, 16), (512, 384, 8, 16), (2048, 384, 8, 64),
+    (8, 128, 8, 16), (32, 128, 8, 8), (128, 128, 8, 16), (256, 128, 8, 16), (512, 128, 8, 32), (1024, 128, 8, 64),
+    (2048, 128, 8, 128), (8, 384, 8, 16), (128, 384, 8, 16), (256, 384, 8, 16), (512, 384, 8, 32),
+    (2048, 384, 8, 64), (512, 256, 8, 32), (2048, 256, 8, 64), (512, 8, 2, 128), (2048, 8, 2, 128),
     (8192, 8, 2, 128), (8192, 256, 8, 128),
 ]
 REPLAYS = 50
@@ -42,12 +43,16 @@ def main() -> None:
     rows = []
     for tokens, experts, top_k, block_m in CASES:
         _, ids = random_routing(tokens, experts, top_k, torch.device("cuda"))
-        chosen = "one program" if default(tokens * top_k, triton.next_power_of_2(experts)) else "grid"
-        one, grid = (time_path(ids, experts, block_m, flag) for flag in (True, False))
-        rows.append({"pairs": tokens * top_k, "experts": experts, "block_m": block_m, "one_program_us": round(one, 2),
-                     "grid_us": round(grid, 2), "chosen": chosen})
-        print(f"pairs {tokens * top_k:6} experts {experts:4} block_m {block_m:4}: one program {one:7.2f} us, "
-              f"grid {grid:7.2f} us (chosen: {chosen})", flush=True)
+        pairs = tokens * top_k
+        chosen = "one program" if default(pairs, triton.next_power_of_2(experts)) else "grid"
+        # (past ONE_PROGRAM_LIMIT one program cannot hold the pairs)
+        one = time_path(ids, experts, block_m, True) if pairs <= moe_align.ONE_PROGRAM_LIMIT else None
+        grid = time_path(ids, experts, block_m, False)
+        rows.append({"pairs": pairs, "experts": experts, "block_m": block_m,
+                     "one_program_us": None if one is None else round(one, 2), "grid_us": round(grid, 2),
+                     "chosen": chosen})
+        print(f"pairs {pairs:6} experts {experts:4} block_m {block_m:4}: one program "
+              f"{'-' if one is None else f'{one:.2f}':>7} us, grid {grid:7.2f} us (chosen: {chosen})", flush=True)
     write_results(args.out, rows, replays_per_graph=REPLAYS)
 
 

@@ -170,15 +170,18 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
 
 
 def compile_align() -> dict[str, dict[str, int]]:
-    """Both alignment paths: the one program (atomics, then barriers between phases) and the grid's placing."""
-    pointers = dict.fromkeys(("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "rank_ptr",
-                              "counts_ptr"), "*i32")
-    consts = dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64, PDL=1)
+    """Both alignment paths: the one program (a histogram, atomics for the ranks, a barrier after the counters'
+    clear) at 4096 pairs and the grid's placing."""
+    pointers = ("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "counts_ptr")
+    cases = {"one_program": (_align_one_program, pointers, dict(E_POW2=512, BLOCK_M=48, PAIRS=4096, TAIL=1024, PDL=1),
+                             8),
+             "place": (_place_kernel, (*pointers[:4], "rank_ptr", "counts_ptr"),
+                       dict(E_POW2=512, BLOCK_M=48, CHUNK=1024, TAIL=512, PDL=1), 4)}
     facts_by_kernel = {}
-    for name, kernel in (("one_program", _align_one_program), ("place", _place_kernel)):
-        signature = dict(pointers, P="i32", E="i32", max_blocks="i32") | dict.fromkeys(consts, "constexpr")
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    for name, (kernel, names, consts, warps) in cases.items():
+        signature = dict.fromkeys(names, "*i32") | dict(P="i32", E="i32", max_blocks="i32")
+        compiled = triton.compile(ASTSource(kernel, signature | dict.fromkeys(consts, "constexpr"), constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         ptx = compiled.asm["ptx"]
         facts_by_kernel[name] = facts(ptx) | {"atom": ptx.count("atom.global"), "red": ptx.count("red.global")}
     return facts_by_kernel

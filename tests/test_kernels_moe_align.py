@@ -101,6 +101,7 @@ def _poisoned_align(ids: torch.Tensor, e: int, block_m: int) -> tuple[torch.Tens
     (7, 384, 8, 64),    # E not a power of two, large blocks
     (100, 16, 4, 32),   # every expert spans several blocks
     (60, 16, 4, 48),    # MARLIN's 48-row blocks (not a power of two)
+    (300, 384, 8, 16),  # the grid's three programs share the experts' blocks and the rows past the used ones
 ])
 def test_align_invariants(t: int, e: int, k: int, block_m: int, path: str) -> None:
     ids = _routing(t, e, k)
@@ -143,7 +144,7 @@ def test_all_tokens_to_one_expert(path: str) -> None:
 
 
 def test_many_pairs_over_several_chunks(path: str) -> None:
-    ids = _routing(700, 64, 8)  # 5600 pairs: several chunks of pairs and of blocks, the grid path by default
+    ids = _routing(700, 64, 8)  # 5600 pairs: the grid's several chunks of pairs and blocks; one program's 8 warps
     ids[:, ::3] = -1
     result = _poisoned_align(ids, 64, 32)
     _check(ids, 64, 32, *result)
@@ -151,8 +152,14 @@ def test_many_pairs_over_several_chunks(path: str) -> None:
 
 
 def test_default_choice_of_path() -> None:
-    assert moe_align.one_program(64, 512) and moe_align.one_program(1024, 128)
-    assert not moe_align.one_program(1024, 512) and not moe_align.one_program(4096, 8)
+    assert moe_align.one_program(64, 512) and moe_align.one_program(2048, 128) and moe_align.one_program(4096, 8)
+    assert not moe_align.one_program(1024, 512) and not moe_align.one_program(4096, 128)
+    assert not moe_align.one_program(8192, 8)
+
+
+def test_one_program_refuses_more_pairs_than_it_holds() -> None:
+    with pytest.raises(ValueError, match="at most 8192 pairs"):
+        moe_align.one_program_warps(moe_align.ONE_PROGRAM_LIMIT + 1)
 
 
 @pytest.mark.gpu
