@@ -176,7 +176,7 @@ def compile_align() -> dict[str, dict[str, int]]:
     cases = {"one_program": (_align_one_program, pointers, dict(E_POW2=512, BLOCK_M=48, PAIRS=4096, TAIL=1024, PDL=1),
                              8),
              "place": (_place_kernel, (*pointers[:4], "rank_ptr", "counts_ptr"),
-                       dict(E_POW2=512, BLOCK_M=48, CHUNK=1024, TAIL=512, PDL=1), 4)}
+                       dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64, PDL=1), 4)}
     facts_by_kernel = {}
     for name, (kernel, names, consts, warps) in cases.items():
         signature = dict.fromkeys(names, "*i32") | dict(P="i32", E="i32", max_blocks="i32")

@@ -38,6 +38,7 @@ SINGLE_PROGRAM_MAX_PAIRS = 4096
 SINGLE_PROGRAM_MAX_WORK = 1 << 18
 ONE_PROGRAM_LIMIT = 8192  # pairs one program holds in registers at all (8 warps, 32 per thread)
 _CHUNK = 1024  # pairs per program of the grid
+_BLOCK_CHUNK = 64  # M blocks per program of the grid
 
 
 @triton.jit
@@ -65,25 +66,26 @@ def _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, offs, P, E):
 
 
 @triton.jit
-def _fill_experts(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, mine, P, max_blocks, part, parts,
-                  BLOCK_M: tl.constexpr, TAIL: tl.constexpr):
-    """For the experts where `mine` (part `part` of `parts` programs): their blocks' expert ids and P in their
-    padding rows; and this part's share of the rows and blocks past the used ones (P; -1). Written per expert,
-    so that no block searches for its expert."""
-    experts = tl.arange(0, counts.shape[0])
-    pairs_end = starts + counts
-    for j in range(0, BLOCK_M - 1):  # an expert's padding rows: fewer than BLOCK_M
-        tl.store(sorted_ids_ptr + pairs_end + j, tl.zeros_like(experts) + P, mask=mine & (pairs_end + j < ends))
-    first_block = starts // BLOCK_M
-    blocks = tl.where(mine, ends // BLOCK_M - first_block, 0)
-    for j in range(0, tl.max(blocks, axis=0)):
-        tl.store(expert_ids_ptr + first_block + j, experts, mask=j < blocks)
-    used = tl.max(ends, axis=0)
-    tail = tl.arange(0, TAIL)
-    for row in range(used + part * TAIL, max_blocks * BLOCK_M, parts * TAIL):
-        tl.store(sorted_ids_ptr + row + tail, tl.zeros_like(tail) + P, mask=row + tail < max_blocks * BLOCK_M)
-    for block in range(used // BLOCK_M + part * TAIL, max_blocks, parts * TAIL):
-        tl.store(expert_ids_ptr + block + tail, tl.zeros_like(tail) - 1, mask=block + tail < max_blocks)
+def _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, blocks, P, max_blocks, E_POW2: tl.constexpr,
+                 LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_POW2: tl.constexpr):
+    """The expert of each block in `blocks` (-1 past the used rows), and P in the block's rows no pair takes."""
+    first_row = blocks * BLOCK_M
+    total = tl.max(ends, axis=0)
+    # The block's expert: how many experts' padded ranges end at or before its first row (a binary search
+    # over the non-decreasing `ends`).
+    expert = tl.zeros_like(blocks)
+    for step in tl.static_range(LOG2_E):
+        probe = expert + (E_POW2 >> (step + 1))
+        expert = tl.where(tl.gather(ends, probe - 1, axis=0) <= first_row, probe, expert)
+    used = first_row < total
+    in_range = blocks < max_blocks
+    tl.store(expert_ids_ptr + blocks, tl.where(used, expert, -1), mask=in_range)
+    # Past the used rows the search ends at an expert whose pairs all lie before: every row is padding there.
+    pairs_end = tl.gather(starts + counts, expert, axis=0)  # the row after the expert's last pair
+    offs = tl.arange(0, BLOCK_M_POW2)  # (MARLIN's blocks may be 48 rows)
+    rows = first_row[:, None] + offs[None, :]
+    padding = (rows >= pairs_end[:, None]) & in_range[:, None] & (offs < BLOCK_M)[None, :]
+    tl.store(sorted_ids_ptr + rows, tl.zeros_like(rows) + P, mask=padding)
 
 
 @triton.jit
@@ -97,15 +99,14 @@ def _block_ranges(counts, BLOCK_M: tl.constexpr):
 def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, counts_ptr, P, E, max_blocks,
                        E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, TAIL: tl.constexpr,
                        PDL: tl.constexpr):
-    """Every pair in registers at once, its rank from an atomic counter per expert, and the blocks and padding rows
-    written per expert: the ids are read once and the ranks never leave registers, and nothing searches the
-    blocks' experts. (`tl.histogram` for the counts cost O(pairs x experts): 9.4 µs at 1024 pairs of 384
-    experts on the H200, against one read of the counters here; NOTES.md v75.)"""
+    """Every pair in registers at once, its rank from an atomic counter per expert: the ids are read once and the
+    ranks never leave registers. (`tl.histogram` for the counts cost O(pairs x experts), 9.4 µs at 1024 pairs of
+    384 experts on the H200, against one read of the counters here; NOTES.md v75.)"""
     enter_dependent(PDL)  # (kernels/grid_dependence.py; with PDL 1 the next kernel launches as this one exits)
     experts = tl.arange(0, E_POW2)
-    # One SM issues ~1 global atomic per 5 cycles to distinct addresses (NOTES.md v75), so only the ranks are
-    # atomics: the counters are cleared by stores and read back by loads that skip L1 (the atomics update L2);
-    # the CTA barriers order both against the atomics.
+    # One SM's atomics to distinct addresses bound this kernel (~2.4 ns a pair at 128 experts, NOTES.md v75), so
+    # only the ranks are atomics: the counters are cleared by stores and read back by loads that skip L1 (the
+    # atomics update L2); the CTA barriers order both against the atomics.
     tl.store(counts_ptr + experts, tl.zeros_like(experts))
     offs = tl.arange(0, PAIRS)
     ids, keep = _pair_experts(topk_ids_ptr, offs, P, E)
@@ -118,8 +119,20 @@ def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_
     tl.store(num_padded_ptr, used)
     row = tl.gather(starts, tl.where(keep, ids, 0), axis=0) + rank
     tl.store(sorted_ids_ptr + row, offs.to(tl.int32), mask=keep)
-    _fill_experts(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, experts < E_POW2, P, max_blocks, 0, 1,
-                  BLOCK_M, TAIL)
+    # The blocks and padding rows written per expert, not searched per block as the grid does (`_fill_blocks`):
+    # one program has few pairs, so an expert's padding loop is short next to a search per block.
+    pairs_end = starts + counts
+    for j in range(0, BLOCK_M - 1):  # an expert's padding rows: fewer than BLOCK_M
+        tl.store(sorted_ids_ptr + pairs_end + j, tl.zeros_like(experts) + P, mask=pairs_end + j < ends)
+    first_block = starts // BLOCK_M
+    blocks = ends // BLOCK_M - first_block
+    for j in range(0, tl.max(blocks, axis=0)):
+        tl.store(expert_ids_ptr + first_block + j, experts, mask=j < blocks)
+    tail = tl.arange(0, TAIL)
+    for row in range(used, max_blocks * BLOCK_M, TAIL):  # past the used rows: padding, in no block
+        tl.store(sorted_ids_ptr + row + tail, tl.zeros_like(tail) + P, mask=row + tail < max_blocks * BLOCK_M)
+    for block in range(used // BLOCK_M, max_blocks, TAIL):
+        tl.store(expert_ids_ptr + block + tail, tl.zeros_like(tail) - 1, mask=block + tail < max_blocks)
 
 
 @triton.jit
@@ -130,21 +143,18 @@ def _count_kernel(topk_ids_ptr, rank_ptr, counts_ptr, P, E, CHUNK: tl.constexpr,
 
 @triton.jit
 def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, rank_ptr, counts_ptr, P, E, max_blocks,
-                  E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
-                  PDL: tl.constexpr):
-    """Program i places the pairs of chunk i and fills the blocks of experts i, i + programs, ... (the counts are
-    final)."""
+                  E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_POW2: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """Program i places the pairs of chunk i and fills the blocks of block chunk i (the counts are final)."""
     enter_dependent(PDL)
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    experts = tl.arange(0, E_POW2)
-    counts = tl.load(counts_ptr + experts)
+    counts = tl.load(counts_ptr + tl.arange(0, E_POW2))
     starts, ends = _block_ranges(counts, BLOCK_M)
     if pid == 0:
         tl.store(num_padded_ptr, tl.max(ends, axis=0))
     _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, pid * CHUNK + tl.arange(0, CHUNK), P, E)
-    _fill_experts(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, experts % programs == pid, P, max_blocks, pid,
-                  programs, BLOCK_M, TAIL)
+    _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, pid * BLOCK_CHUNK + tl.arange(0, BLOCK_CHUNK),
+                 P, max_blocks, E_POW2, LOG2_E, BLOCK_M, BLOCK_M_POW2)
 
 
 def one_program(num_pairs: int, experts_pow2: int) -> bool:
@@ -200,10 +210,11 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     else:
         rank = scratch((max(p, 1),), torch.int32, device)
         counts = scratch((e_pow2,), torch.int32, device, zeroed=True)
-        programs = max(1, triton.cdiv(p, _CHUNK))
-        launch(_count_kernel, (programs,), ids, rank, counts, p, num_experts, CHUNK=_CHUNK, PDL=pdl, num_warps=4,
-               **launch_options(pdl))
+        launch(_count_kernel, (triton.cdiv(p, _CHUNK),), ids, rank, counts, p, num_experts, CHUNK=_CHUNK, PDL=pdl,
+               num_warps=4, **launch_options(pdl))
+        programs = max(triton.cdiv(p, _CHUNK), triton.cdiv(max_blocks, _BLOCK_CHUNK))
         launch(_place_kernel, (programs,), ids, sorted_ids, expert_ids, num_padded, rank, counts, p, num_experts,
-               max_blocks, E_POW2=e_pow2, BLOCK_M=block_m, CHUNK=_CHUNK, TAIL=512, PDL=pdl, num_warps=4,
-               **launch_options(pdl))
+               max_blocks, E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
+               BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK, PDL=pdl,
+               num_warps=4, **launch_options(pdl))
     return sorted_ids, expert_ids, num_padded
