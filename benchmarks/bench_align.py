@@ -1,5 +1,6 @@
-"""Time `moe_align_block_size` alone, both paths (one program; grid of count + place), per pair count and
-expert count, as CUDA-graph replays (what decode serving runs): where the one-program path stops paying.
+"""Time `moe_align_block_size` alone on each path (one program; a grid of count + place; cooperative programs
+that meet at a barrier, with a workspace), per pair count and expert count, as CUDA-graph replays (what decode
+serving runs): where each path pays.
 (The H200 v17 results came from an earlier version that timed five bare replays instead of `bench._bench`.)
 
     python benchmarks/bench_align.py [--out results.json]
@@ -24,13 +25,18 @@ CASES = [  # (tokens, experts, top_k, block_m) of the bench shapes' routings
 REPLAYS = 50
 
 
-def time_path(ids: torch.Tensor, experts: int, block_m: int, one_program: bool) -> float:
-    """µs per alignment: the bench's timing of a CUDA graph of REPLAYS alignments."""
-    moe_align.one_program = lambda pairs, experts: one_program
+PATHS = ("one program", "grid", "cooperative")
+
+
+def time_path(ids: torch.Tensor, experts: int, block_m: int, path: str) -> float:
+    """µs per alignment on `path`: the bench's timing of a CUDA graph of REPLAYS alignments."""
+    moe_align.one_program = lambda pairs, experts: path == "one program"
+    moe_align.cooperative = lambda pairs, device: path == "cooperative"
+    workspace = moe_align.align_workspace(experts, ids.device)
 
     def aligns() -> None:
         for _ in range(REPLAYS):
-            moe_align.moe_align_block_size(ids, experts, block_m)
+            moe_align.moe_align_block_size(ids, experts, block_m, workspace=workspace)
 
     return _bench(capture_graph(aligns).replay) / REPLAYS
 
@@ -39,20 +45,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    default = moe_align.one_program
+    one_program, cooperative = moe_align.one_program, moe_align.cooperative
     rows = []
     for tokens, experts, top_k, block_m in CASES:
         _, ids = random_routing(tokens, experts, top_k, torch.device("cuda"))
         pairs = tokens * top_k
-        chosen = "one program" if default(pairs, triton.next_power_of_2(experts)) else "grid"
-        # (past ONE_PROGRAM_LIMIT one program cannot hold the pairs)
-        one = time_path(ids, experts, block_m, True) if pairs <= moe_align.ONE_PROGRAM_LIMIT else None
-        grid = time_path(ids, experts, block_m, False)
+        chosen = ("cooperative" if cooperative(pairs, ids.device) else
+                  "one program" if one_program(pairs, triton.next_power_of_2(experts)) else "grid")
+        times = {}
+        for path in PATHS:  # (one program holds at most ONE_PROGRAM_LIMIT pairs; the cooperative path's cap)
+            fits = {"one program": pairs <= moe_align.ONE_PROGRAM_LIMIT,
+                    "cooperative": pairs <= moe_align.COOPERATIVE_MAX_PROGRAMS * moe_align.COOPERATIVE_CHUNK}
+            times[path] = round(time_path(ids, experts, block_m, path), 2) if fits.get(path, True) else None
         rows.append({"pairs": pairs, "experts": experts, "block_m": block_m,
-                     "one_program_us": None if one is None else round(one, 2), "grid_us": round(grid, 2),
-                     "chosen": chosen})
-        print(f"pairs {pairs:6} experts {experts:4} block_m {block_m:4}: one program "
-              f"{'-' if one is None else f'{one:.2f}':>7} us, grid {grid:7.2f} us (chosen: {chosen})", flush=True)
+                     **{f"{path.replace(' ', '_')}_us": t for path, t in times.items()}, "chosen": chosen})
+        shown = ", ".join(f"{path} {'-' if t is None else f'{t:.2f}'} us" for path, t in times.items())
+        print(f"pairs {pairs:6} experts {experts:4} block_m {block_m:4}: {shown} (chosen: {chosen})", flush=True)
     write_results(args.out, rows, replays_per_graph=REPLAYS)
 
 

@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from wna16moe.kernels.activation import _split_k_activation_kernel
-from wna16moe.kernels.moe_align import _align_one_program, _place_kernel
+from wna16moe.kernels.moe_align import _align_one_program, _align_programs, _place_kernel
 from wna16moe.kernels.moe_gemm import _moe_gemm_kernel, group_m
 from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel
 from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel
@@ -170,11 +170,15 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
 
 
 def compile_align() -> dict[str, dict[str, int]]:
-    """Both alignment paths: the one program (a histogram, atomics for the ranks, a barrier after the counters'
-    clear) at 4096 pairs and the grid's placing."""
+    """The alignment's kernels: the one program (atomics for the ranks between the counters' clear and their
+    read, CTA barriers) at 4096 pairs, the cooperative programs (and their grid-wide barrier) and the grid's
+    placing."""
     pointers = ("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "counts_ptr")
     cases = {"one_program": (_align_one_program, pointers, dict(E_POW2=512, BLOCK_M=48, PAIRS=4096, TAIL=1024, PDL=1),
                              8),
+             "cooperative": (_align_programs, (*pointers[:4], "work_ptr"),
+                             dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=512, BLOCK_CHUNK=64, PDL=1),
+                             4),
              "place": (_place_kernel, (*pointers[:4], "rank_ptr", "counts_ptr"),
                        dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, CHUNK=1024, BLOCK_CHUNK=64, PDL=1), 4)}
     facts_by_kernel = {}

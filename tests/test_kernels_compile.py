@@ -334,7 +334,9 @@ def test_align_compiles(compiled: dict) -> None:
     one_program = compiled["align"]["one_program"]
     assert one_program["bar.sync"] > 0  # the barrier between the counters' clear and the ranks survived
     assert one_program["atom"] > 0  # ranks (and the counters' clear) by atomics returning values
-    for kernel in ("one_program", "place"):  # as programmatic dependents: they wait before they read the ids
+    cooperative = compiled["align"]["cooperative"]
+    assert cooperative["atom"] > 0  # ranks, and the arrivals and departures of the grid-wide barrier
+    for kernel in ("one_program", "cooperative", "place"):  # as programmatic dependents: they wait before the ids
         assert compiled["align"][kernel]["loads_before_wait"] == 0, compiled["align"]
 
 

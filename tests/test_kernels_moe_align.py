@@ -9,15 +9,19 @@ import torch
 from triton_env import DEVICE, HAS_CUDA
 
 from wna16moe.kernels import moe_align
-from wna16moe.kernels.moe_align import max_padded_rows, moe_align_block_size
+from wna16moe.kernels.moe_align import align_workspace, max_padded_rows, moe_align_block_size
 
-PATHS = ["one_program", "grid"]
+PATHS = ["one_program", "grid", "cooperative"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run each test through both kernels, whatever the sizes."""
+    """Run each test through each kernel, whatever the sizes (the cooperative one, whose programs meet at a
+    barrier, on a GPU only)."""
+    if request.param == "cooperative" and not HAS_CUDA:
+        pytest.skip("the cooperative path's programs wait for each other: the interpreter runs them in turn")
     monkeypatch.setattr(moe_align, "one_program", lambda pairs, experts: request.param == "one_program")
+    monkeypatch.setattr(moe_align, "cooperative", lambda pairs, device: request.param == "cooperative")
     return request.param
 
 
@@ -79,17 +83,23 @@ def _check(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, ex
         assert (flat[rows.long()] == expert_ids[b]).all()
 
 
-def _poisoned_align(ids: torch.Tensor, e: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _poisoned_align(ids: torch.Tensor, e: int, block_m: int, path: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_align_block_size with its output buffers filled with garbage first (the kernels must write every
-    element): torch.empty is patched to hand out poisoned tensors during the call."""
+    element): torch.empty is patched to hand out poisoned tensors during the call. The cooperative path runs
+    twice on one workspace, which each run must leave zero."""
     real_empty = torch.empty
 
     def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
         return real_empty(*args, **kwargs).fill_(-7)
 
+    workspace = align_workspace(e, ids.device) if path == "cooperative" else None
     torch.empty = poisoned
     try:
-        return moe_align_block_size(ids, e, block_m)
+        for _ in range(2 if workspace is not None else 1):
+            result = moe_align_block_size(ids, e, block_m, workspace=workspace)
+            assert workspace is None or not workspace.any(), "the workspace was not left zero"
+        return result
     finally:
         torch.empty = real_empty
 
@@ -105,7 +115,7 @@ def _poisoned_align(ids: torch.Tensor, e: int, block_m: int) -> tuple[torch.Tens
 ])
 def test_align_invariants(t: int, e: int, k: int, block_m: int, path: str) -> None:
     ids = _routing(t, e, k)
-    result = _poisoned_align(ids, e, block_m)
+    result = _poisoned_align(ids, e, block_m, path)
     _check(ids, e, block_m, *result)
     _matches_sort(ids, e, block_m, *result)
 
@@ -118,7 +128,7 @@ def test_align_invariants(t: int, e: int, k: int, block_m: int, path: str) -> No
 def test_remote_pairs_are_left_out(t: int, e: int, k: int, block_m: int, remote: float, path: str) -> None:
     ids = _routing(t, e, k)
     ids[torch.rand(t, k, device=DEVICE) < remote] = -1
-    result = _poisoned_align(ids, e, block_m)
+    result = _poisoned_align(ids, e, block_m, path)
     _check(ids, e, block_m, *result)
     _matches_sort(ids, e, block_m, *result)
 
@@ -133,20 +143,20 @@ def test_ids_past_the_experts_are_left_out(e: int, path: str) -> None:
     noise = choices[torch.randint(0, choices.numel(), (30, 2), device=DEVICE)]
     ids = torch.where(bad & ((noise >= e) | (noise < 0)), noise, ids)
     assert ((ids >= e) | (ids < -1)).any()
-    result = _poisoned_align(ids, e, 16)
+    result = _poisoned_align(ids, e, 16, path)
     _check(ids, e, 16, *result)
     _matches_sort(ids, e, 16, *result)
 
 
 def test_all_tokens_to_one_expert(path: str) -> None:
     ids = torch.full((20, 1), 3, dtype=torch.int32, device=DEVICE)
-    _check(ids, 8, 16, *_poisoned_align(ids, 8, 16))
+    _check(ids, 8, 16, *_poisoned_align(ids, 8, 16, path))
 
 
 def test_many_pairs_over_several_chunks(path: str) -> None:
     ids = _routing(700, 64, 8)  # 5600 pairs: the grid's several chunks of pairs and blocks; one program's 8 warps
     ids[:, ::3] = -1
-    result = _poisoned_align(ids, 64, 32)
+    result = _poisoned_align(ids, 64, 32, path)
     _check(ids, 64, 32, *result)
     _matches_sort(ids, 64, 32, *result)
 
@@ -160,6 +170,41 @@ def test_default_choice_of_path() -> None:
 def test_one_program_refuses_more_pairs_than_it_holds() -> None:
     with pytest.raises(ValueError, match="at most 8192 pairs"):
         moe_align.one_program_warps(moe_align.ONE_PROGRAM_LIMIT + 1)
+
+
+def test_cooperative_path_only_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its programs wait for each other: never in the interpreter, and never more of them than fit at once."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert moe_align.cooperative(2048, cuda) and not moe_align.cooperative(2048, torch.device("cpu"))
+    assert not moe_align.cooperative(moe_align.COOPERATIVE_MIN_PAIRS - 1, cuda)
+    assert not moe_align.cooperative(moe_align.COOPERATIVE_MAX_PROGRAMS * moe_align.COOPERATIVE_CHUNK + 1, cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not moe_align.cooperative(2048, cuda)
+
+
+def test_a_wrong_workspace_is_refused() -> None:
+    ids = _routing(4, 16, 2)
+    with pytest.raises(ValueError, match=r"align_workspace\(16\)"):
+        moe_align_block_size(ids, 16, 16, workspace=align_workspace(32, ids.device))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cooperative_align_under_cuda_graph() -> None:
+    """Replays reuse one workspace: each leaves it zero for the next."""
+    static = _routing(300, 128, 8)
+    workspace = align_workspace(128, static.device)
+    moe_align_block_size(static, 128, 16, workspace=workspace)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_align_block_size(static, 128, 16, workspace=workspace)
+    for _ in range(3):
+        static.copy_(_routing(300, 128, 8))
+        graph.replay()
+        _check(static, 128, 16, *out)
+        _matches_sort(static, 128, 16, *out)
+        assert not workspace.any()
 
 
 @pytest.mark.gpu

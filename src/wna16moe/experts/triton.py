@@ -546,6 +546,12 @@ class TritonExperts(Experts):
         # and left so by every launch. This layer's own: layers run one after another on a stream.
         self._share_flags = (torch.zeros(_FLAGGED_PROGRAMS_PER_SM * self._num_sms, dtype=torch.int32, device=device)
                              if self._num_sms else None)
+        # The alignment's counters and barrier counts (`moe_align_block_size(workspace=...)`): zero, left so.
+        self._align_work = None
+        if self._num_sms:
+            from wna16moe.kernels.moe_align import align_workspace
+
+            self._align_work = align_workspace(self.num_experts, device)
         if self._card is not None:
             from wna16moe.kernels.launch import PlanCache
 
@@ -588,7 +594,7 @@ class TritonExperts(Experts):
         names = tuple(weights)
         key = (cfg, names, torch.cuda.current_device(), layout_key(hidden_states, topk_weights, topk_ids))
         sources = [hidden_states, topk_weights, topk_ids, *(weights[name] for name in names),
-                   *(b for b in (self.w13_bias, self.w2_bias, self._share_flags) if b is not None)]
+                   *(b for b in (self.w13_bias, self.w2_bias, self._share_flags, self._align_work) if b is not None)]
         return self._plans.run(key, sources, forward)
 
     def _forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -620,7 +626,7 @@ class TritonExperts(Experts):
         if t <= cfg.block_m and t * top_k <= self.num_experts:
             blocks = (None, topk_ids.reshape(-1), None)
         else:
-            blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, gemm_pdl)
+            blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, gemm_pdl, self._align_work)
         common = dict(bits=scheme.bits, group_size=group, top_k=top_k, block_m=cfg.block_m,
                       max_registers=cfg.max_registers, decode=cfg.decode, fast_dequant=ptx, swap_ab=cfg.swap_ab,
                       pdl=gemm_pdl, shrink=cfg.shrink, wgmma=cfg.wgmma, persistent=cfg.persistent)

@@ -23,6 +23,8 @@ one program's bound.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +39,11 @@ from wna16moe.kernels.launch import launch, scratch
 SINGLE_PROGRAM_MAX_PAIRS = 4096
 SINGLE_PROGRAM_MAX_WORK = 1 << 18
 ONE_PROGRAM_LIMIT = 8192  # pairs one program holds in registers at all (8 warps, 32 per thread)
+# With a workspace (`align_workspace`), programs of COOPERATIVE_CHUNK pairs that meet at a grid-wide barrier
+# (one launch) from COOPERATIVE_MIN_PAIRS pairs; at most COOPERATIVE_MAX_PROGRAMS of them, all resident at once.
+COOPERATIVE_MIN_PAIRS = 1024
+COOPERATIVE_MAX_PROGRAMS = 64
+COOPERATIVE_CHUNK = 512
 _CHUNK = 1024  # pairs per program of the grid
 _BLOCK_CHUNK = 64  # M blocks per program of the grid
 
@@ -157,6 +164,42 @@ def _place_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, 
                  P, max_blocks, E_POW2, LOG2_E, BLOCK_M, BLOCK_M_POW2)
 
 
+@triton.jit
+def _align_programs(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, work_ptr, P, E, max_blocks,
+                    E_POW2: tl.constexpr, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_POW2: tl.constexpr,
+                    CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """The grid's count and place in one launch: program i ranks the pairs of chunk i, the programs meet at a
+    grid-wide barrier, then each places its own pairs (their ranks still in registers) and fills block chunks
+    i, i + programs, ... `work_ptr`: int32 [E_POW2 + 2], the counters, then the arrivals at the barrier and the
+    departures; zero at entry, and the last program to leave zeroes it again. The barrier needs every program
+    resident at once (a few, each small) and a GPU: the interpreter runs programs one after another."""
+    enter_dependent(PDL)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    ids, keep = _pair_experts(topk_ids_ptr, offs, P, E)
+    rank = tl.atomic_add(work_ptr + ids, 1, mask=keep, sem="relaxed", scope="gpu")
+    tl.debug_barrier()  # (every thread's ranks taken before the release below)
+    tl.atomic_add(work_ptr + E_POW2, 1, sem="release", scope="gpu")
+    while tl.atomic_add(work_ptr + E_POW2, 0, sem="acquire", scope="gpu") < programs:
+        pass
+    tl.debug_barrier()
+    experts = tl.arange(0, E_POW2)
+    counts = tl.load(work_ptr + experts, volatile=True)
+    starts, ends = _block_ranges(counts, BLOCK_M)
+    if pid == 0:
+        tl.store(num_padded_ptr, tl.max(ends, axis=0))
+    row = tl.gather(starts, tl.where(keep, ids, 0), axis=0) + rank
+    tl.store(sorted_ids_ptr + row, offs.to(tl.int32), mask=keep)
+    for start in range(pid * BLOCK_CHUNK, max_blocks, programs * BLOCK_CHUNK):
+        _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, start + tl.arange(0, BLOCK_CHUNK), P,
+                     max_blocks, E_POW2, LOG2_E, BLOCK_M, BLOCK_M_POW2)
+    tl.debug_barrier()  # (every thread's counts read before this program leaves)
+    if tl.atomic_add(work_ptr + E_POW2 + 1, 1, sem="acq_rel", scope="gpu") == programs - 1:
+        tl.store(work_ptr + experts, tl.zeros_like(experts))
+        tl.store(work_ptr + E_POW2 + tl.arange(0, 2), tl.zeros((2,), tl.int32))
+
+
 def one_program(num_pairs: int, experts_pow2: int) -> bool:
     """Whether one program aligns `num_pairs` pairs over `experts_pow2` (a power of two) experts."""
     return num_pairs <= SINGLE_PROGRAM_MAX_PAIRS and num_pairs * experts_pow2 <= SINGLE_PROGRAM_MAX_WORK
@@ -169,12 +212,25 @@ def one_program_warps(num_pairs: int) -> int:
     return 4 if num_pairs <= 1024 else 8
 
 
+def cooperative(num_pairs: int, device: torch.device) -> bool:
+    """Whether programs that meet at a grid-wide barrier align `num_pairs` pairs on `device`: an NVIDIA GPU (not
+    the interpreter, which runs programs one after another) and few enough programs to be resident at once."""
+    return (device.type == "cuda" and torch.version.cuda is not None and os.environ.get("TRITON_INTERPRET") != "1"
+            and COOPERATIVE_MIN_PAIRS <= num_pairs <= COOPERATIVE_MAX_PROGRAMS * COOPERATIVE_CHUNK)
+
+
+def align_workspace(num_experts: int, device: torch.device) -> torch.Tensor:
+    """The cooperative path's counters and barrier counts for `num_experts` experts: zero, and left zero by every
+    alignment that uses it. One per layer: alignments that share it must run one after another (one stream)."""
+    return torch.zeros(triton.next_power_of_2(num_experts) + 2, dtype=torch.int32, device=device)
+
+
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: int = 0
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: int = 0,
+                         workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group routed pairs by expert, padded to `block_m` rows per expert.
 
     Parameters
@@ -184,6 +240,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     block_m : rows per GEMM block.
     pdl : launch as programmatic dependents, not 0 (CUDA sm90+ only; kernels/grid_dependence.py; they release
         the next kernel as they exit).
+    workspace : `align_workspace(num_experts, ...)`, zero: allows the cooperative path (`cooperative`), which
+        leaves it zero.
 
     Returns
     -------
@@ -201,7 +259,16 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     expert_ids = scratch((max_blocks,), torch.int32, device)
     num_padded = scratch((1,), torch.int32, device)
     e_pow2 = triton.next_power_of_2(num_experts)
-    if one_program(p, e_pow2):
+    if workspace is not None and (workspace.dtype != torch.int32 or workspace.numel() != e_pow2 + 2
+                                  or workspace.device != device):
+        raise ValueError(f"workspace must be align_workspace({num_experts}) on {device}, got {workspace.dtype} "
+                         f"[{workspace.numel()}] on {workspace.device}")
+    if workspace is not None and cooperative(p, device):
+        launch(_align_programs, (triton.cdiv(p, COOPERATIVE_CHUNK),), ids, sorted_ids, expert_ids, num_padded,
+               workspace, p, num_experts, max_blocks, E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
+               BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=COOPERATIVE_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK,
+               PDL=pdl, num_warps=4, **launch_options(pdl))
+    elif one_program(p, e_pow2):
         counts = scratch((e_pow2,), torch.int32, device)
         warps = one_program_warps(p)
         launch(_align_one_program, (1,), ids, sorted_ids, expert_ids, num_padded, counts, p, num_experts, max_blocks,
