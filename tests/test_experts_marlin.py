@@ -63,6 +63,7 @@ from wna16moe.experts.marlin_layout import (
     unpermute_scales,
     weight_type,
 )
+from wna16moe.kernels.moe_align import align_workspace
 from wna16moe.layer import WNA16MoE
 from wna16moe.oracle import Backend, explain, select_backend
 from wna16moe.routing import softmax_topk
@@ -380,6 +381,7 @@ def _cpu_kernel(cls: type[MarlinExperts], spec: LayerSpec, quant: MoEQuantConfig
     Experts.__init__(kernel, spec, quant, torch.device("cpu"))
     kernel.gemm_op = reference_marlin_gemm
     kernel.workspace = torch.zeros(4, dtype=torch.int32)
+    kernel.align_work = align_workspace(spec.moe.num_experts, torch.device("cpu"))  # (the glue tests pass all E)
     kernel.type_name = weight_type(spec.scheme)
     kernel.type_id = scalar_type_id(kernel.type_name)
     kernel.w13_bias = None if quant.w1_bias is None else padded_w13_bias(quant.w1_bias, spec.scheme.group_size)

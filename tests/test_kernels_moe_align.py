@@ -162,8 +162,8 @@ def test_many_pairs_over_several_chunks(path: str) -> None:
 
 
 def test_default_choice_of_path() -> None:
-    assert moe_align.one_program(64, 512) and moe_align.one_program(2048, 128) and moe_align.one_program(4096, 8)
-    assert not moe_align.one_program(1024, 512) and not moe_align.one_program(4096, 128)
+    assert moe_align.one_program(64, 512) and moe_align.one_program(1024, 128) and moe_align.one_program(4096, 8)
+    assert not moe_align.one_program(2048, 128) and not moe_align.one_program(1024, 512)
     assert not moe_align.one_program(8192, 8)
 
 
@@ -176,8 +176,8 @@ def test_cooperative_path_only_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None
     """Its programs wait for each other: never in the interpreter, and never more of them than fit at once."""
     cuda = torch.device("cuda", 0)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert moe_align.cooperative(2048, cuda) and not moe_align.cooperative(2048, torch.device("cpu"))
-    assert not moe_align.cooperative(moe_align.COOPERATIVE_MIN_PAIRS - 1, cuda)
+    assert moe_align.cooperative(2048, cuda) == (torch.version.cuda is not None)  # (not on ROCm)
+    assert not moe_align.cooperative(2048, torch.device("cpu"))
     assert not moe_align.cooperative(moe_align.COOPERATIVE_MAX_PROGRAMS * moe_align.COOPERATIVE_CHUNK + 1, cuda)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not moe_align.cooperative(2048, cuda)
@@ -185,8 +185,10 @@ def test_cooperative_path_only_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_a_wrong_workspace_is_refused() -> None:
     ids = _routing(4, 16, 2)
-    with pytest.raises(ValueError, match=r"align_workspace\(16\)"):
-        moe_align_block_size(ids, 16, 16, workspace=align_workspace(32, ids.device))
+    with pytest.raises(ValueError, match=r"align_workspace\(num_experts >= 16\)"):
+        moe_align_block_size(ids, 16, 16, workspace=align_workspace(8, ids.device))
+    with pytest.raises(ValueError, match="align_workspace"):
+        moe_align_block_size(ids, 16, 16, workspace=align_workspace(16, ids.device).float())
 
 
 @pytest.mark.gpu

@@ -251,6 +251,10 @@ class MarlinExperts(Experts):
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         # Marlin resets its locks after every call, so one zeroed buffer serves every forward (and graph).
         self.workspace = torch.zeros(sms * MAX_BLOCKS_PER_SM, dtype=torch.int32, device=self.device)
+        from wna16moe.kernels.moe_align import align_workspace
+
+        # The alignment's own (kernels/moe_align.py), left zero by each forward as well.
+        self.align_work = align_workspace(spec.local_num_experts, self.device)
         self.w13_bias = (None if quant.w1_bias is None else
                          padded_w13_bias(quant.w1_bias, self.scheme.group_size).to(self.device))
         self.w2_bias = None if quant.w2_bias is None else quant.w2_bias.float().to(self.device).contiguous()
@@ -269,7 +273,8 @@ class MarlinExperts(Experts):
         t, k = topk_ids.shape
         block = block_size or block_size_for(t, k, weights["w13"].shape[0])
         return marlin_moe_forward(self.gemm_op, self.workspace, self.type_id, hidden_states, topk_weights, topk_ids,
-                                  weights, block, self.moe.activation, self.quant, self.w13_bias, self.w2_bias)
+                                  weights, block, self.moe.activation, self.quant, self.w13_bias, self.w2_bias,
+                                  align_work=self.align_work)
 
     def _warm_up(self) -> None:
         """Run every block size once on tiny zero weights of this scheme, once per process and (scheme, dtype,
@@ -322,7 +327,8 @@ class _SharedArgs(NamedTuple):
 def marlin_moe_forward(gemm: Callable[..., Any], workspace: torch.Tensor, type_id: int, hidden_states: torch.Tensor,
                        topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict[str, torch.Tensor],
                        block: int, activation: Activation, quant: MoEQuantConfig, w13_bias: torch.Tensor | None,
-                       w2_bias: torch.Tensor | None, *, skip_negative: bool = False) -> torch.Tensor:
+                       w2_bias: torch.Tensor | None, *, skip_negative: bool = False,
+                       align_work: torch.Tensor | None = None) -> torch.Tensor:
     """One MoE forward through `gemm` (`moe_wna16_marlin_gemm`, or a stand-in with its signature).
 
     Parameters
@@ -337,6 +343,7 @@ def marlin_moe_forward(gemm: Callable[..., Any], workspace: torch.Tensor, type_i
     block : moe_block_size, one of BLOCK_SIZES.
     activation, quant : the gated activation and its parameters (gemm1_alpha, gemm1_beta, gemm1_clamp_limit).
     w13_bias : [E, 2I'] float32 (gate and up halves padded like w13) or None; w2_bias : [E, H] float32 or None.
+    align_work : the layer's `align_workspace` (kernels/moe_align.py) or None.
     skip_negative : True when topk_ids may hold -1. The alignment leaves those pairs out, so the op neither
         reads their input rows nor writes their output rows: GEMM2's output starts zeroed (a memset the
         standard path skips) and the biases are looked up with -1 clamped to 0 and masked out, so a -1 pair
@@ -357,7 +364,7 @@ def marlin_moe_forward(gemm: Callable[..., Any], workspace: torch.Tensor, type_i
         return torch.zeros(0, h, dtype=dtype, device=hidden_states.device)
     num_experts = weights["w13"].shape[0]
     i_pad = weights["w2"].shape[1] * TILE
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, num_experts, block)
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, num_experts, block, workspace=align_work)
     shared = _SharedArgs(workspace, sorted_ids, expert_ids, num_padded, topk_weights.to(torch.float32).contiguous(),
                          block, type_id)
     gate_up = torch.empty(t * k, 2 * i_pad, dtype=dtype, device=hidden_states.device)
@@ -440,5 +447,5 @@ class BatchedMarlinExperts(MarlinExperts):
         block = block_size or block_size_for(e * m, 1, e)
         out = marlin_moe_forward(self.gemm_op, self.workspace, self.type_id, hidden_states.reshape(e * m, h), ones,
                                  ids, weights, block, self.moe.activation, self.quant, self.w13_bias, self.w2_bias,
-                                 skip_negative=True)
+                                 skip_negative=True, align_work=self.align_work)
         return out.view(e, m, h)

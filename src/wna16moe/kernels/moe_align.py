@@ -16,9 +16,10 @@ non-empty and each wastes fewer than M rows (left-out pairs only lower the count
 
 Each pair takes the next row of its expert from an atomic counter per expert (O(P) work), so the order of an
 expert's pairs within its rows is not fixed; nothing depends on it (each row of a GEMM is computed alone).
-For few pairs one program does everything (one launch, every pair in its registers); above, a grid of programs
-counts and then places the pairs (a clear of the counters and two launches), since one SM's atomics are the
-one program's bound.
+For few pairs one program does everything (one launch, every pair in its registers). Above, since one SM's
+atomics bound the one program, programs share the pairs: with a workspace of the caller's (`align_workspace`,
+one per layer) they meet at a grid-wide barrier inside one launch; without one, or in the interpreter, a grid
+counts and then places them (a clear of the counters and two launches).
 """
 
 from __future__ import annotations
@@ -32,16 +33,15 @@ import triton.language as tl
 from wna16moe.kernels.grid_dependence import enter_dependent, launch_options
 from wna16moe.kernels.launch import launch, scratch
 
-# One program while pairs <= 4096 and pairs x experts <= 2^18. As graph replays on the H200 (bench_align.py,
-# NOTES.md v75) it took 2.3 / 4.3 / 5.9 µs at 256 / 1024 / 2048 pairs of 128 experts against the grid's 5.1 / 6.6 /
-# 6.4, and 4.7 µs at 4096 pairs of 8 experts against 6.8; but 7.8 µs at 1024 pairs of 384 experts against 7.1, and
-# 9.9 at 4096 of 128 against 6.9: its time grows with the pairs (one SM's atomics) and with the experts.
+# One program while pairs <= 4096 and pairs x experts <= 2^17; above, with a workspace, the cooperative programs
+# (at most COOPERATIVE_MAX_PROGRAMS of COOPERATIVE_CHUNK pairs, all resident at once), else the grid. As graph
+# replays on the H200 (bench_align.py, NOTES.md v75), µs, one program / cooperative / grid: 1024 pairs of 128
+# experts 4.3 / 4.7 / 6.6, 2048 of 128 5.9 / 4.5 / 6.4, 4096 of 128 9.8 / 4.8 / 6.9, 1024 of 384 7.8 / 6.0 / 7.1,
+# 16384 of 128 - / 8.5 / 10.2, 4096 of 8 4.7 / 4.8 / 6.8. The one program's time grows with the pairs (one SM's
+# atomics) and with the experts.
 SINGLE_PROGRAM_MAX_PAIRS = 4096
-SINGLE_PROGRAM_MAX_WORK = 1 << 18
+SINGLE_PROGRAM_MAX_WORK = 1 << 17
 ONE_PROGRAM_LIMIT = 8192  # pairs one program holds in registers at all (8 warps, 32 per thread)
-# With a workspace (`align_workspace`), programs of COOPERATIVE_CHUNK pairs that meet at a grid-wide barrier
-# (one launch) from COOPERATIVE_MIN_PAIRS pairs; at most COOPERATIVE_MAX_PROGRAMS of them, all resident at once.
-COOPERATIVE_MIN_PAIRS = 1024
 COOPERATIVE_MAX_PROGRAMS = 64
 COOPERATIVE_CHUNK = 512
 _CHUNK = 1024  # pairs per program of the grid
@@ -216,7 +216,7 @@ def cooperative(num_pairs: int, device: torch.device) -> bool:
     """Whether programs that meet at a grid-wide barrier align `num_pairs` pairs on `device`: an NVIDIA GPU (not
     the interpreter, which runs programs one after another) and few enough programs to be resident at once."""
     return (device.type == "cuda" and torch.version.cuda is not None and os.environ.get("TRITON_INTERPRET") != "1"
-            and COOPERATIVE_MIN_PAIRS <= num_pairs <= COOPERATIVE_MAX_PROGRAMS * COOPERATIVE_CHUNK)
+            and num_pairs <= COOPERATIVE_MAX_PROGRAMS * COOPERATIVE_CHUNK)
 
 
 def align_workspace(num_experts: int, device: torch.device) -> torch.Tensor:
@@ -240,8 +240,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     block_m : rows per GEMM block.
     pdl : launch as programmatic dependents, not 0 (CUDA sm90+ only; kernels/grid_dependence.py; they release
         the next kernel as they exit).
-    workspace : `align_workspace(num_experts, ...)`, zero: allows the cooperative path (`cooperative`), which
-        leaves it zero.
+    workspace : `align_workspace(E', ...)` for some E' >= num_experts, zero: allows the cooperative path
+        (`cooperative`), which leaves it zero.
 
     Returns
     -------
@@ -259,21 +259,21 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     expert_ids = scratch((max_blocks,), torch.int32, device)
     num_padded = scratch((1,), torch.int32, device)
     e_pow2 = triton.next_power_of_2(num_experts)
-    if workspace is not None and (workspace.dtype != torch.int32 or workspace.numel() != e_pow2 + 2
+    if workspace is not None and (workspace.dtype != torch.int32 or workspace.numel() < e_pow2 + 2
                                   or workspace.device != device):
-        raise ValueError(f"workspace must be align_workspace({num_experts}) on {device}, got {workspace.dtype} "
-                         f"[{workspace.numel()}] on {workspace.device}")
-    if workspace is not None and cooperative(p, device):
-        launch(_align_programs, (triton.cdiv(p, COOPERATIVE_CHUNK),), ids, sorted_ids, expert_ids, num_padded,
-               workspace, p, num_experts, max_blocks, E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
-               BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=COOPERATIVE_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK,
-               PDL=pdl, num_warps=4, **launch_options(pdl))
-    elif one_program(p, e_pow2):
+        raise ValueError(f"workspace must be align_workspace(num_experts >= {num_experts}) on {device}, got "
+                         f"{workspace.dtype} [{workspace.numel()}] on {workspace.device}")
+    if one_program(p, e_pow2):
         counts = scratch((e_pow2,), torch.int32, device)
         warps = one_program_warps(p)
         launch(_align_one_program, (1,), ids, sorted_ids, expert_ids, num_padded, counts, p, num_experts, max_blocks,
                E_POW2=e_pow2, BLOCK_M=block_m, PAIRS=triton.next_power_of_2(max(p, 1)), TAIL=128 * warps, PDL=pdl,
                num_warps=warps, **launch_options(pdl))
+    elif workspace is not None and cooperative(p, device):
+        launch(_align_programs, (triton.cdiv(p, COOPERATIVE_CHUNK),), ids, sorted_ids, expert_ids, num_padded,
+               workspace, p, num_experts, max_blocks, E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
+               BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=COOPERATIVE_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK,
+               PDL=pdl, num_warps=4, **launch_options(pdl))
     else:
         rank = scratch((max(p, 1),), torch.int32, device)
         counts = scratch((e_pow2,), torch.int32, device, zeroed=True)
