@@ -64,12 +64,17 @@ def _rank_pairs(topk_ids_ptr, rank_ptr, counts_ptr, offs, P, E):
 
 
 @triton.jit
-def _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, offs, P, E):
-    """Each kept pair's index goes to its expert's first row plus its rank."""
-    ids, keep = _pair_experts(topk_ids_ptr, offs, P, E)
-    rank = tl.load(rank_ptr + offs, mask=keep, other=0)
+def _put_pairs(sorted_ids_ptr, starts, ids, keep, rank, offs):
+    """Each kept pair's index (`offs`) goes to its expert's first row plus its rank."""
     row = tl.gather(starts, tl.where(keep, ids, 0), axis=0) + rank
     tl.store(sorted_ids_ptr + row, offs.to(tl.int32), mask=keep)
+
+
+@triton.jit
+def _place_pairs(topk_ids_ptr, rank_ptr, sorted_ids_ptr, starts, offs, P, E):
+    """`_put_pairs` for the pairs `offs`, their ranks read from `rank_ptr`."""
+    ids, keep = _pair_experts(topk_ids_ptr, offs, P, E)
+    _put_pairs(sorted_ids_ptr, starts, ids, keep, tl.load(rank_ptr + offs, mask=keep, other=0), offs)
 
 
 @triton.jit
@@ -124,8 +129,7 @@ def _align_one_program(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_
     starts, ends = _block_ranges(counts, BLOCK_M)
     used = tl.max(ends, axis=0)
     tl.store(num_padded_ptr, used)
-    row = tl.gather(starts, tl.where(keep, ids, 0), axis=0) + rank
-    tl.store(sorted_ids_ptr + row, offs.to(tl.int32), mask=keep)
+    _put_pairs(sorted_ids_ptr, starts, ids, keep, rank, offs)
     # The blocks and padding rows written per expert, not searched per block as the grid does (`_fill_blocks`):
     # one program has few pairs, so an expert's padding loop is short next to a search per block.
     pairs_end = starts + counts
@@ -189,8 +193,7 @@ def _align_programs(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr
     starts, ends = _block_ranges(counts, BLOCK_M)
     if pid == 0:
         tl.store(num_padded_ptr, tl.max(ends, axis=0))
-    row = tl.gather(starts, tl.where(keep, ids, 0), axis=0) + rank
-    tl.store(sorted_ids_ptr + row, offs.to(tl.int32), mask=keep)
+    _put_pairs(sorted_ids_ptr, starts, ids, keep, rank, offs)
     for start in range(pid * BLOCK_CHUNK, max_blocks, programs * BLOCK_CHUNK):
         _fill_blocks(expert_ids_ptr, sorted_ids_ptr, counts, starts, ends, start + tl.arange(0, BLOCK_CHUNK), P,
                      max_blocks, E_POW2, LOG2_E, BLOCK_M, BLOCK_M_POW2)
