@@ -9,9 +9,9 @@ serving runs): where each path pays.
 from __future__ import annotations
 
 import argparse
+from unittest.mock import patch
 
 import torch
-import triton
 
 from wna16moe.bench import _bench, capture_graph, random_routing, write_results
 from wna16moe.kernels import moe_align
@@ -30,28 +30,26 @@ PATHS = ("one program", "grid", "cooperative")
 
 def time_path(ids: torch.Tensor, experts: int, block_m: int, path: str) -> float:
     """µs per alignment on `path`: the bench's timing of a CUDA graph of REPLAYS alignments."""
-    moe_align.one_program = lambda pairs, experts: path == "one program"
-    moe_align.cooperative = lambda pairs, device: path == "cooperative"
     workspace = moe_align.align_workspace(experts, ids.device)
 
     def aligns() -> None:
         for _ in range(REPLAYS):
             moe_align.moe_align_block_size(ids, experts, block_m, workspace=workspace)
 
-    return _bench(capture_graph(aligns).replay) / REPLAYS
+    with (patch.object(moe_align, "one_program", lambda pairs, experts: path == "one program"),
+          patch.object(moe_align, "cooperative", lambda pairs, device: path == "cooperative")):
+        return _bench(capture_graph(aligns).replay) / REPLAYS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    one_program, cooperative = moe_align.one_program, moe_align.cooperative
     rows = []
     for tokens, experts, top_k, block_m in CASES:
         _, ids = random_routing(tokens, experts, top_k, torch.device("cuda"))
         pairs = tokens * top_k
-        chosen = ("cooperative" if cooperative(pairs, ids.device) else
-                  "one program" if one_program(pairs, triton.next_power_of_2(experts)) else "grid")
+        chosen = moe_align.alignment_path(pairs, experts, ids.device, workspace=True)
         times = {}
         for path in PATHS:  # (one program holds at most ONE_PROGRAM_LIMIT pairs; the cooperative path's cap)
             fits = {"one program": pairs <= moe_align.ONE_PROGRAM_LIMIT,

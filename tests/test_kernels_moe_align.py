@@ -183,6 +183,19 @@ def test_cooperative_path_only_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None
     assert not moe_align.cooperative(2048, cuda)
 
 
+def test_alignment_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One program for few pairs x experts, the cooperative programs above it only with a workspace on an NVIDIA
+    GPU, else (and past their cap) the grid."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    nvidia = "cooperative" if torch.version.cuda is not None else "grid"
+    assert moe_align.alignment_path(1024, 128, cuda, workspace=True) == "one program"
+    assert moe_align.alignment_path(2048, 128, cuda, workspace=True) == nvidia
+    assert moe_align.alignment_path(2048, 128, cuda, workspace=False) == "grid"
+    assert moe_align.alignment_path(2048, 128, cpu, workspace=True) == "grid"
+    assert moe_align.alignment_path(65536, 256, cuda, workspace=True) == "grid"
+
+
 def test_a_wrong_workspace_is_refused() -> None:
     ids = _routing(4, 16, 2)
     with pytest.raises(ValueError, match=r"align_workspace\(num_experts >= 16\)"):

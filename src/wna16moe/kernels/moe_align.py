@@ -222,6 +222,14 @@ def cooperative(num_pairs: int, device: torch.device) -> bool:
             and num_pairs <= COOPERATIVE_MAX_PROGRAMS * COOPERATIVE_CHUNK)
 
 
+def alignment_path(num_pairs: int, num_experts: int, device: torch.device, workspace: bool) -> str:
+    """Which kernel aligns `num_pairs` pairs over `num_experts` experts on `device`: "one program", "cooperative"
+    (only with a workspace) or "grid"."""
+    if one_program(num_pairs, triton.next_power_of_2(num_experts)):
+        return "one program"
+    return "cooperative" if workspace and cooperative(num_pairs, device) else "grid"
+
+
 def align_workspace(num_experts: int, device: torch.device) -> torch.Tensor:
     """The cooperative path's counters and barrier counts for `num_experts` experts: zero, and left zero by every
     alignment that uses it. One per layer: alignments that share it must run one after another (one stream)."""
@@ -266,13 +274,14 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                                   or workspace.device != device):
         raise ValueError(f"workspace must be align_workspace(num_experts >= {num_experts}) on {device}, got "
                          f"{workspace.dtype} [{workspace.numel()}] on {workspace.device}")
-    if one_program(p, e_pow2):
+    path = alignment_path(p, num_experts, device, workspace is not None)
+    if path == "one program":
         counts = scratch((e_pow2,), torch.int32, device)
         warps = one_program_warps(p)
         launch(_align_one_program, (1,), ids, sorted_ids, expert_ids, num_padded, counts, p, num_experts, max_blocks,
                E_POW2=e_pow2, BLOCK_M=block_m, PAIRS=triton.next_power_of_2(max(p, 1)), TAIL=128 * warps, PDL=pdl,
                num_warps=warps, **launch_options(pdl))
-    elif workspace is not None and cooperative(p, device):
+    elif path == "cooperative":
         launch(_align_programs, (triton.cdiv(p, COOPERATIVE_CHUNK),), ids, sorted_ids, expert_ids, num_padded,
                workspace, p, num_experts, max_blocks, E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, BLOCK_M=block_m,
                BLOCK_M_POW2=triton.next_power_of_2(block_m), CHUNK=COOPERATIVE_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK,
