@@ -32,12 +32,11 @@ GEMM_SIGNATURE = {
     "num_padded_ptr": "*i32", "zero_ptr": "*fp32", "zero_numel": "i32", "N": "i32", "KD": "i32", "P": "i32",
     "num_m_blocks": "i32", "stride_am": "i32",
     "stride_we": "i32", "stride_wk": "i32", "stride_se": "i32", "stride_sg": "i32", "stride_om": "i32",
-    "alpha": "fp32", "beta": "fp32", "limit": "fp32", "num_experts": "i32", "cast_ptr": "*bf16", "counts_ptr": "*i32",
-    "ids_ptr": "*i32",
+    "alpha": "fp32", "beta": "fp32", "limit": "fp32", "num_experts": "i32",
 }
 PTX_FACTS = ("mma.sync", "wgmma.mma_async", "cp.async", ".local", "bar.sync", "cvt.rn.bf16.s32", "cvt.rn.f16.s32",
              "lop3.b32", "prmt.b32", "st.global.v4", "add.v4.f32", "cp.async.mbarrier.arrive.noinc",
-             "mbarrier.try_wait", "globaltimer", ".acq_rel.")
+             "mbarrier.try_wait", "globaltimer")
 
 
 DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "KD", "stride_am", "stride_we", "stride_wk",
@@ -117,7 +116,7 @@ def compile_gemm(case: dict) -> dict[str, int]:
                   SPLIT_K=1 if gated else 2, FAST_DEQUANT=case.get("fast", False), BLOCK_M=case["block_m"],
                   BLOCK_N=case["block_n"], SWAP_AB=case.get("swap", False), EVEN_K=case.get("even_k", True),
                   ID_BLOCKS=case.get("id_blocks", 0), ZERO_OUT=case["gated"], PDL=case.get("pdl", 0),
-                  SHRINK=case.get("shrink", 0), FRAGMENT=case.get("fragment", False), CAST_OUT=case.get("cast", False))
+                  SHRINK=case.get("shrink", 0), FRAGMENT=case.get("fragment", False))
     act = "*" + case.get("dtype", "bf16")
     # Absent tensors are passed as others, as `moe_gemm` does (the activations for the permutation, the scales
     # for zero points and router weights): dead code must type-check with those too.
@@ -147,8 +146,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   ID_BLOCKS=int(case["pair"]), ZERO_OUT=gated,
                   NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0),
                   WGMMA=case.get("wgmma", False), GROUP_M=group_m(case["block_m"]),
-                  PERSISTENT=case.get("persistent", False), CARRY=case.get("carry", 0), TRACE=case.get("trace", False),
-                  CAST_OUT=case.get("cast", False))
+                  PERSISTENT=case.get("persistent", False), CARRY=case.get("carry", 0), TRACE=case.get("trace", False))
     act = "*" + case.get("dtype", "bf16")
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
     signature = dict(GEMM_SIGNATURE, a_ptr=act, s_ptr=act, out_ptr=out, a_perm_ptr="*i32" if case["perm"] else act,

@@ -5,14 +5,12 @@ GPU (marker gpu): real model shapes (H, I) with M from 1 to 8192 in bf16 and fp1
 capture and replay; relative Frobenius error against EMULATION below 1e-2.
 """
 
-import itertools
 from dataclasses import replace
 
 import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import dequantize_ref
 from triton.runtime.errors import OutOfResources
 from triton_env import (
     DEVICE,
@@ -515,89 +513,6 @@ def test_gemm1_clears_gemm2_output(numel: int, t: int, from_ids: bool) -> None:
              inter, None, *blocks, bits=4, group_size=32, top_k=k, gated=True, block_m=16, block_n=32,
              zero_out=target[:numel])
     assert torch.equal(target[:numel], torch.zeros(numel, device=DEVICE)) and torch.isnan(target[numel])
-
-
-def _gemm2_with_cast(t: int, e: int, h: int, i: int, k: int, split_k: int, block_n: int,
-                     ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GEMM2 on random pairs of `ids` [t, k], casting its own sums: (its fp16 output poisoned with NaN first, the
-    float32 sums, the counts, the float64 reference of the rows)."""
-    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_zp"))
-    w = prepare_triton_weights(experts, DEVICE)
-    inter = torch.randn(t * k, i, dtype=torch.float16, device=DEVICE)
-    topk_w = torch.rand(t, k, device=DEVICE)
-    sums = torch.zeros(t, h, device=DEVICE)
-    output = torch.full((t, h), float("nan"), dtype=torch.float16, device=DEVICE)
-    counts = torch.zeros(t, triton.cdiv(h, block_n), dtype=torch.int32, device=DEVICE)
-    blocks = (None, ids.reshape(-1), None) if t == 1 else moe_align_block_size(ids, e, 16)
-    moe_gemm(inter, w["w2"], w["w2_scales"], w["w2_zeros"], None, None, sums, topk_w.reshape(-1), *blocks, bits=4,
-             group_size=32, top_k=k, gated=False, block_m=16, block_n=block_n, split_k=split_k,
-             cast_out=(output, counts, ids))
-    w2 = dequantize_ref(experts.w2.to(torch.device("cpu")))
-    ref = torch.zeros(t, h, dtype=torch.float64)
-    for token, j in itertools.product(range(t), range(k)):
-        expert = int(ids[token, j])
-        if 0 <= expert < e:
-            ref[token] += float(topk_w[token, j]) * (w2[expert] @ inter[token * k + j].cpu().double())
-    return output, sums, counts, ref
-
-
-@pytest.mark.parametrize("split_k", [1, 2])
-@pytest.mark.parametrize("t", [1, 6])  # one block per pair, aligned blocks
-def test_gemm2_casts_its_own_sums(t: int, split_k: int) -> None:
-    """The program that completes a row's column tile casts it: every tile of every token with a valid pair is
-    written once its K splits and pairs have all added (ids outside [0, E) are no pairs); a token with none is
-    never written (its output stays as GEMM1 cleared it)."""
-    e, h, i, k = 4, 96, 128, 2  # (two column tiles of 64, the second part-filled)
-    ids = torch.randint(0, e, (t, k), device=DEVICE)
-    ids[0, 1] = e + 3
-    if t > 1:
-        ids[1] = -1
-    output, sums, counts, ref = _gemm2_with_cast(t, e, h, i, k, split_k, 64, ids)
-    pairs = ((ids >= 0) & (ids < e)).sum(dim=1)
-    assert torch.equal(counts, (pairs * (i // TILE_K))[:, None].int().expand(t, 2))  # (every K tile, counted once)
-    written = (pairs > 0).cpu()
-    assert torch.isnan(output[~written]).all() and torch.isfinite(output[written]).all()
-    assert torch.equal(output[written], sums[written].half())
-    assert relative_error(sums[written].cpu(), ref[written]) < 1e-3
-
-
-def test_gemm2_cast_out_is_checked() -> None:
-    e, h, i, k, t = 4, 64, 64, 2, 3
-    w = prepare_triton_weights(random_experts(e, h, i, WeightScheme.from_name("int4_g32_sym")), DEVICE)
-    _, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=False)
-    inter = torch.randn(t * k, i, dtype=torch.float16, device=DEVICE)
-    sums = torch.zeros(t, h, device=DEVICE)
-    good = (torch.zeros(t, h, dtype=torch.float16, device=DEVICE),
-            torch.zeros(t, 2, dtype=torch.int32, device=DEVICE), ids)
-    cases = [
-        ((good[0].float(), *good[1:]), "output must be contiguous torch.float16 \\[3, 64\\]"),
-        ((good[0], torch.zeros(t, 1, dtype=torch.int32, device=DEVICE), ids), "counts must be contiguous int32 "
-         "\\[3, 2\\] \\(a count per row and 32-wide column tile\\)"),
-        ((*good[:2], ids[:2]), "topk_ids must be contiguous \\[3, 2\\]"),
-    ]
-    for cast_out, message in cases:
-        with pytest.raises(ValueError, match=message):
-            moe_gemm(inter, w["w2"], w["w2_scales"], None, None, None, sums, None, *moe_align_block_size(ids, e, 16),
-                     bits=4, group_size=32, top_k=k, gated=False, block_m=16, block_n=32, cast_out=cast_out)
-    with pytest.raises(ValueError, match="cast_out is GEMM2's"):
-        moe_gemm(torch.randn(t, h, dtype=torch.float16, device=DEVICE), w["w13"], w["w13_scales"], None, None, None,
-                 inter, None, *moe_align_block_size(ids, e, 16), bits=4, group_size=32, top_k=k, gated=True,
-                 block_m=16, block_n=32, cast_out=good)
-
-
-def test_tokens_without_local_experts_come_out_zero() -> None:
-    # Expert parallel: a token whose experts all live on other ranks (-1) gets a zero row, poisoned or not.
-    e, h, i, k, t = 8, 128, 64, 2, 5
-    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_zp"))
-    kernel, weights, emulation, emulation_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i,
-                                                                                               dtype=torch.float16))
-    x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
-    topk_weights, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
-    ids[2] = -1
-    for config in (TritonConfig(16, 32, 32), TritonConfig(16, 32, 32, split_k2=2)):
-        out = kernel.apply(x, topk_weights, ids, weights, config)
-        assert torch.equal(out[2], torch.zeros(h, dtype=torch.float16, device=DEVICE))
-        assert relative_error(out, emulation.apply(x, topk_weights, ids, emulation_weights)) < 1e-2
 
 
 @pytest.mark.parametrize("fixture", ["qwen3moe-gptq-w4-g32-descact", "qwen3moe-awq-gemm-w4-g32",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wna16moe.kernels.moe_gemm_decode import fold_bytes, ring_bytes
+from wna16moe.kernels.moe_gemm_decode import ring_bytes
 from wna16moe.kernels.moe_gemm_ws import ws_extra_bytes
 
 CASES = [
@@ -68,9 +68,6 @@ CASES = [
     # ... with its blocks found in the ids (kernels/token_blocks.py)
     dict(sm=90, gated=True, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
          mma="mma.sync", fast=True, loop_budget=390, pdl=2, id_blocks=2),
-    # GEMM2 casting its own sums (kernels/cast.py): the loop as without
-    dict(sm=90, gated=False, bits=4, zp=False, perm=False, group_in_tile=128, block_m=16, block_n=64, warps=4,
-         mma="mma.sync", fast=True, loop_budget=390, pdl=1, cast=True),
 ]
 
 
@@ -202,17 +199,6 @@ DECODE_CASES = [
          stages=3, loop_budget=880, wgmma=True, carry=2),
     dict(gated=False, bits=8, zp=True, perm=False, group=128, block_m=64, block_n=256, warps=8, pair=False,
          stages=3, loop_budget=580, wgmma=True, carry=1),  # (526 per tile; 692 before v68)
-    # GEMM2 casting its own sums (kernels/cast.py), the loops within their twins' budgets: deepseek-v3 M = 1's K
-    # split, wide blocks of 32 and 128 rows; a persistent narrow block, whose loop holds each item's epilogue
-    # (run once per item): the count and the cast take it from 818 instructions to 1146
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=True, stages=2,
-         split_k=2, loop_budget=410, pdl=2, prefetch=True, cast=True),
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=256, warps=4, pair=False,
-         stages=2, loop_budget=1200, pdl=2, prefetch=True, persistent=True, cast=True),
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=32, block_n=256, warps=4, pair=False,
-         loop_budget=880, wgmma=True, cast=True),
-    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=256, warps=8, pair=False,
-         stages=3, loop_budget=425, wgmma=True, cast=True),
 ]
 
 
@@ -242,15 +228,13 @@ def compiled() -> dict:
 
 CASE_IDS = [f"sm{c['sm']}-{c['mma']}-bm{c['block_m']}" + ("-fast" if c.get("fast") else "")
             + ("-swap" if c.get("swap") else "") + (f"-shrink{c['shrink']}" if c.get("shrink") else "")
-            + ("-ids" if c.get("id_blocks") else "") + ("-cast" if c.get("cast") else "") for c in CASES]
+            + ("-ids" if c.get("id_blocks") else "") for c in CASES]
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
 def test_gemm_compiles(compiled: dict, index: int) -> None:
     facts = compiled["gemm"][index]
     assert facts[CASES[index]["mma"]] > 0
-    if not CASES[index]["gated"]:  # a GEMM2 that casts its own sums counts its tiles' adds (acquire-release)
-        assert (facts[".acq_rel."] > 0) == bool(CASES[index].get("cast")), facts
     assert facts["cp.async"] > 0  # weight tiles are software-pipelined
     # A programmatic dependent reads nothing before it waits, and lets the next kernel launch once its loop is
     # done; without the flag there is neither.
@@ -288,12 +272,9 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert facts["wgmma.mma_async" if wgmma else "mma.sync"] > 0 and not (wgmma and facts["mma.sync"]), facts
     assert facts["cp.async"] > 0, facts  # the words through the cp.async ring, the kernel's only shared memory
     # (what `moe_gemm` checks against the GPU's limit before a launch)
-    ring = ring_bytes(case["bits"], case["gated"], case["zp"], min(case["group"], 128), case["block_m"],
-                      case["block_n"], case.get("stages", 3))
-    assert ring <= facts["shared"] <= ring + (fold_bytes(case["block_m"]) if case.get("cast") else 0), facts
+    assert facts["shared"] == ring_bytes(case["bits"], case["gated"], case["zp"], min(case["group"], 128),
+                                         case["block_m"], case["block_n"], case.get("stages", 3)), facts
     assert facts[".local"] == 0 and facts["loop_STL"] <= case.get("loop_spills", 0), facts
-    if not case["gated"]:  # a GEMM2 that casts its own sums counts its tiles' adds (acquire-release)
-        assert (facts[".acq_rel."] > 0) == bool(case.get("cast")), facts
     assert facts["cvt.rn.bf16.s32"] + facts["cvt.rn.f16.s32"] == 0 and facts["loop_I2F"] <= 16, facts
     assert facts["loop_instructions"] <= case["loop_budget"], facts
     assert (facts["globaltimer"] > 0) == bool(case.get("trace")), facts
@@ -334,10 +315,9 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
         copies = case.get("stages", 3) if unrolled else 1
         assert facts["wgmma.mma_async"] == loops * per_loop * copies, facts
     stores = case["perm"] or not case.get("aligned", True)
-    # (a persistent GEMM1 parks the sums of an item it shares once per program, behind a barrier of its own; a
-    # persistent GEMM2 that casts its sums holds two per item, before its counts and for their results)
-    epilogue = (1 if case["gated"] else 2 * case.get("cast", False)) if case.get("persistent") else 0
-    assert facts["loop_BAR"] == (1 + epilogue if unrolled else 3 if stores else 2), facts
+    # (a persistent GEMM1 parks the sums of an item it shares once per program, behind a barrier of its own)
+    parks = case.get("persistent", False) and case["gated"]
+    assert facts["loop_BAR"] == (1 + parks if unrolled else 3 if stores else 2), facts
     if wgmma:
         return
     if case["pair"] != 1:  # every mma of the tile is in the loop (with one pair per block ptxas drops 7 rows)

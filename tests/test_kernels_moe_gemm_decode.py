@@ -453,49 +453,6 @@ def test_gpu_persistent_programs_split_items(config: TritonConfig) -> None:
     assert not kernel._share_flags.any()
 
 
-FOLD_CONFIGS = [TritonConfig(8, 128, 256, split_k1=2, split_k2=4, decode=True, num_stages=2, pdl=2),
-                TritonConfig(8, 128, 256, num_stages=2, decode=True, persistent=3, pdl=2),
-                TritonConfig(64, 128, 128, decode=True, wgmma=True, split_k2=2),
-                TritonConfig(128, 128, 256, decode=True, wgmma=True, num_warps=8, num_stages=3)]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", FOLD_CONFIGS, ids=["bm8-split4", "bm8-persistent", "bm64-wgmma-split", "bm128"])
-def test_gpu_gemm2_casts_each_tile_once_complete(config: TritonConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    """GEMM2 casts its own sums (kernels/cast.py): on a real GPU, where K splits, persistent programs' parts and a
-    token's pairs add concurrently, each tile is cast only once every add has landed, so the output is exactly
-    the float32 sums cast; a token whose experts are all elsewhere (-1) comes out zero."""
-    import wna16moe.kernels.moe_gemm as gemm_module  # (where the TRITON backend imports it from)
-
-    e, k, h, i = 64, 8, 2176, 768
-    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
-    cfg = MoEConfig(e, k, h, i, dtype=torch.bfloat16)
-    kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, cfg,
-                                                                      w2_bias=torch.randn(e, h, device=DEVICE))
-    plain_moe_gemm, folded = gemm_module.moe_gemm, []
-
-    def keep_sums(*args, **kwargs):
-        if kwargs.get("cast_out") is not None:
-            folded.append((args[6], kwargs["cast_out"][0]))
-        return plain_moe_gemm(*args, **kwargs)
-
-    monkeypatch.setattr(gemm_module, "moe_gemm", keep_sums)
-    for t in (1, 40, 300) * 2:
-        x = torch.randn(t, h, dtype=cfg.dtype, device=DEVICE)
-        tw, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
-        if t > 1:
-            ids[t // 2] = -1
-        folded.clear()
-        out = kernel._forward(x, tw, ids, weights, config)  # (not replayed from a launch plan: the sums are kept)
-        ((sums, cast),) = folded
-        assert out.data_ptr() == cast.data_ptr()
-        assert torch.equal(out, sums.to(cfg.dtype)), (t, (out.float() - sums).abs().max())
-        assert relative_error(out, emulation.apply(x, tw, ids, emu_weights)) < 1e-2, t
-        if t > 1:
-            assert not out[t // 2].any()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("t", [1, 40])

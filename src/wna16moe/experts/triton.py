@@ -3,8 +3,7 @@
 Runs wherever Triton compiles for the GPU: NVIDIA sm80+, AMD (ROCm) and Intel XPU; on a CPU only under the
 Triton interpreter (TRITON_INTERPRET=1, for tests). Forward: align the routed pairs by expert (for a few tokens
 the GEMMs find their blocks in the ids instead, kernels/token_blocks.py), GEMM1 with the activation fused,
-GEMM2 with the router weights and the top-k reduction fused (atomic float32 adds) and the cast to the
-activation dtype too (the program that completes a row's column tile casts it, kernels/cast.py).
+GEMM2 with the router weights and the top-k reduction fused (atomic float32 adds), cast.
 
 Parallel layers: the kernels hold this rank's experts (E_local) and its TP shard of I (I/tp); pairs whose
 local expert id is -1 (owned by another EP rank) are left out by the alignment. BATCHED_TRITON reads the
@@ -602,7 +601,7 @@ class TritonExperts(Experts):
                  weights: dict[str, torch.Tensor], cfg: TritonConfig) -> torch.Tensor:
         """Both GEMMs over the pairs of topk_ids [T, K'] (local ids, -1 left out) -> [T, H]."""
         from wna16moe.kernels.activation import split_k_activation
-        from wna16moe.kernels.cast import cast, fold_buffers
+        from wna16moe.kernels.cast import cast
         from wna16moe.kernels.grid_dependence import chained_launch
         from wna16moe.kernels.launch import scratch
         from wna16moe.kernels.moe_align import moe_align_block_size
@@ -635,15 +634,8 @@ class TritonExperts(Experts):
         flags = self._share_flags if cfg.persistent <= _FLAGGED_PROGRAMS_PER_SM else None
         gemm1 = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, share_flags=flags, **common)
         intermediate = scratch((t * top_k, self.i_pad), hidden_states.dtype, hidden_states.device)
-        # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch). GEMM2 casts
-        # its own sums (kernels/cast.py) but on the warp-specialized kernel, which a cast launch follows.
-        if cfg.specialize:
-            out = cleared = scratch((t, moe.hidden_size), torch.float32, hidden_states.device)
-            cast_out = None
-        else:
-            cleared, out, counts, result = fold_buffers(t, moe.hidden_size, cfg.block_n2, hidden_states.dtype,
-                                                        hidden_states.device)
-            cast_out = (result, counts, topk_ids)
+        # GEMM2 accumulates into `out`; GEMM1's programs clear it on the way (no separate fill launch).
+        out = scratch((t, moe.hidden_size), torch.float32, hidden_states.device)
         activation = dict(act=KERNEL_CODES[moe.activation], alpha=_or(quant.gemm1_alpha, SWIGLU_OAI_ALPHA),
                           beta=_or(quant.gemm1_beta, 1.0),
                           limit=_clamp_limit(moe.activation, quant.gemm1_clamp_limit))
@@ -652,17 +644,17 @@ class TritonExperts(Experts):
         if cfg.split_k1 > 1:
             partials = scratch((cfg.split_k1, t * top_k, 2 * self.i_pad), torch.float32, hidden_states.device)
             moe_gemm(*w13, partials, None, *blocks, gated=True, block_n=cfg.block_n1, split_k=cfg.split_k1,
-                     zero_out=cleared, **gemm1)
+                     zero_out=out, **gemm1)
             split_k_activation(partials, topk_ids, self.w13_bias, intermediate, pdl=pdl, **activation)
         else:
-            moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=cleared,
-                     **activation, **gemm1)
+            moe_gemm(*w13, intermediate, None, *blocks, gated=True, block_n=cfg.block_n1, zero_out=out, **activation,
+                     **gemm1)
         moe_gemm(intermediate, weights["w2"], weights["w2_scales"], weights.get("w2_zeros"), weights.get("w2_perm"),
                  self.w2_bias, out, topk_weights.reshape(-1), *blocks, gated=False, block_n=cfg.block_n2,
                  split_k=cfg.split_k2, num_warps=cfg.gemm2_warps, num_stages=cfg.gemm2_stages, carry=cfg.carry,
-                 specialize=cfg.specialize, cast_out=cast_out, **common)
+                 specialize=cfg.specialize, **common)
         # (with PDL it launches as GEMM2's dependent, kernels/cast.py)
-        return cast(out, hidden_states.dtype, gemm_pdl) if cast_out is None else result
+        return cast(out, hidden_states.dtype, gemm_pdl)
 
 
 class BatchedTritonExperts(TritonExperts):

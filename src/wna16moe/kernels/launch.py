@@ -15,11 +15,10 @@ A `LaunchPlan` goes further for a whole forward of several launches (v57: what i
 time is mostly its callers' checks and Triton's binder). One forward runs under `recording()`: every launch is kept
 as its compiled kernel, grid and argument values, and every temporary the forward allocates through `scratch` as
 its shape and dtype. `Recording.plan` then names each tensor argument by the source it points at (the forward's
-inputs, its weights, its temporaries, or a place inside a temporary); `LaunchPlan.run` allocates fresh
-temporaries and replays the launches with the new pointers, skipping everything else. `PlanCache` keeps the plans
-of one function by key. A recording holds no plan when any tensor argument is neither a source nor inside a
-temporary, when any torch operation other than an allocation or a view ran inside it (its work would not be
-replayed), or when a kernel was interpreted.
+inputs, its weights, its temporaries); `LaunchPlan.run` allocates fresh temporaries and replays the launches with
+the new pointers, skipping everything else. `PlanCache` keeps the plans of one function by key. A recording holds
+no plan when any tensor argument is neither a source nor a temporary, when any torch operation other than an
+allocation or a view ran inside it (its work would not be replayed), or when a kernel was interpreted.
 """
 
 from __future__ import annotations
@@ -114,17 +113,7 @@ class _PlannedLaunch:
     compiled: CompiledKernel
     grid: tuple[int, int, int]
     values: tuple[Any, ...]  # the recorded arguments, None at the tensors' positions
-    # (position, index into the sources then the temporaries, byte offset into it)
-    tensors: tuple[tuple[int, int, int], ...]
-
-
-@dataclass(frozen=True)
-class _PlannedOutput:
-    index: int  # into the sources then the temporaries
-    offset: int  # bytes into it
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    whole: bool  # the temporary itself, not a view into it
+    tensors: tuple[tuple[int, int], ...]  # (position, index into the sources then the temporaries)
 
 
 # Offsets of the temporaries that share one allocation: as aligned as the caching allocator's own blocks.
@@ -138,15 +127,14 @@ class LaunchPlan:
     temporaries all live until it returns anyway, and each allocation costs the host a few µs."""
 
     def __init__(self, launches: Sequence[_PlannedLaunch], temporaries: Sequence[tuple[tuple[int, ...], torch.dtype,
-                 bool]], outputs: Sequence[_PlannedOutput], num_sources: int, device: torch.device) -> None:
+                 bool]], outputs: Sequence[int], num_sources: int, device: torch.device) -> None:
         self.launches = tuple(launches)
         self.temporaries = tuple(temporaries)  # (shape, dtype, zeroed)
-        self.outputs = tuple(outputs)
+        self.outputs = tuple(outputs)  # indices among the sources, then the temporaries
         self.device = device
-        holding = {output.index for output in self.outputs}
         shared, size = [], 0
         for i, (shape, dtype, zeroed) in enumerate(self.temporaries):
-            own = zeroed or num_sources + i in holding
+            own = zeroed or num_sources + i in self.outputs
             shared.append(None if own else size)
             size += 0 if own else -(-math.prod(shape) * dtype.itemsize // _SHARED_ALIGN) * _SHARED_ALIGN
         self._shared_offsets = tuple(shared)
@@ -172,10 +160,10 @@ class LaunchPlan:
         stream = _current_stream(self.device)
         for planned in self.launches:
             values = list(planned.values)
-            for position, index, offset in planned.tensors:
-                values[position] = pointers[index] + offset
+            for position, index in planned.tensors:
+                values[position] = pointers[index]
             _run_compiled(planned.compiled, planned.grid, stream, values)
-        return tuple(_output_of(tensors[o.index], o) for o in self.outputs)  # type: ignore[arg-type]
+        return tuple(tensors[i] for i in self.outputs)  # type: ignore[misc]  # (outputs have their own)
 
 
 class Recording:
@@ -212,48 +200,23 @@ class Recording:
                 self.refuse(f"tensor {i} is empty or shares its storage with another")
                 return None
             index[tensor.data_ptr()] = i
-
-        def locate(tensor: torch.Tensor) -> tuple[int, int] | None:
-            """(index, byte offset): a source or temporary itself, or a view inside a temporary."""
-            pointer = tensor.data_ptr()
-            if pointer in index:
-                return index[pointer], 0
-            for i in range(len(sources), len(tensors)):
-                start = tensors[i].data_ptr()
-                if start <= pointer < start + tensors[i].numel() * tensors[i].element_size():
-                    return i, pointer - start
-            return None
-
         launches = []
         for compiled, grid, values in self.launches:
             positions = []
             for position, value in enumerate(values):
                 if isinstance(value, torch.Tensor):
-                    found = locate(value)
-                    if found is None:
+                    if value.data_ptr() not in index:
                         self.refuse(f"argument {position} of {compiled.name} is not a source nor a temporary")
                         return None
-                    positions.append((position, *found))
+                    positions.append((position, index[value.data_ptr()]))
             plain = tuple(None if isinstance(v, torch.Tensor) else v for v in values)
             launches.append(_PlannedLaunch(compiled, grid, plain, tuple(positions)))
-        returned = []
-        for output in outputs:
-            found = locate(output)
-            if found is None or found[0] < len(sources) or not output.is_contiguous():
-                self.refuse("an output is not a temporary nor a contiguous view inside one")
-                return None
-            returned.append(_PlannedOutput(*found, tuple(output.shape), output.dtype, tensors[found[0]] is output))
+        returned = [index.get(output.data_ptr(), -1) for output in outputs]
+        if any(i < len(sources) or tensors[i] is not output for i, output in zip(returned, outputs, strict=True)):
+            self.refuse("an output is not a temporary")
+            return None
         return LaunchPlan(launches, [(tuple(t.shape), t.dtype, zeroed) for t, zeroed in self.scratch], returned,
                           len(sources), outputs[0].device)
-
-
-def _output_of(temporary: torch.Tensor, output: _PlannedOutput) -> torch.Tensor:
-    """A replayed output: its temporary, or the view inside it the recorded output was."""
-    if output.whole:
-        return temporary
-    size = math.prod(output.shape) * output.dtype.itemsize
-    return temporary.view(-1).view(torch.uint8)[output.offset : output.offset + size].view(output.dtype).view(
-        output.shape)
 
 
 _UNRECORDED = object()
@@ -296,11 +259,9 @@ def _current_stream(device: torch.device) -> int:
     return driver.active.get_current_stream(device.index)
 
 
-# Torch operations a recorded forward may run: its temporaries and views of its inputs and temporaries.
+# Torch operations a recorded forward may run: its temporaries and views of its inputs.
 _REPLAYED_OPS = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.zeros.default,
-                           torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
-                           torch.ops.aten.view.dtype, torch.ops.aten.slice.Tensor,
-                           torch.ops.aten.detach.default})  # (`view(dtype)` runs it: a pure alias)
+                           torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default})
 
 
 class _TorchOpsWatch(TorchDispatchMode):

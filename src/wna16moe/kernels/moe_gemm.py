@@ -44,7 +44,6 @@ from triton.compiler.compiler import max_shared_mem
 from triton.runtime.errors import OutOfResources
 
 from wna16moe.kernels.activation import ACT_SILU, gated_activation
-from wna16moe.kernels.cast import cast_tile, tile_finished
 from wna16moe.kernels.dequant import (
     QUARTERS,
     centred,
@@ -61,7 +60,6 @@ from wna16moe.kernels.moe_gemm_decode import (
     MAX_CARRY,
     TRACE_FIELDS,
     _moe_gemm_decode_kernel,
-    fold_bytes,
     ring_bytes,
     tiling_error,
 )
@@ -281,7 +279,7 @@ def _tile_dot(acc, words, s_row, z_row, a_row_ptrs, perm_ptr, s_ptrs, z_ptrs, n_
 def _gemm_block(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, pid_n, pid_k,
     expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta,
-    limit, num_experts, fold,
+    limit,
     TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr, BITS: tl.constexpr,
     HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     GROUP_IN_TILE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, SPLIT_K: tl.constexpr, FAST_DEQUANT: tl.constexpr,
@@ -405,13 +403,6 @@ def _gemm_block(
         tokens = rows // TOP_K
         out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-        if len(fold) > 0:
-            cast_ptr, counts_ptr, ids_ptr = fold
-            part_tiles = tl.cdiv(tl.maximum(k_end - k_begin, 0), _TILE_K)
-            done = tile_finished(tokens, row_mask, pid_n, tl.cdiv(N, BLOCK_N), part_tiles, tiles, counts_ptr,
-                                 ids_ptr, num_experts, TOP_K)
-            cast_tile(out_ptrs, cast_ptr + tokens.to(tl.int64)[:, None] * N + offs_n[None, :],
-                      out_mask & done[:, None])
 
 
 
@@ -445,9 +436,6 @@ def _moe_gemm_kernel(
     beta,
     limit,
     num_experts,  # E: the weights' experts (ID_BLOCKS: a pair of any other id is left out, as of -1)
-    cast_ptr,  # (T, N) activation dtype: the sums cast, by the program that completes each row's tile (CAST_OUT)
-    counts_ptr,  # (T, ceil(N / BLOCK_N)) int32, zero: K tiles added per row and column tile (CAST_OUT)
-    ids_ptr,  # (P,) topk_ids: the valid pairs of each token (CAST_OUT)
     TOP_K: tl.constexpr,
     GATED: tl.constexpr,
     ACT: tl.constexpr,
@@ -470,9 +458,7 @@ def _moe_gemm_kernel(
     PDL: tl.constexpr,
     SHRINK: tl.constexpr,
     FRAGMENT: tl.constexpr,  # words in fragment tiles (layout.py), paired: read with their partners
-    CAST_OUT: tl.constexpr,  # GEMM2 casts its own sums (kernels/cast.py)
 ):
-    fold = (cast_ptr, counts_ptr, ids_ptr) if CAST_OUT else ()
     enter_dependent(PDL)  # (launched with PDL: nothing is read or written before the previous grid ends)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -496,27 +482,27 @@ def _moe_gemm_kernel(
         if SHRINK > 1 and live <= BLOCK_M // 4:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-                        stride_sg, stride_om, alpha, beta, limit, num_experts, fold, TOP_K, GATED, ACT, HAS_LIMIT,
-                        BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K,
-                        FAST_DEQUANT, BLOCK_M, BLOCK_N, SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 4, FRAGMENT)
+                        stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 4, FRAGMENT)
         elif live <= BLOCK_M // 2:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-                        stride_sg, stride_om, alpha, beta, limit, num_experts, fold, TOP_K, GATED, ACT, HAS_LIMIT,
-                        BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K,
-                        FAST_DEQUANT, BLOCK_M, BLOCK_N, SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 2, FRAGMENT)
+                        stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M // 2, FRAGMENT)
         else:
             _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m,
                         pid_n, pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-                        stride_sg, stride_om, alpha, beta, limit, num_experts, fold, TOP_K, GATED, ACT, HAS_LIMIT,
-                        BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K,
-                        FAST_DEQUANT, BLOCK_M, BLOCK_N, SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M, FRAGMENT)
+                        stride_sg, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N,
+                        SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M, FRAGMENT)
     else:
         _gemm_block(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, pid_m, pid_n,
                     pid_k, expert, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se, stride_sg,
-                    stride_om, alpha, beta, limit, num_experts, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP,
-                    HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M,
-                    BLOCK_N, SWAP_AB, EVEN_K, ID_BLOCKS, PDL, BLOCK_M, FRAGMENT)
+                    stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
+                    GROUP_SIZE, GROUP_IN_TILE, SCALE_WEIGHTS, SPLIT_K, FAST_DEQUANT, BLOCK_M, BLOCK_N, SWAP_AB, EVEN_K,
+                    ID_BLOCKS, PDL, BLOCK_M, FRAGMENT)
 
 
 # Row blocks that go through all column tiles together at prefill (`_program_block`; 8 and 16 measured alike,
@@ -544,24 +530,6 @@ def _num_sms(index: int) -> int:
 def _group_in_tile(group_size: int) -> int:
     """Reduction rows of one quantization group inside a TILE_K tile (group_size -1: channel-wise)."""
     return TILE_K if group_size == -1 else min(group_size, TILE_K)
-
-
-def _check_cast_out(cast_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor, gated: bool,
-                    specialized: bool, num_pairs: int, top_k: int, n: int, block_n: int, dtype: torch.dtype) -> None:
-    """`moe_gemm`'s `cast_out`, or a ValueError that names what does not fit."""
-    if gated or specialized:
-        raise ValueError("cast_out is GEMM2's (not gated), on any kernel but the warp-specialized one (specialize)")
-    output, counts, ids = cast_out
-    tokens = out.shape[0]
-    tiles = triton.cdiv(n, block_n)
-    if output.shape != (tokens, n) or output.dtype != dtype or not output.is_contiguous():
-        raise ValueError(f"cast_out's output must be contiguous {dtype} [{tokens}, {n}], got {output.dtype} "
-                         f"{list(output.shape)}")
-    if counts.shape != (tokens, tiles) or counts.dtype != torch.int32 or not counts.is_contiguous():
-        raise ValueError(f"cast_out's counts must be contiguous int32 [{tokens}, {tiles}] (a count per row and "
-                         f"{block_n}-wide column tile), got {counts.dtype} {list(counts.shape)}")
-    if ids.numel() != num_pairs or num_pairs != tokens * top_k or not ids.is_contiguous():
-        raise ValueError(f"cast_out's topk_ids must be contiguous [{tokens}, {top_k}], got {list(ids.shape)}")
 
 
 def moe_gemm(
@@ -603,7 +571,6 @@ def moe_gemm(
     specialize: bool = False,
     trace: torch.Tensor | None = None,
     share_flags: torch.Tensor | None = None,
-    cast_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Launch one grouped GEMM (see the module docstring for the math and layouts): this module's kernel or,
     with `decode`, `kernels/moe_gemm_decode.py`'s (the same operands and outputs).
@@ -660,10 +627,6 @@ def moe_gemm(
     share_flags : int32 [>= programs], zero, for a persistent GEMM1: where a program that finished the later part
         of an item another began signals that its sums wait in the workspace. Each launch leaves them zero. None:
         a zeroed temporary (one more fill per launch).
-    cast_out : GEMM2 only: (output [T, N] in a's dtype, counts int32 [T, ceil(N / block_n)], topk_ids [T, top_k]),
-        output and counts zero (`cast.fold_buffers`, cleared by GEMM1 with the sums): the program whose adds
-        complete a row's column tile casts that tile of `out` into the output (kernels/cast.py); ids outside
-        [0, E) are pairs left out. Not on the warp-specialized GEMM2.
     """
     registers = {} if max_registers is None else {"maxnreg": max_registers}
     fragment = w.dim() == 4
@@ -734,8 +697,6 @@ def moe_gemm(
         ring = ring_bytes(bits, gated, zeros is not None, _group_in_tile(group_size), block_m, block_n, num_stages)
         if kernel is _moe_gemm_ws_kernel:
             ring += ws_extra_bytes(block_n, num_stages)
-        if cast_out is not None:
-            ring += fold_bytes(block_m)
         if ring > shared_limit:
             raise ValueError(f"the decode kernel's ring of num_stages={num_stages} x block_m={block_m} x "
                              f"block_n={block_n} ({bits}-bit{', gated' if gated else ''}) needs {ring} bytes of "
@@ -760,8 +721,6 @@ def moe_gemm(
     if id_blocks and num_pairs > block_m * top_k:
         raise ValueError(f"blocks without alignment hold a token per row: {num_pairs // top_k} tokens need "
                          f"block_m >= {num_pairs // top_k}, got {block_m}")
-    if cast_out is not None:
-        _check_cast_out(cast_out, out, gated, kernel is _moe_gemm_ws_kernel, num_pairs, top_k, n, block_n, a.dtype)
     if zero_out is not None and (zero_out.dtype != torch.float32 or not zero_out.is_contiguous()):
         raise ValueError(f"zero_out must be contiguous float32, got {zero_out.dtype}")
     grid = (num_m_blocks * triton.cdiv(n, block_n), split_k)
@@ -794,8 +753,6 @@ def moe_gemm(
             a.stride(0), w.stride(0), w.stride(1) // w.shape[3] if fragment else w.stride(1), scales.stride(0),
             scales.stride(1), out.stride(-2),
             alpha, beta, 0.0 if limit is None else limit, num_experts=w.shape[0],
-            **dict(zip(("cast_ptr", "counts_ptr", "ids_ptr"), cast_out or (out, out, out), strict=True)),
-            CAST_OUT=cast_out is not None,
             TOP_K=top_k, GATED=gated, ACT=act, HAS_LIMIT=limit is not None, BITS=bits, HAS_ZP=zeros is not None,
             HAS_PERM=a_perm is not None, HAS_BIAS=bias is not None,
             GROUP_SIZE=1 << 30 if group_size == -1 else group_size,  # channel-wise: one group spanning every K

@@ -73,7 +73,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from wna16moe.kernels.activation import gated_activation
-from wna16moe.kernels.cast import cast_tile, tile_finished
 from wna16moe.kernels.dequant import (
     QUARTERS,
     centred,
@@ -140,12 +139,6 @@ def ring_bytes(bits: int, gated: bool, has_zp: bool, group_in_tile: int, block_m
     group_rows = halves * (TILE_K // group_in_tile) * block_n
     words = halves * (TILE_K * bits // 32) * block_n * 4
     return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2)
-
-
-def fold_bytes(block_m: int) -> int:
-    """Shared memory a GEMM2 that casts its own sums may take beside its ring: the rows' prior counts, broadcast
-    to the block's threads (`cast.tile_finished`), apart from the ring where it stays live (persistent)."""
-    return 4 * block_m
 
 
 # From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
@@ -600,7 +593,7 @@ def _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K: gl.constexpr, GATED: gl
 def _block_gemm(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr, fold,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -784,7 +777,6 @@ def _block_gemm(
         k_r = k_begin + AHEAD * k_step
         total = share_end - share_begin
         done = share_begin % tiles  # tiles of `item` multiplied (by the program before, for its first part)
-        first_done = done
         shared_first = done > 0
         for t_round in range(0, total, STAGES):
             for slot in gl.static_range(STAGES):
@@ -812,18 +804,15 @@ def _block_gemm(
                     done += 1
                     if done == tiles:
                         if not GATED:  # (a later part of an item adds no bias)
-                            # (its K tiles: the item's, less those of the program before for a first part)
                             _item_epilogue(acc, acc_up, item, shared_first.to(gl.int32), blocks, m_acc,
                                            sorted_ids_ptr, expert_ids_ptr, out_ptr, bias_ptr, topk_w_ptr, N, P,
-                                           stride_om, fold, tiles - first_done * shared_first.to(gl.int32), tiles,
-                                           num_experts, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS,
+                                           stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS,
                                            SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, MMA)
                         elif shared_first:
                             _park_sums(acc, acc_up, part_ptr, flags_ptr, gl.program_id(0), BLOCK_N, ROWS, MMA)
                         else:
                             _item_epilogue(acc, acc_up, item, 0, blocks, m_acc, sorted_ids_ptr, expert_ids_ptr,
-                                           out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, fold, tiles, tiles,
-                                           num_experts, alpha, beta, limit, TOP_K,
+                                           out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K,
                                            GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N,
                                            NUM_WARPS, MMA)
                         acc = gl.zeros_like(acc)
@@ -835,8 +824,8 @@ def _block_gemm(
             if GATED:
                 acc, acc_up = _take_sums(acc, acc_up, part_ptr, flags_ptr, gl.program_id(0) + 1, BLOCK_N, ROWS, MMA)
             _item_epilogue(acc, acc_up, item, 0, blocks, m_acc, sorted_ids_ptr, expert_ids_ptr, out_ptr, bias_ptr,
-                           topk_w_ptr, N, P, stride_om, fold, done, tiles, num_experts, alpha, beta, limit, TOP_K,
-                           GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, MMA)
+                           topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS,
+                           SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS, MMA)
     elif UNROLL:
         for k_round in range(k_begin, k_end, STAGES * k_step):
             for slot in gl.static_range(STAGES):
@@ -867,8 +856,7 @@ def _block_gemm(
 
     if not PERSISTENT:
         _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P,
-                  stride_om, fold, gl.cdiv(gl.maximum(k_end - k_begin, 0), _TILE_K), tiles, num_experts, alpha, beta,
-                  limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M,
+                  stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M,
                   BLOCK_N, NUM_WARPS)
 
 
@@ -920,29 +908,28 @@ def _take_sums(acc, acc_up, part_ptr, flags_ptr, program, BLOCK_N: gl.constexpr,
 
 @gluon.jit
 def _item_epilogue(acc, acc_up, item, pid_k, blocks, m_acc, sorted_ids_ptr, expert_ids_ptr, out_ptr, bias_ptr,
-                   topk_w_ptr, N, P, stride_om, fold, part_tiles, all_tiles, num_experts, alpha, beta, limit,
-                   TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, USE_WGMMA: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, MMA: gl.constexpr):
+                   topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K: gl.constexpr, GATED: gl.constexpr,
+                   ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+                   USE_WGMMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
+                   MMA: gl.constexpr):
     """`_epilogue` of a persistent program's item (its row block and column tile found again from its index)."""
     block = item % blocks
     n0 = item // blocks * BLOCK_N
     cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     _epilogue(acc, acc_up, gl.load(sorted_ids_ptr + block * BLOCK_M + m_acc),
               gl.load(expert_ids_ptr + block).to(gl.int64), cols, cols < N, n0, pid_k, out_ptr, bias_ptr,
-              topk_w_ptr, N, P, stride_om, fold, part_tiles, all_tiles, num_experts, alpha, beta, limit, TOP_K, GATED,
-              ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
+              topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K,
+              USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
 
 
 @gluon.jit
 def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om,
-              fold, part_tiles, all_tiles, num_experts, alpha, beta, limit, TOP_K: gl.constexpr, GATED: gl.constexpr,
-              ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
-              USE_WGMMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
+              alpha, beta, limit, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr,
+              HAS_LIMIT: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, USE_WGMMA: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
     """A block's results out: GEMM1's activation (or K-split partial sums) stored, GEMM2's rows scaled by their
     router weights and added into their tokens' rows. `rows`: the block's pairs (P: padding), `offs_n` its
-    columns, both in the accumulator's layout. `fold` (GEMM2; empty: off): where the cast goes, the counts and the
-    ids (kernels/cast.py); the block added `part_tiles` of the `all_tiles` K tiles."""
+    columns, both in the accumulator's layout."""
     row_mask = rows < P
     out_mask = n_mask[:, None] & row_mask[None, :]
     # 64- and 128-row wgmma blocks leave through `_store_layout`: on an H200, M = 8192 -1.7% (deepseek-v3) and
@@ -977,11 +964,6 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
         tokens = rows // TOP_K
         out_ptrs = out_ptr + tokens.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
         gl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-        if len(fold) > 0:
-            cast_ptr, counts_ptr, ids_ptr = fold
-            done = tile_finished(tokens, row_mask, n0 // BLOCK_N, gl.cdiv(N, BLOCK_N), part_tiles, all_tiles,
-                                 counts_ptr, ids_ptr, num_experts, TOP_K)
-            cast_tile(out_ptrs, cast_ptr + tokens.to(gl.int64)[None, :] * N + offs_n[:, None], out_mask & done[None, :])
 
 
 
@@ -989,7 +971,7 @@ def _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bia
 def _wide_block(
     live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr, fold,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -1003,52 +985,51 @@ def _wide_block(
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    flags_ptr, part_ptr, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
-                    GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS,
-                    STAGES, 8, PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    flags_ptr, part_ptr, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
-                    GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS,
-                    STAGES, 16, PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    flags_ptr, part_ptr, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
-                    GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS,
-                    STAGES, 32, PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    flags_ptr, part_ptr, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
-                    GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS,
-                    STAGES, 64, PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
-                    flags_ptr, part_ptr, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS,
-                    GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS,
-                    STAGES, 128, PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL,
+                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
 
 
 @gluon.jit
 def _moe_gemm_decode_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr, cast_ptr, counts_ptr,
-    ids_ptr, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr,
+    TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr, CAST_OUT: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
-    fold = (cast_ptr, counts_ptr, ids_ptr) if CAST_OUT else ()  # (kernels/cast.py)
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
     # waits (its blocks were final before GEMM1 ran; its activations, GEMM1's output, are copied after the
@@ -1073,7 +1054,7 @@ def _moe_gemm_decode_kernel(
             _wide_block(P // TOP_K, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr,
                         sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks,
                         stride_am, stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit,
-                        trace_ptr, num_experts, flags_ptr, part_ptr, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP,
+                        trace_ptr, num_experts, flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP,
                         HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED,
                         ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
         elif pid_m * BLOCK_M < gl.load(num_padded_ptr):
@@ -1082,14 +1063,14 @@ def _moe_gemm_decode_kernel(
             _wide_block(live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                         expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                         stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr,
-                        num_experts, flags_ptr, part_ptr, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
+                        num_experts, flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM,
                         HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS,
                         NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
     else:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr,
-                    part_ptr, fold, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
                     GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M,
                     PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M, PERSISTENT, CARRY, TRACE)
     if TRACE:

@@ -123,7 +123,7 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
     rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA)))
     offs_n = n0_half + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
     _epilogue(acc, acc, rows, expert, offs_n, offs_n < N, n0_half, 0, out_ptr, bias_ptr, topk_w_ptr, N, P, stride_om,
-              (), 0, 0, 0, 1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4)
+              1.0, 0.0, 0.0, TOP_K, False, 0, False, HAS_BIAS, 1, True, ROWS, HALF_N, 4)
 
 
 @gluon.jit
@@ -149,19 +149,17 @@ def _specialized(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sort
 def _moe_gemm_ws_kernel(
     a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we, stride_wk, stride_se,
-    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr, cast_ptr, counts_ptr,
-    ids_ptr,
+    stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr, part_ptr,
     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, HAS_LIMIT: gl.constexpr, BITS: gl.constexpr,
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, ZERO_OUT: gl.constexpr,
     NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr,
-    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr, CAST_OUT: gl.constexpr,
+    PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
-    # (the decode kernel's arguments, so that `moe_gemm` launches either; the launcher admits GEMM2 only, and no
-    # cast folded in)
+    # (the decode kernel's arguments, so that `moe_gemm` launches either; the launcher admits GEMM2 only)
     gl.static_assert(not GATED and not HAS_PERM and SPLIT_K == 1 and ALIGNED and ID_BLOCKS == 0 and NUM_WARPS == 4
-                     and not TRACE and not CAST_OUT)
+                     and not TRACE)
     NG: gl.constexpr = _TILE_K // GROUP_IN_TILE
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
     pid_m, pid_n = _program_block(num_m_blocks, N, BLOCK_N, GROUP_M)
