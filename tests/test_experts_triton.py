@@ -515,6 +515,21 @@ def test_gemm1_clears_gemm2_output(numel: int, t: int, from_ids: bool) -> None:
     assert torch.equal(target[:numel], torch.zeros(numel, device=DEVICE)) and torch.isnan(target[numel])
 
 
+def test_tokens_without_local_experts_come_out_zero() -> None:
+    # Expert parallel: a token whose experts all live on other ranks (-1) gets a zero row (GEMM1 clears the sums).
+    e, h, i, k, t = 8, 128, 64, 2, 5
+    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g32_zp"))
+    kernel, weights, emulation, emulation_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i,
+                                                                                               dtype=torch.float16))
+    x = torch.randn(t, h, dtype=torch.float16, device=DEVICE)
+    topk_weights, ids = softmax_topk(torch.randn(t, e, device=DEVICE), k, renormalize=True)
+    ids[2] = -1
+    for config in (TritonConfig(16, 32, 32), TritonConfig(16, 32, 32, split_k2=2)):
+        out = kernel.apply(x, topk_weights, ids, weights, config)
+        assert torch.equal(out[2], torch.zeros(h, dtype=torch.float16, device=DEVICE))
+        assert relative_error(out, emulation.apply(x, topk_weights, ids, emulation_weights)) < 1e-2
+
+
 @pytest.mark.parametrize("fixture", ["qwen3moe-gptq-w4-g32-descact", "qwen3moe-awq-gemm-w4-g32",
                                      "qwen3moe-w8a16-g128-sym", "qwen3moe-w4a16-g128-asym"])
 def test_layer_on_fixtures(fixture: str) -> None:
