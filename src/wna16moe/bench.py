@@ -141,14 +141,19 @@ def _bench_graph(fn: Callable[[], object], budget_ms: float = BUDGET_MS) -> floa
         return None
 
 
-def measure_ceilings() -> dict[str, float]:
-    """Copy bandwidth (GB/s, read + written) and bf16 matmul rate (TFLOP/s), measured now."""
+def measure_copy_gbps() -> float:
+    """Copy bandwidth (GB/s, read + written) of 2 GiB, measured now."""
     n = 1 << 30  # 2 GiB of bf16
     src, dst = torch.randn(2, n, dtype=torch.bfloat16, device="cuda")
-    copy_us = _bench(lambda: dst.copy_(src))
+    return 2 * 2 * n / _bench(lambda: dst.copy_(src)) / 1e3
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Copy bandwidth (GB/s, read + written) and bf16 matmul rate (TFLOP/s), measured now."""
+    copy_gbps = measure_copy_gbps()
     a, b = torch.randn(2, 8192, 8192, dtype=torch.bfloat16, device="cuda")
     mm_us = _bench(lambda: a @ b, budget_ms=PREFILL_BUDGET_MS)  # (at the power cap, as the prefill rows run)
-    return {"copy_gbps": 2 * 2 * n / copy_us / 1e3, "matmul_tflops": 2 * 8192**3 / mm_us / 1e6}
+    return {"copy_gbps": copy_gbps, "matmul_tflops": 2 * 8192**3 / mm_us / 1e6}
 
 
 def random_experts(e: int, h: int, i: int, scheme: WeightScheme, device: torch.device) -> QuantizedExperts:

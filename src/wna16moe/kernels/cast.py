@@ -11,7 +11,16 @@ import triton.language as tl
 from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
 from wna16moe.kernels.launch import launch, scratch
 
-_BLOCK = 1024
+# Elements per program and warps by size: small blocks keep a decode forward's few programs short; from
+# PREFILL_NUMEL on, each thread keeps more loads in flight (prefill's sums are hundreds of MB, read from DRAM).
+_SMALL_TILING = (1024, 4)
+_PREFILL_TILING = (4096, 8)
+PREFILL_NUMEL = 1 << 20
+
+
+def cast_tiling(numel: int) -> tuple[int, int]:
+    """(elements per program, warps) of the cast of `numel` elements."""
+    return _PREFILL_TILING if numel >= PREFILL_NUMEL else _SMALL_TILING
 
 
 @triton.jit
@@ -30,6 +39,7 @@ def cast(src: torch.Tensor, dtype: torch.dtype, pdl: int = 0) -> torch.Tensor:
         raise ValueError(f"cast needs a contiguous tensor, got strides {src.stride()}")
     dst = scratch(src.shape, dtype, src.device)
     if src.numel():
-        launch(_cast_kernel, (triton.cdiv(src.numel(), _BLOCK),), src, dst, src.numel(), BLOCK=_BLOCK, PDL=pdl,
-               num_warps=4, **launch_options(pdl))
+        block, warps = cast_tiling(src.numel())
+        launch(_cast_kernel, (triton.cdiv(src.numel(), block),), src, dst, src.numel(), BLOCK=block, PDL=pdl,
+               num_warps=warps, **launch_options(pdl))
     return dst
