@@ -12,7 +12,8 @@ from wna16moe.kernels.grid_dependence import await_prior_grids, launch_options
 from wna16moe.kernels.launch import launch, scratch
 
 # Elements per program and warps by size: small blocks keep a decode forward's few programs short; from
-# PREFILL_NUMEL on, each thread keeps more loads in flight (prefill's sums are hundreds of MB, read from DRAM).
+# PREFILL_NUMEL on, 4096 at 8 warps ran 0.6-0.9 µs faster up to 2^24 elements and level above, where both stream
+# at the copy rate (benchmarks/bench_cast.py, NOTES.md v76).
 _SMALL_TILING = (1024, 4)
 _PREFILL_TILING = (4096, 8)
 PREFILL_NUMEL = 1 << 20
