@@ -517,8 +517,9 @@ GROUPED_FROM_K = 2048
 def group_m(block_m: int, k: int) -> int:
     """The decode kernel's GROUP_M for blocks of `block_m` rows over a reduction of `k`. Blocks of 64 rows and more
     are prefill's, whose activations are worth keeping in L2 while every column tile reads them. Narrower blocks
-    group over long reductions too (v77: deepseek-v3 and kimi-k2 M = 8-512 0.6-3.5% faster, mixtral level); over
-    short ones they keep the decode order (qwen3-30b-a3b's GEMM2, k = 768: 1.2-2.2% slower grouped)."""
+    group over long reductions too (v77: int4 deepseek-v3 and kimi-k2 M = 8-512 0.1-3.5% faster, W8A16 1.2-3.6%,
+    mixtral level); over short ones they keep the decode order (qwen3-30b-a3b's GEMM2, k = 768: 1.2-2.2% slower
+    grouped)."""
     return PREFILL_GROUP_M if block_m >= 64 or k >= GROUPED_FROM_K else 1
 
 
