@@ -145,7 +145,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   BLOCK_N=case["block_n"], EVEN_K=True, ALIGNED=case.get("aligned", True),
                   ID_BLOCKS=int(case["pair"]), ZERO_OUT=gated,
                   NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0),
-                  WGMMA=case.get("wgmma", False), GROUP_M=group_m(case["block_m"], case.get("k", 4096)),
+                  WGMMA=case.get("wgmma", False), GROUP_M=group_m(case["block_m"], case.get("k", 2048)),
                   PERSISTENT=case.get("persistent", False), CARRY=case.get("carry", 0), TRACE=case.get("trace", False))
     act = "*" + case.get("dtype", "bf16")
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"
