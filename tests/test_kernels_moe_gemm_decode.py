@@ -27,7 +27,7 @@ from triton_env import (
 from wna16moe import Activation, MoEConfig, WeightScheme, open_checkpoint
 from wna16moe.experts.base import relative_error
 from wna16moe.experts.triton import TritonConfig
-from wna16moe.kernels.moe_gemm import moe_gemm
+from wna16moe.kernels.moe_gemm import GROUPED_FROM_K, moe_gemm
 from wna16moe.kernels.moe_gemm_decode import ring_bytes
 from wna16moe.routing import softmax_topk
 
@@ -271,11 +271,24 @@ def test_gpu_decode_matches_emulation(scheme_name: str, config: TritonConfig) ->
     _check_against_emulation(scheme_name, config)
 
 
-def _check_against_emulation(scheme_name: str, config: TritonConfig, i: int = 384) -> None:
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("config", [DECODE_CONFIGS[0], DECODE_CONFIGS[1], DECODE_CONFIGS[2]],
+                         ids=["bm8", "bm16-split", "bm32"])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int8_g128_zp"])
+def test_gpu_narrow_blocks_in_groups_match_emulation(scheme_name: str, config: TritonConfig) -> None:
+    """Both GEMMs reducing over GROUPED_FROM_K or more: narrow blocks go through the column tiles 8 row blocks at
+    a time (`moe_gemm.group_m`), the last group short."""
+    _check_against_emulation(scheme_name, config, i=GROUPED_FROM_K, h=GROUPED_FROM_K + 128)
+
+
+def _check_against_emulation(scheme_name: str, config: TritonConfig, i: int = 384, h: int | None = None) -> None:
     """TRITON with `config` against EMULATION, both dtypes, t = 1 to 300 tokens over 16 experts (top-4: every
-    row count a wide block shrinks to). H is not a whole number of 128-deep tiles where the groups allow it
-    (the masked last tile of GEMM1)."""
-    e, h = 16, 1152 if "g128" in scheme_name else 1088
+    row count a wide block shrinks to). H, by default, is not a whole number of 128-deep tiles where the groups
+    allow it (the masked last tile of GEMM1)."""
+    e = 16
+    if h is None:
+        h = 1152 if "g128" in scheme_name else 1088
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     for dtype in DTYPES:
         for t in (1, 3, 40, 300):
