@@ -21,7 +21,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from wna16moe.kernels.activation import _split_k_activation_kernel
 from wna16moe.kernels.moe_align import _align_one_program, _align_programs, _place_kernel
-from wna16moe.kernels.moe_gemm import _moe_gemm_kernel, group_m
+from wna16moe.kernels.moe_gemm import GROUPED_FROM_K, _moe_gemm_kernel, group_m
 from wna16moe.kernels.moe_gemm_decode import _moe_gemm_decode_kernel
 from wna16moe.kernels.moe_gemm_ws import _moe_gemm_ws_kernel
 from wna16moe.kernels.topk_route import _topk_route_kernel
@@ -145,7 +145,7 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
                   BLOCK_N=case["block_n"], EVEN_K=True, ALIGNED=case.get("aligned", True),
                   ID_BLOCKS=int(case["pair"]), ZERO_OUT=gated,
                   NUM_WARPS=case["warps"], STAGES=case.get("stages", 3), PDL=case.get("pdl", 0),
-                  WGMMA=case.get("wgmma", False), GROUP_M=group_m(case["block_m"], case.get("k", 2048)),
+                  WGMMA=case.get("wgmma", False), GROUP_M=group_m(case["block_m"], case.get("k", GROUPED_FROM_K)),
                   PERSISTENT=case.get("persistent", False), CARRY=case.get("carry", 0), TRACE=case.get("trace", False))
     act = "*" + case.get("dtype", "bf16")
     out = act if gated and consts["SPLIT_K"] == 1 else "*fp32"

@@ -73,7 +73,7 @@ CASES = [
 
 # The Gluon decode GEMM (kernels/moe_gemm_decode.py): loop budgets as for CASES (the v26 kernel + ~10%; groups of
 # 32 and 64, and rows not in 16-byte pieces, the v30 kernel + ~10%), per K tile. `k`, the reduction length (default
-# 2048), picks the program order (`moe_gemm.group_m`): narrow blocks below 2048 keep the decode order.
+# GROUPED_FROM_K), picks the program order (`moe_gemm.group_m`): narrow blocks below it keep the decode order.
 DECODE_CASES = [
     # one token per block (M = 1): GEMM1 int4 g128 bf16, the K-split GEMM1 with zero points, a 2-deep ring
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=8, block_n=64, warps=4, pair=True,
