@@ -16,8 +16,8 @@
 #                                        # default $SCHEME or int4), the shapes in turn ($SERVED_SHAPES, default the
 #                                        # four of the table; then $OFF_TABLE_SHAPES, default glm-4.5-air, on its
 #                                        # defaults, ~40 s; int4 ~245 s, W8A16 ~170 s on
-#                                        # an H200), then the TRITON backend's and the decode kernel's GPU tests in
-#                                        # the time left of $BUDGET (560 s)
+#                                        # an H200), then the TRITON backend's and the decode kernel's GPU tests
+#                                        # ($SERVED_TESTS: other test files) in the time left of $BUDGET (560 s)
 #   benchmarks/device_checks.sh probe    # two GPUs: read ceiling by size, kernel profile; the W8A16 bench
 #   benchmarks/device_checks.sh ab       # the bench of source trees build/ab/*/src (A/B of kernel versions), in
 #                                        # turns on every GPU but the last; TRITON's GPU tests on the last
@@ -276,8 +276,8 @@ served)  # one GPU: the table as served, the shapes in turn, MARLIN in the same 
     done
     left=$(( ${BUDGET:-560} - ($(date +%s) - start) ))
     if [ "$left" -gt 60 ]; then  # (bounded as a whole: bounded per test only, they once outran the call)
-        TESTS_LIMIT=$(( left - 10 )) PARALLEL=16 parallel_tests triton-tests 300 tests/test_experts_triton.py \
-            tests/test_kernels_moe_gemm_decode.py
+        TESTS_LIMIT=$(( left - 10 )) PARALLEL=16 parallel_tests triton-tests 300 \
+            ${SERVED_TESTS:-tests/test_experts_triton.py tests/test_kernels_moe_gemm_decode.py}
     fi
     ;;
 w8a16-sweep)  # four GPUs: the W8A16 (int8, group 128) sweep, one shape per GPU

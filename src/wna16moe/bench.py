@@ -2,7 +2,8 @@
 
 Timed region: one layer forward from routed top-k ids/weights to the [T, H] output (alignment, both GEMMs,
 activation, top-k reduction, cast); routing itself is excluded (`benchmarks/bench_route.py` times it). Times
-are medians of CUDA-event timings after warm-up, each call right after an L2 flush that reads a buffer of 5x the
+are medians of CUDA-event timings after warm-up (at least WARM_MS under the timed call's own load, so that every
+backend is timed at the clock the board holds under it), each call right after an L2 flush that reads a buffer of 5x the
 L2 size: weights always come from HBM, and the L2 holds only clean lines, so the timed call writes back nothing
 of the flush's (a flush by zeroing, as
 `triton.testing.do_bench` does, leaves the L2 dirty and billed up to ~20% extra to a decode step; benchmarks/NOTES.md
@@ -37,6 +38,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -74,6 +76,11 @@ GRAPH_MAX_TOKENS = 512
 PREFILL_TOKENS = 2048
 PREFILL_BUDGET_MS = 2000.0
 BUDGET_MS = 60.0  # (below PREFILL_TOKENS)
+# Warm-up under the timed call's own load lasts at least this long, and half the timing's budget: a board that
+# idled (a compile, the reference) runs its first ~0.1 s of heavy work at a higher clock than it holds after, so
+# that the first call timed in a process read 5-10% fast at deepseek-v3 / kimi-k2 M = 32-512 (NOTES v78); at the
+# power cap the clock settles within ~1 s (v56).
+WARM_MS = 250.0
 
 
 def budget_ms(m: int) -> float:
@@ -93,13 +100,26 @@ def _flush_l2() -> None:
     _FLUSH_BUFFERS[device].max()
 
 
-def _bench(fn: Callable[[], object], warmup: int = 10, budget_ms: float = BUDGET_MS, flush: bool = True) -> float:
+def _warm_up(fn: Callable[[], object], calls: int, warm_ms: float, flush: bool) -> None:
+    """Call `fn` (each after `_flush_l2` unless not `flush`) `calls` times, and on in rounds of as many until
+    the device has run them for `warm_ms`."""
+    began = time.perf_counter()
+    while True:
+        for _ in range(calls):
+            if flush:
+                _flush_l2()
+            fn()
+        torch.cuda.synchronize()
+        if (time.perf_counter() - began) * 1e3 >= warm_ms:
+            return
+
+
+def _bench(fn: Callable[[], object], warmup: int = 10, budget_ms: float = BUDGET_MS, flush: bool = True,
+           warm_ms: float | None = None) -> float:
     """Median microseconds of `fn`: CUDA events around each call, each after `_flush_l2` (unless not `flush`),
-    after warm-up; as many calls as fit in about `budget_ms` (10 to 1000)."""
-    for _ in range(warmup):
-        if flush:
-            _flush_l2()
-        fn()
+    after at least `warmup` calls and `warm_ms` of them (default: WARM_MS or half of `budget_ms`, the more);
+    as many calls as fit in about `budget_ms` (10 to 1000)."""
+    _warm_up(fn, warmup, max(WARM_MS, budget_ms / 2) if warm_ms is None else warm_ms, flush)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
