@@ -14,6 +14,10 @@ or, for a branch not checked out, this checkout as the base and the branch expor
 
     git archive wip-x src | tar -x -C build/ab/wip-x
     python benchmarks/ab_trees.py src deepseek-v3:1,8 --new build/ab/wip-x/src --out ab.json
+
+Each tree times itself with its own `wna16moe/bench.py`: trees whose timing differs (before 154d9df the bench did not
+warm up for 250 ms, and a process's first timing read up to 10% fast, NOTES.md v78) are not comparable, so a base
+whose bench.py differs from the new tree's is named in a warning and in the results (`bench_differs`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def run_try_configs(src: str, cases: list[str], options: list[str], log: Path) -
             subprocess.run([sys.executable, str(HERE / "try_configs.py"), *cases, *options, "--out", str(out)],
                            env=env, stdout=stream, stderr=subprocess.STDOUT, check=True)
         return json.loads(out.read_text())["rows"]
+
+
+def _bench_source(src: str) -> bytes | None:
+    """The text of the timing harness the tree `src` imports (None where it has none)."""
+    path = Path(src) / "wna16moe" / "bench.py"
+    return path.read_bytes() if path.exists() else None
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,6 +87,9 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     trees = {"base": str(Path(args.base).resolve()), "new": str(Path(args.new).resolve())}
+    bench_differs = len({_bench_source(src) for src in trees.values()}) > 1
+    if bench_differs:
+        print("warning: the trees' wna16moe/bench.py differ, so they may time differently", flush=True)
     options = ["--rounds", str(args.rounds)] + (["--scheme", args.scheme] if args.scheme else [])
     start, rows = time.monotonic(), []
     for process in range(args.processes):
@@ -87,7 +100,8 @@ def main() -> None:
             rows += [{**r, "tree": tree, "process": process}
                      for r in run_try_configs(trees[tree], args.cases, options, log)]
         # (written after every pair: a call's time limit keeps what it finished)
-        write_results(args.out, rows, base=args.base, new=args.new, summary=summarize(rows),
+        write_results(args.out, rows, base=args.base, new=args.new, bench_differs=bench_differs,
+                      summary=summarize(rows),
                       method="benchmarks/ab_trees.py: try_configs.py's shipped entries, the trees' processes in turn")
     for s in summarize(rows):
         print(f"{s['shape']:15s} M={s['M']:5d} base {s['base_us']:9.1f} new {s['new_us']:9.1f} "

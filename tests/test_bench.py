@@ -140,6 +140,24 @@ def test_a_wrong_default_stops_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
         _sweep(monkeypatch, 2, eager={}, graph={}, wrong=default)
 
 
+def test_warm_up_runs_the_call_until_the_device_has_run_it_long_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At least `calls` calls, then on in rounds of as many until `warm_ms` of device time (read after a
+    synchronization) has passed; each call after a flush unless told not to."""
+    clock = iter([0.0, 0.1, 0.2, 0.3, 0.4])  # seconds: the start, then one reading per round
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    synced: list[int] = []
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced.append(len(calls)))
+    monkeypatch.setattr(bench, "_flush_l2", lambda: calls.append("flush"))
+    bench._warm_up(lambda: calls.append("call"), calls=4, warm_ms=250.0, flush=True)
+    assert calls == ["flush", "call"] * 12  # rounds ending at 100, 200, 300 ms
+    assert synced == [8, 16, 24]
+    calls.clear()
+    clock = iter([0.0, 0.001])
+    bench._warm_up(lambda: calls.append("call"), calls=3, warm_ms=0.0, flush=False)
+    assert calls == ["call"] * 3
+
+
 @pytest.mark.gpu
 def test_bench_times_gpu_work() -> None:
     """The event timer measures the call (a 256 MiB copy lands between 100 GB/s and 20 TB/s) and leaves its L2
@@ -535,6 +553,25 @@ def test_ab_trees_takes_the_changed_tree_from_new(monkeypatch: pytest.MonkeyPatc
     assert seen == [str((tmp_path / "main").resolve()), str((tmp_path / "branch").resolve())]
     assert written[-1]["new"] == str(tmp_path / "branch")
     assert written[-1]["summary"][0]["change_pct"] == round(100 * (52 / 51 - 1), 2)
+
+
+def test_ab_trees_names_trees_that_time_differently(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A base tree whose bench.py differs (an older warm-up) is not a like-for-like A/B: it is said so."""
+    ab_trees = _script("ab_trees")
+    for tree, text in (("base", "WARM_MS = 0\n"), ("new", "WARM_MS = 250.0\n"), ("same", "WARM_MS = 250.0\n")):
+        (tmp_path / tree / "wna16moe").mkdir(parents=True)
+        (tmp_path / tree / "wna16moe" / "bench.py").write_text(text)
+
+    def fake_run(src: str, cases: list[str], options: list[str], log: Path) -> list[dict]:
+        return [{"shape": "mixtral", "M": 8, "round": 0, "us_graph": 50.0, "shipped": True}]
+
+    for base, differs in (("base", True), ("same", False)):
+        written = _run_ab_trees(monkeypatch, ab_trees, fake_run, [str(tmp_path / base), "mixtral:8", "--new",
+                                                                 str(tmp_path / "new"), "--processes", "1",
+                                                                 "--logs", str(tmp_path)])
+        assert written[-1]["bench_differs"] is differs
+        assert ("bench.py differ" in capsys.readouterr().out) is differs
 
 
 def test_register_audit_compiles_each_gemm_of_an_entry_as_it_launches() -> None:
