@@ -78,7 +78,7 @@ PREFILL_BUDGET_MS = 2000.0
 BUDGET_MS = 60.0  # (below PREFILL_TOKENS)
 # Warm-up under the timed call's own load lasts at least this long, and half the timing's budget: a board that
 # idled (a compile, the reference) runs its first ~0.1 s of heavy work at a higher clock than it holds after, so
-# that the first call timed in a process read 5-10% fast at deepseek-v3 / kimi-k2 M = 32-512 (NOTES v78); at the
+# that the first call timed in a process read 4-10% fast at deepseek-v3 / kimi-k2 M = 32-512 (NOTES v78); at the
 # power cap the clock settles within ~1 s (v56).
 WARM_MS = 250.0
 
