@@ -491,6 +491,22 @@ def test_replay_spread_records_the_forwards_allocations_in_order() -> None:
     assert torch.empty is empty
 
 
+@pytest.mark.parametrize(("tokens", "num_experts", "top_k"), [(512, 8, 2), (64, 128, 8), (6, 4, 2)])
+def test_balanced_routing_gives_every_expert_as_many_rows(tokens: int, num_experts: int, top_k: int) -> None:
+    routing_balance = _script("routing_balance")
+    ids = routing_balance.balanced_ids(tokens, num_experts, top_k, DEVICE)
+    assert ids.shape == (tokens, top_k) and ids.dtype == torch.int32
+    assert all(len(set(row)) == top_k for row in ids.tolist())  # (a token's experts are distinct)
+    rows = torch.bincount(ids.flatten().long(), minlength=num_experts)
+    assert rows.max() - rows.min() <= 1 and int(rows.sum()) == tokens * top_k
+
+
+def test_blocks_needed_counts_each_experts_partial_block() -> None:
+    # rows per expert 3, 0, 5 over blocks of 4: 1 + 0 + 2
+    ids = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2], dtype=torch.int32).reshape(4, 2)
+    assert _script("routing_balance").blocks_needed(ids, 3, 4) == 3
+
+
 def test_results_name_the_commit_given_over_git(monkeypatch: pytest.MonkeyPatch) -> None:
     # (a tree copied to a device machine carries a stale .git: the caller names the commit it measures)
     monkeypatch.setenv("WNA16MOE_COMMIT", "feedbee")
