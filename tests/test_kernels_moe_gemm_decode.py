@@ -221,6 +221,24 @@ def test_persistent_gemm1_hands_split_items_through_flags_and_a_workspace(monkey
             launch(bad)
 
 
+def test_blocks_of_48_and_96_rows_are_wgmma_blocks_from_the_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """48 and 96 rows multiply as 32 + 16 and 64 + 32 on warpgroup mmas: the launcher refuses them elsewhere, and
+    their ring holds activation tiles of the next power of two (the widest a 48- or 96-row block copies)."""
+    record_launches(monkeypatch, "_moe_gemm_decode_kernel")
+    w = torch.zeros(4, 2, 128, 16, dtype=torch.int32)
+    scales = torch.ones(4, 2, 128, dtype=torch.float16)
+    a, out = torch.randn(6, 256, dtype=torch.float16), torch.empty(6, 64, dtype=torch.float16)
+    aligned = (torch.zeros(96, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), torch.tensor([96]))
+    for block_m, blocks, wgmma in ((48, aligned, False), (96, (None, torch.zeros(6, dtype=torch.int32), None), True)):
+        with pytest.raises(ValueError, match="48, 96"):
+            moe_gemm(a, w, scales, None, None, None, out, None, *blocks, bits=4, group_size=128, top_k=2, gated=True,
+                     block_m=block_m, block_n=64, decode=True, wgmma=wgmma)
+    moe_gemm(a, w, scales, None, None, None, out, None, *aligned, bits=4, group_size=128, top_k=2, gated=True,
+             block_m=48, block_n=64, decode=True, wgmma=True)
+    assert ring_bytes(4, True, False, 128, 48, 64, 2) == ring_bytes(4, True, False, 128, 64, 64, 2)
+    assert ring_bytes(4, False, False, 128, 96, 128, 3) == ring_bytes(4, False, False, 128, 128, 128, 3)
+
+
 def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """cp.async moves 4, 8 or 16 bytes: the decode kernel copies rows of scales and activations with it only
     when N, K, the strides and the pointers are whole 16-byte pieces (ALIGNED), else through registers."""
@@ -237,8 +255,9 @@ def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pyt
 @pytest.mark.skipif(HAS_CUDA, reason="the fallback of interpreter runs")
 @pytest.mark.parametrize("config", [TritonConfig(8, 64, 64, decode=True), TritonConfig(32, 64, 64, decode=True),
                                     TritonConfig(32, 64, 64, decode=True, wgmma=True),
-                                    TritonConfig(32, 64, 64, num_stages=3, decode=True, wgmma=True, carry=1)],
-                         ids=["bm8", "bm32", "wgmma", "wgmma-carry"])
+                                    TritonConfig(32, 64, 64, num_stages=3, decode=True, wgmma=True, carry=1),
+                                    TritonConfig(48, 64, 64, decode=True, wgmma=True)],
+                         ids=["bm8", "bm32", "wgmma", "wgmma-carry", "bm48"])
 def test_decode_config_runs_on_moe_gemm_without_ptx(config: TritonConfig) -> None:
     experts = random_experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
     out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6, config)
