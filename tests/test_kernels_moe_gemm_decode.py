@@ -340,6 +340,25 @@ def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConf
     _check_against_emulation(scheme_name, config)
 
 
+# Blocks of 48 and 96 rows (32 + 16 and 64 + 32 in two accumulators): at t = 300 over 16 experts, top-4, an expert's
+# 75 +- 8 rows fill a 48-row block and leave 19-35 for a second one (its 32-row loop or, past 32, the split one), and
+# fit one 96-row block (the 64 + 32 loop); t = 40 runs the shrunk 16-row loops; t = 1 and 3 take their blocks from
+# the ids, as 64 and 128 rows. GEMM2 64 and 128 wide, 2 and 3 stages, 8 warps at 96 rows.
+SPLIT_ROW_CONFIGS = [
+    TritonConfig(48, 64, 128, num_stages=3, decode=True, wgmma=True),
+    TritonConfig(48, 64, 64, num_stages=2, decode=True, wgmma=True, max_registers=168),
+    TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", SPLIT_ROW_CONFIGS, ids=["bm48", "bm48-n64-capped", "bm96-w8"])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g32_zp", "int4_ch_sym", "int8_g128_zp"])
+def test_gpu_blocks_of_48_and_96_rows_match_emulation(scheme_name: str, config: TritonConfig) -> None:
+    _check_against_emulation(scheme_name, config)
+
+
 # GEMM2 leaving each tile's last mmas in flight (`carry`; int8 tiles have 4 slots: all of them at 4), its ring
 # one tile less ahead, over 7 K tiles (I = 896): the ring wraps, and the loop unrolled by 3 or 4 stages ends
 # mid-round.
