@@ -90,10 +90,11 @@ from wna16moe.kernels.zero_share import zero_program_share
 
 _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
-# Rows of a block: the N of mma.sync is 8; 16 and more are several of them. 48 and 96 only on warpgroup mmas (whose N
-# is any multiple of 8), as 32 + 16 and 64 + 32 rows in two accumulators (`_block_gemm`'s HI_ROWS).
-BLOCK_MS = (8, 16, 32, 48, 64, 96, 128)
-SPLIT_BLOCK_MS = (48, 96)
+# Rows of a block: the N of mma.sync is 8; 16 and more are several of them. 48, 96 and 144 only on warpgroup mmas
+# (whose N is any multiple of 8), as 32 + 16, 64 + 32 and 128 + 16 rows in two accumulators (`_block_gemm`'s HI_ROWS;
+# 128 + 32 and 128 + 64 ran out of registers on the CPU compile: spills, or mmas serialized).
+BLOCK_MS = (8, 16, 32, 48, 64, 96, 128, 144)
+SPLIT_BLOCK_MS = (48, 96, 144)
 # The deepest cp.async ring (the wait-and-fence asm has one text per depth; 5 is the deepest ever measured).
 MAX_STAGES = 8
 # The most warpgroup mmas a GEMM2 tile may leave in flight (`_tile_step_scaled`): an int8 tile has 4 slots.
@@ -124,7 +125,7 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
     """Why this kernel cannot run a tiling, or None: its block rows, its warps' 16-row mma tiles across
     block_n, the depth of its cp.async ring."""
     if block_m not in BLOCK_MS:
-        return f"block_m must be one of {BLOCK_MS} (rows per mma N; 48 and 96 on wgmma), got {block_m}"
+        return f"block_m must be one of {BLOCK_MS} (rows per mma N; {SPLIT_BLOCK_MS} on wgmma), got {block_m}"
     if not 2 <= num_stages <= MAX_STAGES:
         return f"num_stages must be 2 to {MAX_STAGES} (the depth of the cp.async ring), got {num_stages}"
     if block_n % (16 * num_warps):
@@ -135,18 +136,17 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
 def ring_bytes(bits: int, gated: bool, has_zp: bool, group_in_tile: int, block_m: int, block_n: int,
                num_stages: int) -> int:
     """Shared memory of the kernel's cp.async ring, all the kernel allocates: per stage each half's words, its
-    16-bit scale rows and 8-bit zero-point rows, and the [power_of_two_rows(block_m), TILE_K] 16-bit activation tile
+    16-bit scale rows and 8-bit zero-point rows, and the [ring_rows(block_m), TILE_K] 16-bit activation tile
     (`test_kernels_compile.py` checks it against the compiler's figure)."""
     halves = 2 if gated else 1
     group_rows = halves * (TILE_K // group_in_tile) * block_n
     words = halves * (TILE_K * bits // 32) * block_n * 4
-    return num_stages * (words + group_rows * (3 if has_zp else 2) + power_of_two_rows(block_m) * TILE_K * 2)
+    return num_stages * (words + group_rows * (3 if has_zp else 2) + ring_rows(block_m) * TILE_K * 2)
 
 
-def power_of_two_rows(block_m: int) -> int:
-    """`block_m` rounded up to a power of two: the rows of the widest activation tile a 48- or 96-row block copies (a
-    tensor's dimension is a power of two; the last 16 or 32 are the next block's, never multiplied), and the block
-    such a configuration runs as where it cannot run as one (no wgmma, blocks straight from the ids)."""
+def ring_rows(block_m: int) -> int:
+    """Rows of the widest activation tile a block of `block_m` rows copies: a power of two (a tensor's dimension), so
+    64, 128 and 256 for blocks of 48, 96 and 144 rows (the last of them the next block's, never multiplied)."""
     return 1 << (block_m - 1).bit_length()
 
 
@@ -1036,9 +1036,9 @@ def _wide_block(
     CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     """A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its `live` ones
-    (padding rows are sorted last): an expert's last block is mostly padding at mid M. A 48- or 96-row block
-    (wgmma) multiplies all of them past 32 or 64 at once: an expert of a few rows more than a power of two gets one
-    block, not a second one that reads and dequantizes its weights again for those rows (NOTES.md v79)."""
+    (padding rows are sorted last): an expert's last block is mostly padding at mid M. A 48-, 96- or 144-row block
+    (wgmma) multiplies all of them past 32, 64 or 128 at once: an expert of a few rows more than a power of two gets
+    one block, not a second one that reads and dequantizes its weights again for those rows (NOTES.md v79)."""
     if live <= 8:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
@@ -1081,12 +1081,19 @@ def _wide_block(
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
                     GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, 32,
                     PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
-    else:
+    elif live <= 128 or BLOCK_M == 128:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
                     GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, 0,
+                    PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+    else:  # BLOCK_M == 144, 129-144 rows: 128 + 16
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 256, 16,
                     PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
 
 
@@ -1103,7 +1110,7 @@ def _moe_gemm_decode_kernel(
     PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
-    BLOCK_M_POW2: gl.constexpr = 1 << (BLOCK_M - 1).bit_length()  # (48- and 96-row blocks: `power_of_two_rows`)
+    BLOCK_M_POW2: gl.constexpr = 1 << (BLOCK_M - 1).bit_length()  # (`ring_rows`)
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
     # waits (its blocks were final before GEMM1 ran; its activations, GEMM1's output, are copied after the
     # wait). GEMM1 reads the previous grid's output (the blocks, the hidden states): it waits first.
