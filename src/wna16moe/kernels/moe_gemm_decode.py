@@ -1038,7 +1038,9 @@ def _wide_block(
     """A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its `live` ones
     (padding rows are sorted last): an expert's last block is mostly padding at mid M. A 48-, 96- or 144-row block
     (wgmma) multiplies all of them past 32, 64 or 128 at once: an expert of a few rows more than a power of two gets
-    one block, not a second one that reads and dequantizes its weights again for those rows (NOTES.md v79)."""
+    one block, not a second one that reads and dequantizes its weights again for those rows (NOTES.md v79). (The
+    calls differ in their two row counts only: a tuple of the operands passed with `*` loses its constexprs in
+    Gluon 3.6.)"""
     if live <= 8:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
