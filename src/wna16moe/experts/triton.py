@@ -97,11 +97,6 @@ class TritonConfig:
     Hopper's warpgroup mmas instead of mma.sync: 4-10% faster at 32 rows, 9-17% at 64 rows at 8 warps where the
     H200 table runs them (benchmarks/NOTES.md v34); 128-row blocks (8 warps) are meant for it, and beat the
     Triton kernel's prefill tiles by 6-22% at M = 8192 (v37). On other cards the same blocks run mma.sync.
-    With `wgmma` a block may also hold 48, 96 or 144 rows: past 32, 64 or 128 real rows it multiplies them in one
-    loop, two accumulators from the same dequantized weights, so that an expert a few rows past a power of two gets
-    one block instead of a second one that dequantizes its weights again (about half the experts at M k / E rows
-    on a power of two; balanced routing ran 6-19% faster there, NOTES.md v79). Not yet measured on a GPU, so no
-    table entry or default takes them; elsewhere they run as 32, 64 or 128 rows.
 
     `num_warps2` and `num_stages2` give GEMM2 warps and a ring depth of its own (None, as is a value equal to
     GEMM1's: GEMM1's). A 128-row GEMM2 at one warpgroup and 2 stages (82 KB, no spill in its loop) fits two
