@@ -291,6 +291,15 @@ def test_wgmma_settings_are_checked() -> None:
         TritonConfig(64, 64, 128, swap_ab=True, wgmma=True)
 
 
+def test_blocks_of_48_96_and_144_rows_need_wgmma_without_carry() -> None:
+    assert TritonConfig(48, 64, 128, num_stages=3, decode=True, wgmma=True).decode_tiling_error() is None
+    assert TritonConfig(144, 128, 128, num_warps=8, num_stages=2, decode=True, wgmma=True).decode_tiling_error() is None
+    assert TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True).block_m == 96
+    for config in (dict(wgmma=False), dict(carry=1, num_stages=3), dict(wgmma=False, decode=False)):
+        with pytest.raises(ValueError, match="48, 96 or 144"):
+            TritonConfig(**dict(block_m=48, block_n1=64, block_n2=128, decode=True, wgmma=True) | config)
+
+
 def test_gemm2_runs_its_own_warps_and_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     from wna16moe.kernels import moe_gemm as module
 

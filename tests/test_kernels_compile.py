@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wna16moe.kernels.moe_gemm_decode import ring_bytes
+from wna16moe.kernels.moe_gemm_decode import ring_bytes, ring_rows
 from wna16moe.kernels.moe_gemm_ws import ws_extra_bytes
 
 CASES = [
@@ -191,6 +191,16 @@ DECODE_CASES = [
     # ... and 128 x 128 at one warpgroup, 2 stages (`num_warps2`, `num_stages2`: 82 KB, two programs per SM)
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=4, pair=False,
          stages=2, loop_budget=430, wgmma=True),
+    # Blocks of 48, 96 and 144 rows: their 32 + 16, 64 + 32 and 128 + 16 loops multiply one tile's slots into two
+    # accumulators (GEMM1 48 x 64 at 4 warps, 171 registers, 521 instructions per tile against the 32-row block's
+    # 417; GEMM2 96 x 256 at 8 warps, 2 stages, 449; GEMM1 144 x 128 at 8 warps, 2 stages, 488 against the 128-row
+    # block's 369); the ring holds 64-, 128- and 256-row activation tiles
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=48, block_n=64, warps=4, pair=False,
+         loop_budget=575, wgmma=True),
+    dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=96, block_n=256, warps=8, pair=False,
+         stages=2, loop_budget=495, wgmma=True),
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=144, block_n=128, warps=8, pair=False,
+         stages=2, loop_budget=540, wgmma=True),
     # GEMM2 leaving each tile's last mmas in flight (`carry`): 128 x 256 at 3 stages (since the 16-byte word loads,
     # v48, ptxas stores one word per 3-tile iteration there; carry is a search move, in no shipped entry), 32 x 256
     # at 4 warps, int8
@@ -295,9 +305,11 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     assert (facts["st.global.v4"] > 0) == (wide_out and case["gated"]), facts
     assert (facts["add.v4.f32"] > 0) == (wide_out and not case["gated"]), facts
     halves = 2 if case["gated"] else 1
+    # (48 and 96 rows: the longest loop, past 32 or 64 rows, multiplies each step into two accumulators)
+    split = case["block_m"] in (48, 96, 144)
     if wgmma:  # one m64 wgmma per 16-deep step, half and 64 columns of the program's warpgroup, all in the loop
         per_loop = halves * 8 * case["block_n"] // (16 * case["warps"])
-        assert facts["loop_HGMMA"] == per_loop and facts["loop_HMMA"] == 0, facts
+        assert facts["loop_HGMMA"] == per_loop * (1 + split) and facts["loop_HMMA"] == 0, facts
         # all of a tile's wgmmas in flight, one wait at its end (post-scaled shrunk loops: one per half); with
         # `carry` one more, before the tile's dequantization, for the last tile's (ptxas, where it serializes
         # the mmas, C7513 / C7515, waits after each)
@@ -312,7 +324,8 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     # barrier more, and one more where registers store into them (act-order activations, rows off 16 bytes).
     unrolled = case["block_m"] < 32 or (case["block_m"] == 128 and case["bits"] == 4)
     if wgmma:
-        loops = case["block_m"].bit_length() - 3  # one per row count the block can shrink to
+        # one per row count the block can shrink to (a split loop counts twice)
+        loops = (ring_rows(case["block_m"]) // 2).bit_length() - 1 if split else case["block_m"].bit_length() - 3
         copies = case.get("stages", 3) if unrolled else 1
         assert facts["wgmma.mma_async"] == loops * per_loop * copies, facts
     stores = case["perm"] or not case.get("aligned", True)

@@ -221,6 +221,24 @@ def test_persistent_gemm1_hands_split_items_through_flags_and_a_workspace(monkey
             launch(bad)
 
 
+def test_blocks_of_48_and_96_rows_are_wgmma_blocks_from_the_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """48 and 96 rows multiply as 32 + 16 and 64 + 32 on warpgroup mmas: the launcher refuses them elsewhere, and
+    their ring holds activation tiles of the next power of two (the widest a 48- or 96-row block copies)."""
+    record_launches(monkeypatch, "_moe_gemm_decode_kernel")
+    w = torch.zeros(4, 2, 128, 16, dtype=torch.int32)
+    scales = torch.ones(4, 2, 128, dtype=torch.float16)
+    a, out = torch.randn(6, 256, dtype=torch.float16), torch.empty(6, 64, dtype=torch.float16)
+    aligned = (torch.zeros(96, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), torch.tensor([96]))
+    for block_m, blocks, wgmma in ((48, aligned, False), (96, (None, torch.zeros(6, dtype=torch.int32), None), True)):
+        with pytest.raises(ValueError, match="48, 96"):
+            moe_gemm(a, w, scales, None, None, None, out, None, *blocks, bits=4, group_size=128, top_k=2, gated=True,
+                     block_m=block_m, block_n=64, decode=True, wgmma=wgmma)
+    moe_gemm(a, w, scales, None, None, None, out, None, *aligned, bits=4, group_size=128, top_k=2, gated=True,
+             block_m=48, block_n=64, decode=True, wgmma=True)
+    assert ring_bytes(4, True, False, 128, 48, 64, 2) == ring_bytes(4, True, False, 128, 64, 64, 2)
+    assert ring_bytes(4, False, False, 128, 96, 128, 3) == ring_bytes(4, False, False, 128, 128, 128, 3)
+
+
 def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """cp.async moves 4, 8 or 16 bytes: the decode kernel copies rows of scales and activations with it only
     when N, K, the strides and the pointers are whole 16-byte pieces (ALIGNED), else through registers."""
@@ -237,8 +255,9 @@ def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pyt
 @pytest.mark.skipif(HAS_CUDA, reason="the fallback of interpreter runs")
 @pytest.mark.parametrize("config", [TritonConfig(8, 64, 64, decode=True), TritonConfig(32, 64, 64, decode=True),
                                     TritonConfig(32, 64, 64, decode=True, wgmma=True),
-                                    TritonConfig(32, 64, 64, num_stages=3, decode=True, wgmma=True, carry=1)],
-                         ids=["bm8", "bm32", "wgmma", "wgmma-carry"])
+                                    TritonConfig(32, 64, 64, num_stages=3, decode=True, wgmma=True, carry=1),
+                                    TritonConfig(48, 64, 64, decode=True, wgmma=True)],
+                         ids=["bm8", "bm32", "wgmma", "wgmma-carry", "bm48"])
 def test_decode_config_runs_on_moe_gemm_without_ptx(config: TritonConfig) -> None:
     experts = random_experts(4, 128, 64, WeightScheme.from_name("int4_g32_zp"))
     out, ref = triton_and_emulation(experts, MoEConfig(4, 2, 128, 64, dtype=torch.float16), 6, config)
@@ -282,7 +301,8 @@ def test_gpu_narrow_blocks_in_groups_match_emulation(scheme_name: str, config: T
     _check_against_emulation(scheme_name, config, i=GROUPED_FROM_K, h=GROUPED_FROM_K + 128)
 
 
-def _check_against_emulation(scheme_name: str, config: TritonConfig, i: int = 384, h: int | None = None) -> None:
+def _check_against_emulation(scheme_name: str, config: TritonConfig, i: int = 384, h: int | None = None,
+                             tokens: tuple[int, ...] = (1, 3, 40, 300)) -> None:
     """TRITON with `config` against EMULATION, both dtypes, t = 1 to 300 tokens over 16 experts (top-4: every
     row count a wide block shrinks to). H, by default, is not a whole number of 128-deep tiles where the groups
     allow it (the masked last tile of GEMM1)."""
@@ -291,7 +311,7 @@ def _check_against_emulation(scheme_name: str, config: TritonConfig, i: int = 38
         h = 1152 if "g128" in scheme_name else 1088
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     for dtype in DTYPES:
-        for t in (1, 3, 40, 300):
+        for t in tokens:
             out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config)
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
 
@@ -319,6 +339,27 @@ WGMMA_CONFIGS = [
                                          "int8_g128_sym", "int8_g128_zp", "int8_g64_zp"])
 def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConfig) -> None:
     _check_against_emulation(scheme_name, config)
+
+
+# Blocks of 48, 96 and 144 rows (32 + 16, 64 + 32 and 128 + 16 in two accumulators): at t = 300 over 16 experts,
+# top-4, an expert's 75 +- 8 rows fill a 48-row block and leave 19-35 for a second one (its 32-row loop or, past 32,
+# the split one), and fit one 96-row block (the 64 + 32 loop); a 144-row block then runs its 64- and 128-row loops,
+# and at t = 540 (135 +- 10 rows) the 128 + 16 one; t = 40 runs the shrunk 16-row loops; t = 1 and 3 take their
+# blocks from the ids, as 64, 128 and 256 rows. GEMM2 64 and 128 wide, 2 and 3 stages, 8 warps from 96 rows.
+SPLIT_ROW_CONFIGS = [
+    TritonConfig(48, 64, 128, num_stages=3, decode=True, wgmma=True),
+    TritonConfig(48, 64, 64, num_stages=2, decode=True, wgmma=True, max_registers=168),
+    TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True),
+    TritonConfig(144, 128, 128, num_warps=8, num_stages=2, decode=True, wgmma=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", SPLIT_ROW_CONFIGS, ids=["bm48", "bm48-n64-capped", "bm96-w8", "bm144-w8"])
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g32_zp", "int4_ch_sym", "int8_g128_zp"])
+def test_gpu_blocks_of_48_96_and_144_rows_match_emulation(scheme_name: str, config: TritonConfig) -> None:
+    _check_against_emulation(scheme_name, config, tokens=(1, 3, 40, 300, 540))
 
 
 # GEMM2 leaving each tile's last mmas in flight (`carry`; int8 tiles have 4 slots: all of them at 4), its ring

@@ -19,7 +19,7 @@ from wna16moe.experts.triton import (
     entry_or_default,
     registers_for_programs,
 )
-from wna16moe.kernels.moe_gemm_decode import BLOCK_MS
+from wna16moe.kernels.moe_gemm_decode import BLOCK_MS, SPLIT_BLOCK_MS
 from wna16moe.oracle import explain
 from wna16moe.shapes import model_shape
 from wna16moe.tuning import ShapeKey, build_table, triton_vs_marlin, tuned_config
@@ -145,7 +145,8 @@ def test_shipped_table_is_valid() -> None:
 
 def _launchable(cfg: TritonConfig) -> bool:
     """What the kernels take: power-of-two tiles and warps, a few pipeline stages; tl.dot's 16-row minimum, or
-    for the decode kernel blocks of 8-64 rows, whole 16-feature MMA tiles per warp and as few as 2 warps."""
+    for the decode kernel its blocks of rows (48, 96 and 144 on wgmma), whole 16-feature MMA tiles per warp and as
+    few as 2 warps."""
     def pow2(x: int) -> bool:
         return x > 0 and x & (x - 1) == 0
 
@@ -155,7 +156,8 @@ def _launchable(cfg: TritonConfig) -> bool:
                   and cfg.block_n2 % (16 * warps[1]) == 0)
     else:
         blocks = cfg.block_m >= 16
-    return (blocks and all(pow2(x) for x in (cfg.block_m, cfg.block_n1, cfg.block_n2, *warps))
+    rows = pow2(cfg.block_m) or (cfg.wgmma and cfg.block_m in SPLIT_BLOCK_MS)
+    return (blocks and rows and all(pow2(x) for x in (cfg.block_n1, cfg.block_n2, *warps))
             and all(w in ((2, 4, 8) if cfg.decode else (4, 8)) for w in warps) and all(2 <= s <= 6 for s in stages)
             and cfg.split_k1 in (1, 2, 4, 8)
             and cfg.split_k2 in (1, 2, 4, 8, 16) and (cfg.max_registers is None or 64 <= cfg.max_registers <= 255))

@@ -187,6 +187,10 @@ class TritonConfig:
             if not self.wgmma or not 0 < self.carry <= MAX_CARRY:
                 raise ValueError(f"carry (GEMM2's warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, "
                                  f"got carry={self.carry} wgmma={self.wgmma}")
+        if self.block_m & (self.block_m - 1) and not (self.wgmma and not self.carry):
+            raise ValueError(f"blocks of rows other than a power of two (48, 96 or 144) run only on the decode "
+                             f"kernel's warpgroup mmas, without carry, got block_m={self.block_m} wgmma={self.wgmma} "
+                             f"carry={self.carry}")
         if self.specialize and (not self.wgmma or self.block_m != 128 or self.block_n2 not in (128, 256)
                                 or self.gemm2_warps != 8 or self.carry or self.split_k2 != 1):
             raise ValueError(f"specialize runs GEMM2 on 128 x 128 or 128 x 256 wgmma blocks at 8 warps, without "
@@ -614,16 +618,19 @@ class TritonExperts(Experts):
         # The Gluon kernel reads words in fragment tiles only (stored where it runs): else the same tiles on
         # moe_gemm.
         if cfg.decode and not self._fragment:
-            cfg = replace(cfg, decode=False, block_m=max(cfg.block_m, 16), wgmma=False, persistent=0, carry=0,
-                          specialize=False)
+            cfg = replace(cfg, decode=False, block_m=max(_power_of_two_block(cfg.block_m), 16), wgmma=False,
+                          persistent=0, carry=0, specialize=False)
         if cfg.wgmma and self._capability != (9, 0):  # (an sm_90 instruction)
-            cfg = replace(cfg, wgmma=False, carry=0, specialize=False)
+            cfg = replace(cfg, block_m=_power_of_two_block(cfg.block_m), wgmma=False, carry=0, specialize=False)
         pdl = cfg.pdl if chained_launch(hidden_states.device) else PDL_OFF
         gemm_pdl = min(pdl, RELEASE_AT_WAIT)  # (RELEASE_EARLY is the activation pass's alone)
         # Blocks straight from the ids, without the alignment launch, where a block's rows hold every token and
         # pairs do not outnumber experts: the grid holds a block per pair, those of an expert's later pairs idle
         # (qwen3-30b-a3b M = 8 -4.4%; mixtral M = 8, 16 pairs over 8 experts, +1.6%: NOTES.md v42).
-        if t <= cfg.block_m and t * top_k <= self.num_experts:
+        rows = _power_of_two_block(cfg.block_m)  # (48, 96 and 144 rows: aligned blocks only)
+        if t <= rows and t * top_k <= self.num_experts:
+            if rows != cfg.block_m:
+                cfg = replace(cfg, block_m=rows)
             blocks = (None, topk_ids.reshape(-1), None)
         else:
             blocks = moe_align_block_size(topk_ids, self.num_experts, cfg.block_m, gemm_pdl, self._align_work)
@@ -671,6 +678,12 @@ class BatchedTritonExperts(TritonExperts):
         cfg = config or self.default_config(e * m, 1)
         out = self._planned_forward(hidden_states.reshape(e * m, h), ones, ids, weights, cfg)
         return out.view(e, m, h)
+
+
+def _power_of_two_block(block_m: int) -> int:
+    """The block a configuration of 48, 96 or 144 rows runs as where it cannot run as one (no warpgroup mmas, blocks
+    straight from the ids): 32, 64 or 128 rows. Powers of two stay."""
+    return 1 << (block_m.bit_length() - 1)
 
 
 def _ptx_dequant(device: torch.device) -> bool:

@@ -58,6 +58,7 @@ from wna16moe.kernels.launch import launch, scratch
 from wna16moe.kernels.layout import FRAGMENT_WORDS, TILE_K
 from wna16moe.kernels.moe_gemm_decode import (
     MAX_CARRY,
+    SPLIT_BLOCK_MS,
     TRACE_FIELDS,
     _moe_gemm_decode_kernel,
     ring_bytes,
@@ -657,6 +658,10 @@ def moe_gemm(
         if (carry and not wgmma) or not 0 <= carry <= MAX_CARRY:
             raise ValueError(f"carry (warpgroup mmas left in flight, 0 to {MAX_CARRY}) needs wgmma, got "
                              f"carry={carry} wgmma={wgmma}")
+        if block_m in SPLIT_BLOCK_MS and (not wgmma or carry or specialize or sorted_ids is None):
+            raise ValueError(f"blocks of {SPLIT_BLOCK_MS} rows run on wgmma from the alignment's blocks, without "
+                             f"carry or specialize, got block_m={block_m} wgmma={wgmma} carry={carry} "
+                             f"specialize={specialize} aligned blocks={sorted_ids is not None}")
         if persistent and (block_m >= 32 or sorted_ids is None or split_k > 1 or a_perm is not None or not aligned
                            or triton.cdiv(a.shape[1], TILE_K) < num_stages):
             persistent = 0

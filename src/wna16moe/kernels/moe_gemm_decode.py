@@ -90,8 +90,11 @@ from wna16moe.kernels.zero_share import zero_program_share
 
 _TILE_K = gl.constexpr(TILE_K)
 _QUARTERS = gl.constexpr(QUARTERS)
-# Rows of a block: the N of mma.sync is 8; 16 and more are several of them.
-BLOCK_MS = (8, 16, 32, 64, 128)
+# Rows of a block: the N of mma.sync is 8; 16 and more are several of them. 48, 96 and 144 only on warpgroup mmas
+# (whose N is any multiple of 8), as 32 + 16, 64 + 32 and 128 + 16 rows in two accumulators (`_block_gemm`'s HI_ROWS;
+# 128 + 32 and 128 + 64 ran out of registers on the CPU compile: spills, or mmas serialized).
+BLOCK_MS = (8, 16, 32, 48, 64, 96, 128, 144)
+SPLIT_BLOCK_MS = (48, 96, 144)
 # The deepest cp.async ring (the wait-and-fence asm has one text per depth; 5 is the deepest ever measured).
 MAX_STAGES = 8
 # The most warpgroup mmas a GEMM2 tile may leave in flight (`_tile_step_scaled`): an int8 tile has 4 slots.
@@ -122,7 +125,7 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
     """Why this kernel cannot run a tiling, or None: its block rows, its warps' 16-row mma tiles across
     block_n, the depth of its cp.async ring."""
     if block_m not in BLOCK_MS:
-        return f"block_m must be one of {BLOCK_MS} (rows per mma.sync N), got {block_m}"
+        return f"block_m must be one of {BLOCK_MS} (rows per mma N; {SPLIT_BLOCK_MS} on wgmma), got {block_m}"
     if not 2 <= num_stages <= MAX_STAGES:
         return f"num_stages must be 2 to {MAX_STAGES} (the depth of the cp.async ring), got {num_stages}"
     if block_n % (16 * num_warps):
@@ -133,12 +136,18 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
 def ring_bytes(bits: int, gated: bool, has_zp: bool, group_in_tile: int, block_m: int, block_n: int,
                num_stages: int) -> int:
     """Shared memory of the kernel's cp.async ring, all the kernel allocates: per stage each half's words, its
-    16-bit scale rows and 8-bit zero-point rows, and the [block_m, TILE_K] 16-bit activation tile
+    16-bit scale rows and 8-bit zero-point rows, and the [ring_rows(block_m), TILE_K] 16-bit activation tile
     (`test_kernels_compile.py` checks it against the compiler's figure)."""
     halves = 2 if gated else 1
     group_rows = halves * (TILE_K // group_in_tile) * block_n
     words = halves * (TILE_K * bits // 32) * block_n * 4
-    return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2)
+    return num_stages * (words + group_rows * (3 if has_zp else 2) + ring_rows(block_m) * TILE_K * 2)
+
+
+def ring_rows(block_m: int) -> int:
+    """Rows of the widest activation tile a block of `block_m` rows copies: a power of two (a tensor's dimension), so
+    64, 128 and 256 for blocks of 48, 96 and 144 rows (the last of them the next block's, never multiplied)."""
+    return 1 << (block_m - 1).bit_length()
 
 
 # From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
@@ -273,9 +282,10 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
 
 
 @gluon.jit
-def _tile_step_scaled(acc, acc_up, carried, words, words_up, scales, scales_up, a_tile, BITS: gl.constexpr,
-                      HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr, DTYPE: gl.constexpr,
-                      B_OP: gl.constexpr, WGMMA: gl.constexpr, CARRY: gl.constexpr):
+def _tile_step_scaled(acc, acc_up, acc_hi, acc_up_hi, carried, words, words_up, scales, scales_up, a_tile,
+                      BITS: gl.constexpr, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr,
+                      DTYPE: gl.constexpr, B_OP: gl.constexpr, WGMMA: gl.constexpr, CARRY: gl.constexpr,
+                      HI_ROWS: gl.constexpr):
     """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
     activation operand read from `a_tile` in shared memory where it multiplies, used by both. With WGMMA the
     mmas are Hopper's warpgroup ones (the slots as register A operands, the activations read by the tensor
@@ -283,9 +293,12 @@ def _tile_step_scaled(acc, acc_up, carried, words, words_up, scales, scales_up, 
     flight past it, `carried` holding their slots' registers until the next tile has waited for them. That wait
     comes before the next dequantization: ptxas serializes every wgmma of a kernel where other instructions
     write an mma's operands while an mma is in flight (C7513), and, with GEMM1's two accumulators, also where
-    they pass through a wait (C7515)."""
+    they pass through a wait (C7515). With HI_ROWS (WGMMA, no CARRY) the activation rows after the first
+    acc.shape[1] multiply the same slots into accumulators of their own, `acc_hi` and `acc_up_hi` [BLOCK_N,
+    HI_ROWS]: one dequantization for a block of 48 or 96 rows."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
+    LO_ROWS: gl.constexpr = acc.shape[1]
     if CARRY:  # (one value comes back bare)
         carried = warpgroup_mma_wait(0, deps=carried)
         if CARRY == 1:
@@ -294,12 +307,26 @@ def _tile_step_scaled(acc, acc_up, carried, words, words_up, scales, scales_up, 
     slots_up = ()
     if GATED:
         slots_up = _scaled_slots(words_up, scales_up[0], scales_up[1], BITS, HAS_ZP, GROUP_IN_TILE, DTYPE)
+    slots_hi = ()  # (the same registers in the layout the second accumulators' mmas name: no moves in the SASS)
+    slots_up_hi = ()
+    if HI_ROWS:
+        A_HI: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_hi.type.layout, k_width=2)
+        for j in gl.static_range(PACK):
+            slots_hi = slots_hi + (gl.convert_layout(slots[j], A_HI),)
+            if GATED:
+                slots_up_hi = slots_up_hi + (gl.convert_layout(slots_up[j], A_HI),)
     for j in gl.static_range(PACK):
-        b_tile = a_tile.slice(j * R, R, dim=1).permute([1, 0])
+        b_rows = a_tile.slice(j * R, R, dim=1)
+        b_tile = (b_rows.slice(0, LO_ROWS, dim=0) if HI_ROWS else b_rows).permute([1, 0])
         if WGMMA:
             acc = warpgroup_mma(slots[j], b_tile, acc, is_async=True)
             if GATED:
                 acc_up = warpgroup_mma(slots_up[j], b_tile, acc_up, is_async=True)
+            if HI_ROWS:
+                b_hi = b_rows.slice(LO_ROWS, HI_ROWS, dim=0).permute([1, 0])
+                acc_hi = warpgroup_mma(slots_hi[j], b_hi, acc_hi, is_async=True)
+                if GATED:
+                    acc_up_hi = warpgroup_mma(slots_up_hi[j], b_hi, acc_up_hi, is_async=True)
         else:
             b = b_tile.load(B_OP)
             acc = mma_v2(slots[j], b, acc)
@@ -315,12 +342,19 @@ def _tile_step_scaled(acc, acc_up, carried, words, words_up, scales, scales_up, 
             carried = ()
             for j in gl.static_range(CARRY):
                 carried = carried + (done[1 + j],)
+        elif HI_ROWS and GATED:
+            done = warpgroup_mma_wait(0, deps=(acc, acc_up, acc_hi, acc_up_hi) + slots + slots_up + slots_hi
+                                      + slots_up_hi)
+            acc, acc_up, acc_hi, acc_up_hi = done[0], done[1], done[2], done[3]
+        elif HI_ROWS:
+            done = warpgroup_mma_wait(0, deps=(acc, acc_hi) + slots + slots_hi)
+            acc, acc_hi = done[0], done[1]
         elif GATED:
             done = warpgroup_mma_wait(0, deps=(acc, acc_up) + slots + slots_up)
             acc, acc_up = done[0], done[1]
         else:
             acc = warpgroup_mma_wait(0, deps=(acc,) + slots)[0]
-    return acc, acc_up, carried
+    return acc, acc_up, acc_hi, acc_up_hi, carried
 
 
 @gluon.jit
@@ -483,17 +517,18 @@ def _stage(buffers, slot, UNROLL: gl.constexpr):
 
 
 @gluon.jit
-def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_step, k_first, k_end, c_ptrs, c_mask,
-               s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, group_size,
-               stride_sg, PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr, EVEN_K: gl.constexpr,
-               HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
-               ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr,
+def _ring_tile(acc, acc_up, acc_hi, acc_up_hi, carried, stage, refill, next_a_buf, k, k_refill, k_step, k_first, k_end,
+               c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
+               group_size, stride_sg, PACK: gl.constexpr, GATED: gl.constexpr, COPY_A: gl.constexpr,
+               EVEN_K: gl.constexpr, HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, GROUP_IN_TILE: gl.constexpr,
+               BLOCK_N: gl.constexpr, ALIGNED: gl.constexpr, STAGES: gl.constexpr, BITS: gl.constexpr,
                SCALED: gl.constexpr, POST_SCALED: gl.constexpr, USE_WGMMA: gl.constexpr, DTYPE: gl.constexpr,
                A_OP: gl.constexpr, B_OP: gl.constexpr, S_ROWS: gl.constexpr, Z_ROWS: gl.constexpr,
-               AHEAD: gl.constexpr, CARRY: gl.constexpr):
+               AHEAD: gl.constexpr, CARRY: gl.constexpr, HI_ROWS: gl.constexpr):
     """One K tile of `_block_gemm`'s loop: wait for the tile in `stage`, refill `refill` with the tile AHEAD
-    tiles ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at), multiply (`carried`:
-    `_tile_step_scaled`'s); activations that go through registers are stored into `next_a_buf` one tile ahead."""
+    tiles ahead (at reduction row k_refill of the block `c_ptrs` ... `a_row_ptrs` point at), multiply (`carried`,
+    `acc_hi`, `acc_up_hi`, HI_ROWS: `_tile_step_scaled`'s); activations that go through registers are stored into
+    `next_a_buf` one tile ahead."""
     w_gate, w_up, s_buf, z_buf, a_buf = stage
     if USE_WGMMA:  # (each thread's copies and stores visible to the tensor cores: before the barrier)
         _wait_and_fence(AHEAD - 1)
@@ -514,14 +549,15 @@ def _ring_tile(acc, acc_up, carried, stage, refill, next_a_buf, k, k_refill, k_s
         acc, acc_up = _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up, a_buf, BITS, HAS_ZP,
                                              GATED, DTYPE)
     elif SCALED:
-        acc, acc_up, carried = _tile_step_scaled(acc, acc_up, carried, words, words_up, scales, scales_up, a_buf,
-                                                 BITS, HAS_ZP, GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA, CARRY)
+        acc, acc_up, acc_hi, acc_up_hi, carried = _tile_step_scaled(
+            acc, acc_up, acc_hi, acc_up_hi, carried, words, words_up, scales, scales_up, a_buf, BITS, HAS_ZP,
+            GROUP_IN_TILE, GATED, DTYPE, B_OP, USE_WGMMA, CARRY, HI_ROWS)
     else:
         acc, acc_up = _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS, HAS_ZP,
                                  GROUP_IN_TILE, GATED)
     if not COPY_A:  # (its stage's last reader finished before this tile's barrier)
         next_a_buf.store(a_next)
-    return acc, acc_up, carried
+    return acc, acc_up, acc_hi, acc_up_hi, carried
 
 
 @gluon.jit
@@ -598,21 +634,26 @@ def _block_gemm(
     HAS_ZP: gl.constexpr, HAS_PERM: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_SIZE: gl.constexpr,
     GROUP_IN_TILE: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     EVEN_K: gl.constexpr, ALIGNED: gl.constexpr, ID_BLOCKS: gl.constexpr, NUM_WARPS: gl.constexpr,
-    STAGES: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr, ZERO_OUT: gl.constexpr,
-    WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr, CARRY: gl.constexpr,
-    TRACE: gl.constexpr,
+    STAGES: gl.constexpr, ROWS: gl.constexpr, HI_ROWS: gl.constexpr, PDL: gl.constexpr, PREFETCH: gl.constexpr,
+    ZERO_OUT: gl.constexpr, WGMMA: gl.constexpr, GROUP_M: gl.constexpr, PERSISTENT: gl.constexpr,
+    CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
-    BLOCK_M-row block."""
+    BLOCK_M-row block; with HI_ROWS (wgmma, a 48- or 96-row block), over ROWS / 2 + HI_ROWS = BLOCK_M rows in two
+    accumulators (`_tile_step_scaled`), its activation tiles still ROWS rows (the last ones the next block's, never
+    multiplied)."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     WIDE: gl.constexpr = BLOCK_M >= _WIDE_M  # (a wide block stays wide when it multiplies fewer rows)
     # Hopper's warpgroup mmas for a wide block's loops: m64nROWSk16 with the weights in registers as A
     # (the same per-warp register layout as mma.sync's A operand), the activations read from the ring.
     USE_WGMMA: gl.constexpr = WGMMA and WIDE
+    LO_ROWS: gl.constexpr = ROWS // 2 if HI_ROWS else ROWS  # (the first accumulators' rows)
     MMA: gl.constexpr = (gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                   instr_shape=[16, ROWS, 16]) if USE_WGMMA else
+                                                   instr_shape=[16, LO_ROWS, 16]) if USE_WGMMA else
                          gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8]))
+    MMA_HI: gl.constexpr = (gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, HI_ROWS, 16]) if HI_ROWS else MMA)
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     DTYPE: gl.constexpr = a_ptr.dtype.element_ty
@@ -640,7 +681,8 @@ def _block_gemm(
 
     # The block's rows, once for the activation tiles' rows and once for the epilogue (accumulator).
     m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
-    m_acc = gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA))
+    m_acc = gl.arange(0, LO_ROWS, layout=gl.SliceLayout(0, MMA))
+    m_hi = LO_ROWS + gl.arange(0, HI_ROWS if HI_ROWS else 1, layout=gl.SliceLayout(0, MMA_HI))
     if ID_BLOCKS:  # no alignment pass: blocks straight from topk_ids (kernels/token_blocks.py)
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
         if (expert < 0) | (expert >= num_experts):  # (-1: left out; a caller's bad id is too)
@@ -660,8 +702,13 @@ def _block_gemm(
         elif pid_m * BLOCK_M >= gl.load(num_padded_ptr):
             return
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
-        rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_b)
+        if ROWS > BLOCK_M:  # (a 48- or 96-row block: its tile's last rows are padding, the next block's rows)
+            rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_b, mask=m_b < BLOCK_M, other=P)
+        else:
+            rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_b)
         rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_acc)
+        if HI_ROWS:
+            rows_hi = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_hi)
     a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, GATED)
     perm_ptr = a_perm_ptr + expert * KD
 
@@ -694,12 +741,15 @@ def _block_gemm(
     offs_k = gl.arange(0, _TILE_K, layout=gl.SliceLayout(0, A_LOAD))
     ones = gl.full([BLOCK_N, R], 1.0, DTYPE, A_OP)
 
-    acc = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
-    acc_up = gl.zeros([BLOCK_N, ROWS], gl.float32, MMA)
+    acc = gl.zeros([BLOCK_N, LO_ROWS], gl.float32, MMA)
+    acc_up = gl.zeros([BLOCK_N, LO_ROWS], gl.float32, MMA)
+    acc_hi = gl.zeros([BLOCK_N, HI_ROWS], gl.float32, MMA_HI) if HI_ROWS else acc
+    acc_up_hi = gl.zeros([BLOCK_N, HI_ROWS], gl.float32, MMA_HI) if HI_ROWS else acc
     # On wgmma a GEMM2 tile's last CARRY mmas may stay in flight past its end, beside the next tile's barrier,
     # refill and word loads, where the tensor cores would wait otherwise (`_tile_step_scaled`). The stage they
     # read is refilled a tile later: the ring runs STAGES - 2 tiles ahead, not STAGES - 1.
-    CARRIED: gl.constexpr = CARRY if USE_WGMMA and SCALED and not POST_SCALED and not GATED and STAGES >= 3 else 0
+    CARRIED: gl.constexpr = (CARRY if USE_WGMMA and SCALED and not POST_SCALED and not GATED and STAGES >= 3
+                             and not HI_ROWS else 0)
     AHEAD: gl.constexpr = STAGES - 1 - (1 if CARRIED else 0)
     carried = ()  # (the slots those mmas read; none in flight before the first tile)
     for _ in gl.static_range(CARRIED):
@@ -793,13 +843,13 @@ def _block_gemm(
                         c_mask_r = n0_r + c_cols < N
                         s_base_r = s_ptr + expert_r * stride_se
                         z_base_r = z_ptr + expert_r * stride_se if HAS_ZP else s_base_r
-                    acc, acc_up, carried = _ring_tile(
-                        acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
+                    acc, acc_up, acc_hi, acc_up_hi, carried = _ring_tile(
+                        acc, acc_up, acc_hi, acc_up_hi, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k_r, k_r, k_step, k_first, KD, c_ptrs_r, c_mask_r, s_base_r,
                         z_base_r, offs_s, offs_z, n0_r, a_row_ptrs_r, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE,
                         stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
                         STAGES, BITS, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD,
-                        CARRIED)
+                        CARRIED, 0)
                     k_r += k_step
                     done += 1
                     if done == tiles:
@@ -831,22 +881,23 @@ def _block_gemm(
             for slot in gl.static_range(STAGES):
                 k = k_round + slot * k_step
                 if k < k_end:
-                    acc, acc_up, carried = _ring_tile(
-                        acc, acc_up, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
+                    acc, acc_up, acc_hi, acc_up_hi, carried = _ring_tile(
+                        acc, acc_up, acc_hi, acc_up_hi, carried, buffers[slot], buffers[(slot + AHEAD) % STAGES],
                         buffers[(slot + 1) % STAGES][4], k, k + AHEAD * k_step, k_step, k_first, k_end, c_ptrs,
                         c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
                         GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N,
                         ALIGNED, STAGES, BITS, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS,
-                        AHEAD, CARRIED)
+                        AHEAD, CARRIED, HI_ROWS)
     else:
         slot = 0
         for k in range(k_begin, k_end, k_step):
-            acc, acc_up, carried = _ring_tile(
-                acc, acc_up, carried, _stage(buffers, slot, False), _stage(buffers, (slot + AHEAD) % STAGES, False),
-                _stage(buffers, (slot + 1) % STAGES, False)[4], k, k + AHEAD * k_step, k_step, k_first, k_end,
-                c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0, a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk,
-                GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K, HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED,
-                STAGES, BITS, SCALED, POST_SCALED, USE_WGMMA, DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED)
+            acc, acc_up, acc_hi, acc_up_hi, carried = _ring_tile(
+                acc, acc_up, acc_hi, acc_up_hi, carried, _stage(buffers, slot, False),
+                _stage(buffers, (slot + AHEAD) % STAGES, False), _stage(buffers, (slot + 1) % STAGES, False)[4], k,
+                k + AHEAD * k_step, k_step, k_first, k_end, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0,
+                a_row_ptrs, perm_ptr, offs_k, ones, N, stride_wk, GROUP_SIZE, stride_sg, PACK, GATED, COPY_A, EVEN_K,
+                HAS_ZP, HAS_PERM, GROUP_IN_TILE, BLOCK_N, ALIGNED, STAGES, BITS, SCALED, POST_SCALED, USE_WGMMA,
+                DTYPE, A_OP, B_OP, S_ROWS, Z_ROWS, AHEAD, CARRIED, HI_ROWS)
             slot = (slot + 1) % STAGES
     if CARRIED:  # (GEMM2: one accumulator)
         acc = warpgroup_mma_wait(0, deps=(acc,) + carried)[0]
@@ -858,6 +909,11 @@ def _block_gemm(
         _epilogue(acc, acc_up, rows, expert, offs_n, n_mask, n0, pid_k, out_ptr, bias_ptr, topk_w_ptr, N, P,
                   stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K, USE_WGMMA, BLOCK_M,
                   BLOCK_N, NUM_WARPS)
+    if HI_ROWS:
+        offs_n_hi = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA_HI))
+        _epilogue(acc_hi, acc_up_hi, rows_hi, expert, offs_n_hi, offs_n_hi < N, n0, pid_k, out_ptr, bias_ptr,
+                  topk_w_ptr, N, P, stride_om, alpha, beta, limit, TOP_K, GATED, ACT, HAS_LIMIT, HAS_BIAS, SPLIT_K,
+                  USE_WGMMA, BLOCK_M, BLOCK_N, NUM_WARPS)
 
 
 @gluon.jit
@@ -980,42 +1036,67 @@ def _wide_block(
     CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     """A wide block multiplies only its first 8, 16, 32, 64 or 128 rows, the fewest that hold its `live` ones
-    (padding rows are sorted last): an expert's last block is mostly padding at mid M."""
+    (padding rows are sorted last): an expert's last block is mostly padding at mid M. A 48-, 96- or 144-row block
+    (wgmma) multiplies all of them past 32, 64 or 128 at once: an expert of a few rows more than a power of two gets
+    one block, not a second one that reads and dequantizes its weights again for those rows (NOTES.md v79). (The
+    calls differ in their two row counts only: a tuple of the operands passed with `*` loses its constexprs in
+    Gluon 3.6.)"""
     if live <= 8:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, PDL,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 8, 0, PDL,
                     PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 16:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, PDL,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 16, 0, PDL,
                     PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 32 or BLOCK_M == 32:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, PDL,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 32, 0, PDL,
                     PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+    elif BLOCK_M == 48:  # 33-48 rows: 32 + 16 in two accumulators (no 64-row loop to size the kernel)
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, 16,
+                    PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
     elif live <= 64 or BLOCK_M == 64:
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, PDL,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, 0, PDL,
                     PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
-    else:
+    elif BLOCK_M == 96:  # 65-96 rows: 64 + 32
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, PDL,
-                    PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, 32,
+                    PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+    elif live <= 128 or BLOCK_M == 128:
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 128, 0,
+                    PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
+    else:  # BLOCK_M == 144, 129-144 rows: 128 + 16
+        _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
+                    expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
+                    stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
+                    flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 256, 16,
+                    PDL, PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
 
 
 @gluon.jit
@@ -1031,6 +1112,7 @@ def _moe_gemm_decode_kernel(
     PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
+    BLOCK_M_POW2: gl.constexpr = 1 << (BLOCK_M - 1).bit_length()  # (`ring_rows`)
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
     # waits (its blocks were final before GEMM1 ran; its activations, GEMM1's output, are copied after the
     # wait). GEMM1 reads the previous grid's output (the blocks, the hidden states): it waits first.
@@ -1058,7 +1140,11 @@ def _moe_gemm_decode_kernel(
                         HAS_PERM, HAS_BIAS, GROUP_SIZE, GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED,
                         ID_BLOCKS, NUM_WARPS, STAGES, PDL, PREFETCH, WGMMA, GROUP_M, CARRY, TRACE)
         elif pid_m * BLOCK_M < gl.load(num_padded_ptr):
-            ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=FLAT))
+            offs = gl.arange(0, BLOCK_M_POW2, layout=FLAT)
+            if BLOCK_M_POW2 > BLOCK_M:  # (48 and 96 rows: the next block's rows are not this one's)
+                ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs, mask=offs < BLOCK_M, other=P)
+            else:
+                ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs)
             live = gl.sum((ids < P).to(gl.int32), axis=0)
             _wide_block(live, a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                         expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
@@ -1071,7 +1157,7 @@ def _moe_gemm_decode_kernel(
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am, stride_we,
                     stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts, flags_ptr,
                     part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
-                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M,
+                    GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, BLOCK_M, 0,
                     PDL, PREFETCH, ZERO_OUT, WGMMA, GROUP_M, PERSISTENT, CARRY, TRACE)
     if TRACE:
         _stamp(trace_ptr, TRACE_END)

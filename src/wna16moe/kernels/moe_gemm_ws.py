@@ -117,8 +117,8 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
                     zero_rows = zero_rows + (z_ring.index(mine).slice(g * HALF_N, HALF_N).load(ROW),)
             side = (scale_rows, zero_rows)
             a_tile = a_ring.index(s).slice(0, ROWS, dim=0)
-            acc = _tile_step_scaled(acc, acc, (), words, words, side, side, a_tile, BITS, HAS_ZP, GROUP_IN_TILE,
-                                    False, DTYPE, B_OP, True, 0)[0]
+            acc = _tile_step_scaled(acc, acc, acc, acc, (), words, words, side, side, a_tile, BITS, HAS_ZP,
+                                    GROUP_IN_TILE, False, DTYPE, B_OP, True, 0, 0)[0]
             mbarrier.arrive(empty.index(s))
     rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA)))
     offs_n = n0_half + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, MMA))
