@@ -179,7 +179,7 @@ def main() -> None:
                              "entry_m": entry_m})
                 print(f"{name} M={m} r{rnd} {'shipped' if c == shipped else 'variant'} {us:9.1f} us err {err:.1e} "
                       f"{asdict(c)}", flush=True)
-    write_results(args.out, rows)
+        write_results(args.out, rows)  # after every case: a device call cut short keeps the cases it finished
     print("\n".join(summary(rows)), flush=True)
 
 

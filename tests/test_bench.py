@@ -443,6 +443,23 @@ def test_try_configs_records_no_warm_round(m: int, monkeypatch: pytest.MonkeyPat
     assert set(timings) == {60.0 if m < 2048 else bench.PREFILL_BUDGET_MS}  # (prefill: over the cap's dips)
 
 
+def test_try_configs_writes_its_results_after_every_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A device call cut short (its 10-minute limit) still returns the cases that finished: the file is written
+    # after each (shape, M), with every row so far.
+    try_configs = _script("try_configs")
+    shipped = TritonConfig(16, 128, 256, num_stages=3)
+    kernel = _StubKernel(shipped, shipped)
+    monkeypatch.setattr(try_configs, "layer_cases", lambda *a: iter(
+        [("mixtral", m, kernel, {}, (None,) * 3, torch.ones(4)) for m in (8, 32)]))
+    monkeypatch.setattr(try_configs, "_bench_graph", lambda fn, budget_ms: 10.0)
+    written: list[list[dict]] = []
+    monkeypatch.setattr(try_configs, "write_results", lambda path, rows: written.append(list(rows)))
+    monkeypatch.setattr(sys, "argv", ["try_configs.py", "mixtral:8,32", "--variant", "num_stages=4"])
+    try_configs.main()
+    assert [sorted({r["M"] for r in rows}) for rows in written] == [[8], [8, 32]]
+    assert [len(rows) for rows in written] == [4, 8]
+
+
 def test_try_configs_span_times_each_entry_inside_the_rows_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     # --span adds the entry's span points after each M (the H200 table's qwen3-30b-a3b M = 8192 entry runs
     # 4097-16384) and marks every row with the entry's M, so that `tuning --trials` reads the points as evidence
