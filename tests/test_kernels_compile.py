@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wna16moe.kernels.moe_gemm_decode import ring_bytes, ring_rows
+from wna16moe.kernels.moe_gemm_decode import ring_bytes
 from wna16moe.kernels.moe_gemm_ws import ws_extra_bytes
 
 CASES = [
@@ -194,7 +194,7 @@ DECODE_CASES = [
     # Blocks of 48, 96 and 144 rows: their 32 + 16, 64 + 32 and 128 + 16 loops multiply one tile's slots into two
     # accumulators (GEMM1 48 x 64 at 4 warps, 171 registers, 521 instructions per tile against the 32-row block's
     # 417; GEMM2 96 x 256 at 8 warps, 2 stages, 449; GEMM1 144 x 128 at 8 warps, 2 stages, 488 against the 128-row
-    # block's 369); the ring holds 64-, 128- and 256-row activation tiles
+    # block's 369); the ring holds the block's rows in two buffers (v80; 64, 128 and 256 rows before)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=48, block_n=64, warps=4, pair=False,
          loop_budget=575, wgmma=True),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=96, block_n=256, warps=8, pair=False,
@@ -325,7 +325,7 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     unrolled = case["block_m"] < 32 or (case["block_m"] == 128 and case["bits"] == 4)
     if wgmma:
         # one per row count the block can shrink to (a split loop counts twice)
-        loops = (ring_rows(case["block_m"]) // 2).bit_length() - 1 if split else case["block_m"].bit_length() - 3
+        loops = case["block_m"].bit_length() - 1 if split else case["block_m"].bit_length() - 3
         copies = case.get("stages", 3) if unrolled else 1
         assert facts["wgmma.mma_async"] == loops * per_loop * copies, facts
     stores = case["perm"] or not case.get("aligned", True)

@@ -223,7 +223,7 @@ def test_persistent_gemm1_hands_split_items_through_flags_and_a_workspace(monkey
 
 def test_blocks_of_48_and_96_rows_are_wgmma_blocks_from_the_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
     """48 and 96 rows multiply as 32 + 16 and 64 + 32 on warpgroup mmas: the launcher refuses them elsewhere, and
-    their ring holds activation tiles of the next power of two (the widest a 48- or 96-row block copies)."""
+    their ring holds the block's rows (in two buffers), no more."""
     record_launches(monkeypatch, "_moe_gemm_decode_kernel")
     w = torch.zeros(4, 2, 128, 16, dtype=torch.int32)
     scales = torch.ones(4, 2, 128, dtype=torch.float16)
@@ -235,8 +235,9 @@ def test_blocks_of_48_and_96_rows_are_wgmma_blocks_from_the_alignment(monkeypatc
                      block_m=block_m, block_n=64, decode=True, wgmma=wgmma)
     moe_gemm(a, w, scales, None, None, None, out, None, *aligned, bits=4, group_size=128, top_k=2, gated=True,
              block_m=48, block_n=64, decode=True, wgmma=True)
-    assert ring_bytes(4, True, False, 128, 48, 64, 2) == ring_bytes(4, True, False, 128, 64, 64, 2)
-    assert ring_bytes(4, False, False, 128, 96, 128, 3) == ring_bytes(4, False, False, 128, 128, 128, 3)
+    words_and_scales = ring_bytes(4, True, False, 128, 0, 64, 2)
+    assert ring_bytes(4, True, False, 128, 48, 64, 2) - words_and_scales == 2 * 48 * 128 * 2
+    assert ring_bytes(4, False, False, 128, 144, 128, 2) - ring_bytes(4, False, False, 128, 128, 128, 2) == 2 * 16 * 256
 
 
 def test_decode_rows_go_through_cp_async_only_in_16_byte_pieces(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -136,18 +136,12 @@ def tiling_error(block_m: int, block_n: int, num_warps: int, num_stages: int) ->
 def ring_bytes(bits: int, gated: bool, has_zp: bool, group_in_tile: int, block_m: int, block_n: int,
                num_stages: int) -> int:
     """Shared memory of the kernel's cp.async ring, all the kernel allocates: per stage each half's words, its
-    16-bit scale rows and 8-bit zero-point rows, and the [ring_rows(block_m), TILE_K] 16-bit activation tile
-    (`test_kernels_compile.py` checks it against the compiler's figure)."""
+    16-bit scale rows and 8-bit zero-point rows, and the block's [block_m, TILE_K] 16-bit activations (for 48, 96
+    or 144 rows in two buffers; `test_kernels_compile.py` checks it against the compiler's figure)."""
     halves = 2 if gated else 1
     group_rows = halves * (TILE_K // group_in_tile) * block_n
     words = halves * (TILE_K * bits // 32) * block_n * 4
-    return num_stages * (words + group_rows * (3 if has_zp else 2) + ring_rows(block_m) * TILE_K * 2)
-
-
-def ring_rows(block_m: int) -> int:
-    """Rows of the widest activation tile a block of `block_m` rows copies: a power of two (a tensor's dimension), so
-    64, 128 and 256 for blocks of 48, 96 and 144 rows (the last of them the next block's, never multiplied)."""
-    return 1 << (block_m - 1).bit_length()
+    return num_stages * (words + group_rows * (3 if has_zp else 2) + block_m * TILE_K * 2)
 
 
 # From this many rows on a block is wide: it multiplies only the rows it needs, and the weights are scaled in
@@ -202,21 +196,30 @@ def _group_rows(buf, half, NG: gl.constexpr, BLOCK_N: gl.constexpr, LAYOUT: gl.c
 @gluon.jit
 def _activation_tile(a_row_ptrs, perm_ptr, offs_k, k, k_end, HAS_PERM: gl.constexpr, EVEN_K: gl.constexpr,
                      COPY_A: gl.constexpr):
-    """The activations [BLOCK_M, TILE_K] of the tile at reduction row k (rows `a_row_ptrs`, columns through the
-    act-order permutation when HAS_PERM, zero past k_end), to be stored in the activation ring; or none when
-    cp.async copies them (COPY_A: no permutation, rows in whole 16-byte pieces)."""
-    if COPY_A:
-        tile = ()
-    else:
+    """The activations [BLOCK_M, TILE_K] of the tile at reduction row k (rows `a_row_ptrs`, one pointer tensor per
+    activation buffer; columns through the act-order permutation when HAS_PERM, zero past k_end), one tile per
+    buffer, to be stored in the activation ring (`_store_tiles`); none when cp.async copies them (COPY_A: no
+    permutation, rows in whole 16-byte pieces)."""
+    tiles = ()
+    if not COPY_A:
         offs = k + offs_k
         if EVEN_K:
             cols = gl.load(perm_ptr + offs) if HAS_PERM else offs
-            tile = gl.load(a_row_ptrs + cols[None, :])
+            for i in gl.static_range(len(a_row_ptrs)):
+                tiles = tiles + (gl.load(a_row_ptrs[i] + cols[None, :]),)
         else:
             k_mask = offs < k_end
             cols = gl.load(perm_ptr + offs, mask=k_mask, other=0) if HAS_PERM else offs
-            tile = gl.load(a_row_ptrs + cols[None, :], mask=k_mask[None, :], other=0.0)
-    return tile
+            for i in gl.static_range(len(a_row_ptrs)):
+                tiles = tiles + (gl.load(a_row_ptrs[i] + cols[None, :], mask=k_mask[None, :], other=0.0),)
+    return tiles
+
+
+@gluon.jit
+def _store_tiles(a_bufs, tiles):
+    """`_activation_tile`'s tiles into a stage's activation buffers."""
+    for i in gl.static_range(len(tiles)):
+        a_bufs[i].store(tiles[i])
 
 
 @gluon.jit
@@ -282,23 +285,22 @@ def _scaled_slots(words, s_rows, z_rows, BITS: gl.constexpr, HAS_ZP: gl.constexp
 
 
 @gluon.jit
-def _tile_step_scaled(acc, acc_up, acc_hi, acc_up_hi, carried, words, words_up, scales, scales_up, a_tile,
+def _tile_step_scaled(acc, acc_up, acc_hi, acc_up_hi, carried, words, words_up, scales, scales_up, a_tiles,
                       BITS: gl.constexpr, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED: gl.constexpr,
                       DTYPE: gl.constexpr, B_OP: gl.constexpr, WGMMA: gl.constexpr, CARRY: gl.constexpr,
                       HI_ROWS: gl.constexpr):
     """Both accumulators past one tile with the weights scaled in the asm: one mma per slot and half, each
-    activation operand read from `a_tile` in shared memory where it multiplies, used by both. With WGMMA the
+    activation operand read from `a_tiles[0]` in shared memory where it multiplies, used by both. With WGMMA the
     mmas are Hopper's warpgroup ones (the slots as register A operands, the activations read by the tensor
     cores from shared memory), all in flight until the tile's end; with CARRY (GEMM2) the last CARRY stay in
     flight past it, `carried` holding their slots' registers until the next tile has waited for them. That wait
     comes before the next dequantization: ptxas serializes every wgmma of a kernel where other instructions
     write an mma's operands while an mma is in flight (C7513), and, with GEMM1's two accumulators, also where
-    they pass through a wait (C7515). With HI_ROWS (WGMMA, no CARRY) the activation rows after the first
-    acc.shape[1] multiply the same slots into accumulators of their own, `acc_hi` and `acc_up_hi` [BLOCK_N,
-    HI_ROWS]: one dequantization for a block of 48 or 96 rows."""
+    they pass through a wait (C7515). With HI_ROWS (WGMMA, no CARRY) the block's last HI_ROWS rows, in an
+    activation buffer of their own (`a_tiles[1]`), multiply the same slots into accumulators of their own, `acc_hi`
+    and `acc_up_hi` [BLOCK_N, HI_ROWS]: one dequantization for a block of 48, 96 or 144 rows."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
-    LO_ROWS: gl.constexpr = acc.shape[1]
     if CARRY:  # (one value comes back bare)
         carried = warpgroup_mma_wait(0, deps=carried)
         if CARRY == 1:
@@ -316,14 +318,13 @@ def _tile_step_scaled(acc, acc_up, acc_hi, acc_up_hi, carried, words, words_up, 
             if GATED:
                 slots_up_hi = slots_up_hi + (gl.convert_layout(slots_up[j], A_HI),)
     for j in gl.static_range(PACK):
-        b_rows = a_tile.slice(j * R, R, dim=1)
-        b_tile = (b_rows.slice(0, LO_ROWS, dim=0) if HI_ROWS else b_rows).permute([1, 0])
+        b_tile = a_tiles[0].slice(j * R, R, dim=1).permute([1, 0])
         if WGMMA:
             acc = warpgroup_mma(slots[j], b_tile, acc, is_async=True)
             if GATED:
                 acc_up = warpgroup_mma(slots_up[j], b_tile, acc_up, is_async=True)
             if HI_ROWS:
-                b_hi = b_rows.slice(LO_ROWS, HI_ROWS, dim=0).permute([1, 0])
+                b_hi = a_tiles[1].slice(j * R, R, dim=1).permute([1, 0])
                 acc_hi = warpgroup_mma(slots_hi[j], b_hi, acc_hi, is_async=True)
                 if GATED:
                     acc_up_hi = warpgroup_mma(slots_up_hi[j], b_hi, acc_up_hi, is_async=True)
@@ -415,15 +416,17 @@ def _side(s_buf, z_buf, HAS_ZP: gl.constexpr, GROUP_IN_TILE: gl.constexpr, GATED
 
 
 @gluon.jit
-def _copy_activations(a_buf, a_row_ptrs, offs_k, k, k_end, EVEN_K: gl.constexpr, live):
-    """cp.async of the activations [BLOCK_M, TILE_K] of the tile at reduction row k into a stage's `a_buf`,
-    zero-filled past k_end; nothing read unless `live` (no commit)."""
-    if EVEN_K:
-        async_copy.async_copy_global_to_shared(a_buf, a_row_ptrs + (k + offs_k)[None, :],
-                                               mask=((offs_k < _TILE_K) & live)[None, :])
-    else:
-        async_copy.async_copy_global_to_shared(a_buf, a_row_ptrs + (k + offs_k)[None, :],
-                                               mask=((k + offs_k < k_end) & live)[None, :])
+def _copy_activations(a_bufs, a_row_ptrs, offs_k, k, k_end, EVEN_K: gl.constexpr, live):
+    """cp.async of the activations [BLOCK_M, TILE_K] of the tile at reduction row k into a stage's activation
+    buffers `a_bufs` (rows `a_row_ptrs`, one pointer tensor per buffer), zero-filled past k_end; nothing read unless
+    `live` (no commit)."""
+    for i in gl.static_range(len(a_bufs)):
+        if EVEN_K:
+            async_copy.async_copy_global_to_shared(a_bufs[i], a_row_ptrs[i] + (k + offs_k)[None, :],
+                                                   mask=((offs_k < _TILE_K) & live)[None, :])
+        else:
+            async_copy.async_copy_global_to_shared(a_bufs[i], a_row_ptrs[i] + (k + offs_k)[None, :],
+                                                   mask=((k + offs_k < k_end) & live)[None, :])
 
 
 @gluon.jit
@@ -433,7 +436,7 @@ def _copy_tile(stage, w_ptrs, w_mask, s_ptr, z_ptr, offs_s, offs_z, n0, a_row_pt
                GROUP_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, ALIGNED: gl.constexpr):
     """cp.async of the tile at reduction row k into the buffers of one pipeline stage (`_block_gemm`): its words
     (gate, then up), its groups' scale and zero-point rows (`_copy_group_rows`), and with COPY_A its activations
-    [BLOCK_M, TILE_K] (zero-filled past k_end), as one commit group. Past k_end (the refills after a block's last
+    [BLOCK_M, TILE_K] (`_copy_activations`), as one commit group. Past k_end (the refills after a block's last
     tile) every cp.async is masked off: nothing is read (the addresses fall back on the tile at k_first), the group
     is still committed (the ring's waits count groups). A branch instead would serialize the wgmma loops' mmas."""
     w_gate, w_up, s_buf, z_buf, a_buf = stage
@@ -506,13 +509,17 @@ def _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, B
 
 @gluon.jit
 def _stage(buffers, slot, UNROLL: gl.constexpr):
-    """The buffers (gate words, up words, scale rows, zero-point rows, activations) of ring stage `slot`: its own
+    """The buffers (gate words, up words, scale rows, zero-point rows, activation buffers) of ring stage `slot`: its own
     (UNROLL: `buffers` holds one tuple per stage, `slot` a constant) or the slot's part of each ring."""
     if UNROLL:
         stage = buffers[slot]
     else:
-        w_gate, w_up, s_ring, z_ring, a_ring = buffers[0]
-        stage = (w_gate.index(slot), w_up.index(slot), s_ring.index(slot), z_ring.index(slot), a_ring.index(slot))
+        w_gate, w_up, s_ring, z_ring, a_rings = buffers[0]
+        stage = (w_gate.index(slot), w_up.index(slot), s_ring.index(slot), z_ring.index(slot))
+        a_stage = ()
+        for i in gl.static_range(len(a_rings)):
+            a_stage = a_stage + (a_rings[i].index(slot),)
+        stage = stage + (a_stage,)
     return stage
 
 
@@ -541,12 +548,12 @@ def _ring_tile(acc, acc_up, acc_hi, acc_up_hi, carried, stage, refill, next_a_bu
     k_next = gl.where(k + k_step < k_end, k + k_step, k_first)
     a_next = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_next, k_end, HAS_PERM, EVEN_K, COPY_A)
     # (the scaled step reads each operand from the ring where it multiplies)
-    b_tiles = () if SCALED else _ring_operands(a_buf, PACK, B_OP)
+    b_tiles = () if SCALED else _ring_operands(a_buf[0], PACK, B_OP)
     scales, scales_up = _side(s_buf, z_buf, HAS_ZP, GROUP_IN_TILE, GATED, BLOCK_N, S_ROWS, Z_ROWS)
     words = _load_words(w_gate, BITS, A_OP)
     words_up = _load_words(w_up, BITS, A_OP)
     if POST_SCALED:
-        acc, acc_up = _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up, a_buf, BITS, HAS_ZP,
+        acc, acc_up = _tile_step_post_scaled(acc, acc_up, words, words_up, scales, scales_up, a_buf[0], BITS, HAS_ZP,
                                              GATED, DTYPE)
     elif SCALED:
         acc, acc_up, acc_hi, acc_up_hi, carried = _tile_step_scaled(
@@ -556,7 +563,7 @@ def _ring_tile(acc, acc_up, acc_hi, acc_up_hi, carried, stage, refill, next_a_bu
         acc, acc_up = _tile_step(acc, acc_up, words, words_up, scales, scales_up, b_tiles, ones, BITS, HAS_ZP,
                                  GROUP_IN_TILE, GATED)
     if not COPY_A:  # (its stage's last reader finished before this tile's barrier)
-        next_a_buf.store(a_next)
+        _store_tiles(next_a_buf, a_next)
     return acc, acc_up, acc_hi, acc_up_hi, carried
 
 
@@ -639,9 +646,8 @@ def _block_gemm(
     CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     """The program's part of the grouped GEMM (`_moe_gemm_decode_kernel`) over the first ROWS rows of its
-    BLOCK_M-row block; with HI_ROWS (wgmma, a 48- or 96-row block), over ROWS / 2 + HI_ROWS = BLOCK_M rows in two
-    accumulators (`_tile_step_scaled`), its activation tiles still ROWS rows (the last ones the next block's, never
-    multiplied)."""
+    BLOCK_M-row block; with HI_ROWS (wgmma, a 48-, 96- or 144-row block), over ROWS / 2 + HI_ROWS = BLOCK_M rows in
+    two accumulators (`_tile_step_scaled`), from two activation buffers of ROWS / 2 and HI_ROWS rows."""
     PACK: gl.constexpr = 32 // BITS
     R: gl.constexpr = _TILE_K // PACK
     WIDE: gl.constexpr = BLOCK_M >= _WIDE_M  # (a wide block stays wide when it multiplies fewer rows)
@@ -680,7 +686,7 @@ def _block_gemm(
         zero_program_share(zero_ptr, zero_numel, gl.arange(0, 4 * 32 * NUM_WARPS, layout=FLAT))
 
     # The block's rows, once for the activation tiles' rows and once for the epilogue (accumulator).
-    m_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, A_LOAD))
+    m_b = gl.arange(0, LO_ROWS, layout=gl.SliceLayout(1, A_LOAD))
     m_acc = gl.arange(0, LO_ROWS, layout=gl.SliceLayout(0, MMA))
     m_hi = LO_ROWS + gl.arange(0, HI_ROWS if HI_ROWS else 1, layout=gl.SliceLayout(0, MMA_HI))
     if ID_BLOCKS:  # no alignment pass: blocks straight from topk_ids (kernels/token_blocks.py)
@@ -702,14 +708,18 @@ def _block_gemm(
         elif pid_m * BLOCK_M >= gl.load(num_padded_ptr):
             return
         expert = gl.load(expert_ids_ptr + pid_m).to(gl.int64)
-        if ROWS > BLOCK_M:  # (a 48- or 96-row block: its tile's last rows are padding, the next block's rows)
-            rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_b, mask=m_b < BLOCK_M, other=P)
-        else:
-            rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_b)
+        rows_b = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_b)
         rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_acc)
         if HI_ROWS:
             rows_hi = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + m_hi)
-    a_row_ptrs = _activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, GATED)
+            rows_b_hi = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + LO_ROWS
+                                + gl.arange(0, HI_ROWS, layout=gl.SliceLayout(1, A_LOAD)))
+    # One pointer tensor per activation buffer: a block of 48, 96 or 144 rows holds its last HI_ROWS in one of
+    # their own, so that its ring holds the block's rows and no more (a power-of-two tile of 64, 128 or 256 rows
+    # took 148 KB at 144 rows: one program per SM, NOTES.md v80).
+    a_row_ptrs = (_activation_rows(rows_b, a_ptr, P, stride_am, TOP_K, GATED),)
+    if HI_ROWS:
+        a_row_ptrs = a_row_ptrs + (_activation_rows(rows_b_hi, a_ptr, P, stride_am, TOP_K, GATED),)
     perm_ptr = a_perm_ptr + expert * KD
 
     tiles = gl.cdiv(KD, _TILE_K)
@@ -770,7 +780,8 @@ def _block_gemm(
     else:
         z_base, offs_z = s_base, offs_s
     n0 = pid_n * BLOCK_N
-    # The activation tiles [ROWS, TILE_K] in a ring of their own, slot for slot with the words.
+    # The activation tiles [ROWS, TILE_K] in a ring of their own (two: LO_ROWS and HI_ROWS), slot for slot with
+    # the words.
     # 8-element groups XOR-swizzled by row: a B operand read (16 columns of 8 rows) touches 8 bank groups.
     # (wgmma reads its B operand in the tensor cores' 128-byte swizzle)
     A_SMEM: gl.constexpr = (gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2) if USE_WGMMA
@@ -792,8 +803,10 @@ def _block_gemm(
         s_buf = gl.allocate_shared_memory(s_ptr.dtype.element_ty, DEPTH + [HALVES * NG * BLOCK_N], ROW_SMEM)
         z_buf = (gl.allocate_shared_memory(z_ptr.dtype.element_ty, DEPTH + [HALVES * NG * BLOCK_N], ROW_SMEM)
                  if HAS_ZP else s_buf)
-        a_buf = gl.allocate_shared_memory(DTYPE, DEPTH + [ROWS, _TILE_K], A_SMEM)
-        buffers = buffers + ((w_gate, w_up, s_buf, z_buf, a_buf),)
+        a_bufs = (gl.allocate_shared_memory(DTYPE, DEPTH + [LO_ROWS, _TILE_K], A_SMEM),)
+        if HI_ROWS:
+            a_bufs = a_bufs + (gl.allocate_shared_memory(DTYPE, DEPTH + [HI_ROWS, _TILE_K], A_SMEM),)
+        buffers = buffers + ((w_gate, w_up, s_buf, z_buf, a_bufs),)
     COPY_A: gl.constexpr = not HAS_PERM and ALIGNED
     # A prefetching GEMM2 copies its first tiles' weights before it waits, their activations (GEMM1's output)
     # after, one commit group per tile: the loop's wait then still needs only its own tile's last group.
@@ -813,7 +826,7 @@ def _block_gemm(
                 async_copy.commit_group()
     a_tile = _activation_tile(a_row_ptrs, perm_ptr, offs_k, k_first, k_end, HAS_PERM, EVEN_K, COPY_A)
     if not COPY_A:  # through registers, stored one tile ahead (after the barrier)
-        _stage(buffers, 0, UNROLL)[4].store(a_tile)
+        _store_tiles(_stage(buffers, 0, UNROLL)[4], a_tile)
     if PERSISTENT:
         # One ring through the program's share of the items' K tiles (stream-K): the refills run STAGES - 1 tiles
         # ahead into the next item while this one's last tiles multiply, and each item's epilogue comes between
@@ -836,8 +849,8 @@ def _block_gemm(
                         item_r = gl.minimum(item_r + 1, items - 1)
                         block_r = item_r % blocks
                         expert_r = gl.load(expert_ids_ptr + block_r).to(gl.int64)
-                        a_row_ptrs_r = _activation_rows(gl.load(sorted_ids_ptr + block_r * BLOCK_M + m_b), a_ptr, P,
-                                                        stride_am, TOP_K, GATED)
+                        a_row_ptrs_r = (_activation_rows(gl.load(sorted_ids_ptr + block_r * BLOCK_M + m_b), a_ptr,
+                                                         P, stride_am, TOP_K, GATED),)
                         n0_r = item_r // blocks * BLOCK_N
                         c_ptrs_r = w_ptr + expert_r * stride_we + n0_r * COLUMN_STEP + c_offs
                         c_mask_r = n0_r + c_cols < N
@@ -1112,7 +1125,7 @@ def _moe_gemm_decode_kernel(
     PERSISTENT: gl.constexpr, CARRY: gl.constexpr, TRACE: gl.constexpr,
 ):
     FLAT: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
-    BLOCK_M_POW2: gl.constexpr = 1 << (BLOCK_M - 1).bit_length()  # (`ring_rows`)
+    BLOCK_M_POW2: gl.constexpr = 1 << (BLOCK_M - 1).bit_length()  # (a tensor's dimension)
     # Launched as a programmatic dependent (kernels/grid_dependence.py), GEMM2 starts copying weights before it
     # waits (its blocks were final before GEMM1 ran; its activations, GEMM1's output, are copied after the
     # wait). GEMM1 reads the previous grid's output (the blocks, the hidden states): it waits first.

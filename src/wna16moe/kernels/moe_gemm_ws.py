@@ -97,8 +97,8 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
             mbarrier.wait(empty.index(s), (t // STAGES + 1) & 1, pred=t >= STAGES)
             mine = 2 * s + HALF
             stage = (w_ring.index(mine), w_ring.index(mine), s_ring.index(mine), z_ring.index(mine),
-                     a_ring.index(s).slice(HALF * HALF_ROWS, HALF_ROWS, dim=0))
-            _copy_tile(stage, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0_half, a_row_ptrs, offs_k,
+                     (a_ring.index(s).slice(HALF * HALF_ROWS, HALF_ROWS, dim=0),))
+            _copy_tile(stage, c_ptrs, c_mask, s_base, z_base, offs_s, offs_z, n0_half, (a_row_ptrs,), offs_k,
                        t * _TILE_K, 0, KD, N, stride_wk, GROUP_SIZE, stride_sg, PACK, False, True, EVEN_K, HAS_ZP,
                        GROUP_IN_TILE, HALF_N, True)
             async_copy.mbarrier_arrive(full.index(s), increment_count=False)
@@ -117,7 +117,7 @@ def _half(a_ptr, w_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, topk_w_ptr, sorted_ids_
                     zero_rows = zero_rows + (z_ring.index(mine).slice(g * HALF_N, HALF_N).load(ROW),)
             side = (scale_rows, zero_rows)
             a_tile = a_ring.index(s).slice(0, ROWS, dim=0)
-            acc = _tile_step_scaled(acc, acc, acc, acc, (), words, words, side, side, a_tile, BITS, HAS_ZP,
+            acc = _tile_step_scaled(acc, acc, acc, acc, (), words, words, side, side, (a_tile,), BITS, HAS_ZP,
                                     GROUP_IN_TILE, False, DTYPE, B_OP, True, 0, 0)[0]
             mbarrier.arrive(empty.index(s))
     rows = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + gl.arange(0, ROWS, layout=gl.SliceLayout(0, MMA)))
