@@ -12,6 +12,7 @@ from wna16moe.device import DeviceInfo
 from wna16moe.experts.triton import (
     LONG_I,
     MANY_EXPERTS,
+    ROWS_FOR_96_ROW_BLOCKS,
     SMALL_GROUP_MMA_BELOW,
     WIDE_HIDDEN,
     TritonConfig,
@@ -391,15 +392,16 @@ def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: 
 
 @pytest.mark.parametrize("group_size", [128, 32])
 @pytest.mark.parametrize(("tokens", "block_m"), [(1, 8), (32, 8), (128, 8), (160, 8), (224, 16), (256, 16),
-                                                 (316, 16), (320, 32), (1024, 32), (1056, 128), (2048, 128),
-                                                 (3072, 128), (3104, 128), (8192, 128)])
+                                                 (316, 16), (320, 32), (1024, 32), (1056, 128), (1792, 128),
+                                                 (1824, 96), (2048, 96), (2752, 96), (2784, 128), (3072, 128),
+                                                 (3104, 128), (8192, 128)])
 def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_size: int, tokens: int,
                                                                           block_m: int) -> None:
     """deepseek-v3's shape (256 experts, top 8): rows per expert = tokens / 32. On Hopper the decode kernel at
     every row count: 8-row blocks below 7 (int8: below 8), 16 below 10, then blocks on warpgroup mmas (int8: from
-    8 rows), 32 rows up to 32 per expert, 128 rows above (its intermediate size is LONG_I); int8 the same tiles, its
-    narrow rings shallower, and from 2 tokens to 4 rows per expert half as wide (the same GEMM2 K split); never
-    the decode kernel off Hopper."""
+    8 rows), 32 rows up to 32 per expert, 128 rows above (its intermediate size is LONG_I) but for 96 above 56
+    rows up to 86 (ROWS_FOR_96_ROW_BLOCKS); int8 the same tiles, its narrow rings shallower, and from 2 tokens to
+    4 rows per expert half as wide (the same GEMM2 K split); never the decode kernel off Hopper."""
     hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
     assert _launchable(hopper)
     small_group_mma = group_size <= 64 and 10 <= tokens / 32 < SMALL_GROUP_MMA_BELOW  # (v73)
@@ -424,18 +426,20 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("rows", "intermediate_size", "block_m"), [
-    (33, 2048, 128), (60, 14336, 128), (96, 2048, 128), (97, 2048, 128),
-    (33, 768, 64), (60, 1536, 64), (96, LONG_I - 128, 64), (97, 768, 128), (32, 2048, 32)])
+    (33, 2048, 128), (56, 14336, 128), (57, 14336, 96), (86, 2048, 96), (87, 2048, 128), (96, 2048, 128),
+    (97, 2048, 128), (33, 768, 64), (60, 1536, 64), (96, LONG_I - 128, 64), (97, 768, 128), (32, 2048, 32)])
 def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_long(
         rows: int, intermediate_size: int, block_m: int, bits: int) -> None:
     """From 33 to 96 rows per expert, 128-row blocks (64-row loops up to 64 live rows, unrolled) where the layer's
-    intermediate size is at least LONG_I, 64-row blocks below it; the same 128 / 256 wide tiles (NOTES.md v61)."""
+    intermediate size is at least LONG_I, but 96-row ones at 2 stages above 56 rows up to 86 (NOTES.md v81); 64-row
+    blocks below LONG_I; the same 128 / 256 wide tiles (NOTES.md v61)."""
+    assert ROWS_FOR_96_ROW_BLOCKS == (56, 86)
     tokens = rows * 128 // 8  # 128 experts, top 8
     config = default_config(tokens, 8, 128, 128, 4096, intermediate_size, 132, hopper=True, bits=bits)
     assert config.block_m == block_m
     if 32 < rows <= 96:
         assert (config.block_n1, config.block_n2, config.num_warps, config.num_stages, config.wgmma) == (
-            128, 256, 8, 3, True)
+            128, 256, 8, 2 if block_m == 96 else 3, True)
     unknown = default_config(tokens, 8, 128, 128, hopper=True, bits=bits)  # no sizes: the 64-row blocks
     assert unknown.block_m == (64 if 32 < rows <= 96 else block_m)
 
@@ -612,12 +616,17 @@ def test_trials_change_an_entry_only_where_the_change_holds_across_its_span(at_s
 
 def test_span_points_lie_inside_the_rows_an_entry_runs() -> None:
     # Midway (in log scale) between the entry's M and each end of its span, on rows it runs: qwen3-30b-a3b's
-    # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 128-row M = 2048 entry runs 1025-3072, where the
-    # defaults take 128-row blocks too in the range of its 64 rows per expert (33-96); on 128 experts at I = 1536
-    # (128 rows per expert at M = 2048) from 1537 (above 96 rows per expert); a one-token entry runs M = 1-2.
+    # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 96-row M = 2048 entry runs 1793-2752, where the defaults
+    # take the same 96-row blocks (above 56 rows per expert, up to 86), and a 128-row entry there only at its own
+    # M; on 128 experts at I = 1536 (128 rows per expert at M = 2048) from 1537 (above 96 rows per expert); a
+    # one-token entry runs M = 1-2.
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
     assert tuning.span_points([1, 8, 32, 128, 512, 2048, 8192], 8192, wide, QWEN) == [5793, 11585]
-    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 7168, 2048, 256, 8)) == [1449, 2508]
+    deepseek = ShapeKey(8, 128, 7168, 2048, 256, 8)
+    rows96 = {**wide, "block_m": 96, "num_stages": 2}
+    assert tuning.rows_taking([512, 2048, 8192], 2048, rows96, deepseek)[::959] == [1793, 2752]
+    assert tuning.span_points([512, 2048, 8192], 2048, rows96, deepseek) == [1916, 2374]
+    assert tuning.span_points([512, 2048, 8192], 2048, wide, deepseek) == []
     assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 4096, 1536, 128, 8)) == [1774, 2896]
     narrow = {"block_m": 16, "block_n1": 64, "block_n2": 64, "num_warps": 4}
     assert tuning.span_points([1, 8], 1, narrow, KEY) == [2]
@@ -664,14 +673,15 @@ def test_rows_taking_an_entry_are_those_where_the_defaults_pick_its_block_size()
     # W8A16 on 256 experts, top 8, measured at M = 512, 2048 and 8192 (64 rows per expert at 2048): of the rows
     # nearest the M = 2048 entry (1025-4096), a 64-row entry runs those where the defaults take 64-row blocks
     # (33-96 rows: M = 1025-3072) at I = 1536. A 128-row one runs at 2048 alone: the defaults' 128-row blocks
-    # above 96 rows are another range than its own. At deepseek-v3's I = 2048 the defaults take 128-row blocks
-    # from 33 rows: there the 128-row entry runs its range (1025-3072) and the 64-row one at 2048 alone.
+    # above 96 rows are another range than its own. At deepseek-v3's I = 2048 the defaults take 96-row blocks
+    # above 56 rows up to 86 (M = 1793-2752): a 96-row entry runs that range, the 128- and 64-row ones at 2048 alone.
     key = ShapeKey(8, 128, 7168, 1536, 256, 8)
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide, key) == [2048]
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, key) == list(range(1025, 3073))
     deepseek = ShapeKey(8, 128, 7168, 2048, 256, 8)
-    assert tuning.rows_taking([512, 2048, 8192], 2048, wide, deepseek) == list(range(1025, 3073))
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 96}, deepseek) == list(range(1793, 2753))
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide, deepseek) == [2048]
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, deepseek) == [2048]
     assert tuning.spans([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
 
