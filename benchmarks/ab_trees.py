@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=3, help="processes per tree (default 3)")
     parser.add_argument("--rounds", type=int, default=2, help="try_configs rounds per process (default 2)")
     parser.add_argument("--scheme", help="weight scheme (default: int4 symmetric at the model's group size)")
+    parser.add_argument("--base-config", choices=("shipped", "default"), default="shipped",
+                        help="the configuration timed: the table's entry or `default_config`'s (try_configs --base)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no process after this many seconds (the pairs done so far are kept)")
     parser.add_argument("--logs", type=Path, default=Path("."), help="folder for each process's output")
@@ -90,7 +92,8 @@ def main() -> None:
     bench_differs = len({_bench_source(src) for src in trees.values()}) > 1
     if bench_differs:
         print("warning: the trees' wna16moe/bench.py differ, so they may time differently", flush=True)
-    options = ["--rounds", str(args.rounds)] + (["--scheme", args.scheme] if args.scheme else [])
+    options = (["--rounds", str(args.rounds), "--base", args.base_config]
+               + (["--scheme", args.scheme] if args.scheme else []))
     start, rows = time.monotonic(), []
     for process in range(args.processes):
         if time.monotonic() - start > args.budget_s:
@@ -102,7 +105,8 @@ def main() -> None:
         # (written after every pair: a call's time limit keeps what it finished)
         write_results(args.out, rows, base=args.base, new=args.new, bench_differs=bench_differs,
                       summary=summarize(rows),
-                      method="benchmarks/ab_trees.py: try_configs.py's shipped entries, the trees' processes in turn")
+                      method=f"benchmarks/ab_trees.py: try_configs.py's {args.base_config} configurations, the trees' "
+                             "processes in turn")
     for s in summarize(rows):
         print(f"{s['shape']:15s} M={s['M']:5d} base {s['base_us']:9.1f} new {s['new_us']:9.1f} "
               f"{s['change_pct']:+.1f}%  base {[round(u, 1) for u in s['base_rounds']]} "

@@ -552,7 +552,7 @@ def test_ab_trees_alternates_the_trees_and_compares_their_shipped_rows(monkeypat
     def fake_run(src: str, cases: list[str], options: list[str], log: Path) -> list[dict]:
         tree = "base" if src == str((tmp_path / "src").resolve()) else "new"
         calls.append(tree)
-        assert cases == ["mixtral:8"] and options == ["--rounds", "2"] and log.parent == tmp_path
+        assert cases == ["mixtral:8"] and options == ["--rounds", "2", "--base", "shipped"] and log.parent == tmp_path
         shipped = [{"shape": "mixtral", "M": 8, "round": r, "us_graph": next(times[tree]), "shipped": True}
                    for r in range(2)]
         return [*shipped, {"shape": "mixtral", "M": 8, "round": 0, "us_graph": 1.0, "shipped": False}]

@@ -307,9 +307,14 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     halves = 2 if case["gated"] else 1
     # (48 and 96 rows: the longest loop, past 32 or 64 rows, multiplies each step into two accumulators)
     split = case["block_m"] in (48, 96, 144)
+    # A 128-row wgmma block multiplies 65-96 live rows in the 96-row block's 64 + 32 loop (no carry there), its
+    # ring indexed: where the 128-row loop is indexed too (int8) that loop is the longer one.
+    unrolled = case["block_m"] < 32 or (case["block_m"] == 128 and case["bits"] == 4)
+    mid_loop = wgmma and case["block_m"] == 128 and not case.get("carry")
     if wgmma:  # one m64 wgmma per 16-deep step, half and 64 columns of the program's warpgroup, all in the loop
         per_loop = halves * 8 * case["block_n"] // (16 * case["warps"])
-        assert facts["loop_HGMMA"] == per_loop * (1 + split) and facts["loop_HMMA"] == 0, facts
+        longest_split = split or (mid_loop and not unrolled)
+        assert facts["loop_HGMMA"] == per_loop * (1 + longest_split) and facts["loop_HMMA"] == 0, facts
         # all of a tile's wgmmas in flight, one wait at its end (post-scaled shrunk loops: one per half); with
         # `carry` one more, before the tile's dequantization, for the last tile's (ptxas, where it serializes
         # the mmas, C7513 / C7515, waits after each)
@@ -322,12 +327,12 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     # A narrow block's loop and a 128-row int4 block's, unrolled by the ring's depth, have the ring's barrier and no
     # other (their stages are buffers of their own); other wide blocks' rings are indexed at run time: one
     # barrier more, and one more where registers store into them (act-order activations, rows off 16 bytes).
-    unrolled = case["block_m"] < 32 or (case["block_m"] == 128 and case["bits"] == 4)
     if wgmma:
-        # one per row count the block can shrink to (a split loop counts twice)
+        # one per row count the block can shrink to (a split loop counts twice; a 128-row block's 96-row loop,
+        # indexed, too)
         loops = case["block_m"].bit_length() - 1 if split else case["block_m"].bit_length() - 3
         copies = case.get("stages", 3) if unrolled else 1
-        assert facts["wgmma.mma_async"] == loops * per_loop * copies, facts
+        assert facts["wgmma.mma_async"] == (loops * copies + 2 * mid_loop) * per_loop, facts
     stores = case["perm"] or not case.get("aligned", True)
     # (a persistent GEMM1 parks the sums of an item it shares once per program, behind a barrier of its own)
     parks = case.get("persistent", False) and case["gated"]

@@ -373,10 +373,10 @@ def test_default_config_widens_gemm2_for_small_groups_at_decode() -> None:
 
 
 def test_default_config_never_swaps_ab_by_default() -> None:
-    # deepseek-v3 at M = 2048 (64 rows per expert): the decode kernel's 64-row blocks on Hopper, the Triton
+    # deepseek-v3 at M = 2048 (64 rows per expert): the decode kernel's 96-row blocks on Hopper, the Triton
     # kernel's plain blocks elsewhere; swap-AB is left to the tuned table
     hopper = default_config(2048, 8, 256, 128, hopper=True)
-    assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, 64, True, False)
+    assert (hopper.decode, hopper.block_m, hopper.wgmma, hopper.swap_ab) == (True, 96, True, False)
     assert not default_config(2048, 8, 256, 128).swap_ab
 
 
@@ -427,12 +427,13 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("rows", "intermediate_size", "block_m"), [
     (33, 2048, 128), (56, 14336, 128), (57, 14336, 96), (86, 2048, 96), (87, 2048, 128), (96, 2048, 128),
-    (97, 2048, 128), (33, 768, 64), (60, 1536, 64), (96, LONG_I - 128, 64), (97, 768, 128), (32, 2048, 32)])
+    (97, 2048, 128), (33, 768, 64), (56, 768, 64), (57, 768, 96), (60, 1536, 96), (86, 768, 96), (87, 768, 64),
+    (96, LONG_I - 128, 64), (97, 768, 128), (32, 2048, 32)])
 def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_long(
         rows: int, intermediate_size: int, block_m: int, bits: int) -> None:
     """From 33 to 96 rows per expert, 128-row blocks (64-row loops up to 64 live rows, unrolled) where the layer's
-    intermediate size is at least LONG_I, but 96-row ones at 2 stages above 56 rows up to 86 (NOTES.md v81); 64-row
-    blocks below LONG_I; the same 128 / 256 wide tiles (NOTES.md v61)."""
+    intermediate size is at least LONG_I, 64-row ones below it (NOTES.md v61), but on every layer 96-row ones at 2
+    stages above 56 rows up to 86 (NOTES.md v81, v82); the same 128 / 256 wide tiles."""
     assert ROWS_FOR_96_ROW_BLOCKS == (56, 86)
     tokens = rows * 128 // 8  # 128 experts, top 8
     config = default_config(tokens, 8, 128, 128, 4096, intermediate_size, 132, hopper=True, bits=bits)
@@ -440,8 +441,8 @@ def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_
     if 32 < rows <= 96:
         assert (config.block_n1, config.block_n2, config.num_warps, config.num_stages, config.wgmma) == (
             128, 256, 8, 2 if block_m == 96 else 3, True)
-    unknown = default_config(tokens, 8, 128, 128, hopper=True, bits=bits)  # no sizes: the 64-row blocks
-    assert unknown.block_m == (64 if 32 < rows <= 96 else block_m)
+    unknown = default_config(tokens, 8, 128, 128, hopper=True, bits=bits)  # no sizes: the short layers' blocks
+    assert unknown.block_m == (64 if 32 < rows <= 96 and block_m != 96 else block_m)
 
 
 def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -> None:
@@ -671,14 +672,18 @@ def test_rows_running_an_entry_are_those_nearest_it_in_log_scale() -> None:
 
 def test_rows_taking_an_entry_are_those_where_the_defaults_pick_its_block_size() -> None:
     # W8A16 on 256 experts, top 8, measured at M = 512, 2048 and 8192 (64 rows per expert at 2048): of the rows
-    # nearest the M = 2048 entry (1025-4096), a 64-row entry runs those where the defaults take 64-row blocks
-    # (33-96 rows: M = 1025-3072) at I = 1536. A 128-row one runs at 2048 alone: the defaults' 128-row blocks
-    # above 96 rows are another range than its own. At deepseek-v3's I = 2048 the defaults take 96-row blocks
-    # above 56 rows up to 86 (M = 1793-2752): a 96-row entry runs that range, the 128- and 64-row ones at 2048 alone.
+    # nearest the M = 2048 entry (1025-4096), one runs those where the defaults pick its block size within their
+    # range of M = 2048: 96-row blocks above 56 rows up to 86 on any layer (M = 1793-2752), so a 96-row entry runs
+    # that range, at I = 1536 as at deepseek-v3's I = 2048; 64- and 128-row ones run at 2048 alone. Measured at
+    # M = 1400 (44 rows), a 64-row entry runs the rows nearest it where the defaults take 64-row blocks at I = 1536,
+    # 33-56 and 87-96 rows (M = 1025-1792 and 2753-3072).
     key = ShapeKey(8, 128, 7168, 1536, 256, 8)
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide, key) == [2048]
-    assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, key) == list(range(1025, 3073))
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, key) == [2048]
+    assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 96}, key) == list(range(1793, 2753))
+    assert tuning.rows_taking([512, 1400, 8192], 1400, wide | {"block_m": 64}, key) == [*range(1025, 1793),
+                                                                                           *range(2753, 3073)]
     deepseek = ShapeKey(8, 128, 7168, 2048, 256, 8)
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 96}, deepseek) == list(range(1793, 2753))
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide, deepseek) == [2048]

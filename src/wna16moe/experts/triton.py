@@ -246,8 +246,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
 
 
-# From this intermediate size (per rank), the decode defaults put 33-96 rows per expert on 128-row blocks
-# (`_decode_default`), but for those in ROWS_FOR_96_ROW_BLOCKS (above the first, up to the second): 96-row blocks.
+# From this intermediate size (per rank), the decode defaults put 33-96 rows per expert on 128-row blocks, else on
+# 64-row ones (`_decode_default`), but for those in ROWS_FOR_96_ROW_BLOCKS (above the first, up to the second), on
+# any layer: 96-row blocks.
 LONG_I = 2048
 ROWS_FOR_96_ROW_BLOCKS = (56, 86)
 # From these rows per expert (to 10) the int4 decode defaults take 16-row blocks (`_decode_default`).
@@ -291,21 +292,22 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     four). From 33 to 96 rows, layers whose intermediate size is at least `LONG_I` take the same tiles on 128-row blocks
     instead (v61, int4 and int8: 3-12% faster on mixtral, deepseek-v3 and kimi-k2 at 34-72 rows, level on mixtral at
     40-50 rows and on llama-4-scout; within 2% either way at I = 1408 and 1536, 4-7% slower on qwen3-30b-a3b,
-    I = 768), and above 56 rows up to 86 (`ROWS_FOR_96_ROW_BLOCKS`) 96-row blocks at 2 stages (v81: 5-21% faster than
-    the 128-row defaults in every round at 11 int4 points on mixtral, deepseek-v3, kimi-k2, llama-4-scout and a
-    64-expert layer, and 2-12% at three W8A16 points; at 53-56 rows level, at 90-109 up to 15% slower)."""
+    I = 768), and every layer above 56 rows up to 86 (`ROWS_FOR_96_ROW_BLOCKS`) 96-row blocks at 2 stages (v81: 5-21%
+    faster than the 128-row defaults in every round at 11 int4 points on mixtral, deepseek-v3, kimi-k2, llama-4-scout
+    and a 64-expert layer, and 2-12% at three W8A16 points; at 53-56 rows level, at 90-109 up to 15% slower; v82:
+    6-23% faster than the 64-row defaults at 60-81 rows on qwen3-30b-a3b and glm-4.5-air, int4)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert > 96:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert > 32:
+        if ROWS_FOR_96_ROW_BLOCKS[0] < per_expert <= ROWS_FOR_96_ROW_BLOCKS[1]:
+            # Most experts' rows fit one 96-row block, where 64-row blocks take two and a 128-row block idles a
+            # quarter of its rows or more; its ring (2 stages, split at 64 rows) keeps two programs per SM.
+            return TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)
         # A 128-row block multiplies an expert's rows in its 64-row loop (up to 64 live rows) or its 128-row
         # one, both unrolled by the ring's depth (one CTA barrier per tile); a 64-row block's loops index the
         # ring at run time (two). Why short intermediate sizes lose with it is not profiled.
         long_i = intermediate_size is not None and intermediate_size >= LONG_I
-        if long_i and ROWS_FOR_96_ROW_BLOCKS[0] < per_expert <= ROWS_FOR_96_ROW_BLOCKS[1]:
-            # Most experts' rows fit one 96-row block, where 64-row blocks take two and a 128-row block idles a
-            # quarter of its rows or more; its ring (2 stages, split at 64 rows) keeps two programs per SM.
-            return TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)
         return TritonConfig(128 if long_i else 64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     small_groups = group_size is not None and group_size <= 64  # (four / two times group 128's scales per tile)
     # int4 groups of 32 and 64 at 10-13 rows per expert: the warpgroup-mma tile was slower at 29 of 31 points (v73)
