@@ -305,8 +305,9 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
             # quarter of its rows or more; its ring (2 stages, split at 64 rows) keeps two programs per SM.
             return TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)
         # A 128-row block multiplies an expert's rows in its 64-row loop (up to 64 live rows) or its 128-row
-        # one, both unrolled by the ring's depth (one CTA barrier per tile); a 64-row block's loops index the
-        # ring at run time (two). Why short intermediate sizes lose with it is not profiled.
+        # one, both unrolled by the ring's depth (one CTA barrier per tile), and 65-96 in the 64 + 32 loop; a
+        # 64-row block's loops index the ring at run time (two). Why short intermediate sizes lose with it is not
+        # profiled (v61, before the 64 + 32 loop).
         long_i = intermediate_size is not None and intermediate_size >= LONG_I
         return TritonConfig(128 if long_i else 64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     small_groups = group_size is not None and group_size <= 64  # (four / two times group 128's scales per tile)
