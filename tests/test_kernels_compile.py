@@ -201,6 +201,10 @@ DECODE_CASES = [
          stages=2, loop_budget=495, wgmma=True),
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=144, block_n=128, warps=8, pair=False,
          stages=2, loop_budget=540, wgmma=True),
+    # A 128-row block's 65-96 live rows run that 64 + 32 loop too, with blocks found in the ids as well (pair=2:
+    # 65-96 tokens routed to as many experts or more), its last rows' pairs from the ids as the first ones'
+    dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=128, block_n=128, warps=8, pair=2,
+         stages=3, loop_budget=540, wgmma=True),
     # GEMM2 leaving each tile's last mmas in flight (`carry`): 128 x 256 at 3 stages (since the 16-byte word loads,
     # v48, ptxas stores one word per 3-tile iteration there; carry is a search move, in no shipped entry), 32 x 256
     # at 4 warps, int8

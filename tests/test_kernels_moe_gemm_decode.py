@@ -303,17 +303,16 @@ def test_gpu_narrow_blocks_in_groups_match_emulation(scheme_name: str, config: T
 
 
 def _check_against_emulation(scheme_name: str, config: TritonConfig, i: int = 384, h: int | None = None,
-                             tokens: tuple[int, ...] = (1, 3, 40, 300)) -> None:
+                             tokens: tuple[int, ...] = (1, 3, 40, 300), e: int = 16, top_k: int = 4) -> None:
     """TRITON with `config` against EMULATION, both dtypes, t = 1 to 300 tokens over 16 experts (top-4: every
     row count a wide block shrinks to). H, by default, is not a whole number of 128-deep tiles where the groups
     allow it (the masked last tile of GEMM1)."""
-    e = 16
     if h is None:
         h = 1152 if "g128" in scheme_name else 1088
     experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     for dtype in DTYPES:
         for t in tokens:
-            out, ref = triton_and_emulation(experts, MoEConfig(e, 4, h, i, dtype=dtype), t, config)
+            out, ref = triton_and_emulation(experts, MoEConfig(e, top_k, h, i, dtype=dtype), t, config)
             assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-2, (scheme_name, dtype, t)
 
 
@@ -365,6 +364,16 @@ SPLIT_ROW_CONFIGS = [
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g32_zp", "int4_ch_sym", "int8_g128_zp"])
 def test_gpu_blocks_of_48_96_and_144_rows_match_emulation(scheme_name: str, config: TritonConfig) -> None:
     _check_against_emulation(scheme_name, config, tokens=(1, 3, 40, 300, 540))
+
+
+# Blocks found in the ids (no alignment pass) of many tokens: 50, 80 and 120 tokens, top-2 over 256 experts, a
+# 128-row block per pair (the one of an expert's first token works) in its 64-row, 64 + 32 (the last 32 rows' pairs
+# found in the ids as the first 64's) and 128-row loops.
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int8_g128_zp"])
+def test_gpu_token_blocks_of_many_tokens_match_emulation(scheme_name: str) -> None:
+    _check_against_emulation(scheme_name, SPLIT_ROW_CONFIGS[4], tokens=(50, 80, 120), e=256, top_k=2)
 
 
 # GEMM2 leaving each tile's last mmas in flight (`carry`; int8 tiles have 4 slots: all of them at 4), its ring

@@ -698,9 +698,15 @@ def _block_gemm(
             rows = gl.where(m_acc == 0, pid_m, P)
         else:
             rows_b, first = token_block_rows(expert_ids_ptr, pid_m, expert, P, m_b, TOP_K)
+            if HI_ROWS:  # (an earlier token in the last rows may hold the expert too: then this block idles)
+                rows_b_hi, first_hi = token_block_rows(expert_ids_ptr, pid_m, expert, P, LO_ROWS + gl.arange(
+                    0, HI_ROWS, layout=gl.SliceLayout(1, A_LOAD)), TOP_K)
+                first = first & first_hi
             if not first:
                 return
             rows = token_block_rows(expert_ids_ptr, pid_m, expert, P, m_acc, TOP_K)[0]
+            if HI_ROWS:
+                rows_hi = token_block_rows(expert_ids_ptr, pid_m, expert, P, m_hi, TOP_K)[0]
     else:
         if PERSISTENT:
             if gl.program_id(0) >= sharing:
@@ -1053,7 +1059,7 @@ def _wide_block(
     (padding rows are sorted last): an expert's last block is mostly padding at mid M. A 48-, 96- or 144-row block
     (wgmma) multiplies all of them past 32, 64 or 128 at once: an expert of a few rows more than a power of two gets
     one block, not a second one that reads and dequantizes its weights again for those rows (NOTES.md v79). A
-    128-row wgmma block of the alignment's (no carry) multiplies 65-96 live rows in the 96-row block's 64 + 32 loop:
+    128-row wgmma block (no carry) multiplies 65-96 live rows in the 96-row block's 64 + 32 loop:
     a quarter fewer mmas than its 128-row loop, 3-10% faster at 90-100 rows per expert (NOTES.md v82). (The calls
     differ in their two row counts only: a tuple of the operands passed with `*` loses its constexprs in Gluon 3.6.)"""
     if live <= 8:
@@ -1091,7 +1097,7 @@ def _wide_block(
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
                     GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, 0, PDL,
                     PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
-    elif BLOCK_M == 96 or (BLOCK_M == 128 and WGMMA and not CARRY and not ID_BLOCKS and live <= 96):  # 64 + 32
+    elif BLOCK_M == 96 or (BLOCK_M == 128 and WGMMA and not CARRY and live <= 96):  # 65-96 rows: 64 + 32
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
