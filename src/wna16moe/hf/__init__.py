@@ -10,7 +10,7 @@ with wna16moe.hf.loading():                    # or wna16moe.hf.enable() ... wna
 print(wna16moe.hf.explain(model))              # per layer: the chosen backend, and why not the others
 ```
 
-Needs transformers (`pip install wna16moe[hf]`; 5.17 to 5.23 are tested).
+Needs transformers (`pip install wna16moe[hf]`; 5.17 to 5.24 are tested).
 """
 
 try:
