@@ -4,6 +4,7 @@ bit-exact save round trip, errors for missing tensors, static-cache generate and
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,11 +230,14 @@ def test_fullgraph_compile_with_static_cache() -> None:
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids, step = random_ids(1, 7), random_ids(1, 1)
 
+    # (5.24 renamed the forward's `past_key_values` to `cache`; the old name warns until 5.40.)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def run(m: torch.nn.Module) -> list[torch.Tensor]:
-        cache = StaticCache(config=model.config, max_cache_len=12)
+        cache = {cache_arg: StaticCache(config=model.config, max_cache_len=12)}
         with torch.no_grad():
-            prefill = m(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(7)).logits
-            decode = m(step, past_key_values=cache, use_cache=True, cache_position=torch.tensor([7])).logits
+            prefill = m(ids, **cache, use_cache=True, cache_position=torch.arange(7)).logits
+            decode = m(step, **cache, use_cache=True, cache_position=torch.tensor([7])).logits
         return [prefill, decode]
 
     for got, want in zip(run(compiled), run(model), strict=True):
