@@ -304,8 +304,8 @@ def test_gpu_narrow_blocks_in_groups_match_emulation(scheme_name: str, config: T
 
 def _check_against_emulation(scheme_name: str, config: TritonConfig, i: int = 384, h: int | None = None,
                              tokens: tuple[int, ...] = (1, 3, 40, 300), e: int = 16, top_k: int = 4) -> None:
-    """TRITON with `config` against EMULATION, both dtypes, t = 1 to 300 tokens over 16 experts (top-4: every
-    row count a wide block shrinks to). H, by default, is not a whole number of 128-deep tiles where the groups
+    """TRITON with `config` against EMULATION, both dtypes, by default t = 1 to 300 tokens over 16 experts (top-4:
+    every row count a wide block shrinks to). H, by default, is not a whole number of 128-deep tiles where the groups
     allow it (the masked last tile of GEMM1)."""
     if h is None:
         h = 1152 if "g128" in scheme_name else 1088
