@@ -295,7 +295,8 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     I = 768), and every layer above 56 rows up to 86 (`ROWS_FOR_96_ROW_BLOCKS`) 96-row blocks at 2 stages (v81: 5-21%
     faster than the 128-row defaults in every round at 11 int4 points on mixtral, deepseek-v3, kimi-k2, llama-4-scout
     and a 64-expert layer, and 2-12% at three W8A16 points; at 53-56 rows level, at 90-109 up to 15% slower; v82:
-    6-23% faster than the 64-row defaults at 60-81 rows on qwen3-30b-a3b and glm-4.5-air, int4)."""
+    6-23% faster than the 64-row defaults at 60-81 rows on qwen3-30b-a3b and glm-4.5-air, int4; v83: W8A16 11-20% at
+    69 rows on both)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert > 96:
         return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
