@@ -1,8 +1,10 @@
 """The shipped TRITON configuration table: building it from a sweep, looking entries up, and its contents."""
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -383,10 +385,10 @@ def test_default_config_never_swaps_ab_by_default() -> None:
 @pytest.mark.parametrize("group_size", [128, 32])
 def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: int) -> None:
     # from 128 rows per expert (deepseek-v3 / kimi-k2 M = 4096 and 8192): the decode kernel's 128-row blocks on
-    # wgmma, GEMM2 128 wide; off Hopper the Triton kernel
+    # wgmma, GEMM2 256 wide (NOTES.md v84); off Hopper the Triton kernel
     for tokens in (4096, 8192):
         hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
-        assert hopper == TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
+        assert hopper == TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
         assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
 
 
@@ -427,13 +429,14 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("rows", "intermediate_size", "block_m"), [
     (33, 2048, 128), (56, 14336, 128), (57, 14336, 96), (86, 2048, 96), (87, 2048, 128), (96, 2048, 128),
-    (97, 2048, 128), (33, 768, 64), (56, 768, 64), (57, 768, 96), (60, 1536, 96), (86, 768, 96), (87, 768, 64),
-    (96, LONG_I - 128, 64), (97, 768, 128), (32, 2048, 32)])
+    (97, 2048, 128), (33, 768, 64), (56, 768, 64), (57, 768, 96), (60, 1536, 96), (86, 768, 96), (87, 768, 128),
+    (96, LONG_I - 128, 128), (97, 768, 128), (32, 2048, 32)])
 def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_long(
         rows: int, intermediate_size: int, block_m: int, bits: int) -> None:
-    """From 33 to 96 rows per expert, 128-row blocks (64-row loops up to 64 live rows, unrolled) where the layer's
-    intermediate size is at least LONG_I, 64-row ones below it (NOTES.md v61), but on every layer 96-row ones at 2
-    stages above 56 rows up to 86 (NOTES.md v81, v82); the same 128 / 256 wide tiles."""
+    """From 33 to 56 rows per expert, 128-row blocks (64-row loops up to 64 live rows, unrolled) where the layer's
+    intermediate size is at least LONG_I, 64-row ones below it (NOTES.md v61); on every layer 96-row ones at 2
+    stages above 56 rows up to 86 (NOTES.md v81, v82) and 128-row ones above (v84); the same 128 / 256 wide tiles
+    up to 96 rows."""
     assert ROWS_FOR_96_ROW_BLOCKS == (56, 86)
     tokens = rows * 128 // 8  # 128 experts, top 8
     config = default_config(tokens, 8, 128, 128, 4096, intermediate_size, 132, hopper=True, bits=bits)
@@ -442,7 +445,7 @@ def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_
         assert (config.block_n1, config.block_n2, config.num_warps, config.num_stages, config.wgmma) == (
             128, 256, 8, 2 if block_m == 96 else 3, True)
     unknown = default_config(tokens, 8, 128, 128, hopper=True, bits=bits)  # no sizes: the short layers' blocks
-    assert unknown.block_m == (64 if 32 < rows <= 96 and block_m != 96 else block_m)
+    assert unknown.block_m == (64 if 32 < rows <= 56 else block_m)
 
 
 def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -> None:
@@ -493,16 +496,48 @@ def test_a_narrow_entry_runs_between_rows_where_the_defaults_take_its_own_ms_nar
 
 
 def test_a_wide_entry_runs_between_rows_only_in_its_own_ms_range_of_the_defaults() -> None:
-    """mixtral's int4 M = 400 entry (128-row blocks, 100 rows per expert) between the table's rows: at M = 380
-    (95 rows) the defaults take 128-row blocks too, but in the 33-96 range of its long intermediate size, not
-    the entry's range above 96: the defaults run there (NOTES.md v61); from M = 385 (96.25 rows) the entry."""
-    defaults = hopper_defaults(KEY)
-    entry = {"block_m": 128, "block_n1": 128, "block_n2": 128, "num_warps": 8, "num_stages": 3, "decode": True,
-             "wgmma": True}
-    assert entry_or_default((400, entry), 380, defaults) == defaults(380) != TritonConfig(**entry)
-    assert defaults(380).block_m == 128
-    assert entry_or_default((400, entry), 385, defaults) == TritonConfig(**entry)
-    assert tuning.rows_taking([128, 400, 8192], 400, entry, KEY)[0] == 385
+    """kimi-k2's int4 M = 512 entry (32-row mma.sync blocks at 10.7 rows per expert) between the table's rows: the
+    defaults take 32-row blocks from 10 rows, on mma.sync below 14 (groups of 32 on a wide layer, NOTES.md v73) and
+    on warpgroup mmas from there; the entry runs in its own range only (M = 480-671), the defaults from M = 672."""
+    kimi = ShapeKey(4, 32, 7168, 2048, 384, 8)
+    defaults = hopper_defaults(kimi)
+    tuned = tuned_config("NVIDIA H200", kimi, 512)
+    assert tuned is not None and tuned[0] == 512
+    entry = TritonConfig(**tuned[1])
+    assert (entry.block_m, entry.wgmma) == (32, False)
+    assert entry_or_default(tuned, 671, defaults) == entry
+    assert entry_or_default(tuned, 672, defaults) == defaults(672) != entry
+    assert (defaults(672).block_m, defaults(672).wgmma) == (32, True)
+    assert tuning.spans(tuning.rows_taking([128, 512, 2048], 512, tuned[1], kimi)) == "480-671"  # of 257-1024
+
+
+def _hopper_defaults_without_sms(key: ShapeKey) -> Callable[[int], TritonConfig]:
+    """`default_config` on Hopper as `tuning.rows_taking` asks it (no SM count), cached per token count."""
+    return cache(lambda tokens: default_config(tokens, key.top_k, key.num_experts, key.group_size, key.hidden_size,
+                                               key.intermediate_size, hopper=True, bits=key.bits))
+
+
+def test_every_shipped_wide_entry_runs_one_unbroken_range_of_the_defaults() -> None:
+    """`runs_between_rows` compares the defaults at two M, not at every M between them: equal wide defaults in two
+    ranges (128 x 256 at 33-56 rows per expert on long intermediate sizes and above 86 on every layer, 96-row
+    blocks between) count as one. No shipped entry spans such a gap: the rows each wide one runs (`rows_taking`)
+    are those a walk from its own M reaches without the defaults changing, on every card and shape."""
+    tuning._load.cache_clear()
+    for shapes in tuning._load()["cards"].values():
+        for text, by_m in shapes.items():
+            bits, group, h, i, e, k = re.fullmatch(r"int(\d+)_(?:g(\d+)|channel) H=(\d+) I=(\d+) E=(\d+) k=(\d+)",
+                                                   text).groups()
+            key = ShapeKey(int(bits), int(group) if group else None, int(h), int(i), int(e), int(k))
+            measured = sorted(int(m) for m in by_m)
+            for m, fields in ((int(m), f) for m, f in by_m.items() if f["block_m"] >= 32):
+                defaults = _hopper_defaults_without_sms(key)
+                running, walked = tuning.rows_running(measured, m), [m]
+                for step in (-1, 1):
+                    t = m + step
+                    while t in running and defaults(t) == defaults(m) and defaults(t).block_m == fields["block_m"]:
+                        walked.append(t)
+                        t += step
+                assert tuning.rows_taking(measured, m, fields, key) == sorted(walked), (text, m)
 
 
 def test_hopper_decode_default_splits_by_programs() -> None:
@@ -619,7 +654,7 @@ def test_span_points_lie_inside_the_rows_an_entry_runs() -> None:
     # Midway (in log scale) between the entry's M and each end of its span, on rows it runs: qwen3-30b-a3b's
     # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 96-row M = 2048 entry runs 1793-2752, where the defaults
     # take the same 96-row blocks (above 56 rows per expert, up to 86), and a 128-row entry there only at its own
-    # M; on 128 experts at I = 1536 (128 rows per expert at M = 2048) from 1537 (above 96 rows per expert); a
+    # M; on 128 experts at I = 1536 (128 rows per expert at M = 2048) from 1377 (above 86 rows per expert); a
     # one-token entry runs M = 1-2.
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
     assert tuning.span_points([1, 8, 32, 128, 512, 2048, 8192], 8192, wide, QWEN) == [5793, 11585]
@@ -628,7 +663,7 @@ def test_span_points_lie_inside_the_rows_an_entry_runs() -> None:
     assert tuning.rows_taking([512, 2048, 8192], 2048, rows96, deepseek)[::959] == [1793, 2752]
     assert tuning.span_points([512, 2048, 8192], 2048, rows96, deepseek) == [1916, 2374]
     assert tuning.span_points([512, 2048, 8192], 2048, wide, deepseek) == []
-    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 4096, 1536, 128, 8)) == [1774, 2896]
+    assert tuning.span_points([512, 2048, 8192], 2048, wide, ShapeKey(8, 128, 4096, 1536, 128, 8)) == [1679, 2896]
     narrow = {"block_m": 16, "block_n1": 64, "block_n2": 64, "num_warps": 4}
     assert tuning.span_points([1, 8], 1, narrow, KEY) == [2]
 
@@ -676,14 +711,13 @@ def test_rows_taking_an_entry_are_those_where_the_defaults_pick_its_block_size()
     # range of M = 2048: 96-row blocks above 56 rows up to 86 on any layer (M = 1793-2752), so a 96-row entry runs
     # that range, at I = 1536 as at deepseek-v3's I = 2048; 64- and 128-row ones run at 2048 alone. Measured at
     # M = 1400 (44 rows), a 64-row entry runs the rows nearest it where the defaults take 64-row blocks at I = 1536,
-    # 33-56 and 87-96 rows (M = 1025-1792 and 2753-3072).
+    # 33-56 rows (M = 1025-1792).
     key = ShapeKey(8, 128, 7168, 1536, 256, 8)
     wide = {"block_m": 128, "block_n1": 128, "block_n2": 256, "num_warps": 8, "decode": True, "wgmma": True}
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide, key) == [2048]
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 64}, key) == [2048]
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 96}, key) == list(range(1793, 2753))
-    assert tuning.rows_taking([512, 1400, 8192], 1400, wide | {"block_m": 64}, key) == [*range(1025, 1793),
-                                                                                           *range(2753, 3073)]
+    assert tuning.rows_taking([512, 1400, 8192], 1400, wide | {"block_m": 64}, key) == list(range(1025, 1793))
     deepseek = ShapeKey(8, 128, 7168, 2048, 256, 8)
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide | {"block_m": 96}, deepseek) == list(range(1793, 2753))
     assert tuning.rows_taking([512, 2048, 8192], 2048, wide, deepseek) == [2048]

@@ -246,9 +246,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
     return TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
 
 
-# From this intermediate size (per rank), the decode defaults put 33-96 rows per expert on 128-row blocks, else on
-# 64-row ones (`_decode_default`), but for those in ROWS_FOR_96_ROW_BLOCKS (above the first, up to the second), on
-# any layer: 96-row blocks.
+# From this intermediate size (per rank), the decode defaults put 33-56 rows per expert on 128-row blocks, else on
+# 64-row ones (`_decode_default`); on any layer those in ROWS_FOR_96_ROW_BLOCKS (above the first, up to the second)
+# on 96-row blocks, and those above on 128-row ones.
 LONG_I = 2048
 ROWS_FOR_96_ROW_BLOCKS = (56, 86)
 # From these rows per expert (to 10) the int4 decode defaults take 16-row blocks (`_decode_default`).
@@ -296,10 +296,11 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     faster than the 128-row defaults in every round at 11 int4 points on mixtral, deepseek-v3, kimi-k2, llama-4-scout
     and a 64-expert layer, and 2-12% at three W8A16 points; at 53-56 rows level, at 90-109 up to 15% slower; v82:
     6-23% faster than the 64-row defaults at 60-81 rows on qwen3-30b-a3b and glm-4.5-air, int4; v83: W8A16 11-20% at
-    69 rows on both)."""
+    69 rows on both). Above 86 rows short intermediate sizes take the long ones' 128-row tiles too (v84, int4: 16-24%
+    faster than 64-row blocks at 91 and 95 rows on qwen3-30b-a3b and glm-4.5-air, every round)."""
     per_expert = num_tokens * top_k / num_experts
-    if per_expert > 96:
-        return TritonConfig(128, 128, 128, num_warps=8, num_stages=3, decode=True, wgmma=True)
+    if per_expert > ROWS_FOR_96_ROW_BLOCKS[1]:
+        return TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert > 32:
         if ROWS_FOR_96_ROW_BLOCKS[0] < per_expert <= ROWS_FOR_96_ROW_BLOCKS[1]:
             # Most experts' rows fit one 96-row block, where 64-row blocks take two and a 128-row block idles a
@@ -307,8 +308,8 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
             return TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)
         # A 128-row block multiplies an expert's rows in its 64-row loop (up to 64 live rows) or its 128-row
         # one, both unrolled by the ring's depth (one CTA barrier per tile), and 65-96 in the 64 + 32 loop; a
-        # 64-row block's loops index the ring at run time (two). Why short intermediate sizes lose with it is not
-        # profiled (v61, before the 64 + 32 loop).
+        # 64-row block's loops index the ring at run time (two). Why short intermediate sizes lose with it at
+        # 33-56 rows is not profiled (v61, before the 64 + 32 loop); above 86 rows they win with it (v84).
         long_i = intermediate_size is not None and intermediate_size >= LONG_I
         return TritonConfig(128 if long_i else 64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     small_groups = group_size is not None and group_size <= 64  # (four / two times group 128's scales per tile)
@@ -383,10 +384,9 @@ def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
     another size's range outdate the entry's tiling. On the H200's four shapes at M = 16-4096 between its rows, this
     took the defaults at 6 of 18 points: 9-19% faster than the nearest entry at five (qwen3-30b-a3b
     M = 256 and 1024, mixtral M = 256, deepseek-v3 M = 4096, kimi-k2 M = 16), 1% slower at mixtral M = 64; at the
-    other twelve the entry was faster or within 1% (NOTES.md v48). Since the defaults take 128-row blocks in two
-    ranges (33-96 rows per expert on long intermediate sizes, and above 96), a wide entry also stays in its own
-    M's range: mixtral's 128-row entries for 100 and 128 rows were 5-8% slower than the defaults at 60-85 rows
-    (NOTES.md v61)."""
+    other twelve the entry was faster or within 1% (NOTES.md v48). A wide entry also stays in its own M's range of
+    the defaults (`runs_between_rows`): mixtral's 128-row entries for 100 and 128 rows were 5-8% slower than the
+    defaults at 60-85 rows (NOTES.md v61)."""
     default = defaults(num_tokens)
     if tuned is None:
         return default
@@ -402,7 +402,10 @@ def runs_between_rows(entry: TritonConfig, default: TritonConfig, measured_defau
     `measured_default` at the entry's own M): narrow ones (8 or 16 rows) where the defaults are narrow too, of the
     size they pick at the entry's own M where that is narrow (int4 turns from 8- to 16-row blocks at 7 rows per
     expert, and each size wins on its side: v72); wide ones at the defaults' block size within the defaults' range
-    of their own M (`entry_or_default`; a range's wide defaults are one configuration)."""
+    of their own M (`entry_or_default`), a range being where the defaults are one configuration. Two ranges of
+    equal defaults count as one (128 x 256 at 33-56 rows per expert on long intermediate sizes and above 86 on
+    every layer); no shipped entry spans the gap between them (tests/test_tuning.py), and checking every M between
+    would cost the host a walk per new M."""
     if max(entry.block_m, default.block_m) < 32:
         return measured_default.block_m >= 32 or default.block_m == measured_default.block_m
     return entry.block_m == default.block_m and default == measured_default
