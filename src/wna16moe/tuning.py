@@ -132,8 +132,9 @@ def rows_taking(measured: list[int], m: int, fields: dict[str, Any], key: ShapeK
         return default_config(tokens, key.top_k, key.num_experts, key.group_size, key.hidden_size,
                               key.intermediate_size, hopper=entry.decode, bits=key.bits)
 
-    at_m = defaults(m)
-    return [t for t in rows_running(measured, m) if t == m or runs_between_rows(entry, defaults(t), at_m)]
+    at_m, rows_per_token = defaults(m), key.top_k / key.num_experts
+    return [t for t in rows_running(measured, m)
+            if t == m or runs_between_rows(entry, defaults(t), at_m, t * rows_per_token, m * rows_per_token)]
 
 
 def span_points(measured: list[int], m: int, fields: dict[str, Any], key: ShapeKey) -> list[int]:

@@ -375,8 +375,14 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
                         max_registers=registers, decode=True)
 
 
+# Rows per expert that bound a wide table entry's range between the table's rows (`runs_between_rows`): where the
+# defaults' wide tiles change (two ranges of equal defaults, 128 x 256 at 33-56 rows on long intermediate sizes and
+# above 86, stay apart), and 96, above which a 128-row block's rows mostly fill its 128-row loop, not the 64 + 32 one.
+WIDE_RANGE_EDGES = (32, ROWS_FOR_96_ROW_BLOCKS[0], ROWS_FOR_96_ROW_BLOCKS[1], 96)
+
+
 def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
-                     defaults: Callable[[int], TritonConfig]) -> TritonConfig:
+                     defaults: Callable[[int], TritonConfig], rows_per_token: float) -> TritonConfig:
     """What runs `num_tokens` rows: the table's entry at its nearest measured M (`tuning.tuned_config`), else the
     defaults (`defaults(M)`). At an M between the table's, the entry runs only where it multiplies blocks of the
     size the defaults pick for this M (a narrow entry, 8 or 16 rows, where the defaults are narrow, of the size
@@ -385,30 +391,36 @@ def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
     took the defaults at 6 of 18 points: 9-19% faster than the nearest entry at five (qwen3-30b-a3b
     M = 256 and 1024, mixtral M = 256, deepseek-v3 M = 4096, kimi-k2 M = 16), 1% slower at mixtral M = 64; at the
     other twelve the entry was faster or within 1% (NOTES.md v48). A wide entry also stays in its own M's range of
-    the defaults (`runs_between_rows`): mixtral's 128-row entries for 100 and 128 rows were 5-8% slower than the
-    defaults at 60-85 rows (NOTES.md v61)."""
+    the defaults (`runs_between_rows`; `rows_per_token` is top-k / experts): mixtral's 128-row entries for 100 and
+    128 rows were 5-8% slower than the defaults at 60-85 rows (NOTES.md v61), its 128 x 128 one for 100 rows 5-14%
+    at 90-95 (v84)."""
     default = defaults(num_tokens)
     if tuned is None:
         return default
     measured_m, fields = tuned
     entry = TritonConfig(**fields)
-    if measured_m == num_tokens or runs_between_rows(entry, default, defaults(measured_m)):
+    if measured_m == num_tokens or runs_between_rows(entry, default, defaults(measured_m),
+                                                     num_tokens * rows_per_token, measured_m * rows_per_token):
         return entry
     return default
 
 
-def runs_between_rows(entry: TritonConfig, default: TritonConfig, measured_default: TritonConfig) -> bool:
-    """Whether a table entry runs at an M between the table's rows where the defaults pick `default` (and
-    `measured_default` at the entry's own M): narrow ones (8 or 16 rows) where the defaults are narrow too, of the
-    size they pick at the entry's own M where that is narrow (int4 turns from 8- to 16-row blocks at 7 rows per
-    expert, and each size wins on its side: v72); wide ones at the defaults' block size within the defaults' range
-    of their own M (`entry_or_default`), a range being where the defaults are one configuration. Two ranges of
-    equal defaults count as one (128 x 256 at 33-56 rows per expert on long intermediate sizes and above 86 on
-    every layer); no shipped entry spans the gap between them (tests/test_tuning.py), and checking every M between
-    would cost the host a walk per new M."""
+def runs_between_rows(entry: TritonConfig, default: TritonConfig, measured_default: TritonConfig,
+                      rows_per_expert: float, measured_rows_per_expert: float) -> bool:
+    """Whether a table entry runs at an M between the table's rows where the defaults pick `default` for
+    `rows_per_expert` (and `measured_default` at the entry's own M, `measured_rows_per_expert`): narrow ones (8 or
+    16 rows) where the defaults are narrow too, of the size they pick at the entry's own M where that is narrow
+    (int4 turns from 8- to 16-row blocks at 7 rows per expert, and each size wins on its side: v72); wide ones at
+    the defaults' block size within the defaults' range of their own M (`entry_or_default`): the same defaults,
+    between the same `WIDE_RANGE_EDGES`."""
     if max(entry.block_m, default.block_m) < 32:
         return measured_default.block_m >= 32 or default.block_m == measured_default.block_m
-    return entry.block_m == default.block_m and default == measured_default
+
+    def wide_range(rows: float) -> int:
+        return sum(rows > edge for edge in WIDE_RANGE_EDGES)
+
+    return (entry.block_m == default.block_m and default == measured_default
+            and wide_range(rows_per_expert) == wide_range(measured_rows_per_expert))
 
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -585,7 +597,8 @@ class TritonExperts(Experts):
             tuned = (tuned_config(self._card, self._shape_key, num_tokens, self._capability)
                      if self._card is not None else None)
             self._configs[num_tokens] = entry_or_default(tuned, num_tokens,
-                                                         lambda m: self.default_config(m, self.moe.top_k))
+                                                         lambda m: self.default_config(m, self.moe.top_k),
+                                                         self.moe.top_k / self.num_experts)
         return self._configs[num_tokens]
 
     def default_config(self, num_tokens: int, top_k: int) -> TritonConfig:
