@@ -3,8 +3,9 @@
 import json
 import re
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -591,9 +592,10 @@ def test_oracle_keeps_the_priority_without_measurements(table: Path) -> None:
     assert a100.chosen.backend.value == "marlin" and "measured" not in a100.chosen.reason
 
 
-def _trial(m: int, block_n2: int, us: tuple[float, ...], shipped: bool = False,
-           entry_m: int | None = None) -> list[dict]:
-    config = {"block_m": 16, "block_n1": 64, "block_n2": block_n2, "split_k2": 1, "num_warps": 4, "num_stages": 3}
+def _trial(m: int, block_n2: int, us: tuple[float, ...], shipped: bool = False, entry_m: int | None = None,
+           **fields: Any) -> list[dict]:
+    config = {"block_m": 16, "block_n1": 64, "block_n2": block_n2, "split_k2": 1, "num_warps": 4, "num_stages": 3,
+              **fields}
     return [{"shape": "mixtral", "scheme": "int4_g128_sym", "M": m, "round": r, "config": config, "us_graph": t,
              "shipped": shipped, "entry_m": entry_m} for r, t in enumerate(us)]
 
@@ -635,22 +637,51 @@ def test_trials_measure_against_the_current_entry_where_it_was_timed() -> None:
     assert entries[KEY.as_text()]["1"]["block_n2"] == 128
 
 
+ROWS_128 = {"block_m": 128, "num_warps": 8, "decode": True, "wgmma": True}  # mixtral's 128-row decode blocks
+
+
 @pytest.mark.parametrize("at_span_point, kept", [((101.0, 100.5), False), ((103.0, 102.0), True)])
 def test_trials_change_an_entry_only_where_the_change_holds_across_its_span(at_span_point: tuple[float, float],
                                                                            kept: bool) -> None:
-    # The 128-wide variant wins by 5% at the entry's own M = 128 in every round; at M = 91 of its span (try_configs
-    # --span: entry_m 128) it is level with the entry (within SPAN_TOLERANCE) or 2.5% slower, which keeps the entry.
-    # At M = 180 it is 20% faster, but a span point never makes an entry of its own.
-    rows = (_trial(128, 64, (100.0, 100.0), shipped=True, entry_m=128) + _trial(128, 128, (95.0, 95.0), entry_m=128)
-            + _trial(91, 64, (100.0, 100.0), shipped=True, entry_m=128) + _trial(91, 128, at_span_point, entry_m=128)
-            + _trial(180, 64, (100.0, 100.0), shipped=True, entry_m=128) + _trial(180, 128, (80.0, 80.0), entry_m=128))
-    entries = {KEY.as_text(): {"128": rows[0]["config"]}}
+    # The 128-wide variant of a 128-row entry wins by 5% at the entry's own M = 512 in every round; at M = 600 of
+    # its span (try_configs --span: entry_m 512), where it would run too, it is level with the entry (within
+    # SPAN_TOLERANCE) or 2.5% slower, which keeps the entry. At M = 800 it is 20% faster, but a span point never
+    # makes an entry of its own.
+    rows = [row for m, b128, b64 in ((512, (95.0, 95.0), (100.0, 100.0)), (600, at_span_point, (100.0, 100.0)),
+                                     (800, (80.0, 80.0), (100.0, 100.0)))
+            for row in _trial(m, 64, b64, shipped=True, entry_m=512, **ROWS_128)
+            + _trial(m, 128, b128, entry_m=512, **ROWS_128)]
+    entries = {KEY.as_text(): {"512": rows[0]["config"]}}
     replaced, held_back = tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY})
-    assert set(entries[KEY.as_text()]) == {"128"}
-    assert entries[KEY.as_text()]["128"]["block_n2"] == (64 if kept else 128)
-    assert replaced == ([] if kept else [("mixtral", 128)])
-    assert held_back == (["mixtral M = 128: block_n2=128 won at M = 128 but is +2.5% at M = 91: entry kept"]
+    assert set(entries[KEY.as_text()]) == {"512"}
+    assert entries[KEY.as_text()]["512"]["block_n2"] == (64 if kept else 128)
+    assert replaced == ([] if kept else [("mixtral", 512)])
+    assert held_back == (["mixtral M = 512: block_n2=128 won at M = 512 but is +2.5% at M = 600: entry kept"]
                          if kept else [])
+
+
+@pytest.mark.parametrize("defaults_us, kept", [(None, True), ((100.5, 100.5), False), ((104.0, 104.0), True)])
+def test_a_challenger_that_leaves_span_points_to_the_defaults_is_judged_by_them(
+        defaults_us: tuple[float, float] | None, kept: bool) -> None:
+    # A 144-row challenger wins at the entry's M = 512, but between the table's rows it would not run (the defaults
+    # never pick 144 rows), so M = 600 of the entry's span would run the defaults: those are compared with the entry
+    # there, whatever the challenger's own time at 600 (a loss here); untimed, they hold the challenger back.
+    default = asdict(hopper_defaults(KEY)(600))
+    rows = (_trial(512, 64, (100.0, 100.0), shipped=True, entry_m=512, **ROWS_128)
+            + _trial(512, 64, (90.0, 90.0), entry_m=512, **ROWS_128 | {"block_m": 144})
+            + _trial(600, 64, (100.0, 100.0), shipped=True, entry_m=512, **ROWS_128)
+            + _trial(600, 64, (130.0, 130.0), entry_m=512, **ROWS_128 | {"block_m": 144}))
+    if defaults_us is not None:
+        rows += [dict(row, config=default) for row in _trial(600, 0, defaults_us, entry_m=512)]
+    entries = {KEY.as_text(): {"512": rows[0]["config"]}}
+    replaced, held_back = tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY})
+    assert entries[KEY.as_text()]["512"]["block_m"] == (128 if kept else 144)
+    assert replaced == ([] if kept else [("mixtral", 512)])
+    won = "mixtral M = 512: block_m=144 won at M = 512"
+    assert held_back == ([] if not kept else
+                         [f"{won}, where it leaves M = 600 to the defaults, not timed there (--variant default): "
+                          "entry kept"] if defaults_us is None else
+                         [f"{won} but leaves the defaults +4.0% at M = 600: entry kept"])
 
 
 def test_span_points_lie_inside_the_rows_an_entry_runs() -> None:

@@ -39,7 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from wna16moe.experts.base import LayerSpec
+    from wna16moe.experts.triton import TritonConfig
 
 TABLE_PATH = Path(__file__).with_name("tuned_triton.json")
 # The card whose tuned entries stand in, shape by shape, for cards of its compute capability that were not
@@ -120,21 +123,32 @@ def rows_running(measured: list[int], m: int) -> range:
 
 
 def rows_taking(measured: list[int], m: int, fields: dict[str, Any], key: ShapeKey) -> list[int]:
-    """Of the token counts nearest the measured M `m` (`rows_running`), those that run its entry `fields`: between
-    the table's rows only where the defaults pick its block size, in the defaults' range of `m`
+    """Of the token counts nearest the measured M `m` (`rows_running`), those that run its entry `fields`
+    (`runs_at`)."""
+    return [t for t in rows_running(measured, m) if runs_at(fields, t, m, key)]
+
+
+def runs_at(fields: dict[str, Any], tokens: int, m: int, key: ShapeKey) -> bool:
+    """Whether the entry `fields` measured at M = `m` runs `tokens` rows where it is the nearest entry: at `m`,
+    and between the table's rows only where the defaults pick its block size, in the defaults' range of `m`
     (`experts.triton.entry_or_default`), the defaults as on the card it was measured on (Hopper where the entry is
     on the decode kernel, which runs only there)."""
-    from wna16moe.experts.triton import TritonConfig, default_config, runs_between_rows
+    from wna16moe.experts.triton import TritonConfig, runs_between_rows
 
-    entry = TritonConfig(**fields)
+    if tokens == m:
+        return True
+    defaults, rows_per_token = table_defaults(key, fields.get("decode", False)), key.top_k / key.num_experts
+    return runs_between_rows(TritonConfig(**fields), defaults(tokens), defaults(m), tokens * rows_per_token,
+                             m * rows_per_token)
 
-    def defaults(tokens: int) -> TritonConfig:
-        return default_config(tokens, key.top_k, key.num_experts, key.group_size, key.hidden_size,
-                              key.intermediate_size, hopper=entry.decode, bits=key.bits)
 
-    at_m, rows_per_token = defaults(m), key.top_k / key.num_experts
-    return [t for t in rows_running(measured, m)
-            if t == m or runs_between_rows(entry, defaults(t), at_m, t * rows_per_token, m * rows_per_token)]
+def table_defaults(key: ShapeKey, hopper: bool) -> Callable[[int], TritonConfig]:
+    """`default_config` of the layer keyed `key` as a function of the token count, on Hopper or elsewhere (no SM
+    count: the table's rules are checked without one)."""
+    from wna16moe.experts.triton import default_config
+
+    return lambda tokens: default_config(tokens, key.top_k, key.num_experts, key.group_size, key.hidden_size,
+                                         key.intermediate_size, hopper=hopper, bits=key.bits)
 
 
 def span_points(measured: list[int], m: int, fields: dict[str, Any], key: ShapeKey) -> list[int]:
@@ -215,8 +229,10 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
     counts there at its slowest as a challenger and at its fastest as the incumbent.
 
     Rows timed at another M of an entry's span (`try_configs.py --span`: `entry_m` is not M) never make an entry
-    of their own; a challenger whose median there is slower than the entry's by more than `SPAN_TOLERANCE` is held
-    back. Returns the (shape, M) replaced, and a line per challenger held back."""
+    of their own. There the challenger is compared with the entry if it would run that M in the entry's place
+    (`runs_at`), else the defaults, which would run it then (`--variant default`); where that is slower than the
+    entry by more than `SPAN_TOLERANCE`, or the defaults were not timed, the challenger is held back. Returns the
+    (shape, M) replaced, and a line per challenger held back."""
     # (shape, M) -> config -> round -> every timing of that round, µs
     rounds: dict[tuple[str, int], dict[str, dict[int, list[float]]]] = {}
     # (shape, entry's M) -> M of its span -> config -> every timing there, µs; and the entry's config there
@@ -252,17 +268,36 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
                   and all(max(us[r]) < min(base[r]) * (1 - min_gain) for r in base)]
         for point, at_point in sorted(span.get((shape, m), {}).items()):
             entry = at_point.get(span_entry.get((shape, m, point), ""))
-            for name in [n for n in faster if entry and n in at_point]:
-                change = statistics.median(at_point[name]) / statistics.median(entry) - 1
+            for name in [n for n in faster if entry]:
+                won = f"{shape} M = {m}: {_fields_changed(configs[incumbent], configs[name])} won at M = {m}"
+                if runs_at(configs[name], point, m, shape_keys[shape]):
+                    after, what = at_point.get(name), "is"
+                else:  # between the table's rows the challenger would leave this M to the defaults
+                    default = table_defaults(shape_keys[shape], configs[name].get("decode", False))(point)
+                    after, what = next((us for other, us in at_point.items()
+                                        if _as_config(configs[other]) == default), None), "leaves the defaults"
+                    if after is None:
+                        faster.remove(name)
+                        held_back.append(f"{won}, where it leaves M = {point} to the defaults, not timed there "
+                                         f"(--variant default): entry kept")
+                        continue
+                if after is None:  # (the challenger not timed at this point: nothing to hold it back by)
+                    continue
+                change = statistics.median(after) / statistics.median(entry) - 1
                 if change > SPAN_TOLERANCE:
                     faster.remove(name)
-                    held_back.append(f"{shape} M = {m}: {_fields_changed(configs[incumbent], configs[name])} won "
-                                     f"at M = {m} but is {100 * change:+.1f}% at M = {point}: entry kept")
+                    held_back.append(f"{won} but {what} {100 * change:+.1f}% at M = {point}: entry kept")
         if faster:
             by_m[str(m)] = configs[min(faster, key=lambda name: statistics.median(
                 [t for timings in by_config[name].values() for t in timings]))]
             replaced.append((shape, m))
     return replaced, held_back
+
+
+def _as_config(fields: dict[str, Any]) -> TritonConfig:
+    from wna16moe.experts.triton import TritonConfig
+
+    return TritonConfig(**fields)
 
 
 def _fields_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
