@@ -233,6 +233,8 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
     (`runs_at`), else the defaults, which would run it then (`--variant default`); where that is slower than the
     entry by more than `SPAN_TOLERANCE`, or the defaults were not timed, the challenger is held back. Returns the
     (shape, M) replaced, and a line per challenger held back."""
+    from wna16moe.experts.triton import TritonConfig
+
     # (shape, M) -> config -> round -> every timing of that round, µs
     rounds: dict[tuple[str, int], dict[str, dict[int, list[float]]]] = {}
     # (shape, entry's M) -> M of its span -> config -> every timing there, µs; and the entry's config there
@@ -275,7 +277,7 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
                 else:  # between the table's rows the challenger would leave this M to the defaults
                     default = table_defaults(shape_keys[shape], configs[name].get("decode", False))(point)
                     after, what = next((us for other, us in at_point.items()
-                                        if _as_config(configs[other]) == default), None), "leaves the defaults"
+                                        if TritonConfig(**configs[other]) == default), None), "leaves the defaults"
                     if after is None:
                         faster.remove(name)
                         held_back.append(f"{won}, where it leaves M = {point} to the defaults, not timed there "
@@ -292,12 +294,6 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
                 [t for timings in by_config[name].values() for t in timings]))]
             replaced.append((shape, m))
     return replaced, held_back
-
-
-def _as_config(fields: dict[str, Any]) -> TritonConfig:
-    from wna16moe.experts.triton import TritonConfig
-
-    return TritonConfig(**fields)
 
 
 def _fields_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
