@@ -296,13 +296,14 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     faster than the 128-row defaults in every round at 11 int4 points on mixtral, deepseek-v3, kimi-k2, llama-4-scout
     and a 64-expert layer, and 2-12% at three W8A16 points; at 53-56 rows level, at 90-109 up to 15% slower; v82:
     6-23% faster than the 64-row defaults at 60-81 rows on qwen3-30b-a3b and glm-4.5-air, int4; v83: W8A16 11-20% at
-    69 rows on both). Above 86 rows short intermediate sizes take the long ones' 128-row tiles too (v84, int4: 16-24%
-    faster than 64-row blocks at 91 and 95 rows on qwen3-30b-a3b and glm-4.5-air, every round)."""
+    69 rows on both). Above 86 rows every layer takes 128-row blocks, 128 / 256 wide at 3 stages (v84: 16-25% faster
+    than 64-row blocks at 91 and 95 rows on qwen3-30b-a3b and glm-4.5-air, int4 and W8A16, every round; GEMM2 128 wide
+    1.4-13.6% slower than 256 wide at 87-300 rows on five shapes, every int4 round)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert > ROWS_FOR_96_ROW_BLOCKS[1]:
         return TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert > 32:
-        if ROWS_FOR_96_ROW_BLOCKS[0] < per_expert <= ROWS_FOR_96_ROW_BLOCKS[1]:
+        if per_expert > ROWS_FOR_96_ROW_BLOCKS[0]:
             # Most experts' rows fit one 96-row block, where 64-row blocks take two and a 128-row block idles a
             # quarter of its rows or more; its ring (2 stages, split at 64 rows) keeps two programs per SM.
             return TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)
