@@ -14,7 +14,7 @@ With `--base default` the first configuration is `default_config`'s instead (row
 `--variant default` adds `default_config`'s as a variant of the shipped entry (the nearest table entry against
 the defaults, at M between the table's). With `--span` each M (a row of the table) is timed also at two token
 counts inside the span its entry runs (`tuning.span_points`), so that `tuning --trials` changes an entry only
-where the change holds across that span:
+where the change holds across that span (the defaults too there, where a variant would leave them those rows):
 
     python benchmarks/try_configs.py --span qwen3-30b-a3b:8192 --variant num_stages2=2 --rounds 3
 """
@@ -82,6 +82,18 @@ def with_span_points(cases: list[str], scheme: str | None,
             points += [m, *tuning.span_points(list(entries), m, entries[m], key)]
         spanned.append(f"{name}:{','.join(map(str, dict.fromkeys(points)))}")
     return spanned
+
+
+def with_defaults_where_left(variants: list[TritonConfig], default: TritonConfig, m: int, entry_m: int | None,
+                             key: tuning.ShapeKey) -> list[TritonConfig]:
+    """`variants` (the entry first), and at a point of the entry's span (`entry_m` is not `m`) the defaults too where
+    a variant would leave M = `m` to them if it replaced the entry (a block size the defaults do not pick here:
+    `tuning.runs_at`), since `tuning --trials` judges it there by the defaults' time."""
+    if entry_m is None or entry_m == m or default in variants:
+        return variants
+    if all(tuning.runs_at(asdict(variant), m, entry_m, key) for variant in variants[1:]):
+        return variants
+    return [*variants, default]
 
 
 def entry_row(entries: dict[int, dict[str, Any]], m: int, config: TritonConfig) -> int | None:
@@ -162,7 +174,8 @@ def main() -> None:
         default = kernel.default_config(m, kernel.moe.top_k)
         shipped = kernel.config(m) if args.base == "shipped" else default
         entry_m = entry_row(entries_of(tuning.shape_key(name, args.scheme)), m, shipped) if entries_of else None
-        variants = variants_of(shipped, args.variant, f"{name} M={m}", default)
+        variants = with_defaults_where_left(variants_of(shipped, args.variant, f"{name} M={m}", default), default, m,
+                                            entry_m, tuning.shape_key(name, args.scheme))
         for rnd in range(-args.warm_rounds, args.rounds):  # rounds in turn, so that a drift over time shows
             for c in round_order(variants, rnd):
                 try:

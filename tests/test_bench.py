@@ -18,7 +18,7 @@ import pytest
 import torch
 from triton_env import DEVICE
 
-from wna16moe import MoEConfig, QuantizedExperts, WeightScheme, bench
+from wna16moe import MoEConfig, QuantizedExperts, WeightScheme, bench, tuning
 from wna16moe.experts.base import LayerSpec
 from wna16moe.experts.emulation import EmulationExperts
 from wna16moe.experts.triton import PDL_OFF, RELEASE_AFTER_LOOP, RELEASE_AT_WAIT, TritonConfig, TritonExperts
@@ -400,6 +400,22 @@ def test_try_configs_times_each_variant_once_and_reports_the_rest(capsys: pytest
     orders = [try_configs.round_order(variants, rnd) for rnd in range(5)]
     assert [order[0] for order in orders] == variants + variants[:1]
     assert all(sorted(map(str, order)) == sorted(map(str, variants)) for order in orders)
+
+
+def test_try_configs_times_the_defaults_at_span_points_a_variant_would_leave_them() -> None:
+    # mixtral's 128-row entry at M = 512: a 144-row variant would not run M = 600 of the entry's span (the defaults
+    # never pick 144 rows), so the defaults are timed there too; a 256-wide variant would run it, and the entry's
+    # own M needs no defaults.
+    try_configs = _script("try_configs")
+    key = tuning.shape_key("mixtral")
+    entry = TritonConfig(128, 64, 128, num_warps=4, num_stages=2, decode=True, wgmma=True)
+    default = TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
+    rows144, wide = replace(entry, block_m=144, num_warps=8), replace(entry, block_n2=256)
+    assert try_configs.with_defaults_where_left([entry, rows144], default, 600, 512, key) == [entry, rows144, default]
+    assert try_configs.with_defaults_where_left([entry, wide], default, 600, 512, key) == [entry, wide]
+    assert try_configs.with_defaults_where_left([entry, rows144], default, 512, 512, key) == [entry, rows144]
+    assert try_configs.with_defaults_where_left([entry, rows144, default], default, 600, 512, key) == [
+        entry, rows144, default]
 
 
 class _StubKernel:
