@@ -129,17 +129,13 @@ def rows_taking(measured: list[int], m: int, fields: dict[str, Any], key: ShapeK
 
 
 def runs_at(fields: dict[str, Any], tokens: int, m: int, key: ShapeKey) -> bool:
-    """Whether the entry `fields` measured at M = `m` runs `tokens` rows where it is the nearest entry: at `m`,
-    and between the table's rows only where the defaults pick its block size, in the defaults' range of `m`
-    (`experts.triton.entry_or_default`), the defaults as on the card it was measured on (Hopper where the entry is
-    on the decode kernel, which runs only there)."""
-    from wna16moe.experts.triton import TritonConfig, runs_between_rows
+    """Whether the entry `fields` measured at M = `m` runs `tokens` rows where it is the nearest entry
+    (`experts.triton.entry_runs`), the defaults as on the card it was measured on (Hopper where the entry is on the
+    decode kernel, which runs only there)."""
+    from wna16moe.experts.triton import TritonConfig, entry_runs
 
-    if tokens == m:
-        return True
-    defaults, rows_per_token = table_defaults(key, fields.get("decode", False)), key.top_k / key.num_experts
-    return runs_between_rows(TritonConfig(**fields), defaults(tokens), defaults(m), tokens * rows_per_token,
-                             m * rows_per_token)
+    return entry_runs(TritonConfig(**fields), m, tokens, table_defaults(key, fields.get("decode", False)),
+                      key.top_k / key.num_experts)
 
 
 def table_defaults(key: ShapeKey, hopper: bool) -> Callable[[int], TritonConfig]:

@@ -376,7 +376,7 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
                         max_registers=registers, decode=True)
 
 
-# Rows per expert that bound a wide table entry's range between the table's rows (`runs_between_rows`): where the
+# Rows per expert that bound a wide table entry's range between the table's rows (`entry_runs`): where the
 # defaults' wide tiles change (two ranges of equal defaults, 128 x 256 at 33-56 rows on long intermediate sizes and
 # above 86, stay apart), and 96, above which a 128-row block's rows mostly fill its 128-row loop, not the 64 + 32 one.
 WIDE_RANGE_EDGES = (32, ROWS_FOR_96_ROW_BLOCKS[0], ROWS_FOR_96_ROW_BLOCKS[1], 96)
@@ -392,36 +392,34 @@ def entry_or_default(tuned: tuple[int, dict[str, Any]] | None, num_tokens: int,
     took the defaults at 6 of 18 points: 9-19% faster than the nearest entry at five (qwen3-30b-a3b
     M = 256 and 1024, mixtral M = 256, deepseek-v3 M = 4096, kimi-k2 M = 16), 1% slower at mixtral M = 64; at the
     other twelve the entry was faster or within 1% (NOTES.md v48). A wide entry also stays in its own M's range of
-    the defaults (`runs_between_rows`; `rows_per_token` is top-k / experts): mixtral's 128-row entries for 100 and
+    the defaults (`entry_runs`; `rows_per_token` is top-k / experts): mixtral's 128-row entries for 100 and
     128 rows were 5-8% slower than the defaults at 60-85 rows (NOTES.md v61), its 128 x 128 one for 100 rows 5-14%
     at 90-95 (v84)."""
-    default = defaults(num_tokens)
     if tuned is None:
-        return default
+        return defaults(num_tokens)
     measured_m, fields = tuned
     entry = TritonConfig(**fields)
-    if measured_m == num_tokens or runs_between_rows(entry, default, defaults(measured_m),
-                                                     num_tokens * rows_per_token, measured_m * rows_per_token):
-        return entry
-    return default
+    return entry if entry_runs(entry, measured_m, num_tokens, defaults, rows_per_token) else defaults(num_tokens)
 
 
-def runs_between_rows(entry: TritonConfig, default: TritonConfig, measured_default: TritonConfig,
-                      rows_per_expert: float, measured_rows_per_expert: float) -> bool:
-    """Whether a table entry runs at an M between the table's rows where the defaults pick `default` for
-    `rows_per_expert` (and `measured_default` at the entry's own M, `measured_rows_per_expert`): narrow ones (8 or
-    16 rows) where the defaults are narrow too, of the size they pick at the entry's own M where that is narrow
-    (int4 turns from 8- to 16-row blocks at 7 rows per expert, and each size wins on its side: v72); wide ones at
-    the defaults' block size within the defaults' range of their own M (`entry_or_default`): the same defaults,
-    between the same `WIDE_RANGE_EDGES`."""
+def entry_runs(entry: TritonConfig, measured_m: int, num_tokens: int, defaults: Callable[[int], TritonConfig],
+               rows_per_token: float) -> bool:
+    """Whether the table's entry measured at `measured_m` runs `num_tokens` rows where it is the nearest entry: at
+    its own M; between the table's rows, narrow ones (8 or 16 rows) where the defaults are narrow too, of the size
+    they pick at the entry's own M where that is narrow (int4 turns from 8- to 16-row blocks at 7 rows per expert,
+    and each size wins on its side: v72), wide ones at the defaults' block size within the defaults' range of their
+    own M (`entry_or_default`): the same defaults, between the same `WIDE_RANGE_EDGES`."""
+    if measured_m == num_tokens:
+        return True
+    default, measured_default = defaults(num_tokens), defaults(measured_m)
     if max(entry.block_m, default.block_m) < 32:
         return measured_default.block_m >= 32 or default.block_m == measured_default.block_m
 
-    def wide_range(rows: float) -> int:
-        return sum(rows > edge for edge in WIDE_RANGE_EDGES)
+    def wide_range(tokens: int) -> int:
+        return sum(tokens * rows_per_token > edge for edge in WIDE_RANGE_EDGES)
 
     return (entry.block_m == default.block_m and default == measured_default
-            and wide_range(rows_per_expert) == wide_range(measured_rows_per_expert))
+            and wide_range(num_tokens) == wide_range(measured_m))
 
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
