@@ -46,6 +46,9 @@
 #                                        # dealt over the GPUs; $SPAN_SCHEME: a weight scheme
 #   benchmarks/device_checks.sh peer     # one GPU: vLLM's Triton WNA16 kernel against the shipped table
 #                                        # (benchmarks/vllm_triton_peer.py), every shape and M
+#   SCRIPT=build/x.sh benchmarks/device_checks.sh script # one GPU: a call script of one's own, its $OUT packed
+#                                        # like the modes' (v85 lost 4 of 12 files to the 8-file limit), MARLIN's
+#                                        # library set; its output's last $SCRIPT_TAIL (40) lines printed
 #
 # One device call runs at most 10 minutes, hence one mode per call.
 #
@@ -424,6 +427,10 @@ ab-try)  # one GPU: try_configs ($TRY_CASES, $TRY_VARIANTS as for gluon) in this
             $TRY_CASES "${variants[@]}" --out "$OUT/try-$name-$(date +%s).json"
     done
     ;;
+script)  # one GPU: $SCRIPT with $OUT the folder that is packed, within $SCRIPT_LIMIT seconds (580)
+    step script "${SCRIPT_LIMIT:-580}" bash "$SCRIPT"
+    tail -n "${SCRIPT_TAIL:-40}" "$OUT/script.log"
+    ;;
 chain)  # one GPU: is a forward's time in the bench its time among other layers?
     nvidia-smi -L
     step chain 300 python3 benchmarks/back_to_back.py --out "$OUT/chain.json"
@@ -437,7 +444,7 @@ multi)
     multi
     ;;
 *)
-    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-trees|search|gluon|ab-env|ship|ab-try|chain|confirm|served|w8a16-sweep|decode|probe|peer|between" >&2
+    echo "usage: $0 tests|sweep|multi|pair|quad|final|ab|ab-sweep|ab-trees|search|gluon|ab-env|ship|ab-try|chain|confirm|served|w8a16-sweep|decode|probe|peer|between|span|script" >&2
     exit 2
     ;;
 esac
