@@ -194,7 +194,9 @@ DECODE_CASES = [
     # Blocks of 48, 96 and 144 rows: their 32 + 16, 64 + 32 and 128 + 16 loops multiply one tile's slots into two
     # accumulators (GEMM1 48 x 64 at 4 warps, 171 registers, 521 instructions per tile against the 32-row block's
     # 417; GEMM2 96 x 256 at 8 warps, 2 stages, 449; GEMM1 144 x 128 at 8 warps, 2 stages, 488 against the 128-row
-    # block's 369); the ring holds the block's rows in two buffers (v80; 64, 128 and 256 rows before)
+    # block's 369); the ring holds the block's rows in two buffers (v80; 64, 128 and 256 rows before). A 144-row
+    # block's other loops are a 128-row block's, unrolled (v86: its longest, the 128-row loop, as the 128-row
+    # block's)
     dict(gated=True, bits=4, zp=False, perm=False, group=128, block_m=48, block_n=64, warps=4, pair=False,
          loop_budget=575, wgmma=True),
     dict(gated=False, bits=4, zp=False, perm=False, group=128, block_m=96, block_n=256, warps=8, pair=False,
@@ -311,13 +313,14 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     halves = 2 if case["gated"] else 1
     # (48 and 96 rows: the longest loop, past 32 or 64 rows, multiplies each step into two accumulators)
     split = case["block_m"] in (48, 96, 144)
-    # A 128-row wgmma block multiplies 65-96 live rows in the 96-row block's 64 + 32 loop (no carry there), its
-    # ring indexed: where the 128-row loop is indexed too (int8) that loop is the longer one.
-    unrolled = case["block_m"] < 32 or (case["block_m"] == 128 and case["bits"] == 4)
-    mid_loop = wgmma and case["block_m"] == 128 and not case.get("carry")
+    # A 128-row wgmma block (and a 144-row one, up to 128 live rows) multiplies 65-96 live rows in the 96-row
+    # block's 64 + 32 loop (no carry there), its ring indexed: where the 128-row loop is indexed too (int8) that
+    # loop is the longer one. A 144-row block's loops up to 128 rows are a 128-row block's, its split loop indexed.
+    unrolled = case["block_m"] < 32 or (case["block_m"] in (128, 144) and case["bits"] == 4)
+    mid_loop = wgmma and case["block_m"] in (128, 144) and not case.get("carry")
     if wgmma:  # one m64 wgmma per 16-deep step, half and 64 columns of the program's warpgroup, all in the loop
         per_loop = halves * 8 * case["block_n"] // (16 * case["warps"])
-        longest_split = split or (mid_loop and not unrolled)
+        longest_split = (split or mid_loop) and not unrolled
         assert facts["loop_HGMMA"] == per_loop * (1 + longest_split) and facts["loop_HMMA"] == 0, facts
         # all of a tile's wgmmas in flight, one wait at its end (post-scaled shrunk loops: one per half); with
         # `carry` one more, before the tile's dequantization, for the last tile's (ptxas, where it serializes
@@ -332,11 +335,11 @@ def test_decode_gemm_compiles(compiled: dict, index: int) -> None:
     # other (their stages are buffers of their own); other wide blocks' rings are indexed at run time: one
     # barrier more, and one more where registers store into them (act-order activations, rows off 16 bytes).
     if wgmma:
-        # one per row count the block can shrink to (a split loop counts twice; a 128-row block's 96-row loop,
-        # indexed, too)
-        loops = case["block_m"].bit_length() - 1 if split else case["block_m"].bit_length() - 3
+        # one per row count the block can shrink to, 8 to 32, 64 or 128 rows (unrolled: one per stage), and the
+        # split loop and a 128-row block's 96-row loop (both indexed), twice each
         copies = case.get("stages", 3) if unrolled else 1
-        assert facts["wgmma.mma_async"] == (loops * copies + 2 * mid_loop) * per_loop, facts
+        loops = (case["block_m"].bit_length() - 3) * copies + 2 * split + 2 * mid_loop
+        assert facts["wgmma.mma_async"] == loops * per_loop, facts
     stores = case["perm"] or not case.get("aligned", True)
     # (a persistent GEMM1 parks the sums of an item it shares once per program, behind a barrier of its own)
     parks = case.get("persistent", False) and case["gated"]

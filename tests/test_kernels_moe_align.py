@@ -25,27 +25,38 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return request.param
 
 
-def _align_sorted(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The reference: a stable sort by expert, padded per expert (pairs of expert -1 dropped)."""
+def _expert_blocks(pairs: int, block_m: int, extra_rows: int) -> list[int]:
+    """The pairs of each block of an expert of `pairs` pairs: block_m each, or with extra rows block_m - extra_rows
+    each but the last, which takes up to extra_rows more."""
+    base = block_m - extra_rows
+    blocks = max(1, -(-(pairs - extra_rows) // base)) if pairs else 0
+    return [base] * (blocks - 1) + [pairs - base * (blocks - 1)] if blocks else []
+
+
+def _align_sorted(ids: torch.Tensor, num_experts: int, block_m: int, extra_rows: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The reference: a stable sort by expert, padded per block (pairs of expert -1 dropped)."""
     flat = ids.reshape(-1).cpu().long()
     p = flat.numel()
     sorted_ids, expert_ids = [], []
     for expert in range(num_experts):
         pairs = torch.nonzero(flat == expert).squeeze(1).tolist()
-        padded = -(-len(pairs) // block_m) * block_m
-        sorted_ids += pairs + [p] * (padded - len(pairs))
-        expert_ids += [expert] * (padded // block_m)
+        for taken in _expert_blocks(len(pairs), block_m, extra_rows):
+            sorted_ids += pairs[:taken] + [p] * (block_m - taken)
+            pairs = pairs[taken:]
+            expert_ids.append(expert)
     used = len(sorted_ids)
-    max_padded = max_padded_rows(p, num_experts, block_m)
+    max_padded = max_padded_rows(p, num_experts, block_m, extra_rows)
     sorted_ids += [p] * (max_padded - used)
     expert_ids += [-1] * (max_padded // block_m - len(expert_ids))
     return torch.tensor(sorted_ids, dtype=torch.int32), torch.tensor(expert_ids, dtype=torch.int32), used
 
 
 def _matches_sort(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
-                  num_padded: torch.Tensor) -> None:
-    """Equal to the reference once each expert's rows are sorted (pairs take rows in no fixed order)."""
-    want_rows, want_experts, used = _align_sorted(ids, e, block_m)
+                  num_padded: torch.Tensor, extra_rows: int = 0) -> None:
+    """Equal to the reference once each expert's pairs are sorted (pairs take rows in no fixed order, padding
+    rows in place)."""
+    want_rows, want_experts, used = _align_sorted(ids, e, block_m, extra_rows)
     assert int(num_padded.item()) == used
     assert torch.equal(expert_ids.cpu(), want_experts)
     got = sorted_ids.cpu().clone()
@@ -53,7 +64,9 @@ def _matches_sort(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Ten
         expert = int(want_experts[start // block_m])
         if start == 0 or int(want_experts[start // block_m - 1]) != expert:
             end = start + block_m * int((want_experts == expert).sum())
-            got[start:end] = torch.sort(got[start:end]).values
+            real = want_rows[start:end] < ids.numel()
+            assert torch.equal(got[start:end] < ids.numel(), real), "pairs and padding in other rows"
+            got[start:end][real] = torch.sort(got[start:end][real]).values
     assert torch.equal(got, want_rows)
 
 
@@ -62,14 +75,14 @@ def _routing(t: int, e: int, k: int) -> torch.Tensor:
 
 
 def _check(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
-           num_padded: torch.Tensor) -> None:
+           num_padded: torch.Tensor, extra_rows: int = 0) -> None:
     flat = ids.reshape(-1).cpu()
     p = flat.numel()
     sorted_ids, expert_ids, used = sorted_ids.cpu(), expert_ids.cpu(), int(num_padded.item())
     kept = torch.nonzero((flat >= 0) & (flat < e)).squeeze(1).to(torch.int32)  # pairs of this rank's experts
     counts = torch.bincount(flat[kept].long(), minlength=e)
-    assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
-    assert sorted_ids.numel() == max_padded_rows(p, e, block_m) and used <= sorted_ids.numel()
+    assert used == block_m * sum(len(_expert_blocks(int(n), block_m, extra_rows)) for n in counts)
+    assert sorted_ids.numel() == max_padded_rows(p, e, block_m, extra_rows) and used <= sorted_ids.numel()
     real = sorted_ids[sorted_ids < p]
     assert torch.equal(torch.sort(real).values, kept)  # each kept pair once, no -1 pair
     assert (sorted_ids[used:] == p).all()
@@ -83,7 +96,7 @@ def _check(ids: torch.Tensor, e: int, block_m: int, sorted_ids: torch.Tensor, ex
         assert (flat[rows.long()] == expert_ids[b]).all()
 
 
-def _poisoned_align(ids: torch.Tensor, e: int, block_m: int, path: str
+def _poisoned_align(ids: torch.Tensor, e: int, block_m: int, path: str, extra_rows: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_align_block_size with its output buffers filled with garbage first (the kernels must write every
     element): torch.empty is patched to hand out poisoned tensors during the call. The cooperative path runs
@@ -97,7 +110,7 @@ def _poisoned_align(ids: torch.Tensor, e: int, block_m: int, path: str
     torch.empty = poisoned
     try:
         for _ in range(2 if workspace is not None else 1):
-            result = moe_align_block_size(ids, e, block_m, workspace=workspace)
+            result = moe_align_block_size(ids, e, block_m, workspace=workspace, extra_rows=extra_rows)
             assert workspace is None or not workspace.any(), "the workspace was not left zero"
         return result
     finally:
@@ -118,6 +131,39 @@ def test_align_invariants(t: int, e: int, k: int, block_m: int, path: str) -> No
     result = _poisoned_align(ids, e, block_m, path)
     _check(ids, e, block_m, *result)
     _matches_sort(ids, e, block_m, *result)
+
+
+@pytest.mark.parametrize(("t", "e", "k", "block_m", "extra_rows"), [
+    (150, 8, 2, 48, 16),   # ~38 pairs per expert in blocks of 32, the last up to 48: one to two blocks each
+    (1000, 4, 2, 48, 16),  # ~500 per expert: many 32-pair blocks, a last of 17-48
+    (400, 8, 2, 96, 32),   # ~100 per expert: a 64-pair block and a last of 33-96, or one block
+    (60, 128, 8, 144, 16), # few pairs per expert: one block each, mostly padding
+])
+def test_align_extra_rows(t: int, e: int, k: int, block_m: int, extra_rows: int, path: str) -> None:
+    """An expert's last block takes up to extra_rows pairs past the others' block_m - extra_rows (the decode
+    kernel's 144-row blocks take 16): each block's pairs first, then padding, and no block of only padding."""
+    ids = _routing(t, e, k)
+    ids[0, 0] = -1  # (a pair left out)
+    result = _poisoned_align(ids, e, block_m, path, extra_rows)
+    _check(ids, e, block_m, *result, extra_rows=extra_rows)
+    _matches_sort(ids, e, block_m, *result, extra_rows=extra_rows)
+
+
+def test_align_extra_rows_at_each_edge(path: str) -> None:
+    """Experts of exactly B - 1, B, B + X, B + X + 1, 2B + X and 2B + X + 1 pairs (B = 32, X = 16): one, one, one,
+    two, two and three blocks."""
+    sizes = [31, 32, 48, 49, 80, 81]
+    ids = torch.cat([torch.full((n,), expert, dtype=torch.int32) for expert, n in enumerate(sizes)])
+    ids = ids[torch.randperm(ids.numel())].reshape(-1, 1).to(DEVICE)
+    result = _poisoned_align(ids, len(sizes), 48, path, 16)
+    _check(ids, len(sizes), 48, *result, extra_rows=16)
+    _matches_sort(ids, len(sizes), 48, *result, extra_rows=16)
+    assert result[1][:10].tolist() == [0, 1, 2, 3, 3, 4, 4, 5, 5, 5]
+
+
+def test_extra_rows_beyond_the_blocks_are_refused() -> None:
+    with pytest.raises(ValueError, match="extra_rows"):
+        moe_align_block_size(torch.zeros(4, 1, dtype=torch.int32, device=DEVICE), 2, 32, extra_rows=16)
 
 
 @pytest.mark.parametrize(("t", "e", "k", "block_m", "remote"), [

@@ -343,10 +343,12 @@ def test_gpu_decode_wgmma_matches_emulation(scheme_name: str, config: TritonConf
 
 # Blocks of 48, 96 and 144 rows (32 + 16, 64 + 32 and 128 + 16 in two accumulators): at t = 300 over 16 experts,
 # top-4, an expert's 75 +- 8 rows fill a 48-row block and leave 19-35 for a second one (its 32-row loop or, past 32,
-# the split one), and fit one 96-row block (the 64 + 32 loop); a 144-row block then runs its 64- and 128-row loops,
-# and at t = 540 (135 +- 10 rows) the 128 + 16 one; t = 40 runs the shrunk 16-row loops; t = 1 and 3 take their
-# blocks from the ids, as 64, 128 and 256 rows. GEMM2 64 and 128 wide, 2 and 3 stages, 8 warps from 96 rows.
-# 128-row blocks at t = 300 multiply their 65-96 live rows in the same 64 + 32 loop (at 8 and 4 warps).
+# the split one), and fit one 96-row block (the 64 + 32 loop) and one 144-row block (the 64 + 32 loop as a 128-row
+# block's); at t = 540 (135 +- 10 rows) a 144-row block, 128 pairs each but an expert's last (the alignment's extra
+# rows), runs its 128-row loop, the 128 + 16 one, or 128 rows and a second block; t = 40 runs the shrunk 16-row
+# loops; t = 1 and 3 take their blocks from the ids, as 64, 128 and 256 rows. GEMM2 64, 128 and 256 wide, 2 and 3
+# stages, 8 warps from 96 rows. 128-row blocks at t = 300 multiply their 65-96 live rows in the same 64 + 32 loop (at
+# 8 and 4 warps).
 SPLIT_ROW_CONFIGS = [
     TritonConfig(48, 64, 128, num_stages=3, decode=True, wgmma=True),
     TritonConfig(48, 64, 64, num_stages=2, decode=True, wgmma=True, max_registers=168),
@@ -354,13 +356,14 @@ SPLIT_ROW_CONFIGS = [
     TritonConfig(144, 128, 128, num_warps=8, num_stages=2, decode=True, wgmma=True),
     TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),
     TritonConfig(128, 64, 128, num_stages=2, decode=True, wgmma=True),
+    TritonConfig(144, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("config", SPLIT_ROW_CONFIGS, ids=["bm48", "bm48-n64-capped", "bm96-w8", "bm144-w8",
-                                                           "bm128-w8-mid", "bm128-w4-mid"])
+                                                           "bm128-w8-mid", "bm128-w4-mid", "bm144-n256-s3"])
 @pytest.mark.parametrize("scheme_name", ["int4_g128_sym", "int4_g32_zp", "int4_ch_sym", "int8_g128_zp"])
 def test_gpu_blocks_of_48_96_and_144_rows_match_emulation(scheme_name: str, config: TritonConfig) -> None:
     _check_against_emulation(scheme_name, config, tokens=(1, 3, 40, 300, 540))

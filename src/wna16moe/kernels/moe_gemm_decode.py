@@ -796,11 +796,11 @@ def _block_gemm(
     # reads or refills is known at compile time: one CTA barrier per tile. A wide block holds one loop per row
     # count; unrolled, they outgrew the instruction cache (32-row blocks 10-32% slower, NOTES.md v36): its rings
     # are indexed at run time (two barriers per tile; 64-row blocks unrolled: qwen3-30b-a3b 5-8% slower, NOTES.md
-    # v62). 128-row int4 blocks stay unrolled: indexed, kimi-k2 M = 2048 ran 2.9% slower (NOTES.md v61, v62). An
-    # int8 tile has twice the words: unrolled, its 128-row loops spilled and spanned ~1.9K instructions; indexed
-    # they run up to 5% faster (W8A16 qwen3-30b-a3b M = 1800-8192, NOTES.md v62).
+    # v62). 128-row int4 blocks (and 144-row ones up to 128 rows) stay unrolled: indexed, kimi-k2 M = 2048 ran 2.9%
+    # slower (NOTES.md v61, v62). An int8 tile has twice the words: unrolled, its 128-row loops spilled and spanned
+    # ~1.9K instructions; indexed they run up to 5% faster (W8A16 qwen3-30b-a3b M = 1800-8192, NOTES.md v62).
     # (A 128-row block's 64 + 32 loop is indexed: unrolled, it spilled at 3 stages.)
-    UNROLL: gl.constexpr = not WIDE or (BLOCK_M == 128 and BITS == 4 and not HI_ROWS)
+    UNROLL: gl.constexpr = not WIDE or (BLOCK_M >= 128 and BITS == 4 and not HI_ROWS)
     DEPTH: gl.constexpr = [] if UNROLL else [STAGES]
     WORD_TILE: gl.constexpr = word_slot_shape(BITS, BLOCK_N)
     buffers = ()  # per stage (UNROLL) or per ring: (gate words, up words, scale rows, zero-point rows, activations)
@@ -1059,7 +1059,9 @@ def _wide_block(
     (padding rows are sorted last): an expert's last block is mostly padding at mid M. A 48-, 96- or 144-row block
     (wgmma) multiplies all of them past 32, 64 or 128 at once: an expert of a few rows more than a power of two gets
     one block, not a second one that reads and dequantizes its weights again for those rows (NOTES.md v79). A
-    128-row wgmma block (no carry) multiplies 65-96 live rows in the 96-row block's 64 + 32 loop:
+    144-row block's expert's other blocks hold 128 pairs (the alignment's extra rows), so only the last runs the
+    split loop, and its loops up to 128 rows are a 128-row block's (NOTES.md v86). A 128-row wgmma block (no carry)
+    multiplies 65-96 live rows in the 96-row block's 64 + 32 loop:
     a quarter fewer mmas than its 128-row loop, 3-10% faster at 90-100 rows per expert (NOTES.md v82). (The calls
     differ in their two row counts only: a tuple of the operands passed with `*` loses its constexprs in Gluon 3.6.)"""
     if live <= 8:
@@ -1097,7 +1099,7 @@ def _wide_block(
                     flags_ptr, part_ptr, TOP_K, GATED, ACT, HAS_LIMIT, BITS, HAS_ZP, HAS_PERM, HAS_BIAS, GROUP_SIZE,
                     GROUP_IN_TILE, SPLIT_K, BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, ID_BLOCKS, NUM_WARPS, STAGES, 64, 0, PDL,
                     PREFETCH, False, WGMMA, GROUP_M, False, CARRY, TRACE)
-    elif BLOCK_M == 96 or (BLOCK_M == 128 and WGMMA and not CARRY and live <= 96):  # 65-96 rows: 64 + 32
+    elif BLOCK_M == 96 or (BLOCK_M >= 128 and WGMMA and not CARRY and live <= 96):  # 65-96 rows: 64 + 32
         _block_gemm(a_ptr, a_perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr,
                     expert_ids_ptr, num_padded_ptr, zero_ptr, zero_numel, N, KD, P, num_m_blocks, stride_am,
                     stride_we, stride_wk, stride_se, stride_sg, stride_om, alpha, beta, limit, trace_ptr, num_experts,
