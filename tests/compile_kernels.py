@@ -172,12 +172,13 @@ def compile_decode_gemm(case: dict) -> dict[str, int]:
 def compile_align() -> dict[str, dict[str, int]]:
     """The alignment's kernels: the one program (atomics for the ranks between the counters' clear and their
     read, CTA barriers) at 4096 pairs, the cooperative programs (and their grid-wide barrier) and the grid's
-    placing, each for 48-row blocks of 32 pairs but an expert's last (the decode kernel's)."""
+    placing: the first two as every layer runs them (whole blocks), the placing with extra rows (48-row blocks of
+    32 pairs but an expert's last, as the decode kernel's 144-row blocks take them)."""
     pointers = ("topk_ids_ptr", "sorted_ids_ptr", "expert_ids_ptr", "num_padded_ptr", "counts_ptr")
     cases = {"one_program": (_align_one_program, pointers,
-                             dict(E_POW2=512, BLOCK_M=48, EXTRA=16, PAIRS=4096, TAIL=1024, PDL=1), 8),
+                             dict(E_POW2=512, BLOCK_M=48, EXTRA=0, PAIRS=4096, TAIL=1024, PDL=1), 8),
              "cooperative": (_align_programs, (*pointers[:4], "work_ptr"),
-                             dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, EXTRA=16, CHUNK=512,
+                             dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, EXTRA=0, CHUNK=512,
                                   BLOCK_CHUNK=64, PDL=1), 4),
              "place": (_place_kernel, (*pointers[:4], "rank_ptr", "counts_ptr"),
                        dict(E_POW2=512, LOG2_E=9, BLOCK_M=48, BLOCK_M_POW2=64, EXTRA=16, CHUNK=1024, BLOCK_CHUNK=64,
