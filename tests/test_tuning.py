@@ -15,6 +15,7 @@ from wna16moe.experts.triton import (
     LONG_I,
     MANY_EXPERTS,
     ROWS_FOR_96_ROW_BLOCKS,
+    ROWS_FOR_144_ROW_BLOCKS,
     SMALL_GROUP_MMA_BELOW,
     WIDE_HIDDEN,
     TritonConfig,
@@ -384,12 +385,25 @@ def test_default_config_never_swaps_ab_by_default() -> None:
 
 @pytest.mark.parametrize("group_size", [128, 32])
 def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: int) -> None:
-    # from 128 rows per expert (deepseek-v3 / kimi-k2 M = 4096 and 8192): the decode kernel's 128-row blocks on
-    # wgmma, GEMM2 256 wide (NOTES.md v84); off Hopper the Triton kernel
-    for tokens in (4096, 8192):
+    # deepseek-v3 at M = 8192 and 4096 (256 and 128 rows per expert): the decode kernel's 128-row blocks on wgmma,
+    # GEMM2 256 wide (NOTES.md v84), 144-row ones at 128 rows (v87); off Hopper the Triton kernel
+    for tokens, block_m in ((8192, 128), (4096, 144)):
         hopper = default_config(tokens, 8, 256, group_size, 7168, 2048, 132, hopper=True)
-        assert hopper == TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
+        assert hopper == TritonConfig(block_m, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
         assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("rows", "block_m"), [(97, 128), (107, 128), (107.5, 144), (130, 144), (155, 144),
+                                                (155.5, 128), (256, 128)])
+def test_hopper_defaults_take_144_row_blocks_near_128_rows_per_expert(rows: float, block_m: int, bits: int) -> None:
+    """Above 107 rows per expert up to 155 (ROWS_FOR_144_ROW_BLOCKS) the defaults' 128-row blocks become 144-row
+    ones on the same tiling, int4 and int8, on any layer (NOTES.md v87)."""
+    assert ROWS_FOR_144_ROW_BLOCKS == (107, 155)
+    tokens = round(rows * 128 / 8)  # 128 experts, top 8
+    config = default_config(tokens, 8, 128, 128, 4096, 1536, 132, hopper=True, bits=bits)
+    assert config == TritonConfig(block_m, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
+    assert default_config(tokens, 8, 128, 128, 4096, 1536, 132, bits=bits).block_m != 144  # (off Hopper)
 
 
 @pytest.mark.parametrize("group_size", [128, 32])
@@ -466,6 +480,9 @@ def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -
     assert (entry.block_m, default.block_m) == (32, 64) and chosen == default
     chosen, entry, default = pick(4096)  # 256 rows per expert: the M = 2048 entry's 128-row blocks, as the defaults
     assert entry.block_m == default.block_m == 128 and chosen == entry != default
+    for tokens in (1950, 3000):  # 122 and 188 rows per expert: the M = 2048 entry through the defaults' 144-row band
+        chosen, entry, default = pick(tokens)
+        assert entry.block_m == 128 and default.block_m == (144 if tokens < 2480 else 128) and chosen == entry
     chosen, entry, default = pick(16)  # 1 row per expert: both narrow
     assert entry.block_m < 32 and default.block_m < 32 and chosen == entry
     assert entry_or_default(None, 16, defaults, 8 / 128) == default

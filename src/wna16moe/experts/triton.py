@@ -251,6 +251,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 # on 96-row blocks, and those above on 128-row ones.
 LONG_I = 2048
 ROWS_FOR_96_ROW_BLOCKS = (56, 86)
+# Rows per expert above the first up to the second: the decode defaults' 128-row blocks become 144-row ones, which
+# take an expert's few rows past 128 into its one block (`_decode_default`, NOTES.md v87).
+ROWS_FOR_144_ROW_BLOCKS = (107, 155)
 # From these rows per expert (to 10) the int4 decode defaults take 16-row blocks (`_decode_default`).
 INT4_16_ROW_FROM = 7
 # Below these rows per expert (from 10), int4 at groups of 32 and 64 takes mma.sync blocks instead of the
@@ -298,10 +301,16 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     6-23% faster than the 64-row defaults at 60-81 rows on qwen3-30b-a3b and glm-4.5-air, int4; v83: W8A16 11-20% at
     69 rows on both). Above 86 rows every layer takes 128-row blocks, 128 / 256 wide at 3 stages (v84: 16-25% faster
     than 64-row blocks at 91 and 95 rows on qwen3-30b-a3b and glm-4.5-air, int4 and W8A16, every round; GEMM2 128 wide
-    1.4-13.6% slower than 256 wide at 87-300 rows on five shapes, every int4 round)."""
+    1.4-13.6% slower than 256 wide at 87-300 rows on five shapes, every int4 round), 144-row ones on the same tiling
+    above 107 rows up to 155 (`ROWS_FOR_144_ROW_BLOCKS`, v87: in both processes and every round 4-15% faster at 123
+    and 130 rows on mixtral and glm-4.5-air, W8A16 8.8% at 130; 1.3-11% at 110-150 rows on glm-4.5-air and
+    qwen3-235b-a22b; +1.1 and +9% at 104 rows, +1.0 to +1.6% at 160-170)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert > ROWS_FOR_96_ROW_BLOCKS[1]:
-        return TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
+        # Near 128 rows per expert about half the experts hold a few rows past a 128-row block: 144-row blocks
+        # take them in the expert's one block (the alignment's extra rows), at the 128 + 16 loop's cost there.
+        absorb = ROWS_FOR_144_ROW_BLOCKS[0] < per_expert <= ROWS_FOR_144_ROW_BLOCKS[1]
+        return TritonConfig(144 if absorb else 128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert > 32:
         if per_expert > ROWS_FOR_96_ROW_BLOCKS[0]:
             # Most experts' rows fit one 96-row block, where 64-row blocks take two and a 128-row block idles a
@@ -418,8 +427,16 @@ def entry_runs(entry: TritonConfig, measured_m: int, num_tokens: int, defaults: 
     def wide_range(tokens: int) -> int:
         return sum(tokens * rows_per_token > edge for edge in WIDE_RANGE_EDGES)
 
+    # The defaults' 144-row blocks (ROWS_FOR_144_ROW_BLOCKS) count as their 128-row ones: a 128-row entry runs its
+    # range through that band, measured on the tiling it runs (a 144-row entry only at its own M).
+    default, measured_default = _unabsorbed(default), _unabsorbed(measured_default)
     return (entry.block_m == default.block_m and default == measured_default
             and wide_range(num_tokens) == wide_range(measured_m))
+
+
+def _unabsorbed(config: TritonConfig) -> TritonConfig:
+    """A configuration of 144-row blocks as the 128-row one whose experts' few rows past a block it takes in."""
+    return replace(config, block_m=128) if config.block_m == 144 else config
 
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
