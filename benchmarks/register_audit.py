@@ -6,9 +6,12 @@ words took the W8A16 32-row GEMM2 from 168 to 174 registers, three 4-warp progra
 slower (benchmarks/NOTES.md v69). This compiles each entry's GEMM1 and GEMM2 for sm_90 as `tests/compile_kernels.py`
 does (bf16 activations, no zero points), reads registers and shared memory, and prints the programs per SM each
 allows. Rows marked "<-" sit at most `--within` registers above the next step that shared memory and warps would
-allow: candidates for a `max_registers` trial (`benchmarks/try_configs.py --variant max_registers=N`).
+allow: candidates for a `max_registers` trial (`benchmarks/try_configs.py --variant max_registers=N`). Local loads and
+stores in a kernel's longest loop (spills that every tile of it pays) are printed too: at 255 registers a 144-row
+block's unrolled 128-row loop took two local loads per tile that the 128-row block's does not have (NOTES.md v87).
+Where loops index the ring (int8), the longest is a 144-row block's 128 + 16 loop.
 
-    python benchmarks/register_audit.py [--within 16]
+    python benchmarks/register_audit.py [--within 16] [--keys mixtral ...]
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def launches(key: str, m: int, entry: dict[str, Any]) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--within", type=int, default=16, help="registers above a step to mark (default 16)")
+    parser.add_argument("--keys", nargs="*", default=[], help="only table keys holding one of these strings")
     args = parser.parse_args()
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
     os.environ.pop("TRITON_INTERPRET", None)  # (before triton decides how to run the kernels)
@@ -69,6 +73,8 @@ def main() -> None:
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     table = json.loads((ROOT / "src/wna16moe/tuned_triton.json").read_text())["cards"]["NVIDIA H200"]
     for key, entries in table.items():
+        if args.keys and not any(part in key for part in args.keys):
+            continue
         for m, entry in sorted(entries.items(), key=lambda item: int(item[0])):
             for gemm, case in enumerate(launches(key, int(m), entry), start=1):
                 shared = compile_kernels.compile_decode_gemm(case)["shared"]
@@ -83,9 +89,12 @@ def main() -> None:
                 by_other = min(SHARED_PER_SM // (shared + 1024), WARPS_PER_SM // case["warps"])
                 step = registers_for_programs(by_registers + 1, case["warps"])
                 near = by_registers < by_other and registers - step <= args.within
+                loop = compile_kernels.loops_by_length(compile_kernels.sass(cubins[-1]))[0]
+                local = {op: sum(f" {op}" in f" {ins}" for ins in loop) for op in ("LDL", "STL")}
                 print(f"{key:35s} M={m:>5s} GEMM{gemm} {case['block_m']:3d} x {case['block_n']:3d} "
                       f"{case['warps']} warps {case['stages']} stages: {registers:3d} registers "
                       f"(cap {entry['max_registers']}), {shared:6d} B shared, {min(by_registers, by_other)} per SM"
+                      + (f", longest loop {local['LDL']} LDL / {local['STL']} STL" if any(local.values()) else "")
                       + (f"  <- {by_registers + 1} per SM at {step}" if near else ""), flush=True)
 
 
