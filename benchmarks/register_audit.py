@@ -49,6 +49,12 @@ def launches(key: str, m: int, entry: dict[str, Any]) -> list[dict[str, Any]]:
     return [gemm1] if entry["specialize"] else [gemm1, gemm2]  # (a specialized GEMM2 is another kernel)
 
 
+def local_accesses(loop: list[str]) -> dict[str, int]:
+    """Local (spill) loads and stores among a loop's SASS instructions, predicated ones too."""
+    opcodes = [ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in loop]
+    return {op: opcodes.count(op) for op in ("LDL", "STL")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--within", type=int, default=16, help="registers above a step to mark (default 16)")
@@ -89,8 +95,7 @@ def main() -> None:
                 by_other = min(SHARED_PER_SM // (shared + 1024), WARPS_PER_SM // case["warps"])
                 step = registers_for_programs(by_registers + 1, case["warps"])
                 near = by_registers < by_other and registers - step <= args.within
-                loop = compile_kernels.loops_by_length(compile_kernels.sass(cubins[-1]))[0]
-                local = {op: sum(f" {op}" in f" {ins}" for ins in loop) for op in ("LDL", "STL")}
+                local = local_accesses(compile_kernels.loops_by_length(compile_kernels.sass(cubins[-1]))[0])
                 print(f"{key:35s} M={m:>5s} GEMM{gemm} {case['block_m']:3d} x {case['block_n']:3d} "
                       f"{case['warps']} warps {case['stages']} stages: {registers:3d} registers "
                       f"(cap {entry['max_registers']}), {shared:6d} B shared, {min(by_registers, by_other)} per SM"

@@ -640,6 +640,8 @@ def test_register_audit_compiles_each_gemm_of_an_entry_as_it_launches() -> None:
     specialized = asdict(TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True,
                                       specialize=True))
     assert len(audit.launches("int4_g128 H=7168 I=2048 E=256 k=8", 8192, specialized)) == 1
+    loop = ["LDL.64 R4, [R1+0x10]", "@!P0 STL [R1+0x8], R9", "LDS.U R2, [R3]", "STS [R3], R2", "@P1 LDL R7, [R1]"]
+    assert audit.local_accesses(loop) == {"LDL": 2, "STL": 1}
 
 
 def test_try_configs_summary_names_each_variant_by_its_fields_against_the_base_per_round() -> None:
