@@ -435,8 +435,9 @@ def entry_runs(entry: TritonConfig, measured_m: int, num_tokens: int, defaults: 
 
 
 def _unabsorbed(config: TritonConfig) -> TritonConfig:
-    """A configuration of 144-row blocks as the 128-row one whose experts' few rows past a block it takes in."""
-    return replace(config, block_m=128) if config.block_m == 144 else config
+    """A configuration whose blocks hold the alignment's extra rows (`_extra_rows`: 144-row ones) as the one of the
+    blocks they extend (128 rows)."""
+    return replace(config, block_m=config.block_m - _extra_rows(config.block_m))
 
 
 def _gemm2_split(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
