@@ -462,6 +462,19 @@ def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_
     assert unknown.block_m == (64 if 32 < rows <= 56 else block_m)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_an_entry_of_144_row_blocks_runs_only_at_its_own_m(bits: int) -> None:
+    """mixtral's M = 2048 entries (int4 v86, W8A16 v87) take 144-row blocks: at M = 2048 the entry, and beside it,
+    where the defaults take 128-row blocks (~512 rows per expert), the defaults (`entry_runs`)."""
+    key = ShapeKey(bits, 128, 4096, 14336, 8, 2)
+    defaults = hopper_defaults(key)
+    for tokens in (2048, 1900, 2200):
+        tuned = tuned_config("NVIDIA H200", key, tokens)
+        entry = TritonConfig(**tuned[1])
+        assert tuned[0] == 2048 and entry.block_m == 144 and defaults(tokens).block_m == 128
+        assert entry_or_default(tuned, tokens, defaults, 2 / 8) == (entry if tokens == 2048 else defaults(tokens))
+
+
 def test_between_the_tables_m_the_entry_runs_only_at_the_defaults_block_size() -> None:
     """The shipped H200 entries for qwen3-30b-a3b (128 experts, top 8): at a measured M the entry always; between
     them the nearest entry where its blocks are the size the defaults pick (narrow 8 or 16 rows both, on the side
