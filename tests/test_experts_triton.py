@@ -648,23 +648,25 @@ def test_gpu_a_tile_past_shared_memory_is_refused_by_its_config() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize(("t", "i", "expected"), [
-    (1200, 512, TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
-    (200, 512, TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
-    (300, 512, TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)),
-    (200, 2048, TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
-    (300, 2048, TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)),
-    (360, 512, TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
-    (540, 512, TritonConfig(144, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True))])
-def test_gpu_default_prefill_config(t: int, i: int, expected: TritonConfig) -> None:
+@pytest.mark.parametrize(("t", "i", "scheme_name", "expected"), [
+    (1200, 512, "int4_g128_zp", TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
+    (200, 512, "int4_g128_zp", TritonConfig(64, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
+    (300, 512, "int4_g128_zp", TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)),
+    (200, 2048, "int4_g128_zp", TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
+    (300, 2048, "int4_g128_zp", TritonConfig(96, 128, 256, num_warps=8, num_stages=2, decode=True, wgmma=True)),
+    (360, 512, "int4_g128_zp", TritonConfig(128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
+    (540, 512, "int4_g128_zp", TritonConfig(144, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)),
+    (1100, 512, "int8_g128_sym", TritonConfig(144, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True))])
+def test_gpu_default_prefill_config(t: int, i: int, scheme_name: str, expected: TritonConfig) -> None:
     """A shape the tuned table does not hold runs `default_config`; at prefill on Hopper it takes the decode
     kernel's 64-row blocks from 33 rows per expert (128-row ones, which shrink to their 64-row loop, where the
     intermediate size is long), 96-row ones above 56 rows up to 86 and 128-row ones above, 144-row ones (128 pairs
-    but an expert's last) above 107 rows up to 155 (here t / 4 per expert), and the layer still matches EMULATION."""
+    but an expert's last) above 107 rows up to 155 (int8: at every row count above 107; here t / 4 per expert), and
+    the layer still matches EMULATION."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma defaults are Hopper's")
     e, k, h = 8, 2, 1024
-    experts = random_experts(e, h, i, WeightScheme.from_name("int4_g128_zp"))
+    experts = random_experts(e, h, i, WeightScheme.from_name(scheme_name))
     kernel, weights, emulation, emu_weights = triton_beside_emulation(experts, MoEConfig(e, k, h, i))
     config = kernel.config(t)
     assert config == expected, config

@@ -393,13 +393,16 @@ def test_default_config_prefills_on_128_row_decode_blocks_on_hopper(group_size: 
         assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
 
 
+@pytest.mark.parametrize(("rows", "int4_block_m", "int8_block_m"), [
+    (97, 128, 128), (107, 128, 128), (107.5, 144, 144), (130, 144, 144), (155, 144, 144), (155.5, 128, 144),
+    (256, 128, 144), (2048, 128, 144)])
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize(("rows", "block_m"), [(97, 128), (107, 128), (107.5, 144), (130, 144), (155, 144),
-                                                (155.5, 128), (256, 128)])
-def test_hopper_defaults_take_144_row_blocks_near_128_rows_per_expert(rows: float, block_m: int, bits: int) -> None:
-    """Above 107 rows per expert up to 155 (ROWS_FOR_144_ROW_BLOCKS) the defaults' 128-row blocks become 144-row
-    ones on the same tiling, int4 and int8, on any layer (NOTES.md v87)."""
+def test_hopper_defaults_take_144_row_blocks_past_107_rows_per_expert(rows: float, int4_block_m: int,
+                                                                       int8_block_m: int, bits: int) -> None:
+    """Above 107 rows per expert the defaults' 128-row blocks become 144-row ones on the same tiling on any layer:
+    int4 up to 155 (ROWS_FOR_144_ROW_BLOCKS, NOTES.md v87), int8 at every row count above (v89)."""
     assert ROWS_FOR_144_ROW_BLOCKS == (107, 155)
+    block_m = int4_block_m if bits == 4 else int8_block_m
     tokens = round(rows * 128 / 8)  # 128 experts, top 8
     config = default_config(tokens, 8, 128, 128, 4096, 1536, 132, hopper=True, bits=bits)
     assert config == TritonConfig(block_m, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
@@ -436,6 +439,8 @@ def test_default_config_on_hopper_is_the_decode_kernel_at_every_row_count(group_
         expected = replace(expected, block_n1=64, block_n2=128)
     if expected.block_m == 32:  # int8's 32-row blocks capped at three programs per SM
         expected = replace(expected, max_registers=168)
+    if expected.block_m == 128 and tokens / 32 > 107:  # int8's 144-row blocks above 107 rows (v89)
+        expected = replace(expected, block_m=144)
     assert replace(int8, num_stages=expected.num_stages) == expected
     assert not default_config(tokens, 8, 256, group_size, 7168, 2048, 132).decode
 
@@ -464,14 +469,15 @@ def test_hopper_defaults_take_128_row_blocks_from_33_rows_where_intermediate_is_
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_an_entry_of_144_row_blocks_runs_only_at_its_own_m(bits: int) -> None:
-    """mixtral's M = 2048 entries (int4 v86, W8A16 v87) take 144-row blocks: at M = 2048 the entry, and beside it,
-    where the defaults take 128-row blocks (~512 rows per expert), the defaults (`entry_runs`)."""
+    """mixtral's M = 2048 entries (int4 v86, W8A16 v87) take 144-row blocks: at M = 2048 the entry, and beside it
+    (~512 rows per expert, where the defaults take 128-row blocks for int4 and 144-row ones for int8), the defaults
+    (`entry_runs`)."""
     key = ShapeKey(bits, 128, 4096, 14336, 8, 2)
     defaults = hopper_defaults(key)
     for tokens in (2048, 1900, 2200):
         tuned = tuned_config("NVIDIA H200", key, tokens)
         entry = TritonConfig(**tuned[1])
-        assert tuned[0] == 2048 and entry.block_m == 144 and defaults(tokens).block_m == 128
+        assert tuned[0] == 2048 and entry.block_m == 144 and defaults(tokens).block_m == (128 if bits == 4 else 144)
         assert entry_or_default(tuned, tokens, defaults, 2 / 8) == (entry if tokens == 2048 else defaults(tokens))
 
 

@@ -251,8 +251,9 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, group_size: in
 # on 96-row blocks, and those above on 128-row ones.
 LONG_I = 2048
 ROWS_FOR_96_ROW_BLOCKS = (56, 86)
-# Rows per expert above the first up to the second: the decode defaults' 128-row blocks become 144-row ones, which
-# take an expert's few rows past 128 into its one block (`_decode_default`, NOTES.md v87).
+# Rows per expert above the first up to the second (int8: above the first): the decode defaults' 128-row blocks
+# become 144-row ones, which take an expert's few rows past a multiple of 128 into its last block
+# (`_decode_default`, NOTES.md v87, v89).
 ROWS_FOR_144_ROW_BLOCKS = (107, 155)
 # From these rows per expert (to 10) the int4 decode defaults take 16-row blocks (`_decode_default`).
 INT4_16_ROW_FROM = 7
@@ -304,12 +305,15 @@ def _decode_default(num_tokens: int, top_k: int, num_experts: int, group_size: i
     1.4-13.6% slower than 256 wide at 87-300 rows on five shapes, every int4 round), 144-row ones on the same tiling
     above 107 rows up to 155 (`ROWS_FOR_144_ROW_BLOCKS`, v87: in both processes and every round 4-15% faster at 123
     and 130 rows on mixtral and glm-4.5-air, W8A16 8.8% at 130; 1.3-11% at 110-150 rows on glm-4.5-air and
-    qwen3-235b-a22b; +1.1 and +9% at 104 rows, +1.0 to +1.6% at 160-170)."""
+    qwen3-235b-a22b; +1.1 and +9% at 104 rows, +1.0 to +1.6% at 160-170), and for int8 above 155 too (v89: 1-4%
+    faster at 156-512 rows on glm-4.5-air, qwen3-235b-a22b and llama-4-scout in 35 of 36 rounds, the other +0.1%,
+    level where no expert ends a few rows past a multiple of 128: int8's 128 + 16 loop costs nothing measurable)."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert > ROWS_FOR_96_ROW_BLOCKS[1]:
         # Near 128 rows per expert about half the experts hold a few rows past a 128-row block: 144-row blocks
-        # take them in the expert's one block (the alignment's extra rows), at the 128 + 16 loop's cost there.
-        absorb = ROWS_FOR_144_ROW_BLOCKS[0] < per_expert <= ROWS_FOR_144_ROW_BLOCKS[1]
+        # take them in the expert's one block (the alignment's extra rows), at the 128 + 16 loop's cost there
+        # (int4's; int8's is too small to show, so int8 takes them wherever an expert may end past 128 rows).
+        absorb = ROWS_FOR_144_ROW_BLOCKS[0] < per_expert and (bits == 8 or per_expert <= ROWS_FOR_144_ROW_BLOCKS[1])
         return TritonConfig(144 if absorb else 128, 128, 256, num_warps=8, num_stages=3, decode=True, wgmma=True)
     if per_expert > 32:
         if per_expert > ROWS_FOR_96_ROW_BLOCKS[0]:
