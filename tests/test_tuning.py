@@ -720,6 +720,23 @@ def test_a_challenger_that_leaves_span_points_to_the_defaults_is_judged_by_them(
                          [f"{won} but leaves the defaults +4.0% at M = 600: entry kept"])
 
 
+@pytest.mark.parametrize("defaults_us, kept", [(None, True), ((99.0, 99.0), True), ((95.0, 95.0), False)])
+def test_a_challenger_level_at_its_m_replaces_the_entry_by_its_span(defaults_us: tuple[float, float] | None,
+                                                                    kept: bool) -> None:
+    # A 144-row challenger only 1% faster at the entry's M = 512 (under MIN_TRIAL_GAIN) leaves M = 600 of the entry's
+    # span to the defaults: it replaces the entry only where those beat the entry there by MIN_TRIAL_GAIN (v89).
+    default = asdict(hopper_defaults(KEY)(600))
+    rows = (_trial(512, 64, (100.0, 100.0), shipped=True, entry_m=512, **ROWS_128)
+            + _trial(512, 64, (99.0, 99.0), entry_m=512, **ROWS_128 | {"block_m": 144})
+            + _trial(600, 64, (100.0, 100.0), shipped=True, entry_m=512, **ROWS_128))
+    if defaults_us is not None:
+        rows += [dict(row, config=default) for row in _trial(600, 0, defaults_us, entry_m=512)]
+    entries = {KEY.as_text(): {"512": rows[0]["config"]}}
+    replaced, held_back = tuning.apply_trials(entries, {"rows": rows}, {"mixtral": KEY})
+    assert entries[KEY.as_text()]["512"]["block_m"] == (128 if kept else 144)
+    assert replaced == ([] if kept else [("mixtral", 512)]) and held_back == []
+
+
 def test_span_points_lie_inside_the_rows_an_entry_runs() -> None:
     # Midway (in log scale) between the entry's M and each end of its span, on rows it runs: qwen3-30b-a3b's
     # M = 8192 entry runs 4097-16384; deepseek-v3 W8A16's 96-row M = 2048 entry runs 1793-2752, where the defaults

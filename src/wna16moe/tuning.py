@@ -227,8 +227,11 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
     Rows timed at another M of an entry's span (`try_configs.py --span`: `entry_m` is not M) never make an entry
     of their own. There the challenger is compared with the entry if it would run that M in the entry's place
     (`runs_at`), else the defaults, which would run it then (`--variant default`); where that is slower than the
-    entry by more than `SPAN_TOLERANCE`, or the defaults were not timed, the challenger is held back. Returns the
-    (shape, M) replaced, and a line per challenger held back."""
+    entry by more than `SPAN_TOLERANCE`, or the defaults were not timed, the challenger is held back. Where no
+    configuration wins by `min_gain`, one faster than the incumbent in every round by less replaces it if what would
+    run each timed point of the span beats the entry there by `min_gain` (NOTES.md v89: a 144-row entry level at its
+    own M hands its span to faster 144-row defaults). Returns the (shape, M) replaced, and a line per challenger held
+    back."""
     from wna16moe.experts.triton import TritonConfig
 
     # (shape, M) -> config -> round -> every timing of that round, µs
@@ -262,11 +265,14 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
         if incumbent is None:  # neither the entry nor the shipped configuration was timed
             continue
         base = by_config[incumbent]
-        faster = [name for name, us in by_config.items() if name != incumbent and us.keys() == base.keys()
-                  and all(max(us[r]) < min(base[r]) * (1 - min_gain) for r in base)]
+        ahead = [name for name, us in by_config.items() if name != incumbent and us.keys() == base.keys()
+                 and all(max(us[r]) < min(base[r]) for r in base)]
+        faster = [name for name in ahead if all(max(by_config[name][r]) < min(base[r]) * (1 - min_gain) for r in base)]
+        # (challengers ahead by less than min_gain: each must win by min_gain at every span point, and at one at least)
+        by_span = {name: False for name in ahead if name not in faster}
         for point, at_point in sorted(span.get((shape, m), {}).items()):
             entry = at_point.get(span_entry.get((shape, m, point), ""))
-            for name in [n for n in faster if entry]:
+            for name in [n for n in faster + list(by_span) if entry]:
                 won = f"{shape} M = {m}: {_fields_changed(configs[incumbent], configs[name])} won at M = {m}"
                 if runs_at(configs[name], point, m, shape_keys[shape]):
                     after, what = at_point.get(name), "is"
@@ -274,19 +280,26 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
                     default = table_defaults(shape_keys[shape], configs[name].get("decode", False))(point)
                     after, what = next((us for other, us in at_point.items()
                                         if TritonConfig(**configs[other]) == default), None), "leaves the defaults"
-                    if after is None:
+                    if after is None and name in faster:
                         faster.remove(name)
                         held_back.append(f"{won}, where it leaves M = {point} to the defaults, not timed there "
                                          f"(--variant default): entry kept")
                         continue
+                if name in by_span:
+                    if after is not None and max(after) < min(entry) * (1 - min_gain):
+                        by_span[name] = True
+                    else:
+                        del by_span[name]
+                    continue
                 if after is None:  # (the challenger not timed at this point: nothing to hold it back by)
                     continue
                 change = statistics.median(after) / statistics.median(entry) - 1
                 if change > SPAN_TOLERANCE:
                     faster.remove(name)
                     held_back.append(f"{won} but {what} {100 * change:+.1f}% at M = {point}: entry kept")
-        if faster:
-            by_m[str(m)] = configs[min(faster, key=lambda name: statistics.median(
+        winners = faster or [name for name, won_span in by_span.items() if won_span]
+        if winners:
+            by_m[str(m)] = configs[min(winners, key=lambda name: statistics.median(
                 [t for timings in by_config[name].values() for t in timings]))]
             replaced.append((shape, m))
     return replaced, held_back
