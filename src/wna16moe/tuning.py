@@ -265,9 +265,8 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
         if incumbent is None:  # neither the entry nor the shipped configuration was timed
             continue
         base = by_config[incumbent]
-        ahead = [name for name, us in by_config.items() if name != incumbent and us.keys() == base.keys()
-                 and all(max(us[r]) < min(base[r]) for r in base)]
-        faster = [name for name in ahead if all(max(by_config[name][r]) < min(base[r]) * (1 - min_gain) for r in base)]
+        ahead = [name for name, us in by_config.items() if name != incumbent and _beats(us, base, 0.0)]
+        faster = [name for name in ahead if _beats(by_config[name], base, min_gain)]
         # (challengers ahead by less than min_gain: each must win by min_gain at every span point, and at one at least)
         by_span = {name: False for name in ahead if name not in faster}
         for point, at_point in sorted(span.get((shape, m), {}).items()):
@@ -303,6 +302,11 @@ def apply_trials(entries: dict[str, dict[str, Any]], results: dict[str, Any], sh
                 [t for timings in by_config[name].values() for t in timings]))]
             replaced.append((shape, m))
     return replaced, held_back
+
+
+def _beats(timings: dict[int, list[float]], base: dict[int, list[float]], gain: float) -> bool:
+    """Whether `timings` (round -> timings) beat `base` by `gain` in every round of `base`, slowest vs. fastest."""
+    return timings.keys() == base.keys() and all(max(timings[r]) < min(base[r]) * (1 - gain) for r in base)
 
 
 def _fields_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
